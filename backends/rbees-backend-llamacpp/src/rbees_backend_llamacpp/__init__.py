@@ -1,0 +1,14 @@
+"""rbees plugin: the llama.cpp backend. Importing this module does not import llama_cpp."""
+
+from __future__ import annotations
+
+from rbees_core.hookspecs import hookimpl
+
+from rbees_backend_llamacpp.backend import LlamaCppBackend
+
+__all__ = ["LlamaCppBackend"]
+
+
+@hookimpl
+def rbees_register_backends() -> list[type[LlamaCppBackend]]:
+    return [LlamaCppBackend]

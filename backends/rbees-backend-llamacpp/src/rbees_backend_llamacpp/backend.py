@@ -1,0 +1,247 @@
+"""llama.cpp through llama-cpp-python's low-level API: one context, N sequences, one batch."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from rbees_core.backend import Backend, Feed, LoadedModel, MemoryKind, SamplingParams
+from rbees_core.errors import BackendUnavailableError, ModelLoadError, RbeesError
+
+DEFAULT_CTX_CAP = 4096
+_MEMORY_KIND: dict[str, MemoryKind] = {"cpu": "ram", "cuda": "vram", "metal": "unified"}
+
+
+def _lib() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - the dependency is declared
+        raise BackendUnavailableError(f"llama-cpp-python is not importable: {exc}") from exc
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    return llama_cpp
+
+
+def _split_device(device: str) -> tuple[str, int]:
+    kind, _, index = device.partition(":")
+    if index and not index.isdigit():
+        raise BackendUnavailableError(f"bad device {device!r}: the index must be a number")
+    return kind, int(index or 0)
+
+
+class LlamaCppBackend(Backend):
+    """llama.cpp: cpu always; cuda or metal when llama-cpp-python was built for them."""
+
+    name: ClassVar[str] = "llamacpp"
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "metal")
+    batched: ClassVar[bool] = True
+
+    @classmethod
+    def available_devices(cls) -> list[str]:
+        lib = _lib()
+        found = ["cpu"]
+        if lib.llama_supports_gpu_offload():
+            found.append("metal" if sys.platform == "darwin" else "cuda")
+        return found
+
+    def load(
+        self,
+        path: str,
+        *,
+        device: str,
+        slots: int,
+        ctx: int | None,
+        threads: int | None,
+        progress: Callable[[str, float], None],
+    ) -> LoadedModel:
+        kind, index = _split_device(device)
+        if kind not in self.available_devices():
+            raise BackendUnavailableError(
+                f"device {kind!r} is not supported by this llama-cpp-python build "
+                f"(available: {', '.join(self.available_devices())})",
+                details={"backend": self.name, "device": device},
+            )
+        return LlamaCppModel(path, kind=kind, index=index, slots=slots, ctx=ctx,
+                             threads=threads or os.cpu_count() or 1, progress=progress)
+
+
+class LlamaCppModel(LoadedModel):
+    def __init__(self, path: str, *, kind: str, index: int, slots: int, ctx: int | None,
+                 threads: int, progress: Callable[[str, float], None], n_batch: int = 256
+                 ) -> None:
+        lib = self._lib = _lib()
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        if kind == "cpu":
+            mparams.n_gpu_layers = 0
+        else:
+            mparams.n_gpu_layers = 999
+            mparams.main_gpu = index
+            mparams.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on one device
+
+        def on_progress(fraction: float, _user: Any) -> bool:
+            progress("load", float(fraction))
+            return True
+
+        self._progress_cb = lib.llama_progress_callback(on_progress)
+        mparams.progress_callback = self._progress_cb
+        model = lib.llama_model_load_from_file(path.encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path!r} (not a GGUF model?)",
+                                 details={"path": path})
+        self._model = model
+        self._vocab = lib.llama_model_get_vocab(model)
+        n_train = lib.llama_model_n_ctx_train(model)
+        ctx_slot = ctx or min(n_train, DEFAULT_CTX_CAP)
+        progress("context", 0.0)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = ctx_slot * slots
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = slots
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        self._ctx = lib.llama_init_from_model(model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(model)
+            raise ModelLoadError(f"llama.cpp could not create a context of {ctx_slot} x {slots}")
+        self._mem = lib.llama_get_memory(self._ctx)
+        self.n_ctx_slot = int(lib.llama_n_ctx_seq(self._ctx))
+        self.n_batch = n_batch
+        n_layer = lib.llama_model_n_layer(model)
+        n_embd = lib.llama_model_n_embd(model)
+        kv_per_token = 2 * n_layer * n_embd * lib.llama_model_n_head_kv(model) // max(
+            1, lib.llama_model_n_head(model)) * 2
+        self.memory_bytes = int(lib.llama_model_size(model)) + kv_per_token * self.n_ctx_slot * slots
+        self.memory_kind = _MEMORY_KIND[kind]
+        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self._pos = [0] * slots
+        self._logit_at = [-1] * slots
+        self._samplers: list[Any] = [None] * slots
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+        template = lib.llama_model_chat_template(model, None)
+        self._template: bytes | None = template or None
+        progress("context", 1.0)
+
+    # -- text -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        lib = self._lib
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, True, True)
+        if n < 0:
+            cap = -n
+            buf = (lib.llama_token * cap)()
+            n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, True, True)
+        return list(buf[:n])
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        lib = self._lib
+        if self._template is None:
+            raise RbeesError("this model has no chat template; send a prompt instead")
+        arr = (lib.llama_chat_message * len(messages))(*[
+            lib.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages
+        ])
+        size = sum(len(m["content"]) for m in messages) * 2 + 256
+        buf = ctypes.create_string_buffer(size)
+        n = lib.llama_chat_apply_template(self._template, arr, len(messages), True, buf, size)
+        if n > size:
+            buf = ctypes.create_string_buffer(n)
+            n = lib.llama_chat_apply_template(self._template, arr, len(messages), True, buf, n)
+        if n < 0:
+            raise RbeesError("llama.cpp does not know this model's chat template")
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, False)
+            piece = self._piece_buf.raw[:n] if n > 0 else b""
+            self._pieces[token] = piece
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+        return eog
+
+    # -- sequences ------------------------------------------------------------------------
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        lib = self._lib
+        lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        self._pos[slot] = 0
+        self._free_sampler(slot)
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if params.repetition_penalty != 1.0:
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_penalties(64, params.repetition_penalty, 0.0, 0.0))
+        if params.temperature == 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
+        self._samplers[slot] = chain
+
+    def decode(self, feeds: Sequence[Feed]) -> None:
+        lib, batch = self._lib, self._batch
+        token, pos, n_seq_id, seq_id, logits = (
+            batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
+        n = 0
+        for feed in feeds:
+            start = self._pos[feed.slot]
+            for j, tok in enumerate(feed.tokens):
+                token[n] = tok
+                pos[n] = start + j
+                n_seq_id[n] = 1
+                seq_id[n][0] = feed.slot
+                logits[n] = False
+                n += 1
+            if feed.logits:
+                logits[n - 1] = True
+                self._logit_at[feed.slot] = n - 1
+            self._pos[feed.slot] = start + len(feed.tokens)
+        if n > self.n_batch:
+            raise RbeesError(f"batch of {n} tokens exceeds n_batch {self.n_batch}")
+        batch.n_tokens = n
+        rc = lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RbeesError(f"llama_decode failed with code {rc}")
+
+    def sample(self, slot: int) -> int:
+        return int(self._lib.llama_sampler_sample(
+            self._samplers[slot], self._ctx, self._logit_at[slot]))
+
+    def end(self, slot: int) -> None:
+        self._lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        self._free_sampler(slot)
+
+    def _free_sampler(self, slot: int) -> None:
+        if self._samplers[slot] is not None:
+            self._lib.llama_sampler_free(self._samplers[slot])
+            self._samplers[slot] = None
+
+    def close(self) -> None:
+        lib = self._lib
+        for slot in range(len(self._samplers)):
+            self._free_sampler(slot)
+        if self._ctx:
+            lib.llama_batch_free(self._batch)
+            lib.llama_free(self._ctx)
+            lib.llama_model_free(self._model)
+            self._ctx = None

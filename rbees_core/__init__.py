@@ -1,0 +1,7 @@
+"""rbees: turn the GPUs and CPUs of a few home machines into one LLM inference service.
+
+The kernel: hook specifications (:mod:`rbees_core.hookspecs`), the plugin manager factory
+(:mod:`rbees_core.plugins`), config, errors, wire types, and the six programs.
+"""
+
+__version__ = "0.1.0"

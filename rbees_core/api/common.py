@@ -1,0 +1,45 @@
+"""Limits and types shared by every daemon (CONTRACT section 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from rbees_core.schema import field
+
+ID_PATTERN = r"[A-Za-z0-9_.-]{1,128}"
+CORRELATION_ID_PATTERN = r"[A-Za-z0-9-]{1,64}"
+#: Characters a shell gives meaning to; model refs and paths must not contain them.
+SHELL_META = r"[;&|`$<>(){}\[\]!*?~'\"\\\s\x00]"
+MAX_BODY_BYTES = 1024 * 1024
+MAX_PROMPT_CHARS = 100_000
+WORKER_MAX_PROMPT_CHARS = 32_768
+MAX_SEED = 2**63 - 1
+
+
+@attrs.frozen
+class ErrorBody:
+    """The inside of the error envelope."""
+
+    code: str = field(doc="UPPER_SNAKE error code")
+    message: str = field(doc="what went wrong, for a person")
+    retriable: bool = field(doc="whether retrying the same request may succeed")
+    correlation_id: str = field(doc="the request's X-Correlation-Id")
+    details: dict[str, Any] | None = field(default=None, doc="structured details")
+
+
+@attrs.frozen
+class ErrorEnvelope:
+    """Every non-2xx answer of every daemon."""
+
+    error: ErrorBody
+
+
+@attrs.frozen
+class Health:
+    """Liveness answer of GET /health."""
+
+    status: str = field(doc='always "ok"')
+    version: str
+    uptime_s: float

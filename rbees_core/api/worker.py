@@ -1,0 +1,170 @@
+"""Worker daemon types (CONTRACT sections 2 and 3)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from rbees_core.api.common import (
+    ID_PATTERN,
+    MAX_SEED,
+    SHELL_META,
+    WORKER_MAX_PROMPT_CHARS,
+)
+from rbees_core.errors import InvalidParamsError
+from rbees_core.schema import field
+
+Role = Literal["system", "user", "assistant"]
+StopReason = Literal["max_tokens", "stop", "eos"]
+
+
+@attrs.frozen
+class Message:
+    """One chat turn; rendered with the model's own chat template."""
+
+    role: Role
+    content: str = field(max_length=WORKER_MAX_PROMPT_CHARS, forbid="\x00")
+
+
+@attrs.frozen
+class ExecuteRequest:
+    """Body of POST /v2/execute: one generation job."""
+
+    job_id: str = field(pattern=ID_PATTERN, doc="caller-chosen job identifier")
+    prompt: str | None = field(
+        default=None, max_length=WORKER_MAX_PROMPT_CHARS, forbid="\x00",
+        doc="raw prompt; exactly one of prompt and messages",
+    )
+    messages: list[Message] | None = field(default=None, max_items=256)
+    max_tokens: int = field(default=256, minimum=1, maximum=8192)
+    temperature: float = field(default=0.7, minimum=0, maximum=2)
+    top_p: float = field(default=1.0, minimum=0, maximum=1)
+    top_k: int = field(default=0, minimum=0, maximum=1_000_000)
+    repetition_penalty: float = field(default=1.0, minimum=0.01, maximum=10)
+    stop: list[str] = field(factory=list, max_items=4, item_max_length=100)
+    seed: int | None = field(default=None, minimum=0, maximum=MAX_SEED)
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidParamsError("prompt", "give exactly one of prompt and messages")
+        if self.messages is not None:
+            if not self.messages:
+                raise InvalidParamsError("messages", "must not be empty")
+            total = sum(len(m.content) for m in self.messages)
+            if total > WORKER_MAX_PROMPT_CHARS:
+                raise InvalidParamsError(
+                    "messages", f"must hold at most {WORKER_MAX_PROMPT_CHARS} characters"
+                )
+        if any(s == "" for s in self.stop):
+            raise InvalidParamsError("stop", "must not contain empty strings")
+
+
+@attrs.frozen
+class CancelRequest:
+    """Body of POST /v2/cancel."""
+
+    job_id: str = field(pattern=ID_PATTERN)
+
+
+@attrs.frozen
+class Accepted:
+    """A 202 answer."""
+
+    accepted: bool = True
+    job_id: str | None = None
+
+
+@attrs.frozen
+class ReadyState:
+    """GET /v2/ready."""
+
+    ready: bool
+    state: Literal["loading", "ready", "busy", "draining", "stopped", "failed"]
+    model: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    slots_total: int | None = None
+    slots_free: int | None = None
+    memory_bytes: int | None = None
+    progress: float | None = None
+
+
+@attrs.frozen
+class ReadyCallback:
+    """Body the worker POSTs to its --callback-url once the model is loaded."""
+
+    worker_id: str = field(pattern=ID_PATTERN)
+    model_ref: str = field(max_length=512)
+    backend: str = field(pattern=ID_PATTERN)
+    device: str = field(pattern=ID_PATTERN)
+    uri: str = field(max_length=512)
+    slots_total: int = field(minimum=1)
+    memory_bytes: int = field(minimum=0)
+    memory_kind: Literal["vram", "unified", "ram"]
+    pid: int = field(minimum=1)
+
+
+# Event payloads (section 3); documented in OpenAPI and used to build the frames.
+@attrs.frozen
+class StartedEvent:
+    job_id: str
+    model: str
+    worker_id: str
+    queue_wait_ms: float
+
+
+@attrs.frozen
+class TokenEvent:
+    t: str = field(doc="text piece, whole UTF-8 characters")
+    i: int = field(doc="piece index, from 0")
+
+
+@attrs.frozen
+class MetricsEvent:
+    tokens_out: int
+    decode_ms: float
+    tokens_per_s: float
+    queue_depth: int
+
+
+@attrs.frozen
+class EndEvent:
+    job_id: str
+    tokens_in: int
+    tokens_out: int
+    decode_ms: float
+    ttft_ms: float
+    stop_reason: StopReason
+    seed: int
+
+
+@attrs.frozen
+class ErrorEvent:
+    job_id: str
+    code: str
+    message: str
+    retriable: bool
+
+
+@attrs.frozen
+class ProgressEvent:
+    stage: str
+    fraction: float
+
+
+__all__ = [
+    "SHELL_META",
+    "Accepted",
+    "CancelRequest",
+    "EndEvent",
+    "ErrorEvent",
+    "ExecuteRequest",
+    "Message",
+    "MetricsEvent",
+    "ProgressEvent",
+    "ReadyCallback",
+    "ReadyState",
+    "StartedEvent",
+    "TokenEvent",
+]

@@ -1,0 +1,133 @@
+"""The inference backend interface.
+
+A backend turns a model file into a :class:`LoadedModel`, which exposes the few primitives
+the worker's decode loop (:mod:`rbees_core.engine`) needs: tokenize, decode a batch of
+sequences, sample one token per sequence. The loop owns scheduling, streaming, stop
+sequences, cancellation and metrics, so every backend gets them the same way.
+
+Backends register classes through :func:`rbees_core.hookspecs.rbees_register_backends`.
+Heavy libraries (llama_cpp, torch) are imported inside :meth:`Backend.load`, never when the
+plugin module is imported.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Literal
+
+import attrs
+
+MemoryKind = Literal["vram", "unified", "ram"]
+
+
+@attrs.frozen
+class SamplingParams:
+    """Sampling settings of one sequence. ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@attrs.frozen
+class Feed:
+    """Tokens to append to one slot's sequence in one :meth:`LoadedModel.decode` call.
+
+    ``logits`` asks for the distribution after the last token, so that the slot can be
+    sampled next.
+    """
+
+    slot: int
+    tokens: Sequence[int]
+    logits: bool
+
+
+class LoadedModel(ABC):
+    """One model in memory serving ``slots`` sequences at once.
+
+    Called only from the worker's single decode thread; implementations need no locking.
+    Raise :class:`rbees_core.errors.RbeesError` subclasses for failures a client should see.
+    """
+
+    #: Tokens one slot can hold (prompt plus generated).
+    n_ctx_slot: int
+    #: Bytes this model holds on its device, for accounting.
+    memory_bytes: int
+    memory_kind: MemoryKind
+    #: Most tokens one :meth:`decode` call may carry; bounds how long one step takes.
+    n_batch: int = 256
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of ``text``, with the model's BOS handling, special tokens parsed."""
+
+    @abstractmethod
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """Render chat ``messages`` with the model's own template, ready for generation."""
+
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes a token stands for (possibly part of a UTF-8 character)."""
+
+    @abstractmethod
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT...)."""
+
+    @abstractmethod
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        """Start a fresh sequence in ``slot``: empty its cache, set up its sampler."""
+
+    @abstractmethod
+    def decode(self, feeds: Sequence[Feed]) -> None:
+        """Evaluate all ``feeds`` together (one batched forward pass where possible)."""
+
+    @abstractmethod
+    def sample(self, slot: int) -> int:
+        """Sample the next token of ``slot`` from its last logits and record it."""
+
+    @abstractmethod
+    def end(self, slot: int) -> None:
+        """Release what ``slot`` holds; the slot may be reused by :meth:`begin`."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Free the model."""
+
+
+class Backend(ABC):
+    """An inference backend, registered by class and looked up by ``name``.
+
+    ``devices`` lists the device kinds the backend knows; :meth:`available_devices` says which
+    of them this installation can really use. Asking :meth:`load` for another one raises
+    :class:`rbees_core.errors.BackendUnavailableError`.
+    """
+
+    name: ClassVar[str]
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    #: Whether slots > 1 share one batched forward pass.
+    batched: ClassVar[bool] = False
+
+    @classmethod
+    def available_devices(cls) -> list[str]:
+        """Device kinds usable here (``cpu``, ``cuda``, ``metal``, ``mps``)."""
+        return ["cpu"]
+
+    @abstractmethod
+    def load(
+        self,
+        path: str,
+        *,
+        device: str,
+        slots: int,
+        ctx: int | None,
+        threads: int | None,
+        progress: Callable[[str, float], None],
+    ) -> LoadedModel:
+        """Load ``path`` on ``device`` for ``slots`` concurrent sequences.
+
+        ``device`` is a kind with an optional index (``cuda:1``). ``ctx`` is the context per
+        slot (None: the model's training context, capped by the backend). ``progress`` is
+        called with ``(stage, fraction)`` as loading advances. Runs in a worker thread.
+        """

@@ -1,0 +1,99 @@
+"""Configuration: TOML file, environment, flags.
+
+Precedence is flag > environment (``RBEES_*``) > file > default. The file is
+``$RBEES_CONFIG`` or ``~/.config/rbees/config.toml``; a missing default file is fine, a
+missing named file is an error. Sections are attrs classes validated with
+:func:`rbees_core.schema.from_mapping`, so a bad value fails fast with its TOML path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from rbees_core.errors import ConfigError, InvalidParamsError
+from rbees_core.schema import field, from_mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def rbees_home() -> Path:
+    """Runtime state directory: ``$RBEES_HOME`` or ``~/.local/share/rbees``."""
+    home = os.environ.get("RBEES_HOME")
+    return Path(home) if home else Path.home() / ".local" / "share" / "rbees"
+
+
+def config_path(explicit: str | None = None) -> tuple[Path, bool]:
+    """The config file to read and whether it was asked for by name."""
+    if explicit:
+        return Path(explicit), True
+    env = os.environ.get("RBEES_CONFIG")
+    if env:
+        return Path(env), True
+    return Path.home() / ".config" / "rbees" / "config.toml", False
+
+
+@attrs.frozen
+class WorkerConfig:
+    """``[worker]``: defaults for rbees-workerd."""
+
+    slots: int = field(default=1, minimum=1, maximum=64)
+    ctx: int | None = field(default=None, minimum=16, maximum=1_048_576)
+    threads: int | None = field(default=None, minimum=1, maximum=1024)
+    drain_timeout_s: float = field(default=30.0, minimum=0, maximum=3600)
+    ready_callback_timeout_s: float = field(default=10.0, minimum=0.1, maximum=600)
+
+
+@attrs.frozen
+class Config:
+    """The whole config file. Unknown sections are errors, like unknown keys."""
+
+    worker: WorkerConfig = field(factory=WorkerConfig)
+
+
+_ENV: dict[str, tuple[str, str, type]] = {
+    "RBEES_WORKER_SLOTS": ("worker", "slots", int),
+    "RBEES_WORKER_CTX": ("worker", "ctx", int),
+    "RBEES_WORKER_THREADS": ("worker", "threads", int),
+}
+
+
+def load_config(explicit: str | None = None, *, flags: dict[str, dict[str, Any]] | None = None,
+                environ: dict[str, str] | None = None) -> Config:
+    """Read, merge and validate the configuration.
+
+    ``flags`` holds values given on the command line (``{"worker": {"slots": 4}}``); None
+    values are ignored. Raises :class:`ConfigError` naming the file and the key.
+    """
+    path, named = config_path(explicit)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    elif named:
+        raise ConfigError(f"{path}: config file does not exist")
+    env = os.environ if environ is None else environ
+    for name, (section, key, kind) in _ENV.items():
+        if name in env:
+            try:
+                value: Any = kind(env[name])
+            except ValueError as exc:
+                raise ConfigError(f"{name}: must be {kind.__name__}, got {env[name]!r}") from exc
+            data.setdefault(section, {})[key] = value
+    for section, values in (flags or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+    try:
+        return from_mapping(Config, data)
+    except InvalidParamsError as exc:
+        raise ConfigError(f"{path}: {exc.message}", details={"key": exc.field}) from exc

@@ -1,0 +1,306 @@
+"""The worker's decode loop: N slots of one loaded model, decoded together.
+
+One thread owns the :class:`~rbees_core.backend.LoadedModel`. Each iteration it admits new
+jobs, drops cancelled ones, then builds one batch holding the next token of every decoding
+sequence plus prompt chunks of newly admitted ones, runs one forward pass for all of them,
+and samples a token per sequence. Each token's text leaves through the job's ``sink`` as
+soon as it is sampled; the sink must be cheap and thread-safe (the HTTP layer hands events
+to its event loop with ``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from rbees_core.backend import Feed, LoadedModel, SamplingParams
+from rbees_core.errors import (
+    AllSlotsBusyError,
+    ConflictError,
+    DrainingError,
+    InvalidParamsError,
+    RbeesError,
+)
+from rbees_core.textstream import TextStream
+
+Sink = Callable[[str, dict[str, Any]], None]
+METRICS_INTERVAL_S = 0.25
+
+
+class Observer(Protocol):
+    def job_started(self, queue_wait_s: float) -> None: ...
+    def first_token(self, ttft_s: float) -> None: ...
+    def token(self, gap_s: float) -> None: ...
+    def job_finished(self, outcome: str, tokens_out: int) -> None: ...
+
+
+class _NullObserver:
+    def job_started(self, queue_wait_s: float) -> None:
+        pass
+
+    def first_token(self, ttft_s: float) -> None:
+        pass
+
+    def token(self, gap_s: float) -> None:
+        pass
+
+    def job_finished(self, outcome: str, tokens_out: int) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class Job:
+    """One generation request, prepared (tokenized) and waiting for or holding a slot."""
+
+    job_id: str
+    tokens: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: Sequence[str]
+    sink: Sink
+    received_at: float = attrs.field(factory=time.perf_counter)
+    cancelled: bool = False
+    slot: int = -1
+    feed: list[int] = attrs.field(factory=list)
+    next_token: int = -1
+    tokens_out: int = 0
+    pieces: int = 0
+    started_at: float = 0.0
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
+    last_metrics_at: float = 0.0
+    stream: TextStream = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.stream = TextStream(self.stop)
+
+
+class Engine:
+    """Owns the decode thread. Public methods are thread-safe and never block on decoding."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        slots: int,
+        model_name: str,
+        worker_id: str,
+        observer: Observer | None = None,
+    ) -> None:
+        if model.n_batch < slots:
+            raise ValueError("the model's n_batch must be >= slots")
+        self.model = model
+        self.slots = slots
+        self.model_name = model_name
+        self.worker_id = worker_id
+        self.n_batch = model.n_batch
+        self._obs: Observer = observer or _NullObserver()
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._active: dict[int, Job] = {}
+        self._jobs: dict[str, Job] = {}
+        self._free = list(range(slots - 1, -1, -1))
+        self._draining = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="rbees-decode", daemon=True)
+
+    # -- control (any thread) -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def slots_free(self) -> int:
+        with self._cond:
+            return self.slots - len(self._jobs)
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._jobs
+
+    def prepare(self, job_id: str, text: str, *, max_tokens: int, params: SamplingParams,
+                stop: Sequence[str], sink: Sink) -> Job:
+        """Tokenize ``text`` and fit ``max_tokens`` to the slot's context."""
+        tokens = self.model.tokenize(text)
+        room = self.model.n_ctx_slot - len(tokens)
+        if room < 1:
+            raise InvalidParamsError(
+                "prompt",
+                f"is {len(tokens)} tokens; this worker holds {self.model.n_ctx_slot} per job",
+            )
+        return Job(job_id=job_id, tokens=tokens, max_tokens=min(max_tokens, room),
+                   params=params, stop=stop, sink=sink)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` for the next iteration; it holds a slot from now on."""
+        with self._cond:
+            if self._draining or self._stopping:
+                raise DrainingError("worker is draining; it takes no new jobs")
+            if job.job_id in self._jobs:
+                raise ConflictError(f"job {job.job_id!r} is already running here",
+                                    details={"job_id": job.job_id})
+            if len(self._jobs) >= self.slots:
+                raise AllSlotsBusyError(f"all {self.slots} slots are busy",
+                                        details={"slots_total": self.slots})
+            self._jobs[job.job_id] = job
+            self._pending.append(job)
+            self._cond.notify()
+
+    def cancel(self, job_id: str) -> bool:
+        """Mark ``job_id`` cancelled; decoding of it stops at the next iteration."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return False
+            job.cancelled = True
+            self._cond.notify()
+            return True
+
+    def drain(self) -> None:
+        with self._cond:
+            self._draining = True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what is left and end the thread."""
+        with self._cond:
+            self._stopping = True
+            for job in self._jobs.values():
+                job.cancelled = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the decode thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._jobs:
+                    return
+                admitted = []
+                while self._pending:
+                    job = self._pending.popleft()
+                    job.slot = self._free.pop()
+                    self._active[job.slot] = job
+                    admitted.append(job)
+            for job in admitted:
+                self._admit(job)
+            for job in list(self._active.values()):
+                if job.cancelled:
+                    code = "WORKER_STOPPED" if self._stopping else "CANCELLED"
+                    self._fail(job, code, "job cancelled", retriable=self._stopping)
+            feeds = self._build_batch()
+            if not feeds:
+                continue
+            try:
+                self.model.decode(feeds)
+            except Exception as exc:  # the batch is lost; its jobs end, the worker lives on
+                for feed in feeds:
+                    self._fail(self._active[feed.slot], "DECODE_FAILED", str(exc))
+                continue
+            for feed in feeds:
+                if feed.logits:
+                    self._step(self._active[feed.slot])
+
+    def _admit(self, job: Job) -> None:
+        now = time.perf_counter()
+        job.started_at = now
+        job.feed = list(job.tokens)
+        try:
+            self.model.begin(job.slot, job.params)
+        except RbeesError as exc:
+            self._fail(job, exc.code, exc.message)
+            return
+        wait = now - job.received_at
+        self._obs.job_started(wait)
+        job.sink("started", {"job_id": job.job_id, "model": self.model_name,
+                             "worker_id": self.worker_id,
+                             "queue_wait_ms": round(wait * 1000, 3)})
+
+    def _build_batch(self) -> list[Feed]:
+        feeds = []
+        budget = self.n_batch
+        prefilling = []
+        for job in self._active.values():
+            if job.feed:
+                prefilling.append(job)
+            else:
+                feeds.append(Feed(job.slot, (job.next_token,), True))
+                budget -= 1
+        for job in prefilling:
+            if budget <= 0:
+                break
+            chunk, job.feed = job.feed[:budget], job.feed[budget:]
+            feeds.append(Feed(job.slot, chunk, not job.feed))
+            budget -= len(chunk)
+        return feeds
+
+    def _step(self, job: Job) -> None:
+        token = self.model.sample(job.slot)
+        now = time.perf_counter()
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self._obs.first_token(now - job.received_at)
+        else:
+            self._obs.token(now - job.last_token_at)
+        job.last_token_at = now
+        if self.model.is_eog(token):
+            self._emit_text(job, job.stream.flush())
+            self._end(job, "eos")
+            return
+        job.tokens_out += 1
+        self._emit_text(job, job.stream.push(self.model.token_bytes(token)))
+        if job.stream.stopped:
+            self._end(job, "stop")
+        elif job.tokens_out >= job.max_tokens:
+            self._emit_text(job, job.stream.flush())
+            self._end(job, "max_tokens")
+        else:
+            job.next_token = token
+            if now - job.last_metrics_at >= METRICS_INTERVAL_S:
+                job.last_metrics_at = now
+                decode_s = now - job.started_at
+                job.sink("metrics", {
+                    "tokens_out": job.tokens_out, "decode_ms": round(decode_s * 1000, 3),
+                    "tokens_per_s": round(job.tokens_out / decode_s, 2) if decode_s else 0.0,
+                    "queue_depth": len(self._pending),
+                })
+
+    def _emit_text(self, job: Job, text: str) -> None:
+        if text:
+            job.sink("token", {"t": text, "i": job.pieces})
+            job.pieces += 1
+
+    def _end(self, job: Job, reason: str) -> None:
+        now = time.perf_counter()
+        first = job.first_token_at or now
+        job.sink("end", {
+            "job_id": job.job_id, "tokens_in": len(job.tokens), "tokens_out": job.tokens_out,
+            "decode_ms": round((now - job.started_at) * 1000, 3),
+            "ttft_ms": round((first - job.received_at) * 1000, 3),
+            "stop_reason": reason, "seed": job.params.seed,
+        })
+        self._release(job, "completed")
+
+    def _fail(self, job: Job, code: str, message: str, *, retriable: bool = False) -> None:
+        job.sink("error", {"job_id": job.job_id, "code": code, "message": message,
+                           "retriable": retriable})
+        self._release(job, "cancelled" if code == "CANCELLED" else "failed")
+
+    def _release(self, job: Job, outcome: str) -> None:
+        try:
+            self.model.end(job.slot)
+        finally:
+            with self._cond:
+                self._active.pop(job.slot, None)
+                self._jobs.pop(job.job_id, None)
+                self._free.append(job.slot)
+            self._obs.job_finished(outcome, job.tokens_out)

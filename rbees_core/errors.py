@@ -1,0 +1,155 @@
+"""The rbees error tree and the wire error envelope.
+
+Every error rbees raises on purpose derives from :class:`RbeesError`. Each class carries
+the contract's ``code`` (UPPER_SNAKE), the HTTP ``status`` a daemon answers with, and
+whether a client may retry. CLIs turn any ``RbeesError`` into one line and exit 1; daemons
+turn it into the envelope of CONTRACT section 1::
+
+    RbeesError                      INTERNAL              500
+    +-- InvalidParamsError          INVALID_PARAMS        400
+    +-- PayloadTooLargeError        PAYLOAD_TOO_LARGE     413
+    +-- UnauthenticatedError        UNAUTHENTICATED       401
+    +-- NotFoundError               NOT_FOUND             404
+    |   +-- ModelNotFoundError      MODEL_NOT_FOUND       404
+    +-- MethodNotAllowedError       METHOD_NOT_ALLOWED    405
+    +-- ConflictError               CONFLICT              409
+    +-- BackendUnavailableError     BACKEND_UNAVAILABLE   409
+    +-- UnavailableError            UNAVAILABLE           503 (retriable)
+    |   +-- AllSlotsBusyError       ALL_SLOTS_BUSY        503 (retriable)
+    |   +-- DrainingError           DRAINING              503 (retriable)
+    |   +-- NotReadyError           NOT_READY             503 (retriable)
+    +-- ModelLoadError              MODEL_LOAD_FAILED     500
+    +-- ConfigError                 CONFIG_INVALID        500
+    +-- PluginError                 PLUGIN_ERROR          500
+
+Library errors are mapped at the boundary with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RbeesError(Exception):
+    """Root of every deliberate rbees error.
+
+    ``details`` travels in the envelope's ``details`` object; keep it JSON-serialisable.
+    """
+
+    code: ClassVar[str] = "INTERNAL"
+    status: ClassVar[int] = 500
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+    def envelope(self, correlation_id: str) -> dict[str, Any]:
+        return envelope(
+            self.code, self.message, retriable=self.retriable, details=self.details,
+            correlation_id=correlation_id,
+        )
+
+
+class InvalidParamsError(RbeesError):
+    """A request or config value broke a rule; ``details.field`` names it."""
+
+    code = "INVALID_PARAMS"
+    status = 400
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message, details={"field": field})
+        self.field = field
+
+
+class PayloadTooLargeError(RbeesError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413
+
+
+class UnauthenticatedError(RbeesError):
+    code = "UNAUTHENTICATED"
+    status = 401
+
+
+class NotFoundError(RbeesError):
+    code = "NOT_FOUND"
+    status = 404
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "MODEL_NOT_FOUND"
+
+
+class MethodNotAllowedError(RbeesError):
+    code = "METHOD_NOT_ALLOWED"
+    status = 405
+
+
+class ConflictError(RbeesError):
+    code = "CONFLICT"
+    status = 409
+
+
+class BackendUnavailableError(RbeesError):
+    """The backend, or the device asked of it, is not usable in this installation."""
+
+    code = "BACKEND_UNAVAILABLE"
+    status = 409
+
+
+class UnavailableError(RbeesError):
+    """Temporarily unable to serve; answers carry ``Retry-After``."""
+
+    code = "UNAVAILABLE"
+    status = 503
+    retriable = True
+    retry_after_s: ClassVar[int] = 1
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        details = {"retry_after_ms": self.retry_after_s * 1000, **(details or {})}
+        super().__init__(message, details=details)
+
+
+class AllSlotsBusyError(UnavailableError):
+    code = "ALL_SLOTS_BUSY"
+
+
+class DrainingError(UnavailableError):
+    code = "DRAINING"
+    retry_after_s = 5
+
+
+class NotReadyError(UnavailableError):
+    code = "NOT_READY"
+
+
+class ModelLoadError(RbeesError):
+    code = "MODEL_LOAD_FAILED"
+
+
+class ConfigError(RbeesError):
+    """Invalid configuration; the message starts with the TOML path of the bad key."""
+
+    code = "CONFIG_INVALID"
+
+
+class PluginError(RbeesError):
+    code = "PLUGIN_ERROR"
+
+
+def envelope(
+    code: str,
+    message: str,
+    *,
+    retriable: bool = False,
+    details: dict[str, Any] | None = None,
+    correlation_id: str,
+) -> dict[str, Any]:
+    """Build the error envelope of CONTRACT section 1."""
+    body: dict[str, Any] = {"code": code, "message": message, "retriable": retriable}
+    if details:
+        body["details"] = details
+    body["correlation_id"] = correlation_id
+    return {"error": body}

@@ -1,0 +1,309 @@
+"""What every rbees daemon shares on the HTTP side (CONTRACT section 1).
+
+The app is built by :func:`build_app` from routes; middleware adds the correlation id, the
+bearer-token check and the error envelope. :func:`serve` runs it under hypercorn with a
+shutdown trigger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import os
+import re
+import stat
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rbees_core.api.common import CORRELATION_ID_PATTERN, MAX_BODY_BYTES
+from rbees_core.errors import (
+    ConfigError,
+    InvalidParamsError,
+    PayloadTooLargeError,
+    RbeesError,
+    UnavailableError,
+    envelope,
+)
+from rbees_core.log import correlation_id
+from rbees_core.schema import from_mapping
+
+T = TypeVar("T")
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+_CID = re.compile(CORRELATION_ID_PATTERN)
+
+
+def error_response(exc: RbeesError) -> JSONResponse:
+    headers = {"X-Correlation-Id": correlation_id.get()}
+    if isinstance(exc, UnavailableError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(exc.envelope(correlation_id.get()), status_code=exc.status,
+                        headers=headers)
+
+
+class CorrelationMiddleware:
+    """Accepts a well-formed ``X-Correlation-Id`` or makes one; echoes it on every answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cid = ""
+        for name, value in scope["headers"]:
+            if name == b"x-correlation-id":
+                cid = value.decode("latin-1")
+        if not _CID.fullmatch(cid):
+            cid = str(uuid.uuid4())
+        token = correlation_id.set(cid)
+        raw = cid.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != b"x-correlation-id"]
+                message["headers"] = [*headers, (b"x-correlation-id", raw)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            correlation_id.reset(token)
+
+
+class BearerAuthMiddleware:
+    """401 ``UNAUTHENTICATED`` unless the request carries the token; /health, /metrics open."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+        if not hmac.compare_digest(given, self.expected):
+            from rbees_core.errors import UnauthenticatedError
+
+            response = error_response(UnauthenticatedError("missing or wrong bearer token"))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _rbees_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RbeesError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+    body = envelope(code, str(exc.detail), correlation_id=correlation_id.get())
+    return JSONResponse(body, status_code=exc.status_code,
+                        headers={"X-Correlation-Id": correlation_id.get()})
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    body = envelope("INTERNAL", f"internal error: {type(exc).__name__}",
+                    correlation_id=correlation_id.get())
+    return JSONResponse(body, status_code=500, headers={"X-Correlation-Id": correlation_id.get()})
+
+
+def build_app(
+    routes: Sequence[BaseRoute],
+    *,
+    token: str | None,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> ASGIApp:
+    """A starlette app with the envelope handlers, wrapped in auth and correlation ids."""
+    app = Starlette(
+        routes=list(routes),
+        lifespan=lifespan,
+        exception_handlers={
+            RbeesError: _rbees_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+    asgi: ASGIApp = app
+    if token:
+        asgi = BearerAuthMiddleware(asgi, token)
+    return CorrelationMiddleware(asgi)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing more than 1 MiB with 413 before reading it all."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise PayloadTooLargeError(f"body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLargeError(f"body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, cls: type[T]) -> T:
+    """Parse and validate a JSON body into ``cls`` (400 ``INVALID_PARAMS`` on any fault)."""
+    raw = await read_body(request)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidParamsError("body", f"not valid JSON: {exc}") from exc
+    return from_mapping(cls, data)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> JSONResponse:
+    body = attrs.asdict(obj) if attrs.has(type(obj)) else obj
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def sse_frame(event_id: int, event: str, data: dict[str, Any]) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def health_endpoint(version: str, started: float) -> Callable[[Request], Awaitable[Response]]:
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": version,
+                             "uptime_s": round(time.monotonic() - started, 3)})
+    return health
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--bind {bind!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_token(token_file: str | None) -> str | None:
+    """The API token: ``--api-token-file``, else ``RBEES_API_TOKEN_FILE``, else
+    ``RBEES_API_TOKEN``. A file readable by group or others is refused."""
+    path = token_file or os.environ.get("RBEES_API_TOKEN_FILE")
+    if path:
+        p = Path(path)
+        try:
+            mode = p.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"token file {path}: {exc.strerror}") from exc
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"token file {path} is readable by group or others; chmod 600 it")
+        return p.read_text(encoding="utf-8").strip() or None
+    return os.environ.get("RBEES_API_TOKEN") or None
+
+
+def check_bind_policy(host: str, token: str | None) -> None:
+    """Refuse a non-loopback bind without a token of at least 16 characters."""
+    if not is_loopback(host) and (token is None or len(token) < 16):
+        raise ConfigError(
+            f"refusing to bind {host} without an API token of at least 16 characters "
+            "(set RBEES_API_TOKEN or --api-token-file)"
+        )
+
+
+async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> None:
+    """Serve ``app`` until ``shutdown`` is set."""
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 5.0
+    config.keep_alive_timeout = 75.0
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+
+
+class EventStreamResponse:
+    """Streams one job's events as SSE frames with increasing ids.
+
+    Events arrive on ``events`` as ``(event, data)`` tuples and the stream ends after
+    ``end`` or ``error``. Frames already waiting are written together. When the client goes
+    away, ``on_disconnect`` runs at once (the worker cancels the job there).
+    """
+
+    TERMINAL = frozenset({"end", "error"})
+
+    def __init__(self, events: asyncio.Queue[tuple[str, dict[str, Any]]],
+                 on_disconnect: Callable[[], None], first_id: int = 1) -> None:
+        self.events = events
+        self.on_disconnect = on_disconnect
+        self.next_id = first_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({
+            "type": "http.response.start", "status": 200,
+            "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
+        })
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    self.on_disconnect()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            done = False
+            while not done:
+                event, data = await self.events.get()
+                frames = []
+                while True:
+                    frames.append(sse_frame(self.next_id, event, data))
+                    self.next_id += 1
+                    if event in self.TERMINAL:
+                        done = True
+                        break
+                    try:
+                        event, data = self.events.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                if not gone:
+                    await send({"type": "http.response.body",
+                                "body": "".join(frames).encode(), "more_body": True})
+            if not gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (OSError, asyncio.CancelledError):
+            self.on_disconnect()
+            raise
+        finally:
+            watcher.cancel()

@@ -1,0 +1,1 @@
+"""The six programs; each is a short main() over plugins."""

@@ -1,0 +1,66 @@
+"""Prometheus metrics of one worker. Updated from the decode thread (thread-safe)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+STATES = ("loading", "ready", "busy", "draining", "stopped", "failed")
+_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.jobs = Counter("rbees_worker_jobs", "Jobs finished, by outcome", ["outcome"],
+                            registry=r)
+        self.tokens = Counter("rbees_worker_tokens_generated", "Tokens sampled", registry=r)
+        self.ttft = Histogram("rbees_worker_ttft_seconds", "Request to first token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("rbees_worker_time_per_token_seconds",
+                              "Gap between consecutive tokens of a job",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.queue_wait = Histogram("rbees_worker_queue_wait_seconds",
+                                    "Request to slot admission", buckets=_TTFT_BUCKETS,
+                                    registry=r)
+        self.slots_total = Gauge("rbees_worker_slots", "Slots of this worker", registry=r)
+        self.slots_busy = Gauge("rbees_worker_slots_busy", "Slots holding a job", registry=r)
+        self.memory = Gauge("rbees_worker_model_memory_bytes", "Model and cache memory",
+                            registry=r)
+        self.load_time = Gauge("rbees_worker_load_seconds", "Time the model took to load",
+                               registry=r)
+        self.state = Gauge("rbees_worker_state", "1 for the current state", ["state"],
+                           registry=r)
+
+    def set_state(self, state: str) -> None:
+        for name in STATES:
+            self.state.labels(state=name).set(1 if name == state else 0)
+
+    def loaded(self, *, slots: int, memory_bytes: int, seconds: float) -> None:
+        self.slots_total.set(slots)
+        self.memory.set(memory_bytes)
+        self.load_time.set(seconds)
+
+    # engine.Observer
+    def job_started(self, queue_wait_s: float) -> None:
+        self.queue_wait.observe(queue_wait_s)
+
+    def first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+
+    def token(self, gap_s: float) -> None:
+        self.tpot.observe(gap_s)
+
+    def job_finished(self, outcome: str, tokens_out: int) -> None:
+        self.jobs.labels(outcome=outcome).inc()
+        self.tokens.inc(tokens_out)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,425 @@
+"""rbees-workerd: loads one model with one backend and serves jobs (CONTRACT section 2).
+
+Server first: the HTTP server listens before the model loads, answers ``/v2/ready`` with
+progress while loading, then calls the pool back. SIGTERM and ``POST /v2/shutdown`` drain:
+no new jobs, running ones finish (bounded by ``worker.drain_timeout_s``), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pluggy
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from rbees_core import __version__, plugins
+from rbees_core.api import openapi
+from rbees_core.api.common import ID_PATTERN, Health
+from rbees_core.api.worker import (
+    Accepted,
+    CancelRequest,
+    ExecuteRequest,
+    ReadyCallback,
+    ReadyState,
+)
+from rbees_core.backend import Backend, SamplingParams
+from rbees_core.config import Config, rbees_home
+from rbees_core.engine import Engine
+from rbees_core.errors import (
+    BackendUnavailableError,
+    DrainingError,
+    NotReadyError,
+    RbeesError,
+)
+from rbees_core.http import (
+    EventStreamResponse,
+    build_app,
+    health_endpoint,
+    json_response,
+    read_json,
+    serve,
+)
+from rbees_core.log import Logger
+from rbees_core.models import resolve_model
+from rbees_core.programs.worker_metrics import WorkerMetrics
+
+PROGRAM = "rbees-workerd"
+
+
+@attrs.define
+class WorkerSettings:
+    worker_id: str
+    model_ref: str
+    backend: str
+    device: str
+    host: str
+    port: int
+    slots: int
+    ctx: int | None
+    threads: int | None
+    callback_url: str | None
+    token: str | None
+    drain_timeout_s: float = 30.0
+    callback_timeout_s: float = 10.0
+
+
+@attrs.define(eq=False)
+class WorkerState:
+    """Everything the worker's routes share. Mutated only on the event loop thread."""
+
+    settings: WorkerSettings
+    pm: pluggy.PluginManager
+    log: Logger
+    metrics: WorkerMetrics
+    state: str = "loading"
+    stage: str = "start"
+    fraction: float = 0.0
+    error: RbeesError | None = None
+    engine: Engine | None = None
+    started: float = attrs.field(factory=time.monotonic)
+    shutdown: asyncio.Event = attrs.field(factory=asyncio.Event)
+    exit_code: int = 0
+
+    @property
+    def uri(self) -> str:
+        host = self.settings.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.settings.port}"
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self.metrics.set_state(state)
+
+    def ready_state(self) -> ReadyState:
+        s = self.settings
+        if self.engine is None:
+            return ReadyState(ready=False, state=self.state, model=s.model_ref, backend=s.backend,
+                              device=s.device, progress=round(self.fraction, 4))
+        free = self.engine.slots_free
+        state = self.state
+        if state in ("ready", "busy"):
+            state = "ready" if free else "busy"
+        return ReadyState(
+            ready=state in ("ready", "busy"), state=state, model=s.model_ref,  # type: ignore[arg-type]
+            backend=s.backend, device=s.device, slots_total=self.engine.slots, slots_free=free,
+            memory_bytes=self.engine.model.memory_bytes,
+        )
+
+
+# -- routes ---------------------------------------------------------------------------------
+
+
+def _state(request: Request) -> WorkerState:
+    state: WorkerState = request.app.state.worker
+    return state
+
+
+async def ready(request: Request) -> Response:
+    st = _state(request)
+    body = st.ready_state()
+    return json_response(body, 200 if body.ready else 503)
+
+
+async def loading_progress(request: Request) -> Response:
+    st = _state(request)
+    queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+    async def pump() -> None:
+        last: tuple[str, float] | None = None
+        while True:
+            if st.error is not None:
+                await queue.put(("error", {"code": st.error.code, "message": st.error.message,
+                                           "retriable": False}))
+                return
+            if st.engine is not None:
+                await queue.put(("ready", attrs.asdict(st.ready_state())))
+                return
+            now = (st.stage, round(st.fraction, 3))
+            if now != last:
+                last = now
+                await queue.put(("progress", {"stage": now[0], "fraction": now[1]}))
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(pump())
+    response = EventStreamResponse(queue, on_disconnect=task.cancel)
+    response.TERMINAL = frozenset({"ready", "error"})  # type: ignore[misc]
+    return response  # type: ignore[return-value]
+
+
+async def execute(request: Request) -> Response:
+    st = _state(request)
+    if st.state == "draining" or st.shutdown.is_set():
+        raise DrainingError("worker is draining; it takes no new jobs")
+    engine = st.engine
+    if engine is None:
+        raise NotReadyError("the model is still loading", details={"progress": st.fraction})
+    req = await read_json(request, ExecuteRequest)
+    text = req.prompt
+    if text is None:
+        assert req.messages is not None
+        text = engine.model.render_chat([{"role": m.role, "content": m.content}
+                                         for m in req.messages])
+    seed = req.seed if req.seed is not None else random.randrange(2**63)
+    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                            repetition_penalty=req.repetition_penalty, seed=seed)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+    def sink(event: str, data: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (event, data))
+
+    job = engine.prepare(req.job_id, text, max_tokens=req.max_tokens, params=params,
+                         stop=req.stop, sink=sink)
+    engine.submit(job)
+    st.log.info("job_accepted", job_id=req.job_id, tokens_in=len(job.tokens))
+    return EventStreamResponse(events, on_disconnect=lambda: engine.cancel(req.job_id)
+                               )  # type: ignore[return-value]
+
+
+async def cancel(request: Request) -> Response:
+    st = _state(request)
+    req = await read_json(request, CancelRequest)
+    found = st.engine.cancel(req.job_id) if st.engine is not None else False
+    st.log.info("job_cancel", job_id=req.job_id, running=found)
+    return json_response(Accepted(job_id=req.job_id), 202)
+
+
+async def shutdown(request: Request) -> Response:
+    st = _state(request)
+    asyncio.get_running_loop().call_soon(begin_drain, st)
+    return json_response(Accepted(), 202)
+
+
+async def metrics(request: Request) -> Response:
+    st = _state(request)
+    if st.engine is not None:
+        st.metrics.slots_busy.set(st.engine.slots - st.engine.slots_free)
+    body, content_type = st.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+OPERATIONS = [
+    openapi.Operation("GET", "/health", "liveness", response=Health, open=True),
+    openapi.Operation("GET", "/metrics", "Prometheus metrics", open=True),
+    openapi.Operation("GET", "/openapi.json", "this document"),
+    openapi.Operation("GET", "/v2/ready", "readiness and slots", response=ReadyState,
+                      errors={"503": "still loading (same body, ready=false)"}),
+    openapi.Operation("GET", "/v2/loading/progress", "SSE progress events while loading",
+                      sse=True),
+    openapi.Operation("POST", "/v2/execute", "run one job, streamed as SSE",
+                      request=ExecuteRequest, sse=True,
+                      errors={"409": "job_id already running here",
+                              "503": "ALL_SLOTS_BUSY, DRAINING or NOT_READY"}),
+    openapi.Operation("POST", "/v2/cancel", "stop decoding a job", request=CancelRequest,
+                      response=Accepted, status=202),
+    openapi.Operation("POST", "/v2/shutdown", "drain and exit", response=Accepted, status=202),
+]
+
+
+def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
+    doc = openapi.document("rbees-workerd", __version__, OPERATIONS)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(doc)
+
+    builtin: list[BaseRoute] = [
+        Route("/health", health_endpoint(__version__, started), methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/v2/ready", ready, methods=["GET"]),
+        Route("/v2/loading/progress", loading_progress, methods=["GET"]),
+        Route("/v2/execute", execute, methods=["POST"]),
+        Route("/v2/cancel", cancel, methods=["POST"]),
+        Route("/v2/shutdown", shutdown, methods=["POST"]),
+    ]
+    extra = [r for batch in pm.hook.rbees_register_routes(program=PROGRAM) for r in batch]
+    return builtin + extra
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+def create_app(st: WorkerState) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.worker = st
+        st.pm.hook.rbees_startup(program=PROGRAM, state=st)
+        try:
+            yield
+        finally:
+            try:
+                st.pm.hook.rbees_shutdown(program=PROGRAM, state=st)
+            except Exception as exc:
+                st.log.error("shutdown_hook_failed", error=str(exc))
+
+    return build_app(routes(st.pm, st.started), token=st.settings.token, lifespan=lifespan)
+
+
+def pick_backend(pm: pluggy.PluginManager, name: str, device: str) -> Backend:
+    found = plugins.backends(pm)
+    if name not in found:
+        raise BackendUnavailableError(
+            f"no backend named {name!r} is installed (installed: {', '.join(sorted(found))})",
+            details={"backend": name})
+    cls = found[name]
+    kind = device.partition(":")[0]
+    if kind not in cls.available_devices():
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot use device {kind!r} here "
+            f"(available: {', '.join(cls.available_devices())})",
+            details={"backend": name, "device": device})
+    backend: Backend = cls()
+    return backend
+
+
+async def load_model(st: WorkerState) -> None:
+    s = st.settings
+    loop = asyncio.get_running_loop()
+
+    def progress(stage: str, fraction: float) -> None:
+        def apply() -> None:
+            st.stage, st.fraction = stage, fraction
+        loop.call_soon_threadsafe(apply)
+
+    t0 = time.perf_counter()
+    try:
+        backend = pick_backend(st.pm, s.backend, s.device)
+        path = resolve_model(st.pm, s.model_ref)
+        model = await asyncio.to_thread(backend.load, path, device=s.device, slots=s.slots,
+                                        ctx=s.ctx, threads=s.threads, progress=progress)
+    except RbeesError as exc:
+        st.error = exc
+        st.set_state("failed")
+        st.log.error("load_failed", code=exc.code, message=exc.message)
+        st.exit_code = 1
+        await asyncio.sleep(0.3)  # let progress listeners read the error
+        st.shutdown.set()
+        return
+    engine = Engine(model, slots=s.slots, model_name=s.model_ref, worker_id=s.worker_id,
+                    observer=st.metrics)
+    engine.start()
+    st.metrics.loaded(slots=s.slots, memory_bytes=model.memory_bytes,
+                      seconds=time.perf_counter() - t0)
+    st.engine = engine
+    st.stage, st.fraction = "ready", 1.0
+    st.set_state("ready")
+    st.log.info("ready", model=s.model_ref, backend=s.backend, device=s.device,
+                slots=s.slots, memory_bytes=model.memory_bytes,
+                load_s=round(time.perf_counter() - t0, 3))
+    if s.callback_url:
+        await call_back(st, model.memory_kind)
+
+
+async def call_back(st: WorkerState, memory_kind: str) -> None:
+    s = st.settings
+    assert st.engine is not None
+    body = ReadyCallback(worker_id=s.worker_id, model_ref=s.model_ref, backend=s.backend,
+                         device=s.device, uri=st.uri, slots_total=s.slots,
+                         memory_bytes=st.engine.model.memory_bytes,
+                         memory_kind=memory_kind, pid=os.getpid())  # type: ignore[arg-type]
+    headers = {"Authorization": f"Bearer {s.token}"} if s.token else {}
+    try:
+        async with httpx.AsyncClient(timeout=s.callback_timeout_s) as client:
+            answer = await client.post(s.callback_url or "", json=attrs.asdict(body),
+                                       headers=headers)
+        if answer.status_code >= 300:
+            raise RbeesError(f"ready callback refused with {answer.status_code}: "
+                             f"{answer.text[:200]}")
+    except (httpx.HTTPError, RbeesError) as exc:
+        st.log.error("ready_callback_failed", url=s.callback_url, error=str(exc))
+        st.exit_code = 3
+        begin_drain(st)
+        return
+    st.log.info("ready_callback_sent", url=s.callback_url)
+
+
+def begin_drain(st: WorkerState) -> None:
+    """Refuse new work, let running jobs finish, then stop serving (idempotent)."""
+    if st.state in ("draining", "stopped"):
+        return
+    st.set_state("draining")
+    st.log.info("draining")
+    if st.engine is not None:
+        st.engine.drain()
+
+    async def wait_idle() -> None:
+        deadline = time.monotonic() + st.settings.drain_timeout_s
+        while st.engine is not None and not st.engine.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if st.engine is not None:
+            await asyncio.to_thread(st.engine.stop)
+        await asyncio.sleep(0.05)  # let the last frames leave
+        st.set_state("stopped")
+        st.shutdown.set()
+
+    asyncio.get_running_loop().create_task(wait_idle())
+
+
+def pid_file(worker_id: str) -> Path:
+    return rbees_home() / "run" / f"rbees-workerd-{worker_id}.pid"
+
+
+async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:
+    log = Logger(PROGRAM)
+    st = WorkerState(settings=settings, pm=pm, log=log, metrics=WorkerMetrics())
+    st.set_state("loading")
+    app = create_app(st)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, begin_drain, st)
+    pidf = pid_file(settings.worker_id)
+    pidf.parent.mkdir(parents=True, exist_ok=True)
+    pidf.write_text(f"{os.getpid()}\n")
+    log.info("listening", uri=st.uri, worker_id=settings.worker_id)
+    server = asyncio.create_task(serve(app, settings.host, settings.port, st.shutdown))
+    loader = asyncio.create_task(load_model(st))
+    try:
+        await server
+    finally:
+        loader.cancel()
+        if st.engine is not None:
+            st.engine.stop()
+            st.engine.model.close()
+        pidf.unlink(missing_ok=True)
+    log.info("exit", code=st.exit_code)
+    return st.exit_code
+
+
+def settings_from(config: Config, *, worker_id: str, model: str, backend: str, device: str,
+                  bind: str, port: int | None, callback_url: str | None, token: str | None
+                  ) -> WorkerSettings:
+    from rbees_core.http import check_bind_policy, parse_bind
+
+    host, bind_port = parse_bind(bind)
+    check_bind_policy(host, token)
+    return WorkerSettings(
+        worker_id=worker_id, model_ref=model, backend=backend, device=device, host=host,
+        port=port if port is not None else bind_port, slots=config.worker.slots,
+        ctx=config.worker.ctx, threads=config.worker.threads, callback_url=callback_url,
+        token=token, drain_timeout_s=config.worker.drain_timeout_s,
+        callback_timeout_s=config.worker.ready_callback_timeout_s,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rbees_core.programs.workerd_cli import app
+
+    app(args=argv, prog_name=PROGRAM)
+
+
+__all__ = ["ID_PATTERN", "WorkerState", "main", "run"]
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())  # type: ignore[func-returns-value]

@@ -1,0 +1,246 @@
+"""pytest plugin for rbees plugin authors (loaded automatically through ``pytest11``).
+
+Fixtures:
+
+- ``rbees_pm``: a fresh plugin manager with the installed plugins (entry points loaded).
+- ``rbees_register``: ``rbees_register(plugin, name=None)`` registers a plugin on
+  ``rbees_pm`` for one test only.
+- ``asgi_client``: ``async with asgi_client(app) as client`` gives an ``httpx.AsyncClient``
+  talking to an ASGI app in-process (lifespan included).
+- ``free_port``: a TCP port free on 127.0.0.1.
+- ``rbees_process``: ``rbees_process(argv, env=None)`` starts a real process with its output
+  in a log file, and stops it (SIGTERM, then SIGKILL) after the test.
+- ``rbees_worker``: ``rbees_worker(model=..., backend=..., slots=...)`` starts a real
+  ``rbees-workerd`` on a free port and waits until it is ready; returns a
+  :class:`WorkerHandle`.
+- ``smollm2_path``: the path of the embedded SmolLM2 GGUF file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pluggy
+import pytest
+
+from rbees_core import plugins
+from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, *, timeout: float = 60.0, ok: Callable[[httpx.Response], bool]
+              = lambda r: r.status_code == 200, proc: subprocess.Popen[bytes] | None = None
+              ) -> httpx.Response:
+    """Poll ``url`` until ``ok(response)``; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    last: Exception | httpx.Response | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
+        try:
+            response = httpx.get(url, timeout=2.0)
+            if ok(response):
+                return response
+            last = response
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout}s (last: {last!r})")
+
+
+def parse_sse(text: str) -> list[tuple[int | None, str, dict[str, Any]]]:
+    """``(id, event, data)`` of every frame in an SSE body."""
+    frames = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(": ")
+            fields[key] = value
+        ident = fields.get("id")
+        frames.append((int(ident) if ident else None, fields.get("event", "message"),
+                       json.loads(fields.get("data", "null"))))
+    return frames
+
+
+@attrs.define
+class ManagedProcess:
+    argv: Sequence[str]
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@attrs.define
+class WorkerHandle:
+    process: ManagedProcess
+    port: int
+    worker_id: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def execute(self, body: dict[str, Any], *, timeout: float = 120.0
+                ) -> list[tuple[int | None, str, dict[str, Any]]]:
+        """POST /v2/execute and return every frame of the stream."""
+        response = httpx.post(f"{self.url}/v2/execute", json=body, timeout=timeout)
+        response.raise_for_status()
+        return parse_sse(response.text)
+
+    def text(self, body: dict[str, Any]) -> str:
+        return "".join(d["t"] for _, e, d in self.execute(body) if e == "token")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Any) -> AsyncIterator[None]:
+    """Run an ASGI app's lifespan startup and shutdown around the block."""
+    import asyncio
+
+    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def send(message: dict[str, Any]) -> None:
+        await from_app.put(message)
+
+    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"},
+                                    "state": {}}, to_app.get, send))
+    await to_app.put({"type": "lifespan.startup"})
+    message = await from_app.get()
+    if message["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"lifespan startup failed: {message}")
+    try:
+        yield
+    finally:
+        await to_app.put({"type": "lifespan.shutdown"})
+        await from_app.get()
+        await task
+
+
+@pytest.fixture
+def rbees_pm() -> pluggy.PluginManager:
+    return plugins.make_manager(plugins.builtin_plugins())
+
+
+@pytest.fixture
+def rbees_register(rbees_pm: pluggy.PluginManager) -> Iterator[Callable[..., object]]:
+    added: list[object] = []
+
+    def register(plugin: object, name: str | None = None) -> object:
+        rbees_pm.register(plugin, name=name)
+        rbees_pm.check_pending()
+        added.append(plugin)
+        return plugin
+
+    yield register
+    for plugin in added:
+        rbees_pm.unregister(plugin)
+
+
+@pytest.fixture
+def asgi_client() -> Callable[[Any], contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]:
+    @contextlib.asynccontextmanager
+    async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+        async with lifespan(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://rbees.test") as c:
+                yield c
+
+    return client
+
+
+@pytest.fixture
+def free_port() -> int:
+    return find_free_port()
+
+
+@pytest.fixture
+def rbees_process(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
+    started: list[ManagedProcess] = []
+
+    def start(argv: Sequence[str], env: dict[str, str] | None = None,
+              name: str | None = None) -> ManagedProcess:
+        log_path = tmp_path / f"{name or Path(argv[0]).name}-{len(started)}.log"
+        full_env = {**os.environ, **(env or {})}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
+                                    env=full_env, start_new_session=True)
+        managed = ManagedProcess(argv=argv, proc=proc, log_path=log_path)
+        started.append(managed)
+        return managed
+
+    yield start
+    for managed in started:
+        managed.stop(grace=5.0)
+
+
+@pytest.fixture
+def smollm2_path(rbees_pm: pluggy.PluginManager) -> str:
+    return resolve_model(rbees_pm, DEFAULT_MODEL_REF)
+
+
+def workerd_argv(worker_id: str, port: int, *, model: str = DEFAULT_MODEL_REF,
+                 backend: str = "llamacpp", device: str = "cpu", slots: int = 1,
+                 extra: Sequence[str] = ()) -> list[str]:
+    exe = Path(sys.executable).with_name("rbees-workerd")
+    return [str(exe), "--worker-id", worker_id, "--model", model, "--backend", backend,
+            "--device", device, "--port", str(port), "--slots", str(slots), *extra]
+
+
+@pytest.fixture
+def rbees_worker(rbees_process: Callable[..., ManagedProcess], tmp_path: Path
+                 ) -> Callable[..., WorkerHandle]:
+    def start(*, model: str = DEFAULT_MODEL_REF, backend: str = "llamacpp",
+              device: str = "cpu", slots: int = 1, worker_id: str = "w1",
+              extra: Sequence[str] = (), env: dict[str, str] | None = None,
+              ready_timeout: float = 120.0) -> WorkerHandle:
+        port = find_free_port()
+        proc = rbees_process(
+            workerd_argv(worker_id, port, model=model, backend=backend, device=device,
+                         slots=slots, extra=extra),
+            env={"RBEES_HOME": str(tmp_path / "rbees-home"), **(env or {})},
+            name=f"workerd-{worker_id}",
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v2/ready", timeout=ready_timeout,
+                      proc=proc.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}\n--- worker log ---\n{proc.log()}") from exc
+        return WorkerHandle(process=proc, port=port, worker_id=worker_id)
+
+    return start
