@@ -127,6 +127,6 @@ def rbees_startup(program: str, state: Any) -> None:
 def rbees_shutdown(program: str, state: Any) -> None:
     """A daemon is stopping, after draining.
 
-    Called by: each daemon's lifespan on exit. Arguments as :func:`rbees_startup`. Exceptions
-    are logged and do not stop the shutdown.
+    Called by: each daemon's lifespan on exit. Arguments as :func:`rbees_startup`. Returns
+    nothing; exceptions are logged and do not stop the shutdown.
     """

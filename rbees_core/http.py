@@ -259,7 +259,7 @@ class EventStreamResponse:
     TERMINAL = frozenset({"end", "error"})
 
     def __init__(self, events: asyncio.Queue[tuple[str, dict[str, Any]]],
-                 on_disconnect: Callable[[], None], first_id: int = 1) -> None:
+                 on_disconnect: Callable[[], object], first_id: int = 1) -> None:
         self.events = events
         self.on_disconnect = on_disconnect
         self.next_id = first_id

@@ -45,7 +45,7 @@ def resolve_model(pm: pluggy.PluginManager, ref: str) -> str:
                 f"no model source handles {scheme}: references (installed: {known})",
                 details={"model": ref},
             )
-        path = sources[scheme]().resolve(ref[match.end():])
+        path: str | None = sources[scheme]().resolve(ref[match.end():])
         if path is None:
             raise ModelNotFoundError(f"model {ref!r} is not available here",
                                      details={"model": ref})

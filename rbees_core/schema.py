@@ -46,15 +46,26 @@ def field(
     ``forbid`` is a regular expression that must not match anywhere in a string (for
     example NUL characters or shell metacharacters).
     """
-    meta = {
-        "doc": doc, "minimum": minimum, "maximum": maximum, "pattern": pattern,
-        "min_length": min_length, "max_length": max_length, "max_items": max_items,
-        "item_max_length": item_max_length, "forbid": forbid,
-    }
-    meta = {k: v for k, v in meta.items() if v is not None and v != ""}
+    meta = limits(
+        doc=doc, minimum=minimum, maximum=maximum, pattern=pattern, min_length=min_length,
+        max_length=max_length, max_items=max_items, item_max_length=item_max_length,
+        forbid=forbid,
+    )
     if factory is not None:
-        return attrs.field(factory=factory, metadata={_KEY: meta})
-    return attrs.field(default=default, metadata={_KEY: meta})
+        return attrs.field(factory=factory, metadata=meta)
+    return attrs.field(default=default, metadata=meta)
+
+
+def limits(*, doc: str = "", **constraints: Any) -> dict[str, Any]:
+    """Field metadata for a required field: ``attrs.field(metadata=limits(maximum=3))``.
+
+    (Required fields use ``attrs.field`` directly so that type checkers see no default.)
+    """
+    unknown = set(constraints) - set(_CONSTRAINTS)
+    if unknown:
+        raise TypeError(f"unknown constraints {sorted(unknown)}")
+    meta = {"doc": doc, **constraints}
+    return {_KEY: {k: v for k, v in meta.items() if v is not None and v != ""}}
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -47,8 +47,8 @@ def find_free_port() -> int:
 
 
 def wait_http(url: str, *, timeout: float = 60.0, ok: Callable[[httpx.Response], bool]
-              = lambda r: r.status_code == 200, proc: subprocess.Popen[bytes] | None = None
-              ) -> httpx.Response:
+              = lambda r: r.status_code == 200, proc: subprocess.Popen[bytes] | None = None,
+              headers: dict[str, str] | None = None) -> httpx.Response:
     """Poll ``url`` until ``ok(response)``; fail early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     last: Exception | httpx.Response | None = None
@@ -56,7 +56,7 @@ def wait_http(url: str, *, timeout: float = 60.0, ok: Callable[[httpx.Response],
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
         try:
-            response = httpx.get(url, timeout=2.0)
+            response = httpx.get(url, timeout=2.0, headers=headers)
             if ok(response):
                 return response
             last = response

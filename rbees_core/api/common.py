@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from rbees_core.schema import field
+from rbees_core.schema import field, limits
 
 ID_PATTERN = r"[A-Za-z0-9_.-]{1,128}"
 CORRELATION_ID_PATTERN = r"[A-Za-z0-9-]{1,64}"
@@ -22,10 +22,12 @@ MAX_SEED = 2**63 - 1
 class ErrorBody:
     """The inside of the error envelope."""
 
-    code: str = field(doc="UPPER_SNAKE error code")
-    message: str = field(doc="what went wrong, for a person")
-    retriable: bool = field(doc="whether retrying the same request may succeed")
-    correlation_id: str = field(doc="the request's X-Correlation-Id")
+    code: str = attrs.field(metadata=limits(doc="UPPER_SNAKE error code"))
+    message: str = attrs.field(metadata=limits(doc="what went wrong, for a person"))
+    retriable: bool = attrs.field(
+        metadata=limits(doc="whether retrying the same request may succeed")
+    )
+    correlation_id: str = attrs.field(metadata=limits(doc="the request's X-Correlation-Id"))
     details: dict[str, Any] | None = field(default=None, doc="structured details")
 
 
@@ -40,6 +42,6 @@ class ErrorEnvelope:
 class Health:
     """Liveness answer of GET /health."""
 
-    status: str = field(doc='always "ok"')
+    status: str = attrs.field(metadata=limits(doc='always "ok"'))
     version: str
     uptime_s: float

@@ -59,10 +59,14 @@ def document(title: str, version: str, operations: list[Operation]) -> dict[str,
         statuses.update(op.errors)
         for status, text in statuses.items():
             responses[status] = {
-                "description": text, "content": {"application/json": {"schema": err}},
+                "description": text,
+                "content": {"application/json": {"schema": err}},
             }
-        entry: dict[str, Any] = {"summary": op.summary, "responses": responses,
-                                 "operationId": f"{op.method}_{op.path}".replace("/", "_")}
+        entry: dict[str, Any] = {
+            "summary": op.summary,
+            "responses": responses,
+            "operationId": f"{op.method}_{op.path}".replace("/", "_"),
+        }
         if op.request is not None:
             entry["requestBody"] = {
                 "required": True,

@@ -13,10 +13,11 @@ from rbees_core.api.common import (
     WORKER_MAX_PROMPT_CHARS,
 )
 from rbees_core.errors import InvalidParamsError
-from rbees_core.schema import field
+from rbees_core.schema import field, limits
 
 Role = Literal["system", "user", "assistant"]
 StopReason = Literal["max_tokens", "stop", "eos"]
+WorkerStateName = Literal["loading", "ready", "busy", "draining", "stopped", "failed"]
 
 
 @attrs.frozen
@@ -24,16 +25,20 @@ class Message:
     """One chat turn; rendered with the model's own chat template."""
 
     role: Role
-    content: str = field(max_length=WORKER_MAX_PROMPT_CHARS, forbid="\x00")
+    content: str = attrs.field(metadata=limits(max_length=WORKER_MAX_PROMPT_CHARS, forbid="\x00"))
 
 
 @attrs.frozen
 class ExecuteRequest:
     """Body of POST /v2/execute: one generation job."""
 
-    job_id: str = field(pattern=ID_PATTERN, doc="caller-chosen job identifier")
+    job_id: str = attrs.field(
+        metadata=limits(pattern=ID_PATTERN, doc="caller-chosen job identifier")
+    )
     prompt: str | None = field(
-        default=None, max_length=WORKER_MAX_PROMPT_CHARS, forbid="\x00",
+        default=None,
+        max_length=WORKER_MAX_PROMPT_CHARS,
+        forbid="\x00",
         doc="raw prompt; exactly one of prompt and messages",
     )
     messages: list[Message] | None = field(default=None, max_items=256)
@@ -64,7 +69,7 @@ class ExecuteRequest:
 class CancelRequest:
     """Body of POST /v2/cancel."""
 
-    job_id: str = field(pattern=ID_PATTERN)
+    job_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
 
 
 @attrs.frozen
@@ -80,7 +85,7 @@ class ReadyState:
     """GET /v2/ready."""
 
     ready: bool
-    state: Literal["loading", "ready", "busy", "draining", "stopped", "failed"]
+    state: WorkerStateName
     model: str | None = None
     backend: str | None = None
     device: str | None = None
@@ -94,15 +99,15 @@ class ReadyState:
 class ReadyCallback:
     """Body the worker POSTs to its --callback-url once the model is loaded."""
 
-    worker_id: str = field(pattern=ID_PATTERN)
-    model_ref: str = field(max_length=512)
-    backend: str = field(pattern=ID_PATTERN)
-    device: str = field(pattern=ID_PATTERN)
-    uri: str = field(max_length=512)
-    slots_total: int = field(minimum=1)
-    memory_bytes: int = field(minimum=0)
+    worker_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    model_ref: str = attrs.field(metadata=limits(max_length=512))
+    backend: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    device: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    uri: str = attrs.field(metadata=limits(max_length=512))
+    slots_total: int = attrs.field(metadata=limits(minimum=1))
+    memory_bytes: int = attrs.field(metadata=limits(minimum=0))
     memory_kind: Literal["vram", "unified", "ram"]
-    pid: int = field(minimum=1)
+    pid: int = attrs.field(metadata=limits(minimum=1))
 
 
 # Event payloads (section 3); documented in OpenAPI and used to build the frames.
@@ -116,8 +121,8 @@ class StartedEvent:
 
 @attrs.frozen
 class TokenEvent:
-    t: str = field(doc="text piece, whole UTF-8 characters")
-    i: int = field(doc="piece index, from 0")
+    t: str = attrs.field(metadata=limits(doc="text piece, whole UTF-8 characters"))
+    i: int = attrs.field(metadata=limits(doc="piece index, from 0"))
 
 
 @attrs.frozen

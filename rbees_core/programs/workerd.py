@@ -35,6 +35,7 @@ from rbees_core.api.worker import (
     ExecuteRequest,
     ReadyCallback,
     ReadyState,
+    WorkerStateName,
 )
 from rbees_core.backend import Backend, SamplingParams
 from rbees_core.config import Config, rbees_home
@@ -85,7 +86,7 @@ class WorkerState:
     pm: pluggy.PluginManager
     log: Logger
     metrics: WorkerMetrics
-    state: str = "loading"
+    state: WorkerStateName = "loading"
     stage: str = "start"
     fraction: float = 0.0
     error: RbeesError | None = None
@@ -99,7 +100,7 @@ class WorkerState:
         host = self.settings.host
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.settings.port}"
 
-    def set_state(self, state: str) -> None:
+    def set_state(self, state: WorkerStateName) -> None:
         self.state = state
         self.metrics.set_state(state)
 
@@ -113,7 +114,7 @@ class WorkerState:
         if state in ("ready", "busy"):
             state = "ready" if free else "busy"
         return ReadyState(
-            ready=state in ("ready", "busy"), state=state, model=s.model_ref,  # type: ignore[arg-type]
+            ready=state in ("ready", "busy"), state=state, model=s.model_ref,
             backend=s.backend, device=s.device, slots_total=self.engine.slots, slots_free=free,
             memory_bytes=self.engine.model.memory_bytes,
         )

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from rbees_core.hookspecs import hookimpl
-
 from rbees_backend_llamacpp.backend import LlamaCppBackend
+from rbees_core.hookspecs import hookimpl
 
 __all__ = ["LlamaCppBackend"]
 

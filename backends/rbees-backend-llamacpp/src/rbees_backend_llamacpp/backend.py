@@ -17,6 +17,11 @@ _MEMORY_KIND: dict[str, MemoryKind] = {"cpu": "ram", "cuda": "vram", "metal": "u
 
 
 def _lib() -> Any:
+    # OpenMP threads that spin between graph computations starve the HTTP thread and any
+    # other worker on the host: measured here, a busy 2-core machine went from 3.7 s to
+    # 18-30 s for 128 tokens with the default (active) policy. Must be set before libgomp
+    # loads; an explicit setting by the operator wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import llama_cpp
     except ImportError as exc:  # pragma: no cover - the dependency is declared
@@ -112,12 +117,13 @@ class LlamaCppModel(LoadedModel):
             raise ModelLoadError(f"llama.cpp could not create a context of {ctx_slot} x {slots}")
         self._mem = lib.llama_get_memory(self._ctx)
         self.n_ctx_slot = int(lib.llama_n_ctx_seq(self._ctx))
-        self.n_batch = n_batch
+        self.n_batch = int(lib.llama_n_batch(self._ctx))  # llama.cpp clamps it to n_ctx
         n_layer = lib.llama_model_n_layer(model)
         n_embd = lib.llama_model_n_embd(model)
         kv_per_token = 2 * n_layer * n_embd * lib.llama_model_n_head_kv(model) // max(
             1, lib.llama_model_n_head(model)) * 2
-        self.memory_bytes = int(lib.llama_model_size(model)) + kv_per_token * self.n_ctx_slot * slots
+        kv_bytes = kv_per_token * self.n_ctx_slot * slots
+        self.memory_bytes = int(lib.llama_model_size(model)) + kv_bytes
         self.memory_kind = _MEMORY_KIND[kind]
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
         self._pos = [0] * slots

@@ -1,0 +1,95 @@
+"""The llama.cpp backend through its entry point and through the LoadedModel interface."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pluggy
+import pytest
+from rbees_backend_llamacpp import LlamaCppBackend
+
+from rbees_core import plugins
+from rbees_core.backend import Feed, LoadedModel, SamplingParams
+from rbees_core.errors import BackendUnavailableError, ModelLoadError
+
+
+def test_loads_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:
+    assert plugins.backends(rbees_pm)["llamacpp"] is LlamaCppBackend
+    info = {p.name: p for p in plugins.list_plugins(rbees_pm)}["backend-llamacpp"]
+    assert info.hooks == ["rbees_register_backends"]
+    assert "cpu" in LlamaCppBackend.available_devices()
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[LoadedModel]:
+    pm = plugins.make_manager()
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+
+    stages: list[tuple[str, float]] = []
+    loaded = LlamaCppBackend().load(resolve_model(pm, DEFAULT_MODEL_REF), device="cpu",
+                                    slots=2, ctx=512, threads=2,
+                                    progress=lambda s, f: stages.append((s, f)))
+    assert ("load", 1.0) in stages and stages[-1] == ("context", 1.0)
+    yield loaded
+    loaded.close()
+
+
+def generate(model: LoadedModel, slot: int, prompt: str, n: int, **params: object) -> bytes:
+    model.begin(slot, SamplingParams(**params))  # type: ignore[arg-type]
+    model.decode([Feed(slot, model.tokenize(prompt), True)])
+    out = b""
+    for _ in range(n):
+        tok = model.sample(slot)
+        if model.is_eog(tok):
+            break
+        out += model.token_bytes(tok)
+        model.decode([Feed(slot, (tok,), True)])
+    model.end(slot)
+    return out
+
+
+def test_context_memory_and_tokenizer(model: LoadedModel) -> None:
+    assert model.n_ctx_slot == 512
+    assert model.memory_kind == "ram" and model.memory_bytes > 90_000_000
+    tokens = model.tokenize("Hello world")
+    assert 2 <= len(tokens) <= 4
+    assert b"".join(model.token_bytes(t) for t in tokens).strip() == b"Hello world"
+
+
+def test_two_slots_decoded_in_one_batch_match_separate_runs(model: LoadedModel) -> None:
+    alone_a = generate(model, 0, "The sky is", 12, temperature=0)
+    alone_b = generate(model, 1, "My favourite food is", 12, temperature=0)
+    model.begin(0, SamplingParams(temperature=0))
+    model.begin(1, SamplingParams(temperature=0))
+    model.decode([Feed(0, model.tokenize("The sky is"), True),
+                  Feed(1, model.tokenize("My favourite food is"), True)])
+    outs = [b"", b""]
+    for _ in range(12):
+        toks = [model.sample(0), model.sample(1)]
+        for s in (0, 1):
+            outs[s] += model.token_bytes(toks[s])
+        model.decode([Feed(0, (toks[0],), True), Feed(1, (toks[1],), True)])
+    model.end(0)
+    model.end(1)
+    assert outs[0].split()[:4] == alone_a.split()[:4]
+    assert outs[1].split()[:4] == alone_b.split()[:4]
+
+
+def test_chat_template_is_the_models_own(model: LoadedModel) -> None:
+    text = model.render_chat([{"role": "user", "content": "hi"}])
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_unavailable_device_and_bad_file(tmp_path: object) -> None:
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        with pytest.raises(BackendUnavailableError):
+            LlamaCppBackend().load("x.gguf", device="cuda:0", slots=1, ctx=None, threads=1,
+                                   progress=lambda s, f: None)
+    bad = f"{tmp_path}/bad.gguf"
+    with open(bad, "wb") as f:
+        f.write(b"nope" * 64)
+    with pytest.raises(ModelLoadError):
+        LlamaCppBackend().load(bad, device="cpu", slots=1, ctx=None, threads=1,
+                               progress=lambda s, f: None)

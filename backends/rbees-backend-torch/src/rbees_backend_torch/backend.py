@@ -1,0 +1,80 @@
+"""The torch backend class: which devices it can use here, and the entry to loading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from rbees_core.backend import Backend, LoadedModel
+from rbees_core.errors import BackendUnavailableError
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - the dependency is declared
+        raise BackendUnavailableError(f"torch is not importable: {exc}") from exc
+    return torch
+
+
+def split_device(device: str) -> tuple[str, int]:
+    """``"cuda:1"`` -> ``("cuda", 1)``; a kind alone has index 0."""
+    kind, _, index = device.partition(":")
+    if index and not index.isdigit():
+        raise BackendUnavailableError(f"bad device {device!r}: the index must be a number",
+                                      details={"backend": TorchBackend.name, "device": device})
+    return kind, int(index or 0)
+
+
+class TorchBackend(Backend):
+    """PyTorch through transformers: cpu always; cuda and mps when torch can use them.
+
+    Loads a GGUF file (dequantized by transformers) or a Hugging Face folder holding
+    ``config.json`` and ``*.safetensors``. Slots are decoded one after the other, each with
+    its own KV cache.
+    """
+
+    name: ClassVar[str] = "torch"
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "mps")
+    batched: ClassVar[bool] = False
+
+    @classmethod
+    def available_devices(cls) -> list[str]:
+        torch = _torch()
+        found = ["cpu"]
+        if torch.cuda.is_available():
+            found.append("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            found.append("mps")
+        return found
+
+    def load(
+        self,
+        path: str,
+        *,
+        device: str,
+        slots: int,
+        ctx: int | None,
+        threads: int | None,
+        progress: Callable[[str, float], None],
+    ) -> LoadedModel:
+        kind, index = split_device(device)
+        available = self.available_devices()
+        details = {"backend": self.name, "device": device}
+        if kind not in available:
+            raise BackendUnavailableError(
+                f"device {kind!r} is not usable by torch here (available: {', '.join(available)})",
+                details=details)
+        if kind == "cuda":
+            count = int(_torch().cuda.device_count())
+            if index >= count:
+                raise BackendUnavailableError(
+                    f"device {device!r} does not exist here ({count} CUDA device(s))",
+                    details=details)
+        elif index:
+            raise BackendUnavailableError(f"device {kind!r} takes no index", details=details)
+        from rbees_backend_torch.model import TorchModel
+
+        return TorchModel(path, device=f"cuda:{index}" if kind == "cuda" else kind,
+                          slots=slots, ctx=ctx, threads=threads, progress=progress)

@@ -1,0 +1,39 @@
+"""The test matrix: lint, the kernel, then each plugin distribution on its own.
+
+Sessions run in the active environment (``python=False``): every distribution of the
+repository is installed there by ``scripts/setup.sh``, and each session runs exactly one
+distribution's tests, so a failure names the plugin that broke.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "kernel", "plugin"]
+nox.options.error_on_missing_interpreters = True
+ROOT = Path(__file__).parent
+DISTRIBUTIONS = sorted(
+    str(p.parent.relative_to(ROOT))
+    for pattern in ("plugins/*/pyproject.toml", "backends/*/pyproject.toml",
+                    "schedulers/*/pyproject.toml")
+    for p in ROOT.glob(pattern)
+)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    session.run("ruff", "check", ".")
+    session.run("mypy", "rbees_core", *[f"{d}/src" for d in DISTRIBUTIONS])
+
+
+@nox.session(python=False)
+def kernel(session: nox.Session) -> None:
+    session.run("pytest", "tests", *session.posargs)
+
+
+@nox.session(python=False)
+@nox.parametrize("dist", DISTRIBUTIONS)
+def plugin(session: nox.Session, dist: str) -> None:
+    session.run("pytest", f"{dist}/tests", *session.posargs)

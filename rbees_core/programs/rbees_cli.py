@@ -1,0 +1,35 @@
+"""``rbees``: the orchestrator command line (CONTRACT section 6). Never a REPL.
+
+The root app holds the builtin commands; plugins add command groups through
+:func:`rbees_core.hookspecs.rbees_register_cli` with ``program="rbees"``. Command modules
+import their heavy dependencies inside the commands, so ``rbees --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pluggy
+import typer
+
+from rbees_core.programs import cli_common
+
+PROGRAM = "rbees"
+HELP = ("Control the rbees orchestrator, pools and jobs. "
+        "Every command that prints data takes --format text|json.")
+
+
+def create_app(pm: pluggy.PluginManager) -> typer.Typer:
+    """The ``rbees`` app over ``pm``, with the commands its plugins add."""
+    app = cli_common.new_app(PROGRAM, HELP)
+    cli_common.add_plugins_command(app, pm)
+    pm.hook.rbees_register_cli(app=app, program=PROGRAM)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli_common.run(PROGRAM, create_app, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
