@@ -6,7 +6,7 @@ Prints one Markdown table and the target ratios:
   (a)  llama-cpp-python in-process, one stream (high-level Llama, streaming)
   (a4) a bare llama-cpp-python batched-decode loop, 4 sequences (the engine's ceiling)
   (b)  rbees-workerd, one stream over HTTP/SSE
-  (c)  llama_cpp.server, one stream through its OpenAI API (needs llama-cpp-python[server])
+  (c)  llama_cpp.server, one stream through its OpenAI API (run bench/setup.sh once)
   (d)  rbees-workerd --slots 4, aggregate tokens/s at 1, 2 and 4 concurrent streams
   (e)  rbees-workerd --backend torch, one stream (needs rbees-backend-torch)
 
@@ -237,8 +237,10 @@ def bench_torch(tokens: int, threads: int, runs: int) -> Result:
 
 def bench_llama_server(path: str, tokens: int, threads: int, runs: int) -> Result:
     port = find_free_port()
+    bench_python = os.path.join(os.path.dirname(__file__), "..", ".venv-bench", "bin", "python")
+    python = bench_python if os.path.exists(bench_python) else sys.executable
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
+        [python, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
          "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
          "--n_batch", "256"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -308,6 +310,8 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated cases to skip (c,e,...)")
     args = parser.parse_args()
     skip = set(args.skip.split(",")) - {""}
+    # the worker's llama.cpp backend runs OpenMP passively; give every case the same policy
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     path = resolve_model(plugins.make_manager(plugins.builtin_plugins()), DEFAULT_MODEL_REF)
     results: list[Result] = []
     steps: list[tuple[str, Callable[[], Any]]] = [

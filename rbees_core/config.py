@@ -52,16 +52,46 @@ class WorkerConfig:
 
 
 @attrs.frozen
+class PoolConfig:
+    """``[pool]``: this host's pool (rbees-pool and pool-managerd)."""
+
+    checkout: str | None = field(
+        default=None, max_length=4096,
+        doc="git checkout that `rbees-pool git ...` operates on")
+    models_dir: str | None = field(
+        default=None, max_length=4096,
+        doc="where downloaded models live (default: $RBEES_HOME/models)")
+    catalog_file: str | None = field(
+        default=None, max_length=4096,
+        doc="extra model catalog TOML; its entries add to (or replace) the builtin ones")
+
+    def models_path(self) -> Path:
+        """``models_dir`` or ``$RBEES_HOME/models``."""
+        return Path(self.models_dir).expanduser() if self.models_dir else rbees_home() / "models"
+
+    def checkout_path(self) -> Path:
+        """``checkout``; :class:`ConfigError` when it is not set."""
+        if not self.checkout:
+            raise ConfigError("pool.checkout: not set (set [pool] checkout = PATH in the config "
+                              "file, RBEES_POOL_CHECKOUT, or pass --checkout)")
+        return Path(self.checkout).expanduser()
+
+
+@attrs.frozen
 class Config:
     """The whole config file. Unknown sections are errors, like unknown keys."""
 
     worker: WorkerConfig = field(factory=WorkerConfig)
+    pool: PoolConfig = field(factory=PoolConfig)
 
 
 _ENV: dict[str, tuple[str, str, type]] = {
     "RBEES_WORKER_SLOTS": ("worker", "slots", int),
     "RBEES_WORKER_CTX": ("worker", "ctx", int),
     "RBEES_WORKER_THREADS": ("worker", "threads", int),
+    "RBEES_POOL_CHECKOUT": ("pool", "checkout", str),
+    "RBEES_POOL_MODELS_DIR": ("pool", "models_dir", str),
+    "RBEES_POOL_CATALOG_FILE": ("pool", "catalog_file", str),
 }
 
 

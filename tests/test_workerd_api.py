@@ -21,6 +21,7 @@ from rbees_core.testing import WorkerHandle, find_free_port, parse_sse, workerd_
 
 from .conftest import start_worker
 
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy decoding never ends this by itself
 GOOD: dict[str, Any] = {"job_id": "ok", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
 
 BAD_BODIES = [
@@ -178,7 +179,7 @@ def test_shutdown_drains_the_running_job_then_exits_zero(tmp_path: Path) -> None
     w = start_worker(tmp_path, worker_id="drainer")
     frames: list[Any] = []
     reader = threading.Thread(target=lambda: frames.extend(
-        w.execute({**GOOD, "job_id": "last", "max_tokens": 120, "temperature": 0.7})))
+        w.execute({**GOOD, "job_id": "last", "max_tokens": 120, "prompt": COUNTING})))
     reader.start()
     time.sleep(0.3)
     assert httpx.post(f"{w.url}/v2/shutdown").status_code == 202
@@ -197,7 +198,7 @@ def test_sigterm_drains_like_shutdown(tmp_path: Path) -> None:
     w = start_worker(tmp_path, worker_id="termed")
     frames: list[Any] = []
     reader = threading.Thread(target=lambda: frames.extend(
-        w.execute({**GOOD, "job_id": "t", "max_tokens": 80, "temperature": 0.7})))
+        w.execute({**GOOD, "job_id": "t", "max_tokens": 80, "prompt": COUNTING})))
     reader.start()
     time.sleep(0.3)
     w.process.proc.send_signal(signal.SIGTERM)

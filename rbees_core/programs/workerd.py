@@ -297,7 +297,7 @@ async def load_model(st: WorkerState) -> None:
 
     t0 = time.perf_counter()
     try:
-        backend = pick_backend(st.pm, s.backend, s.device)
+        backend = await asyncio.to_thread(pick_backend, st.pm, s.backend, s.device)
         path = resolve_model(st.pm, s.model_ref)
         model = await asyncio.to_thread(backend.load, path, device=s.device, slots=s.slots,
                                         ctx=s.ctx, threads=s.threads, progress=progress)

@@ -49,8 +49,8 @@ def test_sentencepiece_style_tokens_with_byte_fallback() -> None:
     raw.pre_tokenizer = pre_tokenizers.Metaspace()
     raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>",
-                                        eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
     token_bytes = TokenBytes(tokenizer)
     assert not is_byte_level(tokenizer)
     text = "hello wörld 日本"

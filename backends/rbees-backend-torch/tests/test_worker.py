@@ -36,7 +36,8 @@ def test_events_come_in_contract_order(gguf_worker: WorkerHandle) -> None:
     assert events[-1] == "end"
     assert set(events[1:-1]) <= {"token", "metrics"}
     assert "token" in events
-    ids = [ident for ident, _, _ in frames]
+    ids = [ident for ident, _, _ in frames if ident is not None]
+    assert len(ids) == len(frames)
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     tokens = [d for _, event, d in frames if event == "token"]
     assert [d["i"] for d in tokens] == list(range(len(tokens)))

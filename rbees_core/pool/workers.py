@@ -1,0 +1,441 @@
+"""Worker lifecycle on one host: preflight, spawn, readiness, listing, stopping, logs.
+
+Shared by ``rbees-pool worker ...`` (direct, no daemon) and pool-managerd. A worker is a
+detached ``rbees-workerd`` process; its record lives in
+``$RBEES_HOME/workers/<worker_id>/state.json`` next to its ``worker.log``, so any later
+``rbees-pool`` invocation (or the daemon) can find, query and stop it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+
+from rbees_core import plugins
+from rbees_core.config import rbees_home
+from rbees_core.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    NotFoundError,
+    RbeesError,
+)
+from rbees_core.models import resolve_model
+
+PORT_RANGE = range(8001, 9000)
+DEFAULT_CTX = 4096
+#: Compute buffers and runtime overhead on top of weights and KV cache.
+OVERHEAD_BYTES = 128 * 1024**2
+#: Share of the free memory a new worker may plan to use.
+FIT_SHARE = 0.9
+
+
+class InsufficientMemoryError(RbeesError):
+    code = "INSUFFICIENT_RAM"
+    status = 409
+
+
+class InsufficientVramError(InsufficientMemoryError):
+    code = "INSUFFICIENT_VRAM"
+
+
+class WorkerStartTimeoutError(RbeesError):
+    code = "WORKER_START_TIMEOUT"
+    status = 504
+
+
+class WorkerFailedError(RbeesError):
+    code = "WORKER_FAILED"
+    status = 502
+
+
+@attrs.frozen
+class SpawnRequest:
+    model_ref: str
+    backend: str = "llamacpp"
+    device: str = "cpu"
+    slots: int = 1
+    ctx: int | None = None
+    port: int | None = None
+    worker_id: str | None = None
+    callback_url: str | None = None
+
+
+@attrs.frozen
+class Preflight:
+    path: str
+    memory_bytes: int
+    memory_kind: str
+    free_bytes: int | None
+
+
+@attrs.define
+class WorkerRecord:
+    """What is known of a worker, persisted as ``state.json``."""
+
+    worker_id: str
+    model_ref: str
+    model_path: str
+    backend: str
+    device: str
+    port: int
+    pid: int
+    slots_total: int
+    memory_bytes: int
+    started_at: float
+    state: str = "starting"
+    slots_free: int | None = None
+    last_health_at: float | None = None
+    exit_code: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**attrs.asdict(self), "uri": self.uri}
+
+
+def workers_dir() -> Path:
+    return rbees_home() / "workers"
+
+
+def worker_dir(worker_id: str) -> Path:
+    return workers_dir() / worker_id
+
+
+def log_path(worker_id: str) -> Path:
+    return worker_dir(worker_id) / "worker.log"
+
+
+# -- preflight -----------------------------------------------------------------------------
+
+
+def gguf_memory_estimate(path: str, *, slots: int, ctx: int | None) -> int:
+    """Weights plus KV cache plus overhead, from the GGUF metadata (no tensor data read)."""
+    size = Path(path).stat().st_size if Path(path).is_file() else _folder_size(Path(path))
+    if not path.endswith(".gguf"):
+        return size + OVERHEAD_BYTES
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def value(key: str) -> int | None:
+        field = reader.fields.get(key)
+        if field is None or not field.data:
+            return None
+        return int(field.parts[field.data[0]][0])
+
+    arch_field = reader.fields.get("general.architecture")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
+    layers = value(f"{arch}.block_count") or 0
+    embd = value(f"{arch}.embedding_length") or 0
+    heads = value(f"{arch}.attention.head_count") or 1
+    kv_heads = value(f"{arch}.attention.head_count_kv") or heads
+    trained = value(f"{arch}.context_length") or DEFAULT_CTX
+    per_slot = ctx or min(trained, DEFAULT_CTX)
+    kv = 2 * layers * per_slot * slots * (embd * kv_heads // heads) * 2  # f16 K and V
+    return size + kv + OVERHEAD_BYTES
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def ram_free_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_free_bytes(pm: pluggy.PluginManager, device: str) -> tuple[int | None, str]:
+    """Free memory of ``device`` and its kind (ram, vram, unified)."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return ram_free_bytes(), "ram"
+    for cls in plugins.gpu_inventories(pm).values():
+        for gpu in cls().collect():
+            if gpu.get("backend") in (kind, "cuda" if kind == "cuda" else "metal") and \
+                    int(gpu.get("index", 0)) == int(index or 0):
+                memory_kind = "unified" if kind in ("metal", "mps") else "vram"
+                return int(gpu["memory_free_bytes"]), memory_kind
+    return None, "unified" if kind in ("metal", "mps") else "vram"
+
+
+def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
+              reserved_bytes: int = 0) -> Preflight:
+    """Everything that can be checked before a process starts; raises the contract's 409s.
+
+    ``reserved_bytes`` is memory already promised to workers still loading on the device.
+    """
+    path = resolve_model(pm, req.model_ref)
+    backends = plugins.backends(pm)
+    if req.backend not in backends:
+        raise BackendUnavailableError(
+            f"no backend named {req.backend!r} is installed "
+            f"(installed: {', '.join(sorted(backends)) or 'none'})",
+            details={"backend": req.backend})
+    kind = req.device.partition(":")[0]
+    try:
+        available = backends[req.backend].available_devices()
+    except RbeesError:
+        raise
+    except Exception as exc:
+        raise BackendUnavailableError(f"backend {req.backend!r} cannot start here: {exc}",
+                                      details={"backend": req.backend}) from exc
+    if kind not in available:
+        raise BackendUnavailableError(
+            f"backend {req.backend!r} cannot use {kind!r} here (available: "
+            f"{', '.join(available)})", details={"backend": req.backend, "device": req.device})
+    need = gguf_memory_estimate(path, slots=req.slots, ctx=req.ctx)
+    free, memory_kind = device_free_bytes(pm, req.device)
+    if free is not None and need > (free - reserved_bytes) * FIT_SHARE:
+        error = InsufficientMemoryError if memory_kind == "ram" else InsufficientVramError
+        raise error(
+            f"{req.model_ref} needs about {need / 2**20:.0f} MiB on {req.device}; "
+            f"{max(free - reserved_bytes, 0) / 2**20:.0f} MiB is free",
+            details={"needed_bytes": need, "free_bytes": free - reserved_bytes,
+                     "device": req.device})
+    return Preflight(path=path, memory_bytes=need, memory_kind=memory_kind, free_bytes=free)
+
+
+# -- records -------------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is dead too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def save(record: WorkerRecord) -> None:
+    folder = worker_dir(record.worker_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps(attrs.asdict(record)))
+    tmp.replace(folder / "state.json")
+
+
+def load(worker_id: str) -> WorkerRecord:
+    path = worker_dir(worker_id) / "state.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise NotFoundError(f"no worker {worker_id!r} on this host",
+                            details={"worker_id": worker_id}) from exc
+    return WorkerRecord(**data)
+
+
+def records() -> Iterator[WorkerRecord]:
+    root = workers_dir()
+    if not root.is_dir():
+        return
+    for folder in sorted(root.iterdir()):
+        if (folder / "state.json").exists():
+            try:
+                yield load(folder.name)
+            except NotFoundError:
+                continue
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(taken: set[int] | None = None) -> int:
+    taken = taken if taken is not None else {r.port for r in records() if pid_alive(r.pid)}
+    for port in PORT_RANGE:
+        if port not in taken and port_free(port):
+            return port
+    raise ConflictError("no free port in 8001-8999 for a new worker")
+
+
+def new_worker_id(kind: str) -> str:
+    used = {r.worker_id for r in records()}
+    n = 0
+    while f"worker-{kind}-{n}" in used:
+        n += 1
+    return f"worker-{kind}-{n}"
+
+
+# -- spawn, wait, live state ---------------------------------------------------------------
+
+
+def workerd_executable() -> str:
+    beside = Path(sys.executable).with_name("rbees-workerd")
+    return str(beside) if beside.exists() else "rbees-workerd"
+
+
+def spawn(pm: pluggy.PluginManager, req: SpawnRequest, *, checked: Preflight | None = None,
+          token_file: str | None = None) -> WorkerRecord:
+    """Preflight, then start a detached rbees-workerd; returns at once (state starting)."""
+    checked = checked or preflight(pm, req)
+    kind = req.device.partition(":")[0]
+    worker_id = req.worker_id or new_worker_id(kind)
+    if (worker_dir(worker_id) / "state.json").exists() and pid_alive(load(worker_id).pid):
+        raise ConflictError(f"worker {worker_id!r} is already running",
+                            details={"worker_id": worker_id})
+    port = req.port if req.port is not None else pick_port()
+    if not port_free(port):
+        raise ConflictError(f"port {port} is in use", details={"port": port})
+    argv = [workerd_executable(), "--worker-id", worker_id, "--model", req.model_ref,
+            "--backend", req.backend, "--device", req.device, "--port", str(port),
+            "--slots", str(req.slots)]
+    if req.ctx:
+        argv += ["--ctx", str(req.ctx)]
+    if req.callback_url:
+        argv += ["--callback-url", req.callback_url]
+    if token_file:
+        argv += ["--api-token-file", token_file]
+    folder = worker_dir(worker_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "worker.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    record = WorkerRecord(
+        worker_id=worker_id, model_ref=req.model_ref, model_path=checked.path,
+        backend=req.backend, device=req.device, port=port, pid=proc.pid,
+        slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time())
+    save(record)
+    return record
+
+
+def probe(record: WorkerRecord, timeout: float = 1.0) -> WorkerRecord:
+    """Fill ``state``, ``slots_free`` and ``last_health_at`` from the live worker."""
+    import httpx
+
+    if not pid_alive(record.pid):
+        record.state = "dead"
+        return record
+    try:
+        answer = httpx.get(f"{record.uri}/v2/ready", timeout=timeout)
+        body = answer.json()
+    except (httpx.HTTPError, ValueError):
+        record.state = "unreachable"
+        return record
+    record.state = body.get("state", "unknown")
+    record.slots_free = body.get("slots_free")
+    if body.get("memory_bytes"):
+        record.memory_bytes = int(body["memory_bytes"])
+    record.last_health_at = time.time()
+    return record
+
+
+def wait_ready(record: WorkerRecord, *, timeout: float = 60.0,
+               on_progress: Callable[[float], None] | None = None) -> WorkerRecord:
+    """Poll until the worker is ready; SIGKILL it and raise after ``timeout``."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if not pid_alive(record.pid):
+                raise WorkerFailedError(
+                    f"worker {record.worker_id} exited while loading:\n{tail(record.worker_id)}",
+                    details={"worker_id": record.worker_id})
+            try:
+                body = client.get(f"{record.uri}/v2/ready").json()
+            except (httpx.HTTPError, ValueError):
+                body = {}
+            if body.get("ready"):
+                record.state = "ready"
+                record.slots_free = body.get("slots_free")
+                record.memory_bytes = int(body.get("memory_bytes") or record.memory_bytes)
+                save(record)
+                if on_progress:
+                    on_progress(1.0)
+                return record
+            if on_progress and body.get("progress") is not None:
+                on_progress(float(body["progress"]))
+            time.sleep(0.05)
+    kill(record.pid)
+    raise WorkerStartTimeoutError(
+        f"worker {record.worker_id} was not ready after {timeout:.0f} s; killed it",
+        details={"worker_id": record.worker_id})
+
+
+def list_workers() -> list[dict[str, Any]]:
+    """Every recorded worker with its live state (dead pids shown as ``dead``)."""
+    return [probe(record).to_dict() for record in records()]
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop(worker_id: str, *, grace: float = 30.0) -> WorkerRecord:
+    """Graceful shutdown (drain), SIGKILL after ``grace``; forget the worker, keep its log."""
+    import httpx
+
+    record = load(worker_id)
+    if pid_alive(record.pid):
+        try:
+            httpx.post(f"{record.uri}/v2/shutdown", timeout=2.0)
+        except httpx.HTTPError:
+            try:
+                os.kill(record.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while pid_alive(record.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(record.pid):
+            kill(record.pid)
+            record.state = "killed"
+        else:
+            record.state = "stopped"
+    else:
+        record.state = "dead"
+    (worker_dir(worker_id) / "state.json").unlink(missing_ok=True)
+    return record
+
+
+def tail(worker_id: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(log_path(worker_id).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def follow(worker_id: str, *, poll: float = 0.2) -> Iterator[str]:
+    """Yield the log's lines, then new ones as they are written (until interrupted)."""
+    path = log_path(worker_id)
+    if not path.exists():
+        raise NotFoundError(f"no log for worker {worker_id!r}", details={"worker_id": worker_id})
+    with open(path, errors="replace") as log:
+        while True:
+            line = log.readline()
+            if line:
+                yield line.rstrip("\n")
+            else:
+                time.sleep(poll)

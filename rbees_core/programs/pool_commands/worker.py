@@ -1,0 +1,119 @@
+"""``rbees-pool worker spawn|list|stop|logs``: workers on this host, no daemon needed."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from rbees_core.hookspecs import hookimpl
+from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+
+COLUMNS = ("worker_id", "state", "model_ref", "backend", "device", "uri", "pid", "slots_total",
+           "slots_free")
+
+
+def _progress(fraction: float) -> None:
+    if sys.stderr.isatty():
+        width = 30
+        done = int(fraction * width)
+        sys.stderr.write(f"\rloading [{'#' * done}{'.' * (width - done)}] {fraction:4.0%}")
+        if fraction >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def spawn(
+    kind: Annotated[str, typer.Argument(help="cpu, cuda or metal")],
+    model: Annotated[str, typer.Option("--model", help="Catalog id or model reference")],
+    device: Annotated[int | None, typer.Option("--device", min=0,
+                                               help="GPU index (cuda, metal)")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=8001, max=8999)] = None,
+    slots: Annotated[int, typer.Option("--slots", min=1, max=64)] = 1,
+    ctx: Annotated[int | None, typer.Option("--ctx", min=16)] = None,
+    backend: Annotated[str, typer.Option("--backend", help="llamacpp or torch")] = "llamacpp",
+    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Ready wait, s")] = 60.0,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Preflight, start a worker in the background and wait until it is ready."""
+    from rbees_core.errors import InvalidParamsError
+    from rbees_core.models import validate_ref
+    from rbees_core.plugins import builtin_plugins, make_manager
+    from rbees_core.pool import workers
+
+    if kind not in ("cpu", "cuda", "metal", "mps"):
+        raise InvalidParamsError("kind", "must be cpu, cuda, metal or mps")
+    validate_ref(model, "--model")
+    dev = kind if device is None else f"{kind}:{device}"
+    pm = make_manager(builtin_plugins())
+    req = workers.SpawnRequest(model_ref=model, backend=backend, device=dev, slots=slots,
+                               ctx=ctx, port=port)
+    record = workers.spawn(pm, req)
+    if fmt is OutputFormat.text:
+        print(f"starting {record.worker_id} (pid {record.pid}) on {record.uri}", file=sys.stderr)
+    record = workers.wait_ready(record, timeout=timeout, on_progress=_progress)
+    if fmt is OutputFormat.json:
+        print_json(record.to_dict())
+    else:
+        print(f"{record.worker_id} {record.uri}")
+
+
+def list_(fmt: FormatOption = OutputFormat.text) -> None:
+    """Workers on this host with their live state; dead processes show as dead."""
+    from rbees_core.pool import workers
+
+    emit(workers.list_workers(), fmt, COLUMNS)
+
+
+def stop(
+    worker_id: Annotated[str | None, typer.Argument(help="Worker to stop")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every worker")] = False,
+    grace: Annotated[float, typer.Option("--grace", min=0, help="Drain time before SIGKILL")
+                     ] = 30.0,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Drain and stop workers (SIGKILL after the grace period)."""
+    from rbees_core.errors import InvalidParamsError
+    from rbees_core.pool import workers
+
+    if all_ == (worker_id is not None):
+        raise InvalidParamsError("worker_id", "give a worker id or --all")
+    ids = [r.worker_id for r in workers.records()] if all_ else [worker_id or ""]
+    done: list[dict[str, Any]] = [workers.stop(i, grace=grace).to_dict() for i in ids]
+    emit(done, fmt, ("worker_id", "state", "pid"))
+
+
+def logs(
+    worker_id: Annotated[str, typer.Argument(help="Worker whose log to show")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines")
+                      ] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1)] = 50,
+) -> None:
+    """Print a worker's log (JSON lines), optionally following it."""
+    from rbees_core.errors import NotFoundError
+    from rbees_core.pool import workers
+
+    if not workers.log_path(worker_id).exists():
+        raise NotFoundError(f"no log for worker {worker_id!r}")
+    if not follow:
+        print(workers.tail(worker_id, lines))
+        return
+    try:
+        for line in workers.follow(worker_id):
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@hookimpl
+def rbees_register_cli(app: typer.Typer, program: str) -> None:
+    if program != "rbees-pool":
+        return
+    group = typer.Typer(name="worker", help="Start, list, stop workers on this host.",
+                        no_args_is_help=True)
+    group.command("spawn")(spawn)
+    group.command("list")(list_)
+    group.command("stop")(stop)
+    group.command("logs")(logs)
+    app.add_typer(group)
