@@ -230,6 +230,7 @@ def callback_server() -> Iterator[tuple[str, type[_Callback]]]:
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v2/internal/workers/ready", handler
     server.shutdown()
+    server.server_close()
 
 
 def test_ready_callback_reports_the_worker(tmp_path: Path, callback_server: Any) -> None:

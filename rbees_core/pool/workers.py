@@ -8,6 +8,7 @@ detached ``rbees-workerd`` process; its record lives in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -296,6 +297,15 @@ def workerd_executable() -> str:
 def spawn(pm: pluggy.PluginManager, req: SpawnRequest, *, checked: Preflight | None = None,
           token_file: str | None = None) -> WorkerRecord:
     """Preflight, then start a detached rbees-workerd; returns at once (state starting)."""
+    record, _ = spawn_process(pm, req, checked=checked, token_file=token_file)
+    return record
+
+
+def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
+                  checked: Preflight | None = None, token_file: str | None = None
+                  ) -> tuple[WorkerRecord, subprocess.Popen[bytes]]:
+    """:func:`spawn`, also returning the process handle (a supervisor keeps it to read the
+    exit code; the worker runs in its own session, so it outlives its parent)."""
     checked = checked or preflight(pm, req)
     kind = req.device.partition(":")[0]
     worker_id = req.worker_id or new_worker_id(kind)
@@ -324,7 +334,7 @@ def spawn(pm: pluggy.PluginManager, req: SpawnRequest, *, checked: Preflight | N
         backend=req.backend, device=req.device, port=port, pid=proc.pid,
         slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time())
     save(record)
-    return record
+    return record, proc
 
 
 def probe(record: WorkerRecord, timeout: float = 1.0) -> WorkerRecord:
@@ -387,10 +397,8 @@ def list_workers() -> list[dict[str, Any]]:
 
 
 def kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def stop(worker_id: str, *, grace: float = 30.0) -> WorkerRecord:
@@ -402,10 +410,8 @@ def stop(worker_id: str, *, grace: float = 30.0) -> WorkerRecord:
         try:
             httpx.post(f"{record.uri}/v2/shutdown", timeout=2.0)
         except httpx.HTTPError:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(record.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace
         while pid_alive(record.pid) and time.monotonic() < deadline:
             time.sleep(0.05)

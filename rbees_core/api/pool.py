@@ -1,0 +1,95 @@
+"""Pool daemon types (CONTRACT section 4)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from rbees_core.api.common import ID_PATTERN, SHELL_META
+from rbees_core.schema import field, limits
+
+WorkerStateName = Literal["starting", "ready", "busy", "draining", "stopping", "stopped",
+                          "failed"]
+
+
+@attrs.frozen
+class WorkerStartRequest:
+    """Body of POST /v2/workers/start."""
+
+    model_ref: str = attrs.field(metadata=limits(max_length=512, forbid=SHELL_META,
+                                                 doc="catalog id or model reference"))
+    backend: str = field(default="llamacpp", pattern=ID_PATTERN)
+    device: str = field(default="cpu", pattern=r"(cpu|cuda|metal|mps)(:[0-9]{1,3})?")
+    slots: int = field(default=1, minimum=1, maximum=64)
+    ctx: int | None = field(default=None, minimum=16, maximum=1_048_576)
+
+
+@attrs.frozen
+class WorkerStarted:
+    """202 answer of POST /v2/workers/start."""
+
+    worker_id: str
+    state: str
+    uri: str
+
+
+@attrs.frozen
+class WorkerEntry:
+    """One worker as the pool knows it."""
+
+    worker_id: str
+    model_ref: str
+    backend: str
+    device: str
+    uri: str
+    pid: int
+    state: WorkerStateName
+    slots_total: int
+    slots_free: int | None
+    memory_bytes: int
+    started_at: float
+    last_health_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class CpuEntry:
+    cores: int
+    ram_total_bytes: int
+    ram_free_bytes: int
+    ram_reserved_bytes: int = 0
+    name: str | None = None
+
+
+@attrs.frozen
+class PoolState:
+    """GET /v2/state: facts of this host, sent as the heartbeat body too."""
+
+    pool_id: str
+    host: str
+    gpus: list[dict[str, Any]]
+    cpu: CpuEntry | None
+    workers: list[WorkerEntry]
+    models: list[dict[str, Any]]
+    version: str = ""
+
+
+@attrs.frozen
+class WorkerList:
+    workers: list[WorkerEntry]
+
+
+@attrs.frozen
+class ModelList:
+    models: list[dict[str, Any]]
+
+
+@attrs.frozen
+class DownloadRequest:
+    """Body of POST /v2/models/download."""
+
+    model: str = attrs.field(metadata=limits(max_length=512, forbid=SHELL_META,
+                                             doc="catalog id or hf:OWNER/REPO/FILE"))
+    force: bool = False

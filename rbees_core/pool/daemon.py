@@ -1,0 +1,353 @@
+"""pool-managerd's service: the worker registry, supervision, downloads and heartbeat.
+
+Runs on one asyncio loop. It executes and reports facts; it never decides to restart a
+worker (the orchestrator does). Memory is accounted per worker and changes in the same
+step as the worker's state, so ``/v2/state`` never shows a failed worker's memory as used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import httpx
+import pluggy
+
+from rbees_core import __version__
+from rbees_core.api.pool import CpuEntry, PoolState, WorkerEntry, WorkerStartRequest
+from rbees_core.api.worker import ReadyCallback
+from rbees_core.errors import ConflictError, NotFoundError, RbeesError
+from rbees_core.log import Logger
+from rbees_core.pool import workers
+
+LIVE = frozenset({"starting", "ready", "busy", "draining", "stopping"})
+
+
+@attrs.define
+class PoolSettings:
+    pool_id: str
+    host: str
+    port: int
+    orchestrator: str | None = None
+    token: str | None = None
+    token_file: str | None = None
+    health_interval_s: float = 2.0
+    heartbeat_interval_s: float = 5.0
+    ready_timeout_s: float = 60.0
+    stop_grace_s: float = 30.0
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+
+@attrs.define(eq=False)
+class ManagedWorker:
+    record: workers.WorkerRecord
+    proc: subprocess.Popen[bytes]
+    state: str = "starting"
+    failed_polls: int = 0
+    exit_code: int | None = None
+    error: str | None = None
+    memory_kind: str = "ram"
+
+    def entry(self) -> WorkerEntry:
+        r = self.record
+        return WorkerEntry(
+            worker_id=r.worker_id, model_ref=r.model_ref, backend=r.backend, device=r.device,
+            uri=r.uri, pid=r.pid, state=self.state,  # type: ignore[arg-type]
+            slots_total=r.slots_total, slots_free=r.slots_free, memory_bytes=r.memory_bytes,
+            started_at=r.started_at, last_health_at=r.last_health_at, exit_code=self.exit_code,
+            error=self.error)
+
+
+class PoolService:
+    """Everything pool-managerd does; the HTTP routes are thin wrappers over it."""
+
+    def __init__(self, settings: PoolSettings, pm: pluggy.PluginManager, log: Logger) -> None:
+        self.settings = settings
+        self.pm = pm
+        self.log = log
+        self.workers: dict[str, ManagedWorker] = {}
+        self.downloads: dict[str, asyncio.Task[Any]] = {}
+        self.download_listeners: dict[str, list[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
+        self.seq = 0
+        self.draining = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._client = httpx.AsyncClient(timeout=2.0)
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._supervise()))
+        if self.settings.orchestrator:
+            self._tasks.append(asyncio.create_task(self._heartbeat()))
+
+    async def close(self) -> None:
+        """Drain every worker (bounded by the stop grace), deregister, stop the loops."""
+        self.draining = True
+        await asyncio.gather(*(self.stop_worker(w, grace=self.settings.stop_grace_s, wait=True)
+                               for w in list(self.workers) if self.workers[w].state in LIVE),
+                             return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        if self.settings.orchestrator:
+            try:
+                await self._client.delete(
+                    f"{self.settings.orchestrator}/v2/pools/{self.settings.pool_id}",
+                    headers=self._auth())
+            except httpx.HTTPError as exc:
+                self.log.warning("deregister_failed", error=str(exc))
+        await self._client.aclose()
+
+    def _auth(self) -> dict[str, str]:
+        token = self.settings.token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    # -- state ---------------------------------------------------------------------------
+
+    def reserved_bytes(self, device: str) -> int:
+        return sum(w.record.memory_bytes for w in self.workers.values()
+                   if w.state in LIVE and w.record.device == device)
+
+    def state(self) -> PoolState:
+        from rbees_core.pool import inventory
+        from rbees_core.pool import models as local_models
+
+        inv = inventory.collect(self.pm)
+        gpus = []
+        for gpu in inv.gpus:
+            device = f"{gpu.get('backend')}:{gpu.get('index', 0)}"
+            gpus.append({**gpu, "memory_reserved_bytes": self.reserved_bytes(device)})
+        cpu = None
+        if inv.cpu is not None:
+            cpu = CpuEntry(cores=int(inv.cpu.get("cores") or os.cpu_count() or 1),
+                           ram_total_bytes=int(inv.cpu.get("ram_total_bytes") or 0),
+                           ram_free_bytes=int(inv.cpu.get("ram_free_bytes") or 0),
+                           ram_reserved_bytes=self.reserved_bytes("cpu"),
+                           name=inv.cpu.get("name"))
+        try:
+            models = [m.to_dict() for m in local_models.list_models(self.pm)]
+        except RbeesError as exc:
+            self.log.warning("models_list_failed", error=exc.message)
+            models = []
+        return PoolState(pool_id=self.settings.pool_id, host=socket.gethostname(), gpus=gpus,
+                         cpu=cpu, workers=[w.entry() for w in self.workers.values()],
+                         models=models, version=__version__)
+
+    def get(self, worker_id: str) -> ManagedWorker:
+        try:
+            return self.workers[worker_id]
+        except KeyError:
+            raise NotFoundError(f"no worker {worker_id!r} in this pool",
+                                details={"worker_id": worker_id}) from None
+
+    # -- workers -------------------------------------------------------------------------
+
+    async def start_worker(self, req: WorkerStartRequest) -> ManagedWorker:
+        from rbees_core.errors import DrainingError
+
+        if self.draining:
+            raise DrainingError("the pool is shutting down")
+        spawn = workers.SpawnRequest(
+            model_ref=req.model_ref, backend=req.backend, device=req.device, slots=req.slots,
+            ctx=req.ctx, callback_url=f"{self.settings.url}/v2/internal/workers/ready")
+        async with self._lock:  # preflight and reservation in one step
+            checked = await asyncio.to_thread(workers.preflight, self.pm, spawn,
+                                              self.reserved_bytes(req.device))
+            taken = {w.record.port for w in self.workers.values() if w.state in LIVE}
+            port = await asyncio.to_thread(workers.pick_port, taken)
+            spawn = attrs.evolve(spawn, port=port, worker_id=self._new_id(req.device))
+            record, proc = await asyncio.to_thread(
+                workers.spawn_process, self.pm, spawn, checked=checked,
+                token_file=self.settings.token_file)
+            managed = ManagedWorker(record=record, proc=proc, memory_kind=checked.memory_kind)
+            self.workers[record.worker_id] = managed
+        self.log.info("worker_starting", worker_id=record.worker_id, model=req.model_ref,
+                      device=req.device, pid=record.pid)
+        self._tasks.append(asyncio.create_task(self._ready_deadline(managed)))
+        return managed
+
+    def _new_id(self, device: str) -> str:
+        kind = device.partition(":")[0]
+        used = set(self.workers) | {r.worker_id for r in workers.records()}
+        n = 0
+        while f"worker-{kind}-{n}" in used:
+            n += 1
+        return f"worker-{kind}-{n}"
+
+    async def _ready_deadline(self, w: ManagedWorker) -> None:
+        await asyncio.sleep(self.settings.ready_timeout_s)
+        if w.state == "starting":
+            workers.kill(w.record.pid)
+            self._fail(w, "WORKER_START_TIMEOUT",
+                       f"not ready after {self.settings.ready_timeout_s:.0f} s; killed")
+
+    def ready_callback(self, body: ReadyCallback) -> ManagedWorker:
+        w = self.workers.get(body.worker_id)
+        if w is None:
+            raise ConflictError(f"unknown worker {body.worker_id!r}",
+                                details={"worker_id": body.worker_id})
+        if w.state != "starting":
+            raise ConflictError(f"worker {body.worker_id!r} is {w.state}, not starting",
+                                details={"worker_id": body.worker_id, "state": w.state})
+        if body.pid != w.record.pid:
+            raise ConflictError("the callback's pid is not the worker's",
+                                details={"worker_id": body.worker_id})
+        w.record.memory_bytes = body.memory_bytes
+        w.record.slots_free = body.slots_total
+        w.record.last_health_at = time.time()
+        w.memory_kind = body.memory_kind
+        w.state = "ready"
+        workers.save(w.record)
+        self.log.info("worker_ready", worker_id=body.worker_id, memory_bytes=body.memory_bytes)
+        return w
+
+    def _fail(self, w: ManagedWorker, code: str, message: str) -> None:
+        if w.state in ("failed", "stopped"):
+            return
+        w.state = "failed"  # memory is released with this state change
+        w.error = f"{code}: {message}"
+        self.log.error("worker_failed", worker_id=w.record.worker_id, code=code,
+                       exit_code=w.exit_code, message=message)
+
+    async def stop_worker(self, worker_id: str, *, grace: float | None = None,
+                          wait: bool = False, drain_only: bool = False) -> ManagedWorker:
+        w = self.get(worker_id)
+        if w.state not in LIVE:
+            return w
+        w.state = "draining" if drain_only else "stopping"
+        try:
+            await self._client.post(f"{w.record.uri}/v2/shutdown", headers=self._auth())
+        except httpx.HTTPError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.record.pid, signal.SIGTERM)
+        task = asyncio.create_task(self._reap(w, None if drain_only else
+                                              (grace if grace is not None
+                                               else self.settings.stop_grace_s)))
+        self._tasks.append(task)
+        if wait:
+            await task
+        return w
+
+    async def _reap(self, w: ManagedWorker, grace: float | None) -> None:
+        deadline = None if grace is None else time.monotonic() + grace
+        while w.proc.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                w.proc.kill()
+                self.log.warning("worker_killed", worker_id=w.record.worker_id)
+            await asyncio.sleep(0.05)
+        w.exit_code = w.proc.returncode
+        if w.state in ("stopping", "draining"):
+            w.state = "stopped"
+            (workers.worker_dir(w.record.worker_id) / "state.json").unlink(missing_ok=True)
+            self.log.info("worker_stopped", worker_id=w.record.worker_id, exit_code=w.exit_code)
+
+    async def _supervise(self) -> None:
+        """Exit codes within ~0.25 s; health polls every ``health_interval_s``."""
+        last_poll = 0.0
+        while True:
+            await asyncio.sleep(0.25)
+            for w in list(self.workers.values()):
+                if w.state in ("starting", "ready", "busy") and w.proc.poll() is not None:
+                    w.exit_code = w.proc.returncode
+                    self._fail(w, "WORKER_EXITED", f"process exited with {w.exit_code}")
+            if time.monotonic() - last_poll >= self.settings.health_interval_s:
+                last_poll = time.monotonic()
+                await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())
+                                       if w.state in ("ready", "busy")))
+
+    async def _poll(self, w: ManagedWorker) -> None:
+        try:
+            answer = await self._client.get(f"{w.record.uri}/v2/ready", headers=self._auth(),
+                                            timeout=min(2.0, self.settings.health_interval_s))
+            body = answer.json()
+            if answer.status_code >= 500 and body.get("state") not in ("busy", "draining"):
+                raise ValueError(f"status {answer.status_code}")
+        except (httpx.HTTPError, ValueError) as exc:
+            w.failed_polls += 1
+            if w.failed_polls >= 3:
+                workers.kill(w.record.pid)
+                self._fail(w, "WORKER_UNHEALTHY", f"3 failed health polls ({exc})")
+            return
+        w.failed_polls = 0
+        w.record.slots_free = body.get("slots_free")
+        w.record.last_health_at = time.time()
+        if w.state in ("ready", "busy"):
+            w.state = "busy" if body.get("slots_free") == 0 else "ready"
+
+    # -- downloads -----------------------------------------------------------------------
+
+    def download(self, model: str, force: bool,
+                 on_event: Callable[[str, dict[str, Any]], Awaitable[None] | None]
+                 ) -> asyncio.Queue[tuple[str, dict[str, Any]]]:
+        """Start (or join) the download of ``model``; events arrive on the returned queue."""
+        from rbees_core.pool import models as local_models
+
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.download_listeners.setdefault(model, []).append(queue)
+        if model in self.downloads:
+            return queue
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+
+        def publish(event: str, data: dict[str, Any]) -> None:
+            for q in self.download_listeners.get(model, []):
+                q.put_nowait((event, data))
+
+        def progress(p: Any) -> None:
+            elapsed = max(time.monotonic() - started, 1e-6)
+            data = {"bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
+                    "rate_bps": round(p.bytes_done / elapsed)}
+            loop.call_soon_threadsafe(publish, "progress", data)
+
+        async def run() -> None:
+            try:
+                local, _ = await local_models.download(self.pm, model, force=force,
+                                                       progress=progress)
+                publish("end", {"path": local.path, "sha256": local.sha256,
+                                "size_bytes": local.size_bytes})
+            except RbeesError as exc:
+                publish("error", {"code": exc.code, "message": exc.message,
+                                  "retriable": exc.retriable})
+            except Exception as exc:
+                publish("error", {"code": "DOWNLOAD_FAILED", "message": str(exc),
+                                  "retriable": True})
+            finally:
+                self.downloads.pop(model, None)
+                self.download_listeners.pop(model, None)
+
+        self.downloads[model] = asyncio.create_task(run())
+        return queue
+
+    # -- heartbeat -----------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        base = self.settings.heartbeat_interval_s
+        delay = base
+        url = f"{self.settings.orchestrator}/v2/pools/{self.settings.pool_id}/heartbeat"
+        while True:
+            self.seq += 1
+            body = {**attrs.asdict(self.state()), "seq": self.seq, "sent_at": time.time()}
+            try:
+                answer = await self._client.post(url, json=body, headers=self._auth(),
+                                                 timeout=max(1.0, base))
+                ok = answer.status_code < 300
+                if not ok:
+                    self.log.warning("heartbeat_refused", status=answer.status_code)
+            except httpx.HTTPError as exc:
+                ok = False
+                self.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
+            delay = base if ok else min(delay * 2, 60.0)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2) if not ok else base)

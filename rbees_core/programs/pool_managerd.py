@@ -1,0 +1,308 @@
+"""pool-managerd: the pool daemon of one host (CONTRACT section 4).
+
+Worker lifecycle, GPU inventory, local models and downloads, heartbeat to the orchestrator.
+SIGTERM drains: every worker finishes its running jobs and stops (SIGKILL after the grace),
+the pool deregisters from the orchestrator, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import attrs
+import pluggy
+import typer
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from rbees_core import __version__
+from rbees_core.api import openapi
+from rbees_core.api.common import ID_PATTERN, Health
+from rbees_core.api.pool import (
+    DownloadRequest,
+    ModelList,
+    PoolState,
+    WorkerEntry,
+    WorkerList,
+    WorkerStarted,
+    WorkerStartRequest,
+)
+from rbees_core.api.worker import Accepted, ReadyCallback
+from rbees_core.config import rbees_home
+from rbees_core.errors import InvalidParamsError, RbeesError
+from rbees_core.http import (
+    EventStreamResponse,
+    build_app,
+    health_endpoint,
+    json_response,
+    read_json,
+    serve,
+)
+from rbees_core.log import Logger
+from rbees_core.pool.daemon import PoolService, PoolSettings
+from rbees_core.schema import check_string
+
+PROGRAM = "pool-managerd"
+DEFAULT_BIND = "127.0.0.1:9200"
+
+
+def _svc(request: Request) -> PoolService:
+    service: PoolService = request.app.state.pool
+    return service
+
+
+def _worker_id(request: Request) -> str:
+    worker_id = str(request.path_params["worker_id"])
+    check_string(worker_id, "worker_id", {"pattern": ID_PATTERN})
+    return worker_id
+
+
+async def get_state(request: Request) -> Response:
+    state = await asyncio.to_thread(_svc(request).state)
+    return json_response(state)
+
+
+async def list_workers(request: Request) -> Response:
+    svc = _svc(request)
+    return json_response(WorkerList(workers=[w.entry() for w in svc.workers.values()]))
+
+
+async def get_worker(request: Request) -> Response:
+    return json_response(_svc(request).get(_worker_id(request)).entry())
+
+
+async def start_worker(request: Request) -> Response:
+    req = await read_json(request, WorkerStartRequest)
+    w = await _svc(request).start_worker(req)
+    return json_response(WorkerStarted(worker_id=w.record.worker_id, state=w.state,
+                                       uri=w.record.uri), 202)
+
+
+async def drain_worker(request: Request) -> Response:
+    w = await _svc(request).stop_worker(_worker_id(request), drain_only=True)
+    return json_response(Accepted(job_id=None) if w else Accepted(), 202)
+
+
+async def stop_worker(request: Request) -> Response:
+    await _svc(request).stop_worker(_worker_id(request))
+    return json_response(Accepted(), 202)
+
+
+async def worker_ready(request: Request) -> Response:
+    body = await read_json(request, ReadyCallback)
+    w = _svc(request).ready_callback(body)
+    return json_response(w.entry())
+
+
+async def list_models(request: Request) -> Response:
+    from rbees_core.pool import models as local_models
+
+    svc = _svc(request)
+    models = await asyncio.to_thread(local_models.list_models, svc.pm)
+    return json_response(ModelList(models=[m.to_dict() for m in models]))
+
+
+async def download_model(request: Request) -> Response:
+    from rbees_core.pool.models import download_target
+
+    req = await read_json(request, DownloadRequest)
+    svc = _svc(request)
+    await asyncio.to_thread(download_target, svc.pm, req.model)  # unknown model: 404 now
+    events = svc.download(req.model, req.force, on_event=lambda e, d: None)
+    return EventStreamResponse(events, on_disconnect=lambda: None)  # type: ignore[return-value]
+
+
+async def delete_model(request: Request) -> Response:
+    from rbees_core.models import validate_ref
+    from rbees_core.pool import models as local_models
+
+    model = str(request.path_params["model_id"])
+    validate_ref(model, "model_id")
+    force = request.query_params.get("force") in ("1", "true")
+    await asyncio.to_thread(local_models.remove, _svc(request).pm, model, force=force)
+    return Response(status_code=204)
+
+
+OPERATIONS = [
+    openapi.Operation("GET", "/health", "liveness", response=Health, open=True),
+    openapi.Operation("GET", "/metrics", "Prometheus metrics", open=True),
+    openapi.Operation("GET", "/openapi.json", "this document"),
+    openapi.Operation("GET", "/v2/state", "facts of this pool", response=PoolState),
+    openapi.Operation("GET", "/v2/workers", "workers of this pool", response=WorkerList),
+    openapi.Operation("GET", "/v2/workers/{worker_id}", "one worker", response=WorkerEntry,
+                      errors={"404": "no such worker", "400": "bad worker id"}),
+    openapi.Operation("POST", "/v2/workers/start", "preflight and start a worker",
+                      request=WorkerStartRequest, response=WorkerStarted, status=202,
+                      errors={"409": "INSUFFICIENT_VRAM, INSUFFICIENT_RAM, BACKEND_UNAVAILABLE",
+                              "404": "MODEL_NOT_FOUND",
+                              "503": "the pool is shutting down"}),
+    openapi.Operation("POST", "/v2/workers/{worker_id}/drain", "no new jobs; stop when idle",
+                      response=Accepted, status=202,
+                      errors={"404": "no such worker", "400": "bad worker id"}),
+    openapi.Operation("POST", "/v2/workers/{worker_id}/stop", "shutdown, grace, SIGKILL",
+                      response=Accepted, status=202,
+                      errors={"404": "no such worker", "400": "bad worker id"}),
+    openapi.Operation("POST", "/v2/internal/workers/ready", "a worker's ready callback",
+                      request=ReadyCallback, response=WorkerEntry,
+                      errors={"409": "unknown worker or not starting"}),
+    openapi.Operation("GET", "/v2/models", "models on this host", response=ModelList),
+    openapi.Operation("POST", "/v2/models/download", "download a model (SSE progress)",
+                      request=DownloadRequest, sse=True, errors={"404": "MODEL_NOT_FOUND"}),
+    openapi.Operation("DELETE", "/v2/models/{model_id}", "delete a local model", status=204,
+                      errors={"404": "MODEL_NOT_FOUND", "409": "in use by a worker",
+                              "400": "bad model id"}),
+]
+
+
+def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from rbees_core.programs.pool_metrics import PoolMetrics
+
+    doc = openapi.document(PROGRAM, __version__, OPERATIONS)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(doc)
+
+    async def metrics(request: Request) -> Response:
+        svc = _svc(request)
+        registry = PoolMetrics(svc).registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    builtin: list[BaseRoute] = [
+        Route("/health", health_endpoint(__version__, started), methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/v2/state", get_state, methods=["GET"]),
+        Route("/v2/workers", list_workers, methods=["GET"]),
+        Route("/v2/workers/start", start_worker, methods=["POST"]),
+        Route("/v2/workers/{worker_id}", get_worker, methods=["GET"]),
+        Route("/v2/workers/{worker_id}/drain", drain_worker, methods=["POST"]),
+        Route("/v2/workers/{worker_id}/stop", stop_worker, methods=["POST"]),
+        Route("/v2/internal/workers/ready", worker_ready, methods=["POST"]),
+        Route("/v2/models", list_models, methods=["GET"]),
+        Route("/v2/models/download", download_model, methods=["POST"]),
+        Route("/v2/models/{model_id}", delete_model, methods=["DELETE"]),
+    ]
+    extra = [r for batch in pm.hook.rbees_register_routes(program=PROGRAM) for r in batch]
+    return builtin + extra
+
+
+def create_app(svc: PoolService, started: float | None = None) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.pool = svc
+        svc.start()
+        svc.pm.hook.rbees_startup(program=PROGRAM, state=svc)
+        try:
+            yield
+        finally:
+            try:
+                svc.pm.hook.rbees_shutdown(program=PROGRAM, state=svc)
+            except Exception as exc:
+                svc.log.error("shutdown_hook_failed", error=str(exc))
+
+    return build_app(routes(svc.pm, started or time.monotonic()),
+                     token=svc.settings.token, lifespan=lifespan)
+
+
+def pid_file() -> Path:
+    return rbees_home() / "run" / "pool-managerd.pid"
+
+
+async def run(settings: PoolSettings, pm: pluggy.PluginManager) -> int:
+    log = Logger(PROGRAM)
+    svc = PoolService(settings, pm, log)
+    app = create_app(svc)
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def drain_then_stop() -> None:
+        log.info("draining", workers=len(svc.workers))
+        await svc.close()
+        shutdown.set()
+
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_signal() -> None:
+        if not svc.draining:
+            svc.draining = True
+            task = loop.create_task(drain_then_stop())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    pidf = pid_file()
+    pidf.parent.mkdir(parents=True, exist_ok=True)
+    pidf.write_text(f"{os.getpid()}\n")
+    log.info("listening", url=settings.url, pool_id=settings.pool_id,
+             orchestrator=settings.orchestrator)
+    try:
+        await serve(app, settings.host, settings.port, shutdown)
+    finally:
+        if pidf.exists() and pidf.read_text().strip() == str(os.getpid()):
+            pidf.unlink()
+    log.info("exit", code=0)
+    return 0
+
+
+app = typer.Typer(add_completion=False, help="Pool daemon: workers, devices, models, heartbeat.")
+
+
+@app.command()
+def serve_pool(
+    bind: Annotated[str, typer.Option("--bind", help="HOST:PORT")] = DEFAULT_BIND,
+    pool_id: Annotated[str | None, typer.Option("--pool-id", help="Default: host name")] = None,
+    orchestrator: Annotated[str | None, typer.Option("--orchestrator",
+                                                     help="Heartbeat target URL")] = None,
+    api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
+    heartbeat_interval: Annotated[float, typer.Option("--heartbeat-interval", min=0.1)] = 5.0,
+    health_interval: Annotated[float, typer.Option("--health-interval", min=0.1)] = 2.0,
+) -> None:
+    """Start the pool daemon."""
+    import sys
+
+    from rbees_core import plugins
+    from rbees_core.config import load_config
+    from rbees_core.http import check_bind_policy, load_token, parse_bind
+
+    try:
+        load_config(config)
+        host, port = parse_bind(bind)
+        token = load_token(api_token_file)
+        check_bind_policy(host, token)
+        pid = pool_id or socket.gethostname().split(".")[0]
+        check_string(pid, "--pool-id", {"pattern": ID_PATTERN})
+        if orchestrator and not orchestrator.startswith(("http://", "https://")):
+            raise InvalidParamsError("--orchestrator", "must be an http(s) URL")
+        settings = PoolSettings(
+            pool_id=pid, host=host, port=port, orchestrator=(orchestrator or "").rstrip("/")
+            or None, token=token,
+            token_file=api_token_file or os.environ.get("RBEES_API_TOKEN_FILE"),
+            heartbeat_interval_s=heartbeat_interval, health_interval_s=health_interval)
+        pm = plugins.make_manager(plugins.builtin_plugins())
+    except RbeesError as exc:
+        if os.environ.get("RBEES_DEBUG") == "1":
+            raise
+        print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    raise typer.Exit(asyncio.run(run(settings, pm)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name=PROGRAM)
+
+
+__all__ = ["PoolSettings", "attrs", "main", "run"]

