@@ -19,6 +19,9 @@ turn it into the envelope of CONTRACT section 1::
     |   +-- DrainingError           DRAINING              503 (retriable)
     |   +-- NotReadyError           NOT_READY             503 (retriable)
     +-- ModelLoadError              MODEL_LOAD_FAILED     500
+    +-- DownloadError               DOWNLOAD_FAILED       502 (retriable)
+    +-- ChecksumMismatchError       CHECKSUM_MISMATCH     502
+    +-- GitError                    GIT_FAILED            500
     +-- ConfigError                 CONFIG_INVALID        500
     +-- PluginError                 PLUGIN_ERROR          500
 
@@ -127,6 +130,30 @@ class NotReadyError(UnavailableError):
 
 class ModelLoadError(RbeesError):
     code = "MODEL_LOAD_FAILED"
+
+
+class DownloadError(RbeesError):
+    """Fetching a model failed on the way (network, remote answer); trying again may work.
+
+    What was already received is kept, so a retry resumes where this one stopped.
+    """
+
+    code = "DOWNLOAD_FAILED"
+    status = 502
+    retriable = True
+
+
+class ChecksumMismatchError(RbeesError):
+    """A model file's content does not match its known sha256; the bad file was removed."""
+
+    code = "CHECKSUM_MISMATCH"
+    status = 502
+
+
+class GitError(RbeesError):
+    """A git operation on the pool's checkout failed or was refused (dirty tree, no remote)."""
+
+    code = "GIT_FAILED"
 
 
 class ConfigError(RbeesError):

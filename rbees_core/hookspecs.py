@@ -89,14 +89,17 @@ def rbees_register_schedulers() -> list[type[Scheduler]]:  # type: ignore[empty-
 
 
 @hookspec
-def rbees_register_cli(app: typer.Typer, program: str) -> None:
+def rbees_register_cli(app: typer.Typer, program: str, pm: pluggy.PluginManager) -> None:
     """Add commands or command groups to a CLI.
 
     Called by: ``rbees`` and ``rbees-pool`` once, while building their typer app, before
     parsing arguments.
 
-    Arguments: ``app`` the program's root :class:`typer.Typer`; ``program`` its name. Add
-    sub-apps with ``app.add_typer`` or commands with ``app.command``. Returns nothing.
+    Arguments: ``app`` the program's root :class:`typer.Typer`; ``program`` its name;
+    ``pm`` the program's plugin manager, for commands that look up registered classes
+    (implementations may leave it out of their signature). Add sub-apps with
+    ``app.add_typer`` or commands with ``app.command``; import heavy libraries inside the
+    commands. Returns nothing.
     """
 
 

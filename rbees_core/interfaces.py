@@ -13,19 +13,78 @@ from typing import Any, ClassVar
 import attrs
 
 
+@attrs.frozen
+class DownloadProgress:
+    """How far a download is, as told to :meth:`ModelSource.download`'s ``progress``.
+
+    ``stage`` is ``download`` while bytes arrive (``bytes_done`` counts bytes already on disk,
+    resumed ones included) and ``verify`` while the finished file is hashed.
+    """
+
+    bytes_done: int
+    bytes_total: int | None
+    rate_bps: float
+    stage: str = "download"
+
+
+@attrs.frozen
+class DownloadResult:
+    """A verified model file in place.
+
+    ``ref`` is the canonical reference that now resolves to ``path``; ``details`` holds
+    source-specific facts worth recording (for ``hf``: repo, file, revision, commit, etag).
+    """
+
+    ref: str
+    path: str
+    size_bytes: int
+    sha256: str
+    source: str
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+ProgressCallback = Callable[[DownloadProgress], None]
+
+
 class ModelSource(ABC):
     """Resolves a model reference with a scheme (``pkg:``, ``file:``, ``hf:``) to a local path.
 
-    ``scheme`` is the prefix before the colon. A source that also fetches (hf) downloads in
-    :meth:`fetch`; local sources only resolve.
+    ``scheme`` is the prefix before the colon. Every source resolves; a source that can also
+    fetch (``hf``) sets ``can_download`` and implements :meth:`download`. Instances are made
+    with no arguments wherever a reference is resolved, so construction must be cheap.
     """
 
     name: ClassVar[str]
     scheme: ClassVar[str]
+    #: True when :meth:`download` can fetch references of this scheme.
+    can_download: ClassVar[bool] = False
 
     @abstractmethod
     def resolve(self, ref: str) -> str | None:
         """Local path of ``ref`` (without the scheme) if it is present here, else None."""
+
+    async def download(self, ref: str, *, sha256: str | None = None,
+                       progress: ProgressCallback | None = None) -> DownloadResult:
+        """Fetch ``ref`` (without the scheme) into the pool's models directory and verify it.
+
+        Called by: :func:`rbees_core.pool.models.download` (``rbees-pool models download``
+        and pool-managerd's ``POST /v2/models/download``), only when ``can_download`` is set.
+
+        ``sha256`` is the expected digest (from the catalog); without it the source checks
+        what the remote reports. ``progress`` is called with a :class:`DownloadProgress` from
+        the thread doing the transfer; it must be quick and thread-safe, and an exception it
+        raises aborts the download. An interrupted download keeps what it received and a
+        later call resumes it; the finished file appears at its final path only once
+        verified.
+
+        Raises: :class:`rbees_core.errors.ModelNotFoundError` (no such remote file),
+        :class:`rbees_core.errors.DownloadError` (network or remote failure; retriable),
+        :class:`rbees_core.errors.ChecksumMismatchError` (the bad file is removed),
+        :class:`rbees_core.errors.ConflictError` (the same file is being downloaded already).
+        """
+        from rbees_core.errors import RbeesError
+
+        raise RbeesError(f"model source {self.name!r} cannot download {self.scheme}: references")
 
 
 @attrs.frozen
@@ -52,13 +111,26 @@ class Transport(ABC):
 
 
 class GpuInventory(ABC):
-    """Reports the devices of one kind on this host (cpu, nvml, metal)."""
+    """Reports the devices of one kind on this host (cpu, nvml, metal).
+
+    Called by: :func:`rbees_core.pool.inventory.collect` (``rbees-pool status``,
+    pool-managerd's ``/v2/state``) and the worker preflight. Probes import their library
+    inside :meth:`collect`; a missing library or driver means no devices, never an error.
+    """
 
     name: ClassVar[str]
 
     @abstractmethod
     def collect(self) -> list[Mapping[str, Any]]:
-        """Device entries in the shape of CONTRACT section 4; [] when none exist."""
+        """Device entries; [] when none exist.
+
+        A GPU entry has the shape of CONTRACT section 4: ``{index, uuid, name, backend:
+        "cuda"|"metal", memory_total_bytes, memory_free_bytes, memory_reserved_bytes,
+        utilization (0..1), temperature_c (or None), power_w (or None)}``. The ``cpu`` probe
+        returns one entry ``{index: 0, uuid, name, backend: "cpu", cores, ram_total_bytes,
+        ram_free_bytes}``. ``memory_reserved_bytes`` is 0 here: only the pool knows what its
+        workers hold.
+        """
 
 
 class Scheduler(ABC):

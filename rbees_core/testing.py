@@ -14,6 +14,8 @@ Fixtures:
   ``rbees-workerd`` on a free port and waits until it is ready; returns a
   :class:`WorkerHandle`.
 - ``smollm2_path``: the path of the embedded SmolLM2 GGUF file.
+- ``fake_hub``: a running :class:`rbees_core.testing_hub.FakeHub` (loopback Hugging Face
+  Hub file protocol) with ``HF_ENDPOINT`` pointing at it for the test.
 """
 
 from __future__ import annotations
@@ -207,6 +209,18 @@ def rbees_process(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
     yield start
     for managed in started:
         managed.stop(grace=5.0)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from rbees_core.testing_hub import FakeHub
+
+    hub = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    try:
+        yield hub
+    finally:
+        hub.stop()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from rbees_core import plugins
 from rbees_core.errors import ConfigError
-from rbees_core.programs import cli_common, rbees_cli
+from rbees_core.programs import cli_common, pool_cli, rbees_cli
 
 BIN = Path(sys.executable).parent
 PROGRAMS = ["rbees", "rbees-pool"]
@@ -97,13 +97,47 @@ def test_disabled_plugins_are_not_listed() -> None:
     assert not names & {"source-file", "backend-llamacpp"}
 
 
-def test_autoload_off_lists_nothing() -> None:
-    result = run("rbees-pool", "plugins", "--format", "json",
+def test_autoload_off_lists_only_the_builtins() -> None:
+    result = run("rbees", "plugins", "--format", "json",
                  env={"RBEES_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
-    text = run("rbees-pool", "plugins", env={"RBEES_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    text = run("rbees", "plugins", env={"RBEES_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert text.stdout.split() == ["NAME", "VERSION", "HOOKS"]
+    pool = run("rbees-pool", "plugins", "--format", "json",
+               env={"RBEES_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert json.loads(pool.stdout) == [
+        {"name": name, "version": None, "hooks": ["rbees_register_cli"]}
+        for name in sorted(name for name, _ in pool_cli.BUILTINS)]
+
+
+def test_rbees_pool_command_groups_are_builtin_plugins() -> None:
+    result = run("rbees-pool", "--help")
+    commands = [line.split()[0] for line in
+                result.stdout.split("Commands:")[1].strip().splitlines()]
+    assert commands == ["plugins", "status", "models", "worker", "git", "daemon"]
+    blocked = run("rbees-pool", "git", "status", env={"RBEES_DISABLED_PLUGINS": "pool-git"})
+    assert blocked.returncode == 2 and "No such command 'git'" in blocked.stderr
+    assert "git" not in run("rbees", "--help").stdout.split("Commands:")[1]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["models", "list"]])
+def test_rbees_pool_does_not_import_heavy_libraries(args: list[str]) -> None:
+    code = textwrap.dedent(f"""
+        import sys
+        from rbees_core.programs import pool_cli
+        try:
+            pool_cli.main({args!r})
+        except SystemExit as exc:
+            assert exc.code == 0, exc.code
+        heavy = ["starlette", "hypercorn", "httpx", "llama_cpp", "torch", "prometheus_client",
+                 "numpy", "huggingface_hub", "pynvml", "rich", "asyncio"]
+        print(",".join(m for m in heavy if m in sys.modules), file=sys.stderr)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "RBEES_HOME": "/nonexistent-rbees"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""
 
 
 @pytest.mark.parametrize("program", PROGRAMS)

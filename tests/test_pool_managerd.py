@@ -260,3 +260,29 @@ def test_sigterm_lets_a_running_job_finish_then_exits_zero(pool: Pool) -> None:
     assert frames[-1][1] == "end" and frames[-1][2]["tokens_out"] == 150
     with pytest.raises(ProcessLookupError):
         os.kill(entry["pid"], 0)
+
+
+def test_rbees_pool_daemon_start_status_stop(tmp_path: Path) -> None:
+    cli = str(Path(sys.executable).with_name("rbees-pool"))
+    env = {**os.environ, "RBEES_HOME": str(tmp_path)}
+    bind = f"127.0.0.1:{find_free_port()}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cli, "daemon", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    assert run("status").returncode == 1
+    started = run("start", "--bind", bind, "--pool-id", "p1", "--format", "json")
+    assert started.returncode == 0, started.stderr
+    info = json.loads(started.stdout)
+    assert info["url"] == f"http://{bind}"
+    assert httpx.get(f"{info['url']}/health").status_code == 200
+    again = run("start", "--bind", f"127.0.0.1:{find_free_port()}")
+    assert again.returncode == 1 and "already running" in again.stderr
+    (status,) = json.loads(run("status", "--format", "json").stdout)
+    assert status == {"running": True, "pid": info["pid"], "url": info["url"], "workers": 0}
+    assert "listening" in run("logs").stdout
+    assert run("stop").returncode == 0
+    assert run("status").returncode == 1
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{info['url']}/health", timeout=1)

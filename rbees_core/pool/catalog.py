@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,9 @@ class CatalogEntry:
 
     @property
     def hf_ref(self) -> str:
-        return f"hf:{self.hf_repo}/{self.hf_file}"
+        """``hf:OWNER/REPO[@REVISION]/FILE`` (the revision only when it is not ``main``)."""
+        at = "" if self.revision == "main" else f"@{self.revision}"
+        return f"hf:{self.hf_repo}{at}/{self.hf_file}"
 
     def check(self) -> None:
         """Rules across fields: sources are valid, known-scheme references."""
@@ -64,12 +65,12 @@ class CatalogEntry:
             validate_ref(ref, f"sources[{i}]")
             scheme, sep, rest = ref.partition(":")
             if not sep or scheme not in SOURCE_SCHEMES or not rest:
-                raise InvalidParamsError(
-                    f"sources[{i}]", f"must be one of {', '.join(s + ':' for s in SOURCE_SCHEMES)}"
-                    f"... (got {ref!r})")
-            if scheme == "hf" and ref != self.hf_ref:
+                schemes = ", ".join(f"{s}:" for s in SOURCE_SCHEMES)
                 raise InvalidParamsError(f"sources[{i}]",
-                                         f"must be {self.hf_ref!r} (hf_repo/hf_file)")
+                                         f"must be one of {schemes}... (got {ref!r})")
+            if scheme == "hf" and ref != self.hf_ref:
+                raise InvalidParamsError(
+                    f"sources[{i}]", f"must be {self.hf_ref!r} (from hf_repo, revision, hf_file)")
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -136,7 +137,7 @@ def parse_catalog(text: str, origin: str) -> Catalog:
 @functools.cache
 def builtin_catalog() -> Catalog:
     """The catalog shipped with rbees (``rbees_core/pool/catalog.toml``)."""
-    text = resources.files("rbees_core.pool").joinpath("catalog.toml").read_text("utf-8")
+    text = (Path(__file__).parent / "catalog.toml").read_text(encoding="utf-8")
     return parse_catalog(text, "rbees_core/pool/catalog.toml")
 
 

@@ -20,7 +20,7 @@ import enum
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn
 
@@ -81,6 +81,9 @@ def new_app(program: str, help: str) -> typer.Typer:
     app = typer.Typer(
         name=program, help=help, no_args_is_help=True, add_completion=False,
         pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]},
+        # plain click help: importing rich costs ~100 ms of every --help, and its markup
+        # would swallow "[pool]" and "[PATH]" in help texts
+        rich_markup_mode=None,
     )
 
     # A callback keeps the app a group even while it holds a single command.
@@ -135,12 +138,71 @@ def add_plugins_command(app: typer.Typer, pm: pluggy.PluginManager) -> None:
         emit(rows, fmt, ("name", "version", "hooks"))
 
 
-def make_plugin_manager() -> pluggy.PluginManager:
-    return plugins.make_manager(plugins.builtin_plugins())
+def make_plugin_manager(builtins: Iterable[tuple[str, object]] = ()) -> pluggy.PluginManager:
+    """The plugin manager of a CLI: every program's builtins, then ``builtins``, then the
+    installed plugins."""
+    return plugins.make_manager([*plugins.builtin_plugins(), *builtins])
 
 
-def run(program: str, factory: AppFactory, argv: Sequence[str] | None = None) -> None:
-    """Build the plugin manager and the app of ``program``, then run it; never returns."""
+def run(program: str, factory: AppFactory, argv: Sequence[str] | None = None, *,
+        builtins: Iterable[tuple[str, object]] = ()) -> None:
+    """Build the plugin manager (with ``program``'s ``builtins``, ``(name, plugin)`` pairs
+    that can be blocked by name like any plugin) and the app, then run it; never returns."""
     with errors_to_exit(program):
-        app = factory(make_plugin_manager())
+        app = factory(make_plugin_manager(builtins))
         app(args=list(argv) if argv is not None else None, prog_name=program)
+
+
+def human_bytes(n: float | None) -> str:
+    """``1536`` -> ``1.5 KiB``; None -> ``-``."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class TerminalProgress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal.
+
+    Call it with ``(done, total, rate_bps, stage)`` as often as you like (from any thread);
+    it redraws at most ten times a second. :meth:`close` ends the line.
+    """
+
+    def __init__(self, label: str, *, stream: Any = None, width: int = 28) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int | None, rate_bps: float = 0.0,
+                 stage: str = "download", *, force: bool = False) -> None:
+        import time
+
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1 and (total is None or done < total):
+            return
+        self._last = now
+        if total:
+            filled = min(self.width, int(self.width * done / total))
+            bar = f"[{'#' * filled}{'.' * (self.width - filled)}] {done / total:6.1%}"
+        else:
+            bar = "[" + "?" * self.width + "]"
+        rate = f" {human_bytes(rate_bps)}/s" if rate_bps and stage == "download" else ""
+        line = (f"\r{self.label} {stage} {bar} {human_bytes(done)}/{human_bytes(total)}"
+                f"{rate}\x1b[K")
+        self.stream.write(line)
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -245,6 +246,12 @@ async def run(settings: PoolSettings, pm: pluggy.PluginManager) -> int:
         loop.add_signal_handler(sig, on_signal)
     pidf = pid_file()
     pidf.parent.mkdir(parents=True, exist_ok=True)
+    other = _running_other(pidf)
+    if other is not None:
+        log.error("already_running", pid=other)
+        print(f"{PROGRAM}: error: already running for this RBEES_HOME (pid {other})",
+              file=sys.stderr)
+        return 1
     pidf.write_text(f"{os.getpid()}\n")
     log.info("listening", url=settings.url, pool_id=settings.pool_id,
              orchestrator=settings.orchestrator)
@@ -255,6 +262,16 @@ async def run(settings: PoolSettings, pm: pluggy.PluginManager) -> int:
             pidf.unlink()
     log.info("exit", code=0)
     return 0
+
+
+def _running_other(pidf: Path) -> int | None:
+    from rbees_core.pool.workers import pid_alive
+
+    try:
+        pid = int(pidf.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid != os.getpid() and pid_alive(pid) else None
 
 
 app = typer.Typer(add_completion=False, help="Pool daemon: workers, devices, models, heartbeat.")
@@ -272,8 +289,6 @@ def serve_pool(
     health_interval: Annotated[float, typer.Option("--health-interval", min=0.1)] = 2.0,
 ) -> None:
     """Start the pool daemon."""
-    import sys
-
     from rbees_core import plugins
     from rbees_core.config import load_config
     from rbees_core.http import check_bind_policy, load_token, parse_bind

@@ -23,7 +23,7 @@ def create_app(pm: pluggy.PluginManager) -> typer.Typer:
     """The ``rbees`` app over ``pm``, with the commands its plugins add."""
     app = cli_common.new_app(PROGRAM, HELP)
     cli_common.add_plugins_command(app, pm)
-    pm.hook.rbees_register_cli(app=app, program=PROGRAM)
+    pm.hook.rbees_register_cli(app=app, program=PROGRAM, pm=pm)
     return app
 
 

@@ -1,0 +1,120 @@
+"""rbees plugin: ``hf:OWNER/REPO[@REVISION]/FILE`` model files from the Hugging Face Hub.
+
+Cheap to import (every rbees command loads it): ``huggingface_hub`` and asyncio are imported
+inside :meth:`HfSource.download`, the transfer lives in :mod:`rbees_source_hf._fetch`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import ClassVar
+
+import attrs
+
+from rbees_core.errors import RbeesError
+from rbees_core.hookspecs import hookimpl
+from rbees_core.interfaces import (
+    DownloadProgress,
+    DownloadResult,
+    ModelSource,
+    ProgressCallback,
+)
+
+_NAME = r"[A-Za-z0-9_.-]+"
+_REF = re.compile(rf"^(?P<owner>{_NAME})/(?P<repo>{_NAME})(?:@(?P<rev>{_NAME}))?/(?P<file>.+)$")
+
+
+@attrs.frozen
+class HfRef:
+    """A parsed ``hf:`` reference (without the scheme)."""
+
+    repo_id: str
+    filename: str
+    revision: str = "main"
+
+    @classmethod
+    def parse(cls, ref: str) -> HfRef | None:
+        match = _REF.match(ref)
+        if not match:
+            return None
+        file = match["file"]
+        parts = file.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in file:
+            return None
+        return cls(repo_id=f"{match['owner']}/{match['repo']}", filename=file,
+                   revision=match["rev"] or "main")
+
+    def __str__(self) -> str:
+        at = "" if self.revision == "main" else f"@{self.revision}"
+        return f"hf:{self.repo_id}{at}/{self.filename}"
+
+    def relative_path(self) -> Path:
+        """Where the file lives under the models directory."""
+        owner, repo = self.repo_id.split("/")
+        folder = repo if self.revision == "main" else f"{repo}@{self.revision}"
+        return Path("hf", owner, folder, *self.filename.split("/"))
+
+
+class DownloadCancelledError(RbeesError):
+    """The caller stopped the download; what arrived is kept for a later resume."""
+
+    code = "DOWNLOAD_CANCELLED"
+
+
+class HfSource(ModelSource):
+    """Files of Hugging Face Hub repositories, cached under the pool's models directory."""
+
+    name: ClassVar[str] = "hf"
+    scheme: ClassVar[str] = "hf"
+    can_download: ClassVar[bool] = True
+
+    def __init__(self, models_dir: str | Path | None = None) -> None:
+        self._models_dir = Path(models_dir) if models_dir is not None else None
+
+    @property
+    def models_dir(self) -> Path:
+        if self._models_dir is None:
+            from rbees_core.pool.models import models_dir
+
+            self._models_dir = models_dir()
+        return self._models_dir
+
+    def resolve(self, ref: str) -> str | None:
+        parsed = HfRef.parse(ref)
+        if parsed is None:
+            return None
+        path = self.models_dir / parsed.relative_path()
+        return str(path) if path.is_file() else None
+
+    async def download(self, ref: str, *, sha256: str | None = None,
+                       progress: ProgressCallback | None = None) -> DownloadResult:
+        parsed = HfRef.parse(ref)
+        if parsed is None:
+            from rbees_core.errors import InvalidParamsError
+
+            raise InvalidParamsError("model", f"hf:{ref} is not hf:OWNER/REPO[@REVISION]/FILE")
+        import asyncio
+        import threading
+
+        from rbees_source_hf._fetch import fetch
+
+        cancelled = threading.Event()
+
+        def report(update: DownloadProgress) -> None:
+            if cancelled.is_set():
+                raise DownloadCancelledError(f"download of {parsed} cancelled")
+            if progress is not None:
+                progress(update)
+
+        try:
+            return await asyncio.to_thread(fetch, parsed, self.models_dir, sha256=sha256,
+                                           progress=report)
+        except asyncio.CancelledError:
+            cancelled.set()  # the transfer thread stops at its next progress report
+            raise
+
+
+@hookimpl
+def rbees_register_model_sources() -> list[type[ModelSource]]:
+    return [HfSource]

@@ -1,0 +1,315 @@
+"""Orchestrator daemon types (CONTRACT sections 4 and 5), as served by rbees-orcd.
+
+Requests (:class:`TaskRequest`, :class:`PoolHeartbeat`) are built with
+:func:`rbees_core.schema.from_mapping`, which enforces the section 1 limits carried by the
+fields and then the cross-field rules in ``check()``. Answers (:class:`TaskAccepted`,
+:class:`JobRecord`, :class:`JobList`, :class:`PoolRecord`) are built by the daemon from
+:mod:`rbees_core.orchestrator` and serialised with :func:`rbees_core.schema.to_dict`.
+Timestamps are Unix epoch seconds (float).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from rbees_core.api.common import ID_PATTERN, MAX_PROMPT_CHARS, MAX_SEED, SHELL_META
+from rbees_core.errors import InvalidParamsError
+from rbees_core.schema import field, limits
+
+Priority = Literal["interactive", "batch"]
+JobStatus = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled"]
+PoolStatus = Literal["ready", "unavailable", "offline"]
+Role = Literal["system", "user", "assistant"]
+StopReason = Literal["max_tokens", "stop", "eos"]
+
+#: Job states in which nothing changes any more.
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+#: Every job state, in the order of the state machine.
+JOB_STATUSES: tuple[str, ...] = (
+    "queued", "dispatched", "running", "completed", "failed", "cancelled",
+)
+MAX_MODEL_REF = 512
+#: A deadline longer than a day is a mistake, not a deadline.
+MAX_DEADLINE_MS = 86_400_000
+_NOT_ID_CHAR = r"[^A-Za-z0-9_.-]"
+#: Device names: ``cpu``, ``cuda``, ``cuda:0``, ``metal``, ``mps`` (an identifier plus ``:``).
+DEVICE_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"
+
+
+@attrs.frozen
+class TaskMessage:
+    """One chat turn of a task; rendered with the model's own chat template by the worker."""
+
+    role: Role
+    content: str = attrs.field(metadata=limits(max_length=MAX_PROMPT_CHARS, forbid="\x00"))
+
+
+@attrs.frozen
+class Placement:
+    """Where a job may or should run. Every field narrows or biases the scheduler's choice."""
+
+    pool: str | None = field(default=None, pattern=ID_PATTERN, doc="run only on this pool")
+    device: str | None = field(
+        default=None, pattern=DEVICE_PATTERN,
+        doc='run only on this device ("cpu", "cuda:0", ...)'
+    )
+    prefer_pools: list[str] = field(
+        factory=list, max_items=64, item_max_length=128, forbid=_NOT_ID_CHAR,
+        doc="pools to try first, in order",
+    )
+    avoid_pools: list[str] = field(
+        factory=list, max_items=64, item_max_length=128, forbid=_NOT_ID_CHAR,
+        doc="pools never to use",
+    )
+
+
+@attrs.frozen
+class TaskRequest:
+    """Body of POST /v2/tasks: one generation job for the orchestrator's queue."""
+
+    model: str = attrs.field(
+        metadata=limits(
+            min_length=1, max_length=MAX_MODEL_REF, forbid=SHELL_META,
+            doc="model reference (catalog name, pkg:, file: ...)",
+        )
+    )
+    prompt: str | None = field(
+        default=None, max_length=MAX_PROMPT_CHARS, forbid="\x00",
+        doc="raw prompt; exactly one of prompt and messages",
+    )
+    messages: list[TaskMessage] | None = field(default=None, max_items=256)
+    max_tokens: int = field(default=256, minimum=1, maximum=8192)
+    temperature: float = field(default=0.7, minimum=0, maximum=2)
+    top_p: float = field(default=1.0, minimum=0, maximum=1)
+    top_k: int = field(default=0, minimum=0, maximum=1_000_000)
+    repetition_penalty: float = field(default=1.0, minimum=0.01, maximum=10)
+    stop: list[str] = field(factory=list, max_items=4, item_max_length=100)
+    seed: int | None = field(
+        default=None, minimum=0, maximum=MAX_SEED,
+        doc="sampling seed; chosen and recorded by the orchestrator when missing",
+    )
+    priority: Priority = field(default="interactive", doc="queue lane")
+    deadline_ms: int | None = field(
+        default=None, minimum=1, maximum=MAX_DEADLINE_MS,
+        doc="milliseconds from admission by which the job must have started (DEADLINE_UNMET)",
+    )
+    placement: Placement | None = None
+    cancel_on_disconnect: bool = field(
+        default=False, doc="cancel the job when the client of its live event stream goes away"
+    )
+
+    def check(self) -> None:
+        """Rules across fields; raises :class:`InvalidParamsError` naming the field."""
+        ref = self.model.replace("\\", "/")
+        if ".." in ref.split("/"):
+            raise InvalidParamsError("model", "must not contain '..'")
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidParamsError("prompt", "give exactly one of prompt and messages")
+        if self.messages is not None:
+            if not self.messages:
+                raise InvalidParamsError("messages", "must not be empty")
+            if sum(len(m.content) for m in self.messages) > MAX_PROMPT_CHARS:
+                raise InvalidParamsError(
+                    "messages", f"must hold at most {MAX_PROMPT_CHARS} characters"
+                )
+        if any(s == "" for s in self.stop):
+            raise InvalidParamsError("stop", "must not contain empty strings")
+        if self.placement is not None:
+            p = self.placement
+            for name, pools in (("prefer_pools", p.prefer_pools), ("avoid_pools", p.avoid_pools)):
+                if any(pool == "" for pool in pools):
+                    raise InvalidParamsError(f"placement.{name}", "must not contain empty ids")
+            if p.pool is not None and p.pool in p.avoid_pools:
+                raise InvalidParamsError(
+                    "placement.avoid_pools", f"avoids the pinned pool {p.pool}"
+                )
+
+
+@attrs.frozen
+class TaskAccepted:
+    """The 202 answer of POST /v2/tasks."""
+
+    job_id: str
+    status: JobStatus = attrs.field(metadata=limits(doc='always "queued"'))
+    queue_position: int = attrs.field(metadata=limits(doc="jobs dispatched before this one"))
+    predicted_start_ms: int = attrs.field(metadata=limits(doc="estimated wait before start"))
+    events_url: str = attrs.field(metadata=limits(doc="the job's SSE stream"))
+
+
+@attrs.frozen
+class JobError:
+    """Why a job failed or was cancelled."""
+
+    code: str = attrs.field(metadata=limits(doc="UPPER_SNAKE error code"))
+    message: str
+
+
+@attrs.frozen
+class JobRecord:
+    """GET /v2/tasks/{id}: what is known of one job. Never carries the prompt text."""
+
+    job_id: str
+    status: JobStatus
+    priority: Priority
+    model: str
+    prompt_sha256: str = attrs.field(
+        metadata=limits(doc="SHA-256 (hex) of the prompt, or of the canonical JSON of messages")
+    )
+    seed: int
+    created_at: float = attrs.field(metadata=limits(doc="admission time"))
+    queued_at: float | None = field(default=None, doc="when it last entered the queue")
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    pool_id: str | None = None
+    worker_id: str | None = None
+    retry_count: int = field(default=0, doc="times it went back to the queue")
+    tokens_in: int | None = None
+    tokens_out: int = 0
+    ttft_ms: float | None = None
+    stop_reason: StopReason | None = None
+    error: JobError | None = None
+
+
+@attrs.frozen
+class JobList:
+    """GET /v2/tasks: one page of job records, newest first."""
+
+    jobs: list[JobRecord]
+    next_cursor: str | None = field(default=None, doc="pass as ?cursor= for the next page")
+
+
+# Orchestrator-only event payloads (section 3).
+@attrs.frozen
+class QueuedEvent:
+    job_id: str
+    queue_position: int
+    predicted_start_ms: int
+
+
+@attrs.frozen
+class DispatchedEvent:
+    job_id: str
+    pool_id: str
+    worker_id: str
+
+
+# Pool state and heartbeat (section 4).
+@attrs.frozen
+class GpuInfo:
+    """One GPU of a pool."""
+
+    index: int = attrs.field(metadata=limits(minimum=0))
+    uuid: str = attrs.field(metadata=limits(max_length=128))
+    name: str = attrs.field(metadata=limits(max_length=256))
+    backend: Literal["cuda", "metal"]
+    memory_total_bytes: int = attrs.field(metadata=limits(minimum=0))
+    memory_free_bytes: int = attrs.field(metadata=limits(minimum=0))
+    memory_reserved_bytes: int = field(default=0, minimum=0, doc="held by this pool's workers")
+    utilization: float = field(default=0.0, minimum=0, maximum=1)
+    temperature_c: float | None = None
+    power_w: float | None = None
+
+
+@attrs.frozen
+class CpuInfo:
+    """The host's CPU and RAM."""
+
+    cores: int = attrs.field(metadata=limits(minimum=1))
+    ram_total_bytes: int = attrs.field(metadata=limits(minimum=0))
+    ram_free_bytes: int = attrs.field(metadata=limits(minimum=0))
+
+
+@attrs.frozen
+class WorkerEntry:
+    """One worker of a pool, as pool-managerd reports it."""
+
+    worker_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    model_ref: str = attrs.field(metadata=limits(max_length=MAX_MODEL_REF))
+    backend: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    device: str = attrs.field(metadata=limits(pattern=DEVICE_PATTERN))
+    uri: str = attrs.field(metadata=limits(max_length=512))
+    state: str = attrs.field(metadata=limits(pattern=ID_PATTERN, doc="starting, ready, busy, ..."))
+    slots_total: int = attrs.field(metadata=limits(minimum=0))
+    memory_bytes: int = attrs.field(metadata=limits(minimum=0))
+    started_at: float
+    pid: int | None = field(default=None, minimum=0)
+    slots_free: int | None = field(default=None, minimum=0)
+    last_health_at: float | None = None
+    exit_code: int | None = None
+
+
+@attrs.frozen
+class ModelEntry:
+    """One model file present on a pool."""
+
+    ref: str = attrs.field(metadata=limits(max_length=MAX_MODEL_REF))
+    path: str = attrs.field(metadata=limits(max_length=4096))
+    size_bytes: int = attrs.field(metadata=limits(minimum=0))
+    sha256: str | None = field(default=None, max_length=64)
+    source: str | None = field(default=None, max_length=128)
+
+
+@attrs.frozen(kw_only=True)
+class PoolState:
+    """GET /v2/state of pool-managerd."""
+
+    pool_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    host: str = attrs.field(metadata=limits(max_length=255))
+    gpus: list[GpuInfo] = field(factory=list, max_items=64)
+    cpu: CpuInfo
+    workers: list[WorkerEntry] = field(factory=list, max_items=1024)
+    models: list[ModelEntry] = field(factory=list, max_items=4096)
+
+
+@attrs.frozen(kw_only=True)
+class PoolHeartbeat(PoolState):
+    """Body of POST /v2/pools/{id}/heartbeat: the pool's state plus a sequence number."""
+
+    seq: int = attrs.field(metadata=limits(minimum=0, doc="increases with every heartbeat"))
+    sent_at: float = attrs.field(metadata=limits(doc="the pool's clock when it was sent"))
+
+
+@attrs.frozen(kw_only=True)
+class PoolRecord:
+    """GET /v2/pools/{id}: a registered pool and its last reported state."""
+
+    pool_id: str
+    status: PoolStatus
+    host: str
+    last_heartbeat_at: float = attrs.field(metadata=limits(doc="orchestrator clock"))
+    last_seq: int
+    registered_at: float
+    draining: bool = False
+    gpus: list[GpuInfo] = attrs.field(factory=list)
+    cpu: CpuInfo | None = None
+    workers: list[WorkerEntry] = attrs.field(factory=list)
+    models: list[ModelEntry] = attrs.field(factory=list)
+
+
+__all__ = [
+    "DEVICE_PATTERN",
+    "FINAL_STATUSES",
+    "JOB_STATUSES",
+    "CpuInfo",
+    "DispatchedEvent",
+    "GpuInfo",
+    "JobError",
+    "JobList",
+    "JobRecord",
+    "JobStatus",
+    "ModelEntry",
+    "Placement",
+    "PoolHeartbeat",
+    "PoolRecord",
+    "PoolState",
+    "PoolStatus",
+    "Priority",
+    "QueuedEvent",
+    "TaskAccepted",
+    "TaskMessage",
+    "TaskRequest",
+    "WorkerEntry",
+]

@@ -1,0 +1,215 @@
+"""Group commit for SQLite: one writer thread, one transaction per batch of waiting writes.
+
+An *op* is a callable ``op(conn) -> result`` run inside the writer's transaction, each in a
+savepoint so that one failing op is rolled back alone. Runs of :class:`Insert` ops with the
+same SQL go in with one ``executemany``. Callers get a :class:`concurrent.futures.Future`
+that resolves once the batch's ``COMMIT`` has returned.
+
+Checkpoints: a second thread copies the WAL into the database (PASSIVE, with its fsyncs)
+while commits go on. Under a steady stream of commits such a checkpoint never catches up
+with the last frames, and SQLite only restarts the WAL from its beginning once every frame
+is copied, so the WAL would grow without bound. When it exceeds :data:`RESTART_FRAMES`, the
+writer therefore runs one checkpoint itself between two batches: by then it has only the
+frames written since the background pass to copy, so the pause is short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar
+
+from rbees_core.orchestrator.errors import StoreError
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+#: Checkpoint the WAL into the database after this many commits, or this often.
+CHECKPOINT_EVERY = 200
+CHECKPOINT_INTERVAL_S = 1.0
+#: WAL size (pages) above which the writer itself finishes a checkpoint so the WAL restarts.
+RESTART_FRAMES = 4096
+_STOP = object()
+
+
+class Insert(Generic[T]):
+    """One INSERT that may be batched with its neighbours; yields ``result`` when committed.
+
+    ``on_conflict`` turns an IntegrityError of this row into the error its caller gets.
+    """
+
+    __slots__ = ("on_conflict", "result", "row", "sql")
+
+    def __init__(self, sql: str, row: tuple[Any, ...], result: T,
+                 on_conflict: Callable[[sqlite3.IntegrityError], Exception]) -> None:
+        self.sql, self.row, self.result, self.on_conflict = sql, row, result, on_conflict
+
+    def __call__(self, conn: sqlite3.Connection) -> T:
+        try:
+            conn.execute(self.sql, self.row)
+        except sqlite3.IntegrityError as exc:
+            raise self.on_conflict(exc) from exc
+        return self.result
+
+
+def _same_insert(op: Op, first: Insert[Any]) -> bool:
+    return isinstance(op, Insert) and op.sql == first.sql
+
+
+class Writer:
+    """Owns ``conn`` (autocommit mode) from construction until :meth:`close`."""
+
+    def __init__(self, conn: sqlite3.Connection, connect: Callable[[], sqlite3.Connection],
+                 *, max_batch: int = 512) -> None:
+        self._conn = conn
+        self._connect = connect
+        self._max_batch = max_batch
+        self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._commits = 0
+        self._restart_due = False
+        self._checkpoint_due = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rbees-store-writer",
+                                        daemon=True)
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                              name="rbees-store-checkpoint", daemon=True)
+        self._thread.start()
+        self._checkpointer.start()
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Queue ``op``; raises :class:`StoreError` once closed."""
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise StoreError("the state database is closed")
+            self._ops.put((op, future))
+        return future
+
+    def close(self) -> None:
+        """Commit what was submitted, stop both threads, truncate the WAL, close."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._ops.put(_STOP)
+        self._thread.join()
+        self._stopping.set()
+        self._checkpoint_due.set()
+        self._checkpointer.join()
+        # A reader in another process may hold the WAL; the next open checkpoints it then.
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.close()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._ops.get()]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._ops.get_nowait())
+                except queue.Empty:
+                    break
+            work = [item for item in batch if item is not _STOP]
+            stop = len(work) < len(batch)
+            if self._restart_due:
+                self._restart_due = False
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            if not work:
+                continue
+            try:
+                self._commit(work)
+            except BaseException as exc:  # keep serving: a dead writer would hang every caller
+                error = StoreError(f"state database writer failed: {exc!r}")
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                for _, future in work:
+                    if not future.done():
+                        future.set_exception(error)
+
+    def _commit(self, work: list[tuple[Op, Future[Any]]]) -> None:
+        conn = self._conn
+        live = [(op, future) for op, future in work if future.set_running_or_notify_cancel()]
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            i = 0
+            while i < len(live):
+                op, future = live[i]
+                if isinstance(op, Insert):
+                    j = i + 1
+                    while j < len(live) and _same_insert(live[j][0], op):
+                        j += 1
+                    if j - i > 1 and self._insert_many(live[i:j], outcomes):
+                        i = j
+                        continue
+                outcomes.append((future, *self._one(op)))
+                i += 1
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"state database error: {exc}")
+            for _, future in live:
+                future.set_exception(error)
+            return
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0:
+            self._checkpoint_due.set()
+        for future, result, error_or_none in outcomes:
+            if error_or_none is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error_or_none)
+
+    def _one(self, op: Op) -> tuple[Any, BaseException | None]:
+        conn = self._conn
+        conn.execute("SAVEPOINT op")
+        try:
+            result = op(conn)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            if isinstance(exc, sqlite3.Error):
+                return None, StoreError(f"state database error: {exc}")
+            return None, exc
+        conn.execute("RELEASE op")
+        return result, None
+
+    def _insert_many(self, run: list[tuple[Any, Future[Any]]],
+                     outcomes: list[tuple[Future[Any], Any, BaseException | None]]) -> bool:
+        """Insert a run at once; False (nothing done) when a row conflicts."""
+        conn = self._conn
+        conn.execute("SAVEPOINT many")
+        try:
+            conn.executemany(run[0][0].sql, [op.row for op, _ in run])
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK TO many")
+            conn.execute("RELEASE many")
+            return False
+        conn.execute("RELEASE many")
+        outcomes.extend((future, op.result, None) for op, future in run)
+        return True
+
+    def _checkpoint_loop(self) -> None:
+        conn = self._connect()
+        try:
+            while not self._stopping.is_set():
+                self._checkpoint_due.wait(CHECKPOINT_INTERVAL_S)
+                self._checkpoint_due.clear()
+                # PASSIVE never blocks the writer; what it cannot copy now it copies next time.
+                try:
+                    busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:
+                    continue
+                if not busy and frames >= RESTART_FRAMES:
+                    self._restart_due = True
+        finally:
+            conn.close()

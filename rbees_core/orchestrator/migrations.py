@@ -1,0 +1,128 @@
+"""Versioned schema of the orchestrator's SQLite database.
+
+``MIGRATIONS[n - 1]`` is the SQL script that takes the database from version ``n - 1`` to
+``n``. Scripts are only ever appended: a released script never changes. The version lives
+in the one-row table ``schema_version``; :func:`migrate` applies each missing script in its
+own ``BEGIN IMMEDIATE`` transaction together with the version bump, so a failure leaves the
+database at the previous version and a second process opening it concurrently waits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from rbees_core.orchestrator.errors import StoreError
+
+_V1 = """
+CREATE TABLE jobs (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id        TEXT    NOT NULL UNIQUE,
+    model         TEXT    NOT NULL,
+    prompt        TEXT,
+    messages      TEXT,
+    prompt_sha256 TEXT    NOT NULL,
+    params        TEXT    NOT NULL,
+    priority      TEXT    NOT NULL CHECK (priority IN ('interactive', 'batch')),
+    status        TEXT    NOT NULL CHECK (status IN
+                    ('queued', 'dispatched', 'running', 'completed', 'failed', 'cancelled')),
+    seed          INTEGER NOT NULL,
+    created_at    REAL    NOT NULL,
+    queued_at     REAL,
+    dispatched_at REAL,
+    started_at    REAL,
+    finished_at   REAL,
+    retry_count   INTEGER NOT NULL DEFAULT 0,
+    pool_id       TEXT,
+    worker_id     TEXT,
+    tokens_in     INTEGER,
+    tokens_out    INTEGER NOT NULL DEFAULT 0,
+    ttft_ms       REAL,
+    stop_reason   TEXT,
+    error_code    TEXT,
+    error_message TEXT
+);
+CREATE INDEX jobs_status_seq ON jobs (status, seq);
+CREATE TABLE events (
+    job_id   TEXT    NOT NULL,
+    event_id INTEGER NOT NULL,
+    event    TEXT    NOT NULL,
+    data     TEXT    NOT NULL,
+    PRIMARY KEY (job_id, event_id)
+) WITHOUT ROWID;
+"""
+
+_V2 = """
+ALTER TABLE jobs ADD COLUMN correlation_id TEXT;
+CREATE TABLE decisions (
+    job_id      TEXT    NOT NULL,
+    decision_id INTEGER NOT NULL,
+    decided_at  REAL    NOT NULL,
+    decision    TEXT    NOT NULL,
+    PRIMARY KEY (job_id, decision_id)
+) WITHOUT ROWID;
+"""
+
+#: The schema's history; version ``len(MIGRATIONS)`` is what this code reads and writes.
+MIGRATIONS: list[str] = [_V1, _V2]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The database's version; 0 for a new database."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if exists is None:
+        return 0
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def statements(script: str) -> list[str]:
+    """Split a script into complete statements (``executescript`` would commit mid-way)."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete SQL statement: {buf.strip()[:60]}")
+    return out
+
+
+def migrate(conn: sqlite3.Connection, target: int | None = None,
+            migrations: list[str] | None = None) -> int:
+    """Bring the database up to ``target`` (default: the latest); return the new version.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``). Raises
+    :class:`StoreError` when the database is newer than ``migrations`` knows.
+    """
+    scripts = MIGRATIONS if migrations is None else migrations
+    target = len(scripts) if target is None else target
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            current = 0 if row is None else int(row[0])
+            if current > len(scripts):
+                raise StoreError(
+                    f"the database has schema version {current}; this rbees knows up to "
+                    f"{len(scripts)}: upgrade rbees",
+                    details={"version": current, "known": len(scripts)},
+                )
+            if current >= target:
+                conn.execute("COMMIT")
+                return current
+            for statement in statements(scripts[current]):
+                conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (current + 1,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise

@@ -1,0 +1,177 @@
+"""``rbees-pool daemon start|stop|status|logs``: pool-managerd on this host, one per RBEES_HOME."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rbees_core.hookspecs import hookimpl
+from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+
+
+def _paths() -> tuple[Path, Path]:
+    from rbees_core.config import rbees_home
+
+    home = rbees_home()
+    return home / "run" / "pool-managerd.pid", home / "logs" / "pool-managerd.log"
+
+
+def running_pid() -> int | None:
+    """The pid of this RBEES_HOME's pool-managerd, if it is alive."""
+    from rbees_core.pool.workers import pid_alive
+
+    pid_path, _ = _paths()
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def _url_file() -> Path:
+    return _paths()[0].with_name("pool-managerd.url")
+
+
+def start(
+    bind: Annotated[str, typer.Option("--bind", help="HOST:PORT")] = "127.0.0.1:9200",
+    pool_id: Annotated[str | None, typer.Option("--pool-id")] = None,
+    orchestrator: Annotated[str | None, typer.Option("--orchestrator")] = None,
+    config: Annotated[str | None, typer.Option("--config")] = None,
+    api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=1)] = 30.0,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Start pool-managerd in the background and wait until it answers."""
+    import httpx
+
+    from rbees_core.errors import ConflictError, RbeesError
+    from rbees_core.http import parse_bind
+
+    if (pid := running_pid()) is not None:
+        raise ConflictError(f"pool-managerd is already running (pid {pid})")
+    host, port = parse_bind(bind)
+    _, log_path = _paths()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [str(Path(sys.executable).with_name("pool-managerd")), "--bind", bind]
+    for flag, value in (("--pool-id", pool_id), ("--orchestrator", orchestrator),
+                        ("--config", config), ("--api-token-file", api_token_file)):
+        if value:
+            argv += [flag, value]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RbeesError("pool-managerd exited at start: " + " | ".join(tail))
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RbeesError(f"pool-managerd did not answer within {timeout:.0f} s")
+    _url_file().write_text(url)
+    info = {"pid": proc.pid, "url": url, "log": str(log_path)}
+    if fmt is OutputFormat.json:
+        print_json(info)
+    else:
+        print(f"pool-managerd {url} (pid {proc.pid})")
+
+
+def stop(
+    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Wait for the drain")
+                       ] = 45.0,
+) -> None:
+    """Stop pool-managerd gracefully (its workers drain first)."""
+    from rbees_core.errors import RbeesError
+    from rbees_core.pool.workers import pid_alive
+
+    pid = running_pid()
+    if pid is None:
+        print("pool-managerd is not running", file=sys.stderr)
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        raise RbeesError(f"pool-managerd (pid {pid}) still running after {timeout:.0f} s")
+    _url_file().unlink(missing_ok=True)
+    print(f"pool-managerd stopped (pid {pid})", file=sys.stderr)
+
+
+def status(fmt: FormatOption = OutputFormat.text) -> None:
+    """Whether pool-managerd runs here, its URL and its workers."""
+    import httpx
+
+    pid = running_pid()
+    row: dict[str, Any] = {"running": pid is not None, "pid": pid, "url": None, "workers": None}
+    if pid is not None and _url_file().exists():
+        row["url"] = _url_file().read_text().strip()
+        try:
+            state = httpx.get(f"{row['url']}/v2/workers", timeout=2,
+                              headers=_auth_headers()).json()
+            row["workers"] = len(state.get("workers", []))
+        except (httpx.HTTPError, ValueError):
+            row["workers"] = None
+    emit([row], fmt, ("running", "pid", "url", "workers"))
+    if pid is None:
+        raise typer.Exit(1)
+
+
+def _auth_headers() -> dict[str, str]:
+    from rbees_core.http import load_token
+
+    token = load_token(None)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def logs(
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1)] = 50,
+) -> None:
+    """Print pool-managerd's log (JSON lines)."""
+    from rbees_core.errors import NotFoundError
+
+    _, log_path = _paths()
+    if not log_path.exists():
+        raise NotFoundError("pool-managerd has no log here yet")
+    with open(log_path, errors="replace") as log:
+        for line in log.readlines()[-lines:]:
+            print(line, end="")
+        if not follow:
+            return
+        try:
+            while True:
+                line = log.readline()
+                if line:
+                    print(line, end="", flush=True)
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+
+@hookimpl
+def rbees_register_cli(app: typer.Typer, program: str) -> None:
+    if program != "rbees-pool":
+        return
+    group = typer.Typer(name="daemon", help="Start, stop and inspect pool-managerd here.",
+                        no_args_is_help=True)
+    group.command("start")(start)
+    group.command("stop")(stop)
+    group.command("status")(status)
+    group.command("logs")(logs)
+    app.add_typer(group)
