@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 import attrs
 
+from rbees_core.scheduling import Snapshot, Verdict
+
 
 @attrs.frozen
 class DownloadProgress:
@@ -134,10 +136,17 @@ class GpuInventory(ABC):
 
 
 class Scheduler(ABC):
-    """A placement policy: given a read-only snapshot, returns decisions."""
+    """A placement policy (see :mod:`rbees_core.scheduling` for the data shapes).
+
+    Called by rbees-orcd's dispatch loop (and by ``rbees jobs submit`` without a daemon) for
+    the job at the head of the queue, on the event loop thread: :meth:`decide` must be pure
+    and fast (built-in policies well under 1 ms on 100 pools x 8 workers), never do I/O, and
+    never raise for a well-formed snapshot. A policy that cannot place the job returns a
+    ``wait`` decision with a reason.
+    """
 
     name: ClassVar[str]
 
     @abstractmethod
-    def decide(self, snapshot: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-        """Decisions (dispatch, start_worker, stop_worker, wait) for ``snapshot``."""
+    def decide(self, snapshot: Snapshot) -> Verdict:
+        """Decisions for ``snapshot["job"]`` with the candidates and why each one lost."""

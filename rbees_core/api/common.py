@@ -9,6 +9,8 @@ import attrs
 from rbees_core.schema import field, limits
 
 ID_PATTERN = r"[A-Za-z0-9_.-]{1,128}"
+#: A device: a kind with an optional index ("cpu", "cuda:0", "metal").
+DEVICE_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"
 CORRELATION_ID_PATTERN = r"[A-Za-z0-9-]{1,64}"
 #: Characters a shell gives meaning to; model refs and paths must not contain them.
 SHELL_META = r"[;&|`$<>(){}\[\]!*?~'\"\\\s\x00]"

@@ -14,7 +14,7 @@ from typing import Literal
 
 import attrs
 
-from rbees_core.api.common import ID_PATTERN, MAX_PROMPT_CHARS, MAX_SEED, SHELL_META
+from rbees_core.api.common import DEVICE_PATTERN, ID_PATTERN, MAX_PROMPT_CHARS, MAX_SEED, SHELL_META
 from rbees_core.errors import InvalidParamsError
 from rbees_core.schema import field, limits
 
@@ -35,7 +35,6 @@ MAX_MODEL_REF = 512
 MAX_DEADLINE_MS = 86_400_000
 _NOT_ID_CHAR = r"[^A-Za-z0-9_.-]"
 #: Device names: ``cpu``, ``cuda``, ``cuda:0``, ``metal``, ``mps`` (an identifier plus ``:``).
-DEVICE_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"
 
 
 @attrs.frozen

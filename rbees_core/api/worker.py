@@ -7,6 +7,7 @@ from typing import Literal
 import attrs
 
 from rbees_core.api.common import (
+    DEVICE_PATTERN,
     ID_PATTERN,
     MAX_SEED,
     SHELL_META,
@@ -102,7 +103,7 @@ class ReadyCallback:
     worker_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
     model_ref: str = attrs.field(metadata=limits(max_length=512))
     backend: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
-    device: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    device: str = attrs.field(metadata=limits(pattern=DEVICE_PATTERN))
     uri: str = attrs.field(metadata=limits(max_length=512))
     slots_total: int = attrs.field(metadata=limits(minimum=1))
     memory_bytes: int = attrs.field(metadata=limits(minimum=0))
