@@ -74,6 +74,15 @@ class PoolState:
     workers: list[WorkerEntry]
     models: list[dict[str, Any]]
     version: str = ""
+    url: str = field(default="", max_length=512, doc="where this pool's API answers")
+
+
+@attrs.frozen(kw_only=True)
+class PoolHeartbeat(PoolState):
+    """Body of POST /v2/pools/{pool_id}/heartbeat: the pool's state plus a sequence number."""
+
+    seq: int = attrs.field(metadata=limits(minimum=0, doc="increases with every heartbeat"))
+    sent_at: float = attrs.field(metadata=limits(doc="the pool's clock when it was sent"))
 
 
 @attrs.frozen

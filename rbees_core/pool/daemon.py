@@ -144,7 +144,7 @@ class PoolService:
             models = []
         return PoolState(pool_id=self.settings.pool_id, host=socket.gethostname(), gpus=gpus,
                          cpu=cpu, workers=[w.entry() for w in self.workers.values()],
-                         models=models, version=__version__)
+                         models=models, version=__version__, url=self.settings.url)
 
     def get(self, worker_id: str) -> ManagedWorker:
         try:
@@ -308,16 +308,16 @@ class PoolService:
 
         def progress(p: Any) -> None:
             elapsed = max(time.monotonic() - started, 1e-6)
-            data = {"bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
+            data = {"stage": p.stage, "bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
                     "rate_bps": round(p.bytes_done / elapsed)}
             loop.call_soon_threadsafe(publish, "progress", data)
 
         async def run() -> None:
             try:
-                local, _ = await local_models.download(self.pm, model, force=force,
-                                                       progress=progress)
-                publish("end", {"path": local.path, "sha256": local.sha256,
-                                "size_bytes": local.size_bytes})
+                local, fetched = await local_models.download(self.pm, model, force=force,
+                                                             progress=progress)
+                # what `rbees-pool models download --format json` ends with, too
+                publish("end", {**local.to_dict(), "fetched": fetched})
             except RbeesError as exc:
                 publish("error", {"code": exc.code, "message": exc.message,
                                   "retriable": exc.retriable})

@@ -127,23 +127,20 @@ def gguf_memory_estimate(path: str, *, slots: int, ctx: int | None) -> int:
     size = Path(path).stat().st_size if Path(path).is_file() else _folder_size(Path(path))
     if not path.endswith(".gguf"):
         return size + OVERHEAD_BYTES
-    from gguf import GGUFReader
+    from rbees_core.gguf_meta import read_metadata
 
-    reader = GGUFReader(path)
+    meta = read_metadata(path)
+    arch = str(meta.get("general.architecture", "llama"))
 
     def value(key: str) -> int | None:
-        field = reader.fields.get(key)
-        if field is None or not field.data:
-            return None
-        return int(field.parts[field.data[0]][0])
+        raw = meta.get(f"{arch}.{key}")
+        return int(raw) if isinstance(raw, int | float) else None
 
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
-    layers = value(f"{arch}.block_count") or 0
-    embd = value(f"{arch}.embedding_length") or 0
-    heads = value(f"{arch}.attention.head_count") or 1
-    kv_heads = value(f"{arch}.attention.head_count_kv") or heads
-    trained = value(f"{arch}.context_length") or DEFAULT_CTX
+    layers = value("block_count") or 0
+    embd = value("embedding_length") or 0
+    heads = value("attention.head_count") or 1
+    kv_heads = value("attention.head_count_kv") or heads
+    trained = value("context_length") or DEFAULT_CTX
     per_slot = ctx or min(trained, DEFAULT_CTX)
     kv = 2 * layers * per_slot * slots * (embd * kv_heads // heads) * 2  # f16 K and V
     return size + kv + OVERHEAD_BYTES

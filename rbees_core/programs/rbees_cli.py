@@ -7,6 +7,7 @@ import their heavy dependencies inside the commands, so ``rbees --help`` stays f
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 import pluggy
@@ -19,6 +20,22 @@ HELP = ("Control the rbees orchestrator, pools and jobs. "
         "Every command that prints data takes --format text|json.")
 
 
+#: ``(plugin name, module)`` of the builtin command groups, in ``--help`` order. Each module
+#: implements :func:`rbees_core.hookspecs.rbees_register_cli` for ``program="rbees"``.
+BUILTINS = (
+    ("rbees-cluster", "rbees_core.programs.rbees_commands.cluster"),
+    ("rbees-jobs", "rbees_core.programs.rbees_commands.jobs"),
+    ("rbees-pool", "rbees_core.programs.rbees_commands.pool"),
+    ("rbees-hosts", "rbees_core.programs.rbees_commands.hosts"),
+    ("rbees-scheduler", "rbees_core.programs.rbees_commands.scheduler"),
+)
+
+
+def builtin_plugins() -> list[tuple[str, object]]:
+    """:data:`BUILTINS` as ``(name, module)``, last first (pluggy calls the last first)."""
+    return [(name, importlib.import_module(module)) for name, module in reversed(BUILTINS)]
+
+
 def create_app(pm: pluggy.PluginManager) -> typer.Typer:
     """The ``rbees`` app over ``pm``, with the commands its plugins add."""
     app = cli_common.new_app(PROGRAM, HELP)
@@ -28,7 +45,7 @@ def create_app(pm: pluggy.PluginManager) -> typer.Typer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli_common.run(PROGRAM, create_app, argv)
+    cli_common.run(PROGRAM, create_app, argv, builtins=builtin_plugins())
 
 
 if __name__ == "__main__":  # pragma: no cover

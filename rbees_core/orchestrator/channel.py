@@ -1,0 +1,54 @@
+"""One job's event stream inside rbees-orcd: history, live subscribers, pending writes.
+
+Event ids are the store's: 1, 2, 3... per job, in publication order. Publishing hands the
+event to every subscriber at once; the store receives it in the next flush (tokens) or
+before it is published (transitions, which the caller writes first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+TERMINAL = frozenset({"end", "error"})
+Event = tuple[int, str, dict[str, Any]]
+
+
+class Channel:
+    def __init__(self, job_id: str, history: list[Event] | None = None) -> None:
+        self.job_id = job_id
+        self.history: list[Event] = list(history or [])
+        self.subscribers: set[asyncio.Queue[Event]] = set()
+        self.unpersisted: list[tuple[str, dict[str, Any]]] = []
+
+    @property
+    def last_id(self) -> int:
+        return self.history[-1][0] if self.history else 0
+
+    @property
+    def done(self) -> bool:
+        return bool(self.history) and self.history[-1][1] in TERMINAL
+
+    def publish(self, event: str, data: dict[str, Any], *, persisted: bool) -> int:
+        if self.done:
+            return self.last_id
+        event_id = self.last_id + 1
+        item = (event_id, event, data)
+        self.history.append(item)
+        if not persisted:
+            self.unpersisted.append((event, data))
+        for queue in self.subscribers:
+            queue.put_nowait(item)
+        return event_id
+
+    def take_unpersisted(self) -> list[tuple[str, dict[str, Any]]]:
+        pending, self.unpersisted = self.unpersisted, []
+        return pending
+
+    def subscribe(self, after: int) -> tuple[list[Event], asyncio.Queue[Event]]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.subscribers.add(queue)
+        return [e for e in self.history if e[0] > after], queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self.subscribers.discard(queue)

@@ -1,0 +1,144 @@
+"""The pool registry of rbees-orcd, fed by heartbeats.
+
+A pool is ``ready`` while heartbeats arrive, ``unavailable`` after 3 missed intervals and
+``offline`` after 60 s of silence. Slots are counted here too: the orchestrator knows which
+jobs it sent to which worker, so a worker's free slots are its total minus those in flight,
+not the (up to one interval old) number of the last heartbeat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+
+from rbees_core.api.pool import PoolHeartbeat
+
+UNAVAILABLE_AFTER_MISSED = 3
+OFFLINE_AFTER_S = 60.0
+
+
+@attrs.define(eq=False)
+class PoolEntry:
+    pool_id: str
+    state: PoolHeartbeat
+    registered_at: float
+    last_heartbeat_at: float
+    last_seen: float  # monotonic
+    draining: bool = False
+    #: worker id -> worker dict (from heartbeats, updated by the orchestrator's own polls)
+    workers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+
+
+class PoolRegistry:
+    def __init__(self, *, heartbeat_interval_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = heartbeat_interval_s
+        self.clock = clock
+        self.pools: dict[str, PoolEntry] = {}
+        #: (pool_id, worker_id) -> jobs in flight there
+        self.inflight: dict[tuple[str, str], int] = {}
+
+    def status(self, entry: PoolEntry) -> str:
+        silent = self.clock() - entry.last_seen
+        if silent > OFFLINE_AFTER_S:
+            return "offline"
+        if silent > UNAVAILABLE_AFTER_MISSED * self.interval:
+            return "unavailable"
+        return "ready"
+
+    def heartbeat(self, beat: PoolHeartbeat) -> tuple[PoolEntry, bool]:
+        """Record a heartbeat; returns the entry and whether the pool is new."""
+        now_wall = time.time()
+        entry = self.pools.get(beat.pool_id)
+        new = entry is None
+        if entry is None:
+            entry = PoolEntry(pool_id=beat.pool_id, state=beat, registered_at=now_wall,
+                              last_heartbeat_at=now_wall, last_seen=self.clock())
+            self.pools[beat.pool_id] = entry
+        elif beat.seq < entry.state.seq and beat.seq != 1:
+            return entry, False  # late and out of order: keep the newer state
+        entry.state = beat
+        entry.last_heartbeat_at = now_wall
+        entry.last_seen = self.clock()
+        entry.workers = {w.worker_id: attrs.asdict(w) for w in beat.workers}
+        return entry, new
+
+    def remove(self, pool_id: str) -> bool:
+        return self.pools.pop(pool_id, None) is not None
+
+    def set_worker(self, pool_id: str, worker: dict[str, Any]) -> None:
+        entry = self.pools.get(pool_id)
+        if entry is not None:
+            entry.workers[str(worker["worker_id"])] = worker
+
+    def __iter__(self) -> Iterator[PoolEntry]:
+        return iter(list(self.pools.values()))
+
+    def free_slots(self, pool_id: str, worker: dict[str, Any]) -> int:
+        total = int(worker.get("slots_total") or 0)
+        return max(0, total - self.inflight.get((pool_id, str(worker["worker_id"])), 0))
+
+    def take(self, pool_id: str, worker_id: str) -> None:
+        key = (pool_id, worker_id)
+        self.inflight[key] = self.inflight.get(key, 0) + 1
+
+    def give_back(self, pool_id: str, worker_id: str) -> None:
+        key = (pool_id, worker_id)
+        left = self.inflight.get(key, 0) - 1
+        if left > 0:
+            self.inflight[key] = left
+        else:
+            self.inflight.pop(key, None)
+
+    def record(self, entry: PoolEntry) -> dict[str, Any]:
+        """The pool as ``GET /v2/pools/{id}`` shows it."""
+        state = attrs.asdict(entry.state)
+        state.pop("seq", None)
+        state.pop("sent_at", None)
+        state["workers"] = list(entry.workers.values())
+        return {**state, "status": self.status(entry), "draining": entry.draining,
+                "last_heartbeat_at": entry.last_heartbeat_at, "last_seq": entry.state.seq,
+                "registered_at": entry.registered_at}
+
+    def snapshot_pools(self) -> list[dict[str, Any]]:
+        """Pools in the shape of :mod:`rbees_core.scheduling`'s snapshot."""
+        out = []
+        for entry in self:
+            devices = []
+            cpu = entry.state.cpu
+            if cpu is not None:
+                devices.append({
+                    "device": "cpu", "kind": "cpu", "name": cpu.name or "cpu",
+                    "memory_total_bytes": cpu.ram_total_bytes,
+                    "memory_free_bytes": cpu.ram_free_bytes,
+                    "memory_reserved_bytes": cpu.ram_reserved_bytes})
+            for gpu in entry.state.gpus:
+                kind = str(gpu.get("backend", "cuda"))
+                devices.append({
+                    "device": f"{kind}:{gpu.get('index', 0)}", "kind": kind,
+                    "name": gpu.get("name"),
+                    "memory_total_bytes": gpu.get("memory_total_bytes", 0),
+                    "memory_free_bytes": gpu.get("memory_free_bytes", 0),
+                    "memory_reserved_bytes": gpu.get("memory_reserved_bytes", 0),
+                    "utilization": gpu.get("utilization"), "power_w": gpu.get("power_w")})
+            workers = []
+            for w in entry.workers.values():
+                workers.append({
+                    "worker_id": w["worker_id"], "model_ref": w["model_ref"],
+                    "device": w["device"], "state": w["state"],
+                    "slots_total": w.get("slots_total", 0),
+                    "slots_free": self.free_slots(entry.pool_id, w)
+                    if w["state"] in ("ready", "busy") else 0,
+                    "uri": w["uri"]})
+            models: list[str] = []
+            for m in entry.state.models:
+                for key in ("ref", "id"):
+                    if m.get(key):
+                        models.append(str(m[key]))
+            status = "unavailable" if entry.draining else self.status(entry)
+            out.append({"pool_id": entry.pool_id, "status": status, "devices": devices,
+                        "workers": workers, "models": sorted(set(models))})
+        return out

@@ -1,0 +1,577 @@
+"""rbees-orcd's service: admission, dispatch, job runners, streams, pools. One event loop.
+
+Flow of a job: ``submit`` (durable, then 202) -> the dispatcher asks the scheduler for the
+head of the queue -> ``dispatched`` (durable, then announced) -> a runner streams the
+worker's SSE, announcing each token at once and writing tokens in batches (the first one
+before it is announced, so a restart knows the job produced output) -> ``end``/``error``
+written with the final transition, then announced. A failure before the first token puts
+the job back in the queue (at most 3 times, backoff 0.5/1/2 s); after it, the job fails
+with ``WORKER_FAILED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import attrs
+import httpx
+import pluggy
+
+from rbees_core import plugins
+from rbees_core.api.orchestrator import TaskAccepted, TaskRequest
+from rbees_core.api.pool import PoolHeartbeat
+from rbees_core.errors import (
+    ConflictError,
+    InvalidParamsError,
+    ModelNotFoundError,
+    NotFoundError,
+    RbeesError,
+)
+from rbees_core.log import Logger, correlation_id
+from rbees_core.orchestrator import QUEUE_FULL_DROPPED, JobQueue, Store, new_job
+from rbees_core.orchestrator.channel import Channel
+from rbees_core.orchestrator.metrics import OrchestratorMetrics
+from rbees_core.orchestrator.registry import PoolRegistry
+from rbees_core.scheduling import Snapshot, Verdict
+
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
+MAX_RETRIES = 3
+FLUSH_INTERVAL_S = 0.1
+WORKER_READ_TIMEOUT_S = 120.0
+#: Worker error codes that say "try elsewhere" rather than "this job is bad".
+RETRIABLE_WORKER_CODES = frozenset({"ALL_SLOTS_BUSY", "DRAINING", "NOT_READY", "WORKER_STOPPED",
+                                    "DECODE_FAILED"})
+
+
+class WorkerFailedBeforeTokenError(Exception):
+    """The worker failed before the first token: the job may run elsewhere."""
+
+
+@attrs.define
+class OrcdSettings:
+    db_path: str
+    capacity: int = 1024
+    policy: str = "reject"
+    promote_after_s: float = 300.0
+    heartbeat_interval_s: float = 5.0
+    idle_timeout_s: float = 300.0
+    scheduler: str = "least-loaded"
+    token: str | None = None
+    default_ctx_slots: int = 1
+
+
+@attrs.define(eq=False)
+class Run:
+    """A dispatched job being streamed from its worker."""
+
+    job_id: str
+    pool_id: str
+    worker_id: str
+    uri: str
+    task: asyncio.Task[None] | None = None
+    final: bool = False
+    tokens: int = 0
+    cancelled: bool = False
+    created_at: float = 0.0
+    last_token_at: float = 0.0
+    queue_seq: int | None = None
+
+
+class OrchestratorService:
+    def __init__(self, settings: OrcdSettings, pm: pluggy.PluginManager, log: Logger) -> None:
+        self.settings = settings
+        self.pm = pm
+        self.log = log
+        self.store = Store(settings.db_path)
+        self.queue = JobQueue(capacity=settings.capacity, policy=settings.policy,  # type: ignore[arg-type]
+                              promote_after_s=settings.promote_after_s)
+        self.registry = PoolRegistry(heartbeat_interval_s=settings.heartbeat_interval_s)
+        self.metrics = OrchestratorMetrics(self)
+        self.channels: dict[str, Channel] = {}
+        self.runs: dict[str, Run] = {}
+        self.starting: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.idle_since: dict[tuple[str, str], float] = {}
+        self.started_by_us: set[tuple[str, str]] = set()
+        self.last_decision: dict[str, str] = {}
+        self.admitting: set[str] = set()
+        self.job_seconds = 2.0  # moving estimate of a job's duration, for predicted_start_ms
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
+        schedulers = plugins.schedulers(pm)
+        if settings.scheduler not in schedulers:
+            raise RbeesError(f"no scheduler named {settings.scheduler!r} is installed "
+                             f"(installed: {', '.join(sorted(schedulers)) or 'none'})")
+        self.scheduler = schedulers[settings.scheduler]()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        recovery = await asyncio.to_thread(self.store.recover)
+        for job in recovery.queued:
+            history = [(e.event_id, e.event, e.payload())
+                       for e in self.store.events_after(job.job_id, 0)]
+            self.channels[job.job_id] = Channel(job.job_id, history)
+            self.queue.push(job.job_id, job.priority, model=job.model,
+                            placement=job.placement, since=job.created_at, force=True)
+        self.log.info("recovered", queued=len(recovery.queued), requeued=len(recovery.requeued),
+                      failed=len(recovery.failed), settled=len(recovery.settled))
+        self._spawn(self._dispatch_loop())
+        self._spawn(self._flush_loop())
+        self._spawn(self._idle_loop())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for run in list(self.runs.values()):
+            if run.task is not None:
+                run.task.cancel()
+        await asyncio.sleep(0)
+        await self._flush()
+        await self._client.aclose()
+        await asyncio.to_thread(self.store.close)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- admission -------------------------------------------------------------------------
+
+    def known_model(self, model: str) -> bool:
+        from rbees_core.pool.catalog import configured_catalog
+
+        if configured_catalog().get(model) is not None:
+            return True
+        for entry in self.registry:
+            for w in entry.workers.values():
+                if w.get("model_ref") == model:
+                    return True
+            for m in entry.state.models:
+                if model in (m.get("ref"), m.get("id")):
+                    return True
+        return False
+
+    async def submit(self, request: TaskRequest) -> TaskAccepted:
+        if not self.known_model(request.model):
+            raise ModelNotFoundError(f"model {request.model!r} is not in the catalog and no "
+                                     "pool has it", details={"model": request.model})
+        job = new_job(request, correlation_id=correlation_id.get())
+        pushed = self.queue.push(job.job_id, job.priority, model=job.model,
+                                 placement=request.placement)
+        # the dispatcher leaves the job alone until it is durable and its `queued` event is
+        # written, so that `queued` is event 1 and `dispatched` can only follow it
+        self.admitting.add(job.job_id)
+        channel = self.channels[job.job_id] = Channel(job.job_id)
+        try:
+            await self.store.admit_async(job)
+            position = pushed.position
+            predicted = self.predicted_start_ms(position)
+            queued = {"job_id": job.job_id, "queue_position": position,
+                      "predicted_start_ms": predicted}
+            await self.store.append_events_async(job.job_id, [("queued", queued)])
+        except BaseException:
+            self.queue.remove(job.job_id)
+            self.channels.pop(job.job_id, None)
+            raise
+        finally:
+            self.admitting.discard(job.job_id)
+        channel.publish("queued", queued, persisted=True)
+        self.metrics.admitted.inc()
+        if pushed.dropped is not None:
+            await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
+                                   "dropped to make room: the queue was full")
+        self.wake()
+        return TaskAccepted(job_id=job.job_id, status="queued", queue_position=position,
+                            predicted_start_ms=predicted,
+                            events_url=f"/v2/tasks/{job.job_id}/events")
+
+    def predicted_start_ms(self, position: int) -> int:
+        slots = sum(max(1, int(w.get("slots_total") or 1)) for e in self.registry
+                    for w in e.workers.values() if w.get("state") in ("ready", "busy"))
+        return int(position * self.job_seconds * 1000 / max(1, slots))
+
+    async def _end_queued(self, job_id: str, status: str, code: str, message: str) -> None:
+        error = {"job_id": job_id, "code": code, "message": message,
+                 "retriable": code == QUEUE_FULL_DROPPED}
+        await self.store.transition_async(job_id, status, error_code=code,
+                                          error_message=message, events=[("error", error)])
+        channel = self._channel(job_id)
+        channel.publish("error", error, persisted=True)
+        self.metrics.finished.labels(outcome=status).inc()
+        self._retire(job_id)
+
+    def _channel(self, job_id: str) -> Channel:
+        channel = self.channels.get(job_id)
+        if channel is None:
+            channel = self.channels[job_id] = Channel(job_id)
+        return channel
+
+    def _retire(self, job_id: str) -> None:
+        """Forget a finished job's channel a little later (late subscribers use the store)."""
+        self.last_decision.pop(job_id, None)
+
+        async def later() -> None:
+            await asyncio.sleep(30)
+            channel = self.channels.get(job_id)
+            if channel is not None and not channel.subscribers:
+                self.channels.pop(job_id, None)
+        self._spawn(later())
+
+    # -- cancel ----------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a job; returns False when it was already final. No token after this."""
+        record = await asyncio.to_thread(self.store.get, job_id)
+        if record.status in ("completed", "failed", "cancelled"):
+            return False
+        if self.queue.remove(job_id) is not None or record.status == "queued":
+            await self._end_queued(job_id, "cancelled", "CANCELLED", "cancelled by request")
+            return True
+        run = self.runs.get(job_id)
+        if run is None or run.final:
+            return False
+        run.cancelled = True
+        run.final = True
+        await self._finish(run, "cancelled", None, {
+            "job_id": job_id, "code": "CANCELLED", "message": "cancelled by request",
+            "retriable": False})
+        self._spawn(self._tell_worker_cancel(run))
+        if run.task is not None:
+            run.task.cancel()
+        return True
+
+    async def _tell_worker_cancel(self, run: Run) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            await self._client.post(f"{run.uri}/v2/cancel", json={"job_id": run.job_id},
+                                    headers=self._auth(), timeout=5)
+
+    def _auth(self) -> dict[str, str]:
+        token = self.settings.token
+        headers = {"X-Correlation-Id": correlation_id.get()} \
+            if correlation_id.get() != "-" else {}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    # -- pools -----------------------------------------------------------------------------
+
+    def heartbeat(self, beat: PoolHeartbeat) -> None:
+        _entry, new = self.registry.heartbeat(beat)
+        if new:
+            self.log.info("pool_registered", pool_id=beat.pool_id, url=beat.url)
+        self.wake()
+
+    def deregister(self, pool_id: str) -> bool:
+        found = self.registry.remove(pool_id)
+        if found:
+            self.log.info("pool_deregistered", pool_id=pool_id)
+        return found
+
+    def drain_pool(self, pool_id: str) -> None:
+        entry = self.registry.pools.get(pool_id)
+        if entry is None:
+            raise NotFoundError(f"no pool {pool_id!r}", details={"pool_id": pool_id})
+        entry.draining = True
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def snapshot(self, job_id: str) -> Snapshot:
+        now = time.time()
+        queued = self.queue.get(job_id)
+        assert queued is not None
+        placement = None
+        if queued.placement is not None:
+            placement = attrs.asdict(queued.placement)
+        job = {"job_id": job_id, "model": queued.model, "priority": queued.priority,
+               "waited_s": max(0.0, now - queued.since), "retry_count": 0,
+               "placement": placement}
+        head = [{"job_id": q.job_id, "model": q.model, "priority": q.priority,
+                 "waited_s": max(0.0, now - q.since)} for q in self.queue.head(32)]
+        return Snapshot({"now": now, "job": job, "queue": head,
+                         "pools": self.registry.snapshot_pools(), "throughput": {}})
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+            self._wake.clear()
+            try:
+                await self._dispatch_round()
+            except Exception as exc:  # the loop must survive anything a round meets
+                self.log.error("dispatch_round_failed", error=repr(exc))
+
+    async def _dispatch_round(self) -> None:
+        for queued in self.queue.head(64):
+            if queued.job_id not in self.queue or queued.job_id in self.admitting:
+                continue
+            t0 = time.perf_counter()
+            snapshot = self.snapshot(queued.job_id)
+            verdict: Verdict = self.scheduler.decide(snapshot)
+            self.metrics.scheduling.observe(time.perf_counter() - t0)
+            self._spawn(self._record(queued.job_id, verdict))
+            for decision in verdict.decisions:
+                if decision.action == "dispatch" and decision.pool_id and decision.worker_id:
+                    await self._dispatch(queued.job_id, decision.pool_id, decision.worker_id)
+                    break
+                if decision.action == "start_worker" and decision.pool_id and decision.device:
+                    self._start_worker(decision.pool_id, decision.device,
+                                       decision.model or queued.model)
+                elif decision.action == "stop_worker" and decision.pool_id \
+                        and decision.worker_id:
+                    self._spawn(self._stop_worker(decision.pool_id, decision.worker_id))
+
+    async def _record(self, job_id: str, verdict: Verdict) -> None:
+        """Keep the decision, unless it repeats the job's previous one word for word."""
+        decision = verdict.to_dict()
+        key = json.dumps([decision["decisions"], decision["candidates"]], sort_keys=True)
+        if self.last_decision.get(job_id) == key:
+            return
+        self.last_decision[job_id] = key
+        with contextlib.suppress(RbeesError):
+            await self.store.record_decision_async(job_id, decision)
+
+    def _start_worker(self, pool_id: str, device: str, model: str) -> None:
+        key = (pool_id, model)
+        if key in self.starting:
+            return
+        self.starting[key] = self._spawn(self._start_worker_task(pool_id, device, model))
+
+    async def _start_worker_task(self, pool_id: str, device: str, model: str) -> None:
+        entry = self.registry.pools.get(pool_id)
+        try:
+            if entry is None or not entry.state.url:
+                raise RbeesError(f"pool {pool_id} has no URL to start a worker on")
+            answer = await self._client.post(
+                f"{entry.state.url}/v2/workers/start", headers=self._auth(),
+                json={"model_ref": model, "device": device})
+            if answer.status_code != 202:
+                raise RbeesError(f"pool {pool_id} refused to start {model}: {answer.text[:300]}")
+            worker_id = answer.json()["worker_id"]
+            self.started_by_us.add((pool_id, worker_id))
+            self.log.info("worker_start_requested", pool_id=pool_id, worker_id=worker_id,
+                          model=model, device=device)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                got = await self._client.get(f"{entry.state.url}/v2/workers/{worker_id}",
+                                             headers=self._auth())
+                worker = got.json()
+                if worker.get("state") in ("ready", "busy"):
+                    self.registry.set_worker(pool_id, worker)
+                    break
+                if worker.get("state") in ("failed", "stopped"):
+                    raise RbeesError(f"worker {worker_id} on {pool_id} {worker.get('state')}: "
+                                     f"{worker.get('error')}")
+                await asyncio.sleep(0.05)
+        except (RbeesError, httpx.HTTPError, ValueError) as exc:
+            self.log.error("worker_start_failed", pool_id=pool_id, model=model, error=str(exc))
+            await asyncio.sleep(1.0)  # do not hammer a pool that refuses
+        finally:
+            self.starting.pop((pool_id, model), None)
+            self.wake()
+
+    async def _stop_worker(self, pool_id: str, worker_id: str) -> None:
+        entry = self.registry.pools.get(pool_id)
+        if entry is None or not entry.state.url:
+            return
+        with contextlib.suppress(httpx.HTTPError):
+            await self._client.post(f"{entry.state.url}/v2/workers/{worker_id}/stop",
+                                    headers=self._auth())
+        worker = entry.workers.get(worker_id)
+        if worker is not None:
+            worker["state"] = "stopping"
+        self.log.info("worker_stop_requested", pool_id=pool_id, worker_id=worker_id)
+
+    async def _dispatch(self, job_id: str, pool_id: str, worker_id: str) -> None:
+        entry = self.registry.pools.get(pool_id)
+        worker = entry.workers.get(worker_id) if entry else None
+        if worker is None or self.registry.free_slots(pool_id, worker) <= 0:
+            return
+        queued = self.queue.remove(job_id)
+        if queued is None:
+            return
+        self.registry.take(pool_id, worker_id)
+        self.idle_since.pop((pool_id, worker_id), None)
+        run = Run(job_id=job_id, pool_id=pool_id, worker_id=worker_id, uri=str(worker["uri"]),
+                  created_at=queued.since, queue_seq=queued.seq)
+        self.runs[job_id] = run
+        data = {"job_id": job_id, "pool_id": pool_id, "worker_id": worker_id}
+        await self.store.transition_async(job_id, "dispatched", pool_id=pool_id,
+                                          worker_id=worker_id, events=[("dispatched", data)])
+        self._channel(job_id).publish("dispatched", data, persisted=True)
+        run.task = self._spawn(self._run(run))
+
+    # -- runners ---------------------------------------------------------------------------
+
+    async def _run(self, run: Run) -> None:
+        spec = await asyncio.to_thread(self.store.spec, run.job_id)
+        body = spec.execute_body()
+        try:
+            await self._stream(run, body)
+        except WorkerFailedBeforeTokenError as exc:
+            await self._retry(run, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except (httpx.HTTPError, ValueError) as exc:
+            if run.tokens == 0 and not run.final:
+                await self._retry(run, f"{type(exc).__name__}: {exc}")
+            elif not run.final:
+                run.final = True
+                await self._finish(run, "failed", "WORKER_FAILED", {
+                    "job_id": run.job_id, "code": "WORKER_FAILED",
+                    "message": f"worker {run.worker_id} on {run.pool_id} failed mid-stream: "
+                               f"{type(exc).__name__}", "retriable": True})
+        finally:
+            self.registry.give_back(run.pool_id, run.worker_id)
+            if not any(r.pool_id == run.pool_id and r.worker_id == run.worker_id
+                       for r in self.runs.values() if r is not run):
+                self.idle_since[(run.pool_id, run.worker_id)] = time.monotonic()
+            if self.runs.get(run.job_id) is run:
+                self.runs.pop(run.job_id, None)
+            self.wake()
+
+    async def _stream(self, run: Run, body: dict[str, Any]) -> None:
+        url = f"{run.uri}/v2/execute"
+        channel = self._channel(run.job_id)
+        async with self._client.stream("POST", url, json=body, headers=self._auth()) as answer:
+            if answer.status_code != 200:
+                raw = await answer.aread()
+                try:
+                    code = json.loads(raw)["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    code = f"HTTP_{answer.status_code}"
+                if code in RETRIABLE_WORKER_CODES or answer.status_code >= 500:
+                    raise WorkerFailedBeforeTokenError(f"worker answered {code}")
+                run.final = True
+                await self._finish(run, "failed", code, {
+                    "job_id": run.job_id, "code": code,
+                    "message": f"the worker refused the job: {raw[:300]!r}",
+                    "retriable": False})
+                return
+            event = ""
+            async for line in answer.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event:
+                    if run.final:
+                        return
+                    await self._on_worker_event(run, channel, event, json.loads(line[6:]))
+                    event = ""
+            if not run.final:
+                raise httpx.RemoteProtocolError("the worker's stream ended without end/error")
+
+    async def _on_worker_event(self, run: Run, channel: Channel, event: str,
+                               data: dict[str, Any]) -> None:
+        if event == "started":
+            await self.store.transition_async(run.job_id, "running", events=[("started", data)])
+            channel.publish("started", data, persisted=True)
+        elif event == "token":
+            run.tokens += 1
+            if run.tokens == 1:  # durable before announced: a restart must know we produced
+                pending = channel.take_unpersisted()
+                await self.store.append_events_async(run.job_id, [*pending, ("token", data)])
+                if run.final:
+                    return
+                channel.publish("token", data, persisted=True)
+                self.metrics.first_token(run)
+            else:
+                channel.publish("token", data, persisted=False)
+                self.metrics.token(run)
+        elif event == "metrics":
+            channel.publish("metrics", data, persisted=False)
+        elif event == "end":
+            run.final = True
+            await self._finish(run, "completed", None, data)
+        elif event == "error":
+            code = str(data.get("code", "WORKER_ERROR"))
+            if run.tokens == 0 and code in RETRIABLE_WORKER_CODES:
+                raise WorkerFailedBeforeTokenError(f"worker error {code}")
+            run.final = True
+            await self._finish(run, "failed", code, data)
+
+    async def _finish(self, run: Run, status: str, code: str | None,
+                      data: dict[str, Any]) -> None:
+        channel = self._channel(run.job_id)
+        terminal = "end" if status == "completed" else "error"
+        fields: dict[str, Any] = {}
+        if status == "completed":
+            fields = {"tokens_in": data.get("tokens_in"), "tokens_out": data.get("tokens_out"),
+                      "ttft_ms": data.get("ttft_ms"), "stop_reason": data.get("stop_reason")}
+            fields = {k: v for k, v in fields.items() if v is not None}
+            if data.get("decode_ms") and data.get("tokens_out"):
+                seconds = float(data["decode_ms"]) / 1000
+                self.job_seconds = 0.8 * self.job_seconds + 0.2 * seconds
+        elif code is not None:
+            fields = {"error_code": code, "error_message": str(data.get("message", ""))[:1000]}
+        data = {**data, "job_id": run.job_id}
+        pending = channel.take_unpersisted()
+        try:
+            await self.store.transition_async(run.job_id, status,
+                                              events=[*pending, (terminal, data)], **fields)
+        except RbeesError as exc:
+            self.log.error("finish_failed", job_id=run.job_id, error=exc.message)
+        channel.publish(terminal, data, persisted=True)
+        self.metrics.finished.labels(outcome=status).inc()
+        self._retire(run.job_id)
+
+    async def _retry(self, run: Run, why: str) -> None:
+        if run.final:
+            return
+        record = await asyncio.to_thread(self.store.get, run.job_id)
+        self.log.warning("dispatch_failed", job_id=run.job_id, pool_id=run.pool_id,
+                         worker_id=run.worker_id, retry=record.retry_count + 1, error=why)
+        if record.retry_count >= MAX_RETRIES:
+            run.final = True
+            await self._finish(run, "failed", "WORKER_FAILED", {
+                "job_id": run.job_id, "code": "WORKER_FAILED", "retriable": True,
+                "message": f"gave up after {MAX_RETRIES} retries: {why}"})
+            return
+        # the worker is suspect until the pool's next report says otherwise
+        entry = self.registry.pools.get(run.pool_id)
+        if entry is not None and run.worker_id in entry.workers:
+            entry.workers[run.worker_id]["state"] = "suspect"
+        await self.store.transition_async(run.job_id, "queued")
+        self.runs.pop(run.job_id, None)
+        run.final = True
+        await asyncio.sleep(RETRY_BACKOFF_S[min(record.retry_count, len(RETRY_BACKOFF_S) - 1)])
+        spec = await asyncio.to_thread(self.store.spec, run.job_id)
+        self.queue.push(run.job_id, spec.priority, model=spec.model, seq=run.queue_seq,
+                        placement=spec.placement, since=run.created_at, force=True)
+        self.wake()
+
+    # -- background ------------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        for channel in list(self.channels.values()):
+            pending = channel.take_unpersisted()
+            if pending:
+                try:
+                    await self.store.append_events_async(channel.job_id, pending)
+                except RbeesError as exc:
+                    self.log.warning("flush_failed", job_id=channel.job_id, error=exc.message)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            await self._flush()
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for key, since in list(self.idle_since.items()):
+                if key in self.started_by_us and now - since > self.settings.idle_timeout_s:
+                    self.idle_since.pop(key, None)
+                    self.started_by_us.discard(key)
+                    await self._stop_worker(*key)
+
+
+__all__ = ["ConflictError", "InvalidParamsError", "OrcdSettings", "OrchestratorService"]

@@ -1,0 +1,418 @@
+"""rbees-orcd: the orchestrator daemon (CONTRACT section 5). The only part that decides."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import attrs
+import pluggy
+import typer
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from rbees_core import __version__
+from rbees_core.api import openapi
+from rbees_core.api.common import ID_PATTERN, Health
+from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRequest
+from rbees_core.api.pool import PoolHeartbeat
+from rbees_core.api.worker import Accepted
+from rbees_core.config import rbees_home
+from rbees_core.errors import InvalidParamsError, NotFoundError, RbeesError
+from rbees_core.http import build_app, health_endpoint, json_response, read_json, serve, sse_frame
+from rbees_core.log import Logger
+from rbees_core.orchestrator.channel import TERMINAL
+from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
+from rbees_core.schema import check_string, to_dict
+
+PROGRAM = "rbees-orcd"
+DEFAULT_BIND = "127.0.0.1:8080"
+
+
+def _svc(request: Request) -> OrchestratorService:
+    service: OrchestratorService = request.app.state.orcd
+    return service
+
+
+def _path_id(request: Request, name: str) -> str:
+    value = str(request.path_params[name])
+    check_string(value, name, {"pattern": ID_PATTERN})
+    return value
+
+
+class JobEventStream:
+    """SSE of one job: events after ``after`` (history), then live ones, until terminal."""
+
+    def __init__(self, svc: OrchestratorService, job_id: str, after: int,
+                 cancel_on_disconnect: bool) -> None:
+        self.svc, self.job_id, self.after = svc, job_id, after
+        self.cancel_on_disconnect = cancel_on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+        svc, job_id = self.svc, self.job_id
+        channel = svc.channels.get(job_id)
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if self.cancel_on_disconnect:
+                with_suppress = asyncio.create_task(svc.cancel(job_id))
+                with_suppress.add_done_callback(lambda t: t.exception())
+
+        watcher = asyncio.create_task(watch())
+        try:
+            if channel is None:  # finished and retired: the store has everything
+                events = await asyncio.to_thread(svc.store.events_after, job_id, self.after)
+                body = "".join(sse_frame(e.event_id, e.event, e.payload()) for e in events)
+                await send({"type": "http.response.body", "body": body.encode(),
+                            "more_body": False})
+                return
+            backlog, queue = channel.subscribe(self.after)
+            try:
+                frames = [sse_frame(*e) for e in backlog]
+                done = channel.done  # also when the client has seen everything already
+                while True:
+                    if frames:
+                        await send({"type": "http.response.body",
+                                    "body": "".join(frames).encode(), "more_body": True})
+                        frames = []
+                    if done or gone.is_set():
+                        break
+                    item = await queue.get()
+                    frames.append(sse_frame(*item))
+                    done = item[1] in TERMINAL
+                    while not done and not queue.empty():
+                        item = queue.get_nowait()
+                        frames.append(sse_frame(*item))
+                        done = item[1] in TERMINAL
+                if not gone.is_set():
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                channel.unsubscribe(queue)
+        except OSError:
+            pass
+        finally:
+            watcher.cancel()
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidParamsError("Last-Event-ID", "must be a non-negative integer")
+    return int(raw)
+
+
+async def submit(request: Request) -> Response:
+    req = await read_json(request, TaskRequest)
+    accepted = await _svc(request).submit(req)
+    return json_response(accepted, 202)
+
+
+async def list_tasks(request: Request) -> Response:
+    status = request.query_params.get("status")
+    limit_raw = request.query_params.get("limit", "50")
+    if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 1000:
+        raise InvalidParamsError("limit", "must be 1..1000")
+    cursor = request.query_params.get("cursor")
+    page = await asyncio.to_thread(_svc(request).store.list_jobs, status,
+                                   limit=int(limit_raw), cursor=cursor)
+    return json_response(to_dict(page))
+
+
+async def get_task(request: Request) -> Response:
+    job_id = _path_id(request, "job_id")
+    record = await asyncio.to_thread(_svc(request).store.get, job_id)
+    return json_response(to_dict(record))
+
+
+async def task_events(request: Request) -> Response:
+    job_id = _path_id(request, "job_id")
+    svc = _svc(request)
+    after = _last_event_id(request)
+    await asyncio.to_thread(svc.store.get, job_id)  # unknown job: 404 before the stream
+    cancel_on_disconnect = request.query_params.get("cancel_on_disconnect") in ("1", "true")
+    return JobEventStream(svc, job_id, after, cancel_on_disconnect)  # type: ignore[return-value]
+
+
+async def cancel_task(request: Request) -> Response:
+    job_id = _path_id(request, "job_id")
+    changed = await _svc(request).cancel(job_id)
+    return json_response(Accepted(job_id=job_id), 202 if changed else 200)
+
+
+async def task_decision(request: Request) -> Response:
+    from rbees_core.scheduling import Candidate, Decision, Verdict, explain
+
+    job_id = _path_id(request, "job_id")
+    svc = _svc(request)
+    decisions = await asyncio.to_thread(svc.store.decisions, job_id)
+    text = "no scheduling decision has been made for this job yet"
+    if decisions:
+        latest = decisions[-1]
+        verdict = Verdict(
+            policy=str(latest.get("policy")),
+            decisions=[Decision(**d) for d in latest.get("decisions", [])],
+            candidates=[Candidate(**c) for c in latest.get("candidates", [])],
+            summary=str(latest.get("summary") or ""), fallback=latest.get("fallback"),
+            elapsed_ms=float(latest.get("elapsed_ms") or 0.0))
+        text = explain(verdict)
+    return json_response({"job_id": job_id, "decisions": decisions, "explanation": text})
+
+
+async def list_pools(request: Request) -> Response:
+    svc = _svc(request)
+    return json_response({"pools": [svc.registry.record(e) for e in svc.registry]})
+
+
+async def get_pool(request: Request) -> Response:
+    pool_id = _path_id(request, "pool_id")
+    svc = _svc(request)
+    entry = svc.registry.pools.get(pool_id)
+    if entry is None:
+        raise NotFoundError(f"no pool {pool_id!r}", details={"pool_id": pool_id})
+    return json_response(svc.registry.record(entry))
+
+
+async def heartbeat(request: Request) -> Response:
+    pool_id = _path_id(request, "pool_id")
+    beat = await read_json(request, PoolHeartbeat)
+    if beat.pool_id != pool_id:
+        raise InvalidParamsError("pool_id", "does not match the URL")
+    _svc(request).heartbeat(beat)
+    return json_response({"ok": True})
+
+
+async def deregister(request: Request) -> Response:
+    pool_id = _path_id(request, "pool_id")
+    if not _svc(request).deregister(pool_id):
+        raise NotFoundError(f"no pool {pool_id!r}", details={"pool_id": pool_id})
+    return Response(status_code=204)
+
+
+async def drain_pool(request: Request) -> Response:
+    pool_id = _path_id(request, "pool_id")
+    _svc(request).drain_pool(pool_id)
+    return json_response(Accepted(), 202)
+
+
+async def list_models(request: Request) -> Response:
+    from rbees_core.pool.catalog import configured_catalog
+
+    svc = _svc(request)
+    out = []
+    catalog = configured_catalog()
+    for entry in catalog.entries:
+        where = {"downloaded": [], "loaded": []}  # type: dict[str, list[str]]
+        for pool in svc.registry:
+            if any(entry.id in (m.get("id"), m.get("ref")) for m in pool.state.models):
+                where["downloaded"].append(pool.pool_id)
+            if any(w.get("model_ref") in (entry.id, *entry.sources)
+                   for w in pool.workers.values() if w.get("state") in ("ready", "busy")):
+                where["loaded"].append(pool.pool_id)
+        out.append({"id": entry.id, "name": entry.name, **where})
+    return json_response({"models": out})
+
+
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(_svc(request).metrics.registry),
+                    media_type=CONTENT_TYPE_LATEST)
+
+
+OPERATIONS = [
+    openapi.Operation("GET", "/health", "liveness", response=Health, open=True),
+    openapi.Operation("GET", "/metrics", "Prometheus metrics", open=True),
+    openapi.Operation("GET", "/openapi.json", "this document"),
+    openapi.Operation("POST", "/v2/tasks", "admit a job", request=TaskRequest,
+                      response=TaskAccepted, status=202,
+                      errors={"404": "MODEL_NOT_FOUND", "429": "QUEUE_FULL"}),
+    openapi.Operation("GET", "/v2/tasks", "jobs, newest first, paged", response=JobList,
+                      errors={"400": "bad status, limit or cursor"}),
+    openapi.Operation("GET", "/v2/tasks/{job_id}", "one job (no prompt text)",
+                      response=JobRecord, errors={"404": "no such job", "400": "bad id"}),
+    openapi.Operation("GET", "/v2/tasks/{job_id}/events", "the job's SSE (Last-Event-ID)",
+                      sse=True, errors={"404": "no such job", "400": "bad id"}),
+    openapi.Operation("POST", "/v2/tasks/{job_id}/cancel", "cancel a job", response=Accepted,
+                      status=202, errors={"404": "no such job", "400": "bad id"}),
+    openapi.Operation("GET", "/v2/tasks/{job_id}/decision", "the scheduler's reasoning",
+                      errors={"404": "no such job", "400": "bad id"}),
+    openapi.Operation("GET", "/v2/pools", "registered pools"),
+    openapi.Operation("GET", "/v2/pools/{pool_id}", "one pool",
+                      errors={"404": "no such pool", "400": "bad id"}),
+    openapi.Operation("POST", "/v2/pools/{pool_id}/heartbeat", "a pool's heartbeat",
+                      request=PoolHeartbeat),
+    openapi.Operation("DELETE", "/v2/pools/{pool_id}", "deregister a pool", status=204,
+                      errors={"404": "no such pool", "400": "bad id"}),
+    openapi.Operation("POST", "/v2/pools/{pool_id}/drain", "stop placing jobs on a pool",
+                      response=Accepted, status=202,
+                      errors={"404": "no such pool", "400": "bad id"}),
+    openapi.Operation("GET", "/v2/models", "catalog models and where they are"),
+]
+
+
+def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
+    from rbees_core.programs import orcd_openai
+
+    operations = OPERATIONS + orcd_openai.OPERATIONS
+    doc = openapi.document(PROGRAM, __version__, operations)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(doc)
+
+    builtin: list[BaseRoute] = [
+        Route("/health", health_endpoint(__version__, started), methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/v2/tasks", submit, methods=["POST"]),
+        Route("/v2/tasks", list_tasks, methods=["GET"]),
+        Route("/v2/tasks/{job_id}", get_task, methods=["GET"]),
+        Route("/v2/tasks/{job_id}/events", task_events, methods=["GET"]),
+        Route("/v2/tasks/{job_id}/cancel", cancel_task, methods=["POST"]),
+        Route("/v2/tasks/{job_id}/decision", task_decision, methods=["GET"]),
+        Route("/v2/pools", list_pools, methods=["GET"]),
+        Route("/v2/pools/{pool_id}", get_pool, methods=["GET"]),
+        Route("/v2/pools/{pool_id}", deregister, methods=["DELETE"]),
+        Route("/v2/pools/{pool_id}/heartbeat", heartbeat, methods=["POST"]),
+        Route("/v2/pools/{pool_id}/drain", drain_pool, methods=["POST"]),
+        Route("/v2/models", list_models, methods=["GET"]),
+        *orcd_openai.routes(),
+    ]
+    extra = [r for batch in pm.hook.rbees_register_routes(program=PROGRAM) for r in batch]
+    return builtin + extra
+
+
+def create_app(svc: OrchestratorService, started: float | None = None) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.orcd = svc
+        await svc.start()
+        svc.pm.hook.rbees_startup(program=PROGRAM, state=svc)
+        try:
+            yield
+        finally:
+            try:
+                svc.pm.hook.rbees_shutdown(program=PROGRAM, state=svc)
+            except Exception as exc:
+                svc.log.error("shutdown_hook_failed", error=str(exc))
+            await svc.close()
+
+    return build_app(routes(svc.pm, started or time.monotonic()), token=svc.settings.token,
+                     lifespan=lifespan)
+
+
+def pid_file() -> Path:
+    return rbees_home() / "run" / "rbees-orcd.pid"
+
+
+async def run(settings: OrcdSettings, host: str, port: int, pm: pluggy.PluginManager) -> int:
+    from rbees_core.pool.workers import pid_alive
+
+    log = Logger(PROGRAM)
+    pidf = pid_file()
+    pidf.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        other = int(pidf.read_text().strip())
+    except (OSError, ValueError):
+        other = None
+    if other is not None and other != os.getpid() and pid_alive(other):
+        print(f"{PROGRAM}: error: already running for this RBEES_HOME (pid {other})",
+              file=sys.stderr)
+        return 1
+    svc = OrchestratorService(settings, pm, log)
+    app = create_app(svc)
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.set)
+    pidf.write_text(f"{os.getpid()}\n")
+    log.info("listening", url=f"http://{host}:{port}", db=settings.db_path)
+    try:
+        await serve(app, host, port, shutdown)
+    finally:
+        if pidf.exists() and pidf.read_text().strip() == str(os.getpid()):
+            pidf.unlink()
+    log.info("exit", code=0)
+    return 0
+
+
+app = typer.Typer(add_completion=False, help="Orchestrator daemon: queue, scheduling, dispatch.")
+
+
+@app.command()
+def serve_orcd(
+    bind: Annotated[str, typer.Option("--bind", help="HOST:PORT")] = DEFAULT_BIND,
+    config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
+    api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="SQLite file")] = None,
+    capacity: Annotated[int | None, typer.Option("--queue-capacity", min=1)] = None,
+    policy: Annotated[str | None, typer.Option("--queue-policy",
+                                               help="reject or drop-oldest-batch")] = None,
+    heartbeat_interval: Annotated[float | None, typer.Option("--heartbeat-interval",
+                                                             min=0.1)] = None,
+    idle_timeout: Annotated[float | None, typer.Option("--idle-timeout", min=1)] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
+) -> None:
+    """Start the orchestrator."""
+    from rbees_core import plugins
+    from rbees_core.config import load_config
+    from rbees_core.http import check_bind_policy, load_token, parse_bind
+
+    try:
+        cfg = load_config(config)
+        host, port = parse_bind(bind)
+        token = load_token(api_token_file)
+        check_bind_policy(host, token)
+        orch = getattr(cfg, "orchestrator", None)
+        sched = getattr(cfg, "scheduler", None)
+
+        def pick(flag: Any, section: Any, key: str, default: Any) -> Any:
+            if flag is not None:
+                return flag
+            return getattr(section, key, default) if section is not None else default
+
+        policy_value = pick(policy, orch, "queue_policy", "reject")
+        if policy_value not in ("reject", "drop-oldest-batch"):
+            raise InvalidParamsError("--queue-policy", "must be reject or drop-oldest-batch")
+        db_path = db or str(rbees_home() / "orcd.sqlite3")
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        settings = OrcdSettings(
+            db_path=db_path, capacity=pick(capacity, orch, "queue_capacity", 1024),
+            policy=policy_value,
+            heartbeat_interval_s=pick(heartbeat_interval, orch, "heartbeat_interval_s", 5.0),
+            idle_timeout_s=pick(idle_timeout, orch, "idle_timeout_s", 300.0),
+            scheduler=pick(scheduler, sched, "policy", "least-loaded"), token=token)
+        pm = plugins.make_manager(plugins.builtin_plugins())
+    except RbeesError as exc:
+        if os.environ.get("RBEES_DEBUG") == "1":
+            raise
+        print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    try:
+        code = asyncio.run(run(settings, host, port, pm))
+    except RbeesError as exc:
+        print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
+        code = 1
+    raise typer.Exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name=PROGRAM)
+
+
+__all__ = ["OrcdSettings", "attrs", "main", "run"]

@@ -1,0 +1,362 @@
+"""OpenAI-compatible endpoints of rbees-orcd: /v1/chat/completions, /v1/completions, /v1/models.
+
+Jobs go through the same queue as /v2/tasks (interactive lane, cancelled when the client
+disconnects). OpenAI's harmless fields that rbees does not support are ignored; values it
+cannot honour are refused in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from rbees_core.api import openapi
+from rbees_core.api.orchestrator import TaskRequest
+from rbees_core.errors import InvalidParamsError, RbeesError
+from rbees_core.http import read_body
+from rbees_core.orchestrator.channel import TERMINAL
+from rbees_core.schema import from_mapping
+
+MAX_N = 8
+FINISH = {"stop": "stop", "eos": "stop", "max_tokens": "length"}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind)
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return JSONResponse({"error": {"message": self.message, "type": self.kind,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status, headers=headers)
+
+
+def _from_rbees(exc: RbeesError) -> OpenAIError:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            429: "rate_limit_error"}.get(exc.status, "server_error")
+    return OpenAIError(exc.status, exc.message, param=exc.details.get("field"),
+                       code=exc.code.lower(), kind=kind)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        raw = await read_body(request)
+        data = json.loads(raw)
+    except RbeesError as exc:
+        raise _from_rbees(exc) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OpenAIError(400, f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "the body must be a JSON object")
+    return data
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    if body.get("logprobs") not in (None, False, 0):
+        raise OpenAIError(400, "logprobs are not supported", param="logprobs")
+    if body.get("echo"):
+        raise OpenAIError(400, "echo is not supported", param="echo")
+    if body.get("suffix"):
+        raise OpenAIError(400, "suffix is not supported", param="suffix")
+    if body.get("logit_bias"):
+        raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
+    if body.get("tools") or body.get("functions"):
+        raise OpenAIError(400, "tools are not supported", param="tools")
+    fmt = body.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise OpenAIError(400, "only response_format type 'text' is supported",
+                          param="response_format")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise OpenAIError(400, f"n must be an integer from 1 to {MAX_N}", param="n")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise OpenAIError(400, "stream_options must be an object", param="stream_options")
+
+
+def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
+    _refuse_unsupported(body)
+    if not isinstance(body.get("model"), str):
+        raise OpenAIError(400, "model is required", param="model")
+    task: dict[str, Any] = {"model": body["model"], "priority": "interactive",
+                            "cancel_on_disconnect": True}
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise OpenAIError(400, "messages must be a non-empty array", param="messages")
+        task["messages"] = [_message(m, i) for i, m in enumerate(messages)]
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise OpenAIError(400, "prompt must be a string", param="prompt")
+        task["prompt"] = prompt
+        max_tokens = body.get("max_tokens", 16)
+    if max_tokens is not None:
+        task["max_tokens"] = max_tokens
+    for key in ("temperature", "top_p", "seed"):
+        if body.get(key) is not None:
+            task[key] = body[key]
+    if body.get("top_k") is not None:
+        task["top_k"] = body["top_k"]
+    stop = body.get("stop")
+    if stop is not None:
+        task["stop"] = [stop] if isinstance(stop, str) else stop
+    return task, int(body.get("n", 1))
+
+
+def _message(m: Any, i: int) -> dict[str, str]:
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant",
+                                                         "developer"):
+        raise OpenAIError(400, "each message needs a role of system, user or assistant",
+                          param=f"messages[{i}].role")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: only text is supported
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise OpenAIError(400, "only text content parts are supported",
+                                  param=f"messages[{i}].content")
+            texts.append(str(part.get("text", "")))
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise OpenAIError(400, "content must be a string", param=f"messages[{i}].content")
+    role = "system" if m["role"] == "developer" else m["role"]
+    return {"role": role, "content": content}
+
+
+async def _submit_all(request: Request, task: dict[str, Any], n: int) -> list[str]:
+    from rbees_core.programs.orcd import _svc
+
+    svc = _svc(request)
+    job_ids = []
+    try:
+        for i in range(n):
+            body = dict(task)
+            if n > 1 and "seed" in body:
+                body["seed"] = int(body["seed"]) + i
+            req = from_mapping(TaskRequest, body)
+            job_ids.append((await svc.submit(req)).job_id)
+    except InvalidParamsError as exc:
+        raise OpenAIError(400, exc.message, param=exc.field) from exc
+    except RbeesError as exc:
+        for job_id in job_ids:
+            await svc.cancel(job_id)
+        raise _from_rbees(exc) from exc
+    return job_ids
+
+
+class _Jobs:
+    """Follows n jobs' channels and yields (choice index, event, data) in arrival order."""
+
+    def __init__(self, request: Request, job_ids: list[str]) -> None:
+        from rbees_core.programs.orcd import _svc
+
+        self.svc = _svc(request)
+        self.job_ids = job_ids
+        self.queue: asyncio.Queue[tuple[int, str, dict[str, Any]]] = asyncio.Queue()
+        self.tasks = [asyncio.create_task(self._follow(i, j)) for i, j in enumerate(job_ids)]
+
+    async def _follow(self, index: int, job_id: str) -> None:
+        channel = self.svc.channels[job_id]
+        backlog, queue = channel.subscribe(0)
+        try:
+            for _, event, data in backlog:
+                self.queue.put_nowait((index, event, data))
+                if event in TERMINAL:
+                    return
+            while True:
+                _, event, data = await queue.get()
+                self.queue.put_nowait((index, event, data))
+                if event in TERMINAL:
+                    return
+        finally:
+            channel.unsubscribe(queue)
+
+    async def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for job_id in self.job_ids:
+            with contextlib.suppress(RbeesError):
+                await self.svc.cancel(job_id)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _complete(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _complete(request, chat=False)
+
+
+async def _complete(request: Request, *, chat: bool) -> Response:
+    try:
+        body = await _body(request)
+        task, n = _task(body, chat=chat)
+        job_ids = await _submit_all(request, task, n)
+    except OpenAIError as exc:
+        return exc.response()
+    jobs = _Jobs(request, job_ids)
+    created = int(time.time())
+    ident = ("chatcmpl-" if chat else "cmpl-") + job_ids[0].removeprefix("job-")
+    model = task["model"]
+    if body.get("stream"):
+        opts = body.get("stream_options") or {}
+        return _OpenAIStream(jobs, n, chat=chat, ident=ident, model=model, created=created,
+                             usage=bool(opts.get("include_usage")))  # type: ignore[return-value]
+    texts = [""] * n
+    finish: list[str | None] = [None] * n
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    done = 0
+    error: dict[str, Any] | None = None
+    while done < n:
+        index, event, data = await jobs.queue.get()
+        if event == "token":
+            texts[index] += data["t"]
+        elif event == "end":
+            finish[index] = FINISH.get(str(data.get("stop_reason")), "stop")
+            usage["prompt_tokens"] += int(data.get("tokens_in") or 0)
+            usage["completion_tokens"] += int(data.get("tokens_out") or 0)
+            done += 1
+        elif event == "error":
+            error = error or data
+            done += 1
+    if error is not None:
+        return OpenAIError(502 if error.get("code") != "CANCELLED" else 499,
+                           str(error.get("message")), code=str(error.get("code")).lower(),
+                           kind="server_error").response()
+    choices = []
+    for i in range(n):
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                            "finish_reason": finish[i], "logprobs": None})
+        else:
+            choices.append({"index": i, "text": texts[i], "finish_reason": finish[i],
+                            "logprobs": None})
+    return JSONResponse({
+        "id": ident, "object": "chat.completion" if chat else "text_completion",
+        "created": created, "model": model, "choices": choices,
+        "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+    })
+
+
+class _OpenAIStream:
+    def __init__(self, jobs: _Jobs, n: int, *, chat: bool, ident: str, model: str,
+                 created: int, usage: bool) -> None:
+        self.jobs, self.n, self.chat, self.ident = jobs, n, chat, ident
+        self.model, self.created, self.usage = model, created, usage
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat
+                else "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+    def _choice(self, index: int, text: str | None, finish: str | None,
+                role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache")]})
+        gone = asyncio.Event()
+        cancel: Callable[[], Any] = self.jobs.cancel
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            await cancel()
+
+        watcher = asyncio.create_task(watch())
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        try:
+            if self.chat:
+                await send({"type": "http.response.body", "more_body": True, "body": b"".join(
+                    self._chunk([self._choice(i, "", None, role=True)]) for i in range(self.n))})
+            done = 0
+            while done < self.n and not gone.is_set():
+                index, event, data = await self.jobs.queue.get()
+                chunk = b""
+                if event == "token":
+                    chunk = self._chunk([self._choice(index, data["t"], None)])
+                elif event == "end":
+                    done += 1
+                    usage["prompt_tokens"] += int(data.get("tokens_in") or 0)
+                    usage["completion_tokens"] += int(data.get("tokens_out") or 0)
+                    finish = FINISH.get(str(data.get("stop_reason")), "stop")
+                    chunk = self._chunk([self._choice(index, None, finish)])
+                elif event == "error":
+                    done += 1
+                    error = {"message": data.get("message"), "type": "server_error",
+                             "param": None, "code": str(data.get("code", "")).lower()}
+                    chunk = f"data: {json.dumps({'error': error})}\n\n".encode()
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not gone.is_set():
+                tail = b""
+                if self.usage:
+                    tail += self._chunk([], usage={
+                        **usage, "total_tokens": usage["prompt_tokens"]
+                        + usage["completion_tokens"]})
+                tail += b"data: [DONE]\n\n"
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except OSError:
+            await cancel()
+        finally:
+            watcher.cancel()
+
+
+async def models(request: Request) -> Response:
+    from rbees_core.pool.catalog import configured_catalog
+    from rbees_core.programs.orcd import _svc
+
+    svc = _svc(request)
+    ids = {e.id for e in configured_catalog().entries}
+    for pool in svc.registry:
+        for w in pool.workers.values():
+            if w.get("model_ref"):
+                ids.add(str(w["model_ref"]))
+    data = [{"id": i, "object": "model", "created": 0, "owned_by": "rbees"}
+            for i in sorted(ids)]
+    return JSONResponse({"object": "list", "data": data})
+
+
+OPERATIONS = [
+    openapi.Operation("POST", "/v1/chat/completions", "OpenAI chat completions",
+                      errors={"400": "invalid request (OpenAI error shape)"}),
+    openapi.Operation("POST", "/v1/completions", "OpenAI completions",
+                      errors={"400": "invalid request (OpenAI error shape)"}),
+    openapi.Operation("GET", "/v1/models", "models, OpenAI style"),
+]
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]

@@ -1,0 +1,1 @@
+"""Command groups of ``rbees``, each a builtin plugin (see ``rbees_cli.BUILTINS``)."""

@@ -1,0 +1,260 @@
+"""``rbees up|down`` and ``rbees orchestrator start|stop|status|logs``.
+
+``rbees up`` starts rbees-orcd and a local pool-managerd in the background on the embedded
+defaults (SQLite under RBEES_HOME, SmolLM2 from its package), waits until the pool has
+registered, and prints the URLs; ``rbees down`` stops both (the pool drains its workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rbees_core.hookspecs import hookimpl
+from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+
+DEFAULT_ORCD = "127.0.0.1:8080"
+DEFAULT_POOL = "127.0.0.1:9200"
+
+
+def _home() -> Path:
+    from rbees_core.config import rbees_home
+
+    return rbees_home()
+
+
+def orchestrator_url() -> str:
+    """Where ``rbees`` finds rbees-orcd: RBEES_ORCHESTRATOR_URL, else what ``rbees up`` or
+    ``rbees orchestrator start`` recorded, else http://127.0.0.1:8080."""
+    env = os.environ.get("RBEES_ORCHESTRATOR_URL")
+    if env:
+        return env.rstrip("/")
+    recorded = _home() / "run" / "rbees-orcd.url"
+    if recorded.exists():
+        return recorded.read_text().strip()
+    return f"http://{DEFAULT_ORCD}"
+
+
+def auth_headers() -> dict[str, str]:
+    from rbees_core.http import load_token
+
+    token = load_token(None)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _pid(name: str) -> int | None:
+    from rbees_core.pool.workers import pid_alive
+
+    try:
+        pid = int((_home() / "run" / f"{name}.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def _exe(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
+    import httpx
+
+    from rbees_core.errors import RbeesError
+
+    log_path = _home() / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([_exe(name), *argv], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RbeesError(f"{name} exited at start: " + " | ".join(tail))
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                (_home() / "run" / f"{name}.url").write_text(url)
+                return proc.pid
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RbeesError(f"{name} did not answer at {url} within {timeout:.0f} s")
+
+
+def _stop(name: str, timeout: float) -> int | None:
+    from rbees_core.errors import RbeesError
+    from rbees_core.pool.workers import pid_alive
+
+    pid = _pid(name)
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        raise RbeesError(f"{name} (pid {pid}) still running after {timeout:.0f} s")
+    (_home() / "run" / f"{name}.url").unlink(missing_ok=True)
+    return pid
+
+
+def _url(bind: str) -> str:
+    from rbees_core.http import parse_bind
+
+    host, port = parse_bind(bind)
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def start_orchestrator(bind: str, extra: list[str], timeout: float) -> tuple[int, str]:
+    from rbees_core.errors import ConflictError
+
+    if (pid := _pid("rbees-orcd")) is not None:
+        raise ConflictError(f"rbees-orcd is already running (pid {pid})")
+    url = _url(bind)
+    return _start("rbees-orcd", ["--bind", bind, *extra], url, timeout), url
+
+
+def up(
+    bind: Annotated[str, typer.Option("--bind", help="rbees-orcd HOST:PORT")] = DEFAULT_ORCD,
+    pool_bind: Annotated[str, typer.Option("--pool-bind", help="pool-managerd HOST:PORT")
+                         ] = DEFAULT_POOL,
+    pool_id: Annotated[str | None, typer.Option("--pool-id", help="Default: host name")
+                       ] = None,
+    heartbeat_interval: Annotated[float, typer.Option("--heartbeat-interval", min=0.1)
+                                  ] = 5.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=1)] = 60.0,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Start a local cluster: rbees-orcd plus a pool-managerd on this host."""
+    import httpx
+
+    from rbees_core.errors import RbeesError
+
+    hb = ["--heartbeat-interval", str(heartbeat_interval)]
+    orcd_pid, orcd_url = start_orchestrator(bind, hb, timeout)
+    try:
+        pool_url = _url(pool_bind)
+        if _pid("pool-managerd") is not None:
+            raise RbeesError("pool-managerd is already running here; `rbees down` first")
+        argv = ["--bind", pool_bind, "--orchestrator", orcd_url, *hb]
+        if pool_id:
+            argv += ["--pool-id", pool_id]
+        pool_pid = _start("pool-managerd", argv, pool_url, timeout)
+        deadline = time.monotonic() + timeout
+        pools: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            pools = httpx.get(f"{orcd_url}/v2/pools", headers=auth_headers(),
+                              timeout=2).json().get("pools", [])
+            if any(p.get("status") == "ready" for p in pools):
+                break
+            time.sleep(0.05)
+        else:
+            raise RbeesError("the pool did not register with the orchestrator in time")
+    except BaseException:
+        _stop("pool-managerd", 30)
+        _stop("rbees-orcd", 30)
+        raise
+    info = {"orchestrator": orcd_url, "pool": pool_url, "pool_id": pools[0]["pool_id"],
+            "orchestrator_pid": orcd_pid, "pool_pid": pool_pid, "home": str(_home())}
+    (_home() / "run" / "cluster.json").write_text(json.dumps(info))
+    if fmt is OutputFormat.json:
+        print_json(info)
+    else:
+        print(f"orchestrator  {orcd_url}\npool          {pool_url} ({info['pool_id']})\n"
+              f"try: rbees jobs submit --model smollm2 --prompt \"Hello\"")
+
+
+def down(timeout: Annotated[float, typer.Option("--timeout", min=1)] = 60.0) -> None:
+    """Stop the local cluster started by ``rbees up`` (workers drain first)."""
+    pool = _stop("pool-managerd", timeout)
+    orcd = _stop("rbees-orcd", timeout)
+    (_home() / "run" / "cluster.json").unlink(missing_ok=True)
+    print(f"stopped: pool-managerd {pool or '-'}, rbees-orcd {orcd or '-'}", file=sys.stderr)
+
+
+def orch_start(
+    bind: Annotated[str, typer.Option("--bind", help="HOST:PORT")] = DEFAULT_ORCD,
+    config: Annotated[str | None, typer.Option("--config")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=1)] = 30.0,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Start rbees-orcd in the background."""
+    pid, url = start_orchestrator(bind, ["--config", config] if config else [], timeout)
+    if fmt is OutputFormat.json:
+        print_json({"pid": pid, "url": url})
+    else:
+        print(f"rbees-orcd {url} (pid {pid})")
+
+
+def orch_stop(timeout: Annotated[float, typer.Option("--timeout", min=1)] = 30.0) -> None:
+    """Stop rbees-orcd."""
+    pid = _stop("rbees-orcd", timeout)
+    print(f"rbees-orcd {f'stopped (pid {pid})' if pid else 'was not running'}",
+          file=sys.stderr)
+
+
+def orch_status(fmt: FormatOption = OutputFormat.text) -> None:
+    """Whether rbees-orcd answers, with its queue and pools."""
+    import httpx
+
+    url = orchestrator_url()
+    row: dict[str, Any] = {"url": url, "running": False, "pid": _pid("rbees-orcd"),
+                           "version": None, "pools": None}
+    try:
+        health = httpx.get(f"{url}/health", timeout=2).json()
+        row.update(running=True, version=health.get("version"))
+        pools = httpx.get(f"{url}/v2/pools", headers=auth_headers(), timeout=2).json()
+        row["pools"] = len(pools.get("pools", []))
+    except (httpx.HTTPError, ValueError):
+        pass
+    emit([row], fmt, ("url", "running", "pid", "version", "pools"))
+    if not row["running"]:
+        raise typer.Exit(1)
+
+
+def orch_logs(
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1)] = 50,
+) -> None:
+    """Print rbees-orcd's log (JSON lines)."""
+    from rbees_core.errors import NotFoundError
+
+    path = _home() / "logs" / "rbees-orcd.log"
+    if not path.exists():
+        raise NotFoundError("rbees-orcd has no log here yet")
+    with open(path, errors="replace") as log:
+        for line in log.readlines()[-lines:]:
+            print(line, end="")
+        try:
+            while follow:
+                line = log.readline()
+                if line:
+                    print(line, end="", flush=True)
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+
+@hookimpl
+def rbees_register_cli(app: typer.Typer, program: str) -> None:
+    if program != "rbees":
+        return
+    app.command("up")(up)
+    app.command("down")(down)
+    group = typer.Typer(name="orchestrator", help="Start, stop and inspect rbees-orcd.",
+                        no_args_is_help=True)
+    group.command("start")(orch_start)
+    group.command("stop")(orch_stop)
+    group.command("status")(orch_status)
+    group.command("logs")(orch_logs)
+    app.add_typer(group)

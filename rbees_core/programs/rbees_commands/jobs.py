@@ -1,0 +1,240 @@
+"""``rbees jobs submit|list|status|cancel|why``: jobs through rbees-orcd.
+
+``submit`` streams the job's tokens to stdout as they arrive and its statistics to stderr;
+``--format json`` prints the job's end record instead. Ctrl+C cancels the job and exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from rbees_core.hookspecs import hookimpl
+from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+
+LIST_COLUMNS = ("job_id", "status", "model", "priority", "pool_id", "worker_id", "tokens_out",
+                "created_at")
+
+
+def _client() -> Any:
+    import httpx
+
+    from rbees_core.programs.rbees_commands.cluster import auth_headers, orchestrator_url
+
+    return httpx.Client(base_url=orchestrator_url(), headers=auth_headers(),
+                        timeout=httpx.Timeout(30.0, read=None))
+
+
+def _check(answer: Any) -> Any:
+    """The JSON of an answer, or the envelope's message as an RbeesError."""
+    from rbees_core.errors import RbeesError
+
+    if answer.status_code >= 400:
+        try:
+            error = answer.json()["error"]
+            message = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {answer.status_code}: {answer.text[:200]}"
+        raise RbeesError(message)
+    return answer.json() if answer.content else {}
+
+
+def _unreachable(exc: Exception) -> Exception:
+    from rbees_core.errors import RbeesError
+    from rbees_core.programs.rbees_commands.cluster import orchestrator_url
+
+    return RbeesError(f"cannot reach rbees-orcd at {orchestrator_url()} ({type(exc).__name__});"
+                      " start it with `rbees up`")
+
+
+def submit(
+    model: Annotated[str, typer.Option("--model", help="Catalog id or model reference")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt; - reads stdin")],
+    chat: Annotated[bool, typer.Option("--chat/--raw",
+                                       help="Send the prompt as a user message (default) "
+                                            "or as raw text")] = True,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=8192)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0, max=2)] = 0.7,
+    seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop sequence (repeat)")
+                    ] = None,
+    priority: Annotated[str, typer.Option("--priority", help="interactive or batch")
+                        ] = "interactive",
+    pool: Annotated[str | None, typer.Option("--pool", help="Run only on this pool")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Run only on this device")
+                      ] = None,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Submit a job and stream its tokens to stdout as they arrive."""
+    import httpx
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    task: dict[str, Any] = {"model": model, "max_tokens": max_tokens,
+                            "temperature": temperature, "priority": priority}
+    if chat:
+        task["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        task["prompt"] = prompt
+    if seed is not None:
+        task["seed"] = seed
+    if stop:
+        task["stop"] = stop
+    if pool or device:
+        task["placement"] = {k: v for k, v in (("pool", pool), ("device", device)) if v}
+    started = time.monotonic()
+    try:
+        with _client() as client:
+            accepted = _check(client.post("/v2/tasks", json=task))
+            job_id = accepted["job_id"]
+            try:
+                end = _follow(client, accepted["events_url"], fmt, started)
+            except KeyboardInterrupt:
+                client.post(f"/v2/tasks/{job_id}/cancel")
+                print(f"\ncancelled {job_id}", file=sys.stderr)
+                raise typer.Exit(130) from None
+            if fmt is OutputFormat.json:
+                record = _check(client.get(f"/v2/tasks/{job_id}"))
+                print_json({**record, "end": end})
+    except httpx.TransportError as exc:
+        raise _unreachable(exc) from exc
+
+
+def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[str, Any]:
+    from rbees_core.errors import RbeesError
+
+    first: float | None = None
+    event = ""
+    last_id = 0
+    for _attempt in range(5):  # resume with Last-Event-ID if the stream breaks
+        try:
+            with client.stream("GET", url, headers={"Last-Event-ID": str(last_id)}) as answer:
+                _check_stream(answer)
+                for line in answer.iter_lines():
+                    if line.startswith("id: "):
+                        last_id = int(line[4:])
+                    elif line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if event == "token":
+                            if first is None:
+                                first = time.monotonic()
+                            if fmt is OutputFormat.text:
+                                sys.stdout.write(data["t"])
+                                sys.stdout.flush()
+                        elif event == "end":
+                            if fmt is OutputFormat.text:
+                                sys.stdout.write("\n")
+                                _stats(data, started, first)
+                            return dict(data)
+                        elif event == "error":
+                            raise RbeesError(f"{data.get('code')}: {data.get('message')}")
+        except Exception as exc:
+            import httpx
+
+            if not isinstance(exc, httpx.TransportError):
+                raise
+            time.sleep(0.5)
+    raise RbeesError("lost the job's event stream")
+
+
+def _check_stream(answer: Any) -> None:
+    if answer.status_code >= 400:
+        answer.read()
+        _check(answer)
+
+
+def _stats(end: dict[str, Any], started: float, first: float | None) -> None:
+    tokens = end.get("tokens_out", 0)
+    decode = float(end.get("decode_ms") or 0) / 1000
+    rate = tokens / decode if decode else 0.0
+    ttft = (first - started) * 1000 if first else None
+    print(f"[{end.get('job_id')}] {tokens} tokens, {rate:.1f} tok/s, first token "
+          f"{ttft:.0f} ms after submit, stop: {end.get('stop_reason')}"
+          if ttft is not None else f"[{end.get('job_id')}] {tokens} tokens",
+          file=sys.stderr)
+
+
+def list_(
+    status: Annotated[str | None, typer.Option("--status", help="e.g. queued,running")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Jobs, newest first."""
+    import httpx
+
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
+    try:
+        with _client() as client:
+            page = _check(client.get("/v2/tasks", params=params))
+    except httpx.TransportError as exc:
+        raise _unreachable(exc) from exc
+    emit(page.get("jobs", []), fmt, LIST_COLUMNS)
+
+
+def status_(job_id: Annotated[str, typer.Argument()], fmt: FormatOption = OutputFormat.text
+            ) -> None:
+    """One job's record."""
+    import httpx
+
+    try:
+        with _client() as client:
+            record = _check(client.get(f"/v2/tasks/{job_id}"))
+    except httpx.TransportError as exc:
+        raise _unreachable(exc) from exc
+    if fmt is OutputFormat.json:
+        print_json(record)
+    else:
+        for key, value in record.items():
+            print(f"{key:16} {value if value is not None else '-'}")
+
+
+def cancel(job_id: Annotated[str, typer.Argument()]) -> None:
+    """Cancel a queued or running job."""
+    import httpx
+
+    try:
+        with _client() as client:
+            answer = client.post(f"/v2/tasks/{job_id}/cancel")
+            _check(answer)
+    except httpx.TransportError as exc:
+        raise _unreachable(exc) from exc
+    print(f"{job_id}: {'cancelled' if answer.status_code == 202 else 'already finished'}",
+          file=sys.stderr)
+
+
+def why(job_id: Annotated[str, typer.Argument()], fmt: FormatOption = OutputFormat.text
+        ) -> None:
+    """Why the scheduler placed (or is holding) a job, in words."""
+    import httpx
+
+    try:
+        with _client() as client:
+            decision = _check(client.get(f"/v2/tasks/{job_id}/decision"))
+    except httpx.TransportError as exc:
+        raise _unreachable(exc) from exc
+    if fmt is OutputFormat.json:
+        print_json(decision)
+    else:
+        print(decision.get("explanation", ""))
+
+
+@hookimpl
+def rbees_register_cli(app: typer.Typer, program: str) -> None:
+    if program != "rbees":
+        return
+    group = typer.Typer(name="jobs", help="Submit, list, inspect and cancel jobs.",
+                        no_args_is_help=True)
+    group.command("submit")(submit)
+    group.command("list")(list_)
+    group.command("status")(status_)
+    group.command("cancel")(cancel)
+    group.command("why")(why)
+    app.add_typer(group)

