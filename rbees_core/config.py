@@ -9,6 +9,7 @@ missing named file is an error. Sections are attrs classes validated with
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,18 @@ def rbees_home() -> Path:
     """Runtime state directory: ``$RBEES_HOME`` or ``~/.local/share/rbees``."""
     home = os.environ.get("RBEES_HOME")
     return Path(home) if home else Path.home() / ".local" / "share" / "rbees"
+
+
+def read_token_file(path: str) -> str | None:
+    """The token in ``path`` (stripped); a file readable by group or others is refused."""
+    p = Path(path).expanduser()
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"token file {path}: {exc.strerror}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"token file {path} is readable by group or others; chmod 600 it")
+    return p.read_text(encoding="utf-8").strip() or None
 
 
 def config_path(explicit: str | None = None) -> tuple[Path, bool]:
@@ -78,11 +91,29 @@ class PoolConfig:
 
 
 @attrs.frozen
+class SchedulerConfig:
+    """``[scheduler]``: the placement policy of rbees-orcd and ``rbees jobs submit``."""
+
+    policy: str = field(
+        default="least-loaded", pattern=r"^[a-z][a-z0-9-]{0,63}$",
+        doc='a registered policy: least-loaded, most-free-memory, round-robin, binpack, '
+            'spread, or "script" for the Starlark script named by `script`')
+    script: str | None = field(
+        default=None, max_length=4096, doc='the policy script of policy = "script"')
+    budget_ms: float = field(
+        default=50.0, minimum=1, maximum=1000,
+        doc="time one script decision may take before the default policy decides")
+    memory_mb: int = field(
+        default=256, minimum=16, maximum=65536, doc="memory cap of the script's sandbox")
+
+
+@attrs.frozen
 class Config:
     """The whole config file. Unknown sections are errors, like unknown keys."""
 
     worker: WorkerConfig = field(factory=WorkerConfig)
     pool: PoolConfig = field(factory=PoolConfig)
+    scheduler: SchedulerConfig = field(factory=SchedulerConfig)
 
 
 _ENV: dict[str, tuple[str, str, type]] = {
@@ -92,6 +123,8 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "RBEES_POOL_CHECKOUT": ("pool", "checkout", str),
     "RBEES_POOL_MODELS_DIR": ("pool", "models_dir", str),
     "RBEES_POOL_CATALOG_FILE": ("pool", "catalog_file", str),
+    "RBEES_SCHEDULER_POLICY": ("scheduler", "policy", str),
+    "RBEES_SCHEDULER_SCRIPT": ("scheduler", "script", str),
 }
 
 

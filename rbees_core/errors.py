@@ -24,6 +24,12 @@ turn it into the envelope of CONTRACT section 1::
     +-- GitError                    GIT_FAILED            500
     +-- ConfigError                 CONFIG_INVALID        500
     +-- PluginError                 PLUGIN_ERROR          500
+    +-- TransportError              TRANSPORT_FAILED      502 (retriable)
+        +-- HostUnreachableError    HOST_UNREACHABLE      502 (retriable)
+        +-- HostKeyError            HOST_KEY_UNTRUSTED    502
+        +-- HostAuthError           HOST_AUTH_FAILED      502
+        +-- RemoteProgramMissingError  REMOTE_PROGRAM_MISSING  502
+        +-- UnsupportedCommandError UNSUPPORTED_COMMAND   400
 
 Library errors are mapped at the boundary with ``raise ... from``.
 """
@@ -164,6 +170,50 @@ class ConfigError(RbeesError):
 
 class PluginError(RbeesError):
     code = "PLUGIN_ERROR"
+
+
+class TransportError(RbeesError):
+    """A pool host could not be driven: the connection or the transport failed, not the
+    command (a command that ran and failed is a result with its exit code)."""
+
+    code = "TRANSPORT_FAILED"
+    status = 502
+    retriable = True
+
+
+class HostUnreachableError(TransportError):
+    """No connection to the host within its connect timeout (refused, no route, no answer)."""
+
+    code = "HOST_UNREACHABLE"
+
+
+class HostKeyError(TransportError):
+    """The host's SSH key is unknown, changed or revoked; nothing was sent to it."""
+
+    code = "HOST_KEY_UNTRUSTED"
+    retriable = False
+
+
+class HostAuthError(TransportError):
+    """The host refused our credentials (ssh keys and agent, or the API token)."""
+
+    code = "HOST_AUTH_FAILED"
+    retriable = False
+
+
+class RemoteProgramMissingError(TransportError):
+    """The host has no ``rbees-pool`` at the configured path."""
+
+    code = "REMOTE_PROGRAM_MISSING"
+    retriable = False
+
+
+class UnsupportedCommandError(TransportError):
+    """The host's transport cannot carry this command (the http transport maps only some)."""
+
+    code = "UNSUPPORTED_COMMAND"
+    status = 400
+    retriable = False
 
 
 def envelope(

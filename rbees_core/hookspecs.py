@@ -60,7 +60,9 @@ def rbees_register_transports() -> list[type[Transport]]:  # type: ignore[empty-
     :func:`rbees_core.plugins.transports`.
 
     Returns: a list of :class:`rbees_core.interfaces.Transport` subclasses, unique by
-    ``name`` (``ssh``, ``http``, ``local``); flattened.
+    ``name`` (``ssh``, ``http``, ``local``); flattened. A host's ``transport`` setting picks
+    one, made with the host's :class:`rbees_core.hosts.HostConfig` by
+    :func:`rbees_core.hosts.open_transport`.
     """
 
 

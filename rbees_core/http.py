@@ -13,12 +13,10 @@ import ipaddress
 import json
 import os
 import re
-import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
@@ -30,6 +28,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rbees_core.api.common import CORRELATION_ID_PATTERN, MAX_BODY_BYTES
+from rbees_core.config import read_token_file
 from rbees_core.errors import (
     ConfigError,
     InvalidParamsError,
@@ -42,7 +41,10 @@ from rbees_core.log import correlation_id
 from rbees_core.schema import from_mapping
 
 T = TypeVar("T")
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+#: Paths answered without a token; "/" and OPEN_PREFIX are rbees-orcd's web UI, which must
+#: load before it can ask for the token.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/"})
+OPEN_PREFIX = "/ui/"
 _CID = re.compile(CORRELATION_ID_PATTERN)
 
 
@@ -88,14 +90,16 @@ class CorrelationMiddleware:
 
 
 class BearerAuthMiddleware:
-    """401 ``UNAUTHENTICATED`` unless the request carries the token; /health, /metrics open."""
+    """401 ``UNAUTHENTICATED`` unless the request carries the token; /health, /metrics and
+    the web UI's static files are open (:data:`OPEN_PATHS`)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
         given = b""
@@ -214,14 +218,7 @@ def load_token(token_file: str | None) -> str | None:
     ``RBEES_API_TOKEN``. A file readable by group or others is refused."""
     path = token_file or os.environ.get("RBEES_API_TOKEN_FILE")
     if path:
-        p = Path(path)
-        try:
-            mode = p.stat().st_mode
-        except OSError as exc:
-            raise ConfigError(f"token file {path}: {exc.strerror}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"token file {path} is readable by group or others; chmod 600 it")
-        return p.read_text(encoding="utf-8").strip() or None
+        return read_token_file(path)
     return os.environ.get("RBEES_API_TOKEN") or None
 
 

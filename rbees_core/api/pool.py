@@ -11,6 +11,8 @@ from rbees_core.schema import field, limits
 
 WorkerStateName = Literal["starting", "ready", "busy", "draining", "stopping", "stopped",
                           "failed"]
+#: The states of a worker whose process is (or is about to be) running.
+LIVE_WORKER_STATES = frozenset({"starting", "ready", "busy", "draining", "stopping"})
 
 
 @attrs.frozen

@@ -126,19 +126,20 @@ class PoolRegistry:
                     "utilization": gpu.get("utilization"), "power_w": gpu.get("power_w")})
             workers = []
             for w in entry.workers.values():
+                if w["state"] in ("ready", "busy"):
+                    free = self.free_slots(entry.pool_id, w)
+                elif w["state"] == "starting":  # its slots are coming: wait for them
+                    free = int(w.get("slots_total") or 0)
+                else:
+                    free = 0
                 workers.append({
                     "worker_id": w["worker_id"], "model_ref": w["model_ref"],
                     "device": w["device"], "state": w["state"],
-                    "slots_total": w.get("slots_total", 0),
-                    "slots_free": self.free_slots(entry.pool_id, w)
-                    if w["state"] in ("ready", "busy") else 0,
+                    "slots_total": w.get("slots_total", 0), "slots_free": free,
                     "uri": w["uri"]})
-            models: list[str] = []
-            for m in entry.state.models:
-                for key in ("ref", "id"):
-                    if m.get(key):
-                        models.append(str(m[key]))
+            models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
+                      for m in entry.state.models if m.get("ref") or m.get("id")]
             status = "unavailable" if entry.draining else self.status(entry)
             out.append({"pool_id": entry.pool_id, "status": status, "devices": devices,
-                        "workers": workers, "models": sorted(set(models))})
+                        "workers": workers, "models": models})
         return out

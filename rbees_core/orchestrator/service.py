@@ -60,6 +60,7 @@ class OrcdSettings:
     heartbeat_interval_s: float = 5.0
     idle_timeout_s: float = 300.0
     scheduler: str = "least-loaded"
+    scheduler_script: str | None = None
     token: str | None = None
     default_ctx_slots: int = 1
 
@@ -98,6 +99,12 @@ class OrchestratorService:
         self.started_by_us: set[tuple[str, str]] = set()
         self.last_decision: dict[str, str] = {}
         self.admitting: set[str] = set()
+        #: bumped whenever something a policy reads changes; a job that was told to wait at
+        #: the current version is not asked about again (admission stays cheap when 10,000
+        #: jobs wait for a model no pool has)
+        self.version = 0
+        self.waited_at: dict[str, int] = {}
+        self._version_bumped_at = time.monotonic()
         self.job_seconds = 2.0  # moving estimate of a job's duration, for predicted_start_ms
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -106,7 +113,10 @@ class OrchestratorService:
         if settings.scheduler not in schedulers:
             raise RbeesError(f"no scheduler named {settings.scheduler!r} is installed "
                              f"(installed: {', '.join(sorted(schedulers)) or 'none'})")
-        self.scheduler = schedulers[settings.scheduler]()
+        from rbees_core.config import SchedulerConfig
+
+        self.scheduler = schedulers[settings.scheduler].from_config(SchedulerConfig(
+            policy=settings.scheduler, script=settings.scheduler_script))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -139,6 +149,7 @@ class OrchestratorService:
         await asyncio.sleep(0)
         await self._flush()
         await self._client.aclose()
+        await asyncio.to_thread(self.scheduler.close)
         await asyncio.to_thread(self.store.close)
 
     def wake(self) -> None:
@@ -218,6 +229,7 @@ class OrchestratorService:
     def _retire(self, job_id: str) -> None:
         """Forget a finished job's channel a little later (late subscribers use the store)."""
         self.last_decision.pop(job_id, None)
+        self.waited_at.pop(job_id, None)
 
         async def later() -> None:
             await asyncio.sleep(30)
@@ -264,16 +276,25 @@ class OrchestratorService:
 
     # -- pools -----------------------------------------------------------------------------
 
+    def changed(self) -> None:
+        self.version += 1
+        self._version_bumped_at = time.monotonic()
+        self.wake()
+
     def heartbeat(self, beat: PoolHeartbeat) -> None:
-        _entry, new = self.registry.heartbeat(beat)
+        entry = self.registry.pools.get(beat.pool_id)
+        before = None if entry is None else (self.registry.status(entry), _shape(entry.workers))
+        entry, new = self.registry.heartbeat(beat)
         if new:
             self.log.info("pool_registered", pool_id=beat.pool_id, url=beat.url)
-        self.wake()
+        if before != (self.registry.status(entry), _shape(entry.workers)):
+            self.changed()
 
     def deregister(self, pool_id: str) -> bool:
         found = self.registry.remove(pool_id)
         if found:
             self.log.info("pool_deregistered", pool_id=pool_id)
+            self.changed()
         return found
 
     def drain_pool(self, pool_id: str) -> None:
@@ -281,6 +302,7 @@ class OrchestratorService:
         if entry is None:
             raise NotFoundError(f"no pool {pool_id!r}", details={"pool_id": pool_id})
         entry.draining = True
+        self.changed()
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -304,6 +326,9 @@ class OrchestratorService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
             self._wake.clear()
+            if time.monotonic() - self._version_bumped_at > 2.0:  # pools age without events
+                self.version += 1
+                self._version_bumped_at = time.monotonic()
             try:
                 await self._dispatch_round()
             except Exception as exc:  # the loop must survive anything a round meets
@@ -313,11 +338,15 @@ class OrchestratorService:
         for queued in self.queue.head(64):
             if queued.job_id not in self.queue or queued.job_id in self.admitting:
                 continue
+            if self.waited_at.get(queued.job_id) == self.version:
+                continue
             t0 = time.perf_counter()
             snapshot = self.snapshot(queued.job_id)
             verdict: Verdict = self.scheduler.decide(snapshot)
             self.metrics.scheduling.observe(time.perf_counter() - t0)
             self._spawn(self._record(queued.job_id, verdict))
+            if all(d.action == "wait" for d in verdict.decisions):
+                self.waited_at[queued.job_id] = self.version
             for decision in verdict.decisions:
                 if decision.action == "dispatch" and decision.pool_id and decision.worker_id:
                     await self._dispatch(queued.job_id, decision.pool_id, decision.worker_id)
@@ -376,7 +405,7 @@ class OrchestratorService:
             await asyncio.sleep(1.0)  # do not hammer a pool that refuses
         finally:
             self.starting.pop((pool_id, model), None)
-            self.wake()
+            self.changed()
 
     async def _stop_worker(self, pool_id: str, worker_id: str) -> None:
         entry = self.registry.pools.get(pool_id)
@@ -407,6 +436,8 @@ class OrchestratorService:
         await self.store.transition_async(job_id, "dispatched", pool_id=pool_id,
                                           worker_id=worker_id, events=[("dispatched", data)])
         self._channel(job_id).publish("dispatched", data, persisted=True)
+        self.waited_at.pop(job_id, None)
+        self.version += 1
         run.task = self._spawn(self._run(run))
 
     # -- runners ---------------------------------------------------------------------------
@@ -436,7 +467,7 @@ class OrchestratorService:
                 self.idle_since[(run.pool_id, run.worker_id)] = time.monotonic()
             if self.runs.get(run.job_id) is run:
                 self.runs.pop(run.job_id, None)
-            self.wake()
+            self.changed()
 
     async def _stream(self, run: Run, body: dict[str, Any]) -> None:
         url = f"{run.uri}/v2/execute"
@@ -545,7 +576,7 @@ class OrchestratorService:
         spec = await asyncio.to_thread(self.store.spec, run.job_id)
         self.queue.push(run.job_id, spec.priority, model=spec.model, seq=run.queue_seq,
                         placement=spec.placement, since=run.created_at, force=True)
-        self.wake()
+        self.changed()
 
     # -- background ------------------------------------------------------------------------
 
@@ -575,3 +606,9 @@ class OrchestratorService:
 
 
 __all__ = ["ConflictError", "InvalidParamsError", "OrcdSettings", "OrchestratorService"]
+
+
+def _shape(workers: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What of a pool's workers a policy cares about (not health timestamps)."""
+    return sorted((w, v.get("state"), v.get("model_ref"), v.get("slots_total"))
+                  for w, v in workers.items())

@@ -23,13 +23,19 @@ import httpx
 import pluggy
 
 from rbees_core import __version__
-from rbees_core.api.pool import CpuEntry, PoolState, WorkerEntry, WorkerStartRequest
+from rbees_core.api.pool import (
+    LIVE_WORKER_STATES,
+    CpuEntry,
+    PoolState,
+    WorkerEntry,
+    WorkerStartRequest,
+)
 from rbees_core.api.worker import ReadyCallback
 from rbees_core.errors import ConflictError, NotFoundError, RbeesError
 from rbees_core.log import Logger
 from rbees_core.pool import workers
 
-LIVE = frozenset({"starting", "ready", "busy", "draining", "stopping"})
+LIVE = LIVE_WORKER_STATES
 
 
 @attrs.define

@@ -106,6 +106,11 @@ class WorkerRecord:
     def to_dict(self) -> dict[str, Any]:
         return {**attrs.asdict(self), "uri": self.uri}
 
+    @classmethod
+    def json_keys(cls) -> tuple[str, ...]:
+        """The keys of :meth:`to_dict`: a worker in rbees-pool's JSON."""
+        return (*(f.name for f in attrs.fields(cls)), "uri")
+
 
 def workers_dir() -> Path:
     return rbees_home() / "workers"

@@ -267,9 +267,9 @@ OPERATIONS = [
 
 
 def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
-    from rbees_core.programs import orcd_openai
+    from rbees_core.programs import orcd_openai, orcd_pools, orcd_web
 
-    operations = OPERATIONS + orcd_openai.OPERATIONS
+    operations = OPERATIONS + orcd_openai.OPERATIONS + orcd_pools.OPERATIONS + orcd_web.OPERATIONS
     doc = openapi.document(PROGRAM, __version__, operations)
 
     async def openapi_json(request: Request) -> Response:
@@ -292,6 +292,8 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         Route("/v2/pools/{pool_id}/drain", drain_pool, methods=["POST"]),
         Route("/v2/models", list_models, methods=["GET"]),
         *orcd_openai.routes(),
+        *orcd_pools.routes(),
+        *orcd_web.routes(),
     ]
     extra = [r for batch in pm.hook.rbees_register_routes(program=PROGRAM) for r in batch]
     return builtin + extra
@@ -396,7 +398,8 @@ def serve_orcd(
             policy=policy_value,
             heartbeat_interval_s=pick(heartbeat_interval, orch, "heartbeat_interval_s", 5.0),
             idle_timeout_s=pick(idle_timeout, orch, "idle_timeout_s", 300.0),
-            scheduler=pick(scheduler, sched, "policy", "least-loaded"), token=token)
+            scheduler=pick(scheduler, sched, "policy", "least-loaded"),
+            scheduler_script=getattr(sched, "script", None), token=token)
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         if os.environ.get("RBEES_DEBUG") == "1":

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from rbees_core.hookspecs import hookimpl
-from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+from rbees_core.programs.cli_common import FormatOption, OutputFormat, print_json, print_table
 
 PROGRAM = "rbees-pool"
 CheckoutOption = Annotated[str | None, typer.Option(
@@ -28,14 +28,8 @@ def _short(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "commit": (row.get("commit") or "")[:12] or None}
 
 
-def status(checkout: CheckoutOption = None, fmt: FormatOption = OutputFormat.text) -> None:
-    """Show the checkout's branch, commit, upstream and local changes."""
-    from rbees_core.pool import git
-
-    info = git.status(checkout_path(checkout))
-    if fmt is OutputFormat.json:
-        print_json(info)
-        return
+def print_status(info: dict[str, Any]) -> None:
+    """``git status``'s JSON as text."""
     print(f"{'path:':11}{info['path']}")
     print(f"{'branch:':11}{info['branch'] or '(detached)'} at {(info['commit'] or '-')[:12]}")
     tracking = f"{info['upstream']} (ahead {info['ahead']}, behind {info['behind']})" \
@@ -49,17 +43,8 @@ def status(checkout: CheckoutOption = None, fmt: FormatOption = OutputFormat.tex
         print(f"{'remote:':11}{name} {url}")
 
 
-def pull(checkout: CheckoutOption = None, fmt: FormatOption = OutputFormat.text) -> None:
-    """Fast-forward the checkout from its upstream and update its submodules.
-
-    Refuses uncommitted changes, a detached HEAD and a branch without upstream.
-    """
-    from rbees_core.pool import git
-
-    result = git.pull(checkout_path(checkout))
-    if fmt is OutputFormat.json:
-        print_json(result)
-        return
+def print_pull(result: dict[str, Any]) -> None:
+    """``git pull``'s JSON as text."""
     if result["updated"]:
         print(f"{result['branch']}: {result['before'][:12]} -> {result['after'][:12]}")
     else:
@@ -68,12 +53,42 @@ def pull(checkout: CheckoutOption = None, fmt: FormatOption = OutputFormat.text)
         print(f"  {sub['path']}: {sub['state']} at {sub['commit'][:12]}")
 
 
+def print_submodules(rows: list[dict[str, Any]]) -> None:
+    """``git submodules list``'s JSON as text."""
+    print_table(rows, ("name", "path", "url", "branch"))
+
+
+def print_submodule_states(rows: list[dict[str, Any]]) -> None:
+    """``git submodules status|update``'s JSON as text."""
+    print_table([_short(r) for r in rows], SUBMODULE_COLUMNS)
+
+
+def status(checkout: CheckoutOption = None, fmt: FormatOption = OutputFormat.text) -> None:
+    """Show the checkout's branch, commit, upstream and local changes."""
+    from rbees_core.pool import git
+
+    info = git.status(checkout_path(checkout))
+    print_json(info) if fmt is OutputFormat.json else print_status(info)
+
+
+def pull(checkout: CheckoutOption = None, fmt: FormatOption = OutputFormat.text) -> None:
+    """Fast-forward the checkout from its upstream and update its submodules.
+
+    Refuses uncommitted changes, a detached HEAD and a branch without upstream.
+    """
+    from rbees_core.pool import git
+
+    result = git.pull(checkout_path(checkout))
+    print_json(result) if fmt is OutputFormat.json else print_pull(result)
+
+
 def submodules_list(checkout: CheckoutOption = None,
                     fmt: FormatOption = OutputFormat.text) -> None:
     """List the submodules declared in .gitmodules."""
     from rbees_core.pool import git
 
-    emit(git.submodule_list(checkout_path(checkout)), fmt, ("name", "path", "url", "branch"))
+    rows = git.submodule_list(checkout_path(checkout))
+    print_json(rows) if fmt is OutputFormat.json else print_submodules(rows)
 
 
 def submodules_status(checkout: CheckoutOption = None,
@@ -82,10 +97,7 @@ def submodules_status(checkout: CheckoutOption = None,
     from rbees_core.pool import git
 
     rows = git.submodule_status(checkout_path(checkout))
-    if fmt is OutputFormat.json:
-        print_json(rows)
-    else:
-        emit([_short(r) for r in rows], fmt, SUBMODULE_COLUMNS)
+    print_json(rows) if fmt is OutputFormat.json else print_submodule_states(rows)
 
 
 def submodules_update(
@@ -101,10 +113,7 @@ def submodules_update(
     from rbees_core.pool import git
 
     rows = git.submodule_update(checkout_path(checkout), paths or [], remote=remote)
-    if fmt is OutputFormat.json:
-        print_json(rows)
-    else:
-        emit([_short(r) for r in rows], fmt, SUBMODULE_COLUMNS)
+    print_json(rows) if fmt is OutputFormat.json else print_submodule_states(rows)
 
 
 def register(app: typer.Typer) -> None:
@@ -119,6 +128,16 @@ def register(app: typer.Typer) -> None:
     subs.command("update")(submodules_update)
     group.add_typer(subs)
     app.add_typer(group)
+
+
+#: How each command's JSON reads as text (``rbees pool ... --host`` renders remote JSON).
+TEXT_RENDERERS = {
+    ("git", "status"): print_status,
+    ("git", "pull"): print_pull,
+    ("git", "submodules", "list"): print_submodules,
+    ("git", "submodules", "status"): print_submodule_states,
+    ("git", "submodules", "update"): print_submodule_states,
+}
 
 
 @hookimpl

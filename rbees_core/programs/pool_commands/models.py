@@ -15,9 +15,9 @@ from rbees_core.programs.cli_common import (
     FormatOption,
     OutputFormat,
     TerminalProgress,
-    emit,
     human_bytes,
     print_json,
+    print_table,
 )
 
 PROGRAM = "rbees-pool"
@@ -36,6 +36,59 @@ def _json_line(data: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def print_catalog(rows: list[dict[str, Any]]) -> None:
+    """``models catalog``'s JSON as text."""
+    print_table([{**r, "size": human_bytes(r["size_bytes"]), "context": r["context_length"],
+                  "present": "yes" if r["present"] else "no"} for r in rows],
+                ("id", "name", "size", "context", "license", "present"))
+
+
+def print_list(rows: list[dict[str, Any]]) -> None:
+    """``models list``'s JSON as text."""
+    print_table([{**r, "size": human_bytes(r["size_bytes"]), "sha256": _short(r["sha256"])}
+                 for r in rows], ("id", "ref", "size", "sha256", "source", "path"))
+
+
+def print_downloaded(end: dict[str, Any]) -> None:
+    """The ``end`` line of ``models download --format json`` as text."""
+    name = end.get("id") or end.get("ref")
+    if end.get("fetched"):
+        print(f"{name}: downloaded to {end['path']} ({human_bytes(end['size_bytes'])}, "
+              f"sha256 {end['sha256']})")
+    else:
+        print(f"{name}: already here at {end['path']}")
+
+
+def print_info(data: dict[str, Any]) -> None:
+    """``models info``'s JSON as text."""
+    entry = data["catalog"]
+    if entry:
+        for key in ("id", "name", "quantization", "hf_repo", "hf_file", "revision",
+                    "license", "context_length", "sha256"):
+            print(f"{key + ':':16}{entry.get(key) if entry.get(key) is not None else '-'}")
+        print(f"{'size:':16}{human_bytes(entry['size_bytes'])}")
+        print(f"{'sources:':16}{', '.join(entry['sources'])}")
+    else:
+        print(f"{'catalog:':16}- (not in the catalog)")
+    if not data["local"]:
+        print(f"{'on this host:':16}no")
+    for m in data["local"]:
+        print(f"{'on this host:':16}{m['path']} ({human_bytes(m['size_bytes'])}, "
+              f"{m['source']}, sha256 {m['sha256'] or 'unknown'})")
+
+
+def print_verify(results: list[dict[str, Any]]) -> None:
+    """``models verify``'s JSON as text."""
+    print_table([{**r, "result": {True: "ok", False: "MISMATCH", None: "no known sha256"}[
+        r["ok"]]} for r in results], ("ref", "result", "sha256", "path"))
+
+
+def print_removed(removed: list[dict[str, Any]]) -> None:
+    """``models rm``'s JSON as text."""
+    for m in removed:
+        print(f"removed {m['path']}")
+
+
 def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
     group = typer.Typer(name="models", no_args_is_help=True,
                         help="The model catalog and the models on this host.")
@@ -49,12 +102,7 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
         catalog = configured_catalog()
         here = {m.id for m in models.list_models(pm, catalog=catalog) if m.id}
         rows = [{**e.to_dict(), "present": e.id in here} for e in catalog]
-        if fmt is OutputFormat.json:
-            print_json(rows)
-            return
-        emit([{**r, "size": human_bytes(r["size_bytes"]), "context": r["context_length"],
-               "present": "yes" if r["present"] else "no"} for r in rows],
-             fmt, ("id", "name", "size", "context", "license", "present"))
+        print_json(rows) if fmt is OutputFormat.json else print_catalog(rows)
 
     @group.command("list")
     def list_command(fmt: FormatOption = OutputFormat.text) -> None:
@@ -62,11 +110,7 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
         from rbees_core.pool import models
 
         rows = [m.to_dict() for m in models.list_models(pm)]
-        if fmt is OutputFormat.json:
-            print_json(rows)
-            return
-        emit([{**r, "size": human_bytes(r["size_bytes"]), "sha256": _short(r["sha256"])}
-              for r in rows], fmt, ("id", "ref", "size", "sha256", "source", "path"))
+        print_json(rows) if fmt is OutputFormat.json else print_list(rows)
 
     @group.command("download")
     def download_command(
@@ -118,13 +162,8 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
             fail(PROGRAM, exc)
         if bar is not None:
             bar.close()
-        if fmt is OutputFormat.json:
-            _json_line({"event": "end", **local.to_dict(), "fetched": fetched})
-        elif fetched:
-            print(f"{local.id or local.ref}: downloaded to {local.path} "
-                  f"({human_bytes(local.size_bytes)}, sha256 {local.sha256})")
-        else:
-            print(f"{local.id or local.ref}: already here at {local.path}")
+        end = {"event": "end", **local.to_dict(), "fetched": fetched}
+        _json_line(end) if fmt is OutputFormat.json else print_downloaded(end)
 
     @group.command("info")
     def info_command(model: ModelArg, fmt: FormatOption = OutputFormat.text) -> None:
@@ -132,23 +171,7 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
         from rbees_core.pool import models
 
         data = models.info(pm, model)
-        if fmt is OutputFormat.json:
-            print_json(data)
-            return
-        entry = data["catalog"]
-        if entry:
-            for key in ("id", "name", "quantization", "hf_repo", "hf_file", "revision",
-                        "license", "context_length", "sha256"):
-                print(f"{key + ':':16}{entry.get(key) if entry.get(key) is not None else '-'}")
-            print(f"{'size:':16}{human_bytes(entry['size_bytes'])}")
-            print(f"{'sources:':16}{', '.join(entry['sources'])}")
-        else:
-            print(f"{'catalog:':16}- (not in the catalog)")
-        if not data["local"]:
-            print(f"{'on this host:':16}no")
-        for m in data["local"]:
-            print(f"{'on this host:':16}{m['path']} ({human_bytes(m['size_bytes'])}, "
-                  f"{m['source']}, sha256 {m['sha256'] or 'unknown'})")
+        print_json(data) if fmt is OutputFormat.json else print_info(data)
 
     @group.command("verify")
     def verify_command(model: ModelArg, fmt: FormatOption = OutputFormat.text) -> None:
@@ -159,12 +182,7 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
         from rbees_core.programs.cli_common import fail
 
         results = models.verify(pm, model)
-        if fmt is OutputFormat.json:
-            print_json(results)
-        else:
-            emit([{**r, "result": {True: "ok", False: "MISMATCH", None: "no known sha256"}[
-                r["ok"]], "sha256": r["sha256"]} for r in results],
-                 fmt, ("ref", "result", "sha256", "path"))
+        print_json(results) if fmt is OutputFormat.json else print_verify(results)
         bad = [r for r in results if r["ok"] is False]
         if bad:
             fail(PROGRAM, ChecksumMismatchError(
@@ -182,13 +200,20 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
         from rbees_core.pool import models
 
         removed = [m.to_dict() for m in models.remove(pm, model, force=force)]
-        if fmt is OutputFormat.json:
-            print_json(removed)
-        else:
-            for m in removed:
-                print(f"removed {m['path']}")
+        print_json(removed) if fmt is OutputFormat.json else print_removed(removed)
 
     app.add_typer(group)
+
+
+#: How each command's JSON reads as text (``rbees pool ... --host`` renders remote JSON).
+TEXT_RENDERERS = {
+    ("models", "catalog"): print_catalog,
+    ("models", "list"): print_list,
+    ("models", "download"): print_downloaded,
+    ("models", "info"): print_info,
+    ("models", "verify"): print_verify,
+    ("models", "rm"): print_removed,
+}
 
 
 @hookimpl

@@ -41,7 +41,8 @@ def pool_state(pm: pluggy.PluginManager) -> tuple[dict[str, Any], list[str]]:
     return state, devices.problems
 
 
-def _print_text(state: dict[str, Any]) -> None:
+def print_text(state: dict[str, Any]) -> None:
+    """``status``'s JSON as text."""
     print(f"host: {state['host']}")
     print("\ndevices:")
     rows: list[dict[str, Any]] = []
@@ -89,7 +90,11 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
         if fmt is OutputFormat.json:
             print_json(state)
         else:
-            _print_text(state)
+            print_text(state)
+
+
+#: How each command's JSON reads as text (``rbees pool ... --host`` renders remote JSON).
+TEXT_RENDERERS = {("status",): print_text}
 
 
 @hookimpl

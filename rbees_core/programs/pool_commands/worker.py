@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from rbees_core.hookspecs import hookimpl
-from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+from rbees_core.programs.cli_common import FormatOption, OutputFormat, print_json, print_table
 
 COLUMNS = ("worker_id", "state", "model_ref", "backend", "device", "uri", "pid", "slots_total",
            "slots_free")
@@ -22,6 +22,21 @@ def _progress(fraction: float) -> None:
         if fraction >= 1.0:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+
+def print_spawned(record: dict[str, Any]) -> None:
+    """``worker spawn``'s JSON as text."""
+    print(f"{record['worker_id']} {record['uri']}")
+
+
+def print_list(rows: list[dict[str, Any]]) -> None:
+    """``worker list``'s JSON as text."""
+    print_table(rows, COLUMNS)
+
+
+def print_stopped(rows: list[dict[str, Any]]) -> None:
+    """``worker stop``'s JSON as text."""
+    print_table(rows, ("worker_id", "state", "pid"))
 
 
 def spawn(
@@ -53,17 +68,15 @@ def spawn(
     if fmt is OutputFormat.text:
         print(f"starting {record.worker_id} (pid {record.pid}) on {record.uri}", file=sys.stderr)
     record = workers.wait_ready(record, timeout=timeout, on_progress=_progress)
-    if fmt is OutputFormat.json:
-        print_json(record.to_dict())
-    else:
-        print(f"{record.worker_id} {record.uri}")
+    print_json(record.to_dict()) if fmt is OutputFormat.json else print_spawned(record.to_dict())
 
 
 def list_(fmt: FormatOption = OutputFormat.text) -> None:
     """Workers on this host with their live state; dead processes show as dead."""
     from rbees_core.pool import workers
 
-    emit(workers.list_workers(), fmt, COLUMNS)
+    rows = workers.list_workers()
+    print_json(rows) if fmt is OutputFormat.json else print_list(rows)
 
 
 def stop(
@@ -81,7 +94,7 @@ def stop(
         raise InvalidParamsError("worker_id", "give a worker id or --all")
     ids = [r.worker_id for r in workers.records()] if all_ else [worker_id or ""]
     done: list[dict[str, Any]] = [workers.stop(i, grace=grace).to_dict() for i in ids]
-    emit(done, fmt, ("worker_id", "state", "pid"))
+    print_json(done) if fmt is OutputFormat.json else print_stopped(done)
 
 
 def logs(
@@ -104,6 +117,14 @@ def logs(
             print(line, flush=True)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+#: How each command's JSON reads as text (``rbees pool ... --host`` renders remote JSON).
+TEXT_RENDERERS = {
+    ("worker", "spawn"): print_spawned,
+    ("worker", "list"): print_list,
+    ("worker", "stop"): print_stopped,
+}
 
 
 @hookimpl

@@ -142,7 +142,7 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
                     return await connection.accept_new()
 
             trusted = asyncio.run(accept())
-            print(f"{name}: {trusted or 'host key already trusted'}", file=sys.stderr)
+            print(f"{name}: {trusted or 'nothing new to trust'}", file=sys.stderr)
         if fmt is OutputFormat.json:
             print_json({**host.to_toml_table(), "name": name, "trusted": trusted})
 

@@ -19,14 +19,23 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Annotated, Any, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, get_args, get_origin
 
 import pluggy
 import typer
 from typer.models import ArgumentInfo, DefaultPlaceholder, OptionInfo
 
 from rbees_core.hookspecs import hookimpl
-from rbees_core.programs.cli_common import OutputFormat, print_json, print_table
+from rbees_core.programs.cli_common import (
+    OutputFormat,
+    TerminalProgress,
+    print_json,
+    print_table,
+)
+
+if TYPE_CHECKING:
+    from rbees_core.hosts import HostConfig
+    from rbees_core.interfaces import TransportResult
 
 PROGRAM = "rbees"
 #: rbees-pool's command groups that ``rbees pool`` carries to hosts (see pool_cli.BUILTINS).
@@ -35,7 +44,6 @@ MIRRORED = ("pool-status", "pool-models", "pool-worker", "pool-git")
 STREAMED = frozenset({("models", "download")})
 #: Arguments checked here before anything is sent: model refs and paths, worker ids.
 _REFS = frozenset({"model", "checkout", "paths"})
-_WORKER_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 HostOption = Annotated[str, typer.Option(
     "--host", metavar="NAME", help="The pool host (rbees hosts list), or all.")]
@@ -73,6 +81,7 @@ def _text(value: Any) -> str:
 
 
 def _check(name: str, value: Any) -> None:
+    from rbees_core.api.common import ID_PATTERN
     from rbees_core.errors import InvalidParamsError
     from rbees_core.models import validate_ref
 
@@ -83,7 +92,7 @@ def _check(name: str, value: Any) -> None:
             raise InvalidParamsError(name, "must not contain NUL or newlines")
         if name in _REFS:
             validate_ref(item, name)
-        elif name == "worker_id" and not _WORKER_ID.fullmatch(item):
+        elif name == "worker_id" and not re.fullmatch(ID_PATTERN, item):
             raise InvalidParamsError(name, f"{item!r} is not a worker id")
 
 
@@ -171,8 +180,6 @@ class _Printer:
 
     def __init__(self, path: tuple[str, ...], fmt: OutputFormat | None, host: str,
                  label: str) -> None:
-        from rbees_core.programs.cli_common import TerminalProgress
-
         self.path, self.fmt, self.host = path, fmt, host
         self.bar = TerminalProgress(label) if fmt is OutputFormat.text else None
 
@@ -208,8 +215,8 @@ class _Printer:
             render_text(self.path, data)
 
 
-async def _run_on(pm: pluggy.PluginManager, host: Any, argv: list[str],
-                  timeout: float | None, printer: _Printer | None = None) -> Any:
+async def _run_on(pm: pluggy.PluginManager, host: HostConfig, argv: list[str],
+                  timeout: float | None, printer: _Printer | None = None) -> TransportResult:
     import asyncio
 
     from rbees_core.errors import TransportError
@@ -249,31 +256,32 @@ def run_remote(pm: pluggy.PluginManager, path: tuple[str, ...], argv: list[str],
         return 130
 
 
-async def _run_everywhere(pm: pluggy.PluginManager, path: tuple[str, ...], targets: list[Any],
+async def _run_everywhere(pm: pluggy.PluginManager, path: tuple[str, ...],
+                          targets: list[HostConfig],
                           argv: list[str], fmt: OutputFormat | None,
                           timeout: float | None) -> int:
     import asyncio
 
     from rbees_core.errors import RbeesError
 
-    async def one(host: Any) -> tuple[Any, Any, str | None]:
+    async def one(host: HostConfig) -> tuple[TransportResult | None, Any, str | None]:
+        """The host's result, its JSON, and what went wrong there (None when all went well)."""
         try:
             result = await _run_on(pm, host, argv, timeout)
+            lines = result.stdout.strip().splitlines()
+            data = None if fmt is None or not lines else _parse(
+                host.name, lines[-1] if path in STREAMED else result.stdout)
         except RbeesError as exc:
-            return host, None, exc.message
+            return None, None, exc.message
         if result.exit_code == 0:
-            return host, result, None
+            return result, data, None
         last = (result.stderr.strip().splitlines() or [f"exit {result.exit_code}"])[-1]
-        return host, result, f"{host.name}: {last.removeprefix('rbees-pool: error: ')}"
+        return result, data, f"{host.name}: {last.removeprefix('rbees-pool: error: ')}"
 
     answers = await asyncio.gather(*(one(h) for h in targets))
     report: dict[str, Any] = {}
     failed: list[str] = []
-    for host, result, error in answers:
-        data = None
-        if result is not None and result.stdout.strip() and fmt is not None:
-            lines = result.stdout.strip().splitlines()
-            data = _parse(host.name, lines[-1] if path in STREAMED else result.stdout)
+    for host, (result, data, error) in zip(targets, answers, strict=True):
         if error:
             failed.append(host.name)
         report[host.name] = {"ok": error is None,
@@ -284,7 +292,7 @@ async def _run_everywhere(pm: pluggy.PluginManager, path: tuple[str, ...], targe
         print(f"== {host.name} ({host.where}) ==", flush=True)
         if error:
             print(f"{PROGRAM}: error: {error}", file=sys.stderr, flush=True)
-        elif fmt is None:
+        elif fmt is None and result is not None:
             print(result.stdout, end="")
         elif data is not None:
             render_text(path, data)

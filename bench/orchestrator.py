@@ -1,0 +1,195 @@
+"""Orchestrator benchmark: what rbees-orcd adds, and how fast it admits jobs.
+
+  (a) one warm SmolLM2 worker, the same job sent directly (POST /v2/execute) and through
+      rbees-orcd (POST /v2/tasks + its SSE): added TTFT (median) and the tokens/s ratio
+  (b) POST /v2/tasks admissions per second (each durable before its 202) at 1, 16 and 64
+      concurrent clients: rate, p50 and p99 latency
+  (c) the same at 16 clients while 1,000 simulated pools heartbeat every 5 s
+
+Targets: added TTFT <= 5 ms, tokens/s ratio >= 0.97, >= 1,000 admissions/s with p99 < 10 ms.
+Usage: python bench/orchestrator.py [--runs 5] [--tokens 64] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from rbees_core.testing import find_free_port, wait_http
+
+BIN = Path(sys.executable).parent
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def rbees(home: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "rbees"), *args], env={**os.environ, "RBEES_HOME": home},
+                          capture_output=True, text=True, timeout=300, check=True)
+
+
+def stream_direct(uri: str, tokens: int, n: int) -> tuple[float, float]:
+    body = {"job_id": f"direct-{n}", "prompt": PROMPT, "max_tokens": tokens,
+            "temperature": 0, "seed": 1}
+    t0 = time.perf_counter()
+    first, count = 0.0, 0
+    with httpx.stream("POST", f"{uri}/v2/execute", json=body, timeout=120) as answer:
+        for line in answer.iter_lines():
+            if line == "event: token":
+                count += 1
+                if count == 1:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return (first - t0) * 1000, (count - 1) / (end - first)
+
+
+def stream_orcd(url: str, tokens: int, client: httpx.Client) -> tuple[float, float]:
+    body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+            "seed": 1}
+    t0 = time.perf_counter()
+    accepted = client.post(f"{url}/v2/tasks", json=body).json()
+    first, count = 0.0, 0
+    with client.stream("GET", f"{url}{accepted['events_url']}") as answer:
+        for line in answer.iter_lines():
+            if line == "event: token":
+                count += 1
+                if count == 1:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return (first - t0) * 1000, (count - 1) / (end - first)
+
+
+def bench_overhead(runs: int, tokens: int) -> list[str]:
+    home = tempfile.mkdtemp(prefix="rbees-bench-orcd-")
+    orcd, pool = f"127.0.0.1:{find_free_port()}", f"127.0.0.1:{find_free_port()}"
+    info = json.loads(rbees(home, "up", "--bind", orcd, "--pool-bind", pool,
+                            "--heartbeat-interval", "1", "--format", "json").stdout)
+    url = info["orchestrator"]
+    try:
+        with httpx.Client(timeout=120) as client:
+            stream_orcd(url, 4, client)  # starts and warms the worker
+            workers = httpx.get(f"{info['pool']}/v2/workers").json()["workers"]
+            uri = workers[0]["uri"]
+            stream_direct(uri, 4, -1)
+            direct, through = [], []
+            for i in range(runs):  # interleaved, so both see the same machine
+                direct.append(stream_direct(uri, tokens, i))
+                through.append(stream_orcd(url, tokens, client))
+    finally:
+        rbees(home, "down")
+    d_ttft = statistics.median(x[0] for x in direct)
+    o_ttft = statistics.median(x[0] for x in through)
+    d_tps = statistics.median(x[1] for x in direct)
+    o_tps = statistics.median(x[1] for x in through)
+    added = o_ttft - d_ttft
+    ratio = o_tps / d_tps
+    return [
+        "| path | TTFT ms (median) | tokens/s (median) |", "|---|---:|---:|",
+        f"| direct to the worker | {d_ttft:.1f} | {d_tps:.1f} |",
+        f"| through rbees-orcd | {o_ttft:.1f} | {o_tps:.1f} |",
+        "",
+        "| target | measured | holds |", "|---|---|---|",
+        f"| added TTFT <= 5 ms | {added:+.1f} ms | {'yes' if added <= 5 else 'NO'} |",
+        f"| tokens/s ratio >= 0.97 | {ratio:.3f} | {'yes' if ratio >= 0.97 else 'NO'} |",
+    ]
+
+
+async def admit(url: str, clients: int, seconds: float) -> tuple[float, float, float]:
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    body = {"model": "smollm2", "prompt": "bench", "priority": "batch", "max_tokens": 1}
+
+    async def one(client: httpx.AsyncClient) -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            answer = await client.post(f"{url}/v2/tasks", json=body)
+            latencies.append(time.perf_counter() - t0)
+            assert answer.status_code == 202, answer.text
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return len(latencies) / elapsed, statistics.median(latencies) * 1000, p99 * 1000
+
+
+async def heartbeats(url: str, pools: int, interval: float, until: asyncio.Event) -> int:
+    sent = 0
+    async with httpx.AsyncClient(timeout=30) as client:
+        n = 0
+        while not until.is_set():
+            pool_id = f"sim-{n % pools}"
+            n += 1
+            body = {"pool_id": pool_id, "host": pool_id, "gpus": [], "workers": [],
+                    "models": [], "seq": n, "sent_at": time.time(),
+                    "cpu": {"cores": 8, "ram_total_bytes": 2**34, "ram_free_bytes": 2**33}}
+            await client.post(f"{url}/v2/pools/{pool_id}/heartbeat", json=body)
+            sent += 1
+            await asyncio.sleep(interval / pools)
+    return sent
+
+
+def bench_admission(seconds: float) -> list[str]:
+    home = tempfile.mkdtemp(prefix="rbees-bench-adm-")
+    port = find_free_port()
+    proc = subprocess.Popen([str(BIN / "rbees-orcd"), "--bind", f"127.0.0.1:{port}",
+                             "--queue-capacity", "10000000"],
+                            env={**os.environ, "RBEES_HOME": home},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    rows = ["| case | clients | admissions/s | p50 ms | p99 ms | holds |",
+            "|---|---:|---:|---:|---:|---|"]
+
+    def row(case: str, clients: int, got: tuple[float, float, float]) -> None:
+        rate, p50, p99 = got
+        ok = rate >= 1000 and p99 < 10
+        rows.append(f"| {case} | {clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | "
+                    f"{'yes' if ok else 'NO'} |")
+
+    try:
+        wait_http(f"{url}/health", timeout=30, proc=proc)
+        for clients in (1, 16, 64):
+            row("(b) admissions", clients, asyncio.run(admit(url, clients, seconds)))
+
+        async def with_pools() -> tuple[float, float, float]:
+            until = asyncio.Event()
+            beats = asyncio.create_task(heartbeats(url, 1000, 5.0, until))
+            await asyncio.sleep(1.0)
+            got = await admit(url, 16, seconds)
+            until.set()
+            await beats
+            return got
+
+        row("(c) + 1,000 pools heartbeating", 16, asyncio.run(with_pools()))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    print("## (a) overhead on a warm worker\n")
+    print("\n".join(bench_overhead(args.runs, args.tokens)))
+    print("\n## (b, c) admissions (client and server share this machine's cores)\n")
+    print("\n".join(bench_admission(args.seconds)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The pool hosts that ``rbees`` drives, and the transport that reaches each.
+
+Hosts are kept in one TOML file, :func:`hosts_file`: ``$RBEES_HOME/hosts.toml`` when
+``RBEES_HOME`` is set, else ``~/.config/rbees/hosts.toml`` (beside ``config.toml``).
+``rbees hosts add|remove`` write it; it can be edited by hand::
+
+    [hosts.mac]                             # rbees pool status --host mac
+    transport = "ssh"                       # ssh (default), http or local
+    destination = "me@mac.local:2222"       # ssh: user@host[:port], or a ~/.ssh/config alias
+    remote_pool = "/opt/rbees/bin/rbees-pool"   # default: rbees-pool on the remote PATH
+    env = { RBEES_HOME = "/data/rbees" }    # environment of rbees-pool on the host
+    connect_timeout_s = 10
+
+    [hosts.gpu1]
+    transport = "http"                      # pool-managerd's API (CONTRACT section 4)
+    url = "http://gpu1.lan:9200"
+    token_file = "~/.config/rbees/gpu1.token"   # chmod 600
+
+SSH host keys that ``rbees hosts add --accept-new`` trusted are kept in rbees' own
+known_hosts file, :func:`known_hosts_file`, in the same directory; keys in the user's own
+known_hosts files (``~/.ssh/known_hosts``, or ``UserKnownHostsFile``) are trusted too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import AsyncIterable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+
+from rbees_core import plugins
+from rbees_core.api.common import ID_PATTERN
+from rbees_core.errors import ConfigError, InvalidParamsError, NotFoundError
+from rbees_core.interfaces import Transport
+from rbees_core.schema import field, from_mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_REMOTE_POOL = "rbees-pool"
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+#: ``--host all`` means every configured host.
+ALL = "all"
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DESTINATION = re.compile(
+    r"(?:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63})@)?"
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]{1,253}))"
+    r"(?::(?P<port>[0-9]{1,5}))?")
+
+
+def hosts_dir() -> Path:
+    """``$RBEES_HOME`` when set, else ``~/.config/rbees``: where hosts.toml and rbees' own
+    known_hosts live."""
+    home = os.environ.get("RBEES_HOME")
+    return Path(home) if home else Path.home() / ".config" / "rbees"
+
+
+def hosts_file() -> Path:
+    return hosts_dir() / "hosts.toml"
+
+
+def known_hosts_file() -> Path:
+    """rbees' own known_hosts (OpenSSH format), written only by ``hosts add --accept-new``."""
+    return hosts_dir() / "known_hosts"
+
+
+@attrs.frozen
+class Destination:
+    """``user@host[:port]`` as ssh takes it; ``host`` may be a ``~/.ssh/config`` alias."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = _DESTINATION.fullmatch(text)
+        if not match or text.startswith("-"):
+            raise InvalidParamsError("destination", f"{text!r} is not user@host[:port] or a "
+                                     "host alias")
+        port = int(match["port"]) if match["port"] else None
+        if port is not None and not 1 <= port <= 65535:
+            raise InvalidParamsError("destination", f"port {port} is not 1..65535")
+        return cls(host=match["v6"] or match["host"], user=match["user"], port=port)
+
+
+@attrs.frozen
+class HostConfig:
+    """One ``[hosts.NAME]`` table. Which fields matter depends on ``transport``."""
+
+    name: str = attrs.field(metadata={"rbees": {"pattern": ID_PATTERN}})
+    transport: str = field(default="ssh", pattern=r"[a-z][a-z0-9_-]{0,31}",
+                           doc="ssh, http or local (or a transport plugin's name)")
+    destination: str | None = field(default=None, max_length=300,
+                                    doc="ssh: user@host[:port] or an alias of ~/.ssh/config")
+    url: str | None = field(default=None, max_length=512, pattern=r"https?://[^\s]+",
+                            doc="http: pool-managerd's base URL")
+    token_file: str | None = field(default=None, max_length=4096,
+                                   doc="http: file holding the API token (mode 600)")
+    remote_pool: str = field(default=DEFAULT_REMOTE_POOL, min_length=1, max_length=4096,
+                             forbid=r"[\x00\n\r]", doc="the rbees-pool program on the host")
+    env: dict[str, str] = field(factory=dict, doc="environment of rbees-pool on the host")
+    connect_timeout_s: float = field(default=DEFAULT_CONNECT_TIMEOUT_S, minimum=0.1,
+                                     maximum=600)
+
+    def check(self) -> None:
+        for key, value in self.env.items():
+            if not _ENV_KEY.fullmatch(key):
+                raise InvalidParamsError("env", f"{key!r} is not a variable name")
+            if not isinstance(value, str) or "\x00" in value:
+                raise InvalidParamsError(f"env.{key}", "must be a string without NUL")
+        if self.transport == "ssh":
+            if not self.destination:
+                raise InvalidParamsError("destination", "the ssh transport needs one")
+            Destination.parse(self.destination)
+        if self.transport == "http" and not self.url:
+            raise InvalidParamsError("url", "the http transport needs --url")
+
+    @property
+    def where(self) -> str:
+        """The host as people name it: destination, URL or ``this host``."""
+        return self.destination or self.url or "this host"
+
+    def to_toml_table(self) -> dict[str, Any]:
+        """The non-default fields, as stored under ``[hosts.NAME]``."""
+        defaults = HostConfig(name=self.name, transport="local")
+        out: dict[str, Any] = {"transport": self.transport}
+        for key in ("destination", "url", "token_file", "remote_pool", "env",
+                    "connect_timeout_s"):
+            value = getattr(self, key)
+            if value != getattr(defaults, key):
+                out[key] = value
+        return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, bool | int | float):
+        return json.dumps(value)
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string
+
+
+def load_hosts(path: Path | None = None) -> dict[str, HostConfig]:
+    """Every configured host by name; none when the file does not exist. Raises
+    :class:`ConfigError` naming the file and the TOML path of a bad value."""
+    path = path or hosts_file()
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = set(data) - {"hosts"}
+    if unknown:
+        raise ConfigError(f"{path}: {sorted(unknown)[0]}: unknown section (only [hosts.NAME])")
+    found: dict[str, HostConfig] = {}
+    for name, table in data.get("hosts", {}).items():
+        where = f"hosts.{name}"
+        try:
+            if not isinstance(table, dict):
+                raise InvalidParamsError("", "must be a table")
+            if "name" in table:
+                raise InvalidParamsError("name", "unknown field (the table's key is the name)")
+            found[name] = from_mapping(HostConfig, {**table, "name": name}, path=where)
+        except InvalidParamsError as exc:
+            message = exc.message if exc.message.startswith(where) else f"{where}: {exc.message}"
+            raise ConfigError(f"{path}: {message}", details={"key": exc.field}) from exc
+    return found
+
+
+def save_hosts(hosts: Mapping[str, HostConfig], path: Path | None = None) -> Path:
+    """Write every host to the hosts file (mode 600: it may name token files)."""
+    path = path or hosts_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# rbees pool hosts: `rbees hosts list|add|remove|check`", ""]
+    for name in sorted(hosts):
+        lines.append(f"[hosts.{json.dumps(name)}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in hosts[name].to_toml_table().items()]
+        lines.append("")
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def _key_marker(name: str) -> str:
+    return f"rbees-host={name}"
+
+
+def record_host_key(name: str, pattern: str, key: str) -> Path:
+    """Append ``pattern key`` to rbees' known_hosts, marked as trusted for host ``name``
+    (the marker is the entry's comment, so OpenSSH reads the file too)."""
+    path = known_hosts_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as out:
+        out.write(f"{pattern} {key} {_key_marker(name)}\n")
+    return path
+
+
+def forget_host_keys(name: str) -> int:
+    """Drop the keys recorded for host ``name`` from rbees' known_hosts; returns how many."""
+    path = known_hosts_file()
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.split()[-1:] != [_key_marker(name)]]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept), encoding="utf-8")
+    return len(lines) - len(kept)
+
+
+def select_hosts(name: str, hosts: Mapping[str, HostConfig] | None = None) -> list[HostConfig]:
+    """The host called ``name``, or every host for ``all``; :class:`NotFoundError` if none."""
+    hosts = load_hosts() if hosts is None else hosts
+    if name == ALL:
+        if not hosts:
+            raise NotFoundError(f"no hosts configured in {hosts_file()} "
+                                "(add one: rbees hosts add NAME DESTINATION)")
+        return [hosts[n] for n in sorted(hosts)]
+    if name not in hosts:
+        known = ", ".join(sorted(hosts)) or "none"
+        raise NotFoundError(f"no host named {name!r} (configured: {known}; "
+                            "add one: rbees hosts add NAME DESTINATION)",
+                            details={"host": name})
+    return [hosts[name]]
+
+
+def open_transport(pm: pluggy.PluginManager, host: HostConfig) -> Transport:
+    """A transport of the kind ``host`` names, not yet connected (use ``async with``)."""
+    found = plugins.transports(pm)
+    if host.transport not in found:
+        installed = ", ".join(sorted(found)) or "none"
+        raise ConfigError(f"host {host.name!r}: no transport named {host.transport!r} is "
+                          f"installed (installed: {installed})")
+    transport: Transport = found[host.transport](host)
+    return transport
+
+
+async def read_lines(stream: AsyncIterable[str | bytes], sink: Callable[[str], None] | None
+                     ) -> str:
+    """Everything ``stream`` yields, passing each line (newline stripped) to ``sink`` as it
+    arrives; for transports that read a program's output line by line."""
+    chunks: list[str] = []
+    async for raw in stream:
+        if not raw:  # asyncssh's reader may yield "" at the end of the stream
+            continue
+        line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        chunks.append(line)
+        if sink is not None:
+            sink(line.rstrip("\r\n"))
+    return "".join(chunks)

