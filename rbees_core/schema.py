@@ -8,6 +8,7 @@ turns it into the OpenAPI components, and the code uses the resulting frozen obj
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 import typing
@@ -68,6 +69,7 @@ def limits(*, doc: str = "", **constraints: Any) -> dict[str, Any]:
     return {_KEY: {k: v for k, v in meta.items() if v is not None and v != ""}}
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -193,7 +195,7 @@ def from_mapping(cls: type[T], data: Any, *, path: str = "") -> T:
     for key in data:
         if key not in fields:
             raise InvalidParamsError(f"{prefix}{key}", "unknown field")
-    hints = _hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for name, fld in fields.items():
         if name not in data:

@@ -92,6 +92,9 @@ class OrchestratorService:
                               promote_after_s=settings.promote_after_s)
         self.registry = PoolRegistry(heartbeat_interval_s=settings.heartbeat_interval_s)
         self.metrics = OrchestratorMetrics(self)
+        from rbees_core.pool.catalog import configured_catalog
+
+        self.catalog = configured_catalog()  # read once: admission must stay cheap
         self.channels: dict[str, Channel] = {}
         self.runs: dict[str, Run] = {}
         self.starting: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -158,9 +161,7 @@ class OrchestratorService:
     # -- admission -------------------------------------------------------------------------
 
     def known_model(self, model: str) -> bool:
-        from rbees_core.pool.catalog import configured_catalog
-
-        if configured_catalog().get(model) is not None:
+        if self.catalog.get(model) is not None:
             return True
         for entry in self.registry:
             for w in entry.workers.values():

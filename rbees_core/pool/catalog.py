@@ -135,6 +135,7 @@ def parse_catalog(text: str, origin: str) -> Catalog:
 
 
 @functools.cache
+@functools.cache
 def builtin_catalog() -> Catalog:
     """The catalog shipped with rbees (``rbees_core/pool/catalog.toml``)."""
     text = (Path(__file__).parent / "catalog.toml").read_text(encoding="utf-8")
