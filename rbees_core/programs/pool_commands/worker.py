@@ -61,6 +61,16 @@ def spawn(
         raise InvalidParamsError("kind", "must be cpu, cuda, metal or mps")
     validate_ref(model, "--model")
     dev = kind if device is None else f"{kind}:{device}"
+    from rbees_core.pool import via_daemon
+
+    url = via_daemon.daemon_url()
+    if url is not None:
+        body = {"model_ref": model, "backend": backend, "device": dev, "slots": slots}
+        if ctx:
+            body["ctx"] = ctx
+        row = via_daemon.spawn(url, body, port=port, timeout=timeout)
+        print_json(row) if fmt is OutputFormat.json else print_spawned(row)
+        return
     pm = make_manager(builtin_plugins())
     req = workers.SpawnRequest(model_ref=model, backend=backend, device=dev, slots=slots,
                                ctx=ctx, port=port)
@@ -73,9 +83,10 @@ def spawn(
 
 def list_(fmt: FormatOption = OutputFormat.text) -> None:
     """Workers on this host with their live state; dead processes show as dead."""
-    from rbees_core.pool import workers
+    from rbees_core.pool import via_daemon, workers
 
-    rows = workers.list_workers()
+    url = via_daemon.daemon_url()
+    rows = via_daemon.list_workers(url) if url else workers.list_workers()
     print_json(rows) if fmt is OutputFormat.json else print_list(rows)
 
 
@@ -88,12 +99,18 @@ def stop(
 ) -> None:
     """Drain and stop workers (SIGKILL after the grace period)."""
     from rbees_core.errors import InvalidParamsError
-    from rbees_core.pool import workers
+    from rbees_core.pool import via_daemon, workers
 
     if all_ == (worker_id is not None):
         raise InvalidParamsError("worker_id", "give a worker id or --all")
-    ids = [r.worker_id for r in workers.records()] if all_ else [worker_id or ""]
-    done: list[dict[str, Any]] = [workers.stop(i, grace=grace).to_dict() for i in ids]
+    url = via_daemon.daemon_url()
+    if url is not None:
+        ids = [w["worker_id"] for w in via_daemon.list_workers(url)
+               if w["state"] not in ("stopped", "failed")] if all_ else [worker_id or ""]
+        done = [via_daemon.stop(url, i, grace=grace) for i in ids]
+    else:
+        ids = [r.worker_id for r in workers.records()] if all_ else [worker_id or ""]
+        done = [workers.stop(i, grace=grace).to_dict() for i in ids]
     print_json(done) if fmt is OutputFormat.json else print_stopped(done)
 
 

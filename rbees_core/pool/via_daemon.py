@@ -1,0 +1,85 @@
+"""``rbees-pool worker ...`` through this host's pool-managerd, when one runs.
+
+The JSON is the same as the direct path's (:meth:`rbees_core.pool.workers.WorkerRecord.to_dict`
+keys), so scripts and ``rbees pool ... --host`` cannot tell which path answered.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from rbees_core.errors import InvalidParamsError, RbeesError
+from rbees_core.pool.workers import WorkerRecord, WorkerStartTimeoutError
+
+
+def daemon_url() -> str | None:
+    """The URL of this RBEES_HOME's pool-managerd if it is running, else None."""
+    from rbees_core.programs.pool_commands.daemon import _url_file, running_pid
+
+    if running_pid() is None or not _url_file().exists():
+        return None
+    return _url_file().read_text().strip() or None
+
+
+def _client(url: str) -> httpx.Client:
+    from rbees_core.http import load_token
+
+    token = load_token(None)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=30)
+
+
+def _check(answer: httpx.Response) -> Any:
+    if answer.status_code >= 400:
+        try:
+            error = answer.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            raise RbeesError(f"pool-managerd answered {answer.status_code}") from None
+        raise RbeesError(f"{error['message']} ({error['code']})")
+    return answer.json() if answer.content else None
+
+
+def as_record(entry: dict[str, Any]) -> dict[str, Any]:
+    """A pool-managerd worker entry in the shape of the direct path's JSON."""
+    out = {key: entry.get(key) for key in WorkerRecord.json_keys()}
+    out["port"] = urlsplit(str(entry.get("uri"))).port
+    out["model_path"] = None  # the daemon's API does not carry it
+    return out
+
+
+def list_workers(url: str) -> list[dict[str, Any]]:
+    with _client(url) as client:
+        return [as_record(w) for w in _check(client.get("/v2/workers"))["workers"]]
+
+
+def spawn(url: str, body: dict[str, Any], *, port: int | None, timeout: float
+          ) -> dict[str, Any]:
+    if port is not None:
+        raise InvalidParamsError("--port", "pool-managerd chooses the port of its workers")
+    with _client(url) as client:
+        started = _check(client.post("/v2/workers/start", json=body))
+        worker_id = started["worker_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = _check(client.get(f"/v2/workers/{worker_id}"))
+            if entry["state"] in ("ready", "busy"):
+                return as_record(entry)
+            if entry["state"] in ("failed", "stopped"):
+                raise RbeesError(f"worker {worker_id} {entry['state']}: {entry.get('error')}")
+            time.sleep(0.05)
+    raise WorkerStartTimeoutError(f"worker {worker_id} was not ready after {timeout:.0f} s")
+
+
+def stop(url: str, worker_id: str, *, grace: float) -> dict[str, Any]:
+    with _client(url) as client:
+        _check(client.post(f"/v2/workers/{worker_id}/stop"))
+        deadline = time.monotonic() + grace + 5
+        entry = _check(client.get(f"/v2/workers/{worker_id}"))
+        while entry["state"] not in ("stopped", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            entry = _check(client.get(f"/v2/workers/{worker_id}"))
+        return as_record(entry)
