@@ -67,10 +67,20 @@ def submit(
     pool: Annotated[str | None, typer.Option("--pool", help="Run only on this pool")] = None,
     device: Annotated[str | None, typer.Option("--device", help="Run only on this device")
                       ] = None,
+    host: Annotated[str | None, typer.Option(
+        "--host", metavar="NAME|auto",
+        help="Schedule here, with no rbees-orcd, on this configured host or (auto) the best "
+             "one; the default when no rbees-orcd answers and hosts are configured")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Without rbees-orcd: stop the worker "
+                                                     "this job started when it ends")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Say how the job was placed")] = False,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Submit a job and stream its tokens to stdout as they arrive."""
     import httpx
+
+    from rbees_core.programs.rbees_commands import m0
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -87,6 +97,15 @@ def submit(
     if pool or device:
         task["placement"] = {k: v for k, v in (("pool", pool), ("device", device)) if v}
     started = time.monotonic()
+    if m0.use_m0(host):  # no daemon: schedule and stream over the hosts' transports
+        try:
+            code = m0.submit(task, host=host, once=once, verbose=verbose,
+                             json_out=fmt is OutputFormat.json, started=started)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        if code:
+            raise typer.Exit(code)
+        return
     try:
         with _client() as client:
             accepted = _check(client.post("/v2/tasks", json=task))
