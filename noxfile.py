@@ -1,12 +1,14 @@
 """The test matrix: lint, the kernel, then each plugin distribution on its own.
 
-Sessions run in the active environment (``python=False``): every distribution of the
+Sessions run in nox's own environment, ``.venv`` (``python=False``, tools run with
+``sys.executable -m``): every distribution of the
 repository is installed there by ``scripts/setup.sh``, and each session runs exactly one
 distribution's tests, so a failure names the plugin that broke.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nox
@@ -24,16 +26,16 @@ DISTRIBUTIONS = sorted(
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    session.run("ruff", "check", ".")
-    session.run("mypy", "rbees_core", *[f"{d}/src" for d in DISTRIBUTIONS])
+    session.run(sys.executable, "-m", "ruff", "check", ".")
+    session.run(sys.executable, "-m", "mypy", "rbees_core", *[f"{d}/src" for d in DISTRIBUTIONS])
 
 
 @nox.session(python=False)
 def kernel(session: nox.Session) -> None:
-    session.run("pytest", "tests", *session.posargs)
+    session.run(sys.executable, "-m", "pytest", "tests", *session.posargs)
 
 
 @nox.session(python=False)
 @nox.parametrize("dist", DISTRIBUTIONS)
 def plugin(session: nox.Session, dist: str) -> None:
-    session.run("pytest", f"{dist}/tests", *session.posargs)
+    session.run(sys.executable, "-m", "pytest", f"{dist}/tests", *session.posargs)

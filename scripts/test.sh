@@ -2,4 +2,5 @@
 # The whole test matrix (lint, kernel, each plugin distribution) through nox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/nox "$@"
+. .venv/bin/activate
+exec nox "$@"
