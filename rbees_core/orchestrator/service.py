@@ -254,7 +254,7 @@ class OrchestratorService:
             return False
         run.cancelled = True
         run.final = True
-        await self._finish(run, "cancelled", None, {
+        await self._finish(run, "cancelled", "CANCELLED", {
             "job_id": job_id, "code": "CANCELLED", "message": "cancelled by request",
             "retriable": False})
         self._spawn(self._tell_worker_cancel(run))

@@ -6,6 +6,7 @@ import { renderInto } from "./render.js";
 import { $, h, load, num, save } from "./util.js";
 
 const KEY = "rbees.chat.v1";
+const MAX_CONVERSATIONS = 100;
 const DEFAULTS = { model: "", temperature: 0.7, max_tokens: 256, seed: "", system: "",
   markdown: true };
 
@@ -29,6 +30,7 @@ function newConversation() {
   const conv = { id: `c${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`,
     title: "New conversation", created: Date.now(), messages: [] };
   state.conversations.unshift(conv);
+  state.conversations.length = Math.min(state.conversations.length, MAX_CONVERSATIONS);
   state.current = conv.id;
   persist(true);
   return conv;
@@ -179,6 +181,7 @@ async function send(text) {
     setBusy(false);
     update(reply);
     persist(true);
+    loadModels(); // where models are loaded may have changed
   }
 }
 
@@ -188,6 +191,7 @@ async function follow(reply, run) {
     headers: { Accept: "text/event-stream" } });
   let text = "";
   let tokens = 0;
+  let ended = false;
   const box = $("#messages");
   await readSSE(res, (batch) => {
     if (run.stopped) return false; // nothing is drawn after Stop
@@ -223,8 +227,10 @@ async function follow(reply, run) {
     update(reply);
     if (stick) box.scrollTop = box.scrollHeight;
     persist();
+    ended = terminal;
     return !terminal;
   });
+  if (!ended && !run.stopped) reply.meta.status = "the stream broke off";
 }
 
 async function cancelJob(jobId) {

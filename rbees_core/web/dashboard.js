@@ -116,7 +116,7 @@ function poolCard(pool) {
     h("header", {},
       h("h3", {}, pool.pool_id), badge(pool.status),
       pool.draining ? badge("draining") : "",
-      h("span", { class: "muted" }, ` ${pool.host} · v${pool.version || "?"} · `),
+      h("span", { class: "muted" }, ` ${pool.host}${pool.version ? ` · v${pool.version}` : ""} · `),
       h("span", { class: "heartbeat", title: new Date(pool.last_heartbeat_at * 1000).toISOString() },
         `last heartbeat ${ago(pool.last_heartbeat_at)}`)),
     h("div", { class: "devices" }, deviceRows(pool)));

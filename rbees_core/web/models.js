@@ -22,6 +22,9 @@ function devicesOf(pool) {
 
 // Replace a select's options, keeping the chosen value when it is still offered.
 function fill(select, values, labels = values) {
+  const same = select.options.length === values.length
+    && [...select.options].every((o, i) => o.value === values[i] && o.textContent === labels[i]);
+  if (same) return; // rebuilding would close a list the user has open
   const keep = select.value;
   select.replaceChildren(...values.map((v, i) => h("option", { value: v }, labels[i])));
   if (values.includes(keep)) select.value = keep;

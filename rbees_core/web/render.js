@@ -21,8 +21,7 @@ function safeHref(raw) {
 function inline(text) {
   const out = [];
   let last = 0;
-  INLINE.lastIndex = 0;
-  for (let m = INLINE.exec(text); m; m = INLINE.exec(text)) {
+  for (const m of text.matchAll(INLINE)) { // matchAll works on a copy: safe to recurse
     if (m.index > last) out.push(document.createTextNode(text.slice(last, m.index)));
     let node;
     if (m[1] !== undefined) {
@@ -47,7 +46,7 @@ function inline(text) {
       }
     }
     out.push(node);
-    last = INLINE.lastIndex;
+    last = m.index + m[0].length;
   }
   if (last < text.length) out.push(document.createTextNode(text.slice(last)));
   return out;
@@ -82,7 +81,7 @@ export function markdown(text) {
       flush();
       const body = [];
       i += 1;
-      while (i < lines.length && !(lines[i].trim().startsWith(m[1]) && lines[i].trim() === m[1])) {
+      while (i < lines.length && lines[i].trim() !== m[1]) {
         body.push(lines[i]);
         i += 1;
       }

@@ -170,6 +170,7 @@ def up(
         print_json(info)
     else:
         print(f"orchestrator  {orcd_url}\npool          {pool_url} ({info['pool_id']})\n"
+              f"web UI        {orcd_url}/\n"
               f"try: rbees jobs submit --model smollm2 --prompt \"Hello\"")
 
 
