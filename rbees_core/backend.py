@@ -59,6 +59,9 @@ class LoadedModel(ABC):
     memory_kind: MemoryKind
     #: Most tokens one :meth:`decode` call may carry; bounds how long one step takes.
     n_batch: int = 256
+    #: Whether a slot's cache survives :meth:`end` so that the next job in the slot can
+    #: reuse the common prefix (then :meth:`begin` is called with ``keep``).
+    prefix_cache: bool = False
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -78,7 +81,13 @@ class LoadedModel(ABC):
 
     @abstractmethod
     def begin(self, slot: int, params: SamplingParams) -> None:
-        """Start a fresh sequence in ``slot``: empty its cache, set up its sampler."""
+        """Start a fresh sequence in ``slot``: empty its cache, set up its sampler.
+
+        Models with :attr:`prefix_cache` are called as ``begin(slot, params, keep=n)``
+        when the first ``n`` tokens of the new prompt are those already in the slot's
+        cache: keep them, drop the rest, continue at position ``n``, and return how many
+        tokens were kept (fewer when the cache cannot be cut there).
+        """
 
     @abstractmethod
     def decode(self, feeds: Sequence[Feed]) -> None:
@@ -90,7 +99,8 @@ class LoadedModel(ABC):
 
     @abstractmethod
     def end(self, slot: int) -> None:
-        """Release what ``slot`` holds; the slot may be reused by :meth:`begin`."""
+        """Release what the job in ``slot`` holds (a :attr:`prefix_cache` model keeps the
+        slot's cache); the slot may be reused by :meth:`begin`."""
 
     def close(self) -> None:  # noqa: B027 - optional
         """Free the model."""

@@ -105,6 +105,8 @@ class Engine:
         self._active: dict[int, Job] = {}
         self._jobs: dict[str, Job] = {}
         self._free = list(range(slots - 1, -1, -1))
+        #: tokens each slot's cache holds (prefix reuse, when the model supports it)
+        self._cached: list[list[int]] = [[] for _ in range(slots)]
         self._draining = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rbees-decode", daemon=True)
@@ -188,7 +190,7 @@ class Engine:
                 admitted = []
                 while self._pending:
                     job = self._pending.popleft()
-                    job.slot = self._free.pop()
+                    job.slot = self._pick_slot(job.tokens)
                     self._active[job.slot] = job
                     admitted.append(job)
             for job in admitted:
@@ -204,18 +206,35 @@ class Engine:
                 self.model.decode(feeds)
             except Exception as exc:  # the batch is lost; its jobs end, the worker lives on
                 for feed in feeds:
+                    self._cached[feed.slot] = []
                     self._fail(self._active[feed.slot], "DECODE_FAILED", str(exc))
                 continue
             for feed in feeds:
                 if feed.logits:
                     self._step(self._active[feed.slot])
 
+    def _pick_slot(self, tokens: list[int]) -> int:
+        """The free slot whose cache shares the longest prefix with ``tokens`` (under lock)."""
+        best = max(self._free, key=lambda s: (_common(self._cached[s], tokens), -s))
+        self._free.remove(best)
+        return best
+
     def _admit(self, job: Job) -> None:
         now = time.perf_counter()
         job.started_at = now
-        job.feed = list(job.tokens)
+        keep = 0
+        if self.model.prefix_cache:  # re-feed at least one token: its logits are needed
+            keep = min(_common(self._cached[job.slot], job.tokens), len(job.tokens) - 1)
+        job.feed = list(job.tokens[keep:])
+        self._cached[job.slot] = list(job.tokens[:keep])
         try:
-            self.model.begin(job.slot, job.params)
+            if keep:
+                kept = self.model.begin(job.slot, job.params, keep=keep)  # type: ignore[call-arg, func-returns-value]
+                if isinstance(kept, int) and kept != keep:  # the model could not keep them
+                    job.feed = list(job.tokens[kept:])
+                    self._cached[job.slot] = list(job.tokens[:kept])
+            else:
+                self.model.begin(job.slot, job.params)
         except RbeesError as exc:
             self._fail(job, exc.code, exc.message)
             return
@@ -234,12 +253,14 @@ class Engine:
                 prefilling.append(job)
             else:
                 feeds.append(Feed(job.slot, (job.next_token,), True))
+                self._cached[job.slot].append(job.next_token)
                 budget -= 1
         for job in prefilling:
             if budget <= 0:
                 break
             chunk, job.feed = job.feed[:budget], job.feed[budget:]
             feeds.append(Feed(job.slot, chunk, not job.feed))
+            self._cached[job.slot].extend(chunk)
             budget -= len(chunk)
         return feeds
 
@@ -304,3 +325,13 @@ class Engine:
                 self._jobs.pop(job.job_id, None)
                 self._free.append(job.slot)
             self._obs.job_finished(outcome, job.tokens_out)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

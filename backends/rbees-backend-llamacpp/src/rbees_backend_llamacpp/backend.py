@@ -183,10 +183,14 @@ class LlamaCppModel(LoadedModel):
 
     # -- sequences ------------------------------------------------------------------------
 
-    def begin(self, slot: int, params: SamplingParams) -> None:
+    prefix_cache = True
+
+    def begin(self, slot: int, params: SamplingParams, keep: int = 0) -> int:  # type: ignore[override]
         lib = self._lib
-        lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
-        self._pos[slot] = 0
+        if not lib.llama_memory_seq_rm(self._mem, slot, keep, -1):
+            lib.llama_memory_seq_rm(self._mem, slot, -1, -1)  # cannot cut: start over
+            keep = 0
+        self._pos[slot] = keep
         self._free_sampler(slot)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if params.repetition_penalty != 1.0:
@@ -203,6 +207,7 @@ class LlamaCppModel(LoadedModel):
             lib.llama_sampler_chain_add(
                 chain, lib.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
         self._samplers[slot] = chain
+        return keep
 
     def decode(self, feeds: Sequence[Feed]) -> None:
         lib, batch = self._lib, self._batch
@@ -234,8 +239,7 @@ class LlamaCppModel(LoadedModel):
             self._samplers[slot], self._ctx, self._logit_at[slot]))
 
     def end(self, slot: int) -> None:
-        self._lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
-        self._free_sampler(slot)
+        self._free_sampler(slot)  # the cache stays: the next job may share its prefix
 
     def _free_sampler(self, slot: int) -> None:
         if self._samplers[slot] is not None:
