@@ -146,7 +146,8 @@ def bench_admission(seconds: float) -> list[str]:
     proc = subprocess.Popen([str(BIN / "rbees-orcd"), "--bind", f"127.0.0.1:{port}",
                              "--queue-capacity", "10000000"],
                             env={**os.environ, "RBEES_HOME": home},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(home, "orcd.log"), "wb"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     rows = ["| case | clients | admissions/s | p50 ms | p99 ms | holds |",
             "|---|---:|---:|---:|---:|---|"]

@@ -41,6 +41,7 @@ from rbees_core.scheduling import Snapshot, Verdict
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
 MAX_RETRIES = 3
 FLUSH_INTERVAL_S = 0.1
+MIN_ROUND_GAP_S = 0.01
 WORKER_READ_TIMEOUT_S = 120.0
 #: Worker error codes that say "try elsewhere" rather than "this job is bad".
 RETRIABLE_WORKER_CODES = frozenset({"ALL_SLOTS_BUSY", "DRAINING", "NOT_READY", "WORKER_STOPPED",
@@ -134,7 +135,10 @@ class OrchestratorService:
         for job in recovery.queued:
             history = [(e.event_id, e.event, e.payload())
                        for e in self.store.events_after(job.job_id, 0)]
-            self.channels[job.job_id] = Channel(job.job_id, history)
+            channel = self.channels[job.job_id] = Channel(job.job_id, history)
+            if not history:  # admitted, but its queued event had not been written yet
+                channel.publish("queued", {"job_id": job.job_id, "queue_position": 0,
+                                           "predicted_start_ms": 0}, persisted=False)
             self.queue.push(job.job_id, job.priority, model=job.model,
                             placement=job.placement, since=job.created_at, force=True)
         self.log.info("recovered", queued=len(recovery.queued), requeued=len(recovery.requeued),
@@ -189,14 +193,15 @@ class OrchestratorService:
             predicted = self.predicted_start_ms(position)
             queued = {"job_id": job.job_id, "queue_position": position,
                       "predicted_start_ms": predicted}
-            await self.store.append_events_async(job.job_id, [("queued", queued)])
         except BaseException:
             self.queue.remove(job.job_id)
             self.channels.pop(job.job_id, None)
             raise
         finally:
             self.admitting.discard(job.job_id)
-        channel.publish("queued", queued, persisted=True)
+        # written with the next flush or with the dispatch, whichever comes first; a restart
+        # before that re-creates it (start())
+        channel.publish("queued", queued, persisted=False)
         self.metrics.admitted.inc()
         if pushed.dropped is not None:
             await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
@@ -214,9 +219,9 @@ class OrchestratorService:
     async def _end_queued(self, job_id: str, status: str, code: str, message: str) -> None:
         error = {"job_id": job_id, "code": code, "message": message,
                  "retriable": code == QUEUE_FULL_DROPPED}
-        await self.store.transition_async(job_id, status, error_code=code,
-                                          error_message=message, events=[("error", error)])
         channel = self._channel(job_id)
+        await self.store.transition_async(job_id, status, error_code=code, error_message=message,
+                                          events=[*channel.take_unpersisted(), ("error", error)])
         channel.publish("error", error, persisted=True)
         self.metrics.finished.labels(outcome=status).inc()
         self._retire(job_id)
@@ -307,7 +312,8 @@ class OrchestratorService:
 
     # -- dispatch --------------------------------------------------------------------------
 
-    def snapshot(self, job_id: str) -> Snapshot:
+    def snapshot(self, job_id: str, pools: list[dict[str, Any]] | None = None) -> Snapshot:
+        """The policy's input for ``job_id``; ``pools`` may be reused within one round."""
         now = time.time()
         queued = self.queue.get(job_id)
         assert queued is not None
@@ -319,8 +325,10 @@ class OrchestratorService:
                "placement": placement}
         head = [{"job_id": q.job_id, "model": q.model, "priority": q.priority,
                  "waited_s": max(0.0, now - q.since)} for q in self.queue.head(32)]
-        return Snapshot({"now": now, "job": job, "queue": head,
-                         "pools": self.registry.snapshot_pools(), "throughput": {}})
+        if pools is None:
+            pools = self.registry.snapshot_pools()
+        return Snapshot({"now": now, "job": job, "queue": head, "pools": pools,
+                         "throughput": {}})
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -334,23 +342,31 @@ class OrchestratorService:
                 await self._dispatch_round()
             except Exception as exc:  # the loop must survive anything a round meets
                 self.log.error("dispatch_round_failed", error=repr(exc))
+            await asyncio.sleep(MIN_ROUND_GAP_S)  # bursts of events share one round
 
     async def _dispatch_round(self) -> None:
+        pools = self.registry.snapshot_pools()
+        waiting: dict[tuple[str, str, str], Verdict] = {}  # jobs alike wait alike
         for queued in self.queue.head(64):
             if queued.job_id not in self.queue or queued.job_id in self.admitting:
                 continue
             if self.waited_at.get(queued.job_id) == self.version:
                 continue
-            t0 = time.perf_counter()
-            snapshot = self.snapshot(queued.job_id)
-            verdict: Verdict = self.scheduler.decide(snapshot)
-            self.metrics.scheduling.observe(time.perf_counter() - t0)
-            self._spawn(self._record(queued.job_id, verdict))
+            alike = (queued.model, queued.priority, repr(queued.placement))
+            verdict: Verdict | None = waiting.get(alike)
+            if verdict is None:  # jobs that wait like an earlier one: its record explains them
+                t0 = time.perf_counter()
+                verdict = self.scheduler.decide(self.snapshot(queued.job_id, pools))
+                self.metrics.scheduling.observe(time.perf_counter() - t0)
+                self._spawn(self._record(queued.job_id, verdict))
             if all(d.action == "wait" for d in verdict.decisions):
                 self.waited_at[queued.job_id] = self.version
+                waiting[alike] = verdict
+                continue
             for decision in verdict.decisions:
                 if decision.action == "dispatch" and decision.pool_id and decision.worker_id:
                     await self._dispatch(queued.job_id, decision.pool_id, decision.worker_id)
+                    pools = self.registry.snapshot_pools()  # a slot was taken
                     break
                 if decision.action == "start_worker" and decision.pool_id and decision.device:
                     self._start_worker(decision.pool_id, decision.device,
@@ -359,10 +375,17 @@ class OrchestratorService:
                         and decision.worker_id:
                     self._spawn(self._stop_worker(decision.pool_id, decision.worker_id))
 
+    def current_verdict(self, job_id: str) -> Verdict | None:
+        """What the policy would decide for a queued job now (for ``why``), else None."""
+        if job_id not in self.queue:
+            return None
+        verdict: Verdict = self.scheduler.decide(self.snapshot(job_id))
+        return verdict
+
     async def _record(self, job_id: str, verdict: Verdict) -> None:
         """Keep the decision, unless it repeats the job's previous one word for word."""
         decision = verdict.to_dict()
-        key = json.dumps([decision["decisions"], decision["candidates"]], sort_keys=True)
+        key = json.dumps([decision["decisions"], decision["summary"]], sort_keys=True)
         if self.last_decision.get(job_id) == key:
             return
         self.last_decision[job_id] = key
@@ -434,9 +457,11 @@ class OrchestratorService:
                   created_at=queued.since, queue_seq=queued.seq)
         self.runs[job_id] = run
         data = {"job_id": job_id, "pool_id": pool_id, "worker_id": worker_id}
-        await self.store.transition_async(job_id, "dispatched", pool_id=pool_id,
-                                          worker_id=worker_id, events=[("dispatched", data)])
-        self._channel(job_id).publish("dispatched", data, persisted=True)
+        channel = self._channel(job_id)
+        await self.store.transition_async(
+            job_id, "dispatched", pool_id=pool_id, worker_id=worker_id,
+            events=[*channel.take_unpersisted(), ("dispatched", data)])
+        channel.publish("dispatched", data, persisted=True)
         self.waited_at.pop(job_id, None)
         self.version += 1
         run.task = self._spawn(self._run(run))

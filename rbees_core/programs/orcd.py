@@ -162,7 +162,11 @@ async def task_decision(request: Request) -> Response:
     svc = _svc(request)
     decisions = await asyncio.to_thread(svc.store.decisions, job_id)
     text = "no scheduling decision has been made for this job yet"
-    if decisions:
+    current = svc.current_verdict(job_id)
+    if current is not None:  # still queued: explain what holds it now
+        text = explain(current)
+        decisions = [*decisions, {"decided_at": time.time(), **current.to_dict()}]
+    elif decisions:
         latest = decisions[-1]
         verdict = Verdict(
             policy=str(latest.get("policy")),
