@@ -36,12 +36,12 @@ def rbees(home: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, check=True)
 
 
-def stream_direct(uri: str, tokens: int, n: int) -> tuple[float, float]:
+def stream_direct(uri: str, tokens: int, n: int, client: httpx.Client) -> tuple[float, float]:
     body = {"job_id": f"direct-{n}", "prompt": PROMPT, "max_tokens": tokens,
             "temperature": 0, "seed": 1}
     t0 = time.perf_counter()
     first, count = 0.0, 0
-    with httpx.stream("POST", f"{uri}/v2/execute", json=body, timeout=120) as answer:
+    with client.stream("POST", f"{uri}/v2/execute", json=body) as answer:
         for line in answer.iter_lines():
             if line == "event: token":
                 count += 1
@@ -78,10 +78,10 @@ def bench_overhead(runs: int, tokens: int) -> list[str]:
             stream_orcd(url, 4, client)  # starts and warms the worker
             workers = httpx.get(f"{info['pool']}/v2/workers").json()["workers"]
             uri = workers[0]["uri"]
-            stream_direct(uri, 4, -1)
+            stream_direct(uri, 4, -1, client)
             direct, through = [], []
             for i in range(runs):  # interleaved, so both see the same machine
-                direct.append(stream_direct(uri, tokens, i))
+                direct.append(stream_direct(uri, tokens, i, client))
                 through.append(stream_orcd(url, tokens, client))
     finally:
         rbees(home, "down")

@@ -122,14 +122,19 @@ class JobSpec:
 
     def execute_body(self) -> dict[str, Any]:
         """The body of the worker's ``POST /v2/execute`` for this job."""
-        body: dict[str, Any] = {"job_id": self.job_id}
-        if self.prompt is not None:
-            body["prompt"] = self.prompt
-        else:
-            body["messages"] = self.messages
-        body.update({k: self.params[k] for k in _EXECUTE_FIELDS if k in self.params})
-        body["seed"] = self.seed
-        return body
+        return execute_body(self)
+
+
+def execute_body(job: NewJob | JobSpec) -> dict[str, Any]:
+    """The body of the worker's ``POST /v2/execute`` for a job (prompt included)."""
+    body: dict[str, Any] = {"job_id": job.job_id}
+    if job.prompt is not None:
+        body["prompt"] = job.prompt
+    else:
+        body["messages"] = job.messages
+    body.update({k: job.params[k] for k in _EXECUTE_FIELDS if k in job.params})
+    body["seed"] = job.seed
+    return body
 
 
 @attrs.frozen

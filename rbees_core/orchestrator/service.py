@@ -34,6 +34,7 @@ from rbees_core.errors import (
 from rbees_core.log import Logger, correlation_id
 from rbees_core.orchestrator import QUEUE_FULL_DROPPED, JobQueue, Store, new_job
 from rbees_core.orchestrator.channel import Channel
+from rbees_core.orchestrator.jobs import execute_body
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.scheduling import Snapshot, Verdict
@@ -81,6 +82,7 @@ class Run:
     created_at: float = 0.0
     last_token_at: float = 0.0
     queue_seq: int | None = None
+    started: dict[str, Any] | None = None
 
 
 class OrchestratorService:
@@ -103,6 +105,8 @@ class OrchestratorService:
         self.started_by_us: set[tuple[str, str]] = set()
         self.last_decision: dict[str, str] = {}
         self.admitting: set[str] = set()
+        #: worker request bodies of admitted jobs (prompt included), kept off the TTFT path
+        self.bodies: dict[str, dict[str, Any]] = {}
         #: bumped whenever something a policy reads changes; a job that was told to wait at
         #: the current version is not asked about again (admission stays cheap when 10,000
         #: jobs wait for a model no pool has)
@@ -181,6 +185,7 @@ class OrchestratorService:
             raise ModelNotFoundError(f"model {request.model!r} is not in the catalog and no "
                                      "pool has it", details={"model": request.model})
         job = new_job(request, correlation_id=correlation_id.get())
+        self.bodies[job.job_id] = execute_body(job)
         pushed = self.queue.push(job.job_id, job.priority, model=job.model,
                                  placement=request.placement)
         # the dispatcher leaves the job alone until it is durable and its `queued` event is
@@ -196,6 +201,7 @@ class OrchestratorService:
         except BaseException:
             self.queue.remove(job.job_id)
             self.channels.pop(job.job_id, None)
+            self.bodies.pop(job.job_id, None)
             raise
         finally:
             self.admitting.discard(job.job_id)
@@ -235,6 +241,7 @@ class OrchestratorService:
     def _retire(self, job_id: str) -> None:
         """Forget a finished job's channel a little later (late subscribers use the store)."""
         self.last_decision.pop(job_id, None)
+        self.bodies.pop(job_id, None)
         self.waited_at.pop(job_id, None)
 
         async def later() -> None:
@@ -469,8 +476,9 @@ class OrchestratorService:
     # -- runners ---------------------------------------------------------------------------
 
     async def _run(self, run: Run) -> None:
-        spec = await asyncio.to_thread(self.store.spec, run.job_id)
-        body = spec.execute_body()
+        body = self.bodies.get(run.job_id)
+        if body is None:  # admitted before a restart
+            body = (await asyncio.to_thread(self.store.spec, run.job_id)).execute_body()
         try:
             await self._stream(run, body)
         except WorkerFailedBeforeTokenError as exc:
@@ -528,13 +536,13 @@ class OrchestratorService:
     async def _on_worker_event(self, run: Run, channel: Channel, event: str,
                                data: dict[str, Any]) -> None:
         if event == "started":
-            await self.store.transition_async(run.job_id, "running", events=[("started", data)])
-            channel.publish("started", data, persisted=True)
+            # written with the first token (or the end): one durable write, not two, before
+            # the first token can be announced
+            run.started = data
         elif event == "token":
             run.tokens += 1
             if run.tokens == 1:  # durable before announced: a restart must know we produced
-                pending = channel.take_unpersisted()
-                await self.store.append_events_async(run.job_id, [*pending, ("token", data)])
+                await self._mark_running(run, channel, [("token", data)])
                 if run.final:
                     return
                 channel.publish("token", data, persisted=True)
@@ -546,13 +554,30 @@ class OrchestratorService:
             channel.publish("metrics", data, persisted=False)
         elif event == "end":
             run.final = True
+            await self._mark_running(run, channel, [])
             await self._finish(run, "completed", None, data)
         elif event == "error":
             code = str(data.get("code", "WORKER_ERROR"))
             if run.tokens == 0 and code in RETRIABLE_WORKER_CODES:
                 raise WorkerFailedBeforeTokenError(f"worker error {code}")
             run.final = True
+            await self._mark_running(run, channel, [])
             await self._finish(run, "failed", code, data)
+
+    async def _mark_running(self, run: Run, channel: Channel,
+                            more: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write ``running`` with the worker's ``started`` event (and ``more``), then
+        announce them; a no-op once done."""
+        if run.started is None:
+            if more:
+                await self.store.append_events_async(run.job_id,
+                                                     [*channel.take_unpersisted(), *more])
+            return
+        started, run.started = run.started, None
+        await self.store.transition_async(
+            run.job_id, "running",
+            events=[*channel.take_unpersisted(), ("started", started), *more])
+        channel.publish("started", started, persisted=True)
 
     async def _finish(self, run: Run, status: str, code: str | None,
                       data: dict[str, Any]) -> None:
