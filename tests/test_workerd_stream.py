@@ -204,7 +204,7 @@ def test_a_device_the_build_lacks_is_backend_unavailable(tmp_path: Any, device: 
     import llama_cpp
 
     if llama_cpp.llama_supports_gpu_offload():  # pragma: no cover - GPU builds
-        pytest.skip("this llama-cpp-python build has GPU support")
+        pytest.skip("this llama-cpp-python build has gpu support: the cuda test is for cpu builds")
     with pytest.raises(RuntimeError) as info:
         start_worker(tmp_path, worker_id=f"no-{device}", extra=("--device", device))
     assert "BACKEND_UNAVAILABLE" in str(info.value)

@@ -206,3 +206,26 @@ class TerminalProgress:
             self.stream.write("\n")
             self.stream.flush()
             self._drawn = False
+
+
+def print_log(path: Any, *, lines: int, follow: bool, what: str) -> None:
+    """Print the last ``lines`` of a daemon's log, then (``follow``) new lines as they come;
+    Ctrl+C ends following with exit 130. ``what`` names the daemon in the error."""
+    import time
+
+    from rbees_core.errors import NotFoundError
+
+    if not path.exists():
+        raise NotFoundError(f"{what} has no log here yet")
+    with open(path, errors="replace") as log:
+        for line in log.readlines()[-lines:]:
+            print(line, end="")
+        try:
+            while follow:
+                line = log.readline()
+                if line:
+                    print(line, end="", flush=True)
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None

@@ -13,7 +13,13 @@ from typing import Annotated, Any
 import typer
 
 from rbees_core.hookspecs import hookimpl
-from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+from rbees_core.programs.cli_common import (
+    FormatOption,
+    OutputFormat,
+    emit,
+    print_json,
+    print_log,
+)
 
 
 def _paths() -> tuple[Path, Path]:
@@ -143,25 +149,7 @@ def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=1)] = 50,
 ) -> None:
     """Print pool-managerd's log (JSON lines)."""
-    from rbees_core.errors import NotFoundError
-
-    _, log_path = _paths()
-    if not log_path.exists():
-        raise NotFoundError("pool-managerd has no log here yet")
-    with open(log_path, errors="replace") as log:
-        for line in log.readlines()[-lines:]:
-            print(line, end="")
-        if not follow:
-            return
-        try:
-            while True:
-                line = log.readline()
-                if line:
-                    print(line, end="", flush=True)
-                else:
-                    time.sleep(0.2)
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+    print_log(_paths()[1], lines=lines, follow=follow, what="pool-managerd")
 
 
 @hookimpl

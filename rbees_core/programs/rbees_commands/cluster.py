@@ -19,7 +19,13 @@ from typing import Annotated, Any
 import typer
 
 from rbees_core.hookspecs import hookimpl
-from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+from rbees_core.programs.cli_common import (
+    FormatOption,
+    OutputFormat,
+    emit,
+    print_json,
+    print_log,
+)
 
 DEFAULT_ORCD = "127.0.0.1:8080"
 DEFAULT_POOL = "127.0.0.1:9200"
@@ -227,23 +233,8 @@ def orch_logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=1)] = 50,
 ) -> None:
     """Print rbees-orcd's log (JSON lines)."""
-    from rbees_core.errors import NotFoundError
-
-    path = _home() / "logs" / "rbees-orcd.log"
-    if not path.exists():
-        raise NotFoundError("rbees-orcd has no log here yet")
-    with open(path, errors="replace") as log:
-        for line in log.readlines()[-lines:]:
-            print(line, end="")
-        try:
-            while follow:
-                line = log.readline()
-                if line:
-                    print(line, end="", flush=True)
-                else:
-                    time.sleep(0.2)
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+    print_log(_home() / "logs" / "rbees-orcd.log", lines=lines, follow=follow,
+              what="rbees-orcd")
 
 
 @hookimpl
