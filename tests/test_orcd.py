@@ -302,3 +302,22 @@ def test_killing_a_worker_mid_stream_fails_that_job_only(tmp_path: Path) -> None
         assert c.events(follow)[-1][1] == "end"
     finally:
         c.rbees("down")
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_disconnect_cancels_only_when_the_task_asked(cluster: Cluster, flag: bool) -> None:
+    job_id = cluster.submit(prompt=COUNTING, max_tokens=2000,
+                            cancel_on_disconnect=flag)["job_id"]
+    with httpx.stream("GET", f"{cluster.url}/v2/tasks/{job_id}/events", timeout=30) as a:
+        for line in a.iter_lines():
+            if line == "event: token":
+                break
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and cluster.job(job_id)["status"] != "cancelled":
+        time.sleep(0.05)
+    status = cluster.job(job_id)["status"]
+    if flag:
+        assert status == "cancelled"
+    else:
+        assert status == "running"
+        assert httpx.post(f"{cluster.url}/v2/tasks/{job_id}/cancel").status_code == 202

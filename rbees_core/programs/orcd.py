@@ -144,8 +144,9 @@ async def task_events(request: Request) -> Response:
     job_id = _path_id(request, "job_id")
     svc = _svc(request)
     after = _last_event_id(request)
-    await asyncio.to_thread(svc.store.get, job_id)  # unknown job: 404 before the stream
-    cancel_on_disconnect = request.query_params.get("cancel_on_disconnect") in ("1", "true")
+    spec = await asyncio.to_thread(svc.store.spec, job_id)  # unknown job: 404 first
+    cancel_on_disconnect = bool(spec.params.get("cancel_on_disconnect")) or \
+        request.query_params.get("cancel_on_disconnect") in ("1", "true")
     return JobEventStream(svc, job_id, after, cancel_on_disconnect)  # type: ignore[return-value]
 
 
