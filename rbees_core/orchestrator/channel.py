@@ -15,8 +15,11 @@ Event = tuple[int, str, dict[str, Any]]
 
 
 class Channel:
-    def __init__(self, job_id: str, history: list[Event] | None = None) -> None:
+    def __init__(self, job_id: str, history: list[Event] | None = None,
+                 dirty: set[Channel] | None = None) -> None:
         self.job_id = job_id
+        #: where the channel registers itself when it holds unwritten events
+        self.dirty = dirty
         self.history: list[Event] = list(history or [])
         self.subscribers: set[asyncio.Queue[Event]] = set()
         self.unpersisted: list[tuple[str, dict[str, Any]]] = []
@@ -37,6 +40,8 @@ class Channel:
         self.history.append(item)
         if not persisted:
             self.unpersisted.append((event, data))
+            if self.dirty is not None:
+                self.dirty.add(self)
         for queue in self.subscribers:
             queue.put_nowait(item)
         return event_id

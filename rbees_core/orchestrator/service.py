@@ -99,6 +99,7 @@ class OrchestratorService:
 
         self.catalog = configured_catalog()  # read once: admission must stay cheap
         self.channels: dict[str, Channel] = {}
+        self.dirty: set[Channel] = set()  # channels with events not yet written
         self.runs: dict[str, Run] = {}
         self.starting: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.idle_since: dict[tuple[str, str], float] = {}
@@ -139,7 +140,7 @@ class OrchestratorService:
         for job in recovery.queued:
             history = [(e.event_id, e.event, e.payload())
                        for e in self.store.events_after(job.job_id, 0)]
-            channel = self.channels[job.job_id] = Channel(job.job_id, history)
+            channel = self.channels[job.job_id] = Channel(job.job_id, history, self.dirty)
             if not history:  # admitted, but its queued event had not been written yet
                 channel.publish("queued", {"job_id": job.job_id, "queue_position": 0,
                                            "predicted_start_ms": 0}, persisted=False)
@@ -191,7 +192,7 @@ class OrchestratorService:
         # the dispatcher leaves the job alone until it is durable and its `queued` event is
         # written, so that `queued` is event 1 and `dispatched` can only follow it
         self.admitting.add(job.job_id)
-        channel = self.channels[job.job_id] = Channel(job.job_id)
+        channel = self.channels[job.job_id] = Channel(job.job_id, dirty=self.dirty)
         try:
             await self.store.admit_async(job)
             position = pushed.position
@@ -235,7 +236,7 @@ class OrchestratorService:
     def _channel(self, job_id: str) -> Channel:
         channel = self.channels.get(job_id)
         if channel is None:
-            channel = self.channels[job_id] = Channel(job_id)
+            channel = self.channels[job_id] = Channel(job_id, dirty=self.dirty)
         return channel
 
     def _retire(self, job_id: str) -> None:
@@ -632,7 +633,9 @@ class OrchestratorService:
     # -- background ------------------------------------------------------------------------
 
     async def _flush(self) -> None:
-        for channel in list(self.channels.values()):
+        dirty = list(self.dirty)  # the set stays the one every channel holds
+        self.dirty.clear()
+        for channel in dirty:
             pending = channel.take_unpersisted()
             if pending:
                 try:
