@@ -15,7 +15,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
@@ -304,3 +304,54 @@ class EventStreamResponse:
             raise
         finally:
             watcher.cancel()
+
+
+def daemon_routes(program: str, pm: Any, *, started: float, operations: list[Any],
+                  routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """A daemon's routes: ``/health`` and ``/openapi.json`` (generated from ``operations``),
+    its own ``routes``, then those its plugins add (``rbees_register_routes``)."""
+    from starlette.routing import Route
+
+    from rbees_core import __version__
+    from rbees_core.api import openapi
+
+    doc = openapi.document(program, __version__, operations)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(doc)
+
+    builtin: list[BaseRoute] = [
+        Route("/health", health_endpoint(__version__, started), methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        *routes,
+    ]
+    return builtin + [r for batch in pm.hook.rbees_register_routes(program=program)
+                      for r in batch]
+
+
+def daemon_lifespan(program: str, state: Any, *, attr: str,
+                    start: Callable[[], Awaitable[None]] | None = None,
+                    stop: Callable[[], Awaitable[None]] | None = None,
+                    ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """The lifespan every daemon shares: ``app.state.<attr> = state``, ``start``, the
+    ``rbees_startup`` hook; on exit the ``rbees_shutdown`` hook (its errors are logged, never
+    raised) and ``stop``. ``state`` carries ``pm`` and ``log``."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        setattr(app.state, attr, state)
+        if start is not None:
+            await start()
+        state.pm.hook.rbees_startup(program=program, state=state)
+        try:
+            yield
+        finally:
+            try:
+                state.pm.hook.rbees_shutdown(program=program, state=state)
+            except Exception as exc:
+                state.log.error("shutdown_hook_failed", error=str(exc))
+            if stop is not None:
+                await stop()
+
+    return lifespan

@@ -7,21 +7,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import attrs
 import pluggy
 import typer
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from rbees_core import __version__
 from rbees_core.api import openapi
 from rbees_core.api.common import ID_PATTERN, Health
 from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRequest
@@ -29,7 +25,15 @@ from rbees_core.api.pool import PoolHeartbeat
 from rbees_core.api.worker import Accepted
 from rbees_core.config import rbees_home
 from rbees_core.errors import InvalidParamsError, NotFoundError, RbeesError
-from rbees_core.http import build_app, health_endpoint, json_response, read_json, serve, sse_frame
+from rbees_core.http import (
+    build_app,
+    daemon_lifespan,
+    daemon_routes,
+    json_response,
+    read_json,
+    serve,
+    sse_frame,
+)
 from rbees_core.log import Logger
 from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
@@ -275,15 +279,8 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
     from rbees_core.programs import orcd_openai, orcd_pools, orcd_web
 
     operations = OPERATIONS + orcd_openai.OPERATIONS + orcd_pools.OPERATIONS + orcd_web.OPERATIONS
-    doc = openapi.document(PROGRAM, __version__, operations)
-
-    async def openapi_json(request: Request) -> Response:
-        return JSONResponse(doc)
-
-    builtin: list[BaseRoute] = [
-        Route("/health", health_endpoint(__version__, started), methods=["GET"]),
+    return daemon_routes(PROGRAM, pm, started=started, operations=operations, routes=[
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/v2/tasks", submit, methods=["POST"]),
         Route("/v2/tasks", list_tasks, methods=["GET"]),
         Route("/v2/tasks/{job_id}", get_task, methods=["GET"]),
@@ -299,26 +296,11 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         *orcd_openai.routes(),
         *orcd_pools.routes(),
         *orcd_web.routes(),
-    ]
-    extra = [r for batch in pm.hook.rbees_register_routes(program=PROGRAM) for r in batch]
-    return builtin + extra
+    ])
 
 
 def create_app(svc: OrchestratorService, started: float | None = None) -> Any:
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.orcd = svc
-        await svc.start()
-        svc.pm.hook.rbees_startup(program=PROGRAM, state=svc)
-        try:
-            yield
-        finally:
-            try:
-                svc.pm.hook.rbees_shutdown(program=PROGRAM, state=svc)
-            except Exception as exc:
-                svc.log.error("shutdown_hook_failed", error=str(exc))
-            await svc.close()
-
+    lifespan = daemon_lifespan(PROGRAM, svc, attr="orcd", start=svc.start, stop=svc.close)
     return build_app(routes(svc.pm, started or time.monotonic()), token=svc.settings.token,
                      lifespan=lifespan)
 

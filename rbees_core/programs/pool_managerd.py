@@ -13,20 +13,16 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import attrs
 import pluggy
 import typer
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from rbees_core import __version__
 from rbees_core.api import openapi
 from rbees_core.api.common import ID_PATTERN, Health
 from rbees_core.api.pool import (
@@ -44,7 +40,8 @@ from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.http import (
     EventStreamResponse,
     build_app,
-    health_endpoint,
+    daemon_lifespan,
+    daemon_routes,
     json_response,
     read_json,
     serve,
@@ -170,20 +167,12 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
 
     from rbees_core.programs.pool_metrics import PoolMetrics
 
-    doc = openapi.document(PROGRAM, __version__, OPERATIONS)
-
-    async def openapi_json(request: Request) -> Response:
-        return JSONResponse(doc)
-
     async def metrics(request: Request) -> Response:
-        svc = _svc(request)
-        registry = PoolMetrics(svc).registry
+        registry = PoolMetrics(_svc(request)).registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    builtin: list[BaseRoute] = [
-        Route("/health", health_endpoint(__version__, started), methods=["GET"]),
+    return daemon_routes(PROGRAM, pm, started=started, operations=OPERATIONS, routes=[
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/v2/state", get_state, methods=["GET"]),
         Route("/v2/workers", list_workers, methods=["GET"]),
         Route("/v2/workers/start", start_worker, methods=["POST"]),
@@ -194,25 +183,14 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         Route("/v2/models", list_models, methods=["GET"]),
         Route("/v2/models/download", download_model, methods=["POST"]),
         Route("/v2/models/{model_id}", delete_model, methods=["DELETE"]),
-    ]
-    extra = [r for batch in pm.hook.rbees_register_routes(program=PROGRAM) for r in batch]
-    return builtin + extra
+    ])
 
 
 def create_app(svc: PoolService, started: float | None = None) -> Any:
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.pool = svc
+    async def start() -> None:
         svc.start()
-        svc.pm.hook.rbees_startup(program=PROGRAM, state=svc)
-        try:
-            yield
-        finally:
-            try:
-                svc.pm.hook.rbees_shutdown(program=PROGRAM, state=svc)
-            except Exception as exc:
-                svc.log.error("shutdown_hook_failed", error=str(exc))
 
+    lifespan = daemon_lifespan(PROGRAM, svc, attr="pool", start=start)
     return build_app(routes(svc.pm, started or time.monotonic()),
                      token=svc.settings.token, lifespan=lifespan)
 

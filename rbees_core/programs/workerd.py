@@ -13,20 +13,17 @@ import random
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
 import pluggy
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from rbees_core import __version__, plugins
+from rbees_core import plugins
 from rbees_core.api import openapi
 from rbees_core.api.common import ID_PATTERN, Health
 from rbees_core.api.worker import (
@@ -49,7 +46,8 @@ from rbees_core.errors import (
 from rbees_core.http import (
     EventStreamResponse,
     build_app,
-    health_endpoint,
+    daemon_lifespan,
+    daemon_routes,
     json_response,
     read_json,
     serve,
@@ -231,41 +229,21 @@ OPERATIONS = [
 
 
 def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
-    doc = openapi.document("rbees-workerd", __version__, OPERATIONS)
-
-    async def openapi_json(request: Request) -> Response:
-        return JSONResponse(doc)
-
-    builtin: list[BaseRoute] = [
-        Route("/health", health_endpoint(__version__, started), methods=["GET"]),
+    return daemon_routes(PROGRAM, pm, started=started, operations=OPERATIONS, routes=[
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/v2/ready", ready, methods=["GET"]),
         Route("/v2/loading/progress", loading_progress, methods=["GET"]),
         Route("/v2/execute", execute, methods=["POST"]),
         Route("/v2/cancel", cancel, methods=["POST"]),
         Route("/v2/shutdown", shutdown, methods=["POST"]),
-    ]
-    extra = [r for batch in pm.hook.rbees_register_routes(program=PROGRAM) for r in batch]
-    return builtin + extra
+    ])
 
 
 # -- lifecycle ------------------------------------------------------------------------------
 
 
 def create_app(st: WorkerState) -> Any:
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.worker = st
-        st.pm.hook.rbees_startup(program=PROGRAM, state=st)
-        try:
-            yield
-        finally:
-            try:
-                st.pm.hook.rbees_shutdown(program=PROGRAM, state=st)
-            except Exception as exc:
-                st.log.error("shutdown_hook_failed", error=str(exc))
-
+    lifespan = daemon_lifespan(PROGRAM, st, attr="worker")
     return build_app(routes(st.pm, st.started), token=st.settings.token, lifespan=lifespan)
 
 
