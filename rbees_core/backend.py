@@ -21,6 +21,20 @@ import attrs
 MemoryKind = Literal["vram", "unified", "ram"]
 
 
+def split_device(device: str, backend: str | None = None) -> tuple[str, int]:
+    """``"cuda:1"`` -> ``("cuda", 1)``; a kind alone has index 0.
+
+    Raises :class:`rbees_core.errors.BackendUnavailableError` for a non-numeric index.
+    """
+    from rbees_core.errors import BackendUnavailableError
+
+    kind, _, index = device.partition(":")
+    if index and not index.isdigit():
+        raise BackendUnavailableError(f"bad device {device!r}: the index must be a number",
+                                      details={"backend": backend, "device": device})
+    return kind, int(index or 0)
+
+
 @attrs.frozen
 class SamplingParams:
     """Sampling settings of one sequence. ``temperature == 0`` means greedy."""

@@ -229,3 +229,24 @@ def print_log(path: Any, *, lines: int, follow: bool, what: str) -> None:
                     time.sleep(0.2)
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+
+
+def builtin_modules(builtins: Sequence[tuple[str, str]]) -> list[tuple[str, object]]:
+    """``(name, module path)`` pairs as ``(name, module)`` plugins, registered last-first
+    because pluggy calls the last registered first: the command groups then appear in
+    ``--help`` in the given order. The modules must be cheap (typer only)."""
+    import importlib
+
+    return [(name, importlib.import_module(module)) for name, module in reversed(builtins)]
+
+
+def app_factory(program: str, help: str) -> AppFactory:
+    """The factory of a CLI's root app: shared settings, ``plugins``, then the commands the
+    plugins add through :func:`rbees_core.hookspecs.rbees_register_cli`."""
+    def create_app(pm: pluggy.PluginManager) -> typer.Typer:
+        app = new_app(program, help)
+        add_plugins_command(app, pm)
+        pm.hook.rbees_register_cli(app=app, program=program, pm=pm)
+        return app
+
+    return create_app

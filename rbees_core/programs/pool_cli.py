@@ -9,11 +9,7 @@ plugins add more through :func:`rbees_core.hookspecs.rbees_register_cli` with
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
-
-import pluggy
-import typer
 
 from rbees_core.programs import cli_common
 
@@ -31,18 +27,11 @@ BUILTINS = (
 
 
 def builtin_plugins() -> list[tuple[str, object]]:
-    """The ``(name, module)`` pairs of :data:`BUILTINS` (cheap modules: typer only),
-    registered last-first because pluggy calls the last registered first: the groups then
-    appear in ``--help`` in :data:`BUILTINS` order."""
-    return [(name, importlib.import_module(module)) for name, module in reversed(BUILTINS)]
+    """:data:`BUILTINS` as plugins, in ``--help`` order."""
+    return cli_common.builtin_modules(BUILTINS)
 
 
-def create_app(pm: pluggy.PluginManager) -> typer.Typer:
-    """The ``rbees-pool`` app over ``pm``, with the commands its plugins add."""
-    app = cli_common.new_app(PROGRAM, HELP)
-    cli_common.add_plugins_command(app, pm)
-    pm.hook.rbees_register_cli(app=app, program=PROGRAM, pm=pm)
-    return app
+create_app = cli_common.app_factory(PROGRAM, HELP)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,11 +7,7 @@ import their heavy dependencies inside the commands, so ``rbees --help`` stays f
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
-
-import pluggy
-import typer
 
 from rbees_core.programs import cli_common
 
@@ -32,16 +28,11 @@ BUILTINS = (
 
 
 def builtin_plugins() -> list[tuple[str, object]]:
-    """:data:`BUILTINS` as ``(name, module)``, last first (pluggy calls the last first)."""
-    return [(name, importlib.import_module(module)) for name, module in reversed(BUILTINS)]
+    """:data:`BUILTINS` as plugins, in ``--help`` order."""
+    return cli_common.builtin_modules(BUILTINS)
 
 
-def create_app(pm: pluggy.PluginManager) -> typer.Typer:
-    """The ``rbees`` app over ``pm``, with the commands its plugins add."""
-    app = cli_common.new_app(PROGRAM, HELP)
-    cli_common.add_plugins_command(app, pm)
-    pm.hook.rbees_register_cli(app=app, program=PROGRAM, pm=pm)
-    return app
+create_app = cli_common.app_factory(PROGRAM, HELP)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

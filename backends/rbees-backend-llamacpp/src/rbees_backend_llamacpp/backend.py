@@ -9,7 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from rbees_core.backend import Backend, Feed, LoadedModel, MemoryKind, SamplingParams
+from rbees_core.backend import (
+    Backend,
+    Feed,
+    LoadedModel,
+    MemoryKind,
+    SamplingParams,
+    split_device,
+)
 from rbees_core.errors import BackendUnavailableError, ModelLoadError, RbeesError
 
 DEFAULT_CTX_CAP = 4096
@@ -28,13 +35,6 @@ def _lib() -> Any:
         raise BackendUnavailableError(f"llama-cpp-python is not importable: {exc}") from exc
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     return llama_cpp
-
-
-def _split_device(device: str) -> tuple[str, int]:
-    kind, _, index = device.partition(":")
-    if index and not index.isdigit():
-        raise BackendUnavailableError(f"bad device {device!r}: the index must be a number")
-    return kind, int(index or 0)
 
 
 class LlamaCppBackend(Backend):
@@ -62,7 +62,7 @@ class LlamaCppBackend(Backend):
         threads: int | None,
         progress: Callable[[str, float], None],
     ) -> LoadedModel:
-        kind, index = _split_device(device)
+        kind, index = split_device(device, self.name)
         if kind not in self.available_devices():
             raise BackendUnavailableError(
                 f"device {kind!r} is not supported by this llama-cpp-python build "

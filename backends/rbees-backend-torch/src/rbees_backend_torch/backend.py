@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from rbees_core.backend import Backend, LoadedModel
+from rbees_core.backend import Backend, LoadedModel, split_device
 from rbees_core.errors import BackendUnavailableError
 
 
@@ -15,15 +15,6 @@ def _torch() -> Any:
     except ImportError as exc:  # pragma: no cover - the dependency is declared
         raise BackendUnavailableError(f"torch is not importable: {exc}") from exc
     return torch
-
-
-def split_device(device: str) -> tuple[str, int]:
-    """``"cuda:1"`` -> ``("cuda", 1)``; a kind alone has index 0."""
-    kind, _, index = device.partition(":")
-    if index and not index.isdigit():
-        raise BackendUnavailableError(f"bad device {device!r}: the index must be a number",
-                                      details={"backend": TorchBackend.name, "device": device})
-    return kind, int(index or 0)
 
 
 class TorchBackend(Backend):
@@ -59,7 +50,7 @@ class TorchBackend(Backend):
         threads: int | None,
         progress: Callable[[str, float], None],
     ) -> LoadedModel:
-        kind, index = split_device(device)
+        kind, index = split_device(device, self.name)
         available = self.available_devices()
         details = {"backend": self.name, "device": device}
         if kind not in available:
