@@ -13,7 +13,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "kernel", "plugin"]
+nox.options.sessions = ["lint", "kernel", "plugin", "bdd"]
 nox.options.error_on_missing_interpreters = True
 ROOT = Path(__file__).parent
 DISTRIBUTIONS = sorted(
@@ -27,7 +27,8 @@ DISTRIBUTIONS = sorted(
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
     session.run(sys.executable, "-m", "ruff", "check", ".")
-    session.run(sys.executable, "-m", "mypy", "rbees_core", *[f"{d}/src" for d in DISTRIBUTIONS])
+    session.run(sys.executable, "-m", "mypy", "rbees_core", "features",
+                *[f"{d}/src" for d in DISTRIBUTIONS])
 
 
 @nox.session(python=False)
@@ -39,3 +40,9 @@ def kernel(session: nox.Session) -> None:
 @nox.parametrize("dist", DISTRIBUTIONS)
 def plugin(session: nox.Session, dist: str) -> None:
     session.run(sys.executable, "-m", "pytest", f"{dist}/tests", *session.posargs)
+
+
+@nox.session(python=False)
+def bdd(session: nox.Session) -> None:
+    """The Gherkin features on the simulated hosts (network namespaces when run as root)."""
+    session.run(str(Path(sys.executable).with_name("bdd-runner")), *session.posargs)

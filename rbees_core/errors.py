@@ -11,6 +11,7 @@ turn it into the envelope of CONTRACT section 1::
     +-- UnauthenticatedError        UNAUTHENTICATED       401
     +-- NotFoundError               NOT_FOUND             404
     |   +-- ModelNotFoundError      MODEL_NOT_FOUND       404
+    |       +-- ModelNotOnHostError MODEL_NOT_FOUND       409 (pool preflight)
     +-- MethodNotAllowedError       METHOD_NOT_ALLOWED    405
     +-- ConflictError               CONFLICT              409
     +-- BackendUnavailableError     BACKEND_UNAVAILABLE   409
@@ -89,6 +90,13 @@ class NotFoundError(RbeesError):
 
 class ModelNotFoundError(NotFoundError):
     code = "MODEL_NOT_FOUND"
+
+
+class ModelNotOnHostError(ModelNotFoundError):
+    """A pool's preflight found no such model on its host: a conflict with the request
+    (409, like the other preflight failures), not a missing API resource."""
+
+    status = 409
 
 
 class MethodNotAllowedError(RbeesError):

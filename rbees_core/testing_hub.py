@@ -70,7 +70,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, hub: FakeHub, role: str) -> None:
         self.hub = hub
         self.role = role
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((hub.host, 0), _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client killed mid-transfer is part of the tests
@@ -192,7 +192,8 @@ class FakeHub:
     """Two loopback HTTP servers (hub and CDN) serving :class:`HubFile` s from memory."""
 
     def __init__(self, *, commit: str = DEFAULT_COMMIT, revision: str = "main",
-                 throttle_bps: float | None = None) -> None:
+                 throttle_bps: float | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host  # another address serves simulated hosts (rbees_core.testing_hosts)
         self.commit = commit
         self.revision = revision
         self.throttle_bps = throttle_bps
@@ -209,11 +210,11 @@ class FakeHub:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+        return f"http://{self.host}:{self._servers[0].server_address[1]}"
 
     @property
     def cdn_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        return f"http://{self.host}:{self._servers[1].server_address[1]}"
 
     def ranges(self) -> list[str]:
         """The ``Range`` headers of the CDN GETs so far."""

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -70,10 +71,16 @@ class SshServer:
     host_key: str
     client_key: Path
     process: ManagedProcess | None = None
+    address: str = "127.0.0.1"
 
     @classmethod
-    def start(cls, root: Path, *, timeout: float = 15.0) -> SshServer:
-        """Generate keys and config under ``root`` and start sshd; fails when sshd is missing."""
+    def start(cls, root: Path, *, timeout: float = 15.0, address: str = "127.0.0.1",
+              port: int | None = None, prefix: Sequence[str] = ()) -> SshServer:
+        """Generate keys and config under ``root`` and start sshd; fails when sshd is missing.
+
+        ``address`` and ``port`` are where it listens (a free loopback port by default);
+        ``prefix`` runs it inside something, e.g. ``ip netns exec mac`` for a simulated host.
+        """
         if not os.access(SSHD, os.X_OK):
             raise RuntimeError(MISSING_SSHD)
         if shutil.which("ssh-keygen") is None:
@@ -82,11 +89,11 @@ class SshServer:
         host_key = generate_key(root / "ssh_host_ed25519_key", "rbees-test-host")
         client_pub = generate_key(root / "client_ed25519", "rbees-test-client")
         (root / "authorized_keys").write_text(client_pub + "\n")
-        port = find_free_port()
+        port = port or find_free_port()
         config = root / "sshd_config"
         config.write_text("\n".join([
             f"Port {port}",
-            "ListenAddress 127.0.0.1",
+            f"ListenAddress {address}",
             f"HostKey {root / 'ssh_host_ed25519_key'}",
             f"AuthorizedKeysFile {root / 'authorized_keys'}",
             f"PidFile {root / 'sshd.pid'}",
@@ -106,8 +113,8 @@ class SshServer:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation dir
         server = cls(root=root, port=port, user=getpass.getuser(), host_key=host_key,
-                     client_key=root / "client_ed25519")
-        argv = [SSHD, "-D", "-e", "-f", str(config)]
+                     client_key=root / "client_ed25519", address=address)
+        argv = [*prefix, SSHD, "-D", "-e", "-f", str(config)]
         with open(root / "sshd.log", "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
@@ -123,7 +130,7 @@ class SshServer:
                 raise RuntimeError(f"sshd exited with {self.process.proc.returncode}:\n"
                                    f"{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                with socket.create_connection((self.address, self.port), timeout=1) as sock:
                     if sock.recv(64).startswith(b"SSH-2.0-"):
                         return
             except OSError:
@@ -136,7 +143,7 @@ class SshServer:
 
     @property
     def known_hosts_pattern(self) -> str:
-        return f"[127.0.0.1]:{self.port}"
+        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
 
     def known_hosts_line(self, key: str | None = None) -> str:
         """A known_hosts line for this server (with another ``key`` to fake a changed one)."""
@@ -145,7 +152,7 @@ class SshServer:
     def ssh_config(self, alias: str, *, identity: Path | None = None,
                    known_hosts: Path | None = None, port: int | None = None) -> str:
         """A ``~/.ssh/config`` block naming this server ``alias``."""
-        lines = [f"Host {alias}", "    HostName 127.0.0.1", f"    Port {port or self.port}",
+        lines = [f"Host {alias}", f"    HostName {self.address}", f"    Port {port or self.port}",
                  f"    User {self.user}", f"    IdentityFile {identity or self.client_key}"]
         if known_hosts is not None:
             lines.append(f"    UserKnownHostsFile {known_hosts}")

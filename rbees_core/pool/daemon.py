@@ -52,6 +52,12 @@ class PoolSettings:
     stop_grace_s: float = 30.0
 
     @property
+    def worker_host(self) -> str:
+        """Where this pool's workers listen: its own address, so that whoever reaches the
+        pool reaches its workers (loopback when it listens on every address)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "localhost") else self.host
+
+    @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
@@ -168,12 +174,13 @@ class PoolService:
             raise DrainingError("the pool is shutting down")
         spawn = workers.SpawnRequest(
             model_ref=req.model_ref, backend=req.backend, device=req.device, slots=req.slots,
-            ctx=req.ctx, callback_url=f"{self.settings.url}/v2/internal/workers/ready")
+            ctx=req.ctx, callback_url=f"{self.settings.url}/v2/internal/workers/ready",
+            host=self.settings.worker_host)
         async with self._lock:  # preflight and reservation in one step
             checked = await asyncio.to_thread(workers.preflight, self.pm, spawn,
                                               self.reserved_bytes(req.device))
             taken = {w.record.port for w in self.workers.values() if w.state in LIVE}
-            port = await asyncio.to_thread(workers.pick_port, taken)
+            port = await asyncio.to_thread(workers.pick_port, taken, spawn.host)
             spawn = attrs.evolve(spawn, port=port, worker_id=self._new_id(req.device))
             record, proc = await asyncio.to_thread(
                 workers.spawn_process, self.pm, spawn, checked=checked,

@@ -46,7 +46,8 @@ def _check(answer: httpx.Response) -> Any:
 def as_record(entry: dict[str, Any]) -> dict[str, Any]:
     """A pool-managerd worker entry in the shape of the direct path's JSON."""
     out = {key: entry.get(key) for key in WorkerRecord.json_keys()}
-    out["port"] = urlsplit(str(entry.get("uri"))).port
+    where = urlsplit(str(entry.get("uri")))
+    out["port"], out["host"] = where.port, where.hostname
     out["model_path"] = None  # the daemon's API does not carry it
     return out
 

@@ -70,6 +70,9 @@ class SpawnRequest:
     port: int | None = None
     worker_id: str | None = None
     callback_url: str | None = None
+    #: the address the worker listens on; a pool daemon bound to a host address spawns its
+    #: workers there, so an orchestrator on another host reaches them
+    host: str = "127.0.0.1"
 
 
 @attrs.frozen
@@ -98,10 +101,12 @@ class WorkerRecord:
     slots_free: int | None = None
     last_health_at: float | None = None
     exit_code: int | None = None
+    host: str = "127.0.0.1"
 
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**attrs.asdict(self), "uri": self.uri}
@@ -263,19 +268,20 @@ def records() -> Iterator[WorkerRecord]:
                 continue
 
 
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
 
 
-def pick_port(taken: set[int] | None = None) -> int:
+def pick_port(taken: set[int] | None = None, host: str = "127.0.0.1") -> int:
     taken = taken if taken is not None else {r.port for r in records() if pid_alive(r.pid)}
     for port in PORT_RANGE:
-        if port not in taken and port_free(port):
+        if port not in taken and port_free(port, host):
             return port
     raise ConflictError("no free port in 8001-8999 for a new worker")
 
@@ -314,11 +320,12 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
     if (worker_dir(worker_id) / "state.json").exists() and pid_alive(load(worker_id).pid):
         raise ConflictError(f"worker {worker_id!r} is already running",
                             details={"worker_id": worker_id})
-    port = req.port if req.port is not None else pick_port()
-    if not port_free(port):
+    port = req.port if req.port is not None else pick_port(host=req.host)
+    if not port_free(port, req.host):
         raise ConflictError(f"port {port} is in use", details={"port": port})
     argv = [workerd_executable(), "--worker-id", worker_id, "--model", req.model_ref,
-            "--backend", req.backend, "--device", req.device, "--port", str(port),
+            "--backend", req.backend, "--device", req.device,
+            "--bind", f"[{req.host}]:{port}" if ":" in req.host else f"{req.host}:{port}",
             "--slots", str(req.slots)]
     if req.ctx:
         argv += ["--ctx", str(req.ctx)]
@@ -334,9 +341,20 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
     record = WorkerRecord(
         worker_id=worker_id, model_ref=req.model_ref, model_path=checked.path,
         backend=req.backend, device=req.device, port=port, pid=proc.pid,
-        slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time())
+        slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time(),
+        host=req.host)
     save(record)
     return record, proc
+
+
+def auth_headers() -> dict[str, str]:
+    """The API token of this environment as a header: a worker spawned here inherits the
+    token and refuses requests without it."""
+    from rbees_core.config import read_token_file
+
+    path = os.environ.get("RBEES_API_TOKEN_FILE")
+    token = read_token_file(path) if path else os.environ.get("RBEES_API_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def probe(record: WorkerRecord, timeout: float = 1.0) -> WorkerRecord:
@@ -347,7 +365,7 @@ def probe(record: WorkerRecord, timeout: float = 1.0) -> WorkerRecord:
         record.state = "dead"
         return record
     try:
-        answer = httpx.get(f"{record.uri}/v2/ready", timeout=timeout)
+        answer = httpx.get(f"{record.uri}/v2/ready", timeout=timeout, headers=auth_headers())
         body = answer.json()
     except (httpx.HTTPError, ValueError):
         record.state = "unreachable"
@@ -366,7 +384,7 @@ def wait_ready(record: WorkerRecord, *, timeout: float = 60.0,
     import httpx
 
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2.0) as client:
+    with httpx.Client(timeout=2.0, headers=auth_headers()) as client:
         while time.monotonic() < deadline:
             if not pid_alive(record.pid):
                 raise WorkerFailedError(
@@ -410,7 +428,7 @@ def stop(worker_id: str, *, grace: float = 30.0) -> WorkerRecord:
     record = load(worker_id)
     if pid_alive(record.pid):
         try:
-            httpx.post(f"{record.uri}/v2/shutdown", timeout=2.0)
+            httpx.post(f"{record.uri}/v2/shutdown", timeout=2.0, headers=auth_headers())
         except httpx.HTTPError:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record.pid, signal.SIGTERM)

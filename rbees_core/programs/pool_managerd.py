@@ -80,8 +80,13 @@ async def get_worker(request: Request) -> Response:
 
 
 async def start_worker(request: Request) -> Response:
+    from rbees_core.errors import ModelNotFoundError, ModelNotOnHostError
+
     req = await read_json(request, WorkerStartRequest)
-    w = await _svc(request).start_worker(req)
+    try:
+        w = await _svc(request).start_worker(req)
+    except ModelNotFoundError as exc:  # not on this host: a preflight failure, 409
+        raise ModelNotOnHostError(exc.message, details=exc.details) from exc
     return json_response(WorkerStarted(worker_id=w.record.worker_id, state=w.state,
                                        uri=w.record.uri), 202)
 

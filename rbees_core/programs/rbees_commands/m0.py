@@ -40,6 +40,7 @@ import pluggy
 from rbees_core.errors import RbeesError
 from rbees_core.hosts import HostConfig
 from rbees_core.interfaces import Transport
+from rbees_core.pool.workers import auth_headers
 from rbees_core.scheduling import Decision, Snapshot, Verdict, explain
 
 #: How long ``rbees`` waits for rbees-orcd's /health before it schedules by itself.
@@ -337,7 +338,7 @@ class M0Job:
             where = Placement(host=host, worker_id=worker["worker_id"],
                               port=_worker_port(worker), started=False)
             async with self._base_url(where) as base, httpx.AsyncClient(
-                    base_url=base, timeout=2.0) as client:
+                    base_url=base, timeout=2.0, headers=auth_headers()) as client:
                 try:
                     body = (await client.get("/v2/ready")).json()
                 except (httpx.HTTPError, ValueError):
@@ -463,7 +464,8 @@ class M0Job:
         loop = asyncio.get_running_loop()
         try:
             async with self._base_url(where) as base, httpx.AsyncClient(
-                    base_url=base, timeout=httpx.Timeout(30.0, read=None)) as client:
+                    base_url=base, timeout=httpx.Timeout(30.0, read=None),
+                    headers=auth_headers()) as client:
                 task = asyncio.ensure_future(self._stream(client, where))
 
                 def interrupt() -> None:

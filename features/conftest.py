@@ -1,0 +1,63 @@
+"""The world the features run in: the lab's hosts (rbees_core.testing_hosts) and the real
+programs started on them, shared by every scenario of a run and started when first needed.
+
+Step definitions live in the ``steps_*`` modules beside this file and are imported here, so
+every feature file sees every step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from steps_common import *  # noqa: F403
+from steps_jobs import *  # noqa: F403
+from steps_pool import *  # noqa: F403
+from world import World
+
+from rbees_core.testing_hosts import LAB_DESCRIPTION, Lab
+
+TAGS = {
+    "m0": "M0: the CLI over SSH, no daemon",
+    "m1": "M1: pool-managerd and the HTTP transport",
+    "m2": "M2: jobs through rbees-orcd",
+    "queue": "the queue's capacity and policies",
+    "validation": "bad input",
+    "auth": "the API token",
+    "no_repl": "the CLIs are never a REPL",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tag, doc in TAGS.items():
+        config.addinivalue_line("markers", f"{tag}: {doc}")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+          ) -> Iterator[World]:
+    lab = Lab.create(tmp_path_factory.mktemp("lab"),
+                     mode=os.environ.get("RBEES_BDD_MODE", "auto"))
+    request.config.stash[LAB_DESCRIPTION] = lab.describe()
+    w = World(lab=lab, root=lab.root)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+@pytest.fixture
+def ctx(world: World) -> Iterator[dict[str, Any]]:
+    """What one scenario's steps hand each other (the last command, answer, job ids). A link
+    a failed scenario left cut is restored after it."""
+    shared: dict[str, Any] = {}
+    yield shared
+    for name in shared.get("cut", []):
+        world.lab.link(name, True)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"features: {Path(__file__).parent}"]

@@ -1,0 +1,333 @@
+"""Steps of jobs through rbees-orcd: submit, stream, cancel, failures, OpenAI, the queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+from pytest_bdd import given, parsers, then, when
+from world import HEARTBEAT_S, World, wait_until
+
+from rbees_core.testing import find_free_port, parse_sse
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+ORDINALS = {"1st": 0, "2nd": 1, "3rd": 2}
+
+
+def submit(world: World, body: dict[str, Any], url: str | None = None) -> httpx.Response:
+    return world.http("POST", f"{url or world.blep.orcd_url}/v2/tasks", json=body, timeout=30)
+
+
+def events(world: World, job_id: str, after: int = 0, url: str | None = None, timeout: float = 180
+           ) -> list[tuple[int | None, str, Any]]:
+    got = world.http("GET", f"{url or world.blep.orcd_url}/v2/tasks/{job_id}/events",
+                     headers={"Last-Event-ID": str(after)}, timeout=timeout)
+    assert got.status_code == 200, got.text
+    return parse_sse(got.text)
+
+
+def job(world: World, job_id: str) -> dict[str, Any]:
+    return dict(world.http("GET", f"{world.blep.orcd_url}/v2/tasks/{job_id}", timeout=10).json())
+
+
+@when("I submit a task to the orchestrator with:")
+def submit_task(world: World, ctx: dict[str, Any], docstring: str) -> None:
+    got = submit(world, json.loads(docstring))
+    assert got.status_code == 202, got.text
+    ctx["job_id"] = got.json()["job_id"]
+
+
+@then(parsers.parse('the job ends with "{terminal}"'))
+def job_ends(world: World, ctx: dict[str, Any], terminal: str) -> None:
+    frames = events(world, ctx["job_id"])
+    assert frames[-1][1] == terminal, frames[-3:]
+    ctx["frames"] = frames
+
+
+@then(parsers.parse('the job ran on pool "{pool}"'))
+def job_pool(world: World, ctx: dict[str, Any], pool: str) -> None:
+    assert job(world, ctx["job_id"])["pool_id"] == pool
+
+
+@then(parsers.parse("replaying its events after event {after:d} starts at event {first:d} with "
+                    "no duplicates"))
+def replay(world: World, ctx: dict[str, Any], after: int, first: int) -> None:
+    frames = events(world, ctx["job_id"], after=after)
+    ids = [i for i, _, _ in frames]
+    assert ids[0] == first and ids == list(range(first, first + len(ids))), ids
+    assert [e for _, e, _ in frames][-1] == "end"
+
+
+# -- a long job, cancelled or failed ------------------------------------------------------------
+
+
+@given("a long job is streaming")
+def long_job(world: World, ctx: dict[str, Any]) -> None:
+    got = submit(world, {"model": "smollm2", "prompt": COUNTING, "max_tokens": 3000,
+                         "temperature": 0})
+    assert got.status_code == 202, got.text
+    job_id = got.json()["job_id"]
+    seen: list[tuple[float, str, Any]] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("GET", f"{world.blep.orcd_url}/v2/tasks/{job_id}/events",
+                          headers=world.auth(), timeout=120) as stream:
+            event = ""
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    seen.append((time.monotonic(), event, json.loads(line[6:])))
+                    if event == "token":
+                        first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert first.wait(60), seen
+    ctx.update(job_id=job_id, seen=seen, reader=reader)
+
+
+@when("the worker running it is killed")
+def kill_worker(world: World, ctx: dict[str, Any]) -> None:
+    record = job(world, ctx["job_id"])
+    worker = world.http("GET", f"{world.host(record['pool_id']).pool_url}/v2/workers/"
+                               f"{record['worker_id']}").json()
+    os.kill(int(worker["pid"]), signal.SIGKILL)
+    ctx["killed_at"] = time.monotonic()
+
+
+def stream_end(ctx: dict[str, Any]) -> tuple[float, str, Any]:
+    ctx["reader"].join(60)
+    assert not ctx["reader"].is_alive(), "the stream did not end"
+    return tuple(ctx["seen"][-1])  # type: ignore[return-value]
+
+
+@then(parsers.parse('the stream ends with "{terminal}" code "{code}" and no token after the '
+                    'cancel'))
+def ends_cancelled(ctx: dict[str, Any], terminal: str, code: str) -> None:
+    _, event, data = stream_end(ctx)
+    assert (event, data["code"]) == (terminal, code), ctx["seen"][-3:]
+    late = [t for t, e, _ in ctx["seen"] if e == "token" and t > ctx["done_at"]]
+    assert not late, f"{len(late)} tokens after the cancel"
+
+
+@then(parsers.parse('the stream ends with "{terminal}" code "{code}" within {seconds:d} seconds '
+                    'of the kill'))
+def ends_failed(ctx: dict[str, Any], terminal: str, code: str, seconds: int) -> None:
+    at, event, data = stream_end(ctx)
+    assert (event, data["code"]) == (terminal, code), ctx["seen"][-3:]
+    assert at - ctx["killed_at"] < seconds, at - ctx["killed_at"]
+
+
+# -- pools lost and regained -------------------------------------------------------------------
+
+
+@then(parsers.parse('the pool "{name}" is "{status}" within 3 heartbeats and a margin'))
+def pool_status_heartbeats(world: World, name: str, status: str) -> None:
+    wait_until(lambda: world.pools().get(name) == status, 3 * HEARTBEAT_S + 3,
+               f"pool {name} {status}")
+
+
+@then(parsers.parse('the pools "{first}" and "{second}" are "{status}"'))
+def pools_are(world: World, first: str, second: str, status: str) -> None:
+    pools = world.pools()
+    assert pools.get(first) == status and pools.get(second) == status, pools
+
+
+@then(parsers.parse('the pool "{name}" is "{status}" within {seconds:d} seconds'))
+def pool_status_within(world: World, name: str, status: str, seconds: int) -> None:
+    wait_until(lambda: world.pools().get(name) == status, seconds, f"pool {name} {status}")
+
+
+@when(parsers.parse("{count:d} batch jobs are submitted"))
+@when(parsers.parse('{count:d} batch jobs preferring pool "{pool}" are submitted'))
+def batch_jobs(world: World, ctx: dict[str, Any], count: int, pool: str | None = None) -> None:
+    ids = []
+    placement = {"placement": {"prefer_pools": [pool]}} if pool else {}
+    for i in range(count):
+        got = submit(world, {"model": "smollm2", "prompt": f"Number {i}:", "max_tokens": 3,
+                             "priority": "batch", **placement})
+        assert got.status_code == 202, got.text
+        ids.append(got.json()["job_id"])
+    ctx["job_ids"] = ids
+
+
+@then(parsers.parse('every job ends with "{terminal}" on pool "{pool}"'))
+def every_job_on(world: World, ctx: dict[str, Any], terminal: str, pool: str) -> None:
+    for job_id in ctx["job_ids"]:
+        assert events(world, job_id)[-1][1] == terminal
+        assert job(world, job_id)["pool_id"] == pool
+
+
+@when("rbees-orcd on blep is killed with SIGKILL and started again")
+def restart_orcd(world: World) -> None:
+    time.sleep(0.5)  # some done, some running, most queued
+    world.kill("orcd")
+    world.start_orcd()
+
+
+@then("every job reaches exactly one terminal event")
+def exactly_once(world: World, ctx: dict[str, Any]) -> None:
+    failed = []
+    for job_id in ctx["job_ids"]:
+        frames = events(world, job_id)
+        terminals = [(e, d) for _, e, d in frames if e in ("end", "error")]
+        assert len(terminals) == 1, (job_id, frames)
+        assert [i for i, _, _ in frames] == list(range(1, len(frames) + 1)), frames
+        if terminals[0][0] == "error":
+            failed.append(terminals[0][1]["code"])
+    ctx["failed_codes"] = failed
+
+
+@then(parsers.parse('at most {count:d} job failed with "{code}"'))
+def at_most_failed(ctx: dict[str, Any], count: int, code: str) -> None:
+    assert set(ctx["failed_codes"]) <= {code} and len(ctx["failed_codes"]) <= count, \
+        ctx["failed_codes"]
+
+
+# -- OpenAI ------------------------------------------------------------------------------------
+
+
+def openai_client(world: World) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{world.blep.orcd_url}/v1", api_key=world.token,
+                         max_retries=0, timeout=120)
+
+
+@when(parsers.parse('the openai client asks the orchestrator for a chat completion of "{text}"'))
+def openai_chat(world: World, ctx: dict[str, Any], text: str) -> None:
+    ctx["completion"] = openai_client(world).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": text}], max_tokens=8)
+
+
+@then("the completion has text and usage")
+def completion_ok(ctx: dict[str, Any]) -> None:
+    completion = ctx["completion"]
+    assert completion.choices[0].message.content
+    assert completion.usage.completion_tokens > 0
+
+
+@when(parsers.parse('the openai client streams a chat completion of "{text}" with include_usage'))
+def openai_stream(world: World, ctx: dict[str, Any], text: str) -> None:
+    ctx["chunks"] = list(openai_client(world).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": text}], max_tokens=8,
+        stream=True, stream_options={"include_usage": True}))
+
+
+@then("the chunks carry text and the last one carries usage")
+def stream_ok(ctx: dict[str, Any]) -> None:
+    chunks = ctx["chunks"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+@when("the openai client lists the models")
+def openai_models(world: World, ctx: dict[str, Any]) -> None:
+    ctx["models"] = [m.id for m in openai_client(world).models.list()]
+
+
+@then(parsers.parse('"{model}" is among them'))
+def model_listed(ctx: dict[str, Any], model: str) -> None:
+    assert model in ctx["models"], ctx["models"]
+
+
+@when(parsers.parse('the openai client asks for a chat completion with model "{model}"'))
+def openai_unknown(world: World, ctx: dict[str, Any], model: str) -> None:
+    import openai
+
+    try:
+        openai_client(world).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    except openai.APIStatusError as exc:
+        ctx["error"] = exc
+    else:
+        raise AssertionError("no error")
+
+
+@then(parsers.parse("the client raises an error with status {status:d}"))
+def openai_error(ctx: dict[str, Any], status: int) -> None:
+    error = ctx["error"]
+    assert error.status_code == status
+    assert error.body and "message" in error.body, error.body
+
+
+# -- the queue's capacity ------------------------------------------------------------------------
+
+
+@given(parsers.parse('a second orchestrator on blep with queue capacity {capacity:d} and policy '
+                     '"{policy}"'))
+def second_orcd(world: World, ctx: dict[str, Any], capacity: int, policy: str) -> None:
+    blep = world.blep
+    port = find_free_port() if world.lab.mode == "loopback" else 8090
+    key = "orcd-second"
+    world.kill(key)
+    home = world.root / blep.name / f"second-{policy}"  # its own pid file and database
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    world._spawn(key, blep, "rbees-orcd", "--bind", f"{blep.address}:{port}",
+                 "--queue-capacity", str(capacity), "--queue-policy", policy,
+                 env=world.blep_env(RBEES_HOME=str(home)))
+    url = f"http://{blep.address}:{port}"
+    world.wait_health(url, key)
+    ctx["second"] = url
+
+
+@when(parsers.parse("{count:d} batch jobs are submitted to it"))
+def submit_to_second(world: World, ctx: dict[str, Any], count: int) -> None:
+    ctx["answers"] = [submit(world, {"model": "smollm2", "prompt": f"job {i}",
+                                     "priority": "batch"}, ctx["second"]) for i in range(count)]
+
+
+@then(parsers.parse("the first {count:d} are accepted"))
+@then(parsers.parse("all {count:d} are accepted"))
+def accepted(ctx: dict[str, Any], count: int) -> None:
+    assert [a.status_code for a in ctx["answers"][:count]] == [202] * count
+
+
+@then(parsers.parse('the {nth} is refused with 429 "{code}" and a Retry-After'))
+def refused(ctx: dict[str, Any], nth: str, code: str) -> None:
+    got = ctx["answers"][ORDINALS[nth]]
+    assert got.status_code == 429 and got.json()["error"]["code"] == code, got.text
+    assert int(got.headers["Retry-After"]) >= 1
+
+
+@then(parsers.parse('the {nth} ends with "{terminal}" code "{code}"'))
+def dropped(world: World, ctx: dict[str, Any], nth: str, terminal: str, code: str) -> None:
+    job_id = ctx["answers"][ORDINALS[nth]].json()["job_id"]
+    frames = events(world, job_id, url=ctx["second"], timeout=30)
+    assert frames[-1][1] == terminal and frames[-1][2]["code"] == code, frames
+
+
+# -- nothing lost --------------------------------------------------------------------------------
+
+
+def job_count(world: World) -> int:
+    got = world.http("GET", f"{world.blep.orcd_url}/v2/tasks", params={"limit": 1000})
+    return len(got.json()["jobs"])
+
+
+@given("the orchestrator's job count is noted")
+def note_count(world: World, ctx: dict[str, Any]) -> None:
+    ctx["count"] = job_count(world)
+
+
+@then("the orchestrator's job count is unchanged")
+def count_unchanged(world: World, ctx: dict[str, Any]) -> None:
+    assert job_count(world) == ctx["count"]
+
+
+@given("a token file on blep readable by others")
+def loose_token_file(world: World, ctx: dict[str, Any]) -> None:
+    path = world.blep.home / "loose.token"
+    path.write_text(world.token)
+    path.chmod(0o644)
+    ctx["token_file"] = str(path)

@@ -1,0 +1,206 @@
+"""The programs running on the lab's hosts, started on demand and kept for the whole run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+
+from rbees_core.testing_hosts import ORCHESTRATOR, POOLS, Lab, SimHost
+from rbees_core.testing_hub import FakeHub
+from rbees_core.testing_ssh import SshServer, generate_key, venv_rbees_pool
+
+#: heartbeats every half second: "unavailable after 3 missed" is then 1.5 s
+HEARTBEAT_S = 0.5
+GIT_ENV = {"GIT_AUTHOR_NAME": "rbees lab", "GIT_AUTHOR_EMAIL": "lab@rbees.invalid",
+           "GIT_COMMITTER_NAME": "rbees lab", "GIT_COMMITTER_EMAIL": "lab@rbees.invalid"}
+
+
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-c", "protocol.file.allow=always", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **GIT_ENV})
+    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
+    return done.stdout.strip()
+
+
+def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
+
+
+@attrs.define
+class World:
+    lab: Lab
+    root: Path
+    sshd: dict[str, SshServer] = attrs.field(factory=dict)
+    daemons: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
+    hub: FakeHub | None = None
+    ssh_hosts_added: bool = False
+
+    def host(self, name: str) -> SimHost:
+        return self.lab.hosts[name]
+
+    @property
+    def blep(self) -> SimHost:
+        return self.host(ORCHESTRATOR)
+
+    @property
+    def token(self) -> str:
+        return self.lab.token
+
+    # -- programs --------------------------------------------------------------------------
+
+    def blep_env(self, **extra: str) -> dict[str, str]:
+        return self.blep.env(RBEES_ORCHESTRATOR_URL=self.blep.orcd_url, **extra)
+
+    def run_on(self, name: str, program: str, *args: str, token: bool = True,
+               timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        host = self.host(name)
+        env = self.blep_env() if name == ORCHESTRATOR else host.env()
+        if not token:
+            env.pop("RBEES_API_TOKEN", None)
+        return host.run(program, *args, env=env, timeout=timeout)
+
+    def http(self, method: str, url: str, *, token: str | None = "right",
+             **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if token == "right":
+            headers["Authorization"] = f"Bearer {self.token}"
+        elif token == "wrong":
+            headers["Authorization"] = "Bearer " + "0" * 32
+        return httpx.request(method, url, headers=headers, timeout=kwargs.pop("timeout", 60),
+                             **kwargs)
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    # -- hub, ssh ----------------------------------------------------------------------------
+
+    def ensure_hub(self) -> FakeHub:
+        if self.hub is None:
+            self.hub = FakeHub(host=self.lab.hub_address).start()
+        return self.hub
+
+    def ensure_ssh_hosts(self) -> None:
+        """sshd on each pool host, blep's key authorised, and the hosts added on blep with
+        ``rbees hosts add --accept-new``: what an operator does once."""
+        if self.ssh_hosts_added:
+            return
+        key = self.blep.user_home / ".ssh" / "id_ed25519"
+        public = generate_key(key, "blep")
+        hub = self.ensure_hub()
+        for name in POOLS:
+            host = self.host(name)
+            server = SshServer.start(self.root / f"sshd-{name}", address=host.address,
+                                     port=host.ssh_port, prefix=host.prefix())
+            (server.root / "authorized_keys").write_text(public + "\n")
+            self.sshd[name] = server
+            checkout = self.root / name / "checkout"
+            port = "" if host.ssh_port == 22 else f":{host.ssh_port}"
+            done = self.run_on(
+                ORCHESTRATOR, "rbees", "hosts", "add", name, f"{server.user}@{host.address}{port}",
+                "--remote-pool", venv_rbees_pool(), "--accept-new", "--connect-timeout", "3",
+                "--env", f"RBEES_HOME={host.home}", "--env", f"HOME={host.user_home}",
+                "--env", f"HF_ENDPOINT={hub.endpoint}", "--env", f"RBEES_API_TOKEN={self.token}",
+                "--env", f"RBEES_POOL_CHECKOUT={checkout}")
+            assert done.returncode == 0, done.stderr
+        self.ssh_hosts_added = True
+
+    # -- daemons -----------------------------------------------------------------------------
+
+    def _spawn(self, key: str, host: SimHost, program: str, *args: str,
+               env: dict[str, str] | None = None) -> None:
+        log = open(self.root / f"{key.replace(':', '-')}.log", "ab")  # noqa: SIM115
+        if env is None:
+            env = self.blep_env() if host.name == ORCHESTRATOR else host.env(
+                HF_ENDPOINT=self.ensure_hub().endpoint)
+        self.daemons[key] = host.popen(program, *args, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def _alive(self, key: str) -> bool:
+        proc = self.daemons.get(key)
+        return proc is not None and proc.poll() is None
+
+    def start_orcd(self) -> None:
+        blep = self.blep
+        self._spawn("orcd", blep, "rbees-orcd", "--bind", f"{blep.address}:{blep.orcd_port}",
+                    "--heartbeat-interval", str(HEARTBEAT_S), "--idle-timeout", "120")
+        self.wait_health(blep.orcd_url, "orcd")
+
+    def wait_health(self, url: str, key: str, timeout: float = 30) -> None:
+        def up() -> bool:
+            if not self._alive(key):
+                raise AssertionError(f"{key} exited: {self.log(key)[-2000:]}")
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout, f"{key} at {url}")
+
+    def log(self, key: str) -> str:
+        path = self.root / f"{key.replace(':', '-')}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_pool(self, name: str) -> None:
+        host = self.host(name)
+        self.ensure_hub()
+        self._spawn(f"pool:{name}", host, "pool-managerd", "--bind",
+                    f"{host.address}:{host.pool_port}", "--pool-id", name,
+                    "--orchestrator", self.blep.orcd_url,
+                    "--heartbeat-interval", str(HEARTBEAT_S), "--health-interval", "0.5")
+        self.wait_health(host.pool_url, f"pool:{name}")
+
+    def pools(self) -> dict[str, str]:
+        answer = self.http("GET", f"{self.blep.orcd_url}/v2/pools", timeout=5)
+        return {p["pool_id"]: p["status"] for p in answer.json()["pools"]}
+
+    def ensure_cluster(self) -> None:
+        if not self._alive("orcd"):
+            self.start_orcd()
+        for name in POOLS:
+            if not self._alive(f"pool:{name}"):
+                self.start_pool(name)
+        wait_until(lambda: all(self.pools().get(n) == "ready" for n in POOLS), 30,
+                   "both pools ready in the orchestrator")
+
+    def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.daemons.get(key)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(30)
+
+    def pool_workers(self, name: str) -> list[dict[str, Any]]:
+        answer = self.http("GET", f"{self.host(name).pool_url}/v2/workers", timeout=10)
+        return list(answer.json()["workers"])
+
+    def close(self) -> None:
+        for key in list(self.daemons):
+            self.kill(key, signal.SIGTERM)
+        for name in POOLS:  # workers started over SSH, with no daemon
+            host = self.host(name)
+            host.run("rbees-pool", "worker", "stop", "--all", "--grace", "1", timeout=60)
+        for server in self.sshd.values():
+            server.stop()
+        if self.hub is not None:
+            self.hub.stop()
+        self.lab.destroy()
+
+
+def parse_json(text: str) -> Any:
+    return json.loads(text)
