@@ -165,11 +165,17 @@ def run_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as out:
         plugin = Transcript(out, echo=sys.stdout if as_json else None)
-        if as_json:  # pytest's report to stderr; stdout carries only the records
-            with redirect_stdout(sys.stderr):
+        try:
+            if as_json:  # pytest's report to stderr; stdout carries only the records
+                with redirect_stdout(sys.stderr):
+                    code = int(pytest.main(args, plugins=[plugin]))
+            else:
                 code = int(pytest.main(args, plugins=[plugin]))
-        else:
-            code = int(pytest.main(args, plugins=[plugin]))
+        except Exception as exc:  # e.g. a warning turned error after the last scenario
+            print(f"{PROGRAM}: error after the scenarios: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            plugin._write({"event": "error", "error": f"{type(exc).__name__}: {exc}"[:4000]})
+            code = 1
     failed = sum(r["status"] == "failed" for r in plugin.results)
     print(f"{PROGRAM}: {len(plugin.results)} scenarios, {failed} failed, "
           f"{time.monotonic() - plugin.began:.0f} s; {plugin.hosts}; transcript {path}",
