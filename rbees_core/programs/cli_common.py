@@ -29,6 +29,7 @@ import typer
 
 from rbees_core import __version__, plugins
 from rbees_core.errors import RbeesError
+from rbees_core.programs.cli_coercion import PlainCoercionGroup
 
 AppFactory = Callable[[pluggy.PluginManager], typer.Typer]
 
@@ -84,6 +85,8 @@ def new_app(program: str, help: str) -> typer.Typer:
         # plain click help: importing rich costs ~100 ms of every --help, and its markup
         # would swallow "[pool]" and "[PATH]" in help texts
         rich_markup_mode=None,
+        # typer's own coercion of option values imports pydantic: ~80 ms of every command
+        cls=PlainCoercionGroup,
     )
 
     # A callback keeps the app a group even while it holds a single command.
