@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from rbees_core.scheduling import Snapshot, Verdict
-
 if TYPE_CHECKING:
     from typing import Self
 
     from rbees_core.config import SchedulerConfig
     from rbees_core.hosts import HostConfig
+    from rbees_core.scheduling import Snapshot, Verdict
 
 
 @attrs.frozen

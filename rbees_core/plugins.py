@@ -4,20 +4,31 @@ Load order: blocked names (``RBEES_DISABLED_PLUGINS``, comma-separated entry-poi
 plugin names) -> the program's builtin plugins -> entry points of group ``rbees`` (off when
 ``RBEES_DISABLE_PLUGIN_AUTOLOAD`` is set) -> ``check_pending()``, so a misspelled hook
 implementation fails at start-up instead of being silently ignored.
+
+Every command line builds a manager, so finding the entry points must be cheap: see
+:class:`PluginManager`.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
+import importlib.machinery
+import itertools
 import os
-from collections.abc import Iterable
-from typing import Any, TypeVar
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import pluggy
 
 from rbees_core import hookspecs
 from rbees_core.errors import PluginError
+
+if TYPE_CHECKING:
+    import importlib.metadata
 
 T = TypeVar("T")
 ENTRY_POINT_GROUP = "rbees"
@@ -36,7 +47,7 @@ def make_manager(builtins: Iterable[tuple[str, object]] = (), *, autoload: bool 
     ``RBEES_DISABLE_PLUGIN_AUTOLOAD``. Raises :class:`PluginError` when a plugin fails to
     load or implements a hook that does not exist.
     """
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     for name in disabled_plugins():
         pm.set_blocked(name)
@@ -56,6 +67,140 @@ def make_manager(builtins: Iterable[tuple[str, object]] = (), *, autoload: bool 
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
     return pm
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, loading entry points without ``importlib.metadata`` where it can.
+
+    pluggy finds entry points through ``importlib.metadata``, whose import alone (it pulls in
+    ``email`` and ``zipfile``) costs about 25 ms of every command line. When every
+    distribution on ``sys.path`` is a plain ``*.dist-info`` or ``*.egg-info`` directory, as
+    pip and uv install them, :meth:`load_setuptools_entrypoints` reads their
+    ``entry_points.txt`` itself, in the order ``importlib.metadata.distributions()`` gives;
+    otherwise (a zip file or an egg on ``sys.path``, another distribution finder) it is
+    pluggy's. The distribution of each loaded plugin becomes an
+    ``importlib.metadata.Distribution`` when :meth:`list_plugin_distinfo` or
+    :meth:`list_plugin_distributions` first asks.
+    """
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__(project_name)
+        self._unread_dists: list[tuple[object, str]] = []
+
+    def load_setuptools_entrypoints(self, group: str, name: str | None = None) -> int:
+        found = installed_entry_points(group)
+        if found is None:
+            return super().load_setuptools_entrypoints(group, name)
+        count = 0
+        for ep_name, value, dist_path in found:
+            if ((name is not None and ep_name != name) or self.has_plugin(ep_name)
+                    or self.is_blocked(ep_name)):
+                continue
+            plugin = load_entry_point(value)
+            self.register(plugin, name=ep_name)
+            self._unread_dists.append((plugin, dist_path))
+            count += 1
+        return count
+
+    def _read_dists(self) -> None:
+        if self._unread_dists:
+            import importlib.metadata
+
+            self._plugin_distinfo.extend(
+                (plugin, importlib.metadata.PathDistribution(Path(path)))
+                for plugin, path in self._unread_dists)
+            self._unread_dists.clear()
+
+    def list_plugin_distinfo(self) -> list[tuple[Any, Any]]:
+        self._read_dists()
+        return super().list_plugin_distinfo()
+
+    def list_plugin_distributions(self) -> list[tuple[Any, importlib.metadata.Distribution]]:
+        self._read_dists()
+        return super().list_plugin_distributions()
+
+
+def installed_entry_points(group: str) -> list[tuple[str, str, str]] | None:
+    """``(name, value, metadata directory)`` of the entry points of ``group``, in the order
+    pluggy meets them through ``importlib.metadata.distributions()``; None where only
+    ``importlib.metadata`` can tell (see :class:`PluginManager`)."""
+    finders = [f for f in sys.meta_path if getattr(f, "find_distributions", None) is not None]
+    if finders != [importlib.machinery.PathFinder]:
+        return None
+    found = []
+    for root in sys.path:
+        if not isinstance(root, str) or root.lower().endswith(".egg"):
+            return None
+        try:
+            children = os.listdir(root or ".")
+        except NotADirectoryError:  # a zip file
+            return None
+        except OSError:
+            continue
+        # importlib.metadata groups the metadata directories of one name, first seen first
+        by_name: dict[str, list[str]] = {}
+        for child in children:
+            low = child.lower()
+            if low.endswith((".dist-info", ".egg-info")):
+                name = _normalize(low.rpartition(".")[0].partition("-")[0])
+                by_name.setdefault(name, []).append(os.path.join(root, child))
+        for path in itertools.chain.from_iterable(by_name.values()):
+            try:
+                with open(os.path.join(path, "entry_points.txt"), encoding="utf-8") as file:
+                    text = file.read()
+            except OSError:
+                continue
+            found += [(name, value, path) for section, name, value in _entry_points_txt(text)
+                      if section == group]
+    return found
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name)
+
+
+def _entry_points_txt(text: str) -> list[tuple[str, str, str]]:
+    """``(section, name, value)`` of each entry of an ``entry_points.txt``; a line without
+    ``=`` raises ValueError, as it does in ``importlib.metadata``."""
+    entries = []
+    section = None
+    for line in map(str.strip, text.splitlines()):
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line.strip("[]")
+        elif section is not None:
+            name, value = line.split("=", 1)
+            entries.append((section, name.strip(), value.strip()))
+    return entries
+
+
+def load_entry_point(value: str) -> object:
+    """The object an entry point's ``module:attr.path [extras]`` names."""
+    module, _, attr = value.split("[", 1)[0].partition(":")
+    obj: object = importlib.import_module(module.strip())
+    for part in filter(None, attr.strip().split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for a plugin's entry module.
+
+    Every command line loads every installed plugin, so an entry module names its public
+    classes without importing them: ``exports`` maps each name to the module defining it,
+    imported when the name is first used (by a hook implementation or by ``from package
+    import Name``). Assign the result to ``__getattr__`` and import the names under
+    ``TYPE_CHECKING`` for type checkers.
+    """
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name]), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
 
 
 def builtin_plugins() -> list[tuple[str, object]]:
@@ -121,6 +266,8 @@ def schedulers(pm: pluggy.PluginManager) -> dict[str, Any]:
 
 
 def distribution_version(name: str) -> str | None:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

@@ -123,7 +123,8 @@ def test_rbees_pool_command_groups_are_builtin_plugins() -> None:
     assert "git" not in run("rbees", "--help").stdout.split("Commands:")[1]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["models", "list"]])
+@pytest.mark.parametrize("args", [["--help"], ["models", "list"],
+                                  ["models", "list", "--format", "json"]])
 def test_rbees_pool_does_not_import_heavy_libraries(args: list[str]) -> None:
     code = textwrap.dedent(f"""
         import sys
@@ -133,7 +134,8 @@ def test_rbees_pool_does_not_import_heavy_libraries(args: list[str]) -> None:
         except SystemExit as exc:
             assert exc.code == 0, exc.code
         heavy = ["starlette", "hypercorn", "httpx", "llama_cpp", "torch", "prometheus_client",
-                 "numpy", "huggingface_hub", "pynvml", "rich", "asyncio"]
+                 "numpy", "huggingface_hub", "pynvml", "rich", "asyncio", "pydantic",
+                 "importlib.metadata"]
         print(",".join(m for m in heavy if m in sys.modules), file=sys.stderr)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -173,7 +175,7 @@ def test_help_does_not_import_heavy_libraries() -> None:
         except SystemExit as exc:
             assert exc.code == 0, exc.code
         heavy = ["starlette", "hypercorn", "httpx", "llama_cpp", "torch", "prometheus_client",
-                 "numpy", "asyncssh", "pynvml"]
+                 "numpy", "asyncssh", "pynvml", "pydantic", "importlib.metadata"]
         print(",".join(m for m in heavy if m in sys.modules), file=sys.stderr)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from typing import Any
 
@@ -32,6 +31,8 @@ def _workers() -> list[dict[str, Any]]:
 def pool_state(pm: pluggy.PluginManager) -> tuple[dict[str, Any], list[str]]:
     """The pool's state in the shape of pool-managerd's ``GET /v2/state``, and the
     problems met while probing devices."""
+    import socket
+
     from rbees_core.pool import inventory, models
 
     host = socket.gethostname()

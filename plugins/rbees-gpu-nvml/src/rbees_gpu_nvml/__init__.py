@@ -7,14 +7,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rbees_core.hookspecs import hookimpl
 from rbees_core.interfaces import GpuInventory
-
-log = logging.getLogger(__name__)
 
 
 def _text(value: str | bytes) -> str:
@@ -55,6 +52,9 @@ class NvmlInventory(GpuInventory):
     name: ClassVar[str] = "nvml"
 
     def collect(self) -> list[Mapping[str, Any]]:
+        import logging  # not at import time: every command line loads this plugin
+
+        log = logging.getLogger(__name__)
         try:
             import pynvml
         except ImportError:

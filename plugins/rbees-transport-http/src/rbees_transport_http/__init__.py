@@ -20,19 +20,28 @@ Any other command, or an option the API has no room for (``--port``, ``--grace``
 :class:`rbees_core.errors.UnsupportedCommandError` before a request is made. An error
 envelope from the pool becomes exit 1 and ``rbees-pool: error: MESSAGE`` on stderr, as
 rbees-pool itself reports it; a refused token is :class:`rbees_core.errors.HostAuthError`.
-httpx is imported when a command runs.
+The transport (:mod:`rbees_transport_http.transport`) is imported when a program asks for
+transports, httpx when a command runs.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rbees_core.hookspecs import hookimpl
-from rbees_core.interfaces import Transport
-from rbees_transport_http.transport import HttpTransport, parse_argv
+from rbees_core.plugins import lazy_exports
+
+if TYPE_CHECKING:
+    from rbees_core.interfaces import Transport
+    from rbees_transport_http.transport import HttpTransport, parse_argv
 
 __all__ = ["HttpTransport", "parse_argv"]
+__getattr__ = lazy_exports(__name__, dict.fromkeys(__all__, "rbees_transport_http.transport"))
 
 
 @hookimpl
 def rbees_register_transports() -> list[type[Transport]]:
+    from rbees_transport_http.transport import HttpTransport
+
     return [HttpTransport]
 

@@ -332,3 +332,5 @@ class Spread(BuiltinPolicy):
 
 POLICIES: tuple[type[BuiltinPolicy], ...] = (LeastLoaded, MostFreeMemory, RoundRobin, Binpack,
                                              Spread)
+#: The policy rbees uses when the configuration names none.
+DEFAULT_POLICY = LeastLoaded.name
