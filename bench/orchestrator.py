@@ -2,12 +2,15 @@
 
   (a) one warm SmolLM2 worker, the same job sent directly (POST /v2/execute) and through
       rbees-orcd (POST /v2/tasks + its SSE): added TTFT (median) and the tokens/s ratio
-  (b) POST /v2/tasks admissions per second (each durable before its 202) at 1, 16 and 64
-      concurrent clients: rate, p50 and p99 latency
-  (c) the same at 16 clients while 1,000 simulated pools heartbeat every 5 s
+  (b) POST /v2/tasks admissions (each durable before its 202) at 1, 16 and 64 concurrent
+      connections. "offered": 1,000 admissions/s on a fixed schedule (open loop,
+      bench/openloop.py), latency from each scheduled send: the target's measure.
+      "saturated": each client sends again as soon as its answer arrives (closed loop): the
+      ceiling rate; its latency is clients / rate (Little's law), the clients' own queue.
+  (c) the same at 16 connections while 1,000 simulated pools heartbeat every 5 s
 
 Targets: added TTFT <= 5 ms, tokens/s ratio >= 0.97, >= 1,000 admissions/s with p99 < 10 ms.
-Usage: python bench/orchestrator.py [--runs 5] [--tokens 64] [--seconds 5]
+Usage: python bench/orchestrator.py [--runs 5] [--tokens 64] [--seconds 5] [--skip-overhead]
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from openloop import open_loop, request_bytes  # bench/openloop.py, beside this file
 
 from rbees_core.testing import find_free_port, wait_http
 
 BIN = Path(sys.executable).parent
+TARGET_RATE = 1000.0
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
@@ -152,6 +158,39 @@ def wrk(url: str, clients: int, seconds: float) -> tuple[float, float, float]:
     return rate, ms("50%"), ms("99%")
 
 
+TASK = json.dumps({"model": "smollm2", "prompt": "bench", "priority": "batch",
+                   "max_tokens": 1}).encode()
+
+
+def heartbeat_request(url: str, pools: int) -> Callable[[int], bytes]:
+    """Heartbeat ``k`` of ``pools`` simulated pools, round robin, as pool-managerd sends it."""
+    def make(k: int) -> bytes:
+        pool_id = f"sim-{k % pools}"
+        body = json.dumps({
+            "pool_id": pool_id, "host": pool_id, "gpus": [], "workers": [], "models": [],
+            "seq": k // pools + 1, "sent_at": time.time(), "url": f"http://{pool_id}:9200",
+            "cpu": {"cores": 8, "ram_total_bytes": 2**34, "ram_free_bytes": 2**33}}).encode()
+        return request_bytes(f"{url}/v2/pools/{pool_id}/heartbeat", "POST", body,
+                             {"Content-Type": "application/json"})
+
+    return make
+
+
+async def offered(url: str, connections: int, seconds: float, pools: int = 0
+                  ) -> tuple[float, float, float]:
+    """Admissions offered at TARGET_RATE on a fixed schedule (open loop), with ``pools``
+    simulated pools heartbeating every 5 s alongside: rate, p50 ms, p99 ms."""
+    work = [open_loop(f"{url}/v2/tasks", rate=TARGET_RATE, connections=connections,
+                      seconds=seconds, body=TASK)]
+    if pools:
+        work.append(open_loop(url, rate=pools / 5.0, connections=4, seconds=seconds,
+                              make=heartbeat_request(url, pools)))
+    results = await asyncio.gather(*work)
+    admissions = results[0]
+    assert set(admissions.statuses) == {202}, admissions.statuses
+    return admissions.rate, admissions.percentile(0.5), admissions.percentile(0.99)
+
+
 async def heartbeats(url: str, pools: int, interval: float, until: asyncio.Event) -> int:
     sent = 0
     async with httpx.AsyncClient(timeout=30) as client:
@@ -189,7 +228,12 @@ def bench_admission(seconds: float) -> list[str]:
     try:
         wait_http(f"{url}/health", timeout=30, proc=proc)
         for clients in (1, 16, 64):
-            row("(b) admissions", clients, asyncio.run(admit(url, clients, seconds)))
+            row("(b) offered 1,000/s", clients, asyncio.run(offered(url, clients, seconds)))
+        row("(c) offered 1,000/s + 1,000 pools heartbeating", 16,
+            asyncio.run(offered(url, 16, seconds, pools=1000)))
+        for clients in (1, 16, 64):
+            row("(b) saturated, Python clients", clients,
+                asyncio.run(admit(url, clients, seconds)))
 
         async def with_pools() -> tuple[float, float, float]:
             until = asyncio.Event()
@@ -200,10 +244,10 @@ def bench_admission(seconds: float) -> list[str]:
             await beats
             return got
 
-        row("(c) + 1,000 pools heartbeating", 16, asyncio.run(with_pools()))
+        row("(c) saturated + 1,000 pools heartbeating", 16, asyncio.run(with_pools()))
         if shutil.which("wrk"):  # a load generator that does not share Python's overhead
             for clients in (1, 16, 64):
-                row("(b) admissions, wrk", clients, wrk(url, clients, seconds))
+                row("(b) saturated, wrk", clients, wrk(url, clients, seconds))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -216,9 +260,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--skip-overhead", action="store_true", help="only (b) and (c)")
     args = parser.parse_args()
-    print("## (a) overhead on a warm worker\n")
-    print("\n".join(bench_overhead(args.runs, args.tokens)))
+    if not args.skip_overhead:
+        print("## (a) overhead on a warm worker\n")
+        print("\n".join(bench_overhead(args.runs, args.tokens)))
     print("\n## (b, c) admissions (client and server share this machine's cores)\n")
     print("\n".join(bench_admission(args.seconds)))
 

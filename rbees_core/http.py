@@ -242,6 +242,9 @@ async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> 
     config.errorlog = None
     config.graceful_timeout = 5.0
     config.keep_alive_timeout = 75.0
+    # hypercorn closes a connection after 1,000 requests by default; the daemons' clients
+    # (rbees-orcd's pool and worker clients, SDKs) keep theirs for a long time
+    config.keep_alive_max_requests = 1_000_000
     await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
 
 
