@@ -1,11 +1,14 @@
 """CLI start-up benchmark: wall time of short ``rbees-pool`` commands against a 300 ms target.
 
-Each command runs once to warm the file cache, then ``--runs`` times (default 5) as a real
-process from this virtualenv, with an empty ``RBEES_HOME``. Prints a Markdown table of the
-median wall time (the target's measure), the slowest run and the median CPU time of the
-process (user + system: what the command costs when the machine is otherwise idle), and
-exits 1 if a median wall time misses the target. With ``--imports``
-it also prints the slowest imports of each command (``python -X importtime``).
+Each command runs once to warm the file cache and write any missing bytecode (``.pyc``, as
+an installed rbees has: ``PYTHONDONTWRITEBYTECODE`` is dropped, else every module edited
+since its last ``.pyc`` is compiled again on every run), then ``--runs`` times (default 5)
+as a real process from this virtualenv, with an empty ``RBEES_HOME``. Prints a Markdown
+table of the median wall time (the target's measure), the slowest run and the median CPU
+time of the process (user + system: what the command costs when the machine is otherwise
+idle), and exits 1 if a median wall time misses the target. With ``--imports`` it also
+prints the slowest imports of each command (``python -X importtime``; modules loaded with
+``importlib.import_module``, such as plugins, show only through the imports they make).
 
 Usage: python bench/cli.py [--runs 5] [--target-ms 300] [--imports]
 """
@@ -70,7 +73,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rbees-bench-cli-") as home:
         env = {**os.environ, "RBEES_HOME": home, "COLUMNS": "100"}
-        for name in ("RBEES_DISABLED_PLUGINS", "RBEES_DISABLE_PLUGIN_AUTOLOAD", "RBEES_DEBUG"):
+        for name in ("RBEES_DISABLED_PLUGINS", "RBEES_DISABLE_PLUGIN_AUTOLOAD", "RBEES_DEBUG",
+                     "PYTHONDONTWRITEBYTECODE"):
             env.pop(name, None)
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
               f"{os.getloadavg()[0]:.2f}, {args.runs} runs after 1 warm-up\n")
