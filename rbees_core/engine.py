@@ -275,7 +275,7 @@ class Engine:
         job.last_token_at = now
         if self.model.is_eog(token):
             self._emit_text(job, job.stream.flush())
-            self._end(job, "eos")
+            self._end(job, "stop" if job.stream.stopped else "eos")
             return
         job.tokens_out += 1
         self._emit_text(job, job.stream.push(self.model.token_bytes(token)))
@@ -283,7 +283,7 @@ class Engine:
             self._end(job, "stop")
         elif job.tokens_out >= job.max_tokens:
             self._emit_text(job, job.stream.flush())
-            self._end(job, "max_tokens")
+            self._end(job, "stop" if job.stream.stopped else "max_tokens")
         else:
             job.next_token = token
             if now - job.last_metrics_at >= METRICS_INTERVAL_S:

@@ -26,11 +26,16 @@ class TextStream:
         if not self._stops:
             self._held = ""
             return text
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        cut = self._first_stop(text)
         if cut >= 0:
-            self.stopped = True
-            self._held = ""
-            return text[:cut]
+            pending = self._partial_before(text, cut)
+            if pending is None:
+                self.stopped = True
+                self._held = ""
+                return text[:cut]
+            # a longer stop may still begin before this one: wait for the tokens that decide
+            self._held = text[pending:]
+            return text[:pending]
         keep = 0
         for stop in self._stops:
             for k in range(min(len(stop) - 1, len(text)), keep, -1):
@@ -46,4 +51,22 @@ class TextStream:
             return ""
         text = self._held + self._decoder.decode(b"", final=True)
         self._held = ""
+        cut = self._first_stop(text)
+        if cut >= 0:
+            self.stopped = True
+            return text[:cut]
         return text
+
+    def _first_stop(self, text: str) -> int:
+        """Where the earliest stop sequence in ``text`` begins; -1 if none is there."""
+        return min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+
+    def _partial_before(self, text: str, cut: int) -> int | None:
+        """The first position before ``cut`` where ``text`` ends with the unfinished start of
+        a stop sequence, or None: only then is the stop at ``cut`` not yet the earliest."""
+        longest = max(len(s) for s in self._stops)
+        for q in range(max(0, len(text) - longest + 1), cut):
+            tail = text[q:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self._stops):
+                return q
+        return None

@@ -290,3 +290,10 @@ def test_textstream_examples() -> None:
     held = TextStream(["xyz"])
     assert held.push(b"ab xy") == "ab "
     assert held.flush() == "xy"
+    # "a" is complete first, but "éaa" begins earlier: the stream waits to know which
+    both = TextStream(["a", "éaa"])
+    assert both.push("éa".encode()) == ""
+    assert both.push(b"a") == "" and both.stopped
+    longer_fails = TextStream(["a", "éab"])
+    assert longer_fails.push("éa".encode()) == ""
+    assert longer_fails.push(b"x") == "é" and longer_fails.stopped
