@@ -309,7 +309,7 @@ def test_worker_endpoints_relay_the_pool_and_are_documented(cluster: Cluster) ->
     pool_id = httpx.get(f"{cluster.url}/v2/pools", timeout=10).json()["pools"][0]["pool_id"]
     refused = httpx.post(f"{cluster.url}/v2/pools/{pool_id}/workers",
                          json={"model_ref": "no-such-model"}, timeout=30)
-    assert refused.status_code == 404
+    assert refused.status_code == 409  # the pool's preflight answer, relayed
     assert refused.json()["error"]["code"] == "MODEL_NOT_FOUND"
     assert refused.json()["error"]["correlation_id"] == refused.headers["x-correlation-id"]
     nobody = httpx.post(f"{cluster.url}/v2/pools/nopool/workers", json={"model_ref": "smollm2"})

@@ -316,12 +316,14 @@ def test_a_cancelled_download_keeps_its_bytes_for_the_next_one(
 def test_ctrl_c_exits_130_and_the_next_run_resumes(home: Path, fake_hub: FakeHub) -> None:
     data = os.urandom(24 * MiB)
     fake_hub.add(REPO, FILE, data)
-    fake_hub.throttle_bps = 8 * MiB
+    # 5 s of transfer left when the Ctrl+C goes: on a loaded machine this poll may see the
+    # partial file late, and a download that finished first would rightly exit 0
+    fake_hub.throttle_bps = 4 * MiB
     env = {**os.environ, "RBEES_HOME": str(home), "HF_ENDPOINT": fake_hub.endpoint}
     proc = subprocess.Popen([POOL, "models", "download", REF], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not (partials(home) and partials(home)[0].stat().st_size >= 10 * MiB):
+    while not (partials(home) and partials(home)[0].stat().st_size >= 4 * MiB):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
