@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -207,50 +209,72 @@ async def heartbeats(url: str, pools: int, interval: float, until: asyncio.Event
     return sent
 
 
-def bench_admission(seconds: float) -> list[str]:
+@contextlib.contextmanager
+def fresh_orcd() -> Iterator[str]:
+    """A new rbees-orcd with an empty database and no pool, for one row: every job it admits
+    stays queued, so each row starts from the same state (an empty queue that grows to
+    seconds x rate jobs, well past the default capacity of 1,024)."""
     home = tempfile.mkdtemp(prefix="rbees-bench-adm-")
     port = find_free_port()
-    proc = subprocess.Popen([str(BIN / "rbees-orcd"), "--bind", f"127.0.0.1:{port}",
-                             "--queue-capacity", "10000000"],
-                            env={**os.environ, "RBEES_HOME": home},
-                            stdout=subprocess.DEVNULL,
-                            stderr=open(os.path.join(home, "orcd.log"), "wb"))  # noqa: SIM115
+    with open(os.path.join(home, "orcd.log"), "wb") as log:
+        proc = subprocess.Popen([str(BIN / "rbees-orcd"), "--bind", f"127.0.0.1:{port}",
+                                 "--queue-capacity", "10000000"],
+                                env={**os.environ, "RBEES_HOME": home},
+                                stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    rows = ["| case | clients | admissions/s | p50 ms | p99 ms | holds |",
-            "|---|---:|---:|---:|---:|---|"]
-
-    def row(case: str, clients: int, got: tuple[float, float, float]) -> None:
-        rate, p50, p99 = got
-        ok = rate >= 1000 and p99 < 10
-        rows.append(f"| {case} | {clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | "
-                    f"{'yes' if ok else 'NO'} |")
-
     try:
         wait_http(f"{url}/health", timeout=30, proc=proc)
-        for clients in (1, 16, 64):
-            row("(b) offered 1,000/s", clients, asyncio.run(offered(url, clients, seconds)))
-        row("(c) offered 1,000/s + 1,000 pools heartbeating", 16,
-            asyncio.run(offered(url, 16, seconds, pools=1000)))
-        for clients in (1, 16, 64):
-            row("(b) saturated, Python clients", clients,
-                asyncio.run(admit(url, clients, seconds)))
-
-        async def with_pools() -> tuple[float, float, float]:
-            until = asyncio.Event()
-            beats = asyncio.create_task(heartbeats(url, 1000, 5.0, until))
-            await asyncio.sleep(1.0)
-            got = await admit(url, 16, seconds)
-            until.set()
-            await beats
-            return got
-
-        row("(c) saturated + 1,000 pools heartbeating", 16, asyncio.run(with_pools()))
-        if shutil.which("wrk"):  # a load generator that does not share Python's overhead
-            for clients in (1, 16, 64):
-                row("(b) saturated, wrk", clients, wrk(url, clients, seconds))
+        yield url
     finally:
         proc.terminate()
         proc.wait(30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def bench_admission(seconds: float) -> list[str]:
+    rows = ["| case | clients | admissions/s | p50 ms | p99 ms | holds |",
+            "|---|---:|---:|---:|---:|---|"]
+
+    def row(case: str, clients: int, measure: Callable[[str], tuple[float, float, float]],
+            judged: bool = True) -> None:
+        with fresh_orcd() as url:
+            rate, p50, p99 = measure(url)
+        holds = ("yes" if rate >= 0.98 * TARGET_RATE and p99 < 10 else "NO") if judged \
+            else "(ceiling)"
+        rows.append(f"| {case} | {clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {holds} |")
+
+    def open_rows(clients: int, url: str) -> tuple[float, float, float]:
+        return asyncio.run(offered(url, clients, seconds))
+
+    def closed_rows(clients: int, url: str) -> tuple[float, float, float]:
+        return asyncio.run(admit(url, clients, seconds))
+
+    def wrk_rows(clients: int, url: str) -> tuple[float, float, float]:
+        return wrk(url, clients, seconds)
+
+    for clients in (1, 16, 64):
+        row("(b) offered 1,000/s", clients, functools.partial(open_rows, clients))
+    row("(c) offered 1,000/s + 1,000 pools heartbeating", 16,
+        lambda url: asyncio.run(offered(url, 16, seconds, pools=1000)))
+    for clients in (1, 16, 64):
+        row("(b) saturated, Python clients", clients, functools.partial(closed_rows, clients),
+            judged=False)
+
+    async def with_pools(url: str) -> tuple[float, float, float]:
+        until = asyncio.Event()
+        beats = asyncio.create_task(heartbeats(url, 1000, 5.0, until))
+        await asyncio.sleep(1.0)
+        got = await admit(url, 16, seconds)
+        until.set()
+        await beats
+        return got
+
+    row("(c) saturated + 1,000 pools heartbeating", 16,
+        lambda url: asyncio.run(with_pools(url)), judged=False)
+    if shutil.which("wrk"):  # a load generator that does not share Python's overhead
+        for clients in (1, 16, 64):
+            row("(b) saturated, wrk", clients, functools.partial(wrk_rows, clients),
+                judged=False)
     return rows
 
 

@@ -33,7 +33,6 @@ an ``end`` or ``error`` event. ``token`` events keep ``tokens_out`` current, whi
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -41,7 +40,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -144,7 +142,9 @@ class Store:
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"{self.path}: cannot open the state database: {exc}") from exc
             raise
-        self._writer = Writer(conn, self._connect, max_batch=max_batch)
+        # with FULL, a commit waits for an fsync: keep that off the caller's event loop
+        self._writer = Writer(conn, self._connect, max_batch=max_batch,
+                              inline=synchronous == "NORMAL")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -177,7 +177,7 @@ class Store:
 
     async def admit_async(self, job: NewJob) -> JobRecord:
         """:meth:`admit` for an asyncio loop."""
-        return await asyncio.wrap_future(self._submit(self._admit_op(job)))
+        return await self._writer.submit_async(self._admit_op(job))
 
     def transition(self, job_id: str, status: str, *,
                    events: Iterable[tuple[str, Mapping[str, Any]]] = (),
@@ -201,8 +201,8 @@ class Store:
                                events: Iterable[tuple[str, Mapping[str, Any]]] = (),
                                **fields: Any) -> JobRecord:
         """:meth:`transition` for an asyncio loop."""
-        op = self._transition_op(job_id, status, events, fields)
-        return await asyncio.wrap_future(self._submit(op))
+        return await self._writer.submit_async(
+            self._transition_op(job_id, status, events, fields))
 
     def append_events(self, job_id: str,
                       events: Iterable[tuple[str, Mapping[str, Any]]]) -> list[StoredEvent]:
@@ -217,7 +217,7 @@ class Store:
         self, job_id: str, events: Iterable[tuple[str, Mapping[str, Any]]]
     ) -> list[StoredEvent]:
         """:meth:`append_events` for an asyncio loop."""
-        return await asyncio.wrap_future(self._submit(self._append_op(job_id, event_pairs(events))))
+        return await self._writer.submit_async(self._append_op(job_id, event_pairs(events)))
 
     def record_decision(self, job_id: str, decision: Mapping[str, Any]) -> int:
         """Keep one scheduler decision (candidates, scores, rejections); return its number.
@@ -228,7 +228,7 @@ class Store:
 
     async def record_decision_async(self, job_id: str, decision: Mapping[str, Any]) -> int:
         """:meth:`record_decision` for an asyncio loop."""
-        return await asyncio.wrap_future(self._submit(self._decision_op(job_id, decision)))
+        return await self._writer.submit_async(self._decision_op(job_id, decision))
 
     def recover(self) -> Recovery:
         """Apply CONTRACT section 5's restart rule; call once at start, before dispatching.
@@ -532,9 +532,6 @@ class Store:
                                timeout=10.0)
         conn.execute("PRAGMA busy_timeout = 10000")
         return conn
-
-    def _submit(self, op: Callable[[sqlite3.Connection], T]) -> Future[T]:
-        return self._writer.submit(op)
 
     def _call(self, op: Callable[[sqlite3.Connection], T]) -> T:
         return self._writer.submit(op).result()
