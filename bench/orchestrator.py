@@ -26,12 +26,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-from openloop import open_loop, request_bytes  # bench/openloop.py, beside this file
+from openloop import Result, open_loop, request_bytes  # bench/openloop.py, beside this file
 
 from rbees_core.testing import find_free_port, wait_http
 
@@ -178,17 +179,25 @@ def heartbeat_request(url: str, pools: int) -> Callable[[int], bytes]:
     return make
 
 
-async def offered(url: str, connections: int, seconds: float, pools: int = 0
-                  ) -> tuple[float, float, float]:
+def offered(url: str, connections: int, seconds: float, pools: int = 0
+            ) -> tuple[float, float, float]:
     """Admissions offered at TARGET_RATE on a fixed schedule (open loop), with ``pools``
     simulated pools heartbeating every 5 s alongside: rate, p50 ms, p99 ms."""
-    work = [open_loop(f"{url}/v2/tasks", rate=TARGET_RATE, connections=connections,
-                      seconds=seconds, body=TASK)]
-    if pools:
-        work.append(open_loop(url, rate=pools / 5.0, connections=4, seconds=seconds,
-                              make=heartbeat_request(url, pools)))
-    results = await asyncio.gather(*work)
-    admissions = results[0]
+    beats: list[Result] = []
+    if pools:  # they register first: the target is about pools that keep heartbeating
+        open_loop(url, rate=2000, connections=4, seconds=pools / 2000,
+                  make=heartbeat_request(url, pools))
+        time.sleep(1.0)
+    start = time.perf_counter() + 0.1
+    beating = threading.Thread(target=lambda: beats.append(open_loop(
+        url, rate=pools / 5.0, connections=2, seconds=seconds, start=start,
+        make=heartbeat_request(url, pools)))) if pools else None
+    if beating is not None:
+        beating.start()
+    admissions = open_loop(f"{url}/v2/tasks", rate=TARGET_RATE, connections=connections,
+                           seconds=seconds, body=TASK, start=start)
+    if beating is not None:
+        beating.join()
     assert set(admissions.statuses) == {202}, admissions.statuses
     return admissions.rate, admissions.percentile(0.5), admissions.percentile(0.99)
 
@@ -244,7 +253,7 @@ def bench_admission(seconds: float) -> list[str]:
         rows.append(f"| {case} | {clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {holds} |")
 
     def open_rows(clients: int, url: str) -> tuple[float, float, float]:
-        return asyncio.run(offered(url, clients, seconds))
+        return offered(url, clients, seconds)
 
     def closed_rows(clients: int, url: str) -> tuple[float, float, float]:
         return asyncio.run(admit(url, clients, seconds))
@@ -255,7 +264,7 @@ def bench_admission(seconds: float) -> list[str]:
     for clients in (1, 16, 64):
         row("(b) offered 1,000/s", clients, functools.partial(open_rows, clients))
     row("(c) offered 1,000/s + 1,000 pools heartbeating", 16,
-        lambda url: asyncio.run(offered(url, 16, seconds, pools=1000)))
+        lambda url: offered(url, 16, seconds, pools=1000))
     for clients in (1, 16, 64):
         row("(b) saturated, Python clients", clients, functools.partial(closed_rows, clients),
             judged=False)
