@@ -42,7 +42,7 @@ from rbees_core.scheduling import Snapshot, Verdict
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
 MAX_RETRIES = 3
 FLUSH_INTERVAL_S = 0.1
-MIN_ROUND_GAP_S = 0.01
+MIN_ROUND_GAP_S = 0.001
 WORKER_READ_TIMEOUT_S = 120.0
 #: Worker error codes that say "try elsewhere" rather than "this job is bad".
 RETRIABLE_WORKER_CODES = frozenset({"ALL_SLOTS_BUSY", "DRAINING", "NOT_READY", "WORKER_STOPPED",
