@@ -320,8 +320,11 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(home: Path, fake_hub: FakeHub
     # partial file late, and a download that finished first would rightly exit 0
     fake_hub.throttle_bps = 4 * MiB
     env = {**os.environ, "RBEES_HOME": str(home), "HF_ENDPOINT": fake_hub.endpoint}
+    # as in a terminal's foreground: a test run started in the background (`cmd &` in a
+    # script) ignores SIGINT, and a child inherits that
     proc = subprocess.Popen([POOL, "models", "download", REF], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (partials(home) and partials(home)[0].stat().st_size >= 4 * MiB):
         assert proc.poll() is None and time.monotonic() < deadline
