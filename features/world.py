@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -200,7 +199,3 @@ class World:
         if self.hub is not None:
             self.hub.stop()
         self.lab.destroy()
-
-
-def parse_json(text: str) -> Any:
-    return json.loads(text)
