@@ -43,6 +43,22 @@ def read_token_file(path: str) -> str | None:
     return p.read_text(encoding="utf-8").strip() or None
 
 
+def load_token(token_file: str | None) -> str | None:
+    """The API token: ``--api-token-file``, else ``RBEES_API_TOKEN_FILE``, else
+    ``RBEES_API_TOKEN``. A file readable by group or others is refused."""
+    path = token_file or os.environ.get("RBEES_API_TOKEN_FILE")
+    if path:
+        return read_token_file(path)
+    return os.environ.get("RBEES_API_TOKEN") or None
+
+
+def auth_headers() -> dict[str, str]:
+    """This environment's API token as an ``Authorization`` header (none without a token):
+    what every client of a daemon or of a worker started here sends."""
+    token = load_token(None)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def config_path(explicit: str | None = None) -> tuple[Path, bool]:
     """The config file to read and whether it was asked for by name."""
     if explicit:

@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import ipaddress
 import json
-import os
 import re
 import time
 import uuid
@@ -28,7 +27,6 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rbees_core.api.common import CORRELATION_ID_PATTERN, MAX_BODY_BYTES
-from rbees_core.config import read_token_file
 from rbees_core.errors import (
     ConfigError,
     InvalidParamsError,
@@ -211,15 +209,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def load_token(token_file: str | None) -> str | None:
-    """The API token: ``--api-token-file``, else ``RBEES_API_TOKEN_FILE``, else
-    ``RBEES_API_TOKEN``. A file readable by group or others is refused."""
-    path = token_file or os.environ.get("RBEES_API_TOKEN_FILE")
-    if path:
-        return read_token_file(path)
-    return os.environ.get("RBEES_API_TOKEN") or None
 
 
 def check_bind_policy(host: str, token: str | None) -> None:

@@ -53,14 +53,14 @@ class PoolSettings:
 
     @property
     def worker_host(self) -> str:
-        """Where this pool's workers listen: its own address, so that whoever reaches the
-        pool reaches its workers (loopback when it listens on every address)."""
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "localhost") else self.host
+        """The pool's own address (loopback when it listens on every address): where its
+        URL points and where its workers listen, so that whoever reaches the pool reaches
+        its workers."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+        return f"http://{workers.host_port(self.worker_host, self.port)}"
 
 
 @attrs.define(eq=False)

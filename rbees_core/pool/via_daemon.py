@@ -26,11 +26,9 @@ def daemon_url() -> str | None:
 
 
 def _client(url: str) -> httpx.Client:
-    from rbees_core.http import load_token
+    from rbees_core.config import auth_headers
 
-    token = load_token(None)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=30)
+    return httpx.Client(base_url=url, headers=auth_headers(), timeout=30)
 
 
 def _check(answer: httpx.Response) -> Any:

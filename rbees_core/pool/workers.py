@@ -24,10 +24,12 @@ import attrs
 import pluggy
 
 from rbees_core import plugins
-from rbees_core.config import rbees_home
+from rbees_core.config import auth_headers, rbees_home
 from rbees_core.errors import (
     BackendUnavailableError,
     ConflictError,
+    ModelNotFoundError,
+    ModelNotOnHostError,
     NotFoundError,
     RbeesError,
 )
@@ -105,8 +107,7 @@ class WorkerRecord:
 
     @property
     def uri(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{host_port(self.host, self.port)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**attrs.asdict(self), "uri": self.uri}
@@ -115,6 +116,11 @@ class WorkerRecord:
     def json_keys(cls) -> tuple[str, ...]:
         """The keys of :meth:`to_dict`: a worker in rbees-pool's JSON."""
         return (*(f.name for f in attrs.fields(cls)), "uri")
+
+
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def workers_dir() -> Path:
@@ -190,7 +196,10 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
 
     ``reserved_bytes`` is memory already promised to workers still loading on the device.
     """
-    path = resolve_model(pm, req.model_ref)
+    try:
+        path = resolve_model(pm, req.model_ref)
+    except ModelNotFoundError as exc:  # a preflight failure like the others: 409
+        raise ModelNotOnHostError(exc.message, details=exc.details) from exc
     backends = plugins.backends(pm)
     if req.backend not in backends:
         raise BackendUnavailableError(
@@ -325,7 +334,7 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         raise ConflictError(f"port {port} is in use", details={"port": port})
     argv = [workerd_executable(), "--worker-id", worker_id, "--model", req.model_ref,
             "--backend", req.backend, "--device", req.device,
-            "--bind", f"[{req.host}]:{port}" if ":" in req.host else f"{req.host}:{port}",
+            "--bind", host_port(req.host, port),
             "--slots", str(req.slots)]
     if req.ctx:
         argv += ["--ctx", str(req.ctx)]
@@ -345,16 +354,6 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         host=req.host)
     save(record)
     return record, proc
-
-
-def auth_headers() -> dict[str, str]:
-    """The API token of this environment as a header: a worker spawned here inherits the
-    token and refuses requests without it."""
-    from rbees_core.config import read_token_file
-
-    path = os.environ.get("RBEES_API_TOKEN_FILE")
-    token = read_token_file(path) if path else os.environ.get("RBEES_API_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def probe(record: WorkerRecord, timeout: float = 1.0) -> WorkerRecord:

@@ -359,8 +359,8 @@ def serve_orcd(
 ) -> None:
     """Start the orchestrator."""
     from rbees_core import plugins
-    from rbees_core.config import load_config
-    from rbees_core.http import check_bind_policy, load_token, parse_bind
+    from rbees_core.config import load_config, load_token
+    from rbees_core.http import check_bind_policy, parse_bind
 
     try:
         cfg = load_config(config)

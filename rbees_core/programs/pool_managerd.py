@@ -80,13 +80,8 @@ async def get_worker(request: Request) -> Response:
 
 
 async def start_worker(request: Request) -> Response:
-    from rbees_core.errors import ModelNotFoundError, ModelNotOnHostError
-
     req = await read_json(request, WorkerStartRequest)
-    try:
-        w = await _svc(request).start_worker(req)
-    except ModelNotFoundError as exc:  # not on this host: a preflight failure, 409
-        raise ModelNotOnHostError(exc.message, details=exc.details) from exc
+    w = await _svc(request).start_worker(req)
     return json_response(WorkerStarted(worker_id=w.record.worker_id, state=w.state,
                                        uri=w.record.uri), 202)
 
@@ -273,8 +268,8 @@ def serve_pool(
 ) -> None:
     """Start the pool daemon."""
     from rbees_core import plugins
-    from rbees_core.config import load_config
-    from rbees_core.http import check_bind_policy, load_token, parse_bind
+    from rbees_core.config import load_config, load_token
+    from rbees_core.http import check_bind_policy, parse_bind
 
     try:
         load_config(config)

@@ -37,8 +37,7 @@ def serve_worker(
     """Start the worker (it listens at once, then loads the model)."""
     from rbees_core import plugins
     from rbees_core.api.common import ID_PATTERN
-    from rbees_core.config import load_config
-    from rbees_core.http import load_token
+    from rbees_core.config import load_config, load_token
     from rbees_core.models import validate_ref
     from rbees_core.programs import workerd
     from rbees_core.schema import check_string

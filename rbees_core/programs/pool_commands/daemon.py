@@ -122,26 +122,21 @@ def status(fmt: FormatOption = OutputFormat.text) -> None:
     """Whether pool-managerd runs here, its URL and its workers."""
     import httpx
 
+    from rbees_core.config import auth_headers
+
     pid = running_pid()
     row: dict[str, Any] = {"running": pid is not None, "pid": pid, "url": None, "workers": None}
     if pid is not None and _url_file().exists():
         row["url"] = _url_file().read_text().strip()
         try:
             state = httpx.get(f"{row['url']}/v2/workers", timeout=2,
-                              headers=_auth_headers()).json()
+                              headers=auth_headers()).json()
             row["workers"] = len(state.get("workers", []))
         except (httpx.HTTPError, ValueError):
             row["workers"] = None
     emit([row], fmt, ("running", "pid", "url", "workers"))
     if pid is None:
         raise typer.Exit(1)
-
-
-def _auth_headers() -> dict[str, str]:
-    from rbees_core.http import load_token
-
-    token = load_token(None)
-    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def logs(

@@ -49,13 +49,6 @@ def orchestrator_url() -> str:
     return f"http://{DEFAULT_ORCD}"
 
 
-def auth_headers() -> dict[str, str]:
-    from rbees_core.http import load_token
-
-    token = load_token(None)
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
 def _pid(name: str) -> int | None:
     from rbees_core.pool.workers import pid_alive
 
@@ -143,6 +136,7 @@ def up(
     """Start a local cluster: rbees-orcd plus a pool-managerd on this host."""
     import httpx
 
+    from rbees_core.config import auth_headers
     from rbees_core.errors import RbeesError
 
     hb = ["--heartbeat-interval", str(heartbeat_interval)]
@@ -212,6 +206,8 @@ def orch_stop(timeout: Annotated[float, typer.Option("--timeout", min=1)] = 30.0
 def orch_status(fmt: FormatOption = OutputFormat.text) -> None:
     """Whether rbees-orcd answers, with its queue and pools."""
     import httpx
+
+    from rbees_core.config import auth_headers
 
     url = orchestrator_url()
     row: dict[str, Any] = {"url": url, "running": False, "pid": _pid("rbees-orcd"),

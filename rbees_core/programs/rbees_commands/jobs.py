@@ -23,7 +23,8 @@ LIST_COLUMNS = ("job_id", "status", "model", "priority", "pool_id", "worker_id",
 def _client() -> Any:
     import httpx
 
-    from rbees_core.programs.rbees_commands.cluster import auth_headers, orchestrator_url
+    from rbees_core.config import auth_headers
+    from rbees_core.programs.rbees_commands.cluster import orchestrator_url
 
     return httpx.Client(base_url=orchestrator_url(), headers=auth_headers(),
                         timeout=httpx.Timeout(30.0, read=None))

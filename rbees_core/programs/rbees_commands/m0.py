@@ -37,10 +37,10 @@ from typing import Any
 import attrs
 import pluggy
 
+from rbees_core.config import auth_headers
 from rbees_core.errors import RbeesError
 from rbees_core.hosts import HostConfig
 from rbees_core.interfaces import Transport
-from rbees_core.pool.workers import auth_headers
 from rbees_core.scheduling import Decision, Snapshot, Verdict, explain
 
 #: How long ``rbees`` waits for rbees-orcd's /health before it schedules by itself.
