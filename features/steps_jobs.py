@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ import httpx
 from pytest_bdd import given, parsers, then, when
 from world import HEARTBEAT_S, World, wait_until
 
-from rbees_core.testing import find_free_port, parse_sse
+from rbees_core.testing import find_free_port, follow_events, parse_sse
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 ORDINALS = {"1st": 0, "2nd": 1, "3rd": 2}
@@ -73,25 +72,10 @@ def long_job(world: World, ctx: dict[str, Any]) -> None:
                          "temperature": 0})
     assert got.status_code == 202, got.text
     job_id = got.json()["job_id"]
-    seen: list[tuple[float, str, Any]] = []
-    first = threading.Event()
-
-    def read() -> None:
-        with httpx.stream("GET", f"{world.blep.orcd_url}/v2/tasks/{job_id}/events",
-                          headers=world.auth(), timeout=120) as stream:
-            event = ""
-            for line in stream.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    seen.append((time.monotonic(), event, json.loads(line[6:])))
-                    if event == "token":
-                        first.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert first.wait(60), seen
-    ctx.update(job_id=job_id, seen=seen, reader=reader)
+    live = follow_events(f"{world.blep.orcd_url}/v2/tasks/{job_id}/events",
+                         headers=world.auth(), timeout=120)
+    assert live.first_token.wait(60), live.seen
+    ctx.update(job_id=job_id, seen=live.seen, reader=live.thread)
 
 
 @when("the worker running it is killed")

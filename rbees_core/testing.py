@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -86,6 +87,39 @@ def parse_sse(text: str) -> list[tuple[int | None, str, dict[str, Any]]]:
         frames.append((int(ident) if ident else None, fields.get("event", "message"),
                        json.loads(fields.get("data", "null"))))
     return frames
+
+
+@attrs.define
+class LiveEvents:
+    """A job's event stream read on a thread as it arrives (:func:`follow_events`).
+
+    ``seen`` holds ``(time.monotonic(), event, data)`` per frame; ``first_token`` is set when
+    the first ``token`` frame arrives; ``thread`` ends with the stream."""
+
+    seen: list[tuple[float, str, Any]]
+    first_token: threading.Event
+    thread: threading.Thread
+
+
+def follow_events(url: str, *, headers: dict[str, str] | None = None,
+                  timeout: float = 60) -> LiveEvents:
+    """Start reading the SSE stream at ``url`` (``GET``) on a daemon thread."""
+    live = LiveEvents(seen=[], first_token=threading.Event(), thread=threading.Thread())
+
+    def read() -> None:
+        with httpx.stream("GET", url, headers=headers, timeout=timeout) as answer:
+            event = ""
+            for line in answer.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    live.seen.append((time.monotonic(), event, json.loads(line[6:])))
+                    if event == "token":
+                        live.first_token.set()
+
+    live.thread = threading.Thread(target=read, daemon=True)
+    live.thread.start()
+    return live
 
 
 @attrs.define

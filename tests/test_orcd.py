@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import attrs
 import httpx
 import pytest
 
-from rbees_core.testing import find_free_port, parse_sse, wait_http
+from rbees_core.testing import find_free_port, follow_events, parse_sse, wait_http
 
 BIN = Path(sys.executable).parent
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
@@ -112,24 +111,9 @@ def test_same_seed_same_text_through_the_orchestrator(cluster: Cluster) -> None:
 
 def test_cancel_mid_stream_sends_no_token_after_it(cluster: Cluster) -> None:
     job_id = cluster.submit(prompt=COUNTING, max_tokens=2000)["job_id"]
-    seen: list[tuple[float, str, Any]] = []
-    got_token = threading.Event()
-
-    def read() -> None:
-        with httpx.stream("GET", f"{cluster.url}/v2/tasks/{job_id}/events",
-                          timeout=60) as answer:
-            event = ""
-            for line in answer.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    seen.append((time.monotonic(), event, json.loads(line[6:])))
-                    if event == "token":
-                        got_token.set()
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    assert got_token.wait(30)
+    live = follow_events(f"{cluster.url}/v2/tasks/{job_id}/events")
+    seen, reader = live.seen, live.thread
+    assert live.first_token.wait(30)
     answer = httpx.post(f"{cluster.url}/v2/tasks/{job_id}/cancel", timeout=10)
     answered = time.monotonic()
     reader.join(30)
@@ -273,23 +257,9 @@ def test_killing_a_worker_mid_stream_fails_that_job_only(tmp_path: Path) -> None
     c = up(tmp_path)
     try:
         job_id = c.submit(prompt=COUNTING, max_tokens=3000)["job_id"]
-        events: list[tuple[float, str, Any]] = []
-        first = threading.Event()
-
-        def read() -> None:
-            with httpx.stream("GET", f"{c.url}/v2/tasks/{job_id}/events", timeout=60) as a:
-                event = ""
-                for line in a.iter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        events.append((time.monotonic(), event, json.loads(line[6:])))
-                        if event == "token":
-                            first.set()
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert first.wait(30)
+        live = follow_events(f"{c.url}/v2/tasks/{job_id}/events")
+        events, reader = live.seen, live.thread
+        assert live.first_token.wait(30)
         worker = c.job(job_id)["worker_id"]
         pid = httpx.get(f"{c.pool_url}/v2/workers/{worker}").json()["pid"]
         os.kill(pid, signal.SIGKILL)
