@@ -46,19 +46,24 @@ def rbees(home: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, check=True)
 
 
+def timed_tokens(answer: httpx.Response, t0: float) -> tuple[float, float]:
+    """Read an SSE answer to its end: (ms from ``t0`` to the first token, tokens/s after it)."""
+    first, count = 0.0, 0
+    for line in answer.iter_lines():
+        if line == "event: token":
+            count += 1
+            if count == 1:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return (first - t0) * 1000, (count - 1) / (end - first)
+
+
 def stream_direct(uri: str, tokens: int, n: int, client: httpx.Client) -> tuple[float, float]:
     body = {"job_id": f"direct-{n}", "prompt": PROMPT, "max_tokens": tokens,
             "temperature": 0, "seed": 1}
     t0 = time.perf_counter()
-    first, count = 0.0, 0
     with client.stream("POST", f"{uri}/v2/execute", json=body) as answer:
-        for line in answer.iter_lines():
-            if line == "event: token":
-                count += 1
-                if count == 1:
-                    first = time.perf_counter()
-    end = time.perf_counter()
-    return (first - t0) * 1000, (count - 1) / (end - first)
+        return timed_tokens(answer, t0)
 
 
 def stream_orcd(url: str, tokens: int, client: httpx.Client) -> tuple[float, float]:
@@ -66,15 +71,8 @@ def stream_orcd(url: str, tokens: int, client: httpx.Client) -> tuple[float, flo
             "seed": 1}
     t0 = time.perf_counter()
     accepted = client.post(f"{url}/v2/tasks", json=body).json()
-    first, count = 0.0, 0
     with client.stream("GET", f"{url}{accepted['events_url']}") as answer:
-        for line in answer.iter_lines():
-            if line == "event: token":
-                count += 1
-                if count == 1:
-                    first = time.perf_counter()
-    end = time.perf_counter()
-    return (first - t0) * 1000, (count - 1) / (end - first)
+        return timed_tokens(answer, t0)
 
 
 def bench_overhead(runs: int, tokens: int) -> list[str]:
@@ -165,15 +163,21 @@ TASK = json.dumps({"model": "smollm2", "prompt": "bench", "priority": "batch",
                    "max_tokens": 1}).encode()
 
 
+def heartbeat(k: int, pools: int) -> tuple[str, dict[str, object]]:
+    """Heartbeat ``k`` of ``pools`` simulated pools, round robin, as pool-managerd sends it:
+    its path and body."""
+    pool_id = f"sim-{k % pools}"
+    return f"/v2/pools/{pool_id}/heartbeat", {
+        "pool_id": pool_id, "host": pool_id, "gpus": [], "workers": [], "models": [],
+        "seq": k // pools + 1, "sent_at": time.time(), "url": f"http://{pool_id}:9200",
+        "cpu": {"cores": 8, "ram_total_bytes": 2**34, "ram_free_bytes": 2**33}}
+
+
 def heartbeat_request(url: str, pools: int) -> Callable[[int], bytes]:
-    """Heartbeat ``k`` of ``pools`` simulated pools, round robin, as pool-managerd sends it."""
+    """:func:`heartbeat` ``k`` as the bytes of its request, for :func:`open_loop`."""
     def make(k: int) -> bytes:
-        pool_id = f"sim-{k % pools}"
-        body = json.dumps({
-            "pool_id": pool_id, "host": pool_id, "gpus": [], "workers": [], "models": [],
-            "seq": k // pools + 1, "sent_at": time.time(), "url": f"http://{pool_id}:9200",
-            "cpu": {"cores": 8, "ram_total_bytes": 2**34, "ram_free_bytes": 2**33}}).encode()
-        return request_bytes(f"{url}/v2/pools/{pool_id}/heartbeat", "POST", body,
+        path, body = heartbeat(k, pools)
+        return request_bytes(f"{url}{path}", "POST", json.dumps(body).encode(),
                              {"Content-Type": "application/json"})
 
     return make
@@ -205,14 +209,9 @@ def offered(url: str, connections: int, seconds: float, pools: int = 0
 async def heartbeats(url: str, pools: int, interval: float, until: asyncio.Event) -> int:
     sent = 0
     async with httpx.AsyncClient(timeout=30) as client:
-        n = 0
         while not until.is_set():
-            pool_id = f"sim-{n % pools}"
-            n += 1
-            body = {"pool_id": pool_id, "host": pool_id, "gpus": [], "workers": [],
-                    "models": [], "seq": n, "sent_at": time.time(),
-                    "cpu": {"cores": 8, "ram_total_bytes": 2**34, "ram_free_bytes": 2**33}}
-            await client.post(f"{url}/v2/pools/{pool_id}/heartbeat", json=body)
+            path, body = heartbeat(sent, pools)
+            await client.post(f"{url}{path}", json=body)
             sent += 1
             await asyncio.sleep(interval / pools)
     return sent
