@@ -1,21 +1,23 @@
 """What every rbees daemon shares on the HTTP side (CONTRACT section 1).
 
 The app is built by :func:`build_app` from routes; middleware adds the correlation id, the
-bearer-token check and the error envelope. :func:`serve` runs it under hypercorn with a
-shutdown trigger.
+bearer-token check and the error envelope. :func:`serve` runs it under uvicorn until a
+shutdown event is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import ipaddress
 import json
 import re
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, TypeVar
 
 import attrs
@@ -220,21 +222,97 @@ def check_bind_policy(host: str, token: str | None) -> None:
         )
 
 
-async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> None:
-    """Serve ``app`` until ``shutdown`` is set."""
-    from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.config import Config
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (OSError when it cannot bind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
+    # without it a response written in two parts waits for the client's delayed ACK (40 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 5.0
-    config.keep_alive_timeout = 75.0
-    # hypercorn closes a connection after 1,000 requests by default; the daemons' clients
-    # (rbees-orcd's pool and worker clients, SDKs) keep theirs for a long time
-    config.keep_alive_max_requests = 1_000_000
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+
+def run_daemon(main: Coroutine[Any, Any, T]) -> T:
+    """Run a daemon's ``main`` on uvloop's event loop where it is installed (Linux, macOS),
+    else on asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> None:
+    """Serve ``app`` until ``shutdown`` is set, then finish the requests in flight (5 s at
+    most). Raises OSError when ``host:port`` cannot be bound and re-raises what made the
+    app's lifespan startup fail.
+
+    uvicorn with httptools' HTTP/1.1 parser: an admission through it costs about half what
+    it costs through a pure-Python parser (docs/benchmarks.md, rbees-orcd). The daemon owns
+    its signals, so the server installs no handler of its own.
+    """
+    import uvicorn
+
+    failure: list[BaseException] = []
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def started(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                # What exists now (modules, plugins, the app) lives as long as the daemon:
+                # frozen out of the collector's sight, a full collection no longer walks
+                # it, which was most of such a pause (docs/benchmarks.md, rbees-orcd).
+                # Reference counting still frees these objects.
+                gc.freeze()
+            await send(message)
+
+        try:
+            await app(scope, receive, started)
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
+    sock = listen(host, port)
+    config = uvicorn.Config(
+        guarded, lifespan="on", http="httptools", ws="none", loop="none",
+        log_config=None, log_level="error", access_log=False, server_header=False,
+        # the daemons' clients (rbees-orcd's pool and worker clients, SDKs) keep their
+        # connections for a long time
+        timeout_keep_alive=75, timeout_graceful_shutdown=5,
+    )
+    server = _server_class()(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    stopping = asyncio.create_task(shutdown.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        await serving
+    finally:
+        stopping.cancel()
+        sock.close()
+    if failure and not server.started:
+        raise failure[0]
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the daemon's own handlers set ``shutdown``
+
+    return Server
 
 
 class EventStreamResponse:

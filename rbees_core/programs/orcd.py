@@ -360,7 +360,7 @@ def serve_orcd(
     """Start the orchestrator."""
     from rbees_core import plugins
     from rbees_core.config import load_config, load_token
-    from rbees_core.http import check_bind_policy, parse_bind
+    from rbees_core.http import check_bind_policy, parse_bind, run_daemon
 
     try:
         cfg = load_config(config)
@@ -394,7 +394,7 @@ def serve_orcd(
         print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
         raise typer.Exit(1) from None
     try:
-        code = asyncio.run(run(settings, host, port, pm))
+        code = run_daemon(run(settings, host, port, pm))
     except RbeesError as exc:
         print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
         code = 1

@@ -269,7 +269,7 @@ def serve_pool(
     """Start the pool daemon."""
     from rbees_core import plugins
     from rbees_core.config import load_config, load_token
-    from rbees_core.http import check_bind_policy, parse_bind
+    from rbees_core.http import check_bind_policy, parse_bind, run_daemon
 
     try:
         load_config(config)
@@ -291,7 +291,7 @@ def serve_pool(
             raise
         print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
         raise typer.Exit(1) from None
-    raise typer.Exit(asyncio.run(run(settings, pm)))
+    raise typer.Exit(run_daemon(run(settings, pm)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from typing import Annotated
@@ -38,6 +37,7 @@ def serve_worker(
     from rbees_core import plugins
     from rbees_core.api.common import ID_PATTERN
     from rbees_core.config import load_config, load_token
+    from rbees_core.http import run_daemon
     from rbees_core.models import validate_ref
     from rbees_core.programs import workerd
     from rbees_core.schema import check_string
@@ -53,7 +53,7 @@ def serve_worker(
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(exc)
-    code = asyncio.run(workerd.run(settings, pm))
+    code = run_daemon(workerd.run(settings, pm))
     raise typer.Exit(code)
 
 
