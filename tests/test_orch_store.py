@@ -145,6 +145,44 @@ def test_admit_refuses_duplicates_and_bad_ids(store: Store) -> None:
     assert store.count_by_status()["queued"] == 1
 
 
+def test_admission_writes_its_first_events_in_the_same_transaction(store: Store) -> None:
+    queued = {"job_id": "j1", "queue_position": 3, "predicted_start_ms": 40}
+    store.admit(new_job(request(), job_id="j1"), [("queued", queued)])
+    assert [(e.event_id, e.event, e.payload()) for e in store.events_after("j1", 0)] == [
+        (1, "queued", queued)]
+    store.append_events("j1", [("note", {"n": 1})])
+    assert [e.event_id for e in store.events_after("j1", 0)] == [1, 2]
+    # a refused admission writes neither its row nor its events
+    with pytest.raises(JobExistsError):
+        store.admit(new_job(request(), job_id="j1"), [("queued", {"job_id": "j1"})])
+    assert [e.event_id for e in store.events_after("j1", 0)] == [1, 2]
+
+
+def test_admissions_with_events_batched_together_keep_their_own_ids(store: Store) -> None:
+    async def main() -> list[JobRecord]:
+        return await asyncio.gather(*(
+            store.admit_async(new_job(request(), job_id=f"b{n}"),
+                              [("queued", {"job_id": f"b{n}", "n": n})])
+            for n in range(50)))
+
+    records = asyncio.run(main())
+    assert [r.job_id for r in records] == [f"b{n}" for n in range(50)]
+    for n in range(50):
+        (event,) = store.events_after(f"b{n}", 0)
+        assert (event.event_id, event.payload()) == (1, {"job_id": f"b{n}", "n": n})
+
+
+def test_a_write_alone_in_its_transaction_that_fails_leaves_nothing(store: Store) -> None:
+    admit(store, "j")
+    to_status(store, "j", "running")
+    end = {"job_id": "j", "tokens_in": 1, "tokens_out": 0, "decode_ms": 1.0, "ttft_ms": 1.0,
+           "stop_reason": "stop", "seed": 1}
+    with pytest.raises(InvalidTransitionError):  # the status is set, then an event is refused
+        store.transition("j", "completed", events=[("end", end), ("token", {"t": "x"})])
+    assert store.get("j").status == "running" and store.events_after("j", 0) == []
+    assert store.append_events("j", [("token", {"t": "a", "i": 0})])[0].event_id == 1
+
+
 def test_concurrent_duplicates_each_admit_once(store: Store) -> None:
     outcomes: list[str] = []
     barrier = threading.Barrier(24)

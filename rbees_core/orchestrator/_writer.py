@@ -45,27 +45,38 @@ _STOP = object()
 
 
 class Insert(Generic[T]):
-    """One INSERT that may be batched with its neighbours; yields ``result`` when committed.
+    """INSERTs that may be batched with their neighbours; yields ``result`` when committed.
 
-    ``on_conflict`` turns an IntegrityError of this row into the error its caller gets.
+    ``statements`` are ``(sql, row)`` pairs run in order. Neighbours with the same SQL, in
+    the same order, go in with one ``executemany`` per statement. ``on_conflict`` turns an
+    IntegrityError of these rows into the error its caller gets.
     """
 
-    __slots__ = ("on_conflict", "result", "row", "sql")
+    __slots__ = ("key", "on_conflict", "result", "statements")
 
-    def __init__(self, sql: str, row: tuple[Any, ...], result: T,
+    def __init__(self, statements: tuple[tuple[str, tuple[Any, ...]], ...], result: T,
                  on_conflict: Callable[[sqlite3.IntegrityError], Exception]) -> None:
-        self.sql, self.row, self.result, self.on_conflict = sql, row, result, on_conflict
+        self.statements, self.result, self.on_conflict = statements, result, on_conflict
+        self.key = tuple(sql for sql, _ in statements)
 
     def __call__(self, conn: sqlite3.Connection) -> T:
         try:
-            conn.execute(self.sql, self.row)
+            for sql, row in self.statements:
+                conn.execute(sql, row)
         except sqlite3.IntegrityError as exc:
             raise self.on_conflict(exc) from exc
         return self.result
 
 
 def _same_insert(op: Op, first: Insert[Any]) -> bool:
-    return isinstance(op, Insert) and op.sql == first.sql
+    return isinstance(op, Insert) and op.key == first.key
+
+
+def _op_error(exc: Exception) -> Exception:
+    """What the caller of a failed op gets: its own error, or a StoreError for SQLite's."""
+    if isinstance(exc, sqlite3.Error):
+        return StoreError(f"state database error: {exc}")
+    return exc
 
 
 class Writer:
@@ -187,28 +198,29 @@ class Writer:
     def _commit_batch(self, work: list[tuple[Op, Future[Any]]]) -> None:
         conn = self._conn
         live = [(op, future) for op, future in work if future.set_running_or_notify_cancel()]
+        if not live:
+            return
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            i = 0
-            while i < len(live):
-                op, future = live[i]
-                if isinstance(op, Insert):
-                    j = i + 1
-                    while j < len(live) and _same_insert(live[j][0], op):
-                        j += 1
-                    if j - i > 1 and self._insert_many(live[i:j], outcomes):
-                        i = j
-                        continue
-                outcomes.append((future, *self._one(op)))
-                i += 1
+            if len(live) == 1:  # alone in its transaction: no savepoint needed
+                op, future = live[0]
+                try:
+                    outcomes.append((future, op(conn), None))
+                except Exception as exc:
+                    conn.execute("ROLLBACK")
+                    future.set_exception(_op_error(exc))
+                    return
+            else:
+                self._run_ops(live, outcomes)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             error = StoreError(f"state database error: {exc}")
             for _, future in live:
-                future.set_exception(error)
+                if not future.done():
+                    future.set_exception(error)
             return
         self._commits += 1
         if self._commits % CHECKPOINT_EVERY == 0:
@@ -219,6 +231,22 @@ class Writer:
             else:
                 future.set_exception(error_or_none)
 
+    def _run_ops(self, live: list[tuple[Op, Future[Any]]],
+                 outcomes: list[tuple[Future[Any], Any, BaseException | None]]) -> None:
+        """Each op in its savepoint; a run of like inserts at once."""
+        i = 0
+        while i < len(live):
+            op, future = live[i]
+            if isinstance(op, Insert):
+                j = i + 1
+                while j < len(live) and _same_insert(live[j][0], op):
+                    j += 1
+                if j - i > 1 and self._insert_many(live[i:j], outcomes):
+                    i = j
+                    continue
+            outcomes.append((future, *self._one(op)))
+            i += 1
+
     def _one(self, op: Op) -> tuple[Any, BaseException | None]:
         conn = self._conn
         conn.execute("SAVEPOINT op")
@@ -227,9 +255,7 @@ class Writer:
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
-            if isinstance(exc, sqlite3.Error):
-                return None, StoreError(f"state database error: {exc}")
-            return None, exc
+            return None, _op_error(exc)
         conn.execute("RELEASE op")
         return result, None
 
@@ -239,7 +265,8 @@ class Writer:
         conn = self._conn
         conn.execute("SAVEPOINT many")
         try:
-            conn.executemany(run[0][0].sql, [op.row for op, _ in run])
+            for k, sql in enumerate(run[0][0].key):
+                conn.executemany(sql, [op.statements[k][1] for op, _ in run])
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK TO many")
             conn.execute("RELEASE many")

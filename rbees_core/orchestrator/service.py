@@ -115,6 +115,7 @@ class OrchestratorService:
         self.waited_at: dict[str, int] = {}
         self._version_bumped_at = time.monotonic()
         self.job_seconds = 2.0  # moving estimate of a job's duration, for predicted_start_ms
+        self._slots = (-1, 0)  # (version, ready worker slots), for predicted_start_ms
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
@@ -189,16 +190,16 @@ class OrchestratorService:
         self.bodies[job.job_id] = execute_body(job)
         pushed = self.queue.push(job.job_id, job.priority, model=job.model,
                                  placement=request.placement)
-        # the dispatcher leaves the job alone until it is durable and its `queued` event is
-        # written, so that `queued` is event 1 and `dispatched` can only follow it
+        # the dispatcher leaves the job alone until it is durable with its `queued` event
+        # (event 1, in the same transaction), so that `dispatched` can only follow it
         self.admitting.add(job.job_id)
         channel = self.channels[job.job_id] = Channel(job.job_id, dirty=self.dirty)
+        position = pushed.position
+        predicted = self.predicted_start_ms(position)
+        queued = {"job_id": job.job_id, "queue_position": position,
+                  "predicted_start_ms": predicted}
         try:
-            await self.store.admit_async(job)
-            position = pushed.position
-            predicted = self.predicted_start_ms(position)
-            queued = {"job_id": job.job_id, "queue_position": position,
-                      "predicted_start_ms": predicted}
+            await self.store.admit_async(job, [("queued", queued)])
         except BaseException:
             self.queue.remove(job.job_id)
             self.channels.pop(job.job_id, None)
@@ -206,9 +207,7 @@ class OrchestratorService:
             raise
         finally:
             self.admitting.discard(job.job_id)
-        # written with the next flush or with the dispatch, whichever comes first; a restart
-        # before that re-creates it (start())
-        channel.publish("queued", queued, persisted=False)
+        channel.publish("queued", queued, persisted=True)
         self.metrics.admitted.inc()
         if pushed.dropped is not None:
             await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
@@ -219,8 +218,11 @@ class OrchestratorService:
                             events_url=f"/v2/tasks/{job.job_id}/events")
 
     def predicted_start_ms(self, position: int) -> int:
-        slots = sum(max(1, int(w.get("slots_total") or 1)) for e in self.registry
-                    for w in e.workers.values() if w.get("state") in ("ready", "busy"))
+        version, slots = self._slots
+        if version != self.version:  # counted again only when the pools have changed
+            slots = sum(max(1, int(w.get("slots_total") or 1)) for e in self.registry
+                        for w in e.workers.values() if w.get("state") in ("ready", "busy"))
+            self._slots = (self.version, slots)
         return int(position * self.job_seconds * 1000 / max(1, slots))
 
     async def _end_queued(self, job_id: str, status: str, code: str, message: str) -> None:
@@ -353,7 +355,7 @@ class OrchestratorService:
             await asyncio.sleep(MIN_ROUND_GAP_S)  # bursts of events share one round
 
     async def _dispatch_round(self) -> None:
-        pools = self.registry.snapshot_pools()
+        pools = None  # taken when a job needs a decision: with 1,000 pools it is not free
         waiting: dict[tuple[str, str, str], Verdict] = {}  # jobs alike wait alike
         for queued in self.queue.head(64):
             if queued.job_id not in self.queue or queued.job_id in self.admitting:
@@ -363,6 +365,8 @@ class OrchestratorService:
             alike = (queued.model, queued.priority, repr(queued.placement))
             verdict: Verdict | None = waiting.get(alike)
             if verdict is None:  # jobs that wait like an earlier one: its record explains them
+                if pools is None:
+                    pools = self.registry.snapshot_pools()
                 t0 = time.perf_counter()
                 verdict = self.scheduler.decide(self.snapshot(queued.job_id, pools))
                 self.metrics.scheduling.observe(time.perf_counter() - t0)
@@ -635,13 +639,15 @@ class OrchestratorService:
     async def _flush(self) -> None:
         dirty = list(self.dirty)  # the set stays the one every channel holds
         self.dirty.clear()
-        for channel in dirty:
-            pending = channel.take_unpersisted()
-            if pending:
-                try:
-                    await self.store.append_events_async(channel.job_id, pending)
-                except RbeesError as exc:
-                    self.log.warning("flush_failed", job_id=channel.job_id, error=exc.message)
+        writes = {channel.job_id: self.store.append_events_async(channel.job_id, pending)
+                  for channel in dirty if (pending := channel.take_unpersisted())}
+        # submitted together, they are committed together: one transaction per flush
+        outcomes = await asyncio.gather(*writes.values(), return_exceptions=True)
+        for job_id, outcome in zip(writes, outcomes, strict=True):
+            if isinstance(outcome, RbeesError):
+                self.log.warning("flush_failed", job_id=job_id, error=outcome.message)
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
     async def _flush_loop(self) -> None:
         while True:

@@ -94,6 +94,7 @@ _INSERT_JOB = (
     "status, seed, created_at, queued_at, correlation_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)"
 )
+_INSERT_EVENT = "INSERT INTO events (job_id, event_id, event, data) VALUES (?, ?, ?, ?)"
 _ID = re.compile(ID_PATTERN)
 
 
@@ -167,17 +168,20 @@ class Store:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def admit(self, job: NewJob) -> JobRecord:
-        """Insert a new job as ``queued``; durable when it returns.
+    def admit(self, job: NewJob,
+              events: Iterable[tuple[str, Mapping[str, Any]]] = ()) -> JobRecord:
+        """Insert a new job as ``queued`` with its first ``events`` (ids from 1), in one
+        transaction; durable when it returns.
 
         Raises :class:`JobExistsError` for a job id already used and
         :class:`InvalidParamsError` for an id that breaks the identifier rule.
         """
-        return self._call(self._admit_op(job))
+        return self._call(self._admit_op(job, events))
 
-    async def admit_async(self, job: NewJob) -> JobRecord:
+    async def admit_async(self, job: NewJob,
+                          events: Iterable[tuple[str, Mapping[str, Any]]] = ()) -> JobRecord:
         """:meth:`admit` for an asyncio loop."""
-        return await self._writer.submit_async(self._admit_op(job))
+        return await self._writer.submit_async(self._admit_op(job, events))
 
     def transition(self, job_id: str, status: str, *,
                    events: Iterable[tuple[str, Mapping[str, Any]]] = (),
@@ -333,7 +337,8 @@ class Store:
 
     # -- write operations (run on the writer thread) ---------------------------------------
 
-    def _admit_op(self, job: NewJob) -> Insert[JobRecord]:
+    def _admit_op(self, job: NewJob, events: Iterable[tuple[str, Mapping[str, Any]]]
+                  ) -> Insert[JobRecord]:
         if not _ID.fullmatch(job.job_id):
             raise InvalidParamsError("job_id", f"must match {ID_PATTERN}")
         if job.priority not in ("interactive", "batch"):
@@ -346,7 +351,10 @@ class Store:
         record = JobRecord(job_id=job.job_id, status="queued", priority=job.priority,
                            model=job.model, prompt_sha256=digest, seed=job.seed,
                            created_at=created, queued_at=created)
-        return Insert(_INSERT_JOB, row, record, lambda exc: JobExistsError(
+        statements: list[tuple[str, tuple[Any, ...]]] = [(_INSERT_JOB, row)]
+        for event_id, (name, data) in enumerate(event_pairs(events), start=1):
+            statements.append((_INSERT_EVENT, (job.job_id, event_id, name, dumps(dict(data)))))
+        return Insert(tuple(statements), record, lambda exc: JobExistsError(
             f"job {job.job_id} already exists", details={"job_id": job.job_id}))
 
     def _transition_op(self, job_id: str, status: str,
@@ -518,7 +526,7 @@ class Store:
                 index = data.get("i")
                 if isinstance(index, int) and not isinstance(index, bool):
                     top = max(top, index)
-        conn.executemany("INSERT INTO events (job_id, event_id, event, data) VALUES (?, ?, ?, ?)",
+        conn.executemany(_INSERT_EVENT,
                          [(job_id, e.event_id, e.event, e.data) for e in stored])
         if tokens:
             conn.execute("UPDATE jobs SET tokens_out = max(tokens_out + ?, ?) WHERE job_id = ?",
