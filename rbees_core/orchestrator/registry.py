@@ -41,6 +41,10 @@ class PoolRegistry:
         #: (pool_id, worker_id) -> jobs in flight there
         self.inflight: dict[tuple[str, str], int] = {}
 
+    def statuses(self) -> dict[str, str]:
+        """Every pool's status now."""
+        return {pool_id: self.status(entry) for pool_id, entry in self.pools.items()}
+
     def status(self, entry: PoolEntry) -> str:
         silent = self.clock() - entry.last_seen
         if silent > OFFLINE_AFTER_S:

@@ -40,6 +40,8 @@ from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.scheduling import Snapshot, Verdict
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
+#: waiting jobs are decided again at least this often, even when nothing changed
+POLICY_CLOCK_S = 30.0
 MAX_RETRIES = 3
 FLUSH_INTERVAL_S = 0.1
 MIN_ROUND_GAP_S = 0.001
@@ -116,6 +118,10 @@ class OrchestratorService:
         self._version_bumped_at = time.monotonic()
         self.job_seconds = 2.0  # moving estimate of a job's duration, for predicted_start_ms
         self._slots = (-1, 0)  # (version, ready worker slots), for predicted_start_ms
+        self._aged_at = 0.0
+        self._statuses: dict[str, str] = {}
+        #: verdicts of jobs told to wait at ``version``, by what makes jobs alike
+        self._waiting: tuple[int, dict[tuple[str, str, str], Verdict]] = (-1, {})
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
@@ -345,18 +351,32 @@ class OrchestratorService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
             self._wake.clear()
-            if time.monotonic() - self._version_bumped_at > 2.0:  # pools age without events
-                self.version += 1
-                self._version_bumped_at = time.monotonic()
+            self._age_pools()
             try:
                 await self._dispatch_round()
             except Exception as exc:  # the loop must survive anything a round meets
                 self.log.error("dispatch_round_failed", error=repr(exc))
             await asyncio.sleep(MIN_ROUND_GAP_S)  # bursts of events share one round
 
+    def _age_pools(self) -> None:
+        """Pools age without events: missed heartbeats make one unavailable, then offline.
+        Twice a second, a changed status bumps the version so waiting jobs are decided
+        again; so does the passing of POLICY_CLOCK_S, for policies that read the clock."""
+        now = time.monotonic()
+        if now - self._aged_at < 0.5:
+            return
+        self._aged_at = now
+        statuses = self.registry.statuses()
+        if statuses != self._statuses or now - self._version_bumped_at > POLICY_CLOCK_S:
+            self._statuses = statuses
+            self.version += 1
+            self._version_bumped_at = now
+
     async def _dispatch_round(self) -> None:
         pools = None  # taken when a job needs a decision: with 1,000 pools it is not free
-        waiting: dict[tuple[str, str, str], Verdict] = {}  # jobs alike wait alike
+        if self._waiting[0] != self.version:
+            self._waiting = (self.version, {})
+        waiting = self._waiting[1]  # jobs alike wait alike, until the version changes
         for queued in self.queue.head(64):
             if queued.job_id not in self.queue or queued.job_id in self.admitting:
                 continue
