@@ -172,6 +172,21 @@ def test_admissions_with_events_batched_together_keep_their_own_ids(store: Store
         assert (event.event_id, event.payload()) == (1, {"job_id": f"b{n}", "n": n})
 
 
+def test_admission_and_dispatch_in_one_transaction(store: Store) -> None:
+    dispatched = {"job_id": "d1", "pool_id": "p1", "worker_id": "w1"}
+    record = asyncio.run(store.admit_async(
+        new_job(request(), job_id="d1"), [("queued", {"job_id": "d1"})],
+        dispatched=("p1", "w1", [("dispatched", dispatched)])))
+    assert (record.status, record.pool_id, record.worker_id) == ("dispatched", "p1", "w1")
+    assert record.dispatched_at is not None and store.get("d1") == record
+    assert [(e.event_id, e.event) for e in store.events_after("d1", 0)] == [
+        (1, "queued"), (2, "dispatched")]
+    with pytest.raises(JobExistsError):  # neither half is written when one fails
+        asyncio.run(store.admit_async(new_job(request(), job_id="d1"), dispatched=(
+            "p2", "w2", [("dispatched", dispatched)])))
+    assert store.get("d1").pool_id == "p1" and len(store.events_after("d1", 0)) == 2
+
+
 def test_a_write_alone_in_its_transaction_that_fails_leaves_nothing(store: Store) -> None:
     admit(store, "j")
     to_status(store, "j", "running")

@@ -36,6 +36,7 @@ from rbees_core.orchestrator import QUEUE_FULL_DROPPED, JobQueue, Store, new_job
 from rbees_core.orchestrator.channel import Channel
 from rbees_core.orchestrator.jobs import execute_body
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
+from rbees_core.orchestrator.queue import QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.scheduling import Snapshot, Verdict
 
@@ -86,6 +87,7 @@ class Run:
     last_token_at: float = 0.0
     queue_seq: int | None = None
     started: dict[str, Any] | None = None
+    dispatched: dict[str, Any] = attrs.field(factory=dict)  # the `dispatched` event's data
 
 
 class OrchestratorService:
@@ -205,10 +207,20 @@ class OrchestratorService:
         predicted = self.predicted_start_ms(position)
         queued = {"job_id": job.job_id, "queue_position": position,
                   "predicted_start_ms": predicted}
+        # At the head of the queue, the job is decided now: placed at once, its dispatch is
+        # committed with its admission, one write and no dispatcher round on the way to
+        # its first token.
+        run = self._place_now(job.job_id) if position == 0 else None
         try:
-            await self.store.admit_async(job, [("queued", queued)])
+            if run is None:
+                await self.store.admit_async(job, [("queued", queued)])
+            else:
+                await self.store.admit_async(job, [("queued", queued)], dispatched=(
+                    run.pool_id, run.worker_id, [("dispatched", run.dispatched)]))
         except BaseException:
             self.queue.remove(job.job_id)
+            if run is not None:
+                self._unclaim(run)
             self.channels.pop(job.job_id, None)
             self.bodies.pop(job.job_id, None)
             raise
@@ -216,6 +228,8 @@ class OrchestratorService:
             self.admitting.discard(job.job_id)
         channel.publish("queued", queued, persisted=True)
         self.metrics.admitted.inc()
+        if run is not None:
+            self._launch(run)
         if pushed.dropped is not None:
             await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
                                    "dropped to make room: the queue was full")
@@ -379,38 +393,47 @@ class OrchestratorService:
 
     async def _dispatch_round(self) -> None:
         pools = None  # taken when a job needs a decision: with 1,000 pools it is not free
-        if self._waiting[0] != self.version:
-            self._waiting = (self.version, {})
-        waiting = self._waiting[1]  # jobs alike wait alike, until the version changes
         for queued in self.queue.head(DISPATCH_WINDOW):
             if queued.job_id not in self.queue or queued.job_id in self.admitting:
                 continue
             if self.waited_at.get(queued.job_id) == self.version:
                 continue
-            alike = (queued.model, queued.priority, repr(queued.placement))
-            verdict: Verdict | None = waiting.get(alike)
-            if verdict is None:  # jobs that wait like an earlier one: its record explains them
-                if pools is None:
-                    pools = self.registry.snapshot_pools()
-                t0 = time.perf_counter()
-                verdict = self.scheduler.decide(self.snapshot(queued.job_id, pools))
-                self.metrics.scheduling.observe(time.perf_counter() - t0)
-                self._spawn(self._record(queued.job_id, verdict))
-            if all(d.action == "wait" for d in verdict.decisions):
-                self.waited_at[queued.job_id] = self.version
-                waiting[alike] = verdict
-                continue
-            for decision in verdict.decisions:
-                if decision.action == "dispatch" and decision.pool_id and decision.worker_id:
-                    await self._dispatch(queued.job_id, decision.pool_id, decision.worker_id)
-                    pools = self.registry.snapshot_pools()  # a slot was taken
-                    break
-                if decision.action == "start_worker" and decision.pool_id and decision.device:
-                    self._start_worker(decision.pool_id, decision.device,
-                                       decision.model or queued.model)
-                elif decision.action == "stop_worker" and decision.pool_id \
-                        and decision.worker_id:
-                    self._spawn(self._stop_worker(decision.pool_id, decision.worker_id))
+            if pools is None:
+                pools = self.registry.snapshot_pools()
+            decision = self._decide(queued, pools)
+            if decision is not None:
+                run = self._claim(queued.job_id, *decision)
+                if run is not None:
+                    await self._dispatch(run)
+                    pools = None  # a slot was taken
+
+    def _decide(self, queued: QueuedJob, pools: list[dict[str, Any]]
+                ) -> tuple[str, str] | None:
+        """The policy's verdict for a queued job: ``(pool_id, worker_id)`` to dispatch it
+        to, else None (it waits; workers the verdict asks for are started or stopped)."""
+        if self._waiting[0] != self.version:
+            self._waiting = (self.version, {})
+        waiting = self._waiting[1]  # jobs alike wait alike, until the version changes
+        alike = (queued.model, queued.priority, repr(queued.placement))
+        verdict: Verdict | None = waiting.get(alike)
+        if verdict is None:  # jobs that wait like an earlier one: its record explains them
+            t0 = time.perf_counter()
+            verdict = self.scheduler.decide(self.snapshot(queued.job_id, pools))
+            self.metrics.scheduling.observe(time.perf_counter() - t0)
+            self._spawn(self._record(queued.job_id, verdict))
+        if all(d.action == "wait" for d in verdict.decisions):
+            self.waited_at[queued.job_id] = self.version
+            waiting[alike] = verdict
+            return None
+        for decision in verdict.decisions:
+            if decision.action == "dispatch" and decision.pool_id and decision.worker_id:
+                return decision.pool_id, decision.worker_id
+            if decision.action == "start_worker" and decision.pool_id and decision.device:
+                self._start_worker(decision.pool_id, decision.device,
+                                   decision.model or queued.model)
+            elif decision.action == "stop_worker" and decision.pool_id and decision.worker_id:
+                self._spawn(self._stop_worker(decision.pool_id, decision.worker_id))
+        return None
 
     def current_verdict(self, job_id: str) -> Verdict | None:
         """What the policy would decide for a queued job now (for ``why``), else None."""
@@ -480,26 +503,51 @@ class OrchestratorService:
             worker["state"] = "stopping"
         self.log.info("worker_stop_requested", pool_id=pool_id, worker_id=worker_id)
 
-    async def _dispatch(self, job_id: str, pool_id: str, worker_id: str) -> None:
+    def _place_now(self, job_id: str) -> Run | None:
+        """Decide a job just admitted at the head of the queue; claim the slot the policy
+        names (see :meth:`_claim`), or None: the dispatcher takes it from there."""
+        queued = self.queue.get(job_id)
+        if queued is None:
+            return None
+        decision = self._decide(queued, self.registry.snapshot_pools())
+        return None if decision is None else self._claim(job_id, *decision)
+
+    def _claim(self, job_id: str, pool_id: str, worker_id: str) -> Run | None:
+        """Take the job off the queue and a slot on the worker, in memory; None when the
+        slot is gone. The dispatch is written next (:meth:`_dispatch`, or with the
+        admission), then announced (:meth:`_launch`)."""
         entry = self.registry.pools.get(pool_id)
         worker = entry.workers.get(worker_id) if entry else None
         if worker is None or self.registry.free_slots(pool_id, worker) <= 0:
-            return
+            return None
         queued = self.queue.remove(job_id)
         if queued is None:
-            return
+            return None
         self.registry.take(pool_id, worker_id)
         self.idle_since.pop((pool_id, worker_id), None)
         run = Run(job_id=job_id, pool_id=pool_id, worker_id=worker_id, uri=str(worker["uri"]),
                   created_at=queued.since, queue_seq=queued.seq)
+        run.dispatched = {"job_id": job_id, "pool_id": pool_id, "worker_id": worker_id}
         self.runs[job_id] = run
-        data = {"job_id": job_id, "pool_id": pool_id, "worker_id": worker_id}
-        channel = self._channel(job_id)
+        return run
+
+    def _unclaim(self, run: Run) -> None:
+        """Undo :meth:`_claim` for a dispatch that could not be written."""
+        self.registry.give_back(run.pool_id, run.worker_id)
+        if self.runs.get(run.job_id) is run:
+            self.runs.pop(run.job_id, None)
+
+    async def _dispatch(self, run: Run) -> None:
+        """Write a claimed job's dispatch, then announce it and start streaming."""
+        channel = self._channel(run.job_id)
         await self.store.transition_async(
-            job_id, "dispatched", pool_id=pool_id, worker_id=worker_id,
-            events=[*channel.take_unpersisted(), ("dispatched", data)])
-        channel.publish("dispatched", data, persisted=True)
-        self.waited_at.pop(job_id, None)
+            run.job_id, "dispatched", pool_id=run.pool_id, worker_id=run.worker_id,
+            events=[*channel.take_unpersisted(), ("dispatched", run.dispatched)])
+        self._launch(run)
+
+    def _launch(self, run: Run) -> None:
+        self._channel(run.job_id).publish("dispatched", run.dispatched, persisted=True)
+        self.waited_at.pop(run.job_id, None)
         self.version += 1
         run.task = self._spawn(self._run(run))
 

@@ -178,10 +178,25 @@ class Store:
         """
         return self._call(self._admit_op(job, events))
 
-    async def admit_async(self, job: NewJob,
-                          events: Iterable[tuple[str, Mapping[str, Any]]] = ()) -> JobRecord:
-        """:meth:`admit` for an asyncio loop."""
-        return await self._writer.submit_async(self._admit_op(job, events))
+    async def admit_async(
+        self, job: NewJob, events: Iterable[tuple[str, Mapping[str, Any]]] = (), *,
+        dispatched: tuple[str, str, Iterable[tuple[str, Mapping[str, Any]]]] | None = None,
+    ) -> JobRecord:
+        """:meth:`admit` for an asyncio loop. With ``dispatched=(pool_id, worker_id,
+        events)`` the job is also moved to ``dispatched`` in the same transaction, as
+        :meth:`transition` would; the record returned is then the dispatched one."""
+        admit = self._admit_op(job, events)
+        if dispatched is None:
+            return await self._writer.submit_async(admit)
+        pool_id, worker_id, more = dispatched
+        dispatch = self._transition_op(job.job_id, "dispatched", more,
+                                       {"pool_id": pool_id, "worker_id": worker_id})
+
+        def both(conn: sqlite3.Connection) -> JobRecord:
+            admit(conn)
+            return dispatch(conn)
+
+        return await self._writer.submit_async(both)
 
     def transition(self, job_id: str, status: str, *,
                    events: Iterable[tuple[str, Mapping[str, Any]]] = (),
