@@ -269,11 +269,7 @@ async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> 
 
         async def started(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
-                # What exists now (modules, plugins, the app) lives as long as the daemon:
-                # frozen out of the collector's sight, a full collection no longer walks
-                # it, which was most of such a pause (docs/benchmarks.md, rbees-orcd).
-                # Reference counting still frees these objects.
-                gc.freeze()
+                collector.start()
             await send(message)
 
         try:
@@ -282,6 +278,7 @@ async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> 
             failure.append(exc)
             raise
 
+    collector = FullCollections()
     sock = listen(host, port)
     config = uvicorn.Config(
         guarded, lifespan="on", http="httptools", ws="none", loop="none",
@@ -299,9 +296,47 @@ async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> 
         await serving
     finally:
         stopping.cancel()
+        collector.stop()
         sock.close()
     if failure and not server.started:
         raise failure[0]
+
+
+class FullCollections:
+    """A daemon's full garbage collections run once a minute, not when allocations say.
+
+    CPython collects its oldest generation whenever the objects that survived into it
+    have grown by a quarter; a daemon whose heap grows (rbees-orcd with thousands of
+    queued jobs) then pauses for a walk of the whole heap again and again, 5-15 ms each
+    with 5,000 jobs, which is what set p99 of its admissions (docs/benchmarks.md). Young
+    generations are still collected as usual, so most cyclic garbage goes there; what
+    reaches the oldest waits for the next minute. What exists at startup (modules,
+    plugins, the app) lives as long as the daemon and is frozen out of every collection;
+    reference counting still frees it.
+    """
+
+    INTERVAL_S = 60.0
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._threshold = gc.get_threshold()
+
+    def start(self) -> None:
+        gc.freeze()
+        young, middle, _ = self._threshold
+        gc.set_threshold(young, middle, 2**31 - 1)  # never by count
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.INTERVAL_S)
+            gc.collect()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            gc.set_threshold(*self._threshold)
+            gc.unfreeze()
 
 
 def _server_class() -> Any:
@@ -311,6 +346,12 @@ def _server_class() -> Any:
         @contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield  # the daemon's own handlers set ``shutdown``
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            try:
+                await super().startup(sockets)
+            except SystemExit:  # a failed lifespan startup: serve() raises its error
+                self.should_exit = True
 
     return Server
 
