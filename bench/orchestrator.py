@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
 import httpx
 from openloop import open_loop, request_bytes  # bench/openloop.py, beside this file
 
@@ -174,14 +175,18 @@ def heartbeat(k: int, pools: int) -> tuple[str, dict[str, object]]:
         "cpu": {"cores": 8, "ram_total_bytes": 2**34, "ram_free_bytes": 2**33}}
 
 
-def heartbeat_request(url: str, pools: int) -> Callable[[int], bytes]:
-    """:func:`heartbeat` ``k`` as the bytes of its request, for :func:`open_loop`."""
-    def make(k: int) -> bytes:
-        path, body = heartbeat(k, pools)
-        return request_bytes(f"{url}{path}", "POST", json.dumps(body).encode(),
-                             {"Content-Type": "application/json"})
+@attrs.frozen
+class HeartbeatRequests:
+    """:func:`heartbeat` ``k`` as the bytes of its request, for :func:`open_loop` (a class,
+    so that a spawned process can be handed one)."""
 
-    return make
+    url: str
+    pools: int
+
+    def __call__(self, k: int) -> bytes:
+        path, body = heartbeat(k, self.pools)
+        return request_bytes(f"{self.url}{path}", "POST", json.dumps(body).encode(),
+                             {"Content-Type": "application/json"})
 
 
 def offered(url: str, connections: int, seconds: float, pools: int = 0
@@ -190,15 +195,16 @@ def offered(url: str, connections: int, seconds: float, pools: int = 0
     simulated pools heartbeating every 5 s alongside: rate, p50 ms, p99 ms."""
     if pools:  # they register first: the target is about pools that keep heartbeating
         open_loop(url, rate=2000, connections=4, seconds=pools / 2000,
-                  make=heartbeat_request(url, pools))
-        time.sleep(1.0)
-    start = time.perf_counter() + 0.3
-    # The pools beat from a process of their own, as from other machines: in this one,
-    # their thread would hold the admitting clients' GIL for milliseconds at a time.
-    # (perf_counter is CLOCK_MONOTONIC, the same clock in both processes.)
-    beating = multiprocessing.get_context("fork").Process(target=open_loop, args=(url,), kwargs={
+                  make=HeartbeatRequests(url, pools))
+    # The pools beat from a process of their own, as from other machines: as a thread of
+    # this one they would hold the admitting clients' GIL for milliseconds at a time. A
+    # fresh interpreter (spawn) shares nothing with this one; it starts 3 s before the
+    # schedule so that its imports are done. (perf_counter is CLOCK_MONOTONIC, the same
+    # clock in both processes.)
+    start = time.perf_counter() + (3.0 if pools else 0.1)
+    beating = multiprocessing.get_context("spawn").Process(target=open_loop, args=(url,), kwargs={
         "rate": pools / 5.0, "connections": 2, "seconds": seconds, "start": start,
-        "make": heartbeat_request(url, pools)}) if pools else None
+        "make": HeartbeatRequests(url, pools)}) if pools else None
     if beating is not None:
         beating.start()
     admissions = open_loop(f"{url}/v2/tasks", rate=TARGET_RATE, connections=connections,
