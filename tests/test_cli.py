@@ -133,7 +133,7 @@ def test_rbees_pool_does_not_import_heavy_libraries(args: list[str]) -> None:
             pool_cli.main({args!r})
         except SystemExit as exc:
             assert exc.code == 0, exc.code
-        heavy = ["starlette", "hypercorn", "httpx", "llama_cpp", "torch", "prometheus_client",
+        heavy = ["starlette", "uvicorn", "httpx", "llama_cpp", "torch", "prometheus_client",
                  "numpy", "huggingface_hub", "pynvml", "rich", "asyncio", "pydantic",
                  "importlib.metadata"]
         print(",".join(m for m in heavy if m in sys.modules), file=sys.stderr)
@@ -174,7 +174,7 @@ def test_help_does_not_import_heavy_libraries() -> None:
             rbees_cli.main(["--help"])
         except SystemExit as exc:
             assert exc.code == 0, exc.code
-        heavy = ["starlette", "hypercorn", "httpx", "llama_cpp", "torch", "prometheus_client",
+        heavy = ["starlette", "uvicorn", "httpx", "llama_cpp", "torch", "prometheus_client",
                  "numpy", "asyncssh", "pynvml", "pydantic", "importlib.metadata"]
         print(",".join(m for m in heavy if m in sys.modules), file=sys.stderr)
     """)
