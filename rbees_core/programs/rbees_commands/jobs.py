@@ -44,6 +44,19 @@ def _check(answer: Any) -> Any:
     return answer.json() if answer.content else {}
 
 
+def _request(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    """One request to rbees-orcd: its status and JSON, the envelope's message as an
+    RbeesError, or an RbeesError saying rbees-orcd cannot be reached."""
+    import httpx
+
+    try:
+        with _client() as client:
+            answer = client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        raise _unreachable(exc) from exc
+    return answer.status_code, _check(answer)
+
+
 def _unreachable(exc: Exception) -> Exception:
     from rbees_core.errors import RbeesError
     from rbees_core.programs.rbees_commands.cluster import orchestrator_url
@@ -186,29 +199,17 @@ def list_(
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Jobs, newest first."""
-    import httpx
-
     params: dict[str, Any] = {"limit": limit}
     if status:
         params["status"] = status
-    try:
-        with _client() as client:
-            page = _check(client.get("/v2/tasks", params=params))
-    except httpx.TransportError as exc:
-        raise _unreachable(exc) from exc
+    _, page = _request("GET", "/v2/tasks", params=params)
     emit(page.get("jobs", []), fmt, LIST_COLUMNS)
 
 
 def status_(job_id: Annotated[str, typer.Argument()], fmt: FormatOption = OutputFormat.text
             ) -> None:
     """One job's record."""
-    import httpx
-
-    try:
-        with _client() as client:
-            record = _check(client.get(f"/v2/tasks/{job_id}"))
-    except httpx.TransportError as exc:
-        raise _unreachable(exc) from exc
+    _, record = _request("GET", f"/v2/tasks/{job_id}")
     if fmt is OutputFormat.json:
         print_json(record)
     else:
@@ -218,28 +219,14 @@ def status_(job_id: Annotated[str, typer.Argument()], fmt: FormatOption = Output
 
 def cancel(job_id: Annotated[str, typer.Argument()]) -> None:
     """Cancel a queued or running job."""
-    import httpx
-
-    try:
-        with _client() as client:
-            answer = client.post(f"/v2/tasks/{job_id}/cancel")
-            _check(answer)
-    except httpx.TransportError as exc:
-        raise _unreachable(exc) from exc
-    print(f"{job_id}: {'cancelled' if answer.status_code == 202 else 'already finished'}",
-          file=sys.stderr)
+    status, _ = _request("POST", f"/v2/tasks/{job_id}/cancel")
+    print(f"{job_id}: {'cancelled' if status == 202 else 'already finished'}", file=sys.stderr)
 
 
 def why(job_id: Annotated[str, typer.Argument()], fmt: FormatOption = OutputFormat.text
         ) -> None:
     """Why the scheduler placed (or is holding) a job, in words."""
-    import httpx
-
-    try:
-        with _client() as client:
-            decision = _check(client.get(f"/v2/tasks/{job_id}/decision"))
-    except httpx.TransportError as exc:
-        raise _unreachable(exc) from exc
+    _, decision = _request("GET", f"/v2/tasks/{job_id}/decision")
     if fmt is OutputFormat.json:
         print_json(decision)
     else:
