@@ -198,6 +198,29 @@ def test_a_write_alone_in_its_transaction_that_fails_leaves_nothing(store: Store
     assert store.append_events("j", [("token", {"t": "a", "i": 0})])[0].event_id == 1
 
 
+@pytest.mark.parametrize("path", ["thread", "loop"])
+def test_the_wal_stays_bounded_under_a_steady_stream_of_commits(
+        db: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    from rbees_core.orchestrator import _writer
+
+    monkeypatch.setattr(_writer, "RESTART_FRAMES", 64)
+    monkeypatch.setattr(_writer, "CHECKPOINT_EVERY", 20)
+    wal = db.parent / (db.name + "-wal")
+    with Store(db) as store:
+        async def one_by_one() -> None:
+            for n in range(2000):
+                await store.admit_async(new_job(request(), job_id=f"w{n}"))
+
+        if path == "loop":
+            asyncio.run(one_by_one())
+        else:
+            for n in range(2000):
+                admit(store, f"w{n}")
+        # 2,000 commits of a few pages each would make a WAL of 20-40 MB
+        assert wal.stat().st_size < 4 * 2**20, wal.stat().st_size
+        assert store.count_by_status()["queued"] == 2000
+
+
 def test_concurrent_duplicates_each_admit_once(store: Store) -> None:
     outcomes: list[str] = []
     barrier = threading.Barrier(24)

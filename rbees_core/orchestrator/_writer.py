@@ -173,17 +173,18 @@ class Writer:
                     break
             work = [item for item in batch if item is not _STOP]
             stop = len(work) < len(batch)
-            with self._conn_lock:
-                if self._restart_due:
-                    self._restart_due = False
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                if work:
+            if work:
+                with self._conn_lock:
                     self._commit(work)
 
     def _commit(self, work: list[tuple[Op, Future[Any]]]) -> None:
         """Commit ``work`` as one transaction (the caller holds the connection's lock); every
-        future is resolved when this returns, whatever happened."""
+        future is resolved when this returns, whatever happened. Writes from the thread and
+        from the loop both pass here, so both finish a checkpoint that came due."""
+        if self._restart_due:
+            self._restart_due = False
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         try:
             self._commit_batch(work)
         except BaseException as exc:  # keep serving: a dead writer would hang every caller
