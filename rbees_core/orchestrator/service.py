@@ -87,7 +87,11 @@ class Run:
     last_token_at: float = 0.0
     queue_seq: int | None = None
     started: dict[str, Any] | None = None
-    dispatched: dict[str, Any] = attrs.field(factory=dict)  # the `dispatched` event's data
+
+    @property
+    def dispatched(self) -> dict[str, Any]:
+        """The data of the job's ``dispatched`` event."""
+        return {"job_id": self.job_id, "pool_id": self.pool_id, "worker_id": self.worker_id}
 
 
 class OrchestratorService:
@@ -211,12 +215,10 @@ class OrchestratorService:
         # committed with its admission, one write and no dispatcher round on the way to
         # its first token.
         run = self._place_now(job.job_id) if position == 0 else None
+        dispatched = None if run is None else (run.pool_id, run.worker_id,
+                                               [("dispatched", run.dispatched)])
         try:
-            if run is None:
-                await self.store.admit_async(job, [("queued", queued)])
-            else:
-                await self.store.admit_async(job, [("queued", queued)], dispatched=(
-                    run.pool_id, run.worker_id, [("dispatched", run.dispatched)]))
+            await self.store.admit_async(job, [("queued", queued)], dispatched=dispatched)
         except BaseException:
             self.queue.remove(job.job_id)
             if run is not None:
@@ -524,7 +526,6 @@ class OrchestratorService:
         self.idle_since.pop((pool_id, worker_id), None)
         run = Run(job_id=job_id, pool_id=pool_id, worker_id=worker_id, uri=str(worker["uri"]),
                   created_at=queued.since, queue_seq=queued.seq)
-        run.dispatched = {"job_id": job_id, "pool_id": pool_id, "worker_id": worker_id}
         self.runs[job_id] = run
         return run
 
