@@ -272,29 +272,24 @@ def bench_admission(seconds: float, repeat: int) -> list[str]:
         rows.append(f"| {case} | {clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {each} "
                     f"| {holds} |")
 
-    def open_rows(clients: int, url: str) -> tuple[float, float, float]:
-        return offered(url, clients, seconds)
-
-    def closed_rows(clients: int, url: str) -> tuple[float, float, float]:
-        return asyncio.run(admit(url, clients, seconds))
-
-    def wrk_rows(clients: int, url: str) -> tuple[float, float, float]:
-        return wrk(url, clients, seconds)
-
     for clients in (1, 16, 64):
-        row("(b) offered 1,000/s", clients, functools.partial(open_rows, clients))
+        row("(b) offered 1,000/s", clients,
+            functools.partial(offered, connections=clients, seconds=seconds))
     for clients in (1, 16, 64):
         row("(c) offered 1,000/s + 1,000 pools heartbeating", clients,
-            functools.partial(lambda c, url: offered(url, c, seconds, pools=1000), clients))
+            functools.partial(offered, connections=clients, seconds=seconds, pools=1000))
     if shutil.which("wrk"):  # a load generator that does not share Python's overhead
         for clients in (1, 16, 64):
-            row("(b) saturated, wrk", clients, functools.partial(wrk_rows, clients),
-                judged=False)
+            row("(b) saturated, wrk", clients,
+                functools.partial(wrk, clients=clients, seconds=seconds), judged=False)
         return rows
     # without wrk: httpx's own cost per request bounds these rows more than the server does
+    def closed(url: str, clients: int) -> tuple[float, float, float]:
+        return asyncio.run(admit(url, clients, seconds))
+
     for clients in (1, 16, 64):
-        row("(b) saturated, Python clients", clients, functools.partial(closed_rows, clients),
-            judged=False)
+        row("(b) saturated, Python clients", clients,
+            functools.partial(closed, clients=clients), judged=False)
 
     async def with_pools(url: str) -> tuple[float, float, float]:
         until = asyncio.Event()
