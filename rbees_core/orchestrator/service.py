@@ -38,6 +38,7 @@ from rbees_core.orchestrator.jobs import execute_body
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.queue import QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
+from rbees_core.orchestrator.upstream import Upstream, UpstreamError
 from rbees_core.scheduling import Snapshot, Verdict
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
@@ -132,6 +133,7 @@ class OrchestratorService:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
+        self._upstream = Upstream(connect_timeout=10.0, read_timeout=WORKER_READ_TIMEOUT_S)
         schedulers = plugins.schedulers(pm)
         if settings.scheduler not in schedulers:
             raise RbeesError(f"no scheduler named {settings.scheduler!r} is installed "
@@ -175,6 +177,7 @@ class OrchestratorService:
         await asyncio.sleep(0)
         await self._flush()
         await self._client.aclose()
+        self._upstream.close()
         await asyncio.to_thread(self.scheduler.close)
         await asyncio.to_thread(self.store.close)
 
@@ -561,11 +564,14 @@ class OrchestratorService:
             await self._retry(run, str(exc))
         except asyncio.CancelledError:
             raise
-        except (httpx.HTTPError, ValueError) as exc:
+        except (UpstreamError, ValueError) as exc:
             if run.tokens == 0 and not run.final:
                 await self._retry(run, f"{type(exc).__name__}: {exc}")
             elif not run.final:
                 run.final = True
+                self.log.warning("worker_failed_mid_stream", job_id=run.job_id,
+                                 pool_id=run.pool_id, worker_id=run.worker_id,
+                                 error=f"{type(exc).__name__}: {exc}")
                 await self._finish(run, "failed", "WORKER_FAILED", {
                     "job_id": run.job_id, "code": "WORKER_FAILED",
                     "message": f"worker {run.worker_id} on {run.pool_id} failed mid-stream: "
@@ -582,14 +588,14 @@ class OrchestratorService:
     async def _stream(self, run: Run, body: dict[str, Any]) -> None:
         url = f"{run.uri}/v2/execute"
         channel = self._channel(run.job_id)
-        async with self._client.stream("POST", url, json=body, headers=self._auth()) as answer:
-            if answer.status_code != 200:
-                raw = await answer.aread()
+        async with self._upstream.post(url, body, self._auth()) as answer:
+            if answer.status != 200:
+                raw = await answer.read()
                 try:
                     code = json.loads(raw)["error"]["code"]
                 except (ValueError, KeyError, TypeError):
-                    code = f"HTTP_{answer.status_code}"
-                if code in RETRIABLE_WORKER_CODES or answer.status_code >= 500:
+                    code = f"HTTP_{answer.status}"
+                if code in RETRIABLE_WORKER_CODES or answer.status >= 500:
                     raise WorkerFailedBeforeTokenError(f"worker answered {code}")
                 run.final = True
                 await self._finish(run, "failed", code, {
@@ -597,17 +603,12 @@ class OrchestratorService:
                     "message": f"the worker refused the job: {raw[:300]!r}",
                     "retriable": False})
                 return
-            event = ""
-            async for line in answer.aiter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event:
-                    if run.final:
-                        return
-                    await self._on_worker_event(run, channel, event, json.loads(line[6:]))
-                    event = ""
+            async for event, data in answer.events():
+                if run.final:
+                    return
+                await self._on_worker_event(run, channel, event, data)
             if not run.final:
-                raise httpx.RemoteProtocolError("the worker's stream ended without end/error")
+                raise UpstreamError("the worker's stream ended without end/error")
 
     async def _on_worker_event(self, run: Run, channel: Channel, event: str,
                                data: dict[str, Any]) -> None:
