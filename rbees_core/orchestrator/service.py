@@ -45,7 +45,10 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
 #: waiting jobs are decided again at least this often, even when nothing changed
 POLICY_CLOCK_S = 30.0
 MAX_RETRIES = 3
-FLUSH_INTERVAL_S = 0.1
+#: tokens after the first are written in batches this often. What they buy is the replay of a
+#: job that failed at a restart; a commit costs about a millisecond of the loop, and at 0.1 s
+#: the flushes took a third of rbees-orcd's CPU per relayed token (docs/benchmarks.md)
+FLUSH_INTERVAL_S = 0.5
 #: a dispatch round considers this many jobs from the head of the queue
 DISPATCH_WINDOW = 64
 WORKER_READ_TIMEOUT_S = 120.0
