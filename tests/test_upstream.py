@@ -33,16 +33,21 @@ SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
 @asynccontextmanager
 async def raw_server(script: Script) -> AsyncIterator[tuple[str, list[bytes]]]:
     """A server that reads one request head and body per exchange, records it, then runs
-    ``script``; yields its URL and the requests it got."""
+    ``script``; yields its URL and the requests it got, each prefixed by the number of its
+    connection (b"1 POST ...")."""
     requests: list[bytes] = []
+    connections = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = b"%d " % connections
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length:"))
-                requests.append(head + await reader.readexactly(length))
+                requests.append(number + head + await reader.readexactly(length))
                 await script(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -88,9 +93,9 @@ async def test_events_survive_any_split_and_the_connection_is_kept() -> None:
             assert events == [("started", {"slot": 0}), ("token", {"t": "Hi", "i": 0}),
                               ("token", {"t": " there", "i": 1}), ("end", {"tokens_out": 2})]
     client.close()
-    assert len(requests) == 2  # both on one kept-alive connection, read by one handler
+    assert [r[:2] for r in requests] == [b"1 ", b"1 "]  # one kept-alive connection
     head, _, body = requests[0].partition(b"\r\n\r\n")
-    assert head.startswith(b"POST /v2/execute HTTP/1.1\r\n")
+    assert head.startswith(b"1 POST /v2/execute HTTP/1.1\r\n")
     assert json.loads(body) == {"job_id": "j"}
 
 
@@ -191,6 +196,7 @@ async def test_against_the_daemons_own_event_stream_and_leaving_early_hangs_up()
                 await asyncio.sleep(0.05)
         assert events == [("token", {"t": "w0", "i": 0}), ("token", {"t": "w1", "i": 1}),
                           ("token", {"t": "w2", "i": 2}), ("end", {"tokens_out": 3})]
+        assert [len(idle) for idle in client._idle.values()] == [1]  # kept for the next
         async with client.post(url, {"tokens": 2, "end": False}, {}) as answer:
             async for event, _ in answer.events():
                 assert event == "token"

@@ -91,6 +91,9 @@ class Run:
     last_token_at: float = 0.0
     queue_seq: int | None = None
     started: dict[str, Any] | None = None
+    #: set when the job is sent to its worker while its admission is being written: True
+    #: once written, False if that failed. Nothing the worker answers is acted on before.
+    written: asyncio.Future[bool] | None = None
 
     @property
     def dispatched(self) -> dict[str, Any]:
@@ -219,16 +222,19 @@ class OrchestratorService:
                   "predicted_start_ms": predicted}
         # At the head of the queue, the job is decided now: placed at once, its dispatch is
         # committed with its admission, one write and no dispatcher round on the way to
-        # its first token.
+        # its first token; and the worker starts on it while that write is made.
         run = self._place_now(job.job_id) if position == 0 else None
-        dispatched = None if run is None else (run.pool_id, run.worker_id,
-                                               [("dispatched", run.dispatched)])
+        dispatched = None
+        if run is not None:
+            dispatched = (run.pool_id, run.worker_id, [("dispatched", run.dispatched)])
+            run.written = asyncio.get_running_loop().create_future()
+            run.task = self._spawn(self._run(run))
         try:
             await self.store.admit_async(job, [("queued", queued)], dispatched=dispatched)
         except BaseException:
             self.queue.remove(job.job_id)
-            if run is not None:
-                self._unclaim(run)
+            if run is not None and run.written is not None:
+                run.written.set_result(False)  # its runner hangs up and gives the slot back
             self.channels.pop(job.job_id, None)
             self.bodies.pop(job.job_id, None)
             raise
@@ -236,8 +242,9 @@ class OrchestratorService:
             self.admitting.discard(job.job_id)
         channel.publish("queued", queued, persisted=True)
         self.metrics.admitted.inc()
-        if run is not None:
-            self._launch(run)
+        if run is not None and run.written is not None:
+            self._announce(run)
+            run.written.set_result(True)
         if pushed.dropped is not None:
             await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
                                    "dropped to make room: the queue was full")
@@ -520,7 +527,7 @@ class OrchestratorService:
     def _claim(self, job_id: str, pool_id: str, worker_id: str) -> Run | None:
         """Take the job off the queue and a slot on the worker, in memory; None when the
         slot is gone. The dispatch is written next (:meth:`_dispatch`, or with the
-        admission), then announced (:meth:`_launch`)."""
+        admission), then announced (:meth:`_announce`)."""
         entry = self.registry.pools.get(pool_id)
         worker = entry.workers.get(worker_id) if entry else None
         if worker is None or self.registry.free_slots(pool_id, worker) <= 0:
@@ -535,12 +542,6 @@ class OrchestratorService:
         self.runs[job_id] = run
         return run
 
-    def _unclaim(self, run: Run) -> None:
-        """Undo :meth:`_claim` for a dispatch that could not be written."""
-        self.registry.give_back(run.pool_id, run.worker_id)
-        if self.runs.get(run.job_id) is run:
-            self.runs.pop(run.job_id, None)
-
     async def _dispatch(self, run: Run) -> None:
         """Write a claimed job's dispatch, then announce it and start streaming."""
         channel = self._channel(run.job_id)
@@ -550,10 +551,19 @@ class OrchestratorService:
         self._launch(run)
 
     def _launch(self, run: Run) -> None:
+        self._announce(run)
+        run.task = self._spawn(self._run(run))
+
+    def _announce(self, run: Run) -> None:
         self._channel(run.job_id).publish("dispatched", run.dispatched, persisted=True)
         self.waited_at.pop(run.job_id, None)
         self.version += 1
-        run.task = self._spawn(self._run(run))
+
+    @staticmethod
+    async def _written(run: Run) -> bool:
+        """Whether the job of a run exists in the store: False when the admission that
+        carried its dispatch failed, and the run must end without a trace."""
+        return run.written is None or await asyncio.shield(run.written)
 
     # -- runners ---------------------------------------------------------------------------
 
@@ -564,11 +574,14 @@ class OrchestratorService:
         try:
             await self._stream(run, body)
         except WorkerFailedBeforeTokenError as exc:
-            await self._retry(run, str(exc))
+            if await self._written(run):
+                await self._retry(run, str(exc))
         except asyncio.CancelledError:
             raise
         except (UpstreamError, ValueError) as exc:
-            if run.tokens == 0 and not run.final:
+            if not await self._written(run):
+                pass
+            elif run.tokens == 0 and not run.final:
                 await self._retry(run, f"{type(exc).__name__}: {exc}")
             elif not run.final:
                 run.final = True
@@ -592,6 +605,8 @@ class OrchestratorService:
         url = f"{run.uri}/v2/execute"
         channel = self._channel(run.job_id)
         async with self._upstream.post(url, body, self._auth()) as answer:
+            if not await self._written(run):
+                return
             if answer.status != 200:
                 raw = await answer.read()
                 try:

@@ -39,6 +39,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers_done = False
         self.complete = False
+        self.keep_alive = False
         self.closed = False
         self.error: UpstreamError | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -50,7 +51,7 @@ class _Connection(asyncio.Protocol):
 
     def reset(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
-        self.status, self.headers_done, self.complete = 0, False, False
+        self.status, self.headers_done, self.complete, self.keep_alive = 0, False, False, False
         self.chunks.clear()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -89,6 +90,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # only known inside the parser's callbacks; reset with the parser after them
+        self.keep_alive = self.parser.should_keep_alive()
 
     # -- for the reader -------------------------------------------------------------------
 
@@ -223,8 +226,8 @@ class Upstream:
 
     def _release(self, conn: _Connection, reusable: bool) -> None:
         conn.disarm()
-        if reusable and conn.complete and not conn.closed and conn.error is None \
-                and conn.parser.should_keep_alive():
+        if reusable and conn.complete and conn.keep_alive and not conn.closed \
+                and conn.error is None:
             conn.idle_since = conn.loop.time()
             self._idle.setdefault(conn.key, []).append(conn)
         elif conn.transport is not None:

@@ -1,0 +1,90 @@
+"""rbees-orcd's service in this process, against a real SmolLM2 worker: what no HTTP test
+can reach, such as an admission whose write fails after its job was sent to the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rbees_core import plugins
+from rbees_core.api.orchestrator import TaskRequest
+from rbees_core.api.pool import CpuEntry, PoolHeartbeat, WorkerEntry
+from rbees_core.log import Logger
+from rbees_core.orchestrator.errors import StoreError
+from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
+from rbees_core.testing import WorkerHandle
+
+
+def beat(worker: WorkerHandle) -> PoolHeartbeat:
+    entry = WorkerEntry(worker_id=worker.worker_id, model_ref="smollm2", backend="llamacpp",
+                        device="cpu", uri=worker.url, pid=worker.process.proc.pid,
+                        state="ready", slots_total=1, slots_free=1, memory_bytes=0,
+                        started_at=time.time())
+    return PoolHeartbeat(pool_id="here", host="here", gpus=[], models=[], workers=[entry],
+                         cpu=CpuEntry(cores=2, ram_total_bytes=2**34, ram_free_bytes=2**33),
+                         url="http://127.0.0.1:1", seq=1, sent_at=time.time())
+
+
+@pytest.fixture
+async def service(tmp_path: Path, worker: WorkerHandle) -> AsyncIterator[OrchestratorService]:
+    pm = plugins.make_manager(plugins.builtin_plugins())
+    svc = OrchestratorService(OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3")), pm,
+                              Logger("rbees-orcd"))
+    await svc.start()
+    svc.heartbeat(beat(worker))
+    yield svc
+    await svc.close()
+
+
+async def finished(svc: OrchestratorService, job_id: str) -> list[tuple[int, str, Any]]:
+    for _ in range(600):
+        channel = svc.channels.get(job_id)
+        if channel is not None and channel.done:
+            return channel.history
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{job_id} did not finish")
+
+
+async def test_a_failed_admission_takes_back_the_job_it_already_sent(
+        service: OrchestratorService, worker: WorkerHandle) -> None:
+    """At the head of the queue a job goes to its worker while its admission is written.
+    When that write fails, the client gets the error, the worker is told to stop (its
+    connection is closed), the slot is free again, and nothing of the job remains."""
+    svc = service
+    admit = svc.store.admit_async
+    sent = asyncio.Event()
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        for _ in range(200):  # until the worker has the job: the runner sent it first
+            metrics = httpx.get(f"{worker.url}/metrics").text
+            if "rbees_worker_slots_busy 1.0" in metrics:
+                sent.set()
+                break
+            await asyncio.sleep(0.01)
+        raise StoreError("disk full")
+
+    svc.store.admit_async = failing  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match="disk full"):
+        await svc.submit(TaskRequest(model="smollm2", prompt="Once upon a time",
+                                     max_tokens=200, seed=1))
+    assert sent.is_set()
+    svc.store.admit_async = admit  # type: ignore[method-assign]
+    for _ in range(200):
+        if not svc.runs and svc.registry.free_slots("here", svc.registry.pools["here"]
+                                                    .workers[worker.worker_id]) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert not svc.runs and not svc.queue and not svc.channels
+    assert (await asyncio.to_thread(svc.store.list_jobs, None, limit=10)).jobs == []
+    # the worker let go of the job: the next one runs there and completes
+    accepted = await svc.submit(TaskRequest(model="smollm2", prompt="Once upon a time",
+                                            max_tokens=8, seed=1))
+    history = await finished(svc, accepted.job_id)
+    assert [event for _, event, _ in history][:3] == ["queued", "dispatched", "started"]
+    assert history[-1][1] == "end"
