@@ -38,7 +38,7 @@ from rbees_core.orchestrator.jobs import execute_body
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.queue import QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
-from rbees_core.orchestrator.upstream import Upstream, UpstreamError
+from rbees_core.orchestrator.upstream import Exchange, Upstream, UpstreamError
 from rbees_core.scheduling import Snapshot, Verdict
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
@@ -94,6 +94,8 @@ class Run:
     #: set when the job is sent to its worker while its admission is being written: True
     #: once written, False if that failed. Nothing the worker answers is acted on before.
     written: asyncio.Future[bool] | None = None
+    #: the request to the worker, when it was sent before the runner started
+    exchange: Exchange | None = None
 
     @property
     def dispatched(self) -> dict[str, Any]:
@@ -228,6 +230,9 @@ class OrchestratorService:
         if run is not None:
             dispatched = (run.pool_id, run.worker_id, [("dispatched", run.dispatched)])
             run.written = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(UpstreamError):  # else the runner meets it again
+                run.exchange = self._execute(run, self.bodies[job.job_id])
+                run.exchange.send_now()  # on an open connection: before the runner starts
             run.task = self._spawn(self._run(run))
         try:
             await self.store.admit_async(job, [("queued", queued)], dispatched=dispatched)
@@ -593,6 +598,8 @@ class OrchestratorService:
                     "message": f"worker {run.worker_id} on {run.pool_id} failed mid-stream: "
                                f"{type(exc).__name__}", "retriable": True})
         finally:
+            if run.exchange is not None:  # sent, and the runner ended before it read it
+                run.exchange.close()
             self.registry.give_back(run.pool_id, run.worker_id)
             if not any(r.pool_id == run.pool_id and r.worker_id == run.worker_id
                        for r in self.runs.values() if r is not run):
@@ -602,9 +609,9 @@ class OrchestratorService:
             self.changed()
 
     async def _stream(self, run: Run, body: dict[str, Any]) -> None:
-        url = f"{run.uri}/v2/execute"
         channel = self._channel(run.job_id)
-        async with self._upstream.post(url, body, self._auth()) as answer:
+        exchange, run.exchange = run.exchange or self._execute(run, body), None
+        async with exchange as answer:
             if not await self._written(run):
                 return
             if answer.status != 200:
@@ -627,6 +634,9 @@ class OrchestratorService:
                 await self._on_worker_event(run, channel, event, data)
             if not run.final:
                 raise UpstreamError("the worker's stream ended without end/error")
+
+    def _execute(self, run: Run, body: dict[str, Any]) -> Exchange:
+        return self._upstream.post(f"{run.uri}/v2/execute", body, self._auth())
 
     async def _on_worker_event(self, run: Run, channel: Channel, event: str,
                                data: dict[str, Any]) -> None:

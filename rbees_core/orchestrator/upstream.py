@@ -195,22 +195,29 @@ class Upstream:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
 
-    def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> _Exchange:
+    def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> Exchange:
         """``async with upstream.post(url, body, headers) as answer``: the answer once its
         headers arrived. Leaving the block early closes the connection, which tells the
         worker to stop."""
-        return _Exchange(self, url, body, headers)
+        return Exchange(self, url, body, headers)
 
-    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
-        loop = asyncio.get_running_loop()
+    def _reuse(self, key: tuple[str, str, int]) -> _Connection | None:
+        """A kept-alive connection to ``key`` that is still open, if there is one."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if not conn.closed and loop.time() - conn.idle_since < IDLE_S:
+            if not conn.closed and conn.loop.time() - conn.idle_since < IDLE_S:
                 conn.reset()
                 return conn
             if conn.transport is not None:
                 conn.transport.close()
+        return None
+
+    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
+        conn = self._reuse(key)
+        if conn is not None:
+            return conn
+        loop = asyncio.get_running_loop()
         scheme, host, port = key
         context: ssl.SSLContext | None = None
         if scheme == "https":
@@ -241,7 +248,9 @@ class Upstream:
         self._idle.clear()
 
 
-class _Exchange:
+class Exchange:
+    """One POST to a worker and its answer; made by :meth:`Upstream.post`."""
+
     def __init__(self, upstream: Upstream, url: str, body: dict[str, Any],
                  headers: dict[str, str]) -> None:
         self.upstream = upstream
@@ -259,17 +268,40 @@ class _Exchange:
                  *(f"{name}: {value}" for name, value in headers.items())]
         self.request = ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
         self.conn: _Connection | None = None
+        self.done = False
 
-    async def __aenter__(self) -> Response:
-        conn = self.conn = await self.upstream._connect(self.key)
+    def send_now(self) -> bool:
+        """Write the request at once when a kept-alive connection is open (else entering
+        the block connects and writes it). Whoever calls this enters the block or calls
+        :meth:`close`."""
+        if self.conn is None and (conn := self.upstream._reuse(self.key)) is not None:
+            self._send(conn)
+        return self.conn is not None
+
+    def _send(self, conn: _Connection) -> None:
         assert conn.transport is not None
+        self.conn = conn
         conn.arm(self.upstream.read_timeout)
         conn.transport.write(self.request)
+
+    async def __aenter__(self) -> Response:
+        if self.conn is None:
+            self._send(await self.upstream._connect(self.key))
+        assert self.conn is not None
+        conn = self.conn
         while not conn.headers_done:
             await conn.wait()
         return Response(conn)
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self.conn is not None:
-            self.upstream._release(self.conn, reusable=kind is None)
+        self._finish(reusable=kind is None)
+
+    def close(self) -> None:
+        """Hang up, unless the block already ended (then a no-op)."""
+        self._finish(reusable=False)
+
+    def _finish(self, reusable: bool) -> None:
+        if self.conn is not None and not self.done:
+            self.done = True
+            self.upstream._release(self.conn, reusable=reusable)
