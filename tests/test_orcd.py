@@ -166,15 +166,26 @@ def test_jobs_cli_submit_list_status_why(cluster: Cluster) -> None:
 
 
 def test_metrics_and_pools(cluster: Cluster) -> None:
+    tpot = "rbees_time_per_token_seconds_count"
+    before = _sample(httpx.get(f"{cluster.url}/metrics").text, tpot)
+    events = cluster.events(cluster.submit(max_tokens=6)["job_id"])
+    tokens = sum(1 for _, event, _ in events if event == "token")
     text = httpx.get(f"{cluster.url}/metrics").text
     for name in ("rbees_queue_depth", 'rbees_jobs_total{outcome="completed"}',
                  "rbees_ttft_seconds_bucket", "rbees_time_per_token_seconds_count",
                  "rbees_scheduling_seconds_count", 'rbees_pools{status="ready"}',
                  "rbees_workers{"):
         assert name in text
+    # gaps between tokens are observed in runs; a scrape observes those not yet seen
+    assert tokens > 1 and _sample(text, tpot) - before == tokens - 1
     pools = httpx.get(f"{cluster.url}/v2/pools").json()["pools"]
     assert len(pools) == 1 and pools[0]["status"] == "ready"
     assert pools[0]["cpu"]["cores"] >= 1
+
+
+def _sample(text: str, name: str) -> float:
+    return next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith(f"{name} "))
 
 
 def _orcd(home: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -126,6 +126,9 @@ class OrchestratorService:
         self.admitting: set[str] = set()
         #: worker request bodies of admitted jobs (prompt included), kept off the TTFT path
         self.bodies: dict[str, dict[str, Any]] = {}
+        #: jobs admitted by this process that are cancelled when their events' client goes
+        #: (the rest of the spec is in the store; this spares an events request a read)
+        self.cancel_on_disconnect: set[str] = set()
         #: bumped whenever something a policy reads changes; a job that was told to wait at
         #: the current version is not asked about again (admission stays cheap when 10,000
         #: jobs wait for a model no pool has)
@@ -212,6 +215,8 @@ class OrchestratorService:
                                      "pool has it", details={"model": request.model})
         job = new_job(request, correlation_id=correlation_id.get())
         self.bodies[job.job_id] = execute_body(job)
+        if request.cancel_on_disconnect:
+            self.cancel_on_disconnect.add(job.job_id)
         pushed = self.queue.push(job.job_id, job.priority, model=job.model,
                                  placement=request.placement)
         # the dispatcher leaves the job alone until it is durable with its `queued` event
@@ -242,6 +247,7 @@ class OrchestratorService:
                 run.written.set_result(False)  # its runner hangs up and gives the slot back
             self.channels.pop(job.job_id, None)
             self.bodies.pop(job.job_id, None)
+            self.cancel_on_disconnect.discard(job.job_id)
             raise
         finally:
             self.admitting.discard(job.job_id)
@@ -287,6 +293,7 @@ class OrchestratorService:
         """Forget a finished job's channel a little later (late subscribers use the store)."""
         self.last_decision.pop(job_id, None)
         self.bodies.pop(job_id, None)
+        self.cancel_on_disconnect.discard(job_id)
         self.waited_at.pop(job_id, None)
 
         async def later() -> None:
@@ -737,6 +744,7 @@ class OrchestratorService:
     # -- background ------------------------------------------------------------------------
 
     async def _flush(self) -> None:
+        self.metrics.settle()
         dirty = list(self.dirty)  # the set stays the one every channel holds
         self.dirty.clear()
         writes = {channel.job_id: self.store.append_events_async(channel.job_id, pending)

@@ -148,8 +148,12 @@ async def task_events(request: Request) -> Response:
     job_id = _path_id(request, "job_id")
     svc = _svc(request)
     after = _last_event_id(request)
-    spec = await asyncio.to_thread(svc.store.spec, job_id)  # unknown job: 404 first
-    cancel_on_disconnect = bool(spec.params.get("cancel_on_disconnect")) or \
+    if job_id in svc.bodies and job_id not in svc.admitting:  # admitted here, not ended
+        asked = job_id in svc.cancel_on_disconnect  # no read on the way to the first token
+    else:
+        spec = await asyncio.to_thread(svc.store.spec, job_id)  # unknown job: 404 first
+        asked = bool(spec.params.get("cancel_on_disconnect"))
+    cancel_on_disconnect = asked or \
         request.query_params.get("cancel_on_disconnect") in ("1", "true")
     return JobEventStream(svc, job_id, after, cancel_on_disconnect)  # type: ignore[return-value]
 
@@ -240,8 +244,9 @@ async def list_models(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return Response(generate_latest(_svc(request).metrics.registry),
-                    media_type=CONTENT_TYPE_LATEST)
+    metrics = _svc(request).metrics
+    metrics.settle()
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 OPERATIONS = [
