@@ -127,13 +127,16 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     async def wait(self) -> None:
-        """Until more of the response (or its failure) arrives."""
+        """Until more of the response (or its failure) arrives; raises the failure."""
+        if self.error is None:
+            await self.settle()
         if self.error is not None:
             raise self.error
+
+    async def settle(self) -> None:
+        """Until more of the response (or its failure) arrives."""
         self.waiter = self.loop.create_future()
         await self.waiter
-        if self.error is not None:
-            raise self.error
 
 
 class Response:
@@ -167,10 +170,12 @@ class Response:
                         event, data = _parse(block)
                         if event and data is not None:
                             yield event, json.loads(data)
+            elif conn.error is not None:  # after what arrived before it
+                raise conn.error
             elif conn.complete:
                 return
             else:
-                await conn.wait()
+                await conn.settle()
 
 
 def _parse(block: bytes) -> tuple[str, bytes | None]:
