@@ -57,12 +57,20 @@ async def test_a_failed_admission_takes_back_the_job_it_already_sent(
     When that write fails, the client gets the error, the worker is told to stop (its
     connection is closed), the slot is free again, and nothing of the job remains."""
     svc = service
+    # a first job leaves a kept-alive connection: the next one is written to it in submit
+    first = await svc.submit(TaskRequest(model="smollm2", prompt="Hello", max_tokens=2))
+    assert (await finished(svc, first.job_id))[-1][1] == "end"
+    for _ in range(100):
+        if svc._upstream._idle:
+            break
+        await asyncio.sleep(0.02)
+    assert svc._upstream._idle
     admit = svc.store.admit_async
     sent = asyncio.Event()
 
     async def failing(*args: Any, **kwargs: Any) -> Any:
-        for _ in range(200):  # until the worker has the job: the runner sent it first
-            metrics = httpx.get(f"{worker.url}/metrics").text
+        for _ in range(200):  # until the worker has the job: it was sent first
+            metrics = (await asyncio.to_thread(httpx.get, f"{worker.url}/metrics")).text
             if "rbees_worker_slots_busy 1.0" in metrics:
                 sent.set()
                 break
@@ -80,8 +88,9 @@ async def test_a_failed_admission_takes_back_the_job_it_already_sent(
                                                     .workers[worker.worker_id]) == 1:
             break
         await asyncio.sleep(0.05)
-    assert not svc.runs and not svc.queue and not svc.channels
-    assert (await asyncio.to_thread(svc.store.list_jobs, None, limit=10)).jobs == []
+    assert not svc.runs and not svc.queue and list(svc.channels) == [first.job_id]
+    jobs = (await asyncio.to_thread(svc.store.list_jobs, None, limit=10)).jobs
+    assert [job.job_id for job in jobs] == [first.job_id]
     # the worker let go of the job: the next one runs there and completes
     accepted = await svc.submit(TaskRequest(model="smollm2", prompt="Once upon a time",
                                             max_tokens=8, seed=1))

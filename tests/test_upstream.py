@@ -116,6 +116,17 @@ async def test_the_last_events_and_the_end_may_arrive_while_the_reader_is_busy()
         assert seen == [("token", {"i": 0}), ("token", {"i": 1}), ("end", {})]
 
 
+async def test_a_whole_answer_read_slowly_is_not_a_silence() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + chunk(b"event: end\ndata: {}\n\n") + b"0\r\n\r\n")
+
+    async with raw_server(script) as (url, _), \
+            upstream(read_timeout=0.2).post(f"{url}/v2/execute", {}, {}) as answer:
+        async for event, _ in answer.events():
+            assert event == "end"
+            await asyncio.sleep(0.5)  # as the final write might, past the read timeout
+
+
 async def test_an_error_answer_is_read_whole() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         body = b'{"error": {"code": "ALL_SLOTS_BUSY"}}'
@@ -159,6 +170,83 @@ async def test_a_silent_worker_times_out() -> None:
         assert 0.25 < loop.time() - t0 < 2.0
 
 
+async def test_a_kept_alive_connection_the_server_closed_is_replaced_once() -> None:
+    """The server answers once, then closes that connection when the next request comes
+    (its idle timeout raced the reuse): the request goes again on a new connection."""
+    seen: list[tuple[int, bytes]] = []
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(head.lower().split(b"content-length: ")[1]
+                                             .split(b"\r\n")[0]))
+                seen.append((number, head.split(b"\r\n")[0]))
+                if number == 1 and len(seen) == 2:
+                    break  # closes without a byte of answer
+                writer.write(SSE_HEAD + chunk(b"event: end\ndata: {}\n\n") + b"0\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v2/execute"
+    client = upstream()
+    try:
+        for _ in range(2):
+            assert (await collect(client, url.removesuffix("/v2/execute")))[1] == [("end", {})]
+    finally:
+        client.close()
+        server.close()
+    assert [number for number, _ in seen] == [1, 1, 2]
+
+
+async def test_a_withdrawn_request_is_never_sent_or_is_hung_up() -> None:
+    """close() before the block: nothing is sent. Cancelled while it waits for the answer's
+    headers: the connection is closed at once, which is how a worker learns to stop."""
+    got: list[bytes] = []
+    hung_up = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.read()  # no answer; until the client hangs up
+        hung_up.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v2/execute"
+    client = upstream()
+    try:
+        withdrawn = client.post(url, {}, {})
+        withdrawn.close()
+        with pytest.raises(UpstreamError, match="withdrawn"):
+            async with withdrawn:
+                pass
+
+        async def waits() -> None:
+            async with client.post(url, {}, {}):
+                pass
+
+        task = asyncio.create_task(waits())
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(hung_up.wait(), 2)
+        assert len(got) == 1  # the withdrawn one never left
+    finally:
+        client.close()
+        server.close()
+
+
 async def test_no_listener_and_bad_input_are_errors_before_anything_is_sent() -> None:
     with pytest.raises(UpstreamError, match="cannot connect"):
         async with upstream().post(f"http://127.0.0.1:{find_free_port()}/v2/execute", {}, {}):
@@ -188,6 +276,7 @@ async def test_against_the_daemons_own_event_stream_and_leaving_early_hangs_up()
                                                                methods=["POST"])]),
                                        "127.0.0.1", port, shutdown))
     client, url = upstream(), f"http://127.0.0.1:{port}/v2/execute"
+    events: list[tuple[str, Any]] = []
     try:
         for _ in range(100):
             try:

@@ -94,7 +94,7 @@ class Run:
     #: set when the job is sent to its worker while its admission is being written: True
     #: once written, False if that failed. Nothing the worker answers is acted on before.
     written: asyncio.Future[bool] | None = None
-    #: the request to the worker, when it was sent before the runner started
+    #: the request to the worker (sent before the runner starts when a connection is open)
     exchange: Exchange | None = None
 
     @property
@@ -244,7 +244,9 @@ class OrchestratorService:
         except BaseException:
             self.queue.remove(job.job_id)
             if run is not None and run.written is not None:
-                run.written.set_result(False)  # its runner hangs up and gives the slot back
+                run.written.set_result(False)  # its runner gives the slot back
+                if run.exchange is not None:
+                    run.exchange.close()  # the worker drops the job now
             self.channels.pop(job.job_id, None)
             self.bodies.pop(job.job_id, None)
             self.cancel_on_disconnect.discard(job.job_id)
@@ -605,7 +607,7 @@ class OrchestratorService:
                     "message": f"worker {run.worker_id} on {run.pool_id} failed mid-stream: "
                                f"{type(exc).__name__}", "retriable": True})
         finally:
-            if run.exchange is not None:  # sent, and the runner ended before it read it
+            if run.exchange is not None:  # a no-op unless the runner never read the answer
                 run.exchange.close()
             self.registry.give_back(run.pool_id, run.worker_id)
             if not any(r.pool_id == run.pool_id and r.worker_id == run.worker_id
@@ -617,7 +619,7 @@ class OrchestratorService:
 
     async def _stream(self, run: Run, body: dict[str, Any]) -> None:
         channel = self._channel(run.job_id)
-        exchange, run.exchange = run.exchange or self._execute(run, body), None
+        exchange = run.exchange = run.exchange or self._execute(run, body)
         async with exchange as answer:
             if not await self._written(run):
                 return

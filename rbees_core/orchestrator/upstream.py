@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-#: an idle kept-alive connection is dropped after this long (uvicorn closes at 5 s)
+#: an idle kept-alive connection is dropped after this long: under the 5 s after which a
+#: server with uvicorn's defaults closes it (rbees' daemons keep theirs 75 s)
 IDLE_S = 4.0
 
 
@@ -41,6 +42,8 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.closed = False
+        #: any byte of the current response; taken from the idle ones; silent too long
+        self.answered = self.reused = self.timed_out = False
         self.error: UpstreamError | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
@@ -52,6 +55,7 @@ class _Connection(asyncio.Protocol):
     def reset(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.headers_done, self.complete, self.keep_alive = 0, False, False, False
+        self.answered, self.reused = False, True
         self.chunks.clear()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -61,6 +65,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_data = self.loop.time()
+        self.answered = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -116,11 +121,14 @@ class _Connection(asyncio.Protocol):
             self.timer = None
 
     def _check_silence(self) -> None:
+        if self.complete:  # whatever the reader does now, the response is whole
+            self.timer = None
+            return
         silent = self.loop.time() - self.last_data
         if silent < self.timeout:
             self.timer = self.loop.call_later(self.timeout - silent, self._check_silence)
             return
-        self.timer = None
+        self.timer, self.timed_out = None, True
         self._fail(UpstreamError(f"the worker sent nothing for {self.timeout:g} s"))
         self._wake()
         if self.transport is not None:
@@ -208,18 +216,22 @@ class Upstream:
 
     def _reuse(self, key: tuple[str, str, int]) -> _Connection | None:
         """A kept-alive connection to ``key`` that is still open, if there is one."""
-        idle = self._idle.get(key)
-        while idle:
+        idle = self._idle.get(key, [])
+        found = None
+        while idle and found is None:
             conn = idle.pop()
             if not conn.closed and conn.loop.time() - conn.idle_since < IDLE_S:
                 conn.reset()
-                return conn
-            if conn.transport is not None:
+                found = conn
+            elif conn.transport is not None:
                 conn.transport.close()
-        return None
+        if not idle:
+            self._idle.pop(key, None)  # workers come and go
+        return found
 
-    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
-        conn = self._reuse(key)
+    async def _connect(self, key: tuple[str, str, int], *, fresh: bool = False
+                       ) -> _Connection:
+        conn = None if fresh else self._reuse(key)
         if conn is not None:
             return conn
         loop = asyncio.get_running_loop()
@@ -268,7 +280,7 @@ class Exchange:
             raise UpstreamError("a header for the worker holds a line break")
         payload = json.dumps(body).encode()
         lines = [f"POST {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
-                 f"Host: {parts.netloc}", "Content-Type: application/json",
+                 f"Host: {parts.netloc.rpartition('@')[2]}", "Content-Type: application/json",
                  "Accept: text/event-stream", f"Content-Length: {len(payload)}",
                  *(f"{name}: {value}" for name, value in headers.items())]
         self.request = ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
@@ -290,23 +302,52 @@ class Exchange:
         conn.transport.write(self.request)
 
     async def __aenter__(self) -> Response:
+        try:
+            return await self._answer()
+        except BaseException:  # a failure, or the caller cancelled: hang up
+            self.close()
+            raise
+
+    async def _answer(self) -> Response:
         if self.conn is None:
-            self._send(await self.upstream._connect(self.key))
-        assert self.conn is not None
-        conn = self.conn
-        while not conn.headers_done:
-            await conn.wait()
-        return Response(conn)
+            self._send(self._unless_withdrawn(await self.upstream._connect(self.key)))
+        for attempt in (1, 2):
+            conn = self.conn
+            assert conn is not None
+            try:
+                while not conn.headers_done:
+                    await conn.wait()
+                return Response(conn)
+            except UpstreamError:
+                # a kept-alive connection the server closed while it sat idle (before a
+                # byte of this answer): the request goes once more, on a new connection
+                if attempt == 2 or not conn.reused or conn.answered or conn.timed_out \
+                        or self.done:
+                    raise
+            self.upstream._release(conn, reusable=False)
+            self.conn = None
+            fresh = await self.upstream._connect(self.key, fresh=True)
+            self._send(self._unless_withdrawn(fresh))
+        raise AssertionError("unreachable")
+
+    def _unless_withdrawn(self, conn: _Connection) -> _Connection:
+        """``conn``, unless :meth:`close` was called while it was being opened."""
+        if self.done:
+            self.upstream._release(conn, reusable=False)
+            raise UpstreamError("the request to the worker was withdrawn")
+        return conn
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         self._finish(reusable=kind is None)
 
     def close(self) -> None:
-        """Hang up, unless the block already ended (then a no-op)."""
+        """Withdraw the request: hang up (which tells the worker to stop), or, before it
+        was sent, see that it never is. A no-op once the block ended."""
         self._finish(reusable=False)
 
     def _finish(self, reusable: bool) -> None:
-        if self.conn is not None and not self.done:
+        if not self.done:
             self.done = True
-            self.upstream._release(self.conn, reusable=reusable)
+            if self.conn is not None:
+                self.upstream._release(self.conn, reusable=reusable)
