@@ -231,10 +231,10 @@ class OrchestratorService:
         # committed with its admission, one write and no dispatcher round on the way to
         # its first token; and the worker starts on it while that write is made.
         run = self._place_now(job.job_id) if position == 0 else None
-        dispatched = None
+        dispatched = written = None
         if run is not None:
             dispatched = (run.pool_id, run.worker_id, [("dispatched", run.dispatched)])
-            run.written = asyncio.get_running_loop().create_future()
+            written = run.written = asyncio.get_running_loop().create_future()
             with contextlib.suppress(UpstreamError):  # else the runner meets it again
                 run.exchange = self._execute(run, self.bodies[job.job_id])
                 run.exchange.send_now()  # on an open connection: before the runner starts
@@ -243,8 +243,8 @@ class OrchestratorService:
             await self.store.admit_async(job, [("queued", queued)], dispatched=dispatched)
         except BaseException:
             self.queue.remove(job.job_id)
-            if run is not None and run.written is not None:
-                run.written.set_result(False)  # its runner gives the slot back
+            if run is not None and written is not None:
+                written.set_result(False)  # its runner gives the slot back
                 if run.exchange is not None:
                     run.exchange.close()  # the worker drops the job now
             self.channels.pop(job.job_id, None)
@@ -255,9 +255,9 @@ class OrchestratorService:
             self.admitting.discard(job.job_id)
         channel.publish("queued", queued, persisted=True)
         self.metrics.admitted.inc()
-        if run is not None and run.written is not None:
+        if run is not None and written is not None:
             self._announce(run)
-            run.written.set_result(True)
+            written.set_result(True)
         if pushed.dropped is not None:
             await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
                                    "dropped to make room: the queue was full")
@@ -593,11 +593,11 @@ class OrchestratorService:
         except asyncio.CancelledError:
             raise
         except (UpstreamError, ValueError) as exc:
-            if not await self._written(run):
-                pass
-            elif run.tokens == 0 and not run.final:
+            if run.final or not await self._written(run):
+                pass  # already ended, or never admitted: nothing to record
+            elif run.tokens == 0:
                 await self._retry(run, f"{type(exc).__name__}: {exc}")
-            elif not run.final:
+            else:
                 run.final = True
                 self.log.warning("worker_failed_mid_stream", job_id=run.job_id,
                                  pool_id=run.pool_id, worker_id=run.worker_id,

@@ -287,13 +287,12 @@ class Exchange:
         self.conn: _Connection | None = None
         self.done = False
 
-    def send_now(self) -> bool:
+    def send_now(self) -> None:
         """Write the request at once when a kept-alive connection is open (else entering
         the block connects and writes it). Whoever calls this enters the block or calls
         :meth:`close`."""
         if self.conn is None and (conn := self.upstream._reuse(self.key)) is not None:
             self._send(conn)
-        return self.conn is not None
 
     def _send(self, conn: _Connection) -> None:
         assert conn.transport is not None
