@@ -65,10 +65,10 @@ async def test_a_failed_admission_takes_back_the_job_it_already_sent(
             break
         await asyncio.sleep(0.02)
     assert svc._upstream._idle
-    admit = svc.store.admit_async
+    admit = svc.store.admit_soon
     sent = asyncio.Event()
 
-    async def failing(*args: Any, **kwargs: Any) -> Any:
+    async def failing() -> Any:
         for _ in range(200):  # until the worker has the job: it was sent first
             metrics = (await asyncio.to_thread(httpx.get, f"{worker.url}/metrics")).text
             if "rbees_worker_slots_busy 1.0" in metrics:
@@ -77,12 +77,13 @@ async def test_a_failed_admission_takes_back_the_job_it_already_sent(
             await asyncio.sleep(0.01)
         raise StoreError("disk full")
 
-    svc.store.admit_async = failing  # type: ignore[method-assign]
+    svc.store.admit_soon = (  # type: ignore[method-assign]
+        lambda *args, **kwargs: asyncio.ensure_future(failing()))
     with pytest.raises(StoreError, match="disk full"):
         await svc.submit(TaskRequest(model="smollm2", prompt="Once upon a time",
                                      max_tokens=200, seed=1))
     assert sent.is_set()
-    svc.store.admit_async = admit  # type: ignore[method-assign]
+    svc.store.admit_soon = admit  # type: ignore[method-assign]
     for _ in range(200):
         if not svc.runs and svc.registry.free_slots("here", svc.registry.pools["here"]
                                                     .workers[worker.worker_id]) == 1:
@@ -91,9 +92,49 @@ async def test_a_failed_admission_takes_back_the_job_it_already_sent(
     assert not svc.runs and not svc.queue and list(svc.channels) == [first.job_id]
     jobs = (await asyncio.to_thread(svc.store.list_jobs, None, limit=10)).jobs
     assert [job.job_id for job in jobs] == [first.job_id]
-    # the worker let go of the job: the next one runs there and completes
+    # the worker lets go of the job (it notices the hang-up at its next token), and the
+    # next one runs there and completes
+    for _ in range(100):
+        metrics = (await asyncio.to_thread(httpx.get, f"{worker.url}/metrics")).text
+        if "rbees_worker_slots_busy 0.0" in metrics:
+            break
+        await asyncio.sleep(0.02)
+    assert "rbees_worker_slots_busy 0.0" in metrics
     accepted = await svc.submit(TaskRequest(model="smollm2", prompt="Once upon a time",
                                             max_tokens=8, seed=1))
     history = await finished(svc, accepted.job_id)
     assert [event for _, event, _ in history][:3] == ["queued", "dispatched", "started"]
     assert history[-1][1] == "end"
+
+
+async def test_an_admission_whose_caller_is_cancelled_is_still_served(
+        service: OrchestratorService, worker: WorkerHandle) -> None:
+    """A submit cancelled once its write has committed (a server that shuts down cancels
+    its handlers): the job is durable, so this process serves it to its end instead of
+    forgetting it until the next restart."""
+    svc = service
+    admit = svc.store.admit_soon
+    committed = asyncio.Event()
+
+    async def slow(write: asyncio.Future[Any]) -> Any:
+        record = await write
+        committed.set()
+        await asyncio.sleep(0.2)  # the caller is cancelled here, after the commit
+        return record
+
+    svc.store.admit_soon = (  # type: ignore[method-assign]
+        lambda *args, **kwargs: asyncio.ensure_future(slow(admit(*args, **kwargs))))
+    submit = asyncio.create_task(svc.submit(TaskRequest(
+        model="smollm2", prompt="Once upon a time", max_tokens=8, seed=1)))
+    await asyncio.wait_for(committed.wait(), 30)
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    svc.store.admit_soon = admit  # type: ignore[method-assign]
+    jobs = (await asyncio.to_thread(svc.store.list_jobs, None, limit=10)).jobs
+    assert len(jobs) == 1
+    history = await finished(svc, jobs[0].job_id)
+    assert [event for _, event, _ in history][:3] == ["queued", "dispatched", "started"]
+    assert history[-1][1] == "end"
+    record = await asyncio.to_thread(svc.store.get, jobs[0].job_id)
+    assert record.status == "completed"

@@ -5,7 +5,7 @@ savepoint so that one failing op is rolled back alone. Runs of :class:`Insert` o
 same SQL go in with one ``executemany``. Callers get a :class:`concurrent.futures.Future`
 that resolves once the batch's ``COMMIT`` has returned.
 
-Writes from an asyncio loop (:meth:`Writer.submit_async`) skip the thread: the ops submitted
+Writes from an asyncio loop (:meth:`Writer.submit_soon`) skip the thread: the ops submitted
 during one pass of the loop are committed together at the end of that pass, on the loop's
 own thread. Handing each write to a thread and back costs two thread wake-ups, most of an
 admission's latency when the loop is otherwise idle; a commit in WAL mode with
@@ -113,12 +113,13 @@ class Writer:
             self._ops.put((op, future))
         return future
 
-    async def submit_async(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``op`` in the transaction committed at the end of this pass of the running
-        loop (or on the writer thread when the writer was made with ``inline=False``);
-        returns its result once committed. Raises :class:`StoreError` once closed."""
+    def submit_soon(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``op`` now for the transaction committed at the end of this pass of the
+        running loop (or on the writer thread when the writer was made with
+        ``inline=False``): ops are committed in the order of these calls. The future gets
+        the result once committed. Raises :class:`StoreError` once closed."""
         if not self._inline:
-            return await asyncio.wrap_future(self.submit(op))
+            return asyncio.wrap_future(self.submit(op))
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = loop.create_future()
         with self._lock:
@@ -127,7 +128,11 @@ class Writer:
             if not self._loop_ops:
                 loop.call_soon(self._commit_loop_ops)
             self._loop_ops.append((op, Future(), waiter))
-        return await waiter
+        return waiter
+
+    async def submit_async(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """:meth:`submit_soon`, awaited."""
+        return await self.submit_soon(op)
 
     def _commit_loop_ops(self) -> None:
         with self._lock:

@@ -34,9 +34,9 @@ from rbees_core.errors import (
 from rbees_core.log import Logger, correlation_id
 from rbees_core.orchestrator import QUEUE_FULL_DROPPED, JobQueue, Store, new_job
 from rbees_core.orchestrator.channel import Channel
-from rbees_core.orchestrator.jobs import execute_body
+from rbees_core.orchestrator.jobs import NewJob, execute_body
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
-from rbees_core.orchestrator.queue import QueuedJob
+from rbees_core.orchestrator.queue import Pushed, QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.upstream import Exchange, Upstream, UpstreamError
 from rbees_core.scheduling import Snapshot, Verdict
@@ -73,6 +73,12 @@ class OrcdSettings:
     scheduler_script: str | None = None
     token: str | None = None
     default_ctx_slots: int = 1
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Marks a task's outcome as seen (asyncio logs an error never retrieved otherwise)."""
+    if not task.cancelled():
+        task.exception()
 
 
 @attrs.define(eq=False)
@@ -222,49 +228,71 @@ class OrchestratorService:
         # the dispatcher leaves the job alone until it is durable with its `queued` event
         # (event 1, in the same transaction), so that `dispatched` can only follow it
         self.admitting.add(job.job_id)
-        channel = self.channels[job.job_id] = Channel(job.job_id, dirty=self.dirty)
+        self.channels[job.job_id] = Channel(job.job_id, dirty=self.dirty)
         position = pushed.position
-        predicted = self.predicted_start_ms(position)
         queued = {"job_id": job.job_id, "queue_position": position,
-                  "predicted_start_ms": predicted}
+                  "predicted_start_ms": self.predicted_start_ms(position)}
         # At the head of the queue, the job is decided now: placed at once, its dispatch is
         # committed with its admission, one write and no dispatcher round on the way to
         # its first token; and the worker starts on it while that write is made.
         run = self._place_now(job.job_id) if position == 0 else None
-        dispatched = written = None
         if run is not None:
-            dispatched = (run.pool_id, run.worker_id, [("dispatched", run.dispatched)])
-            written = run.written = asyncio.get_running_loop().create_future()
+            run.written = asyncio.get_running_loop().create_future()
             with contextlib.suppress(UpstreamError):  # else the runner meets it again
                 run.exchange = self._execute(run, self.bodies[job.job_id])
                 run.exchange.send_now()  # on an open connection: before the runner starts
             run.task = self._spawn(self._run(run))
+        # Queued now, the write goes in ahead of any made for this job later (the placement
+        # decision just taken is recorded by a task). It and what follows it run to their
+        # end even when the caller is cancelled (a server shutting down): the write
+        # commits all the same, and a durable job that this process had forgotten would
+        # wait for its next restart.
         try:
-            await self.store.admit_async(job, [("queued", queued)], dispatched=dispatched)
+            write = self.store.admit_soon(job, [("queued", queued)], dispatched=None
+                                          if run is None else (run.pool_id, run.worker_id,
+                                                               [("dispatched", run.dispatched)]))
         except BaseException:
-            self.queue.remove(job.job_id)
-            if run is not None and written is not None:
-                written.set_result(False)  # its runner gives the slot back
-                if run.exchange is not None:
-                    run.exchange.close()  # the worker drops the job now
-            self.channels.pop(job.job_id, None)
-            self.bodies.pop(job.job_id, None)
-            self.cancel_on_disconnect.discard(job.job_id)
+            self._withdraw(job.job_id, run)
             raise
-        finally:
-            self.admitting.discard(job.job_id)
-        channel.publish("queued", queued, persisted=True)
+        admission = self._spawn(self._admit(job, queued, pushed, run, write))
+        admission.add_done_callback(_retrieved)  # also when nobody waits for it any more
+        return await asyncio.shield(admission)
+
+    def _withdraw(self, job_id: str, run: Run | None) -> None:
+        """Undo what :meth:`submit` prepared for a job whose admission failed."""
+        self.admitting.discard(job_id)
+        self.queue.remove(job_id)
+        if run is not None and run.written is not None:
+            run.written.set_result(False)  # its runner gives the slot back
+            if run.exchange is not None:
+                run.exchange.close()  # the worker drops the job now
+        self.channels.pop(job_id, None)
+        self.bodies.pop(job_id, None)
+        self.cancel_on_disconnect.discard(job_id)
+
+    async def _admit(self, job: NewJob, queued: dict[str, Any], pushed: Pushed,
+                     run: Run | None, write: asyncio.Future[Any]) -> TaskAccepted:
+        """Await the admission's ``write`` that :meth:`submit` queued, then announce the job
+        (or withdraw it)."""
+        try:
+            await write
+        except BaseException:
+            self._withdraw(job.job_id, run)
+            raise
+        self.admitting.discard(job.job_id)
+        self.channels[job.job_id].publish("queued", queued, persisted=True)
         self.metrics.admitted.inc()
-        if run is not None and written is not None:
+        if run is not None and run.written is not None:
             self._announce(run)
-            written.set_result(True)
+            run.written.set_result(True)
         if pushed.dropped is not None:
             await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
                                    "dropped to make room: the queue was full")
+        position = pushed.position
         if position < DISPATCH_WINDOW:  # further back, it waits for those ahead of it
             self.wake()
         return TaskAccepted(job_id=job.job_id, status="queued", queue_position=position,
-                            predicted_start_ms=predicted,
+                            predicted_start_ms=queued["predicted_start_ms"],
                             events_url=f"/v2/tasks/{job.job_id}/events")
 
     def predicted_start_ms(self, position: int) -> int:

@@ -33,6 +33,7 @@ an ``end`` or ``error`` event. ``token`` events keep ``tokens_out`` current, whi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -182,12 +183,20 @@ class Store:
         self, job: NewJob, events: Iterable[tuple[str, Mapping[str, Any]]] = (), *,
         dispatched: tuple[str, str, Iterable[tuple[str, Mapping[str, Any]]]] | None = None,
     ) -> JobRecord:
-        """:meth:`admit` for an asyncio loop. With ``dispatched=(pool_id, worker_id,
-        events)`` the job is also moved to ``dispatched`` in the same transaction, as
-        :meth:`transition` would; the record returned is then the dispatched one."""
+        """:meth:`admit` for an asyncio loop: :meth:`admit_soon`, awaited."""
+        return await self.admit_soon(job, events, dispatched=dispatched)
+
+    def admit_soon(
+        self, job: NewJob, events: Iterable[tuple[str, Mapping[str, Any]]] = (), *,
+        dispatched: tuple[str, str, Iterable[tuple[str, Mapping[str, Any]]]] | None = None,
+    ) -> asyncio.Future[JobRecord]:
+        """Queue :meth:`admit` on the running loop now, ahead of every write queued after
+        this call; the future resolves once it is committed. With ``dispatched=(pool_id,
+        worker_id, events)`` the job is also moved to ``dispatched`` in the same
+        transaction, as :meth:`transition` would; the record is then the dispatched one."""
         admit = self._admit_op(job, events)
         if dispatched is None:
-            return await self._writer.submit_async(admit)
+            return self._writer.submit_soon(admit)
         pool_id, worker_id, more = dispatched
         dispatch = self._transition_op(job.job_id, "dispatched", more,
                                        {"pool_id": pool_id, "worker_id": worker_id})
@@ -196,7 +205,7 @@ class Store:
             admit(conn)
             return dispatch(conn)
 
-        return await self._writer.submit_async(both)
+        return self._writer.submit_soon(both)
 
     def transition(self, job_id: str, status: str, *,
                    events: Iterable[tuple[str, Mapping[str, Any]]] = (),
