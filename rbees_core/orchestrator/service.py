@@ -81,6 +81,17 @@ def _retrieved(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+@attrs.frozen
+class Admitted:
+    """What this process keeps of a job that it admitted, until the job ends."""
+
+    #: the worker's request (prompt included): no read of the store before the first token
+    body: dict[str, Any]
+    #: whether the job is cancelled when its events' client goes (the rest of the spec is
+    #: in the store; this spares an events request a read)
+    cancel_on_disconnect: bool
+
+
 @attrs.define(eq=False)
 class Run:
     """A dispatched job being streamed from its worker."""
@@ -130,11 +141,8 @@ class OrchestratorService:
         self.started_by_us: set[tuple[str, str]] = set()
         self.last_decision: dict[str, str] = {}
         self.admitting: set[str] = set()
-        #: worker request bodies of admitted jobs (prompt included), kept off the TTFT path
-        self.bodies: dict[str, dict[str, Any]] = {}
-        #: jobs admitted by this process that are cancelled when their events' client goes
-        #: (the rest of the spec is in the store; this spares an events request a read)
-        self.cancel_on_disconnect: set[str] = set()
+        #: jobs admitted by this process and not yet ended
+        self.admitted: dict[str, Admitted] = {}
         #: bumped whenever something a policy reads changes; a job that was told to wait at
         #: the current version is not asked about again (admission stays cheap when 10,000
         #: jobs wait for a model no pool has)
@@ -220,9 +228,7 @@ class OrchestratorService:
             raise ModelNotFoundError(f"model {request.model!r} is not in the catalog and no "
                                      "pool has it", details={"model": request.model})
         job = new_job(request, correlation_id=correlation_id.get())
-        self.bodies[job.job_id] = execute_body(job)
-        if request.cancel_on_disconnect:
-            self.cancel_on_disconnect.add(job.job_id)
+        self.admitted[job.job_id] = Admitted(execute_body(job), request.cancel_on_disconnect)
         pushed = self.queue.push(job.job_id, job.priority, model=job.model,
                                  placement=request.placement)
         # the dispatcher leaves the job alone until it is durable with its `queued` event
@@ -239,7 +245,7 @@ class OrchestratorService:
         if run is not None:
             run.written = asyncio.get_running_loop().create_future()
             with contextlib.suppress(UpstreamError):  # else the runner meets it again
-                run.exchange = self._execute(run, self.bodies[job.job_id])
+                run.exchange = self._execute(run, self.admitted[job.job_id].body)
                 run.exchange.send_now()  # on an open connection: before the runner starts
             run.task = self._spawn(self._run(run))
         # Queued now, the write goes in ahead of any made for this job later (the placement
@@ -267,8 +273,7 @@ class OrchestratorService:
             if run.exchange is not None:
                 run.exchange.close()  # the worker drops the job now
         self.channels.pop(job_id, None)
-        self.bodies.pop(job_id, None)
-        self.cancel_on_disconnect.discard(job_id)
+        self.admitted.pop(job_id, None)
 
     async def _admit(self, job: NewJob, queued: dict[str, Any], pushed: Pushed,
                      run: Run | None, write: asyncio.Future[Any]) -> TaskAccepted:
@@ -322,8 +327,7 @@ class OrchestratorService:
     def _retire(self, job_id: str) -> None:
         """Forget a finished job's channel a little later (late subscribers use the store)."""
         self.last_decision.pop(job_id, None)
-        self.bodies.pop(job_id, None)
-        self.cancel_on_disconnect.discard(job_id)
+        self.admitted.pop(job_id, None)
         self.waited_at.pop(job_id, None)
 
         async def later() -> None:
@@ -610,8 +614,10 @@ class OrchestratorService:
     # -- runners ---------------------------------------------------------------------------
 
     async def _run(self, run: Run) -> None:
-        body = self.bodies.get(run.job_id)
-        if body is None:  # admitted before a restart
+        admitted = self.admitted.get(run.job_id)
+        if admitted is not None:
+            body = admitted.body
+        else:  # admitted before a restart
             body = (await asyncio.to_thread(self.store.spec, run.job_id)).execute_body()
         try:
             await self._stream(run, body)

@@ -148,8 +148,9 @@ async def task_events(request: Request) -> Response:
     job_id = _path_id(request, "job_id")
     svc = _svc(request)
     after = _last_event_id(request)
-    if job_id in svc.bodies and job_id not in svc.admitting:  # admitted here, not ended
-        asked = job_id in svc.cancel_on_disconnect  # no read on the way to the first token
+    admitted = svc.admitted.get(job_id)
+    if admitted is not None and job_id not in svc.admitting:  # admitted here, not ended
+        asked = admitted.cancel_on_disconnect  # no read on the way to the first token
     else:
         spec = await asyncio.to_thread(svc.store.spec, job_id)  # unknown job: 404 first
         asked = bool(spec.params.get("cancel_on_disconnect"))
