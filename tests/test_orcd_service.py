@@ -42,6 +42,16 @@ async def service(tmp_path: Path, worker: WorkerHandle) -> AsyncIterator[Orchest
     await svc.close()
 
 
+async def busy_slots(worker: WorkerHandle, count: int) -> bool:
+    """Whether the worker reports ``count`` busy slots within 2 s (its /metrics, polled)."""
+    for _ in range(200):
+        metrics = (await asyncio.to_thread(httpx.get, f"{worker.url}/metrics")).text
+        if f"rbees_worker_slots_busy {float(count)}" in metrics:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def finished(svc: OrchestratorService, job_id: str) -> list[tuple[int, str, Any]]:
     for _ in range(600):
         channel = svc.channels.get(job_id)
@@ -69,12 +79,8 @@ async def test_a_failed_admission_takes_back_the_job_it_already_sent(
     sent = asyncio.Event()
 
     async def failing() -> Any:
-        for _ in range(200):  # until the worker has the job: it was sent first
-            metrics = (await asyncio.to_thread(httpx.get, f"{worker.url}/metrics")).text
-            if "rbees_worker_slots_busy 1.0" in metrics:
-                sent.set()
-                break
-            await asyncio.sleep(0.01)
+        if await busy_slots(worker, 1):  # the worker has the job: it was sent first
+            sent.set()
         raise StoreError("disk full")
 
     svc.store.admit_soon = (  # type: ignore[method-assign]
@@ -94,12 +100,7 @@ async def test_a_failed_admission_takes_back_the_job_it_already_sent(
     assert [job.job_id for job in jobs] == [first.job_id]
     # the worker lets go of the job (it notices the hang-up at its next token), and the
     # next one runs there and completes
-    for _ in range(100):
-        metrics = (await asyncio.to_thread(httpx.get, f"{worker.url}/metrics")).text
-        if "rbees_worker_slots_busy 0.0" in metrics:
-            break
-        await asyncio.sleep(0.02)
-    assert "rbees_worker_slots_busy 0.0" in metrics
+    assert await busy_slots(worker, 0)
     accepted = await svc.submit(TaskRequest(model="smollm2", prompt="Once upon a time",
                                             max_tokens=8, seed=1))
     history = await finished(svc, accepted.job_id)
