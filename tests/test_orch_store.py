@@ -221,6 +221,40 @@ def test_the_wal_stays_bounded_under_a_steady_stream_of_commits(
         assert store.count_by_status()["queued"] == 2000
 
 
+def test_the_loop_serves_on_while_another_thread_holds_the_connection(db: Path) -> None:
+    """The checkpointer holds the connection while it copies the WAL's last frames (and a
+    thread's commit holds it too): the loop's write waits for it, the loop itself does not."""
+    held, release = threading.Event(), threading.Event()
+
+    def checkpoint_like(lock: Any) -> None:
+        with lock:
+            held.set()
+            release.wait(5)
+
+    with Store(db) as store:
+        holder = threading.Thread(target=checkpoint_like, args=(store._writer._conn_lock,))
+        holder.start()
+        held.wait(5)
+
+        async def main() -> float:
+            admitted = store.admit_soon(new_job(request(), job_id="held"))
+            gaps, last = [], asyncio.get_running_loop().time()
+            for _ in range(20):
+                await asyncio.sleep(0.005)
+                now = asyncio.get_running_loop().time()
+                gaps.append(now - last)
+                last = now
+            assert not admitted.done()
+            release.set()
+            assert (await asyncio.wait_for(admitted, 5)).status == "queued"
+            return max(gaps)
+
+        # a loop blocked on the lock would never tick again, and never set `release`
+        assert asyncio.run(asyncio.wait_for(main(), 10)) < 1.0
+        holder.join()
+        assert store.get("held").status == "queued"
+
+
 def test_concurrent_duplicates_each_admit_once(store: Store) -> None:
     outcomes: list[str] = []
     barrier = threading.Barrier(24)

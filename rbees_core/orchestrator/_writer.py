@@ -17,8 +17,10 @@ Checkpoints: a second thread copies the WAL into the database (PASSIVE, with its
 while commits go on. Under a steady stream of commits such a checkpoint never catches up
 with the last frames, and SQLite only restarts the WAL from its beginning once every frame
 is copied, so the WAL would grow without bound. When it exceeds :data:`RESTART_FRAMES`, the
-writer therefore runs one checkpoint itself between two batches: by then it has only the
-frames written since the background pass to copy, so the pause is short.
+checkpointer therefore runs one more pass holding the connection's lock: no commit comes
+in meanwhile, it copies the few frames written since its last pass, and the next commit
+starts the WAL over. The loop does not wait for that lock (a few ms, an fsync among them):
+its writes stay queued and it tries again a millisecond later, serving requests meanwhile.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ Op = Callable[[sqlite3.Connection], Any]
 #: Checkpoint the WAL into the database after this many commits, or this often.
 CHECKPOINT_EVERY = 200
 CHECKPOINT_INTERVAL_S = 1.0
-#: WAL size (pages) above which the writer itself finishes a checkpoint so the WAL restarts.
+#: WAL size (pages) above which the checkpointer finishes a pass with commits held off, so
+#: that the WAL restarts.
 RESTART_FRAMES = 4096
+#: How soon the loop tries its commit again when the connection is taken.
+RETRY_S = 0.001
 _STOP = object()
 
 
@@ -94,7 +99,6 @@ class Writer:
         self._loop_ops: list[tuple[Op, Future[Any], asyncio.Future[Any]]] = []
         self._closed = False
         self._commits = 0
-        self._restart_due = False
         self._checkpoint_due = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rbees-store-writer",
@@ -134,13 +138,21 @@ class Writer:
         """:meth:`submit_soon`, awaited."""
         return await self.submit_soon(op)
 
-    def _commit_loop_ops(self) -> None:
-        with self._lock:
-            work, self._loop_ops = self._loop_ops, []
-        if not work:
+    def _commit_loop_ops(self, block: bool = False) -> None:
+        """Commit the loop's queued writes; when the connection is taken (a checkpoint
+        finishing the WAL, a thread's commit) and ``block`` is false, try again in
+        :data:`RETRY_S` instead of stalling the loop."""
+        if not self._loop_ops:
             return
-        with self._conn_lock:
+        if not self._conn_lock.acquire(blocking=block):
+            asyncio.get_running_loop().call_later(RETRY_S, self._commit_loop_ops)
+            return
+        try:
+            with self._lock:
+                work, self._loop_ops = self._loop_ops, []
             self._commit([(op, future) for op, future, _ in work])
+        finally:
+            self._conn_lock.release()
         for _, future, waiter in work:
             if waiter.cancelled():
                 continue
@@ -152,7 +164,7 @@ class Writer:
 
     def close(self) -> None:
         """Commit what was submitted, stop both threads, truncate the WAL, close."""
-        self._commit_loop_ops()  # writes of a loop that closes the store before its next pass
+        self._commit_loop_ops(block=True)  # writes of a loop closing the store before its next pass
         with self._lock:
             if self._closed:
                 return
@@ -184,12 +196,7 @@ class Writer:
 
     def _commit(self, work: list[tuple[Op, Future[Any]]]) -> None:
         """Commit ``work`` as one transaction (the caller holds the connection's lock); every
-        future is resolved when this returns, whatever happened. Writes from the thread and
-        from the loop both pass here, so both finish a checkpoint that came due."""
-        if self._restart_due:
-            self._restart_due = False
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        future is resolved when this returns, whatever happened."""
         try:
             self._commit_batch(work)
         except BaseException as exc:  # keep serving: a dead writer would hang every caller
@@ -290,9 +297,10 @@ class Writer:
                 # PASSIVE never blocks the writer; what it cannot copy now it copies next time.
                 try:
                     busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if not busy and frames >= RESTART_FRAMES:
+                        with self._conn_lock:  # no commit until the last frames are copied
+                            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error:
                     continue
-                if not busy and frames >= RESTART_FRAMES:
-                    self._restart_due = True
         finally:
             conn.close()
