@@ -80,7 +80,10 @@ class Candidate:
     rejected: str | None = None  # why it lost or could not be used; None for the winner
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        # by hand: a verdict over 1,000 pools has 1,000 of these, and attrs.asdict took
+        # 2.4 ms of the loop to turn them into dicts
+        return {"pool_id": self.pool_id, "target": self.target, "kind": self.kind,
+                "score": self.score, "rejected": self.rejected}
 
 
 @attrs.frozen

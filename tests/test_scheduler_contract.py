@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from rbees_core import plugins
@@ -46,6 +47,8 @@ def decide(policy: Scheduler, snap: Snapshot) -> Verdict:
     assert verdict.fallback is None, verdict.fallback  # the example script must not fail
     check_candidates(snap, verdict)
     json.dumps(verdict.to_dict())
+    for c in verdict.candidates:  # written by hand for speed: every field, as attrs has them
+        assert c.to_dict() == attrs.asdict(c)
     assert explain(verdict)
     return verdict
 

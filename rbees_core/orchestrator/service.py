@@ -502,13 +502,13 @@ class OrchestratorService:
 
     async def _record(self, job_id: str, verdict: Verdict) -> None:
         """Keep the decision, unless it repeats the job's previous one word for word."""
-        decision = verdict.to_dict()
-        key = json.dumps([decision["decisions"], decision["summary"]], sort_keys=True)
+        key = json.dumps([[d.to_dict() for d in verdict.decisions], verdict.summary],
+                         sort_keys=True)
         if self.last_decision.get(job_id) == key:
             return
         self.last_decision[job_id] = key
         with contextlib.suppress(RbeesError):
-            await self.store.record_decision_async(job_id, decision)
+            await self.store.record_decision_async(job_id, verdict.to_dict())
 
     def _start_worker(self, pool_id: str, device: str, model: str) -> None:
         key = (pool_id, model)
