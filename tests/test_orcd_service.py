@@ -139,3 +139,38 @@ async def test_an_admission_whose_caller_is_cancelled_is_still_served(
     assert history[-1][1] == "end"
     record = await asyncio.to_thread(svc.store.get, jobs[0].job_id)
     assert record.status == "completed"
+
+
+async def test_what_a_heartbeat_changed_is_not_counted_again_by_the_aging_pass(
+        tmp_path: Path) -> None:
+    """A registration changes what policies read once: the aging pass that follows must not
+    bump the version for it a second time (each bump is a decision over every pool, 10-20 ms
+    of the loop with 1,000 of them). What only aging sees still bumps it."""
+    svc = OrchestratorService(OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3")),
+                              plugins.make_manager(plugins.builtin_plugins()),
+                              Logger("rbees-orcd"))
+    try:  # not started: this test runs the aging pass itself
+        svc._age_pools()
+        registered = svc.version
+        svc.heartbeat(PoolHeartbeat(
+            pool_id="p1", host="p1", gpus=[], models=[], workers=[],
+            cpu=CpuEntry(cores=2, ram_total_bytes=2**34, ram_free_bytes=2**33),
+            url="http://127.0.0.1:1", seq=1, sent_at=time.time()))
+        assert svc.version > registered
+        registered = svc.version
+        svc._aged_at = 0.0  # due now
+        svc._age_pools()
+        assert svc.version == registered
+        svc.registry.pools["p1"].last_seen -= 1000.0  # silent: offline
+        svc._aged_at = 0.0
+        svc._age_pools()
+        assert svc.version == registered + 1
+        assert svc.deregister("p1")
+        deregistered = svc.version
+        svc._aged_at = 0.0
+        svc._age_pools()
+        assert svc.version == deregistered
+    finally:
+        await svc._client.aclose()
+        svc._upstream.close()
+        svc.store.close()
