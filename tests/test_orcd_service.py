@@ -152,16 +152,21 @@ async def test_what_a_heartbeat_changed_is_not_counted_again_by_the_aging_pass(
     try:  # not started: this test runs the aging pass itself
         svc._age_pools()
         registered = svc.version
-        svc.heartbeat(PoolHeartbeat(
-            pool_id="p1", host="p1", gpus=[], models=[], workers=[],
-            cpu=CpuEntry(cores=2, ram_total_bytes=2**34, ram_free_bytes=2**33),
-            url="http://127.0.0.1:1", seq=1, sent_at=time.time()))
+        def beat(seq: int) -> PoolHeartbeat:
+            return PoolHeartbeat(
+                pool_id="p1", host="p1", gpus=[], models=[], workers=[],
+                cpu=CpuEntry(cores=2, ram_total_bytes=2**34, ram_free_bytes=2**33),
+                url="http://127.0.0.1:1", seq=seq, sent_at=time.time())
+
+        svc.heartbeat(beat(5))
         assert svc.version > registered
         registered = svc.version
         svc._aged_at = 0.0  # due now
         svc._age_pools()
         assert svc.version == registered
         svc.registry.pools["p1"].last_seen -= 1000.0  # silent: offline
+        svc.heartbeat(beat(4))  # late, out of order: ignored, and it must not hide that
+        assert svc.version == registered
         svc._aged_at = 0.0
         svc._age_pools()
         assert svc.version == registered + 1

@@ -255,6 +255,28 @@ def test_the_loop_serves_on_while_another_thread_holds_the_connection(db: Path) 
         assert store.get("held").status == "queued"
 
 
+def test_a_loop_that_ends_while_its_commit_is_put_off_strands_no_later_write(
+        db: Path) -> None:
+    with Store(db) as store:
+        lock = store._writer._conn_lock
+
+        async def first() -> None:
+            lock.acquire()  # taken, as by the checkpointer: the commit is put off
+            store.admit_soon(new_job(request(), job_id="a"))
+            await asyncio.sleep(0.005)
+
+        asyncio.run(first())  # ends with the retry still due, and drops it
+        lock.release()
+
+        async def second() -> str:
+            record = await asyncio.wait_for(
+                store.admit_async(new_job(request(), job_id="b")), 5)
+            return record.status
+
+        assert asyncio.run(second()) == "queued"
+        assert store.get("a").status == "queued"
+
+
 def test_concurrent_duplicates_each_admit_once(store: Store) -> None:
     outcomes: list[str] = []
     barrier = threading.Barrier(24)

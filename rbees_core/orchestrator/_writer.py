@@ -77,6 +77,26 @@ def _same_insert(op: Op, first: Insert[Any]) -> bool:
     return isinstance(op, Insert) and op.key == first.key
 
 
+def _settle(waiter: asyncio.Future[Any], done: Future[Any]) -> None:
+    """Give a loop's ``waiter`` the outcome of the committed ``done``, from any thread."""
+    loop = waiter.get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not loop:  # the store closed from another thread
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle, waiter, done)
+        return
+    if waiter.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(done.result())
+
+
 def _op_error(exc: Exception) -> Exception:
     """What the caller of a failed op gets: its own error, or a StoreError for SQLite's."""
     if isinstance(exc, sqlite3.Error):
@@ -97,9 +117,15 @@ class Writer:
         self._lock = threading.Lock()
         self._conn_lock = threading.Lock()
         self._loop_ops: list[tuple[Op, Future[Any], asyncio.Future[Any]]] = []
+        #: the loop on which a commit of ``_loop_ops`` is scheduled (None: none is)
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._commits = 0
         self._checkpoint_due = threading.Event()
+        #: cleared while the checkpointer waits for the connection or holds it: writers then
+        #: stand back, or a steady stream of commits could keep it from the lock for good
+        self._no_restart = threading.Event()
+        self._no_restart.set()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rbees-store-writer",
                                         daemon=True)
@@ -129,8 +155,10 @@ class Writer:
         with self._lock:
             if self._closed:
                 raise StoreError("the state database is closed")
-            if not self._loop_ops:
+            # also when a commit was due on another loop, one closed before it ran
+            if self._scheduled_on is not loop:
                 loop.call_soon(self._commit_loop_ops)
+                self._scheduled_on = loop
             self._loop_ops.append((op, Future(), waiter))
         return waiter
 
@@ -143,33 +171,37 @@ class Writer:
         finishing the WAL, a thread's commit) and ``block`` is false, try again in
         :data:`RETRY_S` instead of stalling the loop."""
         if not self._loop_ops:
-            return
-        if not self._conn_lock.acquire(blocking=block):
-            asyncio.get_running_loop().call_later(RETRY_S, self._commit_loop_ops)
+            with self._lock:
+                if not self._loop_ops:
+                    self._scheduled_on = None
+                    return
+        if not (block or self._no_restart.is_set()) \
+                or not self._conn_lock.acquire(blocking=block):
+            loop = asyncio.get_running_loop()
+            loop.call_later(RETRY_S, self._commit_loop_ops)
+            with self._lock:
+                self._scheduled_on = loop
             return
         try:
             with self._lock:
                 work, self._loop_ops = self._loop_ops, []
-            self._commit([(op, future) for op, future, _ in work])
+                self._scheduled_on = None
+            if work:
+                self._commit([(op, future) for op, future, _ in work])
         finally:
             self._conn_lock.release()
         for _, future, waiter in work:
-            if waiter.cancelled():
-                continue
-            error = future.exception()
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(future.result())
+            _settle(waiter, future)
 
     def close(self) -> None:
-        """Commit what was submitted, stop both threads, truncate the WAL, close."""
-        self._commit_loop_ops(block=True)  # writes of a loop closing the store before its next pass
+        """Commit what was submitted, stop both threads, truncate the WAL, close. May be
+        called from a thread other than the loop's."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            self._ops.put(_STOP)
+            self._closed = True  # nothing is queued after this, on the loop or not
+        self._commit_loop_ops(block=True)  # a loop's writes made before its next pass
+        self._ops.put(_STOP)
         self._thread.join()
         self._stopping.set()
         self._checkpoint_due.set()
@@ -191,6 +223,7 @@ class Writer:
             work = [item for item in batch if item is not _STOP]
             stop = len(work) < len(batch)
             if work:
+                self._no_restart.wait()
                 with self._conn_lock:
                     self._commit(work)
 
@@ -298,8 +331,12 @@ class Writer:
                 try:
                     busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if not busy and frames >= RESTART_FRAMES:
-                        with self._conn_lock:  # no commit until the last frames are copied
-                            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        self._no_restart.clear()
+                        try:
+                            with self._conn_lock:  # no commit until the last frames are copied
+                                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        finally:
+                            self._no_restart.set()
                 except sqlite3.Error:
                     continue
         finally:

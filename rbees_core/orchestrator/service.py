@@ -389,9 +389,11 @@ class OrchestratorService:
         status = self.registry.status(entry)
         if before != (status, _shape(entry.workers)):
             self.changed()
-        # counted here: the aging pass bumps the version only for what no heartbeat told (with
-        # 1,000 pools registered, each bump costs a decision of 10-20 ms of the loop)
-        self._statuses[beat.pool_id] = status
+            # counted here: the aging pass bumps the version only for what no heartbeat
+            # announced (with 1,000 pools registered, each bump costs a decision of 10-20 ms
+            # of the loop). Only here: a beat that changed nothing (a late one, ignored)
+            # must not hide from the aging pass a status that aging changed meanwhile.
+            self._statuses[beat.pool_id] = status
 
     def deregister(self, pool_id: str) -> bool:
         found = self.registry.remove(pool_id)
