@@ -21,14 +21,15 @@ from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
 from rbees_core.testing import WorkerHandle
 
 
-def beat(worker: WorkerHandle) -> PoolHeartbeat:
-    entry = WorkerEntry(worker_id=worker.worker_id, model_ref="smollm2", backend="llamacpp",
-                        device="cpu", uri=worker.url, pid=worker.process.proc.pid,
-                        state="ready", slots_total=1, slots_free=1, memory_bytes=0,
-                        started_at=time.time())
-    return PoolHeartbeat(pool_id="here", host="here", gpus=[], models=[], workers=[entry],
+def beat(worker: WorkerHandle | None, pool_id: str = "here", seq: int = 1) -> PoolHeartbeat:
+    """A heartbeat of pool ``pool_id`` with ``worker`` ready on it (or no worker)."""
+    entries = [] if worker is None else [WorkerEntry(
+        worker_id=worker.worker_id, model_ref="smollm2", backend="llamacpp", device="cpu",
+        uri=worker.url, pid=worker.process.proc.pid, state="ready", slots_total=1,
+        slots_free=1, memory_bytes=0, started_at=time.time())]
+    return PoolHeartbeat(pool_id=pool_id, host=pool_id, gpus=[], models=[], workers=entries,
                          cpu=CpuEntry(cores=2, ram_total_bytes=2**34, ram_free_bytes=2**33),
-                         url="http://127.0.0.1:1", seq=1, sent_at=time.time())
+                         url="http://127.0.0.1:1", seq=seq, sent_at=time.time())
 
 
 @pytest.fixture
@@ -152,20 +153,15 @@ async def test_what_a_heartbeat_changed_is_not_counted_again_by_the_aging_pass(
     try:  # not started: this test runs the aging pass itself
         svc._age_pools()
         registered = svc.version
-        def beat(seq: int) -> PoolHeartbeat:
-            return PoolHeartbeat(
-                pool_id="p1", host="p1", gpus=[], models=[], workers=[],
-                cpu=CpuEntry(cores=2, ram_total_bytes=2**34, ram_free_bytes=2**33),
-                url="http://127.0.0.1:1", seq=seq, sent_at=time.time())
-
-        svc.heartbeat(beat(5))
+        svc.heartbeat(beat(None, "p1", seq=5))
         assert svc.version > registered
         registered = svc.version
         svc._aged_at = 0.0  # due now
         svc._age_pools()
         assert svc.version == registered
         svc.registry.pools["p1"].last_seen -= 1000.0  # silent: offline
-        svc.heartbeat(beat(4))  # late, out of order: ignored, and it must not hide that
+        # late, out of order: ignored, and it must not hide that
+        svc.heartbeat(beat(None, "p1", seq=4))
         assert svc.version == registered
         svc._aged_at = 0.0
         svc._age_pools()
