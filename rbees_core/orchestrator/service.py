@@ -75,7 +75,7 @@ class OrcdSettings:
     default_ctx_slots: int = 1
 
 
-def _retrieved(task: asyncio.Task[Any]) -> None:
+def retrieved(task: asyncio.Task[Any]) -> None:
     """Marks a task's outcome as seen (asyncio logs an error never retrieved otherwise)."""
     if not task.cancelled():
         task.exception()
@@ -261,7 +261,7 @@ class OrchestratorService:
             self._withdraw(job.job_id, run)
             raise
         admission = self._spawn(self._admit(job, queued, pushed, run, write))
-        admission.add_done_callback(_retrieved)  # also when nobody waits for it any more
+        admission.add_done_callback(retrieved)  # also when nobody waits for it any more
         return await asyncio.shield(admission)
 
     def _withdraw(self, job_id: str, run: Run | None) -> None:

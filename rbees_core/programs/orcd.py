@@ -36,7 +36,7 @@ from rbees_core.http import (
 )
 from rbees_core.log import Logger
 from rbees_core.orchestrator.channel import TERMINAL
-from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
+from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService, retrieved
 from rbees_core.schema import check_string, to_dict
 
 PROGRAM = "rbees-orcd"
@@ -75,8 +75,7 @@ class JobEventStream:
                 pass
             gone.set()
             if self.cancel_on_disconnect:
-                with_suppress = asyncio.create_task(svc.cancel(job_id))
-                with_suppress.add_done_callback(lambda t: t.exception())
+                asyncio.create_task(svc.cancel(job_id)).add_done_callback(retrieved)
 
         watcher = asyncio.create_task(watch())
         try:
