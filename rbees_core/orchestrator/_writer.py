@@ -175,8 +175,9 @@ class Writer:
                 if not self._loop_ops:
                     self._scheduled_on = None
                     return
-        if not (block or self._no_restart.is_set()) \
-                or not self._conn_lock.acquire(blocking=block):
+        # a checkpointer asking for the connection goes first; close() waits at the lock
+        may_take = block or self._no_restart.is_set()
+        if not (may_take and self._conn_lock.acquire(blocking=block)):
             loop = asyncio.get_running_loop()
             loop.call_later(RETRY_S, self._commit_loop_ops)
             with self._lock:
