@@ -85,6 +85,26 @@ class _Connection:
         return int(head[9:12])
 
 
+def _run(conns: list[_Connection], connection: Callable[[int], None],
+         latencies: list[list[float]], statuses: list[dict[int, int]], began: float) -> Result:
+    """Run ``connection(i)`` for each connection on a thread of its own; merge what they
+    recorded."""
+    threads = [threading.Thread(target=connection, args=(i,)) for i in range(len(conns))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    for conn in conns:
+        conn.sock.close()
+    merged: dict[int, int] = {}
+    for seen in statuses:
+        for status, n in seen.items():
+            merged[status] = merged.get(status, 0) + n
+    flat = [x for mine in latencies for x in mine]
+    return Result(sent=len(flat), seconds=elapsed, latencies_ms=flat, statuses=merged)
+
+
 def open_loop(url: str, *, rate: float, connections: int, seconds: float,
               body: bytes = b"", method: str = "POST", headers: dict[str, str] | None = None,
               make: Callable[[int], bytes] | None = None, start: float | None = None) -> Result:
@@ -117,17 +137,29 @@ def open_loop(url: str, *, rate: float, connections: int, seconds: float,
             mine.append((time.perf_counter() - due) * 1000)
             seen[status] = seen.get(status, 0) + 1
 
-    threads = [threading.Thread(target=connection, args=(i,)) for i in range(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    for conn in conns:
-        conn.sock.close()
-    merged: dict[int, int] = {}
-    for seen in statuses:
-        for status, n in seen.items():
-            merged[status] = merged.get(status, 0) + n
-    flat = [x for mine in latencies for x in mine]
-    return Result(sent=len(flat), seconds=elapsed, latencies_ms=flat, statuses=merged)
+    return _run(conns, connection, latencies, statuses, began)
+
+
+def closed_loop(url: str, *, connections: int, seconds: float, body: bytes = b"",
+                method: str = "POST", start: float | None = None) -> Result:
+    """Each of ``connections`` connections sends its next request as soon as its last answer
+    arrives, for ``seconds`` from ``start``: the server's ceiling rate. Latency runs from
+    each send, so it is the clients' own queue (Little's law), not a target's measure."""
+    parts = urlsplit(url)
+    payload = request_bytes(url, method, body, {"Content-Type": "application/json"})
+    assert parts.hostname is not None and parts.port is not None
+    conns = [_Connection(parts.hostname, parts.port) for _ in range(connections)]
+    latencies: list[list[float]] = [[] for _ in range(connections)]
+    statuses: list[dict[int, int]] = [{} for _ in range(connections)]
+    began = start if start is not None else time.perf_counter()
+    stop = began + seconds
+
+    def connection(index: int) -> None:
+        conn, mine, seen = conns[index], latencies[index], statuses[index]
+        time.sleep(max(0.0, began - time.perf_counter()))
+        while (t0 := time.perf_counter()) < stop:
+            status = conn.exchange(payload)
+            mine.append((time.perf_counter() - t0) * 1000)
+            seen[status] = seen.get(status, 0) + 1
+
+    return _run(conns, connection, latencies, statuses, began)

@@ -8,8 +8,8 @@
       connections. "offered": 1,000 admissions/s on a fixed schedule (open loop,
       bench/openloop.py), latency from each scheduled send: the target's measure.
       "saturated": each client sends again as soon as its answer arrives (closed loop, wrk
-      where installed): the ceiling rate; its latency is clients / rate (Little's law), the
-      clients' own queue.
+      where installed, else a Python thread per connection): the ceiling rate; its latency
+      is clients / rate (Little's law), the clients' own queue.
   (c) the same while 1,000 simulated pools heartbeat every 5 s (registered beforehand;
       the job admitted first after them, before the schedule, is decided over all of them
       and its latency printed under the table)
@@ -24,7 +24,6 @@ Usage: python bench/orchestrator.py [--runs 25] [--tokens 64] [--seconds 5] [--r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import json
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import attrs
 import httpx
-from openloop import open_loop, request_bytes  # bench/openloop.py, beside this file
+from openloop import closed_loop, open_loop, request_bytes  # bench/openloop.py, beside this file
 
 from rbees_core.testing import find_free_port, wait_http
 
@@ -111,7 +110,7 @@ def bench_overhead(runs: int, tokens: int) -> list[str]:
         with httpx.Client(timeout=120) as client:
             stream_orcd(url, 4, client)  # starts and warms the worker
             workers = httpx.get(f"{info['pool']}/v2/workers").json()["workers"]
-            uri = workers[0]["uri"]
+            uri, device = workers[0]["uri"], workers[0].get("device", "?")
             stream_direct(uri, 4, -1, client)
             direct, through = [], []
             for i in range(runs):  # pairs on the same machine, in alternating order
@@ -133,6 +132,8 @@ def bench_overhead(runs: int, tokens: int) -> list[str]:
     paired = statistics.median(o.tokens_per_s / d.tokens_per_s
                                for d, o in zip(direct, through, strict=True))
     return [
+        f"The worker: SmolLM2 on {device}, {tokens} tokens per job, {runs} jobs each way.",
+        "",
         "| path | TTFT ms (median) | tokens/s (median) |", "|---|---:|---:|",
         f"| direct to the worker | {d_ttft:.1f} | {d_tps:.1f} |",
         f"| through rbees-orcd | {o_ttft:.1f} | {o_tps:.1f} |",
@@ -146,28 +147,6 @@ def bench_overhead(runs: int, tokens: int) -> list[str]:
         f"| {'yes' if paired >= 0.97 else 'NO'} |",
         f"| (ratio of the medians, for reference) | {o_tps / d_tps:.3f} | |",
     ]
-
-
-async def admit(url: str, clients: int, seconds: float) -> tuple[float, float, float]:
-    latencies: list[float] = []
-    stop = time.perf_counter() + seconds
-    body = {"model": "smollm2", "prompt": "bench", "priority": "batch", "max_tokens": 1}
-
-    async def one(client: httpx.AsyncClient) -> None:
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            answer = await client.post(f"{url}/v2/tasks", json=body)
-            latencies.append(time.perf_counter() - t0)
-            assert answer.status_code == 202, answer.text
-
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(one(client) for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    return len(latencies) / elapsed, statistics.median(latencies) * 1000, p99 * 1000
 
 
 WRK_SCRIPT = """wrk.method = "POST"
@@ -227,50 +206,59 @@ class HeartbeatRequests:
                              {"Content-Type": "application/json"})
 
 
-def offered(url: str, connections: int, seconds: float, pools: int = 0
-            ) -> tuple[float, float, float]:
-    """Admissions offered at TARGET_RATE on a fixed schedule (open loop), with ``pools``
-    simulated pools heartbeating every 5 s alongside: rate, p50 ms, p99 ms."""
-    if pools:  # they register first: the target is about pools that keep heartbeating
-        open_loop(url, rate=2000, connections=4, seconds=pools / 2000,
-                  make=HeartbeatRequests(url, pools))
-        # Their arrival changed what a scheduling policy reads, so the next job is decided
-        # afresh over all of them: one stall of the loop (10-20 ms with 1,000 pools), made
-        # again only when something a policy reads changes (at least every 30 s), not while
-        # the pools just keep heartbeating. One job takes it before the schedule, and its
-        # latency is shown under the table.
-        first = open_loop(f"{url}/v2/tasks", rate=1, connections=1, seconds=1, body=TASK)
-        assert set(first.statuses) == {202}, first.statuses
-        FIRST_DECISION_MS.append(first.latencies_ms[0])
+@contextlib.contextmanager
+def pools_beating(url: str, pools: int, seconds: float) -> Iterator[float]:
+    """``pools`` simulated pools registered, then heartbeating every 5 s for ``seconds`` from
+    the time this yields (a ``time.perf_counter()`` value, for the admissions' schedule)."""
+    if not pools:
+        yield time.perf_counter() + 0.1
+        return
+    # They register first: the target is about pools that keep heartbeating.
+    open_loop(url, rate=2000, connections=4, seconds=pools / 2000,
+              make=HeartbeatRequests(url, pools))
+    # Their arrival changed what a scheduling policy reads, so the next job is decided
+    # afresh over all of them: one stall of the loop (10-20 ms with 1,000 pools), made
+    # again only when something a policy reads changes (at least every 30 s), not while
+    # the pools just keep heartbeating. One job takes it before the schedule, and its
+    # latency is shown under the table.
+    first = open_loop(f"{url}/v2/tasks", rate=1, connections=1, seconds=1, body=TASK)
+    assert set(first.statuses) == {202}, first.statuses
+    FIRST_DECISION_MS.append(first.latencies_ms[0])
     # The pools beat from a process of their own, as from other machines: as a thread of
     # this one they would hold the admitting clients' GIL for milliseconds at a time. A
     # fresh interpreter (spawn) shares nothing with this one; it starts 3 s before the
     # schedule so that its imports are done. (perf_counter is CLOCK_MONOTONIC, the same
     # clock in both processes.)
-    start = time.perf_counter() + (3.0 if pools else 0.1)
+    start = time.perf_counter() + 3.0
     beating = multiprocessing.get_context("spawn").Process(target=open_loop, args=(url,), kwargs={
         "rate": pools / 5.0, "connections": 2, "seconds": seconds, "start": start,
-        "make": HeartbeatRequests(url, pools)}) if pools else None
-    if beating is not None:
-        beating.start()
-    admissions = open_loop(f"{url}/v2/tasks", rate=TARGET_RATE, connections=connections,
-                           seconds=seconds, body=TASK, start=start)
-    if beating is not None:
-        beating.join()
-        assert beating.exitcode == 0, beating.exitcode
+        "make": HeartbeatRequests(url, pools)})
+    beating.start()
+    yield start
+    beating.join()
+    assert beating.exitcode == 0, beating.exitcode
+
+
+def offered(url: str, connections: int, seconds: float, pools: int = 0
+            ) -> tuple[float, float, float]:
+    """Admissions offered at TARGET_RATE on a fixed schedule (open loop), with ``pools``
+    simulated pools heartbeating every 5 s alongside: rate, p50 ms, p99 ms."""
+    with pools_beating(url, pools, seconds) as start:
+        admissions = open_loop(f"{url}/v2/tasks", rate=TARGET_RATE, connections=connections,
+                               seconds=seconds, body=TASK, start=start)
     assert set(admissions.statuses) == {202}, admissions.statuses
     return admissions.rate, admissions.percentile(0.5), admissions.percentile(0.99)
 
 
-async def heartbeats(url: str, pools: int, interval: float, until: asyncio.Event) -> int:
-    sent = 0
-    async with httpx.AsyncClient(timeout=30) as client:
-        while not until.is_set():
-            path, body = heartbeat(sent, pools)
-            await client.post(f"{url}{path}", json=body)
-            sent += 1
-            await asyncio.sleep(interval / pools)
-    return sent
+def saturated(url: str, connections: int, seconds: float, pools: int = 0
+              ) -> tuple[float, float, float]:
+    """Closed-loop admissions from Python threads (where wrk is missing), with ``pools``
+    simulated pools heartbeating alongside: rate, p50 ms, p99 ms."""
+    with pools_beating(url, pools, seconds) as start:
+        admissions = closed_loop(f"{url}/v2/tasks", connections=connections, seconds=seconds,
+                                 body=TASK, start=start)
+    assert set(admissions.statuses) == {202}, admissions.statuses
+    return admissions.rate, admissions.percentile(0.5), admissions.percentile(0.99)
 
 
 @contextlib.contextmanager
@@ -326,25 +314,14 @@ def bench_admission(seconds: float, repeat: int) -> list[str]:
             row("(b) saturated, wrk", clients,
                 functools.partial(wrk, clients=clients, seconds=seconds), judged=False)
         return rows
-    # without wrk: httpx's own cost per request bounds these rows more than the server does
-    def closed(url: str, clients: int) -> tuple[float, float, float]:
-        return asyncio.run(admit(url, clients, seconds))
-
+    # without wrk: a thread per connection, raw sockets (an HTTP library's own cost per
+    # request, httpx's at 64 connections above all, bounded these rows, not the server)
     for clients in (1, 16, 64):
-        row("(b) saturated, Python clients", clients,
-            functools.partial(closed, clients=clients), judged=False)
-
-    async def with_pools(url: str) -> tuple[float, float, float]:
-        until = asyncio.Event()
-        beats = asyncio.create_task(heartbeats(url, 1000, 5.0, until))
-        await asyncio.sleep(1.0)
-        got = await admit(url, 16, seconds)
-        until.set()
-        await beats
-        return got
-
+        row("(b) saturated, Python threads", clients,
+            functools.partial(saturated, connections=clients, seconds=seconds), judged=False)
     row("(c) saturated + 1,000 pools heartbeating", 16,
-        lambda url: asyncio.run(with_pools(url)), judged=False)
+        functools.partial(saturated, connections=16, seconds=seconds, pools=1000),
+        judged=False)
     return rows
 
 
