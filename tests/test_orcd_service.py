@@ -142,6 +142,68 @@ async def test_an_admission_whose_caller_is_cancelled_is_still_served(
     assert record.status == "completed"
 
 
+async def test_a_failed_admission_puts_back_the_job_it_dropped(tmp_path: Path) -> None:
+    """drop-oldest-batch makes room in a full queue by dropping its oldest batch job. When
+    the admission it made room for fails to commit, the dropped job goes back to its place,
+    still queued: a failed admission loses nothing. One cancelled meanwhile stays
+    cancelled; an admission that commits drops for good."""
+    svc = OrchestratorService(OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3"), capacity=2,
+                                           policy="drop-oldest-batch"),
+                              plugins.make_manager(plugins.builtin_plugins()),
+                              Logger("rbees-orcd"))
+    await svc.start()  # no pool: every job stays queued
+
+    def batch(prompt: str) -> TaskRequest:
+        return TaskRequest(model="smollm2", prompt=prompt, priority="batch")
+
+    async def status(job_id: str) -> str:
+        return (await asyncio.to_thread(svc.store.get, job_id)).status
+
+    try:
+        a = await svc.submit(batch("a"))
+        b = await svc.submit(batch("b"))
+        admit = svc.store.admit_soon
+        release = asyncio.Event()
+
+        async def failing() -> Any:
+            await release.wait()
+            raise StoreError("disk full")
+
+        svc.store.admit_soon = (  # type: ignore[method-assign]
+            lambda *args, **kwargs: asyncio.ensure_future(failing()))
+        c = asyncio.create_task(svc.submit(batch("c")))
+        await asyncio.sleep(0.05)
+        assert list(svc.dropping) == [a.job_id] and a.job_id not in svc.queue
+        release.set()
+        with pytest.raises(StoreError, match="disk full"):
+            await c
+        assert [job.job_id for job in svc.queue] == [a.job_id, b.job_id]
+        assert not svc.dropping and await status(a.job_id) == "queued"
+        assert not svc.channels[a.job_id].done
+
+        release.clear()  # this time the dropped job is cancelled while the write is pending
+        d = asyncio.create_task(svc.submit(batch("d")))
+        await asyncio.sleep(0.05)
+        assert list(svc.dropping) == [a.job_id]
+        assert await svc.cancel(a.job_id)
+        release.set()
+        with pytest.raises(StoreError, match="disk full"):
+            await d
+        assert [job.job_id for job in svc.queue] == [b.job_id]
+        assert await status(a.job_id) == "cancelled"
+
+        svc.store.admit_soon = admit  # type: ignore[method-assign]
+        e = await svc.submit(batch("e"))
+        f = await svc.submit(batch("f"))  # full again: b is dropped, for good this time
+        assert [job.job_id for job in svc.queue] == [e.job_id, f.job_id]
+        record = await asyncio.to_thread(svc.store.get, b.job_id)
+        assert record.status == "failed" and record.error is not None
+        assert record.error.code == "QUEUE_FULL_DROPPED"
+        assert not svc.dropping
+    finally:
+        await svc.close()
+
+
 async def test_what_a_heartbeat_changed_is_not_counted_again_by_the_aging_pass(
         tmp_path: Path) -> None:
     """A registration changes what policies read once: the aging pass that follows must not

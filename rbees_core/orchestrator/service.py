@@ -141,6 +141,9 @@ class OrchestratorService:
         self.started_by_us: set[tuple[str, str]] = set()
         self.last_decision: dict[str, str] = {}
         self.admitting: set[str] = set()
+        #: jobs taken out of a full queue to make room for an admission not yet durable:
+        #: ended when it commits, put back in their places when it fails
+        self.dropping: dict[str, QueuedJob] = {}
         #: jobs admitted by this process and not yet ended
         self.admitted: dict[str, Admitted] = {}
         #: bumped whenever something a policy reads changes; a job that was told to wait at
@@ -231,6 +234,8 @@ class OrchestratorService:
         self.admitted[job.job_id] = Admitted(execute_body(job), request.cancel_on_disconnect)
         pushed = self.queue.push(job.job_id, job.priority, model=job.model,
                                  placement=request.placement)
+        if pushed.dropped is not None:
+            self.dropping[pushed.dropped.job_id] = pushed.dropped
         # the dispatcher leaves the job alone until it is durable with its `queued` event
         # (event 1, in the same transaction), so that `dispatched` can only follow it
         self.admitting.add(job.job_id)
@@ -258,16 +263,22 @@ class OrchestratorService:
                                           if run is None else (run.pool_id, run.worker_id,
                                                                [("dispatched", run.dispatched)]))
         except BaseException:
-            self._withdraw(job.job_id, run)
+            self._withdraw(job.job_id, run, pushed.dropped)
             raise
         admission = self._spawn(self._admit(job, queued, pushed, run, write))
         admission.add_done_callback(retrieved)  # also when nobody waits for it any more
         return await asyncio.shield(admission)
 
-    def _withdraw(self, job_id: str, run: Run | None) -> None:
-        """Undo what :meth:`submit` prepared for a job whose admission failed."""
+    def _withdraw(self, job_id: str, run: Run | None, dropped: QueuedJob | None) -> None:
+        """Undo what :meth:`submit` prepared for a job whose admission failed; the job it
+        dropped to make room, unless cancelled meanwhile, goes back to its place."""
         self.admitting.discard(job_id)
         self.queue.remove(job_id)
+        if dropped is not None and self.dropping.pop(dropped.job_id, None) is not None:
+            self.queue.push(dropped.job_id, dropped.priority, model=dropped.model,
+                            placement=dropped.placement, seq=dropped.seq, since=dropped.since,
+                            force=True)
+            self.wake()  # it may be the head again
         if run is not None and run.written is not None:
             run.written.set_result(False)  # its runner gives the slot back
             if run.exchange is not None:
@@ -282,7 +293,7 @@ class OrchestratorService:
         try:
             await write
         except BaseException:
-            self._withdraw(job.job_id, run)
+            self._withdraw(job.job_id, run, pushed.dropped)
             raise
         self.admitting.discard(job.job_id)
         self.channels[job.job_id].publish("queued", queued, persisted=True)
@@ -290,7 +301,8 @@ class OrchestratorService:
         if run is not None and run.written is not None:
             self._announce(run)
             run.written.set_result(True)
-        if pushed.dropped is not None:
+        if pushed.dropped is not None and \
+                self.dropping.pop(pushed.dropped.job_id, None) is not None:
             await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
                                    "dropped to make room: the queue was full")
         position = pushed.position
@@ -344,7 +356,8 @@ class OrchestratorService:
         record = await asyncio.to_thread(self.store.get, job_id)
         if record.status in ("completed", "failed", "cancelled"):
             return False
-        if self.queue.remove(job_id) is not None or record.status == "queued":
+        dropping = self.dropping.pop(job_id, None) is not None  # not put back, not dropped
+        if self.queue.remove(job_id) is not None or dropping or record.status == "queued":
             await self._end_queued(job_id, "cancelled", "CANCELLED", "cancelled by request")
             return True
         run = self.runs.get(job_id)
