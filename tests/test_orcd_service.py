@@ -4,8 +4,9 @@ can reach, such as an admission whose write fails after its job was sent to the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,35 +143,55 @@ async def test_an_admission_whose_caller_is_cancelled_is_still_served(
     assert record.status == "completed"
 
 
-async def test_a_failed_admission_puts_back_the_job_it_dropped(tmp_path: Path) -> None:
-    """drop-oldest-batch makes room in a full queue by dropping its oldest batch job. When
-    the admission it made room for fails to commit, the dropped job goes back to its place,
-    still queued: a failed admission loses nothing. One cancelled meanwhile stays
-    cancelled; an admission that commits drops for good."""
+@pytest.fixture
+async def full_at_two(tmp_path: Path) -> AsyncIterator[OrchestratorService]:
+    """A service whose queue holds two jobs and drops its oldest batch job for a third; no
+    pool, so every job stays queued."""
     svc = OrchestratorService(OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3"), capacity=2,
                                            policy="drop-oldest-batch"),
                               plugins.make_manager(plugins.builtin_plugins()),
                               Logger("rbees-orcd"))
-    await svc.start()  # no pool: every job stays queued
+    await svc.start()
+    yield svc
+    await svc.close()
 
-    def batch(prompt: str) -> TaskRequest:
-        return TaskRequest(model="smollm2", prompt=prompt, priority="batch")
+
+@contextlib.contextmanager
+def failing_admissions(svc: OrchestratorService) -> Iterator[asyncio.Event]:
+    """Every admission's write fails ("disk full") once the yielded event is set."""
+    admit = svc.store.admit_soon
+    release = asyncio.Event()
+
+    async def failing() -> Any:
+        await release.wait()
+        raise StoreError("disk full")
+
+    svc.store.admit_soon = (  # type: ignore[method-assign]
+        lambda *args, **kwargs: asyncio.ensure_future(failing()))
+    try:
+        yield release
+    finally:
+        svc.store.admit_soon = admit  # type: ignore[method-assign]
+
+
+def batch(prompt: str) -> TaskRequest:
+    return TaskRequest(model="smollm2", prompt=prompt, priority="batch")
+
+
+async def test_a_failed_admission_puts_back_the_job_it_dropped(
+        full_at_two: OrchestratorService) -> None:
+    """drop-oldest-batch makes room in a full queue by dropping its oldest batch job. When
+    the admission it made room for fails to commit, the dropped job goes back to its place,
+    still queued: a failed admission loses nothing. One cancelled meanwhile stays
+    cancelled; an admission that commits drops for good."""
+    svc = full_at_two
 
     async def status(job_id: str) -> str:
         return (await asyncio.to_thread(svc.store.get, job_id)).status
 
-    try:
-        a = await svc.submit(batch("a"))
-        b = await svc.submit(batch("b"))
-        admit = svc.store.admit_soon
-        release = asyncio.Event()
-
-        async def failing() -> Any:
-            await release.wait()
-            raise StoreError("disk full")
-
-        svc.store.admit_soon = (  # type: ignore[method-assign]
-            lambda *args, **kwargs: asyncio.ensure_future(failing()))
+    a = await svc.submit(batch("a"))
+    b = await svc.submit(batch("b"))
+    with failing_admissions(svc) as release:
         c = asyncio.create_task(svc.submit(batch("c")))
         await asyncio.sleep(0.05)
         assert list(svc.dropping) == [a.job_id] and a.job_id not in svc.queue
@@ -192,16 +213,36 @@ async def test_a_failed_admission_puts_back_the_job_it_dropped(tmp_path: Path) -
         assert [job.job_id for job in svc.queue] == [b.job_id]
         assert await status(a.job_id) == "cancelled"
 
-        svc.store.admit_soon = admit  # type: ignore[method-assign]
-        e = await svc.submit(batch("e"))
-        f = await svc.submit(batch("f"))  # full again: b is dropped, for good this time
-        assert [job.job_id for job in svc.queue] == [e.job_id, f.job_id]
-        record = await asyncio.to_thread(svc.store.get, b.job_id)
-        assert record.status == "failed" and record.error is not None
-        assert record.error.code == "QUEUE_FULL_DROPPED"
-        assert not svc.dropping
-    finally:
-        await svc.close()
+    e = await svc.submit(batch("e"))
+    f = await svc.submit(batch("f"))  # full again: b is dropped, for good this time
+    assert [job.job_id for job in svc.queue] == [e.job_id, f.job_id]
+    record = await asyncio.to_thread(svc.store.get, b.job_id)
+    assert record.status == "failed" and record.error is not None
+    assert record.error.code == "QUEUE_FULL_DROPPED"
+    assert not svc.dropping
+
+
+async def test_a_job_whose_own_admission_failed_is_not_put_back(
+        full_at_two: OrchestratorService) -> None:
+    """Two batch admissions in flight behind an interactive job in a full queue: the second
+    drops the first, which is the oldest batch job though not yet durable. When both writes
+    fail, neither job may come back to the queue (a job with no row in the store there
+    would take a worker's slot, or fail the admission that later drops it)."""
+    svc = full_at_two
+    first = await svc.submit(TaskRequest(model="smollm2", prompt="i"))
+    with failing_admissions(svc) as release:
+        both = [asyncio.create_task(svc.submit(batch(prompt))) for prompt in ("b", "y")]
+        await asyncio.sleep(0.05)
+        assert len(svc.dropping) == 1 and len(svc.queue) == 2
+        release.set()
+        for task in both:
+            with pytest.raises(StoreError, match="disk full"):
+                await task
+    assert [job.job_id for job in svc.queue] == [first.job_id]
+    assert not svc.dropping and list(svc.channels) == [first.job_id]
+    later = [await svc.submit(batch(prompt)) for prompt in ("c", "d")]  # d drops c
+    assert [job.job_id for job in svc.queue] == [first.job_id, later[1].job_id]
+    assert (await asyncio.to_thread(svc.store.get, later[0].job_id)).status == "failed"
 
 
 async def test_what_a_heartbeat_changed_is_not_counted_again_by_the_aging_pass(

@@ -274,6 +274,8 @@ class OrchestratorService:
         dropped to make room, unless cancelled meanwhile, goes back to its place."""
         self.admitting.discard(job_id)
         self.queue.remove(job_id)
+        # never durable: neither put back nor ended, when a later admission dropped it too
+        self.dropping.pop(job_id, None)
         if dropped is not None and self.dropping.pop(dropped.job_id, None) is not None:
             self.queue.push(dropped.job_id, dropped.priority, model=dropped.model,
                             placement=dropped.placement, seq=dropped.seq, since=dropped.since,
@@ -303,8 +305,11 @@ class OrchestratorService:
             run.written.set_result(True)
         if pushed.dropped is not None and \
                 self.dropping.pop(pushed.dropped.job_id, None) is not None:
-            await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
-                                   "dropped to make room: the queue was full")
+            try:
+                await self._end_queued(pushed.dropped.job_id, "failed", QUEUE_FULL_DROPPED,
+                                       "dropped to make room: the queue was full")
+            except RbeesError as exc:  # this job is admitted all the same
+                self.log.error("drop_failed", job_id=pushed.dropped.job_id, error=repr(exc))
         position = pushed.position
         if position < DISPATCH_WINDOW:  # further back, it waits for those ahead of it
             self.wake()
@@ -358,7 +363,11 @@ class OrchestratorService:
             return False
         dropping = self.dropping.pop(job_id, None) is not None  # not put back, not dropped
         if self.queue.remove(job_id) is not None or dropping or record.status == "queued":
-            await self._end_queued(job_id, "cancelled", "CANCELLED", "cancelled by request")
+            try:
+                await self._end_queued(job_id, "cancelled", "CANCELLED",
+                                       "cancelled by request")
+            except ConflictError:  # ended while its record was read (dropped, say)
+                return False
             return True
         run = self.runs.get(job_id)
         if run is None or run.final:
