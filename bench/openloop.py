@@ -158,7 +158,11 @@ def closed_loop(url: str, *, connections: int, seconds: float, body: bytes = b""
         conn, mine, seen = conns[index], latencies[index], statuses[index]
         time.sleep(max(0.0, began - time.perf_counter()))
         while (t0 := time.perf_counter()) < stop:
-            status = conn.exchange(payload)
+            try:
+                status = conn.exchange(payload)
+            except ConnectionError:  # closed by the server between two requests
+                conn.reconnect()
+                status = conn.exchange(payload)
             mine.append((time.perf_counter() - t0) * 1000)
             seen[status] = seen.get(status, 0) + 1
 

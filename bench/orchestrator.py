@@ -207,9 +207,11 @@ class HeartbeatRequests:
 
 
 @contextlib.contextmanager
-def pools_beating(url: str, pools: int, seconds: float) -> Iterator[float]:
+def pools_beating(url: str, pools: int, seconds: float, first: list[float] | None = None
+                  ) -> Iterator[float]:
     """``pools`` simulated pools registered, then heartbeating every 5 s for ``seconds`` from
-    the time this yields (a ``time.perf_counter()`` value, for the admissions' schedule)."""
+    the time this yields (a ``time.perf_counter()`` value, for the admissions' schedule).
+    The latency of the job admitted in between goes to ``first``."""
     if not pools:
         yield time.perf_counter() + 0.1
         return
@@ -221,9 +223,10 @@ def pools_beating(url: str, pools: int, seconds: float) -> Iterator[float]:
     # again only when something a policy reads changes (at least every 30 s), not while
     # the pools just keep heartbeating. One job takes it before the schedule, and its
     # latency is shown under the table.
-    first = open_loop(f"{url}/v2/tasks", rate=1, connections=1, seconds=1, body=TASK)
-    assert set(first.statuses) == {202}, first.statuses
-    FIRST_DECISION_MS.append(first.latencies_ms[0])
+    decided = open_loop(f"{url}/v2/tasks", rate=1, connections=1, seconds=1, body=TASK)
+    assert set(decided.statuses) == {202}, decided.statuses
+    if first is not None:
+        first.append(decided.latencies_ms[0])
     # The pools beat from a process of their own, as from other machines: as a thread of
     # this one they would hold the admitting clients' GIL for milliseconds at a time. A
     # fresh interpreter (spawn) shares nothing with this one; it starts 3 s before the
@@ -234,7 +237,12 @@ def pools_beating(url: str, pools: int, seconds: float) -> Iterator[float]:
         "rate": pools / 5.0, "connections": 2, "seconds": seconds, "start": start,
         "make": HeartbeatRequests(url, pools)})
     beating.start()
-    yield start
+    try:
+        yield start
+    except BaseException:
+        beating.terminate()
+        beating.join()
+        raise
     beating.join()
     assert beating.exitcode == 0, beating.exitcode
 
@@ -243,7 +251,7 @@ def offered(url: str, connections: int, seconds: float, pools: int = 0
             ) -> tuple[float, float, float]:
     """Admissions offered at TARGET_RATE on a fixed schedule (open loop), with ``pools``
     simulated pools heartbeating every 5 s alongside: rate, p50 ms, p99 ms."""
-    with pools_beating(url, pools, seconds) as start:
+    with pools_beating(url, pools, seconds, FIRST_DECISION_MS) as start:
         admissions = open_loop(f"{url}/v2/tasks", rate=TARGET_RATE, connections=connections,
                                seconds=seconds, body=TASK, start=start)
     assert set(admissions.statuses) == {202}, admissions.statuses
