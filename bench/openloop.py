@@ -51,12 +51,9 @@ def request_bytes(url: str, method: str, body: bytes, headers: dict[str, str]) -
 class _Connection:
     def __init__(self, host: str, port: int) -> None:
         self.address = (host, port)
-        self.sock = socket.create_connection(self.address)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buffer = b""
+        self._open()
 
-    def reconnect(self) -> None:
-        self.sock.close()
+    def _open(self) -> None:
         self.sock = socket.create_connection(self.address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
@@ -68,7 +65,16 @@ class _Connection:
         self.buffer += chunk
 
     def exchange(self, request: bytes) -> int:
-        """Send one request and read its answer; returns the status."""
+        """Send one request and read its answer; returns the status. A connection the
+        server closed between two requests is opened again, once."""
+        try:
+            return self._exchange(request)
+        except ConnectionError:
+            self.sock.close()
+            self._open()
+            return self._exchange(request)
+
+    def _exchange(self, request: bytes) -> int:
         self.sock.sendall(request)
         while (end := self.buffer.find(b"\r\n\r\n")) < 0:
             self._more()
@@ -85,15 +91,37 @@ class _Connection:
         return int(head[9:12])
 
 
-def _run(conns: list[_Connection], connection: Callable[[int], None],
-         latencies: list[list[float]], statuses: list[dict[int, int]], began: float) -> Result:
-    """Run ``connection(i)`` for each connection on a thread of its own; merge what they
-    recorded."""
-    threads = [threading.Thread(target=connection, args=(i,)) for i in range(len(conns))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+#: what one connection's thread is given: its index, its connection, the time the run
+#: began (a ``time.perf_counter()`` value) and ``record(latency_ms, status)``
+Drive = Callable[[int, "_Connection", float, Callable[[float, int], None]], None]
+
+
+def _run(url: str, connections: int, start: float | None, lead: float, drive: Drive
+         ) -> Result:
+    """Open ``connections`` connections to ``url``'s host, then run ``drive`` for each on a
+    thread of its own from ``start`` (default: ``lead`` seconds after they are open); merge
+    what they recorded."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    conns = [_Connection(parts.hostname, parts.port) for _ in range(connections)]
+    latencies: list[list[float]] = [[] for _ in range(connections)]
+    statuses: list[dict[int, int]] = [{} for _ in range(connections)]
+    began = start if start is not None else time.perf_counter() + lead
+
+    def thread(index: int) -> None:
+        mine, seen = latencies[index], statuses[index]
+
+        def record(latency_ms: float, status: int) -> None:
+            mine.append(latency_ms)
+            seen[status] = seen.get(status, 0) + 1
+
+        drive(index, conns[index], began, record)
+
+    threads = [threading.Thread(target=thread, args=(i,)) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     elapsed = time.perf_counter() - began
     for conn in conns:
         conn.sock.close()
@@ -111,33 +139,21 @@ def open_loop(url: str, *, rate: float, connections: int, seconds: float,
     """Send ``rate`` requests per second for ``seconds`` over ``connections`` connections;
     ``make(k)`` builds request ``k`` (default: the same request to ``url`` each time).
     ``start`` (a ``time.perf_counter()`` value) lines several schedules up."""
-    parts = urlsplit(url)
     payload = request_bytes(url, method, body,
                             {"Content-Type": "application/json", **(headers or {})})
-    assert parts.hostname is not None and parts.port is not None
-    conns = [_Connection(parts.hostname, parts.port) for _ in range(connections)]
-    latencies: list[list[float]] = [[] for _ in range(connections)]
-    statuses: list[dict[int, int]] = [{} for _ in range(connections)]
-    began = start if start is not None else time.perf_counter() + 0.05
     total = int(rate * seconds)
 
-    def connection(index: int) -> None:
-        conn, mine, seen = conns[index], latencies[index], statuses[index]
+    def drive(index: int, conn: _Connection, began: float,
+              record: Callable[[float, int], None]) -> None:
         for k in range(index, total, connections):
             due = began + k / rate
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            request = payload if make is None else make(k)
-            try:
-                status = conn.exchange(request)
-            except ConnectionError:  # closed by the server between two requests
-                conn.reconnect()
-                status = conn.exchange(request)
-            mine.append((time.perf_counter() - due) * 1000)
-            seen[status] = seen.get(status, 0) + 1
+            status = conn.exchange(payload if make is None else make(k))
+            record((time.perf_counter() - due) * 1000, status)
 
-    return _run(conns, connection, latencies, statuses, began)
+    return _run(url, connections, start, 0.05, drive)
 
 
 def closed_loop(url: str, *, connections: int, seconds: float, body: bytes = b"",
@@ -145,25 +161,13 @@ def closed_loop(url: str, *, connections: int, seconds: float, body: bytes = b""
     """Each of ``connections`` connections sends its next request as soon as its last answer
     arrives, for ``seconds`` from ``start``: the server's ceiling rate. Latency runs from
     each send, so it is the clients' own queue (Little's law), not a target's measure."""
-    parts = urlsplit(url)
     payload = request_bytes(url, method, body, {"Content-Type": "application/json"})
-    assert parts.hostname is not None and parts.port is not None
-    conns = [_Connection(parts.hostname, parts.port) for _ in range(connections)]
-    latencies: list[list[float]] = [[] for _ in range(connections)]
-    statuses: list[dict[int, int]] = [{} for _ in range(connections)]
-    began = start if start is not None else time.perf_counter()
-    stop = began + seconds
 
-    def connection(index: int) -> None:
-        conn, mine, seen = conns[index], latencies[index], statuses[index]
+    def drive(index: int, conn: _Connection, began: float,
+              record: Callable[[float, int], None]) -> None:
         time.sleep(max(0.0, began - time.perf_counter()))
-        while (t0 := time.perf_counter()) < stop:
-            try:
-                status = conn.exchange(payload)
-            except ConnectionError:  # closed by the server between two requests
-                conn.reconnect()
-                status = conn.exchange(payload)
-            mine.append((time.perf_counter() - t0) * 1000)
-            seen[status] = seen.get(status, 0) + 1
+        while (t0 := time.perf_counter()) < began + seconds:
+            status = conn.exchange(payload)
+            record((time.perf_counter() - t0) * 1000, status)
 
-    return _run(conns, connection, latencies, statuses, began)
+    return _run(url, connections, start, 0.0, drive)
