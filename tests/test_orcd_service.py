@@ -33,11 +33,17 @@ def beat(worker: WorkerHandle | None, pool_id: str = "here", seq: int = 1) -> Po
                          url="http://127.0.0.1:1", seq=seq, sent_at=time.time())
 
 
+def new_service(tmp_path: Path, **settings: Any) -> OrchestratorService:
+    """A service (not started) with its database under ``tmp_path`` and the builtin
+    plugins."""
+    return OrchestratorService(OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3"), **settings),
+                               plugins.make_manager(plugins.builtin_plugins()),
+                               Logger("rbees-orcd"))
+
+
 @pytest.fixture
 async def service(tmp_path: Path, worker: WorkerHandle) -> AsyncIterator[OrchestratorService]:
-    pm = plugins.make_manager(plugins.builtin_plugins())
-    svc = OrchestratorService(OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3")), pm,
-                              Logger("rbees-orcd"))
+    svc = new_service(tmp_path)
     await svc.start()
     svc.heartbeat(beat(worker))
     yield svc
@@ -147,10 +153,7 @@ async def test_an_admission_whose_caller_is_cancelled_is_still_served(
 async def full_at_two(tmp_path: Path) -> AsyncIterator[OrchestratorService]:
     """A service whose queue holds two jobs and drops its oldest batch job for a third; no
     pool, so every job stays queued."""
-    svc = OrchestratorService(OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3"), capacity=2,
-                                           policy="drop-oldest-batch"),
-                              plugins.make_manager(plugins.builtin_plugins()),
-                              Logger("rbees-orcd"))
+    svc = new_service(tmp_path, capacity=2, policy="drop-oldest-batch")
     await svc.start()
     yield svc
     await svc.close()
@@ -250,9 +253,7 @@ async def test_what_a_heartbeat_changed_is_not_counted_again_by_the_aging_pass(
     """A registration changes what policies read once: the aging pass that follows must not
     bump the version for it a second time (each bump is a decision over every pool, 10-20 ms
     of the loop with 1,000 of them). What only aging sees still bumps it."""
-    svc = OrchestratorService(OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3")),
-                              plugins.make_manager(plugins.builtin_plugins()),
-                              Logger("rbees-orcd"))
+    svc = new_service(tmp_path)
     try:  # not started: this test runs the aging pass itself
         svc._age_pools()
         registered = svc.version
