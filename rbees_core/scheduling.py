@@ -49,6 +49,7 @@ and :func:`replay` play decisions forward on a snapshot without a cluster
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import attrs
@@ -113,6 +114,86 @@ class Snapshot:
 
     def to_dict(self) -> dict[str, Any]:
         return self.data
+
+
+# -- building snapshots: a pool's state as a snapshot pool -----------------------------------
+
+#: Worker states a job can be dispatched to (given a free slot).
+DISPATCHABLE_STATES = frozenset({"ready", "busy"})
+#: Worker states on their way to ready: their slots count as free, to be waited for.
+COMING_STATES = frozenset({"starting", "loading"})
+#: Worker states whose process is gone: such a worker holds no slot and no memory, and is
+#: left out of the snapshot (counted, its slots would read as busy to a least-loaded policy).
+GONE_STATES = frozenset({"stopped", "failed", "dead", "killed"})
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    """``obj[name]`` of a dict, ``obj.name`` of an attrs instance (api/pool.py types)."""
+    if type(obj) is dict:
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "ready",
+                  workers: Iterable[Any] | None = None,
+                  in_flight: Callable[[str], int] | None = None) -> dict[str, Any]:
+    """One pool of a snapshot (the ``pools`` entries above), from the pool's state.
+
+    ``state`` is a :class:`rbees_core.api.pool.PoolState` (a heartbeat is one), or its dict
+    (pool-managerd's ``GET /v2/state``, ``rbees-pool status --format json``), or None for a
+    pool that did not answer: it is then ``offline`` with nothing in it. ``pool_id`` defaults
+    to the state's; ``workers`` (entries or dicts) replaces the state's own, for a caller that
+    keeps them more current. The one conversion: rbees-orcd's registry and ``rbees jobs
+    submit`` without a daemon (M0) both build their snapshots with it.
+
+    Devices: the CPU (``ram_*``) and each GPU, with the memory the pool has reserved for
+    workers still loading. Workers: ``ready``/``busy`` with their free slots, counted as
+    ``slots_total`` minus ``in_flight(worker_id)`` when the caller counts the jobs it sent
+    (rbees-orcd), else as the pool reported; ``starting``/``loading`` with all their slots
+    (coming); every other state with a process (``draining``, ``stopping``, ...) with none,
+    so that a policy can say why it passed them over; workers whose process is gone
+    (:data:`GONE_STATES`) are left out.
+    """
+    if state is None:
+        return {"pool_id": pool_id, "status": "offline", "devices": [], "workers": [],
+                "models": []}
+    devices = []
+    cpu = _get(state, "cpu")
+    if cpu:
+        devices.append({
+            "device": "cpu", "kind": "cpu", "name": _get(cpu, "name") or "cpu",
+            "memory_total_bytes": _get(cpu, "ram_total_bytes") or 0,
+            "memory_free_bytes": _get(cpu, "ram_free_bytes") or 0,
+            "memory_reserved_bytes": _get(cpu, "ram_reserved_bytes") or 0})
+    for gpu in _get(state, "gpus") or ():
+        kind = str(gpu.get("backend", "cuda"))
+        devices.append({
+            "device": f"{kind}:{gpu.get('index', 0)}", "kind": kind, "name": gpu.get("name"),
+            "memory_total_bytes": gpu.get("memory_total_bytes", 0),
+            "memory_free_bytes": gpu.get("memory_free_bytes", 0),
+            "memory_reserved_bytes": gpu.get("memory_reserved_bytes", 0),
+            "utilization": gpu.get("utilization"), "power_w": gpu.get("power_w")})
+    entries = []
+    for w in _get(state, "workers") or () if workers is None else workers:
+        live = _get(w, "state")
+        if live in GONE_STATES:
+            continue
+        worker_id = _get(w, "worker_id")
+        total = _get(w, "slots_total") or 0
+        if live in DISPATCHABLE_STATES:
+            free = max(0, int(total) - in_flight(worker_id)) if in_flight is not None \
+                else int(_get(w, "slots_free") or 0)
+        elif live in COMING_STATES:  # its slots are coming: wait for them
+            free = int(total)
+        else:
+            free = 0
+        entries.append({"worker_id": worker_id, "model_ref": _get(w, "model_ref"),
+                        "device": _get(w, "device"), "state": live, "slots_total": total,
+                        "slots_free": free, "uri": _get(w, "uri")})
+    models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
+              for m in _get(state, "models") or () if m.get("ref") or m.get("id")]
+    return {"pool_id": _get(state, "pool_id") if pool_id is None else pool_id,
+            "status": status, "devices": devices, "workers": entries, "models": models}
 
 
 # -- reading snapshots: model identity and memory ------------------------------------------

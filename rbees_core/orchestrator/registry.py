@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from rbees_core.api.pool import PoolHeartbeat
+from rbees_core.scheduling import snapshot_pool
 
 UNAVAILABLE_AFTER_MISSED = 3
 OFFLINE_AFTER_S = 60.0
@@ -108,42 +109,20 @@ class PoolRegistry:
                 "registered_at": entry.registered_at}
 
     def snapshot_pools(self) -> list[dict[str, Any]]:
-        """Pools in the shape of :mod:`rbees_core.scheduling`'s snapshot."""
+        """Pools in the shape of :mod:`rbees_core.scheduling`'s snapshot: each built by
+        :func:`~rbees_core.scheduling.snapshot_pool` from its last heartbeat, with the
+        workers as this orchestrator knows them and their free slots net of the jobs it
+        sent there. A draining pool is ``unavailable``."""
+        inflight = self.inflight
         out = []
         for entry in self:
-            devices = []
-            cpu = entry.state.cpu
-            if cpu is not None:
-                devices.append({
-                    "device": "cpu", "kind": "cpu", "name": cpu.name or "cpu",
-                    "memory_total_bytes": cpu.ram_total_bytes,
-                    "memory_free_bytes": cpu.ram_free_bytes,
-                    "memory_reserved_bytes": cpu.ram_reserved_bytes})
-            for gpu in entry.state.gpus:
-                kind = str(gpu.get("backend", "cuda"))
-                devices.append({
-                    "device": f"{kind}:{gpu.get('index', 0)}", "kind": kind,
-                    "name": gpu.get("name"),
-                    "memory_total_bytes": gpu.get("memory_total_bytes", 0),
-                    "memory_free_bytes": gpu.get("memory_free_bytes", 0),
-                    "memory_reserved_bytes": gpu.get("memory_reserved_bytes", 0),
-                    "utilization": gpu.get("utilization"), "power_w": gpu.get("power_w")})
-            workers = []
-            for w in entry.workers.values():
-                if w["state"] in ("ready", "busy"):
-                    free = self.free_slots(entry.pool_id, w)
-                elif w["state"] == "starting":  # its slots are coming: wait for them
-                    free = int(w.get("slots_total") or 0)
-                else:
-                    free = 0
-                workers.append({
-                    "worker_id": w["worker_id"], "model_ref": w["model_ref"],
-                    "device": w["device"], "state": w["state"],
-                    "slots_total": w.get("slots_total", 0), "slots_free": free,
-                    "uri": w["uri"]})
-            models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
-                      for m in entry.state.models if m.get("ref") or m.get("id")]
-            status = "unavailable" if entry.draining else self.status(entry)
-            out.append({"pool_id": entry.pool_id, "status": status, "devices": devices,
-                        "workers": workers, "models": models})
+            pool_id = entry.pool_id
+
+            def in_flight(worker_id: str, pool_id: str = pool_id) -> int:
+                return inflight.get((pool_id, worker_id), 0)
+
+            out.append(snapshot_pool(
+                entry.state, pool_id=pool_id, workers=entry.workers.values(),
+                status="unavailable" if entry.draining else self.status(entry),
+                in_flight=in_flight))
         return out

@@ -41,7 +41,7 @@ from rbees_core.config import auth_headers
 from rbees_core.errors import RbeesError
 from rbees_core.hosts import HostConfig
 from rbees_core.interfaces import Transport
-from rbees_core.scheduling import Decision, Snapshot, Verdict, explain
+from rbees_core.scheduling import Decision, Snapshot, Verdict, explain, snapshot_pool
 
 #: How long ``rbees`` waits for rbees-orcd's /health before it schedules by itself.
 HEALTH_TIMEOUT_S = 0.5
@@ -99,41 +99,7 @@ class Host:
 
 def pool_entry(name: str, state: dict[str, Any] | None) -> dict[str, Any]:
     """A host's ``rbees-pool status`` JSON as a snapshot pool (``offline`` without one)."""
-    if state is None:
-        return {"pool_id": name, "status": "offline", "devices": [], "workers": [],
-                "models": []}
-    devices = []
-    cpu = state.get("cpu")
-    if cpu:
-        devices.append({"device": "cpu", "kind": "cpu", "name": cpu.get("name") or "cpu",
-                        "memory_total_bytes": cpu.get("ram_total_bytes", 0),
-                        "memory_free_bytes": cpu.get("ram_free_bytes", 0),
-                        "memory_reserved_bytes": 0})
-    for gpu in state.get("gpus") or ():
-        kind = str(gpu.get("backend", "cuda"))
-        devices.append({"device": f"{kind}:{gpu.get('index', 0)}", "kind": kind,
-                        "name": gpu.get("name"),
-                        "memory_total_bytes": gpu.get("memory_total_bytes", 0),
-                        "memory_free_bytes": gpu.get("memory_free_bytes", 0),
-                        "memory_reserved_bytes": gpu.get("memory_reserved_bytes", 0),
-                        "utilization": gpu.get("utilization"), "power_w": gpu.get("power_w")})
-    workers = []
-    for w in state.get("workers") or ():
-        live = w.get("state")
-        if live in LIVE:
-            free = int(w.get("slots_free") or 0)
-        elif live in COMING:
-            free = int(w.get("slots_total") or 0)
-        else:  # dead, unreachable, draining, failed: nothing to dispatch to
-            continue
-        workers.append({"worker_id": w["worker_id"], "model_ref": w.get("model_ref"),
-                        "device": w.get("device"), "state": live,
-                        "slots_total": w.get("slots_total", 0), "slots_free": free,
-                        "uri": w.get("uri"), "port": w.get("port")})
-    models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
-              for m in state.get("models") or () if m.get("ref") or m.get("id")]
-    return {"pool_id": name, "status": "ready", "devices": devices, "workers": workers,
-            "models": models}
+    return snapshot_pool(state, pool_id=name)
 
 
 async def _json_command(host: Host, argv: list[str], timeout: float | None) -> Any:
