@@ -115,7 +115,8 @@ class Transcript:
                      "exit_status": int(exitstatus)})
 
 
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0] if __doc__ else None)
+app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0] if __doc__ else None,
+                  rich_markup_mode=None)  # plain click help, as cli_common.new_app
 
 
 @app.command()

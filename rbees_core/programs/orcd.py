@@ -345,7 +345,8 @@ async def run(settings: OrcdSettings, host: str, port: int, pm: pluggy.PluginMan
     return 0
 
 
-app = typer.Typer(add_completion=False, help="Orchestrator daemon: queue, scheduling, dispatch.")
+app = typer.Typer(add_completion=False, help="Orchestrator daemon: queue, scheduling, dispatch.",
+                  rich_markup_mode=None)  # plain click help, as cli_common.new_app
 
 
 @app.command()

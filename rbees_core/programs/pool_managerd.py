@@ -252,7 +252,8 @@ def _running_other(pidf: Path) -> int | None:
     return pid if pid != os.getpid() and pid_alive(pid) else None
 
 
-app = typer.Typer(add_completion=False, help="Pool daemon: workers, devices, models, heartbeat.")
+app = typer.Typer(add_completion=False, help="Pool daemon: workers, devices, models, heartbeat.",
+                  rich_markup_mode=None)  # plain click help, as cli_common.new_app
 
 
 @app.command()

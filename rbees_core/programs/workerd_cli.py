@@ -12,7 +12,10 @@ from rbees_core.errors import RbeesError
 from rbees_core.models import DEFAULT_MODEL_REF
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Worker daemon: loads one model with one backend and serves jobs.")
+                  help="Worker daemon: loads one model with one backend and serves jobs.",
+                  # plain click help, as cli_common.new_app: rich markup would read the
+                  # "[/FILE]" of --model's help as a closing tag and crash --help
+                  rich_markup_mode=None)
 
 
 @app.command()
