@@ -340,6 +340,10 @@ class FullCollections:
 
 
 def _server_class() -> Any:
+    """uvicorn's server without its signal handlers, its failed start-up not a SystemExit.
+
+    Both overrides are of undocumented methods: pyproject.toml pins uvicorn exactly, and
+    tests/test_library_internals.py checks them against the installed version."""
     import uvicorn
 
     class Server(uvicorn.Server):

@@ -13,9 +13,6 @@ from typer.main import get_command
 from rbees_core.programs import cli_coercion
 from rbees_core.programs.cli_common import FormatOption, OutputFormat, new_app
 
-pytestmark = pytest.mark.skipif(not cli_coercion.SUPPORTED,
-                                reason="this typer does not coerce through pydantic")
-
 
 def make_app(seen: list[dict[str, Any]]) -> typer.Typer:
     """A CLI with one option of each kind rbees' commands use."""

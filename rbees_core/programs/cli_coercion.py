@@ -10,6 +10,9 @@ itself the values of the types rbees' commands take (choices such as ``--format`
 spelling it does not read, an invalid value, another type) goes to typer's own coercion,
 which then reports errors with its own messages. With a typer that does not coerce this way
 it does nothing.
+
+It reaches into typer's private modules, so pyproject.toml pins typer exactly, and
+tests/test_library_internals.py fails, naming what changed, when another typer is installed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,141 @@
+"""The private parts of typer and uvicorn that rbees relies on, checked against the pins.
+
+Two modules use what these libraries do not document, so pyproject.toml pins both to the exact
+versions they were written against:
+
+- :mod:`rbees_core.programs.cli_coercion` gives typer's parameters a coercion of their own
+  (typer's imports pydantic: about 110 ms of the 250 ms that ``rbees-pool models list``
+  takes), through ``typer._coercion``, ``typer._param_types`` and ``typer.core._TyperParameter``.
+- :func:`rbees_core.http.serve` subclasses ``uvicorn.Server``: ``capture_signals`` (the
+  daemon owns its signals) and ``startup`` (a failed lifespan start-up is raised by
+  ``serve``, not a ``SystemExit`` out of the event loop).
+
+When a test here fails, the library changed under rbees: read the failure, adapt the module
+named in it to the new version (or drop the use), then move the pin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import inspect
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def pinned(distribution: str) -> str:
+    """The exact version pyproject.toml pins ``distribution`` to."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "dependencies"]
+    for requirement in dependencies:
+        match = re.fullmatch(rf"{distribution}==([^;\s]+)", requirement.strip())
+        if match:
+            return match.group(1)
+    raise AssertionError(f"pyproject.toml must pin {distribution} exactly ({distribution}==X): "
+                         "rbees uses its internals")
+
+
+def parameters(function: Any) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+@pytest.mark.parametrize("distribution", ["typer", "uvicorn"])
+def test_the_installed_version_is_the_pinned_one(distribution: str) -> None:
+    installed = importlib.metadata.version(distribution)
+    assert installed == pinned(distribution), (
+        f"{distribution} {installed} is installed but pyproject.toml pins "
+        f"{pinned(distribution)}: rbees uses its internals (see this test's module); check "
+        "them against the new version before moving the pin")
+
+
+def test_typer_internals_used_by_cli_coercion() -> None:
+    from rbees_core.programs import cli_coercion
+
+    where = "rbees_core/programs/cli_coercion.py relies on"
+    assert cli_coercion.SUPPORTED, (
+        f"{where} typer._coercion, typer._param_types and typer.core._TyperParameter; this "
+        "typer lacks one of them, so every command now imports pydantic again")
+    from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
+    from typer._param_types import coerce_cli_choice
+    from typer.core import TyperCommand, TyperGroup, _TyperParameter
+    from typer.models import ParameterInfo
+
+    assert dataclasses.is_dataclass(RuntimeParam), f"{where} RuntimeParam being a dataclass"
+    assert [f.name for f in dataclasses.fields(RuntimeParam)] == [
+        "parameter_info", "annotation"], f"{where} RuntimeParam(parameter_info, annotation)"
+    assert parameters(RuntimeParam._coerce_value) == ["self", "value", "param", "ctx"], (
+        f"{where} RuntimeParam._coerce_value(value, param, ctx)")
+    assert "_coerce_value" in inspect.getsource(RuntimeParam.coerce), (
+        f"{where} RuntimeParam.coerce passing values other than None to _coerce_value")
+    assert parameters(build_runtime_param) == ["descriptor"], (
+        f"{where} build_runtime_param(descriptor)")
+    assert parameters(coerce_cli_choice) == ["value", "choices", "case_sensitive", "ctx"], (
+        f"{where} coerce_cli_choice(value, *, choices, case_sensitive, ctx)")
+    for name in ("annotation", "parameter_info", "is_file", "is_list", "is_choice", "choices",
+                 "case_sensitive"):
+        assert hasattr(TypeDescriptor, name) or name in {
+            f.name for f in dataclasses.fields(TypeDescriptor)}, f"{where} TypeDescriptor.{name}"
+    info = inspect.signature(ParameterInfo.__init__).parameters
+    for name in ("parser", "clamp", "min", "max"):
+        assert name in info, f"{where} ParameterInfo.{name}"
+    annotations = inspect.get_annotations(_TyperParameter)
+    for name in ("_runtime_param", "type_descriptor"):
+        assert name in annotations, f"{where} _TyperParameter.{name}"
+    assert "self._runtime_param" in inspect.getsource(_TyperParameter.get_runtime_param), (
+        f"{where} _TyperParameter taking its coercion from _runtime_param")
+    for command in (TyperCommand, TyperGroup):
+        assert parameters(command.get_help_option) == ["self", "ctx"], (
+            f"{where} {command.__name__}.get_help_option(ctx) making the help option")
+    assert isinstance(TyperGroup(name="t").commands, dict), f"{where} TyperGroup.commands"
+
+
+def test_uvicorn_internals_used_by_serve() -> None:
+    import uvicorn
+
+    where = "rbees_core/http.py (_server_class, serve) relies on"
+    server = uvicorn.Server
+    assert parameters(server.startup) == ["self", "sockets"], f"{where} Server.startup(sockets)"
+    assert "sys.exit" in inspect.getsource(server.startup), (
+        f"{where} Server.startup ending a failed lifespan start-up with SystemExit")
+    assert "self.capture_signals()" in inspect.getsource(server.serve), (
+        f"{where} Server.serve installing its signal handlers through capture_signals()")
+    assert parameters(server.capture_signals) == ["self"], f"{where} Server.capture_signals()"
+    assert parameters(server.serve) == ["self", "sockets"], f"{where} Server.serve(sockets)"
+    made = server(uvicorn.Config(app="rbees_core.http:build_app"))
+    for name in ("should_exit", "started"):
+        assert hasattr(made, name), f"{where} Server.{name}"
+
+
+async def test_serve_leaves_the_daemons_signal_handlers_alone() -> None:
+    """The override of ``capture_signals`` works: serving changes no signal handler."""
+    import asyncio
+
+    from rbees_core.http import serve
+    from rbees_core.testing import find_free_port
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    shutdown = asyncio.Event()
+    serving = asyncio.create_task(serve(app, "127.0.0.1", find_free_port(), shutdown))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        assert {s: signal.getsignal(s) for s in before} == before
+    shutdown.set()
+    await asyncio.wait_for(serving, 10)
