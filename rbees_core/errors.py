@@ -31,6 +31,7 @@ turn it into the envelope of CONTRACT section 1::
         +-- HostAuthError           HOST_AUTH_FAILED      502
         +-- RemoteProgramMissingError  REMOTE_PROGRAM_MISSING  502
         +-- UnsupportedCommandError UNSUPPORTED_COMMAND   400
+    +-- PoolCommandError            POOL_COMMAND_FAILED   502 (a pool's command failed there)
 
 Library errors are mapped at the boundary with ``raise ... from``.
 """
@@ -222,6 +223,43 @@ class UnsupportedCommandError(TransportError):
     code = "UNSUPPORTED_COMMAND"
     status = 400
     retriable = False
+
+
+class PoolCommandError(RbeesError):
+    """A pool host ran a command and it failed there, with an error whose class is not
+    known here (``rbees-pool`` exited non-zero: its one error line is the message).
+    ``exit_code`` is the remote program's (1 error, 2 usage error, 130 interrupted), so
+    ``rbees pool`` exits with it."""
+
+    code = "POOL_COMMAND_FAILED"
+    status = 502
+
+    def __init__(self, message: str, *, exit_code: int = 1,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.exit_code = exit_code
+
+
+def _subclasses(cls: type[RbeesError]) -> list[type[RbeesError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _subclasses(sub)
+    return found
+
+
+def from_envelope(code: str, message: str, *, details: dict[str, Any] | None = None
+                  ) -> RbeesError:
+    """The error another rbees program reported (an envelope, or a JSON ``error`` event):
+    the first class of this tree with ``code`` that takes ``(message, details=)``, else a
+    :class:`PoolCommandError` with ``{"code": code}`` in its details. Called by the pool
+    clients (:mod:`rbees_core.pool_client`)."""
+    for cls in _subclasses(RbeesError):
+        if cls.code == code and cls is not RbeesError:
+            try:
+                return cls(message, details=details)
+            except TypeError:  # another constructor (InvalidParamsError)
+                break
+    return PoolCommandError(message, details={**(details or {}), "code": code})
 
 
 def envelope(

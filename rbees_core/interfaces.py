@@ -1,4 +1,4 @@
-"""Small base classes for the other extension points.
+"""Small base classes for the other extension points (transports: :mod:`rbees_core.transport`).
 
 Each is registered by class through its ``rbees_register_<kind>`` hook and looked up by its
 ``name``. Implementations keep their module cheap to import and do I/O in async methods.
@@ -7,17 +7,22 @@ Each is registered by class through its ``rbees_register_<kind>`` hook and looke
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
+
+# the transport interface lives in rbees_core.transport; these names stay importable here
+from rbees_core.transport import LineCallback, Transport, TransportResult
 
 if TYPE_CHECKING:
     from typing import Self
 
     from rbees_core.config import SchedulerConfig
-    from rbees_core.hosts import HostConfig
     from rbees_core.scheduling import Snapshot, Verdict
+
+__all__ = ["DownloadProgress", "DownloadResult", "GpuInventory", "LineCallback", "ModelSource",
+           "ProgressCallback", "Scheduler", "Transport", "TransportResult"]
 
 
 @attrs.frozen
@@ -92,91 +97,6 @@ class ModelSource(ABC):
         from rbees_core.errors import RbeesError
 
         raise RbeesError(f"model source {self.name!r} cannot download {self.scheme}: references")
-
-
-@attrs.frozen
-class TransportResult:
-    """What one ``rbees-pool`` command did on a host.
-
-    ``exit_code`` is the remote program's own (0 ok, 1 error, 2 usage error, 130
-    interrupted), so callers can propagate it; ``stdout`` and ``stderr`` hold everything it
-    printed, also when it failed.
-    """
-
-    exit_code: int
-    stdout: str
-    stderr: str
-
-
-LineCallback = Callable[[str], None]
-
-
-class Transport(ABC):
-    """Carries ``rbees-pool`` commands to one pool host (``ssh``, ``http``, ``local``).
-
-    Registered by class through :func:`rbees_core.hookspecs.rbees_register_transports` and
-    made by :func:`rbees_core.hosts.open_transport` with the host's
-    :class:`rbees_core.hosts.HostConfig` (``name``, ``destination``, ``url``,
-    ``remote_pool``, ``env``, ``connect_timeout_s`` ...). Construction is cheap and does no
-    I/O: the first :meth:`run` connects, and the connection is reused until :meth:`aclose`
-    (use ``async with``). One core method, like httpx's transports: :meth:`run`.
-
-    A shared contract suite, :mod:`rbees_core.testing_transport`, checks every
-    implementation the same way.
-    """
-
-    name: ClassVar[str]
-
-    def __init__(self, host: HostConfig) -> None:
-        self.host = host
-
-    @abstractmethod
-    async def run(
-        self, argv: Sequence[str], *, on_line: LineCallback | None = None,
-        on_stderr: LineCallback | None = None,
-    ) -> TransportResult:
-        """Run ``rbees-pool argv...`` on the host and wait until it ends.
-
-        Called by: ``rbees pool ... --host H`` (``argv`` then holds ``--format json`` for
-        commands that print data) and ``rbees hosts check`` (``["--version"]``).
-
-        Each argument reaches the remote program as one argument, whatever characters it
-        holds (ssh quotes each one). ``on_line`` and ``on_stderr`` get every line of the
-        program's stdout and stderr, without the newline, as soon as it arrives (a download
-        prints its progress that way); they run on the event loop and must be quick.
-
-        Returns: a :class:`TransportResult`; a command that ran and failed is a result with
-        its exit code, not an exception.
-
-        Raises: :class:`rbees_core.errors.HostUnreachableError` (no connection within
-        ``connect_timeout_s``), :class:`rbees_core.errors.HostKeyError` (ssh: an unknown or
-        changed host key; nothing was sent), :class:`rbees_core.errors.HostAuthError`
-        (credentials refused), :class:`rbees_core.errors.RemoteProgramMissingError` (no
-        ``rbees-pool`` at ``remote_pool``), :class:`rbees_core.errors.UnsupportedCommandError`
-        (this transport cannot carry ``argv``), :class:`rbees_core.errors.TransportError`
-        (the connection broke while the command ran).
-        """
-
-    async def accept_new(self) -> str | None:
-        """Trust a host met for the first time; the only way a host key becomes trusted.
-
-        Called by: ``rbees hosts add NAME --accept-new``. The ssh transport
-        connects and records the host key it has never seen in rbees' own known_hosts file
-        (a *changed* key is still refused). Returns: a line saying what was recorded, or
-        None when there was nothing to accept (the default, for transports without host
-        keys). Raises what :meth:`run` raises.
-        """
-        return None
-
-    async def aclose(self) -> None:
-        """Close the connection, if one is open; calling it twice is fine."""
-        return None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 class GpuInventory(ABC):

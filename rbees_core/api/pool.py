@@ -104,3 +104,84 @@ class DownloadRequest:
     model: str = attrs.field(metadata=limits(max_length=512, forbid=SHELL_META,
                                              doc="catalog id or hf:OWNER/REPO/FILE"))
     force: bool = False
+
+
+# -- what a pool client returns (rbees_core.pool_client): rbees-pool's JSON shapes ----------
+
+
+@attrs.frozen
+class PoolWorker:
+    """One worker as ``rbees-pool worker list --format json`` prints it.
+
+    The keys of :meth:`rbees_core.pool.workers.WorkerRecord.to_dict`, in that order, plus
+    ``error`` for a worker that failed. Over pool-managerd's API (:class:`WorkerEntry`) the
+    model's path is not known (``model_path`` None) and ``port``/``host`` come from ``uri``.
+    ``state`` is a :data:`WorkerStateName` or, without a daemon, ``dead``/``killed``.
+    """
+
+    worker_id: str
+    model_ref: str
+    model_path: str | None
+    backend: str
+    device: str
+    port: int | None
+    pid: int
+    slots_total: int
+    memory_bytes: int
+    started_at: float
+    state: str
+    slots_free: int | None = None
+    last_health_at: float | None = None
+    exit_code: int | None = None
+    host: str | None = None
+    uri: str = ""
+    error: str | None = None
+
+    @classmethod
+    def from_entry(cls, entry: WorkerEntry) -> PoolWorker:
+        """pool-managerd's worker entry in rbees-pool's shape."""
+        from urllib.parse import urlsplit
+
+        where = urlsplit(entry.uri)
+        return cls(worker_id=entry.worker_id, model_ref=entry.model_ref, model_path=None,
+                   backend=entry.backend, device=entry.device, port=where.port, pid=entry.pid,
+                   slots_total=entry.slots_total, memory_bytes=entry.memory_bytes,
+                   started_at=entry.started_at, state=entry.state,
+                   slots_free=entry.slots_free, last_health_at=entry.last_health_at,
+                   exit_code=entry.exit_code, host=where.hostname, uri=entry.uri,
+                   error=entry.error)
+
+
+@attrs.frozen
+class PoolModel:
+    """One model on a pool host, as ``rbees-pool models list --format json`` prints it."""
+
+    id: str | None
+    ref: str
+    path: str
+    size_bytes: int
+    sha256: str | None
+    source: str
+
+
+@attrs.frozen(kw_only=True)
+class DownloadedModel(PoolModel):
+    """The end of ``models download``: the model in place, and whether it was fetched now
+    (False: it was here already)."""
+
+    fetched: bool
+
+
+@attrs.frozen
+class PoolStatus:
+    """``rbees-pool status --format json``: the host's devices, models and workers.
+
+    ``gpus`` and ``cpu`` are the inventory's entries (CONTRACT section 4) as the pool sent
+    them."""
+
+    pool_id: str
+    host: str
+    gpus: list[dict[str, Any]]
+    cpu: dict[str, Any] | None
+    workers: list[PoolWorker]
+    models: list[PoolModel]
