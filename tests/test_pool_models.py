@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 import pluggy
 import pytest
 
+from rbees_core.catalog import builtin_catalog
 from rbees_core.hookspecs import hookimpl
 from rbees_core.interfaces import GpuInventory
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.pool import inventory
-from rbees_core.pool.catalog import builtin_catalog
 from rbees_core.programs.pool_commands.status import pool_state
 from rbees_core.programs.pool_commands.status import print_text as print_status
 from rbees_core.testing_hub import FakeHub
@@ -67,20 +67,22 @@ def one_error_line(done: subprocess.CompletedProcess[str], text: str) -> None:
     assert text in done.stderr
 
 
-def test_catalog_marks_what_is_here(env: dict[str, str]) -> None:
+def test_catalog_marks_what_is_here(env: dict[str, str],
+                                    rbees_pm: pluggy.PluginManager) -> None:
     rows = {r["id"]: r for r in pool_json(env, "models", "catalog")}
-    assert set(rows) == {e.id for e in builtin_catalog()}
+    assert set(rows) == {e.id for e in builtin_catalog(rbees_pm)}
     assert rows["smollm2"]["present"] is True and rows["tinyllama"]["present"] is False
     assert rows["tinyllama"]["hf_repo"] == "TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF"
     text = pool(env, "models", "catalog").stdout.splitlines()
     assert text[0].split() == ["ID", "NAME", "SIZE", "CONTEXT", "LICENSE", "PRESENT"]
 
 
-def test_list_shows_the_packaged_model_on_an_empty_host(env: dict[str, str]) -> None:
+def test_list_shows_the_packaged_model_on_an_empty_host(
+        env: dict[str, str], rbees_pm: pluggy.PluginManager) -> None:
     (only,) = pool_json(env, "models", "list")
     assert set(only) == MODEL_KEYS
     assert (only["id"], only["ref"], only["source"]) == ("smollm2", DEFAULT_MODEL_REF, "pkg")
-    assert only["sha256"] == builtin_catalog().require("smollm2").sha256
+    assert only["sha256"] == builtin_catalog(rbees_pm).require("smollm2").sha256
 
 
 def test_download_list_info_verify_rm(env: dict[str, str], payload: bytes) -> None:

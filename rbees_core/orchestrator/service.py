@@ -130,9 +130,9 @@ class OrchestratorService:
                               promote_after_s=settings.promote_after_s)
         self.registry = PoolRegistry(heartbeat_interval_s=settings.heartbeat_interval_s)
         self.metrics = OrchestratorMetrics(self)
-        from rbees_core.pool.catalog import configured_catalog
+        from rbees_core.catalog import configured_catalog
 
-        self.catalog = configured_catalog()  # read once: admission must stay cheap
+        self.catalog = configured_catalog(pm)  # read once: admission must stay cheap
         self.channels: dict[str, Channel] = {}
         self.dirty: set[Channel] = set()  # channels with events not yet written
         self.runs: dict[str, Run] = {}

@@ -1,8 +1,8 @@
 """pool-core: what ``rbees-pool`` and pool-managerd share on one host.
 
-- :mod:`rbees_core.pool.catalog`: the model catalog (``catalog.toml`` shipped in this package).
 - :mod:`rbees_core.pool.models`: models on disk under ``[pool] models_dir``: list, info,
-  verify, remove, and downloads through a model source that can fetch.
+  verify, remove, and downloads through a model source that can fetch (the catalog they
+  read is the kernel's, :mod:`rbees_core.catalog`).
 - :mod:`rbees_core.pool.inventory`: devices from every GPU inventory plugin.
 - :mod:`rbees_core.pool.git`: the pool's git checkout and its submodules.
 - :mod:`rbees_core.pool.workers`: worker lifecycle.

@@ -23,11 +23,11 @@ import attrs
 import pluggy
 
 from rbees_core import plugins
+from rbees_core.catalog import Catalog, CatalogEntry, configured_catalog
 from rbees_core.config import load_config
 from rbees_core.errors import ConflictError, ModelNotFoundError, RbeesError
 from rbees_core.interfaces import DownloadProgress, DownloadResult, ProgressCallback
-from rbees_core.models import split_scheme, validate_ref
-from rbees_core.pool.catalog import Catalog, CatalogEntry, configured_catalog
+from rbees_core.refs import split_scheme, validate_ref
 
 RECORD_SUFFIX = ".rbees.json"
 PARTIAL_DIR = ".partial"
@@ -130,7 +130,7 @@ def _provided(pm: pluggy.PluginManager, catalog: Catalog) -> list[LocalModel]:
 def list_models(pm: pluggy.PluginManager, *, catalog: Catalog | None = None,
                 root: Path | None = None) -> list[LocalModel]:
     """Every model on this host: downloaded ones, then catalog models provided in place."""
-    catalog = catalog or configured_catalog()
+    catalog = catalog or configured_catalog(pm)
     models = _downloaded(root or models_dir())
     seen = {m.path for m in models}
     models += [m for m in _provided(pm, catalog) if m.path not in seen]
@@ -141,7 +141,7 @@ def find(pm: pluggy.PluginManager, model: str, *, catalog: Catalog | None = None
          ) -> list[LocalModel]:
     """The local copies of ``model`` (an id, a reference or a path); maybe empty."""
     validate_ref(model)
-    catalog = catalog or configured_catalog()
+    catalog = catalog or configured_catalog(pm)
     entry = catalog.get(model)
     refs = set(entry.sources) if entry else {model}
     path = os.path.abspath(model) if split_scheme(model) is None else None
@@ -151,7 +151,7 @@ def find(pm: pluggy.PluginManager, model: str, *, catalog: Catalog | None = None
 
 def info(pm: pluggy.PluginManager, model: str) -> dict[str, Any]:
     """The catalog entry of ``model`` (if any) and its local copies."""
-    catalog = configured_catalog()
+    catalog = configured_catalog(pm)
     local = find(pm, model, catalog=catalog)
     entry = catalog.get(model) or next(
         (catalog.get(m.id) for m in local if m.id), None) or catalog.by_source(model)
@@ -182,7 +182,7 @@ def verify(pm: pluggy.PluginManager, model: str) -> list[dict[str, Any]]:
 
     Each result has ``ok``: True, False, or None when no digest is known to compare with.
     """
-    catalog = configured_catalog()
+    catalog = configured_catalog(pm)
     local = find(pm, model, catalog=catalog)
     if not local:
         raise ModelNotFoundError(f"{model!r} is not on this host", details={"model": model})
@@ -236,7 +236,7 @@ def download_target(pm: pluggy.PluginManager, model: str, *, catalog: Catalog | 
                     ) -> tuple[str, str, CatalogEntry | None]:
     """``(scheme, rest, entry)`` of the first source of ``model`` that can download."""
     validate_ref(model)
-    catalog = catalog or configured_catalog()
+    catalog = catalog or configured_catalog(pm)
     sources = plugins.model_sources(pm)
     entry = catalog.get(model)
     refs = entry.sources if entry else [model]
@@ -264,7 +264,7 @@ async def download(pm: pluggy.PluginManager, model: str, *, force: bool = False,
     ``force``. ``progress`` receives :class:`DownloadProgress` from the transfer thread (see
     :meth:`rbees_core.interfaces.ModelSource.download`). Raises what the source raises.
     """
-    catalog = configured_catalog()
+    catalog = configured_catalog(pm)
     scheme, rest, entry = download_target(pm, model, catalog=catalog)
     if not force:
         present = find(pm, model, catalog=catalog)

@@ -224,11 +224,11 @@ async def drain_pool(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    from rbees_core.pool.catalog import configured_catalog
+    from rbees_core.catalog import configured_catalog
 
     svc = _svc(request)
     out = []
-    catalog = configured_catalog()
+    catalog = configured_catalog(svc.pm)
     for entry in catalog.entries:
         where = {"downloaded": [], "loaded": []}  # type: dict[str, list[str]]
         for pool in svc.registry:

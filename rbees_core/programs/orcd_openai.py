@@ -331,11 +331,11 @@ class _OpenAIStream:
 
 
 async def models(request: Request) -> Response:
-    from rbees_core.pool.catalog import configured_catalog
+    from rbees_core.catalog import configured_catalog
     from rbees_core.programs.orcd import _svc
 
     svc = _svc(request)
-    ids = {e.id for e in configured_catalog().entries}
+    ids = {e.id for e in configured_catalog(svc.pm).entries}
     for pool in svc.registry:
         for w in pool.workers.values():
             if w.get("model_ref"):

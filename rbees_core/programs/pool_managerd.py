@@ -121,8 +121,8 @@ async def download_model(request: Request) -> Response:
 
 
 async def delete_model(request: Request) -> Response:
-    from rbees_core.models import validate_ref
     from rbees_core.pool import models as local_models
+    from rbees_core.refs import validate_ref
 
     model = str(request.path_params["model_id"])
     validate_ref(model, "model_id")

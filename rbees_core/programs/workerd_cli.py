@@ -41,8 +41,8 @@ def serve_worker(
     from rbees_core.api.common import ID_PATTERN
     from rbees_core.config import load_config, load_token
     from rbees_core.http import run_daemon
-    from rbees_core.models import validate_ref
     from rbees_core.programs import workerd
+    from rbees_core.refs import validate_ref
     from rbees_core.schema import check_string
 
     try:

@@ -63,8 +63,11 @@ def print_info(data: dict[str, Any]) -> None:
     """``models info``'s JSON as text."""
     entry = data["catalog"]
     if entry:
-        for key in ("id", "name", "quantization", "hf_repo", "hf_file", "revision",
-                    "license", "context_length", "sha256"):
+        from rbees_core.catalog import CatalogEntry
+
+        own = [k for k in entry if k not in CatalogEntry.core_keys()]  # the sources' keys
+        for key in ("id", "name", "quantization", *own, "license", "context_length",
+                    "sha256"):
             print(f"{key + ':':16}{entry.get(key) if entry.get(key) is not None else '-'}")
         print(f"{'size:':16}{human_bytes(entry['size_bytes'])}")
         print(f"{'sources:':16}{', '.join(entry['sources'])}")
@@ -96,10 +99,10 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
     @group.command("catalog")
     def catalog_command(fmt: FormatOption = OutputFormat.text) -> None:
         """List the models rbees knows by id, and whether each is on this host."""
+        from rbees_core.catalog import configured_catalog
         from rbees_core.pool import models
-        from rbees_core.pool.catalog import configured_catalog
 
-        catalog = configured_catalog()
+        catalog = configured_catalog(pm)
         here = {m.id for m in models.list_models(pm, catalog=catalog) if m.id}
         rows = [{**e.to_dict(), "present": e.id in here} for e in catalog]
         print_json(rows) if fmt is OutputFormat.json else print_catalog(rows)

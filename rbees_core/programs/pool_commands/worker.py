@@ -53,9 +53,9 @@ def spawn(
 ) -> None:
     """Preflight, start a worker in the background and wait until it is ready."""
     from rbees_core.errors import InvalidParamsError
-    from rbees_core.models import validate_ref
     from rbees_core.plugins import builtin_plugins, make_manager
     from rbees_core.pool import workers
+    from rbees_core.refs import validate_ref
 
     if kind not in ("cpu", "cuda", "metal", "mps"):
         raise InvalidParamsError("kind", "must be cpu, cuda, metal or mps")

@@ -83,7 +83,7 @@ def _text(value: Any) -> str:
 def _check(name: str, value: Any) -> None:
     from rbees_core.api.common import ID_PATTERN
     from rbees_core.errors import InvalidParamsError
-    from rbees_core.models import validate_ref
+    from rbees_core.refs import validate_ref
 
     for item in value if isinstance(value, list) else [value]:
         if not isinstance(item, str):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
-from rbees_core.errors import RbeesError
+from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.hookspecs import hookimpl
 from rbees_core.interfaces import (
     DownloadProgress,
@@ -20,6 +20,9 @@ from rbees_core.interfaces import (
     ModelSource,
     ProgressCallback,
 )
+
+if TYPE_CHECKING:
+    from rbees_source_hf._catalog import HfCatalogFields
 
 _NAME = r"[A-Za-z0-9_.-]+"
 _REF = re.compile(rf"^(?P<owner>{_NAME})/(?P<repo>{_NAME})(?:@(?P<rev>{_NAME}))?/(?P<file>.+)$")
@@ -69,15 +72,32 @@ class HfSource(ModelSource):
     scheme: ClassVar[str] = "hf"
     can_download: ClassVar[bool] = True
 
+    @classmethod
+    def catalog_fields(cls) -> type[HfCatalogFields]:
+        from rbees_source_hf._catalog import HfCatalogFields
+
+        return HfCatalogFields
+
+    @classmethod
+    def validate_ref(cls, rest: str, field: str = "model") -> None:
+        if HfRef.parse(rest) is None:
+            raise InvalidParamsError(field, f"hf:{rest} is not hf:OWNER/REPO[@REVISION]/FILE")
+
+    @classmethod
+    def check_catalog_ref(cls, rest: str, fields: HfCatalogFields | None, field: str) -> None:
+        if fields is not None and f"hf:{rest}" != fields.ref:
+            raise InvalidParamsError(
+                field, f"must be {fields.ref!r} (from hf_repo, revision, hf_file)")
+
     def __init__(self, models_dir: str | Path | None = None) -> None:
         self._models_dir = Path(models_dir) if models_dir is not None else None
 
     @property
     def models_dir(self) -> Path:
         if self._models_dir is None:
-            from rbees_core.pool.models import models_dir
+            from rbees_core.config import load_config
 
-            self._models_dir = models_dir()
+            self._models_dir = load_config().pool.models_path()
         return self._models_dir
 
     def resolve(self, ref: str) -> str | None:
@@ -89,11 +109,9 @@ class HfSource(ModelSource):
 
     async def download(self, ref: str, *, sha256: str | None = None,
                        progress: ProgressCallback | None = None) -> DownloadResult:
+        self.validate_ref(ref)
         parsed = HfRef.parse(ref)
-        if parsed is None:
-            from rbees_core.errors import InvalidParamsError
-
-            raise InvalidParamsError("model", f"hf:{ref} is not hf:OWNER/REPO[@REVISION]/FILE")
+        assert parsed is not None
         import asyncio
         import threading
 

@@ -1,0 +1,228 @@
+"""The model catalog: short ids (``tinyllama``, ``smollm2``) for known model files.
+
+The catalog ships inside this package as ``catalog.toml`` (so an installed rbees finds it);
+``[pool] catalog_file`` names an extra TOML file in the same format whose entries are added,
+replacing builtin entries of the same id. Entries are validated strictly with
+:func:`rbees_core.schema.from_mapping`: a bad entry fails with the TOML path of its key.
+
+The catalog knows only the fields every entry has (:class:`CatalogEntry`). Each entry lists
+model references in ``sources``; the model source plugin of each reference's scheme checks
+that reference (:meth:`rbees_core.interfaces.ModelSource.validate_ref`) and owns the keys it
+declares in :meth:`~rbees_core.interfaces.ModelSource.catalog_fields` (``hf``: ``hf_repo``,
+``hf_file``, ``revision``), which stay flat in the TOML file and in :meth:`CatalogEntry.to_dict`.
+A reference whose scheme no installed source handles is kept unchecked, with the keys no
+installed source claims, so that one catalog file serves hosts with different plugins; on an
+entry whose schemes are all installed, an unclaimed key is an unknown field.
+
+Used by :func:`rbees_core.models.resolve_model` (a catalog id is resolved through its
+``sources`` in order), ``rbees-pool models ...``, pool-managerd and rbees-orcd.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from rbees_core import plugins
+from rbees_core.errors import ConfigError, InvalidParamsError, ModelNotFoundError
+from rbees_core.refs import split_scheme, validate_ref
+from rbees_core.schema import field, from_mapping, limits
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from rbees_core.interfaces import ModelSource
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ID_PATTERN = r"[A-Za-z0-9_.-]{1,128}"
+SHA256_PATTERN = r"[0-9a-f]{64}"
+#: Model sources by scheme, as :func:`rbees_core.plugins.model_sources` gives them.
+Sources = Mapping[str, "type[ModelSource]"]
+
+
+@attrs.frozen
+class CatalogEntry:
+    """One known model file and where to find or fetch it.
+
+    ``source_fields`` holds, by scheme, what each installed source made of its own keys (an
+    instance of its ``catalog_fields`` class); ``unchecked`` holds the keys that belong to
+    sources not installed here, as they were written.
+    """
+
+    id: str = attrs.field(metadata=limits(pattern=ID_PATTERN, doc="short id"))
+    name: str = attrs.field(metadata=limits(min_length=1, max_length=200))
+    size_bytes: int = attrs.field(metadata=limits(minimum=1))
+    context_length: int = attrs.field(metadata=limits(minimum=1, maximum=10_000_000))
+    license: str = attrs.field(metadata=limits(min_length=1, max_length=64))
+    sources: list[str] = attrs.field(metadata=limits(max_items=16))
+    sha256: str | None = field(default=None, pattern=SHA256_PATTERN)
+    quantization: str | None = field(default=None, max_length=32)
+    source_fields: Mapping[str, Any] = attrs.field(factory=dict)
+    unchecked: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def core_keys(cls) -> tuple[str, ...]:
+        """The keys every entry has, whatever its sources."""
+        return tuple(f.name for f in attrs.fields(cls)
+                     if f.name not in ("source_fields", "unchecked"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as one flat mapping, as it is written in the TOML file (plus defaults)."""
+        out = {key: getattr(self, key) for key in self.core_keys()}
+        out["sources"] = list(self.sources)
+        for fields in self.source_fields.values():
+            out.update(attrs.asdict(fields))
+        out.update(self.unchecked)
+        return out
+
+
+@attrs.frozen
+class Catalog:
+    """The entries in file order, looked up by id or by source reference."""
+
+    entries: tuple[CatalogEntry, ...]
+
+    def __iter__(self) -> Iterator[CatalogEntry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, model_id: str) -> CatalogEntry | None:
+        return next((e for e in self.entries if e.id == model_id), None)
+
+    def require(self, model_id: str) -> CatalogEntry:
+        """The entry of ``model_id``; :class:`ModelNotFoundError` listing the ids otherwise."""
+        entry = self.get(model_id)
+        if entry is None:
+            raise ModelNotFoundError(
+                f"{model_id!r} is not in the model catalog (known: "
+                f"{', '.join(e.id for e in self.entries)})", details={"model": model_id})
+        return entry
+
+    def by_source(self, ref: str) -> CatalogEntry | None:
+        """The entry that lists ``ref`` among its sources, if any."""
+        return next((e for e in self.entries if ref in e.sources), None)
+
+
+def parse_entry(raw: Any, path: str, sources: Sources) -> CatalogEntry:
+    """One ``[[models]]`` table; :class:`InvalidParamsError` names the key under ``path``.
+
+    Called by :func:`parse_catalog`. ``sources`` are the installed model sources by scheme:
+    each checks its references and parses the keys of its ``catalog_fields``.
+    """
+    if not isinstance(raw, Mapping):
+        raise InvalidParamsError(path, "must be a table")
+    core_keys = set(CatalogEntry.core_keys())
+    classes = {scheme: fields for scheme, cls in sources.items()
+               if (fields := cls.catalog_fields()) is not None}
+    claimed = {scheme: attrs.fields_dict(fields) for scheme, fields in classes.items()}
+    taken = core_keys.union(*claimed.values())
+    unchecked = {k: v for k, v in raw.items() if k not in taken}
+    listed = raw.get("sources")
+    schemes = {parts[0] for parts in map(split_scheme, listed if isinstance(listed, list)
+                                         else []) if isinstance(parts, tuple)}
+    if unchecked and not schemes - set(sources):
+        raise InvalidParamsError(f"{path}.{next(iter(unchecked))}", "unknown field")
+    entry = from_mapping(CatalogEntry, {k: v for k, v in raw.items() if k in core_keys},
+                         path=path)
+    if not entry.sources:
+        raise InvalidParamsError(f"{path}.sources", "must list at least one source")
+    refs: list[tuple[str, str, str]] = []  # (field, scheme, rest)
+    for i, ref in enumerate(entry.sources):
+        where = f"{path}.sources[{i}]"
+        validate_ref(ref, where)
+        parts = split_scheme(ref)
+        if parts is None or not parts[1]:
+            raise InvalidParamsError(where, f"must be SCHEME:REFERENCE (got {ref!r})")
+        refs.append((where, *parts))
+    owned: dict[str, Any] = {}
+    for scheme, names in claimed.items():
+        mine = {k: v for k, v in raw.items() if k in names}
+        if mine or scheme in schemes:
+            owned[scheme] = from_mapping(classes[scheme], mine, path=path)
+    for where, scheme, rest in refs:
+        if scheme in sources:
+            sources[scheme].validate_ref(rest, where)
+            sources[scheme].check_catalog_ref(rest, owned.get(scheme), where)
+    return attrs.evolve(entry, source_fields=owned, unchecked=unchecked)
+
+
+def parse_catalog(text: str, origin: str, sources: Sources) -> Catalog:
+    """Parse and validate catalog TOML; :class:`ConfigError` names ``origin`` and the key.
+
+    ``sources`` are the installed model sources by scheme
+    (:func:`rbees_core.plugins.model_sources`).
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from exc
+    unknown = set(data) - {"models"}
+    if unknown:
+        raise ConfigError(f"{origin}: {sorted(unknown)[0]}: unknown key")
+    models = data.get("models", [])
+    if not isinstance(models, list):
+        raise ConfigError(f"{origin}: models: must be an array of tables")
+    entries: list[CatalogEntry] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(models):
+        try:
+            entry = parse_entry(raw, f"models[{i}]", sources)
+        except InvalidParamsError as exc:
+            raise ConfigError(f"{origin}: {exc.message}", details={"key": exc.field}) from exc
+        if entry.id in seen:
+            raise ConfigError(f"{origin}: models[{i}].id: duplicate id {entry.id!r}")
+        seen.add(entry.id)
+        entries.append(entry)
+    return Catalog(tuple(entries))
+
+
+BUILTIN = Path(__file__).with_name("catalog.toml")
+
+
+@functools.lru_cache(maxsize=8)
+def _builtin(sources: tuple[tuple[str, type[ModelSource]], ...]) -> Catalog:
+    text = BUILTIN.read_text(encoding="utf-8")
+    return parse_catalog(text, "rbees_core/catalog.toml", dict(sources))
+
+
+def builtin_catalog(pm: pluggy.PluginManager) -> Catalog:
+    """The catalog shipped with rbees (``rbees_core/catalog.toml``), read once per set of
+    installed model sources."""
+    return _builtin(tuple(sorted(plugins.model_sources(pm).items())))
+
+
+def load_catalog(pm: pluggy.PluginManager, extra: str | Path | None = None) -> Catalog:
+    """The builtin catalog plus the entries of ``extra`` (same id: ``extra`` wins)."""
+    base = builtin_catalog(pm)
+    if extra is None:
+        return base
+    path = Path(extra).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the catalog file: {exc.strerror}") from exc
+    added = parse_catalog(text, str(path), plugins.model_sources(pm))
+    ids = {e.id for e in added}
+    return Catalog(tuple(e for e in base if e.id not in ids) + added.entries)
+
+
+def configured_catalog(pm: pluggy.PluginManager) -> Catalog:
+    """The catalog as configured: builtin plus ``[pool] catalog_file``."""
+    from rbees_core.config import load_config
+
+    return load_catalog(pm, load_config().pool.catalog_file)
+
+
+__all__ = ["Catalog", "CatalogEntry", "builtin_catalog", "configured_catalog",
+           "load_catalog", "parse_catalog", "parse_entry"]
