@@ -65,7 +65,7 @@ JsonObject = dict[str, Any]
 
 def check_ref(value: str, field: str) -> str:
     """A model reference or path that may be sent: no shell syntax, no ``..``, no NUL."""
-    from rbees_core.models import validate_ref
+    from rbees_core.refs import validate_ref
 
     if "\x00" in value or "\n" in value:
         raise InvalidParamsError(field, "must not contain NUL or newlines")
