@@ -1,4 +1,5 @@
-"""``rbees-pool worker ...`` through this host's pool-managerd, when one runs.
+"""This host's pool-managerd, found through the files it leaves under ``$RBEES_HOME``, and
+``rbees-pool worker ...`` through it when it runs.
 
 The JSON is the same as the direct path's (:meth:`rbees_core.pool.workers.WorkerRecord.to_dict`
 keys), so scripts and ``rbees pool ... --host`` cannot tell which path answered.
@@ -7,22 +8,55 @@ keys), so scripts and ``rbees pool ... --host`` cannot tell which path answered.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 import httpx
 
 from rbees_core.errors import InvalidParamsError, RbeesError
-from rbees_core.pool.workers import WorkerRecord, WorkerStartTimeoutError
+from rbees_core.pool.workers import WorkerRecord, WorkerStartTimeoutError, pid_alive
+
+
+@attrs.frozen
+class DaemonFiles:
+    """Where this ``$RBEES_HOME``'s pool-managerd (one per home) leaves its traces.
+
+    ``pid`` is written by pool-managerd itself; ``url`` and ``log`` by ``rbees-pool daemon
+    start``, which removes ``url`` again at ``stop``.
+    """
+
+    pid: Path
+    url: Path
+    log: Path
+
+
+def daemon_files() -> DaemonFiles:
+    """The files of this ``$RBEES_HOME``'s pool-managerd (they may not exist)."""
+    from rbees_core.config import rbees_home
+
+    home = rbees_home()
+    return DaemonFiles(pid=home / "run" / "pool-managerd.pid",
+                       url=home / "run" / "pool-managerd.url",
+                       log=home / "logs" / "pool-managerd.log")
+
+
+def running_pid() -> int | None:
+    """The pid of this ``$RBEES_HOME``'s pool-managerd, if it is alive."""
+    try:
+        pid = int(daemon_files().pid.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
 
 
 def daemon_url() -> str | None:
     """The URL of this RBEES_HOME's pool-managerd if it is running, else None."""
-    from rbees_core.programs.pool_commands.daemon import _url_file, running_pid
-
-    if running_pid() is None or not _url_file().exists():
+    url_file = daemon_files().url
+    if running_pid() is None or not url_file.exists():
         return None
-    return _url_file().read_text().strip() or None
+    return url_file.read_text().strip() or None
 
 
 def _client(url: str) -> httpx.Client:

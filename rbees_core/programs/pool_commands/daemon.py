@@ -22,29 +22,6 @@ from rbees_core.programs.cli_common import (
 )
 
 
-def _paths() -> tuple[Path, Path]:
-    from rbees_core.config import rbees_home
-
-    home = rbees_home()
-    return home / "run" / "pool-managerd.pid", home / "logs" / "pool-managerd.log"
-
-
-def running_pid() -> int | None:
-    """The pid of this RBEES_HOME's pool-managerd, if it is alive."""
-    from rbees_core.pool.workers import pid_alive
-
-    pid_path, _ = _paths()
-    try:
-        pid = int(pid_path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
-
-
-def _url_file() -> Path:
-    return _paths()[0].with_name("pool-managerd.url")
-
-
 def start(
     bind: Annotated[str, typer.Option("--bind", help="HOST:PORT")] = "127.0.0.1:9200",
     pool_id: Annotated[str | None, typer.Option("--pool-id")] = None,
@@ -59,11 +36,12 @@ def start(
 
     from rbees_core.errors import ConflictError, RbeesError
     from rbees_core.http import parse_bind
+    from rbees_core.pool.via_daemon import daemon_files, running_pid
 
     if (pid := running_pid()) is not None:
         raise ConflictError(f"pool-managerd is already running (pid {pid})")
     host, port = parse_bind(bind)
-    _, log_path = _paths()
+    log_path = daemon_files().log
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [str(Path(sys.executable).with_name("pool-managerd")), "--bind", bind]
     for flag, value in (("--pool-id", pool_id), ("--orchestrator", orchestrator),
@@ -88,7 +66,7 @@ def start(
     else:
         proc.kill()
         raise RbeesError(f"pool-managerd did not answer within {timeout:.0f} s")
-    _url_file().write_text(url)
+    daemon_files().url.write_text(url)
     info = {"pid": proc.pid, "url": url, "log": str(log_path)}
     if fmt is OutputFormat.json:
         print_json(info)
@@ -102,6 +80,7 @@ def stop(
 ) -> None:
     """Stop pool-managerd gracefully (its workers drain first)."""
     from rbees_core.errors import RbeesError
+    from rbees_core.pool.via_daemon import daemon_files, running_pid
     from rbees_core.pool.workers import pid_alive
 
     pid = running_pid()
@@ -114,7 +93,7 @@ def stop(
         time.sleep(0.05)
     if pid_alive(pid):
         raise RbeesError(f"pool-managerd (pid {pid}) still running after {timeout:.0f} s")
-    _url_file().unlink(missing_ok=True)
+    daemon_files().url.unlink(missing_ok=True)
     print(f"pool-managerd stopped (pid {pid})", file=sys.stderr)
 
 
@@ -123,11 +102,12 @@ def status(fmt: FormatOption = OutputFormat.text) -> None:
     import httpx
 
     from rbees_core.config import auth_headers
+    from rbees_core.pool.via_daemon import daemon_files, running_pid
 
     pid = running_pid()
     row: dict[str, Any] = {"running": pid is not None, "pid": pid, "url": None, "workers": None}
-    if pid is not None and _url_file().exists():
-        row["url"] = _url_file().read_text().strip()
+    if pid is not None and daemon_files().url.exists():
+        row["url"] = daemon_files().url.read_text().strip()
         try:
             state = httpx.get(f"{row['url']}/v2/workers", timeout=2,
                               headers=auth_headers()).json()
@@ -144,7 +124,9 @@ def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=1)] = 50,
 ) -> None:
     """Print pool-managerd's log (JSON lines)."""
-    print_log(_paths()[1], lines=lines, follow=follow, what="pool-managerd")
+    from rbees_core.pool.via_daemon import daemon_files
+
+    print_log(daemon_files().log, lines=lines, follow=follow, what="pool-managerd")
 
 
 @hookimpl
