@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rbees_core import sse
 from rbees_core.api.common import CORRELATION_ID_PATTERN, MAX_BODY_BYTES
 from rbees_core.errors import (
     ConfigError,
@@ -184,10 +185,6 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
                   ) -> JSONResponse:
     body = attrs.asdict(obj) if attrs.has(type(obj)) else obj
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def sse_frame(event_id: int, event: str, data: dict[str, Any]) -> str:
-    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def health_endpoint(version: str, started: float) -> Callable[[Request], Awaitable[Response]]:
@@ -400,7 +397,7 @@ class EventStreamResponse:
                 event, data = await self.events.get()
                 frames = []
                 while True:
-                    frames.append(sse_frame(self.next_id, event, data))
+                    frames.append(sse.json_frame(self.next_id, event, data))
                     self.next_id += 1
                     if event in self.TERMINAL:
                         done = True

@@ -25,7 +25,6 @@ Transports have a contract suite to subclass: :mod:`rbees_core.testing_transport
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -42,7 +41,7 @@ import httpx
 import pluggy
 import pytest
 
-from rbees_core import plugins
+from rbees_core import plugins, sse
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 
 
@@ -74,19 +73,10 @@ def wait_http(url: str, *, timeout: float = 60.0, ok: Callable[[httpx.Response],
 
 
 def parse_sse(text: str) -> list[tuple[int | None, str, dict[str, Any]]]:
-    """``(id, event, data)`` of every frame in an SSE body."""
-    frames = []
-    for block in text.split("\n\n"):
-        if not block.strip():
-            continue
-        fields: dict[str, str] = {}
-        for line in block.splitlines():
-            key, _, value = line.partition(": ")
-            fields[key] = value
-        ident = fields.get("id")
-        frames.append((int(ident) if ident else None, fields.get("event", "message"),
-                       json.loads(fields.get("data", "null"))))
-    return frames
+    """``(id, event, data)`` of every frame in an SSE body (``event`` is ``message`` when
+    the frame names none, ``data`` decoded JSON)."""
+    return [(int(f.id) if f.id else None, f.event or "message", f.json())
+            for f in sse.parse(text)]
 
 
 @attrs.define
@@ -108,14 +98,10 @@ def follow_events(url: str, *, headers: dict[str, str] | None = None,
 
     def read() -> None:
         with httpx.stream("GET", url, headers=headers, timeout=timeout) as answer:
-            event = ""
-            for line in answer.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    live.seen.append((time.monotonic(), event, json.loads(line[6:])))
-                    if event == "token":
-                        live.first_token.set()
+            for frame in sse.iter_events(answer.iter_lines()):
+                live.seen.append((time.monotonic(), frame.event, frame.json()))
+                if frame.event == "token":
+                    live.first_token.set()
 
     live.thread = threading.Thread(target=read, daemon=True)
     live.thread.start()

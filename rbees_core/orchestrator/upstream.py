@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from rbees_core import sse
+
 #: an idle kept-alive connection is dropped after this long: under the 5 s after which a
 #: server with uvicorn's defaults closes it (rbees' daemons keep theirs 75 s)
 IDLE_S = 4.0
@@ -166,37 +168,22 @@ class Response:
     async def events(self) -> AsyncIterator[tuple[str, Any]]:
         """The SSE events of the body as (event, decoded JSON data), in order; ends with the
         body. Events without a name or data, and comments, are skipped."""
-        conn, pending = self._conn, b""
+        conn, decoder = self._conn, sse.Decoder()
         while True:
             if conn.chunks:  # more may come, and the end with it, while we yield
-                while conn.chunks:
-                    pending += conn.chunks.popleft()
-                if b"\n\n" in pending or b"\r\n\r\n" in pending:
-                    blocks = pending.replace(b"\r\n", b"\n").split(b"\n\n")
-                    pending = blocks.pop()
-                    for block in blocks:
-                        event, data = _parse(block)
-                        if event and data is not None:
-                            yield event, json.loads(data)
+                chunk = conn.chunks.popleft()
+                if conn.chunks:
+                    chunk = b"".join((chunk, *conn.chunks))
+                    conn.chunks.clear()
+                for event, data, _ in decoder.feed(chunk):
+                    if event:
+                        yield event, json.loads(data)
             elif conn.error is not None:  # after what arrived before it
                 raise conn.error
             elif conn.complete:
                 return
             else:
                 await conn.settle()
-
-
-def _parse(block: bytes) -> tuple[str, bytes | None]:
-    event, data = "", None
-    for line in block.split(b"\n"):
-        field, _, value = line.partition(b":")
-        if value[:1] == b" ":
-            value = value[1:]
-        if field == b"event":
-            event = value.decode()
-        elif field == b"data":
-            data = value if data is None else data + b"\n" + value
-    return event, data
 
 
 class Upstream:

@@ -60,6 +60,7 @@ from rbees_core.pool_client import (
     check_worker_id,
     parse,
 )
+from rbees_core.sse import aiter_events
 
 if TYPE_CHECKING:
     import httpx
@@ -179,17 +180,8 @@ class HttpPoolClient(PoolClient):
                                             timeout=timeout) as answer:
                 if answer.status_code >= 400:
                     raise self._refused(answer.status_code, await answer.aread())
-                event, data = "message", []
-                async for line in answer.aiter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].removeprefix(" "))
-                    elif not line and data:
-                        yield event, json.loads("\n".join(data))
-                        event, data = "message", []
-                if data:
-                    yield event, json.loads("\n".join(data))
+                async for frame in aiter_events(answer.aiter_lines()):
+                    yield frame.event or "message", frame.json()
         except httpx.HTTPError as exc:
             raise self._broken(exc) from exc
         except ValueError as exc:

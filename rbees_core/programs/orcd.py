@@ -32,12 +32,12 @@ from rbees_core.http import (
     json_response,
     read_json,
     serve,
-    sse_frame,
 )
 from rbees_core.log import Logger
 from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService, retrieved
 from rbees_core.schema import check_string, to_dict
+from rbees_core.sse import json_frame
 
 PROGRAM = "rbees-orcd"
 DEFAULT_BIND = "127.0.0.1:8080"
@@ -81,13 +81,13 @@ class JobEventStream:
         try:
             if channel is None:  # finished and retired: the store has everything
                 events = await asyncio.to_thread(svc.store.events_after, job_id, self.after)
-                body = "".join(sse_frame(e.event_id, e.event, e.payload()) for e in events)
+                body = "".join(json_frame(e.event_id, e.event, e.payload()) for e in events)
                 await send({"type": "http.response.body", "body": body.encode(),
                             "more_body": False})
                 return
             backlog, queue = channel.subscribe(self.after)
             try:
-                frames = [sse_frame(*e) for e in backlog]
+                frames = [json_frame(*e) for e in backlog]
                 done = channel.done  # also when the client has seen everything already
                 while True:
                     if frames:
@@ -97,11 +97,11 @@ class JobEventStream:
                     if done or gone.is_set():
                         break
                     item = await queue.get()
-                    frames.append(sse_frame(*item))
+                    frames.append(json_frame(*item))
                     done = item[1] in TERMINAL
                     while not done and not queue.empty():
                         item = queue.get_nowait()
-                        frames.append(sse_frame(*item))
+                        frames.append(json_frame(*item))
                         done = item[1] in TERMINAL
                 if not gone.is_set():
                     await send({"type": "http.response.body", "body": b"", "more_body": False})

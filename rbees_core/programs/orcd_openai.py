@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from rbees_core import sse
 from rbees_core.api import openapi
 from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.errors import InvalidParamsError, RbeesError
@@ -265,7 +266,7 @@ class _OpenAIStream:
         body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat
                 else "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+        return sse.frame(json.dumps(body, ensure_ascii=False)).encode()
 
     def _choice(self, index: int, text: str | None, finish: str | None,
                 role: bool = False) -> dict[str, Any]:
@@ -313,7 +314,7 @@ class _OpenAIStream:
                     done += 1
                     error = {"message": data.get("message"), "type": "server_error",
                              "param": None, "code": str(data.get("code", "")).lower()}
-                    chunk = f"data: {json.dumps({'error': error})}\n\n".encode()
+                    chunk = sse.frame(json.dumps({"error": error})).encode()
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if not gone.is_set():
@@ -322,7 +323,7 @@ class _OpenAIStream:
                     tail += self._chunk([], usage={
                         **usage, "total_tokens": usage["prompt_tokens"]
                         + usage["completion_tokens"]})
-                tail += b"data: [DONE]\n\n"
+                tail += sse.frame("[DONE]").encode()
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         except OSError:
             await cancel()

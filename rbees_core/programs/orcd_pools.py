@@ -20,11 +20,12 @@ from rbees_core.api import openapi
 from rbees_core.api.pool import DownloadRequest, WorkerStarted, WorkerStartRequest
 from rbees_core.api.worker import Accepted
 from rbees_core.errors import ConflictError, HostUnreachableError, NotFoundError, TransportError
-from rbees_core.http import read_json, sse_frame
+from rbees_core.http import read_json
 from rbees_core.log import correlation_id
 from rbees_core.orchestrator.registry import PoolEntry
 from rbees_core.orchestrator.service import OrchestratorService
 from rbees_core.schema import to_dict
+from rbees_core.sse import json_frame
 
 POOL_TIMEOUT_S = 30.0
 
@@ -113,7 +114,7 @@ class _DownloadStream:
             async for chunk in self.answer.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
-            frame = sse_frame(0, "error", {"code": "HOST_UNREACHABLE", "retriable": True,
+            frame = json_frame(0, "error", {"code": "HOST_UNREACHABLE", "retriable": True,
                                            "message": _unreachable(self.entry, exc).message})
             await send({"type": "http.response.body", "body": frame.encode(),
                         "more_body": True})

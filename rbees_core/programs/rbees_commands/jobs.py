@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Annotated, Any
@@ -139,34 +138,31 @@ def submit(
 
 def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[str, Any]:
     from rbees_core.errors import RbeesError
+    from rbees_core.sse import iter_events
 
     first: float | None = None
-    event = ""
     last_id = 0
     for _attempt in range(5):  # resume with Last-Event-ID if the stream breaks
         try:
             with client.stream("GET", url, headers={"Last-Event-ID": str(last_id)}) as answer:
                 _check_stream(answer)
-                for line in answer.iter_lines():
-                    if line.startswith("id: "):
-                        last_id = int(line[4:])
-                    elif line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        data = json.loads(line[6:])
-                        if event == "token":
-                            if first is None:
-                                first = time.monotonic()
-                            if fmt is OutputFormat.text:
-                                sys.stdout.write(data["t"])
-                                sys.stdout.flush()
-                        elif event == "end":
-                            if fmt is OutputFormat.text:
-                                sys.stdout.write("\n")
-                                _stats(data, started, first)
-                            return dict(data)
-                        elif event == "error":
-                            raise RbeesError(f"{data.get('code')}: {data.get('message')}")
+                for frame in iter_events(answer.iter_lines()):
+                    if frame.id:
+                        last_id = int(frame.id)
+                    event, data = frame.event, frame.json()
+                    if event == "token":
+                        if first is None:
+                            first = time.monotonic()
+                        if fmt is OutputFormat.text:
+                            sys.stdout.write(data["t"])
+                            sys.stdout.flush()
+                    elif event == "end":
+                        if fmt is OutputFormat.text:
+                            sys.stdout.write("\n")
+                            _stats(data, started, first)
+                        return dict(data)
+                    elif event == "error":
+                        raise RbeesError(f"{data.get('code')}: {data.get('message')}")
         except Exception as exc:
             import httpx
 

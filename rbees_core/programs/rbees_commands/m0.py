@@ -393,7 +393,8 @@ class M0Job:
 
         lost = (f"worker {where.worker_id} on {where.host.name} died mid-stream; "
                 f"job {self.job_id} is lost")
-        event = ""
+        from rbees_core.sse import aiter_events
+
         try:
             async with client.stream("POST", "/v2/execute", json=self._body()) as answer:
                 if answer.status_code >= 400:
@@ -401,22 +402,19 @@ class M0Job:
                     from rbees_core.programs.rbees_commands.jobs import _check
 
                     _check(answer)
-                async for line in answer.aiter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        data = json.loads(line[6:])
-                        if event == "token":
-                            if "first_token_ms" not in self.timings:
-                                self._mark("first_token_ms")
-                            self.text.append(data["t"])
-                            if not self.json_out:
-                                sys.stdout.write(data["t"])
-                                sys.stdout.flush()
-                        elif event == "end":
-                            return dict(data)
-                        elif event == "error":
-                            raise RbeesError(f"{data.get('code')}: {data.get('message')}")
+                async for frame in aiter_events(answer.aiter_lines()):
+                    event, data = frame.event, frame.json()
+                    if event == "token":
+                        if "first_token_ms" not in self.timings:
+                            self._mark("first_token_ms")
+                        self.text.append(data["t"])
+                        if not self.json_out:
+                            sys.stdout.write(data["t"])
+                            sys.stdout.flush()
+                    elif event == "end":
+                        return dict(data)
+                    elif event == "error":
+                        raise RbeesError(f"{data.get('code')}: {data.get('message')}")
         except httpx.TransportError as exc:
             raise RbeesError(f"{lost} ({type(exc).__name__})") from None
         raise RbeesError(f"{lost} (the stream ended before the job did)")

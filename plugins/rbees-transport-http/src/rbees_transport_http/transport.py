@@ -23,6 +23,7 @@ from rbees_core.errors import (
 )
 from rbees_core.hosts import HostConfig
 from rbees_core.interfaces import LineCallback, Transport, TransportResult
+from rbees_core.sse import aiter_events
 
 if TYPE_CHECKING:
     import httpx
@@ -245,13 +246,9 @@ class HttpTransport(Transport):
                                             ) as answer:
                 if answer.status_code >= 400:
                     self._check(answer, await answer.aread())
-                event: str | None = None
-                async for line in answer.aiter_lines():
-                    if line.startswith("event: "):
-                        event = line[len("event: "):]
-                    elif line.startswith("data: ") and event:
-                        self._download_event(event, json.loads(line[len("data: "):]), out)
-                        event = None
+                async for frame in aiter_events(answer.aiter_lines()):
+                    if frame.event:
+                        self._download_event(frame.event, frame.json(), out)
         except httpx.HTTPError as exc:
             raise self._broken(exc) from None
 
