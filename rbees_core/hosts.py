@@ -23,13 +23,14 @@ known_hosts files (``~/.ssh/known_hosts``, or ``UserKnownHostsFile``) are truste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
@@ -39,6 +40,9 @@ from rbees_core.api.common import ID_PATTERN
 from rbees_core.errors import ConfigError, InvalidParamsError, NotFoundError
 from rbees_core.interfaces import Transport
 from rbees_core.schema import field, from_mapping
+
+if TYPE_CHECKING:
+    from rbees_core.pool_client import PoolClient
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -246,6 +250,16 @@ def open_transport(pm: pluggy.PluginManager, host: HostConfig) -> Transport:
                           f"installed (installed: {installed})")
     transport: Transport = found[host.transport](host)
     return transport
+
+
+@contextlib.asynccontextmanager
+async def open_pool_client(pm: pluggy.PluginManager, host: HostConfig
+                           ) -> AsyncIterator[PoolClient]:
+    """The typed client of ``host``'s pool (:mod:`rbees_core.pool_client`), over its
+    transport; the transport is closed when the block ends. Raises :class:`ConfigError` for
+    a transport that is not installed, then what the client raises."""
+    async with open_transport(pm, host) as transport:
+        yield transport.pool_client()
 
 
 async def read_lines(stream: AsyncIterable[str | bytes], sink: Callable[[str], None] | None

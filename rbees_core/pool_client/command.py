@@ -83,6 +83,8 @@ class CommandPoolClient(PoolClient):
         if result.exit_code in accept:
             return result
         lines = [line for line in result.stderr.splitlines() if line.strip()]
+        errors = errors or [line[len(ERROR_PREFIX):] for line in lines
+                            if line.startswith(ERROR_PREFIX)]
         reason = errors[-1] if errors else (lines[-1].strip() if lines else
                                             f"rbees-pool exited {result.exit_code}")
         if result.exit_code == 130:

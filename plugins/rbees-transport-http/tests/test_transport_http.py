@@ -1,5 +1,5 @@
 """The http transport against a real pool-managerd with a token: the shared contract, the
-commands it cannot carry, a refused token, and ``rbees pool --host`` as a real process."""
+operations it cannot carry, a refused token, and ``rbees pool --host`` as a real process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ import pytest
 from rbees_transport_http import HttpTransport
 
 from rbees_core import plugins
+from rbees_core.api.pool import WorkerStartRequest
 from rbees_core.errors import HostAuthError, HostUnreachableError, UnsupportedCommandError
 from rbees_core.hosts import HostConfig
+from rbees_core.pool_client.http import HttpPoolClient
 from rbees_core.testing import find_free_port, wait_http
 from rbees_core.testing_hub import FakeHub
 from rbees_core.testing_transport import TransportContract
@@ -92,24 +94,27 @@ class TestHttpContract(TransportContract):
             yield transport
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["models", "info", "--format", "json", "--", "smollm2"], "cannot run 'rbees-pool models "
-                                                              "info'"),
-    (["git", "status", "--format", "json"], "cannot run 'rbees-pool git status'"),
-    (["worker", "logs", "--", "w1"], "cannot run 'rbees-pool worker logs'"),
-    (["status"], "prints JSON only"),
-    (["worker", "spawn", "--model", "m", "--port", "8001", "--format", "json", "--", "cpu"],
-     "--port is not available over http"),
-    (["worker", "stop", "--grace", "5", "--format", "json", "--", "w1"],
-     "--grace is not available over http"),
-    (["models", "download", "--bogus", "--format", "json", "--", "m"],
-     "unrecognized arguments: --bogus"),
-])
+def _calls() -> list[tuple[str, Callable[[HttpPoolClient], Awaitable[Any]], str]]:
+    start = WorkerStartRequest(model_ref="smollm2")
+    return [
+        ("models info", lambda c: c.models_info("smollm2"), "cannot run models info"),
+        ("git status", lambda c: c.git_status(), "cannot run git status"),
+        ("worker logs", lambda c: c.worker_logs("w1"), "cannot run worker logs"),
+        ("--port", lambda c: c.worker_start(start, port=8001),
+         r"cannot run worker spawn --port \(pool-managerd picks the port\)"),
+        ("--grace", lambda c: c.worker_stop("w1", grace_s=5),
+         r"cannot run worker stop --grace \(pool-managerd applies its own stop grace\)"),
+    ]
+
+
+@pytest.mark.parametrize(("what", "call", "message"), _calls(), ids=[c[0] for c in _calls()])
 async def test_what_it_cannot_carry_is_refused_before_any_request(
-        argv: list[str], message: str) -> None:
+        what: str, call: Callable[[HttpPoolClient], Awaitable[Any]], message: str) -> None:
     dead = HostConfig(name="gpu1", transport="http", url=f"http://127.0.0.1:{find_free_port()}")
-    with pytest.raises(UnsupportedCommandError, match=message):
-        await HttpTransport(dead).run(argv)  # a dead URL: nothing was tried
+    async with HttpTransport(dead) as transport:  # a dead URL: nothing was tried
+        with pytest.raises(UnsupportedCommandError,
+                           match=f"^gpu1: the http transport {message}"):
+            await call(transport.pool_client())
 
 
 async def test_a_wrong_token_and_a_dead_pool_are_transport_errors(pool: Pool, tmp_path: Path
@@ -119,11 +124,11 @@ async def test_a_wrong_token_and_a_dead_pool_are_transport_errors(pool: Pool, tm
     wrong.chmod(0o600)
     async with HttpTransport(host_of(pool, token_file=str(wrong))) as refused:
         with pytest.raises(HostAuthError, match=r"gpu1: .* refused the API token"):
-            await refused.run(["--version"])
+            await refused.pool_client().version()
     dead = HostConfig(name="gpu1", transport="http", url=f"http://127.0.0.1:{find_free_port()}")
     async with HttpTransport(dead) as unreachable:
         with pytest.raises(HostUnreachableError, match="gpu1: cannot reach"):
-            await unreachable.run(["status", "--format", "json"])
+            await unreachable.pool_client().status()
 
 
 def test_rbees_pool_over_http(pool: Pool, tmp_path: Path) -> None:
@@ -145,6 +150,5 @@ def test_rbees_pool_over_http(pool: Pool, tmp_path: Path) -> None:
     refused = rbees("pool", "models", "verify", "smollm2", "--host", "gpu1")
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
-        "rbees: error: gpu1: the http transport cannot run 'rbees-pool models verify' (it "
-        "carries status, models list, models download, worker spawn, worker list, worker "
-        "stop); use an ssh host for it"]
+        "rbees: error: gpu1: the http transport cannot run models verify; use an ssh or "
+        "local host for it"]

@@ -158,25 +158,22 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
         import asyncio
 
         from rbees_core import __version__
-        from rbees_core.errors import RbeesError
-        from rbees_core.hosts import open_transport, select_hosts
+        from rbees_core.errors import PoolCommandError, RbeesError
+        from rbees_core.hosts import open_pool_client, select_hosts
 
         async def probe(host: Any) -> dict[str, Any]:
             row = {"name": host.name, "transport": host.transport, "where": host.where,
                    "reachable": False, "version": None, "problem": None}
             try:
-                async with open_transport(pm, host) as transport:
-                    result = await transport.run(["--version"])
+                async with open_pool_client(pm, host) as client:
+                    version = await client.version()
+            except PoolCommandError as exc:  # it answered, but not as rbees-pool does
+                return {**row, "reachable": True, "problem": exc.message}
             except RbeesError as exc:
                 return {**row, "problem": exc.message}
-            words = result.stdout.split()
-            if result.exit_code != 0 or len(words) != 2 or words[0] != "rbees-pool":
-                problem = (result.stderr.strip().splitlines() or [result.stdout.strip()])[-1]
-                return {**row, "reachable": True, "problem": f"{host.name}: rbees-pool --version "
-                                                             f"failed: {problem}"}
-            row.update(reachable=True, version=words[1])
-            if words[1] != __version__:
-                row["problem"] = (f"{host.name}: version mismatch: rbees-pool {words[1]} there, "
+            row.update(reachable=True, version=version)
+            if version != __version__:
+                row["problem"] = (f"{host.name}: version mismatch: rbees-pool {version} there, "
                                   f"rbees {__version__} here")
             return row
 

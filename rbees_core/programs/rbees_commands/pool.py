@@ -1,49 +1,35 @@
-"""``rbees pool status|models ...|worker ...|git ... --host NAME|all``: rbees-pool on pool hosts.
+"""``rbees pool status|models ...|worker ...|git ... --host NAME|all``: the pools on hosts.
 
-The commands are rbees-pool's own (its builtin groups ``status``, ``models``, ``worker``,
-``git``), taken from their definitions with an added ``--host`` and ``--host-timeout``, so
-both CLIs take the same arguments. Each runs ``rbees-pool ... --format json`` on the host
-through the host's transport (:mod:`rbees_core.hosts`) and renders the JSON here with
-rbees-pool's own text renderers (``TEXT_RENDERERS`` of each command module), or prints it
-with ``--format json``. A download's JSON progress lines are shown as they arrive; the remote
-exit code becomes ours. ``--host all`` runs on every host at once and exits 1 naming the
-hosts that failed; the others still answer.
+The commands take rbees-pool's own arguments plus ``--host`` and ``--host-timeout``. Each
+calls one operation of the host's typed pool client (:mod:`rbees_core.pool_client`, from
+the host's transport: ssh, http, local) and renders the answer with rbees-pool's own text
+renderers, or prints it with ``--format json``; how that runs on one host or on all of them
+is :mod:`rbees_core.programs.rbees_commands.pool_runner`. A download's progress is shown as
+it arrives; a failed command's remote exit code becomes ours.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
-import re
-import sys
-from collections.abc import Callable, Sequence
-from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pluggy
 import typer
-from typer.models import ArgumentInfo, DefaultPlaceholder, OptionInfo
 
 from rbees_core.hookspecs import hookimpl
-from rbees_core.programs.cli_common import (
-    OutputFormat,
-    TerminalProgress,
-    print_json,
-    print_table,
-)
+from rbees_core.programs.cli_common import FormatOption, OutputFormat, TerminalProgress
+from rbees_core.programs.pool_commands import git as git_cli
+from rbees_core.programs.pool_commands import models as models_cli
+from rbees_core.programs.pool_commands import status as status_cli
+from rbees_core.programs.pool_commands import worker as worker_cli
+from rbees_core.programs.rbees_commands.pool_runner import Operation, plain, run_on
 
 if TYPE_CHECKING:
-    from rbees_core.hosts import HostConfig
-    from rbees_core.interfaces import TransportResult
+    from rbees_core.errors import RbeesError
+    from rbees_core.interfaces import DownloadProgress
+    from rbees_core.pool_client import PoolClient
 
 PROGRAM = "rbees"
-#: rbees-pool's command groups that ``rbees pool`` carries to hosts (see pool_cli.BUILTINS).
-MIRRORED = ("pool-status", "pool-models", "pool-worker", "pool-git")
-#: Commands that print one JSON object per line as they go (progress, then end or error).
-STREAMED = frozenset({("models", "download")})
-#: Arguments checked here before anything is sent: model refs and paths, worker ids.
-_REFS = frozenset({"model", "checkout", "paths"})
 
 HostOption = Annotated[str, typer.Option(
     "--host", metavar="NAME", help="The pool host (rbees hosts list), or all.")]
@@ -51,320 +37,322 @@ HostTimeoutOption = Annotated[float | None, typer.Option(
     "--host-timeout", min=0.1, metavar="SECONDS",
     help="Give up on a host after this long (default: no limit once connected; connecting "
          "always times out after the host's connect_timeout_s, 10 s).")]
+ModelArg = models_cli.ModelArg
+CheckoutOption = git_cli.CheckoutOption
+WorkerIdArg = Annotated[str, typer.Argument(help="Worker id")]
 
 
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, DefaultPlaceholder) else value
+def _run(pm: pluggy.PluginManager, op: Operation, host: str, fmt: OutputFormat | None,
+         timeout: float | None) -> None:
+    code = run_on(pm, op, host=host, fmt=fmt, timeout=timeout)
+    if code:
+        raise typer.Exit(code)
 
 
-def _param_info(annotation: Any) -> OptionInfo | ArgumentInfo | None:
-    if get_origin(annotation) is Annotated:
-        for extra in get_args(annotation)[1:]:
-            if isinstance(extra, OptionInfo | ArgumentInfo):
-                return extra
-    return None
+def _status(pm: pluggy.PluginManager, app: typer.Typer) -> None:
+    @app.command("status")
+    def status_command(fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+                       host_timeout: HostTimeoutOption = None) -> None:
+        """Show the host's devices, the models on disk and the workers."""
+        async def call(c: PoolClient) -> Any:
+            return await c.status()
+
+        _run(pm, Operation(call, status_cli.print_text), host, fmt, host_timeout)
 
 
-def _option_names(param: inspect.Parameter, info: OptionInfo | None) -> list[str]:
-    decls: list[str] = []
-    if info is not None:
-        # in Annotated, typer takes Option's first positional argument as the first name
-        if isinstance(info.default, str) and info.default.startswith("-"):
-            decls.append(info.default)
-        decls += list(info.param_decls or ())
-    names = [name for decl in decls for name in decl.split("/")]
-    return names or [f"--{param.name.replace('_', '-')}"]
+def _verify_failed(rows: list[dict[str, Any]]) -> RbeesError | None:
+    from rbees_core.errors import ChecksumMismatchError
+
+    bad = [r for r in rows if r.get("ok") is False]
+    if not bad:
+        return None
+    return ChecksumMismatchError(f"{bad[0]['path']}: sha256 {bad[0]['sha256']} differs from "
+                                 f"the expected {bad[0]['expected_sha256']}")
 
 
-def _text(value: Any) -> str:
-    return str(value.value if isinstance(value, Enum) else value)
-
-
-def _check(name: str, value: Any) -> None:
-    from rbees_core.api.common import ID_PATTERN
-    from rbees_core.errors import InvalidParamsError
-    from rbees_core.refs import validate_ref
-
-    for item in value if isinstance(value, list) else [value]:
-        if not isinstance(item, str):
-            continue
-        if "\x00" in item or "\n" in item:
-            raise InvalidParamsError(name, "must not contain NUL or newlines")
-        if name in _REFS:
-            validate_ref(item, name)
-        elif name == "worker_id" and not re.fullmatch(ID_PATTERN, item):
-            raise InvalidParamsError(name, f"{item!r} is not a worker id")
-
-
-def remote_argv(path: Sequence[str], signature: inspect.Signature, values: dict[str, Any],
-                *, json_output: bool) -> list[str]:
-    """rbees-pool's argv for a command at ``path`` called with ``values``: options that
-    differ from their defaults, ``--format json``, then ``--`` and the positional arguments.
-    Refuses a model ref or path with shell syntax, or a malformed worker id, before anything
-    is sent."""
-    options: list[str] = []
-    positional: list[str] = []
-    for param in signature.parameters.values():
-        if param.name == "fmt":
-            continue
-        value = values[param.name]
-        _check(param.name, value)
-        info = _param_info(param.annotation)
-        if isinstance(info, ArgumentInfo):
-            if value is not None:
-                positional += [_text(v) for v in value] if isinstance(value, list) else [
-                    _text(value)]
-            continue
-        if value is None or value == param.default:
-            continue
-        names = _option_names(param, info)
-        longs = [n for n in names if n.startswith("--")] or names
-        if isinstance(value, bool):
-            negative = next((n for n in longs if n.startswith("--no-")), None)
-            if value:
-                options.append(longs[0])
-            elif negative:
-                options.append(negative)
-            continue
-        for item in value if isinstance(value, list) else [value]:
-            options += [longs[0], _text(item)]
-    if json_output:
-        options += ["--format", "json"]
-    return [*path, *options, *(["--", *positional] if positional else [])]
-
-
-# -- output ----------------------------------------------------------------------------------
-
-
-def _renderers() -> dict[tuple[str, ...], Callable[[Any], None]]:
-    from rbees_core.programs import pool_cli
-
-    found: dict[tuple[str, ...], Callable[[Any], None]] = {}
-    for name, module in pool_cli.BUILTINS:
-        if name in MIRRORED:
-            found.update(getattr(importlib.import_module(module), "TEXT_RENDERERS", {}))
-    return found
-
-
-def render_text(path: tuple[str, ...], data: Any) -> None:
-    """Print a command's JSON the way rbees-pool prints it as text."""
-    renderer = _renderers().get(path)
-    if renderer is not None:
-        renderer(data)
-    elif isinstance(data, list) and all(isinstance(row, dict) for row in data) and data:
-        print_table(data, list(data[0]))
-    else:
-        print_json(data)
-
-
-def _parse(host: str, stdout: str) -> Any:
-    from rbees_core.errors import TransportError
-
-    try:
-        return json.loads(stdout)
-    except ValueError:
-        raise TransportError(f"{host}: rbees-pool printed something that is not JSON: "
-                             f"{stdout.strip()[:200]!r}") from None
-
-
-def _stderr_line(host: str, line: str) -> str:
-    prefix = "rbees-pool: error: "
-    if line.startswith(prefix):
-        return f"{PROGRAM}: error: {host}: {line[len(prefix):]}"
-    return f"{host}: {line}"
-
-
-class _Printer:
-    """Shows one host's output as it arrives (streamed commands, commands without JSON) or
-    once it is complete."""
-
-    def __init__(self, path: tuple[str, ...], fmt: OutputFormat | None, host: str,
-                 label: str) -> None:
-        self.path, self.fmt, self.host = path, fmt, host
-        self.bar = TerminalProgress(label) if fmt is OutputFormat.text else None
-
-    def line(self, line: str) -> None:
-        if self.fmt is None:
-            print(line, flush=True)
-        elif self.path in STREAMED and line.strip():
-            event = _parse(self.host, line)
-            if self.fmt is OutputFormat.json:
-                print(line, flush=True)
-            elif event.get("event") == "progress" and self.bar is not None:
-                self.bar(event["bytes_done"], event["bytes_total"], event.get("rate_bps", 0),
-                         event.get("stage", "download"))
-            elif event.get("event") == "end":
-                self.close()
-                render_text(self.path, event)
-
-    def stderr(self, line: str) -> None:
-        print(_stderr_line(self.host, line), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def finish(self, stdout: str) -> None:
-        self.close()
-        if self.fmt is None or self.path in STREAMED or not stdout.strip():
-            return
-        data = _parse(self.host, stdout)
-        if self.fmt is OutputFormat.json:
-            print_json(data)
-        else:
-            render_text(self.path, data)
-
-
-async def _run_on(pm: pluggy.PluginManager, host: HostConfig, argv: list[str],
-                  timeout: float | None, printer: _Printer | None = None) -> TransportResult:
-    import asyncio
-
-    from rbees_core.errors import TransportError
-    from rbees_core.hosts import open_transport
-
-    async with open_transport(pm, host) as transport:
-        call = transport.run(argv, on_line=printer.line if printer else None,
-                             on_stderr=printer.stderr if printer else None)
-        try:
-            return await asyncio.wait_for(call, timeout)
-        except TimeoutError:
-            raise TransportError(f"{host.name}: no answer within {timeout:g} s "
-                                 "(--host-timeout)") from None
-
-
-def run_remote(pm: pluggy.PluginManager, path: tuple[str, ...], argv: list[str], *,
-               host: str, fmt: OutputFormat | None, timeout: float | None, label: str) -> int:
-    """Run rbees-pool ``argv`` on ``host`` (a name or ``all``), print what it printed;
-    returns the exit code."""
-    import asyncio
-
-    from rbees_core.hosts import ALL, select_hosts
-
-    targets = select_hosts(host)
-    try:
-        if host != ALL:
-            printer = _Printer(path, fmt, targets[0].name, label)
-            try:
-                result = asyncio.run(_run_on(pm, targets[0], argv, timeout, printer))
-            finally:
-                printer.close()
-            printer.finish(result.stdout)
-            return int(result.exit_code)
-        return asyncio.run(_run_everywhere(pm, path, targets, argv, fmt, timeout))
-    except KeyboardInterrupt:
-        print(f"{PROGRAM}: interrupted", file=sys.stderr)
-        return 130
-
-
-async def _run_everywhere(pm: pluggy.PluginManager, path: tuple[str, ...],
-                          targets: list[HostConfig],
-                          argv: list[str], fmt: OutputFormat | None,
-                          timeout: float | None) -> int:
-    import asyncio
-
+def _download(model: str, force: bool, fmt: OutputFormat, streaming: bool) -> Operation:
+    """``models download``: progress as it arrives on one host (a bar, or JSON lines)."""
     from rbees_core.errors import RbeesError
 
-    async def one(host: HostConfig) -> tuple[TransportResult | None, Any, str | None]:
-        """The host's result, its JSON, and what went wrong there (None when all went well)."""
-        try:
-            result = await _run_on(pm, host, argv, timeout)
-            lines = result.stdout.strip().splitlines()
-            data = None if fmt is None or not lines else _parse(
-                host.name, lines[-1] if path in STREAMED else result.stdout)
-        except RbeesError as exc:
-            return None, None, exc.message
-        if result.exit_code == 0:
-            return result, data, None
-        last = (result.stderr.strip().splitlines() or [f"exit {result.exit_code}"])[-1]
-        return result, data, f"{host.name}: {last.removeprefix('rbees-pool: error: ')}"
+    def end_json(end: Any) -> dict[str, Any]:
+        return {"event": "end", **plain(end)}
 
-    answers = await asyncio.gather(*(one(h) for h in targets))
-    report: dict[str, Any] = {}
-    failed: list[str] = []
-    for host, (result, data, error) in zip(targets, answers, strict=True):
-        if error:
-            failed.append(host.name)
-        report[host.name] = {"ok": error is None,
-                             "exit_code": None if result is None else result.exit_code,
-                             "result": data, "error": error}
+    def progress(p: DownloadProgress) -> None:
         if fmt is OutputFormat.json:
-            continue
-        print(f"== {host.name} ({host.where}) ==", flush=True)
-        if error:
-            print(f"{PROGRAM}: error: {error}", file=sys.stderr, flush=True)
-        elif fmt is None and result is not None:
-            print(result.stdout, end="")
-        elif data is not None:
-            render_text(path, data)
-    if fmt is OutputFormat.json:
-        print_json(report)
-    if failed:
-        print(f"{PROGRAM}: error: failed on {len(failed)} of {len(targets)} hosts: "
-              f"{', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+            print(json.dumps({"event": "progress", "stage": p.stage,
+                              "bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
+                              "rate_bps": round(p.rate_bps)}), flush=True)
+        elif bar is not None:
+            bar(p.bytes_done, p.bytes_total, p.rate_bps, p.stage)
+
+    bar = TerminalProgress(model) if streaming and fmt is OutputFormat.text else None
+
+    async def call(c: PoolClient) -> Any:
+        try:
+            return await c.models_download(model, force=force,
+                                           progress=progress if streaming else None)
+        except RbeesError as exc:
+            if streaming and fmt is OutputFormat.json:
+                print(json.dumps({"event": "error", "code": exc.code, "message": exc.message,
+                                  "retriable": exc.retriable}), flush=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+
+    return Operation(call, lambda end: models_cli.print_downloaded({**end, "event": "end"}),
+                     as_json=end_json, json_lines=True)
 
 
-# -- the command tree ------------------------------------------------------------------------
+def _models(pm: pluggy.PluginManager, app: typer.Typer) -> None:
+    group = typer.Typer(name="models", no_args_is_help=True,
+                        help="The model catalog and the models on this host.")
+
+    @group.command("catalog")
+    def catalog_command(fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+                        host_timeout: HostTimeoutOption = None) -> None:
+        """List the models rbees knows by id, and whether each is on this host."""
+        async def call(c: PoolClient) -> Any:
+            return await c.models_catalog()
+
+        _run(pm, Operation(call, models_cli.print_catalog), host, fmt, host_timeout)
+
+    @group.command("list")
+    def list_command(fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+                     host_timeout: HostTimeoutOption = None) -> None:
+        """List the models on this host (downloaded, and provided by installed packages)."""
+        async def call(c: PoolClient) -> Any:
+            return await c.models_list()
+
+        _run(pm, Operation(call, models_cli.print_list), host, fmt, host_timeout)
+
+    @group.command("download")
+    def download_command(
+        model: ModelArg,
+        force: Annotated[bool, typer.Option(
+            "--force", help="Download again even if the model is already here.")] = False,
+        fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+        host_timeout: HostTimeoutOption = None,
+    ) -> None:
+        """Download a model, resuming an interrupted download, and verify its sha256.
+
+        A progress bar shows on a terminal, nothing on a pipe; --format json writes JSON
+        lines: {"event": "progress", ...} then {"event": "end", ...} (or "error").
+        """
+        from rbees_core.hosts import ALL
+
+        _run(pm, _download(model, force, fmt, streaming=host != ALL), host, fmt,
+             host_timeout)
+
+    @group.command("info")
+    def info_command(model: ModelArg, fmt: FormatOption = OutputFormat.text, *,
+                     host: HostOption, host_timeout: HostTimeoutOption = None) -> None:
+        """Show a model's catalog entry and its copies on this host."""
+        async def call(c: PoolClient) -> Any:
+            return await c.models_info(model)
+
+        _run(pm, Operation(call, models_cli.print_info), host, fmt, host_timeout)
+
+    @group.command("verify")
+    def verify_command(model: ModelArg, fmt: FormatOption = OutputFormat.text, *,
+                       host: HostOption, host_timeout: HostTimeoutOption = None) -> None:
+        """Hash a model's local copies and compare with their known sha256 (exit 1 if one
+        differs)."""
+        async def call(c: PoolClient) -> Any:
+            return await c.models_verify(model)
+
+        _run(pm, Operation(call, models_cli.print_verify, check=_verify_failed), host, fmt,
+             host_timeout)
+
+    @group.command("rm")
+    def rm_command(
+        model: ModelArg,
+        force: Annotated[bool, typer.Option(
+            "--force", help="Remove it even if a running worker has it loaded.")] = False,
+        fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+        host_timeout: HostTimeoutOption = None,
+    ) -> None:
+        """Delete a downloaded model from this host."""
+        async def call(c: PoolClient) -> Any:
+            return await c.models_remove(model, force=force)
+
+        _run(pm, Operation(call, models_cli.print_removed), host, fmt, host_timeout)
+
+    app.add_typer(group)
 
 
-def _mirror(pm: pluggy.PluginManager, path: tuple[str, ...], callback: Callable[..., Any]
-            ) -> Callable[..., None]:
-    """A command taking ``callback``'s arguments plus ``--host`` that runs it on hosts."""
-    signature = inspect.signature(callback, eval_str=True)
-    json_output = "fmt" in signature.parameters
-    extra = [inspect.Parameter("host", inspect.Parameter.KEYWORD_ONLY, annotation=HostOption),
-             inspect.Parameter("host_timeout", inspect.Parameter.KEYWORD_ONLY, default=None,
-                               annotation=HostTimeoutOption)]
+def _workers(pm: pluggy.PluginManager, app: typer.Typer) -> None:
+    group = typer.Typer(name="worker", help="Start, list, stop workers on this host.",
+                        no_args_is_help=True)
 
-    def command(**values: Any) -> None:
-        host, timeout = values.pop("host"), values.pop("host_timeout")
-        fmt = values.get("fmt") if json_output else None
-        argv = remote_argv(path, signature, values, json_output=json_output)
-        label = str(values.get("model") or " ".join(path))
-        code = run_remote(pm, path, argv, host=host, fmt=fmt, timeout=timeout, label=label)
-        if code:
-            raise typer.Exit(code)
+    @group.command("spawn")
+    def spawn_command(
+        kind: Annotated[str, typer.Argument(help="cpu, cuda or metal")],
+        model: Annotated[str, typer.Option("--model", help="Catalog id or model reference")],
+        device: Annotated[int | None, typer.Option("--device", min=0,
+                                                   help="GPU index (cuda, metal)")] = None,
+        port: Annotated[int | None, typer.Option("--port", min=8001, max=8999)] = None,
+        slots: Annotated[int, typer.Option("--slots", min=1, max=64)] = 1,
+        ctx: Annotated[int | None, typer.Option("--ctx", min=16)] = None,
+        backend: Annotated[str, typer.Option("--backend", help="llamacpp or torch")
+                           ] = "llamacpp",
+        timeout: Annotated[float, typer.Option("--timeout", min=1, help="Ready wait, s")
+                           ] = 60.0,
+        fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+        host_timeout: HostTimeoutOption = None,
+    ) -> None:
+        """Preflight, start a worker in the background and wait until it is ready."""
+        from rbees_core.api.pool import WorkerStartRequest
+        from rbees_core.errors import InvalidParamsError
 
-    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[*signature.parameters.values(), *extra], return_annotation=None)
-    command.__annotations__ = {p.name: p.annotation for p in [
-        *signature.parameters.values(), *extra]}
-    command.__doc__ = callback.__doc__
-    command.__name__ = callback.__name__
-    return command
+        if kind not in ("cpu", "cuda", "metal", "mps"):
+            raise InvalidParamsError("kind", "must be cpu, cuda, metal or mps")
+        request = WorkerStartRequest(model_ref=model, backend=backend, slots=slots, ctx=ctx,
+                                     device=kind if device is None else f"{kind}:{device}")
+
+        async def call(c: PoolClient) -> Any:
+            return await c.worker_start(request, port=port, timeout_s=timeout)
+
+        _run(pm, Operation(call, worker_cli.print_spawned), host, fmt, host_timeout)
+
+    @group.command("list")
+    def list_command(fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+                     host_timeout: HostTimeoutOption = None) -> None:
+        """Workers on this host with their live state; dead processes show as dead."""
+        async def call(c: PoolClient) -> Any:
+            return await c.worker_list()
+
+        _run(pm, Operation(call, worker_cli.print_list), host, fmt, host_timeout)
+
+    @group.command("stop")
+    def stop_command(
+        worker_id: Annotated[str | None, typer.Argument(help="Worker to stop")] = None,
+        all_: Annotated[bool, typer.Option("--all", help="Stop every worker")] = False,
+        grace: Annotated[float | None, typer.Option(
+            "--grace", min=0, help="Drain time before SIGKILL (default: 30 s; over http, the "
+                                   "pool's own)")] = None,
+        fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+        host_timeout: HostTimeoutOption = None,
+    ) -> None:
+        """Drain and stop workers (SIGKILL after the grace period)."""
+        from rbees_core.errors import InvalidParamsError
+
+        if all_ == (worker_id is not None):
+            raise InvalidParamsError("worker_id", "give a worker id or --all")
+
+        async def call(c: PoolClient) -> Any:
+            if worker_id is None:
+                return await c.worker_stop_all(grace_s=grace)
+            return [await c.worker_stop(worker_id, grace_s=grace)]
+
+        _run(pm, Operation(call, worker_cli.print_stopped), host, fmt, host_timeout)
+
+    @group.command("logs")
+    def logs_command(
+        worker_id: Annotated[str, typer.Argument(help="Worker whose log to show")],
+        follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines")
+                          ] = False,
+        lines: Annotated[int, typer.Option("--lines", "-n", min=1)] = 50,
+        *, host: HostOption, host_timeout: HostTimeoutOption = None,
+    ) -> None:
+        """Print a worker's log (JSON lines), optionally following it."""
+        from rbees_core.hosts import ALL
+
+        def echo(line: str) -> None:
+            print(line, flush=True)
+
+        streaming = host != ALL
+
+        async def call(c: PoolClient) -> Any:
+            return await c.worker_logs(worker_id, lines=lines, follow=follow,
+                                       on_line=echo if streaming else None)
+
+        def render(got: list[str]) -> None:
+            if not streaming:
+                for line in got:
+                    echo(line)
+
+        _run(pm, Operation(call, render), host, None, host_timeout)
+
+    app.add_typer(group)
 
 
-def _copy_group(pm: pluggy.PluginManager, source: typer.Typer, target: typer.Typer,
-                path: tuple[str, ...]) -> None:
-    for info in source.registered_commands:
-        assert info.callback is not None
-        name = info.name or info.callback.__name__.lower().replace("_", "-")
-        target.command(name, help=info.help)(_mirror(pm, (*path, name), info.callback))
-    for group in source.registered_groups:
-        sub = group.typer_instance
-        assert sub is not None
-        name = _plain(group.name) or _plain(sub.info.name)
-        copy = typer.Typer(name=name, help=_plain(group.help) or _plain(sub.info.help),
-                           no_args_is_help=True)
-        _copy_group(pm, sub, copy, (*path, name))
-        target.add_typer(copy)
+def _git(pm: pluggy.PluginManager, app: typer.Typer) -> None:
+    group = typer.Typer(name="git", no_args_is_help=True,
+                        help="The pool's git checkout ([pool] checkout) and its submodules.")
+    subs = typer.Typer(name="submodules", no_args_is_help=True,
+                       help="List, inspect and update the checkout's submodules.")
+
+    @group.command("status")
+    def status_command(checkout: CheckoutOption = None, fmt: FormatOption = OutputFormat.text,
+                       *, host: HostOption, host_timeout: HostTimeoutOption = None) -> None:
+        """Show the checkout's branch, commit, upstream and local changes."""
+        async def call(c: PoolClient) -> Any:
+            return await c.git_status(checkout=checkout)
+
+        _run(pm, Operation(call, git_cli.print_status), host, fmt, host_timeout)
+
+    @group.command("pull")
+    def pull_command(checkout: CheckoutOption = None, fmt: FormatOption = OutputFormat.text,
+                     *, host: HostOption, host_timeout: HostTimeoutOption = None) -> None:
+        """Fast-forward the checkout from its upstream and update its submodules.
+
+        Refuses uncommitted changes, a detached HEAD and a branch without upstream.
+        """
+        async def call(c: PoolClient) -> Any:
+            return await c.git_pull(checkout=checkout)
+
+        _run(pm, Operation(call, git_cli.print_pull), host, fmt, host_timeout)
+
+    @subs.command("list")
+    def submodules_list(checkout: CheckoutOption = None,
+                        fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+                        host_timeout: HostTimeoutOption = None) -> None:
+        """List the submodules declared in .gitmodules."""
+        async def call(c: PoolClient) -> Any:
+            return await c.git_submodules(checkout=checkout)
+
+        _run(pm, Operation(call, git_cli.print_submodules), host, fmt, host_timeout)
+
+    @subs.command("status")
+    def submodules_status(checkout: CheckoutOption = None,
+                          fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+                          host_timeout: HostTimeoutOption = None) -> None:
+        """Show each submodule's state (ok, uninitialized, modified, conflict) and commit."""
+        async def call(c: PoolClient) -> Any:
+            return await c.git_submodule_status(checkout=checkout)
+
+        _run(pm, Operation(call, git_cli.print_submodule_states), host, fmt, host_timeout)
+
+    @subs.command("update")
+    def submodules_update(
+        paths: Annotated[list[str] | None, typer.Argument(
+            metavar="[PATH]...", help="Submodule paths (default: all).")] = None,
+        remote: Annotated[bool, typer.Option(
+            "--remote", help="Move to the tip of each submodule's remote branch instead of "
+                             "the recorded commit.")] = False,
+        checkout: CheckoutOption = None,
+        fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+        host_timeout: HostTimeoutOption = None,
+    ) -> None:
+        """Initialise and check out submodules at their recorded commits."""
+        async def call(c: PoolClient) -> Any:
+            return await c.git_submodule_update(paths or [], remote=remote,
+                                                checkout=checkout)
+
+        _run(pm, Operation(call, git_cli.print_submodule_states), host, fmt, host_timeout)
+
+    group.add_typer(subs)
+    app.add_typer(group)
 
 
 def pool_app(pm: pluggy.PluginManager) -> typer.Typer:
-    """The ``pool`` group: rbees-pool's builtin status, models, worker and git commands."""
-    from rbees_core import plugins
-    from rbees_core.programs import pool_cli
-
-    source = typer.Typer()
-    modules = [(name, importlib.import_module(module))
-               for name, module in reversed(pool_cli.BUILTINS) if name in MIRRORED]
-    plugins.make_manager(modules, autoload=False).hook.rbees_register_cli(
-        app=source, program=pool_cli.PROGRAM, pm=pm)
+    """The ``pool`` group: rbees-pool's status, models, worker and git commands on hosts."""
     app = typer.Typer(name="pool", no_args_is_help=True, help=(
         "Run rbees-pool's commands on pool hosts (--host NAME or all), over each host's "
         "transport (ssh, http, local)."))
-    _copy_group(pm, source, app, ())
+    for add in (_status, _models, _workers, _git):
+        add(pm, app)
     return app
 
 
@@ -372,3 +360,4 @@ def pool_app(pm: pluggy.PluginManager) -> typer.Typer:
 def rbees_register_cli(app: typer.Typer, program: str, pm: pluggy.PluginManager) -> None:
     if program == PROGRAM:
         app.add_typer(pool_app(pm))
+

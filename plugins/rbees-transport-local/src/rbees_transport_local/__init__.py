@@ -12,7 +12,7 @@ from rbees_core.hookspecs import hookimpl
 from rbees_core.plugins import lazy_exports
 
 if TYPE_CHECKING:
-    from rbees_core.interfaces import Transport
+    from rbees_core.transport import Transport
     from rbees_transport_local.transport import LINE_LIMIT, LocalTransport
 
 __all__ = ["LINE_LIMIT", "LocalTransport"]

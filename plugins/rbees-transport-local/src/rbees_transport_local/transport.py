@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from rbees_core.errors import RemoteProgramMissingError
 from rbees_core.hosts import DEFAULT_REMOTE_POOL, read_lines
-from rbees_core.interfaces import LineCallback, Transport, TransportResult
+from rbees_core.transport import LineCallback, Transport, TransportResult
 
 #: Longest output line read (JSON lines of progress are short; a status is pretty-printed).
 LINE_LIMIT = 16 * 1024 * 1024

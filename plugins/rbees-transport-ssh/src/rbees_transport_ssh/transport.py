@@ -16,7 +16,7 @@ from rbees_core.errors import (
     TransportError,
 )
 from rbees_core.hosts import Destination, HostConfig, known_hosts_file, read_lines, record_host_key
-from rbees_core.interfaces import LineCallback, Transport, TransportResult
+from rbees_core.transport import LineCallback, Transport, TransportResult
 
 if TYPE_CHECKING:
     import asyncssh
