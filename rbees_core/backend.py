@@ -14,11 +14,41 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import attrs
 
 MemoryKind = Literal["vram", "unified", "ram"]
+#: Compute buffers and runtime overhead on top of weights and KV cache, when a backend
+#: knows no better.
+OVERHEAD_BYTES = 128 * 1024**2
+
+
+@attrs.frozen
+class MemoryEstimate:
+    """What a model will hold on its device once loaded, predicted before loading it.
+
+    Made by :meth:`Backend.estimate_memory`; the pool's preflight compares :attr:`total_bytes`
+    with the device's free memory and reserves it for the worker while it loads.
+    """
+
+    weights_bytes: int
+    kv_cache_bytes: int = 0
+    overhead_bytes: int = OVERHEAD_BYTES
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+    @classmethod
+    def on_disk(cls, path: str | Path) -> MemoryEstimate:
+        """The model's size on disk (a file, or every file of a folder) plus
+        :data:`OVERHEAD_BYTES`: the estimate when the backend has none."""
+        p = Path(path)
+        size = p.stat().st_size if p.is_file() else sum(
+            f.stat().st_size for f in p.rglob("*") if f.is_file())
+        return cls(weights_bytes=size)
 
 
 def split_device(device: str, backend: str | None = None) -> tuple[str, int]:
@@ -137,6 +167,23 @@ class Backend(ABC):
     def available_devices(cls) -> list[str]:
         """Device kinds usable here (``cpu``, ``cuda``, ``metal``, ``mps``)."""
         return ["cpu"]
+
+    def estimate_memory(self, path: str, *, device: str, slots: int, ctx: int | None
+                        ) -> MemoryEstimate | None:
+        """Memory ``path`` will hold on ``device`` once loaded for ``slots`` sequences of
+        ``ctx`` tokens each (None: the context :meth:`load` would choose), without loading
+        it: read headers and metadata only, this runs before a worker starts.
+
+        Called by: the pool's worker preflight (:func:`rbees_core.pool.workers.preflight`,
+        for ``rbees-pool worker spawn`` and pool-managerd's ``POST /v2/workers/start``),
+        which refuses a worker that does not fit with ``INSUFFICIENT_RAM``/``_VRAM``. The
+        default, None, means the backend cannot tell: the pool then counts the model's
+        size on disk (:meth:`MemoryEstimate.on_disk`).
+
+        Raises: :class:`rbees_core.errors.ModelLoadError` when the file cannot be a model
+        of this backend (a damaged header).
+        """
+        return None
 
     @abstractmethod
     def load(

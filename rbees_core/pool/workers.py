@@ -24,6 +24,7 @@ import attrs
 import pluggy
 
 from rbees_core import plugins
+from rbees_core.backend import MemoryEstimate
 from rbees_core.config import auth_headers, rbees_home
 from rbees_core.errors import (
     BackendUnavailableError,
@@ -36,9 +37,6 @@ from rbees_core.errors import (
 from rbees_core.models import resolve_model
 
 PORT_RANGE = range(8001, 9000)
-DEFAULT_CTX = 4096
-#: Compute buffers and runtime overhead on top of weights and KV cache.
-OVERHEAD_BYTES = 128 * 1024**2
 #: Share of the free memory a new worker may plan to use.
 FIT_SHARE = 0.9
 
@@ -138,32 +136,13 @@ def log_path(worker_id: str) -> Path:
 # -- preflight -----------------------------------------------------------------------------
 
 
-def gguf_memory_estimate(path: str, *, slots: int, ctx: int | None) -> int:
-    """Weights plus KV cache plus overhead, from the GGUF metadata (no tensor data read)."""
-    size = Path(path).stat().st_size if Path(path).is_file() else _folder_size(Path(path))
-    if not path.endswith(".gguf"):
-        return size + OVERHEAD_BYTES
-    from rbees_core.gguf_meta import read_metadata
-
-    meta = read_metadata(path)
-    arch = str(meta.get("general.architecture", "llama"))
-
-    def value(key: str) -> int | None:
-        raw = meta.get(f"{arch}.{key}")
-        return int(raw) if isinstance(raw, int | float) else None
-
-    layers = value("block_count") or 0
-    embd = value("embedding_length") or 0
-    heads = value("attention.head_count") or 1
-    kv_heads = value("attention.head_count_kv") or heads
-    trained = value("context_length") or DEFAULT_CTX
-    per_slot = ctx or min(trained, DEFAULT_CTX)
-    kv = 2 * layers * per_slot * slots * (embd * kv_heads // heads) * 2  # f16 K and V
-    return size + kv + OVERHEAD_BYTES
-
-
-def _folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def estimate_memory(pm: pluggy.PluginManager, req: SpawnRequest, path: str) -> int:
+    """Bytes the worker of ``req`` will hold once loaded, as its backend predicts
+    (:meth:`rbees_core.backend.Backend.estimate_memory`), or the model's size on disk plus
+    overhead when the backend cannot tell. Raises what the backend raises."""
+    backend = plugins.backends(pm)[req.backend]()
+    estimate = backend.estimate_memory(path, device=req.device, slots=req.slots, ctx=req.ctx)
+    return (estimate or MemoryEstimate.on_disk(path)).total_bytes
 
 
 def ram_free_bytes() -> int:
@@ -218,7 +197,7 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
         raise BackendUnavailableError(
             f"backend {req.backend!r} cannot use {kind!r} here (available: "
             f"{', '.join(available)})", details={"backend": req.backend, "device": req.device})
-    need = gguf_memory_estimate(path, slots=req.slots, ctx=req.ctx)
+    need = estimate_memory(pm, req, path)
     free, memory_kind = device_free_bytes(pm, req.device)
     if free is not None and need > (free - reserved_bytes) * FIT_SHARE:
         error = InsufficientMemoryError if memory_kind == "ram" else InsufficientVramError

@@ -93,3 +93,29 @@ def test_unavailable_device_and_bad_file(tmp_path: object) -> None:
     with pytest.raises(ModelLoadError):
         LlamaCppBackend().load(bad, device="cpu", slots=1, ctx=None, threads=1,
                                progress=lambda s, f: None)
+
+
+def test_memory_estimate_reads_the_gguf_metadata_only(tmp_path: object) -> None:
+    """The pool's preflight numbers for the embedded SmolLM2 (98 MB; 30 layers, 576 wide,
+    3 of 9 heads for K and V, trained on 8192 tokens): the file, an f16 K and V cache of
+    min(8192, 4096) tokens or ``ctx`` per slot, and 128 MiB of overhead."""
+    from rbees_core.backend import OVERHEAD_BYTES
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+
+    path = resolve_model(plugins.make_manager(), DEFAULT_MODEL_REF)
+    backend = LlamaCppBackend()
+    one = backend.estimate_memory(path, device="cpu", slots=1, ctx=None)
+    assert one is not None and one.overhead_bytes == OVERHEAD_BYTES
+    assert one.weights_bytes == 98_362_432
+    assert one.kv_cache_bytes == 2 * 30 * 4096 * (576 * 3 // 9) * 2
+    assert one.total_bytes == 326_952_000
+    two = backend.estimate_memory(path, device="cuda:0", slots=2, ctx=None)
+    assert two is not None and two.total_bytes == 421_323_840
+    big = backend.estimate_memory(path, device="cpu", slots=64, ctx=1_000_000)
+    assert big is not None and big.total_bytes == 1_474_792_580_160
+    assert backend.estimate_memory(f"{tmp_path}", device="cpu", slots=1, ctx=None) is None
+    bad = f"{tmp_path}/bad.gguf"
+    with open(bad, "wb") as f:
+        f.write(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(ModelLoadError, match="damaged GGUF metadata"):
+        backend.estimate_memory(bad, device="cpu", slots=1, ctx=None)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rbees_backend_torch.backend import TorchBackend
 
 from rbees_core.testing import WorkerHandle
 
@@ -56,3 +57,9 @@ def test_a_safetensors_folder_serves_the_same_text(
     assert text.strip()
     # Same weights and seed in another process (loaded from the GGUF): the same text.
     assert gguf_worker.text({"job_id": "st-gguf-1", **body}) == text
+    # The pool's preflight estimate, from the headers alone, is what the worker holds.
+    estimate = TorchBackend().estimate_memory(str(safetensors_folder), device="cpu", slots=1,
+                                              ctx=None)
+    assert estimate is not None
+    loaded = estimate.weights_bytes + estimate.kv_cache_bytes
+    assert abs(loaded - ready["memory_bytes"]) < 0.001 * ready["memory_bytes"]

@@ -7,12 +7,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from rbees_core.backend import (
     Backend,
     Feed,
     LoadedModel,
+    MemoryEstimate,
     MemoryKind,
     SamplingParams,
     split_device,
@@ -51,6 +53,32 @@ class LlamaCppBackend(Backend):
         if lib.llama_supports_gpu_offload():
             found.append("metal" if sys.platform == "darwin" else "cuda")
         return found
+
+    def estimate_memory(self, path: str, *, device: str, slots: int, ctx: int | None
+                        ) -> MemoryEstimate | None:
+        """The GGUF file's size, an f16 K and V cache of ``ctx`` (default: the trained
+        context capped at :data:`DEFAULT_CTX_CAP`, as :meth:`load` chooses) for each slot,
+        and :data:`rbees_core.backend.OVERHEAD_BYTES`; read from the metadata alone. None
+        for a path that is not a ``.gguf`` file."""
+        if not path.endswith(".gguf"):
+            return None
+        from rbees_backend_llamacpp.gguf_meta import read_metadata
+
+        meta = read_metadata(path)
+        arch = str(meta.get("general.architecture", "llama"))
+
+        def value(key: str) -> int | None:
+            raw = meta.get(f"{arch}.{key}")
+            return int(raw) if isinstance(raw, int | float) else None
+
+        layers = value("block_count") or 0
+        embd = value("embedding_length") or 0
+        heads = value("attention.head_count") or 1
+        kv_heads = value("attention.head_count_kv") or heads
+        trained = value("context_length") or DEFAULT_CTX_CAP
+        per_slot = ctx or min(trained, DEFAULT_CTX_CAP)
+        kv = 2 * layers * per_slot * slots * (embd * kv_heads // heads) * 2  # f16 K and V
+        return MemoryEstimate(weights_bytes=Path(path).stat().st_size, kv_cache_bytes=kv)
 
     def load(
         self,

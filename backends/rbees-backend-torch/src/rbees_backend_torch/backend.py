@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
-from rbees_core.backend import Backend, LoadedModel, split_device
+from rbees_core.backend import Backend, LoadedModel, MemoryEstimate, split_device
 from rbees_core.errors import BackendUnavailableError
 
 
@@ -39,6 +40,22 @@ class TorchBackend(Backend):
         if mps is not None and mps.is_available():
             found.append("mps")
         return found
+
+    def estimate_memory(self, path: str, *, device: str, slots: int, ctx: int | None
+                        ) -> MemoryEstimate | None:
+        """For a Hugging Face folder: its parameters (from the safetensors headers) in the
+        device's dtype and the K and V cache of every slot (from ``config.json``), as
+        :class:`~rbees_backend_torch.model.TorchModel` will report them. None for a GGUF
+        file: transformers dequantizes it, and what that costs is not in the metadata
+        alone (the pool then counts the file's size)."""
+        from rbees_backend_torch.estimate import folder_estimate
+
+        p = Path(path)
+        folder = p.parent if p.is_file() and p.suffix == ".safetensors" else p
+        if not folder.is_dir():
+            return None
+        kind, _ = split_device(device, self.name)
+        return folder_estimate(folder, kind=kind, slots=slots, ctx=ctx)
 
     def load(
         self,

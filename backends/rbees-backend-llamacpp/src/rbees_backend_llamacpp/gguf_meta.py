@@ -1,7 +1,9 @@
 """Read the key/value metadata of a GGUF file without reading its tensors.
 
-The ``gguf`` package parses every tensor record too (seconds for a small model); preflight
-needs a handful of integers, so this reads only the header and the metadata section.
+The ``gguf`` package parses every tensor record too (seconds for a small model); the memory
+estimate (:meth:`rbees_backend_llamacpp.backend.LlamaCppBackend.estimate_memory`, run by the
+pool's preflight) needs a handful of integers, so this reads only the header and the metadata
+section.
 """
 
 from __future__ import annotations

@@ -1,0 +1,62 @@
+"""The memory a Hugging Face folder will hold once loaded, from its headers alone.
+
+Imported by :meth:`rbees_backend_torch.backend.TorchBackend.estimate_memory` (the pool's
+preflight); imports neither torch nor transformers. The numbers mirror what
+:class:`rbees_backend_torch.model.TorchModel` reports once loaded: every parameter in the
+device's dtype, and a K and V cache of ``min(max_position_embeddings, ctx or 4096)`` tokens
+per slot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+from rbees_core.backend import MemoryEstimate
+from rbees_core.errors import ModelLoadError
+
+DEFAULT_CTX_CAP = 4096
+#: Bytes per element of the dtype the model is loaded in, by device kind (see
+#: ``rbees_backend_torch.model._dtype``: float32 on cpu, 16 bits on cuda and mps).
+ELEMENT_BYTES = {"cpu": 4, "cuda": 2, "mps": 2}
+
+
+def safetensors_parameters(path: Path) -> int:
+    """Elements of every tensor in one ``.safetensors`` file (its JSON header only)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header: dict[str, Any] = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as exc:
+        raise ModelLoadError(f"{path}: unreadable safetensors header ({exc})",
+                             details={"path": str(path)}) from exc
+    return sum(math.prod(entry["shape"]) for name, entry in header.items()
+               if name != "__metadata__")
+
+
+def folder_estimate(folder: Path, *, kind: str, slots: int, ctx: int | None
+                    ) -> MemoryEstimate | None:
+    """The estimate for a folder with ``config.json`` and ``*.safetensors``; None for
+    anything else."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}/config.json is not readable JSON ({exc})",
+                             details={"path": str(folder)}) from exc
+    text = config.get("text_config") or config
+    element = ELEMENT_BYTES.get(kind, 4)
+    heads = int(text.get("num_attention_heads") or 1)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or int(text.get("hidden_size") or 0) // heads)
+    layers = int(text.get("num_hidden_layers") or 0)
+    n_ctx = min(int(text.get("max_position_embeddings") or DEFAULT_CTX_CAP),
+                ctx or DEFAULT_CTX_CAP)
+    weights = sum(safetensors_parameters(f) for f in files) * element
+    kv = 2 * layers * kv_heads * head_dim * element * n_ctx * slots
+    return MemoryEstimate(weights_bytes=weights, kv_cache_bytes=kv)
