@@ -62,7 +62,7 @@ async def busy_slots(worker: WorkerHandle, count: int) -> bool:
 
 async def finished(svc: OrchestratorService, job_id: str) -> list[tuple[int, str, Any]]:
     for _ in range(600):
-        channel = svc.channels.get(job_id)
+        channel = svc.book.channels.get(job_id)
         if channel is not None and channel.done:
             return channel.history
         await asyncio.sleep(0.05)
@@ -99,11 +99,11 @@ async def test_a_failed_admission_takes_back_the_job_it_already_sent(
     assert sent.is_set()
     svc.store.admit_soon = admit  # type: ignore[method-assign]
     for _ in range(200):
-        if not svc.runs and svc.registry.free_slots("here", svc.registry.pools["here"]
+        if not svc.book.runs and svc.registry.free_slots("here", svc.registry.pools["here"]
                                                     .workers[worker.worker_id]) == 1:
             break
         await asyncio.sleep(0.05)
-    assert not svc.runs and not svc.queue and list(svc.channels) == [first.job_id]
+    assert not svc.book.runs and not svc.queue and list(svc.book.channels) == [first.job_id]
     jobs = (await asyncio.to_thread(svc.store.list_jobs, None, limit=10)).jobs
     assert [job.job_id for job in jobs] == [first.job_id]
     # the worker lets go of the job (it notices the hang-up at its next token), and the
@@ -197,18 +197,18 @@ async def test_a_failed_admission_puts_back_the_job_it_dropped(
     with failing_admissions(svc) as release:
         c = asyncio.create_task(svc.submit(batch("c")))
         await asyncio.sleep(0.05)
-        assert list(svc.dropping) == [a.job_id] and a.job_id not in svc.queue
+        assert list(svc.book.dropping) == [a.job_id] and a.job_id not in svc.queue
         release.set()
         with pytest.raises(StoreError, match="disk full"):
             await c
         assert [job.job_id for job in svc.queue] == [a.job_id, b.job_id]
-        assert not svc.dropping and await status(a.job_id) == "queued"
-        assert not svc.channels[a.job_id].done
+        assert not svc.book.dropping and await status(a.job_id) == "queued"
+        assert not svc.book.channels[a.job_id].done
 
         release.clear()  # this time the dropped job is cancelled while the write is pending
         d = asyncio.create_task(svc.submit(batch("d")))
         await asyncio.sleep(0.05)
-        assert list(svc.dropping) == [a.job_id]
+        assert list(svc.book.dropping) == [a.job_id]
         assert await svc.cancel(a.job_id)
         release.set()
         with pytest.raises(StoreError, match="disk full"):
@@ -222,7 +222,7 @@ async def test_a_failed_admission_puts_back_the_job_it_dropped(
     record = await asyncio.to_thread(svc.store.get, b.job_id)
     assert record.status == "failed" and record.error is not None
     assert record.error.code == "QUEUE_FULL_DROPPED"
-    assert not svc.dropping
+    assert not svc.book.dropping
 
 
 async def test_a_job_whose_own_admission_failed_is_not_put_back(
@@ -236,13 +236,13 @@ async def test_a_job_whose_own_admission_failed_is_not_put_back(
     with failing_admissions(svc) as release:
         both = [asyncio.create_task(svc.submit(batch(prompt))) for prompt in ("b", "y")]
         await asyncio.sleep(0.05)
-        assert len(svc.dropping) == 1 and len(svc.queue) == 2
+        assert len(svc.book.dropping) == 1 and len(svc.queue) == 2
         release.set()
         for task in both:
             with pytest.raises(StoreError, match="disk full"):
                 await task
     assert [job.job_id for job in svc.queue] == [first.job_id]
-    assert not svc.dropping and list(svc.channels) == [first.job_id]
+    assert not svc.book.dropping and list(svc.book.channels) == [first.job_id]
     later = [await svc.submit(batch(prompt)) for prompt in ("c", "d")]  # d drops c
     assert [job.job_id for job in svc.queue] == [first.job_id, later[1].job_id]
     assert (await asyncio.to_thread(svc.store.get, later[0].job_id)).status == "failed"
@@ -255,26 +255,26 @@ async def test_what_a_heartbeat_changed_is_not_counted_again_by_the_aging_pass(
     of the loop with 1,000 of them). What only aging sees still bumps it."""
     svc = new_service(tmp_path)
     try:  # not started: this test runs the aging pass itself
-        svc._age_pools()
-        registered = svc.version
+        svc.pools.age()
+        registered = svc.book.version
         svc.heartbeat(beat(None, "p1", seq=5))
-        assert svc.version > registered
-        registered = svc.version
-        svc._aged_at = 0.0  # due now
-        svc._age_pools()
-        assert svc.version == registered
+        assert svc.book.version > registered
+        registered = svc.book.version
+        svc.pools.aged_at = 0.0  # due now
+        svc.pools.age()
+        assert svc.book.version == registered
         svc.registry.pools["p1"].last_seen -= 1000.0  # silent: offline
         # late, out of order: ignored, and it must not hide that
         svc.heartbeat(beat(None, "p1", seq=4))
-        assert svc.version == registered
-        svc._aged_at = 0.0
-        svc._age_pools()
-        assert svc.version == registered + 1
+        assert svc.book.version == registered
+        svc.pools.aged_at = 0.0
+        svc.pools.age()
+        assert svc.book.version == registered + 1
         assert svc.deregister("p1")
-        deregistered = svc.version
-        svc._aged_at = 0.0
-        svc._age_pools()
-        assert svc.version == deregistered
+        deregistered = svc.book.version
+        svc.pools.aged_at = 0.0
+        svc.pools.age()
+        assert svc.book.version == deregistered
     finally:
         await svc._client.aclose()
         svc._upstream.close()

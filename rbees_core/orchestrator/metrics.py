@@ -1,4 +1,5 @@
-"""Prometheus metrics of rbees-orcd. Gauges are computed at scrape time from the service."""
+"""Prometheus metrics of rbees-orcd. Gauges are computed at scrape time from the queue, the
+pool registry and the runs of the book (:mod:`.book`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from rbees_core.orchestrator.service import OrchestratorService, Run
+    from rbees_core.orchestrator.book import Run
+    from rbees_core.orchestrator.queue import JobQueue
+    from rbees_core.orchestrator.registry import PoolRegistry
 
 _TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TPOT = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
@@ -19,13 +22,12 @@ _SCHED = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
 class _StateCollector(Collector):
-    def __init__(self, service: OrchestratorService) -> None:
-        self.service = service
+    def __init__(self, queue: JobQueue, registry: PoolRegistry, runs: dict[str, Run]) -> None:
+        self.queue, self.registry, self.runs = queue, registry, runs
 
     def collect(self) -> Iterator[Any]:
-        svc = self.service
         depth = GaugeMetricFamily("rbees_queue_depth", "Queued jobs per lane", labels=["lane"])
-        depths = svc.queue.depths()
+        depths = self.queue.depths()
         depth.add_metric(["interactive"], depths.interactive + depths.promoted)
         depth.add_metric(["batch"], depths.batch)
         yield depth
@@ -33,8 +35,8 @@ class _StateCollector(Collector):
         workers = GaugeMetricFamily("rbees_workers", "Workers by state", labels=["state"])
         by_status: dict[str, int] = {"ready": 0, "unavailable": 0, "offline": 0}
         by_state: dict[str, int] = {}
-        for entry in svc.registry:
-            status = svc.registry.status(entry)
+        for entry in self.registry:
+            status = self.registry.status(entry)
             by_status[status] = by_status.get(status, 0) + 1
             for w in entry.workers.values():
                 by_state[str(w.get("state"))] = by_state.get(str(w.get("state")), 0) + 1
@@ -45,12 +47,16 @@ class _StateCollector(Collector):
         yield pools
         yield workers
         running = GaugeMetricFamily("rbees_jobs_running", "Jobs dispatched and not finished")
-        running.add_metric([], len(svc.runs))
+        running.add_metric([], len(self.runs))
         yield running
 
 
 class OrchestratorMetrics:
-    def __init__(self, service: OrchestratorService) -> None:
+    """rbees-orcd's Prometheus registry: counters and histograms the service's parts feed,
+    and gauges read at scrape time from ``queue``, ``registry`` and ``runs`` (job id ->
+    run, the book's)."""
+
+    def __init__(self, queue: JobQueue, registry: PoolRegistry, runs: dict[str, Run]) -> None:
         r = self.registry = CollectorRegistry()
         self.admitted = Counter("rbees_jobs_admitted", "Jobs admitted", registry=r)
         self.finished = Counter("rbees_jobs", "Jobs finished, by outcome", ["outcome"],
@@ -61,7 +67,7 @@ class OrchestratorMetrics:
                               buckets=_TPOT, registry=r)
         self.scheduling = Histogram("rbees_scheduling_seconds", "Time of one policy decision",
                                     buckets=_SCHED, registry=r)
-        r.register(_StateCollector(service))
+        r.register(_StateCollector(queue, registry, runs))
         self._gaps: list[float] = []
 
     def first_token(self, run: Run) -> None:

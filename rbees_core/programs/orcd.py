@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from rbees_core.api import openapi
-from rbees_core.api.common import ID_PATTERN, Health
+from rbees_core.api.common import Health
 from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRequest
 from rbees_core.api.pool import PoolHeartbeat
 from rbees_core.api.worker import Accepted
@@ -36,22 +36,13 @@ from rbees_core.http import (
 from rbees_core.log import Logger
 from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService, retrieved
-from rbees_core.schema import check_string, to_dict
+from rbees_core.programs import orcd_openai, orcd_pools, orcd_web
+from rbees_core.programs.orcd_common import path_id, service
+from rbees_core.schema import to_dict
 from rbees_core.sse import json_frame
 
 PROGRAM = "rbees-orcd"
 DEFAULT_BIND = "127.0.0.1:8080"
-
-
-def _svc(request: Request) -> OrchestratorService:
-    service: OrchestratorService = request.app.state.orcd
-    return service
-
-
-def _path_id(request: Request, name: str) -> str:
-    value = str(request.path_params[name])
-    check_string(value, name, {"pattern": ID_PATTERN})
-    return value
 
 
 class JobEventStream:
@@ -67,7 +58,6 @@ class JobEventStream:
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
         svc, job_id = self.svc, self.job_id
-        channel = svc.channels.get(job_id)
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -79,22 +69,17 @@ class JobEventStream:
 
         watcher = asyncio.create_task(watch())
         try:
-            if channel is None:  # finished and retired: the store has everything
-                events = await asyncio.to_thread(svc.store.events_after, job_id, self.after)
-                body = "".join(json_frame(e.event_id, e.event, e.payload()) for e in events)
-                await send({"type": "http.response.body", "body": body.encode(),
-                            "more_body": False})
-                return
-            backlog, queue = channel.subscribe(self.after)
+            following = await svc.follow(job_id, self.after)
+            queue = following.live
             try:
-                frames = [json_frame(*e) for e in backlog]
-                done = channel.done  # also when the client has seen everything already
+                frames = [json_frame(*e) for e in following.backlog]
+                done = following.done  # also when the client has seen everything already
                 while True:
                     if frames:
                         await send({"type": "http.response.body",
                                     "body": "".join(frames).encode(), "more_body": True})
                         frames = []
-                    if done or gone.is_set():
+                    if done or gone.is_set() or queue is None:
                         break
                     item = await queue.get()
                     frames.append(json_frame(*item))
@@ -106,7 +91,7 @@ class JobEventStream:
                 if not gone.is_set():
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
             finally:
-                channel.unsubscribe(queue)
+                following.close()
         except OSError:
             pass
         finally:
@@ -122,7 +107,7 @@ def _last_event_id(request: Request) -> int:
 
 async def submit(request: Request) -> Response:
     req = await read_json(request, TaskRequest)
-    accepted = await _svc(request).submit(req)
+    accepted = await service(request).submit(req)
     return json_response(accepted, 202)
 
 
@@ -132,121 +117,72 @@ async def list_tasks(request: Request) -> Response:
     if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 1000:
         raise InvalidParamsError("limit", "must be 1..1000")
     cursor = request.query_params.get("cursor")
-    page = await asyncio.to_thread(_svc(request).store.list_jobs, status,
-                                   limit=int(limit_raw), cursor=cursor)
+    page = await service(request).jobs(status, limit=int(limit_raw), cursor=cursor)
     return json_response(to_dict(page))
 
 
 async def get_task(request: Request) -> Response:
-    job_id = _path_id(request, "job_id")
-    record = await asyncio.to_thread(_svc(request).store.get, job_id)
+    record = await service(request).job(path_id(request, "job_id"))
     return json_response(to_dict(record))
 
 
 async def task_events(request: Request) -> Response:
-    job_id = _path_id(request, "job_id")
-    svc = _svc(request)
+    job_id = path_id(request, "job_id")
+    svc = service(request)
     after = _last_event_id(request)
-    admitted = svc.admitted.get(job_id)
-    if admitted is not None and job_id not in svc.admitting:  # admitted here, not ended
-        asked = admitted.cancel_on_disconnect  # no read on the way to the first token
-    else:
-        spec = await asyncio.to_thread(svc.store.spec, job_id)  # unknown job: 404 first
-        asked = bool(spec.params.get("cancel_on_disconnect"))
+    asked = await svc.cancels_on_disconnect(job_id)  # unknown job: 404 first
     cancel_on_disconnect = asked or \
         request.query_params.get("cancel_on_disconnect") in ("1", "true")
     return JobEventStream(svc, job_id, after, cancel_on_disconnect)  # type: ignore[return-value]
 
 
 async def cancel_task(request: Request) -> Response:
-    job_id = _path_id(request, "job_id")
-    changed = await _svc(request).cancel(job_id)
+    job_id = path_id(request, "job_id")
+    changed = await service(request).cancel(job_id)
     return json_response(Accepted(job_id=job_id), 202 if changed else 200)
 
 
 async def task_decision(request: Request) -> Response:
-    from rbees_core.scheduling import Candidate, Decision, Verdict, explain
-
-    job_id = _path_id(request, "job_id")
-    svc = _svc(request)
-    decisions = await asyncio.to_thread(svc.store.decisions, job_id)
-    text = "no scheduling decision has been made for this job yet"
-    current = svc.current_verdict(job_id)
-    if current is not None:  # still queued: explain what holds it now
-        text = explain(current)
-        decisions = [*decisions, {"decided_at": time.time(), **current.to_dict()}]
-    elif decisions:
-        latest = decisions[-1]
-        verdict = Verdict(
-            policy=str(latest.get("policy")),
-            decisions=[Decision(**d) for d in latest.get("decisions", [])],
-            candidates=[Candidate(**c) for c in latest.get("candidates", [])],
-            summary=str(latest.get("summary") or ""), fallback=latest.get("fallback"),
-            elapsed_ms=float(latest.get("elapsed_ms") or 0.0))
-        text = explain(verdict)
-    return json_response({"job_id": job_id, "decisions": decisions, "explanation": text})
+    return json_response(await service(request).decision(path_id(request, "job_id")))
 
 
 async def list_pools(request: Request) -> Response:
-    svc = _svc(request)
-    return json_response({"pools": [svc.registry.record(e) for e in svc.registry]})
+    return json_response({"pools": service(request).pool_records()})
 
 
 async def get_pool(request: Request) -> Response:
-    pool_id = _path_id(request, "pool_id")
-    svc = _svc(request)
-    entry = svc.registry.pools.get(pool_id)
-    if entry is None:
-        raise NotFoundError(f"no pool {pool_id!r}", details={"pool_id": pool_id})
-    return json_response(svc.registry.record(entry))
+    return json_response(service(request).pool_record(path_id(request, "pool_id")))
 
 
 async def heartbeat(request: Request) -> Response:
-    pool_id = _path_id(request, "pool_id")
+    pool_id = path_id(request, "pool_id")
     beat = await read_json(request, PoolHeartbeat)
     if beat.pool_id != pool_id:
         raise InvalidParamsError("pool_id", "does not match the URL")
-    _svc(request).heartbeat(beat)
+    service(request).heartbeat(beat)
     return json_response({"ok": True})
 
 
 async def deregister(request: Request) -> Response:
-    pool_id = _path_id(request, "pool_id")
-    if not _svc(request).deregister(pool_id):
+    pool_id = path_id(request, "pool_id")
+    if not service(request).deregister(pool_id):
         raise NotFoundError(f"no pool {pool_id!r}", details={"pool_id": pool_id})
     return Response(status_code=204)
 
 
 async def drain_pool(request: Request) -> Response:
-    pool_id = _path_id(request, "pool_id")
-    _svc(request).drain_pool(pool_id)
+    service(request).drain_pool(path_id(request, "pool_id"))
     return json_response(Accepted(), 202)
 
 
 async def list_models(request: Request) -> Response:
-    from rbees_core.catalog import configured_catalog
-
-    svc = _svc(request)
-    out = []
-    catalog = configured_catalog(svc.pm)
-    for entry in catalog.entries:
-        where = {"downloaded": [], "loaded": []}  # type: dict[str, list[str]]
-        for pool in svc.registry:
-            if any(entry.id in (m.get("id"), m.get("ref")) for m in pool.state.models):
-                where["downloaded"].append(pool.pool_id)
-            if any(w.get("model_ref") in (entry.id, *entry.sources)
-                   for w in pool.workers.values() if w.get("state") in ("ready", "busy")):
-                where["loaded"].append(pool.pool_id)
-        out.append({"id": entry.id, "name": entry.name, **where})
-    return json_response({"models": out})
+    return json_response({"models": service(request).models()})
 
 
 async def metrics(request: Request) -> Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST
 
-    metrics = _svc(request).metrics
-    metrics.settle()
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(service(request).scrape(), media_type=CONTENT_TYPE_LATEST)
 
 
 OPERATIONS = [
@@ -281,8 +217,6 @@ OPERATIONS = [
 
 
 def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
-    from rbees_core.programs import orcd_openai, orcd_pools, orcd_web
-
     operations = OPERATIONS + orcd_openai.OPERATIONS + orcd_pools.OPERATIONS + orcd_web.OPERATIONS
     return daemon_routes(PROGRAM, pm, started=started, operations=operations, routes=[
         Route("/metrics", metrics, methods=["GET"]),

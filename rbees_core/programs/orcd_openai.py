@@ -25,6 +25,7 @@ from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.http import read_body
 from rbees_core.orchestrator.channel import TERMINAL
+from rbees_core.programs.orcd_common import service
 from rbees_core.schema import from_mapping
 
 MAX_N = 8
@@ -142,9 +143,7 @@ def _message(m: Any, i: int) -> dict[str, str]:
 
 
 async def _submit_all(request: Request, task: dict[str, Any], n: int) -> list[str]:
-    from rbees_core.programs.orcd import _svc
-
-    svc = _svc(request)
+    svc = service(request)
     job_ids = []
     try:
         for i in range(n):
@@ -166,28 +165,26 @@ class _Jobs:
     """Follows n jobs' channels and yields (choice index, event, data) in arrival order."""
 
     def __init__(self, request: Request, job_ids: list[str]) -> None:
-        from rbees_core.programs.orcd import _svc
-
-        self.svc = _svc(request)
+        self.svc = service(request)
         self.job_ids = job_ids
         self.queue: asyncio.Queue[tuple[int, str, dict[str, Any]]] = asyncio.Queue()
         self.tasks = [asyncio.create_task(self._follow(i, j)) for i, j in enumerate(job_ids)]
 
     async def _follow(self, index: int, job_id: str) -> None:
-        channel = self.svc.channels[job_id]
-        backlog, queue = channel.subscribe(0)
+        following = await self.svc.follow(job_id, 0)
+        queue = following.live
         try:
-            for _, event, data in backlog:
+            for _, event, data in following.backlog:
                 self.queue.put_nowait((index, event, data))
                 if event in TERMINAL:
                     return
-            while True:
+            while queue is not None:
                 _, event, data = await queue.get()
                 self.queue.put_nowait((index, event, data))
                 if event in TERMINAL:
                     return
         finally:
-            channel.unsubscribe(queue)
+            following.close()
 
     async def cancel(self) -> None:
         for task in self.tasks:
@@ -332,17 +329,8 @@ class _OpenAIStream:
 
 
 async def models(request: Request) -> Response:
-    from rbees_core.catalog import configured_catalog
-    from rbees_core.programs.orcd import _svc
-
-    svc = _svc(request)
-    ids = {e.id for e in configured_catalog(svc.pm).entries}
-    for pool in svc.registry:
-        for w in pool.workers.values():
-            if w.get("model_ref"):
-                ids.add(str(w["model_ref"]))
     data = [{"id": i, "object": "model", "created": 0, "owned_by": "rbees"}
-            for i in sorted(ids)]
+            for i in service(request).model_ids()]
     return JSONResponse({"object": "list", "data": data})
 
 

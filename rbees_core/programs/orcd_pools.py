@@ -19,38 +19,26 @@ from starlette.types import Receive, Scope, Send
 from rbees_core.api import openapi
 from rbees_core.api.pool import DownloadRequest, WorkerStarted, WorkerStartRequest
 from rbees_core.api.worker import Accepted
-from rbees_core.errors import ConflictError, HostUnreachableError, NotFoundError, TransportError
+from rbees_core.errors import TransportError
 from rbees_core.http import read_json
 from rbees_core.log import correlation_id
-from rbees_core.orchestrator.registry import PoolEntry
+from rbees_core.orchestrator.pool_control import unreachable
 from rbees_core.orchestrator.service import OrchestratorService
+from rbees_core.programs.orcd_common import path_id, service
 from rbees_core.schema import to_dict
 from rbees_core.sse import json_frame
 
-POOL_TIMEOUT_S = 30.0
+
+def _pool(request: Request) -> tuple[OrchestratorService, str]:
+    """The service and the pool the path names, once known to be reachable (404 for an
+    unknown pool, 409 for one that registered no URL: before the body is read)."""
+    pool_id = path_id(request, "pool_id")
+    svc = service(request)
+    svc.pool_url(pool_id)
+    return svc, pool_id
 
 
-def _pool(request: Request) -> tuple[OrchestratorService, PoolEntry]:
-    from rbees_core.programs.orcd import _path_id, _svc
-
-    pool_id = _path_id(request, "pool_id")
-    svc = _svc(request)
-    entry = svc.registry.pools.get(pool_id)
-    if entry is None:
-        raise NotFoundError(f"no pool {pool_id!r}", details={"pool_id": pool_id})
-    if not entry.state.url:
-        raise ConflictError(f"pool {pool_id} registered no URL to reach it by",
-                            details={"pool_id": pool_id})
-    return svc, entry
-
-
-def _unreachable(entry: PoolEntry, exc: httpx.HTTPError) -> HostUnreachableError:
-    return HostUnreachableError(
-        f"pool {entry.pool_id} at {entry.state.url} did not answer: {type(exc).__name__}",
-        details={"pool_id": entry.pool_id})
-
-
-def _relay(entry: PoolEntry, answer: httpx.Response) -> Response:
+def _relay(pool_id: str, answer: httpx.Response) -> Response:
     """The pool's answer as ours: 202 with its body, or its error envelope and status."""
     try:
         body: Any = answer.json()
@@ -59,52 +47,39 @@ def _relay(entry: PoolEntry, answer: httpx.Response) -> Response:
     if answer.status_code < 400:
         return JSONResponse(body, status_code=202)
     if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
-        raise TransportError(f"pool {entry.pool_id} answered {answer.status_code} without an "
-                             "error envelope", details={"pool_id": entry.pool_id})
+        raise TransportError(f"pool {pool_id} answered {answer.status_code} without an "
+                             "error envelope", details={"pool_id": pool_id})
     headers = {"X-Correlation-Id": correlation_id.get()}
     if "retry-after" in answer.headers:
         headers["Retry-After"] = answer.headers["retry-after"]
     return JSONResponse(body, status_code=answer.status_code, headers=headers)
 
 
-async def _post(svc: OrchestratorService, entry: PoolEntry, path: str,
-                body: dict[str, Any] | None = None) -> httpx.Response:
-    try:
-        return await svc._client.post(f"{entry.state.url}{path}", json=body,
-                                      headers=svc._auth(), timeout=POOL_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        raise _unreachable(entry, exc) from exc
-
-
 async def start_worker(request: Request) -> Response:
-    svc, entry = _pool(request)
+    svc, pool_id = _pool(request)
     req = await read_json(request, WorkerStartRequest)
-    answer = await _post(svc, entry, "/v2/workers/start", to_dict(req))
+    answer = await svc.call_pool(pool_id, "POST", "/v2/workers/start", to_dict(req))
     if answer.status_code == 202:
-        svc.log.info("worker_start_forwarded", pool_id=entry.pool_id, model=req.model_ref,
+        svc.log.info("worker_start_forwarded", pool_id=pool_id, model=req.model_ref,
                      device=req.device, worker_id=answer.json().get("worker_id"))
-    return _relay(entry, answer)
+    return _relay(pool_id, answer)
 
 
 async def stop_worker(request: Request) -> Response:
-    from rbees_core.programs.orcd import _path_id
-
-    svc, entry = _pool(request)
-    worker_id = _path_id(request, "worker_id")
-    answer = await _post(svc, entry, f"/v2/workers/{worker_id}/stop")
+    svc, pool_id = _pool(request)
+    worker_id = path_id(request, "worker_id")
+    answer = await svc.call_pool(pool_id, "POST", f"/v2/workers/{worker_id}/stop")
     if answer.status_code < 400:
-        worker = entry.workers.get(worker_id)
-        if worker is not None:  # no new jobs for it before the pool's next heartbeat says so
-            worker["state"] = "stopping"
-        svc.log.info("worker_stop_forwarded", pool_id=entry.pool_id, worker_id=worker_id)
-    return _relay(entry, answer)
+        svc.worker_stopping(pool_id, worker_id)
+        svc.log.info("worker_stop_forwarded", pool_id=pool_id, worker_id=worker_id)
+    return _relay(pool_id, answer)
 
 
 class _DownloadStream:
     """The pool's download SSE, frame by frame; closing it stops reading from the pool."""
 
-    def __init__(self, entry: PoolEntry, answer: httpx.Response) -> None:
-        self.entry, self.answer = entry, answer
+    def __init__(self, pool_id: str, url: str, answer: httpx.Response) -> None:
+        self.pool_id, self.url, self.answer = pool_id, url, answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -114,8 +89,9 @@ class _DownloadStream:
             async for chunk in self.answer.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
+            message = unreachable(self.pool_id, self.url, exc).message
             frame = json_frame(0, "error", {"code": "HOST_UNREACHABLE", "retriable": True,
-                                           "message": _unreachable(self.entry, exc).message})
+                                           "message": message})
             await send({"type": "http.response.body", "body": frame.encode(),
                         "more_body": True})
         finally:
@@ -124,25 +100,21 @@ class _DownloadStream:
 
 
 async def download_model(request: Request) -> Response:
-    svc, entry = _pool(request)
+    svc, pool_id = _pool(request)
     req = await read_json(request, DownloadRequest)
-    outgoing = svc._client.build_request(
-        "POST", f"{entry.state.url}/v2/models/download", json=to_dict(req),
-        headers=svc._auth(), timeout=httpx.Timeout(POOL_TIMEOUT_S, read=None))
-    try:
-        answer = await svc._client.send(outgoing, stream=True)
-    except httpx.HTTPError as exc:
-        raise _unreachable(entry, exc) from exc
+    url = svc.pool_url(pool_id)
+    answer = await svc.call_pool(pool_id, "POST", "/v2/models/download", to_dict(req),
+                                 stream=True)
     if answer.status_code != 200:
         try:
             await answer.aread()
         except httpx.HTTPError as exc:
-            raise _unreachable(entry, exc) from exc
+            raise unreachable(pool_id, url, exc) from exc
         finally:
             await answer.aclose()
-        return _relay(entry, answer)
-    svc.log.info("download_forwarded", pool_id=entry.pool_id, model=req.model)
-    return _DownloadStream(entry, answer)  # type: ignore[return-value]
+        return _relay(pool_id, answer)
+    svc.log.info("download_forwarded", pool_id=pool_id, model=req.model)
+    return _DownloadStream(pool_id, url, answer)  # type: ignore[return-value]
 
 
 _ERRORS = {"404": "no such pool, or the pool's MODEL_NOT_FOUND", "400": "bad id or body",

@@ -1,0 +1,245 @@
+"""rbees-orcd's hand on the pools: heartbeats, aging, worker start/stop, idle stops.
+
+The registry (:mod:`.registry`) knows each pool as its last heartbeat said; this module
+keeps it current, tells the book (:mod:`.book`) when what a policy reads has changed, starts
+and stops workers when a verdict says so (and stops, after ``idle_timeout_s``, the idle
+ones it started), and forwards an operator's calls to a pool (:meth:`PoolControl.call_pool`).
+Every call to a pool goes to the pool-managerd API at the URL the pool registered with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import httpx
+
+from rbees_core.api.pool import PoolHeartbeat
+from rbees_core.errors import ConflictError, HostUnreachableError, NotFoundError, RbeesError
+from rbees_core.log import Logger
+from rbees_core.orchestrator.book import Book, request_headers
+from rbees_core.orchestrator.registry import PoolEntry, PoolRegistry
+
+#: a pool's statuses are aged at most this often
+AGE_EVERY_S = 0.5
+#: waiting jobs are decided again at least this often, even when nothing changed
+POLICY_CLOCK_S = 30.0
+#: how long a worker this process started may take to be ready
+WORKER_START_TIMEOUT_S = 90.0
+#: an operator's call to a pool (see :meth:`PoolControl.call_pool`)
+POOL_TIMEOUT_S = 30.0
+
+
+def unreachable(pool_id: str, url: str, exc: httpx.HTTPError) -> HostUnreachableError:
+    """The error of a pool that did not answer ``exc``."""
+    return HostUnreachableError(f"pool {pool_id} at {url} did not answer: {type(exc).__name__}",
+                                details={"pool_id": pool_id})
+
+
+def _shape(workers: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What of a pool's workers a policy cares about (not health timestamps)."""
+    return sorted((w, v.get("state"), v.get("model_ref"), v.get("slots_total"))
+                  for w, v in workers.items())
+
+
+class PoolControl:
+    """Pools as rbees-orcd sees and drives them. Created by the service; the dispatcher
+    calls :meth:`age`, :meth:`start_worker`, :meth:`stop_worker` and :meth:`busy`, the
+    runners :meth:`idle` and :meth:`suspect`, the routes (through the service) the rest."""
+
+    def __init__(self, book: Book, registry: PoolRegistry, log: Logger, client: httpx.AsyncClient,
+                 *, token: str | None, idle_timeout_s: float) -> None:
+        self.book = book
+        self.registry = registry
+        self.log = log
+        self.client = client
+        self.token = token
+        self.idle_timeout_s = idle_timeout_s
+        #: (pool_id, model) -> the task starting a worker for it there
+        self.starting: dict[tuple[str, str], asyncio.Task[None]] = {}
+        #: (pool_id, worker_id) -> since when (monotonic) no job runs there
+        self.idle_since: dict[tuple[str, str], float] = {}
+        #: workers this process started: stopped when idle for idle_timeout_s
+        self.started_by_us: set[tuple[str, str]] = set()
+        #: the pools' statuses as last counted (by a heartbeat or by :meth:`age`)
+        self.statuses: dict[str, str] = {}
+        self.aged_at = 0.0
+
+    # -- what pools say --------------------------------------------------------------------
+
+    def heartbeat(self, beat: PoolHeartbeat) -> None:
+        """Record a pool's heartbeat (the first registers it)."""
+        entry = self.registry.pools.get(beat.pool_id)
+        before = None if entry is None else (self.registry.status(entry), _shape(entry.workers))
+        entry, new = self.registry.heartbeat(beat)
+        if new:
+            self.log.info("pool_registered", pool_id=beat.pool_id, url=beat.url)
+        status = self.registry.status(entry)
+        if before != (status, _shape(entry.workers)):
+            self.book.changed()
+            # counted here: the aging pass bumps the version only for what no heartbeat
+            # announced (with 1,000 pools registered, each bump costs a decision of 10-20 ms
+            # of the loop). Only here: a beat that changed nothing (a late one, ignored)
+            # must not hide from the aging pass a status that aging changed meanwhile.
+            self.statuses[beat.pool_id] = status
+
+    def deregister(self, pool_id: str) -> bool:
+        """Forget a pool; False when it was not registered."""
+        found = self.registry.remove(pool_id)
+        self.statuses.pop(pool_id, None)
+        if found:
+            self.log.info("pool_deregistered", pool_id=pool_id)
+            self.book.changed()
+        return found
+
+    def drain(self, pool_id: str) -> None:
+        """Place no more jobs on a pool. Raises :class:`NotFoundError`."""
+        self.entry(pool_id).draining = True
+        self.book.changed()
+
+    def age(self) -> None:
+        """Pools age without events: missed heartbeats make one unavailable, then offline.
+        Twice a second, a status changed by aging bumps the version so waiting jobs are
+        decided again (one changed by a heartbeat has bumped it already); so does the
+        passing of POLICY_CLOCK_S, for policies that read the clock. Called by the
+        dispatcher before each round."""
+        now = time.monotonic()
+        if now - self.aged_at < AGE_EVERY_S:
+            return
+        self.aged_at = now
+        statuses = self.registry.statuses()
+        book = self.book
+        if statuses != self.statuses or now - book.version_bumped_at > POLICY_CLOCK_S:
+            self.statuses = statuses
+            book.version += 1
+            book.version_bumped_at = now
+
+    def entry(self, pool_id: str) -> PoolEntry:
+        """The registered pool; raises :class:`NotFoundError`."""
+        entry = self.registry.pools.get(pool_id)
+        if entry is None:
+            raise NotFoundError(f"no pool {pool_id!r}", details={"pool_id": pool_id})
+        return entry
+
+    # -- workers' use ----------------------------------------------------------------------
+
+    def busy(self, pool_id: str, worker_id: str) -> None:
+        """A job was placed on the worker: it is not idle."""
+        self.idle_since.pop((pool_id, worker_id), None)
+
+    def idle(self, pool_id: str, worker_id: str) -> None:
+        """The worker's last job ended: its idle time starts now."""
+        self.idle_since[(pool_id, worker_id)] = time.monotonic()
+
+    def suspect(self, pool_id: str, worker_id: str) -> None:
+        """The worker failed a job before its first token: nothing is placed on it until
+        the pool's next report says otherwise."""
+        entry = self.registry.pools.get(pool_id)
+        if entry is not None and worker_id in entry.workers:
+            entry.workers[worker_id]["state"] = "suspect"
+
+    def stopping(self, pool_id: str, worker_id: str) -> None:
+        """The worker was asked to stop: no new jobs for it before the pool's next
+        heartbeat says how it is."""
+        entry = self.registry.pools.get(pool_id)
+        worker = None if entry is None else entry.workers.get(worker_id)
+        if worker is not None:
+            worker["state"] = "stopping"
+
+    # -- starting and stopping workers -----------------------------------------------------
+
+    def start_worker(self, pool_id: str, device: str, model: str) -> None:
+        """Start a worker for ``model`` on a pool's ``device``, unless one is starting
+        there already; a task of the book waits for it to be ready."""
+        key = (pool_id, model)
+        if key in self.starting:
+            return
+        self.starting[key] = self.book.spawn(self._start_worker(pool_id, device, model))
+
+    async def _start_worker(self, pool_id: str, device: str, model: str) -> None:
+        entry = self.registry.pools.get(pool_id)
+        try:
+            if entry is None or not entry.state.url:
+                raise RbeesError(f"pool {pool_id} has no URL to start a worker on")
+            answer = await self.client.post(
+                f"{entry.state.url}/v2/workers/start", headers=self.headers(),
+                json={"model_ref": model, "device": device})
+            if answer.status_code != 202:
+                raise RbeesError(f"pool {pool_id} refused to start {model}: {answer.text[:300]}")
+            worker_id = answer.json()["worker_id"]
+            self.started_by_us.add((pool_id, worker_id))
+            self.log.info("worker_start_requested", pool_id=pool_id, worker_id=worker_id,
+                          model=model, device=device)
+            deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+            while time.monotonic() < deadline:
+                got = await self.client.get(f"{entry.state.url}/v2/workers/{worker_id}",
+                                            headers=self.headers())
+                worker = got.json()
+                if worker.get("state") in ("ready", "busy"):
+                    self.registry.set_worker(pool_id, worker)
+                    break
+                if worker.get("state") in ("failed", "stopped"):
+                    raise RbeesError(f"worker {worker_id} on {pool_id} {worker.get('state')}: "
+                                     f"{worker.get('error')}")
+                await asyncio.sleep(0.05)
+        except (RbeesError, httpx.HTTPError, ValueError) as exc:
+            self.log.error("worker_start_failed", pool_id=pool_id, model=model, error=str(exc))
+            await asyncio.sleep(1.0)  # do not hammer a pool that refuses
+        finally:
+            self.starting.pop((pool_id, model), None)
+            self.book.changed()
+
+    async def stop_worker(self, pool_id: str, worker_id: str) -> None:
+        """Ask a pool to stop one of its workers (no error when it cannot be reached)."""
+        entry = self.registry.pools.get(pool_id)
+        if entry is None or not entry.state.url:
+            return
+        with contextlib.suppress(httpx.HTTPError):
+            await self.client.post(f"{entry.state.url}/v2/workers/{worker_id}/stop",
+                                   headers=self.headers())
+        self.stopping(pool_id, worker_id)
+        self.log.info("worker_stop_requested", pool_id=pool_id, worker_id=worker_id)
+
+    async def idle_loop(self) -> None:
+        """Stop the workers this process started once idle for ``idle_timeout_s``."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for key, since in list(self.idle_since.items()):
+                if key in self.started_by_us and now - since > self.idle_timeout_s:
+                    self.idle_since.pop(key, None)
+                    self.started_by_us.discard(key)
+                    await self.stop_worker(*key)
+
+    # -- an operator's calls ---------------------------------------------------------------
+
+    def url(self, pool_id: str) -> str:
+        """Where the pool's API answers. Raises :class:`NotFoundError` for an unknown pool
+        and :class:`ConflictError` for one that registered no URL."""
+        entry = self.entry(pool_id)
+        if not entry.state.url:
+            raise ConflictError(f"pool {pool_id} registered no URL to reach it by",
+                                details={"pool_id": pool_id})
+        return entry.state.url
+
+    async def call_pool(self, pool_id: str, method: str, path: str,
+                        body: dict[str, Any] | None = None, *,
+                        stream: bool = False) -> httpx.Response:
+        """Send ``method path`` (JSON ``body``) to the pool's API with this process's token
+        and the correlation id of the request being served; the pool's answer, whatever its
+        status. With ``stream``, the answer's body is not read (no read timeout): the caller
+        reads it and closes it. Raises what :meth:`url` raises, and
+        :class:`HostUnreachableError` when the pool does not answer."""
+        url = self.url(pool_id)
+        timeout = httpx.Timeout(POOL_TIMEOUT_S, read=None) if stream else POOL_TIMEOUT_S
+        request = self.client.build_request(method, f"{url}{path}", json=body,
+                                            headers=self.headers(), timeout=timeout)
+        try:
+            return await self.client.send(request, stream=stream)
+        except httpx.HTTPError as exc:
+            raise unreachable(pool_id, url, exc) from exc
+
+    def headers(self) -> dict[str, str]:
+        return request_headers(self.token)
