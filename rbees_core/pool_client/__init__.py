@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from typing import Self
 
 __all__ = ["DownloadProgress", "DownloadedModel", "LineCallback", "PoolClient", "PoolModel",
-           "PoolStatus", "PoolWorker", "ProgressCallback", "WorkerStartRequest", "parse"]
+           "PoolStatus", "PoolWorker", "ProgressCallback", "WorkerStartRequest", "parse",
+           "to_json"]
 
 #: Called with each line as it arrives (worker logs, the pool's warnings).
 LineCallback = Callable[[str], None]
@@ -90,6 +91,21 @@ def parse(host: str, cls: type[Any], data: Any) -> Any:
     except InvalidParamsError as exc:
         raise TransportError(f"{host}: the pool answered an unexpected {cls.__name__}: "
                              f"{exc.message}") from exc
+
+
+def to_json(value: Any) -> Any:
+    """A pool client's answer as rbees-pool prints it in JSON: attrs types become objects
+    (a worker's ``error`` only when it has one), lists and dicts recursively."""
+    import attrs
+
+    if attrs.has(type(value)):
+        return {f.name: to_json(getattr(value, f.name)) for f in attrs.fields(type(value))
+                if not (f.name == "error" and getattr(value, f.name) is None)}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value
 
 
 def _known(cls: type[Any], data: Any) -> Any:

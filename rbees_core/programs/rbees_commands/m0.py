@@ -5,28 +5,27 @@ and nothing answers at :func:`~rbees_core.programs.rbees_commands.cluster.orches
 within :data:`HEALTH_TIMEOUT_S`:
 
 1. every configured host (or the one ``--host NAME`` names) is asked for its state at once,
-   ``rbees-pool status --format json`` over its transport, each within its own timeout; a
+   through its pool client (:mod:`rbees_core.pool_client`), each within its own timeout; a
    host that does not answer is reported, enters the snapshot as ``offline`` and is skipped;
 2. the answers become a snapshot of :mod:`rbees_core.scheduling` (pools = hosts, workers with
    their live ``slots_free``, the models on disk) and the configured scheduler plugin, the
    same one rbees-orcd runs, decides; ``-v`` prints its reasoning (:func:`explain`);
-3. a ready worker with the model is reused, else one is started with
-   ``rbees-pool worker spawn KIND --model M --format json`` over the transport;
+3. a ready worker with the model is reused, else one is started through the host's pool
+   client (:meth:`~rbees_core.pool_client.PoolClient.worker_start`);
 4. the job streams from the worker's ``POST /v2/execute`` through an SSH local port forward
    to the worker's 127.0.0.1 port (no pool port is opened to the network; the ``local``
    transport connects directly). Ctrl+C posts ``/v2/cancel`` through the same forward and
    exits 130; a worker that dies mid-stream is one error line and exit 1.
 
 The worker stays for the next job; ``--once`` stops the worker this job started
-(``rbees-pool worker stop ID``). Nothing stops idle workers in M0 (no pool daemon).
+(:meth:`~rbees_core.pool_client.PoolClient.worker_stop`); the hosts are probed and cached in
+:mod:`.m0_hosts`. Nothing stops idle workers in M0 (no pool daemon).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import signal
 import sys
 import time
@@ -37,150 +36,30 @@ from typing import Any
 import attrs
 import pluggy
 
+from rbees_core.api.pool import WorkerStartRequest
 from rbees_core.config import auth_headers
 from rbees_core.errors import RbeesError
-from rbees_core.hosts import HostConfig
-from rbees_core.interfaces import Transport
+from rbees_core.pool_client import to_json
+from rbees_core.programs.rbees_commands.m0_hosts import (
+    COMING,
+    LIVE,
+    SPAWN_TIMEOUT_S,
+    WAIT_FOR_WORKER_S,
+    Host,
+    _say,
+    gather,
+    load_cache,
+    load_scheduler,
+    save_cache,
+    use_m0,
+)
 from rbees_core.scheduling import Decision, Snapshot, Verdict, explain, snapshot_pool
 
-#: How long ``rbees`` waits for rbees-orcd's /health before it schedules by itself.
-HEALTH_TIMEOUT_S = 0.5
-#: A host's ``rbees-pool status`` must answer within this (after connecting).
-STATUS_TIMEOUT_S = 20.0
-#: How long a new worker may take to load its model.
-SPAWN_TIMEOUT_S = 180.0
-#: How long to wait for a worker that another client is starting.
-WAIT_FOR_WORKER_S = 60.0
-#: Where a dispatch may go; ``loading``/``starting`` workers are on their way.
-LIVE = frozenset({"ready", "busy"})
-COMING = frozenset({"loading", "starting"})
-TRANSPORTS = frozenset({"ssh", "local"})
-
-
-def use_m0(host: str | None) -> bool:
-    """Whether ``jobs submit`` schedules by itself (see the module's docstring)."""
-    if host:
-        return True
-    if os.environ.get("RBEES_ORCHESTRATOR_URL"):
-        return False
-    from rbees_core.hosts import load_hosts
-
-    if not load_hosts():
-        return False
-    import httpx
-
-    from rbees_core.programs.rbees_commands.cluster import orchestrator_url
-
-    try:
-        httpx.get(f"{orchestrator_url()}/health", timeout=HEALTH_TIMEOUT_S)
-    except httpx.HTTPError:
-        return True
-    return False
-
-
-def _say(text: str) -> None:
-    print(f"rbees: {text}", file=sys.stderr, flush=True)
-
-
-@attrs.define
-class Host:
-    """One configured host, its transport, and what its ``rbees-pool status`` said."""
-
-    config: HostConfig
-    transport: Transport | None = None
-    state: dict[str, Any] | None = None
-    problem: str | None = None
-    elapsed_ms: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
+__all__ = ["Host", "M0Job", "pool_entry", "submit", "use_m0"]
 
 def pool_entry(name: str, state: dict[str, Any] | None) -> dict[str, Any]:
     """A host's ``rbees-pool status`` JSON as a snapshot pool (``offline`` without one)."""
     return snapshot_pool(state, pool_id=name)
-
-
-async def _json_command(host: Host, argv: list[str], timeout: float | None) -> Any:
-    """``rbees-pool argv... --format json`` on ``host``; its JSON, or an RbeesError."""
-    assert host.transport is not None
-    result = await asyncio.wait_for(host.transport.run([*argv, "--format", "json"]),
-                                    timeout=timeout)
-    if result.exit_code != 0:
-        lines = result.stderr.strip().splitlines()
-        raise RbeesError(f"{host.name}: rbees-pool {' '.join(argv[:2])} failed: "
-                         f"{lines[-1] if lines else f'exit {result.exit_code}'}")
-    try:
-        return json.loads(result.stdout)
-    except ValueError:
-        raise RbeesError(f"{host.name}: rbees-pool {' '.join(argv[:2])} printed no JSON"
-                         ) from None
-
-
-async def _gather_one(host: Host) -> None:
-    began = time.monotonic()
-    try:
-        if host.config.transport not in TRANSPORTS:
-            raise RbeesError(f"transport {host.config.transport!r} cannot reach workers "
-                             "without rbees-orcd (use ssh or local)")
-        timeout = host.config.connect_timeout_s + STATUS_TIMEOUT_S
-        host.state = await _json_command(host, ["status"], timeout)
-    except (asyncio.TimeoutError, TimeoutError):
-        host.problem = "no answer to rbees-pool status in time"
-    except RbeesError as exc:
-        prefix = f"{host.name}: "
-        host.problem = exc.message[len(prefix):] if exc.message.startswith(prefix) \
-            else exc.message
-    host.elapsed_ms = (time.monotonic() - began) * 1000
-
-
-async def gather(hosts: list[Host]) -> None:
-    """Every host's state at once; a host that fails gets ``problem`` instead."""
-    await asyncio.gather(*(_gather_one(h) for h in hosts))
-
-
-def cache_file() -> Any:
-    """Where the last answer of each host is kept (beside hosts.toml), for the quick path."""
-    from rbees_core.hosts import hosts_dir
-
-    return hosts_dir() / "run" / "m0-hosts.json"
-
-
-def load_cache() -> dict[str, Any]:
-    try:
-        data = json.loads(cache_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def save_cache(hosts: list[Host]) -> None:
-    cache = load_cache()
-    for host in hosts:
-        if host.state is not None:
-            cache[host.name] = {"at": time.time(), "state": host.state}
-        else:
-            cache.pop(host.name, None)
-    path = cache_file()
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(cache), encoding="utf-8")
-        tmp.replace(path)
-
-
-def load_scheduler(pm: pluggy.PluginManager) -> Any:
-    """The policy of ``[scheduler]``, as rbees-orcd makes it."""
-    from rbees_core import plugins
-    from rbees_core.config import load_config
-
-    settings = load_config().scheduler
-    found = plugins.schedulers(pm)
-    if settings.policy not in found:
-        raise RbeesError(f"no scheduler named {settings.policy!r} is installed "
-                         f"(installed: {', '.join(sorted(found)) or 'none'})")
-    return found[settings.policy].from_config(settings)
 
 
 def snapshot(job: dict[str, Any], hosts: list[Host]) -> Snapshot:
@@ -351,12 +230,13 @@ class M0Job:
 
     async def _start(self, decision: Decision) -> Placement:
         host = self.hosts[decision.pool_id or ""]
-        kind, _, index = (decision.device or "cpu").partition(":")
-        argv = ["worker", "spawn", kind, "--model", decision.model or self.task["model"]]
-        if index:
-            argv += ["--device", index]
+        kind = (decision.device or "cpu").partition(":")[0]
+        request = WorkerStartRequest(model_ref=decision.model or self.task["model"],
+                                     device=decision.device or "cpu")
         _say(f"starting a {kind} worker for {self.task['model']} on {host.name}")
-        record = await _json_command(host, argv, SPAWN_TIMEOUT_S)
+        record = to_json(await asyncio.wait_for(
+            host.client.worker_start(request, timeout_s=SPAWN_TIMEOUT_S),
+            SPAWN_TIMEOUT_S + host.config.connect_timeout_s))
         self._mark("worker_ready_ms")
         if host.state is not None and not self.once:  # the next job may find it quickly
             host.state = {**host.state, "workers": [*(host.state.get("workers") or ()),
@@ -481,8 +361,8 @@ class M0Job:
 
     async def _stop_worker(self, where: Placement) -> None:
         try:
-            await _json_command(where.host, ["worker", "stop", where.worker_id, "--grace", "5"],
-                                30.0)
+            await asyncio.wait_for(where.host.client.worker_stop(where.worker_id, grace_s=5),
+                                   30.0)
             if self.verbose:
                 _say(f"stopped worker {where.worker_id} on {where.host.name} (--once)")
         except (RbeesError, asyncio.TimeoutError, TimeoutError) as exc:

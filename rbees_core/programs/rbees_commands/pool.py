@@ -17,12 +17,13 @@ import pluggy
 import typer
 
 from rbees_core.hookspecs import hookimpl
+from rbees_core.pool_client import to_json as plain
 from rbees_core.programs.cli_common import FormatOption, OutputFormat, TerminalProgress
 from rbees_core.programs.pool_commands import git as git_cli
 from rbees_core.programs.pool_commands import models as models_cli
 from rbees_core.programs.pool_commands import status as status_cli
 from rbees_core.programs.pool_commands import worker as worker_cli
-from rbees_core.programs.rbees_commands.pool_runner import Operation, plain, run_on
+from rbees_core.programs.rbees_commands.pool_runner import Operation, run_on
 
 if TYPE_CHECKING:
     from rbees_core.errors import RbeesError

@@ -21,6 +21,7 @@ import attrs
 import pluggy
 
 from rbees_core.errors import PoolCommandError, RbeesError, TransportError
+from rbees_core.pool_client import to_json as plain
 from rbees_core.programs.cli_common import OutputFormat, print_json
 
 if TYPE_CHECKING:
@@ -31,19 +32,6 @@ PROGRAM = "rbees"
 
 Call = Callable[["PoolClient"], Awaitable[Any]]
 Render = Callable[[Any], None]
-
-
-def plain(value: Any) -> Any:
-    """A pool client's answer as rbees-pool's JSON (attrs types become objects; a worker's
-    ``error`` only when it has one)."""
-    if attrs.has(type(value)):
-        return {f.name: plain(getattr(value, f.name)) for f in attrs.fields(type(value))
-                if not (f.name == "error" and getattr(value, f.name) is None)}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    return value
 
 
 @attrs.frozen
