@@ -45,9 +45,9 @@ def pool_app() -> typer.Typer:
 
 
 def workerd_app() -> typer.Typer:
-    from rbees_core.programs import workerd_cli
+    from rbees_core.programs import workerd
 
-    return workerd_cli.app
+    return workerd.app
 
 
 def pool_managerd_app() -> typer.Typer:

@@ -104,7 +104,7 @@ def test_typer_internals_used_by_cli_coercion() -> None:
 def test_uvicorn_internals_used_by_serve() -> None:
     import uvicorn
 
-    where = "rbees_core/http.py (_server_class, serve) relies on"
+    where = "rbees_core/http/server.py (_server_class, serve) relies on"
     server = uvicorn.Server
     assert parameters(server.startup) == ["self", "sockets"], f"{where} Server.startup(sockets)"
     assert "sys.exit" in inspect.getsource(server.startup), (

@@ -16,7 +16,8 @@ import attrs
 import httpx
 
 from rbees_core.errors import InvalidParamsError, RbeesError
-from rbees_core.pool.workers import WorkerRecord, WorkerStartTimeoutError, pid_alive
+from rbees_core.pool.workers import WorkerRecord, WorkerStartTimeoutError
+from rbees_core.processes import pid_alive
 
 
 @attrs.frozen

@@ -35,6 +35,7 @@ from rbees_core.errors import (
     RbeesError,
 )
 from rbees_core.models import resolve_model
+from rbees_core.processes import pid_alive
 
 PORT_RANGE = range(8001, 9000)
 #: Share of the free memory a new worker may plan to use.
@@ -210,20 +211,6 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
 
 
 # -- records -------------------------------------------------------------------------------
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is dead too
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def save(record: WorkerRecord) -> None:

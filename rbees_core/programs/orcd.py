@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,12 +23,12 @@ from rbees_core.api.worker import Accepted
 from rbees_core.config import rbees_home
 from rbees_core.errors import InvalidParamsError, NotFoundError, RbeesError
 from rbees_core.http import (
+    Daemon,
     build_app,
     daemon_lifespan,
     daemon_routes,
     json_response,
     read_json,
-    serve,
 )
 from rbees_core.log import Logger
 from rbees_core.orchestrator.channel import TERMINAL
@@ -249,34 +246,12 @@ def pid_file() -> Path:
 
 
 async def run(settings: OrcdSettings, host: str, port: int, pm: pluggy.PluginManager) -> int:
-    from rbees_core.pool.workers import pid_alive
-
     log = Logger(PROGRAM)
-    pidf = pid_file()
-    pidf.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        other = int(pidf.read_text().strip())
-    except (OSError, ValueError):
-        other = None
-    if other is not None and other != os.getpid() and pid_alive(other):
-        print(f"{PROGRAM}: error: already running for this RBEES_HOME (pid {other})",
-              file=sys.stderr)
-        return 1
-    svc = OrchestratorService(settings, pm, log)
-    app = create_app(svc)
-    shutdown = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shutdown.set)
-    pidf.write_text(f"{os.getpid()}\n")
-    log.info("listening", url=f"http://{host}:{port}", db=settings.db_path)
-    try:
-        await serve(app, host, port, shutdown)
-    finally:
-        if pidf.exists() and pidf.read_text().strip() == str(os.getpid()):
-            pidf.unlink()
-    log.info("exit", code=0)
-    return 0
+    daemon = Daemon(PROGRAM, pid_file=pid_file(), log=log)
+    daemon.claim()  # before the service opens the database
+    app = create_app(OrchestratorService(settings, pm, log))
+    return await daemon.serve(app, host, port, url=f"http://{host}:{port}",
+                              db=settings.db_path)
 
 
 app = typer.Typer(add_completion=False, help="Orchestrator daemon: queue, scheduling, dispatch.",
@@ -300,7 +275,7 @@ def serve_orcd(
     """Start the orchestrator."""
     from rbees_core import plugins
     from rbees_core.config import load_config, load_token
-    from rbees_core.http import check_bind_policy, parse_bind, run_daemon
+    from rbees_core.http import check_bind_policy, fail, launch, parse_bind
 
     try:
         cfg = load_config(config)
@@ -329,16 +304,8 @@ def serve_orcd(
             scheduler_script=getattr(sched, "script", None), token=token)
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
-        if os.environ.get("RBEES_DEBUG") == "1":
-            raise
-        print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    try:
-        code = run_daemon(run(settings, host, port, pm))
-    except RbeesError as exc:
-        print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
-        code = 1
-    raise typer.Exit(code)
+        fail(PROGRAM, exc)
+    raise typer.Exit(launch(PROGRAM, run(settings, host, port, pm)))
 
 
 def main(argv: list[str] | None = None) -> None:

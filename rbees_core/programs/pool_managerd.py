@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,13 +36,13 @@ from rbees_core.api.worker import Accepted, ReadyCallback
 from rbees_core.config import rbees_home
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.http import (
+    Daemon,
     EventStreamResponse,
     build_app,
     daemon_lifespan,
     daemon_routes,
     json_response,
     read_json,
-    serve,
 )
 from rbees_core.log import Logger
 from rbees_core.pool.daemon import PoolService, PoolSettings
@@ -201,17 +199,16 @@ def pid_file() -> Path:
 
 async def run(settings: PoolSettings, pm: pluggy.PluginManager) -> int:
     log = Logger(PROGRAM)
+    daemon = Daemon(PROGRAM, pid_file=pid_file(), log=log)
+    daemon.claim()
     svc = PoolService(settings, pm, log)
-    app = create_app(svc)
-    shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
 
     async def drain_then_stop() -> None:
         log.info("draining", workers=len(svc.workers))
         await svc.close()
-        shutdown.set()
-
-    pending: set[asyncio.Task[None]] = set()
+        daemon.shutdown.set()
 
     def on_signal() -> None:
         if not svc.draining:
@@ -220,36 +217,9 @@ async def run(settings: PoolSettings, pm: pluggy.PluginManager) -> int:
             pending.add(task)
             task.add_done_callback(pending.discard)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    pidf = pid_file()
-    pidf.parent.mkdir(parents=True, exist_ok=True)
-    other = _running_other(pidf)
-    if other is not None:
-        log.error("already_running", pid=other)
-        print(f"{PROGRAM}: error: already running for this RBEES_HOME (pid {other})",
-              file=sys.stderr)
-        return 1
-    pidf.write_text(f"{os.getpid()}\n")
-    log.info("listening", url=settings.url, pool_id=settings.pool_id,
-             orchestrator=settings.orchestrator)
-    try:
-        await serve(app, settings.host, settings.port, shutdown)
-    finally:
-        if pidf.exists() and pidf.read_text().strip() == str(os.getpid()):
-            pidf.unlink()
-    log.info("exit", code=0)
-    return 0
-
-
-def _running_other(pidf: Path) -> int | None:
-    from rbees_core.pool.workers import pid_alive
-
-    try:
-        pid = int(pidf.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid != os.getpid() and pid_alive(pid) else None
+    return await daemon.serve(create_app(svc), settings.host, settings.port,
+                              on_signal=on_signal, url=settings.url,
+                              pool_id=settings.pool_id, orchestrator=settings.orchestrator)
 
 
 app = typer.Typer(add_completion=False, help="Pool daemon: workers, devices, models, heartbeat.",
@@ -270,7 +240,7 @@ def serve_pool(
     """Start the pool daemon."""
     from rbees_core import plugins
     from rbees_core.config import load_config, load_token
-    from rbees_core.http import check_bind_policy, parse_bind, run_daemon
+    from rbees_core.http import check_bind_policy, fail, launch, parse_bind
 
     try:
         load_config(config)
@@ -288,11 +258,8 @@ def serve_pool(
             heartbeat_interval_s=heartbeat_interval, health_interval_s=health_interval)
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
-        if os.environ.get("RBEES_DEBUG") == "1":
-            raise
-        print(f"{PROGRAM}: error: {exc.message}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    raise typer.Exit(run_daemon(run(settings, pm)))
+        fail(PROGRAM, exc)
+    raise typer.Exit(launch(PROGRAM, run(settings, pm)))
 
 
 def main(argv: list[str] | None = None) -> None:

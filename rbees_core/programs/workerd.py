@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import attrs
 import httpx
 import pluggy
+import typer
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -44,16 +44,18 @@ from rbees_core.errors import (
     RbeesError,
 )
 from rbees_core.http import (
+    Daemon,
     EventStreamResponse,
     build_app,
     daemon_lifespan,
     daemon_routes,
+    fail,
     json_response,
+    launch,
     read_json,
-    serve,
 )
 from rbees_core.log import Logger
-from rbees_core.models import resolve_model
+from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.programs.worker_metrics import WorkerMetrics
 
 PROGRAM = "rbees-workerd"
@@ -355,26 +357,19 @@ async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:
     log = Logger(PROGRAM)
     st = WorkerState(settings=settings, pm=pm, log=log, metrics=WorkerMetrics())
     st.set_state("loading")
-    app = create_app(st)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, begin_drain, st)
-    pidf = pid_file(settings.worker_id)
-    pidf.parent.mkdir(parents=True, exist_ok=True)
-    pidf.write_text(f"{os.getpid()}\n")
-    log.info("listening", uri=st.uri, worker_id=settings.worker_id)
-    server = asyncio.create_task(serve(app, settings.host, settings.port, st.shutdown))
-    loader = asyncio.create_task(load_model(st))
-    try:
-        await server
-    finally:
-        loader.cancel()
+    daemon = Daemon(PROGRAM, pid_file=pid_file(settings.worker_id), log=log, exclusive=False,
+                    shutdown=st.shutdown)
+
+    def after() -> None:
         if st.engine is not None:
             st.engine.stop()
             st.engine.model.close()
-        pidf.unlink(missing_ok=True)
-    log.info("exit", code=st.exit_code)
-    return st.exit_code
+
+    return await daemon.serve(create_app(st), settings.host, settings.port,
+                              on_signal=lambda: begin_drain(st),
+                              beside=lambda: load_model(st), after=after,
+                              exit_code=lambda: st.exit_code,
+                              uri=st.uri, worker_id=settings.worker_id)
 
 
 def settings_from(config: Config, *, worker_id: str, model: str, backend: str, device: str,
@@ -393,9 +388,51 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    from rbees_core.programs.workerd_cli import app
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Worker daemon: loads one model with one backend and serves jobs.",
+                  # plain click help, as cli_common.new_app: rich markup would read the
+                  # "[/FILE]" of --model's help as a closing tag and crash --help
+                  rich_markup_mode=None)
 
+
+@app.command()
+def serve_worker(
+    worker_id: Annotated[str, typer.Option("--worker-id", help="Identifier of this worker")],
+    model: Annotated[str, typer.Option(
+        "--model", help="Model reference: a GGUF path, file:PATH or pkg:PACKAGE[/FILE]")
+    ] = DEFAULT_MODEL_REF,
+    backend: Annotated[str, typer.Option("--backend", help="Inference backend")] = "llamacpp",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda[:i], metal or mps")] = "cpu",
+    port: Annotated[int | None, typer.Option("--port", min=1, max=65535)] = None,
+    bind: Annotated[str, typer.Option("--bind", help="HOST:PORT")] = "127.0.0.1:8001",
+    slots: Annotated[int | None, typer.Option("--slots", min=1, max=64,
+                                              help="Jobs served at once")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", min=16, help="Context per slot")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
+    callback_url: Annotated[str | None, typer.Option("--callback-url")] = None,
+    api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
+) -> None:
+    """Start the worker (it listens at once, then loads the model)."""
+    from rbees_core.config import load_config, load_token
+    from rbees_core.refs import validate_ref
+    from rbees_core.schema import check_string
+
+    try:
+        check_string(worker_id, "--worker-id", {"pattern": ID_PATTERN})
+        validate_ref(model, "--model")
+        cfg = load_config(config, flags={"worker": {"slots": slots, "ctx": ctx,
+                                                    "threads": threads}})
+        settings = settings_from(
+            cfg, worker_id=worker_id, model=model, backend=backend, device=device, bind=bind,
+            port=port, callback_url=callback_url, token=load_token(api_token_file))
+        pm = plugins.make_manager(plugins.builtin_plugins())
+    except RbeesError as exc:
+        fail(PROGRAM, exc)
+    raise typer.Exit(launch(PROGRAM, run(settings, pm)))
+
+
+def main(argv: list[str] | None = None) -> None:
     app(args=argv, prog_name=PROGRAM)
 
 

@@ -81,7 +81,7 @@ def stop(
     """Stop pool-managerd gracefully (its workers drain first)."""
     from rbees_core.errors import RbeesError
     from rbees_core.pool.via_daemon import daemon_files, running_pid
-    from rbees_core.pool.workers import pid_alive
+    from rbees_core.processes import pid_alive
 
     pid = running_pid()
     if pid is None:

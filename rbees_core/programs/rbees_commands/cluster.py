@@ -50,7 +50,7 @@ def orchestrator_url() -> str:
 
 
 def _pid(name: str) -> int | None:
-    from rbees_core.pool.workers import pid_alive
+    from rbees_core.processes import pid_alive
 
     try:
         pid = int((_home() / "run" / f"{name}.pid").read_text().strip())
@@ -91,7 +91,7 @@ def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
 
 def _stop(name: str, timeout: float) -> int | None:
     from rbees_core.errors import RbeesError
-    from rbees_core.pool.workers import pid_alive
+    from rbees_core.processes import pid_alive
 
     pid = _pid(name)
     if pid is None:

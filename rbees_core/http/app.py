@@ -1,23 +1,21 @@
-"""What every rbees daemon shares on the HTTP side (CONTRACT section 1).
+"""A daemon's ASGI app (CONTRACT section 1): routes, middleware, lifespan, SSE responses.
 
 The app is built by :func:`build_app` from routes; middleware adds the correlation id, the
-bearer-token check and the error envelope. :func:`serve` runs it under uvicorn until a
-shutdown event is set.
+bearer-token check and the error envelope. :func:`daemon_routes` and
+:func:`daemon_lifespan` add what every daemon shares (``/health``, ``/openapi.json``, the
+plugins' routes and start-up hooks).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
-import ipaddress
 import json
 import re
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import attrs
@@ -31,7 +29,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rbees_core import sse
 from rbees_core.api.common import CORRELATION_ID_PATTERN, MAX_BODY_BYTES
 from rbees_core.errors import (
-    ConfigError,
     InvalidParamsError,
     PayloadTooLargeError,
     RbeesError,
@@ -192,169 +189,6 @@ def health_endpoint(version: str, started: float) -> Callable[[Request], Awaitab
         return JSONResponse({"status": "ok", "version": version,
                              "uptime_s": round(time.monotonic() - started, 3)})
     return health
-
-
-def parse_bind(bind: str) -> tuple[str, int]:
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--bind {bind!r}: expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind_policy(host: str, token: str | None) -> None:
-    """Refuse a non-loopback bind without a token of at least 16 characters."""
-    if not is_loopback(host) and (token is None or len(token) < 16):
-        raise ConfigError(
-            f"refusing to bind {host} without an API token of at least 16 characters "
-            "(set RBEES_API_TOKEN or --api-token-file)"
-        )
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (OSError when it cannot bind)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
-    # without it a response written in two parts waits for the client's delayed ACK (40 ms)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def run_daemon(main: Coroutine[Any, Any, T]) -> T:
-    """Run a daemon's ``main`` on uvloop's event loop where it is installed (Linux, macOS),
-    else on asyncio's own."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
-async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> None:
-    """Serve ``app`` until ``shutdown`` is set, then finish the requests in flight (5 s at
-    most). Raises OSError when ``host:port`` cannot be bound and re-raises what made the
-    app's lifespan startup fail.
-
-    uvicorn with httptools' HTTP/1.1 parser: an admission through it costs about half what
-    it costs through a pure-Python parser (docs/benchmarks.md, rbees-orcd). The daemon owns
-    its signals, so the server installs no handler of its own.
-    """
-    import uvicorn
-
-    failure: list[BaseException] = []
-
-    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
-
-        async def started(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                collector.start()
-            await send(message)
-
-        try:
-            await app(scope, receive, started)
-        except BaseException as exc:
-            failure.append(exc)
-            raise
-
-    collector = FullCollections()
-    sock = listen(host, port)
-    config = uvicorn.Config(
-        guarded, lifespan="on", http="httptools", ws="none", loop="none",
-        log_config=None, log_level="error", access_log=False, server_header=False,
-        # the daemons' clients (rbees-orcd's pool and worker clients, SDKs) keep their
-        # connections for a long time
-        timeout_keep_alive=75, timeout_graceful_shutdown=5,
-    )
-    server = _server_class()(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    stopping = asyncio.create_task(shutdown.wait())
-    try:
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True
-        await serving
-    finally:
-        stopping.cancel()
-        collector.stop()
-        sock.close()
-    if failure and not server.started:
-        raise failure[0]
-
-
-class FullCollections:
-    """A daemon's full garbage collections run once a minute, not when allocations say.
-
-    CPython collects its oldest generation whenever the objects that survived into it
-    have grown by a quarter; a daemon whose heap grows (rbees-orcd with thousands of
-    queued jobs) then pauses for a walk of the whole heap again and again, 5-15 ms each
-    with 5,000 jobs, which is what set p99 of its admissions (docs/benchmarks.md). Young
-    generations are still collected as usual, so most cyclic garbage goes there; what
-    reaches the oldest waits for the next minute. What exists at startup (modules,
-    plugins, the app) lives as long as the daemon and is frozen out of every collection;
-    reference counting still frees it.
-    """
-
-    INTERVAL_S = 60.0
-
-    def __init__(self) -> None:
-        self._task: asyncio.Task[None] | None = None
-        self._threshold = gc.get_threshold()
-
-    def start(self) -> None:
-        gc.freeze()
-        young, middle, _ = self._threshold
-        gc.set_threshold(young, middle, 2**31 - 1)  # never by count
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.INTERVAL_S)
-            gc.collect()
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            gc.set_threshold(*self._threshold)
-            gc.unfreeze()
-
-
-def _server_class() -> Any:
-    """uvicorn's server without its signal handlers, its failed start-up not a SystemExit.
-
-    Both overrides are of undocumented methods: pyproject.toml pins uvicorn exactly, and
-    tests/test_library_internals.py checks them against the installed version."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield  # the daemon's own handlers set ``shutdown``
-
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            try:
-                await super().startup(sockets)
-            except SystemExit:  # a failed lifespan startup: serve() raises its error
-                self.should_exit = True
-
-    return Server
 
 
 class EventStreamResponse:

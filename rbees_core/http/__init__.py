@@ -1,0 +1,48 @@
+"""What every rbees daemon shares on the HTTP side (CONTRACT section 1).
+
+- :mod:`rbees_core.http.app`: the ASGI app built by :func:`build_app` from routes, its
+  middleware (correlation id, bearer token, error envelope), body readers, the SSE response
+  of a job and the routes and lifespan every daemon has;
+- :mod:`rbees_core.http.server`: :func:`serve` runs an app under uvicorn until a shutdown
+  event is set; the bind policy;
+- :mod:`rbees_core.http.daemon`: the process around it, one for the three daemons
+  (:class:`Daemon`: pid file, signals, exit; :func:`launch`: one-line errors).
+
+The names below are the package's public interface; import them from here.
+"""
+
+from __future__ import annotations
+
+from rbees_core.http.app import (
+    OPEN_PATHS,
+    OPEN_PREFIX,
+    BearerAuthMiddleware,
+    CorrelationMiddleware,
+    EventStreamResponse,
+    build_app,
+    daemon_lifespan,
+    daemon_routes,
+    error_response,
+    health_endpoint,
+    json_response,
+    read_body,
+    read_json,
+)
+from rbees_core.http.daemon import Daemon, fail, launch
+from rbees_core.http.server import (
+    FullCollections,
+    check_bind_policy,
+    is_loopback,
+    listen,
+    parse_bind,
+    run_daemon,
+    serve,
+)
+
+__all__ = [
+    "OPEN_PATHS", "OPEN_PREFIX", "BearerAuthMiddleware", "CorrelationMiddleware", "Daemon",
+    "EventStreamResponse", "FullCollections", "build_app", "check_bind_policy",
+    "daemon_lifespan", "daemon_routes", "error_response", "fail", "health_endpoint",
+    "is_loopback", "json_response", "launch", "listen", "parse_bind",
+    "read_body", "read_json", "run_daemon", "serve",
+]

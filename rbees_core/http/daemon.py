@@ -1,0 +1,132 @@
+"""The life of a daemon process: pid file, signals, serving, exit, one-line errors.
+
+rbees-orcd, pool-managerd and rbees-workerd each have an async ``run()`` that builds a
+:class:`Daemon`, claims its pid file, builds the app and calls :meth:`Daemon.serve`; their
+typer command hands that ``run()`` to :func:`launch`. What differs between them is passed
+in: what a signal does (rbees-orcd stops at once, the others drain first), whether a second
+instance may start beside a live one, work that runs beside the server (the worker's model
+load) and the exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn
+
+from starlette.types import ASGIApp
+
+from rbees_core.errors import ConflictError, RbeesError
+from rbees_core.http.server import run_daemon, serve
+from rbees_core.log import Logger
+from rbees_core.processes import pid_alive, read_pid
+
+
+class Daemon:
+    """One daemon process, from its pid file to its exit.
+
+    ``program`` names it in errors and logs; ``pid_file`` holds its pid while it serves.
+    ``exclusive``: refuse to start while the pid file names another live process (one
+    rbees-orcd and one pool-managerd per ``RBEES_HOME``; a worker's pid file is its own).
+    ``shutdown`` is the event that ends serving; pass the daemon's own when it has one.
+    """
+
+    def __init__(self, program: str, *, pid_file: Path, log: Logger, exclusive: bool = True,
+                 shutdown: asyncio.Event | None = None) -> None:
+        self.program = program
+        self.pid_file = pid_file
+        self.log = log
+        self.exclusive = exclusive
+        self.shutdown = shutdown if shutdown is not None else asyncio.Event()
+        self._claimed = False
+
+    def claim(self) -> None:
+        """Write this process's pid to the pid file. Call it before building anything the
+        process must not share (rbees-orcd's database); :meth:`serve` calls it otherwise.
+        Raises :class:`~rbees_core.errors.ConflictError` when ``exclusive`` and another
+        live process holds the file."""
+        if self._claimed:
+            return
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        if self.exclusive:
+            other = read_pid(self.pid_file)
+            if other is not None and other != os.getpid() and pid_alive(other):
+                self.log.error("already_running", pid=other)
+                raise ConflictError(f"already running for this RBEES_HOME (pid {other})")
+        self.pid_file.write_text(f"{os.getpid()}\n")
+        self._claimed = True
+
+    def release(self) -> None:
+        """Remove the pid file if it still names this process."""
+        if self._claimed and read_pid(self.pid_file) == os.getpid():
+            self.pid_file.unlink(missing_ok=True)
+        self._claimed = False
+
+    async def serve(self, app: ASGIApp, host: str, port: int, *,
+                    on_signal: Callable[[], object] | None = None,
+                    beside: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                    after: Callable[[], Awaitable[None] | None] | None = None,
+                    exit_code: Callable[[], int] | None = None,
+                    **listening: Any) -> int:
+        """Serve ``app`` on ``host:port`` until :attr:`shutdown` is set; the exit code.
+
+        SIGTERM and SIGINT call ``on_signal`` (default: set :attr:`shutdown` at once).
+        ``listening`` goes into the ``listening`` log line. ``beside`` starts once the server
+        task does and is cancelled when serving ends; ``after`` runs then (stop an engine,
+        close a model), before the pid file goes and the ``exit`` line is logged with
+        ``exit_code()`` (default 0). Raises what :func:`~rbees_core.http.server.serve` raises
+        (OSError when the port cannot be bound) and ConflictError from :meth:`claim`.
+        """
+        self.claim()
+        loop = asyncio.get_running_loop()
+        handler = on_signal if on_signal is not None else self.shutdown.set
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, handler)
+        self.log.info("listening", **listening)
+        try:
+            server = asyncio.create_task(serve(app, host, port, self.shutdown))
+            side = asyncio.create_task(beside()) if beside is not None else None
+            try:
+                await server
+            finally:
+                if side is not None:
+                    side.cancel()
+                if after is not None:
+                    done = after()
+                    if done is not None:
+                        await done
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self.release()
+        code = exit_code() if exit_code is not None else 0
+        self.log.info("exit", code=code)
+        return code
+
+
+def launch(program: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run a daemon's ``main`` on the event loop (:func:`run_daemon`); its exit code.
+
+    An :class:`RbeesError` (a refused start, a failed lifespan start-up) or an ``OSError``
+    (the port is taken) becomes one line ``<program>: error: <message>`` on stderr and
+    exit code 1; ``RBEES_DEBUG=1`` lets the traceback through instead.
+    """
+    try:
+        return run_daemon(main)
+    except (RbeesError, OSError) as exc:
+        fail(program, exc)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def fail(program: str, exc: RbeesError | OSError) -> NoReturn:
+    """Print ``exc`` as one line and exit 1 (re-raise it when ``RBEES_DEBUG=1``). Called by
+    the daemons' commands for errors in their flags and settings, before serving."""
+    if os.environ.get("RBEES_DEBUG") == "1":
+        raise exc
+    message = exc.message if isinstance(exc, RbeesError) else str(exc)
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(1)

@@ -1,0 +1,102 @@
+"""rbees_core.http.daemon: the one runner of rbees-orcd, pool-managerd and rbees-workerd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from rbees_core.errors import ConflictError
+from rbees_core.http import Daemon
+from rbees_core.log import Logger
+from rbees_core.testing import find_free_port
+
+
+async def hello(request: Request) -> Response:
+    return PlainTextResponse("hello")
+
+
+APP = Starlette(routes=[Route("/", hello)])
+
+
+async def test_serves_until_the_signal_then_removes_its_pid_file(tmp_path: Path) -> None:
+    pid_file, port = tmp_path / "run" / "d.pid", find_free_port()
+    daemon = Daemon("test-daemon", pid_file=pid_file, log=Logger("test-daemon"))
+    beside_ran, after_ran, signalled = asyncio.Event(), [], []
+
+    async def beside() -> None:
+        beside_ran.set()
+        await asyncio.sleep(3600)
+
+    def on_signal() -> None:
+        signalled.append(True)
+        daemon.shutdown.set()
+
+    serving = asyncio.create_task(daemon.serve(
+        APP, "127.0.0.1", port, on_signal=on_signal, beside=beside,
+        after=lambda: after_ran.append(True), exit_code=lambda: 3, url="x"))
+    await asyncio.wait_for(beside_ran.wait(), 10)
+    assert pid_file.read_text() == f"{os.getpid()}\n"
+    async with httpx.AsyncClient() as client:
+        for _ in range(100):
+            try:
+                assert (await client.get(f"http://127.0.0.1:{port}/")).text == "hello"
+                break
+            except httpx.ConnectError:
+                await asyncio.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(serving, 10) == 3
+    assert signalled and after_ran and not pid_file.exists()
+
+
+def test_an_exclusive_daemon_refuses_to_start_beside_a_live_one(tmp_path: Path) -> None:
+    pid_file = tmp_path / "d.pid"
+    pid_file.write_text(f"{os.getppid()}\n")  # alive: the process that runs the tests
+    daemon = Daemon("test-daemon", pid_file=pid_file, log=Logger("test-daemon"))
+    with pytest.raises(ConflictError, match=f"already running .*pid {os.getppid()}"):
+        daemon.claim()
+    Daemon("worker", pid_file=pid_file, log=Logger("w"), exclusive=False).claim()
+    assert pid_file.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_stale_pid_file_is_taken_over(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    pid_file = tmp_path / "d.pid"
+    pid_file.write_text(f"{dead.pid}\n")
+    daemon = Daemon("test-daemon", pid_file=pid_file, log=Logger("test-daemon"))
+    daemon.claim()
+    assert pid_file.read_text() == f"{os.getpid()}\n"
+    daemon.release()
+    assert not pid_file.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["rbees-orcd"], ["pool-managerd"],
+    ["rbees-workerd", "--worker-id", "w1", "--model", "file:/nonexistent.gguf"],
+])
+def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path, argv: list[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        binary = Path(sys.executable).parent / argv[0]
+        done = subprocess.run([str(binary), *argv[1:], "--bind", f"127.0.0.1:{port}"],
+                              env={**os.environ, "RBEES_HOME": str(tmp_path)},
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert len(errors) == 1 and errors[0].startswith(f"{argv[0]}: error: "), done.stderr
+    assert "in use" in errors[0]
+    assert not list((tmp_path / "run").glob("*.pid"))
