@@ -7,7 +7,7 @@ Each is registered by class through its ``rbees_register_<kind>`` hook and looke
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -18,6 +18,7 @@ from rbees_core.transport import LineCallback, Transport, TransportResult
 if TYPE_CHECKING:
     from typing import Self
 
+    from rbees_core.api.pool import CpuEntry, GpuEntry
     from rbees_core.config import SchedulerConfig
     from rbees_core.scheduling import Snapshot, Verdict
 
@@ -153,15 +154,15 @@ class GpuInventory(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def collect(self) -> list[Mapping[str, Any]]:
+    def collect(self) -> Sequence[GpuEntry | CpuEntry]:
         """Device entries; [] when none exist.
 
-        A GPU entry has the shape of CONTRACT section 4: ``{index, uuid, name, backend:
-        "cuda"|"metal", memory_total_bytes, memory_free_bytes, memory_reserved_bytes,
-        utilization (0..1), temperature_c (or None), power_w (or None)}``. The ``cpu`` probe
-        returns one entry ``{index: 0, uuid, name, backend: "cpu", cores, ram_total_bytes,
-        ram_free_bytes}``. ``memory_reserved_bytes`` is 0 here: only the pool knows what its
-        workers hold.
+        A GPU is a :class:`rbees_core.api.pool.GpuEntry` (CONTRACT section 4: index, uuid,
+        name, backend ``cuda``/``metal``, memory total and free, utilization 0..1,
+        temperature and power or None). The ``cpu`` probe returns one
+        :class:`rbees_core.api.pool.CpuEntry` (cores, RAM total and free, the CPU's name).
+        Reserved memory is 0 here: only the pool knows what its workers hold. Import
+        :mod:`rbees_core.api.pool` inside this method, not when the plugin module loads.
         """
 
 

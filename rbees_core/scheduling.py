@@ -165,14 +165,15 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
             "memory_total_bytes": _get(cpu, "ram_total_bytes") or 0,
             "memory_free_bytes": _get(cpu, "ram_free_bytes") or 0,
             "memory_reserved_bytes": _get(cpu, "ram_reserved_bytes") or 0})
-    for gpu in _get(state, "gpus") or ():
-        kind = str(gpu.get("backend", "cuda"))
+    for gpu in _get(state, "gpus") or ():  # GpuEntry, or its dict
+        kind = str(_get(gpu, "backend", "cuda"))
         devices.append({
-            "device": f"{kind}:{gpu.get('index', 0)}", "kind": kind, "name": gpu.get("name"),
-            "memory_total_bytes": gpu.get("memory_total_bytes", 0),
-            "memory_free_bytes": gpu.get("memory_free_bytes", 0),
-            "memory_reserved_bytes": gpu.get("memory_reserved_bytes", 0),
-            "utilization": gpu.get("utilization"), "power_w": gpu.get("power_w")})
+            "device": f"{kind}:{_get(gpu, 'index', 0)}", "kind": kind,
+            "name": _get(gpu, "name"),
+            "memory_total_bytes": _get(gpu, "memory_total_bytes", 0),
+            "memory_free_bytes": _get(gpu, "memory_free_bytes", 0),
+            "memory_reserved_bytes": _get(gpu, "memory_reserved_bytes", 0),
+            "utilization": _get(gpu, "utilization"), "power_w": _get(gpu, "power_w")})
     entries = []
     for w in _get(state, "workers") or () if workers is None else workers:
         live = _get(w, "state")

@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import attrs
 import pluggy
 import pytest
 
+from rbees_core.api.pool import GpuEntry
 from rbees_core.catalog import builtin_catalog
 from rbees_core.hookspecs import hookimpl
 from rbees_core.interfaces import GpuInventory
@@ -179,18 +181,25 @@ class FakeAccelerator(GpuInventory):
     name: ClassVar[str] = "fake-accel"
 
     def collect(self) -> list[Any]:
-        return [{"index": 1, "uuid": "x1", "name": "X", "backend": "cuda",
-                 "memory_total_bytes": 2, "memory_free_bytes": 1, "memory_reserved_bytes": 0,
-                 "utilization": 0.5, "temperature_c": None, "power_w": None},
-                {"index": 0, "uuid": "x0", "name": "X", "backend": "cuda",
-                 "memory_total_bytes": 2, "memory_free_bytes": 1, "memory_reserved_bytes": 0,
-                 "utilization": 0.0, "temperature_c": 30, "power_w": 10.0}]
+        return [GpuEntry(index=1, uuid="x1", name="X", backend="cuda", memory_total_bytes=2,
+                         memory_free_bytes=1, utilization=0.5),
+                GpuEntry(index=0, uuid="x0", name="X", backend="cuda", memory_total_bytes=2,
+                         memory_free_bytes=1, temperature_c=30, power_w=10.0)]
+
+
+class OldShapeProbe(GpuInventory):
+    """A probe still returning the dicts of before :class:`GpuEntry`."""
+
+    name: ClassVar[str] = "old-shape"
+
+    def collect(self) -> list[Any]:
+        return [{"index": 0, "uuid": "y0", "name": "Y", "backend": "cuda"}]
 
 
 class ProbesPlugin:
     @hookimpl
     def rbees_register_gpu_inventories(self) -> list[type[GpuInventory]]:
-        return [BrokenProbe, FakeAccelerator]
+        return [BrokenProbe, FakeAccelerator, OldShapeProbe]
 
 
 @pytest.fixture
@@ -203,11 +212,16 @@ def test_a_broken_probe_is_reported_and_the_others_still_count(
         env: dict[str, str], rbees_pm: pluggy.PluginManager, probes: None,
         capsys: pytest.CaptureFixture[str]) -> None:
     found = inventory.collect(rbees_pm)
-    assert found.problems == ["broken: driver exploded"]
-    assert [g["uuid"] for g in found.gpus if g["backend"] == "cuda"][:2] == ["x0", "x1"]
+    assert found.problems == ["broken: driver exploded",
+                              "old-shape: returned a dict, not a GpuEntry or CpuEntry"]
+    assert [g.uuid for g in found.gpus if g.backend == "cuda"][:2] == ["x0", "x1"]
     assert found.cpu is not None
     state, problems = pool_state(rbees_pm)
-    assert problems == found.problems and state["gpus"] == found.gpus
+    assert problems == found.problems
+    assert state["gpus"] == [attrs.asdict(g) for g in found.gpus]
+    assert list(state["gpus"][0]) == ["index", "uuid", "name", "backend", "memory_total_bytes",
+                                      "memory_free_bytes", "memory_reserved_bytes",
+                                      "utilization", "temperature_c", "power_w"]
     print_status(state)
     rows = {line.split()[0]: " ".join(line.split()[1:])
             for line in capsys.readouterr().out.splitlines() if line.startswith("cuda:")}

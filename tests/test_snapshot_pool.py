@@ -9,7 +9,7 @@ import time
 
 import attrs
 
-from rbees_core.api.pool import CpuEntry, PoolHeartbeat, PoolState, WorkerEntry
+from rbees_core.api.pool import CpuEntry, GpuEntry, PoolHeartbeat, PoolState, WorkerEntry
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.programs.rbees_commands.m0 import pool_entry
 from rbees_core.scheduling import snapshot_pool
@@ -29,9 +29,9 @@ def _worker(worker_id: str, state: str, *, slots: int = 2, device: str = "cpu",
 def _state() -> PoolState:
     return PoolState(
         pool_id="gpu-box", host="gpu-box",
-        gpus=[{"index": 0, "uuid": "GPU-1", "name": "H200", "backend": "cuda",
-               "memory_total_bytes": 140 * GIB, "memory_free_bytes": 100 * GIB,
-               "memory_reserved_bytes": 8 * GIB, "utilization": 0.5, "power_w": 300.0}],
+        gpus=[GpuEntry(index=0, uuid="GPU-1", name="H200", backend="cuda",
+                       memory_total_bytes=140 * GIB, memory_free_bytes=100 * GIB,
+                       memory_reserved_bytes=8 * GIB, utilization=0.5, power_w=300.0)],
         cpu=CpuEntry(cores=16, ram_total_bytes=128 * GIB, ram_free_bytes=64 * GIB,
                      ram_reserved_bytes=2 * GIB, name="EPYC"),
         workers=[_worker("w-ready", "ready"), _worker("w-busy", "busy", device="cuda:0"),

@@ -57,7 +57,37 @@ class WorkerEntry:
 
 
 @attrs.frozen
+class GpuEntry:
+    """One GPU of a pool host (CONTRACT section 4), as a GPU inventory probe reports it.
+
+    Made by :meth:`rbees_core.interfaces.GpuInventory.collect` (``nvml``, ``metal``) with
+    ``memory_reserved_bytes`` 0; pool-managerd fills that in with what its workers hold
+    before it reports the GPU in ``/v2/state`` and its heartbeats.
+    """
+
+    index: int = attrs.field(metadata=limits(minimum=0))
+    uuid: str = attrs.field(metadata=limits(max_length=128))
+    name: str = attrs.field(metadata=limits(max_length=256))
+    backend: str = attrs.field(metadata=limits(pattern=r"[a-z][a-z0-9_-]{0,31}",
+                                               doc="cuda, metal: the device kind"))
+    memory_total_bytes: int = attrs.field(metadata=limits(minimum=0))
+    memory_free_bytes: int = attrs.field(metadata=limits(minimum=0))
+    memory_reserved_bytes: int = field(default=0, minimum=0, doc="held by this pool's workers")
+    utilization: float = field(default=0.0, minimum=0, maximum=1)
+    temperature_c: int | float | None = None
+    power_w: float | None = None
+
+    @property
+    def device(self) -> str:
+        """``KIND:INDEX``, as workers and placements name it (``cuda:0``)."""
+        return f"{self.backend}:{self.index}"
+
+
+@attrs.frozen
 class CpuEntry:
+    """The host's CPU and RAM: made by the ``cpu`` inventory probe, with
+    ``ram_reserved_bytes`` filled in by pool-managerd (what its CPU workers hold)."""
+
     cores: int
     ram_total_bytes: int
     ram_free_bytes: int
@@ -71,7 +101,7 @@ class PoolState:
 
     pool_id: str
     host: str
-    gpus: list[dict[str, Any]]
+    gpus: list[GpuEntry]
     cpu: CpuEntry | None
     workers: list[WorkerEntry]
     models: list[dict[str, Any]]
@@ -181,7 +211,7 @@ class PoolStatus:
 
     pool_id: str
     host: str
-    gpus: list[dict[str, Any]]
+    gpus: list[GpuEntry]
     cpu: dict[str, Any] | None
     workers: list[PoolWorker]
     models: list[PoolModel]

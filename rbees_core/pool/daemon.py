@@ -25,7 +25,6 @@ import pluggy
 from rbees_core import __version__
 from rbees_core.api.pool import (
     LIVE_WORKER_STATES,
-    CpuEntry,
     PoolState,
     WorkerEntry,
     WorkerStartRequest,
@@ -138,17 +137,12 @@ class PoolService:
         from rbees_core.pool import models as local_models
 
         inv = inventory.collect(self.pm)
-        gpus = []
-        for gpu in inv.gpus:
-            device = f"{gpu.get('backend')}:{gpu.get('index', 0)}"
-            gpus.append({**gpu, "memory_reserved_bytes": self.reserved_bytes(device)})
+        gpus = [attrs.evolve(gpu, memory_reserved_bytes=self.reserved_bytes(gpu.device))
+                for gpu in inv.gpus]
         cpu = None
         if inv.cpu is not None:
-            cpu = CpuEntry(cores=int(inv.cpu.get("cores") or os.cpu_count() or 1),
-                           ram_total_bytes=int(inv.cpu.get("ram_total_bytes") or 0),
-                           ram_free_bytes=int(inv.cpu.get("ram_free_bytes") or 0),
-                           ram_reserved_bytes=self.reserved_bytes("cpu"),
-                           name=inv.cpu.get("name"))
+            cpu = attrs.evolve(inv.cpu, cores=inv.cpu.cores or os.cpu_count() or 1,
+                               ram_reserved_bytes=self.reserved_bytes("cpu"))
         try:
             models = [m.to_dict() for m in local_models.list_models(self.pm)]
         except RbeesError as exc:

@@ -1,8 +1,9 @@
 """The devices of this host, from every installed GPU inventory probe (cpu, nvml, metal).
 
 Shared by ``rbees-pool status`` and pool-managerd's ``/v2/state``. A probe that raises
-(it should not: see :class:`rbees_core.interfaces.GpuInventory`) is reported in
-:attr:`Inventory.problems` and the others still count.
+(it should not: see :class:`rbees_core.interfaces.GpuInventory`) or returns something other
+than :class:`~rbees_core.api.pool.GpuEntry` / :class:`~rbees_core.api.pool.CpuEntry` is
+reported in :attr:`Inventory.problems` and the others still count.
 """
 
 from __future__ import annotations
@@ -14,28 +15,32 @@ import attrs
 import pluggy
 
 from rbees_core import plugins
+from rbees_core.api.pool import CpuEntry, GpuEntry
 
 log = logging.getLogger(__name__)
+#: The keys of the CPU in ``rbees-pool status --format json``.
 CPU_KEYS = ("name", "cores", "ram_total_bytes", "ram_free_bytes")
 
 
 @attrs.frozen
 class Inventory:
-    """GPU entries (CONTRACT section 4), the CPU summary, and probes that failed."""
+    """GPU entries (CONTRACT section 4), the CPU, and probes that failed."""
 
-    gpus: list[dict[str, Any]]
-    cpu: dict[str, Any] | None
+    gpus: list[GpuEntry]
+    cpu: CpuEntry | None
     problems: list[str] = attrs.field(factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gpus": [dict(g) for g in self.gpus],
-                "cpu": dict(self.cpu) if self.cpu is not None else None}
+        """``gpus`` and ``cpu`` as ``rbees-pool status --format json`` prints them."""
+        return {"gpus": [attrs.asdict(g) for g in self.gpus],
+                "cpu": {k: getattr(self.cpu, k) for k in CPU_KEYS}
+                if self.cpu is not None else None}
 
 
 def collect(pm: pluggy.PluginManager) -> Inventory:
     """Ask every registered probe for its devices, in probe-name order."""
-    gpus: list[dict[str, Any]] = []
-    cpu: dict[str, Any] | None = None
+    gpus: list[GpuEntry] = []
+    cpu: CpuEntry | None = None
     problems: list[str] = []
     for name, cls in sorted(plugins.gpu_inventories(pm).items()):
         try:
@@ -45,9 +50,14 @@ def collect(pm: pluggy.PluginManager) -> Inventory:
             problems.append(f"{name}: {exc}")
             continue
         for entry in entries:
-            if entry.get("backend") == "cpu":
-                cpu = {k: entry.get(k) for k in CPU_KEYS}
+            if isinstance(entry, CpuEntry):
+                cpu = entry
+            elif isinstance(entry, GpuEntry):
+                gpus.append(entry)
             else:
-                gpus.append(dict(entry))
-    gpus.sort(key=lambda g: (str(g.get("backend")), int(g.get("index", 0))))
+                log.warning("GPU inventory %s returned a %s", name, type(entry).__name__)
+                problems.append(f"{name}: returned a {type(entry).__name__}, not a GpuEntry "
+                                "or CpuEntry")
+                break
+    gpus.sort(key=lambda g: (g.backend, g.index))
     return Inventory(gpus=gpus, cpu=cpu, problems=problems)

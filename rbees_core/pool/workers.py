@@ -24,6 +24,7 @@ import attrs
 import pluggy
 
 from rbees_core import plugins
+from rbees_core.api.pool import GpuEntry
 from rbees_core.backend import MemoryEstimate
 from rbees_core.config import auth_headers, rbees_home
 from rbees_core.errors import (
@@ -163,10 +164,10 @@ def device_free_bytes(pm: pluggy.PluginManager, device: str) -> tuple[int | None
         return ram_free_bytes(), "ram"
     for cls in plugins.gpu_inventories(pm).values():
         for gpu in cls().collect():
-            if gpu.get("backend") in (kind, "cuda" if kind == "cuda" else "metal") and \
-                    int(gpu.get("index", 0)) == int(index or 0):
+            if isinstance(gpu, GpuEntry) and gpu.index == int(index or 0) and \
+                    gpu.backend in (kind, "cuda" if kind == "cuda" else "metal"):
                 memory_kind = "unified" if kind in ("metal", "mps") else "vram"
-                return int(gpu["memory_free_bytes"]), memory_kind
+                return gpu.memory_free_bytes, memory_kind
     return None, "unified" if kind in ("metal", "mps") else "vram"
 
 

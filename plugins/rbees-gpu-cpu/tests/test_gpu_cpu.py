@@ -9,6 +9,7 @@ import pluggy
 from rbees_gpu_cpu import CpuInventory, parse_meminfo, parse_vm_stat
 
 from rbees_core import plugins
+from rbees_core.api.pool import CpuEntry
 from rbees_core.pool import inventory
 
 DATA = Path(__file__).parent / "data"
@@ -36,11 +37,11 @@ def test_loads_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:
 
 def test_the_real_host() -> None:
     (entry,) = CpuInventory().collect()
-    assert entry["backend"] == "cpu" and entry["index"] == 0 and entry["name"]
-    assert entry["cores"] == len(os.sched_getaffinity(0))
+    assert isinstance(entry, CpuEntry) and entry.name and entry.ram_reserved_bytes == 0
+    assert entry.cores == len(os.sched_getaffinity(0))
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert abs(entry["ram_total_bytes"] - total) < 0.05 * total
-    assert 0 < entry["ram_free_bytes"] <= entry["ram_total_bytes"]
+    assert abs(entry.ram_total_bytes - total) < 0.05 * total
+    assert 0 < entry.ram_free_bytes <= entry.ram_total_bytes
 
 
 def test_meminfo() -> None:
@@ -57,6 +58,6 @@ def test_vm_stat_of_macos() -> None:
 
 def test_the_pool_inventory_reports_it_as_the_cpu(rbees_pm: pluggy.PluginManager) -> None:
     found = inventory.collect(rbees_pm)
-    assert found.cpu is not None
-    assert set(found.cpu) == {"name", "cores", "ram_total_bytes", "ram_free_bytes"}
-    assert all(g["backend"] != "cpu" for g in found.gpus)
+    assert isinstance(found.cpu, CpuEntry)
+    assert set(found.to_dict()["cpu"]) == {"name", "cores", "ram_total_bytes", "ram_free_bytes"}
+    assert all(g.backend != "cpu" for g in found.gpus)

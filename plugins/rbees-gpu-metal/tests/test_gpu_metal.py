@@ -8,11 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+import attrs
 import pluggy
 import pytest
 from rbees_gpu_metal import MetalInventory, parse_displays, parse_size, parse_vm_stat
 
 from rbees_core import plugins
+from rbees_core.api.pool import GpuEntry
 
 DATA = Path(__file__).parent / "data"
 GPU_KEYS = {"index", "uuid", "name", "backend", "memory_total_bytes", "memory_free_bytes",
@@ -38,19 +40,19 @@ def test_other_systems_have_no_metal_devices() -> None:
 
 def test_apple_silicon_shares_the_system_memory() -> None:
     (gpu,) = parse_displays(load("m2max.json"), ram_total=64 * 2**30, ram_free=40 * 2**30)
-    assert set(gpu) == GPU_KEYS
-    assert gpu["name"] == "Apple M2 Max" and gpu["backend"] == "metal" and gpu["index"] == 0
-    assert (gpu["memory_total_bytes"], gpu["memory_free_bytes"]) == (64 * 2**30, 40 * 2**30)
-    assert gpu["uuid"] == "metal-0-apple-m2-max"
+    assert isinstance(gpu, GpuEntry) and set(attrs.asdict(gpu)) == GPU_KEYS
+    assert gpu.name == "Apple M2 Max" and gpu.backend == "metal" and gpu.index == 0
+    assert (gpu.memory_total_bytes, gpu.memory_free_bytes) == (64 * 2**30, 40 * 2**30)
+    assert gpu.uuid == "metal-0-apple-m2-max" and gpu.device == "metal:0"
 
 
 def test_an_intel_mac_lists_its_metal_gpus_only() -> None:
     igpu, radeon = parse_displays(load("imac_intel.json"), ram_total=32 * 2**30,
                                   ram_free=2**30)
-    assert igpu["name"] == "Intel UHD Graphics 630"
-    assert igpu["memory_total_bytes"] == 32 * 2**30  # shared memory
-    assert radeon["name"] == "Radeon Pro 580X" and radeon["index"] == 1
-    assert radeon["memory_total_bytes"] == radeon["memory_free_bytes"] == 8 * 2**30
+    assert igpu.name == "Intel UHD Graphics 630"
+    assert igpu.memory_total_bytes == 32 * 2**30  # shared memory
+    assert radeon.name == "Radeon Pro 580X" and radeon.index == 1
+    assert radeon.memory_total_bytes == radeon.memory_free_bytes == 8 * 2**30
 
 
 def test_sizes_and_vm_stat() -> None:
@@ -77,9 +79,9 @@ def mac_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_on_macos_it_runs_system_profiler(mac_tools: Path) -> None:
     (gpu,) = MetalInventory().collect()
-    assert gpu["name"] == "Apple M2 Max"
-    assert gpu["memory_total_bytes"] == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert gpu["memory_free_bytes"] == (52818 + 811231 + 20554) * 16384
+    assert gpu.name == "Apple M2 Max"
+    assert gpu.memory_total_bytes == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert gpu.memory_free_bytes == (52818 + 811231 + 20554) * 16384
 
 
 def test_a_failing_system_profiler_means_no_devices(mac_tools: Path) -> None:

@@ -9,12 +9,14 @@ import types
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pluggy
 import pynvml as real_pynvml
 import pytest
 from rbees_gpu_nvml import NvmlInventory
 
 from rbees_core import plugins
+from rbees_core.api.pool import GpuEntry
 from rbees_core.pool import inventory
 
 DATA = Path(__file__).parent / "data"
@@ -100,7 +102,7 @@ def test_the_real_library_reports_what_this_host_has() -> None:
     real_pynvml.nvmlShutdown()
     found = NvmlInventory().collect()
     assert len(found) == count
-    assert all(set(gpu) == GPU_KEYS and gpu["backend"] == "cuda" for gpu in found)
+    assert all(set(attrs.asdict(gpu)) == GPU_KEYS and gpu.backend == "cuda" for gpu in found)
 
 
 def test_recorded_gpus_become_contract_entries(monkeypatch: pytest.MonkeyPatch,
@@ -108,17 +110,19 @@ def test_recorded_gpus_become_contract_entries(monkeypatch: pytest.MonkeyPatch,
     fake = fake_pynvml(recorded)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     h100, rtx = NvmlInventory().collect()
-    assert h100 == {
+    assert isinstance(h100, GpuEntry)
+    # the wire JSON of the entry, key order included (CONTRACT section 4)
+    assert json.dumps(attrs.asdict(h100)) == json.dumps({
         "index": 0, "uuid": "GPU-5f0c3a52-8d0e-7b43-9a1f-3c2e61b0d4a7",
         "name": "NVIDIA H100 80GB HBM3", "backend": "cuda",
         "memory_total_bytes": 85520809984, "memory_free_bytes": 84986691584,
         "memory_reserved_bytes": 0, "utilization": 0.37, "temperature_c": 41,
         "power_w": 118.7,
-    }
-    assert set(rtx) == GPU_KEYS
-    assert rtx["name"] == "NVIDIA GeForce RTX 3090"  # bytes from old bindings decoded
-    assert rtx["uuid"].startswith("GPU-0a1b2c3d")
-    assert (rtx["temperature_c"], rtx["power_w"]) == (None, None)  # NotSupported
+    })
+    assert set(attrs.asdict(rtx)) == GPU_KEYS
+    assert rtx.name == "NVIDIA GeForce RTX 3090"  # bytes from old bindings decoded
+    assert rtx.uuid.startswith("GPU-0a1b2c3d")
+    assert (rtx.temperature_c, rtx.power_w) == (None, None)  # NotSupported
     assert fake.calls[0] == "nvmlInit" and fake.calls[-1] == "nvmlShutdown"
 
 
@@ -141,7 +145,7 @@ def test_a_lost_gpu_does_not_hide_the_others(monkeypatch: pytest.MonkeyPatch,
     fake = fake_pynvml(recorded, lost={0})
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     (only,) = NvmlInventory().collect()
-    assert only["index"] == 1
+    assert only.index == 1
     assert fake.calls[-1] == "nvmlShutdown"
 
 
@@ -150,8 +154,8 @@ def test_the_pool_inventory_lists_them_as_gpus(monkeypatch: pytest.MonkeyPatch,
                                                recorded: list[dict[str, Any]]) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(recorded))
     found = inventory.collect(rbees_pm)
-    cuda = [g for g in found.gpus if g["backend"] == "cuda"]
-    assert [g["index"] for g in cuda] == [0, 1]
+    cuda = [g for g in found.gpus if g.backend == "cuda"]
+    assert [g.index for g in cuda] == [0, 1]
     assert found.problems == []
 
 

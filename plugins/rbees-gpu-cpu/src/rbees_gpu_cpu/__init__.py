@@ -6,12 +6,14 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from rbees_core.hookspecs import hookimpl
 from rbees_core.interfaces import GpuInventory
+
+if TYPE_CHECKING:
+    from rbees_core.api.pool import CpuEntry
 
 
 def parse_meminfo(text: str) -> tuple[int, int] | None:
@@ -98,10 +100,12 @@ def usable_cores() -> int:
 class CpuInventory(GpuInventory):
     name: ClassVar[str] = "cpu"
 
-    def collect(self) -> list[Mapping[str, Any]]:
+    def collect(self) -> list[CpuEntry]:
+        from rbees_core.api.pool import CpuEntry
+
         total, free = ram_bytes()
-        return [{"index": 0, "uuid": "cpu", "name": cpu_name(), "backend": "cpu",
-                 "cores": usable_cores(), "ram_total_bytes": total, "ram_free_bytes": free}]
+        return [CpuEntry(cores=usable_cores(), ram_total_bytes=total, ram_free_bytes=free,
+                         name=cpu_name())]
 
 
 @hookimpl

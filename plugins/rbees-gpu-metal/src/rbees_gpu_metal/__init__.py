@@ -11,10 +11,13 @@ import re
 import subprocess
 import sys
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rbees_core.hookspecs import hookimpl
 from rbees_core.interfaces import GpuInventory
+
+if TYPE_CHECKING:
+    from rbees_core.api.pool import GpuEntry
 
 PROFILER = ["system_profiler", "SPDisplaysDataType", "-json"]
 _UNITS = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
@@ -35,13 +38,15 @@ def supports_metal(gpu: Mapping[str, Any]) -> bool:
 
 
 def parse_displays(data: Mapping[str, Any], *, ram_total: int, ram_free: int
-                   ) -> list[dict[str, Any]]:
+                   ) -> list[GpuEntry]:
     """GPU entries (CONTRACT section 4) from system_profiler's JSON.
 
     ``ram_total``/``ram_free`` stand for the memory of GPUs that share the system memory
     (Apple Silicon, integrated Intel graphics).
     """
-    entries: list[dict[str, Any]] = []
+    from rbees_core.api.pool import GpuEntry
+
+    entries: list[GpuEntry] = []
     for gpu in data.get("SPDisplaysDataType", []):
         if not isinstance(gpu, Mapping) or not supports_metal(gpu):
             continue
@@ -49,18 +54,18 @@ def parse_displays(data: Mapping[str, Any], *, ram_total: int, ram_free: int
         total, free = (vram, vram) if vram else (ram_total, ram_free)
         index = len(entries)
         name = str(gpu.get("sppci_model") or gpu.get("_name") or "Apple GPU")
-        entries.append({
-            "index": index,
-            "uuid": f"metal-{index}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}",
-            "name": name,
-            "backend": "metal",
-            "memory_total_bytes": total,
-            "memory_free_bytes": free,
-            "memory_reserved_bytes": 0,
-            "utilization": 0.0,
-            "temperature_c": None,
-            "power_w": None,
-        })
+        entries.append(GpuEntry(
+            index=index,
+            uuid=f"metal-{index}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}",
+            name=name,
+            backend="metal",
+            memory_total_bytes=total,
+            memory_free_bytes=free,
+            memory_reserved_bytes=0,
+            utilization=0.0,
+            temperature_c=None,
+            power_w=None,
+        ))
     return entries
 
 
@@ -94,7 +99,7 @@ def system_ram() -> tuple[int, int]:
 class MetalInventory(GpuInventory):
     name: ClassVar[str] = "metal"
 
-    def collect(self) -> list[Mapping[str, Any]]:
+    def collect(self) -> list[GpuEntry]:
         if sys.platform != "darwin":
             return []
         try:

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rbees_core.hookspecs import hookimpl
 from rbees_core.interfaces import GpuInventory
+
+if TYPE_CHECKING:
+    from rbees_core.api.pool import GpuEntry
 
 
 def _text(value: str | bytes) -> str:
@@ -25,33 +27,35 @@ def _optional(nvml: Any, call: Any, *args: Any) -> Any:
         return None
 
 
-def device_entry(nvml: Any, index: int) -> dict[str, Any]:
+def device_entry(nvml: Any, index: int) -> GpuEntry:
     """The CONTRACT section 4 entry of GPU ``index`` (NVML numbering, PCI bus order)."""
+    from rbees_core.api.pool import GpuEntry
+
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     rates = _optional(nvml, nvml.nvmlDeviceGetUtilizationRates, handle)
     temperature = _optional(nvml, nvml.nvmlDeviceGetTemperature, handle,
                             nvml.NVML_TEMPERATURE_GPU)
     milliwatts = _optional(nvml, nvml.nvmlDeviceGetPowerUsage, handle)
-    return {
-        "index": index,
-        "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
-        "name": _text(nvml.nvmlDeviceGetName(handle)),
-        "backend": "cuda",
-        "memory_total_bytes": int(memory.total),
-        "memory_free_bytes": int(memory.free),
-        "memory_reserved_bytes": 0,
+    return GpuEntry(
+        index=index,
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        backend="cuda",
+        memory_total_bytes=int(memory.total),
+        memory_free_bytes=int(memory.free),
+        memory_reserved_bytes=0,
         # MIG instances report no utilization: 0 rather than a guess
-        "utilization": rates.gpu / 100.0 if rates is not None else 0.0,
-        "temperature_c": int(temperature) if temperature is not None else None,
-        "power_w": round(milliwatts / 1000.0, 1) if milliwatts is not None else None,
-    }
+        utilization=rates.gpu / 100.0 if rates is not None else 0.0,
+        temperature_c=int(temperature) if temperature is not None else None,
+        power_w=round(milliwatts / 1000.0, 1) if milliwatts is not None else None,
+    )
 
 
 class NvmlInventory(GpuInventory):
     name: ClassVar[str] = "nvml"
 
-    def collect(self) -> list[Mapping[str, Any]]:
+    def collect(self) -> list[GpuEntry]:
         import logging  # not at import time: every command line loads this plugin
 
         log = logging.getLogger(__name__)
@@ -65,7 +69,7 @@ class NvmlInventory(GpuInventory):
             log.debug("NVML unavailable: %s", exc)
             return []
         try:
-            entries: list[Mapping[str, Any]] = []
+            entries: list[GpuEntry] = []
             for index in range(pynvml.nvmlDeviceGetCount()):
                 try:
                     entries.append(device_entry(pynvml, index))
