@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 from typer.testing import CliRunner
 
 from rbees_core import plugins
+from rbees_core.api.pool import GpuEntry
 from rbees_core.backend import Feed, SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,8 +144,8 @@ def test_gpu_inventory_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (tmp_path / "gpus.json").write_text(json.dumps(
         [{"uuid": "GPU-1", "name": "Card", "memory_bytes": 8 << 30}]))
     [entry] = inventory().collect()
-    assert entry["index"] == 0 and entry["backend"] == "cuda"
-    assert entry["memory_free_bytes"] - entry["memory_reserved_bytes"] == 8 << 30
+    assert isinstance(entry, GpuEntry) and entry.device == "cuda:0"
+    assert entry.memory_free_bytes - entry.memory_reserved_bytes == 8 << 30
 
 
 def test_scheduler_example() -> None:
