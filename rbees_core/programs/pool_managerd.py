@@ -33,7 +33,6 @@ from rbees_core.api.pool import (
     WorkerStartRequest,
 )
 from rbees_core.api.worker import Accepted, ReadyCallback
-from rbees_core.config import rbees_home
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.http import (
     Daemon,
@@ -194,7 +193,11 @@ def create_app(svc: PoolService, started: float | None = None) -> Any:
 
 
 def pid_file() -> Path:
-    return rbees_home() / "run" / "pool-managerd.pid"
+    """Where this ``$RBEES_HOME``'s pool-managerd writes its pid (``rbees-pool daemon`` and
+    ``rbees-pool worker`` find it there: :func:`rbees_core.pool.via_daemon.daemon_files`)."""
+    from rbees_core.pool.via_daemon import daemon_files
+
+    return daemon_files().pid
 
 
 async def run(settings: PoolSettings, pm: pluggy.PluginManager) -> int:
