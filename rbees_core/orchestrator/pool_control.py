@@ -4,7 +4,9 @@ The registry (:mod:`.registry`) knows each pool as its last heartbeat said; this
 keeps it current, tells the book (:mod:`.book`) when what a policy reads has changed, starts
 and stops workers when a verdict says so (and stops, after ``idle_timeout_s``, the idle
 ones it started), and forwards an operator's calls to a pool (:meth:`PoolControl.call_pool`).
-Every call to a pool goes to the pool-managerd API at the URL the pool registered with.
+Every call to a pool goes to the pool-managerd API at the URL the pool registered with:
+the scheduler's through the typed :class:`~rbees_core.pool_client.http.HttpPoolClient`,
+an operator's relayed as the pool answered it (:meth:`PoolControl.call_pool`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import contextlib
 import time
 from typing import Any
 
+import attrs
 import httpx
 
-from rbees_core.api.pool import PoolHeartbeat
+from rbees_core.api.pool import PoolHeartbeat, WorkerStartRequest
 from rbees_core.errors import ConflictError, HostUnreachableError, NotFoundError, RbeesError
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, request_headers
 from rbees_core.orchestrator.registry import PoolEntry, PoolRegistry
+from rbees_core.pool_client.http import HttpPoolClient
 
 #: a pool's statuses are aged at most this often
 AGE_EVERY_S = 0.5
@@ -159,32 +163,26 @@ class PoolControl:
         self.starting[key] = self.book.spawn(self._start_worker(pool_id, device, model))
 
     async def _start_worker(self, pool_id: str, device: str, model: str) -> None:
-        entry = self.registry.pools.get(pool_id)
         try:
-            if entry is None or not entry.state.url:
+            pool = self.client_of(pool_id)
+            if pool is None:
                 raise RbeesError(f"pool {pool_id} has no URL to start a worker on")
-            answer = await self.client.post(
-                f"{entry.state.url}/v2/workers/start", headers=self.headers(),
-                json={"model_ref": model, "device": device})
-            if answer.status_code != 202:
-                raise RbeesError(f"pool {pool_id} refused to start {model}: {answer.text[:300]}")
-            worker_id = answer.json()["worker_id"]
+            started = await pool.start_worker(WorkerStartRequest(model_ref=model, device=device))
+            worker_id = started.worker_id
             self.started_by_us.add((pool_id, worker_id))
             self.log.info("worker_start_requested", pool_id=pool_id, worker_id=worker_id,
                           model=model, device=device)
             deadline = time.monotonic() + WORKER_START_TIMEOUT_S
             while time.monotonic() < deadline:
-                got = await self.client.get(f"{entry.state.url}/v2/workers/{worker_id}",
-                                            headers=self.headers())
-                worker = got.json()
-                if worker.get("state") in ("ready", "busy"):
-                    self.registry.set_worker(pool_id, worker)
+                worker = await pool.get_worker(worker_id)
+                if worker.state in ("ready", "busy"):
+                    self.registry.set_worker(pool_id, attrs.asdict(worker))
                     break
-                if worker.get("state") in ("failed", "stopped"):
-                    raise RbeesError(f"worker {worker_id} on {pool_id} {worker.get('state')}: "
-                                     f"{worker.get('error')}")
+                if worker.state in ("failed", "stopped"):
+                    raise RbeesError(f"worker {worker_id} on {pool_id} {worker.state}: "
+                                     f"{worker.error}")
                 await asyncio.sleep(0.05)
-        except (RbeesError, httpx.HTTPError, ValueError) as exc:
+        except RbeesError as exc:  # the pool's refusal, or it could not be reached
             self.log.error("worker_start_failed", pool_id=pool_id, model=model, error=str(exc))
             await asyncio.sleep(1.0)  # do not hammer a pool that refuses
         finally:
@@ -192,15 +190,25 @@ class PoolControl:
             self.book.changed()
 
     async def stop_worker(self, pool_id: str, worker_id: str) -> None:
-        """Ask a pool to stop one of its workers (no error when it cannot be reached)."""
-        entry = self.registry.pools.get(pool_id)
-        if entry is None or not entry.state.url:
+        """Ask a pool to stop one of its workers (no error when it cannot be reached or
+        refuses: its next heartbeat tells)."""
+        pool = self.client_of(pool_id)
+        if pool is None:
             return
-        with contextlib.suppress(httpx.HTTPError):
-            await self.client.post(f"{entry.state.url}/v2/workers/{worker_id}/stop",
-                                   headers=self.headers())
+        with contextlib.suppress(RbeesError):
+            await pool.request_stop(worker_id)
         self.stopping(pool_id, worker_id)
         self.log.info("worker_stop_requested", pool_id=pool_id, worker_id=worker_id)
+
+    def client_of(self, pool_id: str) -> HttpPoolClient | None:
+        """A typed client of the pool's API at the URL it registered with (None for an
+        unknown pool or one with no URL), over this process's connections, sending its
+        token and the correlation id of the request being served."""
+        entry = self.registry.pools.get(pool_id)
+        if entry is None or not entry.state.url:
+            return None
+        return HttpPoolClient(entry.state.url, name=pool_id, client=self.client,
+                              headers=self.headers)
 
     async def idle_loop(self) -> None:
         """Stop the workers this process started once idle for ``idle_timeout_s``."""
