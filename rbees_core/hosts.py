@@ -36,10 +36,15 @@ import attrs
 import pluggy
 
 from rbees_core import plugins
-from rbees_core.api.common import ID_PATTERN
 from rbees_core.errors import ConfigError, InvalidParamsError, NotFoundError
-from rbees_core.interfaces import Transport
-from rbees_core.schema import field, from_mapping
+from rbees_core.schema import from_mapping
+from rbees_core.transport import (
+    COMMON_KEYS,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_REMOTE_POOL,
+    HostConfig,
+    Transport,
+)
 
 if TYPE_CHECKING:
     from rbees_core.pool_client import PoolClient
@@ -49,11 +54,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_REMOTE_POOL = "rbees-pool"
-DEFAULT_CONNECT_TIMEOUT_S = 10.0
+__all__ = ["ALL", "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_REMOTE_POOL", "Destination",
+           "HostConfig", "forget_host_keys", "host_fields_types", "host_from_table",
+           "hosts_dir", "hosts_file", "known_hosts_file", "load_hosts", "open_pool_client",
+           "open_transport", "read_lines", "record_host_key", "save_hosts", "select_hosts",
+           "where"]
 #: ``--host all`` means every configured host.
 ALL = "all"
-_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DESTINATION = re.compile(
     r"(?:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63})@)?"
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]{1,253}))"
@@ -96,55 +103,6 @@ class Destination:
         return cls(host=match["v6"] or match["host"], user=match["user"], port=port)
 
 
-@attrs.frozen
-class HostConfig:
-    """One ``[hosts.NAME]`` table. Which fields matter depends on ``transport``."""
-
-    name: str = attrs.field(metadata={"rbees": {"pattern": ID_PATTERN}})
-    transport: str = field(default="ssh", pattern=r"[a-z][a-z0-9_-]{0,31}",
-                           doc="ssh, http or local (or a transport plugin's name)")
-    destination: str | None = field(default=None, max_length=300,
-                                    doc="ssh: user@host[:port] or an alias of ~/.ssh/config")
-    url: str | None = field(default=None, max_length=512, pattern=r"https?://[^\s]+",
-                            doc="http: pool-managerd's base URL")
-    token_file: str | None = field(default=None, max_length=4096,
-                                   doc="http: file holding the API token (mode 600)")
-    remote_pool: str = field(default=DEFAULT_REMOTE_POOL, min_length=1, max_length=4096,
-                             forbid=r"[\x00\n\r]", doc="the rbees-pool program on the host")
-    env: dict[str, str] = field(factory=dict, doc="environment of rbees-pool on the host")
-    connect_timeout_s: float = field(default=DEFAULT_CONNECT_TIMEOUT_S, minimum=0.1,
-                                     maximum=600)
-
-    def check(self) -> None:
-        for key, value in self.env.items():
-            if not _ENV_KEY.fullmatch(key):
-                raise InvalidParamsError("env", f"{key!r} is not a variable name")
-            if not isinstance(value, str) or "\x00" in value:
-                raise InvalidParamsError(f"env.{key}", "must be a string without NUL")
-        if self.transport == "ssh":
-            if not self.destination:
-                raise InvalidParamsError("destination", "the ssh transport needs one")
-            Destination.parse(self.destination)
-        if self.transport == "http" and not self.url:
-            raise InvalidParamsError("url", "the http transport needs --url")
-
-    @property
-    def where(self) -> str:
-        """The host as people name it: destination, URL or ``this host``."""
-        return self.destination or self.url or "this host"
-
-    def to_toml_table(self) -> dict[str, Any]:
-        """The non-default fields, as stored under ``[hosts.NAME]``."""
-        defaults = HostConfig(name=self.name, transport="local")
-        out: dict[str, Any] = {"transport": self.transport}
-        for key in ("destination", "url", "token_file", "remote_pool", "env",
-                    "connect_timeout_s"):
-            value = getattr(self, key)
-            if value != getattr(defaults, key):
-                out[key] = value
-        return out
-
-
 def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
@@ -153,8 +111,36 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string
 
 
-def load_hosts(path: Path | None = None) -> dict[str, HostConfig]:
-    """Every configured host by name; none when the file does not exist. Raises
+def host_fields_types(pm: pluggy.PluginManager | None = None) -> dict[str, type[Any]]:
+    """Each installed transport's :attr:`~rbees_core.transport.Transport.host_fields`, by
+    transport name (with the installed plugins when ``pm`` is None)."""
+    if pm is None:
+        pm = plugins.make_manager(plugins.builtin_plugins())
+    return {name: cls.host_fields for name, cls in plugins.transports(pm).items()}
+
+
+def host_from_table(name: str, table: Mapping[str, Any], fields: Mapping[str, type[Any]],
+                    *, path: str = "") -> HostConfig:
+    """The host of a ``[hosts.NAME]`` table, its options checked by its transport's
+    ``fields`` type (a transport not installed: unchecked, until it is used). Raises
+    :class:`InvalidParamsError` naming the key."""
+    if "name" in table:
+        raise InvalidParamsError("name", "unknown field (the table's key is the name)")
+    common = {key: table[key] for key in COMMON_KEYS if key in table}
+    options = {key: value for key, value in table.items() if key not in COMMON_KEYS}
+    host = from_mapping(HostConfig, {**common, "name": name}, path=path)
+    host = HostConfig(host.name, host.transport, host.connect_timeout_s, options)
+    checker = fields.get(host.transport)
+    if checker is not None:
+        from_mapping(checker, options, path=path)
+    return host
+
+
+def load_hosts(path: Path | None = None, *, pm: pluggy.PluginManager | None = None,
+               check: bool = True) -> dict[str, HostConfig]:
+    """Every configured host by name; none when the file does not exist. Each host's
+    options are checked by its transport (the installed ones, or those of ``pm``), unless
+    ``check`` is False (a caller that only counts hosts: no plugins are loaded). Raises
     :class:`ConfigError` naming the file and the TOML path of a bad value."""
     path = path or hosts_file()
     if not path.exists():
@@ -166,15 +152,15 @@ def load_hosts(path: Path | None = None) -> dict[str, HostConfig]:
     unknown = set(data) - {"hosts"}
     if unknown:
         raise ConfigError(f"{path}: {sorted(unknown)[0]}: unknown section (only [hosts.NAME])")
+    tables = data.get("hosts", {})
+    fields = host_fields_types(pm) if tables and check else {}
     found: dict[str, HostConfig] = {}
-    for name, table in data.get("hosts", {}).items():
+    for name, table in tables.items():
         where = f"hosts.{name}"
         try:
             if not isinstance(table, dict):
                 raise InvalidParamsError("", "must be a table")
-            if "name" in table:
-                raise InvalidParamsError("name", "unknown field (the table's key is the name)")
-            found[name] = from_mapping(HostConfig, {**table, "name": name}, path=where)
+            found[name] = host_from_table(name, table, fields, path=where)
         except InvalidParamsError as exc:
             message = exc.message if exc.message.startswith(where) else f"{where}: {exc.message}"
             raise ConfigError(f"{path}: {message}", details={"key": exc.field}) from exc
@@ -250,6 +236,15 @@ def open_transport(pm: pluggy.PluginManager, host: HostConfig) -> Transport:
                           f"installed (installed: {installed})")
     transport: Transport = found[host.transport](host)
     return transport
+
+
+def where(pm: pluggy.PluginManager, host: HostConfig) -> str:
+    """The host as people name it (its destination, its URL, ``this host``), as its
+    transport tells; the transport's name when it is not installed or the table is bad."""
+    try:
+        return open_transport(pm, host).where
+    except (ConfigError, InvalidParamsError):
+        return host.transport
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-# the transport interface lives in rbees_core.transport; these names stay importable here
+# DownloadProgress is an api type, the transport interface lives in rbees_core.transport;
+# these names stay importable here
+from rbees_core.api.pool import DownloadProgress
 from rbees_core.transport import LineCallback, Transport, TransportResult
 
 if TYPE_CHECKING:
@@ -24,20 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DownloadProgress", "DownloadResult", "GpuInventory", "LineCallback", "ModelSource",
            "ProgressCallback", "Scheduler", "Transport", "TransportResult"]
-
-
-@attrs.frozen
-class DownloadProgress:
-    """How far a download is, as told to :meth:`ModelSource.download`'s ``progress``.
-
-    ``stage`` is ``download`` while bytes arrive (``bytes_done`` counts bytes already on disk,
-    resumed ones included) and ``verify`` while the finished file is hashed.
-    """
-
-    bytes_done: int
-    bytes_total: int | None
-    rate_bps: float
-    stage: str = "download"
 
 
 @attrs.frozen

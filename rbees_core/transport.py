@@ -11,29 +11,73 @@ implements :meth:`Transport.run` and gets a
 json``) for free; one that speaks an API (``http``) returns its own client instead.
 
 Each transport owns its settings of the host table: :attr:`Transport.host_fields` is an
-attrs type (validated with :func:`rbees_core.schema.from_mapping` when hosts.toml is read);
-``rbees`` keeps the common ones (``transport``, ``connect_timeout_s``) in
-:class:`rbees_core.hosts.HostConfig` and the rest in its ``options``.
+attrs type (checked with :func:`rbees_core.schema.from_mapping` when hosts.toml is read);
+:class:`HostConfig` keeps the common ones (``transport``, ``connect_timeout_s``) and the
+rest as ``options``. :class:`CommandHostFields` are those of a transport that runs
+``rbees-pool`` (``remote_pool``, ``env``).
 """
 
 from __future__ import annotations
 
 from abc import ABC
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
 
+from rbees_core.api.common import ID_PATTERN
 from rbees_core.schema import field
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from rbees_core.hosts import HostConfig
     from rbees_core.pool_client import PoolClient
 
+T = TypeVar("T")
 LineCallback = Callable[[str], None]
 DEFAULT_REMOTE_POOL = "rbees-pool"
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+#: The keys of a ``[hosts.NAME]`` table that every host has; the others are ``options``.
+COMMON_KEYS = ("transport", "connect_timeout_s")
+
+
+@attrs.frozen(init=False)
+class HostConfig:
+    """One ``[hosts.NAME]`` table: what every host has, and ``options``, the settings of its
+    transport (the transport's :attr:`Transport.host_fields` type reads them).
+
+    ``HostConfig(name="mac", destination="me@mac")`` takes the options as keywords too, so
+    a table reads as it is written. Read from hosts.toml by :func:`rbees_core.hosts.
+    load_hosts`, which checks the options against the transport's fields.
+    """
+
+    name: str = field(pattern=ID_PATTERN)
+    transport: str = field(default="ssh", pattern=r"[a-z][a-z0-9_-]{0,31}",
+                           doc="ssh, http or local (or a transport plugin's name)")
+    connect_timeout_s: float = field(default=DEFAULT_CONNECT_TIMEOUT_S, minimum=0.1,
+                                     maximum=600)
+    options: dict[str, Any] = field(factory=dict, doc="the transport's own settings")
+
+    def __init__(self, name: str, transport: str = "ssh",
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 options: Mapping[str, Any] | None = None, **more: Any) -> None:
+        self.__attrs_init__(name, transport, float(connect_timeout_s),  # type: ignore[attr-defined]
+                            {**(options or {}), **more})
+
+    def fields(self, cls: type[T]) -> T:
+        """The options as ``cls`` (a transport's :attr:`~Transport.host_fields`), checked:
+        :class:`rbees_core.errors.InvalidParamsError` names the bad key."""
+        from rbees_core.schema import from_mapping
+
+        return from_mapping(cls, self.options)
+
+    def to_toml_table(self) -> dict[str, Any]:
+        """The table as stored under ``[hosts.NAME]``: the transport, the options as given,
+        the connect timeout when it is not the default."""
+        out: dict[str, Any] = {"transport": self.transport, **self.options}
+        if self.connect_timeout_s != DEFAULT_CONNECT_TIMEOUT_S:
+            out["connect_timeout_s"] = self.connect_timeout_s
+        return out
 
 
 @attrs.frozen
@@ -54,6 +98,10 @@ class TransportResult:
 class NoHostFields:
     """The host fields of a transport that has none of its own."""
 
+    def where(self) -> str:
+        """The host as people name it (a destination, a URL), for listings."""
+        return "this host"
+
 
 @attrs.frozen
 class CommandHostFields:
@@ -62,6 +110,9 @@ class CommandHostFields:
     remote_pool: str = field(default=DEFAULT_REMOTE_POOL, min_length=1, max_length=4096,
                              forbid=r"[\x00\n\r]", doc="the rbees-pool program on the host")
     env: dict[str, str] = field(factory=dict, doc="environment of rbees-pool on the host")
+
+    def where(self) -> str:
+        return "this host"
 
     def check(self) -> None:
         import re
@@ -93,6 +144,15 @@ class Transport(ABC):
 
     def __init__(self, host: HostConfig) -> None:
         self.host = host
+        #: The host's options as :attr:`host_fields` (checked when hosts.toml was read;
+        #: :class:`rbees_core.errors.InvalidParamsError` here for a table made in code).
+        self.fields = host.fields(self.host_fields)
+
+    @property
+    def where(self) -> str:
+        """The host as people name it: its destination, its URL, or ``this host``."""
+        where = getattr(self.fields, "where", None)
+        return str(where()) if callable(where) else "this host"
 
     def pool_client(self) -> PoolClient:
         """The typed client of the pool on this host.
@@ -104,7 +164,7 @@ class Transport(ABC):
         """
         from rbees_core.pool_client.command import CommandPoolClient
 
-        return CommandPoolClient(self)
+        return CommandPoolClient(self.run, name=self.host.name, kind=self.name)
 
     async def run(
         self, argv: Sequence[str], *, on_line: LineCallback | None = None,

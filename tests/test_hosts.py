@@ -29,7 +29,7 @@ from rbees_core.hosts import (
     save_hosts,
     select_hosts,
 )
-from rbees_core.pool_client.command import CommandPoolClient
+from rbees_core.pool_client import PoolClient
 from rbees_core.programs import pool_cli
 from rbees_core.programs.pool_commands import git, models, worker
 from rbees_core.programs.rbees_commands.pool import pool_app
@@ -98,6 +98,8 @@ def test_hosts_round_trip_through_toml(home: Path) -> None:
     ('[hosts.a]\ntransport = "ssh"\n', "hosts.a: destination: the ssh transport needs one"),
     ('[hosts.a]\ntransport = "http"\n', "hosts.a: url: the http transport needs --url"),
     ('[hosts.a]\ndestination = "m"\nportt = 22\n', "hosts.a.portt: unknown field"),
+    ('[hosts.a]\ntransport = "local"\nurl = "http://x"\n', "hosts.a.url: unknown field"),
+    ('[hosts.a]\ntransport = "http"\nurl = "ftp://x"\n', "hosts.a.url: must match"),
     ('[hosts.a]\ndestination = "m"\nenv = { "1X" = "y" }\n', "hosts.a: env: '1X' is not a"),
     ('[hosts.a]\ndestination = "m"\nname = "b"\n', "hosts.a: name: unknown field"),
     ('[host.a]\n', "host: unknown section"),
@@ -177,10 +179,10 @@ class Recorder(Transport):
      ["models", "download", "--force", "--format", "json", "--", "smollm2"]),
 ])
 async def test_the_command_client_sends_rbees_pool_s_command_lines(
-        call: Callable[[CommandPoolClient], Awaitable[Any]], argv: list[str]) -> None:
+        call: Callable[[PoolClient], Awaitable[Any]], argv: list[str]) -> None:
     recorder = Recorder()
     with pytest.raises(PoolCommandError, match=r"^rec: recorded$") as raised:
-        await call(CommandPoolClient(recorder))
+        await call(recorder.pool_client())
     assert raised.value.exit_code == 1
     assert recorder.sent == [argv]
 
@@ -193,10 +195,10 @@ async def test_the_command_client_sends_rbees_pool_s_command_lines(
     lambda c: c.models_info("a\nb"),
 ])
 async def test_the_command_client_refuses_shell_syntax_before_sending(
-        call: Callable[[CommandPoolClient], Awaitable[Any]]) -> None:
+        call: Callable[[PoolClient], Awaitable[Any]]) -> None:
     recorder = Recorder()
     with pytest.raises((InvalidParamsError, NotFoundError)):
-        await call(CommandPoolClient(recorder))
+        await call(recorder.pool_client())
     assert recorder.sent == []
 
 

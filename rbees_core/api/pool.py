@@ -136,6 +136,22 @@ class DownloadRequest:
     force: bool = False
 
 
+@attrs.frozen
+class DownloadProgress:
+    """How far a download is, as told to the ``progress`` of
+    :meth:`rbees_core.interfaces.ModelSource.download` and of a pool client's
+    ``models_download``.
+
+    ``stage`` is ``download`` while bytes arrive (``bytes_done`` counts bytes already on disk,
+    resumed ones included) and ``verify`` while the finished file is hashed.
+    """
+
+    bytes_done: int
+    bytes_total: int | None
+    rate_bps: float
+    stage: str = "download"
+
+
 # -- what a pool client returns (rbees_core.pool_client): rbees-pool's JSON shapes ----------
 
 

@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 from rbees_core.api.common import ID_PATTERN
 from rbees_core.api.pool import (
     DownloadedModel,
+    DownloadProgress,
     PoolModel,
     PoolStatus,
     PoolWorker,
     WorkerStartRequest,
 )
 from rbees_core.errors import InvalidParamsError, TransportError, UnsupportedCommandError
-from rbees_core.interfaces import DownloadProgress
 
 if TYPE_CHECKING:
     from typing import Self

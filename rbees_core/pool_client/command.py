@@ -18,10 +18,12 @@ and its exit code. The other lines rbees-pool prints on stderr (warnings) go to
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from rbees_core.api.pool import (
     DownloadedModel,
+    DownloadProgress,
     PoolModel,
     PoolStatus,
     PoolWorker,
@@ -35,7 +37,6 @@ from rbees_core.errors import (
     TransportError,
     from_envelope,
 )
-from rbees_core.interfaces import DownloadProgress
 from rbees_core.pool_client import (
     DEFAULT_START_TIMEOUT_S,
     JsonObject,
@@ -46,30 +47,46 @@ from rbees_core.pool_client import (
     parse,
 )
 
-if TYPE_CHECKING:
-    from rbees_core.transport import Transport, TransportResult
+
+class Ran(Protocol):
+    """What a command did: :class:`rbees_core.transport.TransportResult`."""
+
+    @property
+    def exit_code(self) -> int: ...
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
+
+
+class Runner(Protocol):
+    """Runs ``rbees-pool argv...`` on the host: :meth:`rbees_core.transport.Transport.run`."""
+
+    async def __call__(self, argv: Sequence[str], *, on_line: LineCallback | None = None,
+                       on_stderr: LineCallback | None = None) -> Ran: ...
 
 #: How rbees-pool starts its one error line on stderr.
 ERROR_PREFIX = "rbees-pool: error: "
 
 
 class CommandPoolClient(PoolClient):
-    """A pool host's operations as ``rbees-pool`` commands run through ``transport``.
+    """A pool host's operations as ``rbees-pool`` commands, each run with ``run``.
 
-    Made by :meth:`rbees_core.transport.Transport.pool_client`; the transport owns the
-    connection (close the transport). Raises what :meth:`Transport.run
-    <rbees_core.transport.Transport.run>` raises, and what the module's docstring says.
+    Made by :meth:`rbees_core.transport.Transport.pool_client` with the transport's
+    :meth:`~rbees_core.transport.Transport.run`, the host's ``name`` and the transport's
+    (``kind``); the transport owns the connection (close the transport). Raises what
+    ``run`` raises, and what the module's docstring says.
     """
 
-    def __init__(self, transport: Transport) -> None:
-        super().__init__(transport.host.name)
-        self.transport = transport
-        self.kind = transport.name
+    def __init__(self, run: Runner, *, name: str, kind: str = "command") -> None:
+        super().__init__(name)
+        self.run = run
+        self.kind = kind
 
     # -- running one command -------------------------------------------------------------
 
     async def _run(self, argv: list[str], *, on_line: LineCallback | None = None,
-                   accept: tuple[int, ...] = (0,)) -> TransportResult:
+                   accept: tuple[int, ...] = (0,)) -> Ran:
         """``rbees-pool argv...``; raises unless it exits with one of ``accept``."""
         errors: list[str] = []
 
@@ -79,7 +96,7 @@ class CommandPoolClient(PoolClient):
             elif self.on_notice is not None and line.strip():
                 self.on_notice(line)
 
-        result = await self.transport.run(argv, on_line=on_line, on_stderr=stderr)
+        result = await self.run(argv, on_line=on_line, on_stderr=stderr)
         if result.exit_code in accept:
             return result
         lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -34,6 +34,7 @@ import attrs
 from rbees_core.api.pool import (
     LIVE_WORKER_STATES,
     DownloadedModel,
+    DownloadProgress,
     PoolModel,
     PoolStatus,
     PoolWorker,
@@ -51,7 +52,6 @@ from rbees_core.errors import (
     TransportError,
     from_envelope,
 )
-from rbees_core.interfaces import DownloadProgress
 from rbees_core.pool_client import (
     DEFAULT_START_TIMEOUT_S,
     PoolClient,

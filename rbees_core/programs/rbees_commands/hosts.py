@@ -20,18 +20,36 @@ PROGRAM = "rbees"
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The host's name in rbees.")]
 
 
-def _row(host: Any) -> dict[str, Any]:
-    return {"name": host.name, "transport": host.transport, "where": host.where,
-            "remote_pool": host.remote_pool if host.transport != "http" else None,
-            "env": [f"{k}={v}" for k, v in sorted(host.env.items())]}
+def _row(pm: pluggy.PluginManager, host: Any) -> dict[str, Any]:
+    from rbees_core.hosts import where
+
+    fields = _fields(pm, host)
+    env = getattr(fields, "env", None) or {}
+    return {"name": host.name, "transport": host.transport, "where": where(pm, host),
+            "remote_pool": getattr(fields, "remote_pool", None),
+            "env": [f"{k}={v}" for k, v in sorted(env.items())]}
 
 
-def list_command(fmt: FormatOption = OutputFormat.text) -> None:
+def _fields(pm: pluggy.PluginManager, host: Any) -> Any:
+    """The host's options as its transport reads them (None: transport not installed)."""
+    from rbees_core.hosts import host_fields_types
+
+    cls = host_fields_types(pm).get(host.transport)
+    return None if cls is None else host.fields(cls)
+
+
+def _setting(pm: pluggy.PluginManager, host: Any, key: str) -> Any:
+    if key in ("transport", "connect_timeout_s"):
+        return getattr(host, key)
+    return getattr(_fields(pm, host), key, host.options.get(key))
+
+
+def list_command(pm: pluggy.PluginManager, fmt: OutputFormat) -> None:
     """List the configured hosts."""
     from rbees_core.hosts import load_hosts
 
-    hosts = load_hosts()
-    emit([_row(hosts[name]) for name in sorted(hosts)], fmt,
+    hosts = load_hosts(pm=pm)
+    emit([_row(pm, hosts[name]) for name in sorted(hosts)], fmt,
          ("name", "transport", "where", "remote_pool", "env"))
 
 
@@ -61,8 +79,8 @@ def remove_command(name: NameArg) -> None:
     """Remove a host and the SSH host key rbees recorded for it."""
     from rbees_core.hosts import forget_host_keys, load_hosts, save_hosts, select_hosts
 
-    select_hosts(name)  # NotFoundError for an unknown name
-    hosts = load_hosts()
+    hosts = load_hosts(check=False)  # a host whose transport is gone can still be removed
+    select_hosts(name, hosts)  # NotFoundError for an unknown name
     del hosts[name]
     save_hosts(hosts)
     dropped = forget_host_keys(name)
@@ -74,7 +92,11 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
     group = typer.Typer(name="hosts", no_args_is_help=True, help=(
         "The pool hosts that `rbees pool --host` drives, kept in hosts.toml under "
         "$RBEES_HOME (when set) or ~/.config/rbees."))
-    group.command("list")(list_command)
+
+    @group.command("list")
+    def list_hosts(fmt: FormatOption = OutputFormat.text) -> None:
+        """List the configured hosts."""
+        list_command(pm, fmt)
 
     @group.command("add")
     def add_command(
@@ -111,29 +133,30 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
 
         from rbees_core.errors import ConflictError
         from rbees_core.hosts import (
-            HostConfig,
+            host_fields_types,
+            host_from_table,
             hosts_file,
             load_hosts,
             open_transport,
             save_hosts,
+            where,
         )
-        from rbees_core.schema import from_mapping
 
         given = _settings(destination, transport, url, token_file, remote_pool, env,
                           connect_timeout)
-        hosts = load_hosts()
+        hosts = load_hosts(pm=pm)
         if name in hosts:
             host = hosts[name]
-            differ = sorted(k for k, v in given.items() if getattr(host, k) != v)
+            differ = sorted(k for k, v in given.items() if _setting(pm, host, k) != v)
             if differ:
                 raise ConflictError(
                     f"host {name!r} exists with other settings ({', '.join(differ)}); to "
                     f"change it: rbees hosts remove {name}, then rbees hosts add",
                     details={"host": name})
         else:
-            host = from_mapping(HostConfig, {"name": name, **given})
+            host = host_from_table(name, {"transport": "ssh", **given}, host_fields_types(pm))
             save_hosts({**hosts, name: host})
-            print(f"added {name} ({host.transport} {host.where}) to {hosts_file()}",
+            print(f"added {name} ({host.transport} {where(pm, host)}) to {hosts_file()}",
                   file=sys.stderr)
         trusted = None
         if accept_new:
@@ -159,10 +182,10 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
 
         from rbees_core import __version__
         from rbees_core.errors import PoolCommandError, RbeesError
-        from rbees_core.hosts import open_pool_client, select_hosts
+        from rbees_core.hosts import load_hosts, open_pool_client, select_hosts, where
 
         async def probe(host: Any) -> dict[str, Any]:
-            row = {"name": host.name, "transport": host.transport, "where": host.where,
+            row = {"name": host.name, "transport": host.transport, "where": where(pm, host),
                    "reachable": False, "version": None, "problem": None}
             try:
                 async with open_pool_client(pm, host) as client:
@@ -178,7 +201,8 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
             return row
 
         async def probe_all() -> list[dict[str, Any]]:
-            return list(await asyncio.gather(*(probe(h) for h in select_hosts(name))))
+            return list(await asyncio.gather(*(probe(h) for h in select_hosts(
+                name, load_hosts(pm=pm)))))
 
         rows = asyncio.run(probe_all())
         if fmt is OutputFormat.json:

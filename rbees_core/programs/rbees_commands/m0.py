@@ -376,7 +376,8 @@ def submit(task: dict[str, Any], *, host: str | None, once: bool, verbose: bool,
     from rbees_core import plugins
     from rbees_core.hosts import ALL, load_hosts, select_hosts
 
-    configured = load_hosts()
+    pm = plugins.make_manager(plugins.builtin_plugins())
+    configured = load_hosts(pm=pm)
     if host and host not in ("auto", ALL):
         chosen = select_hosts(host, configured)
         placement: dict[str, Any] | None = {"pool": host}
@@ -385,7 +386,6 @@ def submit(task: dict[str, Any], *, host: str | None, once: bool, verbose: bool,
         placement = None
     if task.get("placement"):
         placement = {**(placement or {}), **task["placement"]}
-    pm = plugins.make_manager(plugins.builtin_plugins())
     job = M0Job(pm, [Host(config=c) for c in chosen], task, placement=placement,
                 verbose=verbose, once=once, json_out=json_out, started=started)
     if verbose:

@@ -76,9 +76,9 @@ def _exit_code(exc: RbeesError) -> int:
 def run_on(pm: pluggy.PluginManager, op: Operation, *, host: str, fmt: OutputFormat | None,
            timeout: float | None) -> int:
     """Run ``op`` on ``host`` (a name or ``all``), print the answers; the exit code."""
-    from rbees_core.hosts import ALL, select_hosts
+    from rbees_core.hosts import ALL, load_hosts, select_hosts
 
-    targets = select_hosts(host)
+    targets = select_hosts(host, load_hosts(pm=pm))
     try:
         if host == ALL:
             return asyncio.run(_everywhere(pm, op, targets, fmt, timeout))
@@ -117,6 +117,8 @@ def show(op: Operation, answer: Any, fmt: OutputFormat | None) -> None:
 
 async def _everywhere(pm: pluggy.PluginManager, op: Operation, targets: list[HostConfig],
                       fmt: OutputFormat | None, timeout: float | None) -> int:
+    from rbees_core.hosts import where
+
     async def one(host: HostConfig) -> tuple[Any, RbeesError | None]:
         try:
             answer = await ask(pm, host, op, timeout)
@@ -138,7 +140,7 @@ async def _everywhere(pm: pluggy.PluginManager, op: Operation, targets: list[Hos
             "error": error.message if error else None}
         if fmt is OutputFormat.json:
             continue
-        print(f"== {host.name} ({host.where}) ==", flush=True)
+        print(f"== {host.name} ({where(pm, host)}) ==", flush=True)
         if answer is not None:
             show(op, answer, fmt)
         if error is not None:

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from rbees_core.errors import RemoteProgramMissingError
 from rbees_core.hosts import DEFAULT_REMOTE_POOL, read_lines
-from rbees_core.transport import LineCallback, Transport, TransportResult
+from rbees_core.transport import CommandHostFields, LineCallback, Transport, TransportResult
 
 #: Longest output line read (JSON lines of progress are short; a status is pretty-printed).
 LINE_LIMIT = 16 * 1024 * 1024
@@ -20,10 +20,12 @@ class LocalTransport(Transport):
     """Runs ``remote_pool argv...`` here, with the host's ``env`` over this environment."""
 
     name: ClassVar[str] = "local"
+    host_fields: ClassVar[type[CommandHostFields]] = CommandHostFields
+    fields: CommandHostFields
 
     def program(self) -> str:
         """``remote_pool``; the default is the rbees-pool beside this Python, else PATH's."""
-        configured = self.host.remote_pool
+        configured = self.fields.remote_pool
         if configured == DEFAULT_REMOTE_POOL:
             beside = Path(sys.executable).with_name(DEFAULT_REMOTE_POOL)
             if beside.exists():
@@ -39,7 +41,7 @@ class LocalTransport(Transport):
             proc = await asyncio.create_subprocess_exec(
                 program, *argv, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, **self.host.env}, limit=LINE_LIMIT)
+                env={**os.environ, **self.fields.env}, limit=LINE_LIMIT)
         except OSError as exc:
             raise RemoteProgramMissingError(
                 f"{self.host.name}: cannot run {program}: {exc.strerror}; set the path with "

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import attrs
+
 from rbees_core.errors import (
     HostAuthError,
     HostKeyError,
@@ -16,13 +18,37 @@ from rbees_core.errors import (
     TransportError,
 )
 from rbees_core.hosts import Destination, HostConfig, known_hosts_file, read_lines, record_host_key
-from rbees_core.transport import LineCallback, Transport, TransportResult
+from rbees_core.schema import field
+from rbees_core.transport import (
+    CommandHostFields,
+    LineCallback,
+    Transport,
+    TransportResult,
+)
 
 if TYPE_CHECKING:
     import asyncssh
 
 #: Exit codes of a shell that could not start the program (126: not executable, 127: absent).
 MISSING_PROGRAM = (126, 127)
+
+
+@attrs.frozen
+class SshHostFields(CommandHostFields):
+    """The ssh transport's fields of a ``[hosts.NAME]`` table: ``remote_pool`` and ``env``,
+    and where to connect."""
+
+    destination: str | None = field(default=None, max_length=300,
+                                    doc="user@host[:port] or an alias of ~/.ssh/config")
+
+    def check(self) -> None:
+        super().check()
+        if not self.destination:
+            raise InvalidParamsError("destination", "the ssh transport needs one")
+        Destination.parse(self.destination)
+
+    def where(self) -> str:
+        return self.destination or "-"
 
 
 def remote_command(host: HostConfig, argv: Sequence[str]) -> str:
@@ -34,10 +60,11 @@ def remote_command(host: HostConfig, argv: Sequence[str]) -> str:
     for arg in argv:
         if "\x00" in arg:
             raise InvalidParamsError("argv", "an argument contains NUL")
-    program = host.remote_pool
+    fields = host.fields(SshHostFields)
+    program = fields.remote_pool
     quoted = ("~/" + shlex.quote(program[2:])) if program.startswith("~/") else shlex.quote(
         program)
-    env = [shlex.quote(f"{key}={value}") for key, value in sorted(host.env.items())]
+    env = [shlex.quote(f"{key}={value}") for key, value in sorted(fields.env.items())]
     run = " ".join(["exec", *(["env", *env] if env else []), quoted, *map(shlex.quote, argv)])
     return f"command -v {quoted} >/dev/null 2>&1 || exit 127; {run}"
 
@@ -101,10 +128,12 @@ class SshTransport(Transport):
     """``rbees-pool`` over one SSH connection, opened by the first :meth:`run`."""
 
     name: ClassVar[str] = "ssh"
+    host_fields: ClassVar[type[SshHostFields]] = SshHostFields
+    fields: SshHostFields
 
     def __init__(self, host: HostConfig) -> None:
         super().__init__(host)
-        self.destination = Destination.parse(host.destination or "")
+        self.destination = Destination.parse(self.fields.destination or "")
         self._conn: asyncssh.SSHClientConnection | None = None
         self._accept_new = False
         self._trust: _Trust | None = None
@@ -126,7 +155,7 @@ class SshTransport(Transport):
     def _refused_key(self, exc: Exception) -> HostKeyError:
         trust = self._trust
         assert trust is not None
-        name, dest = self.host.name, self.host.destination
+        name, dest = self.host.name, self.fields.destination
         key = trust.presented
         seen = (f"{key.get_algorithm()} key {key.get_fingerprint()}" if key is not None
                 else "key")
@@ -166,7 +195,7 @@ class SshTransport(Transport):
                                  f"{exc.reason}") from None
         except asyncssh.PermissionDenied:
             raise HostAuthError(
-                f"{name}: {self.host.destination} refused authentication (tried ssh keys and "
+                f"{name}: {self.fields.destination} refused authentication (tried ssh keys and "
                 f"the agent); check IdentityFile in ~/.ssh/config or the host's "
                 f"authorized_keys") from None
         except (OSError, asyncio.TimeoutError) as exc:
@@ -176,10 +205,10 @@ class SshTransport(Transport):
                 reason = "connection refused"
             else:
                 reason = str(exc) or type(exc).__name__
-            raise HostUnreachableError(f"{name}: cannot reach {self.host.destination}: "
+            raise HostUnreachableError(f"{name}: cannot reach {self.fields.destination}: "
                                        f"{reason}") from None
         except asyncssh.Error as exc:
-            raise TransportError(f"{name}: ssh to {self.host.destination} failed: "
+            raise TransportError(f"{name}: ssh to {self.fields.destination} failed: "
                                  f"{exc.reason}") from None
         return self._conn
 
@@ -218,9 +247,9 @@ class SshTransport(Transport):
             else 255
         if code in MISSING_PROGRAM:
             raise RemoteProgramMissingError(
-                f"{self.host.name}: no rbees-pool at {self.host.remote_pool!r} on "
-                f"{self.host.destination} (not found, or not executable); set its path "
-                f"with: rbees hosts add {self.host.name} {self.host.destination} "
+                f"{self.host.name}: no rbees-pool at {self.fields.remote_pool!r} on "
+                f"{self.fields.destination} (not found, or not executable); set its path "
+                f"with: rbees hosts add {self.host.name} {self.fields.destination} "
                 f"--remote-pool PATH (after rbees hosts remove {self.host.name})")
         return TransportResult(exit_code=code, stdout=out, stderr=err)
 
