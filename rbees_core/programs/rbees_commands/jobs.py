@@ -14,6 +14,8 @@ import typer
 
 from rbees_core.hookspecs import hookimpl
 from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+from rbees_core.programs.rbees_commands.job_answers import check_answer as _check
+from rbees_core.programs.rbees_commands.job_answers import print_stats as _stats
 
 LIST_COLUMNS = ("job_id", "status", "model", "priority", "pool_id", "worker_id", "tokens_out",
                 "created_at")
@@ -27,20 +29,6 @@ def _client() -> Any:
 
     return httpx.Client(base_url=orchestrator_url(), headers=auth_headers(),
                         timeout=httpx.Timeout(30.0, read=None))
-
-
-def _check(answer: Any) -> Any:
-    """The JSON of an answer, or the envelope's message as an RbeesError."""
-    from rbees_core.errors import RbeesError
-
-    if answer.status_code >= 400:
-        try:
-            error = answer.json()["error"]
-            message = f"{error['code']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {answer.status_code}: {answer.text[:200]}"
-        raise RbeesError(message)
-    return answer.json() if answer.content else {}
 
 
 def _request(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
@@ -176,17 +164,6 @@ def _check_stream(answer: Any) -> None:
     if answer.status_code >= 400:
         answer.read()
         _check(answer)
-
-
-def _stats(end: dict[str, Any], started: float, first: float | None) -> None:
-    tokens = end.get("tokens_out", 0)
-    decode = float(end.get("decode_ms") or 0) / 1000
-    rate = tokens / decode if decode else 0.0
-    ttft = (first - started) * 1000 if first else None
-    print(f"[{end.get('job_id')}] {tokens} tokens, {rate:.1f} tok/s, first token "
-          f"{ttft:.0f} ms after submit, stop: {end.get('stop_reason')}"
-          if ttft is not None else f"[{end.get('job_id')}] {tokens} tokens",
-          file=sys.stderr)
 
 
 def list_(

@@ -279,9 +279,9 @@ class M0Job:
             async with client.stream("POST", "/v2/execute", json=self._body()) as answer:
                 if answer.status_code >= 400:
                     await answer.aread()
-                    from rbees_core.programs.rbees_commands.jobs import _check
+                    from rbees_core.programs.rbees_commands.job_answers import check_answer
 
-                    _check(answer)
+                    check_answer(answer)
                 async for frame in aiter_events(answer.aiter_lines()):
                     event, data = frame.event, frame.json()
                     if event == "token":
@@ -302,7 +302,7 @@ class M0Job:
     async def run(self) -> int:
         import httpx
 
-        from rbees_core.programs.rbees_commands.jobs import _stats
+        from rbees_core.programs.rbees_commands.job_answers import print_stats
 
         where = await self.place()
         loop = asyncio.get_running_loop()
@@ -343,7 +343,7 @@ class M0Job:
             sys.stdout.write("\n")
             first = self.started + self.timings["first_token_ms"] / 1000 \
                 if "first_token_ms" in self.timings else None
-            _stats(end, self.started, first)
+            print_stats(end, self.started, first)
         return 0
 
     async def _cancel(self, client: Any) -> None:
