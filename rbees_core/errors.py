@@ -25,6 +25,7 @@ turn it into the envelope of CONTRACT section 1::
     +-- GitError                    GIT_FAILED            500
     +-- ConfigError                 CONFIG_INVALID        500
     +-- PluginError                 PLUGIN_ERROR          500
+    |   +-- UnknownPluginError      PLUGIN_ERROR          500 (no plugin of that kind and name)
     +-- TransportError              TRANSPORT_FAILED      502 (retriable)
         +-- HostUnreachableError    HOST_UNREACHABLE      502 (retriable)
         +-- HostKeyError            HOST_KEY_UNTRUSTED    502
@@ -38,6 +39,7 @@ Library errors are mapped at the boundary with ``raise ... from``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 
@@ -179,6 +181,25 @@ class ConfigError(RbeesError):
 
 class PluginError(RbeesError):
     code = "PLUGIN_ERROR"
+
+
+class UnknownPluginError(PluginError):
+    """No registered class of ``kind`` is called ``name``; the message lists those that are.
+
+    Raised by :func:`rbees_core.plugins.lookup`. Where the contract gives the case its own
+    code (a worker's or pool's unknown backend is ``BACKEND_UNAVAILABLE``, an unknown
+    reference scheme ``MODEL_NOT_FOUND``) the caller maps it with ``raise ... from``, keeping
+    the message. ``context`` (a host, a flag) starts the message when given.
+    """
+
+    def __init__(self, kind: str, name: str, installed: Iterable[str], *,
+                 missing: str = "no {kind} named {name!r} is installed",
+                 context: str | None = None) -> None:
+        self.kind, self.name, self.installed = kind, name, sorted(installed)
+        message = (f"{missing.format(kind=kind, name=name)} "
+                   f"(installed: {', '.join(self.installed) or 'none'})")
+        super().__init__(f"{context}: {message}" if context else message,
+                         details={"kind": kind, "name": name, "installed": self.installed})
 
 
 class TransportError(RbeesError):

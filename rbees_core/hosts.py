@@ -228,14 +228,10 @@ def select_hosts(name: str, hosts: Mapping[str, HostConfig] | None = None) -> li
 
 
 def open_transport(pm: pluggy.PluginManager, host: HostConfig) -> Transport:
-    """A transport of the kind ``host`` names, not yet connected (use ``async with``)."""
-    found = plugins.transports(pm)
-    if host.transport not in found:
-        installed = ", ".join(sorted(found)) or "none"
-        raise ConfigError(f"host {host.name!r}: no transport named {host.transport!r} is "
-                          f"installed (installed: {installed})")
-    transport: Transport = found[host.transport](host)
-    return transport
+    """A transport of the kind ``host`` names, not yet connected (use ``async with``).
+    Raises :class:`~rbees_core.errors.UnknownPluginError` when that kind is not installed."""
+    cls = plugins.lookup(pm, plugins.TRANSPORTS, host.transport, context=f"host {host.name!r}")
+    return cls(host)
 
 
 def where(pm: pluggy.PluginManager, host: HostConfig) -> str:
@@ -251,8 +247,9 @@ def where(pm: pluggy.PluginManager, host: HostConfig) -> str:
 async def open_pool_client(pm: pluggy.PluginManager, host: HostConfig
                            ) -> AsyncIterator[PoolClient]:
     """The typed client of ``host``'s pool (:mod:`rbees_core.pool_client`), over its
-    transport; the transport is closed when the block ends. Raises :class:`ConfigError` for
-    a transport that is not installed, then what the client raises."""
+    transport; the transport is closed when the block ends. Raises
+    :class:`~rbees_core.errors.UnknownPluginError` for a transport that is not installed,
+    then what the client raises."""
     async with open_transport(pm, host) as transport:
         yield transport.pool_client()
 

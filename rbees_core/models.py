@@ -13,7 +13,7 @@ import os
 import pluggy
 
 from rbees_core import plugins
-from rbees_core.errors import ModelNotFoundError
+from rbees_core.errors import ModelNotFoundError, UnknownPluginError
 from rbees_core.refs import DEFAULT_MODEL_REF, split_scheme, validate_ref
 
 __all__ = ["DEFAULT_MODEL_REF", "resolve_model"]
@@ -30,14 +30,11 @@ def resolve_model(pm: pluggy.PluginManager, ref: str) -> str:
     parts = split_scheme(ref)
     if parts:
         scheme, rest = parts
-        sources = plugins.model_sources(pm)
-        if scheme not in sources:
-            known = ", ".join(sorted(sources)) or "none"
-            raise ModelNotFoundError(
-                f"no model source handles {scheme}: references (installed: {known})",
-                details={"model": ref},
-            )
-        path: str | None = sources[scheme]().resolve(rest)
+        try:
+            source = plugins.lookup(pm, plugins.MODEL_SOURCES, scheme)
+        except UnknownPluginError as exc:  # the contract's code for it
+            raise ModelNotFoundError(exc.message, details={"model": ref}) from exc
+        path: str | None = source().resolve(rest)
         if path is None:
             raise ModelNotFoundError(f"model {ref!r} is not available here",
                                      details={"model": ref})

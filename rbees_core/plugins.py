@@ -1,4 +1,8 @@
-"""The plugin manager factory and typed lookups of registered classes.
+"""The plugin manager factory and the typed registry of plugin classes.
+
+Classes are registered by hooks (``rbees_register_backends`` ...) and looked up here by
+kind and name: :func:`lookup` (one :class:`UnknownPluginError` for every kind),
+:func:`registered`, and the shorthands :func:`backends`, :func:`transports` ...
 
 Load order: blocked names (``RBEES_DISABLED_PLUGINS``, comma-separated entry-point or
 plugin names) -> the program's builtin plugins -> entry points of group ``rbees`` (off when
@@ -19,18 +23,22 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 import pluggy
 
 from rbees_core import hookspecs
-from rbees_core.errors import PluginError
+from rbees_core.errors import PluginError, UnknownPluginError
 
 if TYPE_CHECKING:
     import importlib.metadata
 
+    from rbees_core.backend import Backend
+    from rbees_core.interfaces import GpuInventory, ModelSource, Scheduler, Transport
+
 T = TypeVar("T")
+C = TypeVar("C")
 ENTRY_POINT_GROUP = "rbees"
 
 
@@ -228,41 +236,77 @@ def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
     return sorted(out, key=lambda p: p.name)
 
 
-def _registry(pm: pluggy.PluginManager, results: list[list[Any]], key: str, kind: str
-              ) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for batch in results:
+@attrs.frozen
+class Kind(Generic[C]):
+    """A kind of registered plugin class: what it is called in messages, the hook that
+    registers it and the class attribute it is looked up by. The constants below are the
+    kinds rbees has; :func:`registered` and :func:`lookup` take one."""
+
+    label: str
+    hook: str
+    key: str = "name"
+    #: the start of :class:`UnknownPluginError`'s message (``{kind}``, ``{name}``)
+    missing: str = "no {kind} named {name!r} is installed"
+
+
+BACKENDS: Kind[Backend] = Kind("backend", "rbees_register_backends")
+MODEL_SOURCES: Kind[ModelSource] = Kind("model source", "rbees_register_model_sources",
+                                        key="scheme",
+                                        missing="no {kind} handles {name}: references")
+TRANSPORTS: Kind[Transport] = Kind("transport", "rbees_register_transports")
+GPU_INVENTORIES: Kind[GpuInventory] = Kind("GPU inventory", "rbees_register_gpu_inventories")
+SCHEDULERS: Kind[Scheduler] = Kind("scheduler", "rbees_register_schedulers")
+
+
+def registered(pm: pluggy.PluginManager, kind: Kind[C]) -> dict[str, type[C]]:
+    """Every class of ``kind`` the plugins of ``pm`` register, by its key. Raises
+    :class:`PluginError` when two different classes share a key."""
+    found: dict[str, type[C]] = {}
+    for batch in getattr(pm.hook, kind.hook)():
         for cls in batch or []:
-            ident = getattr(cls, key)
+            ident = getattr(cls, kind.key)
             if ident in found and found[ident] is not cls:
-                raise PluginError(f"two {kind}s named {ident!r}: {found[ident]!r} and {cls!r}")
+                raise PluginError(f"two {kind.label}s named {ident!r}: {found[ident]!r} and "
+                                  f"{cls!r}")
             found[ident] = cls
     return found
 
 
-def backends(pm: pluggy.PluginManager) -> dict[str, Any]:
+def lookup(pm: pluggy.PluginManager, kind: Kind[C], name: str, *,
+           context: str | None = None) -> type[C]:
+    """The class of ``kind`` registered as ``name``. Raises :class:`UnknownPluginError`
+    (listing what is installed; ``context`` starts its message) when there is none, and
+    :class:`PluginError` as :func:`registered` does."""
+    found = registered(pm, kind)
+    if name not in found:
+        raise UnknownPluginError(kind.label, name, found, missing=kind.missing,
+                                 context=context)
+    return found[name]
+
+
+def backends(pm: pluggy.PluginManager) -> dict[str, type[Backend]]:
     """Registered backend classes by name."""
-    return _registry(pm, pm.hook.rbees_register_backends(), "name", "backend")
+    return registered(pm, BACKENDS)
 
 
-def model_sources(pm: pluggy.PluginManager) -> dict[str, Any]:
+def model_sources(pm: pluggy.PluginManager) -> dict[str, type[ModelSource]]:
     """Registered model source classes by scheme."""
-    return _registry(pm, pm.hook.rbees_register_model_sources(), "scheme", "model source")
+    return registered(pm, MODEL_SOURCES)
 
 
-def transports(pm: pluggy.PluginManager) -> dict[str, Any]:
+def transports(pm: pluggy.PluginManager) -> dict[str, type[Transport]]:
     """Registered transport classes by name."""
-    return _registry(pm, pm.hook.rbees_register_transports(), "name", "transport")
+    return registered(pm, TRANSPORTS)
 
 
-def gpu_inventories(pm: pluggy.PluginManager) -> dict[str, Any]:
+def gpu_inventories(pm: pluggy.PluginManager) -> dict[str, type[GpuInventory]]:
     """Registered GPU inventory classes by name."""
-    return _registry(pm, pm.hook.rbees_register_gpu_inventories(), "name", "GPU inventory")
+    return registered(pm, GPU_INVENTORIES)
 
 
-def schedulers(pm: pluggy.PluginManager) -> dict[str, Any]:
+def schedulers(pm: pluggy.PluginManager) -> dict[str, type[Scheduler]]:
     """Registered scheduler classes by name."""
-    return _registry(pm, pm.hook.rbees_register_schedulers(), "name", "scheduler")
+    return registered(pm, SCHEDULERS)
 
 
 def distribution_version(name: str) -> str | None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from rbees_core import plugins
 from rbees_core.backend import Backend, LoadedModel
-from rbees_core.errors import ModelNotFoundError, PluginError
+from rbees_core.errors import ModelNotFoundError, PluginError, UnknownPluginError
 from rbees_core.hookspecs import hookimpl
 from rbees_core.hosts import HostConfig, open_transport
 from rbees_core.interfaces import GpuInventory, ModelSource, Scheduler, Transport, TransportResult
@@ -141,6 +141,48 @@ def test_duplicate_names_are_rejected(
     rbees_register(provider(hook, [second]), name="second")
     with pytest.raises(PluginError, match="'dup'"):
         lookup(rbees_pm)
+
+
+KINDS = [plugins.BACKENDS, plugins.MODEL_SOURCES, plugins.TRANSPORTS, plugins.GPU_INVENTORIES,
+         plugins.SCHEDULERS]
+
+
+@pytest.mark.parametrize(("row", "kind"), list(zip(LOOKUPS, KINDS, strict=True)),
+                         ids=[kind.label for kind in KINDS])
+def test_lookup_finds_a_class_or_says_what_is_installed(
+    rbees_pm: pluggy.PluginManager, rbees_register: Register,
+    row: tuple[str, Any, type, str], kind: plugins.Kind[Any],
+) -> None:
+    hook, lookup, base, key = row
+    assert kind.hook == hook and kind.key == key and lookup(rbees_pm) == plugins.registered(
+        rbees_pm, kind)
+    mine = type("Mine", (base,), {"name": "mine", "scheme": "mine"})
+    rbees_register(provider(hook, [mine]), name="mine")
+    assert plugins.lookup(rbees_pm, kind, "mine") is mine
+    installed = sorted(plugins.registered(rbees_pm, kind))
+    with pytest.raises(UnknownPluginError) as caught:
+        plugins.lookup(rbees_pm, kind, "nope", context="here")
+    error = caught.value
+    assert isinstance(error, PluginError)
+    assert (error.kind, error.name, error.installed) == (kind.label, "nope", installed)
+    assert error.message.startswith("here: no ") and kind.label in error.message
+    assert error.message.endswith(f"(installed: {', '.join(installed)})")
+
+
+def test_the_unknown_plugin_errors_keep_their_contract_codes(
+        rbees_pm: pluggy.PluginManager) -> None:
+    from rbees_core.errors import BackendUnavailableError
+    from rbees_core.programs.workerd import pick_backend
+
+    with pytest.raises(BackendUnavailableError, match="no backend named 'nope' is installed "
+                       r"\(installed: .*llamacpp") as caught:
+        pick_backend(rbees_pm, "nope", "cpu")
+    assert isinstance(caught.value.__cause__, UnknownPluginError)
+    with pytest.raises(ModelNotFoundError, match=r"no model source handles nope: references "
+                       r"\(installed: .*file.*pkg"):
+        resolve_model(rbees_pm, "nope:thing")
+    with pytest.raises(UnknownPluginError, match="host 'h': no transport named 'nope'"):
+        open_transport(rbees_pm, HostConfig(name="h", transport="nope"))
 
 
 # -- one test per registration hook ---------------------------------------------------------

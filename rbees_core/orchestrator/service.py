@@ -24,7 +24,7 @@ import pluggy
 from rbees_core import plugins
 from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRequest
 from rbees_core.api.pool import PoolHeartbeat
-from rbees_core.errors import ConflictError, InvalidParamsError, RbeesError
+from rbees_core.errors import ConflictError, InvalidParamsError
 from rbees_core.log import Logger
 from rbees_core.orchestrator.admission import Admission
 from rbees_core.orchestrator.book import Book, Following, retrieved
@@ -60,18 +60,16 @@ class OrchestratorService:
 
     Made by ``rbees-orcd`` (:func:`rbees_core.programs.orcd.run`) and by in-process tests;
     :meth:`start` recovers the store's jobs and starts the background loops, :meth:`close`
-    ends them. Raises :class:`RbeesError` when the configured scheduler is not installed and
-    :class:`~rbees_core.orchestrator.errors.StoreError` when the database cannot be used.
+    ends them. Raises :class:`~rbees_core.errors.UnknownPluginError` when the configured
+    scheduler is not installed and :class:`~rbees_core.orchestrator.errors.StoreError` when
+    the database cannot be used.
     """
 
     def __init__(self, settings: OrcdSettings, pm: pluggy.PluginManager, log: Logger) -> None:
         self.settings = settings
         self.pm = pm
         self.log = log
-        schedulers = plugins.schedulers(pm)
-        if settings.scheduler not in schedulers:
-            raise RbeesError(f"no scheduler named {settings.scheduler!r} is installed "
-                             f"(installed: {', '.join(sorted(schedulers)) or 'none'})")
+        scheduler = plugins.lookup(pm, plugins.SCHEDULERS, settings.scheduler)
         from rbees_core.catalog import configured_catalog
         from rbees_core.config import SchedulerConfig
 
@@ -81,7 +79,7 @@ class OrchestratorService:
         self.registry = PoolRegistry(heartbeat_interval_s=settings.heartbeat_interval_s)
         self.book = Book()
         self.metrics = OrchestratorMetrics(self.queue, self.registry, self.book.runs)
-        self.scheduler = schedulers[settings.scheduler].from_config(SchedulerConfig(
+        self.scheduler = scheduler.from_config(SchedulerConfig(
             policy=settings.scheduler, script=settings.scheduler_script))
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
         self._upstream = Upstream(connect_timeout=10.0, read_timeout=WORKER_READ_TIMEOUT_S)

@@ -34,6 +34,7 @@ from rbees_core.errors import (
     ModelNotOnHostError,
     NotFoundError,
     RbeesError,
+    UnknownPluginError,
 )
 from rbees_core.models import resolve_model
 from rbees_core.processes import pid_alive
@@ -181,15 +182,13 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
         path = resolve_model(pm, req.model_ref)
     except ModelNotFoundError as exc:  # a preflight failure like the others: 409
         raise ModelNotOnHostError(exc.message, details=exc.details) from exc
-    backends = plugins.backends(pm)
-    if req.backend not in backends:
-        raise BackendUnavailableError(
-            f"no backend named {req.backend!r} is installed "
-            f"(installed: {', '.join(sorted(backends)) or 'none'})",
-            details={"backend": req.backend})
+    try:
+        backend = plugins.lookup(pm, plugins.BACKENDS, req.backend)
+    except UnknownPluginError as exc:  # the contract's code for it
+        raise BackendUnavailableError(exc.message, details={"backend": req.backend}) from exc
     kind = req.device.partition(":")[0]
     try:
-        available = backends[req.backend].available_devices()
+        available = backend.available_devices()
     except RbeesError:
         raise
     except Exception as exc:

@@ -42,6 +42,7 @@ from rbees_core.errors import (
     DrainingError,
     NotReadyError,
     RbeesError,
+    UnknownPluginError,
 )
 from rbees_core.http import (
     Daemon,
@@ -250,12 +251,10 @@ def create_app(st: WorkerState) -> Any:
 
 
 def pick_backend(pm: pluggy.PluginManager, name: str, device: str) -> Backend:
-    found = plugins.backends(pm)
-    if name not in found:
-        raise BackendUnavailableError(
-            f"no backend named {name!r} is installed (installed: {', '.join(sorted(found))})",
-            details={"backend": name})
-    cls = found[name]
+    try:
+        cls = plugins.lookup(pm, plugins.BACKENDS, name)
+    except UnknownPluginError as exc:  # the contract's code for it
+        raise BackendUnavailableError(exc.message, details={"backend": name}) from exc
     kind = device.partition(":")[0]
     if kind not in cls.available_devices():
         raise BackendUnavailableError(

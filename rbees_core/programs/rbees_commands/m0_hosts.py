@@ -142,10 +142,6 @@ def load_scheduler(pm: pluggy.PluginManager) -> Any:
     from rbees_core.config import load_config
 
     settings = load_config().scheduler
-    found = plugins.schedulers(pm)
-    if settings.policy not in found:
-        raise RbeesError(f"no scheduler named {settings.policy!r} is installed "
-                         f"(installed: {', '.join(sorted(found)) or 'none'})")
-    return found[settings.policy].from_config(settings)
+    return plugins.lookup(pm, plugins.SCHEDULERS, settings.policy).from_config(settings)
 
 

@@ -96,7 +96,7 @@ def _policy(pm: pluggy.PluginManager, name: str, budget_ms: float | None) -> Any
     registered = plugins.schedulers(pm)
     if name in registered and name != "script" and not Path(name).exists():
         return registered[name]()
-    script = registered.get("script")
+    script: Any = registered.get("script")  # the script scheduler's own from_path
     if script is None:
         if not Path(name).exists():
             raise ConfigError(f"{name}: no such policy or script (policies: "
