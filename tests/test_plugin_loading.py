@@ -143,3 +143,28 @@ def test_a_plugin_names_its_classes_without_importing_them() -> None:
     assert rbees_scheduler_builtin.DEFAULT_POLICY == DEFAULT_POLICY == "least-loaded"
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         rbees_scheduler_builtin.Nothing  # noqa: B018
+
+
+def test_the_distributions_are_those_pluggys_own_loader_records() -> None:
+    """The fast loader keeps its own list (pluggy's is private); what the list methods give
+    must be what pluggy's own loader gives for the same plugins."""
+    import pluggy
+
+    from rbees_core import hookspecs
+
+    ours = plugins.make_manager()
+    theirs = pluggy.PluginManager(hookspecs.PROJECT)
+    theirs.add_hookspecs(hookspecs)
+    theirs.load_setuptools_entrypoints(plugins.ENTRY_POINT_GROUP)
+
+    def named(pm: pluggy.PluginManager, pairs: list[tuple[object, object]]) -> list[tuple]:
+        names = {id(plugin): name for name, plugin in pm.list_name_plugin()}
+        return sorted((names[id(plugin)], str(getattr(dist, "_path", dist)))
+                      for plugin, dist in pairs)
+
+    assert named(ours, ours.list_plugin_distributions()) == named(
+        theirs, theirs.list_plugin_distributions())
+    facades = {(d.project_name, d.version) for _, d in ours.list_plugin_distinfo()}
+    assert facades == {(d.project_name, d.version) for _, d in theirs.list_plugin_distinfo()}
+    assert ("rbees-backend-llamacpp", plugins.distribution_version("rbees-backend-llamacpp")
+            ) in facades
