@@ -15,6 +15,7 @@ from typing import Literal
 import attrs
 
 from rbees_core.api.common import DEVICE_PATTERN, ID_PATTERN, MAX_PROMPT_CHARS, MAX_SEED, SHELL_META
+from rbees_core.api.pool import GpuEntry
 from rbees_core.errors import InvalidParamsError
 from rbees_core.schema import field, limits
 
@@ -195,23 +196,7 @@ class DispatchedEvent:
     worker_id: str
 
 
-# Pool state and heartbeat (section 4).
-@attrs.frozen
-class GpuInfo:
-    """One GPU of a pool."""
-
-    index: int = attrs.field(metadata=limits(minimum=0))
-    uuid: str = attrs.field(metadata=limits(max_length=128))
-    name: str = attrs.field(metadata=limits(max_length=256))
-    backend: Literal["cuda", "metal"]
-    memory_total_bytes: int = attrs.field(metadata=limits(minimum=0))
-    memory_free_bytes: int = attrs.field(metadata=limits(minimum=0))
-    memory_reserved_bytes: int = field(default=0, minimum=0, doc="held by this pool's workers")
-    utilization: float = field(default=0.0, minimum=0, maximum=1)
-    temperature_c: float | None = None
-    power_w: float | None = None
-
-
+# Pool state and heartbeat (section 4); a GPU is the pool's own GpuEntry.
 @attrs.frozen
 class CpuInfo:
     """The host's CPU and RAM."""
@@ -257,7 +242,7 @@ class PoolState:
 
     pool_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
     host: str = attrs.field(metadata=limits(max_length=255))
-    gpus: list[GpuInfo] = field(factory=list, max_items=64)
+    gpus: list[GpuEntry] = field(factory=list, max_items=64)
     cpu: CpuInfo
     workers: list[WorkerEntry] = field(factory=list, max_items=1024)
     models: list[ModelEntry] = field(factory=list, max_items=4096)
@@ -282,7 +267,7 @@ class PoolRecord:
     last_seq: int
     registered_at: float
     draining: bool = False
-    gpus: list[GpuInfo] = attrs.field(factory=list)
+    gpus: list[GpuEntry] = attrs.field(factory=list)
     cpu: CpuInfo | None = None
     workers: list[WorkerEntry] = attrs.field(factory=list)
     models: list[ModelEntry] = attrs.field(factory=list)
@@ -294,7 +279,6 @@ __all__ = [
     "JOB_STATUSES",
     "CpuInfo",
     "DispatchedEvent",
-    "GpuInfo",
     "JobError",
     "JobList",
     "JobRecord",
