@@ -54,15 +54,19 @@ def rbees_register_model_sources() -> list[type[ModelSource]]:  # type: ignore[e
 
 @hookspec
 def rbees_register_transports() -> list[type[Transport]]:  # type: ignore[empty-body]
-    """Register transports that carry ``rbees-pool`` commands to a pool host.
+    """Register transports that reach a pool host (its typed pool client).
 
-    Called by: ``rbees pool ... --host H`` and ``rbees hosts check``, through
-    :func:`rbees_core.plugins.transports`.
+    Called by: ``rbees pool ... --host H``, ``rbees hosts check|add|list`` and ``rbees jobs
+    submit`` without a daemon (M0), through :func:`rbees_core.plugins.transports`; hosts.toml
+    is read with each transport's ``host_fields``.
 
-    Returns: a list of :class:`rbees_core.interfaces.Transport` subclasses, unique by
+    Returns: a list of :class:`rbees_core.transport.Transport` subclasses, unique by
     ``name`` (``ssh``, ``http``, ``local``); flattened. A host's ``transport`` setting picks
-    one, made with the host's :class:`rbees_core.hosts.HostConfig` by
-    :func:`rbees_core.hosts.open_transport`.
+    one, made with the host's :class:`rbees_core.transport.HostConfig` by
+    :func:`rbees_core.hosts.open_transport`. A transport declares its own settings of the
+    host table as an attrs type (``host_fields``), and either implements ``run`` (the pool
+    client then runs ``rbees-pool ... --format json`` through it) or overrides
+    ``pool_client`` (a :class:`rbees_core.pool_client.PoolClient`).
     """
 
 
