@@ -129,8 +129,8 @@ def parse_entry(raw: Any, path: str, sources: Sources) -> CatalogEntry:
     taken = core_keys.union(*claimed.values())
     unchecked = {k: v for k, v in raw.items() if k not in taken}
     listed = raw.get("sources")
-    schemes = {parts[0] for parts in map(split_scheme, listed if isinstance(listed, list)
-                                         else []) if isinstance(parts, tuple)}
+    refs_seen = [r for r in listed if isinstance(r, str)] if isinstance(listed, list) else []
+    schemes = {parts[0] for parts in map(split_scheme, refs_seen) if parts is not None}
     if unchecked and not schemes - set(sources):
         raise InvalidParamsError(f"{path}.{next(iter(unchecked))}", "unknown field")
     entry = from_mapping(CatalogEntry, {k: v for k, v in raw.items() if k in core_keys},

@@ -105,6 +105,10 @@ def test_a_catalog_id_not_downloaded_says_how_to_get_it(rbees_pm: pluggy.PluginM
     (("sources = [\"hf:o/r/x.gguf\"]", "sources = [\"file:/m/x;rm\"]"),
      r"models\[0\]\.sources\[0\]: must not contain shell"),
     (("license", "licence"), r"models\[0\]\.licence: unknown field"),
+    (("sources = [\"hf:o/r/x.gguf\"]", "sources = [3]"),
+     r"models\[0\]\.sources\[0\]: must be a string"),
+    (("sources = [\"hf:o/r/x.gguf\"]", "sources = \"hf:o/r/x.gguf\""),
+     r"models\[0\]\.sources: must be an array"),
     (("hf_file = \"x.gguf\"", "hf_file = \"../x.gguf\""), r"models\[0\]\.hf_file"),
 ])
 def test_bad_entries_fail_with_their_toml_path(change: tuple[str, str], message: str,
