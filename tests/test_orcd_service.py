@@ -17,7 +17,7 @@ from rbees_core import plugins
 from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.api.pool import CpuEntry, PoolHeartbeat, WorkerEntry
 from rbees_core.log import Logger
-from rbees_core.orchestrator.errors import StoreError
+from rbees_core.orchestrator.errors import JobNotFoundError, StoreError
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
 from rbees_core.testing import WorkerHandle
 
@@ -279,3 +279,22 @@ async def test_what_a_heartbeat_changed_is_not_counted_again_by_the_aging_pass(
         await svc._client.aclose()
         svc._upstream.close()
         svc.store.close()
+
+
+async def test_follow_replays_from_the_channel_then_from_the_store(
+        service: OrchestratorService) -> None:
+    """``follow`` gives a job's events after the one asked for: from its channel while this
+    process has it, from the store once the channel is retired; the same events both ways."""
+    svc = service
+    accepted = await svc.submit(TaskRequest(model="smollm2", prompt="Hello", max_tokens=3))
+    history = await finished(svc, accepted.job_id)
+    await svc.runner.flush()  # tokens are written in batches: all of them now
+    live = await svc.follow(accepted.job_id, 1)
+    live.close()
+    assert live.live is not None and live.done and live.backlog == history[1:]
+    del svc.book.channels[accepted.job_id]  # retired
+    stored = await svc.follow(accepted.job_id, 1)
+    assert stored.live is None and stored.done
+    assert [(i, e) for i, e, _ in stored.backlog] == [(i, e) for i, e, _ in history[1:]]
+    with pytest.raises(JobNotFoundError):
+        await svc.follow("job-nope", 0)
