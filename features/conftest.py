@@ -1,4 +1,4 @@
-"""The world the features run in: the lab's hosts (rbees_core.testing_hosts) and the real
+"""The world the features run in: the lab's hosts (rbees_core.testing.hosts) and the real
 programs started on them, shared by every scenario of a run and started when first needed.
 
 Step definitions live in the ``steps_*`` modules beside this file and are imported here, so
@@ -18,7 +18,7 @@ from steps_jobs import *  # noqa: F403
 from steps_pool import *  # noqa: F403
 from world import World
 
-from rbees_core.testing_hosts import LAB_DESCRIPTION, Lab
+from rbees_core.testing.hosts import LAB_DESCRIPTION, Lab
 
 TAGS = {
     "m0": "M0: the CLI over SSH, no daemon",

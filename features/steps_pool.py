@@ -15,7 +15,7 @@ from steps_common import run
 from world import World, git, wait_until
 
 from rbees_core.testing import parse_sse
-from rbees_core.testing_hosts import ORCHESTRATOR
+from rbees_core.testing.hosts import ORCHESTRATOR
 
 
 @given(parsers.parse('the pool hosts "{first}" and "{second}" are reachable over SSH from blep'))

@@ -12,9 +12,9 @@ from typing import Any
 import attrs
 import httpx
 
-from rbees_core.testing_hosts import ORCHESTRATOR, POOLS, Lab, SimHost
-from rbees_core.testing_hub import FakeHub
-from rbees_core.testing_ssh import SshServer, generate_key, venv_rbees_pool
+from rbees_core.testing.hosts import ORCHESTRATOR, POOLS, Lab, SimHost
+from rbees_core.testing.hub import FakeHub
+from rbees_core.testing.ssh import SshServer, generate_key, venv_rbees_pool
 
 #: heartbeats every half second: "unavailable after 3 missed" is then 1.5 s
 HEARTBEAT_S = 0.5

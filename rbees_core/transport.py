@@ -135,7 +135,7 @@ class Transport(ABC):
 
     A transport implements :meth:`run` (then :meth:`pool_client` runs ``rbees-pool``
     through it) or overrides :meth:`pool_client`. A shared contract suite,
-    :mod:`rbees_core.testing_transport`, checks every implementation the same way.
+    :mod:`rbees_core.testing.transport`, checks every implementation the same way.
     """
 
     name: ClassVar[str]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rbees_core.testing_scheduler import device, pool, worker
+from rbees_core.testing.scheduler import device, pool, worker
 
 BIN = Path(sys.executable).parent
 EXAMPLES = Path(__file__).resolve().parents[1] / "schedulers" / "examples"

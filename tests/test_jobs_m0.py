@@ -20,7 +20,7 @@ import pytest
 from rbees_core.hosts import HostConfig, save_hosts
 from rbees_core.models import DEFAULT_MODEL_REF
 from rbees_core.testing import find_free_port
-from rbees_core.testing_ssh import SshServer, venv_rbees_pool
+from rbees_core.testing.ssh import SshServer, venv_rbees_pool
 
 RBEES = str(Path(sys.executable).with_name("rbees"))
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"

@@ -25,7 +25,7 @@ from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.pool import inventory
 from rbees_core.programs.pool_commands.status import pool_state
 from rbees_core.programs.pool_commands.status import print_text as print_status
-from rbees_core.testing_hub import FakeHub
+from rbees_core.testing.hub import FakeHub
 
 POOL = str(Path(sys.executable).with_name("rbees-pool"))
 REPO = "rbees-test/models-GGUF"

@@ -22,7 +22,7 @@ import pytest
 from rbees_core import plugins
 from rbees_core.interfaces import Scheduler
 from rbees_core.scheduling import Snapshot, Verdict, device_available, explain
-from rbees_core.testing_scheduler import device, job, pool, snapshot, targets, worker
+from rbees_core.testing.scheduler import device, job, pool, snapshot, targets, worker
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "schedulers" / "examples" / "low_power.star"

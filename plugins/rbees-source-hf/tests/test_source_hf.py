@@ -24,7 +24,7 @@ from rbees_core.errors import ChecksumMismatchError, ConflictError, ModelNotFoun
 from rbees_core.interfaces import DownloadProgress
 from rbees_core.models import resolve_model
 from rbees_core.pool import models
-from rbees_core.testing_hub import FakeHub
+from rbees_core.testing.hub import FakeHub
 
 POOL = str(Path(sys.executable).with_name("rbees-pool"))
 REPO = "rbees-test/tiny-GGUF"

@@ -23,8 +23,8 @@ from rbees_core.errors import HostAuthError, HostUnreachableError, UnsupportedCo
 from rbees_core.hosts import HostConfig
 from rbees_core.pool_client.http import HttpPoolClient
 from rbees_core.testing import find_free_port, wait_http
-from rbees_core.testing_hub import FakeHub
-from rbees_core.testing_transport import TransportContract
+from rbees_core.testing.hub import FakeHub
+from rbees_core.testing.transport import TransportContract
 
 BIN = Path(sys.executable).parent
 TOKEN = "contract-token-0123456789"

@@ -13,7 +13,7 @@ from rbees_transport_local import LocalTransport
 from rbees_core import plugins
 from rbees_core.errors import RemoteProgramMissingError
 from rbees_core.hosts import HostConfig, open_transport
-from rbees_core.testing_transport import TransportContract
+from rbees_core.testing.transport import TransportContract
 
 
 def test_loads_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:

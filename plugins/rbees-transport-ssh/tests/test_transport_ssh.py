@@ -25,8 +25,8 @@ from rbees_core.errors import HostKeyError
 from rbees_core.hosts import HostConfig
 from rbees_core.models import DEFAULT_MODEL_REF
 from rbees_core.testing import find_free_port
-from rbees_core.testing_ssh import SshServer, generate_key, venv_rbees_pool
-from rbees_core.testing_transport import HUB_FILE, HUB_REPO, TransportContract
+from rbees_core.testing.ssh import SshServer, generate_key, venv_rbees_pool
+from rbees_core.testing.transport import HUB_FILE, HUB_REPO, TransportContract
 
 RBEES = str(Path(sys.executable).with_name("rbees"))
 #: Every refusal must come within the connect timeout (10 s).

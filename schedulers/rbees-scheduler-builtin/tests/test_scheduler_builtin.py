@@ -21,7 +21,7 @@ from rbees_scheduler_builtin import (
 
 from rbees_core import plugins
 from rbees_core.scheduling import explain
-from rbees_core.testing_scheduler import device, job, pool, snapshot, targets, worker
+from rbees_core.testing.scheduler import device, job, pool, snapshot, targets, worker
 
 
 def test_loads_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:

@@ -11,7 +11,7 @@ from rbees_scheduler_builtin import LeastLoaded
 from rbees_scheduler_script import ScriptScheduler
 
 from rbees_core.scheduling import Snapshot, Verdict
-from rbees_core.testing_scheduler import device, job, pool, snapshot, targets, worker
+from rbees_core.testing.scheduler import device, job, pool, snapshot, targets, worker
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

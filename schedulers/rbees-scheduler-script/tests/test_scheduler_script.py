@@ -21,7 +21,7 @@ from rbees_core import plugins
 from rbees_core.config import SchedulerConfig
 from rbees_core.errors import ConfigError
 from rbees_core.scheduling import Snapshot, Verdict, explain
-from rbees_core.testing_scheduler import NOON, device, job, pool, snapshot, targets, worker
+from rbees_core.testing.scheduler import NOON, device, job, pool, snapshot, targets, worker
 
 #: ``schedule(ctx)`` misbehaves as the job's model says; otherwise it dispatches sensibly.
 SCRIPT = '''

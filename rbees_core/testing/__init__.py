@@ -14,12 +14,12 @@ Fixtures:
   ``rbees-workerd`` on a free port and waits until it is ready; returns a
   :class:`WorkerHandle`.
 - ``smollm2_path``: the path of the embedded SmolLM2 GGUF file.
-- ``fake_hub``: a running :class:`rbees_core.testing_hub.FakeHub` (loopback Hugging Face
+- ``fake_hub``: a running :class:`rbees_core.testing.hub.FakeHub` (loopback Hugging Face
   Hub file protocol) with ``HF_ENDPOINT`` pointing at it for the test.
 - ``rbees_sshd``: a real OpenSSH server on loopback for the test session
-  (:class:`rbees_core.testing_ssh.SshServer`); fails, never skips, when sshd is missing.
+  (:class:`rbees_core.testing.ssh.SshServer`); fails, never skips, when sshd is missing.
 
-Transports have a contract suite to subclass: :mod:`rbees_core.testing_transport`.
+Transports have a contract suite to subclass: :mod:`rbees_core.testing.transport`.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def rbees_process(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
 
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from rbees_core.testing_hub import FakeHub
+    from rbees_core.testing.hub import FakeHub
 
     hub = FakeHub().start()
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
@@ -249,7 +249,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def rbees_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from rbees_core.testing_ssh import MISSING_SSHD, SSHD, SshServer
+    from rbees_core.testing.ssh import MISSING_SSHD, SSHD, SshServer
 
     if not os.access(SSHD, os.X_OK):
         pytest.fail(MISSING_SSHD)

@@ -193,7 +193,7 @@ class FakeHub:
 
     def __init__(self, *, commit: str = DEFAULT_COMMIT, revision: str = "main",
                  throttle_bps: float | None = None, host: str = "127.0.0.1") -> None:
-        self.host = host  # another address serves simulated hosts (rbees_core.testing_hosts)
+        self.host = host  # another address serves simulated hosts (rbees_core.testing.hosts)
         self.commit = commit
         self.revision = revision
         self.throttle_bps = throttle_bps
