@@ -19,15 +19,17 @@ Fixtures:
 - ``rbees_sshd``: a real OpenSSH server on loopback for the test session
   (:class:`rbees_core.testing.ssh.SshServer`); fails, never skips, when sshd is missing.
 
-Transports have a contract suite to subclass: :mod:`rbees_core.testing.transport`.
+Contract suites a plugin's tests subclass, one per plugin kind: transports
+(:mod:`rbees_core.testing.transport`), schedulers (:mod:`rbees_core.testing.scheduler`).
+Helpers for simulated hosts, the fake hub and the SSH server live beside them
+(:mod:`~rbees_core.testing.hosts`, :mod:`~rbees_core.testing.hub`,
+:mod:`~rbees_core.testing.ssh`); processes and ports in :mod:`rbees_core.testing.processes`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -43,33 +45,7 @@ import pytest
 
 from rbees_core import plugins, sse
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
-
-
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_http(url: str, *, timeout: float = 60.0, ok: Callable[[httpx.Response], bool]
-              = lambda r: r.status_code == 200, proc: subprocess.Popen[bytes] | None = None,
-              headers: dict[str, str] | None = None) -> httpx.Response:
-    """Poll ``url`` until ``ok(response)``; fail early if ``proc`` exits."""
-    deadline = time.monotonic() + timeout
-    last: Exception | httpx.Response | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
-        try:
-            response = httpx.get(url, timeout=2.0, headers=headers)
-            if ok(response):
-                return response
-            last = response
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready after {timeout}s (last: {last!r})")
+from rbees_core.testing.processes import ManagedProcess, find_free_port, wait_http
 
 
 def parse_sse(text: str) -> list[tuple[int | None, str, dict[str, Any]]]:
@@ -106,30 +82,6 @@ def follow_events(url: str, *, headers: dict[str, str] | None = None,
     live.thread = threading.Thread(target=read, daemon=True)
     live.thread.start()
     return live
-
-
-@attrs.define
-class ManagedProcess:
-    argv: Sequence[str]
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, grace: float = 10.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
 
 
 @attrs.define
@@ -295,3 +247,11 @@ def rbees_worker(rbees_process: Callable[..., ManagedProcess], tmp_path: Path
         return WorkerHandle(process=proc, port=port, worker_id=worker_id)
 
     return start
+
+
+__all__ = [
+    "LiveEvents", "ManagedProcess", "WorkerHandle", "asgi_client", "fake_hub", "find_free_port",
+    "follow_events", "free_port", "lifespan", "parse_sse", "rbees_pm", "rbees_process",
+    "rbees_register", "rbees_sshd", "rbees_worker", "smollm2_path", "wait_http",
+    "workerd_argv",
+]

@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 import pytest
 
-from rbees_core.testing import find_free_port
+from rbees_core.testing.processes import find_free_port
 
 SUBNET = "10.213.0"
 BRIDGE = "rbees-lab0"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import attrs
 
-from rbees_core.testing import ManagedProcess, find_free_port
+from rbees_core.testing.processes import ManagedProcess, find_free_port
 
 SSHD = "/usr/sbin/sshd"
 MISSING_SSHD = (f"{SSHD} is missing: the ssh transport is tested against a real OpenSSH server "
