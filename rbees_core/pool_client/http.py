@@ -306,7 +306,9 @@ class HttpPoolClient(PoolClient):
         return await super().worker_stop_all()
 
     async def aclose(self) -> None:
+        if not self._owned:  # a shared client is its owner's to close; keep using it
+            return
         client, self._client = self._client, None
-        if client is not None and self._owned:
+        if client is not None:
             await client.aclose()
 
