@@ -1,6 +1,17 @@
 """orchestrator-core: the queue, the state store and the job model behind rbees-orcd.
 
-Pure library code, no HTTP. The daemon admits a job like this (one event loop)::
+Pure library code, no HTTP server. Its rooms, each named for its concept:
+
+- ``service.py``: the facade rbees-orcd's routes use (``submit``, ``follow``, ``call_pool`` ...)
+- ``book.py``: the state the parts below share (channels, runs, admitted jobs, the version)
+- ``admission.py`` (submit, withdraw, cancel), ``dispatcher.py`` (snapshot -> policy ->
+  claim -> record), ``runner.py`` (one running job), ``pool_control.py`` (heartbeats,
+  worker start/stop through the pool client, idle stops)
+- ``store.py`` and ``store_writes.py`` (SQLite, one writer thread: ``_writer.py``),
+  ``migrations.py``, ``queue.py``, ``registry.py``, ``channel.py``, ``upstream.py`` (the
+  workers' HTTP), ``metrics.py``, ``jobs.py`` and ``errors.py``
+
+The service admits a job like this (one event loop)::
 
     job = new_job(request, correlation_id=cid)              # id, seed, prompt digest
     pushed = queue.push(job.job_id, job.priority, model=job.model,
