@@ -26,9 +26,12 @@ DISTRIBUTIONS = sorted(
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
+    """ruff, mypy, and the import-linter contracts of pyproject.toml (layers, forbidden
+    imports, no cycle in rbees_core)."""
     session.run(sys.executable, "-m", "ruff", "check", ".")
     session.run(sys.executable, "-m", "mypy", "rbees_core", "features",
                 *[f"{d}/src" for d in DISTRIBUTIONS])
+    session.run(str(Path(sys.executable).with_name("lint-imports")))
 
 
 @nox.session(python=False)
