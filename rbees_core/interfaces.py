@@ -12,15 +12,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-# DownloadProgress is an api type, the transport interface lives in rbees_core.transport;
-# these names stay importable here
-from rbees_core.api.pool import DownloadProgress
+# the transport interface lives in rbees_core.transport; these names stay importable here
 from rbees_core.transport import LineCallback, Transport, TransportResult
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from rbees_core.api.pool import CpuEntry, GpuEntry
+    from rbees_core.api.pool import CpuEntry, DownloadProgress, GpuEntry
     from rbees_core.config import SchedulerConfig
     from rbees_core.scheduling import Snapshot, Verdict
 
@@ -44,7 +42,17 @@ class DownloadResult:
     details: dict[str, Any] = attrs.field(factory=dict)
 
 
-ProgressCallback = Callable[[DownloadProgress], None]
+ProgressCallback = Callable[["DownloadProgress"], None]
+
+
+def __getattr__(name: str) -> Any:
+    """``DownloadProgress`` (an api type, :mod:`rbees_core.api.pool`) stays importable from
+    here without every plugin's loading importing the api types."""
+    if name == "DownloadProgress":
+        from rbees_core.api.pool import DownloadProgress
+
+        return DownloadProgress
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ModelSource(ABC):

@@ -14,14 +14,10 @@ import attrs
 
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.hookspecs import hookimpl
-from rbees_core.interfaces import (
-    DownloadProgress,
-    DownloadResult,
-    ModelSource,
-    ProgressCallback,
-)
+from rbees_core.interfaces import DownloadResult, ModelSource, ProgressCallback
 
 if TYPE_CHECKING:
+    from rbees_core.api.pool import DownloadProgress
     from rbees_source_hf._catalog import HfCatalogFields
 
 _NAME = r"[A-Za-z0-9_.-]+"
