@@ -131,6 +131,8 @@ def parse_entry(raw: Any, path: str, sources: Sources) -> CatalogEntry:
     listed = raw.get("sources")
     refs_seen = [r for r in listed if isinstance(r, str)] if isinstance(listed, list) else []
     schemes = {parts[0] for parts in map(split_scheme, refs_seen) if parts is not None}
+    # keys no installed source claims may belong to a source installed elsewhere, but only
+    # when the entry lists a scheme no installed source handles; otherwise they are typos
     if unchecked and not schemes - set(sources):
         raise InvalidParamsError(f"{path}.{next(iter(unchecked))}", "unknown field")
     entry = from_mapping(CatalogEntry, {k: v for k, v in raw.items() if k in core_keys},
