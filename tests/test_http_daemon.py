@@ -70,6 +70,15 @@ def test_an_exclusive_daemon_refuses_to_start_beside_a_live_one(tmp_path: Path) 
     assert pid_file.read_text() == f"{os.getpid()}\n"
 
 
+def test_a_daemon_that_fails_before_serving_leaves_no_pid_file(tmp_path: Path) -> None:
+    pid_file = tmp_path / "d.pid"
+    daemon = Daemon("test-daemon", pid_file=pid_file, log=Logger("test-daemon"))
+    with pytest.raises(ConflictError, match="the store"), daemon.claimed():
+        assert pid_file.read_text() == f"{os.getpid()}\n"
+        raise ConflictError("the store is locked")
+    assert not pid_file.exists()
+
+
 def test_a_stale_pid_file_is_taken_over(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
@@ -100,3 +109,17 @@ def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path, argv: list[str]) ->
     assert len(errors) == 1 and errors[0].startswith(f"{argv[0]}: error: "), done.stderr
     assert "in use" in errors[0]
     assert not list((tmp_path / "run").glob("*.pid"))
+
+
+def test_an_unknown_scheduler_is_one_line_and_leaves_no_pid_file(tmp_path: Path) -> None:
+    done = subprocess.run([str(Path(sys.executable).parent / "rbees-orcd"), "--scheduler",
+                           "nope", "--bind", f"127.0.0.1:{find_free_port()}"],
+                          env={**os.environ, "RBEES_HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert len(errors) == 1, done.stderr
+    assert errors[0].startswith("rbees-orcd: error: no scheduler named 'nope' is installed "
+                                "(installed: "), errors
+    assert "least-loaded" in errors[0]
+    assert not list(tmp_path.glob("run/*.pid"))

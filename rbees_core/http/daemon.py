@@ -11,10 +11,11 @@ load) and the exit code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -59,6 +60,17 @@ class Daemon:
                 raise ConflictError(f"already running for this RBEES_HOME (pid {other})")
         self.pid_file.write_text(f"{os.getpid()}\n")
         self._claimed = True
+
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[None]:
+        """:meth:`claim`, and :meth:`release` again when the block raises: what the
+        daemon builds after claiming (its service, its app) failed, so it never serves."""
+        self.claim()
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         """Remove the pid file if it still names this process."""

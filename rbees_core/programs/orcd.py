@@ -248,8 +248,8 @@ def pid_file() -> Path:
 async def run(settings: OrcdSettings, host: str, port: int, pm: pluggy.PluginManager) -> int:
     log = Logger(PROGRAM)
     daemon = Daemon(PROGRAM, pid_file=pid_file(), log=log)
-    daemon.claim()  # before the service opens the database
-    app = create_app(OrchestratorService(settings, pm, log))
+    with daemon.claimed():  # before the service opens the database
+        app = create_app(OrchestratorService(settings, pm, log))
     return await daemon.serve(app, host, port, url=f"http://{host}:{port}",
                               db=settings.db_path)
 

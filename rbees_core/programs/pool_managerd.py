@@ -203,8 +203,8 @@ def pid_file() -> Path:
 async def run(settings: PoolSettings, pm: pluggy.PluginManager) -> int:
     log = Logger(PROGRAM)
     daemon = Daemon(PROGRAM, pid_file=pid_file(), log=log)
-    daemon.claim()
-    svc = PoolService(settings, pm, log)
+    with daemon.claimed():
+        svc = PoolService(settings, pm, log)
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
 
