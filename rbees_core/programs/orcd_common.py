@@ -1,6 +1,6 @@
 """What every route module of rbees-orcd needs from a request: the service and a path id.
 
-Route modules (:mod:`.orcd`, :mod:`.orcd_openai`, :mod:`.orcd_pools`) import this and the
+Route modules (:mod:`.orcd_api`, :mod:`.orcd_openai`, :mod:`.orcd_pools`) import this and the
 service's facade (:class:`~rbees_core.orchestrator.service.OrchestratorService`), never one
 another; the app factory (:func:`rbees_core.programs.orcd.create_app`) imports them all.
 """
