@@ -42,12 +42,28 @@ def test_a_folder_counts_its_parameters_and_every_slot_s_cache(tmp_path: Path) -
     assert cuda.kv_cache_bytes == 2 * 2 * 2 * 8 * 2 * 256
 
 
+def test_a_gguf_file_counts_its_dequantized_tensors(smollm2_gguf: Path) -> None:
+    """The embedded SmolLM2: 134,515,008 elements; 30 layers, 3 of 9 heads of 64 dims for K
+    and V, trained on 8192 tokens."""
+    backend = TorchBackend()
+    cpu = backend.estimate_memory(str(smollm2_gguf), device="cpu", slots=2, ctx=None)
+    assert cpu is not None and cpu.weights_bytes == 134_515_008 * 4
+    assert cpu.kv_cache_bytes == 2 * 30 * 3 * 64 * 4 * 4096 * 2
+    cuda = backend.estimate_memory(str(smollm2_gguf), device="cuda", slots=1, ctx=100_000)
+    assert cuda is not None and cuda.weights_bytes == 134_515_008 * 2
+    assert cuda.kv_cache_bytes == 2 * 30 * 3 * 64 * 2 * 8192  # capped at the trained 8192
+
+
 def test_what_it_cannot_tell_is_none_and_a_broken_header_an_error(tmp_path: Path) -> None:
     backend = TorchBackend()
+    assert backend.estimate_memory(str(tmp_path), device="cpu", slots=1, ctx=None) is None
+    (tmp_path / "w.bin").write_bytes(b"x")
+    assert backend.estimate_memory(str(tmp_path / "w.bin"), device="cpu", slots=1,
+                                   ctx=None) is None
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    assert backend.estimate_memory(str(gguf), device="cpu", slots=1, ctx=None) is None
-    assert backend.estimate_memory(str(tmp_path), device="cpu", slots=1, ctx=None) is None
+    with pytest.raises(ModelLoadError, match="damaged GGUF header"):
+        backend.estimate_memory(str(gguf), device="cpu", slots=1, ctx=None)
     folder = write_folder(tmp_path / "bad", {}, CONFIG)
     (folder / "model.safetensors").write_bytes(b"\xff" * 4)
     with pytest.raises(ModelLoadError, match="unreadable safetensors header"):

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from rbees_backend_torch.backend import TorchBackend
 
 from rbees_core.testing import WorkerHandle, workerd_argv
 
@@ -21,12 +22,19 @@ def _run(worker: WorkerHandle, job_id: str, **body: Any
     return text, frames[-1][2], frames
 
 
-def test_ready_reports_the_torch_backend(gguf_worker: WorkerHandle) -> None:
+def test_ready_reports_the_torch_backend(gguf_worker: WorkerHandle,
+                                        smollm2_gguf: Path) -> None:
     ready = httpx.get(f"{gguf_worker.url}/v2/ready").json()
     assert ready["ready"] is True
     assert ready["backend"] == "torch"
     assert ready["device"] == "cpu"
     assert ready["memory_bytes"] > 135_000_000 * 4  # float32 weights at least
+    # The pool's preflight estimate, from the GGUF header alone, is what the worker holds.
+    estimate = TorchBackend().estimate_memory(str(smollm2_gguf), device="cpu", slots=1,
+                                              ctx=None)
+    assert estimate is not None
+    loaded = estimate.weights_bytes + estimate.kv_cache_bytes
+    assert abs(loaded - ready["memory_bytes"]) < 0.001 * ready["memory_bytes"]
 
 
 def test_events_come_in_contract_order(gguf_worker: WorkerHandle) -> None:

@@ -43,18 +43,20 @@ class TorchBackend(Backend):
 
     def estimate_memory(self, path: str, *, device: str, slots: int, ctx: int | None
                         ) -> MemoryEstimate | None:
-        """For a Hugging Face folder: its parameters (from the safetensors headers) in the
-        device's dtype and the K and V cache of every slot (from ``config.json``), as
-        :class:`~rbees_backend_torch.model.TorchModel` will report them. None for a GGUF
-        file: transformers dequantizes it, and what that costs is not in the metadata
-        alone (the pool then counts the file's size)."""
-        from rbees_backend_torch.estimate import folder_estimate
+        """Every parameter in the device's dtype and the K and V cache of every slot, as
+        :class:`~rbees_backend_torch.model.TorchModel` will report them once loaded: from
+        ``config.json`` and the safetensors headers of a Hugging Face folder, or from the
+        metadata and tensor shapes of a GGUF file (which transformers dequantizes). None
+        for anything else."""
+        from rbees_backend_torch.estimate import folder_estimate, gguf_estimate
 
+        kind, _ = split_device(device, self.name)
         p = Path(path)
+        if p.is_file() and p.suffix == ".gguf":
+            return gguf_estimate(p, kind=kind, slots=slots, ctx=ctx)
         folder = p.parent if p.is_file() and p.suffix == ".safetensors" else p
         if not folder.is_dir():
             return None
-        kind, _ = split_device(device, self.name)
         return folder_estimate(folder, kind=kind, slots=slots, ctx=ctx)
 
     def load(

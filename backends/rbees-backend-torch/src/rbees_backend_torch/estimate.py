@@ -1,4 +1,5 @@
-"""The memory a Hugging Face folder will hold once loaded, from its headers alone.
+"""The memory a model will hold once loaded, from its headers alone: a Hugging Face folder
+(``config.json`` and the safetensors headers) or a GGUF file (its metadata and tensor shapes).
 
 Imported by :meth:`rbees_backend_torch.backend.TorchBackend.estimate_memory` (the pool's
 preflight); imports neither torch nor transformers. The numbers mirror what
@@ -60,3 +61,24 @@ def folder_estimate(folder: Path, *, kind: str, slots: int, ctx: int | None
     weights = sum(safetensors_parameters(f) for f in files) * element
     kv = 2 * layers * kv_heads * head_dim * element * n_ctx * slots
     return MemoryEstimate(weights_bytes=weights, kv_cache_bytes=kv)
+
+
+def gguf_estimate(path: Path, *, kind: str, slots: int, ctx: int | None) -> MemoryEstimate:
+    """The estimate for a GGUF file, which transformers dequantizes into the device's dtype:
+    every element of its tensors, and the cache its metadata describes."""
+    from rbees_backend_torch.gguf_header import read_header
+
+    meta, elements = read_header(path)
+    arch = str(meta.get("general.architecture", "llama"))
+
+    def value(key: str, default: int) -> int:
+        raw = meta.get(f"{arch}.{key}")
+        return int(raw) if isinstance(raw, int | float) and raw else default
+
+    element = ELEMENT_BYTES.get(kind, 4)
+    heads = value("attention.head_count", 1)
+    kv_heads = value("attention.head_count_kv", heads)
+    head_dim = value("attention.key_length", value("embedding_length", 0) // heads)
+    n_ctx = min(value("context_length", DEFAULT_CTX_CAP), ctx or DEFAULT_CTX_CAP)
+    kv = 2 * value("block_count", 0) * kv_heads * head_dim * element * n_ctx * slots
+    return MemoryEstimate(weights_bytes=elements * element, kv_cache_bytes=kv)
