@@ -31,8 +31,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def rbees_register_backends() -> list[type[Backend]]:  # type: ignore[empty-body]
     """Register inference backend classes.
 
-    Called by: ``rbees-workerd`` at start-up (to find ``--backend``), ``rbees-pool`` preflight
-    and ``rbees plugins``, through :func:`rbees_core.plugins.backends`.
+    Called by: ``rbees-workerd`` at start-up (to find ``--backend``), the pool's worker
+    preflight (which also asks the backend's memory estimate) and ``rbees plugins``, through
+    :func:`rbees_core.plugins.backends`.
 
     Returns: a list of :class:`rbees_core.backend.Backend` subclasses, each with a unique
     ``name``. All results are flattened; two classes with one name are a
@@ -45,7 +46,8 @@ def rbees_register_model_sources() -> list[type[ModelSource]]:  # type: ignore[e
     """Register model source classes (``pkg:``, ``file:``, ``hf:``).
 
     Called by: :func:`rbees_core.models.resolve_model` whenever a model reference is turned
-    into a local path (worker start, pool preflight, downloads).
+    into a local path (worker start, pool preflight, downloads), and the model catalog
+    (:mod:`rbees_core.catalog`), where each source checks its references and its own keys.
 
     Returns: a list of :class:`rbees_core.interfaces.ModelSource` subclasses, unique by
     ``scheme``; flattened.

@@ -35,6 +35,7 @@ def generate(backend: Any, path: str, device: str, tokens: int) -> dict[str, Any
     LoadedModel, as rbees-workerd's engine does."""
     from rbees_core.backend import Feed, SamplingParams
 
+    estimate = backend.estimate_memory(path, device=device, slots=1, ctx=2048)
     t0 = time.perf_counter()
     model = backend.load(path, device=device, slots=1, ctx=2048, threads=None,
                          progress=lambda stage, fraction: None)
@@ -57,8 +58,12 @@ def generate(backend: Any, path: str, device: str, tokens: int) -> dict[str, Any
         runs.append((out, (first - t0) * 1000, (tokens - 1) / (end - first)))
     out, ttft_ms, tps = runs[-1]
     text = b"".join(model.token_bytes(t) for t in out).decode("utf-8", "replace")
+    # the preflight's estimate (weights and cache, without the overhead) against what the
+    # loaded model reports: informative
+    estimated = None if estimate is None else estimate.weights_bytes + estimate.kv_cache_bytes
     return {"device": device, "load_s": round(loaded, 2), "ttft_ms": round(ttft_ms, 1),
-            "tokens_per_s": round(tps, 1), "tokens": out, "text": text}
+            "tokens_per_s": round(tps, 1), "tokens": out, "text": text,
+            "memory_bytes": model.memory_bytes, "estimated_bytes": estimated}
 
 
 def one_backend(module: str, cls: str, model: str, device: str, tokens: int
@@ -86,12 +91,12 @@ def main() -> int:
         return value
 
     def nvml() -> tuple[str, bool, Any]:
+        import attrs
         from rbees_gpu_nvml import NvmlInventory
 
-        gpus = list(NvmlInventory().collect())
+        gpus = [attrs.asdict(g) for g in NvmlInventory().collect()]  # the wire JSON
         print("NVML inventory:", json.dumps(gpus, indent=1, default=str))
-        names = ", ".join(f"{g.get('name')} ({int(g.get('memory_total_bytes') or 0) >> 20} "
-                          f"MiB)" for g in gpus)
+        names = ", ".join(f"{g['name']} ({g['memory_total_bytes'] >> 20} MiB)" for g in gpus)
         return f"{len(gpus)} GPU(s): {names}", bool(gpus), gpus
 
     check("NVML inventory (rbees-gpu-nvml)", nvml)
@@ -107,8 +112,11 @@ def main() -> int:
             print(f"{cls} on {device}:", json.dumps({k: v for k, v in got.items()
                                                      if k != "tokens"}))
             ok = device.partition(":")[0] in available and len(got["tokens"]) == args.tokens
+            memory = (f", {got['memory_bytes'] >> 20} MiB held"
+                      + (f" (estimated {got['estimated_bytes'] >> 20})"
+                         if got["estimated_bytes"] is not None else ""))
             return (f"{got['tokens_per_s']} tok/s, TTFT {got['ttft_ms']} ms, "
-                    f"load {got['load_s']} s"), ok, got
+                    f"load {got['load_s']} s{memory}"), ok, got
         return run
 
     llama_cpu = check("llama.cpp on cpu", backend_run(
