@@ -17,6 +17,7 @@ text. Override the class attributes (prompts, ``device``, ``ctx``) to fit the mo
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from rbees_core.models import resolve_model
 
 #: how long one job of the suite may take before the suite calls it hung
 JOB_TIMEOUT_S = 120.0
+_JOB_NUMBERS = itertools.count(1)
 
 
 @attrs.define
@@ -109,10 +111,11 @@ class BackendContract:
 
     def generate(self, engine: Engine, prompt: str | None = None, *,
                  on_event: Callable[[Engine, str, str, dict[str, Any]], None] | None = None,
-                 job_id: str = "job-1", **job: Any) -> Run:
-        """Run one job through ``engine`` to its end; its events. ``job`` holds
-        ``max_tokens``, ``stop`` and the :class:`SamplingParams` fields (``temperature``
-        defaults to 0: greedy)."""
+                 job_id: str | None = None, **job: Any) -> Run:
+        """Run one job through ``engine`` to its end; its events, once the job's slot is
+        free again. ``job`` holds ``max_tokens``, ``stop`` and the :class:`SamplingParams`
+        fields (``temperature`` defaults to 0: greedy)."""
+        job_id = job_id or f"job-{next(_JOB_NUMBERS)}"
         sampling = {k: job.pop(k) for k in list(job) if k in attrs.fields_dict(SamplingParams)}
         sampling.setdefault("temperature", 0.0)
         run = Run(events=[])
@@ -130,6 +133,10 @@ class BackendContract:
             params=SamplingParams(**sampling), sink=sink,
             **{"max_tokens": self.max_tokens, "stop": [], **job}))
         assert done.wait(JOB_TIMEOUT_S), f"job {job_id} did not end in {JOB_TIMEOUT_S} s"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not engine.idle:  # the slot is released just after the last event
+            assert time.monotonic() < deadline, f"job {job_id} never freed its slot"
+            time.sleep(0.001)
         return run
 
     # -- the contract -----------------------------------------------------------------------
