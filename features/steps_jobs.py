@@ -188,8 +188,9 @@ def openai_client(world: World) -> Any:
 
 @when(parsers.parse('the openai client asks the orchestrator for a chat completion of "{text}"'))
 def openai_chat(world: World, ctx: dict[str, Any], text: str) -> None:
-    ctx["completion"] = openai_client(world).chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": text}], max_tokens=8)
+    with openai_client(world) as client:  # closed: its socket would outlive the step
+        ctx["completion"] = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": text}], max_tokens=8)
 
 
 @then("the completion has text and usage")
@@ -201,9 +202,10 @@ def completion_ok(ctx: dict[str, Any]) -> None:
 
 @when(parsers.parse('the openai client streams a chat completion of "{text}" with include_usage'))
 def openai_stream(world: World, ctx: dict[str, Any], text: str) -> None:
-    ctx["chunks"] = list(openai_client(world).chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": text}], max_tokens=8,
-        stream=True, stream_options={"include_usage": True}))
+    with openai_client(world) as client:
+        ctx["chunks"] = list(client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": text}], max_tokens=8,
+            stream=True, stream_options={"include_usage": True}))
 
 
 @then("the chunks carry text and the last one carries usage")
@@ -215,7 +217,8 @@ def stream_ok(ctx: dict[str, Any]) -> None:
 
 @when("the openai client lists the models")
 def openai_models(world: World, ctx: dict[str, Any]) -> None:
-    ctx["models"] = [m.id for m in openai_client(world).models.list()]
+    with openai_client(world) as client:
+        ctx["models"] = [m.id for m in client.models.list()]
 
 
 @then(parsers.parse('"{model}" is among them'))
