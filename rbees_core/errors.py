@@ -271,11 +271,14 @@ def _subclasses(cls: type[RbeesError]) -> list[type[RbeesError]]:
 def from_envelope(code: str, message: str, *, details: dict[str, Any] | None = None
                   ) -> RbeesError:
     """The error another rbees program reported (an envelope, or a JSON ``error`` event):
-    the first class of this tree with ``code`` that takes ``(message, details=)``, else a
-    :class:`PoolCommandError` with ``{"code": code}`` in its details. Called by the pool
-    clients (:mod:`rbees_core.pool_client`)."""
+    the first class of this module's tree with ``code`` that takes ``(message, details=)``,
+    else a :class:`PoolCommandError` with ``{"code": code}`` in its details. Called by the
+    pool clients (:mod:`rbees_core.pool_client`).
+
+    Only this module's classes are candidates: subclasses defined elsewhere (pool-core's)
+    exist only once their module is imported, and the answer must not depend on that."""
     for cls in _subclasses(RbeesError):
-        if cls.code == code and cls is not RbeesError:
+        if cls.code == code and cls is not RbeesError and cls.__module__ == __name__:
             try:
                 return cls(message, details=details)
             except TypeError:  # another constructor (InvalidParamsError)
