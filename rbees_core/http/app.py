@@ -168,14 +168,51 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json(request: Request, cls: type[T]) -> T:
-    """Parse and validate a JSON body into ``cls`` (400 ``INVALID_PARAMS`` on any fault)."""
-    raw = await read_body(request)
+#: Deepest nesting of arrays and objects a request body may have; no wire type needs 8.
+MAX_JSON_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, or :class:`InvalidParamsError` (field ``body``) when it is not
+    JSON, nests deeper than :data:`MAX_JSON_DEPTH`, or holds an unpaired surrogate
+    (``"\\ud800"`` parses, but no UTF-8 text can carry it). Called by every daemon's body
+    reader (:func:`read_json`) and the OpenAI routes, so each refuses these with a 400."""
     try:
         data = json.loads(raw)
+    except RecursionError as exc:
+        raise InvalidParamsError("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidParamsError("body", f"not valid JSON: {exc}") from exc
-    return from_mapping(cls, data)
+    if isinstance(data, (dict, list)):
+        _check_tree(data)
+    elif isinstance(data, str) and _SURROGATE.search(data):
+        raise InvalidParamsError("body", "a string holds an unpaired UTF-16 surrogate")
+    return data
+
+
+def _check_tree(root: dict[str, Any] | list[Any]) -> None:
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidParamsError("body", f"nested deeper than {MAX_JSON_DEPTH} levels")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(value, str):
+                if _SURROGATE.search(value):
+                    raise InvalidParamsError(
+                        str(key) if isinstance(key, str) else "body",
+                        "a string holds an unpaired UTF-16 surrogate")
+            elif isinstance(value, (dict, list)):
+                stack.append((value, depth + 1))
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise InvalidParamsError("body", "a key holds an unpaired UTF-16 surrogate")
+
+
+async def read_json(request: Request, cls: type[T]) -> T:
+    """Parse and validate a JSON body into ``cls`` (400 ``INVALID_PARAMS`` on any fault)."""
+    return from_mapping(cls, parse_json(await read_body(request)))
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None

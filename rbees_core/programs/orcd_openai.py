@@ -23,7 +23,7 @@ from rbees_core import sse
 from rbees_core.api import openapi
 from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.errors import InvalidParamsError, RbeesError
-from rbees_core.http import read_body
+from rbees_core.http import parse_json, read_body
 from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.programs.orcd_common import service
 from rbees_core.schema import from_mapping
@@ -55,12 +55,9 @@ def _from_rbees(exc: RbeesError) -> OpenAIError:
 
 async def _body(request: Request) -> dict[str, Any]:
     try:
-        raw = await read_body(request)
-        data = json.loads(raw)
+        data = parse_json(await read_body(request))
     except RbeesError as exc:
         raise _from_rbees(exc) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise OpenAIError(400, f"the body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise OpenAIError(400, "the body must be a JSON object")
     return data
