@@ -162,6 +162,16 @@ def test_deep_nesting_and_lone_surrogates_are_400s_on_both_apis(cluster: Cluster
     assert httpx.get(f"{cluster.url}/health").status_code == 200
 
 
+@pytest.mark.parametrize("extra", [{"stream": "yes"}, {"stream": 1},
+                                   {"stream": True, "stream_options": {"include_usage": "no"}}])
+def test_v1_booleans_are_strict(cluster: Cluster, extra: dict[str, Any]) -> None:
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], **extra}
+    answer = httpx.post(f"{cluster.url}/v1/chat/completions", json=body)
+    assert answer.status_code == 400, answer.text[:200]
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and "true or false" in error["message"]
+
+
 def test_jobs_cli_submit_list_status_why(cluster: Cluster) -> None:
     done = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt",
                          "Say hello.", "--max-tokens", "12", "--seed", "3")

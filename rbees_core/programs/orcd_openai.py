@@ -84,6 +84,13 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise OpenAIError(400, "stream_options must be an object", param="stream_options")
+    # As on the native API: "yes" or 1 is no boolean (Python's truthiness would take it).
+    flags = [("stream", body.get("stream"))]
+    if opts is not None:
+        flags.append(("stream_options.include_usage", opts.get("include_usage")))
+    for name, value in flags:
+        if value is not None and not isinstance(value, bool):
+            raise OpenAIError(400, f"{name} must be true or false", param=name)
 
 
 def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
