@@ -46,10 +46,13 @@ class TextStream:
         return text[: len(text) - keep]
 
     def flush(self) -> str:
-        """End of generation: whatever is held back, plus any incomplete character."""
+        """End of generation: whatever is held back. The bytes of a character that the last
+        token left unfinished (``max_tokens`` cut it) are dropped, not sent as U+FFFD: a
+        piece holds only whole characters."""
         if self.stopped:
             return ""
-        text = self._held + self._decoder.decode(b"", final=True)
+        text = self._held
+        self._decoder.reset()
         self._held = ""
         cut = self._first_stop(text)
         if cut >= 0:

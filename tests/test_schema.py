@@ -287,6 +287,9 @@ def test_textstream_examples() -> None:
     assert stream.push(b"OP and more") == ""
     assert stream.push(b"ignored") == ""
     assert stream.flush() == ""
+    cut = TextStream()  # max_tokens ended inside a character: its bytes are dropped
+    assert cut.push("ab😀".encode()[:4]) == "ab"
+    assert cut.flush() == ""
     held = TextStream(["xyz"])
     assert held.push(b"ab xy") == "ab "
     assert held.flush() == "xy"
