@@ -246,3 +246,29 @@ def test_an_error_inside_a_command(capsys: pytest.CaptureFixture[str],
     monkeypatch.setenv("RBEES_DEBUG", "1")
     with pytest.raises(ConfigError):
         cli_common.run("rbees", failing_app, ["explode"])  # type: ignore[arg-type]
+
+
+def test_up_on_a_port_another_daemon_holds_says_so_in_one_line(tmp_path: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Healthy(BaseHTTPRequestHandler):  # answers /health 200, as another rbees-orcd does
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Healthy) as other:
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        port = other.server_address[1]
+        result = run("rbees", "up", "--bind", f"127.0.0.1:{port}", "--timeout", "10",
+                     env={"RBEES_HOME": str(tmp_path / "home")})
+        other.shutdown()
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port} is taken" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "home" / "run" / "rbees-orcd.pid").exists()

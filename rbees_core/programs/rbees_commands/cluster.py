@@ -63,13 +63,34 @@ def _exe(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def _check_free(name: str, bind: str) -> None:
+    """Refuse a port that something already listens on: its /health would pass for the
+    daemon about to start (another rbees-orcd's does)."""
+    import socket
+
+    from rbees_core.errors import ConflictError
+    from rbees_core.http import parse_bind
+
+    host, port = parse_bind(bind)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not taken
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConflictError(f"cannot start {name}: {bind} is taken by another process "
+                                f"({exc.strerror}); stop it or choose another --bind") from exc
+
+
 def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
     import httpx
 
     from rbees_core.errors import RbeesError
 
+    _check_free(name, argv[argv.index("--bind") + 1])
     log_path = _home() / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    (_home() / "run").mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([_exe(name), *argv], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
