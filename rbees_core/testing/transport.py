@@ -15,8 +15,9 @@ sees ``HF_ENDPOINT`` of the ``fake_hub`` fixture, so downloads come from the loo
 The tests drive the transport's :meth:`~rbees_core.transport.Transport.pool_client` (the
 one interface ``rbees pool``, M0 and rbees-orcd use) with real processes: a download, and a
 real SmolLM2 worker started, listed and stopped. A transport that runs programs
-(implements :meth:`~rbees_core.transport.Transport.run`) is also held to passing each
-argument and each output line on as it is.
+(implements :meth:`~rbees_core.transport.Transport.run`) subclasses
+:class:`ProgramTransportContract` instead, which also holds it to passing each argument and
+each output line on as it is.
 """
 
 from __future__ import annotations
@@ -81,23 +82,7 @@ class TransportContract:
         marker = tmp_path / "pwned"
         with pytest.raises(RbeesError):
             await transport.pool_client().worker_stop(hostile.format(marker=marker))
-        if runs_programs(transport):  # and unchecked, straight through run()
-            result = await transport.run(["worker", "stop", "--format", "json", "--",
-                                          hostile.format(marker=marker)])
-            assert result.exit_code == 1, result
-            assert result.stderr.startswith("rbees-pool: error: ")
         assert not marker.exists()
-
-    async def test_every_output_line_is_passed_on_in_order(self, transport: Transport
-                                                           ) -> None:
-        if not runs_programs(transport):
-            pytest.skip("the transport runs no programs")
-        seen: list[str] = []
-        result = await transport.run(["models", "list", "--format", "json"],
-                                     on_line=seen.append)
-        assert result.exit_code == 0, result.stderr
-        assert seen == result.stdout.splitlines()
-        assert DEFAULT_MODEL_REF in {m["ref"] for m in json.loads(result.stdout)}
 
     async def test_a_download_streams_its_progress(self, transport: Transport,
                                                    fake_hub: Any) -> None:
@@ -139,3 +124,30 @@ class TransportContract:
         await transport.aclose()
         await transport.aclose()
         assert await transport.pool_client().version()
+
+
+class ProgramTransportContract(TransportContract):
+    """The contract, plus what a transport that runs programs (implements
+    :meth:`~rbees_core.transport.Transport.run`: ssh, local) owes on top: each argument and
+    each output line passed on as it is. Subclass this one instead for such a transport."""
+
+    @pytest.mark.parametrize("hostile", ["x; touch {marker}", "$(touch {marker})",
+                                         "`touch {marker}`", "x' 'y", "a\nb"])
+    async def test_run_passes_arguments_as_they_are(self, transport: Transport,
+                                                    tmp_path: Path, hostile: str) -> None:
+        assert runs_programs(transport), "a ProgramTransportContract transport implements run"
+        marker = tmp_path / "pwned"
+        result = await transport.run(["worker", "stop", "--format", "json", "--",
+                                      hostile.format(marker=marker)])
+        assert result.exit_code == 1, result
+        assert result.stderr.startswith("rbees-pool: error: ")
+        assert not marker.exists()
+
+    async def test_every_output_line_is_passed_on_in_order(self, transport: Transport
+                                                           ) -> None:
+        seen: list[str] = []
+        result = await transport.run(["models", "list", "--format", "json"],
+                                     on_line=seen.append)
+        assert result.exit_code == 0, result.stderr
+        assert seen == result.stdout.splitlines()
+        assert DEFAULT_MODEL_REF in {m["ref"] for m in json.loads(result.stdout)}

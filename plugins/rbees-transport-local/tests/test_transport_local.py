@@ -13,7 +13,7 @@ from rbees_transport_local import LocalTransport
 from rbees_core import plugins
 from rbees_core.errors import RemoteProgramMissingError
 from rbees_core.hosts import HostConfig, open_transport
-from rbees_core.testing.transport import TransportContract
+from rbees_core.testing.transport import ProgramTransportContract
 
 
 def test_loads_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:
@@ -25,7 +25,7 @@ def test_loads_through_its_entry_point(rbees_pm: pluggy.PluginManager) -> None:
     assert isinstance(open_transport(rbees_pm, host), LocalTransport)
 
 
-class TestLocalContract(TransportContract):
+class TestLocalContract(ProgramTransportContract):
     @pytest.fixture
     async def transport(self, tmp_path: Path, fake_hub: Any) -> AsyncIterator[LocalTransport]:
         host = HostConfig(name="here", transport="local",

@@ -26,7 +26,7 @@ from rbees_core.hosts import HostConfig
 from rbees_core.models import DEFAULT_MODEL_REF
 from rbees_core.testing import find_free_port
 from rbees_core.testing.ssh import SshServer, generate_key, venv_rbees_pool
-from rbees_core.testing.transport import HUB_FILE, HUB_REPO, TransportContract
+from rbees_core.testing.transport import HUB_FILE, HUB_REPO, ProgramTransportContract
 
 RBEES = str(Path(sys.executable).with_name("rbees"))
 #: Every refusal must come within the connect timeout (10 s).
@@ -82,7 +82,7 @@ def local_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-class TestSshContract(TransportContract):
+class TestSshContract(ProgramTransportContract):
     @pytest.fixture
     async def transport(self, rbees_sshd: SshServer, local_home: Path, tmp_path: Path,
                         fake_hub: Any) -> AsyncIterator[SshTransport]:
