@@ -37,6 +37,7 @@ import pluggy
 
 from rbees_core import plugins
 from rbees_core.errors import ConfigError, InvalidParamsError, NotFoundError
+from rbees_core.files import open_private, write_private
 from rbees_core.schema import from_mapping
 from rbees_core.transport import (
     COMMON_KEYS,
@@ -170,18 +171,12 @@ def load_hosts(path: Path | None = None, *, pm: pluggy.PluginManager | None = No
 def save_hosts(hosts: Mapping[str, HostConfig], path: Path | None = None) -> Path:
     """Write every host to the hosts file (mode 600: it may name token files)."""
     path = path or hosts_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# rbees pool hosts: `rbees hosts list|add|remove|check`", ""]
     for name in sorted(hosts):
         lines.append(f"[hosts.{json.dumps(name)}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in hosts[name].to_toml_table().items()]
         lines.append("")
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return write_private(path, "\n".join(lines))
 
 
 def _key_marker(name: str) -> str:
@@ -192,9 +187,7 @@ def record_host_key(name: str, pattern: str, key: str) -> Path:
     """Append ``pattern key`` to rbees' known_hosts, marked as trusted for host ``name``
     (the marker is the entry's comment, so OpenSSH reads the file too)."""
     path = known_hosts_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as out:
+    with open_private(path, "a") as out:
         out.write(f"{pattern} {key} {_key_marker(name)}\n")
     return path
 
@@ -207,7 +200,7 @@ def forget_host_keys(name: str) -> int:
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for line in lines if line.split()[-1:] != [_key_marker(name)]]
     if len(kept) != len(lines):
-        path.write_text("".join(kept), encoding="utf-8")
+        write_private(path, "".join(kept))
     return len(lines) - len(kept)
 
 

@@ -65,7 +65,7 @@ def up(home: Path, *extra: str) -> Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = up(tmp_path_factory.mktemp("cluster"))
+    c = up(tmp_path_factory.mktemp("cluster") / "home")  # rbees makes the home itself
     yield c
     c.rbees("down")
 
@@ -335,3 +335,19 @@ def test_disconnect_cancels_only_when_the_task_asked(cluster: Cluster, flag: boo
     else:
         assert status == "running"
         assert httpx.post(f"{cluster.url}/v2/tasks/{job_id}/cancel").status_code == 202
+
+
+def test_what_rbees_writes_under_its_home_is_the_owners_alone(cluster: Cluster) -> None:
+    """After the jobs above: the home rbees made, its logs, pid and url files, the database,
+    the worker records and logs are 0700 directories and 0600 files, whatever the umask."""
+    assert cluster.submit()["job_id"]  # at least one job ran, so a worker has its files
+    assert (cluster.home / "workers").is_dir()
+    found: dict[str, int] = {}
+    for path in [cluster.home, *cluster.home.rglob("*")]:
+        if not path.is_symlink():
+            found[str(path.relative_to(cluster.home))] = path.stat().st_mode & 0o777
+    loose = {path: oct(mode) for path, mode in found.items()
+             if mode != (0o700 if (cluster.home / path).is_dir() else 0o600)}
+    assert not loose, loose
+    names = {Path(path).name for path in found}
+    assert {"rbees-orcd.log", "state.json", "worker.log"} <= names, sorted(names)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from starlette.types import ASGIApp
 
 from rbees_core.errors import ConflictError, RbeesError
+from rbees_core.files import private_dir, write_private
 from rbees_core.http.server import run_daemon, serve
 from rbees_core.log import Logger
 from rbees_core.processes import pid_alive, read_pid
@@ -52,13 +53,13 @@ class Daemon:
         live process holds the file."""
         if self._claimed:
             return
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.pid_file.parent)
         if self.exclusive:
             other = read_pid(self.pid_file)
             if other is not None and other != os.getpid() and pid_alive(other):
                 self.log.error("already_running", pid=other)
                 raise ConflictError(f"already running for this RBEES_HOME (pid {other})")
-        self.pid_file.write_text(f"{os.getpid()}\n")
+        write_private(self.pid_file, f"{os.getpid()}\n")
         self._claimed = True
 
     @contextlib.contextmanager

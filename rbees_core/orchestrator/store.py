@@ -46,6 +46,7 @@ from typing import Any, Literal, TypeVar
 
 from rbees_core.api.orchestrator import JOB_STATUSES, JobList, JobRecord
 from rbees_core.errors import InvalidParamsError
+from rbees_core.files import private_dir
 from rbees_core.orchestrator._writer import Writer
 from rbees_core.orchestrator.errors import JobNotFoundError, StoreError
 from rbees_core.orchestrator.jobs import JobSpec, NewJob, Recovery, StoredEvent, event_pairs
@@ -77,7 +78,7 @@ class Store:
         self._closed = False
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn: sqlite3.Connection | None = None

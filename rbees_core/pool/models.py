@@ -26,6 +26,7 @@ from rbees_core import plugins
 from rbees_core.catalog import Catalog, CatalogEntry, configured_catalog
 from rbees_core.config import load_config
 from rbees_core.errors import ConflictError, ModelNotFoundError, RbeesError
+from rbees_core.files import write_private
 from rbees_core.interfaces import DownloadProgress, DownloadResult, ProgressCallback
 from rbees_core.refs import split_scheme, validate_ref
 
@@ -70,11 +71,8 @@ def record_path(model_path: str | Path) -> Path:
 
 def write_record(model: LocalModel) -> None:
     """Write the record beside the model file (atomically)."""
-    target = record_path(model.path)
-    tmp = target.with_name(target.name + ".tmp")
     data = {**model.to_dict(details=True), "recorded_at": time.time()}
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    write_private(record_path(model.path), json.dumps(data, indent=2) + "\n")
 
 
 def read_record(record: Path) -> LocalModel | None:

@@ -36,6 +36,7 @@ from rbees_core.errors import (
     RbeesError,
     UnknownPluginError,
 )
+from rbees_core.files import open_private, write_private
 from rbees_core.models import resolve_model
 from rbees_core.processes import pid_alive
 
@@ -214,11 +215,7 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
 
 
 def save(record: WorkerRecord) -> None:
-    folder = worker_dir(record.worker_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(attrs.asdict(record)))
-    tmp.replace(folder / "state.json")
+    write_private(worker_dir(record.worker_id) / "state.json", json.dumps(attrs.asdict(record)))
 
 
 def load(worker_id: str) -> WorkerRecord:
@@ -308,9 +305,7 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         argv += ["--callback-url", req.callback_url]
     if token_file:
         argv += ["--api-token-file", token_file]
-    folder = worker_dir(worker_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "worker.log", "ab") as log:
+    with open_private(log_path(worker_id), "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     record = WorkerRecord(

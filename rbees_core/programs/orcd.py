@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute
 
 from rbees_core.config import rbees_home
 from rbees_core.errors import InvalidParamsError, RbeesError
+from rbees_core.files import private_dir
 from rbees_core.http import Daemon, build_app, daemon_lifespan, daemon_routes
 from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
@@ -96,7 +97,7 @@ def serve_orcd(
         if policy_value not in ("reject", "drop-oldest-batch"):
             raise InvalidParamsError("--queue-policy", "must be reject or drop-oldest-batch")
         db_path = db or str(rbees_home() / "orcd.sqlite3")
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(db_path).parent)
         settings = OrcdSettings(
             db_path=db_path, capacity=pick(capacity, orch, "queue_capacity", 1024),
             policy=policy_value,

@@ -98,6 +98,10 @@ def test_download_verifies_places_and_records(home: Path, rbees_pm: pluggy.Plugi
     assert resolve_model(rbees_pm, REF) == local.path
     assert [m.ref for m in models.list_models(rbees_pm) if m.source == "hf"] == [REF]
     assert partials(home) == []
+    # the home, the model, its record, its lock: the owner's alone (0700 / 0600)
+    loose = {str(p): oct(p.stat().st_mode & 0o777) for p in [home, *home.rglob("*")]
+             if p.stat().st_mode & 0o777 != (0o700 if p.is_dir() else 0o600)}
+    assert not loose, loose
     # the token stays on the hub: the CDN GET comes without it
     (cdn_get,) = [r for r in fake_hub.requests if r.server == "cdn" and r.method == "GET"]
     assert "authorization" not in cdn_get.headers

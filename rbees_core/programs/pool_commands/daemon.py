@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rbees_core.files import open_private, write_private
 from rbees_core.hookspecs import hookimpl
 from rbees_core.programs.cli_common import (
     FormatOption,
@@ -42,13 +43,12 @@ def start(
         raise ConflictError(f"pool-managerd is already running (pid {pid})")
     host, port = parse_bind(bind)
     log_path = daemon_files().log
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [str(Path(sys.executable).with_name("pool-managerd")), "--bind", bind]
     for flag, value in (("--pool-id", pool_id), ("--orchestrator", orchestrator),
                         ("--config", config), ("--api-token-file", api_token_file)):
         if value:
             argv += [flag, value]
-    with open(log_path, "ab") as log:
+    with open_private(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -66,7 +66,7 @@ def start(
     else:
         proc.kill()
         raise RbeesError(f"pool-managerd did not answer within {timeout:.0f} s")
-    daemon_files().url.write_text(url)
+    write_private(daemon_files().url, url)
     info = {"pid": proc.pid, "url": url, "log": str(log_path)}
     if fmt is OutputFormat.json:
         print_json(info)

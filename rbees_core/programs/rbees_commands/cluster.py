@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rbees_core.files import open_private, private_dir, write_private
 from rbees_core.hookspecs import hookimpl
 from rbees_core.programs.cli_common import (
     FormatOption,
@@ -89,9 +90,8 @@ def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
 
     _check_free(name, argv[argv.index("--bind") + 1])
     log_path = _home() / "logs" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    (_home() / "run").mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    private_dir(_home() / "run")
+    with open_private(log_path, "ab") as log:
         proc = subprocess.Popen([_exe(name), *argv], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -101,7 +101,7 @@ def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
             raise RbeesError(f"{name} exited at start: " + " | ".join(tail))
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                (_home() / "run" / f"{name}.url").write_text(url)
+                write_private(_home() / "run" / f"{name}.url", url)
                 return proc.pid
         except httpx.HTTPError:
             pass
@@ -186,7 +186,7 @@ def up(
         raise
     info = {"orchestrator": orcd_url, "pool": pool_url, "pool_id": pools[0]["pool_id"],
             "orchestrator_pid": orcd_pid, "pool_pid": pool_pid, "home": str(_home())}
-    (_home() / "run" / "cluster.json").write_text(json.dumps(info))
+    write_private(_home() / "run" / "cluster.json", json.dumps(info))
     if fmt is OutputFormat.json:
         print_json(info)
     else:

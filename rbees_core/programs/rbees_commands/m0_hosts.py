@@ -19,6 +19,7 @@ import attrs
 import pluggy
 
 from rbees_core.errors import RbeesError
+from rbees_core.files import write_private
 from rbees_core.hosts import HostConfig
 from rbees_core.pool_client import PoolClient, to_json
 from rbees_core.transport import Transport
@@ -130,10 +131,7 @@ def save_cache(hosts: list[Host]) -> None:
             cache.pop(host.name, None)
     path = cache_file()
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(cache), encoding="utf-8")
-        tmp.replace(path)
+        write_private(path, json.dumps(cache))
 
 
 def load_scheduler(pm: pluggy.PluginManager) -> Any:

@@ -28,6 +28,7 @@ from rbees_core.errors import (
     ModelNotFoundError,
     RbeesError,
 )
+from rbees_core.files import open_private, private_dir
 from rbees_core.interfaces import DownloadProgress, DownloadResult
 from rbees_source_hf import HfRef
 
@@ -53,8 +54,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 def _exclusive(lock_path: Path, what: str) -> Iterator[None]:
     import fcntl
 
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+b") as handle:
+    with open_private(lock_path, "ab") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -196,7 +196,7 @@ def fetch(ref: HfRef, models_dir: Path, *, sha256: str | None, progress: Report
         if _origin(location) != _origin(resolve_url):
             headers.pop("authorization", None)  # signed CDN urls must not get the token
         try:
-            with open(partial, "ab") as f:
+            with open_private(partial, "ab") as f:
                 http_get(location, f, resume_size=have, headers=headers, expected_size=size,
                          displayed_filename=ref.filename,
                          tqdm_class=cast(Any, _bar_class(progress)))
@@ -219,7 +219,7 @@ def fetch(ref: HfRef, models_dir: Path, *, sha256: str | None, progress: Report
                 f"{ref}: downloaded file does not match its checksum (expected "
                 f"{expected or 'git ' + str(etag)}, got {actual}); removed it",
                 details={"model": str(ref), "expected": expected or etag, "actual": actual})
-        final.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(final.parent)
         os.replace(partial, final)
     return DownloadResult(
         ref=str(ref), path=str(final), size_bytes=got, sha256=actual, source="hf",
