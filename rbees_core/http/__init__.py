@@ -16,6 +16,7 @@ from __future__ import annotations
 from rbees_core.http.app import (
     OPEN_PATHS,
     OPEN_PREFIX,
+    OPENAI_PREFIX,
     BearerAuthMiddleware,
     CorrelationMiddleware,
     EventStreamResponse,
@@ -25,6 +26,7 @@ from rbees_core.http.app import (
     error_response,
     health_endpoint,
     json_response,
+    openai_error_body,
     parse_json,
     read_body,
     read_json,
@@ -41,9 +43,11 @@ from rbees_core.http.server import (
 )
 
 __all__ = [
-    "OPEN_PATHS", "OPEN_PREFIX", "BearerAuthMiddleware", "CorrelationMiddleware", "Daemon",
+    "OPENAI_PREFIX", "OPEN_PATHS", "OPEN_PREFIX", "BearerAuthMiddleware",
+    "CorrelationMiddleware", "Daemon",
     "EventStreamResponse", "FullCollections", "build_app", "check_bind_policy",
     "daemon_lifespan", "daemon_routes", "error_response", "fail", "health_endpoint",
-    "is_loopback", "json_response", "launch", "listen", "parse_bind", "parse_json",
+    "is_loopback", "json_response", "launch", "listen", "openai_error_body", "parse_bind",
+    "parse_json",
     "read_body", "read_json", "run_daemon", "serve",
 ]

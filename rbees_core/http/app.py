@@ -46,14 +46,37 @@ OPEN_PREFIX = "/ui/"
 _CID = re.compile(CORRELATION_ID_PATTERN)
 
 
-def error_response(exc: RbeesError) -> JSONResponse:
+#: Path prefix of the OpenAI-compatible routes: their errors take OpenAI's shape, those the
+#: middleware and the router answer (401, 404, 405, 500) included (CONTRACT section 1).
+OPENAI_PREFIX = "/v1/"
+_OPENAI_KINDS = {401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def openai_error_body(status: int, message: str, *, code: str | None = None,
+                      param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope ``{"error": {message, type, param, code}}`` for a ``status``;
+    used for every error answer under :data:`OPENAI_PREFIX` (rbees-orcd's /v1 routes)."""
+    kind = _OPENAI_KINDS.get(status, "server_error" if status >= 500
+                             else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(exc: RbeesError, path: str = "") -> JSONResponse:
+    """The answer for ``exc``: rbees' envelope, or OpenAI's when ``path`` (the request's)
+    is under :data:`OPENAI_PREFIX`; with ``Retry-After`` on 429/503 and
+    ``WWW-Authenticate`` on 401."""
     headers = {"X-Correlation-Id": correlation_id.get()}
     if isinstance(exc, UnavailableError):
         headers["Retry-After"] = str(exc.retry_after_s)
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(exc.envelope(correlation_id.get()), status_code=exc.status,
-                        headers=headers)
+    if path.startswith(OPENAI_PREFIX):
+        body = openai_error_body(exc.status, exc.message, code=exc.code.lower(),
+                                 param=exc.details.get("field"))
+    else:
+        body = exc.envelope(correlation_id.get())
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 class CorrelationMiddleware:
@@ -107,7 +130,8 @@ class BearerAuthMiddleware:
         if not hmac.compare_digest(given, self.expected):
             from rbees_core.errors import UnauthenticatedError
 
-            response = error_response(UnauthenticatedError("missing or wrong bearer token"))
+            response = error_response(UnauthenticatedError("missing or wrong bearer token"),
+                                      path)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -115,21 +139,28 @@ class BearerAuthMiddleware:
 
 async def _rbees_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RbeesError)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
+
+
+def _plain_error(request: Request, status: int, code: str, message: str) -> Response:
+    """An error no RbeesError carries (the router's 404/405, a crash's 500) in the envelope
+    of the request's path."""
+    if request.url.path.startswith(OPENAI_PREFIX):
+        body = openai_error_body(status, message, code=code.lower())
+    else:
+        body = envelope(code, message, correlation_id=correlation_id.get())
+    return JSONResponse(body, status_code=status,
+                        headers={"X-Correlation-Id": correlation_id.get()})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
-    body = envelope(code, str(exc.detail), correlation_id=correlation_id.get())
-    return JSONResponse(body, status_code=exc.status_code,
-                        headers={"X-Correlation-Id": correlation_id.get()})
+    return _plain_error(request, exc.status_code, code, str(exc.detail))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    body = envelope("INTERNAL", f"internal error: {type(exc).__name__}",
-                    correlation_id=correlation_id.get())
-    return JSONResponse(body, status_code=500, headers={"X-Correlation-Id": correlation_id.get()})
+    return _plain_error(request, 500, "INTERNAL", f"internal error: {type(exc).__name__}")
 
 
 def build_app(

@@ -1,0 +1,84 @@
+"""Which envelope an error takes: OpenAI's under /v1/, rbees' elsewhere (CONTRACT section 1),
+for the errors no route raises too -- the router's 404 and 405, the token check's 401, a
+crash's 500 (found by the structural fuzz: ``GET /v1/chat/completions`` was a 405 in rbees'
+shape, which OpenAI clients cannot read)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rbees_core.errors import NotFoundError
+from rbees_core.http import build_app
+
+TOKEN = "t0ken-0123456789abcdef"
+
+
+async def ok(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+async def crash(request: Request) -> Response:
+    raise RuntimeError("boom")
+
+
+async def missing(request: Request) -> Response:
+    raise NotFoundError("no such thing")
+
+
+def client() -> httpx.AsyncClient:
+    routes = [Route(f"{prefix}/{name}", handler, methods=["POST"])
+              for prefix in ("/v1", "/v2") for name, handler in
+              (("ok", ok), ("crash", crash), ("missing", missing))]
+    app = build_app(routes, token=TOKEN)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://rbees.test",
+                             headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def openai_shape(response: httpx.Response) -> dict[str, Any]:
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["message"]
+    return dict(error)
+
+
+def rbees_shape(response: httpx.Response) -> dict[str, Any]:
+    error = response.json()["error"]
+    assert error["code"].isupper() and isinstance(error["retriable"], bool), error
+    assert error["correlation_id"] == response.headers["x-correlation-id"]
+    return dict(error)
+
+
+@pytest.mark.parametrize(("method", "path", "status", "kind"), [
+    ("GET", "ok", 405, "invalid_request_error"),
+    ("POST", "nowhere", 404, "not_found_error"),
+    ("POST", "missing", 404, "not_found_error"),
+    ("POST", "crash", 500, "server_error"),
+])
+async def test_each_error_under_v1_is_in_openai_shape_and_in_rbees_shape_elsewhere(
+        method: str, path: str, status: int, kind: str) -> None:
+    async with client() as c:
+        v1 = await c.request(method, f"/v1/{path}")
+        assert v1.status_code == status
+        assert openai_shape(v1)["type"] == kind
+        assert v1.headers["x-correlation-id"]
+        v2 = await c.request(method, f"/v2/{path}")
+        assert v2.status_code == status
+        rbees_shape(v2)
+
+
+async def test_a_missing_token_on_v1_is_a_401_in_openai_shape() -> None:
+    async with client() as c:
+        v1 = await c.post("/v1/ok", headers={"Authorization": "Bearer wrong"})
+        assert v1.status_code == 401 and v1.headers["www-authenticate"] == "Bearer"
+        error = openai_shape(v1)
+        assert error["type"] == "authentication_error" and error["code"] == "unauthenticated"
+        v2 = await c.post("/v2/ok", headers={"Authorization": "Bearer wrong"})
+        assert rbees_shape(v2)["code"] == "UNAUTHENTICATED"
+        assert (await c.post("/v1/ok")).json() == {"ok": True}
