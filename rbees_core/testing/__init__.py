@@ -21,6 +21,8 @@ Fixtures:
 
 Contract suites a plugin's tests subclass, one per plugin kind: transports
 (:mod:`rbees_core.testing.transport`), schedulers (:mod:`rbees_core.testing.scheduler`).
+Structural fuzzing of any daemon's routes, from its route table: :mod:`rbees_core.testing.fuzz`
+(needs hypothesis).
 Helpers for simulated hosts, the fake hub and the SSH server live beside them
 (:mod:`~rbees_core.testing.hosts`, :mod:`~rbees_core.testing.hub`,
 :mod:`~rbees_core.testing.ssh`); processes and ports in :mod:`rbees_core.testing.processes`.

@@ -1,0 +1,435 @@
+"""Structural fuzzing of a daemon's HTTP routes, taken from its route table.
+
+CONTRACT section 1 says every bad input is a 4xx in the error envelope and no request can make a
+daemon fail. This module attacks that promise with what property tests built on a schema rarely
+send: nesting thousands deep, unpaired surrogates (escaped and as raw bytes), numbers no double
+holds, a wrong type in every field, duplicate keys, empty and truncated bodies, other content
+types, very long strings, hostile path segments and query strings, and every method a path does
+not allow. The routes come from the daemon's own table (:func:`route_table` reads starlette
+routes and, for the bodies, its ``/openapi.json``), so a new route is attacked without a new
+test. Used by ``tests/test_fuzz_structural.py`` for rbees-orcd, pool-managerd and
+rbees-workerd; a third-party daemon or plugin route uses it the same way::
+
+    targets = route_table(my_routes, openapi_doc, examples={("POST", "/v2/x"): {...}})
+    sent = fire("http://127.0.0.1:9000", targets, total=600)
+
+Needs hypothesis (the ``dev`` extra); nothing in rbees imports this module but tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.routing import BaseRoute, Mount, Route
+
+#: Methods a fuzzed daemon might be sent; those a path does not allow must get 405.
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: How many times the attacks of a route without a body a route with one gets.
+BODY_WEIGHT = 4
+_MARK = "\u2063fuzz\u2063"  # a placeholder string, replaced by raw bytes after json.dumps
+
+
+@attrs.frozen
+class Target:
+    """One route to attack: ``method`` and the ``path`` template (``{name}`` parameters),
+    ``allowed`` (every method the path answers), the request body's JSON ``schema`` (refs
+    resolved) when the route documents one, and ``example``, a VALID body that body attacks
+    mutate (keep it cheap: a small max_tokens, a model that is not there). ``excluded`` names
+    why only wrong-method attacks go to this route (it would shut the daemon down...)."""
+
+    method: str
+    path: str
+    allowed: frozenset[str]
+    schema: Mapping[str, Any] | None = None
+    example: Any = None
+    excluded: str | None = None
+
+
+@attrs.frozen
+class Attack:
+    """One request: ``kind`` says which attack it is (counted by :func:`fire`)."""
+
+    kind: str
+    method: str
+    path: str
+    body: bytes | None = None
+    content_type: str | None = "application/json"
+    headers: Mapping[str, bytes] = attrs.field(factory=dict)
+
+    def describe(self) -> str:
+        body = b"" if self.body is None else self.body
+        shown = body[:200] + (b"..." if len(body) > 200 else b"")
+        return f"{self.kind}: {self.method} {self.path[:300]} [{self.content_type}] {shown!r}"
+
+
+def _walk(routes: Sequence[BaseRoute], prefix: str = "") -> Iterator[tuple[str, str]]:
+    for route in routes:
+        if isinstance(route, Route):
+            for method in sorted(route.methods or ()):
+                if method != "HEAD":
+                    yield method, prefix + route.path
+        elif isinstance(route, Mount):
+            yield from _walk(route.routes, prefix + route.path)
+
+
+def _resolve(schema: Any, doc: Mapping[str, Any], depth: int = 0) -> Any:
+    """``schema`` with ``$ref`` to ``#/components/schemas/...`` inlined (8 levels at most)."""
+    if depth > 8:
+        return {}
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            name = schema["$ref"].rsplit("/", 1)[-1]
+            return _resolve(doc.get("components", {}).get("schemas", {}).get(name, {}), doc,
+                            depth + 1)
+        return {k: _resolve(v, doc, depth + 1) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_resolve(v, doc, depth + 1) for v in schema]
+    return schema
+
+
+def route_table(routes: Sequence[BaseRoute], openapi: Mapping[str, Any] | None = None, *,
+                examples: Mapping[tuple[str, str], Any] | None = None,
+                excluded: Mapping[tuple[str, str], str] | None = None) -> list[Target]:
+    """Every route of a starlette route table as a :class:`Target` (HEAD left out: it has no
+    body to check). ``openapi`` (the daemon's document) gives the body schemas; ``examples``
+    and ``excluded`` are keyed by ``(method, path template)``. A body route with no example
+    gets one built from its schema's required fields (:func:`skeleton`), else ``{}``.
+    Raises ValueError when an example or exclusion names a route the table lacks."""
+    pairs = list(dict.fromkeys(_walk(routes)))
+    allowed: dict[str, set[str]] = {}
+    for method, path in pairs:
+        allowed.setdefault(path, set()).add(method)
+    for key in {**(examples or {}), **(excluded or {})}:
+        if key not in pairs:
+            raise ValueError(f"{key} is not in the route table")
+    paths = (openapi or {}).get("paths", {})
+    targets = []
+    for method, path in pairs:
+        op = paths.get(path, {}).get(method.lower(), {})
+        raw = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+        schema = _resolve(raw["schema"], openapi or {}) if "schema" in raw else None
+        example = (examples or {}).get((method, path))
+        if example is None and method in _BODY_METHODS:
+            example = skeleton(schema) if schema else {}
+        targets.append(Target(method, path, frozenset(allowed[path]), schema, example,
+                              (excluded or {}).get((method, path))))
+    return targets
+
+
+def skeleton(schema: Mapping[str, Any]) -> Any:
+    """A small value of ``schema``'s type with its required properties (best effort: a
+    starting point for mutations, not always valid)."""
+    kind = schema.get("type")
+    if "anyOf" in schema:
+        return skeleton(schema["anyOf"][0])
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        return {name: skeleton(props.get(name, {})) for name in schema.get("required", [])}
+    if kind == "array":
+        return []
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 1)
+    if kind == "boolean":
+        return False
+    if "enum" in schema:
+        return schema["enum"][0]
+    return "x"
+
+
+# ---- the values an attack puts into a body -------------------------------------------------
+
+#: Raw JSON number text that no double or 64-bit integer holds, or that parsers disagree on.
+HUGE_NUMBERS = ("1e400", "-1e400", "1" + "0" * 400, "-" + "9" * 400, "-0", "-0.0", "NaN",
+                "Infinity", "-Infinity", "1e-400", str(2**63), str(2**64), str(-(2**63) - 1),
+                "0.5", "1E+2", "123456789012345678901234567890.5")
+#: Escaped surrogates: each parses as JSON, none is UTF-8 text.
+SURROGATES = ('"\\ud800"', '"\\udfff"', '"a\\ud800b"', '"\\udc00\\ud800"', '"\\ud83d"',
+              '"\\ud800\\u0041"')
+#: Byte sequences that are not UTF-8: a lone continuation, an overlong slash, a CESU-8
+#: surrogate, a 5-byte form, a cut 3-byte character, the old BOM pair.
+BAD_UTF8 = (b"\xff", b"\x80", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80",
+            b"\xe2\x82", b"\xfe\xff", b"a\xc3\x28b")
+WRONG_TYPES: tuple[Any, ...] = (None, True, False, 0, -1, 1.5, "", "x", [], [1], {}, {"a": 1},
+                                [[[]]], "\x00")
+LONG = (70_000, 300_000, 1_100_000)  # the last is over the 1 MiB body limit
+CONTENT_TYPES = ("text/plain", "application/x-www-form-urlencoded",
+                 "multipart/form-data; boundary=x", "application/xml", "",
+                 "application/json; charset=latin-1", "application/json; charset=utf-16")
+PATH_SEGMENTS = ("x", "..", ".", "%2e%2e", "%2F", "%00", "%ff", "%ed%a0%80", "%F0%9F%90%9D",
+                 "a" * 300, "a" * 5000, "%20", "-", "_", "x%0d%0aSet-Cookie:%20a=b", "%25",
+                 "null", "0", "-1", "1e400", "%7B%7D")
+QUERIES = ("limit=1e400", "limit=-1", "limit=" + "9" * 400, "limit=NaN", "limit=%ff",
+           "state=%ed%a0%80", "x=" + "y" * 20_000, "limit=1&limit=2", "=&&=", "%ff=%fe",
+           "limit[]=1", "after=%00", "state=running&state=queued", "stream=yes")
+
+
+def _fields(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path into ``value`` (keys and indexes), the root included."""
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            out += _fields(sub, (*prefix, key))
+    elif isinstance(value, list):
+        for index, sub in enumerate(value):
+            out += _fields(sub, (*prefix, index))
+    return out
+
+
+def _replace(value: Any, where: tuple[Any, ...], new: Any) -> Any:
+    if not where:
+        return new
+    copy: Any = dict(value) if isinstance(value, dict) else list(value)
+    copy[where[0]] = _replace(copy[where[0]], where[1:], new)
+    return copy
+
+
+def _encode(value: Any, raw: bytes = b"") -> bytes:
+    """``value`` as JSON (UTF-8, not ASCII-escaped), the placeholder string replaced by
+    ``raw`` (JSON text or bytes that json.dumps would refuse to write)."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=True)
+    return text.encode("utf-8", "surrogatepass").replace(
+        json.dumps(_MARK, ensure_ascii=False).encode(), raw)
+
+
+def _deep(kind: str, depth: int, closed: bool) -> bytes:
+    if kind == "array":
+        return b"[" * depth + (b"1" + b"]" * depth if closed else b"")
+    return b'{"a":' * depth + (b"1" + b"}" * depth if closed else b"")
+
+
+@st.composite
+def body_attacks(draw: st.DrawFn, example: Any,
+                 schema: Mapping[str, Any] | None = None) -> tuple[str, bytes, str | None]:
+    """``(kind, body, content type)``: a structural attack on a body, most of them a
+    mutation of ``example`` at one of its fields, so that the rest stays valid and the
+    attack reaches the validation of that field."""
+    where = draw(st.sampled_from(_fields(example)))
+    kind = draw(st.sampled_from((
+        "deep", "deep-field", "surrogate", "bad-utf8", "huge-number", "wrong-type",
+        "duplicate-key", "empty", "content-type", "truncated", "long-string", "top-level",
+        "missing-field", "unknown-field", "random-json", "garbage", "nul")))
+    ct: str | None = "application/json"
+    if kind == "deep":
+        body = _deep(draw(st.sampled_from(("array", "object"))),
+                     draw(st.sampled_from((65, 200, 1000, 100_000))), draw(st.booleans()))
+    elif kind == "deep-field":
+        depth = draw(st.sampled_from((65, 500, 5000)))
+        body = _encode(_replace(example, where, _MARK), _deep("array", depth, True))
+    elif kind == "surrogate":
+        body = _encode(_replace(example, where, _MARK),
+                       draw(st.sampled_from(SURROGATES)).encode())
+    elif kind == "bad-utf8":
+        body = _encode(_replace(example, where, _MARK),
+                       b'"' + draw(st.sampled_from(BAD_UTF8)) + b'"')
+    elif kind == "huge-number":
+        body = _encode(_replace(example, where, _MARK),
+                       draw(st.sampled_from(HUGE_NUMBERS)).encode())
+    elif kind == "wrong-type":
+        body = _encode(_replace(example, where, draw(st.sampled_from(WRONG_TYPES))))
+    elif kind == "duplicate-key":
+        body = _duplicate(draw, example)
+    elif kind == "empty":
+        body = b""
+    elif kind == "content-type":
+        ct = draw(st.sampled_from(CONTENT_TYPES))
+        body = (json.dumps(example).encode("utf-16") if ct.endswith("utf-16")
+                else draw(st.sampled_from((_encode(example), b"a=1&b=2", b"<a>1</a>",
+                                           b"--x\r\n\r\n--x--"))))
+    elif kind == "truncated":
+        whole = _encode(example)
+        body = whole[:draw(st.integers(0, max(len(whole) - 1, 0)))]
+    elif kind == "long-string":
+        size = draw(st.sampled_from(LONG))
+        long = draw(st.sampled_from(("x", "\u00e9", "\U0001f41d", " "))) * size
+        body = (_encode({**example, long[:size // 2]: 1}) if isinstance(example, dict)
+                and draw(st.booleans()) else _encode(_replace(example, where, long)))
+    elif kind == "top-level":
+        body = draw(st.sampled_from((b"[]", b'"x"', b"1", b"null", b"true", b"{}", b"[{}]",
+                                     b" ", b"\xef\xbb\xbf{}")))
+    elif kind == "missing-field":
+        required = list((schema or {}).get("required", [])) or list(
+            example if isinstance(example, dict) else [])
+        gone = draw(st.sampled_from(required)) if required else None
+        body = _encode({k: v for k, v in example.items() if k != gone}
+                       if isinstance(example, dict) else example)
+    elif kind == "unknown-field":
+        name = draw(st.text(min_size=1, max_size=20))
+        body = _encode({**example, name: draw(json_values())} if isinstance(example, dict)
+                       else {name: 1})
+    elif kind == "random-json":
+        body = _encode(_replace(example, where, draw(json_values())))
+    elif kind == "garbage":
+        body = draw(st.binary(min_size=1, max_size=300))
+        ct = draw(st.sampled_from(("application/json", None)))
+    else:  # nul
+        body = _encode(_replace(example, where, "a\x00b"))
+    return kind, body, ct
+
+
+def _duplicate(draw: st.DrawFn, example: Any) -> bytes:
+    """``example`` with one key written twice: the second copy holds a wrong value, or the
+    first does (parsers differ on which wins)."""
+    if not isinstance(example, dict) or not example:
+        return b'{"a": 1, "a": [], "a": {"a": 1, "a": 2}}'
+    key = draw(st.sampled_from(sorted(example)))
+    other = json.dumps(draw(st.sampled_from(WRONG_TYPES)))
+    first = draw(st.booleans())
+    text = json.dumps(example)[:-1]
+    extra = f', {json.dumps(key)}: {other}'
+    if first:
+        return ("{" + f"{json.dumps(key)}: {other}, " + text[1:] + "}").encode()
+    return (text + extra + "}").encode()
+
+
+def json_values() -> st.SearchStrategy[Any]:
+    """Any JSON value, small: a strategy for unknown fields and replaced ones."""
+    leaves = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+              | st.text(max_size=40))
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                        max_leaves=12)
+
+
+def _segment(draw: st.DrawFn) -> str:
+    if draw(st.booleans()):
+        return draw(st.sampled_from(PATH_SEGMENTS))
+    return quote(draw(st.text(min_size=1, max_size=30)).encode("utf-8", "surrogatepass"),
+                 safe="")
+
+
+@st.composite
+def attacks(draw: st.DrawFn, target: Target) -> Attack:
+    """One :class:`Attack` on ``target``: hostile path parameters, a hostile query, a body
+    attack (:func:`body_attacks`, for POST/PUT/PATCH) or a method the path does not allow.
+    An excluded target only gets the last."""
+    wrong = [m for m in METHODS if m not in target.allowed]
+    path = target.path
+    valid_path = "{" not in path
+    # a body attack mostly goes with a well-formed id, so that it reaches the body's checks
+    hostile = target.method not in _BODY_METHODS or draw(st.integers(0, 3)) == 0
+    while "{" in path:
+        head, rest = path.split("{", 1)
+        path = head + (_segment(draw) if hostile else "fz") + rest.split("}", 1)[1]
+    if target.excluded is not None or (wrong and draw(st.integers(0, 9)) == 0):
+        if not wrong or (target.excluded is not None and not valid_path
+                         and draw(st.booleans())):
+            # a path that names nothing is safe to send even to an excluded route
+            return Attack("bad-path", target.method, _bad_path(target.path), None)
+        return Attack("wrong-method", draw(st.sampled_from(wrong)), path, b"{}")
+    if target.method not in _BODY_METHODS or draw(st.integers(0, 9)) == 0:
+        if draw(st.booleans()):
+            query = draw(st.sampled_from(QUERIES))
+        else:
+            query = draw(st.text(max_size=30)).encode("utf-8", "surrogatepass").hex()
+        body = _encode(target.example) if target.method in _BODY_METHODS else None
+        return Attack("query", target.method, f"{path}?{query}", body)
+    kind, body, ct = draw(body_attacks(target.example, target.schema))
+    headers = {}
+    if draw(st.integers(0, 9)) == 0:
+        headers["X-Correlation-Id"] = draw(st.sampled_from((b"x" * 5000, b"a b", b"",
+                                                            b"\xe9", b"\xff\xfe")))
+    return Attack(kind, target.method, path, body, ct, headers)
+
+
+def _bad_path(template: str) -> str:
+    return template.split("{", 1)[0] + "%ff/%00/" + "a" * 300 + "/nowhere"
+
+
+# ---- checking the answers -------------------------------------------------------------------
+
+
+def check_answer(response: httpx.Response, path: str) -> None:
+    """Assert the contract for one answer: below 500, and every error in its envelope --
+    OpenAI's ``{"error": {message, type, param, code}}`` under ``/v1/``, rbees' ``{"error":
+    {code, message, retriable, correlation_id}}`` (the id echoed in ``X-Correlation-Id``)
+    elsewhere. Raises AssertionError."""
+    assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AssertionError(f"{response.status_code} without an envelope: "
+                             f"{response.text[:300]!r}") from exc
+    if path.startswith("/v1/"):
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert isinstance(error["message"], str) and error["message"], error
+        return
+    assert isinstance(error["code"], str) and error["code"].isupper(), error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["retriable"], bool), error
+    assert error["correlation_id"] == response.headers["x-correlation-id"], error
+
+
+def _healthy(client: httpx.Client, base_url: str) -> None:
+    try:
+        health = client.get(f"{base_url}/health", timeout=10)
+    except httpx.HTTPError as exc:
+        raise AssertionError(f"the daemon no longer answers /health: {exc!r}") from exc
+    assert health.status_code == 200 and health.json().get("status") == "ok", health.text
+
+
+def fire(base_url: str, targets: Sequence[Target], *, total: int = 600,
+         check: Callable[[httpx.Response, str], None] = check_answer,
+         headers: Mapping[str, str] | None = None, timeout: float = 20.0,
+         health_every: int = 1) -> Counter[str]:
+    """Send about ``total`` generated :func:`attacks` to ``targets`` at ``base_url``
+    (hypothesis drives and shrinks them; a route taking a body gets :data:`BODY_WEIGHT`
+    times the share of one that does not, an excluded one has few attacks to draw from),
+    ``check`` each answer, and check ``GET /health`` after every ``health_every`` requests
+    and after each target. ``headers`` go on every request (a bearer token). Returns how
+    many requests of each kind went out; raises AssertionError (hypothesis' falsifying
+    example first) at the first broken promise."""
+    weights = [BODY_WEIGHT if t.method in _BODY_METHODS and t.excluded is None else 1
+               for t in targets]
+    share = total / max(sum(weights), 1)
+    sent: Counter[str] = Counter()
+    with httpx.Client(headers=dict(headers or {}), timeout=timeout) as client:
+        for target, weight in zip(targets, weights, strict=True):
+            run_target(client, base_url, target, math.ceil(share * weight), check, sent,
+                       health_every)
+            _healthy(client, base_url)
+    return sent
+
+
+def run_target(client: httpx.Client, base_url: str, target: Target, per_target: int,
+               check: Callable[[httpx.Response, str], None], sent: Counter[str],
+               health_every: int = 1) -> None:
+    """:func:`fire` for one target, counting into ``sent``."""
+
+    @settings(max_examples=per_target, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(attack=attacks(target))
+    def one(attack: Attack) -> None:
+        headers: dict[bytes, bytes] = {k.encode(): v for k, v in attack.headers.items()}
+        if attack.content_type is not None:
+            headers[b"Content-Type"] = attack.content_type.encode()
+        try:
+            response = client.request(attack.method, f"{base_url}{attack.path}",
+                                      content=attack.body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise AssertionError(f"{attack.describe()}: no answer: {exc!r}") from exc
+        sent[attack.kind] += 1
+        try:
+            check(response, attack.path)
+            if sum(sent.values()) % health_every == 0:
+                _healthy(client, base_url)
+        except AssertionError as exc:
+            raise AssertionError(f"{attack.describe()}: {exc}") from exc
+
+    one()
+
+
+__all__ = ["BAD_UTF8", "HUGE_NUMBERS", "SURROGATES", "Attack", "Target", "attacks",
+           "body_attacks", "check_answer", "fire", "json_values", "route_table", "run_target",
+           "skeleton"]

@@ -1,0 +1,126 @@
+"""Structural fuzz of every route of every daemon (issue 20: fuzzing as a habit).
+
+The routes come from each program's own route table (``routes(pm, started)``, plugins'
+routes included) and the body schemas from its ``/openapi.json``, so a new route is attacked
+without a new test. :mod:`rbees_core.testing.fuzz` sends the attacks: deep nesting, unpaired
+surrogates (escaped and raw), numbers no double holds, wrong types, duplicate keys, empty,
+truncated and non-JSON bodies, long strings, hostile path segments and queries, wrong methods.
+Every answer must be below 500 and every error in its envelope (OpenAI's on /v1), with
+``GET /health`` ok after each request. At least :data:`MIN_REQUESTS` go to each daemon.
+
+Valid examples are cheap on purpose: ``max_tokens`` 2 for the worker, and models that are not
+there for rbees-orcd and pool-managerd, so an attack that happens to be valid costs a 404
+instead of a generation, a download or a worker start.
+
+Excluded (only wrong methods and paths that name nothing are sent there):
+- rbees-workerd ``POST /v2/shutdown``: it takes no body, so any POST drains and stops the
+  worker the rest of the test needs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rbees_core import plugins
+from rbees_core.programs import orcd, pool_managerd, workerd
+from rbees_core.testing import WorkerHandle, find_free_port, wait_http
+from rbees_core.testing.fuzz import Target, fire, route_table
+
+BIN = Path(sys.executable).parent
+MIN_REQUESTS = 500
+#: Spread over the routes (those taking a body get more); well over the minimum, since
+#: hypothesis stops early on a route whose attacks it has all drawn (an excluded one).
+BUDGET = 1000
+MISSING_MODEL = "no-such-model-fz"
+POOL = "fz"  # the id the fuzz puts in most paths that take one (rbees_core.testing.fuzz)
+
+def _daemon(name: str, home: Path, *args: str) -> Iterator[str]:
+    port = find_free_port()
+    proc = subprocess.Popen([str(BIN / name), "--bind", f"127.0.0.1:{port}", *args],
+                            env={**os.environ, "RBEES_HOME": str(home)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", timeout=30, proc=proc)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def orcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _daemon("rbees-orcd", tmp_path_factory.mktemp("orcd-sfuzz"),
+                       "--queue-capacity", "5000")
+
+
+@pytest.fixture(scope="module")
+def pool_url(tmp_path_factory: pytest.TempPathFactory, orcd_url: str) -> Iterator[str]:
+    """pool-managerd ``fz``, registered with the fuzzed rbees-orcd so that its forwarding
+    routes (``/v2/pools/fz/...``) reach a real pool and their bodies are checked."""
+    yield from _daemon("pool-managerd", tmp_path_factory.mktemp("pool-sfuzz"),
+                       "--pool-id", POOL, "--orchestrator", orcd_url,
+                       "--heartbeat-interval", "0.5")
+
+
+def _targets(program: Any, url: str, examples: dict[tuple[str, str], Any],
+             excluded: dict[tuple[str, str], str] | None = None) -> list[Target]:
+    pm = plugins.make_manager(plugins.builtin_plugins())
+    doc = httpx.get(f"{url}/openapi.json").json()
+    return route_table(program.routes(pm, time.monotonic()), doc, examples=examples,
+                       excluded=excluded)
+
+
+def _fire(program: str, url: str, targets: list[Target]) -> None:
+    began = time.monotonic()
+    sent = fire(url, targets, total=BUDGET)
+    total = sum(sent.values())
+    print(f"{program}: {total} requests on {len(targets)} routes in "
+          f"{time.monotonic() - began:.1f}s: {dict(sorted(sent.items()))}")
+    assert total >= MIN_REQUESTS, (program, sent)
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url: str) -> None:
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{orcd_url}/v2/pools/{POOL}").status_code != 200:
+        assert time.monotonic() < deadline, "pool-managerd never registered"
+        time.sleep(0.2)
+    messages = [{"role": "user", "content": "Hi"}]
+    targets = _targets(orcd, orcd_url, {
+        ("POST", "/v2/tasks"): {"model": MISSING_MODEL, "prompt": "Hi", "max_tokens": 2},
+        ("POST", "/v1/chat/completions"): {"model": MISSING_MODEL, "messages": messages,
+                                           "max_tokens": 2, "stream": False},
+        ("POST", "/v1/completions"): {"model": MISSING_MODEL, "prompt": "Hi",
+                                      "max_tokens": 2},
+        ("POST", "/v2/pools/{pool_id}/workers"): {"model_ref": MISSING_MODEL},
+        ("POST", "/v2/pools/{pool_id}/models/download"): {"model": MISSING_MODEL},
+    })
+    _fire("rbees-orcd", orcd_url, targets)
+
+
+def test_pool_managerd_survives_structural_attacks_on_every_route(pool_url: str) -> None:
+    targets = _targets(pool_managerd, pool_url, {
+        ("POST", "/v2/workers/start"): {"model_ref": MISSING_MODEL, "slots": 1},
+        ("POST", "/v2/models/download"): {"model": MISSING_MODEL},
+    })
+    _fire("pool-managerd", pool_url, targets)
+
+
+@pytest.mark.model
+def test_workerd_survives_structural_attacks_on_every_route(worker: WorkerHandle) -> None:
+    targets = _targets(workerd, worker.url, {
+        ("POST", "/v2/execute"): {"job_id": "fz", "prompt": "Hi", "max_tokens": 2,
+                                  "temperature": 0},
+        ("POST", "/v2/cancel"): {"job_id": "fz"},
+    }, excluded={("POST", "/v2/shutdown"): "any POST stops the worker"})
+    _fire("rbees-workerd", worker.url, targets)
+    frames = worker.execute({"job_id": "after", "prompt": "Hi", "max_tokens": 2})
+    assert frames[-1][1] == "end"
