@@ -48,10 +48,18 @@ Feature: M1, pool-managerd on each pool host and the HTTP transport
   Scenario: A model missing from the host is refused before anything starts
     When I POST to mac's pool daemon "/v2/workers/start" with:
       """
-      {"model_ref": "file:/nonexistent/model.gguf", "backend": "llamacpp", "device": "cpu"}
+      {"model_ref": "pkg:no_such_model_pkg", "backend": "llamacpp", "device": "cpu"}
       """
     Then the answer status is 409
     And the error code is "MODEL_NOT_FOUND"
+
+  Scenario: A file outside the pool's roots is refused before anything starts
+    When I POST to mac's pool daemon "/v2/workers/start" with:
+      """
+      {"model_ref": "file:/etc/passwd", "backend": "llamacpp", "device": "cpu"}
+      """
+    Then the answer status is 400
+    And the error code is "INVALID_PARAMS"
 
   Scenario: A download through the pool daemon streams progress and ends with the sha256
     Given the hub serves a 3 MB model "rbees-lab/tiny-GGUF" file "tiny.gguf"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,15 +125,40 @@ class SchedulerConfig:
 
 
 @attrs.frozen
+class FileSourceConfig:
+    """``[sources.file]``: the directories that ``file:`` references (and plain paths)
+    given to a pool may name (:mod:`rbees_core.pool.file_roots`)."""
+
+    roots: list[str] = field(
+        factory=list, max_items=64, item_max_length=4096,
+        doc="directories `file:` refs may name, besides the models directory (always "
+            "allowed); a ref is checked after resolving symlinks and `..`")
+
+
+@attrs.frozen
+class SourcesConfig:
+    """``[sources.*]``: settings of the model sources."""
+
+    file: FileSourceConfig = field(factory=FileSourceConfig)
+
+
+@attrs.frozen
 class Config:
     """The whole config file. Unknown sections are errors, like unknown keys."""
 
     worker: WorkerConfig = field(factory=WorkerConfig)
     pool: PoolConfig = field(factory=PoolConfig)
     scheduler: SchedulerConfig = field(factory=SchedulerConfig)
+    sources: SourcesConfig = field(factory=SourcesConfig)
 
 
-_ENV: dict[str, tuple[str, str, type]] = {
+def _paths(value: str) -> list[str]:
+    """A list of directories in one variable, separated like ``PATH`` (``:``)."""
+    return [p for p in value.split(os.pathsep) if p]
+
+
+#: variable -> (section, dotted for a nested one; key; how its text becomes the value)
+_ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_WORKER_SLOTS": ("worker", "slots", int),
     "RBEES_WORKER_CTX": ("worker", "ctx", int),
     "RBEES_WORKER_THREADS": ("worker", "threads", int),
@@ -141,6 +167,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "RBEES_POOL_CATALOG_FILE": ("pool", "catalog_file", str),
     "RBEES_SCHEDULER_POLICY": ("scheduler", "policy", str),
     "RBEES_SCHEDULER_SCRIPT": ("scheduler", "script", str),
+    "RBEES_SOURCES_FILE_ROOTS": ("sources.file", "roots", _paths),
 }
 
 
@@ -167,7 +194,10 @@ def load_config(explicit: str | None = None, *, flags: dict[str, dict[str, Any]]
                 value: Any = kind(env[name])
             except ValueError as exc:
                 raise ConfigError(f"{name}: must be {kind.__name__}, got {env[name]!r}") from exc
-            data.setdefault(section, {})[key] = value
+            table = data
+            for part in section.split("."):
+                table = table.setdefault(part, {})
+            table[key] = value
     for section, values in (flags or {}).items():
         for key, value in values.items():
             if value is not None:

@@ -2,7 +2,8 @@
 
 Every error rbees raises on purpose derives from :class:`RbeesError`. Each class carries
 the contract's ``code`` (UPPER_SNAKE), the HTTP ``status`` a daemon answers with, and
-whether a client may retry. CLIs turn any ``RbeesError`` into one line and exit 1; daemons
+whether a client may retry. CLIs turn any ``RbeesError`` into one line and exit with its
+``exit_status`` (1; 2 for the usage errors that say so); daemons
 turn it into the envelope of CONTRACT section 1::
 
     RbeesError                      INTERNAL              500
@@ -52,6 +53,8 @@ class RbeesError(Exception):
     code: ClassVar[str] = "INTERNAL"
     status: ClassVar[int] = 500
     retriable: ClassVar[bool] = False
+    #: a CLI's exit status for it (CONTRACT section 6: 1 error, 2 usage error)
+    exit_status: ClassVar[int] = 1
 
     def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)

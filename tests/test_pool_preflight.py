@@ -50,8 +50,9 @@ class Backends:
 
 
 @pytest.fixture
-def model(tmp_path: Path, rbees_register: Register) -> str:
+def model(tmp_path: Path, rbees_register: Register, monkeypatch: pytest.MonkeyPatch) -> str:
     rbees_register(Backends(), name="test-backends")
+    monkeypatch.setenv("RBEES_SOURCES_FILE_ROOTS", str(tmp_path))  # a pool serves files there
     path = tmp_path / "m.bin"
     path.write_bytes(b"x" * 5000)
     return str(path)

@@ -137,8 +137,13 @@ def list_models(pm: pluggy.PluginManager, *, catalog: Catalog | None = None,
 
 def find(pm: pluggy.PluginManager, model: str, *, catalog: Catalog | None = None
          ) -> list[LocalModel]:
-    """The local copies of ``model`` (an id, a reference or a path); maybe empty."""
+    """The local copies of ``model`` (an id, a reference or a path); maybe empty. A
+    ``file:`` reference or path outside the pool's roots is refused
+    (:func:`rbees_core.pool.file_roots.confine`)."""
+    from rbees_core.pool.file_roots import confine
+
     validate_ref(model)
+    confine(pm, model)
     catalog = catalog or configured_catalog(pm)
     entry = catalog.get(model)
     refs = set(entry.sources) if entry else {model}

@@ -38,6 +38,7 @@ from rbees_core.errors import (
 )
 from rbees_core.files import open_private, write_private
 from rbees_core.models import resolve_model
+from rbees_core.pool.file_roots import confine
 from rbees_core.processes import pid_alive
 
 PORT_RANGE = range(8001, 9000)
@@ -178,7 +179,10 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
     """Everything that can be checked before a process starts; raises the contract's 409s.
 
     ``reserved_bytes`` is memory already promised to workers still loading on the device.
+    A ``file:`` reference or path outside the pool's roots is refused first (400,
+    :class:`rbees_core.pool.file_roots.OutsideRootsError`).
     """
+    confine(pm, req.model_ref, "model_ref")
     try:
         path = resolve_model(pm, req.model_ref)
     except ModelNotFoundError as exc:  # a preflight failure like the others: 409

@@ -7,8 +7,8 @@
   stderr.
 - :func:`run` is every CLI's ``main()``: it builds the plugin manager and the app, lets
   plugins add commands through :func:`rbees_core.hookspecs.rbees_register_cli`, runs it, and
-  turns an :class:`rbees_core.errors.RbeesError` into one line on stderr and exit status 1
-  (``RBEES_DEBUG=1`` shows the traceback instead).
+  turns an :class:`rbees_core.errors.RbeesError` into one line on stderr and its exit status
+  (1, or 2 for a usage error; ``RBEES_DEBUG=1`` shows the traceback instead).
 
 Exit codes: 0 ok, 1 error, 2 usage error, 130 interrupted. Keep this module cheap to import:
 ``rbees --help`` must not load the HTTP stack or an inference library.
@@ -52,11 +52,12 @@ def debug_enabled() -> bool:
 
 
 def fail(program: str, exc: RbeesError) -> NoReturn:
-    """Print ``exc`` as one line on stderr and exit 1 (re-raise under ``RBEES_DEBUG=1``)."""
+    """Print ``exc`` as one line on stderr and exit with its ``exit_status`` (1, or 2 for a
+    usage error; re-raise under ``RBEES_DEBUG=1``)."""
     if debug_enabled():
         raise exc
     print(f"{program}: error: {exc.message}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(exc.exit_status)
 
 
 @contextmanager

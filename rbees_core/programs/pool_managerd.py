@@ -139,6 +139,7 @@ OPERATIONS = [
     openapi.Operation("POST", "/v2/workers/start", "preflight and start a worker",
                       request=WorkerStartRequest, response=WorkerStarted, status=202,
                       errors={"409": "INSUFFICIENT_VRAM, INSUFFICIENT_RAM, BACKEND_UNAVAILABLE",
+                              "400": "INVALID_PARAMS: a file: ref outside [sources.file] roots",
                               "404": "MODEL_NOT_FOUND",
                               "503": "the pool is shutting down"}),
     openapi.Operation("POST", "/v2/workers/{worker_id}/drain", "no new jobs; stop when idle",
@@ -247,6 +248,8 @@ def serve_pool(
 
     try:
         load_config(config)
+        if config:  # what this process reads later (models_dir, [sources.file] roots), and
+            os.environ["RBEES_CONFIG"] = config  # its workers, comes from this file too
         host, port = parse_bind(bind)
         token = load_token(api_token_file)
         check_bind_policy(host, token)
