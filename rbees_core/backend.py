@@ -59,7 +59,7 @@ def split_device(device: str, backend: str | None = None) -> tuple[str, int]:
     from rbees_core.errors import BackendUnavailableError
 
     kind, _, index = device.partition(":")
-    if index and not index.isdigit():
+    if index and not (index.isascii() and index.isdigit()):
         raise BackendUnavailableError(f"bad device {device!r}: the index must be a number",
                                       details={"backend": backend, "device": device})
     return kind, int(index or 0)

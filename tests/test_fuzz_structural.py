@@ -106,6 +106,18 @@ def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url
     _fire("rbees-orcd", orcd_url, targets)
 
 
+@pytest.mark.parametrize("query", [
+    "/v2/tasks?limit=%C2%B2", "/v2/tasks?limit=" + "9" * 5000, "/v2/tasks?cursor=%C2%B2",
+    "/v2/tasks?cursor=" + "9" * 19, "/v2/tasks/job-x/events?after=%C2%B2",
+])
+def test_orcd_numeric_queries_that_once_were_500s(orcd_url: str, query: str) -> None:
+    """Found by this fuzz: "\u00b2" passes str.isdigit() and int() refuses it, int() refuses
+    5,000 digits, and 19 nines overflow SQLite's INTEGER; each was a 500."""
+    answer = httpx.get(f"{orcd_url}{query}")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "INVALID_PARAMS"
+
+
 def test_pool_managerd_survives_structural_attacks_on_every_route(pool_url: str) -> None:
     targets = _targets(pool_managerd, pool_url, {
         ("POST", "/v2/workers/start"): {"model_ref": MISSING_MODEL, "slots": 1},

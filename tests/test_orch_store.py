@@ -511,6 +511,7 @@ def test_list_pages_by_admission_order_newest_first(store: Store) -> None:
     ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": True}, "limit"),
     ({"status": "sleeping"}, "status"), ({"status": "queued,"}, "status"),
     ({"cursor": "abc"}, "cursor"), ({"cursor": "-1"}, "cursor"), ({"cursor": "9" * 30}, "cursor"),
+    ({"cursor": "9" * 19}, "cursor"), ({"cursor": "\u00b2"}, "cursor"),
 ])
 def test_list_arguments_are_checked(store: Store, kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidParamsError) as caught:

@@ -268,7 +268,9 @@ class Store:
             where.append(f"status IN ({', '.join('?' * len(wanted))})")
             args.extend(wanted)
         if cursor is not None:
-            if not cursor.isdigit() or len(cursor) > 19:
+            # ASCII digits that SQLite's 64-bit INTEGER holds ("²".isdigit() too)
+            if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19 \
+                    or int(cursor) >= 2**63:
                 raise InvalidParamsError("cursor", "is not a cursor this server gave")
             where.append("seq < ?")
             args.append(int(cursor))

@@ -84,7 +84,7 @@ class JobEventStream:
 
 def _last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²".isdigit() too
         raise InvalidParamsError("Last-Event-ID", "must be a non-negative integer")
     return int(raw)
 
@@ -98,7 +98,9 @@ async def submit(request: Request) -> Response:
 async def list_tasks(request: Request) -> Response:
     status = request.query_params.get("status")
     limit_raw = request.query_params.get("limit", "50")
-    if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 1000:
+    # ASCII digits, few of them: "²".isdigit(), and int() refuses 4,300 digits and more
+    if not (limit_raw.isascii() and limit_raw.isdigit() and len(limit_raw) <= 6) \
+            or not 1 <= int(limit_raw) <= 1000:
         raise InvalidParamsError("limit", "must be 1..1000")
     cursor = request.query_params.get("cursor")
     page = await service(request).jobs(status, limit=int(limit_raw), cursor=cursor)
