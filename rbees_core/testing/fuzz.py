@@ -168,9 +168,14 @@ CONTENT_TYPES = ("text/plain", "application/x-www-form-urlencoded",
 PATH_SEGMENTS = ("x", "..", ".", "%2e%2e", "%2F", "%00", "%ff", "%ed%a0%80", "%F0%9F%90%9D",
                  "a" * 300, "a" * 5000, "%20", "-", "_", "x%0d%0aSet-Cookie:%20a=b", "%25",
                  "null", "0", "-1", "1e400", "%7B%7D")
-QUERIES = ("limit=1e400", "limit=-1", "limit=" + "9" * 400, "limit=NaN", "limit=%ff",
-           "state=%ed%a0%80", "x=" + "y" * 20_000, "limit=1&limit=2", "=&&=", "%ff=%fe",
-           "limit[]=1", "after=%00", "state=running&state=queued", "stream=yes")
+#: Query parameter names the daemons read (and some they do not); each gets hostile values.
+QUERY_NAMES = ("limit", "cursor", "status", "after", "force", "cancel_on_disconnect", "stream",
+               "model", "state", "limit[]", "", "%ff", "%ed%a0%80")
+#: Hostile query values: numbers no 64-bit integer holds, digits int() refuses ("\u00b2" is
+#: a digit to str.isdigit), more digits than int() converts, bad UTF-8, NUL, repeats.
+QUERY_VALUES = ("1e400", "-1", "-0", "0", "9" * 19, "9" * 400, "9" * 5000, "NaN", "%C2%B2",
+                "%D9%A3", "1_000", "+1", " 1", "0x10", "%ff", "%ed%a0%80", "%00", "",
+                "y" * 20_000, "true", "1&{name}=2", "queued,", ",,,")
 
 
 def _fields(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -327,12 +332,16 @@ def attacks(draw: st.DrawFn, target: Target) -> Attack:
             return Attack("bad-path", target.method, _bad_path(target.path), None)
         return Attack("wrong-method", draw(st.sampled_from(wrong)), path, b"{}")
     if target.method not in _BODY_METHODS or draw(st.integers(0, 9)) == 0:
-        if draw(st.booleans()):
-            query = draw(st.sampled_from(QUERIES))
+        name = draw(st.sampled_from(QUERY_NAMES))
+        if draw(st.integers(0, 3)):
+            value = draw(st.sampled_from(QUERY_VALUES)).replace("{name}", name)
         else:
-            query = draw(st.text(max_size=30)).encode("utf-8", "surrogatepass").hex()
+            value = quote(draw(st.text(max_size=30)).encode("utf-8", "surrogatepass"), safe="")
+        query = f"{name}={value}"
         body = _encode(target.example) if target.method in _BODY_METHODS else None
-        return Attack("query", target.method, f"{path}?{query}", body)
+        resume = {} if draw(st.integers(0, 3)) else {"Last-Event-ID": draw(st.sampled_from(
+            (b"-1", b"9" * 19, b"9" * 5000, b"\xc2\xb2", b"1e400", b"", b"\xff")))}
+        return Attack("query", target.method, f"{path}?{query}", body, headers=resume)
     kind, body, ct = draw(body_attacks(target.example, target.schema))
     headers = {}
     if draw(st.integers(0, 9)) == 0:
@@ -430,6 +439,7 @@ def run_target(client: httpx.Client, base_url: str, target: Target, per_target: 
     one()
 
 
-__all__ = ["BAD_UTF8", "HUGE_NUMBERS", "SURROGATES", "Attack", "Target", "attacks",
+__all__ = ["BAD_UTF8", "HUGE_NUMBERS", "QUERY_NAMES", "QUERY_VALUES", "SURROGATES",
+           "Attack", "Target", "attacks",
            "body_attacks", "check_answer", "fire", "json_values", "route_table", "run_target",
            "skeleton"]
