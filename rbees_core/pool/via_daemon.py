@@ -17,7 +17,6 @@ import httpx
 
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.pool.workers import WorkerRecord, WorkerStartTimeoutError
-from rbees_core.processes import pid_alive
 
 
 @attrs.frozen
@@ -44,12 +43,14 @@ def daemon_files() -> DaemonFiles:
 
 
 def running_pid() -> int | None:
-    """The pid of this ``$RBEES_HOME``'s pool-managerd, if it is alive."""
-    try:
-        pid = int(daemon_files().pid.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
+    """The pid of this ``$RBEES_HOME``'s pool-managerd, if it still runs (the pid file's
+    process, when it is pool-managerd started before the file was written: a pid reused
+    by another program since is not taken for it)."""
+    from rbees_core.processes import pid_file_process
+
+    proc = pid_file_process(daemon_files().pid, "pool-managerd",
+                            "rbees_core.programs.pool_managerd")
+    return None if proc is None else proc.pid
 
 
 def daemon_url() -> str | None:

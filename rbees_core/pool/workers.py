@@ -39,7 +39,7 @@ from rbees_core.errors import (
 from rbees_core.files import open_private, write_private
 from rbees_core.models import resolve_model
 from rbees_core.pool.file_roots import confine
-from rbees_core.processes import pid_alive
+from rbees_core.processes import Expected, find, pid_alive, terminate
 
 PORT_RANGE = range(8001, 9000)
 #: Share of the free memory a new worker may plan to use.
@@ -254,8 +254,21 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def expected(record: WorkerRecord) -> Expected:
+    """How :func:`rbees_core.processes.find` recognises the process of ``record``: an
+    ``rbees-workerd`` with its ``--worker-id``, started when the record was made."""
+    return Expected(program="rbees-workerd", module="rbees_core.programs.workerd",
+                    args=("--worker-id", record.worker_id), started_by=record.started_at)
+
+
+def running(record: WorkerRecord) -> bool:
+    """Whether the worker of ``record`` still runs (its pid, not a process that got the pid
+    after it died)."""
+    return find(record.pid, expected(record)) is not None
+
+
 def pick_port(taken: set[int] | None = None, host: str = "127.0.0.1") -> int:
-    taken = taken if taken is not None else {r.port for r in records() if pid_alive(r.pid)}
+    taken = taken if taken is not None else {r.port for r in records() if running(r)}
     for port in PORT_RANGE:
         if port not in taken and port_free(port, host):
             return port
@@ -293,7 +306,7 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
     checked = checked or preflight(pm, req)
     kind = req.device.partition(":")[0]
     worker_id = req.worker_id or new_worker_id(kind)
-    if (worker_dir(worker_id) / "state.json").exists() and pid_alive(load(worker_id).pid):
+    if (worker_dir(worker_id) / "state.json").exists() and running(load(worker_id)):
         raise ConflictError(f"worker {worker_id!r} is already running",
                             details={"worker_id": worker_id})
     port = req.port if req.port is not None else pick_port(host=req.host)
@@ -325,7 +338,7 @@ def probe(record: WorkerRecord, timeout: float = 1.0) -> WorkerRecord:
     """Fill ``state``, ``slots_free`` and ``last_health_at`` from the live worker."""
     import httpx
 
-    if not pid_alive(record.pid):
+    if not running(record):
         record.state = "dead"
         return record
     try:
@@ -386,26 +399,29 @@ def kill(pid: int) -> None:
 
 
 def stop(worker_id: str, *, grace: float = 30.0) -> WorkerRecord:
-    """Graceful shutdown (drain), SIGKILL after ``grace``; forget the worker, keep its log."""
+    """Graceful shutdown (drain), SIGKILL after ``grace``; forget the worker, keep its log.
+
+    Only the worker's own process is signalled (:func:`running`): a record whose pid now
+    belongs to another process is forgotten as ``dead`` and that process left alone.
+    Called by ``rbees-pool worker stop``, ``rbees-pool down`` and pool-managerd's start.
+    Raises :class:`NotFoundError` for an unknown worker."""
     import httpx
 
     record = load(worker_id)
-    if pid_alive(record.pid):
+    proc = find(record.pid, expected(record))
+
+    def shutdown() -> bool:
         try:
             httpx.post(f"{record.uri}/v2/shutdown", timeout=2.0, headers=auth_headers())
         except httpx.HTTPError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while pid_alive(record.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(record.pid):
-            kill(record.pid)
-            record.state = "killed"
-        else:
-            record.state = "stopped"
-    else:
+            return False
+        return True
+
+    if proc is None:
         record.state = "dead"
+    else:
+        ended = terminate(proc, grace=grace, ask=shutdown)
+        record.state = "killed" if ended == "killed" else "stopped"
     (worker_dir(worker_id) / "state.json").unlink(missing_ok=True)
     return record
 
