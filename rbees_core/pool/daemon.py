@@ -101,9 +101,33 @@ class PoolService:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stop_leftovers()
         self._tasks.append(asyncio.create_task(self._supervise()))
         if self.settings.orchestrator:
             self._tasks.append(asyncio.create_task(self._heartbeat()))
+
+    def _stop_leftovers(self) -> None:
+        """The previous run's workers: stopped, not adopted (docs/contract.md, "Leftover
+        workers"); records of dead processes removed. Found before any worker of this run
+        starts, stopped in the background (a drain may take the stop grace)."""
+        from rbees_core.pool import leftovers
+
+        found = leftovers.previous_run()
+        for gone in (f for f in found if not f.running):
+            self.log.info("stale_worker_record_removed", worker_id=gone.record.worker_id,
+                          pid=gone.record.pid)
+        ids = [f.record.worker_id for f in found if f.running and f.daemon]
+        if not ids:
+            return
+
+        async def stop() -> None:
+            for record in await asyncio.to_thread(leftovers.stop_workers, ids,
+                                                  grace=self.settings.stop_grace_s):
+                self.log.warning("leftover_worker_stopped", worker_id=record.worker_id,
+                                 pid=record.pid, model=record.model_ref, state=record.state)
+
+        self.log.warning("leftover_workers", count=len(ids), worker_ids=ids)
+        self._tasks.append(asyncio.create_task(stop()))
 
     async def close(self) -> None:
         """Drain every worker (bounded by the stop grace), deregister, stop the loops."""

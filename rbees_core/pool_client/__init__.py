@@ -258,6 +258,15 @@ class PoolClient(ABC):
         reading until cancelled. Each line goes to ``on_line`` as it arrives."""
         raise self.unsupported("worker logs")
 
+    async def down(self, *, timeout_s: float = 45.0, grace_s: float = 10.0) -> JsonObject:
+        """Stop everything rbees runs on the host (``rbees-pool down``): its pool-managerd
+        (SIGKILL after ``timeout_s``) and every worker still recorded there, one whose
+        pool died included (SIGKILL after ``grace_s``); a recorded pid that another
+        program got since is left alone. Returns ``{"pool_managerd": {"pid", "state"},
+        "workers": [...]}``. Called by ``rbees down``."""
+        raise self.unsupported("down", "it cannot reach a host whose pool daemon is gone; "
+                               "use an ssh or local host for it")
+
     # -- the git checkout ----------------------------------------------------------------
 
     async def git_status(self, *, checkout: str | None = None) -> JsonObject:

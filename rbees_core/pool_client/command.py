@@ -249,6 +249,10 @@ class CommandPoolClient(PoolClient):
         result = await self._run(argv, on_line=on_line)
         return result.stdout.splitlines()
 
+    async def down(self, *, timeout_s: float = 45.0, grace_s: float = 10.0) -> JsonObject:
+        return dict(await self._data("down", "--timeout", f"{timeout_s:g}",
+                                     "--grace", f"{grace_s:g}"))
+
     # -- the git checkout ----------------------------------------------------------------
 
     def _checkout(self, checkout: str | None) -> list[str]:

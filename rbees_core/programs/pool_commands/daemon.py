@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -80,21 +79,42 @@ def stop(
 ) -> None:
     """Stop pool-managerd gracefully (its workers drain first)."""
     from rbees_core.errors import RbeesError
-    from rbees_core.pool.via_daemon import daemon_files, running_pid
-    from rbees_core.processes import pid_alive
+    from rbees_core.pool.leftovers import pool_managerd
+    from rbees_core.pool.via_daemon import daemon_files
 
-    pid = running_pid()
-    if pid is None:
+    proc = pool_managerd()  # the pid file's process, if it is still pool-managerd
+    if proc is None:
         print("pool-managerd is not running", file=sys.stderr)
         return
-    os.kill(pid, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
+    while proc.is_running() and proc.status() != "zombie" and time.monotonic() < deadline:
         time.sleep(0.05)
-    if pid_alive(pid):
-        raise RbeesError(f"pool-managerd (pid {pid}) still running after {timeout:.0f} s")
+    if proc.is_running() and proc.status() != "zombie":
+        raise RbeesError(f"pool-managerd (pid {proc.pid}) still running after {timeout:.0f} s")
     daemon_files().url.unlink(missing_ok=True)
-    print(f"pool-managerd stopped (pid {pid})", file=sys.stderr)
+    print(f"pool-managerd stopped (pid {proc.pid})", file=sys.stderr)
+
+
+def down(
+    timeout: Annotated[float, typer.Option("--timeout", min=1,
+                                           help="Wait for pool-managerd's drain")] = 45.0,
+    grace: Annotated[float, typer.Option("--grace", min=0,
+                                         help="Drain time of a leftover worker")] = 10.0,
+    fmt: FormatOption = OutputFormat.text,
+) -> None:
+    """Stop everything rbees runs here: pool-managerd, then any worker still running
+    (one whose pool died, or one `worker spawn` started); SIGKILL after the grace."""
+    from rbees_core.pool import leftovers
+
+    done = leftovers.down(timeout=timeout, grace=grace)
+    if fmt is OutputFormat.json:
+        print_json(done)
+        return
+    pool = done["pool_managerd"]
+    print(f"pool-managerd {pool['state']}" + (f" (pid {pool['pid']})" if pool["pid"] else ""))
+    for worker in done["workers"]:
+        print(f"{worker['worker_id']} {worker['state']} (pid {worker['pid']})")
 
 
 def status(fmt: FormatOption = OutputFormat.text) -> None:
@@ -140,3 +160,4 @@ def rbees_register_cli(app: typer.Typer, program: str) -> None:
     group.command("status")(status)
     group.command("logs")(logs)
     app.add_typer(group)
+    app.command("down")(down)

@@ -2,7 +2,9 @@
 
 ``rbees up`` starts rbees-orcd and a local pool-managerd in the background on the embedded
 defaults (SQLite under RBEES_HOME, SmolLM2 from its package), waits until the pool has
-registered, and prints the URLs; ``rbees down`` stops both (the pool drains its workers).
+registered, and prints the URLs; ``rbees down`` stops both (the pool drains its workers),
+any worker left here by a pool that died, and runs ``rbees-pool down`` on every host of
+hosts.toml (:mod:`rbees_core.pool.leftovers`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import pluggy
 import typer
 
 from rbees_core.files import open_private, private_dir, write_private
@@ -50,14 +53,22 @@ def orchestrator_url() -> str:
     return f"http://{DEFAULT_ORCD}"
 
 
-def _pid(name: str) -> int | None:
-    from rbees_core.processes import pid_alive
+#: The daemons ``rbees up`` starts, with the module each runs.
+DAEMONS = {"rbees-orcd": "rbees_core.programs.orcd",
+           "pool-managerd": "rbees_core.programs.pool_managerd"}
 
-    try:
-        pid = int((_home() / "run" / f"{name}.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
+
+def _process(name: str) -> Any:
+    """The daemon ``name`` of this RBEES_HOME (a psutil process), if its pid file names a
+    live ``name`` started before the file was written: a reused pid is never signalled."""
+    from rbees_core.processes import pid_file_process
+
+    return pid_file_process(_home() / "run" / f"{name}.pid", name, DAEMONS[name])
+
+
+def _pid(name: str) -> int | None:
+    proc = _process(name)
+    return None if proc is None else int(proc.pid)
 
 
 def _exe(name: str) -> str:
@@ -114,10 +125,11 @@ def _stop(name: str, timeout: float) -> int | None:
     from rbees_core.errors import RbeesError
     from rbees_core.processes import pid_alive
 
-    pid = _pid(name)
-    if pid is None:
+    proc = _process(name)
+    if proc is None:
         return None
-    os.kill(pid, signal.SIGTERM)
+    pid = int(proc.pid)
+    proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -195,12 +207,65 @@ def up(
               f"try: rbees jobs submit --model smollm2 --prompt \"Hello\"")
 
 
-def down(timeout: Annotated[float, typer.Option("--timeout", min=1)] = 60.0) -> None:
-    """Stop the local cluster started by ``rbees up`` (workers drain first)."""
-    pool = _stop("pool-managerd", timeout)
-    orcd = _stop("rbees-orcd", timeout)
+def down(pm: pluggy.PluginManager, timeout: float, grace: float, local: bool,
+         fmt: OutputFormat) -> None:
+    """``rbees down``: this host's pool-managerd and every worker still recorded here
+    (:func:`rbees_core.pool.leftovers.down`: a worker whose pool died too), ``rbees-pool
+    down`` on every configured host (unless ``local``), then rbees-orcd. A host that could
+    not be reached or failed is one line and exit status 1, after the rest was stopped."""
+    from rbees_core.errors import RbeesError
+    from rbees_core.pool import leftovers
+
+    here = leftovers.down(timeout=timeout, grace=grace)
+    hosts = [] if local else down_hosts(pm, timeout=timeout, grace=grace)
+    failed: list[str] = []
+    try:
+        orcd = _stop("rbees-orcd", timeout)
+    except RbeesError as exc:
+        orcd, failed = None, [exc.message]
     (_home() / "run" / "cluster.json").unlink(missing_ok=True)
-    print(f"stopped: pool-managerd {pool or '-'}, rbees-orcd {orcd or '-'}", file=sys.stderr)
+    failed += [f"{h['host']}: {h['error']}" for h in hosts if h["state"] == "failed"]
+    if fmt is OutputFormat.json:
+        print_json({"here": here, "hosts": hosts, "rbees_orcd": orcd})
+    else:
+        pool = here["pool_managerd"]
+        print(f"stopped: pool-managerd {pool['pid'] or '-'}, rbees-orcd {orcd or '-'}"
+              + "".join(f", {w['worker_id']} {w['state']}" for w in here["workers"]
+                        if w["state"] != "dead"), file=sys.stderr)
+        for h in hosts:
+            print(f"{h['host']}: {h['state']}" + (f" ({h['error']})" if h["error"] else ""),
+                  file=sys.stderr)
+    if failed:
+        raise RbeesError("not everything was stopped: " + "; ".join(failed))
+
+
+def down_hosts(pm: pluggy.PluginManager, *, timeout: float, grace: float
+               ) -> list[dict[str, Any]]:
+    """``rbees-pool down`` on every host of hosts.toml at once, through its transport: one
+    row per host, ``state`` ``down`` (with ``result``, what it stopped), ``skipped`` (its
+    transport runs no programs: ``http``) or ``failed`` (with ``error``)."""
+    import asyncio
+
+    from rbees_core.errors import RbeesError, UnsupportedCommandError
+    from rbees_core.hosts import load_hosts, open_pool_client
+
+    async def one(host: Any) -> dict[str, Any]:
+        row: dict[str, Any] = {"host": host.name, "state": "down", "error": None,
+                               "result": None}
+        try:
+            async with open_pool_client(pm, host) as client:
+                row["result"] = await client.down(timeout_s=timeout, grace_s=grace)
+        except UnsupportedCommandError as exc:
+            row.update(state="skipped", error=exc.message)
+        except RbeesError as exc:
+            row.update(state="failed", error=exc.message)
+        return row
+
+    async def all_hosts() -> list[dict[str, Any]]:
+        hosts = load_hosts(pm=pm)
+        return list(await asyncio.gather(*(one(hosts[n]) for n in sorted(hosts))))
+
+    return asyncio.run(all_hosts())
 
 
 def orch_start(
@@ -255,11 +320,25 @@ def orch_logs(
 
 
 @hookimpl
-def rbees_register_cli(app: typer.Typer, program: str) -> None:
+def rbees_register_cli(app: typer.Typer, program: str, pm: pluggy.PluginManager) -> None:
     if program != "rbees":
         return
     app.command("up")(up)
-    app.command("down")(down)
+
+    @app.command("down")
+    def down_command(
+        timeout: Annotated[float, typer.Option("--timeout", min=1,
+                                               help="Wait for each daemon's drain")] = 60.0,
+        grace: Annotated[float, typer.Option("--grace", min=0,
+                                             help="Drain time of a leftover worker")] = 10.0,
+        local: Annotated[bool, typer.Option("--local", help="Only this host, not the hosts "
+                                            "of hosts.toml")] = False,
+        fmt: FormatOption = OutputFormat.text,
+    ) -> None:
+        """Stop the cluster: rbees-orcd, pool-managerd and every worker here and on each
+        configured host (workers whose pool died too; SIGKILL after the grace)."""
+        down(pm, timeout, grace, local, fmt)
+
     group = typer.Typer(name="orchestrator", help="Start, stop and inspect rbees-orcd.",
                         no_args_is_help=True)
     group.command("start")(orch_start)
