@@ -28,6 +28,7 @@ TAGS = {
     "validation": "bad input",
     "auth": "the API token",
     "no_repl": "the CLIs are never a REPL",
+    "leftovers": "rbees down leaves no process, a dead pool's workers included",
 }
 
 

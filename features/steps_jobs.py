@@ -67,9 +67,11 @@ def replay(world: World, ctx: dict[str, Any], after: int, first: int) -> None:
 
 
 @given("a long job is streaming")
-def long_job(world: World, ctx: dict[str, Any]) -> None:
+@given(parsers.parse('a long job is streaming on pool "{pool}"'))
+def long_job(world: World, ctx: dict[str, Any], pool: str | None = None) -> None:
+    placement = {"placement": {"pool": pool}} if pool else {}
     got = submit(world, {"model": "smollm2", "prompt": COUNTING, "max_tokens": 3000,
-                         "temperature": 0})
+                         "temperature": 0, **placement})
     assert got.status_code == 202, got.text
     job_id = got.json()["job_id"]
     live = follow_events(f"{world.blep.orcd_url}/v2/tasks/{job_id}/events",

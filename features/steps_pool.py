@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +215,41 @@ def download_frames(ctx: dict[str, Any]) -> None:
     _, event, data = frames[-1]
     assert event == "end" and data["sha256"] == ctx["hub_sha256"], frames[-1]
     assert Path(data["path"]).name == "tiny.gguf"
+
+
+# -- nothing left behind ---------------------------------------------------------------------
+
+
+@when(parsers.parse('pool-managerd on "{name}" is killed with SIGKILL'))
+def kill_pool(world: World, ctx: dict[str, Any], name: str) -> None:
+    record = world.http("GET", f"{world.blep.orcd_url}/v2/tasks/{ctx['job_id']}").json()
+    assert record["pool_id"] == name, record
+    worker = pool_worker(world, name, record["worker_id"])
+    ctx["worker_pid"] = int(worker["pid"])
+    world.kill(f"pool:{name}", signal.SIGKILL)
+
+
+@then(parsers.parse('the worker serving the job still runs on "{name}"'))
+def orphan_runs(world: World, ctx: dict[str, Any], name: str) -> None:
+    time.sleep(1.0)  # time to die, if it went with its pool
+    running = [(pid, program) for pid, program, host in world.rbees_processes()
+               if host == name]
+    assert (ctx["worker_pid"], "rbees-workerd") in running, running
+    assert "pool-managerd" not in [program for _, program in running], running
+
+
+@then("no rbees process is left on any host")
+def nothing_left(world: World) -> None:
+    deadline = time.monotonic() + 10
+    while (left := world.rbees_processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"still running (pid, program, host): {left}"
+
+
+@then("the job's stream has ended with a terminal event")
+def stream_ended(ctx: dict[str, Any]) -> None:
+    ctx["reader"].join(30)
+    assert not ctx["reader"].is_alive(), "the job's stream did not end"
+    _, event, data = ctx["seen"][-1]
+    assert event in ("end", "error", "cancelled"), ctx["seen"][-3:]
+    print(f"the job ended: {event} {data}")

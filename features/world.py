@@ -16,6 +16,8 @@ from rbees_core.testing.hosts import ORCHESTRATOR, POOLS, Lab, SimHost
 from rbees_core.testing.hub import FakeHub
 from rbees_core.testing.ssh import SshServer, generate_key, venv_rbees_pool
 
+#: the programs rbees runs on a host
+RBEES_PROGRAMS = ("rbees-orcd", "pool-managerd", "rbees-workerd", "rbees-pool", "rbees")
 #: heartbeats every half second: "unavailable after 3 missed" is then 1.5 s
 HEARTBEAT_S = 0.5
 GIT_ENV = {"GIT_AUTHOR_NAME": "rbees lab", "GIT_AUTHOR_EMAIL": "lab@rbees.invalid",
@@ -187,6 +189,27 @@ class World:
     def pool_workers(self, name: str) -> list[dict[str, Any]]:
         answer = self.http("GET", f"{self.host(name).pool_url}/v2/workers", timeout=10)
         return list(answer.json()["workers"])
+
+    def rbees_processes(self) -> list[tuple[int, str, str]]:
+        """(pid, program, host) of every live rbees program whose RBEES_HOME is one of the
+        lab hosts' homes: what runs "on" a simulated host (the hosts share one pid space;
+        zombies of the daemons this process started are dead, not left)."""
+        import psutil
+
+        homes = {str(host.home): name for name, host in self.lab.hosts.items()}
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                words = [Path(a).name for a in (proc.info["cmdline"] or [])[:2]]
+                program = next((w for w in words if w in RBEES_PROGRAMS), None)
+                if program is None or proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                home = proc.environ().get("RBEES_HOME", "")
+            except psutil.Error:
+                continue
+            if home in homes:
+                found.append((proc.pid, program, homes[home]))
+        return found
 
     def close(self) -> None:
         for key in list(self.daemons):
