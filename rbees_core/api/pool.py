@@ -96,6 +96,17 @@ class CpuEntry:
 
 
 @attrs.frozen
+class FailedModel:
+    """A model marked failed on a pool: it failed to load ``attempts`` times in a row
+    (:mod:`rbees_core.pool.load_marks`); ``reason`` is the last load error."""
+
+    model_ref: str = attrs.field(metadata=limits(max_length=512))
+    attempts: int = attrs.field(metadata=limits(minimum=0))
+    reason: str = attrs.field(metadata=limits(max_length=4096))
+    marked_at: float = 0.0
+
+
+@attrs.frozen
 class PoolState:
     """GET /v2/state: facts of this host, sent as the heartbeat body too."""
 
@@ -107,6 +118,27 @@ class PoolState:
     models: list[dict[str, Any]]
     version: str = ""
     url: str = field(default="", max_length=512, doc="where this pool's API answers")
+    failed_models: list[FailedModel] = field(
+        factory=list, max_items=4096,
+        doc="models marked failed here: no worker is started for them until cleared")
+
+
+@attrs.frozen
+class RetryRequest:
+    """Body of pool-managerd's POST /v2/models/retry (and of rbees-orcd's, with ``pool``)."""
+
+    model: str = attrs.field(metadata=limits(max_length=512, forbid=SHELL_META,
+                                             doc="catalog id or model reference"))
+    pool: str | None = field(default=None, pattern=ID_PATTERN,
+                             doc="rbees-orcd only: this pool alone (default: every pool)")
+
+
+@attrs.frozen
+class RetryAnswer:
+    """What POST /v2/models/retry cleared."""
+
+    model: str
+    cleared: list[FailedModel]
 
 
 @attrs.frozen(kw_only=True)

@@ -168,14 +168,7 @@ class Admission:
         return int(position * self.book.job_seconds * 1000 / max(1, slots))
 
     async def _end_queued(self, job_id: str, status: str, code: str, message: str) -> None:
-        error = {"job_id": job_id, "code": code, "message": message,
-                 "retriable": code == QUEUE_FULL_DROPPED}
-        channel = self.book.channel(job_id)
-        await self.store.transition_async(job_id, status, error_code=code, error_message=message,
-                                          events=[*channel.take_unpersisted(), ("error", error)])
-        channel.publish("error", error, persisted=True)
-        self.metrics.finished.labels(outcome=status).inc()
-        self.book.retire(job_id)
+        await self.dispatcher.end_queued(job_id, status, code, message)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job; returns False when it was already final. No token after this.

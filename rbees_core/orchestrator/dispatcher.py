@@ -17,17 +17,26 @@ from typing import Any
 
 import attrs
 
-from rbees_core.errors import RbeesError
+from rbees_core.errors import ConflictError, ModelLoadError, RbeesError
 from rbees_core.interfaces import Scheduler
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, Run
+from rbees_core.orchestrator.errors import QUEUE_FULL_DROPPED
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue, QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.runner import Runner
 from rbees_core.orchestrator.store import Store
-from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, explain
+from rbees_core.scheduling import (
+    Candidate,
+    Decision,
+    Snapshot,
+    Verdict,
+    describe_failed_loads,
+    explain,
+    failed_loads,
+)
 
 #: a dispatch round considers this many jobs from the head of the queue
 DISPATCH_WINDOW = 64
@@ -42,11 +51,26 @@ class _Pools:
     def __init__(self, registry: PoolRegistry) -> None:
         self.registry = registry
         self.taken: list[dict[str, Any]] | None = None
+        self.marked: bool | None = None  # whether any pool has marked a model failed
+        self.failed: dict[tuple[str, str | None], list[tuple[str, dict[str, Any]]]] = {}
 
     def get(self) -> list[dict[str, Any]]:
         if self.taken is None:
             self.taken = self.registry.snapshot_pools()
         return self.taken
+
+    def failed_loads(self, queued: QueuedJob) -> list[tuple[str, dict[str, Any]]]:
+        """The marks that end the job (:func:`~rbees_core.scheduling.failed_loads`), once
+        per model and pin in a round; no snapshot is taken while no pool marks anything."""
+        if self.marked is None:
+            self.marked = any(e.state.failed_models for e in self.registry)
+        if not self.marked:
+            return []
+        pin = queued.placement.pool if queued.placement is not None else None
+        key = (queued.model, pin)
+        if key not in self.failed:
+            self.failed[key] = failed_loads(self.get(), queued.model, pin_pool=pin)
+        return self.failed[key]
 
 
 class Dispatcher:
@@ -111,6 +135,10 @@ class Dispatcher:
                 continue
             if book.waited_at.get(queued.job_id) == book.version:
                 continue
+            marks = pools.failed_loads(queued)
+            if marks:  # its model never loads on any pool that has it: it ends now
+                await self._end_failed_load(queued, marks)
+                continue
             decision = self._decide(queued, pools)
             if decision is not None:
                 run = self._claim(queued.job_id, *decision)
@@ -124,7 +152,10 @@ class Dispatcher:
         queued = self.queue.get(job_id)
         if queued is None:
             return None
-        decision = self._decide(queued, _Pools(self.registry))
+        pools = _Pools(self.registry)
+        if pools.failed_loads(queued):  # the dispatcher ends it once it is durable
+            return None
+        decision = self._decide(queued, pools)
         return None if decision is None else self._claim(job_id, *decision)
 
     def _decide(self, queued: QueuedJob, pools: _Pools) -> tuple[str, str] | None:
@@ -182,6 +213,33 @@ class Dispatcher:
         self.announce(run)
         self.runner.start(run)
 
+    async def _end_failed_load(self, queued: QueuedJob,
+                               marks: list[tuple[str, dict[str, Any]]]) -> None:
+        """End a queued job whose model is marked failed wherever it could run."""
+        if self.queue.remove(queued.job_id) is None:
+            return
+        error = ModelLoadError(describe_failed_loads(queued.model or "the model", marks))
+        self.log.error("job_model_load_failed", job_id=queued.job_id, model=queued.model,
+                       pools=[pool_id for pool_id, _ in marks])
+        try:
+            await self.end_queued(queued.job_id, "failed", error.code, error.message)
+        except ConflictError:  # ended meanwhile (cancelled)
+            return
+
+    async def end_queued(self, job_id: str, status: str, code: str, message: str) -> None:
+        """Write and announce the end of a job that never ran (taken off the queue by the
+        caller): its ``error`` event, then retire it. Raises what the store raises
+        (:class:`ConflictError` when it has ended already)."""
+        error = {"job_id": job_id, "code": code, "message": message,
+                 "retriable": code == QUEUE_FULL_DROPPED}
+        channel = self.book.channel(job_id)
+        await self.store.transition_async(job_id, status, error_code=code, error_message=message,
+                                          events=[*channel.take_unpersisted(), ("error", error)])
+        channel.publish("error", error, persisted=True)
+        self.metrics.finished.labels(outcome=status).inc()
+        self.book.waited_at.pop(job_id, None)
+        self.book.retire(job_id)
+
     def announce(self, run: Run) -> None:
         """Publish a run's ``dispatched`` event, written already."""
         self.book.channel(run.job_id).publish("dispatched", run.dispatched, persisted=True)
@@ -210,6 +268,9 @@ class Dispatcher:
         """``GET /v2/tasks/{id}/decision``: the job's recorded decisions and, in words, what
         holds it now (queued) or the last one. Raises :class:`JobNotFoundError`."""
         decisions = await asyncio.to_thread(self.store.decisions, job_id)
+        record = await asyncio.to_thread(self.store.get, job_id)
+        marks = failed_loads(self.registry.snapshot_pools(), record.model) \
+            if any(e.state.failed_models for e in self.registry) else []
         text = "no scheduling decision has been made for this job yet"
         current = self.current_verdict(job_id)
         if current is not None:  # still queued: explain what holds it now
@@ -224,4 +285,9 @@ class Dispatcher:
                 summary=str(latest.get("summary") or ""), fallback=latest.get("fallback"),
                 elapsed_ms=float(latest.get("elapsed_ms") or 0.0))
             text = explain(verdict)
-        return {"job_id": job_id, "decisions": decisions, "explanation": text}
+        if record.error is not None and record.error.code == ModelLoadError.code:
+            text = f"{text} The job ended: {record.error.message}."
+        elif marks:
+            text = f"{text} {describe_failed_loads(record.model, marks)}."
+        return {"job_id": job_id, "decisions": decisions, "explanation": text,
+                "failed_models": [{"pool_id": pool_id, **mark} for pool_id, mark in marks]}

@@ -42,10 +42,12 @@ def unreachable(pool_id: str, url: str, exc: httpx.HTTPError) -> HostUnreachable
                                 details={"pool_id": pool_id})
 
 
-def _shape(workers: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """What of a pool's workers a policy cares about (not health timestamps)."""
-    return sorted((w, v.get("state"), v.get("model_ref"), v.get("slots_total"))
-                  for w, v in workers.items())
+def _shape(entry: PoolEntry) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """What of a pool a policy cares about beyond its status: its workers (not health
+    timestamps) and the models it marked failed."""
+    return (sorted((w, v.get("state"), v.get("model_ref"), v.get("slots_total"))
+                   for w, v in entry.workers.items()),
+            sorted(m.model_ref for m in entry.state.failed_models))
 
 
 class PoolControl:
@@ -76,12 +78,12 @@ class PoolControl:
     def heartbeat(self, beat: PoolHeartbeat) -> None:
         """Record a pool's heartbeat (the first registers it)."""
         entry = self.registry.pools.get(beat.pool_id)
-        before = None if entry is None else (self.registry.status(entry), _shape(entry.workers))
+        before = None if entry is None else (self.registry.status(entry), _shape(entry))
         entry, new = self.registry.heartbeat(beat)
         if new:
             self.log.info("pool_registered", pool_id=beat.pool_id, url=beat.url)
         status = self.registry.status(entry)
-        if before != (status, _shape(entry.workers)):
+        if before != (status, _shape(entry)):
             self.book.changed()
             # counted here: the aging pass bumps the version only for what no heartbeat
             # announced (with 1,000 pools registered, each bump costs a decision of 10-20 ms
@@ -251,3 +253,37 @@ class PoolControl:
 
     def headers(self) -> dict[str, str]:
         return request_headers(self.token)
+
+    async def retry_model(self, model: str, pool_id: str | None = None
+                          ) -> list[dict[str, Any]]:
+        """Ask the pool (every registered pool when None) to clear ``model``'s failed mark
+        (pool-managerd's ``POST /v2/models/retry``) and forget the cleared marks now, so
+        that jobs for it wait for a worker again rather than end. Per pool: ``{pool_id,
+        cleared}`` or ``{pool_id, error: {code, message}}``. Raises :class:`NotFoundError`
+        for an unknown ``pool_id``."""
+        targets = [self.entry(pool_id)] if pool_id is not None else list(self.registry)
+        out: list[dict[str, Any]] = []
+        for entry in targets:
+            try:
+                answer = await self.call_pool(entry.pool_id, "POST", "/v2/models/retry",
+                                              {"model": model})
+                body = answer.json()
+            except (RbeesError, ValueError) as exc:
+                message = exc.message if isinstance(exc, RbeesError) else "no JSON answer"
+                out.append({"pool_id": entry.pool_id, "error": {
+                    "code": getattr(exc, "code", "TRANSPORT_FAILED"), "message": message}})
+                continue
+            if answer.status_code >= 400 or not isinstance(body, dict):
+                error = body.get("error") if isinstance(body, dict) else None
+                out.append({"pool_id": entry.pool_id, "error": error or {
+                    "code": "TRANSPORT_FAILED", "message": f"answered {answer.status_code}"}})
+                continue
+            cleared = [m for m in body.get("cleared") or () if isinstance(m, dict)]
+            gone = {model, *(str(m.get("model_ref")) for m in cleared)}
+            entry.state = attrs.evolve(entry.state, failed_models=[
+                m for m in entry.state.failed_models if m.model_ref not in gone])
+            out.append({"pool_id": entry.pool_id, "cleared": cleared})
+            self.log.info("model_retry", pool_id=entry.pool_id, model=model,
+                          cleared=len(cleared))
+        self.book.changed()
+        return out

@@ -205,6 +205,12 @@ class OrchestratorService:
         """Forward an operator's call to a pool's API; see :meth:`PoolControl.call_pool`."""
         return await self.pools.call_pool(pool_id, method, path, body, stream=stream)
 
+    async def retry_model(self, model: str, pool_id: str | None = None
+                          ) -> list[dict[str, Any]]:
+        """``POST /v2/models/retry``: clear a model's failed marks on the pools; see
+        :meth:`PoolControl.retry_model`."""
+        return await self.pools.retry_model(model, pool_id)
+
     def worker_stopping(self, pool_id: str, worker_id: str) -> None:
         """A pool accepted to stop one of its workers: place nothing more on it."""
         self.pools.stopping(pool_id, worker_id)

@@ -30,9 +30,15 @@ from rbees_core.api.pool import (
     WorkerStartRequest,
 )
 from rbees_core.api.worker import ReadyCallback
-from rbees_core.errors import ConflictError, NotFoundError, RbeesError
+from rbees_core.errors import ConflictError, ModelLoadError, NotFoundError, RbeesError
 from rbees_core.log import Logger
 from rbees_core.pool import workers
+from rbees_core.pool.load_marks import (
+    LoadMarks,
+    ModelMarkedFailedError,
+    catalog_canon,
+    load_reason,
+)
 
 LIVE = LIVE_WORKER_STATES
 
@@ -97,6 +103,12 @@ class PoolService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._client = httpx.AsyncClient(timeout=2.0)
         self._lock = asyncio.Lock()
+        from rbees_core.config import load_config
+
+        #: models that failed to load too often here (the one owner of these marks)
+        self.marks = LoadMarks(load_config().pool.max_load_failures, canon=catalog_canon(pm))
+        #: set to send the next heartbeat now (a mark was set or cleared)
+        self.beat_now = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -174,7 +186,8 @@ class PoolService:
             models = []
         return PoolState(pool_id=self.settings.pool_id, host=socket.gethostname(), gpus=gpus,
                          cpu=cpu, workers=[w.entry() for w in self.workers.values()],
-                         models=models, version=__version__, url=self.settings.url)
+                         models=models, version=__version__, url=self.settings.url,
+                         failed_models=self.marks.listed())
 
     def get(self, worker_id: str) -> ManagedWorker:
         try:
@@ -194,9 +207,15 @@ class PoolService:
             model_ref=req.model_ref, backend=req.backend, device=req.device, slots=req.slots,
             ctx=req.ctx, callback_url=f"{self.settings.url}/v2/internal/workers/ready",
             host=self.settings.worker_host)
+        self.marks.check(req.model_ref)  # marked failed here: refused, nothing spawned
         async with self._lock:  # preflight and reservation in one step
-            checked = await asyncio.to_thread(workers.preflight, self.pm, spawn,
-                                              self.reserved_bytes(req.device))
+            try:
+                checked = await asyncio.to_thread(workers.preflight, self.pm, spawn,
+                                                  self.reserved_bytes(req.device))
+            except ModelLoadError as exc:  # the file cannot be read as a model: a failed load
+                if not isinstance(exc, ModelMarkedFailedError):
+                    self.load_failed(req.model_ref, f"{exc.code}: {exc.message}")
+                raise
             taken = {w.record.port for w in self.workers.values() if w.state in LIVE}
             port = await asyncio.to_thread(workers.pick_port, taken, spawn.host)
             spawn = attrs.evolve(spawn, port=port, worker_id=self._new_id(req.device))
@@ -241,6 +260,7 @@ class PoolService:
         w.record.last_health_at = time.time()
         w.memory_kind = body.memory_kind
         w.state = "ready"
+        self.marks.loaded(w.record.model_ref)
         workers.save(w.record)
         self.log.info("worker_ready", worker_id=body.worker_id, memory_bytes=body.memory_bytes)
         return w
@@ -248,10 +268,32 @@ class PoolService:
     def _fail(self, w: ManagedWorker, code: str, message: str) -> None:
         if w.state in ("failed", "stopped"):
             return
+        loading = w.state == "starting"
         w.state = "failed"  # memory is released with this state change
         w.error = f"{code}: {message}"
         self.log.error("worker_failed", worker_id=w.record.worker_id, code=code,
                        exit_code=w.exit_code, message=message)
+        if loading:  # it never got ready: its model failed to load (its own words if any)
+            reason = load_reason(workers.tail(w.record.worker_id, 50)) or w.error
+            self.load_failed(w.record.model_ref, reason)
+
+    def load_failed(self, model_ref: str, reason: str) -> None:
+        """Count a failed load of ``model_ref``; mark it once it reached the limit and tell
+        the orchestrator at once."""
+        mark = self.marks.failed(model_ref, reason)
+        if mark is not None:
+            self.log.error("model_marked_failed", model=model_ref, attempts=mark.attempts,
+                           reason=reason)
+            self.beat_now.set()
+
+    def retry(self, refs: list[str]) -> list[Any]:
+        """Clear the marks of the models ``refs`` name (``POST /v2/models/retry``, a new
+        download); returns the marks cleared."""
+        cleared = self.marks.clear(refs)
+        if cleared:
+            self.log.info("model_marks_cleared", models=[m.model_ref for m in cleared])
+            self.beat_now.set()
+        return cleared
 
     async def stop_worker(self, worker_id: str, *, grace: float | None = None,
                           wait: bool = False, drain_only: bool = False) -> ManagedWorker:
@@ -347,6 +389,9 @@ class PoolService:
             try:
                 local, fetched = await local_models.download(self.pm, model, force=force,
                                                              progress=progress)
+                if fetched:  # a new copy: it may load where the last one did not
+                    self.retry([model, local.ref, local.path, f"file:{local.path}",
+                                *([local.id] if local.id else [])])
                 # what `rbees-pool models download --format json` ends with, too
                 publish("end", {**local.to_dict(), "fetched": fetched})
             except RbeesError as exc:
@@ -381,4 +426,7 @@ class PoolService:
                 ok = False
                 self.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
             delay = base if ok else min(delay * 2, 60.0)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2) if not ok else base)
+            with contextlib.suppress(asyncio.TimeoutError):  # or at once, when told
+                await asyncio.wait_for(self.beat_now.wait(), timeout=delay * random.uniform(
+                    0.8, 1.2) if not ok else base)
+            self.beat_now.clear()

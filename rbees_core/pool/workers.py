@@ -30,6 +30,7 @@ from rbees_core.config import auth_headers, rbees_home
 from rbees_core.errors import (
     BackendUnavailableError,
     ConflictError,
+    ModelLoadError,
     ModelNotFoundError,
     ModelNotOnHostError,
     NotFoundError,
@@ -144,9 +145,18 @@ def log_path(worker_id: str) -> Path:
 def estimate_memory(pm: pluggy.PluginManager, req: SpawnRequest, path: str) -> int:
     """Bytes the worker of ``req`` will hold once loaded, as its backend predicts
     (:meth:`rbees_core.backend.Backend.estimate_memory`), or the model's size on disk plus
-    overhead when the backend cannot tell. Raises what the backend raises."""
+    overhead when the backend cannot tell. Raises what the backend raises; anything else
+    that reading the file raised (a corrupt header's counts can ask for any memory) is the
+    file's failure to load: :class:`ModelLoadError`."""
     backend = plugins.backends(pm)[req.backend]()
-    estimate = backend.estimate_memory(path, device=req.device, slots=req.slots, ctx=req.ctx)
+    try:
+        estimate = backend.estimate_memory(path, device=req.device, slots=req.slots,
+                                           ctx=req.ctx)
+    except RbeesError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{path} cannot be read as a model: {type(exc).__name__}: {exc}",
+                             details={"model": req.model_ref}) from exc
     return (estimate or MemoryEstimate.on_disk(path)).total_bytes
 
 

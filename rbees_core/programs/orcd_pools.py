@@ -17,7 +17,12 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from rbees_core.api import openapi
-from rbees_core.api.pool import DownloadRequest, WorkerStarted, WorkerStartRequest
+from rbees_core.api.pool import (
+    DownloadRequest,
+    RetryRequest,
+    WorkerStarted,
+    WorkerStartRequest,
+)
 from rbees_core.api.worker import Accepted
 from rbees_core.errors import TransportError
 from rbees_core.http import read_json
@@ -117,6 +122,13 @@ async def download_model(request: Request) -> Response:
     return _DownloadStream(pool_id, url, answer)  # type: ignore[return-value]
 
 
+async def retry_model(request: Request) -> Response:
+    """Clear a model's failed marks on one pool or all: each pool's answer, or its error."""
+    req = await read_json(request, RetryRequest)
+    pools = await service(request).retry_model(req.model, req.pool)
+    return JSONResponse({"model": req.model, "pools": pools})
+
+
 _ERRORS = {"404": "no such pool, or the pool's MODEL_NOT_FOUND", "400": "bad id or body",
            "409": "the pool registered no URL, or its preflight refused",
            "502": "HOST_UNREACHABLE: the pool did not answer"}
@@ -134,6 +146,11 @@ OPERATIONS = [
     openapi.Operation("POST", "/v2/pools/{pool_id}/models/download",
                       "download a model on a pool: the pool's SSE progress, relayed",
                       request=DownloadRequest, sse=True, errors=_ERRORS),
+    openapi.Operation("POST", "/v2/models/retry",
+                      "clear a model's failed mark on a pool (body `pool`) or on every pool, "
+                      "so that workers may be started for it again: {model, pools: [{pool_id, "
+                      "cleared} | {pool_id, error}]}", request=RetryRequest,
+                      errors={"404": "no such pool", "400": "bad body"}),
 ]
 
 
@@ -142,5 +159,6 @@ def routes() -> list[BaseRoute]:
         Route("/v2/pools/{pool_id}/workers", start_worker, methods=["POST"]),
         Route("/v2/pools/{pool_id}/workers/{worker_id}/stop", stop_worker, methods=["POST"]),
         Route("/v2/pools/{pool_id}/models/download", download_model, methods=["POST"]),
+        Route("/v2/models/retry", retry_model, methods=["POST"]),
     ]
 

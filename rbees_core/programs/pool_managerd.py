@@ -27,6 +27,8 @@ from rbees_core.api.pool import (
     DownloadRequest,
     ModelList,
     PoolState,
+    RetryAnswer,
+    RetryRequest,
     WorkerEntry,
     WorkerList,
     WorkerStarted,
@@ -117,6 +119,14 @@ async def download_model(request: Request) -> Response:
     return EventStreamResponse(events, on_disconnect=lambda: None)  # type: ignore[return-value]
 
 
+async def retry_model(request: Request) -> Response:
+    req = await read_json(request, RetryRequest)
+    if req.pool is not None:
+        raise InvalidParamsError("pool", "is for rbees-orcd; a pool clears only its own marks")
+    cleared = _svc(request).retry([req.model])
+    return json_response(RetryAnswer(model=req.model, cleared=cleared))
+
+
 async def delete_model(request: Request) -> Response:
     from rbees_core.pool import models as local_models
     from rbees_core.refs import validate_ref
@@ -138,9 +148,11 @@ OPERATIONS = [
                       errors={"404": "no such worker", "400": "bad worker id"}),
     openapi.Operation("POST", "/v2/workers/start", "preflight and start a worker",
                       request=WorkerStartRequest, response=WorkerStarted, status=202,
-                      errors={"409": "INSUFFICIENT_VRAM, INSUFFICIENT_RAM, BACKEND_UNAVAILABLE",
+                      errors={"409": "INSUFFICIENT_VRAM, INSUFFICIENT_RAM, BACKEND_UNAVAILABLE, "
+                                     "MODEL_LOAD_FAILED (the model is marked failed here)",
                               "400": "INVALID_PARAMS: a file: ref outside [sources.file] roots",
                               "404": "MODEL_NOT_FOUND",
+                              "500": "MODEL_LOAD_FAILED: the file is no model",
                               "503": "the pool is shutting down"}),
     openapi.Operation("POST", "/v2/workers/{worker_id}/drain", "no new jobs; stop when idle",
                       response=Accepted, status=202,
@@ -154,6 +166,9 @@ OPERATIONS = [
     openapi.Operation("GET", "/v2/models", "models on this host", response=ModelList),
     openapi.Operation("POST", "/v2/models/download", "download a model (SSE progress)",
                       request=DownloadRequest, sse=True, errors={"404": "MODEL_NOT_FOUND"}),
+    openapi.Operation("POST", "/v2/models/retry",
+                      "clear the model's failed mark: workers may be started for it again",
+                      request=RetryRequest, response=RetryAnswer),
     openapi.Operation("DELETE", "/v2/models/{model_id}", "delete a local model", status=204,
                       errors={"404": "MODEL_NOT_FOUND", "409": "in use by a worker",
                               "400": "bad model id"}),
@@ -180,6 +195,7 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         Route("/v2/internal/workers/ready", worker_ready, methods=["POST"]),
         Route("/v2/models", list_models, methods=["GET"]),
         Route("/v2/models/download", download_model, methods=["POST"]),
+        Route("/v2/models/retry", retry_model, methods=["POST"]),
         Route("/v2/models/{model_id}", delete_model, methods=["DELETE"]),
     ])
 
