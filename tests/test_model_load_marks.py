@@ -141,3 +141,27 @@ def test_a_model_that_never_loads_ends_its_jobs_after_three_starts(cluster: Clus
     while len(workers_of(cluster, ref)) < 4 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(workers_of(cluster, ref)) >= 4
+
+
+def test_a_mark_survives_a_restart_and_a_new_download_clears_it(
+        tmp_path: Path, fake_hub: Any) -> None:
+    from tests.test_pool_managerd import start_pool, stop_pool
+
+    ref = "hf:rbees-test/marked-GGUF/m.gguf"
+    fake_hub.add("rbees-test/marked-GGUF", "m.gguf", b"GGUF" + b"\0" * 4096)
+    home = tmp_path / "home"
+    marks = LoadMarks(3, path=home / "pool" / "failed_models.json")
+    for _ in range(3):
+        marks.failed(ref, "MODEL_LOAD_FAILED: llama.cpp could not load it")
+    pool = start_pool(home, env={"HF_ENDPOINT": fake_hub.endpoint})
+    try:
+        assert [m["model_ref"] for m in pool.get("/v2/state")["failed_models"]] == [ref]
+        refused = pool.post("/v2/workers/start", {"model_ref": ref})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (409,
+                                                                          "MODEL_LOAD_FAILED")
+        assert "3 times on this pool" in refused.json()["error"]["message"]
+        downloaded = pool.post("/v2/models/download", {"model": ref})
+        assert downloaded.status_code == 200 and "event: end" in downloaded.text
+        assert pool.get("/v2/state")["failed_models"] == []
+    finally:
+        stop_pool(pool)
