@@ -211,7 +211,12 @@ class Engine:
                 continue
             for feed in feeds:
                 if feed.logits:
-                    self._step(self._active[feed.slot])
+                    job = self._active[feed.slot]
+                    try:
+                        self._step(job)
+                    except Exception as exc:  # sampling failed: this job ends, not the loop
+                        if self._active.get(feed.slot) is job:
+                            self._fail(job, "DECODE_FAILED", f"{type(exc).__name__}: {exc}")
 
     def _pick_slot(self, tokens: list[int]) -> int:
         """The free slot whose cache shares the longest prefix with ``tokens`` (under lock)."""
@@ -237,6 +242,9 @@ class Engine:
                 self.model.begin(job.slot, job.params)
         except RbeesError as exc:
             self._fail(job, exc.code, exc.message)
+            return
+        except Exception as exc:  # a backend fault ends this job, never the decode thread
+            self._fail(job, "DECODE_FAILED", f"{type(exc).__name__}: {exc}")
             return
         wait = now - job.received_at
         self._obs.job_started(wait)
