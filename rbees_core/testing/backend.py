@@ -207,3 +207,16 @@ class BackendContract:
         again = self.generate(engine, temperature=0.9, top_p=0.95, seed=1234)
         assert first.text == again.text
         assert first.last[1]["seed"] == 1234
+
+    def test_every_sampling_setting_is_honoured(self, engine: Engine) -> None:
+        """Each field of SamplingParams at a value other than its default, greedy and not:
+        the job ends normally (found by the structural fuzz: a repetition_penalty raised
+        TypeError in the llama.cpp backend on every job)."""
+        every: list[dict[str, Any]] = [
+            {"repetition_penalty": 1.3},
+            {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 0.8,
+             "seed": 7},
+        ]
+        for settings in every:
+            run = self.generate(engine, None, **settings)
+            assert run.last[0] == "end", (settings, run.last)

@@ -222,8 +222,7 @@ class LlamaCppModel(LoadedModel):
         self._free_sampler(slot)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if params.repetition_penalty != 1.0:
-            lib.llama_sampler_chain_add(
-                chain, lib.llama_sampler_init_penalties(64, params.repetition_penalty, 0.0, 0.0))
+            lib.llama_sampler_chain_add(chain, self._penalties(params.repetition_penalty))
         if params.temperature == 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -236,6 +235,17 @@ class LlamaCppModel(LoadedModel):
                 chain, lib.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
         self._samplers[slot] = chain
         return keep
+
+    def _penalties(self, repeat: float, last_n: int = 64) -> Any:
+        """The repetition-penalty sampler. Builds of llama.cpp differ on its arguments: the
+        one llama-cpp-python 0.3.36 ships takes ``n_vocab`` first (5 arguments), upstream
+        does not (4); the binding's ``argtypes`` say which. Calling the 4-argument form on a
+        5-argument build raised TypeError on every job with a repetition_penalty."""
+        init = self._lib.llama_sampler_init_penalties
+        if len(getattr(init, "argtypes", None) or ()) == 5:
+            n_vocab = self._lib.llama_vocab_n_tokens(self._vocab)
+            return init(n_vocab, last_n, repeat, 0.0, 0.0)
+        return init(last_n, repeat, 0.0, 0.0)
 
     def decode(self, feeds: Sequence[Feed]) -> None:
         lib, batch = self._lib, self._batch
