@@ -70,7 +70,7 @@ def pool_url(tmp_path_factory: pytest.TempPathFactory, orcd_url: str) -> Iterato
                        "--heartbeat-interval", "0.5")
 
 
-def _targets(program: Any, url: str, examples: dict[tuple[str, str], Any],
+def _targets(program: Any, url: str, examples: dict[tuple[str, str], list[Any]],
              excluded: dict[tuple[str, str], str] | None = None) -> list[Target]:
     pm = plugins.make_manager(plugins.builtin_plugins())
     doc = httpx.get(f"{url}/openapi.json").json()
@@ -93,15 +93,24 @@ def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url
     while httpx.get(f"{orcd_url}/v2/pools/{POOL}").status_code != 200:
         assert time.monotonic() < deadline, "pool-managerd never registered"
         time.sleep(0.2)
-    messages = [{"role": "user", "content": "Hi"}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    beat = {**httpx.get(f"{pool_url}/v2/state").json(), "seq": 10**9, "sent_at": time.time()}
+    task = {"model": MISSING_MODEL, "max_tokens": 2, "temperature": 0.5, "seed": 1,
+            "stop": ["."]}
     targets = _targets(orcd, orcd_url, {
-        ("POST", "/v2/tasks"): {"model": MISSING_MODEL, "prompt": "Hi", "max_tokens": 2},
-        ("POST", "/v1/chat/completions"): {"model": MISSING_MODEL, "messages": messages,
-                                           "max_tokens": 2, "stream": False},
-        ("POST", "/v1/completions"): {"model": MISSING_MODEL, "prompt": "Hi",
-                                      "max_tokens": 2},
-        ("POST", "/v2/pools/{pool_id}/workers"): {"model_ref": MISSING_MODEL},
-        ("POST", "/v2/pools/{pool_id}/models/download"): {"model": MISSING_MODEL},
+        ("POST", "/v2/tasks"): [{**task, "prompt": "Hi"}, {**task, "messages": messages}],
+        ("POST", "/v1/chat/completions"): [
+            {"model": MISSING_MODEL, "messages": messages, "max_tokens": 2, "stream": False},
+            {"model": MISSING_MODEL, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Hi"}]}], "max_tokens": 2, "stream": True,
+             "stream_options": {"include_usage": True}, "n": 2, "stop": "."}],
+        ("POST", "/v1/completions"): [{"model": MISSING_MODEL, "prompt": "Hi",
+                                       "max_tokens": 2, "temperature": 0}],
+        ("POST", "/v2/pools/{pool_id}/heartbeat"): [beat],
+        ("POST", "/v2/pools/{pool_id}/workers"): [{"model_ref": MISSING_MODEL, "slots": 1,
+                                                   "device": "cpu", "ctx": 512}],
+        ("POST", "/v2/pools/{pool_id}/models/download"): [{"model": MISSING_MODEL,
+                                                           "force": False}],
     })
     _fire("rbees-orcd", orcd_url, targets)
 
@@ -120,8 +129,13 @@ def test_orcd_numeric_queries_that_once_were_500s(orcd_url: str, query: str) -> 
 
 def test_pool_managerd_survives_structural_attacks_on_every_route(pool_url: str) -> None:
     targets = _targets(pool_managerd, pool_url, {
-        ("POST", "/v2/workers/start"): {"model_ref": MISSING_MODEL, "slots": 1},
-        ("POST", "/v2/models/download"): {"model": MISSING_MODEL},
+        ("POST", "/v2/workers/start"): [{"model_ref": MISSING_MODEL, "slots": 1,
+                                         "backend": "llamacpp", "device": "cpu", "ctx": 512}],
+        ("POST", "/v2/models/download"): [{"model": MISSING_MODEL, "force": True}],
+        ("POST", "/v2/internal/workers/ready"): [{
+            "worker_id": "fz", "model_ref": MISSING_MODEL, "backend": "llamacpp",
+            "device": "cpu", "uri": "http://127.0.0.1:9", "slots_total": 1, "memory_bytes": 0,
+            "memory_kind": "ram", "pid": 1}],
     })
     _fire("pool-managerd", pool_url, targets)
 
@@ -129,9 +143,12 @@ def test_pool_managerd_survives_structural_attacks_on_every_route(pool_url: str)
 @pytest.mark.model
 def test_workerd_survives_structural_attacks_on_every_route(worker: WorkerHandle) -> None:
     targets = _targets(workerd, worker.url, {
-        ("POST", "/v2/execute"): {"job_id": "fz", "prompt": "Hi", "max_tokens": 2,
-                                  "temperature": 0},
-        ("POST", "/v2/cancel"): {"job_id": "fz"},
+        ("POST", "/v2/execute"): [
+            {"job_id": "fz", "prompt": "Hi", "max_tokens": 2, "temperature": 0},
+            {"job_id": "fz", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+             "temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1,
+             "stop": ["."], "seed": 7}],
+        ("POST", "/v2/cancel"): [{"job_id": "fz"}],
     }, excluded={("POST", "/v2/shutdown"): "any POST stops the worker"})
     _fire("rbees-workerd", worker.url, targets)
     frames = worker.execute({"job_id": "after", "prompt": "Hi", "max_tokens": 2})

@@ -10,7 +10,7 @@ routes and, for the bodies, its ``/openapi.json``), so a new route is attacked w
 test. Used by ``tests/test_fuzz_structural.py`` for rbees-orcd, pool-managerd and
 rbees-workerd; a third-party daemon or plugin route uses it the same way::
 
-    targets = route_table(my_routes, openapi_doc, examples={("POST", "/v2/x"): {...}})
+    targets = route_table(my_routes, openapi_doc, examples={("POST", "/v2/x"): [{...}]})
     sent = fire("http://127.0.0.1:9000", targets, total=600)
 
 Needs hypothesis (the ``dev`` extra); nothing in rbees imports this module but tests.
@@ -43,15 +43,15 @@ _MARK = "\u2063fuzz\u2063"  # a placeholder string, replaced by raw bytes after 
 class Target:
     """One route to attack: ``method`` and the ``path`` template (``{name}`` parameters),
     ``allowed`` (every method the path answers), the request body's JSON ``schema`` (refs
-    resolved) when the route documents one, and ``example``, a VALID body that body attacks
-    mutate (keep it cheap: a small max_tokens, a model that is not there). ``excluded`` names
+    resolved) when the route documents one, and ``examples``, VALID bodies that body attacks
+    mutate (keep them cheap: a small max_tokens, a model that is not there). ``excluded`` names
     why only wrong-method attacks go to this route (it would shut the daemon down...)."""
 
     method: str
     path: str
     allowed: frozenset[str]
     schema: Mapping[str, Any] | None = None
-    example: Any = None
+    examples: tuple[Any, ...] = ()
     excluded: str | None = None
 
 
@@ -65,11 +65,14 @@ class Attack:
     body: bytes | None = None
     content_type: str | None = "application/json"
     headers: Mapping[str, bytes] = attrs.field(factory=dict)
+    chunked: bool = False
 
     def describe(self) -> str:
         body = b"" if self.body is None else self.body
         shown = body[:200] + (b"..." if len(body) > 200 else b"")
-        return f"{self.kind}: {self.method} {self.path[:300]} [{self.content_type}] {shown!r}"
+        how = ", chunked" if self.chunked else ""
+        return (f"{self.kind}: {self.method} {self.path[:300]} [{self.content_type}{how}] "
+                f"{shown!r}")
 
 
 def _walk(routes: Sequence[BaseRoute], prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -98,12 +101,13 @@ def _resolve(schema: Any, doc: Mapping[str, Any], depth: int = 0) -> Any:
 
 
 def route_table(routes: Sequence[BaseRoute], openapi: Mapping[str, Any] | None = None, *,
-                examples: Mapping[tuple[str, str], Any] | None = None,
+                examples: Mapping[tuple[str, str], Sequence[Any]] | None = None,
                 excluded: Mapping[tuple[str, str], str] | None = None) -> list[Target]:
     """Every route of a starlette route table as a :class:`Target` (HEAD left out: it has no
     body to check). ``openapi`` (the daemon's document) gives the body schemas; ``examples``
-    and ``excluded`` are keyed by ``(method, path template)``. A body route with no example
-    gets one built from its schema's required fields (:func:`skeleton`), else ``{}``.
+    (a list of valid bodies per route) and ``excluded`` (why a route only gets wrong methods)
+    are keyed by ``(method, path template)``. A body route with no examples gets one built
+    from its schema's required fields (:func:`skeleton`), else ``{}``.
     Raises ValueError when an example or exclusion names a route the table lacks."""
     pairs = list(dict.fromkeys(_walk(routes)))
     allowed: dict[str, set[str]] = {}
@@ -118,10 +122,10 @@ def route_table(routes: Sequence[BaseRoute], openapi: Mapping[str, Any] | None =
         op = paths.get(path, {}).get(method.lower(), {})
         raw = op.get("requestBody", {}).get("content", {}).get("application/json", {})
         schema = _resolve(raw["schema"], openapi or {}) if "schema" in raw else None
-        example = (examples or {}).get((method, path))
-        if example is None and method in _BODY_METHODS:
-            example = skeleton(schema) if schema else {}
-        targets.append(Target(method, path, frozenset(allowed[path]), schema, example,
+        given = tuple((examples or {}).get((method, path), ()))
+        if not given and method in _BODY_METHODS:
+            given = (skeleton(schema) if schema else {},)
+        targets.append(Target(method, path, frozenset(allowed[path]), schema, given,
                               (excluded or {}).get((method, path))))
     return targets
 
@@ -338,16 +342,20 @@ def attacks(draw: st.DrawFn, target: Target) -> Attack:
         else:
             value = quote(draw(st.text(max_size=30)).encode("utf-8", "surrogatepass"), safe="")
         query = f"{name}={value}"
-        body = _encode(target.example) if target.method in _BODY_METHODS else None
+        body = (_encode(draw(st.sampled_from(target.examples)))
+                if target.method in _BODY_METHODS and target.examples else None)
         resume = {} if draw(st.integers(0, 3)) else {"Last-Event-ID": draw(st.sampled_from(
             (b"-1", b"9" * 19, b"9" * 5000, b"\xc2\xb2", b"1e400", b"", b"\xff")))}
         return Attack("query", target.method, f"{path}?{query}", body, headers=resume)
-    kind, body, ct = draw(body_attacks(target.example, target.schema))
+    example = draw(st.sampled_from(target.examples)) if target.examples else {}
+    kind, body, ct = draw(body_attacks(example, target.schema))
     headers = {}
     if draw(st.integers(0, 9)) == 0:
         headers["X-Correlation-Id"] = draw(st.sampled_from((b"x" * 5000, b"a b", b"",
                                                             b"\xe9", b"\xff\xfe")))
-    return Attack(kind, target.method, path, body, ct, headers)
+    # without Content-Length, in pieces: the size limit and the parser must hold all the same
+    chunked = draw(st.integers(0, 7)) == 0
+    return Attack(kind, target.method, path, body, ct, headers, chunked)
 
 
 def _bad_path(template: str) -> str:
@@ -423,9 +431,13 @@ def run_target(client: httpx.Client, base_url: str, target: Target, per_target: 
         headers: dict[bytes, bytes] = {k.encode(): v for k, v in attack.headers.items()}
         if attack.content_type is not None:
             headers[b"Content-Type"] = attack.content_type.encode()
+        content: bytes | Iterator[bytes] | None = attack.body
+        if attack.chunked and attack.body is not None:
+            body = attack.body
+            content = iter([body[i:i + 4096] for i in range(0, len(body), 4096)] or [b""])
         try:
             response = client.request(attack.method, f"{base_url}{attack.path}",
-                                      content=attack.body, headers=headers)
+                                      content=content, headers=headers)
         except httpx.HTTPError as exc:
             raise AssertionError(f"{attack.describe()}: no answer: {exc!r}") from exc
         sent[attack.kind] += 1
