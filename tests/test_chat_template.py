@@ -1,0 +1,228 @@
+"""rbees_core.chat_template renders real templates byte for byte as transformers does.
+
+The templates are the models' own (tests/data/chat_templates, README there says where each
+comes from); the expected text is computed here by transformers' ``apply_chat_template`` on a
+tokenizer built in memory with that template, so no hub access is needed. rbees gets the
+messages as an OpenAI client sends them (``content: null``, ``arguments`` as a JSON string);
+transformers gets them in its own convention (arguments as an object).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rbees_core.chat_template import ChatTemplate, compile_template
+from rbees_core.errors import InvalidParamsError
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+#: template file -> (bos_token, eos_token) of its model
+TOKENS: dict[str, tuple[str | None, str]] = {
+    "chatml-hermes3": ("<|begin_of_text|>", "<|im_end|>"),
+    "smollm2": ("<|im_start|>", "<|im_end|>"),
+    "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral-7b-instruct": ("<s>", "</s>"),
+    "mistral-small-24b": ("<s>", "</s>"),
+    "gemma2": ("<bos>", "<eos>"),
+    "gemma3": ("<bos>", "<eos>"),
+    "qwen2.5": (None, "<|im_end|>"),
+    "phi3.5": ("<s>", "<|endoftext|>"),
+    "phi4": ("<|endoftext|>", "<|im_end|>"),
+    "phi4-mini": ("<|endoftext|>", "<|endoftext|>"),
+}
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city, in °C",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "description": "e.g. Zürich"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Local time of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def call(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+#: name -> (messages as an OpenAI client sends them, tools, add_generation_prompt)
+CONVERSATIONS: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]] | None, bool]] = {
+    "system+user": ([{"role": "system", "content": "You are terse."},
+                     {"role": "user", "content": "Hello, who are you?"}], None, True),
+    "user only": ([{"role": "user", "content": "  Grüße aus Köln 👋  "}], None, True),
+    "multi-turn": ([{"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello! How can I help?"},
+                    {"role": "user", "content": "Count to three."},
+                    {"role": "assistant", "content": "1, 2, 3"},
+                    {"role": "user", "content": "Again"}], None, True),
+    "multi-turn, system, no generation prompt": (
+        [{"role": "system", "content": "Be kind."},
+         {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}], None, False),
+    "tools offered": ([{"role": "system", "content": "You help with weather."},
+                       {"role": "user", "content": "Weather in Zürich?"}], [WEATHER, TIME], True),
+    "tools offered, no system": ([{"role": "user", "content": "Weather in Paris?"}],
+                                 [WEATHER], True),
+    "tool round trip": (
+        [{"role": "system", "content": "You help with weather."},
+         {"role": "user", "content": "Weather in Zürich?"},
+         {"role": "assistant", "content": None,
+          "tool_calls": [call("call_1", "get_weather", {"city": "Zürich", "unit": "celsius"})]},
+         {"role": "tool", "tool_call_id": "call_1", "name": "get_weather",
+          "content": '{"temperature": 21, "sky": "clear"}'}], [WEATHER], True),
+    "parallel tool calls": (
+        [{"role": "user", "content": "Weather and time in Oslo?"},
+         {"role": "assistant", "content": "Let me check.",
+          "tool_calls": [call("a", "get_weather", {"city": "Oslo"}),
+                         call("b", "get_time", {"city": "Oslo"})]},
+         {"role": "tool", "tool_call_id": "a", "content": "4 °C"},
+         {"role": "tool", "tool_call_id": "b", "content": "10:42"},
+         {"role": "assistant", "content": "4 °C and 10:42."},
+         {"role": "user", "content": "Thanks"}], [WEATHER, TIME], True),
+}
+
+
+def template(name: str) -> str:
+    return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def hf_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same chat in transformers' convention: tool call arguments as objects."""
+    out = copy.deepcopy(messages)
+    for m in out:
+        for c in m.get("tool_calls") or []:
+            c["function"]["arguments"] = json.loads(c["function"]["arguments"])
+    return out
+
+
+def hf_render(name: str, messages: list[dict[str, Any]], tools: Any,
+              add_generation_prompt: bool, **kwargs: Any) -> str:
+    """What transformers' apply_chat_template renders, on a tokenizer made in memory."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = TOKENS[name]
+    vocab = {"<unk>": 0, eos: 1, **({bos: 2} if bos else {})}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        bos_token=bos, eos_token=eos, chat_template=template(name))
+    assert set(tokenizer.special_tokens_map) <= {"bos_token", "eos_token"}
+    return str(tokenizer.apply_chat_template(
+        hf_messages(messages), tools=tools, tokenize=False,
+        add_generation_prompt=add_generation_prompt, **kwargs))
+
+
+def ours(name: str) -> ChatTemplate:
+    bos, eos = TOKENS[name]
+    return ChatTemplate(template(name), model=f"test/{name}",
+                        special_tokens={"bos_token": bos, "eos_token": eos})  # type: ignore[dict-item]
+
+
+def test_every_template_file_has_its_tokens() -> None:
+    assert sorted(p.stem for p in TEMPLATES.glob("*.jinja")) == sorted(TOKENS)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENS))
+def test_matches_transformers_byte_for_byte(name: str) -> None:
+    rendered = 0
+    for label, (messages, tools, gen) in CONVERSATIONS.items():
+        try:
+            expected: str | None = hf_render(name, messages, tools, gen)
+        except Exception:  # the template refuses this chat (e.g. no system role): so must we
+            expected = None
+        if expected is None:
+            with pytest.raises(InvalidParamsError) as info:
+                ours(name).render(messages, tools=tools, add_generation_prompt=gen)
+            assert f"test/{name}" in str(info.value), label
+            continue
+        got = ours(name).render(messages, tools=tools, add_generation_prompt=gen)
+        assert got.encode() == expected.encode(), f"{name}: {label}"
+        rendered += 1
+    assert rendered >= 3, f"{name} rendered only {rendered} conversations"
+
+
+@pytest.mark.parametrize("name", ["llama3.1", "qwen2.5"])
+def test_tool_families_really_show_tools_and_calls(name: str) -> None:
+    messages, tools, _ = CONVERSATIONS["tool round trip"]
+    text = ours(name).render(messages, tools=tools)
+    assert "get_weather" in text and "Zürich" in text  # tojson keeps non-ASCII as it is
+    assert '{"city": "Zürich", "unit": "celsius"}' in text  # arguments: an object, not a string
+
+
+def test_content_parts_are_joined_for_a_text_template() -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"},
+                                          {"type": "text", "text": "there"}]}]
+    joined = [{"role": "user", "content": "Hello\nthere"}]
+    assert ours("smollm2").render(parts) == hf_render("smollm2", joined, None, True)
+
+
+def test_content_parts_pass_through_to_a_template_that_reads_them() -> None:
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Hello"},
+                                             {"type": "text", "text": "there"}]}]
+    assert ours("gemma3").render(messages) == hf_render("gemma3", messages, None, True)
+
+
+def test_a_non_text_part_is_a_400_for_a_text_template() -> None:
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    with pytest.raises(InvalidParamsError, match="image_url"):
+        ours("smollm2").render(messages)
+
+
+def test_template_kwargs_reach_the_template() -> None:
+    chat = ChatTemplate("{{ 'think' if enable_thinking else 'no' }}|{{ bos_token }}",
+                        model="m", special_tokens={"bos_token": "<s>"})
+    messages = [{"role": "user", "content": "x"}]
+    assert chat.render(messages, enable_thinking=True) == "think|<s>"
+    assert chat.render(messages, enable_thinking=False, bos_token="B") == "no|B"
+
+
+def test_tool_use_template_is_chosen_when_tools_are_given() -> None:
+    chat = ChatTemplate("plain", tool_source="tools:{{ tools | length }}", model="m")
+    messages = [{"role": "user", "content": "x"}]
+    assert chat.render(messages) == "plain"
+    assert chat.render(messages, tools=[WEATHER]) == "tools:1"
+
+
+@pytest.mark.parametrize(("source", "words"), [
+    ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ("{% if %}", "does not compile"),
+    ("{% for m in messages %}{{ m.content + 1 }}{% endfor %}", "TypeError"),
+    ("{{ messages.__class__.__mro__ }}", "refused"),
+    ("{{ ''.__class__.__subclasses__() }}", "refused"),
+])
+def test_a_failing_template_is_a_400_naming_the_model(source: str, words: str) -> None:
+    chat = ChatTemplate(source, model="acme/broken-7b")
+    with pytest.raises(InvalidParamsError) as info:
+        chat.render([{"role": "user", "content": "hi"}])
+    assert info.value.status == 400 and info.value.field == "messages"
+    assert "acme/broken-7b" in str(info.value) and words in str(info.value)
+
+
+def test_tojson_and_strftime_now_behave_as_in_transformers() -> None:
+    chat = ChatTemplate("{{ tools | tojson }}|{{ tools | tojson(indent=2) }}|"
+                        "{{ strftime_now('%Y') | length }}", model="m")
+    tools = [{"b": "é<>&", "a": 1}]
+    first, second, year = chat.render([], tools=tools).split("|")
+    assert first == json.dumps(tools, ensure_ascii=False)
+    assert second == json.dumps(tools, ensure_ascii=False, indent=2)
+    assert year == "4"
+
+
+def test_a_template_compiles_once() -> None:
+    source = template("smollm2") + "{# once #}"
+    compile_template.cache_clear()
+    a, b = ChatTemplate(source, model="a"), ChatTemplate(source, model="b")
+    for _ in range(3):
+        a.render([{"role": "user", "content": "hi"}])
+        b.render([{"role": "user", "content": "hi"}])
+    assert compile_template.cache_info().misses == 1
