@@ -13,9 +13,9 @@ plugin module is imported.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 
@@ -112,8 +112,22 @@ class LoadedModel(ABC):
         """Tokens of ``text``, with the model's BOS handling, special tokens parsed."""
 
     @abstractmethod
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """Render chat ``messages`` with the model's own template, ready for generation."""
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The prompt text of chat ``messages`` in the model's own template, ready for
+        generation when ``add_generation_prompt``.
+
+        ``messages`` are OpenAI chat messages (``content`` a string, None or a list of parts;
+        ``tool_calls`` with ``function.arguments`` as a JSON string; ``tool`` messages);
+        ``tools`` OpenAI tool objects; ``kwargs`` further template variables
+        (``enable_thinking``...). Backends with a Jinja template render through
+        :class:`rbees_core.chat_template.ChatTemplate`, so every backend renders alike.
+
+        Called by the worker once per chat request. Raises
+        :class:`rbees_core.errors.InvalidParamsError` on ``messages`` (a 400 naming the
+        model) when the model has no template or its template refuses or fails.
+        """
 
     @abstractmethod
     def token_bytes(self, token: int) -> bytes:

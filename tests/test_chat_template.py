@@ -14,10 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from rbees_core.chat_template import ChatTemplate, compile_template
 from rbees_core.errors import InvalidParamsError
+from rbees_core.testing import WorkerHandle, parse_sse
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 
@@ -226,3 +228,25 @@ def test_a_template_compiles_once() -> None:
         a.render([{"role": "user", "content": "hi"}])
         b.render([{"role": "user", "content": "hi"}])
     assert compile_template.cache_info().misses == 1
+
+
+@pytest.mark.model
+def test_smollm2_chats_through_its_own_template_in_a_real_worker(worker: WorkerHandle,
+                                                                smollm2_path: str) -> None:
+    from rbees_backend_llamacpp.backend import LlamaCppBackend
+
+    model = LlamaCppBackend().load(smollm2_path, device="cpu", slots=1, ctx=512, threads=1,
+                                   progress=lambda *_: None)
+    try:
+        messages = [{"role": "user", "content": "What is 2+2?"}]
+        assert model.render_chat(messages) == hf_render("smollm2", messages, None, True)
+    finally:
+        model.close()
+    response = httpx.post(f"{worker.url}/v2/execute", timeout=120, json={
+        "job_id": "tmpl", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello."}]})
+    assert response.status_code == 200, response.text
+    events = parse_sse(response.text)
+    assert events[-1][1] == "end", events
+    text = "".join(d["t"] for _, e, d in events if e == "token")
+    assert text.strip()

@@ -6,7 +6,7 @@ import ctypes
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,10 +19,24 @@ from rbees_core.backend import (
     SamplingParams,
     split_device,
 )
-from rbees_core.errors import BackendUnavailableError, ModelLoadError, RbeesError
+from rbees_core.chat_template import ChatTemplate
+from rbees_core.errors import (
+    BackendUnavailableError,
+    InvalidParamsError,
+    ModelLoadError,
+    RbeesError,
+)
 
 DEFAULT_CTX_CAP = 4096
 _MEMORY_KIND: dict[str, MemoryKind] = {"cpu": "ram", "cuda": "vram", "metal": "unified"}
+
+
+def _text(content: Any) -> str:
+    """A message's content as one string: text parts joined, none as empty."""
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text", "")) for p in content
+                         if isinstance(p, dict) and p.get("type") == "text")
+    return "" if content is None else str(content)
 
 
 def _lib() -> Any:
@@ -127,6 +141,9 @@ class LlamaCppModel(LoadedModel):
                                  details={"path": path})
         self._model = model
         self._vocab = lib.llama_model_get_vocab(model)
+        # BOS that tokenize() adds itself, so that a chat template's own BOS is not doubled
+        self._bos = int(lib.llama_vocab_bos(self._vocab))
+        self._add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab)) and self._bos >= 0
         n_train = lib.llama_model_n_ctx_train(model)
         ctx_slot = ctx or min(n_train, DEFAULT_CTX_CAP)
         progress("context", 0.0)
@@ -160,9 +177,27 @@ class LlamaCppModel(LoadedModel):
         self._piece_buf = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
-        template = lib.llama_model_chat_template(model, None)
-        self._template: bytes | None = template or None
+        self._name = Path(path).name
+        self._chat = self._chat_template()
         progress("context", 1.0)
+
+    def _chat_template(self) -> ChatTemplate | None:
+        """The GGUF's ``tokenizer.chat_template`` (and ``.tool_use``) with the BOS and EOS
+        text the template writes, as llama.cpp's ``--jinja`` gives them; None without one."""
+        lib = self._lib
+        source = lib.llama_model_chat_template(self._model, None)
+        if not source:
+            return None
+        tool_source = lib.llama_model_chat_template(self._model, b"tool_use")
+        special = {}
+        for key, token in (("bos_token", lib.llama_vocab_bos(self._vocab)),
+                           ("eos_token", lib.llama_vocab_eos(self._vocab))):
+            if token >= 0:
+                n = lib.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, True)
+                special[key] = self._piece_buf.raw[:max(n, 0)].decode("utf-8", "replace")
+        return ChatTemplate(source.decode("utf-8", "replace"), model=self._name,
+                            tool_source=tool_source.decode("utf-8", "replace")
+                            if tool_source else None, special_tokens=special)
 
     # -- text -----------------------------------------------------------------------------
 
@@ -176,23 +211,37 @@ class LlamaCppModel(LoadedModel):
             cap = -n
             buf = (lib.llama_token * cap)()
             n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, True, True)
-        return list(buf[:n])
+        tokens = list(buf[:n])
+        if self._add_bos and len(tokens) > 1 and tokens[0] == tokens[1] == self._bos:
+            del tokens[0]  # the text began with BOS (a chat template writes it): keep one
+        return tokens
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        if self._chat is not None:
+            return self._chat.render(messages, tools=tools,
+                                     add_generation_prompt=add_generation_prompt, **kwargs)
+        # No template in the GGUF: llama.cpp's built-in default (ChatML), which shows no tools.
+        if tools:
+            raise InvalidParamsError("tools", f"{self._name} has no chat template that can "
+                                     "show tools")
         lib = self._lib
-        if self._template is None:
-            raise RbeesError("this model has no chat template; send a prompt instead")
-        arr = (lib.llama_chat_message * len(messages))(*[
-            lib.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages
+        texts = [(str(m["role"]), _text(m.get("content"))) for m in messages]
+        arr = (lib.llama_chat_message * len(texts))(*[
+            lib.llama_chat_message(role.encode(), content.encode()) for role, content in texts
         ])
-        size = sum(len(m["content"]) for m in messages) * 2 + 256
+        size = sum(len(c.encode()) for _, c in texts) * 2 + 256
         buf = ctypes.create_string_buffer(size)
-        n = lib.llama_chat_apply_template(self._template, arr, len(messages), True, buf, size)
+        n = lib.llama_chat_apply_template(None, arr, len(texts), add_generation_prompt, buf,
+                                          size)
         if n > size:
             buf = ctypes.create_string_buffer(n)
-            n = lib.llama_chat_apply_template(self._template, arr, len(messages), True, buf, n)
+            n = lib.llama_chat_apply_template(None, arr, len(texts), add_generation_prompt,
+                                              buf, n)
         if n < 0:
-            raise RbeesError("llama.cpp does not know this model's chat template")
+            raise InvalidParamsError("messages", f"{self._name} has no chat template; send a "
+                                     "prompt instead")
         return buf.raw[:n].decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes:

@@ -6,7 +6,7 @@ Imported only when a model is loaded: importing this module imports torch.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 
 from rbees_backend_torch.tokens import TokenBytes
 from rbees_core.backend import Feed, LoadedModel, MemoryKind, SamplingParams
+from rbees_core.chat_template import ChatTemplate
 from rbees_core.errors import InvalidParamsError, ModelLoadError, RbeesError
 
 DEFAULT_CTX_CAP = 4096
@@ -57,6 +58,21 @@ def _ids(value: Any) -> set[int]:
     if isinstance(value, (list, tuple)):
         return {v for v in value if isinstance(v, int)}
     return set()
+
+
+def chat_template(tokenizer: Any, model: str) -> ChatTemplate | None:
+    """The tokenizer's chat template (a ``tool_use`` one too when it has named templates)
+    with its special tokens, rendered by rbees' own renderer as by llama.cpp's backend."""
+    source: Any = getattr(tokenizer, "chat_template", None)
+    tool_source: str | None = None
+    if isinstance(source, dict):
+        named: dict[str, str] = source
+        source, tool_source = named.get("default"), named.get("tool_use")
+    if not source:
+        return None
+    special = {k: v for k, v in dict(tokenizer.special_tokens_map).items() if isinstance(v, str)}
+    return ChatTemplate(str(source), model=model, tool_source=tool_source,
+                        special_tokens=special)
 
 
 @attrs.define(eq=False)
@@ -111,6 +127,7 @@ class TorchModel(LoadedModel):
         if generation is not None:
             self._eog |= _ids(generation.eos_token_id)
         self._slots = [_Slot() for _ in range(slots)]
+        self._chat = chat_template(tokenizer, Path(path).name)
         progress("device", 1.0)
 
     def _weights_bytes(self) -> int:
@@ -130,18 +147,20 @@ class TorchModel(LoadedModel):
     # -- text -----------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        return [int(t) for t in self._tokenizer.encode(text, add_special_tokens=True)]
+        tokens = [int(t) for t in self._tokenizer.encode(text, add_special_tokens=True)]
+        bos = self._tokenizer.bos_token_id
+        if bos is not None and len(tokens) > 1 and tokens[0] == tokens[1] == bos:
+            del tokens[0]  # the text began with BOS (a chat template writes it): keep one
+        return tokens
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        if not getattr(self._tokenizer, "chat_template", None):
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        if self._chat is None:
             raise InvalidParamsError("messages",
                                      "this model has no chat template; send a prompt instead")
-        try:
-            return str(self._tokenizer.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=True, tokenize=False))
-        except Exception as exc:  # the template itself may refuse (e.g. roles out of order)
-            raise InvalidParamsError("messages", f"the chat template refused them: {exc}"
-                                     ) from exc
+        return self._chat.render(messages, tools=tools,
+                                 add_generation_prompt=add_generation_prompt, **kwargs)
 
     def token_bytes(self, token: int) -> bytes:
         return self._token_bytes(token)

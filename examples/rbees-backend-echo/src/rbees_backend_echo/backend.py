@@ -8,8 +8,8 @@ generation. Sampling settings are accepted and ignored: echoing is deterministic
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import attrs
 
@@ -44,8 +44,11 @@ class EchoModel(LoadedModel):
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """``role: content`` lines; tools and template variables change nothing."""
+        return "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
 
     def token_bytes(self, token: int) -> bytes:
         return bytes((token,)) if 0 <= token < EOG else b""
