@@ -101,6 +101,25 @@ def test_rbees_down_stops_the_workers_of_a_pool_killed_with_sigkill(home: Path) 
     assert worker_id in done.stderr
 
 
+def test_rbees_down_reaches_the_dead_pool_of_a_configured_host(home: Path, tmp_path: Path
+                                                              ) -> None:
+    """The pool host is another RBEES_HOME behind the ``local`` transport (as ssh would
+    reach another machine): its pool is dead, its worker runs, ``rbees down`` stops it."""
+    other = start_pool(home)
+    worker_id = start_smollm2(other)
+    worker_pid = other.wait_worker(worker_id, "ready")["pid"]
+    sigkill(other)
+    cluster = tmp_path / "cluster"
+    done = run("rbees", cluster, "hosts", "add", "lab", "--transport", "local",
+               "--env", f"RBEES_HOME={home}")
+    assert done.returncode == 0, done.stderr
+    done = run("rbees", cluster, "down", "--grace", "2")
+    assert done.returncode == 0, done.stderr
+    assert wait_gone(worker_pid, 5), "rbees down left the worker of the host's dead pool"
+    assert f"lab: down (pool-managerd not running, {worker_id} " in done.stderr
+    assert workerd_pids(home) == []
+
+
 def test_a_restarted_pool_managerd_stops_the_previous_runs_live_worker(home: Path) -> None:
     first = start_pool(home)
     worker_id = start_smollm2(first)

@@ -233,10 +233,18 @@ def down(pm: pluggy.PluginManager, timeout: float, grace: float, local: bool,
               + "".join(f", {w['worker_id']} {w['state']}" for w in here["workers"]
                         if w["state"] != "dead"), file=sys.stderr)
         for h in hosts:
-            print(f"{h['host']}: {h['state']}" + (f" ({h['error']})" if h["error"] else ""),
+            print(f"{h['host']}: {h['state']} ({h['error'] or _summary(h['result'])})",
                   file=sys.stderr)
     if failed:
         raise RbeesError("not everything was stopped: " + "; ".join(failed))
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """What ``rbees-pool down`` stopped on a host, in words."""
+    pool = result.get("pool_managerd") or {}
+    ended = [w for w in result.get("workers") or [] if w.get("state") != "dead"]
+    return f"pool-managerd {pool.get('state', '?')}, " + (
+        ", ".join(f"{w['worker_id']} {w['state']}" for w in ended) or "no worker running")
 
 
 def down_hosts(pm: pluggy.PluginManager, *, timeout: float, grace: float
