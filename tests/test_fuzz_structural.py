@@ -41,12 +41,17 @@ MIN_REQUESTS = 500
 #: hypothesis stops early on a route whose attacks it has all drawn (an excluded one).
 BUDGET = 1000
 MISSING_MODEL = "no-such-model-fz"
+#: rbees-orcd and pool-managerd run with a token, so that the attacks with a wrong one
+#: (rbees_core.testing.fuzz.BAD_AUTH) meet the token check; the worker runs without.
+TOKEN = "fuzz-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 POOL = "fz"  # the id the fuzz puts in most paths that take one (rbees_core.testing.fuzz)
 
 def _daemon(name: str, home: Path, *args: str) -> Iterator[str]:
     port = find_free_port()
     proc = subprocess.Popen([str(BIN / name), "--bind", f"127.0.0.1:{port}", *args],
-                            env={**os.environ, "RBEES_HOME": str(home)},
+                            env={**os.environ, "RBEES_HOME": str(home),
+                                 "RBEES_API_TOKEN": TOKEN},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", timeout=30, proc=proc)
@@ -73,14 +78,15 @@ def pool_url(tmp_path_factory: pytest.TempPathFactory, orcd_url: str) -> Iterato
 def _targets(program: Any, url: str, examples: dict[tuple[str, str], list[Any]],
              excluded: dict[tuple[str, str], str] | None = None) -> list[Target]:
     pm = plugins.make_manager(plugins.builtin_plugins())
-    doc = httpx.get(f"{url}/openapi.json").json()
+    doc = httpx.get(f"{url}/openapi.json", headers=AUTH).json()
     return route_table(program.routes(pm, time.monotonic()), doc, examples=examples,
                        excluded=excluded)
 
 
-def _fire(program: str, url: str, targets: list[Target]) -> None:
+def _fire(program: str, url: str, targets: list[Target],
+          headers: dict[str, str] | None = None) -> None:
     began = time.monotonic()
-    sent = fire(url, targets, total=BUDGET)
+    sent = fire(url, targets, total=BUDGET, headers=headers)
     total = sum(sent.values())
     print(f"{program}: {total} requests on {len(targets)} routes in "
           f"{time.monotonic() - began:.1f}s: {dict(sorted(sent.items()))}")
@@ -90,11 +96,12 @@ def _fire(program: str, url: str, targets: list[Target]) -> None:
 
 def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url: str) -> None:
     deadline = time.monotonic() + 30
-    while httpx.get(f"{orcd_url}/v2/pools/{POOL}").status_code != 200:
+    while httpx.get(f"{orcd_url}/v2/pools/{POOL}", headers=AUTH).status_code != 200:
         assert time.monotonic() < deadline, "pool-managerd never registered"
         time.sleep(0.2)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    beat = {**httpx.get(f"{pool_url}/v2/state").json(), "seq": 10**9, "sent_at": time.time()}
+    state = httpx.get(f"{pool_url}/v2/state", headers=AUTH).json()
+    beat = {**state, "seq": 10**9, "sent_at": time.time()}
     task = {"model": MISSING_MODEL, "max_tokens": 2, "temperature": 0.5, "seed": 1,
             "stop": ["."]}
     targets = _targets(orcd, orcd_url, {
@@ -112,7 +119,7 @@ def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url
         ("POST", "/v2/pools/{pool_id}/models/download"): [{"model": MISSING_MODEL,
                                                            "force": False}],
     })
-    _fire("rbees-orcd", orcd_url, targets)
+    _fire("rbees-orcd", orcd_url, targets, AUTH)
 
 
 @pytest.mark.parametrize("query", [
@@ -122,7 +129,7 @@ def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url
 def test_orcd_numeric_queries_that_once_were_500s(orcd_url: str, query: str) -> None:
     """Found by this fuzz: "\u00b2" passes str.isdigit() and int() refuses it, int() refuses
     5,000 digits, and 19 nines overflow SQLite's INTEGER; each was a 500."""
-    answer = httpx.get(f"{orcd_url}{query}")
+    answer = httpx.get(f"{orcd_url}{query}", headers=AUTH)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["code"] == "INVALID_PARAMS"
 
@@ -137,7 +144,7 @@ def test_pool_managerd_survives_structural_attacks_on_every_route(pool_url: str)
             "device": "cpu", "uri": "http://127.0.0.1:9", "slots_total": 1, "memory_bytes": 0,
             "memory_kind": "ram", "pid": 1}],
     })
-    _fire("pool-managerd", pool_url, targets)
+    _fire("pool-managerd", pool_url, targets, AUTH)
 
 
 @pytest.mark.model

@@ -316,11 +316,27 @@ def _segment(draw: st.DrawFn) -> str:
                  safe="")
 
 
+#: Authorization values no token matches; a daemon with a token must answer each with 401.
+BAD_AUTH = (b"", b"Bearer", b"bearer x", b"Bearer fuzz-token", b"Basic eDp5", b"Bearer \xff\xfe",
+            b"Bearer " + b"x" * 8000, b"Bearer a\tb")
+
+
 @st.composite
 def attacks(draw: st.DrawFn, target: Target) -> Attack:
     """One :class:`Attack` on ``target``: hostile path parameters, a hostile query, a body
     attack (:func:`body_attacks`, for POST/PUT/PATCH) or a method the path does not allow.
-    An excluded target only gets the last."""
+    An excluded target only gets the last. One in twelve replaces the Authorization header
+    that :func:`fire` sends with a wrong one (:data:`BAD_AUTH`): a daemon with a token
+    refuses it with 401 before anything else, one without ignores it."""
+    attack = draw(_attack(target))
+    if draw(st.integers(0, 11)) == 0:
+        headers = {**attack.headers, "Authorization": draw(st.sampled_from(BAD_AUTH))}
+        return attrs.evolve(attack, kind=f"{attack.kind}+bad-auth", headers=headers)
+    return attack
+
+
+@st.composite
+def _attack(draw: st.DrawFn, target: Target) -> Attack:
     wrong = [m for m in METHODS if m not in target.allowed]
     path = target.path
     valid_path = "{" not in path
