@@ -250,3 +250,66 @@ def test_smollm2_chats_through_its_own_template_in_a_real_worker(worker: WorkerH
     assert events[-1][1] == "end", events
     text = "".join(d["t"] for _, e, d in events if e == "token")
     assert text.strip()
+
+
+def gguf_with_template(src: str, dst: Path, template_text: str) -> Path:
+    """A copy of the GGUF ``src`` whose chat template is ``template_text`` (padded with a
+    Jinja comment to the original's length, so that the file is patched in place)."""
+    data = Path(src).read_bytes()
+    meta_template = _read_template(src).encode()
+    new = template_text.encode()
+    assert len(new) + 4 <= len(meta_template) and data.count(meta_template) == 1
+    new += b"{#" + b" " * (len(meta_template) - len(new) - 4) + b"#}"
+    dst.write_bytes(data.replace(meta_template, new))
+    return dst
+
+
+def _read_template(path: str) -> str:
+    from rbees_backend_llamacpp.gguf_meta import read_metadata
+
+    return str(read_metadata(path)["tokenizer.chat_template"])
+
+
+@pytest.mark.model
+def test_a_template_that_refuses_is_a_400_from_the_worker(rbees_worker: Any, tmp_path: Path,
+                                                        smollm2_path: str) -> None:
+    bad = gguf_with_template(smollm2_path, tmp_path / "picky.gguf",
+                             "{{ raise_exception('only a system turn, please') }}")
+    worker = rbees_worker(model=str(bad))
+    response = httpx.post(f"{worker.url}/v2/execute", timeout=60, json={
+        "job_id": "refused", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_PARAMS" and error["details"]["field"] == "messages"
+    assert "picky.gguf" in error["message"] and "only a system turn" in error["message"]
+    # a prompt still works: only chats need the template
+    response = httpx.post(f"{worker.url}/v2/execute", timeout=60, json={
+        "job_id": "prompt", "max_tokens": 2, "prompt": "Hello"})
+    assert response.status_code == 200 and parse_sse(response.text)[-1][1] == "end"
+
+
+@pytest.mark.model
+def test_a_template_refusal_reaches_an_openai_client_as_a_400(
+        tmp_path: Path, smollm2_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import openai
+
+    from .test_orcd import up
+
+    bad = gguf_with_template(smollm2_path, tmp_path / "picky.gguf",
+                             "{{ raise_exception('only a system turn, please') }}")
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[[models]]\nid = "picky"\nname = "Picky"\nsize_bytes = '
+                       f'{bad.stat().st_size}\ncontext_length = 2048\nlicense = "apache-2.0"\n'
+                       f'sources = ["file:{bad}"]\n', encoding="utf-8")
+    monkeypatch.setenv("RBEES_POOL_CATALOG_FILE", str(catalog))
+    cluster = up(tmp_path / "home")
+    try:
+        client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+        with client, pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="picky", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert info.value.status_code == 400
+        assert "picky.gguf" in info.value.message and "only a system turn" in info.value.message
+    finally:
+        cluster.rbees("down")

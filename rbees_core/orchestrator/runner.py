@@ -120,16 +120,23 @@ class Runner:
             if answer.status != 200:
                 raw = await answer.read()
                 try:
-                    code = json.loads(raw)["error"]["code"]
+                    refusal = json.loads(raw)["error"]
+                    code = str(refusal["code"])
                 except (ValueError, KeyError, TypeError):
-                    code = f"HTTP_{answer.status}"
+                    refusal, code = None, f"HTTP_{answer.status}"
                 if code in RETRIABLE_WORKER_CODES or answer.status >= 500:
                     raise WorkerFailedBeforeTokenError(f"worker answered {code}")
                 run.final = True
-                await self.finish(run, "failed", code, {
-                    "job_id": run.job_id, "code": code,
-                    "message": f"the worker refused the job: {raw[:300]!r}",
-                    "retriable": False})
+                data: dict[str, Any] = {"job_id": run.job_id, "code": code, "retriable": False}
+                if isinstance(refusal, dict) and isinstance(refusal.get("message"), str):
+                    # the worker's own words (a chat template's refusal names the model)
+                    data["message"] = f"the worker refused the job: {refusal['message']}"
+                    field = (refusal.get("details") or {}).get("field")
+                    if isinstance(field, str):
+                        data["field"] = field
+                else:
+                    data["message"] = f"the worker refused the job: {raw[:300]!r}"
+                await self.finish(run, "failed", code, data)
                 return
             async for event, data in answer.events():
                 if run.final:

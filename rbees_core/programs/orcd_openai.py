@@ -238,6 +238,11 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         elif event == "error":
             error = error or data
             done += 1
+    if error is not None and error.get("code") == "INVALID_PARAMS":
+        # refused for what the request holds (the model's chat template refused the
+        # messages): the client's error, as the worker said it
+        return OpenAIError(400, str(error.get("message")), param=error.get("field"),
+                           code="invalid_params").response()
     if error is not None:
         return OpenAIError(502 if error.get("code") != "CANCELLED" else 499,
                            str(error.get("message")), code=str(error.get("code")).lower(),
@@ -313,8 +318,11 @@ class _OpenAIStream:
                     chunk = self._chunk([self._choice(index, None, finish)])
                 elif event == "error":
                     done += 1
-                    error = {"message": data.get("message"), "type": "server_error",
-                             "param": None, "code": str(data.get("code", "")).lower()}
+                    invalid = data.get("code") == "INVALID_PARAMS"
+                    error = {"message": data.get("message"),
+                             "type": "invalid_request_error" if invalid else "server_error",
+                             "param": data.get("field") if invalid else None,
+                             "code": str(data.get("code", "")).lower()}
                     chunk = sse.frame(json.dumps({"error": error})).encode()
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
