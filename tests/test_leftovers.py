@@ -42,6 +42,15 @@ def wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def eventually(check: Any, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def workerd_pids(home: Path) -> list[int]:
     """The rbees-workerd processes whose RBEES_HOME is ``home``."""
     import psutil
@@ -138,11 +147,14 @@ def test_a_restarted_pool_managerd_stops_the_previous_runs_live_worker(home: Pat
     second = start_pool(home)
     try:
         assert wait_gone(worker_pid, 15), "the previous run's worker is still running"
-        assert not (home / "workers" / worker_id / "state.json").exists()
+        record_file = home / "workers" / worker_id / "state.json"
+        # the record goes, and the log says so, just after the process is seen gone
+        assert eventually(lambda: not record_file.exists()
+                          and "leftover_worker_stopped" in second.log.read_text())
         assert not (stale / "state.json").exists()
         assert second.get("/v2/workers")["workers"] == []
         log = second.log.read_text()
-        assert "leftover_worker_stopped" in log and "stale_worker_record_removed" in log
+        assert "stale_worker_record_removed" in log
         # the pool works as before: a new worker starts and is listed
         fresh = start_smollm2(second)
         assert second.wait_worker(fresh, "ready")["pid"] != worker_pid
