@@ -145,15 +145,21 @@ def _convert(tp: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidParamsError(path, "must be an integer")
+        if not -(2**63) <= value < 2**63:  # what SQLite, metrics and C code can hold
+            raise InvalidParamsError(path, "must fit in a signed 64-bit integer")
         _check_range(value, path, meta)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidParamsError(path, "must be a number")
-        if value != value or value in (float("inf"), float("-inf")):
+        try:
+            number = float(value)  # an integer of 400 digits is no double
+        except OverflowError:
+            number = float("inf")
+        if number != number or number in (float("inf"), float("-inf")):
             raise InvalidParamsError(path, "must be a finite number")
-        _check_range(value, path, meta)
-        return float(value)
+        _check_range(number, path, meta)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise InvalidParamsError(path, "must be a string")

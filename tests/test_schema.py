@@ -97,6 +97,19 @@ def test_wrong_types_are_rejected(key: str, value: Any) -> None:
     assert "must be" in error.message
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("ratio", 10**400, "must be a finite number"),
+    ("ratio", -(10**400), "must be a finite number"),
+    ("count", 2**63, "must fit in a signed 64-bit integer"),
+    ("count", -(10**400), "must fit in a signed 64-bit integer"),
+])
+def test_numbers_no_double_or_int64_holds_are_400s(key: str, value: int, message: str) -> None:
+    """Found by the structural fuzz: a heartbeat's sent_at of 10**400 was a 500
+    OverflowError in float(); integers past 64 bits reach SQLite and the metrics."""
+    error = invalid({"count": 1, key: value})
+    assert (error.field, error.message) == (key, f"{key}: {message}")
+
+
 def test_bool_is_not_a_number_but_int_is_a_float() -> None:
     assert invalid({"count": True}).message == "count: must be an integer"
     assert invalid({"count": 1, "ratio": False}).message == "ratio: must be a number"
