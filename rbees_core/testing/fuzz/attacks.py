@@ -1,41 +1,26 @@
-"""Structural fuzzing of a daemon's HTTP routes, taken from its route table.
+"""The attacks of :mod:`rbees_core.testing.fuzz`: route targets and hypothesis strategies.
 
-CONTRACT section 1 says every bad input is a 4xx in the error envelope and no request can make a
-daemon fail. This module attacks that promise with what property tests built on a schema rarely
-send: nesting thousands deep, unpaired surrogates (escaped and as raw bytes), numbers no double
-holds, a wrong type in every field, duplicate keys, empty and truncated bodies, other content
-types, very long strings, hostile path segments and query strings, and every method a path does
-not allow. The routes come from the daemon's own table (:func:`route_table` reads starlette
-routes and, for the bodies, its ``/openapi.json``), so a new route is attacked without a new
-test. Used by ``tests/test_fuzz_structural.py`` for rbees-orcd, pool-managerd and
-rbees-workerd; a third-party daemon or plugin route uses it the same way::
-
-    targets = route_table(my_routes, openapi_doc, examples={("POST", "/v2/x"): [{...}]})
-    sent = fire("http://127.0.0.1:9000", targets, total=600)
-
-Needs hypothesis (the ``dev`` extra); nothing in rbees imports this module but tests.
+:func:`route_table` turns a starlette route table (and the daemon's OpenAPI document, for the
+body schemas) into :class:`Target` values; :func:`attacks` draws one :class:`Attack` on a
+target, :func:`body_attacks` one hostile body, and :func:`sweep` lists the deterministic ones
+(every field of every example given each wrong type).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 import attrs
-import httpx
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.routing import BaseRoute, Mount, Route
 
 #: Methods a fuzzed daemon might be sent; those a path does not allow must get 405.
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-#: How many times the attacks of a route without a body a route with one gets.
-BODY_WEIGHT = 4
+#: Methods whose requests carry a body (body attacks go to these routes).
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MARK = "\u2063fuzz\u2063"  # a placeholder string, replaced by raw bytes after json.dumps
 
 
@@ -123,7 +108,7 @@ def route_table(routes: Sequence[BaseRoute], openapi: Mapping[str, Any] | None =
         raw = op.get("requestBody", {}).get("content", {}).get("application/json", {})
         schema = _resolve(raw["schema"], openapi or {}) if "schema" in raw else None
         given = tuple((examples or {}).get((method, path), ()))
-        if not given and method in _BODY_METHODS:
+        if not given and method in BODY_METHODS:
             given = (skeleton(schema) if schema else {},)
         targets.append(Target(method, path, frozenset(allowed[path]), schema, given,
                               (excluded or {}).get((method, path))))
@@ -341,7 +326,7 @@ def _attack(draw: st.DrawFn, target: Target) -> Attack:
     path = target.path
     valid_path = "{" not in path
     # a body attack mostly goes with a well-formed id, so that it reaches the body's checks
-    hostile = target.method not in _BODY_METHODS or draw(st.integers(0, 3)) == 0
+    hostile = target.method not in BODY_METHODS or draw(st.integers(0, 3)) == 0
     while "{" in path:
         head, rest = path.split("{", 1)
         path = head + (_segment(draw) if hostile else "fz") + rest.split("}", 1)[1]
@@ -351,7 +336,7 @@ def _attack(draw: st.DrawFn, target: Target) -> Attack:
             # a path that names nothing is safe to send even to an excluded route
             return Attack("bad-path", target.method, _bad_path(target.path), None)
         return Attack("wrong-method", draw(st.sampled_from(wrong)), path, b"{}")
-    if target.method not in _BODY_METHODS or draw(st.integers(0, 9)) == 0:
+    if target.method not in BODY_METHODS or draw(st.integers(0, 9)) == 0:
         name = draw(st.sampled_from(QUERY_NAMES))
         if draw(st.integers(0, 3)):
             value = draw(st.sampled_from(QUERY_VALUES)).replace("{name}", name)
@@ -359,7 +344,7 @@ def _attack(draw: st.DrawFn, target: Target) -> Attack:
             value = quote(draw(st.text(max_size=30)).encode("utf-8", "surrogatepass"), safe="")
         query = f"{name}={value}"
         body = (_encode(draw(st.sampled_from(target.examples)))
-                if target.method in _BODY_METHODS and target.examples else None)
+                if target.method in BODY_METHODS and target.examples else None)
         resume = {} if draw(st.integers(0, 3)) else {"Last-Event-ID": draw(st.sampled_from(
             (b"-1", b"9" * 19, b"9" * 5000, b"\xc2\xb2", b"1e400", b"", b"\xff")))}
         return Attack("query", target.method, f"{path}?{query}", body, headers=resume)
@@ -378,96 +363,28 @@ def _bad_path(template: str) -> str:
     return template.split("{", 1)[0] + "%ff/%00/" + "a" * 300 + "/nowhere"
 
 
-# ---- checking the answers -------------------------------------------------------------------
+#: Raw values :func:`sweep` puts in every field besides :data:`WRONG_TYPES`.
+SWEEP_LITERALS = (b"1e400", b"1" + b"0" * 400, b"NaN", b"-0", b'"\\ud800"', b'"\xed\xa0\x80"')
 
 
-def check_answer(response: httpx.Response, path: str) -> None:
-    """Assert the contract for one answer: below 500, and every error in its envelope --
-    OpenAI's ``{"error": {message, type, param, code}}`` under ``/v1/``, rbees' ``{"error":
-    {code, message, retriable, correlation_id}}`` (the id echoed in ``X-Correlation-Id``)
-    elsewhere. Raises AssertionError."""
-    assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
-    if response.status_code < 400:
-        return
-    try:
-        error = response.json()["error"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AssertionError(f"{response.status_code} without an envelope: "
-                             f"{response.text[:300]!r}") from exc
-    if path.startswith("/v1/"):
-        assert set(error) == {"message", "type", "param", "code"}, error
-        assert isinstance(error["message"], str) and error["message"], error
-        return
-    assert isinstance(error["code"], str) and error["code"].isupper(), error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error["retriable"], bool), error
-    assert error["correlation_id"] == response.headers["x-correlation-id"], error
-
-
-def _healthy(client: httpx.Client, base_url: str) -> None:
-    try:
-        health = client.get(f"{base_url}/health", timeout=10)
-    except httpx.HTTPError as exc:
-        raise AssertionError(f"the daemon no longer answers /health: {exc!r}") from exc
-    assert health.status_code == 200 and health.json().get("status") == "ok", health.text
-
-
-def fire(base_url: str, targets: Sequence[Target], *, total: int = 600,
-         check: Callable[[httpx.Response, str], None] = check_answer,
-         headers: Mapping[str, str] | None = None, timeout: float = 20.0,
-         health_every: int = 1) -> Counter[str]:
-    """Send about ``total`` generated :func:`attacks` to ``targets`` at ``base_url``
-    (hypothesis drives and shrinks them; a route taking a body gets :data:`BODY_WEIGHT`
-    times the share of one that does not, an excluded one has few attacks to draw from),
-    ``check`` each answer, and check ``GET /health`` after every ``health_every`` requests
-    and after each target. ``headers`` go on every request (a bearer token). Returns how
-    many requests of each kind went out; raises AssertionError (hypothesis' falsifying
-    example first) at the first broken promise."""
-    weights = [BODY_WEIGHT if t.method in _BODY_METHODS and t.excluded is None else 1
-               for t in targets]
-    share = total / max(sum(weights), 1)
-    sent: Counter[str] = Counter()
-    with httpx.Client(headers=dict(headers or {}), timeout=timeout) as client:
-        for target, weight in zip(targets, weights, strict=True):
-            run_target(client, base_url, target, math.ceil(share * weight), check, sent,
-                       health_every)
-            _healthy(client, base_url)
-    return sent
-
-
-def run_target(client: httpx.Client, base_url: str, target: Target, per_target: int,
-               check: Callable[[httpx.Response, str], None], sent: Counter[str],
-               health_every: int = 1) -> None:
-    """:func:`fire` for one target, counting into ``sent``."""
-
-    @settings(max_examples=per_target, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(attack=attacks(target))
-    def one(attack: Attack) -> None:
-        headers: dict[bytes, bytes] = {k.encode(): v for k, v in attack.headers.items()}
-        if attack.content_type is not None:
-            headers[b"Content-Type"] = attack.content_type.encode()
-        content: bytes | Iterator[bytes] | None = attack.body
-        if attack.chunked and attack.body is not None:
-            body = attack.body
-            content = iter([body[i:i + 4096] for i in range(0, len(body), 4096)] or [b""])
-        try:
-            response = client.request(attack.method, f"{base_url}{attack.path}",
-                                      content=content, headers=headers)
-        except httpx.HTTPError as exc:
-            raise AssertionError(f"{attack.describe()}: no answer: {exc!r}") from exc
-        sent[attack.kind] += 1
-        try:
-            check(response, attack.path)
-            if sum(sent.values()) % health_every == 0:
-                _healthy(client, base_url)
-        except AssertionError as exc:
-            raise AssertionError(f"{attack.describe()}: {exc}") from exc
-
-    one()
-
-
-__all__ = ["BAD_UTF8", "HUGE_NUMBERS", "QUERY_NAMES", "QUERY_VALUES", "SURROGATES",
-           "Attack", "Target", "attacks",
-           "body_attacks", "check_answer", "fire", "json_values", "route_table", "run_target",
-           "skeleton"]
+def sweep(target: Target) -> list[Attack]:
+    """The deterministic attacks on ``target``: each field of each of its examples (the
+    whole body included) replaced by each of :data:`WRONG_TYPES` and :data:`SWEEP_LITERALS`,
+    with ``fz`` for every path parameter. None for an excluded target or one without a body.
+    """
+    if target.excluded is not None or target.method not in BODY_METHODS:
+        return []
+    path = target.path
+    while "{" in path:
+        head, rest = path.split("{", 1)
+        path = head + "fz" + rest.split("}", 1)[1]
+    out = []
+    for example in target.examples:
+        for where in _fields(example):
+            for value in WRONG_TYPES:
+                out.append(Attack("sweep", target.method, path,
+                                  _encode(_replace(example, where, value))))
+            for raw in SWEEP_LITERALS:
+                out.append(Attack("sweep", target.method, path,
+                                  _encode(_replace(example, where, _MARK), raw)))
+    return out
