@@ -53,10 +53,12 @@ def fire(base_url: str, targets: Sequence[Target], *, total: int = 600,
     """Attack ``targets`` at ``base_url``: first the deterministic :func:`sweep` of each,
     then about ``total`` generated :func:`attacks` (hypothesis drives and shrinks them; a
     route taking a body gets :data:`BODY_WEIGHT` times the share of one that does not, an
-    excluded one has few attacks to draw from). ``check`` each answer, and ``GET /health``
-    after every ``health_every`` requests and after each target. ``headers`` go on every
-    request (a bearer token). Returns how many requests of each kind went out; raises
-    AssertionError (hypothesis' falsifying example first) at the first broken promise."""
+    excluded one has few attacks to draw from), then a plain GET of each route without
+    parameters, to read back what the attacks left. ``check`` each answer, and ``GET
+    /health`` after every ``health_every`` requests and after each target. ``headers`` go
+    on every request (a bearer token). Returns how many requests of each kind went out;
+    raises AssertionError (hypothesis' falsifying example first) at the first broken
+    promise."""
     weights = [BODY_WEIGHT if t.method in BODY_METHODS and t.excluded is None else 1
                for t in targets]
     share = total / max(sum(weights), 1)
@@ -68,6 +70,12 @@ def fire(base_url: str, targets: Sequence[Target], *, total: int = 600,
             run_target(client, base_url, target, math.ceil(share * weight), check, sent,
                        health_every)
             _healthy(client, base_url)
+        # what the attacks left behind (a pool registered with odd values...) must not
+        # break a reader: every plain GET once more, last
+        for target in targets:
+            if target.method == "GET" and "{" not in target.path and target.excluded is None:
+                send(client, base_url, Attack("read-back", "GET", target.path, None, None),
+                     check, sent, health_every)
     return sent
 
 
