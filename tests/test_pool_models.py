@@ -157,7 +157,8 @@ def test_a_model_a_worker_has_loaded_is_kept(env: dict[str, str],
 
 def test_status_reports_devices_models_and_workers(env: dict[str, str]) -> None:
     state = pool_json(env, "status")
-    assert set(state) == {"pool_id", "host", "gpus", "cpu", "workers", "models"}
+    assert set(state) == {"pool_id", "host", "gpus", "cpu", "workers", "models",
+                          "failed_models"}
     assert state["cpu"]["cores"] >= 1 and state["cpu"]["ram_total_bytes"] > 0
     assert isinstance(state["gpus"], list) and state["workers"] == []
     assert [m["id"] for m in state["models"]] == ["smollm2"]

@@ -255,7 +255,8 @@ class PoolStatus:
     """``rbees-pool status --format json``: the host's devices, models and workers.
 
     ``gpus`` and ``cpu`` are the inventory's entries (CONTRACT section 4) as the pool sent
-    them."""
+    them. ``failed_models`` are the models pool-managerd marked failed there
+    (:mod:`rbees_core.pool.load_marks`)."""
 
     pool_id: str
     host: str
@@ -263,3 +264,4 @@ class PoolStatus:
     cpu: dict[str, Any] | None
     workers: list[PoolWorker]
     models: list[PoolModel]
+    failed_models: list[FailedModel] = attrs.field(factory=list)

@@ -58,6 +58,12 @@ def load_reason(log_tail: str) -> str | None:
     return reason
 
 
+def read_marks() -> list[FailedModel]:
+    """The marks pool-managerd keeps under this ``$RBEES_HOME`` (for ``rbees-pool status``;
+    only pool-managerd changes them)."""
+    return LoadMarks(1).listed()
+
+
 class LoadMarks:
     """Failed starts per model and the marks they lead to. ``canon`` maps a reference to
     the name it shares with its aliases (the catalog id); identity when not given."""
@@ -147,4 +153,5 @@ def catalog_canon(pm: Any) -> Callable[[str], str]:
     return canon
 
 
-__all__ = ["LoadMarks", "ModelMarkedFailedError", "catalog_canon", "load_reason", "marks_path"]
+__all__ = ["LoadMarks", "ModelMarkedFailedError", "catalog_canon", "load_reason", "marks_path",
+           "read_marks"]

@@ -33,12 +33,16 @@ def pool_state(pm: pluggy.PluginManager) -> tuple[dict[str, Any], list[str]]:
     problems met while probing devices."""
     import socket
 
+    import attrs
+
     from rbees_core.pool import inventory, models
+    from rbees_core.pool.load_marks import read_marks
 
     host = socket.gethostname()
     devices = inventory.collect(pm)
     state = {"pool_id": host, "host": host, **devices.to_dict(),
-             "workers": _workers(), "models": [m.to_dict() for m in models.list_models(pm)]}
+             "workers": _workers(), "models": [m.to_dict() for m in models.list_models(pm)],
+             "failed_models": [attrs.asdict(m) for m in read_marks()]}
     return state, devices.problems
 
 
@@ -73,6 +77,9 @@ def print_text(state: dict[str, Any]) -> None:
                     ("id", "ref", "size", "source"))
     else:
         print("none (rbees-pool models download ID)")
+    if state.get("failed_models"):
+        print("\nmodels marked failed here (rbees models retry MODEL):")
+        print_table(state["failed_models"], ("model_ref", "attempts", "reason"))
     print("\nworkers:")
     if state["workers"]:
         print_table(state["workers"], ("worker_id", "state", "model_ref", "backend", "device",
