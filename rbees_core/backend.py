@@ -15,9 +15,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
+
+if TYPE_CHECKING:
+    from rbees_core.chat_template import ChatTemplate
 
 MemoryKind = Literal["vram", "unified", "ram"]
 #: Compute buffers and runtime overhead on top of weights and KV cache, when a backend
@@ -106,6 +109,10 @@ class LoadedModel(ABC):
     #: Whether a slot's cache survives :meth:`end` so that the next job in the slot can
     #: reuse the common prefix (then :meth:`begin` is called with ``keep``).
     prefix_cache: bool = False
+    #: The model's chat template when :meth:`render_chat` renders through the kernel's
+    #: renderer; its :attr:`~rbees_core.chat_template.ChatTemplate.capabilities` say whether
+    #: it shows tools, tool calls, a system message. None: no template, or not a Jinja one.
+    chat_template: ChatTemplate | None = None
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:

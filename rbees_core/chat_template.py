@@ -34,6 +34,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+import attrs
 import jinja2
 import jinja2.ext
 import jinja2.utils
@@ -146,6 +147,23 @@ def _tool_calls(calls: Any) -> Any:
     return out
 
 
+@attrs.frozen
+class TemplateCapabilities:
+    """What a template does with what it is given, found by rendering probes (as
+    llama.cpp's minja does), for the code that chooses how to prompt a model: tool calling
+    falls back to a generic format when a template shows no tools.
+    """
+
+    #: shows the ``tools`` offered
+    tools: bool
+    #: shows the ``tool_calls`` of a past assistant turn (their arguments included)
+    tool_calls: bool
+    #: accepts a ``system`` message and shows it
+    system: bool
+    #: reads ``content`` given as a list of parts
+    parts: bool
+
+
 class ChatTemplate:
     """One model's chat template, compiled once, rendered once per request.
 
@@ -167,6 +185,7 @@ class ChatTemplate:
         self.model = model
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self._typed: dict[str, bool] = {}
+        self._capabilities: TemplateCapabilities | None = None
 
     def _compiled(self, source: str) -> jinja2.Template:
         try:
@@ -176,21 +195,50 @@ class ChatTemplate:
                 "messages", f"the chat template of {self.model} does not compile "
                 f"(line {exc.lineno}: {exc.message})") from exc
 
+    def _probe(self, source: str, messages: list[dict[str, Any]],
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The raw render of a probe chat ('' when the template fails on it)."""
+        try:
+            return str(self._compiled(source).render(
+                messages=messages, tools=tools, documents=None, add_generation_prompt=True,
+                **self.special_tokens))
+        except Exception:
+            return ""
+
     def _takes_parts(self, source: str) -> bool:
         """Whether the template reads ``content`` as a list of parts (found by rendering a
         probe once, as llama.cpp does), so that a list is passed as it is."""
         typed = self._typed.get(source)
         if typed is None:
-            try:
-                out = self._compiled(source).render(
-                    messages=[{"role": "user", "content": [{"type": "text", "text": _PROBE}]}],
-                    tools=None, documents=None, add_generation_prompt=False,
-                    **self.special_tokens)
-                typed = _PROBE in out and "'type'" not in out and '"type"' not in out
-            except Exception:
-                typed = False
-            self._typed[source] = typed
+            out = self._probe(source, [
+                {"role": "user", "content": [{"type": "text", "text": _PROBE}]}])
+            typed = self._typed[source] = (
+                _PROBE in out and "'type'" not in out and '"type"' not in out)
         return typed
+
+    @property
+    def capabilities(self) -> TemplateCapabilities:
+        """What this template shows (:class:`TemplateCapabilities`), probed once."""
+        if self._capabilities is None:
+            tool = {"type": "function", "function": {
+                "name": f"{_PROBE}_tool", "description": "a probe",
+                "parameters": {"type": "object", "properties": {"k": {"type": "string"}}}}}
+            call = {"id": "call_probe", "type": "function", "function": {
+                "name": f"{_PROBE}_tool", "arguments": {"k": f"{_PROBE}_arg"}}}
+            with_tools = self.tool_source or self.source
+            user = {"role": "user", "content": "hello"}
+            shown_calls = any(
+                f"{_PROBE}_arg" in self._probe(with_tools, [
+                    user, {"role": "assistant", **content, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "call_probe", "content": "ok"}], [tool])
+                for content in ({}, {"content": ""}))
+            self._capabilities = TemplateCapabilities(
+                tools=f"{_PROBE}_tool" in self._probe(with_tools, [user], [tool]),
+                tool_calls=shown_calls,
+                system=_PROBE in self._probe(self.source, [
+                    {"role": "system", "content": _PROBE}, user]),
+                parts=self._takes_parts(self.source))
+        return self._capabilities
 
     def _message(self, index: int, message: Mapping[str, Any], typed_parts: bool
                  ) -> dict[str, Any]:
@@ -232,6 +280,25 @@ class ChatTemplate:
         chat = [self._message(i, m, typed) for i, m in enumerate(messages)]
         variables = _plain({**self.special_tokens, **kwargs})
         try:
+            return self._render(template, chat, tools, add_generation_prompt, variables)
+        except InvalidParamsError:
+            # A template without a system role (Mistral 7B, Gemma) refuses the system
+            # message every OpenAI client sends: as llama.cpp does, say it in the first user
+            # turn instead. Only when the chat as given fails, so that what transformers
+            # renders stays byte for byte the same.
+            if self.capabilities.system or not any(m.get("role") == "system" for m in chat):
+                raise
+            try:
+                return self._render(template, _system_in_user_turn(chat), tools,
+                                    add_generation_prompt, variables)
+            except InvalidParamsError:
+                pass
+            raise
+
+    def _render(self, template: jinja2.Template, chat: list[dict[str, Any]],
+                tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool,
+                variables: dict[str, Any]) -> str:
+        try:
             return template.render(messages=chat, tools=_plain(tools), documents=None,
                                    add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as exc:
@@ -242,3 +309,35 @@ class ChatTemplate:
             raise InvalidParamsError(
                 "messages", f"the chat template of {self.model} failed on these messages: "
                 f"{type(exc).__name__}: {exc}") from exc
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text", "")) for p in content
+                         if isinstance(p, dict) and p.get("type") == "text")
+    return "" if content is None else str(content)
+
+
+def _system_in_user_turn(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``chat`` with its system messages said at the start of the next user turn, a line
+    above what the user said (llama.cpp's polyfill for templates without a system role)."""
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+    for message in chat:
+        if message.get("role") == "system":
+            pending.append(_text_of(message.get("content")))
+            continue
+        if pending:
+            text = "\n".join(pending)
+            pending = []
+            content = message.get("content")
+            if message.get("role") != "user":
+                out.append({"role": "user", "content": text})
+            elif isinstance(content, list):
+                message = {**message, "content": [{"type": "text", "text": text}, *content]}
+            else:
+                message = {**message, "content": text + ("\n" + content if content else "")}
+        out.append(message)
+    if pending:
+        out.append({"role": "user", "content": "\n".join(pending)})
+    return out

@@ -178,7 +178,7 @@ class LlamaCppModel(LoadedModel):
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self._name = Path(path).name
-        self._chat = self._chat_template()
+        self.chat_template = self._chat_template()
         progress("context", 1.0)
 
     def _chat_template(self) -> ChatTemplate | None:
@@ -219,8 +219,8 @@ class LlamaCppModel(LoadedModel):
     def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
                     tools: Sequence[Mapping[str, Any]] | None = None,
                     add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        if self._chat is not None:
-            return self._chat.render(messages, tools=tools,
+        if self.chat_template is not None:
+            return self.chat_template.render(messages, tools=tools,
                                      add_generation_prompt=add_generation_prompt, **kwargs)
         # No template in the GGUF: llama.cpp's built-in default (ChatML), which shows no tools.
         if tools:

@@ -127,7 +127,7 @@ class TorchModel(LoadedModel):
         if generation is not None:
             self._eog |= _ids(generation.eos_token_id)
         self._slots = [_Slot() for _ in range(slots)]
-        self._chat = chat_template(tokenizer, Path(path).name)
+        self.chat_template = chat_template(tokenizer, Path(path).name)
         progress("device", 1.0)
 
     def _weights_bytes(self) -> int:
@@ -156,10 +156,10 @@ class TorchModel(LoadedModel):
     def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
                     tools: Sequence[Mapping[str, Any]] | None = None,
                     add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        if self._chat is None:
+        if self.chat_template is None:
             raise InvalidParamsError("messages",
                                      "this model has no chat template; send a prompt instead")
-        return self._chat.render(messages, tools=tools,
+        return self.chat_template.render(messages, tools=tools,
                                  add_generation_prompt=add_generation_prompt, **kwargs)
 
     def token_bytes(self, token: int) -> bytes:
