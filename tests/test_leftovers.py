@@ -163,6 +163,32 @@ def test_a_restarted_pool_managerd_stops_the_previous_runs_live_worker(home: Pat
     assert workerd_pids(home) == []
 
 
+def test_a_pool_service_beside_a_live_pool_managerd_stops_none_of_its_workers(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the pool-managerd that holds the home's pid file stops leftovers: a service built
+    in-process over the same home (a test, an embedding) leaves the live daemon's workers."""
+    import io
+
+    from rbees_core import plugins
+    from rbees_core.log import Logger
+    from rbees_core.pool.daemon import PoolService, PoolSettings
+
+    live = start_pool(home)
+    try:
+        worker_id = start_smollm2(live)
+        worker_pid = live.wait_worker(worker_id, "ready")["pid"]
+        monkeypatch.setenv("RBEES_HOME", str(home))
+        out = io.StringIO()
+        svc = PoolService(PoolSettings(pool_id="beside", host="127.0.0.1", port=1),
+                          plugins.make_manager(autoload=False), Logger("test", out))
+        svc._stop_leftovers()
+        assert "leftovers_not_ours" in out.getvalue() and not svc._tasks
+        time.sleep(0.5)
+        assert pid_alive(worker_pid) and live.wait_worker(worker_id, "ready")
+    finally:
+        stop_pool(live)
+
+
 def fake_worker(home: Path, worker_id: str, pid: int, started_at: float) -> Path:
     folder = home / "workers" / worker_id
     folder.mkdir(parents=True, exist_ok=True)

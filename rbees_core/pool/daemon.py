@@ -124,6 +124,10 @@ class PoolService:
         starts, stopped in the background (a drain may take the stop grace)."""
         from rbees_core.pool import leftovers
 
+        owner = leftovers.pool_managerd()
+        if owner is not None and owner.pid != os.getpid():  # not ours: a service built
+            self.log.warning("leftovers_not_ours", owner_pid=owner.pid)  # beside a daemon
+            return
         found = leftovers.previous_run()
         for gone in (f for f in found if not f.running):
             self.log.info("stale_worker_record_removed", worker_id=gone.record.worker_id,
