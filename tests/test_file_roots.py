@@ -104,6 +104,12 @@ def test_pool_managerd_starts_workers_only_on_files_in_its_roots(pool: Pool, roo
         assert error["code"] == "INVALID_PARAMS" and SETTING in error["message"]
         assert error["details"]["field"] == "model_ref"
     assert pool.get("/v2/workers")["workers"] == []
+    # rbees-pool goes through the running daemon, and says it as it does without one
+    (pool.home / "run" / "pool-managerd.url").write_text(pool.url)  # as `daemon start` does
+    done = rbees_pool({**os.environ, "RBEES_HOME": str(pool.home)}, "worker", "spawn", "cpu",
+                      "--model", "file:/etc/passwd")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert SETTING in done.stderr
     # inside, the file is read: this one is no GGUF file, which the preflight finds out
     inside = pool.post("/v2/workers/start", {"model_ref": f"file:{root / 'm.gguf'}"})
     assert inside.json()["error"]["code"] == "MODEL_LOAD_FAILED", inside.text

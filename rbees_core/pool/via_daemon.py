@@ -73,6 +73,10 @@ def _check(answer: httpx.Response) -> Any:
             error = answer.json()["error"]
         except (ValueError, KeyError, TypeError):
             raise RbeesError(f"pool-managerd answered {answer.status_code}") from None
+        from rbees_core.pool.file_roots import SETTING, OutsideRootsError
+
+        if error.get("code") == "INVALID_PARAMS" and SETTING in str(error.get("message")):
+            raise OutsideRootsError("", str(error["message"]))  # a usage error, as without it
         raise RbeesError(f"{error['message']} ({error['code']})")
     return answer.json() if answer.content else None
 
