@@ -223,14 +223,14 @@ class ChatTemplate:
             tool = {"type": "function", "function": {
                 "name": f"{_PROBE}_tool", "description": "a probe",
                 "parameters": {"type": "object", "properties": {"k": {"type": "string"}}}}}
-            call = {"id": "call_probe", "type": "function", "function": {
+            call = {"id": "call00001", "type": "function", "function": {  # Mistral: 9 chars
                 "name": f"{_PROBE}_tool", "arguments": {"k": f"{_PROBE}_arg"}}}
             with_tools = self.tool_source or self.source
             user = {"role": "user", "content": "hello"}
             shown_calls = any(
                 f"{_PROBE}_arg" in self._probe(with_tools, [
                     user, {"role": "assistant", **content, "tool_calls": [call]},
-                    {"role": "tool", "tool_call_id": "call_probe", "content": "ok"}], [tool])
+                    {"role": "tool", "tool_call_id": "call00001", "content": "ok"}], [tool])
                 for content in ({}, {"content": ""}))
             self._capabilities = TemplateCapabilities(
                 tools=f"{_PROBE}_tool" in self._probe(with_tools, [user], [tool]),
