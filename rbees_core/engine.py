@@ -128,8 +128,13 @@ class Engine:
 
     def prepare(self, job_id: str, text: str, *, max_tokens: int, params: SamplingParams,
                 stop: Sequence[str], sink: Sink) -> Job:
-        """Tokenize ``text`` and fit ``max_tokens`` to the slot's context."""
+        """Tokenize ``text`` and fit ``max_tokens`` to the slot's context. Raises
+        :class:`InvalidParamsError` (field ``prompt``) for a prompt of no tokens (a model
+        without BOS has nothing to continue from: llama.cpp fails the empty batch) or one
+        that leaves no room in the slot."""
         tokens = self.model.tokenize(text)
+        if not tokens:
+            raise InvalidParamsError("prompt", "is empty: a job needs at least one token")
         room = self.model.n_ctx_slot - len(tokens)
         if room < 1:
             raise InvalidParamsError(

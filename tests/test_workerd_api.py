@@ -29,6 +29,7 @@ BAD_BODIES = [
     ({**GOOD, "job_id": "x" * 129}, "job_id"),
     ({**GOOD, "prompt": "x" * 32_769}, "prompt"),
     ({**GOOD, "prompt": "nul\x00byte"}, "prompt"),
+    ({**GOOD, "prompt": ""}, "prompt"),  # no token to continue from (found by the fuzz)
     ({**GOOD, "max_tokens": 0}, "max_tokens"),
     ({**GOOD, "max_tokens": 8193}, "max_tokens"),
     ({**GOOD, "temperature": -0.1}, "temperature"),
