@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -9,19 +10,40 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import httpx
 from hypothesis import HealthCheck, given, settings
 
+from rbees_core import sse
 from rbees_core.testing.fuzz.attacks import BODY_METHODS, Attack, Target, attacks, sweep
 
 #: How many times the attacks of a route without a body a route with one gets.
 BODY_WEIGHT = 4
 
 
+#: Error events a stream may end with after a 200 whatever the request: the job was cancelled.
+#: Any other (DECODE_FAILED, INTERNAL...) means the daemon accepted what it could not serve.
+STREAM_ERRORS_OK = frozenset({"CANCELLED"})
+
+
+def _check_stream(text: str, path: str) -> None:
+    for frame in sse.parse(text):
+        try:
+            data = json.loads(frame.data)
+        except ValueError:
+            continue  # OpenAI's [DONE]
+        if frame.event == "error" and isinstance(data, dict):
+            assert data.get("code") in STREAM_ERRORS_OK, f"200, then an error event: {data}"
+        elif path.startswith("/v1/") and isinstance(data, dict) and "error" in data:
+            raise AssertionError(f"200, then an error chunk: {data}")
+
+
 def check_answer(response: httpx.Response, path: str) -> None:
     """Assert the contract for one answer: below 500, and every error in its envelope --
     OpenAI's ``{"error": {message, type, param, code}}`` under ``/v1/``, rbees' ``{"error":
     {code, message, retriable, correlation_id}}`` (the id echoed in ``X-Correlation-Id``)
-    elsewhere. Raises AssertionError."""
+    elsewhere; a 200 event stream ends with no error but :data:`STREAM_ERRORS_OK` (what a
+    daemon accepts it must serve). Raises AssertionError."""
     assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
     if response.status_code < 400:
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            _check_stream(response.text, path)
         return
     try:
         error = response.json()["error"]
