@@ -1,92 +1,210 @@
-"""Worker benchmark: rbees-workerd against llama-cpp-python in-process and llama_cpp.server.
+"""Worker benchmark: rbees-workerd side by side with llama.cpp's own C++ llama-server.
 
-One run, one model (the embedded SmolLM2-135M Q4_1), the same thread count everywhere.
-Prints one Markdown table and the target ratios:
+One model (the embedded SmolLM2-135M Q4_1), the same thread count everywhere, the same chat
+(bench/sidebyside.py's MESSAGES), greedy. Each case is a warm-up then ``--runs`` samples (the
+median shown); ``--repeat N`` runs the whole set N times in a row and reports every run.
 
-  (a)  llama-cpp-python in-process, one stream (high-level Llama, streaming)
-  (a4) a bare llama-cpp-python batched-decode loop, 4 sequences (the engine's ceiling)
-  (b)  rbees-workerd, one stream over HTTP/SSE
-  (c)  llama_cpp.server, one stream through its OpenAI API (run bench/setup.sh once)
-  (d)  rbees-workerd --slots 4, aggregate tokens/s at 1, 2 and 4 concurrent streams
-  (e)  rbees-workerd --backend torch, one stream (needs rbees-backend-torch)
+  L1   llama-server -np 1, one stream through its OpenAI chat endpoint (SSE)
+  L1k  the same server, a 1,000-token prompt that no cache holds: TTFT
+  W1   rbees-workerd (--slots 1), one stream over POST /v2/execute (SSE)
+  W1k  the same worker, a 1,000-token prompt that no cache holds: TTFT
+  L4   llama-server -np 4, four concurrent streams: total tokens/s
+  W4   rbees-workerd --slots 4, four concurrent streams: total tokens/s
+Extra baselines (``--skip a,a4,c,e`` leaves them out):
+  a    llama-cpp-python in-process, one stream (high-level Llama, create_chat_completion)
+  a4   a bare llama-cpp-python batched-decode loop, 4 sequences (the engine's ceiling; raw
+       prompt)
+  c    llama_cpp.server, one stream through its OpenAI chat API (in .venv-bench, made by
+       bench/setup.sh; left out where that is missing)
+  e    rbees-workerd --backend torch, one stream (where rbees-backend-torch is installed)
 
-Usage: python bench/worker.py [--tokens 128] [--threads 2] [--runs 3]
+Judged (issue 21): W1 >= 1.05 x L1 tokens/s; TTFT(W1) <= TTFT(L1) + 2 ms; W4 >= 1.05 x L4;
+TTFT(W1k) <= 1.1 x TTFT(L1k). Every baseline runs with its own defaults (no OpenMP setting
+is forced on any case); llama-server is bench/.llama-server/bin/llama-server (bench/setup.sh
+builds it), ``--llama-server PATH`` or ``$RBEES_BENCH_LLAMA_SERVER``.
+
+Usage: python bench/worker.py [--tokens 128] [--threads 2] [--runs 3] [--repeat 1]
+                              [--skip a,a4,c,e] [--llama-server PATH] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
+import attrs
 import httpx
+from sidebyside import (  # bench/sidebyside.py, beside this file
+    CTX,
+    MESSAGES,
+    ROOT,
+    Check,
+    LlamaServer,
+    Many,
+    Stream,
+    baseline_env,
+    chat_stream,
+    concurrent,
+    find_llama_server,
+    header,
+    long_messages,
+    median_many,
+    median_of,
+    ratio_check,
+    report,
+    worker_stream,
+)
 
 from rbees_core import plugins
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.testing import find_free_port, wait_http, workerd_argv
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
+LONG_WORDS = 1000
+_salts = itertools.count()
 
 
+def salt() -> str:
+    return f"{os.getpid()}-{time.time_ns()}-{next(_salts)}"
+
+
+@attrs.frozen
 class Result:
-    def __init__(self, name: str, label: str, tps: float, ttft_ms: float | None,
-                 tokens: int, note: str = "") -> None:
-        self.name, self.label, self.tps, self.ttft_ms = name, label, tps, ttft_ms
-        self.tokens, self.note = tokens, note
+    name: str
+    label: str
+    tps: float | None
+    ttft_ms: float | None
+    tokens: int
 
 
-def median_run(runs: int, once: Callable[[], tuple[float, float | None, int]]
-               ) -> tuple[float, float | None, int]:
-    once()  # warm-up
-    samples = [once() for _ in range(runs)]
-    tps = statistics.median(s[0] for s in samples)
-    ttfts = [s[1] for s in samples if s[1] is not None]
-    return tps, (statistics.median(ttfts) if ttfts else None), samples[-1][2]
+def from_stream(name: str, label: str, s: Stream) -> Result:
+    return Result(name, label, s.tokens_per_s, s.ttft_ms, s.tokens)
 
 
-# -- (a) and (a4): llama-cpp-python in-process --------------------------------------------
+def from_many(name: str, label: str, m: Many) -> Result:
+    return Result(name, label, m.total_per_s, m.ttft_ms, m.tokens)
 
 
-def bench_inprocess(path: str, tokens: int, threads: int, runs: int) -> Result:
+# -- llama-server and rbees-workerd, the judged cases ---------------------------------------
+
+
+class Worker:
+    """A running rbees-workerd, with the environment of this process (its own defaults)."""
+
+    def __init__(self, threads: int, slots: int = 1, backend: str = "llamacpp") -> None:
+        self.port = find_free_port()
+        self.home = tempfile.mkdtemp(prefix="rbees-bench-")
+        argv = workerd_argv(f"bench-{backend}-{slots}", self.port, backend=backend,
+                            slots=slots, extra=("--threads", str(threads), "--ctx", str(CTX)))
+        self.proc = subprocess.Popen(argv, env={**os.environ, "RBEES_HOME": self.home},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(timeout=300)
+        self.jobs = itertools.count()
+        try:
+            wait_http(f"{self.url}/v2/ready", timeout=300, proc=self.proc)
+        except BaseException:
+            self.close()
+            raise
+
+    def stream(self, messages: list[dict[str, str]], tokens: int) -> Stream:
+        return worker_stream(self.client, self.url, messages, tokens, f"b{next(self.jobs)}")
+
+    def close(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def one_and_long(name: str, label: str, stream: Callable[[list[dict[str, str]], int], Stream],
+                 tokens: int, runs: int, long_words: int) -> list[Result]:
+    """One stream of MESSAGES, then TTFT of a long prompt new to every cache."""
+    one = median_of(runs, lambda: stream(MESSAGES, tokens))
+    long = median_of(runs, lambda: stream(long_messages(long_words, salt()), 4))
+    size = "1,000-token" if long_words == LONG_WORDS else f"{long_words}-word"
+    return [from_stream(name, label, one),
+            Result(f"{name}k", f"{label}, {size} prompt (TTFT)", None, long.ttft_ms,
+                   long.tokens)]
+
+
+def bench_llama_server(exe: Path, path: str, slots: int, tokens: int, threads: int,
+                       runs: int, long_words: int = LONG_WORDS) -> list[Result]:
+    with LlamaServer(exe, path, threads, slots) as server, httpx.Client(timeout=300) as client:
+        def stream(messages: list[dict[str, str]], n: int) -> Stream:
+            return chat_stream(client, server.url, "smollm2", messages, n)
+
+        if slots == 1:
+            return one_and_long("L1", f"llama-server `{server.flags()}`, 1 stream", stream,
+                                tokens, runs, long_words)
+        many = median_many(runs, lambda: concurrent(4, lambda _: stream(MESSAGES, tokens)))
+        return [from_many("L4", f"llama-server `{server.flags()}`, 4 concurrent (total)",
+                          many)]
+
+
+def bench_worker(slots: int, tokens: int, threads: int, runs: int,
+                 long_words: int = LONG_WORDS) -> list[Result]:
+    with Worker(threads, slots) as w:
+        flags = f"--slots {slots} --threads {threads} --ctx {CTX}"
+        if slots == 1:
+            return one_and_long("W1", f"rbees-workerd `{flags}`, 1 stream", w.stream,
+                                tokens, runs, long_words)
+        many = median_many(runs, lambda: concurrent(4, lambda _: w.stream(MESSAGES, tokens)))
+        return [from_many("W4", f"rbees-workerd `{flags}`, 4 concurrent (total)", many)]
+
+
+# -- extra baselines ----------------------------------------------------------------------
+
+
+def bench_inprocess(path: str, tokens: int, threads: int, runs: int) -> list[Result]:
     from llama_cpp import Llama
 
-    llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=4096, n_batch=256,
+    llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=CTX, n_batch=256,
                 verbose=False)
 
-    def once() -> tuple[float, float | None, int]:
+    def once() -> Stream:
         t0 = time.perf_counter()
         first = None
         n = 0
-        for _ in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
-            n += 1
-            if first is None:
-                first = time.perf_counter()
+        for chunk in llm.create_chat_completion(MESSAGES, max_tokens=tokens, temperature=0,
+                                                stream=True):
+            if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index]
+                n += 1
+                if first is None:
+                    first = time.perf_counter()
         end = time.perf_counter()
         assert first is not None
-        return (n - 1) / (end - first), (first - t0) * 1000, n
+        return Stream((first - t0) * 1000, (n - 1) / (end - first), n, end)
 
-    tps, ttft, n = median_run(runs, once)
-    llm.close()
-    return Result("a", "llama-cpp-python in-process, 1 stream", tps, ttft, n)
+    try:
+        s = median_of(runs, once)
+    finally:
+        llm.close()
+    return [from_stream("a", "llama-cpp-python in-process, 1 stream", s)]
 
 
 def bench_batched_loop(path: str, tokens: int, threads: int, runs: int, n_seq: int = 4
-                       ) -> Result:
+                       ) -> list[Result]:
     import llama_cpp as lib
 
     lib.llama_backend_init()
     mparams = lib.llama_model_default_params()
     model = lib.llama_model_load_from_file(path.encode(), mparams)
     cparams = lib.llama_context_default_params()
-    cparams.n_ctx = 4096 * n_seq
+    cparams.n_ctx = CTX * n_seq
     cparams.n_batch = cparams.n_ubatch = 256
     cparams.n_seq_max = n_seq
     cparams.n_threads = cparams.n_threads_batch = threads
@@ -108,7 +226,7 @@ def bench_batched_loop(path: str, tokens: int, threads: int, runs: int, n_seq: i
             batch.seq_id[k][0], batch.logits[k] = seq, want
         batch.n_tokens = len(entries)
 
-    def once() -> tuple[float, float | None, int]:
+    def once() -> Stream:
         samplers = []
         for s in range(n_seq):
             lib.llama_memory_seq_rm(mem, s, -1, -1)
@@ -137,207 +255,146 @@ def bench_batched_loop(path: str, tokens: int, threads: int, runs: int, n_seq: i
         end = time.perf_counter()
         for chain in samplers:
             lib.llama_sampler_free(chain)
-        return produced / (end - t_first), None, produced
+        return Stream(0.0, produced / (end - t_first), produced, end)
 
-    tps, _, n = median_run(runs, once)
-    lib.llama_batch_free(batch)
-    lib.llama_free(ctx)
-    lib.llama_model_free(model)
-    return Result("a4", f"bare llama-cpp-python batched loop, {n_seq} sequences (total)",
-                  tps, None, n)
-
-
-# -- (b), (d), (e): rbees-workerd over HTTP -----------------------------------------------
-
-
-class Worker:
-    def __init__(self, threads: int, slots: int = 1, backend: str = "llamacpp") -> None:
-        self.port = find_free_port()
-        self.home = tempfile.mkdtemp(prefix="rbees-bench-")
-        argv = workerd_argv(f"bench-{backend}-{slots}", self.port, backend=backend,
-                            slots=slots, extra=("--threads", str(threads)))
-        self.proc = subprocess.Popen(argv, env={**os.environ, "RBEES_HOME": self.home},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        wait_http(f"{self.url}/v2/ready", timeout=300, proc=self.proc)
-        self.client = httpx.Client(timeout=300)
-        self.jobs = 0
-
-    def stream(self, tokens: int) -> tuple[float, float, int, float]:
-        """(tokens/s after the first token, TTFT ms, tokens, wall end)."""
-        self.jobs += 1
-        body = {"job_id": f"b{self.jobs}-{threading.get_ident()}", "prompt": PROMPT,
-                "max_tokens": tokens, "temperature": 0, "seed": 1}
-        t0 = time.perf_counter()
-        first = None
-        n = 0
-        with self.client.stream("POST", f"{self.url}/v2/execute", json=body) as response:
-            for line in response.iter_lines():
-                if line == "event: token":
-                    n += 1
-                    if first is None:
-                        first = time.perf_counter()
-        end = time.perf_counter()
-        assert first is not None and n > 1
-        return (n - 1) / (end - first), (first - t0) * 1000, n, end
-
-    def close(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait(60)
-
-
-def bench_worker(tokens: int, threads: int, runs: int) -> Result:
-    w = Worker(threads)
     try:
-        tps, ttft, n = median_run(runs, lambda: w.stream(tokens)[:3])
+        s = median_of(runs, once)
     finally:
-        w.close()
-    return Result("b", "rbees-workerd, 1 stream, HTTP/SSE", tps, ttft, n)
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+        lib.llama_model_free(model)
+    return [Result("a4", f"bare llama-cpp-python batched loop, {n_seq} sequences (total, "
+                         "raw prompt)", s.tokens_per_s, None, s.tokens)]
 
 
-def bench_concurrent(tokens: int, threads: int, runs: int) -> list[Result]:
-    w = Worker(threads, slots=4)
-    out = []
-    try:
-        for streams in (1, 2, 4):
-            def once(k: int = streams) -> tuple[float, float | None, int]:
-                results: list[tuple[float, float, int, float]] = []
-                start = time.perf_counter()
-                threads_ = [threading.Thread(target=lambda: results.append(w.stream(tokens)))
-                            for _ in range(k)]
-                for t in threads_:
-                    t.start()
-                for t in threads_:
-                    t.join()
-                total = sum(r[2] for r in results)
-                end = max(r[3] for r in results)
-                return total / (end - start), statistics.median(r[1] for r in results), total
-
-            tps, ttft, n = median_run(runs, once)
-            out.append(Result(f"d({streams})",
-                              f"rbees-workerd --slots 4, {streams} concurrent (total)",
-                              tps, ttft, n))
-    finally:
-        w.close()
-    return out
-
-
-def bench_torch(tokens: int, threads: int, runs: int) -> Result:
-    w = Worker(threads, backend="torch")
-    try:
-        tps, ttft, n = median_run(max(1, runs - 1), lambda: w.stream(tokens)[:3])
-    finally:
-        w.close()
-    return Result("e", "rbees-workerd --backend torch, 1 stream", tps, ttft, n)
-
-
-# -- (c): llama_cpp.server --------------------------------------------------------------
-
-
-def bench_llama_server(path: str, tokens: int, threads: int, runs: int) -> Result:
+def bench_llama_cpp_server(path: str, tokens: int, threads: int, runs: int) -> list[Result]:
+    python = ROOT / ".venv-bench" / "bin" / "python"
+    if not python.exists():
+        return []
     port = find_free_port()
-    bench_python = os.path.join(os.path.dirname(__file__), "..", ".venv-bench", "bin", "python")
-    python = bench_python if os.path.exists(bench_python) else sys.executable
     proc = subprocess.Popen(
-        [python, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
-         "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
+        [str(python), "-m", "llama_cpp.server", "--model", path, "--port", str(port),
+         "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(CTX),
          "--n_batch", "256"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=baseline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/v1/models", timeout=120, proc=proc)
-        client = httpx.Client(timeout=300)
-
-        def once() -> tuple[float, float | None, int]:
-            t0 = time.perf_counter()
-            first = None
-            n = 0
-            body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
-            with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {") and \
-                            json.loads(line[6:])["choices"][0].get("text"):
-                        n += 1
-                        if first is None:
-                            first = time.perf_counter()
-            end = time.perf_counter()
-            assert first is not None
-            return (n - 1) / (end - first), (first - t0) * 1000, n
-
-        tps, ttft, n = median_run(runs, once)
-        client.close()
+        with httpx.Client(timeout=300) as client:
+            s = median_of(runs, lambda: chat_stream(client, url, "smollm2", MESSAGES, tokens))
     finally:
         proc.terminate()
         proc.wait(60)
-    return Result("c", "llama_cpp.server, 1 stream, OpenAI SSE", tps, ttft, n)
+    return [from_stream("c", "llama_cpp.server, 1 stream, OpenAI chat", s)]
+
+
+def bench_torch(tokens: int, threads: int, runs: int) -> list[Result]:
+    try:
+        import rbees_backend_torch  # noqa: F401
+    except ImportError:
+        return []
+    with Worker(threads, backend="torch") as w:
+        s = median_of(max(1, runs - 1), lambda: w.stream(MESSAGES, tokens))
+    return [from_stream("e", "rbees-workerd --backend torch, 1 stream", s)]
+
+
+# -- judging and printing -----------------------------------------------------------------
+
+
+def checks(by: dict[str, Result]) -> list[Check]:
+    def tps(name: str) -> float | None:
+        r = by.get(name)
+        return r.tps if r else None
+
+    def ttft(name: str) -> float | None:
+        r = by.get(name)
+        return r.ttft_ms if r else None
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    w1, l1, w1k, l1k = ttft("W1"), ttft("L1"), ttft("W1k"), ttft("L1k")
+    return [
+        ratio_check("rbees-workerd 1 stream tokens/s / llama-server -np 1", ">= 1.05",
+                    div(tps("W1"), tps("L1")), 1.05),
+        ratio_check("rbees-workerd 1 stream TTFT - llama-server's", "<= +2 ms",
+                    w1 - l1 if w1 is not None and l1 is not None else None, 2.0,
+                    at_least=False, fmt="{:+.1f} ms"),
+        ratio_check("rbees-workerd --slots 4, 4 concurrent / llama-server -np 4", ">= 1.05",
+                    div(tps("W4"), tps("L4")), 1.05),
+        ratio_check("1,000-token prompt TTFT, rbees-workerd / llama-server", "<= 1.1",
+                    div(w1k, l1k), 1.1, at_least=False),
+    ]
 
 
 def table(results: list[Result]) -> str:
     lines = ["| case | what | tokens/s | TTFT ms | tokens |", "|---|---|---:|---:|---:|"]
     for r in results:
+        tps = f"{r.tps:.1f}" if r.tps is not None else "-"
         ttft = f"{r.ttft_ms:.1f}" if r.ttft_ms is not None else "-"
-        lines.append(f"| {r.name} | {r.label} | {r.tps:.1f} | {ttft} | {r.tokens} |")
+        lines.append(f"| {r.name} | {r.label} | {tps} | {ttft} | {r.tokens} |")
     return "\n".join(lines)
 
 
-def targets(by: dict[str, Result]) -> str:
-    rows = ["| target | measured | holds |", "|---|---|---|"]
+def run_once(args: argparse.Namespace, path: str, exe: Path | None) -> list[Result]:
+    t, n, r, lw = args.tokens, args.threads, args.runs, args.long_words
+    steps: list[tuple[str, Callable[[], list[Result]]]] = []
+    if exe is not None:
+        steps.append(("L1", lambda: bench_llama_server(exe, path, 1, t, n, r, lw)))
+    steps.append(("W1", lambda: bench_worker(1, t, n, r, lw)))
+    if exe is not None:
+        steps.append(("L4", lambda: bench_llama_server(exe, path, 4, t, n, r)))
+    steps += [
+        ("W4", lambda: bench_worker(4, t, n, r)),
+        ("a", lambda: bench_inprocess(path, t, n, r)),
+        ("a4", lambda: bench_batched_loop(path, t, n, r)),
+        ("c", lambda: bench_llama_cpp_server(path, t, n, r)),
+        ("e", lambda: bench_torch(t, n, r)),
+    ]
+    results: list[Result] = []
+    for name, step in steps:
+        if name in args.skip:
+            continue
+        print(f"  {name} ...", file=sys.stderr, flush=True)
+        try:
+            results += step()
+        except Exception as exc:  # report and go on: one missing case must not hide others
+            print(f"  {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return results
 
-    def row(name: str, value: str, ok: bool) -> None:
-        rows.append(f"| {name} | {value} | {'yes' if ok else 'NO'} |")
 
-    a, b = by.get("a"), by.get("b")
-    if a and b:
-        row("b/a >= 0.95", f"{b.tps / a.tps:.3f}", b.tps / a.tps >= 0.95)
-        assert a.ttft_ms is not None and b.ttft_ms is not None
-        row("TTFT(b) <= TTFT(a) + 5 ms", f"{b.ttft_ms - a.ttft_ms:+.1f} ms",
-            b.ttft_ms <= a.ttft_ms + 5)
-    if b and "c" in by:
-        row("b > c", f"{b.tps:.1f} vs {by['c'].tps:.1f}", b.tps > by["c"].tps)
-    if "a4" in by and "d(4)" in by:
-        ratio = by["d(4)"].tps / by["a4"].tps
-        row("d(4) >= 0.9 x a4", f"{ratio:.3f}", ratio >= 0.9)
-    return "\n".join(rows)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma-separated cases to skip (c,e,...)")
-    args = parser.parse_args()
-    skip = set(args.skip.split(",")) - {""}
-    # the worker's llama.cpp backend runs OpenMP passively; give every case the same policy
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser.add_argument("--runs", type=int, default=3, help="samples per case in a run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of the whole set, one after the other; all are reported")
+    parser.add_argument("--skip", default="", help="comma-separated cases to skip (a,a4,c,e)")
+    parser.add_argument("--llama-server", default=None, help="the llama-server binary")
+    parser.add_argument("--long-words", type=int, default=LONG_WORDS, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true",
+                        help="8 tokens, 1 sample, no extra baselines: that the bench runs")
+    args = parser.parse_args(argv)
+    args.skip = set(args.skip.split(",")) - {""}
+    if args.quick:
+        args.tokens, args.runs, args.long_words = 8, 1, 64
+        args.skip |= {"a", "a4", "c", "e"}
+    exe = find_llama_server(args.llama_server)
     path = resolve_model(plugins.make_manager(plugins.builtin_plugins()), DEFAULT_MODEL_REF)
-    results: list[Result] = []
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("a", lambda: bench_inprocess(path, args.tokens, args.threads, args.runs)),
-        ("a4", lambda: bench_batched_loop(path, args.tokens, args.threads, args.runs)),
-        ("b", lambda: bench_worker(args.tokens, args.threads, args.runs)),
-        ("c", lambda: bench_llama_server(path, args.tokens, args.threads, args.runs)),
-        ("d", lambda: bench_concurrent(args.tokens, args.threads, args.runs)),
-        ("e", lambda: bench_torch(args.tokens, args.threads, args.runs)),
-    ]
-    for name, step in steps:
-        if name in skip:
-            continue
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        try:
-            got = step()
-        except Exception as exc:  # report and go on: one missing case must not hide others
-            print(f"  {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            continue
-        results.extend(got if isinstance(got, list) else [got])
-    print(f"SmolLM2-135M-Instruct Q4_1, {args.tokens} tokens, {args.threads} threads, "
-          f"median of {args.runs} runs after a warm-up\n")
-    print(table(results))
-    print()
-    print(targets({r.name: r for r in results}))
+    print(f"# rbees-workerd side by side (SmolLM2-135M-Instruct Q4_1), {args.repeat} run(s)\n")
+    print(header(args.threads, args.tokens, args.runs, exe) + "\n")
+    every: list[list[Check]] = []
+    for i in range(args.repeat):
+        print(f"run {i + 1} of {args.repeat} ...", file=sys.stderr, flush=True)
+        results = run_once(args, path, exe)
+        every.append(checks({r.name: r for r in results}))
+        print(f"## Run {i + 1} of {args.repeat}\n")
+        print(table(results) + "\n", flush=True)
+    print(f"## Acceptance, every run (issue 21)\n\n{report(every)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
