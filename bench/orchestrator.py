@@ -14,11 +14,21 @@
       the job admitted first after them, before the schedule, is decided over all of them
       and its latency printed under the table)
 
-Targets: added TTFT <= 5 ms, tokens/s ratio >= 0.97, >= 1,000 admissions/s with p99 < 10 ms.
+  (s) side by side (issue 21, bench/cluster_speed.py): after a plain ``rbees up``, one stream
+      and four concurrent streams through rbees-orcd's OpenAI chat endpoint against the
+      worker direct and llama.cpp's llama-server -np 4 (bench/.llama-server, built by
+      bench/setup.sh; --llama-server PATH), no second copy of the model, two models busy at
+      once, a 1,000-token prompt, and a chat's second turn with two replicas running.
+
+Targets: added TTFT <= 5 ms, tokens/s ratio >= 0.97, >= 1,000 admissions/s with p99 < 10 ms,
+and (s)'s, each printed PASS or FAIL.
 Each judged (b, c) row runs --repeat times on a fresh rbees-orcd and shows the median run by
-p99 (this VM stalls now and then for tens of ms; one stall moves one run's p99).
+p99 (this VM stalls now and then for tens of ms; one stall moves one run's p99). Section (s)
+runs --repeat times in a row; every run is reported, with "holds in k of n".
 Usage: python bench/orchestrator.py [--runs 25] [--tokens 64] [--seconds 5] [--repeat 3]
-                                    [--skip-overhead]
+                                    [--skip-overhead] [--skip-admission] [--skip-speed]
+                                    [--speed-tokens 128] [--speed-runs 3]
+                                    [--llama-server PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -39,8 +49,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
+import cluster_speed  # bench/cluster_speed.py, beside this file
 import httpx
 from openloop import closed_loop, open_loop, request_bytes  # bench/openloop.py, beside this file
+from sidebyside import find_llama_server, header, report
 
 from rbees_core.testing import find_free_port, wait_http
 
@@ -333,26 +345,68 @@ def bench_admission(seconds: float, repeat: int) -> list[str]:
     return rows
 
 
-def main() -> None:
+def bench_speed(args: argparse.Namespace) -> None:
+    """Section (s), --repeat runs in a row: a table per run, then every run's verdicts."""
+    from rbees_core import plugins
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+
+    exe = find_llama_server(args.llama_server)
+    path = resolve_model(plugins.make_manager(plugins.builtin_plugins()), DEFAULT_MODEL_REF)
+    settings = cluster_speed.Settings(tokens=args.speed_tokens, threads=args.threads,
+                                      runs=args.speed_runs, long_words=args.long_words)
+    print("## (s) side by side through rbees-orcd (issue 21)\n")
+    print(header(args.threads, args.speed_tokens, args.speed_runs, exe) + "\n")
+    runs = []
+    for i in range(args.repeat):
+        print(f"(s) run {i + 1} of {args.repeat} ...", file=sys.stderr, flush=True)
+        run = cluster_speed.speed_run(exe, path, settings)
+        runs.append(run)
+        print(f"### (s) run {i + 1} of {args.repeat}\n")
+        print("| case | measured |\n|---|---:|")
+        print("\n".join(f"| {case} | {value} |" for case, value in run.rows))
+        print("".join(f"\n- {note}" for note in run.notes) + "\n", flush=True)
+    print(f"### (s) acceptance, every run\n\n{report([r.checks for r in runs])}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=25)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each judged (b, c) row; the median p99 is judged")
-    parser.add_argument("--skip-overhead", action="store_true", help="only (b) and (c)")
-    args = parser.parse_args()
+                        help="runs of each judged (b, c) row (the median p99 is judged) and "
+                             "of section (s) (each reported)")
+    parser.add_argument("--skip-overhead", action="store_true", help="no (a)")
+    parser.add_argument("--skip-admission", action="store_true", help="no (b) and (c)")
+    parser.add_argument("--skip-speed", action="store_true", help="no (s)")
+    parser.add_argument("--speed-tokens", type=int, default=128, help="tokens per answer in (s)")
+    parser.add_argument("--speed-runs", type=int, default=3, help="samples per case in (s)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads of (s)'s standalone worker and llama-server")
+    parser.add_argument("--long-words", type=int, default=1000, help=argparse.SUPPRESS)
+    parser.add_argument("--llama-server", default=None, help="the llama-server binary")
+    parser.add_argument("--quick", action="store_true",
+                        help="only (s), once, 8 tokens, 1 sample: that the bench runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.skip_overhead = args.skip_admission = True
+        args.repeat, args.speed_tokens, args.speed_runs, args.long_words = 1, 8, 1, 64
     if not args.skip_overhead:
         print("## (a) overhead on a warm worker\n")
         print("\n".join(bench_overhead(args.runs, args.tokens)))
-    print("\n## (b, c) admissions (client and server share this machine's cores)\n")
-    print("\n".join(bench_admission(args.seconds, args.repeat)))
-    if FIRST_DECISION_MS:
-        print("\n(c) the first job after the pools registered, admitted before the schedule "
-              "(the dispatcher decides it over all of them): "
-              + ", ".join(f"{x:.1f}" for x in FIRST_DECISION_MS) + " ms, one per run.")
+    if not args.skip_admission:
+        print("\n## (b, c) admissions (client and server share this machine's cores)\n")
+        print("\n".join(bench_admission(args.seconds, args.repeat)))
+        if FIRST_DECISION_MS:
+            print("\n(c) the first job after the pools registered, admitted before the "
+                  "schedule (the dispatcher decides it over all of them): "
+                  + ", ".join(f"{x:.1f}" for x in FIRST_DECISION_MS) + " ms, one per run.")
+    if not args.skip_speed:
+        print()
+        bench_speed(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

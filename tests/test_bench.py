@@ -1,0 +1,71 @@
+"""The benchmarks of bench/ cannot rot: their judging and report code, and one quick run of
+bench/worker.py against a real rbees-workerd (llama-server's cases left out: the test must not
+depend on bench/setup.sh having built it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+def test_report_has_a_column_per_run_and_counts_the_runs_that_held() -> None:
+    from sidebyside import Check, ratio_check, report
+
+    runs = [
+        [ratio_check("tok/s ratio", ">= 1.05", 1.10, 1.05),
+         ratio_check("TTFT", "<= +2 ms", 3.0, 2.0, at_least=False, fmt="{:+.1f} ms")],
+        [ratio_check("tok/s ratio", ">= 1.05", 1.00, 1.05),
+         ratio_check("TTFT", "<= +2 ms", None, 2.0, at_least=False)],
+        [ratio_check("tok/s ratio", ">= 1.05", 1.20, 1.05),
+         Check("TTFT", "<= +2 ms", "-1.0 ms", True)],
+    ]
+    lines = report(runs).splitlines()
+    assert lines[0] == "| row | target | run 1 | run 2 | run 3 | holds |"
+    assert lines[2] == ("| tok/s ratio | >= 1.05 | 1.100 PASS | 1.000 FAIL | 1.200 PASS "
+                        "| 2 of 3 |")
+    # an unmeasured row (a missing baseline) does not hold
+    assert lines[3] == "| TTFT | <= +2 ms | +3.0 ms FAIL | n/a n/a | -1.0 ms PASS | 1 of 3 |"
+
+
+def test_worker_bench_judges_issue_21s_rows() -> None:
+    import worker
+
+    def r(name: str, tps: float | None, ttft: float | None) -> worker.Result:
+        return worker.Result(name, name, tps, ttft, 128)
+
+    checks = worker.checks({x.name: x for x in [
+        r("L1", 70.0, 20.0), r("W1", 77.0, 21.0), r("L4", 90.0, 60.0), r("W4", 90.0, 50.0),
+        r("L1k", None, 1000.0), r("W1k", None, 1200.0)]})
+    assert [(c.measured, c.ok) for c in checks] == [
+        ("1.100", True), ("+1.0 ms", True), ("1.000", False), ("1.200", False)]
+    # without llama-server every judged row is n/a, not a pass
+    assert {c.ok for c in worker.checks({"W1": r("W1", 77.0, 21.0)})} == {None}
+
+
+def test_orchestrator_bench_parses_its_options() -> None:
+    out = subprocess.run([sys.executable, str(BENCH / "orchestrator.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for option in ("--skip-speed", "--speed-tokens", "--llama-server", "--quick"):
+        assert option in out.stdout
+
+
+@pytest.mark.model
+def test_worker_bench_runs_quickly_against_a_real_worker() -> None:
+    out = subprocess.run([sys.executable, str(BENCH / "worker.py"), "--quick",
+                          "--skip", "L1,L4,W4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| W1 | rbees-workerd" in out.stdout, out.stdout + out.stderr
+    assert "| W1k | rbees-workerd" in out.stdout
+    assert "failed" not in out.stderr, out.stderr
+    assert "## Acceptance, every run (issue 21)" in out.stdout
