@@ -52,7 +52,7 @@ import attrs
 import cluster_speed  # bench/cluster_speed.py, beside this file
 import httpx
 from openloop import closed_loop, open_loop, request_bytes  # bench/openloop.py, beside this file
-from sidebyside import find_llama_server, header, report
+from sidebyside import BUSY_REFUSALS, find_llama_server, header, report
 
 from rbees_core.testing import find_free_port, wait_http
 
@@ -366,6 +366,9 @@ def bench_speed(args: argparse.Namespace) -> None:
         print("\n".join(f"| {case} | {value} |" for case, value in run.rows))
         print("".join(f"\n- {note}" for note in run.notes) + "\n", flush=True)
     print(f"### (s) acceptance, every run\n\n{report([r.checks for r in runs])}\n")
+    if BUSY_REFUSALS[0]:
+        print(f"A worker refused {BUSY_REFUSALS[0]} direct request(s) sent just after the one "
+              "before ended (503, its slot not yet free); each was sent again, timed afresh.\n")
 
 
 def main(argv: list[str] | None = None) -> int:

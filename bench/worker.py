@@ -42,6 +42,7 @@ from pathlib import Path
 import attrs
 import httpx
 from sidebyside import (  # bench/sidebyside.py, beside this file
+    BUSY_REFUSALS,
     CTX,
     MESSAGES,
     ROOT,
@@ -393,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## Run {i + 1} of {args.repeat}\n")
         print(table(results) + "\n", flush=True)
     print(f"## Acceptance, every run (issue 21)\n\n{report(every)}")
+    if BUSY_REFUSALS[0]:
+        print(f"\nrbees-workerd refused {BUSY_REFUSALS[0]} request(s) sent just after the one "
+              "before ended (503, its slot not yet free); each was sent again, timed afresh.")
     return 0
 
 
