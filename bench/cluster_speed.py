@@ -25,6 +25,7 @@ first's.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -234,7 +235,7 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
 
     # two busy workers of different models on the same cores
     chat(other, MESSAGES, 4)
-    solo = {m: median_of(s.runs, lambda m=m: chat(m, MESSAGES, s.tokens)).tokens_per_s
+    solo = {m: median_of(s.runs, functools.partial(chat, m, MESSAGES, s.tokens)).tokens_per_s
             for m in (MODEL, other)}
     pairs = [concurrent(2, lambda i: chat((MODEL, other)[i], MESSAGES, s.tokens))
              for _ in range(s.runs + 1)][1:]  # the first is a warm-up

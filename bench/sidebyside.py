@@ -326,12 +326,12 @@ def report(runs: list[list[Check]]) -> str:
     for name, target in names:
         cells, held = [], 0
         for checks in runs:
-            c = next((c for c in checks if (c.name, c.target) == (name, target)), None)
-            if c is None:
+            found = [c for c in checks if (c.name, c.target) == (name, target)]
+            if not found:
                 cells.append("-")
                 continue
-            held += bool(c.ok)
-            cells.append(f"{c.measured} {verdict(c.ok)}")
+            held += bool(found[0].ok)
+            cells.append(f"{found[0].measured} {verdict(found[0].ok)}")
         lines.append(f"| {name} | {target} | " + " | ".join(cells)
                      + f" | {held} of {len(runs)} |")
     return "\n".join(lines)
