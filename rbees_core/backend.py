@@ -70,13 +70,19 @@ def split_device(device: str, backend: str | None = None) -> tuple[str, int]:
 
 @attrs.frozen
 class SamplingParams:
-    """Sampling settings of one sequence. ``temperature == 0`` means greedy."""
+    """Sampling settings of one sequence. ``temperature == 0`` means greedy.
+
+    ``grammar`` (GBNF, as :meth:`LoadedModel.compile_grammar` returns it) restricts the
+    sequence to the text the grammar accepts; only models with
+    :attr:`LoadedModel.supports_grammar` are given one.
+    """
 
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int = 0
+    grammar: str | None = None
 
 
 @attrs.frozen
@@ -113,6 +119,23 @@ class LoadedModel(ABC):
     #: renderer; its :attr:`~rbees_core.chat_template.ChatTemplate.capabilities` say whether
     #: it shows tools, tool calls, a system message. None: no template, or not a Jinja one.
     chat_template: ChatTemplate | None = None
+    #: Whether :meth:`begin` honours :attr:`SamplingParams.grammar`; the worker refuses a
+    #: grammar or JSON schema for a model without (a 400 naming the backend that can).
+    supports_grammar: bool = False
+
+    def compile_grammar(self, *, json_schema: Mapping[str, Any] | None = None,
+                        grammar: str | None = None) -> str:
+        """The GBNF grammar for :attr:`SamplingParams.grammar` that accepts exactly the JSON
+        documents valid under ``json_schema`` (or checks and returns ``grammar``, GBNF).
+
+        Called by the worker once per job that asks for structured output, before the job
+        is queued; only when :attr:`supports_grammar`. Raises
+        :class:`rbees_core.errors.InvalidParamsError` (a 400) for a schema or grammar it
+        cannot use.
+        """
+        from rbees_core.errors import InvalidParamsError
+
+        raise InvalidParamsError("json_schema", "this backend cannot constrain output")
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:

@@ -10,6 +10,11 @@ versions they were written against:
   daemon owns its signals) and ``startup`` (a failed lifespan start-up is raised by
   ``serve``, not a ``SystemExit`` out of the event loop).
 
+The llama.cpp backend's grammar sampling (``rbees_backend_llamacpp.grammar`` and
+``LlamaCppModel._sample_constrained``) relies on ``llama_cpp.llama_grammar.json_schema_to_gbnf``
+(not part of llama-cpp-python's documented API) and on the ctypes layout of
+``llama_token_data``; its pyproject.toml pins llama-cpp-python exactly for that.
+
 When a test here fails, the library changed under rbees: read the failure, adapt the module
 named in it to the new version (or drop the use), then move the pin.
 """
@@ -35,9 +40,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def pinned(distribution: str) -> str:
-    """The exact version pyproject.toml pins ``distribution`` to."""
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+def pinned(distribution: str, pyproject: str = "pyproject.toml") -> str:
+    """The exact version ``pyproject`` (the root's by default) pins ``distribution`` to."""
+    dependencies = tomllib.loads((ROOT / pyproject).read_text())["project"][
         "dependencies"]
     for requirement in dependencies:
         match = re.fullmatch(rf"{distribution}==([^;\s]+)", requirement.strip())
@@ -58,6 +63,39 @@ def test_the_installed_version_is_the_pinned_one(distribution: str) -> None:
         f"{distribution} {installed} is installed but pyproject.toml pins "
         f"{pinned(distribution)}: rbees uses its internals (see this test's module); check "
         "them against the new version before moving the pin")
+
+
+LLAMACPP_PYPROJECT = "backends/rbees-backend-llamacpp/pyproject.toml"
+
+
+def test_llama_cpp_python_is_the_pinned_one() -> None:
+    installed = importlib.metadata.version("llama-cpp-python")
+    assert installed == pinned("llama-cpp-python", LLAMACPP_PYPROJECT), (
+        f"llama-cpp-python {installed} is installed but {LLAMACPP_PYPROJECT} pins another: "
+        "the grammar sampling uses its internals (see this module); check them first")
+
+
+def test_llama_cpp_internals_used_by_grammar_sampling() -> None:
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    where = "rbees_backend_llamacpp (grammar.py, LlamaCppModel._sample_constrained) relies on"
+    gbnf = json_schema_to_gbnf('{"type": "object", "properties": {"a": {"const": "m"}}, '
+                               '"required": ["a"]}')
+    assert 'a ::= "\\"m\\""' in gbnf, f"{where} a const string being the literal rule {gbnf}"
+    assert "root ::=" in gbnf, f"{where} the converter's root rule being called root"
+    assert [name for name, _ in llama_cpp.llama_token_data._fields_] == ["id", "logit", "p"]
+    assert [t for _, t in llama_cpp.llama_token_data._fields_] == [
+        ctypes.c_int32, ctypes.c_float, ctypes.c_float], f"{where} llama_token_data's layout"
+    assert [name for name, _ in llama_cpp.llama_token_data_array._fields_] == [
+        "data", "size", "selected", "sorted"], f"{where} llama_token_data_array's fields"
+    for name in ("llama_sampler_init_grammar", "llama_sampler_apply", "llama_sampler_accept",
+                 "llama_get_logits_ith", "llama_vocab_n_tokens"):
+        assert hasattr(llama_cpp, name), f"{where} {name}"
+    assert len(llama_cpp.llama_sampler_init_grammar.argtypes) == 3, (
+        f"{where} llama_sampler_init_grammar(vocab, grammar, root)")
 
 
 def test_typer_internals_used_by_cli_coercion() -> None:

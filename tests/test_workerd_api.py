@@ -51,6 +51,10 @@ BAD_BODIES = [
     ({"job_id": "none"}, "prompt"),
     ({"job_id": "role", "messages": [{"role": "wizard", "content": "b"}]}, "messages[0].role"),
     ([1, 2, 3], "body"),
+    ({**GOOD, "json_schema": {"type": "wizard"}}, "json_schema"),
+    ({**GOOD, "json_schema": [1]}, "json_schema"),
+    ({**GOOD, "grammar": "root ::= ("}, "grammar"),
+    ({**GOOD, "grammar": 'root ::= "a"', "json_schema": {}}, "grammar"),
 ]
 
 

@@ -18,6 +18,8 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_PROMPT_CHARS = 100_000
 WORKER_MAX_PROMPT_CHARS = 32_768
 MAX_SEED = 2**63 - 1
+#: Longest GBNF grammar (or JSON schema, as JSON text) a job may carry.
+MAX_GRAMMAR_CHARS = 65_536
 
 
 @attrs.frozen

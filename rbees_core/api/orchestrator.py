@@ -10,14 +10,23 @@ Timestamps are Unix epoch seconds (float).
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
 import attrs
 
-from rbees_core.api.common import DEVICE_PATTERN, ID_PATTERN, MAX_PROMPT_CHARS, MAX_SEED, SHELL_META
+from rbees_core.api.common import (
+    DEVICE_PATTERN,
+    ID_PATTERN,
+    MAX_GRAMMAR_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    SHELL_META,
+)
 from rbees_core.api.pool import GpuEntry
 from rbees_core.errors import InvalidParamsError
 from rbees_core.schema import field, limits
+from rbees_core.structured import check_schema
 
 Priority = Literal["interactive", "batch"]
 JobStatus = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled"]
@@ -99,6 +108,12 @@ class TaskRequest:
     cancel_on_disconnect: bool = field(
         default=False, doc="cancel the job when the client of its live event stream goes away"
     )
+    json_schema: dict[str, Any] | None = field(
+        default=None, doc="constrain the output to JSON valid under this JSON schema "
+        "(workers whose backend has grammar support: llamacpp)")
+    grammar: str | None = field(
+        default=None, max_length=MAX_GRAMMAR_CHARS, forbid="\x00",
+        doc="constrain the output to this GBNF grammar (root rule: root; llamacpp)")
 
     def check(self) -> None:
         """Rules across fields; raises :class:`InvalidParamsError` naming the field."""
@@ -116,6 +131,13 @@ class TaskRequest:
                 )
         if any(s == "" for s in self.stop):
             raise InvalidParamsError("stop", "must not contain empty strings")
+        if self.json_schema is not None and self.grammar is not None:
+            raise InvalidParamsError("grammar", "give at most one of json_schema and grammar")
+        if self.json_schema is not None:
+            if len(json.dumps(self.json_schema)) > MAX_GRAMMAR_CHARS:
+                raise InvalidParamsError("json_schema", f"must be at most {MAX_GRAMMAR_CHARS} "
+                                         "characters of JSON")
+            check_schema(self.json_schema, field="json_schema")
         if self.placement is not None:
             p = self.placement
             for name, pools in (("prefer_pools", p.prefer_pools), ("avoid_pools", p.avoid_pools)):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
 from rbees_core.api.common import (
     DEVICE_PATTERN,
     ID_PATTERN,
+    MAX_GRAMMAR_CHARS,
     MAX_SEED,
     SHELL_META,
     WORKER_MAX_PROMPT_CHARS,
@@ -50,10 +51,18 @@ class ExecuteRequest:
     repetition_penalty: float = field(default=1.0, minimum=0.01, maximum=10)
     stop: list[str] = field(factory=list, max_items=4, item_max_length=100)
     seed: int | None = field(default=None, minimum=0, maximum=MAX_SEED)
+    json_schema: dict[str, Any] | None = field(
+        default=None, doc="constrain the output to JSON valid under this JSON schema "
+        "(backends with grammar support: llamacpp)")
+    grammar: str | None = field(
+        default=None, max_length=MAX_GRAMMAR_CHARS, forbid="\x00",
+        doc="constrain the output to this GBNF grammar (root rule: root; llamacpp)")
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidParamsError("prompt", "give exactly one of prompt and messages")
+        if self.json_schema is not None and self.grammar is not None:
+            raise InvalidParamsError("grammar", "give at most one of json_schema and grammar")
         if self.messages is not None:
             if not self.messages:
                 raise InvalidParamsError("messages", "must not be empty")

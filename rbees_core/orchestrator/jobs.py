@@ -42,9 +42,11 @@ TRANSITION_FIELDS: frozenset[str] = frozenset({
 #: Generation parameters kept in the ``params`` JSON column.
 PARAM_FIELDS: tuple[str, ...] = (
     "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
-    "deadline_ms", "placement", "cancel_on_disconnect",
+    "deadline_ms", "placement", "cancel_on_disconnect", "json_schema", "grammar",
 )
 _EXECUTE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")
+#: Execute fields sent only when set (a worker from before them accepts the job unchanged).
+_OPTIONAL_EXECUTE_FIELDS = ("json_schema", "grammar")
 
 
 def dumps(data: Any) -> str:
@@ -133,6 +135,8 @@ def execute_body(job: NewJob | JobSpec) -> dict[str, Any]:
     else:
         body["messages"] = job.messages
     body.update({k: job.params[k] for k in _EXECUTE_FIELDS if k in job.params})
+    body.update({k: job.params[k] for k in _OPTIONAL_EXECUTE_FIELDS
+                 if job.params.get(k) is not None})
     body["seed"] = job.seed
     return body
 

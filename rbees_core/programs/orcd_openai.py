@@ -27,6 +27,7 @@ from rbees_core.http import parse_json, read_body
 from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.programs.orcd_common import service
 from rbees_core.schema import from_mapping
+from rbees_core.structured import response_format_schema
 
 MAX_N = 8
 FINISH = {"stop": "stop", "eos": "stop", "max_tokens": "length"}
@@ -74,10 +75,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
     if body.get("tools") or body.get("functions"):
         raise OpenAIError(400, "tools are not supported", param="tools")
-    fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise OpenAIError(400, "only response_format type 'text' is supported",
-                          param="response_format")
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
         raise OpenAIError(400, f"n must be an integer from 1 to {MAX_N}", param="n")
@@ -123,6 +120,12 @@ def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
     stop = body.get("stop")
     if stop is not None:
         task["stop"] = [stop] if isinstance(stop, str) else stop
+    try:
+        schema = response_format_schema(body.get("response_format"))
+    except InvalidParamsError as exc:
+        raise OpenAIError(400, exc.message, param=exc.field) from exc
+    if schema is not None:
+        task["json_schema"] = schema
     return task, int(body.get("n", 1))
 
 
@@ -144,6 +147,11 @@ def _message(m: Any, i: int) -> dict[str, str]:
         raise OpenAIError(400, "content must be a string", param=f"messages[{i}].content")
     role = "system" if m["role"] == "developer" else m["role"]
     return {"role": role, "content": content}
+
+
+def _param(field: Any) -> Any:
+    """The OpenAI request field a worker's INVALID_PARAMS ``field`` stands for."""
+    return "response_format" if field == "json_schema" else field
 
 
 async def _submit_all(request: Request, task: dict[str, Any], n: int) -> list[str]:
@@ -241,7 +249,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     if error is not None and error.get("code") == "INVALID_PARAMS":
         # refused for what the request holds (the model's chat template refused the
         # messages): the client's error, as the worker said it
-        return OpenAIError(400, str(error.get("message")), param=error.get("field"),
+        return OpenAIError(400, str(error.get("message")), param=_param(error.get("field")),
                            code="invalid_params").response()
     if error is not None:
         return OpenAIError(502 if error.get("code") != "CANCELLED" else 499,
@@ -321,7 +329,7 @@ class _OpenAIStream:
                     invalid = data.get("code") == "INVALID_PARAMS"
                     error = {"message": data.get("message"),
                              "type": "invalid_request_error" if invalid else "server_error",
-                             "param": data.get("field") if invalid else None,
+                             "param": _param(data.get("field")) if invalid else None,
                              "code": str(data.get("code", "")).lower()}
                     chunk = sse.frame(json.dumps({"error": error})).encode()
                 if chunk:

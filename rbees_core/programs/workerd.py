@@ -34,12 +34,13 @@ from rbees_core.api.worker import (
     ReadyState,
     WorkerStateName,
 )
-from rbees_core.backend import Backend, SamplingParams
+from rbees_core.backend import Backend, LoadedModel, SamplingParams
 from rbees_core.config import Config, rbees_home
 from rbees_core.engine import Engine
 from rbees_core.errors import (
     BackendUnavailableError,
     DrainingError,
+    InvalidParamsError,
     NotReadyError,
     RbeesError,
     UnknownPluginError,
@@ -176,7 +177,8 @@ async def execute(request: Request) -> Response:
                                          for m in req.messages])
     seed = req.seed if req.seed is not None else random.randrange(2**63)
     params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                            repetition_penalty=req.repetition_penalty, seed=seed)
+                            repetition_penalty=req.repetition_penalty, seed=seed,
+                            grammar=_grammar(st, engine.model, req))
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
@@ -189,6 +191,20 @@ async def execute(request: Request) -> Response:
     st.log.info("job_accepted", job_id=req.job_id, tokens_in=len(job.tokens))
     return EventStreamResponse(events, on_disconnect=lambda: engine.cancel(req.job_id)
                                )  # type: ignore[return-value]
+
+
+def _grammar(st: WorkerState, model: LoadedModel, req: ExecuteRequest) -> str | None:
+    """The GBNF grammar of a job that asks for structured output (None for one that does
+    not). Raises InvalidParamsError (a 400) for a backend without grammar support, naming
+    the one that has it, and for a schema or grammar the backend cannot use."""
+    if req.json_schema is None and req.grammar is None:
+        return None
+    field = "grammar" if req.grammar is not None else "json_schema"
+    if not model.supports_grammar:
+        raise InvalidParamsError(
+            field, f"the {st.settings.backend} backend cannot constrain output to a JSON "
+            "schema or grammar; run the model on the llamacpp backend for structured output")
+    return model.compile_grammar(json_schema=req.json_schema, grammar=req.grammar)
 
 
 async def cancel(request: Request) -> Response:

