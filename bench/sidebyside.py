@@ -88,10 +88,14 @@ def llama_server_version(exe: Path) -> str:
 class LlamaServer:
     """A running ``llama-server``; a context manager that stops it."""
 
-    def __init__(self, exe: Path, model: str, threads: int, slots: int) -> None:
+    def __init__(self, exe: Path, model: str, threads: int, slots: int, device: str = "cpu"
+                 ) -> None:
         self.port = find_free_port()
+        # on a GPU every layer goes there (rbees-workerd --device cuda:N offloads them all)
+        gpu = ["-ngl", "999", "-dev", f"CUDA{device.partition(':')[2] or 0}"] \
+            if device.startswith("cuda") else []
         self.argv = [str(exe), "-m", model, "-t", str(threads), "-c", str(CTX * slots),
-                     "-np", str(slots), "--host", "127.0.0.1", "--port", str(self.port)]
+                     "-np", str(slots), *gpu, "--host", "127.0.0.1", "--port", str(self.port)]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
         self.proc = subprocess.Popen(self.argv, env=baseline_env(), stdout=self.log,
                                      stderr=subprocess.STDOUT)

@@ -24,7 +24,8 @@ is forced on any case); llama-server is bench/.llama-server/bin/llama-server (be
 builds it), ``--llama-server PATH`` or ``$RBEES_BENCH_LLAMA_SERVER``.
 
 Usage: python bench/worker.py [--tokens 128] [--threads 2] [--runs 3] [--repeat 1]
-                              [--skip a,a4,c,e] [--llama-server PATH] [--quick]
+                              [--skip a,a4,c,e] [--llama-server PATH] [--device cuda:0]
+                              [--quick]
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ def from_many(name: str, label: str, m: Many) -> Result:
 class Worker:
     """A running rbees-workerd, with the environment of this process (its own defaults)."""
 
-    def __init__(self, threads: int, slots: int = 1, backend: str = "llamacpp") -> None:
+    def __init__(self, threads: int, slots: int = 1, backend: str = "llamacpp",
+                 device: str = "cpu") -> None:
         self.port = find_free_port()
         self.home = tempfile.mkdtemp(prefix="rbees-bench-")
         argv = workerd_argv(f"bench-{backend}-{slots}", self.port, backend=backend,
-                            slots=slots, extra=("--threads", str(threads), "--ctx", str(CTX)))
+                            device=device, slots=slots,
+                            extra=("--threads", str(threads), "--ctx", str(CTX)))
         self.proc = subprocess.Popen(argv, env={**os.environ, "RBEES_HOME": self.home},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -144,8 +147,10 @@ def one_and_long(name: str, label: str, stream: Callable[[list[dict[str, str]], 
 
 
 def bench_llama_server(exe: Path, path: str, slots: int, tokens: int, threads: int,
-                       runs: int, long_words: int = LONG_WORDS) -> list[Result]:
-    with LlamaServer(exe, path, threads, slots) as server, httpx.Client(timeout=300) as client:
+                       runs: int, long_words: int = LONG_WORDS, device: str = "cpu"
+                       ) -> list[Result]:
+    with LlamaServer(exe, path, threads, slots, device) as server, \
+            httpx.Client(timeout=300) as client:
         def stream(messages: list[dict[str, str]], n: int) -> Stream:
             return chat_stream(client, server.url, "smollm2", messages, n)
 
@@ -158,9 +163,9 @@ def bench_llama_server(exe: Path, path: str, slots: int, tokens: int, threads: i
 
 
 def bench_worker(slots: int, tokens: int, threads: int, runs: int,
-                 long_words: int = LONG_WORDS) -> list[Result]:
-    with Worker(threads, slots) as w:
-        flags = f"--slots {slots} --threads {threads} --ctx {CTX}"
+                 long_words: int = LONG_WORDS, device: str = "cpu") -> list[Result]:
+    with Worker(threads, slots, device=device) as w:
+        flags = f"--device {device} --slots {slots} --threads {threads} --ctx {CTX}"
         if slots == 1:
             return one_and_long("W1", f"rbees-workerd `{flags}`, 1 stream", w.stream,
                                 tokens, runs, long_words)
@@ -340,15 +345,15 @@ def table(results: list[Result]) -> str:
 
 
 def run_once(args: argparse.Namespace, path: str, exe: Path | None) -> list[Result]:
-    t, n, r, lw = args.tokens, args.threads, args.runs, args.long_words
+    t, n, r, lw, dev = args.tokens, args.threads, args.runs, args.long_words, args.device
     steps: list[tuple[str, Callable[[], list[Result]]]] = []
     if exe is not None:
-        steps.append(("L1", lambda: bench_llama_server(exe, path, 1, t, n, r, lw)))
-    steps.append(("W1", lambda: bench_worker(1, t, n, r, lw)))
+        steps.append(("L1", lambda: bench_llama_server(exe, path, 1, t, n, r, lw, dev)))
+    steps.append(("W1", lambda: bench_worker(1, t, n, r, lw, dev)))
     if exe is not None:
-        steps.append(("L4", lambda: bench_llama_server(exe, path, 4, t, n, r)))
+        steps.append(("L4", lambda: bench_llama_server(exe, path, 4, t, n, r, lw, dev)))
     steps += [
-        ("W4", lambda: bench_worker(4, t, n, r)),
+        ("W4", lambda: bench_worker(4, t, n, r, lw, dev)),
         ("a", lambda: bench_inprocess(path, t, n, r)),
         ("a4", lambda: bench_batched_loop(path, t, n, r)),
         ("c", lambda: bench_llama_cpp_server(path, t, n, r)),
@@ -371,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu",
+                        help="cuda:N: rbees-workerd --device cuda:N against llama-server with "
+                             "every layer on that GPU (a CUDA build: CMAKE_ARGS=-DGGML_CUDA=on "
+                             "bash bench/setup.sh); the extra baselines stay on the CPU")
     parser.add_argument("--runs", type=int, default=3, help="samples per case in a run")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of the whole set, one after the other; all are reported")
