@@ -160,8 +160,11 @@ async def _submit_all(request: Request, task: dict[str, Any], n: int) -> list[st
     try:
         for i in range(n):
             body = dict(task)
-            if n > 1 and "seed" in body:
-                body["seed"] = int(body["seed"]) + i
+            seed = body.get("seed")
+            # one seed per choice; a seed that is no integer in range is left for
+            # from_mapping to refuse with a 400 naming it (int("") was a 500)
+            if n > 1 and type(seed) is int and 0 <= seed < 2**63:
+                body["seed"] = (seed + i) % 2**63
             req = from_mapping(TaskRequest, body)
             job_ids.append((await svc.submit(req)).job_id)
     except InvalidParamsError as exc:
