@@ -19,6 +19,7 @@ Excluded (only wrong methods and paths that name nothing are sent there):
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url
             {"model": MISSING_MODEL, "messages": messages, "max_tokens": 2, "stream": False},
             {"model": MISSING_MODEL, "messages": [{"role": "user", "content": [
                 {"type": "text", "text": "Hi"}]}], "max_tokens": 2, "stream": True,
-             "stream_options": {"include_usage": True}, "n": 2, "stop": "."}],
+             "stream_options": {"include_usage": True}, "n": 2, "stop": ".", "seed": 3}],
         ("POST", "/v1/completions"): [{"model": MISSING_MODEL, "prompt": "Hi",
                                        "max_tokens": 2, "temperature": 0}],
         ("POST", "/v2/pools/{pool_id}/heartbeat"): [beat],
@@ -132,6 +133,33 @@ def test_orcd_numeric_queries_that_once_were_500s(orcd_url: str, query: str) -> 
     answer = httpx.get(f"{orcd_url}{query}", headers=AUTH)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["code"] == "INVALID_PARAMS"
+
+
+@pytest.mark.parametrize("seed", ["", "3", 1.5, [], None, True, 2**63 - 1, -1])
+def test_orcd_v1_n_choices_with_any_seed_is_no_500(orcd_url: str, seed: Any) -> None:
+    """Found by this fuzz: with n > 1 each choice got int(seed) + i, a 500 for a seed that
+    is no integer. Now a bad seed is a 400 naming it, and a good one is accepted (the
+    model is missing here: 404 once the checks pass)."""
+    answer = httpx.post(f"{orcd_url}/v1/chat/completions", headers=AUTH, json={
+        "model": MISSING_MODEL, "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2, "n": 2, "seed": seed})
+    assert answer.status_code in (400, 404), answer.text
+    if answer.status_code == 400:
+        assert answer.json()["error"]["param"] == "seed"
+
+
+def test_orcd_refuses_a_heartbeat_it_could_not_list_again(orcd_url: str, pool_url: str
+                                                         ) -> None:
+    """Found by this fuzz's read-back: a heartbeat whose free-form ``models`` held 1e400 was
+    accepted, and GET /v2/pools was a 500 until the pool's next heartbeat replaced it."""
+    state = httpx.get(f"{pool_url}/v2/state", headers=AUTH).json()
+    body = json.dumps({**state, "pool_id": "poisoned", "seq": 1, "sent_at": time.time(),
+                       "models": [{"id": "x", "size_bytes": "HUGE"}]}).replace('"HUGE"', "1e400")
+    answer = httpx.post(f"{orcd_url}/v2/pools/poisoned/heartbeat", headers=AUTH,
+                        content=body.encode())
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["details"]["field"] == "size_bytes"
+    assert httpx.get(f"{orcd_url}/v2/pools", headers=AUTH).status_code == 200
 
 
 def test_pool_managerd_survives_structural_attacks_on_every_route(pool_url: str) -> None:
@@ -160,3 +188,4 @@ def test_workerd_survives_structural_attacks_on_every_route(worker: WorkerHandle
     _fire("rbees-workerd", worker.url, targets)
     frames = worker.execute({"job_id": "after", "prompt": "Hi", "max_tokens": 2})
     assert frames[-1][1] == "end"
+

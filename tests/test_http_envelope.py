@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from rbees_core.errors import NotFoundError
-from rbees_core.http import build_app
+from rbees_core.errors import InvalidParamsError, NotFoundError
+from rbees_core.http import build_app, parse_json
 
 TOKEN = "t0ken-0123456789abcdef"
 
@@ -82,3 +82,16 @@ async def test_a_missing_token_on_v1_is_a_401_in_openai_shape() -> None:
         v2 = await c.post("/v2/ok", headers={"Authorization": "Bearer wrong"})
         assert rbees_shape(v2)["code"] == "UNAUTHENTICATED"
         assert (await c.post("/v1/ok")).json() == {"ok": True}
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    (b'{"a": NaN}', "a"), (b'{"a": {"b": Infinity}}', "b"), (b'{"a": [-Infinity]}', "body"),
+    (b'{"size_bytes": 1e400}', "size_bytes"), (b"1e400", "body"), (b"[NaN]", "body"),
+])
+def test_a_number_that_is_not_finite_is_refused_where_it_is(raw: bytes, field: str) -> None:
+    """Found by the structural fuzz: a heartbeat whose free-form ``models`` held 1e400 was
+    accepted, and every GET /v2/pools after it was a 500 (JSON cannot carry inf back)."""
+    with pytest.raises(InvalidParamsError) as caught:
+        parse_json(raw)
+    assert caught.value.field == field and "finite" in caught.value.message
+    assert parse_json(b'{"a": 1e300, "b": -0.0, "c": 10}') == {"a": 1e300, "b": -0.0, "c": 10}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import re
 import time
 import uuid
@@ -202,13 +203,18 @@ async def read_body(request: Request) -> bytes:
 #: Deepest nesting of arrays and objects a request body may have; no wire type needs 8.
 MAX_JSON_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: Python's json reads NaN, Infinity and 1e400 as floats no JSON answer can carry back (a pool
+#: state holding one made every later GET /v2/pools a 500); none passes parse_json.
+_NOT_FINITE = "must be a finite number (NaN, Infinity and 1e400 are none)"
 
 
 def parse_json(raw: bytes) -> Any:
     """A request body as JSON, or :class:`InvalidParamsError` (field ``body``) when it is not
-    JSON, nests deeper than :data:`MAX_JSON_DEPTH`, or holds an unpaired surrogate
-    (``"\\ud800"`` parses, but no UTF-8 text can carry it). Called by every daemon's body
-    reader (:func:`read_json`) and the OpenAI routes, so each refuses these with a 400."""
+    JSON, nests deeper than :data:`MAX_JSON_DEPTH`, holds an unpaired surrogate
+    (``"\\ud800"`` parses, but no UTF-8 text can carry it) or a number that is not finite
+    (``NaN``, ``Infinity``, ``1e400``; the field is the key that holds it). Called by every
+    daemon's body reader (:func:`read_json`) and the OpenAI routes, so each refuses these
+    with a 400."""
     try:
         data = json.loads(raw)
     except RecursionError as exc:
@@ -219,6 +225,8 @@ def parse_json(raw: bytes) -> Any:
         _check_tree(data)
     elif isinstance(data, str) and _SURROGATE.search(data):
         raise InvalidParamsError("body", "a string holds an unpaired UTF-16 surrogate")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise InvalidParamsError("body", _NOT_FINITE)
     return data
 
 
@@ -237,6 +245,9 @@ def _check_tree(root: dict[str, Any] | list[Any]) -> None:
                         "a string holds an unpaired UTF-16 surrogate")
             elif isinstance(value, (dict, list)):
                 stack.append((value, depth + 1))
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise InvalidParamsError(str(key) if isinstance(key, str) else "body",
+                                         _NOT_FINITE)
             if isinstance(key, str) and _SURROGATE.search(key):
                 raise InvalidParamsError("body", "a key holds an unpaired UTF-16 surrogate")
 
