@@ -47,6 +47,11 @@ def response_format_schema(fmt: Any, *, field: str = "response_format"
         raise InvalidParamsError(f"{field}.json_schema", "must be an object with a schema")
     schema = spec.get("schema", ANY_OBJECT)
     check_schema(schema, field=f"{field}.json_schema.schema")
+    if isinstance(schema, bool):  # true: any value; false: none (dict(True) was a 500)
+        if not schema:
+            raise InvalidParamsError(f"{field}.json_schema.schema",
+                                     "false accepts no output at all")
+        return {}
     return dict(schema)
 
 
@@ -65,7 +70,7 @@ def check_schema(schema: Any, *, field: str, _depth: int = 0) -> None:
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
     for k in kinds:
-        if k not in _TYPES:
+        if not isinstance(k, str) or k not in _TYPES:  # {} in a set: TypeError, a 500
             raise InvalidParamsError(field, f"unknown type {k!r}")
     for key in ("required", "enum"):
         if key in schema and not isinstance(schema[key], list):
