@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 
@@ -189,3 +190,53 @@ def test_workerd_survives_structural_attacks_on_every_route(worker: WorkerHandle
     frames = worker.execute({"job_id": "after", "prompt": "Hi", "max_tokens": 2})
     assert frames[-1][1] == "end"
 
+
+@pytest.fixture
+def fresh_cluster(tmp_path: Path) -> Iterator[str]:
+    """Its own rbees-orcd and pool ``fz``: the other tests drained and poked theirs."""
+    for orcd_url in _daemon("rbees-orcd", tmp_path / "orcd", "--queue-capacity", "5000"):
+        for _ in _daemon("pool-managerd", tmp_path / "pool", "--pool-id", POOL,
+                         "--orchestrator", orcd_url, "--heartbeat-interval", "0.5"):
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{orcd_url}/v2/pools/{POOL}", headers=AUTH).status_code != 200:
+                assert time.monotonic() < deadline, "pool-managerd never registered"
+                time.sleep(0.2)
+            yield orcd_url
+
+
+@pytest.mark.model
+def test_orcd_jobs_through_a_real_worker_survive_the_attacks(fresh_cluster: str) -> None:
+    """The same attacks with a model that is there: what passes rbees-orcd's checks is
+    queued, a worker is started on pool ``fz`` and generates (max_tokens 2), so the whole
+    path (orcd, pool, worker, chat template, relay) must answer each with a 4xx or serve
+    it. Found this way: prompt \\"\\" was a 502 (the worker failed the empty batch)."""
+    first = httpx.post(f"{fresh_cluster}/v1/completions", headers=AUTH, timeout=120,
+                       json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2})
+    assert first.status_code == 200, first.text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    routes = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+              ("POST", "/v2/tasks")}
+    targets = [t for t in _targets(orcd, fresh_cluster, {
+        ("POST", "/v2/tasks"): [{"model": "smollm2", "prompt": "Hi", "max_tokens": 2}],
+        ("POST", "/v1/chat/completions"): [
+            {"model": "smollm2", "messages": messages, "max_tokens": 2, "temperature": 0},
+            {"model": "smollm2", "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Hi"}]}], "max_tokens": 2, "stream": True,
+             "stream_options": {"include_usage": True}, "n": 2, "stop": ".", "seed": 3,
+             "top_p": 0.9}],
+        ("POST", "/v1/completions"): [{"model": "smollm2", "prompt": "Hi", "max_tokens": 2,
+                                       "temperature": 0.5}],
+    }) if (t.method, t.path) in routes]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"},
+                                               "b": {"type": "array", "items": {"enum": [1]}}},
+              "required": ["a"]}
+    structured = {"model": "smollm2", "messages": messages, "max_tokens": 2,
+                  "response_format": {"type": "json_schema",
+                                      "json_schema": {"name": "x", "schema": schema}}}
+    targets = [attrs.evolve(t, examples=(*t.examples, structured))
+               if t.path == "/v1/chat/completions" else t for t in targets]
+    began = time.monotonic()
+    sent = fire(fresh_cluster, targets, total=150, headers=AUTH, timeout=120)
+    print(f"rbees-orcd through a worker: {sum(sent.values())} requests in "
+          f"{time.monotonic() - began:.1f}s")
+    assert sum(sent.values()) >= MIN_REQUESTS, sent
