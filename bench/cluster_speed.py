@@ -25,7 +25,6 @@ first's.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -141,9 +140,10 @@ def baselines(exe: Path | None, model_path: str, s: Settings, run: Run
             long = median_of(s.runs, lambda: chat_stream(
                 client, server.url, MODEL, long_messages(s.long_words, salt()), 4))
         got["L4"], got["L4k"] = many.total_per_s, long.ttft_ms
+        size = "1,000-token" if s.long_words == 1000 else f"{s.long_words}-word"
         run.rows += [(f"llama-server `{server.flags()}`, 4 concurrent, total tokens/s",
                       f"{many.total_per_s:.1f}"),
-                     (f"llama-server `{server.flags()}`, {s.long_words}-word prompt, TTFT ms",
+                     (f"llama-server `{server.flags()}`, {size} prompt, TTFT ms",
                       f"{long.ttft_ms:.1f}")]
     port = find_free_port()
     home = tempfile.mkdtemp(prefix="rbees-bench-w4-")
@@ -235,14 +235,16 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
 
     # two busy workers of different models on the same cores
     chat(other, MESSAGES, 4)
-    solo = {m: median_of(s.runs, functools.partial(chat, m, MESSAGES, s.tokens)).tokens_per_s
+    # tokens over the whole request: the two streams' first tokens come at different times
+    solo = {m: statistics.median(chat(m, MESSAGES, s.tokens).overall_per_s
+                                 for _ in range(s.runs + 1))
             for m in (MODEL, other)}
     pairs = [concurrent(2, lambda i: chat((MODEL, other)[i], MESSAGES, s.tokens))
              for _ in range(s.runs + 1)][1:]  # the first is a warm-up
-    both = {m: statistics.median(p.each[i].tokens_per_s for p in pairs)
+    both = {m: statistics.median(p.each[i].overall_per_s for p in pairs)
             for i, m in enumerate((MODEL, other))}
     for name, m in (("model A", MODEL), ("model B (other file)", other)):
-        run.rows.append((f"{name}, alone; with the other busy, tokens/s",
+        run.rows.append((f"{name}, alone; with the other busy, tokens/s (whole request)",
                          f"{solo[m]:.1f}; {both[m]:.1f}"))
         run.checks.append(ratio_check(f"two CPU workers of different models: {name}, "
                                       "share of solo speed", ">= 0.4",
@@ -250,10 +252,16 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
     run.notes.append(f"workers while both models ran: {len(live_workers(pool))}")
 
     # a second replica, then a chat in two turns
-    if s.second_replica:
+    if s.second_replica:  # exactly two replicas of the model, nothing else running
+        keep = {worker["worker_id"]}
         for w in live_workers(pool):
-            if w["model_ref"] != ref:
+            if w["model_ref"] == ref and len(keep) < 2:
+                keep.add(w["worker_id"])
+            elif w["worker_id"] not in keep:
                 client.post(f"{pool}/v2/workers/{w['worker_id']}/stop", json={})
+        deadline = time.monotonic() + 120
+        while len(live_workers(pool)) > len(keep) and time.monotonic() < deadline:
+            time.sleep(0.2)
         if len(workers_of(pool, ref)) < 2:
             started = client.post(f"{pool}/v2/workers/start", json={
                 "model_ref": ref, "slots": int(worker.get("slots_total") or 1)})
@@ -271,7 +279,8 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
         first.append(a.ttft_ms)
         second.append(b.ttft_ms)
     t1, t2 = statistics.median(first), statistics.median(second)
-    run.rows += [(f"chat turn 1 ({s.long_words}-word prompt, new), {replicas} replicas, TTFT ms",
+    size = "1,000-token" if s.long_words == 1000 else f"{s.long_words}-word"
+    run.rows += [(f"chat turn 1 ({size} prompt, new), {replicas} replicas, TTFT ms",
                   f"{t1:.1f}"),
                  ("chat turn 2 (same prefix + 20 words), TTFT ms", f"{t2:.1f}")]
     run.checks += [

@@ -136,6 +136,14 @@ class Stream:
     tokens: int
     end: float  # time.perf_counter() at its last byte
     text: str = ""
+    start: float = 0.0  # time.perf_counter() at the request
+
+    @property
+    def overall_per_s(self) -> float:
+        """Tokens over the whole request, TTFT included: the measure that a relay which
+        hands several tokens over at once cannot inflate (a short answer's tokens/s after
+        the first token can)."""
+        return self.tokens / (self.end - self.start)
 
 
 def _finish(t0: float, first: float | None, n: int, text: str) -> Stream:
@@ -143,7 +151,7 @@ def _finish(t0: float, first: float | None, n: int, text: str) -> Stream:
     if first is None or n < 1:
         raise RuntimeError("the answer held no token")
     rate = (n - 1) / (end - first) if n > 1 and end > first else float("nan")
-    return Stream((first - t0) * 1000, rate, n, end, text)
+    return Stream((first - t0) * 1000, rate, n, end, text, t0)
 
 
 def chat_stream(client: httpx.Client, url: str, model: str, messages: list[dict[str, str]],
