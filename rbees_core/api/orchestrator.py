@@ -27,11 +27,12 @@ from rbees_core.api.pool import GpuEntry
 from rbees_core.errors import InvalidParamsError
 from rbees_core.schema import field, limits
 from rbees_core.structured import check_schema
+from rbees_core.tools import MAX_TOOLS, check_tool_calls, check_tool_choice, check_tools
 
 Priority = Literal["interactive", "batch"]
 JobStatus = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled"]
 PoolStatus = Literal["ready", "unavailable", "offline"]
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 StopReason = Literal["max_tokens", "stop", "eos"]
 
 #: Job states in which nothing changes any more.
@@ -52,7 +53,29 @@ class TaskMessage:
     """One chat turn of a task; rendered with the model's own chat template by the worker."""
 
     role: Role
-    content: str = attrs.field(metadata=limits(max_length=MAX_PROMPT_CHARS, forbid="\x00"))
+    content: str | None = field(
+        default=None, max_length=MAX_PROMPT_CHARS, forbid="\x00",
+        doc="the text; null only on an assistant turn that has tool_calls")
+    tool_calls: list[dict[str, Any]] | None = field(
+        default=None, max_items=64,
+        doc='an assistant turn\'s calls: [{id, type: "function", function: {name, arguments}}]')
+    tool_call_id: str | None = field(default=None, max_length=128,
+                                     doc="the call a tool message answers")
+    name: str | None = field(default=None, max_length=128, doc="the tool a tool message is from")
+
+    def chars(self) -> int:
+        """Characters this turn adds to the prompt (content and call arguments)."""
+        calls = len(json.dumps(self.tool_calls)) if self.tool_calls else 0
+        return len(self.content or "") + calls
+
+    def check(self) -> None:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise InvalidParamsError("content", "is required, except on an assistant turn "
+                                     "with tool_calls")
+        if self.tool_calls is not None:
+            if self.role != "assistant":
+                raise InvalidParamsError("tool_calls", "only an assistant turn has tool_calls")
+            check_tool_calls(self.tool_calls, field="tool_calls")
 
 
 @attrs.frozen
@@ -114,6 +137,15 @@ class TaskRequest:
     grammar: str | None = field(
         default=None, max_length=MAX_GRAMMAR_CHARS, forbid="\x00",
         doc="constrain the output to this GBNF grammar (root rule: root; llamacpp)")
+    tools: list[dict[str, Any]] | None = field(
+        default=None, max_items=MAX_TOOLS,
+        doc='functions the model may call: [{type: "function", function: {name, '
+        'description, parameters}}] (OpenAI\'s form); the calls come in the end event')
+    tool_choice: str | dict[str, Any] | None = field(
+        default=None, doc='"auto" (default with tools), "none", "required" or '
+        '{type: "function", function: {name}}')
+    parallel_tool_calls: bool = field(default=True, doc="whether one answer may call "
+                                      "several tools")
 
     def check(self) -> None:
         """Rules across fields; raises :class:`InvalidParamsError` naming the field."""
@@ -125,7 +157,7 @@ class TaskRequest:
         if self.messages is not None:
             if not self.messages:
                 raise InvalidParamsError("messages", "must not be empty")
-            if sum(len(m.content) for m in self.messages) > MAX_PROMPT_CHARS:
+            if sum(m.chars() for m in self.messages) > MAX_PROMPT_CHARS:
                 raise InvalidParamsError(
                     "messages", f"must hold at most {MAX_PROMPT_CHARS} characters"
                 )
@@ -133,6 +165,19 @@ class TaskRequest:
             raise InvalidParamsError("stop", "must not contain empty strings")
         if self.json_schema is not None and self.grammar is not None:
             raise InvalidParamsError("grammar", "give at most one of json_schema and grammar")
+        if self.tools is not None:
+            if len(json.dumps(self.tools)) > MAX_GRAMMAR_CHARS:
+                raise InvalidParamsError("tools", f"must be at most {MAX_GRAMMAR_CHARS} "
+                                         "characters of JSON")
+            names = check_tools(self.tools)
+            check_tool_choice(self.tool_choice, names)
+            if self.prompt is not None:
+                raise InvalidParamsError("tools", "need messages, not a prompt")
+            if self.json_schema is not None or self.grammar is not None:
+                raise InvalidParamsError("tools", "cannot be combined with json_schema or "
+                                         "grammar")
+        elif self.tool_choice not in (None, "none", "auto"):
+            raise InvalidParamsError("tool_choice", "needs tools")
         if self.json_schema is not None:
             if len(json.dumps(self.json_schema)) > MAX_GRAMMAR_CHARS:
                 raise InvalidParamsError("json_schema", f"must be at most {MAX_GRAMMAR_CHARS} "

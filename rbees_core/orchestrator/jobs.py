@@ -42,11 +42,12 @@ TRANSITION_FIELDS: frozenset[str] = frozenset({
 #: Generation parameters kept in the ``params`` JSON column.
 PARAM_FIELDS: tuple[str, ...] = (
     "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
-    "deadline_ms", "placement", "cancel_on_disconnect", "json_schema", "grammar",
+    "deadline_ms", "placement", "cancel_on_disconnect", "json_schema", "grammar", "tools",
+    "tool_choice", "parallel_tool_calls",
 )
 _EXECUTE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")
 #: Execute fields sent only when set (a worker from before them accepts the job unchanged).
-_OPTIONAL_EXECUTE_FIELDS = ("json_schema", "grammar")
+_OPTIONAL_EXECUTE_FIELDS = ("json_schema", "grammar", "tools", "tool_choice")
 
 
 def dumps(data: Any) -> str:
@@ -92,7 +93,7 @@ def new_job(request: TaskRequest, *, job_id: str | None = None,
     if request.placement is not None:
         params["placement"] = to_dict(request.placement)
     messages = None if request.messages is None else [
-        {"role": m.role, "content": m.content} for m in request.messages
+        {k: v for k, v in to_dict(m).items() if v is not None} for m in request.messages
     ]
     return NewJob(
         job_id=job_id or new_job_id(), model=request.model, priority=request.priority,
@@ -137,6 +138,8 @@ def execute_body(job: NewJob | JobSpec) -> dict[str, Any]:
     body.update({k: job.params[k] for k in _EXECUTE_FIELDS if k in job.params})
     body.update({k: job.params[k] for k in _OPTIONAL_EXECUTE_FIELDS
                  if job.params.get(k) is not None})
+    if job.params.get("tools"):
+        body["parallel_tool_calls"] = job.params.get("parallel_tool_calls", True)
     body["seed"] = job.seed
     return body
 

@@ -28,6 +28,7 @@ from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.programs.orcd_common import service
 from rbees_core.schema import from_mapping
 from rbees_core.structured import response_format_schema
+from rbees_core.tools import check_tool_calls
 
 MAX_N = 8
 FINISH = {"stop": "stop", "eos": "stop", "max_tokens": "length"}
@@ -73,8 +74,8 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise OpenAIError(400, "suffix is not supported", param="suffix")
     if body.get("logit_bias"):
         raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
-    if body.get("tools") or body.get("functions"):
-        raise OpenAIError(400, "tools are not supported", param="tools")
+    if body.get("functions") or body.get("function_call"):
+        raise OpenAIError(400, "functions are not supported; send tools", param="functions")
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
         raise OpenAIError(400, f"n must be an integer from 1 to {MAX_N}", param="n")
@@ -126,13 +127,20 @@ def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
         raise OpenAIError(400, exc.message, param=exc.field) from exc
     if schema is not None:
         task["json_schema"] = schema
+    if chat and body.get("tools") is not None:
+        task["tools"] = body["tools"]
+        for key in ("tool_choice", "parallel_tool_calls"):
+            if body.get(key) is not None:
+                task[key] = body[key]
+    elif chat and body.get("tool_choice") not in (None, "none", "auto"):
+        raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
     return task, int(body.get("n", 1))
 
 
-def _message(m: Any, i: int) -> dict[str, str]:
+def _message(m: Any, i: int) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant",
-                                                         "developer"):
-        raise OpenAIError(400, "each message needs a role of system, user or assistant",
+                                                         "developer", "tool"):
+        raise OpenAIError(400, "each message needs a role of system, user, assistant or tool",
                           param=f"messages[{i}].role")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text is supported
@@ -143,10 +151,24 @@ def _message(m: Any, i: int) -> dict[str, str]:
                                   param=f"messages[{i}].content")
             texts.append(str(part.get("text", "")))
         content = "".join(texts)
-    if not isinstance(content, str):
+    calls = m.get("tool_calls") if m["role"] == "assistant" else None
+    if not isinstance(content, str) and not (content is None and calls):
         raise OpenAIError(400, "content must be a string", param=f"messages[{i}].content")
     role = "system" if m["role"] == "developer" else m["role"]
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        try:
+            check_tool_calls(calls, field=f"messages[{i}].tool_calls")
+        except InvalidParamsError as exc:
+            raise OpenAIError(400, exc.message, param=exc.field) from exc
+        out["tool_calls"] = [{"id": str(c.get("id", "")), "type": "function", "function": {
+            "name": c["function"]["name"], "arguments": c["function"].get("arguments", "{}")}}
+            for c in calls]
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                out[key] = m[key]
+    return out
 
 
 def _param(field: Any) -> Any:
@@ -228,11 +250,15 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     created = int(time.time())
     ident = ("chatcmpl-" if chat else "cmpl-") + job_ids[0].removeprefix("job-")
     model = task["model"]
+    # With tools the answer is known once the job ends: the worker parses the calls out
+    tooled = bool(task.get("tools")) and task.get("tool_choice") != "none"
     if body.get("stream"):
         opts = body.get("stream_options") or {}
         return _OpenAIStream(jobs, n, chat=chat, ident=ident, model=model, created=created,
-                             usage=bool(opts.get("include_usage")))  # type: ignore[return-value]
-    texts = [""] * n
+                             usage=bool(opts.get("include_usage")),
+                             tools=tooled)  # type: ignore[return-value]
+    texts: list[str | None] = [""] * n
+    calls: list[list[dict[str, Any]] | None] = [None] * n
     finish: list[str | None] = [None] * n
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     done = 0
@@ -243,6 +269,9 @@ async def _complete(request: Request, *, chat: bool) -> Response:
             texts[index] += data["t"]
         elif event == "end":
             finish[index] = FINISH.get(str(data.get("stop_reason")), "stop")
+            if tooled:
+                texts[index], calls[index] = data.get("content"), data.get("tool_calls")
+                finish[index] = "tool_calls" if calls[index] else finish[index]
             usage["prompt_tokens"] += int(data.get("tokens_in") or 0)
             usage["completion_tokens"] += int(data.get("tokens_out") or 0)
             done += 1
@@ -261,8 +290,11 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     choices = []
     for i in range(n):
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                            "finish_reason": finish[i], "logprobs": None})
+            message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
+            if calls[i]:
+                message["tool_calls"] = calls[i]
+            choices.append({"index": i, "message": message, "finish_reason": finish[i],
+                            "logprobs": None})
         else:
             choices.append({"index": i, "text": texts[i], "finish_reason": finish[i],
                             "logprobs": None})
@@ -275,9 +307,9 @@ async def _complete(request: Request, *, chat: bool) -> Response:
 
 class _OpenAIStream:
     def __init__(self, jobs: _Jobs, n: int, *, chat: bool, ident: str, model: str,
-                 created: int, usage: bool) -> None:
+                 created: int, usage: bool, tools: bool = False) -> None:
         self.jobs, self.n, self.chat, self.ident = jobs, n, chat, ident
-        self.model, self.created, self.usage = model, created, usage
+        self.model, self.created, self.usage, self.tools = model, created, usage, tools
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat
@@ -295,6 +327,23 @@ class _OpenAIStream:
                 delta["content"] = text
             return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
         return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+    def _tool_chunks(self, index: int, end: dict[str, Any], finish: str) -> tuple[bytes, str]:
+        """The deltas of a job with tools, sent when it ends (its ``end`` event carries the
+        content and calls the worker parsed): the content, then each call as OpenAI streams
+        them, its id, type and name first, its arguments next."""
+        out = b""
+        if end.get("content"):
+            out += self._chunk([self._choice(index, end["content"], None)])
+        calls = end.get("tool_calls") or []
+        for i, call in enumerate(calls):
+            head = {"index": i, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            tail = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
+            for part in (head, tail):
+                out += self._chunk([{"index": index, "delta": {"tool_calls": [part]},
+                                     "finish_reason": None, "logprobs": None}])
+        return out, "tool_calls" if calls else finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -319,14 +368,16 @@ class _OpenAIStream:
             while done < self.n and not gone.is_set():
                 index, event, data = await self.jobs.queue.get()
                 chunk = b""
-                if event == "token":
+                if event == "token" and not self.tools:
                     chunk = self._chunk([self._choice(index, data["t"], None)])
                 elif event == "end":
                     done += 1
                     usage["prompt_tokens"] += int(data.get("tokens_in") or 0)
                     usage["completion_tokens"] += int(data.get("tokens_out") or 0)
                     finish = FINISH.get(str(data.get("stop_reason")), "stop")
-                    chunk = self._chunk([self._choice(index, None, finish)])
+                    if self.tools:
+                        chunk, finish = self._tool_chunks(index, data, finish)
+                    chunk += self._chunk([self._choice(index, None, finish)])
                 elif event == "error":
                     done += 1
                     invalid = data.get("code") == "INVALID_PARAMS"

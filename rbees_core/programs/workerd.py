@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from rbees_core import plugins
+from rbees_core import plugins, tools
 from rbees_core.api import openapi
 from rbees_core.api.common import ID_PATTERN, Health
 from rbees_core.api.worker import (
@@ -170,20 +171,30 @@ async def execute(request: Request) -> Response:
     if engine is None:
         raise NotReadyError("the model is still loading", details={"progress": st.fraction})
     req = await read_json(request, ExecuteRequest)
-    text = req.prompt
-    if text is None:
-        assert req.messages is not None
-        text = engine.model.render_chat([{"role": m.role, "content": m.content}
-                                         for m in req.messages])
-    seed = req.seed if req.seed is not None else random.randrange(2**63)
-    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                            repetition_penalty=req.repetition_penalty, seed=seed,
-                            grammar=_grammar(st, engine.model, req))
+    text, grammar = req.prompt, _grammar(st, engine.model, req)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
-    def sink(event: str, data: dict[str, Any]) -> None:
+    def put(event: str, data: dict[str, Any]) -> None:
         loop.call_soon_threadsafe(events.put_nowait, (event, data))
+
+    sink: Callable[[str, dict[str, Any]], None] = put
+    if text is None:
+        assert req.messages is not None
+        messages = [{k: v for k, v in attrs.asdict(m).items() if v is not None}
+                    for m in req.messages]
+        if req.tools:  # the prompt and grammar of tool calling; the calls come in "end"
+            plan = tools.plan(engine.model, messages, req.tools, req.tool_choice,
+                              req.parallel_tool_calls)
+            text, grammar = plan.prompt, plan.grammar
+            if req.tool_choice != "none":
+                sink = tools.collecting_sink(sink, tools.check_tools(req.tools))
+        else:
+            text = engine.model.render_chat(messages)
+    seed = req.seed if req.seed is not None else random.randrange(2**63)
+    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                            repetition_penalty=req.repetition_penalty, seed=seed,
+                            grammar=grammar)
 
     job = engine.prepare(req.job_id, text, max_tokens=req.max_tokens, params=params,
                          stop=req.stop, sink=sink)

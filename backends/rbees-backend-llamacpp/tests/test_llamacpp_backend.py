@@ -147,6 +147,9 @@ def test_a_grammar_constrains_every_slot_on_its_own(model: LoadedModel) -> None:
 
 @pytest.mark.parametrize(("schema", "valid", "invalid"), [
     ({"type": "integer", "minimum": 1, "maximum": 3}, ["1", "3"], ["0", "4", "-1"]),
+    ({"type": "integer", "minimum": -1000, "maximum": 2047},
+     ["0", "7", "-1000", "999", "1999", "2047", "2039", "-8"],
+     ["2048", "2100", "3000", "-1001", "01", "10000", "-2000"]),
     ({"type": "number", "minimum": -2, "maximum": 2},
      ["-2", "-1.5", "0", "1.99", "2"], ["-2.5", "2.5", "3", "20"]),
     ({"type": "number", "minimum": 0, "maximum": 1}, ["0", "0.25", "1"], ["1.5", "-0.1"]),

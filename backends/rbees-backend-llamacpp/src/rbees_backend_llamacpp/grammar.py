@@ -6,7 +6,8 @@ Python port of llama.cpp's ``json_schema_to_grammar``), behind the version check
 ``maximum``...). Before converting, :func:`schema_to_gbnf` rewrites the bounds it can enforce
 into rules of its own:
 
-- an integer range of at most :data:`MAX_INT_ENUM` values becomes an enum of them;
+- an integer range of at most :data:`MAX_INT_ENUM` values becomes an enum of them, a wider
+  one that holds 0 (``[-1000, 1000]``) a grammar of digits;
 - an integer or a number with ``minimum >= 0`` (and no other bound) cannot be negative;
   ``minimum >= 1`` on an integer makes it positive;
 - a number bounded to ``[0, 1]`` (a probability, a score), or to whole bounds at most
@@ -54,6 +55,10 @@ def _bounded(node: dict[str, Any]) -> tuple[str, Any] | None:
             import math
 
             return "enum", list(range(math.ceil(lo), math.floor(hi) + 1))
+        if (isinstance(lo, int) and isinstance(hi, int) and lo <= 0 <= hi
+                and max(hi, -lo) < 10**15):
+            negative = f' | "-" {_upto(-lo)}' if lo < 0 else ""
+            return "gbnf", f"({_upto(hi)}{negative})"
         if hi is None and lo == 1:
             return "rule", "pos-int"
         if hi is None and lo == 0:
@@ -67,6 +72,28 @@ def _bounded(node: dict[str, Any]) -> tuple[str, Any] | None:
             and float(hi).is_integer() and 0 <= hi - lo <= 2 * MAX_INT_ENUM):
         return "gbnf", _number_range(int(lo), int(hi))
     return None
+
+
+def _upto(n: int) -> str:
+    """GBNF of the integers 0 to ``n`` (``n >= 0``) written without leading zeros."""
+    digits = str(n)
+    shorter = ["[0-9]"] if len(digits) > 1 else []
+    shorter += ["[1-9]" + " [0-9]" * (d - 1) for d in range(2, len(digits))]
+    return "(" + " | ".join([*shorter, _same_length_upto(digits, first=True)]) + ")"
+
+
+def _same_length_upto(digits: str, *, first: bool) -> str:
+    """GBNF of the numbers of ``len(digits)`` digits up to ``digits`` (no leading zero when
+    ``first`` and longer than one digit)."""
+    low = 1 if first and len(digits) > 1 else 0
+    top = int(digits[0])
+    if len(digits) == 1:
+        return f"[{low}-{top}]"
+    parts = []
+    if top > low:
+        parts.append(f"[{low}-{top - 1}]" + " [0-9]" * (len(digits) - 1))
+    parts.append(f'"{top}" ' + _same_length_upto(digits[1:], first=False))
+    return "(" + " | ".join(parts) + ")"
 
 
 def _number_range(lo: int, hi: int) -> str:

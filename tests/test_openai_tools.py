@@ -1,0 +1,191 @@
+"""Tool calling through rbees-orcd's /v1 on a real ``rbees up`` cluster, driven by the official
+``openai`` client (and LangChain and LiteLLM when installed). SmolLM2's template shows no
+tools, so this is the generic format; with ``tool_choice`` required or named a grammar makes
+every call's arguments valid under the tool's schema."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+
+from .test_orcd import Cluster, up
+
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 40},
+    "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {
+    "a": {"type": "integer", "minimum": -1000, "maximum": 1000},
+    "b": {"type": "integer", "minimum": -1000, "maximum": 1000}},
+    "required": ["a", "b"], "additionalProperties": False}
+TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER,
+                                      "description": "The current weather of a city"}},
+    {"type": "function", "function": {"name": "add", "parameters": ADD,
+                                      "description": "The sum of two integers"}},
+]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+QUESTIONS = ["What is the weather in Paris?", "How warm is it in Tokyo, in fahrenheit?",
+             "What is 12 plus 30?", "Add 7 and 5.", "Is it raining in London?"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = up(tmp_path_factory.mktemp("tools"))
+    yield c
+    c.rbees("down")
+
+
+@pytest.fixture
+def client(cluster: Cluster) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def _valid(calls: Any, names: set[str]) -> None:
+    assert calls, "no tool call"
+    for call in calls:
+        assert call.type == "function" and call.function.name in names
+        assert len(call.id) == 9 and call.id.isalnum()
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_twenty_of_twenty_calls_validate(client: openai.OpenAI, choice: str) -> None:
+    tool_choice: Any = choice if choice == "required" else {
+        "type": "function", "function": {"name": "add"}}
+    names = {"get_weather", "add"} if choice == "required" else {"add"}
+    for i in range(20):
+        answer = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": QUESTIONS[i % 5]}],
+            tools=TOOLS, tool_choice=tool_choice, temperature=0.9, seed=i, max_tokens=400,
+            parallel_tool_calls=i % 2 == 0)
+        choice0 = answer.choices[0]
+        assert choice0.finish_reason == "tool_calls", choice0
+        _valid(choice0.message.tool_calls, names)
+        if i % 2:
+            assert len(choice0.message.tool_calls or []) == 1
+
+
+def test_a_round_trip_call_result_answer(client: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model="smollm2", messages=messages, tools=TOOLS, tool_choice="required",
+        parallel_tool_calls=False, temperature=0, max_tokens=200)
+    call = (first.choices[0].message.tool_calls or [])[0]
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    assert messages[-1]["tool_calls"][0]["id"] == call.id
+    messages.append({"role": "tool", "tool_call_id": call.id,
+                     "content": json.dumps({"temperature": 21, "sky": "sunny"})})
+    answer = client.chat.completions.create(
+        model="smollm2", messages=messages, tools=TOOLS, temperature=0, max_tokens=60)
+    final = answer.choices[0]
+    assert final.finish_reason in ("stop", "length", "tool_calls")
+    assert final.message.content or final.message.tool_calls
+    # tool_choice none: the same chat answered in text, never a call
+    plain = client.chat.completions.create(
+        model="smollm2", messages=messages, tools=TOOLS, tool_choice="none", temperature=0,
+        max_tokens=30)
+    assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+
+
+def test_streamed_tool_calls(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Add 2 and 40."}],
+        tools=TOOLS, tool_choice="required", temperature=0, max_tokens=300, stream=True,
+        stream_options={"include_usage": True})
+    calls: dict[int, dict[str, Any]] = {}
+    finish, usage = None, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for delta in c.delta.tool_calls or []:
+                slot = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                slot["id"] = delta.id or slot["id"]
+                if delta.function is not None:
+                    slot["name"] += delta.function.name or ""
+                    slot["arguments"] += delta.function.arguments or ""
+    assert finish == "tool_calls" and usage is not None and calls
+    for call in calls.values():
+        assert call["id"] and call["name"] in SCHEMAS
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+
+
+def test_auto_answers_text_or_calls(client: openai.OpenAI) -> None:
+    for question in ("Say hello.", "What is the weather in Rome?"):
+        answer = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": question}], tools=TOOLS,
+            temperature=0, max_tokens=80)
+        message = answer.choices[0].message
+        if message.tool_calls:
+            assert answer.choices[0].finish_reason == "tool_calls"
+            for call in message.tool_calls:
+                assert call.function.name in SCHEMAS
+                json.loads(call.function.arguments)
+        else:
+            assert message.content
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+     "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "wizard"}}}]}, "tools[0].function.parameters"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+])
+def test_bad_tools_are_400s(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="smollm2", max_tokens=5, messages=[
+            {"role": "user", "content": "x"}], **extra)
+    assert bad.value.body is not None
+    assert dict(bad.value.body).get("param") == param
+
+
+def test_langchain_bind_tools_and_structured_output(cluster: Cluster) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, Field
+
+    llm = langchain_openai.ChatOpenAI(model="smollm2", base_url=f"{cluster.url}/v1",
+                                      api_key="unused", temperature=0, max_tokens=200,
+                                      max_retries=0)
+
+    class Add(BaseModel):
+        """The sum of two integers."""
+
+        a: int = Field(ge=-1000, le=1000)
+        b: int = Field(ge=-1000, le=1000)
+
+    called = llm.bind_tools([Add], tool_choice="Add").invoke("What is 3 plus 4?")
+    assert called.tool_calls and called.tool_calls[0]["name"] == "Add"
+    Add(**called.tool_calls[0]["args"])
+    for method in ("json_schema", "function_calling"):
+        made = llm.with_structured_output(Add, method=method).invoke("3 plus 4")
+        assert isinstance(made, Add)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # litellm's pydantic models, on import
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_litellm_openai_provider(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch from GitHub
+    litellm = pytest.importorskip("litellm")
+    answer = litellm.completion(
+        model="openai/smollm2", api_base=f"{cluster.url}/v1", api_key="unused",
+        messages=[{"role": "user", "content": "What is 1 plus 2?"}], tools=TOOLS,
+        tool_choice="required", temperature=0, max_tokens=200)
+    calls = answer.choices[0].message.tool_calls
+    assert calls and calls[0].function.name in SCHEMAS
+    jsonschema.validate(json.loads(calls[0].function.arguments),
+                        SCHEMAS[calls[0].function.name])
+    plain = litellm.completion(model="openai/smollm2", api_base=f"{cluster.url}/v1",
+                               api_key="unused", max_tokens=8, temperature=0,
+                               messages=[{"role": "user", "content": "Say hi."}])
+    assert plain.choices[0].message.content
