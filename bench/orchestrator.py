@@ -52,7 +52,7 @@ import attrs
 import cluster_speed  # bench/cluster_speed.py, beside this file
 import httpx
 from openloop import closed_loop, open_loop, request_bytes  # bench/openloop.py, beside this file
-from sidebyside import BUSY_REFUSALS, find_llama_server, header, report
+from sidebyside import BUSY_REFUSALS, find_llama_server, header, load_note, report
 
 from rbees_core.testing import find_free_port, wait_http
 
@@ -359,9 +359,10 @@ def bench_speed(args: argparse.Namespace) -> None:
     runs = []
     for i in range(args.repeat):
         print(f"(s) run {i + 1} of {args.repeat} ...", file=sys.stderr, flush=True)
+        load = load_note()
         run = cluster_speed.speed_run(exe, path, settings)
         runs.append(run)
-        print(f"### (s) run {i + 1} of {args.repeat}\n")
+        print(f"### (s) run {i + 1} of {args.repeat}\n\n{load}\n")
         print("| case | measured |\n|---|---:|")
         print("\n".join(f"| {case} | {value} |" for case, value in run.rows))
         print("".join(f"\n- {note}" for note in run.notes) + "\n", flush=True)

@@ -377,6 +377,15 @@ def header(threads: int, tokens: int, runs: int, exe: Path | None) -> str:
     ])
 
 
+def load_note() -> str:
+    """The 1-minute load average now, against the cores: a run on a busy machine says so
+    (spinning OpenMP threads, llama-server's default, collapse on cores others want)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    busy = " (busy: other processes want these cores; the numbers measure that)" \
+        if load > 0.5 * cores else ""
+    return f"load average at the start: {load:.2f} on {cores} cores{busy}"
+
+
 def git_head() -> str:
     if not shutil.which("git"):
         return "?"

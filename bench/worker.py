@@ -57,6 +57,7 @@ from sidebyside import (  # bench/sidebyside.py, beside this file
     concurrent,
     find_llama_server,
     header,
+    load_note,
     long_messages,
     median_many,
     median_of,
@@ -400,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     every: list[list[Check]] = []
     for i in range(args.repeat):
         print(f"run {i + 1} of {args.repeat} ...", file=sys.stderr, flush=True)
+        load = load_note()
         results = run_once(args, path, exe)
         every.append(checks({r.name: r for r in results}))
-        print(f"## Run {i + 1} of {args.repeat}\n")
+        print(f"## Run {i + 1} of {args.repeat}\n\n{load}\n")
         print(table(results) + "\n", flush=True)
     print(f"## Acceptance, every run (issue 21)\n\n{report(every)}")
     if BUSY_REFUSALS[0]:
