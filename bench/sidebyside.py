@@ -387,10 +387,14 @@ def load_note() -> str:
 
 
 def git_head() -> str:
+    """The commit of the checkout whose rbees_core runs (PYTHONPATH may name another)."""
+    import rbees_core
+
+    tree = str(Path(rbees_core.__file__).resolve().parent.parent)
     if not shutil.which("git"):
         return "?"
-    out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
+    out = subprocess.run(["git", "-C", tree, "log", "-1", "--format=%h %s"],
                          capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "-uno"],
+    dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "-uno"],
                            capture_output=True, text=True).stdout.strip()
     return out.stdout.strip()[:80] + (" (with uncommitted changes)" if dirty else "")
