@@ -189,3 +189,26 @@ def test_litellm_openai_provider(cluster: Cluster, monkeypatch: pytest.MonkeyPat
                                api_key="unused", max_tokens=8, temperature=0,
                                messages=[{"role": "user", "content": "Say hi."}])
     assert plain.choices[0].message.content
+
+
+def test_jobs_submit_with_tools_and_a_json_schema(cluster: Cluster, tmp_path: Any) -> None:
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    (tmp_path / "schema.json").write_text(json.dumps(ADD))
+    done = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt", "Add 2 and 3.",
+                         "--tools", str(tmp_path / "tools.json"), "--tool-choice", "add",
+                         "--temperature", "0", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    calls = json.loads(done.stdout)["end"]["tool_calls"]
+    assert calls[0]["function"]["name"] == "add"
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), ADD)
+    text = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt", "Add 2 and 3.",
+                         "--tools", str(tmp_path / "tools.json"), "--tool-choice", "required",
+                         "--temperature", "0")
+    assert text.returncode == 0 and "tool call " in text.stdout, text.stderr
+    shaped = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt", "Two numbers",
+                           "--json-schema", str(tmp_path / "schema.json"), "--temperature",
+                           "0", "--format", "json")
+    assert shaped.returncode == 0, shaped.stderr
+    bad = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt", "x",
+                        "--json-schema", str(tmp_path / "missing.json"))
+    assert bad.returncode == 2 and "missing.json" in bad.stderr

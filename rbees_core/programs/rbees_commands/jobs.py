@@ -76,9 +76,19 @@ def submit(
                                                      "this job started when it ends")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Say how the job was placed")] = False,
+    json_schema: Annotated[str | None, typer.Option(
+        "--json-schema", metavar="FILE",
+        help="Constrain the answer to JSON valid under the JSON schema in FILE")] = None,
+    tools_file: Annotated[str | None, typer.Option(
+        "--tools", metavar="FILE",
+        help="Offer the OpenAI function tools listed (a JSON array) in FILE")] = None,
+    tool_choice: Annotated[str | None, typer.Option(
+        "--tool-choice", metavar="auto|none|required|NAME",
+        help="With --tools: whether the model must call a tool, or which one")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
-    """Submit a job and stream its tokens to stdout as they arrive."""
+    """Submit a job and stream its tokens to stdout as they arrive (tool calls, with
+    --tools, are printed when the job ends)."""
     import httpx
 
     from rbees_core.programs.rbees_commands import m0
@@ -95,6 +105,7 @@ def submit(
         task["seed"] = seed
     if stop:
         task["stop"] = stop
+    task.update(_structured(json_schema, tools_file, tool_choice))
     if pool or device:
         task["placement"] = {k: v for k, v in (("pool", pool), ("device", device)) if v}
     started = time.monotonic()
@@ -124,6 +135,31 @@ def submit(
         raise _unreachable(exc) from exc
 
 
+def _structured(json_schema: str | None, tools_file: str | None, tool_choice: str | None
+                ) -> dict[str, Any]:
+    """The task fields of --json-schema, --tools and --tool-choice (files read as JSON).
+    Raises typer.BadParameter for a file that cannot be read or is not JSON."""
+    import json
+    from pathlib import Path
+
+    def load(path: str, option: str) -> Any:
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"{path}: {exc}", param_hint=option) from exc
+
+    fields: dict[str, Any] = {}
+    if json_schema is not None:
+        fields["json_schema"] = load(json_schema, "--json-schema")
+    if tools_file is not None:
+        offered = load(tools_file, "--tools")
+        fields["tools"] = offered.get("tools") if isinstance(offered, dict) else offered
+    if tool_choice is not None:
+        fields["tool_choice"] = tool_choice if tool_choice in ("auto", "none", "required") \
+            else {"type": "function", "function": {"name": tool_choice}}
+    return fields
+
+
 def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[str, Any]:
     from rbees_core.errors import RbeesError
     from rbees_core.sse import iter_events
@@ -147,6 +183,10 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
                     elif event == "end":
                         if fmt is OutputFormat.text:
                             sys.stdout.write("\n")
+                            for call in data.get("tool_calls") or []:
+                                function = call.get("function", {})
+                                print(f"tool call {call.get('id')}: {function.get('name')}"
+                                      f"({function.get('arguments')})")
                             _stats(data, started, first)
                         return dict(data)
                     elif event == "error":
