@@ -118,6 +118,18 @@ def workers_of(pool: str, model_ref: str) -> list[dict[str, Any]]:
     return [w for w in live_workers(pool) if w.get("model_ref") == model_ref]
 
 
+def describe(w: dict[str, Any]) -> str:
+    """A worker as the pool lists it: model, device, slots, threads and CPU set (where the
+    pool gives them)."""
+    model = str(w.get("model_ref", "?")).rsplit("/", 1)[-1]
+    text = f"{model} on {w.get('device')}, {w.get('slots_total')} slot(s)"
+    if w.get("threads") is not None:
+        text += f", {w['threads']} thread(s)"
+    if w.get("cpus") is not None:
+        text += f", CPUs {w['cpus']}" + (" shared" if w.get("cpu_shared") else "")
+    return text
+
+
 def wait_ready(pool: str, worker_id: str, timeout: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,8 +204,7 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
         run.notes.append(f"after the first job the pool runs {len(mine)} workers")
     worker = mine[0]
     ref, uri = worker["model_ref"], worker["uri"]
-    run.notes.append(f"the worker rbees-orcd started: {worker.get('backend')} on "
-                     f"{worker.get('device')}, {worker.get('slots_total')} slot(s)")
+    run.notes.append(f"the worker rbees-orcd started: {describe(worker)}")
     worker_stream(client, uri, MESSAGES, 4, f"warm-{next(_ids)}")
 
     # one stream: pairs, alternating which goes first
@@ -249,7 +260,8 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
         run.checks.append(ratio_check(f"two CPU workers of different models: {name}, "
                                       "share of solo speed", ">= 0.4",
                                       _div(both[m], solo[m]), 0.4))
-    run.notes.append(f"workers while both models ran: {len(live_workers(pool))}")
+    run.notes.append("workers while both models ran: " + "; ".join(
+        describe(w) for w in live_workers(pool)))
 
     # a second replica, then a chat in two turns
     if s.second_replica:  # exactly two replicas of the model, nothing else running
@@ -269,6 +281,8 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
             wait_ready(pool, started.json()["worker_id"])
         time.sleep(2.5)  # two heartbeats: rbees-orcd knows the second replica
     replicas = len(workers_of(pool, ref))
+    run.notes.append("replicas for the two-turn chat: " + "; ".join(
+        describe(w) for w in workers_of(pool, ref)))
     first: list[float] = []
     second: list[float] = []
     for _ in range(s.runs):
