@@ -193,10 +193,11 @@ def _chat_stream(client: httpx.Client, url: str, body: dict[str, Any]) -> Stream
 
 
 def worker_stream(client: httpx.Client, url: str, messages: list[dict[str, str]],
-                  max_tokens: int, job_id: str) -> Stream:
-    """One greedy streamed answer of rbees-workerd's ``POST /v2/execute``."""
+                  max_tokens: int, job_id: str, **extra: Any) -> Stream:
+    """One greedy streamed answer of rbees-workerd's ``POST /v2/execute`` (``extra``: more
+    fields of the body, a ``json_schema``...)."""
     body = {"job_id": job_id, "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0, "seed": 1}
+            "temperature": 0, "seed": 1, **extra}
     for _ in range(100):
         try:
             return _worker_stream(client, url, body)

@@ -17,6 +17,9 @@ Extra baselines (``--skip a,a4,c,e`` leaves them out):
   c    llama_cpp.server, one stream through its OpenAI chat API (in .venv-bench, made by
        bench/setup.sh; left out where that is missing)
   e    rbees-workerd --backend torch, one stream (where rbees-backend-torch is installed)
+  g    rbees-workerd, one stream asking for JSON, sampled freely (Wj) and under the grammar
+       of a JSON schema (Wg), alternated: the grammar sampler's cost (issue 23: Wg >= 0.85 x
+       Wj tokens/s)
 
 Judged (issue 21): W1 >= 1.05 x L1 tokens/s; TTFT(W1) <= TTFT(L1) + 2 ms; W4 >= 1.05 x L4;
 TTFT(W1k) <= 1.1 x TTFT(L1k). Every baseline runs with its own defaults (no OpenMP setting
@@ -120,8 +123,9 @@ class Worker:
             self.close()
             raise
 
-    def stream(self, messages: list[dict[str, str]], tokens: int) -> Stream:
-        return worker_stream(self.client, self.url, messages, tokens, f"b{next(self.jobs)}")
+    def stream(self, messages: list[dict[str, str]], tokens: int, **extra: Any) -> Stream:
+        return worker_stream(self.client, self.url, messages, tokens, f"b{next(self.jobs)}",
+                             **extra)
 
     def close(self) -> None:
         self.client.close()
@@ -172,6 +176,33 @@ def bench_worker(slots: int, tokens: int, threads: int, runs: int,
                                 tokens, runs, long_words)
         many = median_many(runs, lambda: concurrent(4, lambda _: w.stream(MESSAGES, tokens)))
         return [from_many("W4", f"rbees-workerd `{flags}`, 4 concurrent (total)", many)]
+
+
+JSON_MESSAGES = [{"role": "user", "content": "Describe five honey bees of a hive as JSON: "
+                  "for each its name, age in days, role and three favourite flowers."}]
+BEES_SCHEMA = {"type": "object", "properties": {"bees": {"type": "array", "items": {
+    "type": "object", "properties": {
+        "name": {"type": "string"}, "age_days": {"type": "integer", "minimum": 0},
+        "role": {"enum": ["worker", "drone", "queen", "forager", "nurse"]},
+        "flowers": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "age_days", "role", "flowers"], "additionalProperties": False}}},
+    "required": ["bees"], "additionalProperties": False}
+
+
+def bench_grammar(tokens: int, threads: int, runs: int, device: str = "cpu") -> list[Result]:
+    """The same JSON-asking chat on one worker, free and under a JSON schema's grammar,
+    alternated so that a busy machine weighs on both alike."""
+    with Worker(threads, 1, device=device) as w:
+        free: list[Stream] = []
+        bound: list[Stream] = []
+        for _ in range(runs + 1):  # the first of each is median_of's warm-up
+            free.append(w.stream(JSON_MESSAGES, tokens))
+            bound.append(w.stream(JSON_MESSAGES, tokens, json_schema=BEES_SCHEMA))
+    it, jit = iter(free), iter(bound)
+    return [from_stream("Wj", "rbees-workerd, 1 stream, JSON asked, free",
+                        median_of(runs, lambda: next(it))),
+            from_stream("Wg", "rbees-workerd, 1 stream, JSON asked, under a JSON schema",
+                        median_of(runs, lambda: next(jit)))]
 
 
 # -- extra baselines ----------------------------------------------------------------------
@@ -333,6 +364,8 @@ def checks(by: dict[str, Result]) -> list[Check]:
                     div(tps("W4"), tps("L4")), 1.05),
         ratio_check("1,000-token prompt TTFT, rbees-workerd / llama-server", "<= 1.1",
                     div(w1k, l1k), 1.1, at_least=False),
+        ratio_check("grammar sampler: JSON schema / free tokens/s, same chat (issue 23)",
+                    ">= 0.85", div(tps("Wg"), tps("Wj")), 0.85),
     ]
 
 
@@ -359,6 +392,7 @@ def run_once(args: argparse.Namespace, path: str, exe: Path | None) -> list[Resu
         ("a4", lambda: bench_batched_loop(path, t, n, r)),
         ("c", lambda: bench_llama_cpp_server(path, t, n, r)),
         ("e", lambda: bench_torch(t, n, r)),
+        ("g", lambda: bench_grammar(t, n, r, dev)),
     ]
     results: list[Result] = []
     for name, step in steps:

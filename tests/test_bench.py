@@ -45,9 +45,11 @@ def test_worker_bench_judges_issue_21s_rows() -> None:
 
     checks = worker.checks({x.name: x for x in [
         r("L1", 70.0, 20.0), r("W1", 77.0, 21.0), r("L4", 90.0, 60.0), r("W4", 90.0, 50.0),
-        r("L1k", None, 1000.0), r("W1k", None, 1200.0)]})
+        r("L1k", None, 1000.0), r("W1k", None, 1200.0), r("Wj", 40.0, 30.0),
+        r("Wg", 38.0, 30.0)]})
     assert [(c.measured, c.ok) for c in checks] == [
-        ("1.100", True), ("+1.0 ms", True), ("1.000", False), ("1.200", False)]
+        ("1.100", True), ("+1.0 ms", True), ("1.000", False), ("1.200", False),
+        ("0.950", True)]
     # without llama-server every judged row is n/a, not a pass
     assert {c.ok for c in worker.checks({"W1": r("W1", 77.0, 21.0)})} == {None}
 
@@ -67,5 +69,6 @@ def test_worker_bench_runs_quickly_against_a_real_worker() -> None:
     assert out.returncode == 0, out.stderr
     assert "| W1 | rbees-workerd" in out.stdout, out.stdout + out.stderr
     assert "| W1k | rbees-workerd" in out.stdout
+    assert "| Wg | rbees-workerd" in out.stdout  # issue 23's grammar row
     assert "failed" not in out.stderr, out.stderr
     assert "## Acceptance, every run (issue 21)" in out.stdout
