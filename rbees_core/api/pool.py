@@ -25,6 +25,10 @@ class WorkerStartRequest:
     device: str = field(default="cpu", pattern=r"(cpu|cuda|metal|mps)(:[0-9]{1,3})?")
     slots: int = field(default=1, minimum=1, maximum=64)
     ctx: int | None = field(default=None, minimum=16, maximum=1_048_576)
+    threads: int | None = field(
+        default=None, minimum=1, maximum=1024,
+        doc="cores (and threads) the worker gets; default: on the CPU every core no other "
+            "worker holds, on a GPU one")
 
 
 @attrs.frozen
@@ -54,6 +58,11 @@ class WorkerEntry:
     last_health_at: float | None = None
     exit_code: int | None = None
     error: str | None = None
+    #: the worker's thread count and CPU set (its affinity), as its pool gave them
+    threads: int | None = None
+    cpus: list[int] | None = None
+    #: whether it shares its cores (none was free when it started: it waits passively)
+    cpu_shared: bool = False
 
 
 @attrs.frozen
@@ -93,6 +102,8 @@ class CpuEntry:
     ram_free_bytes: int
     ram_reserved_bytes: int = 0
     name: str | None = None
+    #: cores held by workers (their own CPU sets; filled in by pool-managerd)
+    cores_reserved: int = 0
 
 
 @attrs.frozen
@@ -212,6 +223,9 @@ class PoolWorker:
     last_health_at: float | None = None
     exit_code: int | None = None
     host: str | None = None
+    threads: int | None = None
+    cpus: list[int] | None = None
+    cpu_shared: bool = False
     uri: str = ""
     error: str | None = None
 
@@ -227,7 +241,8 @@ class PoolWorker:
                    started_at=entry.started_at, state=entry.state,
                    slots_free=entry.slots_free, last_health_at=entry.last_health_at,
                    exit_code=entry.exit_code, host=where.hostname, uri=entry.uri,
-                   error=entry.error)
+                   error=entry.error, threads=entry.threads, cpus=entry.cpus,
+                   cpu_shared=entry.cpu_shared)
 
 
 @attrs.frozen

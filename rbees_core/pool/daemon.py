@@ -32,7 +32,7 @@ from rbees_core.api.pool import (
 from rbees_core.api.worker import ReadyCallback
 from rbees_core.errors import ConflictError, ModelLoadError, NotFoundError, RbeesError
 from rbees_core.log import Logger
-from rbees_core.pool import workers
+from rbees_core.pool import cores, workers
 from rbees_core.pool.load_marks import (
     LoadMarks,
     ModelMarkedFailedError,
@@ -85,7 +85,7 @@ class ManagedWorker:
             uri=r.uri, pid=r.pid, state=self.state,  # type: ignore[arg-type]
             slots_total=r.slots_total, slots_free=r.slots_free, memory_bytes=r.memory_bytes,
             started_at=r.started_at, last_health_at=r.last_health_at, exit_code=self.exit_code,
-            error=self.error)
+            error=self.error, threads=r.threads, cpus=r.cpus, cpu_shared=r.cpu_shared)
 
 
 class PoolService:
@@ -172,6 +172,11 @@ class PoolService:
         return sum(w.record.memory_bytes for w in self.workers.values()
                    if w.state in LIVE and w.record.device == device)
 
+    def cores_held(self) -> set[int]:
+        """Cores held by this pool's live workers (their own CPU sets)."""
+        return cores.held((w.record.cpus, w.record.cpu_shared) for w in self.workers.values()
+                          if w.state in LIVE)
+
     def state(self) -> PoolState:
         from rbees_core.pool import inventory
         from rbees_core.pool import models as local_models
@@ -182,7 +187,8 @@ class PoolService:
         cpu = None
         if inv.cpu is not None:
             cpu = attrs.evolve(inv.cpu, cores=inv.cpu.cores or os.cpu_count() or 1,
-                               ram_reserved_bytes=self.reserved_bytes("cpu"))
+                               ram_reserved_bytes=self.reserved_bytes("cpu"),
+                               cores_reserved=len(self.cores_held()))
         try:
             models = [m.to_dict() for m in local_models.list_models(self.pm)]
         except RbeesError as exc:
@@ -209,13 +215,14 @@ class PoolService:
             raise DrainingError("the pool is shutting down")
         spawn = workers.SpawnRequest(
             model_ref=req.model_ref, backend=req.backend, device=req.device, slots=req.slots,
-            ctx=req.ctx, callback_url=f"{self.settings.url}/v2/internal/workers/ready",
+            ctx=req.ctx, threads=req.threads,
+            callback_url=f"{self.settings.url}/v2/internal/workers/ready",
             host=self.settings.worker_host)
         self.marks.check(req.model_ref)  # marked failed here: refused, nothing spawned
-        async with self._lock:  # preflight and reservation in one step
-            try:
-                checked = await asyncio.to_thread(workers.preflight, self.pm, spawn,
-                                                  self.reserved_bytes(req.device))
+        async with self._lock:  # preflight and reservation (memory, cores) in one step
+            try:  # the slots asked for, fewer when their KV caches do not fit
+                spawn, checked = await asyncio.to_thread(workers.fit_slots, self.pm, spawn,
+                                                         self.reserved_bytes(req.device))
             except ModelLoadError as exc:  # the file cannot be read as a model: a failed load
                 if not isinstance(exc, ModelMarkedFailedError):
                     self.load_failed(req.model_ref, f"{exc.code}: {exc.message}")
@@ -225,11 +232,12 @@ class PoolService:
             spawn = attrs.evolve(spawn, port=port, worker_id=self._new_id(req.device))
             record, proc = await asyncio.to_thread(
                 workers.spawn_process, self.pm, spawn, checked=checked,
-                token_file=self.settings.token_file)
+                token_file=self.settings.token_file, taken=self.cores_held())
             managed = ManagedWorker(record=record, proc=proc, memory_kind=checked.memory_kind)
             self.workers[record.worker_id] = managed
         self.log.info("worker_starting", worker_id=record.worker_id, model=req.model_ref,
-                      device=req.device, pid=record.pid)
+                      device=req.device, pid=record.pid, slots=record.slots_total,
+                      threads=record.threads, cpus=record.cpus, cpu_shared=record.cpu_shared)
         self._tasks.append(asyncio.create_task(self._ready_deadline(managed)))
         return managed
 

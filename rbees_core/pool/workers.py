@@ -39,6 +39,7 @@ from rbees_core.errors import (
 )
 from rbees_core.files import open_private, write_private
 from rbees_core.models import resolve_model
+from rbees_core.pool import cores
 from rbees_core.pool.file_roots import confine
 from rbees_core.processes import Expected, find, pid_alive, terminate
 
@@ -73,6 +74,8 @@ class SpawnRequest:
     device: str = "cpu"
     slots: int = 1
     ctx: int | None = None
+    #: cores for the worker (None: every free core on the CPU, one on a GPU)
+    threads: int | None = None
     port: int | None = None
     worker_id: str | None = None
     callback_url: str | None = None
@@ -108,6 +111,11 @@ class WorkerRecord:
     last_health_at: float | None = None
     exit_code: int | None = None
     host: str = "127.0.0.1"
+    #: threads and CPU set (affinity) the worker was given (:mod:`rbees_core.pool.cores`);
+    #: ``cpu_shared``: no core was free for it, it shares them and waits passively
+    threads: int | None = None
+    cpus: list[int] | None = None
+    cpu_shared: bool = False
 
     @property
     def uri(self) -> str:
@@ -308,11 +316,34 @@ def spawn(pm: pluggy.PluginManager, req: SpawnRequest, *, checked: Preflight | N
     return record
 
 
+def fit_slots(pm: pluggy.PluginManager, req: SpawnRequest, reserved_bytes: int = 0
+              ) -> tuple[SpawnRequest, Preflight]:
+    """:func:`preflight` of ``req``, with its slots halved until the model and the KV cache
+    of every slot fit the device (never below one: a model that does not fit alone is
+    refused as :func:`preflight` refuses it). pool-managerd's start of a worker: the
+    scheduler asks for its configured slots, memory bounds them."""
+    while True:
+        try:
+            return req, preflight(pm, req, reserved_bytes)
+        except InsufficientMemoryError:
+            if req.slots <= 1:
+                raise
+            req = attrs.evolve(req, slots=req.slots // 2)
+
+
+def cores_held() -> set[int]:
+    """The cores held by the running workers of this home (``rbees-pool worker spawn``)."""
+    return cores.held((r.cpus, r.cpu_shared) for r in records() if running(r))
+
+
 def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
-                  checked: Preflight | None = None, token_file: str | None = None
+                  checked: Preflight | None = None, token_file: str | None = None,
+                  taken: set[int] | None = None
                   ) -> tuple[WorkerRecord, subprocess.Popen[bytes]]:
     """:func:`spawn`, also returning the process handle (a supervisor keeps it to read the
-    exit code; the worker runs in its own session, so it outlives its parent)."""
+    exit code; the worker runs in its own session, so it outlives its parent). The worker
+    gets its threads and CPU set from the cores not ``taken`` by other workers (default:
+    :func:`cores_held`; :mod:`rbees_core.pool.cores`)."""
     checked = checked or preflight(pm, req)
     kind = req.device.partition(":")[0]
     worker_id = req.worker_id or new_worker_id(kind)
@@ -326,6 +357,8 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
             "--backend", req.backend, "--device", req.device,
             "--bind", host_port(req.host, port),
             "--slots", str(req.slots)]
+    given = cores.grant(req.device, req.threads, cores_held() if taken is None else taken)
+    argv += ["--threads", str(given.threads), "--cpus", cores.format_cpus(given.cpus)]
     if req.ctx:
         argv += ["--ctx", str(req.ctx)]
     if req.callback_url:
@@ -334,12 +367,14 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         argv += ["--api-token-file", token_file]
     with open_private(log_path(worker_id), "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=given.environment(dict(os.environ)))
     record = WorkerRecord(
         worker_id=worker_id, model_ref=req.model_ref, model_path=checked.path,
         backend=req.backend, device=req.device, port=port, pid=proc.pid,
         slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time(),
-        host=req.host)
+        host=req.host, threads=given.threads, cpus=list(given.cpus),
+        cpu_shared=given.shared)
     save(record)
     return record, proc
 

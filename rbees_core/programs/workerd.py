@@ -435,6 +435,8 @@ def serve_worker(
                                               help="Jobs served at once")] = None,
     ctx: Annotated[int | None, typer.Option("--ctx", min=16, help="Context per slot")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
+    cpus: Annotated[str | None, typer.Option(
+        "--cpus", help="CPU set to run on, as 0-1,3 (its pool's grant)")] = None,
     callback_url: Annotated[str | None, typer.Option("--callback-url")] = None,
     api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
@@ -452,10 +454,30 @@ def serve_worker(
         settings = settings_from(
             cfg, worker_id=worker_id, model=model, backend=backend, device=device, bind=bind,
             port=port, callback_url=callback_url, token=load_token(api_token_file))
+        if cpus is not None:
+            pin(cpus)
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(PROGRAM, exc)
     raise typer.Exit(launch(PROGRAM, run(settings, pm)))
+
+
+def pin(cpus: str) -> None:
+    """Run this process, and every thread it starts later, on the CPU list ``cpus``
+    (``0-1,3``): the cores its pool gave it. Called before the model loads, so the engine's
+    threads inherit the set. Raises :class:`InvalidParamsError` for a bad list or CPUs
+    this process may not use."""
+    from rbees_core.errors import InvalidParamsError
+
+    chosen: set[int] = set()
+    try:
+        for part in cpus.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            chosen.update(range(int(lo), int(hi) + 1) if sep else {int(lo)})
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, chosen)
+    except (ValueError, OSError) as exc:
+        raise InvalidParamsError("--cpus", f"cannot run on {cpus!r}: {exc}") from exc
 
 
 def main(argv: list[str] | None = None) -> None:
