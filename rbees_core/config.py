@@ -129,6 +129,38 @@ class SchedulerConfig:
 
 
 @attrs.frozen
+class PlacementConfig:
+    """``[placement]``: the workers rbees-orcd starts (slots, context, CPU cores).
+
+    A worker started by the scheduler gets ``cpu_slots`` (on the CPU) or ``gpu_slots`` (on a
+    GPU) slots of ``ctx`` tokens each; the pool lowers the slots until the model, and the KV
+    cache of every slot, fits in the device's free memory. A CPU worker takes ``cpu_threads``
+    cores of its pool (default: every core no other worker holds), a GPU worker one core for
+    its host thread; cores are accounted like memory (docs/scheduling.md, "Slots and cores").
+    """
+
+    cpu_slots: int = field(
+        default=4, minimum=1, maximum=64,
+        doc="slots of a worker started on a CPU: concurrent requests it batches")
+    gpu_slots: int = field(
+        default=8, minimum=1, maximum=64,
+        doc="slots of a worker started on a GPU")
+    ctx: int | None = field(
+        default=None, minimum=16, maximum=1_048_576,
+        doc="context per slot, in tokens (default: the model's trained context, at most "
+            "4096)")
+    cpu_threads: int | None = field(
+        default=None, minimum=1, maximum=1024,
+        doc="cores (and threads) of a worker started on a CPU (default: every core of its "
+            "pool that no other worker holds)")
+
+    def defaults(self) -> dict[str, Any]:
+        """The ``worker_defaults`` of a scheduling snapshot (:mod:`rbees_core.scheduling`)."""
+        return {"cpu": {"slots": self.cpu_slots, "ctx": self.ctx, "threads": self.cpu_threads},
+                "gpu": {"slots": self.gpu_slots, "ctx": self.ctx, "threads": 1}}
+
+
+@attrs.frozen
 class FileSourceConfig:
     """``[sources.file]``: the directories that ``file:`` references (and plain paths)
     given to a pool may name (:mod:`rbees_core.pool.file_roots`)."""
@@ -153,6 +185,7 @@ class Config:
     worker: WorkerConfig = field(factory=WorkerConfig)
     pool: PoolConfig = field(factory=PoolConfig)
     scheduler: SchedulerConfig = field(factory=SchedulerConfig)
+    placement: PlacementConfig = field(factory=PlacementConfig)
     sources: SourcesConfig = field(factory=SourcesConfig)
 
 
@@ -172,6 +205,10 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_POOL_MAX_LOAD_FAILURES": ("pool", "max_load_failures", int),
     "RBEES_SCHEDULER_POLICY": ("scheduler", "policy", str),
     "RBEES_SCHEDULER_SCRIPT": ("scheduler", "script", str),
+    "RBEES_PLACEMENT_CPU_SLOTS": ("placement", "cpu_slots", int),
+    "RBEES_PLACEMENT_GPU_SLOTS": ("placement", "gpu_slots", int),
+    "RBEES_PLACEMENT_CTX": ("placement", "ctx", int),
+    "RBEES_PLACEMENT_CPU_THREADS": ("placement", "cpu_threads", int),
     "RBEES_SOURCES_FILE_ROOTS": ("sources.file", "roots", _paths),
 }
 

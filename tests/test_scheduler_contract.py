@@ -203,3 +203,30 @@ def test_decisions_follow_the_snapshot(policy: Scheduler) -> None:
     second = decide(policy, snapshot(*pools))
     assert second.decisions[0].action == "dispatch"
     assert second.decisions[0].pool_id != chosen.pool_id
+
+
+def test_no_cpu_worker_starts_where_no_core_is_free(policy: Scheduler) -> None:
+    """Cores are accounted like memory: a CPU whose cores are all held by a busy worker of
+    another model is no place to start one (it would oversubscribe them); the GPU is."""
+    busy = worker("other", model="llama", state="busy", slots=4, free=0, cpus=[0, 1])
+    full = pool("a", devices=[device("cpu", free_gib=8, cores=2, cores_free=0)],
+                workers=[busy], models=["smollm2", "llama"])
+    verdict = decide(policy, snapshot(full, job=job(memory_gib=1)))
+    assert [d.action for d in verdict.decisions] == ["wait"]
+    assert "no free core" in (verdict.decisions[0].reason or "")
+    gpu = pool("b", devices=[device("cpu", free_gib=8, cores=2, cores_free=0),
+                             device("cuda:0", free_gib=8)], workers=[busy],
+               models=["smollm2", "llama"])
+    assert targets(decide(policy, snapshot(gpu, job=job(memory_gib=1)))) == [
+        ("start_worker", "b", "cuda:0")]
+
+
+def test_a_started_worker_takes_at_most_the_free_cores(policy: Scheduler) -> None:
+    half = pool("a", devices=[device("cpu", free_gib=8, cores=4, cores_free=2)],
+                workers=[worker("other", model="llama", state="busy", free=0, cpus=[0, 1])],
+                models=["smollm2", "llama"])
+    snap = snapshot(half, job=job(memory_gib=1),
+                    worker_defaults={"cpu": {"slots": 4, "ctx": None, "threads": None}})
+    verdict = decide(policy, snap)
+    assert targets(verdict) == [("start_worker", "a", "cpu")]
+    assert verdict.decisions[0].threads == 2 and verdict.decisions[0].slots == 4

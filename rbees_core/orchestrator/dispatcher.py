@@ -108,7 +108,7 @@ class Dispatcher:
         if pools is None:
             pools = self.registry.snapshot_pools()
         return Snapshot({"now": now, "job": job, "queue": head, "pools": pools,
-                         "throughput": {}})
+                         "throughput": {}, "worker_defaults": self.pools.worker_defaults})
 
     async def loop(self) -> None:
         """Dispatch rounds, each when woken (:meth:`Book.wake`) or every ROUND_EVERY_S."""
@@ -181,7 +181,8 @@ class Dispatcher:
                 return decision.pool_id, decision.worker_id
             if decision.action == "start_worker" and decision.pool_id and decision.device:
                 self.pools.start_worker(decision.pool_id, decision.device,
-                                        decision.model or queued.model)
+                                        decision.model or queued.model, slots=decision.slots,
+                                        ctx=decision.ctx, threads=decision.threads)
             elif decision.action == "stop_worker" and decision.pool_id and decision.worker_id:
                 book.spawn(self.pools.stop_worker(decision.pool_id, decision.worker_id))
         return None

@@ -24,6 +24,7 @@ from rbees_core.errors import ConflictError, HostUnreachableError, NotFoundError
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, request_headers
 from rbees_core.orchestrator.registry import PoolEntry, PoolRegistry
+from rbees_core.placement import worker_defaults
 from rbees_core.pool_client.http import HttpPoolClient
 
 #: a pool's statuses are aged at most this often
@@ -56,8 +57,12 @@ class PoolControl:
     runners :meth:`idle` and :meth:`suspect`, the routes (through the service) the rest."""
 
     def __init__(self, book: Book, registry: PoolRegistry, log: Logger, client: httpx.AsyncClient,
-                 *, token: str | None, idle_timeout_s: float) -> None:
+                 *, token: str | None, idle_timeout_s: float,
+                 worker_defaults: dict[str, Any] | None = None) -> None:
         self.book = book
+        #: ``[placement]`` as a snapshot's ``worker_defaults``: what a start decision that
+        #: names no slots, context or threads gets (a script policy's)
+        self.worker_defaults: dict[str, Any] = worker_defaults or {}
         self.registry = registry
         self.log = log
         self.client = client
@@ -156,24 +161,33 @@ class PoolControl:
 
     # -- starting and stopping workers -----------------------------------------------------
 
-    def start_worker(self, pool_id: str, device: str, model: str) -> None:
-        """Start a worker for ``model`` on a pool's ``device``, unless one is starting
-        there already; a task of the book waits for it to be ready."""
+    def start_worker(self, pool_id: str, device: str, model: str, *, slots: int | None = None,
+                     ctx: int | None = None, threads: int | None = None) -> None:
+        """Start a worker for ``model`` on a pool's ``device`` with ``slots`` slots of
+        ``ctx`` tokens and ``threads`` cores (None: :attr:`worker_defaults` for the device's
+        kind, then the pool's own), unless one is starting there already; a task of the
+        book waits for it to be ready."""
         key = (pool_id, model)
         if key in self.starting:
             return
-        self.starting[key] = self.book.spawn(self._start_worker(pool_id, device, model))
+        defaults = worker_defaults({"worker_defaults": self.worker_defaults}, device)
+        request = WorkerStartRequest(
+            model_ref=model, device=device, slots=slots or defaults.get("slots") or 1,
+            ctx=ctx or defaults.get("ctx"), threads=threads or defaults.get("threads"))
+        self.starting[key] = self.book.spawn(self._start_worker(pool_id, request))
 
-    async def _start_worker(self, pool_id: str, device: str, model: str) -> None:
+    async def _start_worker(self, pool_id: str, request: WorkerStartRequest) -> None:
+        model, device = request.model_ref, request.device
         try:
             pool = self.client_of(pool_id)
             if pool is None:
                 raise RbeesError(f"pool {pool_id} has no URL to start a worker on")
-            started = await pool.start_worker(WorkerStartRequest(model_ref=model, device=device))
+            started = await pool.start_worker(request)
             worker_id = started.worker_id
             self.started_by_us.add((pool_id, worker_id))
             self.log.info("worker_start_requested", pool_id=pool_id, worker_id=worker_id,
-                          model=model, device=device)
+                          model=model, device=device, slots=request.slots,
+                          threads=request.threads)
             deadline = time.monotonic() + WORKER_START_TIMEOUT_S
             while time.monotonic() < deadline:
                 worker = await pool.get_worker(worker_id)

@@ -24,6 +24,7 @@ import pluggy
 from rbees_core import plugins
 from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRequest
 from rbees_core.api.pool import PoolHeartbeat
+from rbees_core.config import PlacementConfig
 from rbees_core.errors import ConflictError, InvalidParamsError
 from rbees_core.log import Logger
 from rbees_core.orchestrator.admission import Admission
@@ -53,6 +54,8 @@ class OrcdSettings:
     scheduler_script: str | None = None
     token: str | None = None
     default_ctx_slots: int = 1
+    #: ``[placement]``: slots, context and cores of the workers this process starts
+    placement: PlacementConfig = attrs.field(factory=PlacementConfig)
 
 
 class OrchestratorService:
@@ -84,7 +87,8 @@ class OrchestratorService:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
         self._upstream = Upstream(connect_timeout=10.0, read_timeout=WORKER_READ_TIMEOUT_S)
         self.pools = PoolControl(self.book, self.registry, log, self._client,
-                                 token=settings.token, idle_timeout_s=settings.idle_timeout_s)
+                                 token=settings.token, idle_timeout_s=settings.idle_timeout_s,
+                                 worker_defaults=settings.placement.defaults())
         self.runner = Runner(self.book, self.store, self.queue, self.registry, self.pools,
                              self.metrics, log, self._upstream, self._client,
                              token=settings.token)

@@ -104,7 +104,8 @@ def serve_orcd(
             heartbeat_interval_s=pick(heartbeat_interval, orch, "heartbeat_interval_s", 5.0),
             idle_timeout_s=pick(idle_timeout, orch, "idle_timeout_s", 300.0),
             scheduler=pick(scheduler, sched, "policy", "least-loaded"),
-            scheduler_script=getattr(sched, "script", None), token=token)
+            scheduler_script=getattr(sched, "script", None), token=token,
+            placement=cfg.placement)
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(PROGRAM, exc)

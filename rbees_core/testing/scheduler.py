@@ -28,8 +28,10 @@ NOON = 1_772_625_600.0
 
 def device(name: str = "cpu", *, free_gib: float = 8.0, total_gib: float | None = None,
            reserved_gib: float = 0.0, kind: str | None = None,
-           power_w: float | None = None) -> dict[str, Any]:
-    """A device entry; ``kind`` defaults to the part of ``name`` before the colon."""
+           power_w: float | None = None, cores: int | None = None,
+           cores_free: int | None = None) -> dict[str, Any]:
+    """A device entry; ``kind`` defaults to the part of ``name`` before the colon. A CPU
+    with ``cores`` counts them (``cores_free``, default all, are held by no worker)."""
     out: dict[str, Any] = {
         "device": name, "kind": kind or name.split(":", 1)[0], "name": name,
         "memory_total_bytes": int((total_gib if total_gib is not None else free_gib * 2) * GIB),
@@ -38,15 +40,25 @@ def device(name: str = "cpu", *, free_gib: float = 8.0, total_gib: float | None 
     }
     if power_w is not None:
         out["power_w"] = power_w
+    if cores is not None:
+        out["cores_total"] = cores
+        out["cores_free"] = cores if cores_free is None else cores_free
     return out
 
 
 def worker(worker_id: str, *, model: str = "smollm2", device: str = "cpu",
-           state: str = "ready", slots: int = 4, free: int | None = None) -> dict[str, Any]:
-    """A worker entry with ``slots`` slots of which ``free`` (default all) are free."""
-    return {"worker_id": worker_id, "model_ref": model, "device": device, "state": state,
-            "slots_total": slots, "slots_free": slots if free is None else free,
-            "uri": f"http://127.0.0.1:9000/{worker_id}"}
+           state: str = "ready", slots: int = 4, free: int | None = None,
+           cpus: list[int] | None = None) -> dict[str, Any]:
+    """A worker entry with ``slots`` slots of which ``free`` (default all) are free, on
+    the CPU set ``cpus`` (its threads: as many) when given."""
+    out: dict[str, Any] = {
+        "worker_id": worker_id, "model_ref": model, "device": device, "state": state,
+        "slots_total": slots, "slots_free": slots if free is None else free,
+        "uri": f"http://127.0.0.1:9000/{worker_id}"}
+    if cpus is not None:
+        out["threads"] = len(cpus)
+        out["cpus"] = list(cpus)
+    return out
 
 
 def pool(pool_id: str, *, status: str = "ready", devices: Iterable[dict[str, Any]] | None = None,
@@ -74,13 +86,18 @@ _default_job = job
 
 def snapshot(*pools: dict[str, Any], job: dict[str, Any] | None = None, now: float = NOON,
              queue: list[dict[str, Any]] | None = None,
-             throughput: dict[str, float] | None = None) -> Snapshot:
-    """A :class:`Snapshot` of ``pools`` for ``job`` (default: an interactive smollm2 job)."""
+             throughput: dict[str, float] | None = None,
+             worker_defaults: dict[str, Any] | None = None) -> Snapshot:
+    """A :class:`Snapshot` of ``pools`` for ``job`` (default: an interactive smollm2 job),
+    with rbees-orcd's ``worker_defaults`` when given."""
     head = job if job is not None else _default_job()
     if queue is None:
         queue = [{k: head[k] for k in ("job_id", "model", "priority", "waited_s")}]
-    return Snapshot({"now": now, "job": head, "queue": queue, "pools": list(pools),
-                     "throughput": throughput or {}})
+    data = {"now": now, "job": head, "queue": queue, "pools": list(pools),
+            "throughput": throughput or {}}
+    if worker_defaults is not None:
+        data["worker_defaults"] = worker_defaults
+    return Snapshot(data)
 
 
 def targets(verdict: Any) -> list[tuple[str, str | None, str | None]]:

@@ -6,7 +6,10 @@
 - the job's placement ``pool`` and ``device`` are hard filters;
 - a worker takes the job when it holds the job's model, is ``ready`` or ``busy`` and has a
   free slot; a ``starting`` worker with a free slot is worth waiting for;
-- a device can start a worker when its pool has the model on disk and it has the memory;
+- a device can start a worker when its pool has the model on disk and it has the memory,
+  and a CPU a free core (:func:`rbees_core.placement.cores_to_start`: workers never share
+  cores); a CPU with no free core may free one by stopping an idle worker of another model
+  (:meth:`Analysis.evictable`);
 - ``avoid_pools`` only marks candidates (:attr:`PoolView.avoided`): the policy uses them when
   nothing else can take the job; ``prefer_pools`` gives each pool a rank (:attr:`PoolView.pref`).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rbees_core.placement import cores_to_start, worker_defaults
 from rbees_core.scheduling import (
     Candidate,
     failed_mark,
@@ -40,6 +44,16 @@ def device_matches(device: str, pin: str | None) -> bool:
         return True
     family = _DEVICE_FAMILIES.get(pin, pin)
     return ":" not in family and device.split(":", 1)[0] == family
+
+
+def held_by(pool: dict[str, Any]) -> str:
+    """``its 2 cores are held by worker-cpu-0 (2)``: who holds a pool's cores."""
+    cpu: dict[str, Any] = next((d for d in pool.get("devices") or ()
+                                if d.get("device") == "cpu"), {})
+    holders = [f"{w.get('worker_id')} ({len(w['cpus'])})" for w in pool.get("workers") or ()
+               if w.get("cpus") and w.get("state") not in ("stopped", "failed")]
+    held = f"held by {', '.join(holders)}" if holders else "held"
+    return f"its {plural(int(cpu.get('cores_total') or 0), 'core')} are {held}"
 
 
 def plural(n: int, word: str) -> str:
@@ -134,9 +148,11 @@ class WorkerView:
 class DeviceView:
     """A device on which a worker for the job's model could be started."""
 
-    __slots__ = ("available", "data", "device", "gpu", "index", "kind", "need", "pool", "reason")
+    __slots__ = ("available", "cores", "data", "device", "gpu", "index", "kind", "need", "pool",
+                 "reason")
 
-    def __init__(self, pool: PoolView, index: int, data: dict[str, Any], need: int) -> None:
+    def __init__(self, pool: PoolView, index: int, data: dict[str, Any], need: int,
+                 threads: int | None = None) -> None:
         self.pool = pool
         self.index = index
         self.data = data
@@ -145,6 +161,8 @@ class DeviceView:
         self.gpu = self.kind != "cpu" and self.device != "cpu"
         self.available = pool.free.get(self.device, 0)
         self.need = need
+        #: cores a worker started here gets (None: its pool does not count cores)
+        self.cores = cores_to_start(pool.data, "gpu" if self.gpu else "cpu", threads)
         self.reason: str | None = None
 
     @property
@@ -258,10 +276,11 @@ class Analysis:
         if self._devices is None:
             out = []
             job = self.job
+            threads = worker_defaults(self.snapshot, "cpu").get("threads")
             for view in self.pools:
                 need = memory_needed(job, view.data) if view.reason is None else 0
                 for di, device in enumerate(view.data.get("devices") or ()):
-                    d = DeviceView(view, di, device, need)
+                    d = DeviceView(view, di, device, need, threads)
                     d.reason = self._device_reason(d)
                     out.append(d)
             self._devices = out
@@ -280,7 +299,29 @@ class Analysis:
             return f"the job is pinned to device {self.pin_device}"
         if d.available < d.need:
             return f"{d.label} has {gib(d.available)} free, needs {gib(d.need)}"
+        if d.cores == 0:
+            return f"{d.label} has no free core: {held_by(d.pool.data)}"
         return None
+
+    def evictable(self) -> tuple[DeviceView, dict[str, Any]] | None:
+        """A CPU that could start the job's worker but for its cores, and the idle worker
+        of another model there whose stop frees the most of them (fewest slots, then worker
+        id, break ties); None when there is none. An idle worker is ``ready`` with every
+        slot free; the built-in policies stop it, and start the job's worker once the
+        pool reports its cores free."""
+        best: tuple[tuple[Any, ...], DeviceView, dict[str, Any]] | None = None
+        for d in self.devices():
+            if d.cores != 0 or d.reason is None or "has no free core" not in d.reason:
+                continue
+            for w in d.pool.data.get("workers") or ():
+                if w.get("state") != "ready" or not w.get("cpus") or \
+                        (w.get("slots_free") or 0) < (w.get("slots_total") or 0):
+                    continue
+                key = (d.pool.pref, -len(w["cpus"]), w.get("slots_total") or 0,
+                       d.pool.pool_id, str(w.get("worker_id")))
+                if best is None or key < best[0]:
+                    best = (key, d, w)
+        return None if best is None else (best[1], best[2])
 
     def startable(self) -> list[DeviceView]:
         """Devices where a worker for the job's model can start (avoided pools included)."""

@@ -7,9 +7,14 @@ it ranks workers and devices:
    wins over everything else; the policy ranks those workers;
 2. else, when a worker for the model is already starting with a free slot, the job waits
    for it rather than starting another one;
-3. else a worker is started on a device of a pool that has the model on disk and the memory,
-   GPUs before the CPU; the policy ranks those devices;
-4. else the job waits, and the reason says what stood in the way.
+3. else a worker is started on a device of a pool that has the model on disk, the memory
+   and (a CPU) a free core, GPUs before the CPU, then a device without a copy of the model
+   before one with a copy; the policy ranks those devices. The worker gets the snapshot's
+   ``worker_defaults`` for the device's kind (slots, context) and the cores it can have
+   (:func:`rbees_core.placement.cores_to_start`);
+4. else, when a CPU lacks only a free core, an idle worker of another model there is
+   stopped to free its cores, and the job waits for them;
+5. else the job waits, and the reason says what stood in the way.
 
 Pools of the job's ``avoid_pools`` are only used when no other pool can do any of 1-3;
 ``prefer_pools`` ranks before the policy does. Candidates cover every worker holding the
@@ -25,7 +30,8 @@ from typing import Any, ClassVar
 import attrs
 
 from rbees_core.interfaces import Scheduler
-from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, gib
+from rbees_core.placement import worker_defaults
+from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, gib, same_model
 from rbees_scheduler_builtin.analysis import Analysis, DeviceView, WorkerView, plural
 
 AVOIDED = "pool {} is avoided by the job's placement"
@@ -36,6 +42,10 @@ _gib = functools.lru_cache(maxsize=4096)(gib)
 @functools.lru_cache(maxsize=256)
 def _slots(n: int) -> str:
     return plural(n, "free slot")
+
+
+def _cores(n: int) -> str:
+    return plural(n, "core")
 
 
 class BuiltinPolicy(Scheduler):
@@ -89,7 +99,8 @@ class BuiltinPolicy(Scheduler):
         """Decide for an already analysed snapshot (the script scheduler's fallback)."""
         tier = a.tier()
         if tier is None:
-            return self._nothing(a)
+            evict = a.evictable()
+            return self._nothing(a) if evict is None else self._evict(a, *evict)
         workers = [w for w in a.workers if w.pool.avoided is tier]
         ready = [w for w in workers if not w.waitable]
         if ready:
@@ -181,12 +192,24 @@ class BuiltinPolicy(Scheduler):
         return Verdict(self.name, [decision], candidates, reason)
 
     def _start(self, a: Analysis, devices: list[DeviceView], tier: bool) -> Verdict:
-        ranked = sorted(devices, key=lambda d: (d.pool.pref, *self.device_key(d),
-                                                d.pool.pool_id, d.device))
+        copies = {(w.pool.pool_id, w.device) for w in a.workers}
+        for e in a.entries:  # busy workers with the model: a new copy goes elsewhere first
+            if isinstance(e, Candidate):
+                pool = next(p for p in a.pools if p.pool_id == e.pool_id)
+                copies.update((e.pool_id, str(w.get("device") or "cpu"))
+                              for w in pool.data.get("workers") or ()
+                              if w.get("worker_id") == e.target and same_model(
+                                  w.get("model_ref"), a.model, pool.aliases))
+        ranked = sorted(devices, key=lambda d: (d.pool.pref, not d.gpu,
+                                                (d.pool.pool_id, d.device) in copies,
+                                                *self.device_key(d), d.pool.pool_id, d.device))
         winner = ranked[0]
         lost = {}
         for d in ranked[1:]:
             lost[id(d)] = (self._pref_reason(d.pool.pref, winner.pool.pref, winner.pool.pool_id)
+                           or (f"{d.label} already runs a copy of {a.model}" if
+                               (d.pool.pool_id, d.device) in copies and
+                               (winner.pool.pool_id, winner.device) not in copies else None)
                            or (f"{d.label} is a CPU; a GPU comes first" if winner.gpu
                                and not d.gpu else None)
                            or f"{d.label} ({self.describe_device(d)}) ranked below "
@@ -196,11 +219,27 @@ class BuiltinPolicy(Scheduler):
                    f"{winner.label}, which {self.why_device(winner)}{need}")
         if tier:
             summary += "; its pool is avoided by the job's placement, but no other pool can run it"
+        defaults = worker_defaults(a.snapshot, winner.device)
+        threads = winner.cores if winner.cores is not None else defaults.get("threads")
+        if threads:
+            summary += f", with {_cores(threads)}"
         decision = Decision("start_worker", pool_id=winner.pool.pool_id, device=winner.device,
-                            model=a.model)
+                            model=a.model, slots=defaults.get("slots"),
+                            ctx=defaults.get("ctx"), threads=threads or None)
         candidates = self._worker_candidates(a, None, tier)
         candidates += self._device_candidates(a, winner, tier, lost)
         return Verdict(self.name, [decision], candidates, summary)
+
+    def _evict(self, a: Analysis, device: DeviceView, idle: dict[str, Any]) -> Verdict:
+        pool_id = device.pool.pool_id
+        reason = (f"{device.label} could start {a.model} but has no free core; worker "
+                  f"{idle.get('worker_id')} ({idle.get('model_ref')}) is idle there and is "
+                  "stopped to free its cores, and the job waits for them")
+        candidates = self._worker_candidates(a, None, None)
+        candidates += self._device_candidates(a, None, None, {})
+        return Verdict(self.name, [
+            Decision("stop_worker", pool_id=pool_id, worker_id=str(idle.get("worker_id"))),
+            Decision("wait", reason=reason)], candidates, reason)
 
     def _nothing(self, a: Analysis) -> Verdict:
         reason = a.nothing_reason()

@@ -22,6 +22,7 @@ from rbees_scheduler_builtin.policies import AVOIDED
 
 from rbees_core.errors import ConfigError
 from rbees_core.interfaces import Scheduler
+from rbees_core.placement import worker_defaults
 from rbees_core.scheduling import (
     Candidate,
     Decision,
@@ -302,8 +303,11 @@ class ScriptScheduler(Scheduler):
             elif pool.reason is not None or model_entry(pool.data, model) is None:
                 raise ScriptError("invalid", pool.reason
                                   or f"pool {pool.pool_id} does not have {model} on disk")
+            defaults = worker_defaults(a.snapshot, device.device)  # the built-ins' sizes
             return Decision("start_worker", pool_id=pool.pool_id, device=device.device,
-                            model=model, reason=item.get("reason"))
+                            model=model, reason=item.get("reason"), slots=defaults.get("slots"),
+                            ctx=defaults.get("ctx"),
+                            threads=device.cores or defaults.get("threads"))
         elif action == "stop_worker":
             need("pool_id", "worker_id")
             find_worker()
