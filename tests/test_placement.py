@@ -90,3 +90,13 @@ def test_two_models_split_the_cores_when_each_asks_for_one() -> None:
     second = LeastLoaded().decide(snapshot(*data["pools"], job=job("llama", memory_gib=1),
                                            worker_defaults=defaults))
     assert targets(second) == [("start_worker", "p", "cpu")] and second.decisions[0].threads == 1
+
+
+def test_a_busy_worker_of_another_model_is_stopped_once_the_job_waited() -> None:
+    """A model in steady use does not starve another of the cores: after 10 s of waiting,
+    the busy worker is stopped (gracefully: its running jobs finish)."""
+    busy = worker("w-llama", model="llama", state="busy", slots=4, free=3, cpus=[0, 1])
+    verdict = LeastLoaded().decide(snapshot(two_core_pool(busy, free=0),
+                                            job=job(memory_gib=1, waited_s=12.0)))
+    assert targets(verdict) == [("stop_worker", "p", "w-llama"), ("wait", None, None)]
+    assert "waited 12 s" in (verdict.decisions[1].reason or "")

@@ -35,6 +35,9 @@ from rbees_core.scheduling import (
 USABLE_STATES = frozenset({"ready", "busy"})
 #: Worker states on their way to ready.
 STARTING_STATES = frozenset({"starting", "loading"})
+#: A job that waited this long for the cores of a CPU has a busy worker of another model
+#: there stopped (gracefully), not only an idle one (:meth:`Analysis.evictable`).
+EVICT_BUSY_AFTER_S = 10.0
 _DEVICE_FAMILIES = {"mps": "metal"}
 
 
@@ -304,21 +307,25 @@ class Analysis:
         return None
 
     def evictable(self) -> tuple[DeviceView, dict[str, Any]] | None:
-        """A CPU that could start the job's worker but for its cores, and the idle worker
-        of another model there whose stop frees the most of them (fewest slots, then worker
-        id, break ties); None when there is none. An idle worker is ``ready`` with every
-        slot free; the built-in policies stop it, and start the job's worker once the
-        pool reports its cores free."""
+        """A CPU that could start the job's worker but for its cores, and the worker of
+        another model there whose stop frees them: an idle one (``ready``, every slot free),
+        else, once the job has waited :data:`EVICT_BUSY_AFTER_S`, a busy one (stopped
+        gracefully: its running jobs finish, no new ones come), so that a model in steady
+        use does not starve another of cores. Idle before busy, then the most cores, the
+        fewest busy slots, pool and worker id; None when there is none. The built-in
+        policies stop it and start the job's worker once the pool reports the cores free."""
+        patient = float(self.job.get("waited_s") or 0.0) >= EVICT_BUSY_AFTER_S
         best: tuple[tuple[Any, ...], DeviceView, dict[str, Any]] | None = None
         for d in self.devices():
             if d.cores != 0 or d.reason is None or "has no free core" not in d.reason:
                 continue
             for w in d.pool.data.get("workers") or ():
-                if w.get("state") != "ready" or not w.get("cpus") or \
-                        (w.get("slots_free") or 0) < (w.get("slots_total") or 0):
+                busy = (w.get("slots_total") or 0) - (w.get("slots_free") or 0)
+                if not w.get("cpus") or w.get("cpu_shared") or \
+                        w.get("state") not in ("ready", "busy") or (busy > 0 and not patient):
                     continue
-                key = (d.pool.pref, -len(w["cpus"]), w.get("slots_total") or 0,
-                       d.pool.pool_id, str(w.get("worker_id")))
+                key = (busy > 0, d.pool.pref, -len(w["cpus"]), busy, d.pool.pool_id,
+                       str(w.get("worker_id")))
                 if best is None or key < best[0]:
                     best = (key, d, w)
         return None if best is None else (best[1], best[2])

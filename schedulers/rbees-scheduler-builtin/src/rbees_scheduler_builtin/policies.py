@@ -13,7 +13,8 @@ it ranks workers and devices:
    ``worker_defaults`` for the device's kind (slots, context) and the cores it can have
    (:func:`rbees_core.placement.cores_to_start`);
 4. else, when a CPU lacks only a free core, an idle worker of another model there is
-   stopped to free its cores, and the job waits for them;
+   stopped to free its cores (a busy one once the job has waited 10 s:
+   :meth:`~rbees_scheduler_builtin.analysis.Analysis.evictable`), and the job waits;
 5. else the job waits, and the reason says what stood in the way.
 
 Pools of the job's ``avoid_pools`` are only used when no other pool can do any of 1-3;
@@ -232,9 +233,13 @@ class BuiltinPolicy(Scheduler):
 
     def _evict(self, a: Analysis, device: DeviceView, idle: dict[str, Any]) -> Verdict:
         pool_id = device.pool.pool_id
+        idle_now = (idle.get("slots_free") or 0) >= (idle.get("slots_total") or 0)
+        how = "is idle there" if idle_now else (
+            f"holds them while the job has waited {a.job.get('waited_s', 0):.0f} s; it finishes "
+            "its running jobs and")
         reason = (f"{device.label} could start {a.model} but has no free core; worker "
-                  f"{idle.get('worker_id')} ({idle.get('model_ref')}) is idle there and is "
-                  "stopped to free its cores, and the job waits for them")
+                  f"{idle.get('worker_id')} ({idle.get('model_ref')}) {how} is stopped to "
+                  "free its cores, and the job waits for them")
         candidates = self._worker_candidates(a, None, None)
         candidates += self._device_candidates(a, None, None, {})
         return Verdict(self.name, [
