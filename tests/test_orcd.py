@@ -283,7 +283,11 @@ def test_200_batch_jobs_survive_sigkill_of_the_orchestrator(tmp_path: Path) -> N
             code = db.execute("SELECT error_code FROM jobs WHERE job_id = ?",
                               (job_id,)).fetchone()[0]
             assert code == "ORCHESTRATOR_RESTARTED", (job_id, failed[job_id], code)
-        assert len(failed) <= 2
+        # at most one per slot that was generating at the kill (one worker, [placement]
+        # cpu_slots = 4: the jobs it batched)
+        slots = sum(w["slots_total"] for w in
+                    httpx.get(f"{c.pool_url}/v2/workers").json()["workers"])
+        assert len(failed) <= max(2, slots), (len(failed), slots)
         for job_id in ids:
             events = c.events(job_id)
             terminals = [e for _, e, _ in events if e in ("end", "error")]
