@@ -82,8 +82,10 @@ def print_text(state: dict[str, Any]) -> None:
         print_table(state["failed_models"], ("model_ref", "attempts", "reason"))
     print("\nworkers:")
     if state["workers"]:
-        print_table(state["workers"], ("worker_id", "state", "model_ref", "backend", "device",
-                                       "uri"))
+        rows = [{**w, "cpus": ",".join(str(c) for c in w.get("cpus") or ())
+                 + (" shared" if w.get("cpu_shared") else "")} for w in state["workers"]]
+        print_table(rows, ("worker_id", "state", "model_ref", "backend", "device", "uri",
+                           "slots_total", "threads", "cpus"))
     else:
         print("none")
 

@@ -11,7 +11,7 @@ from rbees_core.hookspecs import hookimpl
 from rbees_core.programs.cli_common import FormatOption, OutputFormat, print_json, print_table
 
 COLUMNS = ("worker_id", "state", "model_ref", "backend", "device", "uri", "pid", "slots_total",
-           "slots_free")
+           "slots_free", "threads", "cpus")
 
 
 def _progress(fraction: float) -> None:
@@ -30,8 +30,14 @@ def print_spawned(record: dict[str, Any]) -> None:
 
 
 def print_list(rows: list[dict[str, Any]]) -> None:
-    """``worker list``'s JSON as text."""
-    print_table(rows, COLUMNS)
+    """``worker list``'s JSON as text; ``cpus`` as a CPU list (``0,1``, ``shared`` after a
+    worker's that shares them)."""
+    shown = []
+    for row in rows:
+        cpus = row.get("cpus")
+        text = "" if not cpus else ",".join(str(c) for c in cpus)
+        shown.append({**row, "cpus": f"{text} shared" if row.get("cpu_shared") else text})
+    print_table(shown, COLUMNS)
 
 
 def print_stopped(rows: list[dict[str, Any]]) -> None:
@@ -47,6 +53,9 @@ def spawn(
     port: Annotated[int | None, typer.Option("--port", min=8001, max=8999)] = None,
     slots: Annotated[int, typer.Option("--slots", min=1, max=64)] = 1,
     ctx: Annotated[int | None, typer.Option("--ctx", min=16)] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="Cores to give it (default: every free one; 1 on a GPU)")
+    ] = None,
     backend: Annotated[str, typer.Option("--backend", help="llamacpp or torch")] = "llamacpp",
     timeout: Annotated[float, typer.Option("--timeout", min=1, help="Ready wait, s")] = 60.0,
     fmt: FormatOption = OutputFormat.text,
@@ -68,12 +77,14 @@ def spawn(
         body = {"model_ref": model, "backend": backend, "device": dev, "slots": slots}
         if ctx:
             body["ctx"] = ctx
+        if threads:
+            body["threads"] = threads
         row = via_daemon.spawn(url, body, port=port, timeout=timeout)
         print_json(row) if fmt is OutputFormat.json else print_spawned(row)
         return
     pm = make_manager(builtin_plugins())
     req = workers.SpawnRequest(model_ref=model, backend=backend, device=dev, slots=slots,
-                               ctx=ctx, port=port)
+                               ctx=ctx, threads=threads, port=port)
     record = workers.spawn(pm, req)
     if fmt is OutputFormat.text:
         print(f"starting {record.worker_id} (pid {record.pid}) on {record.uri}", file=sys.stderr)
