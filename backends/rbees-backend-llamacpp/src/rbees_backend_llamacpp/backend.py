@@ -182,6 +182,7 @@ class LlamaCppModel(LoadedModel):
         self._logit_at = [-1] * slots
         self._samplers: list[Any] = [None] * slots
         self._grammars: list[Any] = [None] * slots  # each slot's grammar sampler, if any
+        self._stateless = [True] * slots  # no sampler of the slot's chain keeps state
         self._candidates: Any = None  # numpy llama_token_data[n_vocab], for grammar steps
         self._id_range: Any = None
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -317,6 +318,7 @@ class LlamaCppModel(LoadedModel):
             lib.llama_sampler_chain_add(
                 chain, lib.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
         self._samplers[slot] = chain
+        self._stateless[slot] = params.repetition_penalty == 1.0
         return keep
 
     def _penalties(self, repeat: float, last_n: int = 64) -> Any:
@@ -390,7 +392,12 @@ class LlamaCppModel(LoadedModel):
             lib.llama_sampler_apply(chain, ctypes.byref(arr))
             return int(arr.data[arr.selected].id)
 
-        token = pick(masked=False)
+        if self._stateless[slot]:
+            # No sampler of the chain keeps state (no penalties): llama.cpp's own sample
+            # (its accept does nothing here) spares building the candidates in Python.
+            token = int(lib.llama_sampler_sample(chain, self._ctx, self._logit_at[slot]))
+        else:
+            token = pick(masked=False)
         one = lib.llama_token_data(token, 1.0, 0.0)
         single = lib.llama_token_data_array(ctypes.pointer(one), 1, -1, False)
         lib.llama_sampler_apply(grammar, ctypes.byref(single))
