@@ -26,6 +26,7 @@ the model free and parses what it wrote; ``none`` prompts without the tools.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -176,13 +177,37 @@ def plan(model: LoadedModel, messages: Sequence[Mapping[str, Any]],
         prompt = model.render_chat(chat)
     else:
         shows_calls = template is not None and template.capabilities.tool_calls
-        prompt = model.render_chat(messages if shows_calls else _as_text_history(messages),
-                                   tools=tools)
+        chat = [dict(m) for m in messages] if shows_calls else _as_text_history(messages)
+        if fmt == "mistral":
+            chat = _nine_character_ids(chat)
+        prompt = model.render_chat(chat, tools=tools)
     grammar = None
     if mode in ("required", "named") and model.supports_grammar:
         chosen = [t for t in tools if t["function"]["name"] == name] if name else list(tools)
         grammar = _grammar(model, fmt, chosen, parallel and mode == "required")
     return ToolPlan(prompt, grammar, fmt)
+
+
+def _nine_character_ids(chat: list[Any]) -> list[dict[str, Any]]:
+    """``chat`` with every tool call id that is not 9 letters and digits (OpenAI's
+    ``call_...``, another server's) replaced by 9 hex digits of its hash, the same in the
+    call and in the tool message that answers it: Mistral's templates refuse other ids."""
+
+    def fix(ident: Any) -> Any:
+        text = str(ident)
+        if len(text) == 9 and text.isascii() and text.isalnum():
+            return ident
+        return hashlib.sha256(text.encode()).hexdigest()[:9]
+
+    out = []
+    for m in chat:
+        msg = dict(m)
+        if msg.get("tool_calls"):
+            msg["tool_calls"] = [{**c, "id": fix(c.get("id", ""))} for c in msg["tool_calls"]]
+        if msg.get("role") == "tool" and "tool_call_id" in msg:
+            msg["tool_call_id"] = fix(msg["tool_call_id"])
+        out.append(msg)
+    return out
 
 
 def _function_list(tools: Sequence[Mapping[str, Any]]) -> str:

@@ -187,3 +187,14 @@ def test_a_native_template_shows_tools_and_past_calls(model: LoadedModel) -> Non
         in generic
     assert "Tool result (get_weather, call a1B2c3D4e):\nsunny" in generic
     assert "get_weather" not in tools.plan(model, messages[:1], TOOLS, "none").prompt
+
+
+def test_mistral_gets_nine_character_ids(model: LoadedModel) -> None:
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_8f3e2a1b9c", "type": "function", "function": {
+                        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_8f3e2a1b9c", "content": "sunny"}]
+    with _as(model, "mistral-nemo"):
+        prompt = tools.plan(model, messages, TOOLS, "auto").prompt  # no 400
+    assert "call_8f3e2a1b9c" not in prompt and "[TOOL_RESULTS]" in prompt
