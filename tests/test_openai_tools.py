@@ -212,3 +212,41 @@ def test_jobs_submit_with_tools_and_a_json_schema(cluster: Cluster, tmp_path: An
     bad = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt", "x",
                         "--json-schema", str(tmp_path / "missing.json"))
     assert bad.returncode == 2 and "missing.json" in bad.stderr
+
+
+ODD: list[dict[str, Any]] = [
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": True}}],
+     "tool_choice": "required"},
+    {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": True, "b": {}}}}}], "tool_choice": "required"},
+    {"tools": TOOLS, "tool_choice": "none", "parallel_tool_calls": False},
+    {"tools": TOOLS, "parallel_tool_calls": "yes"},
+    {"tools": TOOLS, "tool_choice": 5},
+    {"tools": TOOLS, "response_format": {"type": "json_object"}},
+    {"tools": "all of them"},
+    {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+        {"role": "tool", "content": [{"type": "text", "text": "3"}]}]},
+    {"tools": TOOLS, "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"function": "add"}]}]},
+    {"tools": TOOLS, "messages": [{"role": "tool", "content": None}]},
+    {"tools": TOOLS, "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": 7, "function": {"name": "add", "arguments": "{oops"}}]}]},
+]
+
+
+@pytest.mark.parametrize("extra", ODD)
+def test_odd_tool_requests_are_answers_or_400s(cluster: Cluster, extra: dict[str, Any]
+                                               ) -> None:
+    import httpx
+
+    body = {"model": "smollm2", "max_tokens": 5, "temperature": 0,
+            "messages": [{"role": "user", "content": "Add 1 and 2."}], **extra}
+    answer = httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=120)
+    assert answer.status_code in (200, 400), answer.text
+    if answer.status_code == 400:
+        assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
