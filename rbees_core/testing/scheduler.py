@@ -87,9 +87,12 @@ _default_job = job
 def snapshot(*pools: dict[str, Any], job: dict[str, Any] | None = None, now: float = NOON,
              queue: list[dict[str, Any]] | None = None,
              throughput: dict[str, float] | None = None,
-             worker_defaults: dict[str, Any] | None = None) -> Snapshot:
+             worker_defaults: dict[str, Any] | None = None,
+             prefix_match: dict[str, int] | None = None) -> Snapshot:
     """A :class:`Snapshot` of ``pools`` for ``job`` (default: an interactive smollm2 job),
-    with rbees-orcd's ``worker_defaults`` when given."""
+    with rbees-orcd's ``worker_defaults`` when given, and ``prefix_match``
+    (``{"<pool_id>/<worker_id>": chars}``: how much of the job's prompt each worker's slots
+    hold, as rbees-orcd counts what it sent there) when given."""
     head = job if job is not None else _default_job()
     if queue is None:
         queue = [{k: head[k] for k in ("job_id", "model", "priority", "waited_s")}]
@@ -97,6 +100,8 @@ def snapshot(*pools: dict[str, Any], job: dict[str, Any] | None = None, now: flo
             "throughput": throughput or {}}
     if worker_defaults is not None:
         data["worker_defaults"] = worker_defaults
+    if prefix_match is not None:
+        data["prefix_match"] = prefix_match
     return Snapshot(data)
 
 

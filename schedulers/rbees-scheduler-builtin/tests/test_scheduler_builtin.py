@@ -186,3 +186,47 @@ def test_decisions_are_fast_on_a_big_cluster() -> None:
     for policy in (LeastLoaded(), MostFreeMemory(), RoundRobin(), Binpack(), Spread()):
         times = sorted(policy.decide(snap).elapsed_ms for _ in range(15))
         assert times[len(times) // 2] < 20, (policy.name, times)  # the benchmark holds < 1 ms
+
+
+def two_replicas(free_a: int = 4, free_b: int = 4) -> list[dict[str, object]]:
+    return [pool("p", devices=[device("cpu", free_gib=8)],
+                 workers=[worker("a", slots=4, free=free_a), worker("b", slots=4, free=free_b)])]
+
+
+@pytest.mark.parametrize("policy", [LeastLoaded, MostFreeMemory, RoundRobin, Binpack, Spread])
+def test_the_replica_holding_the_longest_prefix_wins(policy: type[LeastLoaded]) -> None:
+    """Prefix-aware routing: of two replicas that can take the job, the one whose slots hold
+    more of its prompt wins, whatever the policy would otherwise prefer (b has more free
+    slots), and the decision says why."""
+    verdict = policy().decide(snapshot(*two_replicas(free_a=2, free_b=4),
+                                       prefix_match={"p/a": 812, "p/b": 40}))
+    assert targets(verdict) == [("dispatch", "p", "a")]
+    assert "holds 812 chars of this prompt's prefix" in verdict.summary
+    lost = {c.target: c.rejected for c in verdict.candidates}
+    assert lost["b"] == ("worker a on pool p holds 812 chars of this prompt's prefix, "
+                         "worker b on pool p 40 chars")
+    assert "812 chars" in explain(verdict)
+
+
+def test_a_full_replica_is_not_chosen_for_its_prefix() -> None:
+    verdict = LeastLoaded().decide(snapshot(*two_replicas(free_a=0, free_b=4),
+                                            prefix_match={"p/a": 812}))
+    assert targets(verdict) == [("dispatch", "p", "b")]
+    assert "prefix" not in verdict.summary
+    lost = {c.target: c.rejected for c in verdict.candidates}
+    assert lost["a"] == "worker a on pool p has no free slot"
+
+
+def test_without_a_prefix_match_the_policy_ranks_as_before() -> None:
+    plain = LeastLoaded().decide(snapshot(*two_replicas(free_a=2, free_b=4)))
+    zero = LeastLoaded().decide(snapshot(*two_replicas(free_a=2, free_b=4),
+                                         prefix_match={"p/a": 0}))
+    assert targets(plain) == targets(zero) == [("dispatch", "p", "b")]
+    assert plain.summary == zero.summary
+
+
+def test_a_preferred_pool_comes_before_a_prefix() -> None:
+    pools = [pool("x", workers=[worker("a")]), pool("y", workers=[worker("b")])]
+    verdict = LeastLoaded().decide(snapshot(
+        *pools, job=job(placement={"prefer_pools": ["y"]}), prefix_match={"x/a": 500}))
+    assert targets(verdict) == [("dispatch", "y", "b")]

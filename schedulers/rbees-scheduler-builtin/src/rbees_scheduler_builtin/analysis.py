@@ -126,7 +126,7 @@ class WorkerView:
     (:attr:`waitable`). Workers that cannot are only :class:`Candidate` entries with their
     reason (:attr:`Analysis.entries`)."""
 
-    __slots__ = ("available", "data", "device", "index", "lost", "pool", "slots_free",
+    __slots__ = ("available", "data", "device", "index", "lost", "pool", "prefix", "slots_free",
                  "slots_total", "state", "waitable", "worker_id")
 
     def __init__(self, pool: PoolView, index: int, data: dict[str, Any], worker_id: str,
@@ -142,6 +142,8 @@ class WorkerView:
         self.available = available
         self.waitable = state in STARTING_STATES  # starting, with a free slot
         self.lost: str | None = None  # why it lost, once a policy has ranked it
+        #: characters of the job's prompt this worker's slots hold (snapshot ``prefix_match``)
+        self.prefix = 0
 
     @property
     def label(self) -> str:
@@ -207,6 +209,7 @@ class Analysis:
         entries = self.entries
         usable = USABLE_STATES
         starting = STARTING_STATES
+        prefix_match = snapshot.get("prefix_match") or None
         for pi, pool in enumerate(snapshot.get("pools") or ()):
             status = pool.get("status", "unknown")
             pool_id = str(pool.get("pool_id", f"#{pi}"))
@@ -250,6 +253,8 @@ class Analysis:
                 if free is None:
                     free = view.free
                 w = WorkerView(view, wi, worker, wid, dev, state, slots_free, free.get(dev, 0))
+                if prefix_match is not None:
+                    w.prefix = int(prefix_match.get(f"{pool_id}/{wid}") or 0)
                 workers.append(w)
                 entries.append(w)
         for view in self.pools:

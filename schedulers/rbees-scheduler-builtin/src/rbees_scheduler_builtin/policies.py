@@ -4,7 +4,9 @@ Every policy follows one procedure (:meth:`BuiltinPolicy.verdict`) and differs o
 it ranks workers and devices:
 
 1. warm-model affinity: a ``ready``/``busy`` worker holding the job's model with a free slot
-   wins over everything else; the policy ranks those workers;
+   wins over everything else; among them, those whose slots hold the longest prefix of the
+   job's prompt (the snapshot's ``prefix_match``: a chat's next turn goes where its last one
+   ran), then the policy ranks them;
 2. else, when a worker for the model is already starting with a free slot, the job waits
    for it rather than starting another one;
 3. else a worker is started on a device of a pool that has the model on disk, the memory
@@ -47,6 +49,10 @@ def _slots(n: int) -> str:
 
 def _cores(n: int) -> str:
     return plural(n, "core")
+
+
+def _chars(n: int) -> str:
+    return plural(n, "char")
 
 
 class BuiltinPolicy(Scheduler):
@@ -158,15 +164,28 @@ class BuiltinPolicy(Scheduler):
         return out
 
     def _dispatch(self, a: Analysis, ready: list[WorkerView], tier: bool) -> Verdict:
-        winner = self.pick_worker(ready)
+        top = min(w.pool.pref for w in ready)
+        # prefix-aware: the workers whose slots hold the longest prefix of the prompt
+        # (the snapshot's prefix_match) come first, then the policy's own order
+        held = max(w.prefix for w in ready if w.pool.pref == top)
+        winner = self.pick_worker(ready if held <= 0 else [
+            w for w in ready if w.pool.pref == top and w.prefix == held])
         beaten_by = self.worker_lost_to(winner)
-        top = winner.pool.pref
         for w in ready:
-            if w is not winner:
-                w.lost = (self._pref_reason(w.pool.pref, top, winner.pool.pool_id)
-                          if w.pool.pref != top else self.worker_lost(w, beaten_by))
+            if w is winner:
+                continue
+            if w.pool.pref != top:
+                w.lost = self._pref_reason(w.pool.pref, top, winner.pool.pool_id)
+            elif w.prefix < held:
+                w.lost = (f"{winner.label} holds {_chars(held)} of this prompt's prefix, "
+                          f"{w.label} {_chars(w.prefix)}")
+            else:
+                w.lost = self.worker_lost(w, beaten_by)
+        why = self.why_worker(winner)
+        if held > 0:
+            why = f"holds {_chars(held)} of this prompt's prefix (the most), then it {why}"
         summary = (f"{winner.label} already has {a.model} loaded and a free slot; "
-                   f"{self.name} chose it because it {self.why_worker(winner)}")
+                   f"{self.name} chose it because it {why}")
         if tier:
             summary += "; its pool is avoided by the job's placement, but no other pool can run it"
         decision = Decision("dispatch", pool_id=winner.pool.pool_id, worker_id=winner.worker_id)
