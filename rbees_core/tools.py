@@ -421,3 +421,48 @@ def collecting_sink(sink: Callable[[str, dict[str, Any]], None], names: Sequence
         sink(event, data)
 
     return collect
+
+
+_CALL_START = re.compile(r"[A-Za-z0-9_.-]+\[")  # Mistral's name[ARGS]
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class LiveText:
+    """What of a streamed job with tools may go to the client as content before the job ends.
+
+    rbees-orcd feeds it each token's text; an answer that begins like a call (``{``, ``[``,
+    ``<``, ``name[``) is held back whole, as is any text from a ``<`` on (a ``<tool_call>``
+    may follow): the worker's parse at the end decides. Plain answers stream as they come.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = 0
+        self.live: bool | None = None  # None: too early to tell
+
+    def feed(self, piece: str) -> str:
+        """The text to send now (possibly empty) after ``piece``."""
+        self.text += piece
+        if self.live is None:
+            head = self.text.lstrip()
+            if not head or _IDENTIFIER.fullmatch(head):
+                return ""  # nothing yet, or a lone word that may be name[ARGS]
+            self.live = not (head[0] in "{[<" or _CALL_START.match(head))
+        if not self.live:
+            return ""
+        cut = self.text.find("<", self.sent)
+        end = len(self.text) if cut < 0 else cut
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def rest(self, content: str | None, calls: bool) -> str | None:
+        """The content still to send once the job ended with ``content`` (the worker's
+        parse) and ``calls`` or not."""
+        if not self.sent:
+            return content
+        if not calls:
+            return self.text[self.sent:] or None
+        said = self.text[:self.sent].lstrip()
+        if content and content.startswith(said):
+            return content[len(said):] or None
+        return None

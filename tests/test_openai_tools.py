@@ -132,6 +132,22 @@ def test_auto_answers_text_or_calls(client: openai.OpenAI) -> None:
             assert message.content
 
 
+def test_auto_streams_a_plain_answer_as_it_comes(client: openai.OpenAI) -> None:
+    pieces, finish, called = [], None, False
+    for chunk in client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Write two sentences "
+                                        "about bees."}], tools=TOOLS, temperature=0,
+            max_tokens=40, stream=True):
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            called = called or bool(c.delta.tool_calls)
+            finish = c.finish_reason or finish
+    if called:
+        pytest.skip("the model called a tool for this one")
+    assert len([p for p in pieces if p]) > 5  # token by token, not one block at the end
+    assert "".join(pieces).strip() and finish in ("stop", "length")
+
+
 @pytest.mark.parametrize(("extra", "param"), [
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name"),

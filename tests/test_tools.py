@@ -198,3 +198,21 @@ def test_mistral_gets_nine_character_ids(model: LoadedModel) -> None:
     with _as(model, "mistral-nemo"):
         prompt = tools.plan(model, messages, TOOLS, "auto").prompt  # no 400
     assert "call_8f3e2a1b9c" not in prompt and "[TOOL_RESULTS]" in prompt
+
+
+@pytest.mark.parametrize(("pieces", "live", "calls", "content", "rest"), [
+    (["Hello", " there", ", friend."], "Hello there, friend.", False, None, None),
+    ([" Let", " me", " check.", "\n<tool", "_call>\n{}", "</tool_call>"], " Let me check.\n",
+     True, "Let me check.", None),
+    (["a", " < b", " and c"], "a ", False, None, "< b and c"),
+    (['{"tool', '_calls": []}'], "", True, None, None),
+    (["get_weather", "[ARGS]", "{}"], "", True, None, None),
+    (["Sure", ": the answer"], "Sure: the answer", False, None, None),
+    (["  ", "[1, 2]"], "", False, "  [1, 2]", "  [1, 2]"),
+])
+def test_live_text_streams_what_cannot_be_a_call(pieces: list[str], live: str, calls: bool,
+                                                 content: str | None, rest: str | None
+                                                 ) -> None:
+    text = tools.LiveText()
+    assert "".join(text.feed(p) for p in pieces) == live
+    assert text.rest(content, calls) == rest

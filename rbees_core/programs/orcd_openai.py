@@ -28,7 +28,7 @@ from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.programs.orcd_common import service
 from rbees_core.schema import from_mapping
 from rbees_core.structured import response_format_schema
-from rbees_core.tools import check_tool_calls
+from rbees_core.tools import LiveText, check_tool_calls
 
 MAX_N = 8
 FINISH = {"stop": "stop", "eos": "stop", "max_tokens": "length"}
@@ -310,6 +310,7 @@ class _OpenAIStream:
                  created: int, usage: bool, tools: bool = False) -> None:
         self.jobs, self.n, self.chat, self.ident = jobs, n, chat, ident
         self.model, self.created, self.usage, self.tools = model, created, usage, tools
+        self.live = [LiveText() for _ in range(n)]  # with tools: what may stream as content
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat
@@ -330,12 +331,14 @@ class _OpenAIStream:
 
     def _tool_chunks(self, index: int, end: dict[str, Any], finish: str) -> tuple[bytes, str]:
         """The deltas of a job with tools, sent when it ends (its ``end`` event carries the
-        content and calls the worker parsed): the content, then each call as OpenAI streams
-        them, its id, type and name first, its arguments next."""
+        content and calls the worker parsed): the content not streamed yet (see
+        :class:`~rbees_core.tools.LiveText`), then each call as OpenAI streams them, its id,
+        type and name first, its arguments next."""
         out = b""
-        if end.get("content"):
-            out += self._chunk([self._choice(index, end["content"], None)])
         calls = end.get("tool_calls") or []
+        content = self.live[index].rest(end.get("content"), bool(calls))
+        if content:
+            out += self._chunk([self._choice(index, content, None)])
         for i, call in enumerate(calls):
             head = {"index": i, "id": call["id"], "type": "function",
                     "function": {"name": call["function"]["name"], "arguments": ""}}
@@ -370,6 +373,9 @@ class _OpenAIStream:
                 chunk = b""
                 if event == "token" and not self.tools:
                     chunk = self._chunk([self._choice(index, data["t"], None)])
+                elif event == "token":
+                    now = self.live[index].feed(data["t"])
+                    chunk = self._chunk([self._choice(index, now, None)]) if now else b""
                 elif event == "end":
                     done += 1
                     usage["prompt_tokens"] += int(data.get("tokens_in") or 0)
