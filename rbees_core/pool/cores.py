@@ -2,12 +2,17 @@
 
 A pool hands out its cores (the ones this process may run on) like memory: a CPU worker gets
 the cores it asks for (``threads``; default every free one) from those no other worker
-holds, a GPU worker one core for its host thread. A worker whose cores are its own waits
-for work actively (``OMP_WAIT_POLICY=ACTIVE``, the engine's fast path, about 30% faster for
-one stream); one started when no core was free shares every core and waits passively, so
-that it does not starve the others. rbees-orcd's policies start no CPU worker where no core
-is free (:func:`rbees_core.placement.cores_to_start`); sharing only happens to workers
-started by hand (``rbees-pool worker spawn``). Used by :func:`rbees_core.pool.workers.spawn`.
+holds, a GPU worker one core for its host thread. A worker whose cores are its own keeps
+the engine's own wait policy (its OpenMP threads spin a while between the steps of a graph,
+then sleep: the fast path; passive waiting costs about 30% of one stream); one
+started when no core was free shares every core and waits passively
+(``OMP_WAIT_POLICY=PASSIVE``), so that it does not starve the others. ``ACTIVE`` is not set
+for the owners: measured here, an idle 2-thread worker with it spins 0.7-1.0 core forever
+with no job, and on this shared host it decoded no faster than the default.
+
+rbees-orcd's policies start no CPU worker where no core is free
+(:func:`rbees_core.placement.cores_to_start`); sharing only happens to workers started by
+hand (``rbees-pool worker spawn``). Used by :func:`rbees_core.pool.workers.spawn`.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ class CoreGrant:
     shared: bool
 
     def environment(self, base: dict[str, str]) -> dict[str, str]:
-        """``base`` with the wait policy that fits the grant: active waiting on cores of
-        its own, passive on shared ones. An operator's own ``OMP_WAIT_POLICY`` wins."""
-        if WAIT_POLICY in base:
+        """``base`` with the wait policy that fits the grant: the engine's default (spin,
+        then sleep) on cores of its own, passive on shared ones. An operator's own
+        ``OMP_WAIT_POLICY`` wins (``PASSIVE`` on a host whose cores other programs keep
+        busy: spinning threads collapse when they are preempted)."""
+        if WAIT_POLICY in base or not self.shared:
             return dict(base)
-        return {**base, WAIT_POLICY: "PASSIVE" if self.shared else "ACTIVE"}
+        return {**base, WAIT_POLICY: "PASSIVE"}
 
 
 def host_cpus() -> list[int]:

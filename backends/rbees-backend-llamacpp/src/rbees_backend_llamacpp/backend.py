@@ -40,10 +40,10 @@ def _text(content: Any) -> str:
 
 
 def _lib() -> Any:
-    # No wait policy is set here: the engine's default (threads spin between graph
-    # computations) is about 30% faster for one stream than passive waiting. Workers that
-    # a pool starts get OMP_WAIT_POLICY=ACTIVE on cores of their own and PASSIVE when
-    # they share them (rbees_core.pool.cores), so spinning threads never starve another
+    # No wait policy is set here: the engine's default (threads spin a while between the
+    # steps of a graph, then sleep) is about 30% faster for one stream than passive
+    # waiting. A pool gives each worker cores of its own, or OMP_WAIT_POLICY=PASSIVE when
+    # it must share them (rbees_core.pool.cores), so spinning threads never starve another
     # worker on the same cores.
     try:
         import llama_cpp
