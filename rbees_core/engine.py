@@ -107,6 +107,10 @@ class Engine:
         self._free = list(range(slots - 1, -1, -1))
         #: tokens each slot's cache holds (prefix reuse, when the model supports it)
         self._cached: list[list[int]] = [[] for _ in range(slots)]
+        #: when each slot last took a job (an admission count): a job sharing no more of
+        #: one slot's cache than another's goes where it loses the least recent cache
+        self._used = [0] * slots
+        self._admissions = 0
         self._draining = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rbees-decode", daemon=True)
@@ -224,9 +228,14 @@ class Engine:
                             self._fail(job, "DECODE_FAILED", f"{type(exc).__name__}: {exc}")
 
     def _pick_slot(self, tokens: list[int]) -> int:
-        """The free slot whose cache shares the longest prefix with ``tokens`` (under lock)."""
-        best = max(self._free, key=lambda s: (_common(self._cached[s], tokens), -s))
+        """The free slot whose cache shares the longest prefix with ``tokens``, else the
+        one used least recently (an empty one first): a new prompt does not overwrite the
+        cache a chat's next turn would reuse while another slot is free (under lock)."""
+        cached, used = self._cached, self._used
+        best = max(self._free, key=lambda s: (_common(cached[s], tokens), -used[s], -s))
         self._free.remove(best)
+        self._admissions += 1
+        used[best] = self._admissions
         return best
 
     def _admit(self, job: Job) -> None:

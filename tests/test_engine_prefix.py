@@ -1,0 +1,79 @@
+"""Within one worker, a job goes to the slot whose cache holds the longest common prefix of
+its tokens, and only the rest is fed; a job sharing nothing takes the least recently used
+slot, so that it does not overwrite the cache of a chat whose next turn is coming."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from rbees_core.backend import Feed, LoadedModel, SamplingParams
+from rbees_core.engine import Engine
+
+
+class Cached(LoadedModel):
+    """Bytes as tokens, answers ``x``; remembers each job's slot and what it kept."""
+
+    n_ctx_slot = 512
+    n_batch = 64
+    memory_bytes = 0
+    memory_kind = "ram"
+    prefix_cache = True
+
+    def __init__(self) -> None:
+        self.begun: list[tuple[int, int]] = []  # (slot, tokens kept)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return "".join(m["content"] for m in messages)
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token])
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def begin(self, slot: int, params: SamplingParams, keep: int = 0) -> int:  # type: ignore[override]
+        self.begun.append((slot, keep))
+        return keep
+
+    def decode(self, feeds: Sequence[Feed]) -> None:
+        pass
+
+    def sample(self, slot: int) -> int:
+        return ord("x")
+
+    def end(self, slot: int) -> None:
+        pass
+
+
+def run(engine: Engine, text: str) -> None:
+    done = threading.Event()
+
+    def sink(event: str, data: dict[str, Any]) -> None:
+        if event in ("end", "error"):
+            done.set()
+
+    engine.submit(engine.prepare(text, text, max_tokens=3, stop=[], sink=sink,
+                                 params=SamplingParams(temperature=0)))
+    assert done.wait(10)
+
+
+def test_a_chat_turn_returns_to_its_slot_past_other_jobs() -> None:
+    model = Cached()
+    engine = Engine(model, slots=3, model_name="m", worker_id="w")
+    engine.start()
+    try:
+        turn1 = "system: keep bees. user: why hexagons?"
+        run(engine, turn1)
+        run(engine, "Bumblebees")  # takes an empty slot, not turn 1's
+        run(engine, "Carpenter bees")
+        run(engine, turn1 + "xx user: and wax?")  # its answer, then the next question
+        run(engine, "Drones")  # no slot holds any of it: the least recently used
+    finally:
+        engine.stop()
+    assert [slot for slot, _ in model.begun] == [0, 1, 2, 0, 1]
+    assert model.begun[3] == (0, len(turn1) + 2)  # prompt and answer kept, only the rest fed
