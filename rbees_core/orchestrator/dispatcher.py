@@ -100,6 +100,7 @@ class Dispatcher:
         #: ``prefix_match``)
         self.prefixes = PrefixBook()
         self._pruned_at = 0.0
+        self._last_keys: tuple[str, list[tuple[bytes, int]]] = ("", [])
 
     def snapshot(self, job_id: str, pools: list[dict[str, Any]] | None = None) -> Snapshot:
         """The policy's input for ``job_id``; ``pools`` may be reused within one round."""
@@ -125,9 +126,14 @@ class Dispatcher:
         return Snapshot(data)
 
     def _keys(self, job_id: str) -> list[tuple[bytes, int]]:
-        """The prefix keys of a job this process admitted (none for one it recovered)."""
+        """The prefix keys of a job this process admitted (none for one it recovered); the
+        last job's are kept, for the claim that follows its decision."""
+        if self._last_keys[0] == job_id:
+            return self._last_keys[1]
         admitted = self.book.admitted.get(job_id)
-        return prefix_keys(admitted.body) if admitted is not None else []
+        keys = prefix_keys(admitted.body) if admitted is not None else []
+        self._last_keys = (job_id, keys)
+        return keys
 
     def _prune(self) -> None:
         """Forget what workers that are gone held (at most every PRUNE_EVERY_S)."""
