@@ -173,6 +173,7 @@ def exactly_once(world: World, ctx: dict[str, Any]) -> None:
 
 
 @then(parsers.parse('at most {count:d} job failed with "{code}"'))
+@then(parsers.parse('at most {count:d} jobs failed with "{code}"'))
 def at_most_failed(ctx: dict[str, Any], count: int, code: str) -> None:
     assert set(ctx["failed_codes"]) <= {code} and len(ctx["failed_codes"]) <= count, \
         ctx["failed_codes"]
