@@ -211,6 +211,8 @@ class CommandPoolClient(PoolClient):
             argv += ["--device", index]
         if request.ctx is not None:
             argv += ["--ctx", str(request.ctx)]
+        if request.threads is not None:
+            argv += ["--threads", str(request.threads)]
         if port is not None:
             argv += ["--port", str(port)]
         return parse(self.name, PoolWorker,  # type: ignore[no-any-return]

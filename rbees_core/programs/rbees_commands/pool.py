@@ -195,6 +195,9 @@ def _workers(pm: pluggy.PluginManager, app: typer.Typer) -> None:
         port: Annotated[int | None, typer.Option("--port", min=8001, max=8999)] = None,
         slots: Annotated[int, typer.Option("--slots", min=1, max=64)] = 1,
         ctx: Annotated[int | None, typer.Option("--ctx", min=16)] = None,
+        threads: Annotated[int | None, typer.Option(
+            "--threads", min=1, help="Cores to give it (default: every free one; 1 on a GPU)")
+        ] = None,
         backend: Annotated[str, typer.Option("--backend", help="llamacpp or torch")
                            ] = "llamacpp",
         timeout: Annotated[float, typer.Option("--timeout", min=1, help="Ready wait, s")
@@ -209,6 +212,7 @@ def _workers(pm: pluggy.PluginManager, app: typer.Typer) -> None:
         if kind not in ("cpu", "cuda", "metal", "mps"):
             raise InvalidParamsError("kind", "must be cpu, cuda, metal or mps")
         request = WorkerStartRequest(model_ref=model, backend=backend, slots=slots, ctx=ctx,
+                                     threads=threads,
                                      device=kind if device is None else f"{kind}:{device}")
 
         async def call(c: PoolClient) -> Any:
