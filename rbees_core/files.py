@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import BinaryIO, Literal, TextIO, cast, overload
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -38,7 +38,11 @@ def private_dir(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def open_private(path: str | os.PathLike[str], mode: str = "ab") -> IO[Any]:
+@overload
+def open_private(path: str | os.PathLike[str], mode: Literal["ab", "wb"] = "ab") -> BinaryIO: ...
+@overload
+def open_private(path: str | os.PathLike[str], mode: Literal["a", "w"]) -> TextIO: ...
+def open_private(path: str | os.PathLike[str], mode: str = "ab") -> BinaryIO | TextIO:
     """Open ``path`` for writing (``"ab"``, ``"a"``, ``"wb"``, ``"w"``), creating it 0600 and
     its directory 0700. What a daemon's or a worker's log is opened with."""
     path = Path(path)
@@ -47,8 +51,8 @@ def open_private(path: str | os.PathLike[str], mode: str = "ab") -> IO[Any]:
     flags |= os.O_APPEND if mode.startswith("a") else os.O_TRUNC
     fd = os.open(path, flags, FILE_MODE)
     if "b" in mode:
-        return os.fdopen(fd, mode)
-    return os.fdopen(fd, mode, encoding="utf-8")
+        return cast(BinaryIO, os.fdopen(fd, mode))
+    return cast(TextIO, os.fdopen(fd, mode, encoding="utf-8"))
 
 
 def write_private(path: str | os.PathLike[str], data: str | bytes) -> Path:
