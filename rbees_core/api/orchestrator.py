@@ -24,10 +24,11 @@ from rbees_core.api.common import (
     SHELL_META,
 )
 from rbees_core.api.pool import GpuEntry
+from rbees_core.api.rules import check_output_rules, check_turn, turn_chars
 from rbees_core.errors import InvalidParamsError
 from rbees_core.schema import field, limits
 from rbees_core.structured import check_schema
-from rbees_core.tools import MAX_TOOLS, check_tool_calls, check_tool_choice, check_tools
+from rbees_core.tools import MAX_TOOLS
 
 Priority = Literal["interactive", "batch"]
 JobStatus = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled"]
@@ -65,17 +66,10 @@ class TaskMessage:
 
     def chars(self) -> int:
         """Characters this turn adds to the prompt (content and call arguments)."""
-        calls = len(json.dumps(self.tool_calls)) if self.tool_calls else 0
-        return len(self.content or "") + calls
+        return turn_chars(self.content, self.tool_calls)
 
     def check(self) -> None:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise InvalidParamsError("content", "is required, except on an assistant turn "
-                                     "with tool_calls")
-        if self.tool_calls is not None:
-            if self.role != "assistant":
-                raise InvalidParamsError("tool_calls", "only an assistant turn has tool_calls")
-            check_tool_calls(self.tool_calls, field="tool_calls")
+        check_turn(self.role, self.content, self.tool_calls)
 
 
 @attrs.frozen
@@ -163,21 +157,8 @@ class TaskRequest:
                 )
         if any(s == "" for s in self.stop):
             raise InvalidParamsError("stop", "must not contain empty strings")
-        if self.json_schema is not None and self.grammar is not None:
-            raise InvalidParamsError("grammar", "give at most one of json_schema and grammar")
-        if self.tools is not None:
-            if len(json.dumps(self.tools)) > MAX_GRAMMAR_CHARS:
-                raise InvalidParamsError("tools", f"must be at most {MAX_GRAMMAR_CHARS} "
-                                         "characters of JSON")
-            names = check_tools(self.tools)
-            check_tool_choice(self.tool_choice, names)
-            if self.prompt is not None:
-                raise InvalidParamsError("tools", "need messages, not a prompt")
-            if self.json_schema is not None or self.grammar is not None:
-                raise InvalidParamsError("tools", "cannot be combined with json_schema or "
-                                         "grammar")
-        elif self.tool_choice not in (None, "none", "auto"):
-            raise InvalidParamsError("tool_choice", "needs tools")
+        check_output_rules(prompt=self.prompt, json_schema=self.json_schema,
+                           grammar=self.grammar, tools=self.tools, tool_choice=self.tool_choice)
         if self.json_schema is not None:
             if len(json.dumps(self.json_schema)) > MAX_GRAMMAR_CHARS:
                 raise InvalidParamsError("json_schema", f"must be at most {MAX_GRAMMAR_CHARS} "

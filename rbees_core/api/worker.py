@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import attrs
@@ -15,9 +14,10 @@ from rbees_core.api.common import (
     SHELL_META,
     WORKER_MAX_PROMPT_CHARS,
 )
+from rbees_core.api.rules import check_output_rules, check_turn, turn_chars
 from rbees_core.errors import InvalidParamsError
 from rbees_core.schema import field, limits
-from rbees_core.tools import MAX_TOOLS, check_tool_calls, check_tool_choice, check_tools
+from rbees_core.tools import MAX_TOOLS
 
 Role = Literal["system", "user", "assistant", "tool"]
 StopReason = Literal["max_tokens", "stop", "eos"]
@@ -41,17 +41,10 @@ class Message:
 
     def chars(self) -> int:
         """Characters this turn adds to the prompt (content and call arguments)."""
-        calls = len(json.dumps(self.tool_calls)) if self.tool_calls else 0
-        return len(self.content or "") + calls
+        return turn_chars(self.content, self.tool_calls)
 
     def check(self) -> None:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise InvalidParamsError("content", "is required, except on an assistant turn "
-                                     "with tool_calls")
-        if self.tool_calls is not None:
-            if self.role != "assistant":
-                raise InvalidParamsError("tool_calls", "only an assistant turn has tool_calls")
-            check_tool_calls(self.tool_calls, field="tool_calls")
+        check_turn(self.role, self.content, self.tool_calls)
 
 
 @attrs.frozen
@@ -94,21 +87,8 @@ class ExecuteRequest:
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidParamsError("prompt", "give exactly one of prompt and messages")
-        if self.json_schema is not None and self.grammar is not None:
-            raise InvalidParamsError("grammar", "give at most one of json_schema and grammar")
-        if self.tools is not None:
-            if len(json.dumps(self.tools)) > MAX_GRAMMAR_CHARS:
-                raise InvalidParamsError("tools", f"must be at most {MAX_GRAMMAR_CHARS} "
-                                         "characters of JSON")
-            names = check_tools(self.tools)
-            check_tool_choice(self.tool_choice, names)
-            if self.prompt is not None:
-                raise InvalidParamsError("tools", "need messages, not a prompt")
-            if self.json_schema is not None or self.grammar is not None:
-                raise InvalidParamsError("tools", "cannot be combined with json_schema or "
-                                         "grammar")
-        elif self.tool_choice not in (None, "none", "auto"):
-            raise InvalidParamsError("tool_choice", "needs tools")
+        check_output_rules(prompt=self.prompt, json_schema=self.json_schema,
+                           grammar=self.grammar, tools=self.tools, tool_choice=self.tool_choice)
         if self.messages is not None:
             if not self.messages:
                 raise InvalidParamsError("messages", "must not be empty")
