@@ -142,8 +142,8 @@ def test_auto_streams_a_plain_answer_as_it_comes(client: openai.OpenAI) -> None:
             pieces.append(c.delta.content or "")
             called = called or bool(c.delta.tool_calls)
             finish = c.finish_reason or finish
-    if called:
-        pytest.skip("the model called a tool for this one")
+    # greedy decoding: the same answer every run, and for this chat it is text, not a call
+    assert not called, "the model called a tool; this test needs a plain answer"
     assert len([p for p in pieces if p]) > 5  # token by token, not one block at the end
     assert "".join(pieces).strip() and finish in ("stop", "length")
 
