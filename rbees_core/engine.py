@@ -322,21 +322,25 @@ class Engine:
             job.sink("token", {"t": text, "i": job.pieces})
             job.pieces += 1
 
+    # A job's slot is free before its terminal event leaves: whoever reads ``end`` (the
+    # orchestrator) may send the next job at once, and must not be told ALL_SLOTS_BUSY.
+
     def _end(self, job: Job, reason: str) -> None:
         now = time.perf_counter()
         first = job.first_token_at or now
-        job.sink("end", {
+        end = {
             "job_id": job.job_id, "tokens_in": len(job.tokens), "tokens_out": job.tokens_out,
             "decode_ms": round((now - job.started_at) * 1000, 3),
             "ttft_ms": round((first - job.received_at) * 1000, 3),
             "stop_reason": reason, "seed": job.params.seed,
-        })
+        }
         self._release(job, "completed")
+        job.sink("end", end)
 
     def _fail(self, job: Job, code: str, message: str, *, retriable: bool = False) -> None:
+        self._release(job, "cancelled" if code == "CANCELLED" else "failed")
         job.sink("error", {"job_id": job.job_id, "code": code, "message": message,
                            "retriable": retriable})
-        self._release(job, "cancelled" if code == "CANCELLED" else "failed")
 
     def _release(self, job: Job, outcome: str) -> None:
         try:

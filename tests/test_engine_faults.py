@@ -81,3 +81,36 @@ def test_a_raising_backend_fails_the_job_and_the_next_one_runs(top_k: int) -> No
         assert engine.slots_free == 1
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("top_k", [0, 14])
+def test_the_slot_is_free_when_the_terminal_event_leaves(top_k: int) -> None:
+    """rbees-orcd sends a one-slot worker its next job as soon as it reads ``end`` (or
+    ``error``); the engine emitted the event before freeing the slot, so that job was often
+    refused with ALL_SLOTS_BUSY (25 refusals in one bench run). The sink runs on the decode
+    thread, so submitting from it shows the order exactly."""
+    engine = Engine(Flaky(), slots=1, model_name="flaky", worker_id="w")
+    engine.start()
+    refused: list[Exception] = []
+    followed = threading.Event()
+
+    def sink(event: str, data: dict[str, Any]) -> None:
+        if event in ("end", "error") and data["job_id"] == "first":
+            try:
+                engine.submit(engine.prepare("next", "hi", max_tokens=2, stop=[],
+                                             sink=next_sink, params=SamplingParams()))
+            except Exception as exc:
+                refused.append(exc)
+                followed.set()
+
+    def next_sink(event: str, data: dict[str, Any]) -> None:
+        if event in ("end", "error"):
+            followed.set()
+
+    try:
+        engine.submit(engine.prepare("first", "hi", max_tokens=3, stop=[], sink=sink,
+                                     params=SamplingParams(temperature=0, top_k=top_k)))
+        assert followed.wait(10)
+        assert not refused, refused
+    finally:
+        engine.stop()
