@@ -173,7 +173,8 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
     workers still loading. Workers: ``ready``/``busy`` with their free slots, counted as
     ``slots_total`` minus ``in_flight(worker_id)`` when the caller counts the jobs it sent
     (rbees-orcd), else as the pool reported; ``starting``/``loading`` with all their slots
-    (coming); every other state with a process (``draining``, ``stopping``, ...) with none,
+    (coming), and rbees-orcd's own starts that no heartbeat showed yet (``expected``: their
+    cores, every free one when ``threads`` is None, are not free); every other state with a process (``draining``, ``stopping``, ...) with none,
     so that a policy can say why it passed them over; workers whose process is gone
     (:data:`GONE_STATES`) are left out.
     """
@@ -203,6 +204,8 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
             "memory_reserved_bytes": _get(gpu, "memory_reserved_bytes", 0),
             "utilization": _get(gpu, "utilization"), "power_w": _get(gpu, "power_w")})
     entries = []
+    pinned: set[int] = set()  # cores held by the workers listed (their CPU sets)
+    coming = 0  # cores of CPU workers asked for that the pool's state does not show
     for w in _get(state, "workers") or () if workers is None else workers:
         live = _get(w, "state")
         if live in GONE_STATES:
@@ -222,7 +225,17 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
         if _get(w, "cpus") is not None:
             entry["threads"] = _get(w, "threads")
             entry["cpus"] = list(_get(w, "cpus"))
+            if not _get(w, "cpu_shared"):
+                pinned.update(int(c) for c in _get(w, "cpus"))
+        elif _get(w, "expected") and str(_get(w, "device") or "").startswith("cpu"):
+            threads = _get(w, "threads")  # None: it gets every free core
+            coming += int(threads) if threads else 1 << 20
         entries.append(entry)
+    if devices and "cores_total" in devices[0]:  # the CPU: count every listed start once
+        cpu_entry = devices[0]
+        total = int(cpu_entry["cores_total"])
+        taken = total - int(cpu_entry["cores_free"])
+        cpu_entry["cores_free"] = max(0, total - max(taken, len(pinned) + coming))
     models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
               for m in _get(state, "models") or () if m.get("ref") or m.get("id")]
     failed = []

@@ -8,9 +8,11 @@ import json
 import time
 
 import attrs
+import pytest
 
 from rbees_core.api.pool import CpuEntry, GpuEntry, PoolHeartbeat, PoolState, WorkerEntry
 from rbees_core.orchestrator.registry import PoolRegistry
+from rbees_core.placement import cores_to_start, cpu_device
 from rbees_core.programs.rbees_commands.m0 import pool_entry
 from rbees_core.scheduling import snapshot_pool
 
@@ -87,3 +89,44 @@ def test_the_registry_counts_its_own_jobs_in_flight_and_draining() -> None:
 def test_a_pool_that_did_not_answer_is_offline() -> None:
     assert pool_entry("gone", None) == {"pool_id": "gone", "status": "offline", "devices": [],
                                         "workers": [], "models": []}
+
+
+def _two_cores(*workers: WorkerEntry, reserved: int = 0) -> PoolHeartbeat:
+    return PoolHeartbeat(pool_id="blep", host="blep", gpus=[], workers=list(workers),
+                         cpu=CpuEntry(cores=2, ram_total_bytes=24 * GIB,
+                                      ram_free_bytes=20 * GIB, cores_reserved=reserved),
+                         models=[], seq=int(time.time() * 1000), sent_at=time.time())
+
+
+def _cores_free(registry: PoolRegistry) -> int:
+    (pool,) = registry.snapshot_pools()
+    return int(cpu_device(pool)["cores_free"])  # type: ignore[index]
+
+
+@pytest.mark.parametrize("threads, left", [(None, 0), (1, 1)])
+def test_a_start_no_heartbeat_showed_yet_holds_its_cores(threads: int | None, left: int
+                                                          ) -> None:
+    """Two starts decided between two heartbeats: the second decision must see the cores
+    the first took, or the pool makes both workers share them (issue 21)."""
+    registry = PoolRegistry()
+    registry.heartbeat(_two_cores())
+    assert _cores_free(registry) == 2
+    registry.expect_worker("blep", "smollm2", {
+        "worker_id": "starting-smollm2", "model_ref": "smollm2", "device": "cpu",
+        "state": "starting", "slots_total": 4, "slots_free": 4, "uri": None,
+        "threads": threads, "cpus": None, "expected": True})
+    assert _cores_free(registry) == left
+    (pool,) = registry.snapshot_pools()
+    assert cores_to_start(pool, "cpu", None) == left  # no second model on taken cores
+    assert [w["state"] for w in pool["workers"]] == ["starting"]  # jobs wait for it
+    registry.heartbeat(_two_cores())  # a heartbeat sent before the pool had it
+    assert _cores_free(registry) == left
+    registry.expected["blep"]["smollm2"]["worker_id"] = "w-1"  # the pool answered
+    pinned = attrs.evolve(_worker("w-1", "loading"), threads=threads or 2,
+                          cpus=[0] if threads else [0, 1])
+    registry.heartbeat(_two_cores(pinned, reserved=len(pinned.cpus or [])))
+    assert _cores_free(registry) == left  # counted once: the heartbeat's entry wins
+    assert [w["worker_id"] for w in registry.snapshot_pools()[0]["workers"]] == ["w-1"]
+    registry.forget_expected("blep", "smollm2")
+    registry.heartbeat(_two_cores())
+    assert _cores_free(registry) == 2 and not registry.expected

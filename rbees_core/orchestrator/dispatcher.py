@@ -219,6 +219,7 @@ class Dispatcher:
                 self.pools.start_worker(decision.pool_id, decision.device,
                                         decision.model or queued.model, slots=decision.slots,
                                         ctx=decision.ctx, threads=decision.threads)
+                pools.taken = None  # the next job of this round sees the start
             elif decision.action == "stop_worker" and decision.pool_id and decision.worker_id:
                 book.spawn(self.pools.stop_worker(decision.pool_id, decision.worker_id))
         return None

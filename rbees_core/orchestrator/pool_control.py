@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from typing import Any
 
@@ -174,6 +175,11 @@ class PoolControl:
         request = WorkerStartRequest(
             model_ref=model, device=device, slots=slots or defaults.get("slots") or 1,
             ctx=ctx or defaults.get("ctx"), threads=threads or defaults.get("threads"))
+        self.registry.expect_worker(pool_id, model, {
+            "worker_id": "starting-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model)[:100],
+            "model_ref": model, "device": device,
+            "state": "starting", "slots_total": request.slots, "slots_free": request.slots,
+            "uri": None, "threads": request.threads, "cpus": None, "expected": True})
         self.starting[key] = self.book.spawn(self._start_worker(pool_id, request))
 
     async def _start_worker(self, pool_id: str, request: WorkerStartRequest) -> None:
@@ -184,6 +190,9 @@ class PoolControl:
                 raise RbeesError(f"pool {pool_id} has no URL to start a worker on")
             started = await pool.start_worker(request)
             worker_id = started.worker_id
+            expected = self.registry.expected.get(pool_id, {}).get(model)
+            if expected is not None:  # known by its id now: a heartbeat showing it wins
+                expected.update(worker_id=worker_id, uri=started.uri)
             self.started_by_us.add((pool_id, worker_id))
             self.log.info("worker_start_requested", pool_id=pool_id, worker_id=worker_id,
                           model=model, device=device, slots=request.slots,
@@ -202,6 +211,7 @@ class PoolControl:
             self.log.error("worker_start_failed", pool_id=pool_id, model=model, error=str(exc))
             await asyncio.sleep(1.0)  # do not hammer a pool that refuses
         finally:
+            self.registry.forget_expected(pool_id, model)
             self.starting.pop((pool_id, model), None)
             self.book.changed()
 

@@ -41,6 +41,9 @@ class PoolRegistry:
         self.pools: dict[str, PoolEntry] = {}
         #: (pool_id, worker_id) -> jobs in flight there
         self.inflight: dict[tuple[str, str], int] = {}
+        #: pool_id -> model -> a worker this orchestrator asked the pool for and may not
+        #: have seen in a heartbeat yet (see :meth:`expect_worker`)
+        self.expected: dict[str, dict[str, dict[str, Any]]] = {}
 
     def statuses(self) -> dict[str, str]:
         """Every pool's status now."""
@@ -78,6 +81,32 @@ class PoolRegistry:
         entry = self.pools.get(pool_id)
         if entry is not None:
             entry.workers[str(worker["worker_id"])] = worker
+
+    def expect_worker(self, pool_id: str, model: str, worker: dict[str, Any]) -> None:
+        """Show a worker being started on ``pool_id`` in every snapshot until
+        :meth:`forget_expected`: a ``starting`` entry with its slots and the cores it will
+        take (``threads``; None: every free one). Without it, a start decided between two
+        heartbeats is invisible to the next decision: a policy started a second model on
+        cores the first was given (the pool then made both share them)."""
+        self.expected.setdefault(pool_id, {})[model] = worker
+
+    def forget_expected(self, pool_id: str, model: str) -> None:
+        """The start ended (ready, refused or failed): heartbeats tell from now on."""
+        pending = self.expected.get(pool_id)
+        if pending is not None:
+            pending.pop(model, None)
+            if not pending:
+                self.expected.pop(pool_id, None)
+
+    def _workers(self, entry: PoolEntry) -> list[dict[str, Any]]:
+        """The pool's workers as this orchestrator knows them: its last heartbeat, updated
+        by its own polls, and the starts it asked for that neither shows yet."""
+        known = entry.workers
+        pending = self.expected.get(entry.pool_id)
+        if not pending:
+            return list(known.values())
+        return [*known.values(),
+                *(w for w in pending.values() if w.get("worker_id") not in known)]
 
     def __iter__(self) -> Iterator[PoolEntry]:
         return iter(list(self.pools.values()))
@@ -122,7 +151,7 @@ class PoolRegistry:
                 return inflight.get((pool_id, worker_id), 0)
 
             out.append(snapshot_pool(
-                entry.state, pool_id=pool_id, workers=entry.workers.values(),
+                entry.state, pool_id=pool_id, workers=self._workers(entry),
                 status="unavailable" if entry.draining else self.status(entry),
                 in_flight=in_flight))
         return out
