@@ -46,7 +46,9 @@ every free core). The CPU device of a pool that counts its cores has ``cores_tot
 ``cores_free`` (not held by a worker: a CPU worker holds the cores of its CPU set, a GPU
 worker one for its host thread); a policy starts no CPU worker where no core is free
 (:func:`rbees_core.placement.cores_to_start`), so workers never share cores.
-``threads``/``cpus`` of a worker are the thread count and CPU set its pool gave it.
+``threads``/``cpus`` of a worker are the thread count and CPU set its pool gave it. A
+``starting`` worker with ``"expected": true`` (and ``uri`` None) is one rbees-orcd asked a
+pool for that no heartbeat shows yet; its cores are already out of ``cores_free``.
 
 Decisions (``Decision.to_dict()``), one of::
 
