@@ -176,9 +176,9 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
     ``slots_total`` minus ``in_flight(worker_id)`` when the caller counts the jobs it sent
     (rbees-orcd), else as the pool reported; ``starting``/``loading`` with all their slots
     (coming), and rbees-orcd's own starts that no heartbeat showed yet (``expected``: their
-    cores, every free one when ``threads`` is None, are not free); every other state with a process (``draining``, ``stopping``, ...) with none,
-    so that a policy can say why it passed them over; workers whose process is gone
-    (:data:`GONE_STATES`) are left out.
+    cores, every free one when ``threads`` is None, are not free); every other state with
+    a process (``draining``, ``stopping``, ...) with none, so that a policy can say why it
+    passed them over; workers whose process is gone (:data:`GONE_STATES`) are left out.
     """
     if state is None:
         return {"pool_id": pool_id, "status": "offline", "devices": [], "workers": [],
@@ -431,6 +431,13 @@ def normalise_job(job: Any, index: int) -> dict[str, Any]:
     for key in ("memory_bytes", "now"):
         if key in job:
             out[key] = job[key]
+    match = job.get("prefix_match")
+    if match is not None:
+        if not isinstance(match, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in match.values()):
+            raise InvalidParamsError(f"{where}.prefix_match",
+                                     'must map "<pool_id>/<worker_id>" to characters')
+        out["prefix_match"] = match
     return out
 
 
@@ -489,8 +496,10 @@ def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,
     """Decide ``jobs`` one after another on a copy of ``snapshot``, applying each verdict.
 
     ``decide`` is a :class:`rbees_core.interfaces.Scheduler`'s ``decide``. Each job sees the
-    jobs after it as the queue; a job's ``now`` (seconds since the epoch) overrides the
-    snapshot's for its decision. Deterministic for a deterministic policy.
+    jobs after it as the queue; a job's ``now`` (seconds since the epoch) and
+    ``prefix_match`` (what its prompt shares with each worker's slots, as rbees-orcd
+    records it) override the snapshot's for its decision. Deterministic for a
+    deterministic policy.
     """
     import copy
 
@@ -499,7 +508,7 @@ def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,
     pending = [normalise_job(job, i) for i, job in enumerate(jobs)]
     out = []
     for i, job in enumerate(pending):
-        head = {k: v for k, v in job.items() if k != "now"}
+        head = {k: v for k, v in job.items() if k not in ("now", "prefix_match")}
         snap = {
             "now": float(job.get("now", data.get("now", 0.0))), "job": head,
             "queue": [{k: q[k] for k in ("job_id", "model", "priority", "waited_s")}
@@ -508,6 +517,9 @@ def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,
         }
         if "worker_defaults" in data:
             snap["worker_defaults"] = data["worker_defaults"]
+        match = job.get("prefix_match", data.get("prefix_match"))
+        if match:
+            snap["prefix_match"] = match
         verdict = decide(Snapshot(snap))
         apply_verdict(data, head, verdict, worker_slots=worker_slots)
         out.append((head, verdict))

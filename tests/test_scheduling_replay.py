@@ -101,6 +101,8 @@ def test_apply_verdict_takes_slots_and_reserves_memory() -> None:
     (["smollm2"], "jobs[0]"),
     ([{"model": ""}], "jobs[0].model"),
     ([{"model": "m"}, {"model": "m", "placement": "here"}], "jobs[1].placement"),
+    ([{"model": "m", "prefix_match": {"p/w1": "long"}}], "jobs[0].prefix_match"),
+    ([{"model": "m", "prefix_match": ["p/w1"]}], "jobs[0].prefix_match"),
 ])
 def test_replay_rejects_bad_jobs(jobs: list[object], field: str) -> None:
     with pytest.raises(InvalidParamsError) as info:
@@ -150,3 +152,15 @@ def test_a_policy_without_settings_is_made_from_any_config() -> None:
     made = Waits.from_config(SchedulerConfig(policy="waits", budget_ms=10))
     assert isinstance(made, Waits)
     made.close()  # holds nothing
+
+
+def test_replay_gives_each_job_its_prefix_match() -> None:
+    """What a job's prompt shares with each worker's slots steers prefix-aware policies, so
+    a replay carries it per job (else the snapshot's own)."""
+    wait = Verdict("fixed", [Decision("wait", reason="x")])
+    policy = Fixed([wait, wait])
+    snap = {"pools": [pool("p", workers=[worker("w1"), worker("w2")])],
+            "prefix_match": {"p/w1": 10}}
+    replay(policy.decide, snap, [{"model": "m", "prefix_match": {"p/w2": 300}}, {"model": "m"}])
+    assert [s.get("prefix_match") for s in policy.seen] == [{"p/w2": 300}, {"p/w1": 10}]
+    assert all("prefix_match" not in s["job"] for s in policy.seen)  # type: ignore[operator]
