@@ -15,11 +15,18 @@ whole lines (httpx's ``iter_lines``); :func:`iter_events`, :func:`aiter_events` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
-__all__ = ["Decoder", "Event", "aiter_events", "frame", "iter_events", "json_frame", "parse"]
+__all__ = ["PING", "Decoder", "Event", "Pinger", "aiter_events", "frame", "iter_events",
+           "json_frame", "parse"]
+
+T = TypeVar("T")
+#: A comment frame: keeps a quiet stream (a job waiting in the queue) alive through proxies
+#: and idle timeouts; every reader ignores it.
+PING = b": ping\n\n"
 
 
 class Event(NamedTuple):
@@ -67,6 +74,41 @@ def json_frame(event_id: int | None, event: str, data: Any) -> str:
     if event_id is None:
         return f"event: {event}\ndata: {body}\n\n"
     return f"id: {event_id}\nevent: {event}\ndata: {body}\n\n"
+
+
+class Pinger(Generic[T]):
+    """Puts ``item`` on ``queue`` whenever nothing passed for ``interval_s`` seconds.
+
+    The stream writers of rbees-orcd (its /v1 streams and ``/v2/tasks/{id}/events``) read
+    their events from ``queue``; on ``item`` they write :data:`PING`. They call
+    :meth:`touch` on every other item and :meth:`close` when the stream ends. One timer per
+    interval, not one per event: the token path only stores a time. ``interval_s`` <= 0:
+    no pings. Made on the event loop that reads ``queue``.
+    """
+
+    def __init__(self, queue: asyncio.Queue[T], item: T, interval_s: float) -> None:
+        self.queue, self.item, self.interval_s = queue, item, interval_s
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.handle: asyncio.TimerHandle | None = None
+        if interval_s > 0:
+            self.handle = self.loop.call_later(interval_s, self._due)
+
+    def touch(self) -> None:
+        """Something was sent: the next ping is due ``interval_s`` from now."""
+        self.last = self.loop.time()
+
+    def _due(self) -> None:
+        idle = self.loop.time() - self.last
+        if idle >= self.interval_s * 0.999:
+            self.queue.put_nowait(self.item)
+            self.last, idle = self.loop.time(), 0.0
+        self.handle = self.loop.call_later(self.interval_s - idle, self._due)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 # -- reading ---------------------------------------------------------------------------------

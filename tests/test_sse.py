@@ -98,3 +98,25 @@ async def test_aiter_events_over_a_process_stdout() -> None:
     got = [(e.id, e.event, e.json()) async for e in sse.aiter_events(chunks())]
     await proc.wait()
     assert got == [(str(i), "token", {"t": "\u00e9" * i}) for i in range(1, 4)]
+
+
+def test_pinger_puts_its_item_only_after_a_quiet_interval() -> None:
+    async def run() -> list[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        pinger = sse.Pinger(queue, "ping", 0.05)
+        got = []
+        for _ in range(6):  # busy: touched every 0.02 s, no ping
+            await asyncio.sleep(0.02)
+            pinger.touch()
+        assert queue.empty()
+        got.append(await asyncio.wait_for(queue.get(), 1))  # quiet: one comes
+        await asyncio.sleep(0.12)
+        pinger.close()
+        await asyncio.sleep(0.1)
+        while not queue.empty():
+            got.append(queue.get_nowait())
+        return got
+
+    got = asyncio.run(run())
+    assert got[0] == "ping" and 2 <= len(got) <= 4  # then about one per interval, until closed
+    assert sse.parse(sse.PING + b"data: x\n\n")[0].data == "x"  # readers skip it

@@ -54,6 +54,12 @@ _OPENAI_KINDS = {401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 429: "rate_limit_error"}
 
 
+def is_openai_path(path: str) -> bool:
+    """Whether errors on ``path`` take OpenAI's shape: under :data:`OPENAI_PREFIX`, or
+    ``/v1`` itself (where ``/v1/models/..`` lands once a client normalizes it)."""
+    return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
+
+
 def openai_error_body(status: int, message: str, *, code: str | None = None,
                       param: str | None = None) -> dict[str, Any]:
     """OpenAI's error envelope ``{"error": {message, type, param, code}}`` for a ``status``;
@@ -72,7 +78,7 @@ def error_response(exc: RbeesError, path: str = "") -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if path.startswith(OPENAI_PREFIX):
+    if is_openai_path(path):
         body = openai_error_body(exc.status, exc.message, code=exc.code.lower(),
                                  param=exc.details.get("field"))
     else:
@@ -146,7 +152,7 @@ async def _rbees_error(request: Request, exc: Exception) -> Response:
 def _plain_error(request: Request, status: int, code: str, message: str) -> Response:
     """An error no RbeesError carries (the router's 404/405, a crash's 500) in the envelope
     of the request's path."""
-    if request.url.path.startswith(OPENAI_PREFIX):
+    if is_openai_path(request.url.path):
         body = openai_error_body(status, message, code=code.lower())
     else:
         body = envelope(code, message, correlation_id=correlation_id.get())

@@ -54,6 +54,9 @@ class OrcdSettings:
     scheduler_script: str | None = None
     token: str | None = None
     default_ctx_slots: int = 1
+    #: seconds of silence after which a stream (/v1, /v2/tasks/{id}/events) gets a
+    #: ``: ping`` comment frame; 0: never
+    sse_ping_interval_s: float = 15.0
     #: ``[placement]``: slots, context and cores of the workers this process starts
     placement: PlacementConfig = attrs.field(factory=PlacementConfig)
 
@@ -238,16 +241,46 @@ class OrchestratorService:
             out.append({"id": entry.id, "name": entry.name, **where})
         return out
 
-    def model_ids(self) -> list[str]:
-        """The catalog's ids and every model a worker serves, sorted (``GET /v1/models``)."""
+    def model_states(self) -> dict[str, str]:
+        """``GET /v1/models``: every model the cluster knows, by id, with what it can do now:
+        ``loaded`` (a live worker serves it), ``downloaded`` (a pool holds it, no worker
+        yet: the first job starts one) or ``not_on_any_pool`` (only in the catalog). A
+        model a pool holds or serves under a reference of a catalog entry (its ``sources``)
+        is listed under the entry's id; another reference under itself."""
         from rbees_core.catalog import configured_catalog
 
-        ids = {e.id for e in configured_catalog(self.pm).entries}
+        rank = {"not_on_any_pool": 0, "downloaded": 1, "loaded": 2}
+        states: dict[str, str] = {}
+        catalog = configured_catalog(self.pm)
+
+        def mark(ref: Any, state: str) -> None:
+            if not ref:
+                return
+            entry = catalog.get(str(ref)) or catalog.by_source(str(ref))
+            ident = entry.id if entry is not None else str(ref)
+            if rank[state] > rank.get(states.get(ident, ""), -1):
+                states[ident] = state
+
+        for entry in catalog.entries:
+            mark(entry.id, "not_on_any_pool")
         for pool in self.registry:
+            for m in pool.state.models:
+                mark(m.get("id") or m.get("ref"), "downloaded")
             for w in pool.workers.values():
-                if w.get("model_ref"):
-                    ids.add(str(w["model_ref"]))
-        return sorted(ids)
+                live = w.get("state") in ("ready", "busy")
+                mark(w.get("model_ref"), "loaded" if live else "downloaded")
+        return dict(sorted(states.items()))
+
+    def model_state(self, ref: str) -> str | None:
+        """``GET /v1/models/{id}``: the state (as :meth:`model_states`) of a catalog id or a
+        model reference, a source of a catalog entry included; None for a model unknown."""
+        from rbees_core.catalog import configured_catalog
+
+        states = self.model_states()
+        if ref in states:
+            return states[ref]
+        entry = configured_catalog(self.pm).by_source(ref)
+        return states.get(entry.id) if entry is not None else None
 
     def scrape(self) -> bytes:
         """The Prometheus exposition of ``GET /metrics``."""

@@ -2,8 +2,9 @@
 
 This module is its command line and its app factory: the service
 (:class:`~rbees_core.orchestrator.service.OrchestratorService`) behind the routes of
-:mod:`.orcd_api` (jobs, pools, models, metrics), :mod:`.orcd_openai`, :mod:`.orcd_pools`
-and :mod:`.orcd_web`. Route modules import the service's facade, never one another.
+:mod:`.orcd_api` (jobs, pools, models, metrics), :mod:`.orcd_openai`,
+:mod:`.orcd_openai_models`, :mod:`.orcd_pools` and :mod:`.orcd_web`. Route modules import
+the service's facade, never one another.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rbees_core.files import private_dir
 from rbees_core.http import Daemon, build_app, daemon_lifespan, daemon_routes
 from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
-from rbees_core.programs import orcd_api, orcd_openai, orcd_pools, orcd_web
+from rbees_core.programs import orcd_api, orcd_openai, orcd_openai_models, orcd_pools, orcd_web
 
 PROGRAM = "rbees-orcd"
 DEFAULT_BIND = "127.0.0.1:8080"
@@ -32,7 +33,7 @@ DEFAULT_BIND = "127.0.0.1:8080"
 def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
     """Every route of rbees-orcd: the daemon's own (health, openapi), its API, the OpenAI
     endpoints, the pool forwarding and the web UI; each route module documents its own."""
-    modules = (orcd_api, orcd_openai, orcd_pools, orcd_web)
+    modules = (orcd_api, orcd_openai, orcd_openai_models, orcd_pools, orcd_web)
     operations = [op for module in modules for op in module.OPERATIONS]
     return daemon_routes(PROGRAM, pm, started=started, operations=operations,
                          routes=[route for module in modules for route in module.routes()])
@@ -74,6 +75,10 @@ def serve_orcd(
                                                              min=0.1)] = None,
     idle_timeout: Annotated[float | None, typer.Option("--idle-timeout", min=1)] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
+    sse_ping_interval: Annotated[float, typer.Option(
+        "--sse-ping-interval", min=0, envvar="RBEES_SSE_PING_INTERVAL",
+        help="Seconds of silence after which a stream gets an SSE ': ping' comment "
+             "(a job waiting in the queue); 0: never")] = 15.0,
 ) -> None:
     """Start the orchestrator."""
     from rbees_core import plugins
@@ -105,7 +110,7 @@ def serve_orcd(
             idle_timeout_s=pick(idle_timeout, orch, "idle_timeout_s", 300.0),
             scheduler=pick(scheduler, sched, "policy", "least-loaded"),
             scheduler_script=getattr(sched, "script", None), token=token,
-            placement=cfg.placement)
+            placement=cfg.placement, sse_ping_interval_s=sse_ping_interval)
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(PROGRAM, exc)

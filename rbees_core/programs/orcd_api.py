@@ -26,7 +26,9 @@ from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.orchestrator.service import OrchestratorService, retrieved
 from rbees_core.programs.orcd_common import path_id, service
 from rbees_core.schema import to_dict
-from rbees_core.sse import json_frame
+from rbees_core.sse import PING, Pinger, json_frame
+
+PING_TEXT = PING.decode()
 
 
 class JobEventStream:
@@ -55,6 +57,9 @@ class JobEventStream:
         try:
             following = await svc.follow(job_id, self.after)
             queue = following.live
+            # a ping is the event named "" on the queue (no real event has that name)
+            pinger = None if queue is None else Pinger(
+                queue, (0, "", {}), svc.settings.sse_ping_interval_s)
             try:
                 frames = [json_frame(*e) for e in following.backlog]
                 done = following.done  # also when the client has seen everything already
@@ -63,18 +68,22 @@ class JobEventStream:
                         await send({"type": "http.response.body",
                                     "body": "".join(frames).encode(), "more_body": True})
                         frames = []
+                        if pinger is not None:
+                            pinger.touch()
                     if done or gone.is_set() or queue is None:
                         break
                     item = await queue.get()
-                    frames.append(json_frame(*item))
-                    done = item[1] in TERMINAL
-                    while not done and not queue.empty():
-                        item = queue.get_nowait()
-                        frames.append(json_frame(*item))
+                    while True:
+                        frames.append(json_frame(*item) if item[1] else PING_TEXT)
                         done = item[1] in TERMINAL
+                        if done or queue.empty():
+                            break
+                        item = queue.get_nowait()
                 if not gone.is_set():
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
             finally:
+                if pinger is not None:
+                    pinger.close()
                 following.close()
         except OSError:
             pass

@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints of rbees-orcd: /v1/chat/completions, /v1/completions, /v1/models.
+"""OpenAI-compatible endpoints of rbees-orcd: /v1/chat/completions and /v1/completions.
 
 Jobs go through the same queue as /v2/tasks (interactive lane, cancelled when the client
 disconnects). OpenAI's harmless fields that rbees does not support are ignored; values it
@@ -25,41 +25,23 @@ from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.http import parse_json, read_body
 from rbees_core.orchestrator.channel import TERMINAL
+from rbees_core.programs.openai_errors import OpenAIError, from_rbees, job_error
 from rbees_core.programs.orcd_common import service
 from rbees_core.schema import from_mapping
 from rbees_core.structured import response_format_schema
 from rbees_core.tools import LiveText, check_tool_calls
 
 MAX_N = 8
+#: The event name of a ping on a stream's queue (no job event has it).
+PINGED = ""
 FINISH = {"stop": "stop", "eos": "stop", "max_tokens": "length"}
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = (
-            status, message, param, code, kind)
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse({"error": {"message": self.message, "type": self.kind,
-                                       "param": self.param, "code": self.code}},
-                            status_code=self.status, headers=headers)
-
-
-def _from_rbees(exc: RbeesError) -> OpenAIError:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            429: "rate_limit_error"}.get(exc.status, "server_error")
-    return OpenAIError(exc.status, exc.message, param=exc.details.get("field"),
-                       code=exc.code.lower(), kind=kind)
 
 
 async def _body(request: Request) -> dict[str, Any]:
     try:
         data = parse_json(await read_body(request))
     except RbeesError as exc:
-        raise _from_rbees(exc) from exc
+        raise from_rbees(exc) from exc
     if not isinstance(data, dict):
         raise OpenAIError(400, "the body must be a JSON object")
     return data
@@ -171,11 +153,6 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     return out
 
 
-def _param(field: Any) -> Any:
-    """The OpenAI request field a worker's INVALID_PARAMS ``field`` stands for."""
-    return "response_format" if field == "json_schema" else field
-
-
 async def _submit_all(request: Request, task: dict[str, Any], n: int) -> list[str]:
     svc = service(request)
     job_ids = []
@@ -194,7 +171,7 @@ async def _submit_all(request: Request, task: dict[str, Any], n: int) -> list[st
     except RbeesError as exc:
         for job_id in job_ids:
             await svc.cancel(job_id)
-        raise _from_rbees(exc) from exc
+        raise from_rbees(exc) from exc
     return job_ids
 
 
@@ -255,8 +232,9 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     if body.get("stream"):
         opts = body.get("stream_options") or {}
         return _OpenAIStream(jobs, n, chat=chat, ident=ident, model=model, created=created,
-                             usage=bool(opts.get("include_usage")),
-                             tools=tooled)  # type: ignore[return-value]
+                             usage=bool(opts.get("include_usage")), tools=tooled,
+                             ping_s=service(request).settings.sse_ping_interval_s,
+                             )  # type: ignore[return-value]
     texts: list[str | None] = [""] * n
     calls: list[list[dict[str, Any]] | None] = [None] * n
     finish: list[str | None] = [None] * n
@@ -278,15 +256,8 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         elif event == "error":
             error = error or data
             done += 1
-    if error is not None and error.get("code") == "INVALID_PARAMS":
-        # refused for what the request holds (the model's chat template refused the
-        # messages): the client's error, as the worker said it
-        return OpenAIError(400, str(error.get("message")), param=_param(error.get("field")),
-                           code="invalid_params").response()
     if error is not None:
-        return OpenAIError(502 if error.get("code") != "CANCELLED" else 499,
-                           str(error.get("message")), code=str(error.get("code")).lower(),
-                           kind="server_error").response()
+        return job_error(error).response()
     choices = []
     for i in range(n):
         if chat:
@@ -307,8 +278,10 @@ async def _complete(request: Request, *, chat: bool) -> Response:
 
 class _OpenAIStream:
     def __init__(self, jobs: _Jobs, n: int, *, chat: bool, ident: str, model: str,
-                 created: int, usage: bool, tools: bool = False) -> None:
+                 created: int, usage: bool, tools: bool = False, ping_s: float = 15.0
+                 ) -> None:
         self.jobs, self.n, self.chat, self.ident = jobs, n, chat, ident
+        self.ping_s = ping_s
         self.model, self.created, self.usage, self.tools = model, created, usage, tools
         self.live = [LiveText() for _ in range(n)]  # with tools: what may stream as content
 
@@ -351,7 +324,7 @@ class _OpenAIStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache")]})
+            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
         gone = asyncio.Event()
         cancel: Callable[[], Any] = self.jobs.cancel
 
@@ -362,6 +335,7 @@ class _OpenAIStream:
             await cancel()
 
         watcher = asyncio.create_task(watch())
+        pinger = sse.Pinger(self.jobs.queue, (-1, PINGED, {}), self.ping_s)
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         try:
             if self.chat:
@@ -386,14 +360,12 @@ class _OpenAIStream:
                     chunk += self._chunk([self._choice(index, None, finish)])
                 elif event == "error":
                     done += 1
-                    invalid = data.get("code") == "INVALID_PARAMS"
-                    error = {"message": data.get("message"),
-                             "type": "invalid_request_error" if invalid else "server_error",
-                             "param": _param(data.get("field")) if invalid else None,
-                             "code": str(data.get("code", "")).lower()}
-                    chunk = sse.frame(json.dumps({"error": error})).encode()
+                    chunk = sse.frame(json.dumps(job_error(data).body())).encode()
+                elif event == PINGED:
+                    chunk = sse.PING
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    pinger.touch()
             if not gone.is_set():
                 tail = b""
                 if self.usage:
@@ -405,21 +377,19 @@ class _OpenAIStream:
         except OSError:
             await cancel()
         finally:
+            pinger.close()
             watcher.cancel()
-
-
-async def models(request: Request) -> Response:
-    data = [{"id": i, "object": "model", "created": 0, "owned_by": "rbees"}
-            for i in service(request).model_ids()]
-    return JSONResponse({"object": "list", "data": data})
 
 
 OPERATIONS = [
     openapi.Operation("POST", "/v1/chat/completions", "OpenAI chat completions",
-                      errors={"400": "invalid request (OpenAI error shape)"}),
+                      errors={"400": "invalid request (OpenAI error shape)",
+                              "404": "model_not_found", "429": "queue_full",
+                              "503": "the model cannot run now"}),
     openapi.Operation("POST", "/v1/completions", "OpenAI completions",
-                      errors={"400": "invalid request (OpenAI error shape)"}),
-    openapi.Operation("GET", "/v1/models", "models, OpenAI style"),
+                      errors={"400": "invalid request (OpenAI error shape)",
+                              "404": "model_not_found", "429": "queue_full",
+                              "503": "the model cannot run now"}),
 ]
 
 
@@ -427,5 +397,4 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
     ]
