@@ -17,6 +17,7 @@ import attrs
 import httpx
 import pytest
 
+from rbees_core.config import PlacementConfig
 from rbees_core.hosts import HostConfig, save_hosts
 from rbees_core.models import DEFAULT_MODEL_REF
 from rbees_core.testing import find_free_port
@@ -95,6 +96,8 @@ def test_a_job_with_no_daemon_streams_tokens_over_ssh(m0: Setup) -> None:
     assert " tokens, " in done.stderr and "first token" in done.stderr
     (worker,) = _ready_workers(m0)
     assert worker["model_ref"] == DEFAULT_MODEL_REF
+    # [placement]'s defaults, as rbees-orcd gives them: the next jobs fill its slots
+    assert worker["slots_total"] == PlacementConfig().cpu_slots == 4
     assert m0.server.wait_no_sessions() == []
 
 

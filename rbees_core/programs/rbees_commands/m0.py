@@ -37,8 +37,9 @@ import attrs
 import pluggy
 
 from rbees_core.api.pool import WorkerStartRequest
-from rbees_core.config import auth_headers
+from rbees_core.config import auth_headers, load_config
 from rbees_core.errors import RbeesError
+from rbees_core.placement import worker_defaults
 from rbees_core.pool_client import to_json
 from rbees_core.programs.rbees_commands.m0_hosts import (
     COMING,
@@ -62,12 +63,18 @@ def pool_entry(name: str, state: dict[str, Any] | None) -> dict[str, Any]:
     return snapshot_pool(state, pool_id=name)
 
 
-def snapshot(job: dict[str, Any], hosts: list[Host]) -> Snapshot:
+def snapshot(job: dict[str, Any], hosts: list[Host],
+             defaults: dict[str, Any] | None = None) -> Snapshot:
+    """The policy's input for an M0 job: the hosts as gathered, and the ``[placement]``
+    ``worker_defaults`` rbees-orcd would give (so a worker started here fills its slots
+    alike)."""
     pools = [pool_entry(h.name, h.state) for h in hosts]
-    return Snapshot({"now": time.time(), "job": job,
-                     "queue": [{k: job[k] for k in ("job_id", "model", "priority",
-                                                    "waited_s")}],
-                     "pools": pools, "throughput": {}})
+    data = {"now": time.time(), "job": job,
+            "queue": [{k: job[k] for k in ("job_id", "model", "priority", "waited_s")}],
+            "pools": pools, "throughput": {}}
+    if defaults is not None:
+        data["worker_defaults"] = defaults
+    return Snapshot(data)
 
 
 @attrs.define
@@ -104,6 +111,8 @@ class M0Job:
         self.timings: dict[str, float] = {}
         self.interrupted = False
         self.text: list[str] = []
+        #: ``[placement]``: the slots, context and cores of a worker this job starts
+        self.defaults = load_config().placement.defaults()
 
     def _mark(self, key: str) -> None:
         self.timings[key] = round((time.monotonic() - self.started) * 1000, 1)
@@ -126,8 +135,8 @@ class M0Job:
                 save_cache(list(self.hosts.values()))
                 self._mark("gathered_ms")
                 self._report_hosts()
-                verdict: Verdict = scheduler.decide(snapshot(self.job,
-                                                             list(self.hosts.values())))
+                verdict: Verdict = scheduler.decide(snapshot(self.job, list(self.hosts.values()),
+                                                             self.defaults))
                 self._mark("decided_ms")
                 if self.verbose:
                     _say(f"scheduler: {explain(verdict)}")
@@ -159,7 +168,8 @@ class M0Job:
             for host in self.hosts.values():
                 host.state = None
             return None
-        verdict: Verdict = scheduler.decide(snapshot(self.job, list(self.hosts.values())))
+        verdict: Verdict = scheduler.decide(snapshot(self.job, list(self.hosts.values()),
+                                                   self.defaults))
         self._mark("decided_ms")
         first = verdict.decisions[0] if verdict.decisions else None
         if first is None or first.action != "dispatch":
@@ -231,8 +241,13 @@ class M0Job:
     async def _start(self, decision: Decision) -> Placement:
         host = self.hosts[decision.pool_id or ""]
         kind = (decision.device or "cpu").partition(":")[0]
-        request = WorkerStartRequest(model_ref=decision.model or self.task["model"],
-                                     device=decision.device or "cpu")
+        device = decision.device or "cpu"
+        defaults = worker_defaults({"worker_defaults": self.defaults}, device)
+        request = WorkerStartRequest(
+            model_ref=decision.model or self.task["model"], device=device,
+            slots=decision.slots or defaults.get("slots") or 1,
+            ctx=decision.ctx or defaults.get("ctx"),
+            threads=decision.threads or defaults.get("threads"))
         _say(f"starting a {kind} worker for {self.task['model']} on {host.name}")
         record = to_json(await asyncio.wait_for(
             host.client.worker_start(request, timeout_s=SPAWN_TIMEOUT_S),
