@@ -320,9 +320,9 @@ def gguf_with_template(src: str, dst: Path, template_text: str) -> Path:
 
 
 def _read_template(path: str) -> str:
-    from rbees_backend_llamacpp.gguf_meta import read_metadata
+    from rbees_core.gguf import read_header
 
-    return str(read_metadata(path)["tokenizer.chat_template"])
+    return str(read_header(path).metadata["tokenizer.chat_template"])
 
 
 @pytest.mark.model

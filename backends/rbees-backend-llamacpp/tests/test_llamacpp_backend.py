@@ -118,7 +118,7 @@ def test_memory_estimate_reads_the_gguf_metadata_only(tmp_path: object) -> None:
     bad = f"{tmp_path}/bad.gguf"
     with open(bad, "wb") as f:
         f.write(b"GGUF\x03\x00\x00\x00")
-    with pytest.raises(ModelLoadError, match="damaged GGUF metadata"):
+    with pytest.raises(ModelLoadError, match="damaged GGUF header"):
         backend.estimate_memory(bad, device="cpu", slots=1, ctx=None)
 
 

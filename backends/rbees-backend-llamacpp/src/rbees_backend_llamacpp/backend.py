@@ -26,6 +26,7 @@ from rbees_core.errors import (
     ModelLoadError,
     RbeesError,
 )
+from rbees_core.gguf import read_header
 
 DEFAULT_CTX_CAP = 4096
 _MEMORY_KIND: dict[str, MemoryKind] = {"cpu": "ram", "cuda": "vram", "metal": "unified"}
@@ -83,15 +84,7 @@ class LlamaCppBackend(Backend):
         for a path that is not a ``.gguf`` file."""
         if not path.endswith(".gguf"):
             return None
-        from rbees_backend_llamacpp.gguf_meta import read_metadata
-
-        meta = read_metadata(path)
-        arch = str(meta.get("general.architecture", "llama"))
-
-        def value(key: str) -> int | None:
-            raw = meta.get(f"{arch}.{key}")
-            return int(raw) if isinstance(raw, int | float) else None
-
+        value = read_header(path).arch_int
         layers = value("block_count") or 0
         embd = value("embedding_length") or 0
         heads = value("attention.head_count") or 1

@@ -66,14 +66,13 @@ def folder_estimate(folder: Path, *, kind: str, slots: int, ctx: int | None
 def gguf_estimate(path: Path, *, kind: str, slots: int, ctx: int | None) -> MemoryEstimate:
     """The estimate for a GGUF file, which transformers dequantizes into the device's dtype:
     every element of its tensors, and the cache its metadata describes."""
-    from rbees_backend_torch.gguf_header import read_header
+    from rbees_core.gguf import read_header
 
-    meta, elements = read_header(path)
-    arch = str(meta.get("general.architecture", "llama"))
+    header = read_header(path, elements=True)
+    elements = header.elements or 0
 
     def value(key: str, default: int) -> int:
-        raw = meta.get(f"{arch}.{key}")
-        return int(raw) if isinstance(raw, int | float) and raw else default
+        return header.arch_int(key) or default
 
     element = ELEMENT_BYTES.get(kind, 4)
     heads = value("attention.head_count", 1)
