@@ -75,6 +75,13 @@ class SamplingParams:
     ``grammar`` (GBNF, as :meth:`LoadedModel.compile_grammar` returns it) restricts the
     sequence to the text the grammar accepts; only models with
     :attr:`LoadedModel.supports_grammar` are given one.
+
+    ``repetition_penalty``, ``presence_penalty`` and ``frequency_penalty`` act as llama.cpp's
+    penalties sampler does, over the last 64 generated tokens; ``min_p`` drops tokens less
+    likely than ``min_p`` times the likeliest one (sampling only); ``logit_bias`` holds
+    ``(token, bias)`` pairs added to the logits before anything else, a bias of -100 or less
+    bans the token (its logit becomes -inf). All apply under greedy decoding too, except
+    ``min_p``, ``top_k`` and ``top_p``, which cannot change the likeliest token.
     """
 
     temperature: float = 0.7
@@ -83,6 +90,16 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int = 0
     grammar: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any of the penalties is set (the sampler then keeps state)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 @attrs.frozen
@@ -122,6 +139,23 @@ class LoadedModel(ABC):
     #: Whether :meth:`begin` honours :attr:`SamplingParams.grammar`; the worker refuses a
     #: grammar or JSON schema for a model without (a 400 naming the backend that can).
     supports_grammar: bool = False
+    #: Tokens in the model's vocabulary (``logit_bias`` ids must be below it); 0: unknown.
+    n_vocab: int = 0
+    #: Whether :meth:`logprobs` works; the worker refuses ``logprobs`` for a model without
+    #: (a 400 naming the backend that can).
+    supports_logprobs: bool = False
+
+    def logprobs(self, slot: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """The log probability of ``token`` in the distribution ``slot`` was last sampled
+        from (log-softmax of the raw logits, before penalties, bias or temperature), and the
+        ``top`` likeliest tokens of it as ``(token, logprob)``, likeliest first.
+
+        Called by the engine right after :meth:`sample` of a job that asked for logprobs,
+        never for other jobs (so they pay nothing). Only when :attr:`supports_logprobs`.
+        """
+        from rbees_core.errors import InvalidParamsError
+
+        raise InvalidParamsError("logprobs", "this backend cannot report logprobs")
 
     def compile_grammar(self, *, json_schema: Mapping[str, Any] | None = None,
                         grammar: str | None = None) -> str:

@@ -26,6 +26,7 @@ from rbees_core.errors import (
     InvalidParamsError,
     RbeesError,
 )
+from rbees_core.logprobs import logprob_entry
 from rbees_core.textstream import TextStream
 
 Sink = Callable[[str, dict[str, Any]], None]
@@ -63,6 +64,8 @@ class Job:
     params: SamplingParams
     stop: Sequence[str]
     sink: Sink
+    #: alternatives per token to report with each token's logprob; None: no logprobs
+    logprobs: int | None = None
     received_at: float = attrs.field(factory=time.perf_counter)
     cancelled: bool = False
     slot: int = -1
@@ -75,6 +78,8 @@ class Job:
     last_token_at: float = 0.0
     last_metrics_at: float = 0.0
     stream: TextStream = attrs.field(init=False)
+    #: logprob entries of tokens whose text has not been sent yet
+    entries: list[dict[str, Any]] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.stream = TextStream(self.stop)
@@ -131,11 +136,15 @@ class Engine:
             return not self._jobs
 
     def prepare(self, job_id: str, text: str, *, max_tokens: int, params: SamplingParams,
-                stop: Sequence[str], sink: Sink) -> Job:
-        """Tokenize ``text`` and fit ``max_tokens`` to the slot's context. Raises
-        :class:`InvalidParamsError` (field ``prompt``) for a prompt of no tokens (a model
-        without BOS has nothing to continue from: llama.cpp fails the empty batch) or one
-        that leaves no room in the slot."""
+                stop: Sequence[str], sink: Sink, logprobs: int | None = None) -> Job:
+        """Tokenize ``text`` and fit ``max_tokens`` to the slot's context (a job asking for
+        more than the slot holds ends with ``max_tokens`` when the context is full).
+        ``logprobs`` (alternatives per token, 0 for none; None: no logprobs) makes every
+        token event carry the entries of its tokens (:mod:`rbees_core.logprobs`).
+
+        Raises :class:`InvalidParamsError` (field ``prompt``) for a prompt of no tokens (a
+        model without BOS has nothing to continue from: llama.cpp fails the empty batch) or
+        one that leaves no room in the slot."""
         tokens = self.model.tokenize(text)
         if not tokens:
             raise InvalidParamsError("prompt", "is empty: a job needs at least one token")
@@ -146,7 +155,7 @@ class Engine:
                 f"is {len(tokens)} tokens; this worker holds {self.model.n_ctx_slot} per job",
             )
         return Job(job_id=job_id, tokens=tokens, max_tokens=min(max_tokens, room),
-                   params=params, stop=stop, sink=sink)
+                   params=params, stop=stop, sink=sink, logprobs=logprobs)
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` for the next iteration; it holds a slot from now on."""
@@ -300,6 +309,8 @@ class Engine:
             self._end(job, "stop" if job.stream.stopped else "eos")
             return
         job.tokens_out += 1
+        if job.logprobs is not None:
+            job.entries.append(logprob_entry(self.model, job.slot, token, job.logprobs))
         self._emit_text(job, job.stream.push(self.model.token_bytes(token)))
         if job.stream.stopped:
             self._end(job, "stop")
@@ -319,7 +330,11 @@ class Engine:
 
     def _emit_text(self, job: Job, text: str) -> None:
         if text:
-            job.sink("token", {"t": text, "i": job.pieces})
+            if job.entries:  # the tokens this piece completes (whole characters only)
+                job.sink("token", {"t": text, "i": job.pieces, "logprobs": job.entries})
+                job.entries = []
+            else:
+                job.sink("token", {"t": text, "i": job.pieces})
             job.pieces += 1
 
     # A job's slot is free before its terminal event leaves: whoever reads ``end`` (the

@@ -90,7 +90,7 @@ def test_errors_come_in_openai_shape(client: openai.OpenAI, cluster: Cluster) ->
                                        messages=[{"role": "user", "content": "x"}])
     assert bad.value.body is not None
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="smollm2", logprobs=True,
+        client.chat.completions.create(model="smollm2", top_logprobs=3,  # without logprobs
                                        messages=[{"role": "user", "content": "x"}])
     raw = httpx.post(f"{cluster.url}/v1/chat/completions", content=b"{oops")
     assert raw.status_code == 400

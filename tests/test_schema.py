@@ -157,8 +157,11 @@ def test_cross_field_check_runs_after_construction() -> None:
 @pytest.mark.parametrize(("key", "value"), [
     ("job_id", "has space"), ("job_id", "x" * 129), ("job_id", ""),
     ("prompt", "nul\x00"), ("prompt", "x" * 32_769),
-    ("max_tokens", 0), ("max_tokens", 8193), ("temperature", -0.1), ("temperature", 2.01),
+    ("max_tokens", 0), ("max_tokens", 2**31), ("temperature", -0.1), ("temperature", 2.01),
     ("top_p", 1.01), ("top_k", -1), ("seed", -1), ("seed", 2**63),
+    ("presence_penalty", 2.01), ("frequency_penalty", -2.01), ("min_p", 1.01), ("min_p", -0.1),
+    ("top_logprobs", 21), ("logprobs", 1), ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}),
+    ("logit_bias", {"5": True}), ("logit_bias", {"-5": 1}), ("logit_bias", []),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", ["x" * 101]),
     ("messages", [{"role": "robot", "content": "hi"}]),
 ])
@@ -214,8 +217,9 @@ def test_execute_request_schema_states_the_limits_that_are_enforced() -> None:
     props = refs["ExecuteRequest"]["properties"]
     assert set(props) == {f.name for f in attrs.fields(ExecuteRequest)}
     assert refs["ExecuteRequest"]["additionalProperties"] is False
-    expected = {"max_tokens": (1, 8192), "temperature": (0, 2), "top_p": (0, 1),
-                "seed": (0, 2**63 - 1)}
+    expected = {"max_tokens": (1, 2**31 - 1), "temperature": (0, 2), "top_p": (0, 1),
+                "seed": (0, 2**63 - 1), "presence_penalty": (-2, 2),
+                "frequency_penalty": (-2, 2), "min_p": (0, 1), "top_logprobs": (0, 20)}
     for key, (low, high) in expected.items():
         found = numeric(props[key])
         assert found is not None and (found["minimum"], found["maximum"]) == (low, high), key

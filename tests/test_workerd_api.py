@@ -31,7 +31,10 @@ BAD_BODIES = [
     ({**GOOD, "prompt": "nul\x00byte"}, "prompt"),
     ({**GOOD, "prompt": ""}, "prompt"),  # no token to continue from (found by the fuzz)
     ({**GOOD, "max_tokens": 0}, "max_tokens"),
-    ({**GOOD, "max_tokens": 8193}, "max_tokens"),
+    ({**GOOD, "max_tokens": 2**31}, "max_tokens"),
+    ({**GOOD, "logit_bias": {"49152": 5}}, "logit_bias"),  # beyond SmolLM2's vocabulary
+    ({**GOOD, "logit_bias": {"one": 5}}, "logit_bias"),
+    ({**GOOD, "presence_penalty": 3}, "presence_penalty"),
     ({**GOOD, "temperature": -0.1}, "temperature"),
     ({**GOOD, "temperature": 2.5}, "temperature"),
     ({**GOOD, "top_p": 1.5}, "top_p"),
@@ -130,7 +133,7 @@ def test_health_correlation_id_and_openapi(worker: WorkerHandle) -> None:
     for path in ("/v2/execute", "/v2/cancel", "/v2/shutdown", "/v2/ready", "/health"):
         assert path in paths
     execute = doc["components"]["schemas"]["ExecuteRequest"]
-    assert execute["properties"]["max_tokens"]["maximum"] == 8192
+    assert execute["properties"]["max_tokens"]["maximum"] == 2**31 - 1
     assert execute["properties"]["stop"]["maxItems"] == 4
     assert execute["additionalProperties"] is False
 

@@ -20,6 +20,12 @@ WORKER_MAX_PROMPT_CHARS = 32_768
 MAX_SEED = 2**63 - 1
 #: Longest GBNF grammar (or JSON schema, as JSON text) a job may carry.
 MAX_GRAMMAR_CHARS = 65_536
+#: Most tokens a job may ask for; the worker clamps it to what its slot's context holds.
+MAX_TOKENS = 2**31 - 1
+#: Most alternatives per token a job may ask for with ``top_logprobs`` (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+#: Most tokens one ``logit_bias`` may name.
+MAX_LOGIT_BIAS = 1024
 
 
 @attrs.frozen

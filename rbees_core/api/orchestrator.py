@@ -21,10 +21,17 @@ from rbees_core.api.common import (
     MAX_GRAMMAR_CHARS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
+    MAX_TOKENS,
+    MAX_TOP_LOGPROBS,
     SHELL_META,
 )
 from rbees_core.api.pool import GpuEntry
-from rbees_core.api.rules import check_output_rules, check_turn, turn_chars
+from rbees_core.api.rules import (
+    check_output_rules,
+    check_sampling,
+    check_turn,
+    turn_chars,
+)
 from rbees_core.errors import InvalidParamsError
 from rbees_core.schema import field, limits
 from rbees_core.structured import check_schema
@@ -106,12 +113,31 @@ class TaskRequest:
         doc="raw prompt; exactly one of prompt and messages",
     )
     messages: list[TaskMessage] | None = field(default=None, max_items=256)
-    max_tokens: int = field(default=256, minimum=1, maximum=8192)
+    max_tokens: int = field(
+        default=256, minimum=1, maximum=MAX_TOKENS,
+        doc="most tokens to generate; the worker clamps it to what the slot's context "
+        "leaves after the prompt (the job then ends with max_tokens)")
     temperature: float = field(default=0.7, minimum=0, maximum=2)
     top_p: float = field(default=1.0, minimum=0, maximum=1)
     top_k: int = field(default=0, minimum=0, maximum=1_000_000)
     repetition_penalty: float = field(default=1.0, minimum=0.01, maximum=10)
     stop: list[str] = field(factory=list, max_items=4, item_max_length=100)
+    presence_penalty: float = field(
+        default=0.0, minimum=-2, maximum=2,
+        doc="lowers the logits of tokens already generated (llama.cpp's penalties sampler, "
+        "last 64 tokens)")
+    frequency_penalty: float = field(
+        default=0.0, minimum=-2, maximum=2,
+        doc="lowers the logits of generated tokens by how often each came (last 64 tokens)")
+    min_p: float = field(default=0.0, minimum=0, maximum=1,
+                         doc="drop tokens less likely than min_p times the likeliest one")
+    logit_bias: dict[str, Any] | None = field(
+        default=None, doc='{"token id": bias from -100 to 100} added to the logits; -100 '
+        "bans a token, 100 forces it")
+    logprobs: bool = field(default=False, doc="token events carry each token's log "
+                           "probability (log-softmax of the model's logits)")
+    top_logprobs: int = field(default=0, minimum=0, maximum=MAX_TOP_LOGPROBS,
+                              doc="and the likeliest alternatives of each (only with logprobs)")
     seed: int | None = field(
         default=None, minimum=0, maximum=MAX_SEED,
         doc="sampling seed; chosen and recorded by the orchestrator when missing",
@@ -159,6 +185,7 @@ class TaskRequest:
             raise InvalidParamsError("stop", "must not contain empty strings")
         check_output_rules(prompt=self.prompt, json_schema=self.json_schema,
                            grammar=self.grammar, tools=self.tools, tool_choice=self.tool_choice)
+        check_sampling(logit_bias=self.logit_bias)
         if self.json_schema is not None:
             if len(json.dumps(self.json_schema)) > MAX_GRAMMAR_CHARS:
                 raise InvalidParamsError("json_schema", f"must be at most {MAX_GRAMMAR_CHARS} "

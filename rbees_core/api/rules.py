@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rbees_core.api.common import MAX_GRAMMAR_CHARS
+from rbees_core.api.common import MAX_GRAMMAR_CHARS, MAX_LOGIT_BIAS
 from rbees_core.errors import InvalidParamsError
 from rbees_core.tools import check_tool_calls, check_tool_choice, check_tools
 
@@ -49,3 +49,27 @@ def check_output_rules(*, prompt: str | None, json_schema: Any, grammar: str | N
                                      "grammar")
     elif tool_choice not in (None, "none", "auto"):
         raise InvalidParamsError("tool_choice", "needs tools")
+
+
+def check_sampling(*, logit_bias: dict[str, Any] | None) -> None:
+    """The sampling fields' rules beyond their ranges (``POST /v2/tasks`` and
+    ``/v2/execute``): ``logit_bias`` maps token ids (decimal strings) to biases from -100 to
+    100. Whether the ids are in the model's vocabulary only the worker knows. Raises
+    :class:`InvalidParamsError`."""
+    if logit_bias is None:
+        return
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidParamsError("logit_bias", f"may name at most {MAX_LOGIT_BIAS} tokens")
+    for key, bias in logit_bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) < 2**31):
+            raise InvalidParamsError("logit_bias", f"key {key[:20]!r} is no token id")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not (
+                -100 <= bias <= 100):
+            raise InvalidParamsError("logit_bias", f"the bias of token {key} must be a "
+                                     "number from -100 to 100")
+
+
+def logit_bias_pairs(logit_bias: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
+    """A checked ``logit_bias`` (see :func:`check_sampling`) as ``(token, bias)`` pairs, in
+    token order: what :attr:`rbees_core.backend.SamplingParams.logit_bias` holds."""
+    return tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items()))

@@ -43,11 +43,17 @@ TRANSITION_FIELDS: frozenset[str] = frozenset({
 PARAM_FIELDS: tuple[str, ...] = (
     "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
     "deadline_ms", "placement", "cancel_on_disconnect", "json_schema", "grammar", "tools",
-    "tool_choice", "parallel_tool_calls",
+    "tool_choice", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "min_p",
+    "logit_bias", "logprobs", "top_logprobs",
 )
 _EXECUTE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")
 #: Execute fields sent only when set (a worker from before them accepts the job unchanged).
 _OPTIONAL_EXECUTE_FIELDS = ("json_schema", "grammar", "tools", "tool_choice")
+#: Sampling fields sent only when they differ from their defaults (same reason).
+_DEFAULTED_EXECUTE_FIELDS: dict[str, Any] = {
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0, "logit_bias": None,
+    "logprobs": False, "top_logprobs": 0,
+}
 
 
 def dumps(data: Any) -> str:
@@ -138,6 +144,8 @@ def execute_body(job: NewJob | JobSpec) -> dict[str, Any]:
     body.update({k: job.params[k] for k in _EXECUTE_FIELDS if k in job.params})
     body.update({k: job.params[k] for k in _OPTIONAL_EXECUTE_FIELDS
                  if job.params.get(k) is not None})
+    body.update({k: job.params[k] for k, default in _DEFAULTED_EXECUTE_FIELDS.items()
+                 if job.params.get(k, default) not in (default, {})})
     if job.params.get("tools"):
         body["parallel_tool_calls"] = job.params.get("parallel_tool_calls", True)
     body["seed"] = job.seed

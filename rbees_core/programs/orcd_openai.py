@@ -24,6 +24,7 @@ from rbees_core.api import openapi
 from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.http import parse_json, read_body
+from rbees_core.logprobs import CompletionLogprobs, LogprobsForm, chat_logprobs
 from rbees_core.orchestrator.channel import TERMINAL
 from rbees_core.programs.openai_errors import OpenAIError, from_rbees, job_error
 from rbees_core.programs.orcd_common import service
@@ -34,6 +35,8 @@ from rbees_core.tools import LiveText, check_tool_calls
 MAX_N = 8
 #: The event name of a ping on a stream's queue (no job event has it).
 PINGED = ""
+#: Most alternatives per token of the legacy completions' ``logprobs`` (OpenAI's limit).
+MAX_LEGACY_LOGPROBS = 5
 FINISH = {"stop": "stop", "eos": "stop", "max_tokens": "length"}
 
 
@@ -48,14 +51,10 @@ async def _body(request: Request) -> dict[str, Any]:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    if body.get("logprobs") not in (None, False, 0):
-        raise OpenAIError(400, "logprobs are not supported", param="logprobs")
     if body.get("echo"):
         raise OpenAIError(400, "echo is not supported", param="echo")
     if body.get("suffix"):
         raise OpenAIError(400, "suffix is not supported", param="suffix")
-    if body.get("logit_bias"):
-        raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
     if body.get("functions") or body.get("function_call"):
         raise OpenAIError(400, "functions are not supported; send tools", param="functions")
     n = body.get("n", 1)
@@ -100,6 +99,7 @@ def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
             task[key] = body[key]
     if body.get("top_k") is not None:
         task["top_k"] = body["top_k"]
+    task.update(_sampling(body, chat=chat))
     stop = body.get("stop")
     if stop is not None:
         task["stop"] = [stop] if isinstance(stop, str) else stop
@@ -117,6 +117,31 @@ def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
     elif chat and body.get("tool_choice") not in (None, "none", "auto"):
         raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
     return task, int(body.get("n", 1))
+
+
+def _sampling(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+    """The task fields of the penalties, min_p, logit_bias and logprobs (their values are
+    checked by :class:`TaskRequest`): chat's ``logprobs`` (a boolean) and ``top_logprobs``
+    (0-20), completions' ``logprobs`` (0-5 alternatives per token)."""
+    out = {key: body[key] for key in ("presence_penalty", "frequency_penalty", "min_p",
+                                      "logit_bias") if body.get(key) is not None}
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise OpenAIError(400, "logprobs must be true or false", param="logprobs")
+        if top is not None and not logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    elif logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not (
+                0 <= logprobs <= MAX_LEGACY_LOGPROBS):
+            raise OpenAIError(400, f"logprobs must be an integer from 0 to "
+                              f"{MAX_LEGACY_LOGPROBS}", param="logprobs")
+        logprobs, top = True, logprobs
+    if logprobs:
+        out["logprobs"] = True
+        if top is not None:
+            out["top_logprobs"] = top
+    return out
 
 
 def _message(m: Any, i: int) -> dict[str, Any]:
@@ -234,8 +259,10 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         return _OpenAIStream(jobs, n, chat=chat, ident=ident, model=model, created=created,
                              usage=bool(opts.get("include_usage")), tools=tooled,
                              ping_s=service(request).settings.sse_ping_interval_s,
+                             logprobs=_logprobs_form(task, n)
                              )  # type: ignore[return-value]
     texts: list[str | None] = [""] * n
+    entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     calls: list[list[dict[str, Any]] | None] = [None] * n
     finish: list[str | None] = [None] * n
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -245,6 +272,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         index, event, data = await jobs.queue.get()
         if event == "token":
             texts[index] += data["t"]
+            entries[index].extend(data.get("logprobs") or ())
         elif event == "end":
             finish[index] = FINISH.get(str(data.get("stop_reason")), "stop")
             if tooled:
@@ -259,16 +287,18 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     if error is not None:
         return job_error(error).response()
     choices = []
+    forms = _logprobs_form(task, n)
     for i in range(n):
+        logprobs = None if forms is None else forms[i](entries[i])
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
             if calls[i]:
                 message["tool_calls"] = calls[i]
             choices.append({"index": i, "message": message, "finish_reason": finish[i],
-                            "logprobs": None})
+                            "logprobs": logprobs})
         else:
             choices.append({"index": i, "text": texts[i], "finish_reason": finish[i],
-                            "logprobs": None})
+                            "logprobs": logprobs})
     return JSONResponse({
         "id": ident, "object": "chat.completion" if chat else "text_completion",
         "created": created, "model": model, "choices": choices,
@@ -276,13 +306,24 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     })
 
 
+def _logprobs_form(task: dict[str, Any], n: int) -> list[LogprobsForm] | None:
+    """Per choice, what makes its (or its chunk's) ``logprobs`` of the entries the token
+    events carried; None when the task asked for none."""
+    if not task.get("logprobs"):
+        return None
+    if "messages" in task:
+        return [chat_logprobs] * n
+    return [CompletionLogprobs(len(task["prompt"])).add for _ in range(n)]
+
+
 class _OpenAIStream:
     def __init__(self, jobs: _Jobs, n: int, *, chat: bool, ident: str, model: str,
-                 created: int, usage: bool, tools: bool = False, ping_s: float = 15.0
-                 ) -> None:
+                 created: int, usage: bool, tools: bool = False, ping_s: float = 15.0,
+                 logprobs: list[LogprobsForm] | None = None) -> None:
         self.jobs, self.n, self.chat, self.ident = jobs, n, chat, ident
         self.ping_s = ping_s
         self.model, self.created, self.usage, self.tools = model, created, usage, tools
+        self.logprobs = logprobs
         self.live = [LiveText() for _ in range(n)]  # with tools: what may stream as content
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -346,7 +387,10 @@ class _OpenAIStream:
                 index, event, data = await self.jobs.queue.get()
                 chunk = b""
                 if event == "token" and not self.tools:
-                    chunk = self._chunk([self._choice(index, data["t"], None)])
+                    choice = self._choice(index, data["t"], None)
+                    if self.logprobs is not None:
+                        choice["logprobs"] = self.logprobs[index](data.get("logprobs") or ())
+                    chunk = self._chunk([choice])
                 elif event == "token":
                     now = self.live[index].feed(data["t"])
                     chunk = self._chunk([self._choice(index, now, None)]) if now else b""

@@ -35,7 +35,7 @@ from rbees_core.api.worker import (
     ReadyState,
     WorkerStateName,
 )
-from rbees_core.backend import Backend, LoadedModel, SamplingParams
+from rbees_core.backend import Backend, LoadedModel
 from rbees_core.config import Config, rbees_home
 from rbees_core.engine import Engine
 from rbees_core.errors import (
@@ -60,6 +60,7 @@ from rbees_core.http import (
 from rbees_core.log import Logger
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.programs.worker_metrics import WorkerMetrics
+from rbees_core.sampling import logprobs_top, sampling_params
 
 PROGRAM = "rbees-workerd"
 
@@ -192,12 +193,10 @@ async def execute(request: Request) -> Response:
         else:
             text = engine.model.render_chat(messages)
     seed = req.seed if req.seed is not None else random.randrange(2**63)
-    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                            repetition_penalty=req.repetition_penalty, seed=seed,
-                            grammar=grammar)
-
+    params = sampling_params(engine.model, req, seed=seed, grammar=grammar)
     job = engine.prepare(req.job_id, text, max_tokens=req.max_tokens, params=params,
-                         stop=req.stop, sink=sink)
+                         stop=req.stop, sink=sink,
+                         logprobs=logprobs_top(engine.model, req, st.settings.backend))
     engine.submit(job)
     st.log.info("job_accepted", job_id=req.job_id, tokens_in=len(job.tokens))
     return EventStreamResponse(events, on_disconnect=lambda: engine.cancel(req.job_id)

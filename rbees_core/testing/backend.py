@@ -29,6 +29,7 @@ import pytest
 from rbees_core import plugins
 from rbees_core.backend import Backend, LoadedModel, SamplingParams
 from rbees_core.engine import Engine
+from rbees_core.errors import InvalidParamsError
 from rbees_core.models import resolve_model
 
 #: how long one job of the suite may take before the suite calls it hung
@@ -113,10 +114,12 @@ class BackendContract:
                  on_event: Callable[[Engine, str, str, dict[str, Any]], None] | None = None,
                  job_id: str | None = None, **job: Any) -> Run:
         """Run one job through ``engine`` to its end; its events, once the job's slot is
-        free again. ``job`` holds ``max_tokens``, ``stop`` and the :class:`SamplingParams`
-        fields (``temperature`` defaults to 0: greedy)."""
+        free again. ``job`` holds ``max_tokens``, ``stop``, ``logprobs`` (alternatives per
+        token) and the :class:`SamplingParams` fields (``temperature`` defaults to 0:
+        greedy)."""
         job_id = job_id or f"job-{next(_JOB_NUMBERS)}"
         sampling = {k: job.pop(k) for k in list(job) if k in attrs.fields_dict(SamplingParams)}
+        logprobs = job.pop("logprobs", None)
         sampling.setdefault("temperature", 0.0)
         run = Run(events=[])
         done = threading.Event()
@@ -130,7 +133,7 @@ class BackendContract:
 
         engine.submit(engine.prepare(
             job_id, self.prompt if prompt is None else prompt,
-            params=SamplingParams(**sampling), sink=sink,
+            params=SamplingParams(**sampling), sink=sink, logprobs=logprobs,
             **{"max_tokens": self.max_tokens, "stop": [], **job}))
         assert done.wait(JOB_TIMEOUT_S), f"job {job_id} did not end in {JOB_TIMEOUT_S} s"
         deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -216,7 +219,69 @@ class BackendContract:
             {"repetition_penalty": 1.3},
             {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 0.8,
              "seed": 7},
+            {"presence_penalty": 1.5, "frequency_penalty": -0.5, "min_p": 0.05},
+            {"temperature": 0.8, "min_p": 0.1, "presence_penalty": -1.0,
+             "frequency_penalty": 2.0, "repetition_penalty": 1.1, "seed": 3,
+             "logit_bias": ((0, 5.0), (1, -100.0), (2, 100.0))},
+            {"logit_bias": ((1, -100.0),), "logprobs": 0},
+            {"temperature": 1.0, "logprobs": 5, "seed": 11},
         ]
         for settings in every:
+            if "logprobs" in settings and not engine.model.supports_logprobs:
+                continue
             run = self.generate(engine, None, **settings)
             assert run.last[0] == "end", (settings, run.last)
+
+    def test_max_tokens_beyond_the_context_ends_when_it_is_full(self, engine: Engine,
+                                                                  loaded: LoadedModel) -> None:
+        """A job may ask for more tokens than its slot holds: it ends with max_tokens once
+        prompt and answer fill the context. A prompt that fills it alone is refused."""
+        ctx = loaded.n_ctx_slot
+        per_word = len(loaded.tokenize(" ".join(["bee"] * 100))) / 100
+        words = int((ctx - 8) / per_word)  # leaves the answer about 8 tokens
+        while words > 1 and len(loaded.tokenize(" ".join(["bee"] * words))) > ctx - 4:
+            words -= 1
+        prompt = " ".join(["bee"] * words)
+        run = self.generate(engine, prompt, max_tokens=2**31 - 1)
+        event, end = run.last
+        assert event == "end", run.last
+        assert end["tokens_in"] + end["tokens_out"] <= ctx
+        if end["stop_reason"] == "max_tokens":
+            assert end["tokens_in"] + end["tokens_out"] == ctx, (end, ctx)
+        with pytest.raises(InvalidParamsError) as refused:
+            engine.prepare("too-long", " ".join(["bee"] * (ctx + 8)), max_tokens=4,
+                           params=SamplingParams(), stop=[], sink=lambda *_: None)
+        assert refused.value.field == "prompt"
+
+    def test_logit_bias_bans_and_forces_tokens(self, engine: Engine,
+                                               loaded: LoadedModel) -> None:
+        """-100 bans a token, +100 forces it (models that say their vocabulary size)."""
+        if not loaded.n_vocab:
+            pytest.skip("the model does not say its vocabulary size")
+        first = self.generate(engine, max_tokens=1).text
+        banned = tuple((t, -100.0) for t in loaded.tokenize(first))
+        assert self.generate(engine, max_tokens=1, logit_bias=banned).text != first, first
+        forced = loaded.tokenize(" Paris")[-1]
+        text = self.generate(engine, max_tokens=3, logit_bias=((forced, 100.0),)).text
+        assert text.encode().startswith(loaded.token_bytes(forced)), text
+
+    def test_logprobs_are_the_models_distribution(self, engine: Engine,
+                                                  loaded: LoadedModel) -> None:
+        """With logprobs each generated token has an entry, sent with the piece that
+        completes its text; under greedy decoding the chosen token is the likeliest."""
+        if not loaded.supports_logprobs:
+            pytest.skip("the backend reports no logprobs")
+        plain = self.generate(engine)
+        run = self.generate(engine, logprobs=3)
+        assert run.text == plain.text  # asking for logprobs changes nothing else
+        entries = [e for _, event, data in run.events if event == "token"
+                   for e in data.get("logprobs", ())]
+        assert not any("logprobs" in data for _, event, data in plain.events)
+        assert len(entries) == run.last[1]["tokens_out"]
+        assert b"".join(bytes(e["bytes"]) for e in entries) == run.text.encode()
+        for e in entries:
+            top = e["top_logprobs"]
+            assert len(top) == 3 and e["logprob"] <= 0.0
+            assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top),
+                                                        reverse=True)
+            assert (top[0]["bytes"], top[0]["logprob"]) == (e["bytes"], e["logprob"]), e

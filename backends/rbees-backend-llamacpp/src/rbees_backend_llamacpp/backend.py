@@ -141,6 +141,7 @@ class LlamaCppModel(LoadedModel):
                                  details={"path": path})
         self._model = model
         self._vocab = lib.llama_model_get_vocab(model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         # BOS that tokenize() adds itself, so that a chat template's own BOS is not doubled
         self._bos = int(lib.llama_vocab_bos(self._vocab))
         self._add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab)) and self._bos >= 0
@@ -298,8 +299,11 @@ class LlamaCppModel(LoadedModel):
                 raise InvalidParamsError("grammar", "llama.cpp cannot parse the grammar")
             self._grammars[slot] = grammar
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if params.repetition_penalty != 1.0:
-            lib.llama_sampler_chain_add(chain, self._penalties(params.repetition_penalty))
+        if params.logit_bias:
+            lib.llama_sampler_chain_add(chain, self._logit_bias(params.logit_bias))
+        if params.penalized:
+            lib.llama_sampler_chain_add(chain, self._penalties(
+                params.repetition_penalty, params.frequency_penalty, params.presence_penalty))
         if params.temperature == 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -307,23 +311,36 @@ class LlamaCppModel(LoadedModel):
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(params.top_k))
             if params.top_p < 1.0:
                 lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
             lib.llama_sampler_chain_add(
                 chain, lib.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
         self._samplers[slot] = chain
-        self._stateless[slot] = params.repetition_penalty == 1.0
+        self._stateless[slot] = not params.penalized
         return keep
 
-    def _penalties(self, repeat: float, last_n: int = 64) -> Any:
-        """The repetition-penalty sampler. Builds of llama.cpp differ on its arguments: the
-        one llama-cpp-python 0.3.36 ships takes ``n_vocab`` first (5 arguments), upstream
-        does not (4); the binding's ``argtypes`` say which. Calling the 4-argument form on a
-        5-argument build raised TypeError on every job with a repetition_penalty."""
+    def _logit_bias(self, pairs: Sequence[tuple[int, float]]) -> Any:
+        """llama.cpp's logit-bias sampler for ``(token, bias)`` pairs (it copies them); a
+        bias of -100 or less is -inf, a ban as OpenAI means it. Ids beyond the vocabulary
+        are refused by the worker before the job is queued."""
+        lib = self._lib
+        arr = (lib.llama_logit_bias * len(pairs))(*[
+            lib.llama_logit_bias(token, float("-inf") if bias <= -100 else bias)
+            for token, bias in pairs])
+        return lib.llama_sampler_init_logit_bias(self.n_vocab, len(pairs), arr)
+
+    def _penalties(self, repeat: float, freq: float = 0.0, present: float = 0.0,
+                   last_n: int = 64) -> Any:
+        """The penalties sampler (repetition, frequency, presence). Builds of llama.cpp
+        differ on its arguments: the one llama-cpp-python 0.3.36 ships takes ``n_vocab``
+        first (5 arguments), upstream does not (4); the binding's ``argtypes`` say which.
+        Calling the 4-argument form on a 5-argument build raised TypeError on every job
+        with a repetition_penalty."""
         init = self._lib.llama_sampler_init_penalties
         if len(getattr(init, "argtypes", None) or ()) == 5:
-            n_vocab = self._lib.llama_vocab_n_tokens(self._vocab)
-            return init(n_vocab, last_n, repeat, 0.0, 0.0)
-        return init(last_n, repeat, 0.0, 0.0)
+            return init(self.n_vocab, last_n, repeat, freq, present)
+        return init(last_n, repeat, freq, present)
 
     def decode(self, feeds: Sequence[Feed]) -> None:
         lib, batch = self._lib, self._batch
@@ -349,6 +366,26 @@ class LlamaCppModel(LoadedModel):
         rc = lib.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RbeesError(f"llama_decode failed with code {rc}")
+
+    supports_logprobs = True
+
+    def logprobs(self, slot: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """Log-softmax (numpy, float64) of the logits ``slot`` was sampled from: llama.cpp
+        keeps them until the next :meth:`decode`."""
+        import numpy as np
+
+        raw = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(
+            self._ctx, self._logit_at[slot]), shape=(self.n_vocab,))
+        logits = raw.astype(np.float64)
+        peak = logits.max()
+        norm = peak + np.log(np.exp(logits - peak).sum())
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            top = min(top, self.n_vocab)
+            ids = np.argpartition(-logits, top - 1)[:top]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = [(int(i), float(logits[i] - norm)) for i in ids]
+        return float(logits[token] - norm), best
 
     def sample(self, slot: int) -> int:
         if self._grammars[slot] is not None:

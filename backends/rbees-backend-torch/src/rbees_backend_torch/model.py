@@ -20,6 +20,8 @@ from rbees_core.errors import InvalidParamsError, ModelLoadError, RbeesError
 
 DEFAULT_CTX_CAP = 4096
 N_BATCH = 256
+#: Generated tokens the presence and frequency penalties look back on (llama.cpp's default).
+PENALTY_WINDOW = 64
 _MEMORY_KIND: dict[str, MemoryKind] = {"cpu": "ram", "cuda": "vram", "mps": "unified"}
 
 
@@ -82,6 +84,10 @@ class _Slot:
     cache: Any = None
     logits: torch.Tensor | None = None
     history: list[int] = attrs.field(factory=list)
+    #: the tokens sampled so far (the window of presence and frequency penalties)
+    generated: list[int] = attrs.field(factory=list)
+    #: the logits the last token was sampled from, for logprobs
+    sampled_from: torch.Tensor | None = None
 
 
 class TorchModel(LoadedModel):
@@ -127,6 +133,7 @@ class TorchModel(LoadedModel):
         if generation is not None:
             self._eog |= _ids(generation.eos_token_id)
         self._slots = [_Slot() for _ in range(slots)]
+        self.n_vocab = int(getattr(text, "vocab_size", 0) or len(tokenizer))
         self.chat_template = chat_template(tokenizer, Path(path).name)
         progress("device", 1.0)
 
@@ -194,7 +201,24 @@ class TorchModel(LoadedModel):
         if state.logits is None:
             raise RbeesError(f"slot {slot} has no logits to sample from")
         logits, state.logits = state.logits, None
-        return sample_logits(logits, state.params, state.history, state.generator)
+        token = sample_logits(logits, state.params, state.history, state.generator,
+                              generated=state.generated)
+        state.generated.append(token)
+        state.sampled_from = logits
+        return token
+
+    supports_logprobs = True
+
+    def logprobs(self, slot: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        logits = self._slots[slot].sampled_from
+        if logits is None:
+            raise RbeesError(f"slot {slot} has sampled nothing yet")
+        lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            values, ids = torch.topk(lp, min(top, lp.numel()))
+            best = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
+        return float(lp[token]), best
 
     def end(self, slot: int) -> None:
         self._slots[slot] = _Slot()
@@ -207,12 +231,25 @@ class TorchModel(LoadedModel):
 
 
 def sample_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
-                  generator: torch.Generator | None) -> int:
+                  generator: torch.Generator | None, *, generated: Sequence[int] = ()) -> int:
     """One token from 1-D float32 CPU ``logits``.
 
-    Repetition penalty over ``history`` first, then greedy when ``temperature == 0``, else
-    top-k -> top-p -> temperature -> a draw from ``generator``.
+    Logit bias first (-100 bans), the repetition penalty over ``history``, presence and
+    frequency penalties over the last :data:`PENALTY_WINDOW` tokens of ``generated`` (as
+    llama.cpp's penalties sampler), then greedy when ``temperature == 0``, else top-k ->
+    top-p -> min-p -> temperature -> a draw from ``generator``.
     """
+    if params.logit_bias:
+        logits = logits.clone()
+        for token, bias in params.logit_bias:
+            if token < logits.numel():
+                logits[token] = float("-inf") if bias <= -100 else logits[token] + bias
+    if (params.presence_penalty or params.frequency_penalty) and generated:
+        window = torch.tensor(list(generated[-PENALTY_WINDOW:]), dtype=torch.long)
+        seen, counts = torch.unique(window, return_counts=True)
+        logits = logits.clone()
+        logits[seen] -= counts.to(logits.dtype) * params.frequency_penalty + (
+            params.presence_penalty)
     if params.repetition_penalty != 1.0 and history:
         seen = torch.unique(torch.tensor(history, dtype=torch.long))
         seen = seen[seen < logits.numel()]
@@ -231,5 +268,8 @@ def sample_logits(logits: torch.Tensor, params: SamplingParams, history: Sequenc
         drop = (probs.cumsum(dim=-1) - probs) > params.top_p
         drop[0] = False
         logits = logits.index_fill(0, order[drop], float("-inf"))
+    if params.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
