@@ -57,6 +57,12 @@ Decisions (``Decision.to_dict()``), one of::
      "slots"?, "ctx"?, "threads"?}            # absent: rbees-orcd's worker_defaults
     {"action": "stop_worker", "pool_id", "worker_id"}
     {"action": "wait", "reason"}                 # pool_id/worker_id: a starting worker it waits for
+    {"action": "fail", "code": "NO_CAPACITY", "reason"}   # terminal: the job can never run
+
+``fail`` ends the job at once with the error ``code`` (only ``NO_CAPACITY``) and the
+``reason`` as its message; rbees-orcd also ends a job with it, whatever the policy, when a
+wait can never end (:mod:`rbees_core.feasibility`: no pool holds the model and no source
+can download it, or it fits no device of the pools that hold it).
 
 A :class:`Verdict` is the decisions plus the reasoning: every candidate considered, its
 score, and why each one lost, in words a person understands. :func:`explain` turns it into a
@@ -74,7 +80,7 @@ import attrs
 
 from rbees_core.placement import cores_to_start, cpu_device
 
-Action = Literal["dispatch", "start_worker", "stop_worker", "wait"]
+Action = Literal["dispatch", "start_worker", "stop_worker", "wait", "fail"]
 
 
 @attrs.frozen
@@ -90,6 +96,8 @@ class Decision:
     slots: int | None = None
     ctx: int | None = None
     threads: int | None = None
+    #: fail: the job's error code (``NO_CAPACITY``)
+    code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in attrs.asdict(self).items() if v is not None}
@@ -363,6 +371,8 @@ def describe_decision(decision: Decision) -> str:
                 f"{decision.pool_id}")
     if decision.action == "stop_worker":
         return f"stop worker {decision.worker_id} on pool {decision.pool_id}"
+    if decision.action == "fail":
+        return f"end the job ({decision.code or 'NO_CAPACITY'}): {decision.reason}"
     return f"wait: {decision.reason}" if decision.reason else "wait"
 
 

@@ -193,6 +193,43 @@ def test_jobs_cli_submit_list_status_why(cluster: Cluster) -> None:
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
 
+def test_a_model_that_fits_no_device_fails_at_once_on_every_api(cluster: Cluster) -> None:
+    """NO_CAPACITY (issue 22): a model file on the pool's disk larger than all its memory
+    (sparse: 1 TiB that takes no room) is refused within a second, by /v2/tasks, by /v1
+    through the openai client (400 no_capacity) and by ``rbees jobs submit``."""
+    import openai
+
+    big = cluster.home / "models" / "never-fits.gguf"
+    big.parent.mkdir(parents=True, exist_ok=True)
+    with big.open("wb") as f:
+        f.truncate(1 << 40)
+    model = f"file:{big}"
+    for _ in range(100):  # the pool lists it at its next heartbeat
+        listed = httpx.get(f"{cluster.url}/v2/pools", timeout=10).json()["pools"]
+        if any(m.get("ref") == model for p in listed for m in p.get("models") or ()):
+            break
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    accepted = cluster.submit(model=model)
+    events = cluster.events(accepted["job_id"])
+    took = time.monotonic() - t0
+    assert events[-1][1] == "error" and events[-1][2]["code"] == "NO_CAPACITY", events
+    assert events[-1][2]["retriable"] is False and "1024.0 GiB" in events[-1][2]["message"]
+    assert took < 1.0, f"NO_CAPACITY after {took:.2f} s"
+    with openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0) as c:
+        t0 = time.monotonic()
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        took = time.monotonic() - t0
+    assert refused.value.code == "no_capacity" and took < 1.0, (refused.value, took)
+    t0 = time.monotonic()
+    done = cluster.rbees("jobs", "submit", "--model", model, "--prompt", "x")
+    took = time.monotonic() - t0
+    assert done.returncode == 1 and "NO_CAPACITY" in done.stderr, done.stderr
+    assert took < 5.0, f"rbees jobs submit took {took:.2f} s (a program start included)"
+    big.unlink()
+
+
 def test_metrics_and_pools(cluster: Cluster) -> None:
     tpot = "rbees_time_per_token_seconds_count"
     before = _sample(httpx.get(f"{cluster.url}/metrics").text, tpot)

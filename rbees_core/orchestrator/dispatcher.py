@@ -5,6 +5,11 @@ alike, that the policy told to wait at the current version, are not asked about 
 claims the slot a verdict names, writes the dispatch, announces it and starts the job's
 runner. Verdicts that ask for workers to start or stop go to pool control. A job admitted
 at the head of the queue is decided by admission at once (:meth:`Dispatcher.place_now`).
+
+A job never waits for what cannot come: its model marked failed wherever it could run ends
+it with ``MODEL_LOAD_FAILED`` (before the policy is asked); a policy's ``fail`` decision, or
+a wait that can never end (:func:`rbees_core.feasibility.never_placeable`, judged when the
+policy says wait), with ``NO_CAPACITY``.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 from rbees_core.errors import ConflictError, ModelLoadError, RbeesError
+from rbees_core.feasibility import NO_CAPACITY, UNKNOWN_MODEL, never_placeable
 from rbees_core.interfaces import Scheduler
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, Run
@@ -45,6 +52,8 @@ DISPATCH_WINDOW = 64
 ROUND_EVERY_S = 0.5
 #: records of prefixes held by workers that are gone are dropped this often
 PRUNE_EVERY_S = 5.0
+#: error codes of jobs that placement ended, which ``why`` quotes
+_ENDED_BY_PLACEMENT = frozenset({ModelLoadError.code, NO_CAPACITY, "DEADLINE_UNMET"})
 #: worker states whose slots hold nothing any more
 _GONE = frozenset({"stopped", "failed", "dead", "killed", "stopping"})
 
@@ -58,6 +67,7 @@ class _Pools:
         self.taken: list[dict[str, Any]] | None = None
         self.marked: bool | None = None  # whether any pool has marked a model failed
         self.failed: dict[tuple[str, str | None], list[tuple[str, dict[str, Any]]]] = {}
+        self.never: dict[tuple[str, str], Ending | None] = {}
 
     def get(self) -> list[dict[str, Any]]:
         if self.taken is None:
@@ -78,13 +88,28 @@ class _Pools:
         return self.failed[key]
 
 
+@attrs.frozen
+class Ending:
+    """A queued job that can never run: the error it ends with (``kind``: the error event's
+    ``reason``, :data:`rbees_core.feasibility.UNKNOWN_MODEL` or ``TOO_LARGE``)."""
+
+    code: str
+    message: str
+    kind: str | None = None
+
+
 class Dispatcher:
     """Places queued jobs on workers. Created by the service; :meth:`loop` runs as one of
-    the book's tasks, admission calls :meth:`place_now` and :meth:`announce`."""
+    the book's tasks, admission calls :meth:`place_now` and :meth:`announce`.
+
+    ``provides(model)`` says whether a source can download a model no pool holds (None:
+    never judge a job unplaceable); nothing is judged so during the first ``grace_s``
+    seconds, while the pools of a restarted orchestrator report in."""
 
     def __init__(self, book: Book, store: Store, queue: JobQueue, registry: PoolRegistry,
                  scheduler: Scheduler, pools: PoolControl, runner: Runner,
-                 metrics: OrchestratorMetrics, log: Logger) -> None:
+                 metrics: OrchestratorMetrics, log: Logger, *,
+                 provides: Callable[[str], bool] | None = None, grace_s: float = 0.0) -> None:
         self.book = book
         self.store = store
         self.queue = queue
@@ -101,6 +126,8 @@ class Dispatcher:
         self.prefixes = PrefixBook()
         self._pruned_at = 0.0
         self._last_keys: tuple[str, list[tuple[bytes, int]]] = ("", [])
+        self.provides = provides
+        self._judge_after = time.monotonic() + grace_s
 
     def snapshot(self, job_id: str, pools: list[dict[str, Any]] | None = None) -> Snapshot:
         """The policy's input for ``job_id``; ``pools`` may be reused within one round."""
@@ -176,7 +203,9 @@ class Dispatcher:
                 await self._end_failed_load(queued, marks)
                 continue
             decision = self._decide(queued, pools)
-            if decision is not None:
+            if isinstance(decision, Ending):
+                await self._end_never(queued, decision)
+            elif decision is not None:
                 run = self._claim(queued.job_id, *decision)
                 if run is not None:
                     await self._dispatch(run)
@@ -191,12 +220,13 @@ class Dispatcher:
         pools = _Pools(self.registry)
         if pools.failed_loads(queued):  # the dispatcher ends it once it is durable
             return None
-        decision = self._decide(queued, pools)
-        return None if decision is None else self._claim(job_id, *decision)
+        decision = self._decide(queued, pools)  # an Ending: the round ends it once durable
+        return None if not isinstance(decision, tuple) else self._claim(job_id, *decision)
 
-    def _decide(self, queued: QueuedJob, pools: _Pools) -> tuple[str, str] | None:
+    def _decide(self, queued: QueuedJob, pools: _Pools) -> tuple[str, str] | Ending | None:
         """The policy's verdict for a queued job: ``(pool_id, worker_id)`` to dispatch it
-        to, else None (it waits; workers the verdict asks for are started or stopped)."""
+        to, an :class:`Ending` when it can never run, else None (it waits; workers the
+        verdict asks for are started or stopped)."""
         book = self.book
         if self._waiting[0] != book.version:
             self._waiting = (book.version, {})
@@ -208,7 +238,13 @@ class Dispatcher:
             verdict = self.scheduler.decide(self.snapshot(queued.job_id, pools.get()))
             self.metrics.scheduling.observe(time.perf_counter() - t0)
             book.spawn(self._record(queued.job_id, verdict))
+        fail = next((d for d in verdict.decisions if d.action == "fail"), None)
+        if fail is not None:
+            return Ending(NO_CAPACITY, fail.reason or f"policy {verdict.policy} refused it")
         if all(d.action == "wait" for d in verdict.decisions):
+            ending = self._never(queued, pools, verdict)
+            if ending is not None:
+                return ending
             book.waited_at[queued.job_id] = book.version
             waiting[alike] = verdict
             return None
@@ -223,6 +259,26 @@ class Dispatcher:
             elif decision.action == "stop_worker" and decision.pool_id and decision.worker_id:
                 book.spawn(self.pools.stop_worker(decision.pool_id, decision.worker_id))
         return None
+
+    def _never(self, queued: QueuedJob, pools: _Pools, verdict: Verdict) -> Ending | None:
+        """The :class:`Ending` of a job told to wait that can never be placed, recorded as
+        a ``fail`` decision after the policy's; None while it may (once per model and pin
+        in a round)."""
+        if self.provides is None or time.monotonic() < self._judge_after:
+            return None
+        placement = None if queued.placement is None else attrs.asdict(queued.placement)
+        key = (queued.model, repr(placement))
+        if key not in pools.never:
+            found = never_placeable({"model": queued.model, "placement": placement},
+                                    pools.get(), provided=self.provides(queued.model))
+            pools.never[key] = None if found is None else Ending(NO_CAPACITY, found[1], found[0])
+        ending = pools.never[key]
+        if ending is not None:
+            self.book.spawn(self._record(queued.job_id, Verdict(
+                policy=verdict.policy, decisions=[Decision("fail", code=ending.code,
+                                                           reason=ending.message)],
+                candidates=verdict.candidates, summary=ending.message)))
+        return ending
 
     def _claim(self, job_id: str, pool_id: str, worker_id: str) -> Run | None:
         """Take the job off the queue and a slot on the worker, in memory; None when the
@@ -265,12 +321,26 @@ class Dispatcher:
         except ConflictError:  # ended meanwhile (cancelled)
             return
 
-    async def end_queued(self, job_id: str, status: str, code: str, message: str) -> None:
+    async def _end_never(self, queued: QueuedJob, ending: Ending) -> None:
+        """End a queued job that can never run (``NO_CAPACITY``)."""
+        if self.queue.remove(queued.job_id) is None:
+            return
+        self.log.error("job_never_placeable", job_id=queued.job_id, model=queued.model,
+                       code=ending.code, reason=ending.message)
+        with contextlib.suppress(ConflictError):  # ended meanwhile (cancelled)
+            await self.end_queued(queued.job_id, "failed", ending.code, ending.message,
+                                  reason=ending.kind)
+
+    async def end_queued(self, job_id: str, status: str, code: str, message: str, *,
+                         reason: str | None = None) -> None:
         """Write and announce the end of a job that never ran (taken off the queue by the
-        caller): its ``error`` event, then retire it. Raises what the store raises
-        (:class:`ConflictError` when it has ended already)."""
-        error = {"job_id": job_id, "code": code, "message": message,
-                 "retriable": code == QUEUE_FULL_DROPPED}
+        caller): its ``error`` event (with ``reason``, the kind of ``NO_CAPACITY``, when
+        given), then retire it. Raises what the store raises (:class:`ConflictError` when it
+        has ended already)."""
+        error: dict[str, Any] = {"job_id": job_id, "code": code, "message": message,
+                                 "retriable": code == QUEUE_FULL_DROPPED}
+        if reason is not None:
+            error["reason"] = reason
         channel = self.book.channel(job_id)
         await self.store.transition_async(job_id, status, error_code=code, error_message=message,
                                           events=[*channel.take_unpersisted(), ("error", error)])
@@ -303,6 +373,15 @@ class Dispatcher:
         verdict: Verdict = self.scheduler.decide(self.snapshot(job_id))
         return verdict
 
+    def _awaits_download(self, model: str) -> bool:
+        """Whether ``model`` is one a source can download that no pool that is not offline
+        holds or serves (pull on first use is not built: such a job waits for someone)."""
+        if self.provides is None or not self.provides(model):
+            return False
+        found = never_placeable({"model": model}, self.registry.snapshot_pools(),
+                                provided=False)
+        return found is not None and found[0] == UNKNOWN_MODEL
+
     async def why(self, job_id: str) -> dict[str, Any]:
         """``GET /v2/tasks/{id}/decision``: the job's recorded decisions and, in words, what
         holds it now (queued) or the last one. Raises :class:`JobNotFoundError`."""
@@ -324,9 +403,14 @@ class Dispatcher:
                 summary=str(latest.get("summary") or ""), fallback=latest.get("fallback"),
                 elapsed_ms=float(latest.get("elapsed_ms") or 0.0))
             text = explain(verdict)
-        if record.error is not None and record.error.code == ModelLoadError.code:
-            text = f"{text} The job ended: {record.error.message}."
+        if record.error is not None and record.error.code in _ENDED_BY_PLACEMENT:
+            text = f"{text} The job ended ({record.error.code}): {record.error.message}."
         elif marks:
             text = f"{text} {describe_failed_loads(record.model, marks)}."
+        elif current is not None and self._awaits_download(record.model):
+            text = (f"{text} No pool has {record.model} on disk and a source can download "
+                    "it, but nothing starts that download yet: download it to a pool "
+                    f"(`rbees pool models download {record.model} --host HOST`) and the "
+                    "job starts.")
         return {"job_id": job_id, "decisions": decisions, "explanation": text,
                 "failed_models": [{"pool_id": pool_id, **mark} for pool_id, mark in marks]}

@@ -26,6 +26,7 @@ from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRe
 from rbees_core.api.pool import PoolHeartbeat
 from rbees_core.config import PlacementConfig
 from rbees_core.errors import ConflictError, InvalidParamsError
+from rbees_core.feasibility import source_can_provide
 from rbees_core.log import Logger
 from rbees_core.orchestrator.admission import Admission
 from rbees_core.orchestrator.book import Book, Following, retrieved
@@ -34,7 +35,7 @@ from rbees_core.orchestrator.dispatcher import Dispatcher
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue
-from rbees_core.orchestrator.registry import PoolRegistry
+from rbees_core.orchestrator.registry import UNAVAILABLE_AFTER_MISSED, PoolRegistry
 from rbees_core.orchestrator.runner import Runner
 from rbees_core.orchestrator.store import Store
 from rbees_core.orchestrator.upstream import Upstream
@@ -95,11 +96,15 @@ class OrchestratorService:
         self.runner = Runner(self.book, self.store, self.queue, self.registry, self.pools,
                              self.metrics, log, self._upstream, self._client,
                              token=settings.token)
-        self.dispatcher = Dispatcher(self.book, self.store, self.queue, self.registry,
-                                     self.scheduler, self.pools, self.runner, self.metrics, log)
+        catalog = configured_catalog(pm)  # read once: admission stays cheap
+        sources = plugins.model_sources(pm)
+        self.dispatcher = Dispatcher(
+            self.book, self.store, self.queue, self.registry, self.scheduler, self.pools,
+            self.runner, self.metrics, log,
+            provides=lambda model: source_can_provide(model, catalog, sources),
+            grace_s=UNAVAILABLE_AFTER_MISSED * settings.heartbeat_interval_s)
         self.admission = Admission(self.book, self.store, self.queue, self.registry,
-                                   configured_catalog(pm),  # read once: admission stays cheap
-                                   self.dispatcher, self.runner, self.metrics, log)
+                                   catalog, self.dispatcher, self.runner, self.metrics, log)
 
     # -- lifecycle -------------------------------------------------------------------------
 

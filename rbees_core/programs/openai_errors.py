@@ -51,14 +51,18 @@ def from_rbees(exc: RbeesError) -> OpenAIError:
 
 #: Job error codes (a job's terminal ``error`` event) that mean "try again later": 503.
 _UNAVAILABLE = frozenset({"MODEL_LOAD_FAILED", "WORKER_FAILED", "ORCHESTRATOR_RESTARTED",
-                          "ALL_SLOTS_BUSY", "DRAINING", "NOT_READY", "NO_CAPACITY"})
+                          "ALL_SLOTS_BUSY", "DRAINING", "NOT_READY", "DEADLINE_UNMET"})
 
 
 def job_error(data: dict[str, Any]) -> OpenAIError:
     """The answer for a job that ended with the ``error`` event ``data``: 400 for what the
     request holds (a template that refused the messages), 429 for a job dropped from a full
     queue, 503 for a cluster that could not run it now (the model failed to load, the
-    worker died), 499 for a cancelled one, 502 for any other failure of the worker."""
+    worker died, the job waited longer than the queue allows: ``Retry-After`` from the
+    event's ``retry_after_ms``), 499 for a cancelled one, 502 for any other failure of the
+    worker. ``NO_CAPACITY`` (never placeable, not retried): 404 ``model_not_found`` when no
+    pool holds the model and no source can download it, else 400 ``no_capacity`` (it fits
+    no device)."""
     code = str(data.get("code") or "WORKER_ERROR")
     message = str(data.get("message") or code)
     if code == "INVALID_PARAMS":
@@ -69,8 +73,15 @@ def job_error(data: dict[str, Any]) -> OpenAIError:
     if code == "MODEL_NOT_FOUND":
         return OpenAIError(404, message, param="model", code="model_not_found",
                            kind="invalid_request_error")
+    if code == "NO_CAPACITY":
+        if data.get("reason") == "unknown_model":
+            return OpenAIError(404, message, param="model", code="model_not_found",
+                               kind="invalid_request_error")
+        return OpenAIError(400, message, param="model", code="no_capacity")
     if code in _UNAVAILABLE or data.get("retriable") is True:
-        return OpenAIError(503, message, code=code.lower())
+        wait = data.get("retry_after_ms")
+        retry_after_s = max(1, -(-int(wait) // 1000)) if isinstance(wait, int) else 1
+        return OpenAIError(503, message, code=code.lower(), retry_after_s=retry_after_s)
     return OpenAIError(499 if code == "CANCELLED" else 502, message, code=code.lower(),
                        kind="server_error")
 

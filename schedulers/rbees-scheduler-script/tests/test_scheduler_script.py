@@ -67,6 +67,8 @@ def schedule(ctx):
         return [ctx.dispatch(ctx.dispatchable[0]), ctx.wait("also wait")]
     elif m == "defer":
         return None
+    elif m == "refuse":
+        return ctx.refuse("%s runs nowhere here" % m)
     if ctx.dispatchable:
         rank = lambda w: (w["slots_free"], w["pool_id"], w["worker_id"])
         best = sorted(ctx.dispatchable, key = rank)[0]
@@ -198,6 +200,14 @@ def test_hard_placement_and_avoided_pools_bind_scripts_too() -> None:
     assert targets(pinned) == [("dispatch", "b", "w1")]
     assert avoided.fallback is not None and "avoided by the job's placement" in avoided.fallback
     assert only.fallback is None and targets(only) == [("dispatch", "a", "w1")]
+
+
+def test_a_script_may_refuse_a_job_for_good(script: ScriptScheduler) -> None:
+    verdict = script.decide(cluster("refuse"))
+    assert verdict.fallback is None
+    assert [d.to_dict() for d in verdict.decisions] == [
+        {"action": "fail", "code": "NO_CAPACITY", "reason": "refuse runs nowhere here"}]
+    assert "end the job (NO_CAPACITY): refuse runs nowhere here" in explain(verdict)
 
 
 def test_none_leaves_the_job_to_the_default_policy(script: ScriptScheduler) -> None:

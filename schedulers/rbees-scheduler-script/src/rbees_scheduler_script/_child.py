@@ -114,6 +114,9 @@ def make_ctx(pools, call, queue_text):
     def wait(reason):
         return {"action": "wait", "reason": reason}
 
+    def refuse(reason):
+        return {"action": "fail", "code": "NO_CAPACITY", "reason": reason}
+
     return struct(
         job = job, model = model, priority = job.get("priority"),
         placement = job.get("placement") or {}, pools = pools, now = info["now"],
@@ -123,7 +126,7 @@ def make_ctx(pools, call, queue_text):
         queue = queue, pool = pool, holds = holds, has_model = has_model,
         workers_with_model = workers_with_model, free_slots = free_slots, device = device,
         device_free = device_free, is_gpu = is_gpu, dispatch = dispatch, start = start,
-        wait = wait,
+        wait = wait, refuse = refuse,
     )
 '''
 

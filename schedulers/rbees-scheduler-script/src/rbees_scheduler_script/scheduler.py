@@ -45,7 +45,7 @@ log = logging.getLogger("rbees.scheduler.script")
 FAILURE_REASONS = ("timeout", "memory", "error", "garbage", "invalid", "crash", "unavailable")
 MAX_DECISIONS = 16
 MAX_SCRIPT_BYTES = 256 * 1024
-_KEYS = frozenset({"action", "pool_id", "worker_id", "device", "model", "reason"})
+_KEYS = frozenset({"action", "pool_id", "worker_id", "device", "model", "reason", "code"})
 _WHAT = {
     "timeout": "ran past its {budget:g} ms budget",
     "memory": "ran out of its memory budget",
@@ -236,7 +236,7 @@ class ScriptScheduler(Scheduler):
             raise ScriptError("garbage", f"schedule returned {len(items)} decisions; at most "
                                          f"{MAX_DECISIONS} are allowed")
         decisions = [self._decision(item, a, tier) for item in items]
-        placing = [d for d in decisions if d.action in ("dispatch", "wait")]
+        placing = [d for d in decisions if d.action in ("dispatch", "wait", "fail")]
         if len(placing) > 1:
             raise ScriptError("invalid", "a job takes one dispatch or one wait, not "
                                          f"{', '.join(d.action for d in placing)}")
@@ -318,9 +318,14 @@ class ScriptScheduler(Scheduler):
             return Decision("wait", pool_id=item.get("pool_id"), worker_id=item.get("worker_id"),
                             reason=item.get("reason") or f"the script {self.filename} chose "
                                                          "to wait")
+        elif action == "fail":  # the job can never run: it ends with NO_CAPACITY
+            if item.get("code") not in (None, "NO_CAPACITY"):
+                raise ScriptError("garbage", "a fail decision's code can only be NO_CAPACITY")
+            return Decision("fail", code="NO_CAPACITY", reason=item.get("reason")
+                            or f"the script {self.filename} refused the job")
         else:
             raise ScriptError("garbage", f"unknown action {action!r} (use dispatch, "
-                                         "start_worker, stop_worker or wait)")
+                                         "start_worker, stop_worker, wait or fail)")
         return Decision(action, pool_id=item["pool_id"], worker_id=item["worker_id"],
                         reason=item.get("reason"))
 

@@ -1,0 +1,177 @@
+"""Never hang (issue 22, item 2): a job that can never be placed ends at once with
+``NO_CAPACITY``, a job that cannot start by its deadline with ``DEADLINE_UNMET``.
+
+The judgement (:mod:`rbees_core.feasibility`) over fake snapshots, then rbees-orcd's
+service in this process with fake pools (heartbeats only: no worker, nothing to start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rbees_core.api.orchestrator import Placement, TaskRequest
+from rbees_core.api.pool import CpuEntry, PoolHeartbeat
+from rbees_core.feasibility import TOO_LARGE, UNKNOWN_MODEL, never_placeable
+from rbees_core.orchestrator.service import OrchestratorService
+from rbees_core.programs.openai_errors import job_error
+
+from .test_orcd_service import new_service
+
+GIB = 1024 ** 3
+
+
+def pool(pool_id: str, models: list[dict[str, Any]], *, ram: int = 16 * GIB,
+         status: str = "ready", workers: list[dict[str, Any]] | None = None
+         ) -> dict[str, Any]:
+    return {"pool_id": pool_id, "status": status, "workers": workers or [], "models": models,
+            "devices": [{"device": "cpu", "kind": "cpu", "memory_total_bytes": ram,
+                         "memory_free_bytes": ram // 2, "memory_reserved_bytes": 0}]}
+
+
+SMALL = {"id": None, "ref": "file:/m/small.gguf", "size_bytes": GIB}
+HUGE = {"id": None, "ref": "file:/m/huge.gguf", "size_bytes": 64 * GIB}
+
+
+def test_a_model_no_pool_holds_and_no_source_provides_is_never_placeable() -> None:
+    pools = [pool("p1", [SMALL])]
+    kind, reason = never_placeable({"model": "file:/m/other.gguf"}, pools,
+                                   provided=False) or ("", "")
+    assert kind == UNKNOWN_MODEL and "no pool holds file:/m/other.gguf" in reason
+    # one a source can download waits for it (pull on first use)
+    assert never_placeable({"model": "tinyllama"}, pools, provided=True) is None
+    assert never_placeable({"model": "file:/m/small.gguf"}, pools, provided=False) is None
+    # pinned elsewhere: only that pool counts
+    pinned = {"model": "file:/m/small.gguf", "placement": {"pool": "p2"}}
+    found = never_placeable(pinned, pools, provided=False)
+    assert found is not None and "pool p2, which the job is pinned to, is not registered" \
+        in found[1]
+    # an offline pool holds nothing a job could use
+    found = never_placeable({"model": "file:/m/small.gguf"},
+                            [pool("p1", [SMALL], status="offline")], provided=False)
+    assert found is not None and found[0] == UNKNOWN_MODEL
+    # a worker serving it is as good as the file on disk
+    worker = {"worker_id": "w1", "model_ref": "file:/m/w.gguf", "state": "busy"}
+    assert never_placeable({"model": "file:/m/w.gguf"}, [pool("p1", [], workers=[worker])],
+                           provided=False) is None
+
+
+def test_a_model_larger_than_every_device_is_never_placeable() -> None:
+    found = never_placeable({"model": "file:/m/huge.gguf"},
+                            [pool("p1", [HUGE]), pool("p2", [HUGE], ram=32 * GIB)],
+                            provided=False)
+    assert found is not None and found[0] == TOO_LARGE
+    assert "needs 64.0 GiB" in found[1] and "the largest: 32.0 GiB" in found[1]
+    # total memory counts, not free: idle workers can be stopped to make room
+    assert never_placeable({"model": "file:/m/huge.gguf"}, [pool("p1", [HUGE], ram=64 * GIB)],
+                           provided=False) is None
+    # one pool large enough is enough; an unknown size may fit
+    assert never_placeable({"model": "file:/m/huge.gguf"},
+                           [pool("p1", [HUGE]), pool("p2", [HUGE], ram=128 * GIB)],
+                           provided=False) is None
+    unsized = {"id": None, "ref": "file:/m/huge.gguf"}
+    assert never_placeable({"model": "file:/m/huge.gguf"}, [pool("p1", [unsized])],
+                           provided=False) is None
+
+
+def test_no_capacity_maps_to_openai_statuses() -> None:
+    unknown = job_error({"code": "NO_CAPACITY", "message": "m", "reason": UNKNOWN_MODEL})
+    assert (unknown.status, unknown.code, unknown.param) == (404, "model_not_found", "model")
+    large = job_error({"code": "NO_CAPACITY", "message": "m", "reason": TOO_LARGE})
+    assert (large.status, large.code, large.kind) == (400, "no_capacity",
+                                                      "invalid_request_error")
+    late = job_error({"code": "DEADLINE_UNMET", "message": "m", "retriable": False,
+                      "retry_after_ms": 2500})
+    assert (late.status, late.code, late.retry_after_s) == (503, "deadline_unmet", 3)
+    assert late.response().headers["retry-after"] == "3"
+
+
+# -- in rbees-orcd's service -----------------------------------------------------------------
+
+
+def fake_beat(pool_id: str, models: list[dict[str, Any]], seq: int = 1,
+              ram: int = 16 * GIB) -> PoolHeartbeat:
+    """A heartbeat of a pool with ``models`` on disk, no worker and no reachable URL."""
+    return PoolHeartbeat(pool_id=pool_id, host=pool_id, gpus=[], models=models, workers=[],
+                         cpu=CpuEntry(cores=2, ram_total_bytes=ram, ram_free_bytes=ram // 2),
+                         url="http://127.0.0.1:1", seq=seq, sent_at=time.time())
+
+
+@pytest.fixture
+async def lonely(tmp_path: Path) -> AsyncIterator[OrchestratorService]:
+    """A started service with one fake pool holding a small and a huge model (heartbeats
+    every 0.1 s: the grace after a start is 0.3 s)."""
+    svc = new_service(tmp_path, heartbeat_interval_s=0.1)
+    await svc.start()
+    svc.heartbeat(fake_beat("p1", [SMALL, HUGE]))
+    await asyncio.sleep(0.35)  # past the grace
+    yield svc
+    await svc.close()
+
+
+async def ended(svc: OrchestratorService, job_id: str, within_s: float) -> dict[str, Any]:
+    """The job's terminal error event, which must come within ``within_s``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within_s:
+        channel = svc.book.channels.get(job_id)
+        if channel is None or channel.done:
+            events = await asyncio.to_thread(svc.store.events_after, job_id, 0)
+            if events and events[-1].event == "error":
+                payload: dict[str, Any] = events[-1].payload()
+                return payload
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{job_id} did not end within {within_s} s")
+
+
+async def test_a_job_that_can_never_be_placed_ends_at_once(lonely: OrchestratorService
+                                                           ) -> None:
+    svc = lonely
+    t0 = time.monotonic()
+    huge = await svc.submit(TaskRequest(model="file:/m/huge.gguf", prompt="x"))
+    error = await ended(svc, huge.job_id, 1.0)
+    took = time.monotonic() - t0
+    assert error["code"] == "NO_CAPACITY" and error["reason"] == TOO_LARGE, error
+    assert error["retriable"] is False and "needs 64.0 GiB" in error["message"]
+    assert took < 1.0, f"NO_CAPACITY after {took:.3f} s"
+    record = await asyncio.to_thread(svc.store.get, huge.job_id)
+    assert record.status == "failed" and record.error is not None
+    assert record.error.code == "NO_CAPACITY"
+    why = await svc.dispatcher.why(huge.job_id)
+    assert "The job ended (NO_CAPACITY)" in why["explanation"]
+    assert why["decisions"][-1]["decisions"][0]["action"] == "fail"
+    # pinned to a pool that does not hold it, nor can get it
+    pinned = await svc.submit(TaskRequest(model="file:/m/small.gguf", prompt="x",
+                                          placement=Placement(pool="p9")))
+    error = await ended(svc, pinned.job_id, 1.0)
+    assert error["code"] == "NO_CAPACITY" and error["reason"] == UNKNOWN_MODEL
+    assert "pool p9" in error["message"]
+    assert not svc.queue
+
+
+async def test_a_job_whose_pool_goes_away_ends(lonely: OrchestratorService) -> None:
+    svc = lonely
+    svc.heartbeat(fake_beat("p2", [{"id": None, "ref": "file:/m/p2.gguf",
+                                    "size_bytes": GIB}]))
+    accepted = await svc.submit(TaskRequest(model="file:/m/p2.gguf", prompt="x"))
+    await asyncio.sleep(0.2)
+    assert accepted.job_id in svc.queue  # its worker cannot start (no pool answers): waits
+    svc.deregister("p2")
+    error = await ended(svc, accepted.job_id, 1.5)
+    assert error["code"] == "NO_CAPACITY" and "no pool holds file:/m/p2.gguf" \
+        in error["message"]
+
+
+async def test_a_catalog_model_no_pool_has_waits_and_why_says_for_what(
+        lonely: OrchestratorService) -> None:
+    svc = lonely
+    accepted = await svc.submit(TaskRequest(model="tinyllama", prompt="x"))
+    await asyncio.sleep(0.3)
+    assert accepted.job_id in svc.queue
+    why = await svc.dispatcher.why(accepted.job_id)
+    assert "nothing starts that download yet" in why["explanation"]
+    assert await svc.cancel(accepted.job_id)
