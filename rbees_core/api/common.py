@@ -26,6 +26,8 @@ MAX_TOKENS = 2**31 - 1
 MAX_TOP_LOGPROBS = 20
 #: Most tokens one ``logit_bias`` may name.
 MAX_LOGIT_BIAS = 1024
+#: Inputs of one embedding job (``/v1/embeddings``, ``POST /v2/embed``).
+MAX_EMBED_INPUTS = 256
 
 
 @attrs.frozen

@@ -18,6 +18,7 @@ import attrs
 from rbees_core.api.common import (
     DEVICE_PATTERN,
     ID_PATTERN,
+    MAX_EMBED_INPUTS,
     MAX_GRAMMAR_CHARS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -166,12 +167,20 @@ class TaskRequest:
         '{type: "function", function: {name}}')
     parallel_tool_calls: bool = field(default=True, doc="whether one answer may call "
                                       "several tools")
+    input: list[str] | None = field(
+        default=None, max_items=MAX_EMBED_INPUTS, item_max_length=MAX_PROMPT_CHARS,
+        doc="texts to embed: an embedding job (instead of prompt or messages), run on an "
+            "embedding worker; its end event carries the vectors")
 
     def check(self) -> None:
         """Rules across fields; raises :class:`InvalidParamsError` naming the field."""
         ref = self.model.replace("\\", "/")
         if ".." in ref.split("/"):
             raise InvalidParamsError("model", "must not contain '..'")
+        if self.input is not None:
+            self._check_embedding()
+            self._check_placement()
+            return
         if (self.prompt is None) == (self.messages is None):
             raise InvalidParamsError("prompt", "give exactly one of prompt and messages")
         if self.messages is not None:
@@ -191,6 +200,9 @@ class TaskRequest:
                 raise InvalidParamsError("json_schema", f"must be at most {MAX_GRAMMAR_CHARS} "
                                          "characters of JSON")
             check_schema(self.json_schema, field="json_schema")
+        self._check_placement()
+
+    def _check_placement(self) -> None:
         if self.placement is not None:
             p = self.placement
             for name, pools in (("prefer_pools", p.prefer_pools), ("avoid_pools", p.avoid_pools)):
@@ -200,6 +212,24 @@ class TaskRequest:
                 raise InvalidParamsError(
                     "placement.avoid_pools", f"avoids the pinned pool {p.pool}"
                 )
+
+    def _check_embedding(self) -> None:
+        from rbees_core.api.worker import check_inputs
+
+        if self.prompt is not None or self.messages is not None:
+            raise InvalidParamsError("input", "give input, or prompt or messages, not both")
+        for name in ("json_schema", "grammar", "tools"):
+            if getattr(self, name) is not None:
+                raise InvalidParamsError(name, "an embedding job (input) takes none")
+        assert self.input is not None
+        check_inputs(self.input)
+        if sum(len(text) for text in self.input) > MAX_PROMPT_CHARS:
+            raise InvalidParamsError("input", f"must hold at most {MAX_PROMPT_CHARS} characters")
+
+    @property
+    def embedding(self) -> bool:
+        """Whether this is an embedding job (``input``)."""
+        return self.input is not None
 
 
 @attrs.frozen

@@ -29,6 +29,8 @@ class WorkerStartRequest:
         default=None, minimum=1, maximum=1024,
         doc="cores (and threads) the worker gets; default: on the CPU every core no other "
             "worker holds, on a GPU one")
+    embedding: bool = field(default=False, doc="an embedding worker (rbees-workerd "
+                            "--embedding): it serves embedding jobs and no other")
 
 
 @attrs.frozen
@@ -63,6 +65,8 @@ class WorkerEntry:
     cpus: list[int] | None = None
     #: whether it shares its cores (none was free when it started: it waits passively)
     cpu_shared: bool = False
+    #: an embedding worker (--embedding): embedding jobs only
+    embedding: bool = False
 
 
 @attrs.frozen
@@ -228,6 +232,7 @@ class PoolWorker:
     cpu_shared: bool = False
     uri: str = ""
     error: str | None = None
+    embedding: bool = False
 
     @classmethod
     def from_entry(cls, entry: WorkerEntry) -> PoolWorker:
@@ -242,7 +247,7 @@ class PoolWorker:
                    slots_free=entry.slots_free, last_health_at=entry.last_health_at,
                    exit_code=entry.exit_code, host=where.hostname, uri=entry.uri,
                    error=entry.error, threads=entry.threads, cpus=entry.cpus,
-                   cpu_shared=entry.cpu_shared)
+                   cpu_shared=entry.cpu_shared, embedding=entry.embedding)
 
 
 @attrs.frozen

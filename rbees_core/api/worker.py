@@ -9,6 +9,7 @@ import attrs
 from rbees_core.api.common import (
     DEVICE_PATTERN,
     ID_PATTERN,
+    MAX_EMBED_INPUTS,
     MAX_GRAMMAR_CHARS,
     MAX_SEED,
     MAX_TOKENS,
@@ -128,6 +129,32 @@ class ExecuteRequest:
             raise InvalidParamsError("stop", "must not contain empty strings")
 
 
+def check_inputs(inputs: list[str], field: str = "input") -> None:
+    """An embedding job's texts: at least one, none empty, no NUL. Raises
+    :class:`InvalidParamsError` naming ``field``."""
+    if not inputs:
+        raise InvalidParamsError(field, "must hold at least one text")
+    for i, text in enumerate(inputs):
+        if not text:
+            raise InvalidParamsError(field, f"input {i} is empty")
+        if "\x00" in text:
+            raise InvalidParamsError(field, f"input {i} contains a NUL character")
+
+
+@attrs.frozen
+class EmbedRequest:
+    """Body of POST /v2/embed: one embedding job (an embedding worker only)."""
+
+    job_id: str = attrs.field(
+        metadata=limits(pattern=ID_PATTERN, doc="caller-chosen job identifier"))
+    input: list[str] = field(
+        factory=list, max_items=MAX_EMBED_INPUTS, item_max_length=WORKER_MAX_PROMPT_CHARS,
+        doc="the texts to embed, all in one forward pass when they fit the worker's batch")
+
+    def check(self) -> None:
+        check_inputs(self.input)
+
+
 @attrs.frozen
 class CancelRequest:
     """Body of POST /v2/cancel."""
@@ -156,6 +183,8 @@ class ReadyState:
     slots_free: int | None = None
     memory_bytes: int | None = None
     progress: float | None = None
+    embedding: bool = field(default=False, doc="started with --embedding: serves POST "
+                            "/v2/embed, not /v2/execute")
 
 
 @attrs.frozen
@@ -171,6 +200,7 @@ class ReadyCallback:
     memory_bytes: int = attrs.field(metadata=limits(minimum=0))
     memory_kind: Literal["vram", "unified", "ram"]
     pid: int = attrs.field(metadata=limits(minimum=1))
+    embedding: bool = field(default=False, doc="an embedding worker (--embedding)")
 
 
 # Event payloads (section 3); documented in OpenAPI and used to build the frames.
@@ -212,6 +242,23 @@ class EndEvent:
 
 
 @attrs.frozen
+class EmbedEndEvent:
+    """The ``end`` event of an embedding job (POST /v2/embed): its vectors, unit length,
+    as base64 of little-endian float32, in the inputs' order."""
+
+    job_id: str
+    embeddings: list[str]
+    dimensions: int
+    tokens_in: int = attrs.field(metadata=limits(doc="tokens of every input together"))
+    tokens: list[int] = attrs.field(metadata=limits(doc="tokens of each input"))
+    forward_passes: int = attrs.field(metadata=limits(
+        doc="forward passes the job took: 1 when every input fitted one batch"))
+    tokens_out: int = 0
+    decode_ms: float = 0.0
+    ttft_ms: float = 0.0
+
+
+@attrs.frozen
 class ErrorEvent:
     job_id: str
     code: str
@@ -229,6 +276,8 @@ __all__ = [
     "SHELL_META",
     "Accepted",
     "CancelRequest",
+    "EmbedEndEvent",
+    "EmbedRequest",
     "EndEvent",
     "ErrorEvent",
     "ExecuteRequest",

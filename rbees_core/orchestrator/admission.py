@@ -71,7 +71,7 @@ class Admission:
         job = new_job(request, correlation_id=correlation_id.get())
         book.admitted[job.job_id] = Admitted(execute_body(job), request.cancel_on_disconnect)
         pushed = self.queue.push(job.job_id, job.priority, model=job.model,
-                                 placement=request.placement)
+                                 placement=request.placement, embedding=request.embedding)
         if pushed.dropped is not None:
             book.dropping[pushed.dropped.job_id] = pushed.dropped
         # the dispatcher leaves the job alone until it is durable with its `queued` event
@@ -118,7 +118,7 @@ class Admission:
         if dropped is not None and book.dropping.pop(dropped.job_id, None) is not None:
             self.queue.push(dropped.job_id, dropped.priority, model=dropped.model,
                             placement=dropped.placement, seq=dropped.seq, since=dropped.since,
-                            force=True)
+                            force=True, embedding=dropped.embedding)
             book.wake()  # it may be the head again
         if run is not None and run.written is not None:
             run.written.set_result(False)  # its runner gives the slot back

@@ -120,7 +120,7 @@ class Dispatcher:
         self.metrics = metrics
         self.log = log
         #: verdicts of jobs told to wait at ``version``, by what makes jobs alike
-        self._waiting: tuple[int, dict[tuple[str, str, str], Verdict]] = (-1, {})
+        self._waiting: tuple[int, dict[tuple[str, str, str, bool], Verdict]] = (-1, {})
         #: what was sent to each worker lately: prefix-aware routing (the snapshot's
         #: ``prefix_match``)
         self.prefixes = PrefixBook()
@@ -140,6 +140,8 @@ class Dispatcher:
         job = {"job_id": job_id, "model": queued.model, "priority": queued.priority,
                "waited_s": max(0.0, now - queued.since), "retry_count": 0,
                "placement": placement}
+        if queued.embedding:
+            job["embedding"] = True
         head = [{"job_id": q.job_id, "model": q.model, "priority": q.priority,
                  "waited_s": max(0.0, now - q.since)} for q in self.queue.head(32)]
         if pools is None:
@@ -231,7 +233,7 @@ class Dispatcher:
         if self._waiting[0] != book.version:
             self._waiting = (book.version, {})
         waiting = self._waiting[1]  # jobs alike wait alike, until the version changes
-        alike = (queued.model, queued.priority, repr(queued.placement))
+        alike = (queued.model, queued.priority, repr(queued.placement), queued.embedding)
         verdict: Verdict | None = waiting.get(alike)
         if verdict is None:  # jobs that wait like an earlier one: its record explains them
             t0 = time.perf_counter()
@@ -254,7 +256,8 @@ class Dispatcher:
             if decision.action == "start_worker" and decision.pool_id and decision.device:
                 self.pools.start_worker(decision.pool_id, decision.device,
                                         decision.model or queued.model, slots=decision.slots,
-                                        ctx=decision.ctx, threads=decision.threads)
+                                        ctx=decision.ctx, threads=decision.threads,
+                                        embedding=bool(decision.embedding) or queued.embedding)
                 pools.taken = None  # the next job of this round sees the start
             elif decision.action == "stop_worker" and decision.pool_id and decision.worker_id:
                 book.spawn(self.pools.stop_worker(decision.pool_id, decision.worker_id))
@@ -287,6 +290,12 @@ class Dispatcher:
         entry = self.registry.pools.get(pool_id)
         worker = entry.workers.get(worker_id) if entry else None
         if worker is None or self.registry.free_slots(pool_id, worker) <= 0:
+            return None
+        waiting = self.queue.get(job_id)
+        if waiting is not None and bool(worker.get("embedding")) is not waiting.embedding:
+            # a policy's slip (a script's): embedding jobs and the rest never share workers
+            self.log.error("dispatch_refused", job_id=job_id, pool_id=pool_id,
+                           worker_id=worker_id, embedding=waiting.embedding)
             return None
         queued = self.queue.remove(job_id)
         if queued is None:

@@ -44,7 +44,7 @@ PARAM_FIELDS: tuple[str, ...] = (
     "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
     "deadline_ms", "placement", "cancel_on_disconnect", "json_schema", "grammar", "tools",
     "tool_choice", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "min_p",
-    "logit_bias", "logprobs", "top_logprobs",
+    "logit_bias", "logprobs", "top_logprobs", "input",
 )
 _EXECUTE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")
 #: Execute fields sent only when set (a worker from before them accepts the job unchanged).
@@ -87,7 +87,13 @@ class NewJob:
 
     @property
     def prompt_sha256(self) -> str:
-        return prompt_digest(self.prompt, self.messages)
+        return prompt_digest(self.prompt, self.messages if self.prompt is not None or
+                             self.messages is not None else self.params.get("input"))
+
+    @property
+    def embedding(self) -> bool:
+        """Whether this is an embedding job (its ``input`` in the params)."""
+        return self.params.get("input") is not None
 
 
 def new_job(request: TaskRequest, *, job_id: str | None = None,
@@ -129,14 +135,23 @@ class JobSpec:
         raw = self.params.get("placement")
         return None if raw is None else from_mapping(Placement, raw)
 
+    @property
+    def embedding(self) -> bool:
+        """Whether this is an embedding job (its ``input`` in the params)."""
+        return self.params.get("input") is not None
+
     def execute_body(self) -> dict[str, Any]:
         """The body of the worker's ``POST /v2/execute`` for this job."""
         return execute_body(self)
 
 
 def execute_body(job: NewJob | JobSpec) -> dict[str, Any]:
-    """The body of the worker's ``POST /v2/execute`` for a job (prompt included)."""
+    """The body of the worker's ``POST /v2/execute`` for a job (prompt included), or of
+    ``POST /v2/embed`` for an embedding job (``{job_id, input}``)."""
     body: dict[str, Any] = {"job_id": job.job_id}
+    if job.params.get("input") is not None:
+        body["input"] = job.params["input"]
+        return body
     if job.prompt is not None:
         body["prompt"] = job.prompt
     else:
@@ -178,6 +193,7 @@ class RecoveredJob:
     created_at: float
     retry_count: int
     placement: Placement | None
+    embedding: bool = False
 
 
 @attrs.frozen

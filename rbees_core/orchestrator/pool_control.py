@@ -38,6 +38,12 @@ WORKER_START_TIMEOUT_S = 90.0
 POOL_TIMEOUT_S = 30.0
 
 
+def _expected_key(model: str, embedding: bool) -> str:
+    """The registry's key of a worker being started (an embedding one apart: both may be
+    starting for one model on one pool)."""
+    return f"{model} (embedding)" if embedding else model
+
+
 def unreachable(pool_id: str, url: str, exc: httpx.HTTPError) -> HostUnreachableError:
     """The error of a pool that did not answer ``exc``."""
     return HostUnreachableError(f"pool {pool_id} at {url} did not answer: {type(exc).__name__}",
@@ -69,8 +75,8 @@ class PoolControl:
         self.client = client
         self.token = token
         self.idle_timeout_s = idle_timeout_s
-        #: (pool_id, model) -> the task starting a worker for it there
-        self.starting: dict[tuple[str, str], asyncio.Task[None]] = {}
+        #: (pool_id, model, embedding) -> the task starting a worker for it there
+        self.starting: dict[tuple[str, str, bool], asyncio.Task[None]] = {}
         #: (pool_id, worker_id) -> since when (monotonic) no job runs there
         self.idle_since: dict[tuple[str, str], float] = {}
         #: workers this process started: stopped when idle for idle_timeout_s
@@ -163,23 +169,29 @@ class PoolControl:
     # -- starting and stopping workers -----------------------------------------------------
 
     def start_worker(self, pool_id: str, device: str, model: str, *, slots: int | None = None,
-                     ctx: int | None = None, threads: int | None = None) -> None:
+                     ctx: int | None = None, threads: int | None = None,
+                     embedding: bool = False) -> None:
         """Start a worker for ``model`` on a pool's ``device`` with ``slots`` slots of
         ``ctx`` tokens and ``threads`` cores (None: :attr:`worker_defaults` for the device's
-        kind, then the pool's own), unless one is starting there already; a task of the
-        book waits for it to be ready."""
-        key = (pool_id, model)
+        kind, then the pool's own), an embedding worker with ``embedding``, unless one is
+        starting there already; a task of the book waits for it to be ready."""
+        key = (pool_id, model, embedding)
         if key in self.starting:
             return
         defaults = worker_defaults({"worker_defaults": self.worker_defaults}, device)
         request = WorkerStartRequest(
             model_ref=model, device=device, slots=slots or defaults.get("slots") or 1,
-            ctx=ctx or defaults.get("ctx"), threads=threads or defaults.get("threads"))
-        self.registry.expect_worker(pool_id, model, {
-            "worker_id": "starting-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model)[:100],
+            ctx=ctx or defaults.get("ctx"), threads=threads or defaults.get("threads"),
+            embedding=embedding)
+        expected: dict[str, Any] = {
+            "worker_id": "starting-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model)[:100]
+            + ("-embedding" if embedding else ""),
             "model_ref": model, "device": device,
             "state": "starting", "slots_total": request.slots, "slots_free": request.slots,
-            "uri": None, "threads": request.threads, "cpus": None, "expected": True})
+            "uri": None, "threads": request.threads, "cpus": None, "expected": True}
+        if embedding:
+            expected["embedding"] = True
+        self.registry.expect_worker(pool_id, _expected_key(model, embedding), expected)
         self.starting[key] = self.book.spawn(self._start_worker(pool_id, request))
 
     async def _start_worker(self, pool_id: str, request: WorkerStartRequest) -> None:
@@ -211,8 +223,8 @@ class PoolControl:
             self.log.error("worker_start_failed", pool_id=pool_id, model=model, error=str(exc))
             await asyncio.sleep(1.0)  # do not hammer a pool that refuses
         finally:
-            self.registry.forget_expected(pool_id, model)
-            self.starting.pop((pool_id, model), None)
+            self.registry.forget_expected(pool_id, _expected_key(model, request.embedding))
+            self.starting.pop((pool_id, model, request.embedding), None)
             self.book.changed()
 
     async def stop_worker(self, pool_id: str, worker_id: str) -> None:

@@ -65,6 +65,8 @@ class QueuedJob:
     since: float
     model: str = ""
     placement: Placement | None = None
+    #: an embedding job: it runs on embedding workers only
+    embedding: bool = False
 
 
 @attrs.frozen
@@ -179,6 +181,7 @@ class JobQueue:
         seq: int | None = None,
         since: float | None = None,
         force: bool = False,
+        embedding: bool = False,
     ) -> Pushed:
         """Queue a job and tell where it stands.
 
@@ -197,7 +200,8 @@ class JobQueue:
             raise ValueError(f"seq {seq} is already queued")
         now = self._clock()
         job = QueuedJob(job_id=job_id, priority=priority, seq=seq,
-                        since=now if since is None else since, model=model, placement=placement)
+                        since=now if since is None else since, model=model, placement=placement,
+                        embedding=embedding)
         self._promote(now)
         dropped = None
         if not force and len(self._jobs) >= self.capacity:

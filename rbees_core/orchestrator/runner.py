@@ -69,8 +69,10 @@ class Runner:
         run.task = self.book.spawn(self._run(run))
 
     def execute(self, run: Run, body: dict[str, Any]) -> Exchange:
-        """The job's request to its worker (not sent yet)."""
-        return self.upstream.post(f"{run.uri}/v2/execute", body, request_headers(self.token))
+        """The job's request to its worker (not sent yet): ``/v2/embed`` for an embedding
+        job, else ``/v2/execute``; both answer with the job's events."""
+        path = "/v2/embed" if "input" in body else "/v2/execute"
+        return self.upstream.post(f"{run.uri}{path}", body, request_headers(self.token))
 
     async def _run(self, run: Run) -> None:
         admitted = self.book.admitted.get(run.job_id)
@@ -209,10 +211,13 @@ class Runner:
         elif code is not None:
             fields = {"error_code": code, "error_message": str(data.get("message", ""))[:1000]}
         data = {**data, "job_id": run.job_id}
+        # an embedding job's vectors reach its readers through the channel only: the store
+        # keeps the rest of the end event (tokens, passes), not a megabyte of floats
+        kept = {k: v for k, v in data.items() if k != "embeddings"}
         pending = channel.take_unpersisted()
         try:
             await self.store.transition_async(run.job_id, status,
-                                              events=[*pending, (terminal, data)], **fields)
+                                              events=[*pending, (terminal, kept)], **fields)
         except RbeesError as exc:
             self.log.error("finish_failed", job_id=run.job_id, error=exc.message)
         channel.publish(terminal, data, persisted=True)
@@ -238,7 +243,8 @@ class Runner:
         await asyncio.sleep(RETRY_BACKOFF_S[min(record.retry_count, len(RETRY_BACKOFF_S) - 1)])
         spec = await asyncio.to_thread(self.store.spec, run.job_id)
         self.queue.push(run.job_id, spec.priority, model=spec.model, seq=run.queue_seq,
-                        placement=spec.placement, since=run.created_at, force=True)
+                        placement=spec.placement, since=run.created_at, force=True,
+                        embedding=spec.embedding)
         self.book.changed()
 
     async def cancel(self, run: Run) -> None:

@@ -121,7 +121,8 @@ class OrchestratorService:
                 channel.publish("queued", {"job_id": job.job_id, "queue_position": 0,
                                            "predicted_start_ms": 0}, persisted=False)
             self.queue.push(job.job_id, job.priority, model=job.model,
-                            placement=job.placement, since=job.created_at, force=True)
+                            placement=job.placement, since=job.created_at, force=True,
+                            embedding=job.embedding)
         self.log.info("recovered", queued=len(recovery.queued), requeued=len(recovery.requeued),
                       failed=len(recovery.failed), settled=len(recovery.settled))
         book.spawn(self.dispatcher.loop())

@@ -189,7 +189,8 @@ class Ops:
         queued = [
             RecoveredJob(job_id=job_id, seq=seq, priority=priority, model=model,
                          created_at=created_at, retry_count=retries,
-                         placement=_placement(params))
+                         placement=_placement(params),
+                         embedding=json.loads(params).get("input") is not None)
             for job_id, seq, priority, model, created_at, retries, params in conn.execute(
                 "SELECT job_id, seq, priority, model, created_at, retry_count, params "
                 "FROM jobs WHERE status = 'queued' ORDER BY seq"

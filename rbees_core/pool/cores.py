@@ -95,3 +95,21 @@ def parse_cpus(text: str) -> list[int]:
 def format_cpus(cpus: Iterable[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``0,1,2,5``."""
     return ",".join(str(c) for c in sorted(cpus))
+
+
+def pin(cpus: str) -> None:
+    """Run this process, and every thread it starts later, on the CPU list ``cpus``
+    (``0-1,3``): the cores its pool gave it. Called before the model loads, so the engine's
+    threads inherit the set. Raises :class:`InvalidParamsError` for a bad list or CPUs
+    this process may not use."""
+    from rbees_core.errors import InvalidParamsError
+
+    chosen: set[int] = set()
+    try:
+        for part in cpus.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            chosen.update(range(int(lo), int(hi) + 1) if sep else {int(lo)})
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, chosen)
+    except (ValueError, OSError) as exc:
+        raise InvalidParamsError("--cpus", f"cannot run on {cpus!r}: {exc}") from exc

@@ -85,7 +85,8 @@ class ManagedWorker:
             uri=r.uri, pid=r.pid, state=self.state,  # type: ignore[arg-type]
             slots_total=r.slots_total, slots_free=r.slots_free, memory_bytes=r.memory_bytes,
             started_at=r.started_at, last_health_at=r.last_health_at, exit_code=self.exit_code,
-            error=self.error, threads=r.threads, cpus=r.cpus, cpu_shared=r.cpu_shared)
+            error=self.error, threads=r.threads, cpus=r.cpus, cpu_shared=r.cpu_shared,
+            embedding=r.embedding)
 
 
 class PoolService:
@@ -215,7 +216,7 @@ class PoolService:
             raise DrainingError("the pool is shutting down")
         spawn = workers.SpawnRequest(
             model_ref=req.model_ref, backend=req.backend, device=req.device, slots=req.slots,
-            ctx=req.ctx, threads=req.threads,
+            ctx=req.ctx, threads=req.threads, embedding=req.embedding,
             callback_url=f"{self.settings.url}/v2/internal/workers/ready",
             host=self.settings.worker_host)
         self.marks.check(req.model_ref)  # marked failed here: refused, nothing spawned

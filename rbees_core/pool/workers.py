@@ -82,6 +82,7 @@ class SpawnRequest:
     #: the address the worker listens on; a pool daemon bound to a host address spawns its
     #: workers there, so an orchestrator on another host reaches them
     host: str = "127.0.0.1"
+    embedding: bool = False  # rbees-workerd --embedding
 
 
 @attrs.frozen
@@ -116,6 +117,7 @@ class WorkerRecord:
     threads: int | None = None
     cpus: list[int] | None = None
     cpu_shared: bool = False
+    embedding: bool = False  # serves embedding jobs only (--embedding)
 
     @property
     def uri(self) -> str:
@@ -363,6 +365,7 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         argv += ["--ctx", str(req.ctx)]
     if req.callback_url:
         argv += ["--callback-url", req.callback_url]
+    argv += ["--embedding"] if req.embedding else []
     if token_file:
         argv += ["--api-token-file", token_file]
     with open_private(log_path(worker_id), "ab") as log:
@@ -374,7 +377,7 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         backend=req.backend, device=req.device, port=port, pid=proc.pid,
         slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time(),
         host=req.host, threads=given.threads, cpus=list(given.cpus),
-        cpu_shared=given.shared)
+        cpu_shared=given.shared, embedding=req.embedding)
     save(record)
     return record, proc
 

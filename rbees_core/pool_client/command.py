@@ -213,6 +213,8 @@ class CommandPoolClient(PoolClient):
             argv += ["--ctx", str(request.ctx)]
         if request.threads is not None:
             argv += ["--threads", str(request.threads)]
+        if request.embedding:
+            argv += ["--embedding"]
         if port is not None:
             argv += ["--port", str(port)]
         return parse(self.name, PoolWorker,  # type: ignore[no-any-return]

@@ -24,7 +24,14 @@ from rbees_core.files import private_dir
 from rbees_core.http import Daemon, build_app, daemon_lifespan, daemon_routes
 from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
-from rbees_core.programs import orcd_api, orcd_openai, orcd_openai_models, orcd_pools, orcd_web
+from rbees_core.programs import (
+    orcd_api,
+    orcd_embeddings,
+    orcd_openai,
+    orcd_openai_models,
+    orcd_pools,
+    orcd_web,
+)
 
 PROGRAM = "rbees-orcd"
 DEFAULT_BIND = "127.0.0.1:8080"
@@ -33,7 +40,8 @@ DEFAULT_BIND = "127.0.0.1:8080"
 def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
     """Every route of rbees-orcd: the daemon's own (health, openapi), its API, the OpenAI
     endpoints, the pool forwarding and the web UI; each route module documents its own."""
-    modules = (orcd_api, orcd_openai, orcd_openai_models, orcd_pools, orcd_web)
+    modules = (orcd_api, orcd_openai, orcd_openai_models, orcd_embeddings, orcd_pools,
+               orcd_web)
     operations = [op for module in modules for op in module.OPERATIONS]
     return daemon_routes(PROGRAM, pm, started=started, operations=operations,
                          routes=[route for module in modules for route in module.routes()])

@@ -8,6 +8,7 @@ no new jobs, running ones finish (bounded by ``worker.drain_timeout_s``), exit 0
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import sys
@@ -37,6 +38,7 @@ from rbees_core.api.worker import (
 )
 from rbees_core.backend import Backend, LoadedModel
 from rbees_core.config import Config, rbees_home
+from rbees_core.embedder import Embedder
 from rbees_core.engine import Engine
 from rbees_core.errors import (
     BackendUnavailableError,
@@ -59,6 +61,8 @@ from rbees_core.http import (
 )
 from rbees_core.log import Logger
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+from rbees_core.pool.cores import pin
+from rbees_core.programs import worker_embed
 from rbees_core.programs.worker_metrics import WorkerMetrics
 from rbees_core.sampling import logprobs_top, sampling_params
 
@@ -80,6 +84,7 @@ class WorkerSettings:
     token: str | None
     drain_timeout_s: float = 30.0
     callback_timeout_s: float = 10.0
+    embedding: bool = False  # --embedding: serves POST /v2/embed (worker_embed)
 
 
 @attrs.define(eq=False)
@@ -94,7 +99,7 @@ class WorkerState:
     stage: str = "start"
     fraction: float = 0.0
     error: RbeesError | None = None
-    engine: Engine | None = None
+    engine: Engine | Embedder | None = None  # an Embedder in embedding mode
     started: float = attrs.field(factory=time.monotonic)
     shutdown: asyncio.Event = attrs.field(factory=asyncio.Event)
     exit_code: int = 0
@@ -112,7 +117,8 @@ class WorkerState:
         s = self.settings
         if self.engine is None:
             return ReadyState(ready=False, state=self.state, model=s.model_ref, backend=s.backend,
-                              device=s.device, progress=round(self.fraction, 4))
+                              device=s.device, progress=round(self.fraction, 4),
+                              embedding=s.embedding)
         free = self.engine.slots_free
         state = self.state
         if state in ("ready", "busy"):
@@ -120,7 +126,7 @@ class WorkerState:
         return ReadyState(
             ready=state in ("ready", "busy"), state=state, model=s.model_ref,
             backend=s.backend, device=s.device, slots_total=self.engine.slots, slots_free=free,
-            memory_bytes=self.engine.model.memory_bytes,
+            memory_bytes=self.engine.model.memory_bytes, embedding=s.embedding,
         )
 
 
@@ -171,6 +177,8 @@ async def execute(request: Request) -> Response:
     engine = st.engine
     if engine is None:
         raise NotReadyError("the model is still loading", details={"progress": st.fraction})
+    worker_embed.refuse_generation(st)
+    assert isinstance(engine, Engine)
     req = await read_json(request, ExecuteRequest)
     text, grammar = req.prompt, _grammar(st, engine.model, req)
     loop = asyncio.get_running_loop()
@@ -251,6 +259,7 @@ OPERATIONS = [
                       request=ExecuteRequest, sse=True,
                       errors={"409": "job_id already running here",
                               "503": "ALL_SLOTS_BUSY, DRAINING or NOT_READY"}),
+    worker_embed.OPERATION,
     openapi.Operation("POST", "/v2/cancel", "stop decoding a job", request=CancelRequest,
                       response=Accepted, status=202),
     openapi.Operation("POST", "/v2/shutdown", "drain and exit", response=Accepted, status=202),
@@ -263,6 +272,7 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         Route("/v2/ready", ready, methods=["GET"]),
         Route("/v2/loading/progress", loading_progress, methods=["GET"]),
         Route("/v2/execute", execute, methods=["POST"]),
+        Route("/v2/embed", worker_embed.embed, methods=["POST"]),
         Route("/v2/cancel", cancel, methods=["POST"]),
         Route("/v2/shutdown", shutdown, methods=["POST"]),
     ])
@@ -304,7 +314,8 @@ async def load_model(st: WorkerState) -> None:
     try:
         backend = await asyncio.to_thread(pick_backend, st.pm, s.backend, s.device)
         path = resolve_model(st.pm, s.model_ref)
-        model = await asyncio.to_thread(backend.load, path, device=s.device, slots=s.slots,
+        load = functools.partial(worker_embed.load, backend) if s.embedding else backend.load
+        model = await asyncio.to_thread(load, path, device=s.device, slots=s.slots,
                                         ctx=s.ctx, threads=s.threads, progress=progress)
     except RbeesError as exc:
         st.error = exc
@@ -314,8 +325,9 @@ async def load_model(st: WorkerState) -> None:
         await asyncio.sleep(0.3)  # let progress listeners read the error
         st.shutdown.set()
         return
-    engine = Engine(model, slots=s.slots, model_name=s.model_ref, worker_id=s.worker_id,
-                    observer=st.metrics)
+    engine: Engine | Embedder = Embedder(model, slots=s.slots, observer=st.metrics) \
+        if s.embedding else Engine(model, slots=s.slots, model_name=s.model_ref,
+                                   worker_id=s.worker_id, observer=st.metrics)
     engine.start()
     st.metrics.loaded(slots=s.slots, memory_bytes=model.memory_bytes,
                       seconds=time.perf_counter() - t0)
@@ -323,7 +335,7 @@ async def load_model(st: WorkerState) -> None:
     st.stage, st.fraction = "ready", 1.0
     st.set_state("ready")
     st.log.info("ready", model=s.model_ref, backend=s.backend, device=s.device,
-                slots=s.slots, memory_bytes=model.memory_bytes,
+                slots=s.slots, embedding=s.embedding, memory_bytes=model.memory_bytes,
                 load_s=round(time.perf_counter() - t0, 3))
     if s.callback_url:
         await call_back(st, model.memory_kind)
@@ -335,7 +347,8 @@ async def call_back(st: WorkerState, memory_kind: str) -> None:
     body = ReadyCallback(worker_id=s.worker_id, model_ref=s.model_ref, backend=s.backend,
                          device=s.device, uri=st.uri, slots_total=s.slots,
                          memory_bytes=st.engine.model.memory_bytes,
-                         memory_kind=memory_kind, pid=os.getpid())  # type: ignore[arg-type]
+                         memory_kind=memory_kind, pid=os.getpid(),  # type: ignore[arg-type]
+                         embedding=s.embedding)
     headers = {"Authorization": f"Bearer {s.token}"} if s.token else {}
     try:
         async with httpx.AsyncClient(timeout=s.callback_timeout_s) as client:
@@ -398,8 +411,8 @@ async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:
 
 
 def settings_from(config: Config, *, worker_id: str, model: str, backend: str, device: str,
-                  bind: str, port: int | None, callback_url: str | None, token: str | None
-                  ) -> WorkerSettings:
+                  bind: str, port: int | None, callback_url: str | None, token: str | None,
+                  embedding: bool = False) -> WorkerSettings:
     from rbees_core.http import check_bind_policy, parse_bind
 
     host, bind_port = parse_bind(bind)
@@ -409,7 +422,7 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
         port=port if port is not None else bind_port, slots=config.worker.slots,
         ctx=config.worker.ctx, threads=config.worker.threads, callback_url=callback_url,
         token=token, drain_timeout_s=config.worker.drain_timeout_s,
-        callback_timeout_s=config.worker.ready_callback_timeout_s,
+        callback_timeout_s=config.worker.ready_callback_timeout_s, embedding=embedding,
     )
 
 
@@ -439,6 +452,8 @@ def serve_worker(
     callback_url: Annotated[str | None, typer.Option("--callback-url")] = None,
     api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
+    embedding: Annotated[bool, typer.Option(
+        "--embedding", help="Serve embeddings (POST /v2/embed) instead of generation")] = False,
 ) -> None:
     """Start the worker (it listens at once, then loads the model)."""
     from rbees_core.config import load_config, load_token
@@ -452,31 +467,14 @@ def serve_worker(
                                                     "threads": threads}})
         settings = settings_from(
             cfg, worker_id=worker_id, model=model, backend=backend, device=device, bind=bind,
-            port=port, callback_url=callback_url, token=load_token(api_token_file))
+            port=port, callback_url=callback_url, token=load_token(api_token_file),
+            embedding=embedding)
         if cpus is not None:
             pin(cpus)
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(PROGRAM, exc)
     raise typer.Exit(launch(PROGRAM, run(settings, pm)))
-
-
-def pin(cpus: str) -> None:
-    """Run this process, and every thread it starts later, on the CPU list ``cpus``
-    (``0-1,3``): the cores its pool gave it. Called before the model loads, so the engine's
-    threads inherit the set. Raises :class:`InvalidParamsError` for a bad list or CPUs
-    this process may not use."""
-    from rbees_core.errors import InvalidParamsError
-
-    chosen: set[int] = set()
-    try:
-        for part in cpus.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            chosen.update(range(int(lo), int(hi) + 1) if sep else {int(lo)})
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, chosen)
-    except (ValueError, OSError) as exc:
-        raise InvalidParamsError("--cpus", f"cannot run on {cpus!r}: {exc}") from exc
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -285,3 +285,34 @@ class BackendContract:
             assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top),
                                                         reverse=True)
             assert (top[0]["bytes"], top[0]["logprob"]) == (e["bytes"], e["logprob"]), e
+
+    def test_embeds_in_one_pass_or_refuses_clearly(self, backend_class: type[Backend],
+                                                   loaded: LoadedModel) -> None:
+        """A backend that :attr:`~rbees_core.backend.Backend.embeds` loads the model with
+        ``embedding=True`` and returns one unit vector per input, 32 inputs in one forward
+        pass, the same text the same vector; one that does not refuses
+        :meth:`~rbees_core.backend.LoadedModel.embed` with a 400 (InvalidParamsError)."""
+        if not backend_class.embeds:
+            with pytest.raises(InvalidParamsError):
+                loaded.embed(["Bees make honey."])
+            return
+        pm = plugins.make_manager(plugins.builtin_plugins())
+        model = backend_class().load(  # type: ignore[call-arg]
+            resolve_model(pm, self.model_ref), device=self.device, slots=1, ctx=None,
+            threads=self.threads, progress=lambda stage, f: None, embedding=True)
+        try:
+            assert model.supports_embedding
+            texts = ["Bees make honey.", "The stock market fell sharply today."] * 16
+            out = model.embed(texts)
+            assert out.passes == 1, f"32 short inputs took {out.passes} forward passes"
+            assert len(out.vectors) == len(out.tokens) == 32 and min(out.tokens) >= 1
+            assert out.dimensions > 0 and {len(v) for v in out.vectors} == {out.dimensions}
+            for v in out.vectors:
+                assert abs(sum(x * x for x in v) - 1.0) < 1e-4
+            same = sum(a * b for a, b in zip(out.vectors[0], out.vectors[2], strict=True))
+            unlike = sum(a * b for a, b in zip(out.vectors[0], out.vectors[1], strict=True))
+            assert same > 1 - 1e-5 and unlike < same
+            alone = model.embed([texts[0]])
+            assert alone.passes == 1 and alone.tokens == out.tokens[:1]
+        finally:
+            model.close()

@@ -57,6 +57,8 @@ def spawn(
         "--threads", min=1, help="Cores to give it (default: every free one; 1 on a GPU)")
     ] = None,
     backend: Annotated[str, typer.Option("--backend", help="llamacpp or torch")] = "llamacpp",
+    embedding: Annotated[bool, typer.Option(
+        "--embedding", help="An embedding worker: serves embeddings, not generation")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=1, help="Ready wait, s")] = 60.0,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
@@ -79,12 +81,14 @@ def spawn(
             body["ctx"] = ctx
         if threads:
             body["threads"] = threads
+        if embedding:
+            body["embedding"] = True
         row = via_daemon.spawn(url, body, port=port, timeout=timeout)
         print_json(row) if fmt is OutputFormat.json else print_spawned(row)
         return
     pm = make_manager(builtin_plugins())
     req = workers.SpawnRequest(model_ref=model, backend=backend, device=dev, slots=slots,
-                               ctx=ctx, threads=threads, port=port)
+                               ctx=ctx, threads=threads, port=port, embedding=embedding)
     record = workers.spawn(pm, req)
     if fmt is OutputFormat.text:
         print(f"starting {record.worker_id} (pid {record.pid}) on {record.uri}", file=sys.stderr)

@@ -230,3 +230,30 @@ def test_a_preferred_pool_comes_before_a_prefix() -> None:
     verdict = LeastLoaded().decide(snapshot(
         *pools, job=job(placement={"prefer_pools": ["y"]}), prefix_match={"x/a": 500}))
     assert targets(verdict) == [("dispatch", "y", "b")]
+
+
+def _embedding(entry: dict[str, object]) -> dict[str, object]:
+    return {**entry, "embedding": True}
+
+
+@pytest.mark.parametrize("policy", [LeastLoaded, MostFreeMemory, RoundRobin, Binpack, Spread])
+def test_embedding_jobs_and_the_rest_never_share_workers(policy: type[LeastLoaded]) -> None:
+    chat_only = pool("p", workers=[worker("chat", slots=4, free=4)])
+    # an embedding job with only a generating worker: an embedding worker is started
+    verdict = policy().decide(snapshot(chat_only, job=_embedding(job())))
+    assert targets(verdict) == [("start_worker", "p", "cpu")]
+    assert verdict.decisions[0].embedding is True
+    assert "serves generation, not embeddings" in explain(verdict)
+    # with one, it goes there (and only there), the generating worker being freer
+    both = pool("p", workers=[worker("chat", slots=4, free=4),
+                              _embedding(worker("emb", slots=1, free=1))])
+    verdict = policy().decide(snapshot(both, job=_embedding(job())))
+    assert targets(verdict) == [("dispatch", "p", "emb")]
+    # a chat job never lands on the embedding worker, even when it is the only one
+    embed_only = pool("p", workers=[_embedding(worker("emb", slots=4, free=4))])
+    verdict = policy().decide(snapshot(embed_only))
+    assert targets(verdict) == [("start_worker", "p", "cpu")]
+    assert not verdict.decisions[0].embedding
+    assert "worker emb on pool p serves embeddings only" in explain(verdict)
+    verdict = policy().decide(snapshot(both))
+    assert targets(verdict) == [("dispatch", "p", "chat")]

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from rbees_core.backend import (
     Backend,
+    Embeddings,
     Feed,
     LoadedModel,
     MemoryEstimate,
@@ -67,6 +68,7 @@ class LlamaCppBackend(Backend):
     name: ClassVar[str] = "llamacpp"
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "metal")
     batched: ClassVar[bool] = True
+    embeds: ClassVar[bool] = True
 
     @classmethod
     def available_devices(cls) -> list[str]:
@@ -103,7 +105,11 @@ class LlamaCppBackend(Backend):
         ctx: int | None,
         threads: int | None,
         progress: Callable[[str, float], None],
+        embedding: bool = False,
     ) -> LoadedModel:
+        """The model on ``device``; with ``embedding``, a context for
+        :meth:`LlamaCppModel.embed` instead of generation
+        (:mod:`rbees_backend_llamacpp.embedding`)."""
         kind, index = split_device(device, self.name)
         if kind not in self.available_devices():
             raise BackendUnavailableError(
@@ -112,13 +118,14 @@ class LlamaCppBackend(Backend):
                 details={"backend": self.name, "device": device},
             )
         return LlamaCppModel(path, kind=kind, index=index, slots=slots, ctx=ctx,
-                             threads=threads or _usable_cores(), progress=progress)
+                             threads=threads or _usable_cores(), progress=progress,
+                             embedding=embedding)
 
 
 class LlamaCppModel(LoadedModel):
     def __init__(self, path: str, *, kind: str, index: int, slots: int, ctx: int | None,
-                 threads: int, progress: Callable[[str, float], None], n_batch: int = 256
-                 ) -> None:
+                 threads: int, progress: Callable[[str, float], None], n_batch: int = 256,
+                 embedding: bool = False) -> None:
         lib = self._lib = _lib()
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
@@ -157,6 +164,10 @@ class LlamaCppModel(LoadedModel):
         cparams.n_threads_batch = threads
         cparams.kv_unified = False
         cparams.no_perf = True
+        if embedding:  # one pass of up to n_ctx tokens over up to EMBED_SEQS inputs
+            from rbees_backend_llamacpp.embedding import configure
+
+            n_batch = configure(lib, model, cparams, ctx)
         self._ctx = lib.llama_init_from_model(model, cparams)
         if not self._ctx:
             lib.llama_model_free(model)
@@ -168,7 +179,7 @@ class LlamaCppModel(LoadedModel):
         n_embd = lib.llama_model_n_embd(model)
         kv_per_token = 2 * n_layer * n_embd * lib.llama_model_n_head_kv(model) // max(
             1, lib.llama_model_n_head(model)) * 2
-        kv_bytes = kv_per_token * self.n_ctx_slot * slots
+        kv_bytes = kv_per_token * self.n_ctx_slot * (1 if embedding else slots)
         self.memory_bytes = int(lib.llama_model_size(model)) + kv_bytes
         self.memory_kind = _MEMORY_KIND[kind]
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
@@ -184,6 +195,7 @@ class LlamaCppModel(LoadedModel):
         self._eog: dict[int, bool] = {}
         self._name = Path(path).name
         self.chat_template = self._chat_template()
+        self.supports_embedding = embedding
         progress("context", 1.0)
 
     def _chat_template(self) -> ChatTemplate | None:
@@ -454,6 +466,14 @@ class LlamaCppModel(LoadedModel):
         if self._grammars[slot] is not None:
             self._lib.llama_sampler_free(self._grammars[slot])
             self._grammars[slot] = None
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """See :func:`rbees_backend_llamacpp.embedding.embed`."""
+        if not self.supports_embedding:
+            return super().embed(texts)
+        from rbees_backend_llamacpp.embedding import embed
+
+        return embed(self, texts)
 
     def close(self) -> None:
         lib = self._lib

@@ -5,7 +5,8 @@
 - a pool that is not ``ready`` can take nothing ("pool mac is unavailable");
 - the job's placement ``pool`` and ``device`` are hard filters;
 - a worker takes the job when it holds the job's model, is ``ready`` or ``busy`` and has a
-  free slot; a ``starting`` worker with a free slot is worth waiting for;
+  free slot; a ``starting`` worker with a free slot is worth waiting for; an embedding job
+  (``job.embedding``) only an embedding worker, any other job only a worker that is not;
 - a device can start a worker when its pool has the model on disk and it has the memory,
   and a CPU a free core (:func:`rbees_core.placement.cores_to_start`: workers never share
   cores); a CPU with no free core may free one by stopping an idle worker of another model
@@ -189,6 +190,8 @@ class Analysis:
         job = snapshot.get("job") or {}
         self.job: dict[str, Any] = job
         self.model: str = str(job.get("model") or "")
+        #: an embedding job: it runs on embedding workers (``embedding: true``) only
+        self.embedding = bool(job.get("embedding"))
         placement = job.get("placement") or {}
         self.pin_pool: str | None = placement.get("pool")
         self.pin_device: str | None = placement.get("device")
@@ -209,6 +212,7 @@ class Analysis:
         entries = self.entries
         usable = USABLE_STATES
         starting = STARTING_STATES
+        embedding = self.embedding
         prefix_match = snapshot.get("prefix_match") or None
         for pi, pool in enumerate(snapshot.get("pools") or ()):
             status = pool.get("status", "unknown")
@@ -237,7 +241,10 @@ class Analysis:
                 slots_free = worker.get("slots_free") or 0
                 dev = worker.get("device") or "cpu"
                 why = None
-                if pin_device is not None and not device_matches(dev, pin_device):
+                if bool(worker.get("embedding")) is not embedding:
+                    why = (f"worker {wid} on pool {pool_id} serves "
+                           + ("generation, not embeddings" if embedding else "embeddings only"))
+                elif pin_device is not None and not device_matches(dev, pin_device):
                     why = f"the job is pinned to device {pin_device}"
                 elif state in usable:
                     if slots_free <= 0:

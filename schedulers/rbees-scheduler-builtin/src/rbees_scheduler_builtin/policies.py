@@ -235,7 +235,8 @@ class BuiltinPolicy(Scheduler):
                            or f"{d.label} ({self.describe_device(d)}) ranked below "
                               f"{winner.label} ({self.describe_device(winner)})")
         need = f"; it needs {gib(winner.need)}" if winner.need else ""
-        summary = (f"no worker with {a.model} can take the job now; {self.name} starts one on "
+        summary = (f"no {'embedding ' if a.embedding else ''}worker with {a.model} can take the "
+                   f"job now; {self.name} starts one on "
                    f"{winner.label}, which {self.why_device(winner)}{need}")
         if tier:
             summary += "; its pool is avoided by the job's placement, but no other pool can run it"
@@ -245,7 +246,8 @@ class BuiltinPolicy(Scheduler):
             summary += f", with {_cores(threads)}"
         decision = Decision("start_worker", pool_id=winner.pool.pool_id, device=winner.device,
                             model=a.model, slots=defaults.get("slots"),
-                            ctx=defaults.get("ctx"), threads=threads or None)
+                            ctx=defaults.get("ctx"), threads=threads or None,
+                            embedding=a.embedding or None)
         candidates = self._worker_candidates(a, None, tier)
         candidates += self._device_candidates(a, winner, tier, lost)
         return Verdict(self.name, [decision], candidates, summary)

@@ -307,7 +307,10 @@ class ScriptScheduler(Scheduler):
             return Decision("start_worker", pool_id=pool.pool_id, device=device.device,
                             model=model, reason=item.get("reason"), slots=defaults.get("slots"),
                             ctx=defaults.get("ctx"),
-                            threads=device.cores or defaults.get("threads"))
+                            threads=device.cores or defaults.get("threads"),
+                            # the job's kind: a worker for an embedding job embeds
+                            embedding=(a.embedding and same_model(model, a.model, pool.aliases))
+                            or None)
         elif action == "stop_worker":
             need("pool_id", "worker_id")
             find_worker()
