@@ -258,3 +258,23 @@ def test_close_stops_the_sandbox_processes() -> None:
     assert all(p.poll() is not None for p in procs)
     verdict: Verdict = s.decide(snapshot(pool("a", workers=[worker("w1")])))
     assert verdict.fallback is not None and "could not run" in verdict.fallback
+
+
+def test_embedding_jobs_bind_scripts_too() -> None:
+    """A script cannot put an embedding job on a generating worker (nor the reverse); its
+    start for an embedding job starts an embedding worker."""
+    source = ('def schedule(ctx):\n'
+              '    if ctx.job.get("placement"):\n'
+              '        return ctx.start(ctx.startable[0])\n'
+              '    return {"action": "dispatch", "pool_id": "a", "worker_id": "chat"}\n')
+    embedding_job = {**job(), "embedding": True}
+    chat = pool("a", workers=[worker("chat")])
+    with ScriptScheduler(source, processes=1) as s:
+        mixed = s.decide(snapshot(chat, job=embedding_job))
+        started = s.decide(snapshot(chat, job={**embedding_job,
+                                               "placement": {"pool": "a"}}))
+        fine = s.decide(snapshot(chat))
+    assert mixed.fallback is not None and "serves generation, not embeddings" in mixed.fallback
+    assert targets(mixed) == [("start_worker", "a", "cpu")] and mixed.decisions[0].embedding
+    assert started.fallback is None and started.decisions[0].embedding is True
+    assert fine.fallback is None and targets(fine) == [("dispatch", "a", "chat")]

@@ -180,6 +180,8 @@ class LlamaCppModel(LoadedModel):
         kv_per_token = 2 * n_layer * n_embd * lib.llama_model_n_head_kv(model) // max(
             1, lib.llama_model_n_head(model)) * 2
         kv_bytes = kv_per_token * self.n_ctx_slot * (1 if embedding else slots)
+        if embedding:  # every token is an output: its logits, and the graph that makes them
+            kv_bytes += 2 * 4 * int(lib.llama_vocab_n_tokens(self._vocab)) * self.n_batch
         self.memory_bytes = int(lib.llama_model_size(model)) + kv_bytes
         self.memory_kind = _MEMORY_KIND[kind]
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
