@@ -298,7 +298,8 @@ class Backend(ABC):
         size on disk (:meth:`MemoryEstimate.on_disk`).
 
         Raises: :class:`rbees_core.errors.ModelLoadError` when the file cannot be a model
-        of this backend (a damaged header).
+        of this backend (a damaged header). Backends with :attr:`embeds` also take
+        ``embedding: bool`` (as :meth:`load`): the memory of an embedding worker.
         """
         return None
 

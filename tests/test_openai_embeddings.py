@@ -113,13 +113,32 @@ def test_the_openai_client_float_and_base64_match_llama_cpp_python(
     assert cosine_distance(single.data[0].embedding, floats.data[0].embedding) < 1e-6
 
 
+def _embed_counters(cluster: Cluster) -> dict[str, float]:
+    """The embedding counters of every embedding worker of the pool, summed."""
+    out: dict[str, float] = {}
+    for w in httpx.get(f"{cluster.pool_url}/v2/workers", timeout=10).json()["workers"]:
+        if not w["embedding"] or w["state"] not in ("ready", "busy"):
+            continue
+        for line in httpx.get(f"{w['uri']}/metrics", timeout=10).text.splitlines():
+            if line.startswith("rbees_worker_embed_") and "_total " in line:
+                name, value = line.split()
+                out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
 def test_thirty_two_inputs_run_as_one_forward_pass(cluster: Cluster) -> None:
     texts = [f"Bee number {i} visits a {'blue' if i % 2 else 'yellow'} flower." for i in
              range(32)]
+    before = _embed_counters(cluster)
     answer = httpx.post(f"{cluster.url}/v1/embeddings", timeout=300,
                         json={"model": "smollm2", "input": texts})
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-rbees-forward-passes"] == "1"
+    after = _embed_counters(cluster)  # the worker's own count agrees
+    assert after["rbees_worker_embed_forward_passes_total"] \
+        - before.get("rbees_worker_embed_forward_passes_total", 0) == 1
+    assert after["rbees_worker_embed_inputs_total"] \
+        - before.get("rbees_worker_embed_inputs_total", 0) == 32
     body = answer.json()
     assert [d["index"] for d in body["data"]] == list(range(32))
     job_id = answer.headers["x-rbees-job-id"]

@@ -159,9 +159,10 @@ def estimate_memory(pm: pluggy.PluginManager, req: SpawnRequest, path: str) -> i
     that reading the file raised (a corrupt header's counts can ask for any memory) is the
     file's failure to load: :class:`ModelLoadError`."""
     backend = plugins.backends(pm)[req.backend]()
+    mode = {"embedding": True} if req.embedding and type(backend).embeds else {}
     try:
         estimate = backend.estimate_memory(path, device=req.device, slots=req.slots,
-                                           ctx=req.ctx)
+                                           ctx=req.ctx, **mode)
     except RbeesError:
         raise
     except Exception as exc:

@@ -60,6 +60,8 @@ async def embed(request: Request) -> Response:
                                  "with --embedding; embedding jobs go to an embedding worker")
     req = await read_json(request, EmbedRequest)
     end = await embedder.run(req.job_id, req.input)
+    st.metrics.embedded(inputs=len(req.input), tokens=end["tokens_in"],
+                        passes=end["forward_passes"])
     st.log.info("job_embedded", job_id=req.job_id, inputs=len(req.input),
                 tokens_in=end["tokens_in"], forward_passes=end["forward_passes"],
                 decode_ms=end["decode_ms"])

@@ -38,6 +38,13 @@ class WorkerMetrics:
                                registry=r)
         self.state = Gauge("rbees_worker_state", "1 for the current state", ["state"],
                            registry=r)
+        # an embedding worker's (--embedding): inputs / passes is the batching achieved
+        self.embed_inputs = Counter("rbees_worker_embed_inputs", "Texts embedded",
+                                    registry=r)
+        self.embed_tokens = Counter("rbees_worker_embed_tokens", "Tokens of the texts embedded",
+                                    registry=r)
+        self.embed_passes = Counter("rbees_worker_embed_forward_passes",
+                                    "Forward passes of embedding jobs", registry=r)
 
     def set_state(self, state: str) -> None:
         for name in STATES:
@@ -61,6 +68,12 @@ class WorkerMetrics:
     def job_finished(self, outcome: str, tokens_out: int) -> None:
         self.jobs.labels(outcome=outcome).inc()
         self.tokens.inc(tokens_out)
+
+    def embedded(self, *, inputs: int, tokens: int, passes: int) -> None:
+        """One embedding job done (rbees_core.programs.worker_embed)."""
+        self.embed_inputs.inc(inputs)
+        self.embed_tokens.inc(tokens)
+        self.embed_passes.inc(passes)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -81,3 +81,11 @@ def test_a_generation_model_refuses_to_embed(path: str) -> None:
             loaded.embed(["Bees"])
     finally:
         loaded.close()
+
+
+def test_the_preflight_estimate_covers_what_an_embedding_model_holds(
+        model: LoadedModel, path: str) -> None:
+    estimate = LlamaCppBackend().estimate_memory(path, device="cpu", slots=4, ctx=None,
+                                                 embedding=True)
+    assert estimate is not None
+    assert model.memory_bytes <= estimate.total_bytes <= 1.5 * model.memory_bytes

@@ -78,12 +78,14 @@ class LlamaCppBackend(Backend):
             found.append("metal" if sys.platform == "darwin" else "cuda")
         return found
 
-    def estimate_memory(self, path: str, *, device: str, slots: int, ctx: int | None
-                        ) -> MemoryEstimate | None:
+    def estimate_memory(self, path: str, *, device: str, slots: int, ctx: int | None,
+                        embedding: bool = False) -> MemoryEstimate | None:
         """The GGUF file's size, an f16 K and V cache of ``ctx`` (default: the trained
         context capped at :data:`DEFAULT_CTX_CAP`, as :meth:`load` chooses) for each slot,
         and :data:`rbees_core.backend.OVERHEAD_BYTES`; read from the metadata alone. None
-        for a path that is not a ``.gguf`` file."""
+        for a path that is not a ``.gguf`` file. With ``embedding``: one cache of the
+        embedding batch for all slots, and every token's logits twice (the output buffer
+        and the graph that fills it, :mod:`rbees_backend_llamacpp.embedding`)."""
         if not path.endswith(".gguf"):
             return None
         value = read_header(path).arch_int
@@ -94,6 +96,12 @@ class LlamaCppBackend(Backend):
         trained = value("context_length") or DEFAULT_CTX_CAP
         per_slot = ctx or min(trained, DEFAULT_CTX_CAP)
         kv = 2 * layers * per_slot * slots * (embd * kv_heads // heads) * 2  # f16 K and V
+        if embedding:
+            from rbees_backend_llamacpp.embedding import DEFAULT_EMBED_CTX
+
+            n = ctx or min(trained, DEFAULT_EMBED_CTX)
+            kv = 2 * layers * n * (embd * kv_heads // heads) * 2 \
+                + 2 * 4 * (value("vocab_size") or 65_536) * n
         return MemoryEstimate(weights_bytes=Path(path).stat().st_size, kv_cache_bytes=kv)
 
     def load(
