@@ -79,6 +79,10 @@ class WorkerConfig:
     threads: int | None = field(default=None, minimum=1, maximum=1024)
     drain_timeout_s: float = field(default=30.0, minimum=0, maximum=3600)
     ready_callback_timeout_s: float = field(default=10.0, minimum=0.1, maximum=600)
+    chat_template_file: str | None = field(
+        default=None, max_length=4096,
+        doc="a Jinja chat template that replaces the model's own (as llama-server's "
+            "--chat-template-file), for every model the workers of this host run")
 
 
 @attrs.frozen
@@ -199,6 +203,7 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_WORKER_SLOTS": ("worker", "slots", int),
     "RBEES_WORKER_CTX": ("worker", "ctx", int),
     "RBEES_WORKER_THREADS": ("worker", "threads", int),
+    "RBEES_WORKER_CHAT_TEMPLATE_FILE": ("worker", "chat_template_file", str),
     "RBEES_POOL_CHECKOUT": ("pool", "checkout", str),
     "RBEES_POOL_MODELS_DIR": ("pool", "models_dir", str),
     "RBEES_POOL_CATALOG_FILE": ("pool", "catalog_file", str),

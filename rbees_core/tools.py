@@ -159,8 +159,10 @@ def tool_format(model: LoadedModel) -> str:
 
 
 def plan(model: LoadedModel, messages: Sequence[Mapping[str, Any]],
-         tools: Sequence[Mapping[str, Any]], choice: Any, parallel: bool = True) -> ToolPlan:
-    """The prompt and grammar of a chat job with ``tools`` and ``tool_choice`` ``choice``.
+         tools: Sequence[Mapping[str, Any]], choice: Any, parallel: bool = True, *,
+         variables: Mapping[str, Any] | None = None) -> ToolPlan:
+    """The prompt and grammar of a chat job with ``tools`` and ``tool_choice`` ``choice``;
+    ``variables`` go to the template's render (``enable_thinking``...).
 
     Called by the worker once per such job. The grammar is compiled by ``model`` (only when
     it :attr:`~rbees_core.backend.LoadedModel.supports_grammar`; otherwise the answer is
@@ -168,19 +170,20 @@ def plan(model: LoadedModel, messages: Sequence[Mapping[str, Any]],
     when the template refuses the chat."""
     names = check_tools(list(tools))
     mode, name = check_tool_choice(choice, names)
+    extra = dict(variables or {})
     fmt = tool_format(model)
     template = model.chat_template
     if mode == "none":
-        return ToolPlan(model.render_chat(_as_text_history(messages)), None, fmt)
+        return ToolPlan(model.render_chat(_as_text_history(messages), **extra), None, fmt)
     if fmt == "generic":
         chat = _generic_system(_as_text_history(messages), tools, mode, name)
-        prompt = model.render_chat(chat)
+        prompt = model.render_chat(chat, **extra)
     else:
         shows_calls = template is not None and template.capabilities.tool_calls
         chat = [dict(m) for m in messages] if shows_calls else _as_text_history(messages)
         if fmt == "mistral":
             chat = _nine_character_ids(chat)
-        prompt = model.render_chat(chat, tools=tools)
+        prompt = model.render_chat(chat, tools=tools, **extra)
     grammar = None
     if mode in ("required", "named") and model.supports_grammar:
         chosen = [t for t in tools if t["function"]["name"] == name] if name else list(tools)

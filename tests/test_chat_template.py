@@ -37,6 +37,9 @@ TOKENS: dict[str, tuple[str | None, str]] = {
     "phi3.5": ("<s>", "<|endoftext|>"),
     "phi4": ("<|endoftext|>", "<|im_end|>"),
     "phi4-mini": ("<|endoftext|>", "<|endoftext|>"),
+    "qwen3": (None, "<|im_end|>"),
+    "deepseek-r1-distill": ("<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+                            "<\uff5cend\u2581of\u2581sentence\uff5c>"),
 }
 
 WEATHER = {"type": "function", "function": {

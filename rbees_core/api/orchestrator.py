@@ -34,6 +34,7 @@ from rbees_core.api.rules import (
     turn_chars,
 )
 from rbees_core.errors import InvalidParamsError
+from rbees_core.reasoning import Effort, template_variables
 from rbees_core.schema import field, limits
 from rbees_core.structured import check_schema
 from rbees_core.tools import MAX_TOOLS
@@ -171,6 +172,12 @@ class TaskRequest:
         default=None, max_items=MAX_EMBED_INPUTS, item_max_length=MAX_PROMPT_CHARS,
         doc="texts to embed: an embedding job (instead of prompt or messages), run on an "
             "embedding worker; its end event carries the vectors")
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None, doc="further variables of the chat template's render, as llama.cpp's "
+        'server takes them (e.g. {"enable_thinking": false} for Qwen3)')
+    reasoning_effort: Effort | None = field(
+        default=None, doc="OpenAI's reasoning effort, given to the chat template as the "
+        'variable reasoning_effort; "none" also sets enable_thinking false')
 
     def check(self) -> None:
         """Rules across fields; raises :class:`InvalidParamsError` naming the field."""
@@ -200,6 +207,10 @@ class TaskRequest:
                 raise InvalidParamsError("json_schema", f"must be at most {MAX_GRAMMAR_CHARS} "
                                          "characters of JSON")
             check_schema(self.json_schema, field="json_schema")
+        template_variables(self.chat_template_kwargs, self.reasoning_effort)
+        if self.prompt is not None and (self.chat_template_kwargs or self.reasoning_effort):
+            raise InvalidParamsError("chat_template_kwargs" if self.chat_template_kwargs
+                                     else "reasoning_effort", "needs messages (a chat)")
         self._check_placement()
 
     def _check_placement(self) -> None:

@@ -24,6 +24,7 @@ from rbees_core.api.rules import (
     turn_chars,
 )
 from rbees_core.errors import InvalidParamsError
+from rbees_core.reasoning import Effort, template_variables
 from rbees_core.schema import field, limits
 from rbees_core.tools import MAX_TOOLS
 
@@ -110,6 +111,12 @@ class ExecuteRequest:
         '{type: "function", function: {name}}')
     parallel_tool_calls: bool = field(default=True, doc="whether one answer may call "
                                       "several tools")
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None, doc="further variables of the chat template's render, as llama.cpp's "
+        'server takes them (e.g. {"enable_thinking": false} for Qwen3)')
+    reasoning_effort: Effort | None = field(
+        default=None, doc="OpenAI's reasoning effort, given to the chat template as the "
+        'variable reasoning_effort; "none" also sets enable_thinking false')
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -127,6 +134,10 @@ class ExecuteRequest:
                 )
         if any(s == "" for s in self.stop):
             raise InvalidParamsError("stop", "must not contain empty strings")
+        template_variables(self.chat_template_kwargs, self.reasoning_effort)
+        if self.prompt is not None and (self.chat_template_kwargs or self.reasoning_effort):
+            raise InvalidParamsError("chat_template_kwargs" if self.chat_template_kwargs
+                                     else "reasoning_effort", "needs messages (a chat)")
 
 
 def check_inputs(inputs: list[str], field: str = "input") -> None:

@@ -45,10 +45,12 @@ PARAM_FIELDS: tuple[str, ...] = (
     "deadline_ms", "placement", "cancel_on_disconnect", "json_schema", "grammar", "tools",
     "tool_choice", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "min_p",
     "logit_bias", "logprobs", "top_logprobs", "input",
+    "chat_template_kwargs", "reasoning_effort",
 )
 _EXECUTE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")
 #: Execute fields sent only when set (a worker from before them accepts the job unchanged).
-_OPTIONAL_EXECUTE_FIELDS = ("json_schema", "grammar", "tools", "tool_choice")
+_OPTIONAL_EXECUTE_FIELDS = ("json_schema", "grammar", "tools", "tool_choice",
+                            "chat_template_kwargs", "reasoning_effort")
 #: Sampling fields sent only when they differ from their defaults (same reason).
 _DEFAULTED_EXECUTE_FIELDS: dict[str, Any] = {
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0, "logit_bias": None,

@@ -109,6 +109,8 @@ def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
         raise OpenAIError(400, exc.message, param=exc.field) from exc
     if schema is not None:
         task["json_schema"] = schema
+    if body.get("grammar") is not None:  # GBNF, as llama.cpp's server takes it
+        task["grammar"] = body["grammar"]
     if chat and body.get("tools") is not None:
         task["tools"] = body["tools"]
         for key in ("tool_choice", "parallel_tool_calls"):
@@ -116,6 +118,10 @@ def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
                 task[key] = body[key]
     elif chat and body.get("tool_choice") not in (None, "none", "auto"):
         raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
+    if chat:  # template variables, as llama.cpp's server takes them (rbees_core.reasoning)
+        for key in ("chat_template_kwargs", "reasoning_effort"):
+            if body.get(key) is not None:
+                task[key] = body[key]
     return task, int(body.get("n", 1))
 
 
@@ -263,6 +269,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
                              )  # type: ignore[return-value]
     texts: list[str | None] = [""] * n
     entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    thoughts = [""] * n  # reasoning_content (rbees_core.reasoning)
     calls: list[list[dict[str, Any]] | None] = [None] * n
     finish: list[str | None] = [None] * n
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -272,7 +279,9 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         index, event, data = await jobs.queue.get()
         if event == "token":
             texts[index] += data["t"]
-            entries[index].extend(data.get("logprobs") or ())
+            thoughts[index] += data.get("reasoning", "")
+            if data["t"] or not data.get("reasoning"):  # as streamed: the content's pieces
+                entries[index].extend(data.get("logprobs") or ())
         elif event == "end":
             finish[index] = FINISH.get(str(data.get("stop_reason")), "stop")
             if tooled:
@@ -294,6 +303,8 @@ async def _complete(request: Request, *, chat: bool) -> Response:
             message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
             if calls[i]:
                 message["tool_calls"] = calls[i]
+            if thoughts[i]:
+                message["reasoning_content"] = thoughts[i]
             choices.append({"index": i, "message": message, "finish_reason": finish[i],
                             "logprobs": logprobs})
         else:
@@ -386,14 +397,19 @@ class _OpenAIStream:
             while done < self.n and not gone.is_set():
                 index, event, data = await self.jobs.queue.get()
                 chunk = b""
-                if event == "token" and not self.tools:
+                if event == "token" and data.get("reasoning"):  # rbees_core.reasoning
+                    chunk = self._chunk([{"index": index, "delta": {
+                        "reasoning_content": data["reasoning"]}, "finish_reason": None,
+                        "logprobs": None}])
+                if event == "token" and not self.tools and (
+                        data["t"] or not data.get("reasoning")):
                     choice = self._choice(index, data["t"], None)
                     if self.logprobs is not None:
                         choice["logprobs"] = self.logprobs[index](data.get("logprobs") or ())
-                    chunk = self._chunk([choice])
-                elif event == "token":
+                    chunk += self._chunk([choice])
+                elif event == "token" and self.tools:
                     now = self.live[index].feed(data["t"])
-                    chunk = self._chunk([self._choice(index, now, None)]) if now else b""
+                    chunk += self._chunk([self._choice(index, now, None)]) if now else b""
                 elif event == "end":
                     done += 1
                     usage["prompt_tokens"] += int(data.get("tokens_in") or 0)

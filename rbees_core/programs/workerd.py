@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from rbees_core import plugins, tools
+from rbees_core import plugins
 from rbees_core.api import openapi
 from rbees_core.api.common import ID_PATTERN, Health
 from rbees_core.api.worker import (
@@ -36,14 +36,13 @@ from rbees_core.api.worker import (
     ReadyState,
     WorkerStateName,
 )
-from rbees_core.backend import Backend, LoadedModel
+from rbees_core.backend import Backend
 from rbees_core.config import Config, rbees_home
 from rbees_core.embedder import Embedder
 from rbees_core.engine import Engine
 from rbees_core.errors import (
     BackendUnavailableError,
     DrainingError,
-    InvalidParamsError,
     NotReadyError,
     RbeesError,
     UnknownPluginError,
@@ -62,7 +61,7 @@ from rbees_core.http import (
 from rbees_core.log import Logger
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.pool.cores import pin
-from rbees_core.programs import worker_embed
+from rbees_core.programs import worker_embed, worker_prompt
 from rbees_core.programs.worker_metrics import WorkerMetrics
 from rbees_core.sampling import logprobs_top, sampling_params
 
@@ -85,6 +84,8 @@ class WorkerSettings:
     drain_timeout_s: float = 30.0
     callback_timeout_s: float = 10.0
     embedding: bool = False  # --embedding: serves POST /v2/embed (worker_embed)
+    #: the text of --chat-template-file: replaces the model's own template
+    chat_template: str | None = None
 
 
 @attrs.define(eq=False)
@@ -180,7 +181,8 @@ async def execute(request: Request) -> Response:
     worker_embed.refuse_generation(st)
     assert isinstance(engine, Engine)
     req = await read_json(request, ExecuteRequest)
-    text, grammar = req.prompt, _grammar(st, engine.model, req)
+    text = req.prompt
+    grammar = worker_prompt.grammar(st.settings.backend, engine.model, req)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
@@ -188,18 +190,8 @@ async def execute(request: Request) -> Response:
         loop.call_soon_threadsafe(events.put_nowait, (event, data))
 
     sink: Callable[[str, dict[str, Any]], None] = put
-    if text is None:
-        assert req.messages is not None
-        messages = [{k: v for k, v in attrs.asdict(m).items() if v is not None}
-                    for m in req.messages]
-        if req.tools:  # the prompt and grammar of tool calling; the calls come in "end"
-            plan = tools.plan(engine.model, messages, req.tools, req.tool_choice,
-                              req.parallel_tool_calls)
-            text, grammar = plan.prompt, plan.grammar
-            if req.tool_choice != "none":
-                sink = tools.collecting_sink(sink, tools.check_tools(req.tools))
-        else:
-            text = engine.model.render_chat(messages)
+    if text is None:  # a chat: its prompt, and its grammar and sink with tools
+        text, grammar, sink = worker_prompt.chat(engine.model, req, grammar, sink)
     seed = req.seed if req.seed is not None else random.randrange(2**63)
     params = sampling_params(engine.model, req, seed=seed, grammar=grammar)
     job = engine.prepare(req.job_id, text, max_tokens=req.max_tokens, params=params,
@@ -209,20 +201,6 @@ async def execute(request: Request) -> Response:
     st.log.info("job_accepted", job_id=req.job_id, tokens_in=len(job.tokens))
     return EventStreamResponse(events, on_disconnect=lambda: engine.cancel(req.job_id)
                                )  # type: ignore[return-value]
-
-
-def _grammar(st: WorkerState, model: LoadedModel, req: ExecuteRequest) -> str | None:
-    """The GBNF grammar of a job that asks for structured output (None for one that does
-    not). Raises InvalidParamsError (a 400) for a backend without grammar support, naming
-    the one that has it, and for a schema or grammar the backend cannot use."""
-    if req.json_schema is None and req.grammar is None:
-        return None
-    field = "grammar" if req.grammar is not None else "json_schema"
-    if not model.supports_grammar:
-        raise InvalidParamsError(
-            field, f"the {st.settings.backend} backend cannot constrain output to a JSON "
-            "schema or grammar; run the model on the llamacpp backend for structured output")
-    return model.compile_grammar(json_schema=req.json_schema, grammar=req.grammar)
 
 
 async def cancel(request: Request) -> Response:
@@ -325,6 +303,8 @@ async def load_model(st: WorkerState) -> None:
         await asyncio.sleep(0.3)  # let progress listeners read the error
         st.shutdown.set()
         return
+    if s.chat_template is not None and not s.embedding:
+        worker_prompt.override_template(model, s.chat_template, s.model_ref)
     engine: Engine | Embedder = Embedder(model, slots=s.slots, observer=st.metrics) \
         if s.embedding else Engine(model, slots=s.slots, model_name=s.model_ref,
                                    worker_id=s.worker_id, observer=st.metrics)
@@ -413,16 +393,21 @@ async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:
 def settings_from(config: Config, *, worker_id: str, model: str, backend: str, device: str,
                   bind: str, port: int | None, callback_url: str | None, token: str | None,
                   embedding: bool = False) -> WorkerSettings:
+    """The worker's settings from its config and flags. Raises
+    :class:`InvalidParamsError` for a bind the policy refuses and a chat template file
+    that cannot be read."""
     from rbees_core.http import check_bind_policy, parse_bind
 
     host, bind_port = parse_bind(bind)
     check_bind_policy(host, token)
+    template = worker_prompt.read_template(config.worker.chat_template_file)
     return WorkerSettings(
         worker_id=worker_id, model_ref=model, backend=backend, device=device, host=host,
         port=port if port is not None else bind_port, slots=config.worker.slots,
         ctx=config.worker.ctx, threads=config.worker.threads, callback_url=callback_url,
         token=token, drain_timeout_s=config.worker.drain_timeout_s,
         callback_timeout_s=config.worker.ready_callback_timeout_s, embedding=embedding,
+        chat_template=template,
     )
 
 
@@ -454,6 +439,9 @@ def serve_worker(
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
     embedding: Annotated[bool, typer.Option(
         "--embedding", help="Serve embeddings (POST /v2/embed) instead of generation")] = False,
+    chat_template_file: Annotated[str | None, typer.Option(
+        "--chat-template-file",
+        help="Jinja chat template used instead of the model's own")] = None,
 ) -> None:
     """Start the worker (it listens at once, then loads the model)."""
     from rbees_core.config import load_config, load_token
@@ -463,8 +451,9 @@ def serve_worker(
     try:
         check_string(worker_id, "--worker-id", {"pattern": ID_PATTERN})
         validate_ref(model, "--model")
-        cfg = load_config(config, flags={"worker": {"slots": slots, "ctx": ctx,
-                                                    "threads": threads}})
+        cfg = load_config(config, flags={"worker": {
+            "slots": slots, "ctx": ctx, "threads": threads,
+            "chat_template_file": chat_template_file}})
         settings = settings_from(
             cfg, worker_id=worker_id, model=model, backend=backend, device=device, bind=bind,
             port=port, callback_url=callback_url, token=load_token(api_token_file),
