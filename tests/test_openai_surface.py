@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from rbees_core import sse
 from rbees_core.programs.openai_errors import job_error
 from rbees_core.testing import find_free_port, wait_http
 
@@ -176,6 +177,31 @@ def test_a_queued_stream_pings_and_a_full_queue_is_429(lone_orcd: str) -> None:
         for job in httpx.get(f"{lone_orcd}/v2/tasks", headers=AUTH).json()["jobs"]:
             httpx.post(f"{lone_orcd}/v2/tasks/{job['job_id']}/cancel", headers=AUTH)
         reader.join(10)
+
+
+def test_a_stream_waiting_for_its_worker_to_start_pings(tmp_path: Path) -> None:
+    """A fresh cluster has no worker yet: the first job waits while one starts and loads
+    (seconds), and its stream pings meanwhile; the tokens then come as usual."""
+    with mock.patch.dict(os.environ, {"RBEES_SSE_PING_INTERVAL": str(PING_S)}):
+        c = up(tmp_path / "home")
+    try:
+        assert httpx.get(f"{c.url}/v1/models/smollm2").json()["status"] == "downloaded"
+        lines: list[str] = []
+        with httpx.stream("POST", f"{c.url}/v1/chat/completions", timeout=120, json={
+                "model": "smollm2", "stream": True, "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "Hi"}]}) as answer:
+            assert answer.headers["x-accel-buffering"] == "no"
+            lines = list(answer.iter_lines())
+        first_token = next(i for i, line in enumerate(lines)
+                           if line.startswith("data: {") and '"content": "' in line
+                           and '"content": ""' not in line)
+        assert lines[:first_token].count(": ping") >= 2, lines
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]", lines
+        chunks = [f.json() for f in sse.parse("\n".join(lines) + "\n") if f.data != "[DONE]"]
+        assert sum(1 for ch in chunks for x in ch["choices"] if x["delta"].get("content")) >= 1
+        assert httpx.get(f"{c.url}/v1/models/smollm2").json()["status"] == "loaded"
+    finally:
+        c.rbees("down")
 
 
 @pytest.mark.parametrize(("data", "status", "kind", "code"), [
