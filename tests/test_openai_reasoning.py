@@ -118,6 +118,15 @@ def test_v2_token_events_carry_the_reasoning(cluster: Cluster) -> None:
     assert all("reasoning" not in d for _, e, d in cluster.events(raw["job_id"]) if e == "token")
 
 
+def test_rbees_jobs_submit_writes_the_reasoning_to_stderr(cluster: Cluster) -> None:
+    done = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt",
+                         "What is the capital of France?", "--max-tokens", "60",
+                         "--temperature", "0", "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""  # SmolLM2 ends its turn inside the reasoning
+    assert "Paris" in done.stderr
+
+
 def test_thinking_off_through_template_kwargs_or_reasoning_effort(client: openai.OpenAI
                                                                  ) -> None:
     for extra in ({"chat_template_kwargs": {"enable_thinking": False}},

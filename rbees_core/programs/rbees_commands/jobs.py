@@ -88,7 +88,7 @@ def submit(
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Submit a job and stream its tokens to stdout as they arrive (tool calls, with
-    --tools, are printed when the job ends)."""
+    --tools, are printed when the job ends; a thinking model's reasoning goes to stderr)."""
     import httpx
 
     from rbees_core.programs.rbees_commands import m0
@@ -178,8 +178,7 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
                         if first is None:
                             first = time.monotonic()
                         if fmt is OutputFormat.text:
-                            sys.stdout.write(data["t"])
-                            sys.stdout.flush()
+                            _write(data)
                     elif event == "end":
                         if fmt is OutputFormat.text:
                             sys.stdout.write("\n")
@@ -198,6 +197,16 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
                 raise
             time.sleep(0.5)
     raise RbeesError("lost the job's event stream")
+
+
+def _write(token: dict[str, Any]) -> None:
+    """A token event's text on stdout; a thinking model's reasoning (``reasoning``, see
+    rbees_core.reasoning) on stderr, so that stdout holds the answer alone."""
+    if token.get("reasoning"):
+        sys.stderr.write(token["reasoning"])
+        sys.stderr.flush()
+    sys.stdout.write(token["t"])
+    sys.stdout.flush()
 
 
 def _check_stream(answer: Any) -> None:

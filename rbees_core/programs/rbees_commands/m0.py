@@ -305,6 +305,8 @@ class M0Job:
                             self._mark("first_token_ms")
                         self.text.append(data["t"])
                         if not self.json_out:
+                            if data.get("reasoning"):  # rbees_core.reasoning: not the answer
+                                sys.stderr.write(data["reasoning"])
                             sys.stdout.write(data["t"])
                             sys.stdout.flush()
                     elif event == "end":
