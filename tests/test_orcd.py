@@ -51,8 +51,10 @@ class Cluster:
         return dict(httpx.get(f"{self.url}/v2/tasks/{job_id}", timeout=10).json())
 
 
-def up(home: Path, *extra: str) -> Cluster:
-    env = {**os.environ, "RBEES_HOME": str(home)}
+def up(home: Path, *extra: str, environ: dict[str, str] | None = None) -> Cluster:
+    """``rbees up`` in ``home``, with ``extra`` flags and ``environ`` added to the
+    environment (``RBEES_PLACEMENT_CTX``...)."""
+    env = {**os.environ, **(environ or {}), "RBEES_HOME": str(home)}
     env.pop("RBEES_ORCHESTRATOR_URL", None)
     orcd, pool = f"127.0.0.1:{find_free_port()}", f"127.0.0.1:{find_free_port()}"
     done = subprocess.run([str(BIN / "rbees"), "up", "--bind", orcd, "--pool-bind", pool,

@@ -188,3 +188,91 @@ def _matches(gbnf: str, text: str) -> bool:
         return "".join(out)
 
     return re.fullmatch(expand(rules["root"]), text) is not None
+
+
+def _engine_run(model: LoadedModel, text: str, *, logprobs: int, max_tokens: int
+                ) -> tuple[str, list[dict[str, object]]]:
+    """Greedy text and logprob entries of one job through the worker's decode loop."""
+    import threading
+
+    from rbees_core.engine import Engine
+
+    engine = Engine(model, slots=2, model_name="smollm2", worker_id="w-lp")
+    engine.start()
+    events: list[tuple[str, dict[str, object]]] = []
+    done = threading.Event()
+
+    def sink(event: str, data: dict[str, object]) -> None:
+        events.append((event, data))
+        if event in ("end", "error"):
+            done.set()
+
+    try:
+        engine.submit(engine.prepare("lp", text, max_tokens=max_tokens, stop=[], sink=sink,
+                                     params=SamplingParams(temperature=0.0),
+                                     logprobs=logprobs))
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    assert events[-1][0] == "end", events[-1]
+    pieces = [d for e, d in events if e == "token"]
+    return ("".join(str(d["t"]) for d in pieces),
+            [entry for d in pieces for entry in d.get("logprobs", ())])  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[object]:
+    """llama-cpp-python's own high-level Llama on the same file: the logprobs to match."""
+    import llama_cpp
+
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+
+    llm = llama_cpp.Llama(resolve_model(plugins.make_manager(), DEFAULT_MODEL_REF), n_ctx=512,
+                          n_threads=2, logits_all=True, verbose=False, seed=1,
+                          flash_attn=True)  # as the backend runs it (llama.cpp: auto)
+    yield llm
+    llm.close()
+
+
+def test_logprobs_match_llama_cpp_python(model: LoadedModel, reference: object) -> None:
+    """Same prompt, greedy: the same tokens, and logprobs (the chosen token's and the top
+    alternatives') within 1e-3 of llama-cpp-python's create_completion(logprobs=k)."""
+    from rbees_core.logprobs import CompletionLogprobs
+
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    text, entries = _engine_run(model, prompt, logprobs=3, max_tokens=12)
+    ours = CompletionLogprobs(len(prompt))
+    ours.add(entries)
+    theirs = reference.create_completion(  # type: ignore[attr-defined]
+        prompt, max_tokens=12, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+        repeat_penalty=1.0, logprobs=3, seed=1)["choices"][0]
+    assert theirs["text"] == text
+    lp = theirs["logprobs"]
+    assert lp["tokens"] == ours.value["tokens"]
+    assert lp["text_offset"] == ours.value["text_offset"]
+    for mine, their in zip(ours.value["token_logprobs"], lp["token_logprobs"], strict=True):
+        assert abs(mine - their) < 1e-3, (mine, their)
+    for mine_top, their_top in zip(ours.value["top_logprobs"], lp["top_logprobs"], strict=True):
+        assert set(mine_top) == set(their_top)
+        assert all(abs(mine_top[k] - their_top[k]) < 1e-3 for k in mine_top)
+    for entry in entries:  # greedy: the chosen token is the likeliest
+        assert entry["top_logprobs"][0]["token"] == entry["token"]  # type: ignore[index]
+
+
+def test_chat_logprobs_match_llama_cpp_python(model: LoadedModel, reference: object) -> None:
+    """The same through the chat template: create_chat_completion(logprobs=True,
+    top_logprobs=k) against the entries of a job on the rendered chat."""
+    messages = [{"role": "user", "content": "Name three colours."}]
+    text, entries = _engine_run(model, model.render_chat(messages), logprobs=2, max_tokens=10)
+    theirs = reference.create_chat_completion(  # type: ignore[attr-defined]
+        messages=messages, max_tokens=10, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+        repeat_penalty=1.0, logprobs=True, top_logprobs=2, seed=1)["choices"][0]
+    assert theirs["message"]["content"] == text
+    content = theirs["logprobs"]["content"]
+    assert [c["token"] for c in content] == [e["token"] for e in entries]
+    for mine, their in zip(entries, content, strict=True):
+        assert abs(mine["logprob"] - their["logprob"]) < 1e-3  # type: ignore[operator]
+        mine_top = {t["token"]: t["logprob"] for t in mine["top_logprobs"]}  # type: ignore[attr-defined]
+        their_top = {t["token"]: t["logprob"] for t in their["top_logprobs"]}
+        assert set(mine_top) <= set(their_top)
+        assert all(abs(mine_top[k] - their_top[k]) < 1e-3 for k in mine_top)

@@ -58,8 +58,19 @@ def submit(
     chat: Annotated[bool, typer.Option("--chat/--raw",
                                        help="Send the prompt as a user message (default) "
                                             "or as raw text")] = True,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=8192)] = 256,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", min=1, max=2**31 - 1,
+        help="Most tokens to generate (the worker clamps it to its context)")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0, max=2)] = 0.7,
+    presence_penalty: Annotated[float | None, typer.Option(
+        "--presence-penalty", min=-2, max=2,
+        help="Lower the logits of tokens already generated")] = None,
+    frequency_penalty: Annotated[float | None, typer.Option(
+        "--frequency-penalty", min=-2, max=2,
+        help="Lower the logits of generated tokens by how often each came")] = None,
+    min_p: Annotated[float | None, typer.Option(
+        "--min-p", min=0, max=1,
+        help="Drop tokens less likely than this times the likeliest one")] = None,
     seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop sequence (repeat)")
                     ] = None,
@@ -103,6 +114,10 @@ def submit(
         task["prompt"] = prompt
     if seed is not None:
         task["seed"] = seed
+    for key, value in (("presence_penalty", presence_penalty),
+                       ("frequency_penalty", frequency_penalty), ("min_p", min_p)):
+        if value is not None:
+            task[key] = value
     if stop:
         task["stop"] = stop
     task.update(_structured(json_schema, tools_file, tool_choice))

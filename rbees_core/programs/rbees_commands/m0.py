@@ -281,7 +281,8 @@ class M0Job:
     def _body(self) -> dict[str, Any]:
         body = {k: v for k, v in self.task.items()
                 if k in ("prompt", "messages", "max_tokens", "temperature", "seed", "stop",
-                         "json_schema", "tools", "tool_choice")}
+                         "json_schema", "tools", "tool_choice", "presence_penalty",
+                         "frequency_penalty", "min_p")}
         return {"job_id": self.job_id, **body}
 
     async def _stream(self, client: Any, where: Placement) -> dict[str, Any]:
