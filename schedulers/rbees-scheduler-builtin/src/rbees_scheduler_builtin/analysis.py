@@ -30,6 +30,7 @@ from rbees_core.scheduling import (
     memory_needed,
     model_aliases,
     model_entry,
+    same_model,
 )
 
 #: Worker states a job can be dispatched to (given a free slot).
@@ -336,6 +337,8 @@ class Analysis:
                 if not w.get("cpus") or w.get("cpu_shared") or \
                         w.get("state") not in ("ready", "busy") or (busy > 0 and not patient):
                     continue
+                if same_model(w.get("model_ref"), self.model, d.pool.aliases):
+                    continue  # its own model's worker: stopping it only starts it again
                 key = (busy > 0, d.pool.pref, -len(w["cpus"]), busy, d.pool.pool_id,
                        str(w.get("worker_id")))
                 if best is None or key < best[0]:
