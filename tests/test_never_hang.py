@@ -175,3 +175,82 @@ async def test_a_catalog_model_no_pool_has_waits_and_why_says_for_what(
     why = await svc.dispatcher.why(accepted.job_id)
     assert "nothing starts that download yet" in why["explanation"]
     assert await svc.cancel(accepted.job_id)
+
+
+# -- deadlines -------------------------------------------------------------------------------
+
+
+def test_deadlines_come_due_in_order_and_skip_jobs_gone() -> None:
+    from rbees_core.orchestrator.deadlines import Deadlines
+
+    d = Deadlines()
+    for i, at in enumerate([5.0, 1.0, 3.0, 2.0]):
+        d.add(f"j{i}", at)
+    assert d.next_in(0.5) == 0.5 and d.next_in(9.0) == 0.0
+    queued = {"j0", "j1", "j2"}  # j3 started
+    assert d.due(2.5, queued) == [("j1", 1.0)]
+    assert d.due(4.0, queued, hold=lambda job_id: job_id == "j2") == []  # admitting
+    assert d.due(4.0, queued) == [("j2", 3.0)]
+    assert d.next_in(4.0) == 1.0 and len(d) == 1
+    assert Deadlines().next_in(0.0) is None
+
+
+async def test_a_job_that_cannot_start_by_its_deadline_ends(lonely: OrchestratorService
+                                                            ) -> None:
+    svc = lonely
+    t0 = time.monotonic()
+    late = await svc.submit(TaskRequest(model="file:/m/small.gguf", prompt="x",
+                                        deadline_ms=500))
+    waits = await svc.submit(TaskRequest(model="file:/m/small.gguf", prompt="x"))
+    error = await ended(svc, late.job_id, 3.0)
+    took = time.monotonic() - t0
+    assert error["code"] == "DEADLINE_UNMET" and error["retriable"] is False, error
+    assert "deadline_ms of 500" in error["message"] and "it waited" in error["message"]
+    assert 500 <= error["waited_ms"] < 900, error
+    assert 0.5 <= took < 1.2, f"DEADLINE_UNMET after {took:.3f} s"
+    assert isinstance(error["retry_after_ms"], int)
+    record = await asyncio.to_thread(svc.store.get, late.job_id)
+    assert record.status == "failed" and record.error is not None
+    assert record.error.code == "DEADLINE_UNMET"
+    assert waits.job_id in svc.queue  # no deadline: it waits on
+    assert await svc.cancel(waits.job_id)
+
+
+async def test_a_deadline_survives_a_restart(tmp_path: Path) -> None:
+    svc = new_service(tmp_path, heartbeat_interval_s=0.1)
+    await svc.start()
+    svc.heartbeat(fake_beat("p1", [SMALL]))
+    accepted = await svc.submit(TaskRequest(model="file:/m/small.gguf", prompt="x",
+                                            deadline_ms=300))
+    await svc.close()
+    await asyncio.sleep(0.4)  # the deadline passed while nothing ran
+    again = new_service(tmp_path, heartbeat_interval_s=0.1)
+    await again.start()
+    try:
+        error = await ended(again, accepted.job_id, 1.0)
+        assert error["code"] == "DEADLINE_UNMET"
+    finally:
+        await again.close()
+
+
+def test_a_full_worker_is_not_stopped_to_start_its_own_model_again() -> None:
+    """A job that waited long for the cores of a CPU evicts a busy worker of *another*
+    model; the one full worker of its own model is waited for (stopping it, as the policy
+    did, restarted the model over and over under 200 queued batch jobs)."""
+    from rbees_scheduler_builtin import LeastLoaded
+
+    from rbees_core.config import SchedulerConfig
+    from rbees_core.testing.scheduler import device, job, snapshot, targets, worker
+    from rbees_core.testing.scheduler import pool as snap_pool
+
+    full = worker("w1", free=0, cpus=[0, 1])
+    other = worker("w2", model="tinyllama", free=0, cpus=[0, 1])
+    cpu = device(cores=2, cores_free=0)
+    policy = LeastLoaded.from_config(SchedulerConfig())
+    waited = job(waited_s=60.0)
+    same = policy.decide(snapshot(snap_pool("p1", devices=[cpu], workers=[full]), job=waited))
+    assert [t[0] for t in targets(same)] == ["wait"], same.decisions
+    other_model = policy.decide(snapshot(snap_pool("p1", devices=[cpu], workers=[other],
+                                                   models=["smollm2", "tinyllama"]),
+                                         job=waited))
+    assert ("stop_worker", "p1", "w2") in targets(other_model)

@@ -202,7 +202,7 @@ def test_a_model_that_fits_no_device_fails_at_once_on_every_api(cluster: Cluster
     import openai
 
     big = cluster.home / "models" / "never-fits.gguf"
-    big.parent.mkdir(parents=True, exist_ok=True)
+    big.parent.mkdir(mode=0o700, exist_ok=True)  # as the pool makes it: the owner's alone
     with big.open("wb") as f:
         f.truncate(1 << 40)
     model = f"file:{big}"

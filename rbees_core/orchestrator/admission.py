@@ -74,6 +74,9 @@ class Admission:
                                  placement=request.placement, embedding=request.embedding)
         if pushed.dropped is not None:
             book.dropping[pushed.dropped.job_id] = pushed.dropped
+        if request.deadline_ms is not None:
+            self.dispatcher.deadlines.add(job.job_id,
+                                          pushed.job.since + request.deadline_ms / 1000)
         # the dispatcher leaves the job alone until it is durable with its `queued` event
         # (event 1, in the same transaction), so that `dispatched` can only follow it
         book.admitting.add(job.job_id)

@@ -9,7 +9,9 @@ at the head of the queue is decided by admission at once (:meth:`Dispatcher.plac
 A job never waits for what cannot come: its model marked failed wherever it could run ends
 it with ``MODEL_LOAD_FAILED`` (before the policy is asked); a policy's ``fail`` decision, or
 a wait that can never end (:func:`rbees_core.feasibility.never_placeable`, judged when the
-policy says wait), with ``NO_CAPACITY``.
+policy says wait), with ``NO_CAPACITY``; its ``deadline_ms`` passed before it started, with
+``DEADLINE_UNMET`` (:class:`~rbees_core.orchestrator.deadlines.Deadlines`: one heap, the
+loop sleeps no longer than until the earliest deadline).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from rbees_core.feasibility import NO_CAPACITY, UNKNOWN_MODEL, never_placeable
 from rbees_core.interfaces import Scheduler
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, Run
-from rbees_core.orchestrator.errors import QUEUE_FULL_DROPPED
+from rbees_core.orchestrator.deadlines import Deadlines
+from rbees_core.orchestrator.errors import DEADLINE_UNMET, QUEUE_FULL_DROPPED
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.prefixes import PrefixBook, prefix_keys
@@ -53,7 +56,7 @@ ROUND_EVERY_S = 0.5
 #: records of prefixes held by workers that are gone are dropped this often
 PRUNE_EVERY_S = 5.0
 #: error codes of jobs that placement ended, which ``why`` quotes
-_ENDED_BY_PLACEMENT = frozenset({ModelLoadError.code, NO_CAPACITY, "DEADLINE_UNMET"})
+_ENDED_BY_PLACEMENT = frozenset({ModelLoadError.code, NO_CAPACITY, DEADLINE_UNMET})
 #: worker states whose slots hold nothing any more
 _GONE = frozenset({"stopped", "failed", "dead", "killed", "stopping"})
 
@@ -127,6 +130,10 @@ class Dispatcher:
         self._pruned_at = 0.0
         self._last_keys: tuple[str, list[tuple[bytes, int]]] = ("", [])
         self.provides = provides
+        #: start deadlines of queued jobs (admission and recovery add them)
+        self.deadlines = Deadlines()
+        #: the queue's estimate of a new job's wait, in ms (``Retry-After`` of DEADLINE_UNMET)
+        self.estimate_ms: Callable[[], int] | None = None
         self._judge_after = time.monotonic() + grace_s
 
     def snapshot(self, job_id: str, pools: list[dict[str, Any]] | None = None) -> Snapshot:
@@ -165,25 +172,55 @@ class Dispatcher:
         return keys
 
     def _prune(self) -> None:
-        """Forget what workers that are gone held (at most every PRUNE_EVERY_S)."""
+        """Forget what workers that are gone held, and deadlines of jobs no longer queued
+        (at most every PRUNE_EVERY_S)."""
         now = time.monotonic()
-        if not len(self.prefixes) or now - self._pruned_at < PRUNE_EVERY_S:
+        if now - self._pruned_at < PRUNE_EVERY_S:
             return
         self._pruned_at = now
+        self.deadlines.compact(self.queue)
+        if not len(self.prefixes):
+            return
         self.prefixes.keep_only({(e.pool_id, worker_id) for e in self.registry
                                  for worker_id, w in e.workers.items()
                                  if w.get("state") not in _GONE})
+
+    def _sleep_s(self) -> float:
+        """How long the loop may sleep: ROUND_EVERY_S, less when a deadline comes first."""
+        due = self.deadlines.next_in(time.time())
+        return ROUND_EVERY_S if due is None else min(ROUND_EVERY_S, max(0.002, due))
+
+    async def _expire(self) -> None:
+        """End the queued jobs whose start deadline has passed (``DEADLINE_UNMET``)."""
+        now = time.time()
+        for job_id, at in self.deadlines.due(now, self.queue, self.book.admitting.__contains__):
+            queued = self.queue.remove(job_id)
+            if queued is None:
+                continue
+            waited_ms = round((now - queued.since) * 1000)
+            message = (f"not started within its deadline_ms of "
+                       f"{round((at - queued.since) * 1000)}: it waited {waited_ms} ms in the "
+                       "queue")
+            extra = {"waited_ms": waited_ms}
+            if self.estimate_ms is not None:
+                extra["retry_after_ms"] = self.estimate_ms()
+            self.log.info("job_deadline_unmet", job_id=job_id, model=queued.model,
+                          waited_ms=waited_ms)
+            with contextlib.suppress(ConflictError):  # ended meanwhile (cancelled)
+                await self.end_queued(job_id, "failed", DEADLINE_UNMET, message, extra=extra)
 
     async def loop(self) -> None:
         """Dispatch rounds, each when woken (:meth:`Book.wake`) or every ROUND_EVERY_S."""
         wakeup = self.book.wakeup
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout=ROUND_EVERY_S)
+                await asyncio.wait_for(wakeup.wait(), timeout=self._sleep_s())
             wakeup.clear()
             self.pools.age()
             self._prune()
             try:
+                if len(self.deadlines):
+                    await self._expire()
                 await self._round()
             except Exception as exc:  # the loop must survive anything a round meets
                 self.log.error("dispatch_round_failed", error=repr(exc))
@@ -334,22 +371,20 @@ class Dispatcher:
         """End a queued job that can never run (``NO_CAPACITY``)."""
         if self.queue.remove(queued.job_id) is None:
             return
-        self.log.error("job_never_placeable", job_id=queued.job_id, model=queued.model,
+        self.log.warning("job_never_placeable", job_id=queued.job_id, model=queued.model,
                        code=ending.code, reason=ending.message)
         with contextlib.suppress(ConflictError):  # ended meanwhile (cancelled)
             await self.end_queued(queued.job_id, "failed", ending.code, ending.message,
-                                  reason=ending.kind)
+                                  extra=None if ending.kind is None else {"reason": ending.kind})
 
     async def end_queued(self, job_id: str, status: str, code: str, message: str, *,
-                         reason: str | None = None) -> None:
+                         extra: dict[str, Any] | None = None) -> None:
         """Write and announce the end of a job that never ran (taken off the queue by the
-        caller): its ``error`` event (with ``reason``, the kind of ``NO_CAPACITY``, when
-        given), then retire it. Raises what the store raises (:class:`ConflictError` when it
-        has ended already)."""
+        caller): its ``error`` event (with ``extra``: the ``reason`` of ``NO_CAPACITY``,
+        ``waited_ms`` and ``retry_after_ms`` of ``DEADLINE_UNMET``), then retire it. Raises
+        what the store raises (:class:`ConflictError` when it has ended already)."""
         error: dict[str, Any] = {"job_id": job_id, "code": code, "message": message,
-                                 "retriable": code == QUEUE_FULL_DROPPED}
-        if reason is not None:
-            error["reason"] = reason
+                                 "retriable": code == QUEUE_FULL_DROPPED, **(extra or {})}
         channel = self.book.channel(job_id)
         await self.store.transition_async(job_id, status, error_code=code, error_message=message,
                                           events=[*channel.take_unpersisted(), ("error", error)])

@@ -24,6 +24,9 @@ from rbees_core.errors import ConflictError, NotFoundError, RbeesError, Unavaila
 
 #: The job was evicted by the ``drop-oldest-batch`` policy to admit a newer one.
 QUEUE_FULL_DROPPED = "QUEUE_FULL_DROPPED"
+#: The job had not started when its ``deadline_ms`` passed (not retriable: the deadline is
+#: the client's; ``retry_after_ms`` in the event is the queue's estimate).
+DEADLINE_UNMET = "DEADLINE_UNMET"
 #: The orchestrator restarted while the job was producing tokens.
 ORCHESTRATOR_RESTARTED = "ORCHESTRATOR_RESTARTED"
 

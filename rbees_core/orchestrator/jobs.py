@@ -196,6 +196,7 @@ class RecoveredJob:
     retry_count: int
     placement: Placement | None
     embedding: bool = False
+    deadline_ms: int | None = None
 
 
 @attrs.frozen

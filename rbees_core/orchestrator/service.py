@@ -105,6 +105,7 @@ class OrchestratorService:
             grace_s=UNAVAILABLE_AFTER_MISSED * settings.heartbeat_interval_s)
         self.admission = Admission(self.book, self.store, self.queue, self.registry,
                                    catalog, self.dispatcher, self.runner, self.metrics, log)
+        self.dispatcher.estimate_ms = lambda: self.admission.predicted_start_ms(len(self.queue))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -123,6 +124,9 @@ class OrchestratorService:
             self.queue.push(job.job_id, job.priority, model=job.model,
                             placement=job.placement, since=job.created_at, force=True,
                             embedding=job.embedding)
+            if job.deadline_ms is not None:  # past already: the first round ends it
+                self.dispatcher.deadlines.add(job.job_id,
+                                              job.created_at + job.deadline_ms / 1000)
         self.log.info("recovered", queued=len(recovery.queued), requeued=len(recovery.requeued),
                       failed=len(recovery.failed), settled=len(recovery.settled))
         book.spawn(self.dispatcher.loop())

@@ -189,7 +189,7 @@ class Ops:
         queued = [
             RecoveredJob(job_id=job_id, seq=seq, priority=priority, model=model,
                          created_at=created_at, retry_count=retries,
-                         placement=_placement(params),
+                         placement=_placement(params), deadline_ms=_deadline_ms(params),
                          embedding=json.loads(params).get("input") is not None)
             for job_id, seq, priority, model, created_at, retries, params in conn.execute(
                 "SELECT job_id, seq, priority, model, created_at, retry_count, params "
@@ -273,3 +273,8 @@ class Ops:
 def _placement(params: str) -> Placement | None:
     raw = json.loads(params).get("placement")
     return None if raw is None else from_mapping(Placement, raw)
+
+
+def _deadline_ms(params: str) -> int | None:
+    raw = json.loads(params).get("deadline_ms")
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
