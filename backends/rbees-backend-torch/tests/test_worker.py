@@ -129,3 +129,41 @@ def test_structured_output_is_refused_naming_the_backend_that_can(
         error = answer.json()["error"]
         assert error["details"]["field"] == field
         assert "torch" in error["message"] and "llamacpp" in error["message"]
+
+
+def test_logprobs_and_sampling_fields(gguf_worker: WorkerHandle) -> None:
+    """The torch backend reports logprobs (greedy: the chosen token is the likeliest) and
+    honours penalties, min_p and logit_bias as the llama.cpp one does."""
+    text, end, frames = _run(gguf_worker, "torch-lp", logprobs=True, top_logprobs=3)
+    entries = [e for _, event, d in frames if event == "token" for e in d.get("logprobs", ())]
+    assert len(entries) == end["tokens_out"]
+    assert b"".join(bytes(e["bytes"]) for e in entries) == text.encode()
+    for e in entries:
+        assert len(e["top_logprobs"]) == 3 and e["logprob"] <= 0
+        assert (e["top_logprobs"][0]["token"], e["top_logprobs"][0]["logprob"]) == (
+            e["token"], e["logprob"])
+    first = entries[0]
+    plain, _, _ = _run(gguf_worker, "torch-plain")
+    assert plain == text
+    banned = httpx.post(f"{gguf_worker.url}/v2/execute", json={
+        "job_id": "torch-oov", "prompt": PROMPT, "logit_bias": {"10000000": 1}})
+    assert banned.status_code == 400 and "logit_bias" in banned.text
+    import llama_cpp  # SmolLM2's token ids, from its vocabulary alone
+
+    from rbees_core import plugins
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+
+    vocab = llama_cpp.Llama(resolve_model(plugins.make_manager(), DEFAULT_MODEL_REF),
+                            vocab_only=True, verbose=False)
+    ban = {str(t): -100 for t in vocab.tokenize(first["token"].encode(), add_bos=False)}
+    other, _, _ = _run(gguf_worker, "torch-ban", logit_bias=ban, max_tokens=1)
+    assert other != first["token"]
+    (bees,) = vocab.tokenize(b" bees", add_bos=False)
+    forced, _, _ = _run(gguf_worker, "torch-force", logit_bias={str(bees): 100}, max_tokens=1)
+    assert forced == " bees"
+    long, _, _ = _run(gguf_worker, "torch-long", max_tokens=32)
+    penalized, _, _ = _run(gguf_worker, "torch-pen", presence_penalty=2.0,
+                           frequency_penalty=2.0, max_tokens=32)
+    assert penalized != long
+    _, end, _ = _run(gguf_worker, "torch-min-p", temperature=0.8, min_p=0.1)
+    assert end["stop_reason"] in ("eos", "max_tokens")
