@@ -194,6 +194,12 @@ def test_litellm_openai_provider(cluster: Cluster) -> None:
     ({"input": "bee", "dimensions": 64}, 400, "dimensions"),
     ({"input": "bee", "model": 7}, 400, "model"),
     ({"input": "bee", "model": "no-such-model"}, 404, "model"),
+    ({"input": ["a\x00b"]}, 400, "input"),
+    ({"input": "x" * 100_001}, 400, "input"),
+    ({"input": True}, 400, "input"),
+    ({"input": [["bee"]]}, 400, "input"),
+    ({"input": [[]]}, 400, "input"),
+    ({"input": "bee " * 3000}, 400, "input"),  # more tokens than the worker's batch
 ])
 def test_bad_requests_are_openai_shaped_4xx(cluster: Cluster, body: dict[str, Any],
                                             status: int, param: str | None) -> None:
@@ -203,6 +209,12 @@ def test_bad_requests_are_openai_shaped_4xx(cluster: Cluster, body: dict[str, An
     error = answer.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+
+
+def test_harmless_fields_are_accepted(client: openai.OpenAI) -> None:
+    answer = client.embeddings.create(model="smollm2", input=["bee"], user="someone",
+                                      encoding_format="float")
+    assert len(answer.data) == 1
 
 
 def test_not_json_is_a_400(cluster: Cluster) -> None:

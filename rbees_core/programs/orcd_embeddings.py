@@ -113,8 +113,9 @@ async def embeddings(request: Request) -> Response:
         job_id = (await service(request).submit(task)).job_id
     except OpenAIError as exc:
         return exc.response()
-    except InvalidParamsError as exc:
-        return OpenAIError(400, exc.message, param=exc.field).response()
+    except InvalidParamsError as exc:  # input[3] is OpenAI's input
+        field = "input" if str(exc.field).startswith("input") else exc.field
+        return OpenAIError(400, exc.message, param=field).response()
     except RbeesError as exc:
         return from_rbees(exc).response()
     try:
