@@ -135,7 +135,7 @@ def _sampling(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     if chat:
         if logprobs is not None and not isinstance(logprobs, bool):
             raise OpenAIError(400, "logprobs must be true or false", param="logprobs")
-        if top is not None and not logprobs:
+        if top and not logprobs:  # 0 or null without logprobs is harmless
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     elif logprobs is not None:
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not (
