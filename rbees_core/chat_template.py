@@ -16,7 +16,8 @@ What the renderer does to OpenAI messages before the template sees them, as tran
 or llama.cpp would:
 
 - keys whose value is None are dropped (``content: null`` on an assistant message that
-  carries ``tool_calls``): templates test for a missing key, not for None;
+  carries ``tool_calls``): templates test for a missing key, not for None; a template that
+  then fails (it reads every content as a string: Qwen3) gets ``""`` there instead;
 - ``tool_calls[].function.arguments``, a JSON string on the wire, becomes the object it
   encodes (templates such as Qwen's or Llama 3.1's write it with ``tojson``); a string that
   is not JSON stays a string;
@@ -28,6 +29,7 @@ or llama.cpp would:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -282,6 +284,14 @@ class ChatTemplate:
         try:
             return self._render(template, chat, tools, add_generation_prompt, variables)
         except InvalidParamsError:
+            # A template that reads every turn's content as a string (Qwen3) fails on the
+            # assistant turn of tool_calls and content null that OpenAI clients send: as
+            # llama.cpp does, give it "" there. Only when the chat as given fails.
+            if any(m.get("tool_calls") and "content" not in m for m in chat):
+                with contextlib.suppress(InvalidParamsError):
+                    return self._render(template, [
+                        {**m, "content": ""} if m.get("tool_calls") and "content" not in m
+                        else m for m in chat], tools, add_generation_prompt, variables)
             # A template without a system role (Mistral 7B, Gemma) refuses the system
             # message every OpenAI client sends: as llama.cpp does, say it in the first user
             # turn instead. Only when the chat as given fails, so that what transformers

@@ -128,3 +128,34 @@ def test_the_sink_keeps_one_event_per_piece_and_flushes_before_the_end() -> None
     assert [(d["t"], d.get("reasoning")) for _, d in seen[:-1]] == [
         ("", None), ("", "Hm"), ("", None), ("OK", None)]
     assert reasoning.OPEN == "<think>" and reasoning.CLOSE == "</think>"
+
+
+def test_a_past_turns_reasoning_reaches_the_template_through_task_and_worker() -> None:
+    """An agent loop on Qwen3: the assistant turn that called a tool after the last user
+    message keeps its reasoning, which Qwen3's template shows; /v1 passes it as sent."""
+    import attrs
+
+    from rbees_core.api.orchestrator import TaskRequest
+    from rbees_core.api.worker import ExecuteRequest
+    from rbees_core.errors import InvalidParamsError
+    from rbees_core.orchestrator.jobs import execute_body, new_job
+    from rbees_core.schema import from_mapping
+
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    chat = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call],
+             "reasoning_content": "I should look it up."},
+            {"role": "tool", "tool_call_id": "c1", "content": "21 C"}]
+    task = from_mapping(TaskRequest, {"model": "qwen3", "messages": chat})
+    req = from_mapping(ExecuteRequest, execute_body(new_job(task)))
+    assert req.messages is not None
+    messages = [{k: v for k, v in attrs.asdict(m).items() if v is not None}
+                for m in req.messages]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    text = ours("qwen3").render(messages, tools=tools)
+    assert "<think>\nI should look it up.\n</think>" in text
+    with pytest.raises(InvalidParamsError, match="reasoning_content"):
+        from_mapping(TaskRequest, {"model": "m", "messages": [
+            {"role": "user", "content": "x", "reasoning_content": "no"}]})

@@ -47,13 +47,18 @@ class Message:
     tool_call_id: str | None = field(default=None, max_length=128,
                                      doc="the call a tool message answers")
     name: str | None = field(default=None, max_length=128, doc="the tool a tool message is from")
+    reasoning_content: str | None = field(
+        default=None, max_length=WORKER_MAX_PROMPT_CHARS, forbid="\x00",
+        doc="an assistant turn's reasoning (a thinking model's), for templates that show it")
 
     def chars(self) -> int:
         """Characters this turn adds to the prompt (content and call arguments)."""
-        return turn_chars(self.content, self.tool_calls)
+        return turn_chars(self.content, self.tool_calls) + len(self.reasoning_content or "")
 
     def check(self) -> None:
         check_turn(self.role, self.content, self.tool_calls)
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise InvalidParamsError("reasoning_content", "only an assistant turn has it")
 
 
 @attrs.frozen

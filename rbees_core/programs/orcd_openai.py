@@ -181,6 +181,8 @@ def _message(m: Any, i: int) -> dict[str, Any]:
         for key in ("tool_call_id", "name"):
             if isinstance(m.get(key), str):
                 out[key] = m[key]
+    if role == "assistant" and isinstance(m.get("reasoning_content"), str):
+        out["reasoning_content"] = m["reasoning_content"]  # as this API answers it
     return out
 
 
