@@ -249,3 +249,22 @@ def test_chat_and_embedding_jobs_never_share_a_worker(cluster: Cluster,
     assert listed.returncode == 0 and embedded.headers["x-rbees-job-id"] in listed.stdout
     why = cluster.rbees("jobs", "why", embedded.headers["x-rbees-job-id"])
     assert why.returncode == 0, why.stderr
+
+
+def test_with_every_core_held_the_other_kind_of_worker_makes_room(
+        tmp_path: Path) -> None:
+    """Default placement: a worker takes every free core. An embedding request after a chat
+    on a pool of one model stops the idle chat worker for an embedding one, and a chat
+    after it the reverse, rather than waiting for the idle timeout."""
+    c = up(tmp_path / "home")
+    try:
+        with openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0,
+                           timeout=120) as client:
+            for _ in range(2):
+                chat = client.chat.completions.create(
+                    model="smollm2", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+                assert chat.choices[0].finish_reason in ("stop", "length")
+                vectors = client.embeddings.create(model="smollm2", input="Hi")
+                assert len(vectors.data[0].embedding) == 576
+    finally:
+        c.rbees("down")

@@ -257,3 +257,21 @@ def test_embedding_jobs_and_the_rest_never_share_workers(policy: type[LeastLoade
     assert "worker emb on pool p serves embeddings only" in explain(verdict)
     verdict = policy().decide(snapshot(both))
     assert targets(verdict) == [("dispatch", "p", "chat")]
+
+
+def test_a_worker_of_the_other_kind_gives_up_its_cores() -> None:
+    """Every core of the CPU is held by an idle worker of the job's model, of the other kind
+    (a generating one for an embedding job, and the reverse): it cannot take the job, so it
+    is stopped for the job's worker to start; one of the same kind never is."""
+    cpu = device("cpu", cores=2, cores_free=0)
+    for job_kind, holder in ((True, worker("chat", cpus=[0, 1])),
+                             (False, _embedding(worker("emb", cpus=[0, 1])))):
+        head = _embedding(job()) if job_kind else job()
+        verdict = LeastLoaded().decide(snapshot(pool("p", devices=[cpu], workers=[holder]),
+                                                job=head))
+        assert [d.action for d in verdict.decisions] == ["stop_worker", "wait"], verdict
+        assert verdict.decisions[0].worker_id == holder["worker_id"]
+    same = worker("chat", cpus=[0, 1], free=0)  # full, of the job's kind: the job waits
+    verdict = LeastLoaded().decide(snapshot(pool("p", devices=[cpu], workers=[same]),
+                                            job=job(waited_s=60)))
+    assert [d.action for d in verdict.decisions] == ["wait"], verdict

@@ -337,8 +337,10 @@ class Analysis:
                 if not w.get("cpus") or w.get("cpu_shared") or \
                         w.get("state") not in ("ready", "busy") or (busy > 0 and not patient):
                     continue
-                if same_model(w.get("model_ref"), self.model, d.pool.aliases):
+                if same_model(w.get("model_ref"), self.model, d.pool.aliases) and \
+                        bool(w.get("embedding")) is self.embedding:
                     continue  # its own model's worker: stopping it only starts it again
+                    # (one of the other kind, embedding or not, cannot take the job)
                 key = (busy > 0, d.pool.pref, -len(w["cpus"]), busy, d.pool.pool_id,
                        str(w.get("worker_id")))
                 if best is None or key < best[0]:
