@@ -192,3 +192,19 @@ def test_completions_logprobs_take_0_to_5(cluster: Cluster) -> None:
             "model": "smollm2", "prompt": "Bees", "max_tokens": 2, "logprobs": bad})
         assert answer.status_code == 400, (bad, answer.text)
         assert answer.json()["error"]["param"] == "logprobs"
+
+
+def test_rbees_jobs_submit_takes_the_sampling_flags(cluster: Cluster) -> None:
+    import json
+
+    done = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt", "Bees are",
+                         "--raw", "--max-tokens", "6", "--temperature", "0", "--logprobs", "2",
+                         "--presence-penalty", "0.5", "--frequency-penalty", "0.5",
+                         "--min-p", "0.1", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    entries = json.loads(done.stdout)["end"]["logprobs"]
+    assert len(entries) == 6 and all(len(e["top_logprobs"]) == 2 for e in entries)
+    text = cluster.rbees("jobs", "submit", "--model", "smollm2", "--prompt", "Bees are",
+                         "--raw", "--max-tokens", "4", "--temperature", "0", "--logprobs", "1")
+    assert text.returncode == 0, text.stderr
+    assert len([line for line in text.stderr.splitlines() if "\t" in line]) == 4, text.stderr

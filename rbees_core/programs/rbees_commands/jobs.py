@@ -71,6 +71,10 @@ def submit(
     min_p: Annotated[float | None, typer.Option(
         "--min-p", min=0, max=1,
         help="Drop tokens less likely than this times the likeliest one")] = None,
+    logprobs: Annotated[int | None, typer.Option(
+        "--logprobs", metavar="N", min=0, max=20,
+        help="Each token's log probability and its N likeliest alternatives: on stderr "
+             "after the answer (json: the end's logprobs)")] = None,
     seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop sequence (repeat)")
                     ] = None,
@@ -118,6 +122,8 @@ def submit(
                        ("frequency_penalty", frequency_penalty), ("min_p", min_p)):
         if value is not None:
             task[key] = value
+    if logprobs is not None:
+        task.update(logprobs=True, top_logprobs=logprobs)
     if stop:
         task["stop"] = stop
     task.update(_structured(json_schema, tools_file, tool_choice))
@@ -181,6 +187,7 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
 
     first: float | None = None
     last_id = 0
+    entries: list[dict[str, Any]] = []  # logprobs, when the job asked for them
     for _attempt in range(5):  # resume with Last-Event-ID if the stream breaks
         try:
             with client.stream("GET", url, headers={"Last-Event-ID": str(last_id)}) as answer:
@@ -194,9 +201,13 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
                             first = time.monotonic()
                         if fmt is OutputFormat.text:
                             _write(data)
+                        entries.extend(data.get("logprobs") or ())
                     elif event == "end":
+                        if entries:
+                            data = {**data, "logprobs": entries}
                         if fmt is OutputFormat.text:
                             sys.stdout.write("\n")
+                            _print_logprobs(entries)
                             for call in data.get("tool_calls") or []:
                                 function = call.get("function", {})
                                 print(f"tool call {call.get('id')}: {function.get('name')}"
@@ -212,6 +223,14 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
                 raise
             time.sleep(0.5)
     raise RbeesError("lost the job's event stream")
+
+
+def _print_logprobs(entries: list[dict[str, Any]]) -> None:
+    """One line per token on stderr: the token, its logprob, then its alternatives."""
+    for entry in entries:
+        alternatives = "  ".join(f"{alt['token']!r} {alt['logprob']:.3f}"
+                                 for alt in entry.get("top_logprobs", ()))
+        print(f"{entry['token']!r}\t{entry['logprob']:.4f}\t{alternatives}", file=sys.stderr)
 
 
 def _write(token: dict[str, Any]) -> None:

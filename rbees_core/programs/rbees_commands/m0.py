@@ -282,7 +282,7 @@ class M0Job:
         body = {k: v for k, v in self.task.items()
                 if k in ("prompt", "messages", "max_tokens", "temperature", "seed", "stop",
                          "json_schema", "tools", "tool_choice", "presence_penalty",
-                         "frequency_penalty", "min_p")}
+                         "frequency_penalty", "min_p", "logprobs", "top_logprobs")}
         return {"job_id": self.job_id, **body}
 
     async def _stream(self, client: Any, where: Placement) -> dict[str, Any]:
