@@ -12,11 +12,11 @@ Qwen3, QwQ and the DeepSeek-R1 distills write their reasoning between ``<think>`
   ``message.reasoning_content``; ``/v2/tasks`` streams carry the field as the worker sent it.
 
 Rules (:class:`ReasoningSplitter`): reasoning is recognised only at the start of the output
-(after optional whitespace) or from the start when the prompt opened it; the tags are not
-reported; the reasoning's leading and trailing whitespace and the whitespace between
-``</think>`` and the answer are dropped; an output cut before ``</think>`` (``max_tokens``) is
-all reasoning, with empty content; text that does not start with ``<think>`` is all content,
-byte for byte.
+(after optional whitespace) or from the start when the prompt opened it (a ``<think>`` the
+model writes there all the same is dropped, as llama.cpp does); the tags are not reported;
+the reasoning's leading and trailing whitespace and the whitespace between ``</think>`` and
+the answer are dropped; an output cut before ``</think>`` (``max_tokens``) is all reasoning,
+with empty content; text that does not start with ``<think>`` is all content, byte for byte.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class ReasoningSplitter:
         self.state = "reasoning" if started else "start"
         self.held = ""
         self.said = False  # some reasoning was reported (its leading whitespace is gone)
+        self.opened = not started  # the <think> was read (not only opened by the prompt)
 
     def feed(self, piece: str) -> tuple[str, str]:
         """``(reasoning, content)`` to report now after ``piece`` (either may be empty)."""
@@ -121,13 +122,20 @@ class ReasoningSplitter:
             if self.state == "start":
                 head = self.held.lstrip()
                 if head.startswith(OPEN):
-                    self.state, self.held = "reasoning", head[len(OPEN):]
+                    self.state, self.held, self.opened = "reasoning", head[len(OPEN):], True
                     continue
                 if OPEN.startswith(head):  # nothing yet, or the tag's beginning
                     return reasoning, content
                 self.state = "content"
                 continue
             if self.state == "reasoning":
+                if not self.said and not self.opened:  # opened by the prompt: a model
+                    head = self.held.lstrip()  # may still write its own <think>, dropped
+                    if head and OPEN.startswith(head) and head != OPEN:
+                        return reasoning, content
+                    self.opened = True
+                    if head.startswith(OPEN):
+                        self.held = head[len(OPEN):]
                 at = self.held.find(CLOSE)
                 if at >= 0:
                     reasoning += self._said(self.held[:at].rstrip())
