@@ -287,9 +287,11 @@ class EventStreamResponse:
     TERMINAL = frozenset({"end", "error"})
 
     def __init__(self, events: asyncio.Queue[tuple[str, dict[str, Any]]],
-                 on_disconnect: Callable[[], object], first_id: int = 1) -> None:
+                 on_disconnect: Callable[[], object], first_id: int = 1,
+                 on_close: Callable[[], object] | None = None) -> None:
         self.events = events
         self.on_disconnect = on_disconnect
+        self.on_close = on_close  # runs once the stream is over, however it ended
         self.next_id = first_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -335,6 +337,8 @@ class EventStreamResponse:
             raise
         finally:
             watcher.cancel()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def daemon_routes(program: str, pm: Any, *, started: float, operations: list[Any],

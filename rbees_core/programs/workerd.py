@@ -104,6 +104,9 @@ class WorkerState:
     started: float = attrs.field(factory=time.monotonic)
     shutdown: asyncio.Event = attrs.field(factory=asyncio.Event)
     exit_code: int = 0
+    #: execute streams not yet over: a drain waits for their last frames, not only for
+    #: the engine's slots (a slot is free before its job's end event is written)
+    streams: int = 0
 
     @property
     def uri(self) -> str:
@@ -199,8 +202,13 @@ async def execute(request: Request) -> Response:
                          logprobs=logprobs_top(engine.model, req, st.settings.backend))
     engine.submit(job)
     st.log.info("job_accepted", job_id=req.job_id, tokens_in=len(job.tokens))
-    return EventStreamResponse(events, on_disconnect=lambda: engine.cancel(req.job_id)
-                               )  # type: ignore[return-value]
+    st.streams += 1
+
+    def closed() -> None:
+        st.streams -= 1
+
+    return EventStreamResponse(events, on_disconnect=lambda: engine.cancel(req.job_id),
+                               on_close=closed)  # type: ignore[return-value]
 
 
 async def cancel(request: Request) -> Response:
@@ -356,11 +364,15 @@ def begin_drain(st: WorkerState) -> None:
 
     async def wait_idle() -> None:
         deadline = time.monotonic() + st.settings.drain_timeout_s
-        while st.engine is not None and not st.engine.idle and time.monotonic() < deadline:
+        while st.engine is not None and (not st.engine.idle or st.streams) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if st.engine is not None:
             await asyncio.to_thread(st.engine.stop)
-        await asyncio.sleep(0.05)  # let the last frames leave
+        last = time.monotonic() + 2.0  # the stopped jobs' error frames, or a client gone
+        while st.streams and time.monotonic() < last:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # let the last bytes leave
         st.set_state("stopped")
         st.shutdown.set()
 
