@@ -16,9 +16,14 @@ from rbees_core.errors import InvalidParamsError
 def sampling_params(model: LoadedModel, req: ExecuteRequest, *, seed: int,
                     grammar: str | None) -> SamplingParams:
     """The :class:`SamplingParams` of ``req``. Raises :class:`InvalidParamsError` (a 400
-    naming ``logit_bias``) for a token id beyond the model's vocabulary."""
+    naming ``logit_bias``) for a token id beyond the model's vocabulary, or any
+    ``logit_bias`` for a model that does not say its vocabulary size."""
     pairs = logit_bias_pairs(req.logit_bias)
-    if pairs and model.n_vocab and pairs[-1][0] >= model.n_vocab:
+    if pairs and not model.n_vocab:  # no vocabulary to check ids against, nor to bias
+        raise InvalidParamsError("logit_bias", "this model's backend does not say its "
+                                 "vocabulary, so it cannot apply logit_bias; run the model "
+                                 "on the llamacpp or torch backend for it")
+    if pairs and pairs[-1][0] >= model.n_vocab:
         raise InvalidParamsError("logit_bias", f"token {pairs[-1][0]} is not in the "
                                  f"model's vocabulary of {model.n_vocab} tokens")
     return SamplingParams(

@@ -27,10 +27,12 @@ import attrs
 import pytest
 
 from rbees_core import plugins
+from rbees_core.api.worker import ExecuteRequest
 from rbees_core.backend import Backend, LoadedModel, SamplingParams
 from rbees_core.engine import Engine
 from rbees_core.errors import InvalidParamsError
 from rbees_core.models import resolve_model
+from rbees_core.sampling import logprobs_top, sampling_params
 
 #: how long one job of the suite may take before the suite calls it hung
 JOB_TIMEOUT_S = 120.0
@@ -255,9 +257,15 @@ class BackendContract:
 
     def test_logit_bias_bans_and_forces_tokens(self, engine: Engine,
                                                loaded: LoadedModel) -> None:
-        """-100 bans a token, +100 forces it (models that say their vocabulary size)."""
+        """-100 bans a token, +100 forces it; a model that does not say its vocabulary
+        size cannot take logit_bias, and the worker refuses it (a 400)."""
         if not loaded.n_vocab:
-            pytest.skip("the model does not say its vocabulary size")
+            with pytest.raises(InvalidParamsError) as refused:
+                sampling_params(loaded, ExecuteRequest(job_id="bias", prompt="hi",
+                                                       logit_bias={"1": -100}),
+                                seed=1, grammar=None)
+            assert refused.value.field == "logit_bias"
+            return
         first = self.generate(engine, max_tokens=1).text
         banned = tuple((t, -100.0) for t in loaded.tokenize(first))
         assert self.generate(engine, max_tokens=1, logit_bias=banned).text != first, first
@@ -268,9 +276,14 @@ class BackendContract:
     def test_logprobs_are_the_models_distribution(self, engine: Engine,
                                                   loaded: LoadedModel) -> None:
         """With logprobs each generated token has an entry, sent with the piece that
-        completes its text; under greedy decoding the chosen token is the likeliest."""
+        completes its text; under greedy decoding the chosen token is the likeliest. A
+        backend that cannot report them has the worker refuse them (a 400)."""
         if not loaded.supports_logprobs:
-            pytest.skip("the backend reports no logprobs")
+            with pytest.raises(InvalidParamsError) as refused:
+                logprobs_top(loaded, ExecuteRequest(job_id="lp", prompt="hi", logprobs=True),
+                             type(loaded).__name__)
+            assert refused.value.field == "logprobs"
+            return
         plain = self.generate(engine)
         run = self.generate(engine, logprobs=3)
         assert run.text == plain.text  # asking for logprobs changes nothing else
