@@ -183,9 +183,16 @@ class TaskRequest:
     reasoning_effort: Effort | None = field(
         default=None, doc="OpenAI's reasoning effort, given to the chat template as the "
         'variable reasoning_effort; "none" also sets enable_thinking false')
+    keep_alive: str | int | float | None = field(
+        default=None, doc='how long the worker stays loaded after this job (Ollama\'s '
+        'keep_alive): a duration ("5m", "30s", "1h30m"), a number of seconds, 0 (unload '
+        'right after the job) or -1 (keep it loaded); default: rbees-orcd\'s keep_alive')
 
     def check(self) -> None:
         """Rules across fields; raises :class:`InvalidParamsError` naming the field."""
+        from rbees_core.durations import check_keep_alive
+
+        check_keep_alive(self.keep_alive)
         ref = self.model.replace("\\", "/")
         if ".." in ref.split("/"):
             raise InvalidParamsError("model", "must not contain '..'")

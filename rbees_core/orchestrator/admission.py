@@ -14,6 +14,7 @@ import contextlib
 from typing import Any
 
 from rbees_core.api.orchestrator import TaskAccepted, TaskRequest
+from rbees_core.durations import parse_keep_alive
 from rbees_core.errors import ConflictError, ModelNotFoundError, RbeesError
 from rbees_core.log import Logger, correlation_id
 from rbees_core.orchestrator.book import Admitted, Book, Run, retrieved
@@ -70,6 +71,8 @@ class Admission:
         book = self.book
         job = new_job(request, correlation_id=correlation_id.get())
         book.admitted[job.job_id] = Admitted(execute_body(job), request.cancel_on_disconnect)
+        if request.keep_alive is not None:
+            book.keep_alive[job.job_id] = parse_keep_alive(request.keep_alive)
         pushed = self.queue.push(job.job_id, job.priority, model=job.model,
                                  placement=request.placement, embedding=request.embedding)
         if pushed.dropped is not None:

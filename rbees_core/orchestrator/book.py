@@ -120,6 +120,9 @@ class Book:
         self.runs: dict[str, Run] = {}
         #: jobs admitted by this process and not yet ended
         self.admitted: dict[str, Admitted] = {}
+        #: job id -> its keep_alive in seconds (math.inf: forever), for the jobs that gave
+        #: one, until dispatched (the worker's keep-alive then: :mod:`.keepalive`)
+        self.keep_alive: dict[str, float] = {}
         #: jobs whose admission is not durable yet: the dispatcher leaves them alone
         self.admitting: set[str] = set()
         #: jobs taken out of a full queue to make room for an admission not yet durable:
@@ -187,6 +190,7 @@ class Book:
         self.last_decision.pop(job_id, None)
         self.admitted.pop(job_id, None)
         self.waited_at.pop(job_id, None)
+        self.keep_alive.pop(job_id, None)
 
         async def later() -> None:
             await asyncio.sleep(RETIRE_AFTER_S)

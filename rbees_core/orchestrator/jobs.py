@@ -45,7 +45,7 @@ PARAM_FIELDS: tuple[str, ...] = (
     "deadline_ms", "placement", "cancel_on_disconnect", "json_schema", "grammar", "tools",
     "tool_choice", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "min_p",
     "logit_bias", "logprobs", "top_logprobs", "input",
-    "chat_template_kwargs", "reasoning_effort",
+    "chat_template_kwargs", "reasoning_effort", "keep_alive",
 )
 _EXECUTE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")
 #: Execute fields sent only when set (a worker from before them accepts the job unchanged).

@@ -2,8 +2,9 @@
 
 The registry (:mod:`.registry`) knows each pool as its last heartbeat said; this module
 keeps it current, tells the book (:mod:`.book`) when what a policy reads has changed, starts
-and stops workers when a verdict says so (and stops, after ``idle_timeout_s``, the idle
-ones it started), and forwards an operator's calls to a pool (:meth:`PoolControl.call_pool`).
+and stops workers when a verdict says so (and every idle worker when its keep-alive ends:
+:mod:`.keepalive`), and forwards an operator's calls to a pool
+(:meth:`PoolControl.call_pool`).
 Every call to a pool goes to the pool-managerd API at the URL the pool registered with:
 the scheduler's through the typed :class:`~rbees_core.pool_client.http.HttpPoolClient`,
 an operator's relayed as the pool answered it (:meth:`PoolControl.call_pool`).
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -24,6 +26,7 @@ from rbees_core.api.pool import PoolHeartbeat, WorkerStartRequest
 from rbees_core.errors import ConflictError, HostUnreachableError, NotFoundError, RbeesError
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, request_headers
+from rbees_core.orchestrator.keepalive import KeepAlive
 from rbees_core.orchestrator.registry import PoolEntry, PoolRegistry
 from rbees_core.placement import worker_defaults
 from rbees_core.pool_client.http import HttpPoolClient
@@ -65,7 +68,9 @@ class PoolControl:
 
     def __init__(self, book: Book, registry: PoolRegistry, log: Logger, client: httpx.AsyncClient,
                  *, token: str | None, idle_timeout_s: float,
-                 worker_defaults: dict[str, Any] | None = None) -> None:
+                 worker_defaults: dict[str, Any] | None = None,
+                 keep_alive_s: float | None = None,
+                 waiting: Callable[[str], bool] | None = None) -> None:
         self.book = book
         #: ``[placement]`` as a snapshot's ``worker_defaults``: what a start decision that
         #: names no slots, context or threads gets (a script policy's)
@@ -77,9 +82,14 @@ class PoolControl:
         self.idle_timeout_s = idle_timeout_s
         #: (pool_id, model, embedding) -> the task starting a worker for it there
         self.starting: dict[tuple[str, str, bool], asyncio.Task[None]] = {}
-        #: (pool_id, worker_id) -> since when (monotonic) no job runs there
-        self.idle_since: dict[tuple[str, str], float] = {}
-        #: workers this process started: stopped when idle for idle_timeout_s
+        #: every idle worker is stopped when its keep-alive ends (the latest job's, else
+        #: ``keep_alive_s``, else ``idle_timeout_s``); ``waiting(model)``: a queued job
+        #: wants the model (its idle workers are kept)
+        self.keepalive = KeepAlive(
+            idle_timeout_s if keep_alive_s is None else keep_alive_s,
+            workers=self._known_workers, waiting=waiting or (lambda model: False),
+            stop=self._stop_idle)
+        #: workers this process started (shown in logs; keep-alive covers every worker)
         self.started_by_us: set[tuple[str, str]] = set()
         #: the pools' statuses as last counted (by a heartbeat or by :meth:`age`)
         self.statuses: dict[str, str] = {}
@@ -143,13 +153,24 @@ class PoolControl:
 
     # -- workers' use ----------------------------------------------------------------------
 
-    def busy(self, pool_id: str, worker_id: str) -> None:
-        """A job was placed on the worker: it is not idle."""
-        self.idle_since.pop((pool_id, worker_id), None)
+    def busy(self, pool_id: str, worker_id: str, keep_alive_s: float | None = None) -> None:
+        """A job was placed on the worker: it is not idle, and the job's keep-alive
+        (seconds, ``math.inf``: forever, None: the default) is the worker's now."""
+        self.keepalive.dispatched((pool_id, worker_id), keep_alive_s)
 
     def idle(self, pool_id: str, worker_id: str) -> None:
         """The worker's last job ended: its idle time starts now."""
-        self.idle_since[(pool_id, worker_id)] = time.monotonic()
+        self.keepalive.ended((pool_id, worker_id))
+
+    def _known_workers(self) -> Iterator[tuple[str, dict[str, Any], int]]:
+        """Every worker of a ready pool, with the jobs in flight there (for keep-alive)."""
+        registry = self.registry
+        for entry in registry:
+            if registry.status(entry) != "ready":
+                continue
+            for worker in list(entry.workers.values()):
+                worker_id = str(worker.get("worker_id"))
+                yield entry.pool_id, worker, registry.inflight.get((entry.pool_id, worker_id), 0)
 
     def suspect(self, pool_id: str, worker_id: str) -> None:
         """The worker failed a job before its first token: nothing is placed on it until
@@ -249,15 +270,17 @@ class PoolControl:
                               headers=self.headers)
 
     async def idle_loop(self) -> None:
-        """Stop the workers this process started once idle for ``idle_timeout_s``."""
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for key, since in list(self.idle_since.items()):
-                if key in self.started_by_us and now - since > self.idle_timeout_s:
-                    self.idle_since.pop(key, None)
-                    self.started_by_us.discard(key)
-                    await self.stop_worker(*key)
+        """Stop every worker whose keep-alive has ended (see :mod:`.keepalive`)."""
+        await self.keepalive.loop()
+
+    async def _stop_idle(self, pool_id: str, worker_id: str) -> None:
+        """Stop a worker whose keep-alive ended: marked ``stopping`` first, so that no job
+        is placed on it while the pool is asked."""
+        self.stopping(pool_id, worker_id)
+        self.started_by_us.discard((pool_id, worker_id))
+        self.log.info("worker_keep_alive_ended", pool_id=pool_id, worker_id=worker_id)
+        self.book.changed()
+        await self.stop_worker(pool_id, worker_id)
 
     # -- an operator's calls ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ metrics. Its parts are public attributes for tests and tools, not for routes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import attrs
@@ -25,6 +26,7 @@ from rbees_core import plugins
 from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRequest
 from rbees_core.api.pool import PoolHeartbeat
 from rbees_core.config import PlacementConfig
+from rbees_core.durations import parse_keep_alive
 from rbees_core.errors import ConflictError, InvalidParamsError
 from rbees_core.feasibility import source_can_provide
 from rbees_core.log import Logger
@@ -51,6 +53,9 @@ class OrcdSettings:
     promote_after_s: float = 300.0
     heartbeat_interval_s: float = 5.0
     idle_timeout_s: float = 300.0
+    #: seconds an idle worker stays loaded when its latest job gave no keep_alive
+    #: (math.inf: forever); None: ``idle_timeout_s``
+    keep_alive_s: float | None = None
     scheduler: str = "least-loaded"
     scheduler_script: str | None = None
     token: str | None = None
@@ -92,7 +97,10 @@ class OrchestratorService:
         self._upstream = Upstream(connect_timeout=10.0, read_timeout=WORKER_READ_TIMEOUT_S)
         self.pools = PoolControl(self.book, self.registry, log, self._client,
                                  token=settings.token, idle_timeout_s=settings.idle_timeout_s,
-                                 worker_defaults=settings.placement.defaults())
+                                 worker_defaults=settings.placement.defaults(),
+                                 keep_alive_s=settings.keep_alive_s,
+                                 waiting=lambda model: any(q.model == model
+                                                           for q in self.queue))
         self.runner = Runner(self.book, self.store, self.queue, self.registry, self.pools,
                              self.metrics, log, self._upstream, self._client,
                              token=settings.token)
@@ -124,6 +132,10 @@ class OrchestratorService:
             self.queue.push(job.job_id, job.priority, model=job.model,
                             placement=job.placement, since=job.created_at, force=True,
                             embedding=job.embedding)
+            keep = self.store.spec(job.job_id).params.get("keep_alive")
+            if keep is not None:
+                with contextlib.suppress(InvalidParamsError):
+                    book.keep_alive[job.job_id] = parse_keep_alive(keep)
             if job.deadline_ms is not None:  # past already: the first round ends it
                 self.dispatcher.deadlines.add(job.job_id,
                                               job.created_at + job.deadline_ms / 1000)

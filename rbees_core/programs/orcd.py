@@ -82,6 +82,11 @@ def serve_orcd(
     heartbeat_interval: Annotated[float | None, typer.Option("--heartbeat-interval",
                                                              min=0.1)] = None,
     idle_timeout: Annotated[float | None, typer.Option("--idle-timeout", min=1)] = None,
+    keep_alive: Annotated[str | None, typer.Option(
+        "--keep-alive", envvar="RBEES_KEEP_ALIVE",
+        help="How long an idle worker stays loaded when its latest job gave no keep_alive "
+             "(Ollama's forms: 5m, 30s, 0, -1 = forever); default: [orchestrator] "
+             "keep_alive, else --idle-timeout")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
     sse_ping_interval: Annotated[float, typer.Option(
         "--sse-ping-interval", min=0, envvar="RBEES_SSE_PING_INTERVAL",
@@ -91,6 +96,7 @@ def serve_orcd(
     """Start the orchestrator."""
     from rbees_core import plugins
     from rbees_core.config import load_config, load_token
+    from rbees_core.durations import parse_keep_alive
     from rbees_core.http import check_bind_policy, fail, launch, parse_bind
 
     try:
@@ -109,6 +115,9 @@ def serve_orcd(
         policy_value = pick(policy, orch, "queue_policy", "reject")
         if policy_value not in ("reject", "drop-oldest-batch"):
             raise InvalidParamsError("--queue-policy", "must be reject or drop-oldest-batch")
+        keep_value = pick(keep_alive, orch, "keep_alive", None)
+        keep_alive_s = None if keep_value is None else parse_keep_alive(
+            keep_value, field="--keep-alive")
         db_path = db or str(rbees_home() / "orcd.sqlite3")
         private_dir(Path(db_path).parent)
         settings = OrcdSettings(
@@ -116,6 +125,7 @@ def serve_orcd(
             policy=policy_value,
             heartbeat_interval_s=pick(heartbeat_interval, orch, "heartbeat_interval_s", 5.0),
             idle_timeout_s=pick(idle_timeout, orch, "idle_timeout_s", 300.0),
+            keep_alive_s=keep_alive_s,
             scheduler=pick(scheduler, sched, "policy", "least-loaded"),
             scheduler_script=getattr(sched, "script", None), token=token,
             placement=cfg.placement, sse_ping_interval_s=sse_ping_interval)

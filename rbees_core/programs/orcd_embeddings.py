@@ -107,9 +107,11 @@ async def embeddings(request: Request) -> Response:
     try:
         body = await _body(request)
         model, texts, fmt = _request(body)
-        task = from_mapping(TaskRequest, {"model": model, "input": texts,
-                                          "priority": "interactive",
-                                          "cancel_on_disconnect": True})
+        fields: dict[str, Any] = {"model": model, "input": texts, "priority": "interactive",
+                                  "cancel_on_disconnect": True}
+        if body.get("keep_alive") is not None:  # Ollama's, as on chat and completions
+            fields["keep_alive"] = body["keep_alive"]
+        task = from_mapping(TaskRequest, fields)
         job_id = (await service(request).submit(task)).job_id
     except OpenAIError as exc:
         return exc.response()

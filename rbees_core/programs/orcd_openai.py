@@ -94,7 +94,7 @@ def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
         max_tokens = body.get("max_tokens", 16)
     if max_tokens is not None:
         task["max_tokens"] = max_tokens
-    for key in ("temperature", "top_p", "seed"):
+    for key in ("temperature", "top_p", "seed", "keep_alive"):  # keep_alive: Ollama's
         if body.get(key) is not None:
             task[key] = body[key]
     if body.get("top_k") is not None:

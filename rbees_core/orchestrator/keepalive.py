@@ -1,0 +1,107 @@
+"""Keep-alive of workers: how long an idle worker stays loaded (Ollama's ``keep_alive``).
+
+A job may say ``keep_alive`` (``POST /v2/tasks`` and the ``/v1`` endpoints): a duration
+(``"5m"``, ``"30s"``, ``"1h30m"``, ``"250ms"``), a number of seconds, ``0`` (unload the
+worker right after the job) or a negative value (``-1``, ``"-1m"``: keep it loaded until
+something else stops it). The latest job dispatched to a worker sets its keep-alive; a job
+that gives none gets rbees-orcd's default (``keep_alive`` in ``[orchestrator]``, else
+``--keep-alive`` / ``RBEES_KEEP_ALIVE``, else ``--idle-timeout``).
+
+Every worker that a pool's heartbeat shows is covered, whoever started it. What is kept is
+in memory, derived again after a restart of rbees-orcd: a worker first seen idle by this
+process counts as idle since then, with the default keep-alive (the keep-alive of jobs run
+before the restart is not kept). A worker is never stopped while a job runs on it or is
+dispatched to it (counted by this process), while it is not ``ready``/``busy`` (starting,
+loading, stopping, ...), or while a queued job waits for its model (it is about to be used
+again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+#: how often idle workers are checked: ``keep_alive: 0`` stops one within about this
+CHECK_EVERY_S = 0.2
+
+Key = tuple[str, str]
+
+
+class KeepAlive:
+    """Which idle workers to stop, and when. Made by :class:`PoolControl`; the dispatcher
+    tells it each dispatch (:meth:`dispatched`), the runner each worker that ran out of
+    jobs (:meth:`ended`); :meth:`loop` (a task of the book) stops the expired ones.
+
+    ``workers`` lists, each time it is called, every worker known now as (pool_id, worker
+    dict, jobs in flight there); ``waiting`` says whether a queued job wants a model;
+    ``stop`` stops one worker.
+    """
+
+    def __init__(self, default_s: float, *,
+                 workers: Callable[[], Iterable[tuple[str, dict[str, Any], int]]],
+                 waiting: Callable[[str], bool],
+                 stop: Callable[[str, str], Awaitable[None]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.default_s = default_s
+        self.workers = workers
+        self.waiting = waiting
+        self.stop = stop
+        self.clock = clock
+        #: (pool_id, worker_id) -> since when (clock) it has had no job
+        self.idle_since: dict[Key, float] = {}
+        #: (pool_id, worker_id) -> the keep-alive its latest job set (None: the default)
+        self.keep: dict[Key, float | None] = {}
+
+    def dispatched(self, key: Key, keep_s: float | None) -> None:
+        """A job was placed on the worker: not idle; its keep-alive is the worker's now."""
+        self.idle_since.pop(key, None)
+        self.keep[key] = keep_s
+
+    def ended(self, key: Key) -> None:
+        """The worker's last job ended: its idle time starts now."""
+        self.idle_since[key] = self.clock()
+
+    def last_used(self, key: Key) -> float | None:
+        """When (wall clock) the worker was last used or first seen idle; None when in
+        use or never seen idle."""
+        since = self.idle_since.get(key)
+        if since is None:
+            return None
+        return time.time() - (self.clock() - since)
+
+    def expired(self) -> list[Key]:
+        """The workers to stop now; starts the idle time of workers seen for the first
+        time idle, and forgets the workers gone."""
+        now = self.clock()
+        seen: set[Key] = set()
+        out: list[Key] = []
+        for pool_id, worker, in_flight in self.workers():
+            key = (pool_id, str(worker.get("worker_id")))
+            seen.add(key)
+            # "busy" too: a pool's report lags the end of the jobs this process counts
+            if in_flight or worker.get("state") not in ("ready", "busy") \
+                    or worker.get("expected"):
+                self.idle_since.pop(key, None)
+                continue
+            since = self.idle_since.setdefault(key, now)
+            keep = self.keep.get(key)
+            if keep is None:
+                keep = self.default_s
+            if now - since >= keep and not self.waiting(str(worker.get("model_ref"))):
+                out.append(key)
+        for gone in [k for k in self.idle_since if k not in seen]:
+            self.idle_since.pop(gone, None)
+        for gone in [k for k in self.keep if k not in seen]:
+            self.keep.pop(gone, None)
+        return out
+
+    async def loop(self) -> None:
+        """Stop each expired worker, checking every :data:`CHECK_EVERY_S`."""
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            for key in self.expired():
+                self.idle_since.pop(key, None)
+                self.keep.pop(key, None)
+                await self.stop(*key)

@@ -1,0 +1,187 @@
+"""Keep-alive (issue 22, item 3): Ollama's ``keep_alive`` forms, which idle workers
+:class:`KeepAlive` stops and when (a fake clock), then on a real cluster: ``keep_alive: 0``
+unloads the worker right after its job, and the default keep-alive of a restarted
+rbees-orcd unloads a worker started before the restart."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rbees_core.durations import parse_keep_alive
+from rbees_core.errors import InvalidParamsError
+from rbees_core.orchestrator.keepalive import KeepAlive
+from rbees_core.testing import wait_http
+
+from .test_orcd import BIN, Cluster, up
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("5m", 300.0), ("30s", 30.0), ("1h30m", 5400.0), ("250ms", 0.25), ("1.5s", 1.5),
+    (0, 0.0), ("0", 0.0), (30, 30.0), (2.5, 2.5), ("45", 45.0),
+    (-1, math.inf), ("-1", math.inf), ("-1m", math.inf), (10 ** 12, math.inf)])
+def test_ollama_forms_of_keep_alive(value: Any, seconds: float) -> None:
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5 minutes", "", "m", "5d", True, [], {}, "nan"])
+def test_what_is_no_keep_alive_is_refused_naming_the_field(value: Any) -> None:
+    with pytest.raises(InvalidParamsError) as caught:
+        parse_keep_alive(value)
+    assert caught.value.field == "keep_alive"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keeper(workers: list[tuple[str, dict[str, Any], int]], *, default_s: float = 300.0,
+           waiting: tuple[str, ...] = ()) -> tuple[KeepAlive, Clock]:
+    clock = Clock()
+
+    async def stop(pool_id: str, worker_id: str) -> None:
+        raise AssertionError("not called here")
+
+    return KeepAlive(default_s, workers=lambda: workers, waiting=lambda m: m in waiting,
+                     stop=stop, clock=clock), clock
+
+
+def w(worker_id: str, state: str = "ready", model: str = "m1") -> dict[str, Any]:
+    return {"worker_id": worker_id, "state": state, "model_ref": model}
+
+
+def test_every_idle_worker_gets_the_default_from_when_it_was_first_seen_idle() -> None:
+    # a worker this process never dispatched to (started before a restart, or by hand)
+    k, clock = keeper([("p1", w("w1"), 0)], default_s=60)
+    assert k.expired() == []
+    clock.now += 59
+    assert k.expired() == []
+    clock.now += 2
+    assert k.expired() == [("p1", "w1")]
+
+
+def test_the_latest_jobs_keep_alive_sets_the_expiry() -> None:
+    workers = [("p1", w("w1"), 0)]
+    k, clock = keeper(workers, default_s=60)
+    k.dispatched(("p1", "w1"), math.inf)   # -1: forever
+    k.dispatched(("p1", "w1"), 0.0)        # then 0: unload right after
+    k.ended(("p1", "w1"))
+    assert k.expired() == [("p1", "w1")]
+    k.dispatched(("p1", "w1"), math.inf)
+    k.ended(("p1", "w1"))
+    clock.now += 10 ** 9
+    assert k.expired() == []
+    k.dispatched(("p1", "w1"), None)       # none given: the default
+    k.ended(("p1", "w1"))
+    clock.now += 61
+    assert k.expired() == [("p1", "w1")]
+    assert k.last_used(("p1", "w1")) is not None
+
+
+def test_a_worker_with_jobs_or_not_ready_or_wanted_is_never_stopped() -> None:
+    workers = [("p1", w("running"), 1), ("p1", w("loading", "loading"), 0),
+               ("p1", w("stopping", "stopping"), 0), ("p1", w("wanted", model="m2"), 0),
+               ("p1", {**w("expected"), "expected": True}, 0)]
+    k, clock = keeper(workers, default_s=0, waiting=("m2",))
+    for _, worker, _ in workers:
+        k.dispatched(("p1", worker["worker_id"]), 0.0)
+        k.ended(("p1", worker["worker_id"]))
+    clock.now += 3600
+    assert k.expired() == []
+    assert k.last_used(("p1", "running")) is None  # in use: not idle
+    # the pool's report lags: "busy" with no job of this process counts as idle
+    workers.append(("p1", w("lagging", "busy"), 0))
+    assert k.expired() == [("p1", "lagging")]
+
+
+def test_workers_gone_are_forgotten() -> None:
+    workers = [("p1", w("w1"), 0)]
+    k, _ = keeper(workers)
+    k.dispatched(("p1", "w1"), 5.0)
+    k.ended(("p1", "w1"))
+    workers.clear()
+    assert k.expired() == [] and not k.keep and not k.idle_since
+
+
+# -- on a real cluster ---------------------------------------------------------------------
+
+def live_workers(c: Cluster) -> list[dict[str, Any]]:
+    workers = httpx.get(f"{c.pool_url}/v2/workers", timeout=10).json()["workers"]
+    return [x for x in workers if x["state"] in ("starting", "loading", "ready", "busy")]
+
+
+def wait_unloaded(c: Cluster, timeout: float) -> float:
+    """Seconds until the pool has no live worker (fails after ``timeout``)."""
+    start = time.monotonic()
+    while live_workers(c):
+        assert time.monotonic() - start < timeout, live_workers(c)
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_keep_alive_0_unloads_the_worker_right_after_its_job(tmp_path: Path) -> None:
+    c = up(tmp_path)
+    try:
+        job_id = c.submit(keep_alive=0)["job_id"]
+        assert c.events(job_id)[-1][1] == "end"  # returns at the end event
+        took = wait_unloaded(c, timeout=10)
+        print(f"keep_alive 0: worker unloaded {took:.2f} s after the job's end")
+        assert took < 2.0  # 1 s asked; a margin for a loaded 2-core machine
+        # a /v1 request takes it too, and -1 keeps the worker
+        answer = httpx.post(f"{c.url}/v1/completions", json={
+            "model": "smollm2", "prompt": "Bees", "max_tokens": 2, "keep_alive": "-1"},
+            timeout=120)
+        assert answer.status_code == 200, answer.text
+        time.sleep(1.5)
+        assert live_workers(c)
+        bad = httpx.post(f"{c.url}/v1/completions", json={
+            "model": "smollm2", "prompt": "Bees", "keep_alive": "later"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"
+    finally:
+        c.rbees("down")
+
+
+def test_the_default_keep_alive_unloads_a_worker_started_before_a_restart(
+        tmp_path: Path) -> None:
+    c = up(tmp_path)
+    try:
+        job_id = c.submit(keep_alive=-1)["job_id"]
+        assert c.events(job_id)[-1][1] == "end"
+        assert live_workers(c)
+        pid = int((tmp_path / "run" / "rbees-orcd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        port = c.url.rsplit(":", 1)[1]
+        restarted = subprocess.Popen(
+            [str(BIN / "rbees-orcd"), "--bind", f"127.0.0.1:{port}",
+             "--heartbeat-interval", "0.5", "--keep-alive", "2s"], env=c.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_http(f"{c.url}/health", timeout=30, proc=restarted)
+            assert live_workers(c)  # not before its keep-alive
+            took = wait_unloaded(c, timeout=30)
+            print(f"default keep-alive 2 s after a restart: unloaded after {took:.2f} s")
+            assert took > 1.0
+        finally:
+            restarted.terminate()
+            restarted.wait(30)
+    finally:
+        c.rbees("down")
