@@ -65,6 +65,19 @@ Decisions (``Decision.to_dict()``), one of::
     {"action": "stop_worker", "pool_id", "worker_id"}
     {"action": "wait", "reason"}                 # pool_id/worker_id: a starting worker it waits for
     {"action": "fail", "code": "NO_CAPACITY", "reason"}   # terminal: the job can never run
+    {"action": "download", "pool_id", "model"}   # pull on first use (then wait)
+
+``download`` (pull on first use): the snapshot's ``job.downloadable`` is true when no pool
+holds the job's model and a source can download it (a catalog id, an ``hf:`` reference);
+``job.download_bytes`` is the file's size when the catalog knows it. A policy then picks a
+``ready`` pool (memory for the model on one of its devices, ``disk_free_bytes`` of the pool
+when it reports it, its preference) and returns ``download`` followed by a ``wait``;
+rbees-orcd asks that pool to download the model (``POST /v2/models/download``), one
+download per model however many jobs wait for it, and the normal path starts a worker once
+the pool holds it. Downloads in progress are in the snapshot as a pool's ``downloading``
+(``[{"model", "bytes", "total"}]``): a policy waits for them rather than download again.
+A failed download ends the jobs waiting for it with ``MODEL_DOWNLOAD_FAILED`` (retriable),
+and the model is not downloaded again for a while (rbees-orcd's backoff).
 
 ``fail`` ends the job at once with the error ``code`` (only ``NO_CAPACITY``) and the
 ``reason`` as its message; rbees-orcd also ends a job with it, whatever the policy, when a
@@ -87,7 +100,7 @@ import attrs
 
 from rbees_core.placement import cores_to_start, cpu_device
 
-Action = Literal["dispatch", "start_worker", "stop_worker", "wait", "fail"]
+Action = Literal["dispatch", "start_worker", "stop_worker", "wait", "fail", "download"]
 
 
 @attrs.frozen
@@ -359,6 +372,68 @@ def memory_needed(job: dict[str, Any], pool: dict[str, Any]) -> int:
     return 0
 
 
+def downloading(pools: list[dict[str, Any]], model: str) -> tuple[str, dict[str, Any]] | None:
+    """``(pool_id, entry)`` of a download of ``model`` in progress (a pool's
+    ``downloading``), else None."""
+    for pool in pools:
+        for entry in pool.get("downloading") or ():
+            if entry.get("model") == model:
+                return str(pool.get("pool_id")), entry
+    return None
+
+
+def describe_download(model: str, pool_id: str, entry: dict[str, Any]) -> str:
+    """``downloading smollm2 to pool p1 (1048576 of 98362432 bytes)``."""
+    total = entry.get("total")
+    of = f" of {total}" if total else ""
+    return f"downloading {model} to pool {pool_id} ({int(entry.get('bytes') or 0)}{of} bytes)"
+
+
+def download_choice(job: dict[str, Any], pools: list[dict[str, Any]]
+                    ) -> tuple[str | None, dict[str, str]]:
+    """Where a model no pool holds should be downloaded (pull on first use): the pool id,
+    or None, and why each other pool was passed over. A ``ready`` pool the job may run on
+    (its pin; ``avoid_pools`` only when nothing else can), with ``disk_free_bytes`` for the
+    file when it reports it and a device whose available memory fits the model
+    (``job.memory_bytes``, else ``job.download_bytes``: sized by its file); then
+    ``prefer_pools``, a GPU that fits before a CPU, the most available memory, the pool id.
+    Called by the built-in policies when ``job.downloadable`` is set."""
+    placement = job.get("placement") or {}
+    pin = placement.get("pool")
+    prefer = list(placement.get("prefer_pools") or ())
+    avoid = set(placement.get("avoid_pools") or ())
+    size = job.get("download_bytes")
+    need = job.get("memory_bytes") or size or 0
+    lost: dict[str, str] = {}
+    ranked: list[tuple[Any, ...]] = []
+    for pool in pools:
+        pool_id = str(pool.get("pool_id"))
+        if pool.get("status") != "ready":
+            lost[pool_id] = f"pool {pool_id} is {pool.get('status')}"
+            continue
+        if pin is not None and pool_id != pin:
+            lost[pool_id] = f"the job is pinned to pool {pin}"
+            continue
+        disk = pool.get("disk_free_bytes")
+        if isinstance(disk, int) and isinstance(size, int) and disk < size:
+            lost[pool_id] = f"pool {pool_id} has {gib(disk)} of disk free, needs {gib(size)}"
+            continue
+        fits = [d for d in pool.get("devices") or () if device_available(d) >= int(need)]
+        if not fits:
+            lost[pool_id] = f"no device of pool {pool_id} has {gib(int(need))} free"
+            continue
+        best = max(fits, key=lambda d: (d.get("kind") != "cpu", device_available(d)))
+        ranked.append((pool_id in avoid, prefer.index(pool_id) if pool_id in prefer
+                       else len(prefer), best.get("kind") == "cpu", -device_available(best),
+                       pool_id))
+    if not ranked:
+        return None, lost
+    ranked.sort()
+    for key in ranked[1:]:
+        lost[key[-1]] = f"pool {ranked[0][-1]} was chosen to download it"
+    return ranked[0][-1], lost
+
+
 def device_available(device: dict[str, Any]) -> int:
     """``memory_free_bytes - memory_reserved_bytes`` (never negative)."""
     free = device.get("memory_free_bytes") or 0
@@ -383,6 +458,8 @@ def describe_decision(decision: Decision) -> str:
                 f"{decision.pool_id}")
     if decision.action == "stop_worker":
         return f"stop worker {decision.worker_id} on pool {decision.pool_id}"
+    if decision.action == "download":
+        return f"download {decision.model} to pool {decision.pool_id}"
     if decision.action == "fail":
         return f"end the job ({decision.code or 'NO_CAPACITY'}): {decision.reason}"
     return f"wait: {decision.reason}" if decision.reason else "wait"
@@ -450,7 +527,7 @@ def normalise_job(job: Any, index: int) -> dict[str, Any]:
         "priority": job.get("priority", "interactive"), "waited_s": job.get("waited_s", 0.0),
         "retry_count": job.get("retry_count", 0), "placement": placement,
     }
-    for key in ("memory_bytes", "now"):
+    for key in ("memory_bytes", "now", "downloadable", "download_bytes"):
         if key in job:
             out[key] = job[key]
     match = job.get("prefix_match")
@@ -488,6 +565,10 @@ def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *
             worker["slots_free"] = max(0, int(worker.get("slots_free", 0)) - 1)
         elif d.action == "stop_worker" and worker is not None:
             workers.remove(worker)
+        elif d.action == "download":
+            pool.setdefault("downloading", []).append(
+                {"model": d.model or job["model"], "bytes": 0,
+                 "total": job.get("download_bytes")})
         elif d.action == "start_worker":
             taken = {w.get("worker_id") for w in workers}
             n = len(workers) + 1

@@ -20,8 +20,8 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any, Generic, NamedTuple, TypeVar
 
-__all__ = ["PING", "Decoder", "Event", "Pinger", "aiter_events", "frame", "iter_events",
-           "json_frame", "parse"]
+__all__ = ["PING", "Decoder", "Event", "Pinger", "aiter_events", "comment", "frame",
+           "iter_events", "json_frame", "parse"]
 
 T = TypeVar("T")
 #: A comment frame: keeps a quiet stream (a job waiting in the queue) alive through proxies
@@ -64,6 +64,13 @@ def frame(data: str = "", *, event: str | None = None, id: int | str | None = No
         lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         return head + "".join(f"data: {line}\n" for line in lines) + "\n"
     return f"{head}data: {data}\n\n"
+
+
+def comment(text: str) -> bytes:
+    """An SSE comment frame (``: text``), which every reader ignores: what rbees-orcd's
+    ``/v1`` streams send for a job's ``downloading`` events. Line breaks become spaces."""
+    flat = text.replace("\r", " ").replace("\n", " ")
+    return f": {flat}\n\n".encode()
 
 
 def json_frame(event_id: int | None, event: str, data: Any) -> str:

@@ -49,8 +49,12 @@ class Admission:
         self._slots = (-1, 0)  # (version, ready worker slots), for predicted_start_ms
 
     def known_model(self, model: str) -> bool:
-        """Whether the catalog names ``model``, or some pool holds or serves it."""
+        """Whether the catalog names ``model``, a source can download it (an ``hf:``
+        reference: pull on first use), or some pool holds or serves it."""
         if self.catalog.get(model) is not None:
+            return True
+        provides = self.dispatcher.provides
+        if provides is not None and provides(model):
             return True
         for entry in self.registry:
             for w in entry.workers.values():

@@ -31,6 +31,7 @@ from rbees_core.interfaces import Scheduler
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, Run
 from rbees_core.orchestrator.deadlines import Deadlines
+from rbees_core.orchestrator.downloads import MODEL_DOWNLOAD_FAILED, Downloads
 from rbees_core.orchestrator.errors import DEADLINE_UNMET, QUEUE_FULL_DROPPED
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
@@ -56,7 +57,8 @@ ROUND_EVERY_S = 0.5
 #: records of prefixes held by workers that are gone are dropped this often
 PRUNE_EVERY_S = 5.0
 #: error codes of jobs that placement ended, which ``why`` quotes
-_ENDED_BY_PLACEMENT = frozenset({ModelLoadError.code, NO_CAPACITY, DEADLINE_UNMET})
+_ENDED_BY_PLACEMENT = frozenset({ModelLoadError.code, NO_CAPACITY, DEADLINE_UNMET,
+                                 MODEL_DOWNLOAD_FAILED})
 #: worker states whose slots hold nothing any more
 _GONE = frozenset({"stopped", "failed", "dead", "killed", "stopping"})
 
@@ -65,8 +67,9 @@ class _Pools:
     """The pools' snapshot for a policy, taken on first use: with 1,000 pools it costs
     1-2 ms, and most jobs are answered by the verdict of one alike (:meth:`_decide`)."""
 
-    def __init__(self, registry: PoolRegistry) -> None:
+    def __init__(self, registry: PoolRegistry, downloads: Downloads | None = None) -> None:
         self.registry = registry
+        self.downloads = downloads
         self.taken: list[dict[str, Any]] | None = None
         self.marked: bool | None = None  # whether any pool has marked a model failed
         self.failed: dict[tuple[str, str | None], list[tuple[str, dict[str, Any]]]] = {}
@@ -75,6 +78,8 @@ class _Pools:
     def get(self) -> list[dict[str, Any]]:
         if self.taken is None:
             self.taken = self.registry.snapshot_pools()
+            if self.downloads is not None:
+                self.taken = self.downloads.decorate(self.taken)
         return self.taken
 
     def failed_loads(self, queued: QueuedJob) -> list[tuple[str, dict[str, Any]]]:
@@ -112,7 +117,8 @@ class Dispatcher:
     def __init__(self, book: Book, store: Store, queue: JobQueue, registry: PoolRegistry,
                  scheduler: Scheduler, pools: PoolControl, runner: Runner,
                  metrics: OrchestratorMetrics, log: Logger, *,
-                 provides: Callable[[str], bool] | None = None, grace_s: float = 0.0) -> None:
+                 provides: Callable[[str], bool] | None = None, grace_s: float = 0.0,
+                 downloads: Downloads | None = None) -> None:
         self.book = book
         self.store = store
         self.queue = queue
@@ -130,6 +136,10 @@ class Dispatcher:
         self._pruned_at = 0.0
         self._last_keys: tuple[str, list[tuple[bytes, int]]] = ("", [])
         self.provides = provides
+        #: pull on first use (None: models no pool holds wait for an operator's download)
+        self.downloads = downloads
+        if downloads is not None:
+            downloads.end_queued = self.end_queued
         #: start deadlines of queued jobs (admission and recovery add them)
         self.deadlines = Deadlines()
         #: the queue's estimate of a new job's wait, in ms (``Retry-After`` of DEADLINE_UNMET)
@@ -149,10 +159,14 @@ class Dispatcher:
                "placement": placement}
         if queued.embedding:
             job["embedding"] = True
+        if self.downloads is not None:
+            job.update(self.downloads.job_fields(queued.model))
         head = [{"job_id": q.job_id, "model": q.model, "priority": q.priority,
                  "waited_s": max(0.0, now - q.since)} for q in self.queue.head(32)]
         if pools is None:
             pools = self.registry.snapshot_pools()
+            if self.downloads is not None:
+                pools = self.downloads.decorate(pools)
         data = {"now": now, "job": job, "queue": head, "pools": pools,
                 "throughput": {}, "worker_defaults": self.pools.worker_defaults}
         if len(self.prefixes):
@@ -231,7 +245,7 @@ class Dispatcher:
 
     async def _round(self) -> None:
         book = self.book
-        pools = _Pools(self.registry)
+        pools = _Pools(self.registry, self.downloads)
         for queued in self.queue.head(DISPATCH_WINDOW):
             if queued.job_id not in self.queue or queued.job_id in book.admitting:
                 continue
@@ -248,7 +262,7 @@ class Dispatcher:
                 run = self._claim(queued.job_id, *decision)
                 if run is not None:
                     await self._dispatch(run)
-                    pools = _Pools(self.registry)  # a slot was taken
+                    pools = _Pools(self.registry, self.downloads)  # a slot was taken
 
     def place_now(self, job_id: str) -> Run | None:
         """Decide a job just admitted at the head of the queue; claim the slot the policy
@@ -256,7 +270,7 @@ class Dispatcher:
         queued = self.queue.get(job_id)
         if queued is None:
             return None
-        pools = _Pools(self.registry)
+        pools = _Pools(self.registry, self.downloads)
         if pools.failed_loads(queued):  # the dispatcher ends it once it is durable
             return None
         decision = self._decide(queued, pools)  # an Ending: the round ends it once durable
@@ -272,6 +286,9 @@ class Dispatcher:
         waiting = self._waiting[1]  # jobs alike wait alike, until the version changes
         alike = (queued.model, queued.priority, repr(queued.placement), queued.embedding)
         verdict: Verdict | None = waiting.get(alike)
+        failed = None if self.downloads is None else self.downloads.failure(queued.model)
+        if failed is not None:  # its download failed lately: no new one yet
+            return Ending(MODEL_DOWNLOAD_FAILED, failed)
         if verdict is None:  # jobs that wait like an earlier one: its record explains them
             t0 = time.perf_counter()
             verdict = self.scheduler.decide(self.snapshot(queued.job_id, pools.get()))
@@ -298,6 +315,10 @@ class Dispatcher:
                 pools.taken = None  # the next job of this round sees the start
             elif decision.action == "stop_worker" and decision.pool_id and decision.worker_id:
                 book.spawn(self.pools.stop_worker(decision.pool_id, decision.worker_id))
+            elif decision.action == "download" and decision.pool_id \
+                    and self.downloads is not None:
+                self.downloads.start(decision.pool_id, decision.model or queued.model)
+                pools.taken = None  # the next job of this round sees the download
         return None
 
     def _never(self, queued: QueuedJob, pools: _Pools, verdict: Verdict) -> Ending | None:
@@ -384,7 +405,8 @@ class Dispatcher:
         ``waited_ms`` and ``retry_after_ms`` of ``DEADLINE_UNMET``), then retire it. Raises
         what the store raises (:class:`ConflictError` when it has ended already)."""
         error: dict[str, Any] = {"job_id": job_id, "code": code, "message": message,
-                                 "retriable": code == QUEUE_FULL_DROPPED, **(extra or {})}
+                                 "retriable": code in (QUEUE_FULL_DROPPED,
+                                                       MODEL_DOWNLOAD_FAILED), **(extra or {})}
         channel = self.book.channel(job_id)
         await self.store.transition_async(job_id, status, error_code=code, error_message=message,
                                           events=[*channel.take_unpersisted(), ("error", error)])
@@ -451,6 +473,11 @@ class Dispatcher:
             text = f"{text} The job ended ({record.error.code}): {record.error.message}."
         elif marks:
             text = f"{text} {describe_failed_loads(record.model, marks)}."
+        elif current is not None and self.downloads is not None \
+                and self.downloads.describe(record.model):
+            going = str(self.downloads.describe(record.model))
+            if going not in text:
+                text = f"{text} {_first_upper(going)}."
         elif current is not None and self._awaits_download(record.model):
             text = (f"{text} No pool has {record.model} on disk and a source can download "
                     "it, but nothing starts that download yet: download it to a pool "
@@ -458,3 +485,7 @@ class Dispatcher:
                     "job starts.")
         return {"job_id": job_id, "decisions": decisions, "explanation": text,
                 "failed_models": [{"pool_id": pool_id, **mark} for pool_id, mark in marks]}
+
+
+def _first_upper(text: str) -> str:
+    return text[:1].upper() + text[1:]

@@ -34,6 +34,7 @@ from rbees_core.orchestrator.admission import Admission
 from rbees_core.orchestrator.book import Book, Following, retrieved
 from rbees_core.orchestrator.channel import Channel
 from rbees_core.orchestrator.dispatcher import Dispatcher
+from rbees_core.orchestrator.downloads import Downloads
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue
@@ -106,11 +107,20 @@ class OrchestratorService:
                              token=settings.token)
         catalog = configured_catalog(pm)  # read once: admission stays cheap
         sources = plugins.model_sources(pm)
+        def provides(model: str) -> bool:
+            return source_can_provide(model, catalog, sources)
+
+        def size_of(model: str) -> int | None:
+            entry = catalog.get(model)
+            return None if entry is None else getattr(entry, "size_bytes", None)
+
+        self.downloads = Downloads(self.book, self.queue, self.pools, log, provides=provides,
+                                   size_of=size_of)
         self.dispatcher = Dispatcher(
             self.book, self.store, self.queue, self.registry, self.scheduler, self.pools,
-            self.runner, self.metrics, log,
-            provides=lambda model: source_can_provide(model, catalog, sources),
-            grace_s=UNAVAILABLE_AFTER_MISSED * settings.heartbeat_interval_s)
+            self.runner, self.metrics, log, provides=provides,
+            grace_s=UNAVAILABLE_AFTER_MISSED * settings.heartbeat_interval_s,
+            downloads=self.downloads)
         self.admission = Admission(self.book, self.store, self.queue, self.registry,
                                    catalog, self.dispatcher, self.runner, self.metrics, log)
         self.dispatcher.estimate_ms = lambda: self.admission.predicted_start_ms(len(self.queue))

@@ -425,6 +425,10 @@ class _OpenAIStream:
                     chunk = sse.frame(json.dumps(job_error(data).body())).encode()
                 elif event == PINGED:
                     chunk = sse.PING
+                elif event == "downloading":  # pull on first use: a comment, as pings are
+                    chunk = sse.comment(
+                        f"downloading {data.get('model')} to pool {data.get('pool_id')} "
+                        f"({data.get('bytes')} of {data.get('total')} bytes)")
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     pinger.touch()

@@ -62,22 +62,37 @@ def worker(worker_id: str, *, model: str = "smollm2", device: str = "cpu",
 
 
 def pool(pool_id: str, *, status: str = "ready", devices: Iterable[dict[str, Any]] | None = None,
-         workers: Iterable[dict[str, Any]] = (), models: Iterable[Any] = ("smollm2",)
-         ) -> dict[str, Any]:
-    """A pool entry; without ``devices`` it has one ``cpu`` device with 8 GiB free."""
-    return {"pool_id": pool_id, "status": status,
-            "devices": list(devices) if devices is not None else [device("cpu")],
-            "workers": list(workers), "models": list(models)}
+         workers: Iterable[dict[str, Any]] = (), models: Iterable[Any] = ("smollm2",),
+         disk_free_gib: float | None = None,
+         downloading: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A pool entry; without ``devices`` it has one ``cpu`` device with 8 GiB free.
+    ``disk_free_gib`` becomes ``disk_free_bytes``; ``downloading`` its downloads in progress
+    (``{"model", "bytes", "total"}``)."""
+    out = {"pool_id": pool_id, "status": status,
+           "devices": list(devices) if devices is not None else [device("cpu")],
+           "workers": list(workers), "models": list(models)}
+    if disk_free_gib is not None:
+        out["disk_free_bytes"] = int(disk_free_gib * GIB)
+    if downloading:
+        out["downloading"] = list(downloading)
+    return out
 
 
 def job(model: str = "smollm2", *, job_id: str = "job-1", priority: str = "interactive",
         placement: dict[str, Any] | None = None, memory_gib: float | None = None,
-        waited_s: float = 0.0) -> dict[str, Any]:
-    """The job at the head of the queue; ``memory_gib`` becomes ``memory_bytes``."""
+        waited_s: float = 0.0, downloadable: bool = False,
+        download_gib: float | None = None) -> dict[str, Any]:
+    """The job at the head of the queue; ``memory_gib`` becomes ``memory_bytes``;
+    ``downloadable`` (a source can download its model: pull on first use) and
+    ``download_gib`` (the file's size, ``download_bytes``) as rbees-orcd sets them."""
     out: dict[str, Any] = {"job_id": job_id, "model": model, "priority": priority,
                            "waited_s": waited_s, "retry_count": 0, "placement": placement}
     if memory_gib is not None:
         out["memory_bytes"] = int(memory_gib * GIB)
+    if downloadable:
+        out["downloadable"] = True
+    if download_gib is not None:
+        out["download_bytes"] = int(download_gib * GIB)
     return out
 
 
@@ -106,6 +121,8 @@ def snapshot(*pools: dict[str, Any], job: dict[str, Any] | None = None, now: flo
 
 
 def targets(verdict: Any) -> list[tuple[str, str | None, str | None]]:
-    """``(action, pool_id, worker_id or device)`` of each decision of a verdict."""
-    return [(d.action, d.pool_id, d.worker_id if d.action != "start_worker" else d.device)
+    """``(action, pool_id, worker_id or device or model)`` of each decision of a verdict
+    (the model of a ``download``)."""
+    return [(d.action, d.pool_id, d.device if d.action == "start_worker"
+             else d.model if d.action == "download" else d.worker_id)
             for d in verdict.decisions]

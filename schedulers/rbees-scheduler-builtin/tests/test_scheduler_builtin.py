@@ -275,3 +275,43 @@ def test_a_worker_of_the_other_kind_gives_up_its_cores() -> None:
     verdict = LeastLoaded().decide(snapshot(pool("p", devices=[cpu], workers=[same]),
                                             job=job(waited_s=60)))
     assert [d.action for d in verdict.decisions] == ["wait"], verdict
+
+
+# -- pull on first use -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", [LeastLoaded, MostFreeMemory, RoundRobin, Binpack, Spread])
+def test_a_model_no_pool_holds_is_downloaded_where_it_fits(policy: type[LeastLoaded]) -> None:
+    snap = snapshot(
+        pool("small", devices=[device("cpu", free_gib=1)], models=[]),
+        pool("full-disk", devices=[device("cuda:0", free_gib=40)], models=[], disk_free_gib=1),
+        pool("big", devices=[device("cpu", free_gib=16), device("cuda:0", free_gib=12)],
+             models=[]),
+        pool("gone", status="offline", models=[]),
+        job=job("tinyllama", downloadable=True, download_gib=2))
+    verdict = policy().decide(snap)
+    assert targets(verdict) == [("download", "big", "tinyllama"), ("wait", None, None)]
+    why = explain(verdict)
+    assert "download tinyllama to pool big" in why
+    reasons = {c.pool_id: c.rejected for c in verdict.candidates}
+    assert "has 1.0 GiB of disk free, needs 2.0 GiB" in str(reasons["full-disk"])
+    assert "no device of pool small has 2.0 GiB free" == reasons["small"]
+    assert reasons["gone"] == "pool gone is offline"
+
+
+def test_a_download_in_progress_is_waited_for_not_repeated() -> None:
+    snap = snapshot(
+        pool("a", models=[], downloading=[{"model": "tinyllama", "bytes": 5, "total": 10}]),
+        pool("b", models=[]), job=job("tinyllama", downloadable=True))
+    verdict = LeastLoaded().decide(snap)
+    assert targets(verdict) == [("wait", None, None)]
+    assert verdict.decisions[0].reason == "downloading tinyllama to pool a (5 of 10 bytes)"
+
+
+def test_no_download_without_a_source_or_when_a_pool_holds_it() -> None:
+    unknown = snapshot(pool("a", models=[]), job=job("mystery"))
+    assert targets(LeastLoaded().decide(unknown)) == [("wait", None, None)]
+    held = snapshot(pool("a", models=["tinyllama"]), job=job("tinyllama", downloadable=True))
+    assert targets(LeastLoaded().decide(held)) == [("start_worker", "a", "cpu")]
+    pinned = snapshot(pool("a", models=[]), pool("b", models=[]),
+                      job=job("tinyllama", downloadable=True, placement={"pool": "b"}))
+    assert targets(LeastLoaded().decide(pinned))[0] == ("download", "b", "tinyllama")

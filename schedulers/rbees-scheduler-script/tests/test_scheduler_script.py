@@ -69,6 +69,8 @@ def schedule(ctx):
         return None
     elif m == "refuse":
         return ctx.refuse("%s runs nowhere here" % m)
+    elif m == "pull" and ctx.job.get("downloadable"):
+        return [ctx.download("a"), ctx.wait("pulling %s" % m)]
     if ctx.dispatchable:
         rank = lambda w: (w["slots_free"], w["pool_id"], w["worker_id"])
         best = sorted(ctx.dispatchable, key = rank)[0]
@@ -208,6 +210,16 @@ def test_a_script_may_refuse_a_job_for_good(script: ScriptScheduler) -> None:
     assert [d.to_dict() for d in verdict.decisions] == [
         {"action": "fail", "code": "NO_CAPACITY", "reason": "refuse runs nowhere here"}]
     assert "end the job (NO_CAPACITY): refuse runs nowhere here" in explain(verdict)
+
+
+def test_a_script_may_download_a_model_no_pool_holds(script: ScriptScheduler) -> None:
+    snap = snapshot(pool("a", models=[]), job=job("pull", downloadable=True))
+    verdict = script.decide(snap)
+    assert verdict.fallback is None, verdict.fallback
+    assert [d.to_dict() for d in verdict.decisions] == [
+        {"action": "download", "pool_id": "a", "model": "pull"},
+        {"action": "wait", "reason": "pulling pull"}]
+    assert "download pull to pool a" in explain(verdict)
 
 
 def test_none_leaves_the_job_to_the_default_policy(script: ScriptScheduler) -> None:

@@ -17,7 +17,11 @@ it ranks workers and devices:
 4. else, when a CPU lacks only a free core, an idle worker of another model there is
    stopped to free its cores (a busy one once the job has waited 10 s:
    :meth:`~rbees_scheduler_builtin.analysis.Analysis.evictable`), and the job waits;
-5. else the job waits, and the reason says what stood in the way.
+5. else, when no pool holds the model and a source can download it (the snapshot's
+   ``job.downloadable``), it is downloaded to the pool :func:`rbees_core.scheduling.
+   download_choice` picks (``download``, then ``wait``), or waited for while a download
+   of it is in progress (a pool's ``downloading``): pull on first use;
+6. else the job waits, and the reason says what stood in the way.
 
 Pools of the job's ``avoid_pools`` are only used when no other pool can do any of 1-3;
 ``prefer_pools`` ranks before the policy does. Candidates cover every worker holding the
@@ -34,7 +38,17 @@ import attrs
 
 from rbees_core.interfaces import Scheduler
 from rbees_core.placement import worker_defaults
-from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, gib, same_model
+from rbees_core.scheduling import (
+    Candidate,
+    Decision,
+    Snapshot,
+    Verdict,
+    describe_download,
+    download_choice,
+    downloading,
+    gib,
+    same_model,
+)
 from rbees_scheduler_builtin.analysis import Analysis, DeviceView, WorkerView, plural
 
 AVOIDED = "pool {} is avoided by the job's placement"
@@ -107,6 +121,9 @@ class BuiltinPolicy(Scheduler):
         tier = a.tier()
         if tier is None:
             evict = a.evictable()
+            if evict is None and a.job.get("downloadable") and \
+                    not any(p.has_model for p in a.pools):
+                return self._download(a)
             return self._nothing(a) if evict is None else self._evict(a, *evict)
         workers = [w for w in a.workers if w.pool.avoided is tier]
         ready = [w for w in workers if not w.waitable]
@@ -266,6 +283,25 @@ class BuiltinPolicy(Scheduler):
         return Verdict(self.name, [
             Decision("stop_worker", pool_id=pool_id, worker_id=str(idle.get("worker_id"))),
             Decision("wait", reason=reason)], candidates, reason)
+
+    def _download(self, a: Analysis) -> Verdict:
+        """Pull on first use: no pool holds the model and a source can download it."""
+        pools = a.snapshot.get("pools") or []
+        going = downloading(pools, a.model)
+        if going is not None:  # one download per model: wait for it
+            reason = describe_download(a.model, *going)
+            return Verdict(self.name, [Decision("wait", reason=reason)], [], reason)
+        pool_id, lost = download_choice(a.job, pools)
+        candidates = [Candidate(p, p, "device", None, why) for p, why in lost.items()]
+        if pool_id is None:
+            reason = (f"no pool has {a.model} on disk and none can download it now: "
+                      + "; ".join(list(dict.fromkeys(lost.values()))[:3]))
+            return Verdict(self.name, [Decision("wait", reason=reason)], candidates, reason)
+        reason = (f"no pool has {a.model} on disk; {self.name} downloads it to pool "
+                  f"{pool_id}, then starts a worker there")
+        candidates.insert(0, Candidate(pool_id, pool_id, "device", None, None))
+        return Verdict(self.name, [Decision("download", pool_id=pool_id, model=a.model),
+                                   Decision("wait", reason=reason)], candidates, reason)
 
     def _nothing(self, a: Analysis) -> Verdict:
         reason = a.nothing_reason()

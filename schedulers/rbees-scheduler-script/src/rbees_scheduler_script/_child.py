@@ -114,6 +114,10 @@ def make_ctx(pools, call, queue_text):
     def wait(reason):
         return {"action": "wait", "reason": reason}
 
+    def download(pool_id, m = None, reason = None):
+        return _clean({"action": "download", "pool_id": pool_id, "model": m or model,
+                       "reason": reason})
+
     def refuse(reason):
         return {"action": "fail", "code": "NO_CAPACITY", "reason": reason}
 
@@ -126,7 +130,7 @@ def make_ctx(pools, call, queue_text):
         queue = queue, pool = pool, holds = holds, has_model = has_model,
         workers_with_model = workers_with_model, free_slots = free_slots, device = device,
         device_free = device_free, is_gpu = is_gpu, dispatch = dispatch, start = start,
-        wait = wait, refuse = refuse,
+        wait = wait, refuse = refuse, download = download,
     )
 '''
 

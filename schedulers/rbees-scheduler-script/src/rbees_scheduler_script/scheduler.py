@@ -321,6 +321,13 @@ class ScriptScheduler(Scheduler):
             return Decision("wait", pool_id=item.get("pool_id"), worker_id=item.get("worker_id"),
                             reason=item.get("reason") or f"the script {self.filename} chose "
                                                          "to wait")
+        elif action == "download":  # pull on first use: rbees-orcd asks the pool
+            need("pool_id")
+            assert pool is not None
+            if pool.reason is not None:
+                raise ScriptError("invalid", pool.reason)
+            return Decision("download", pool_id=pool.pool_id,
+                            model=item.get("model") or a.model, reason=item.get("reason"))
         elif action == "fail":  # the job can never run: it ends with NO_CAPACITY
             if item.get("code") not in (None, "NO_CAPACITY"):
                 raise ScriptError("garbage", "a fail decision's code can only be NO_CAPACITY")
@@ -328,7 +335,8 @@ class ScriptScheduler(Scheduler):
                             or f"the script {self.filename} refused the job")
         else:
             raise ScriptError("garbage", f"unknown action {action!r} (use dispatch, "
-                                         "start_worker, stop_worker, wait or fail)")
+                                         "start_worker, stop_worker, download, wait or "
+                                         "fail)")
         return Decision(action, pool_id=item["pool_id"], worker_id=item["worker_id"],
                         reason=item.get("reason"))
 
