@@ -22,7 +22,9 @@ from tests.test_orcd import Cluster, up
 
 REPO = "rbees-test/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL = f"hf:{REPO}/{FILE}"
+REF = f"hf:{REPO}/{FILE}"
+#: a catalog id (a test catalog, ``[pool] catalog_file``) whose source is ``REF``
+MODEL = "smol-hub"
 #: the hub sends the 98 MB file at this rate: a download of about 4 s, long enough to
 #: watch its progress on a loaded 2-core machine, short enough for a test
 RATE_BPS = 25 * 1024 * 1024
@@ -30,8 +32,8 @@ RATE_BPS = 25 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
-    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
     from rbees_core import plugins
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 
     pm: pluggy.PluginManager = plugins.make_manager(plugins.builtin_plugins())
     data = Path(resolve_model(pm, DEFAULT_MODEL_REF)).read_bytes()
@@ -45,7 +47,15 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub) -> Iterator[Cluster]:
-    c = up(tmp_path_factory.mktemp("pull") / "home", environ={"HF_ENDPOINT": hub.endpoint})
+    root = tmp_path_factory.mktemp("pull")
+    catalog = root / "catalog.toml"
+    size = len(hub.repos[REPO][FILE].content)
+    catalog.write_text(f'[[models]]\nid = "{MODEL}"\nname = "SmolLM2 from the hub"\n'
+                       f'hf_repo = "{REPO}"\nhf_file = "{FILE}"\nsize_bytes = {size}\n'
+                       f'context_length = 8192\nlicense = "apache-2.0"\n'
+                       f'sources = ["{REF}"]\n', encoding="utf-8")
+    c = up(root / "home", environ={"HF_ENDPOINT": hub.endpoint,
+                                   "RBEES_POOL_CATALOG_FILE": str(catalog)})
     yield c
     c.rbees("down")
 
@@ -104,10 +114,12 @@ def test_first_requests_download_once_with_progress_then_tokens(cluster: Cluster
     assert first_comment < first_text and frames[-2] == "data: [DONE]", frames
     assert cdn_gets(hub) - before == 1  # two first requests, one download
 
-    # a later request finds the model on the pool: no download, no progress
-    again = cluster.submit(model=MODEL)
-    seen = cluster.events(again["job_id"])
-    assert "downloading" not in [e for _, e, _ in seen] and seen[-1][1] == "end", seen
+    # later requests, by catalog id or by its hf: reference, find the model on the pool: no
+    # download, no progress
+    for name in (MODEL, REF):
+        again = cluster.submit(model=name)
+        seen = cluster.events(again["job_id"])
+        assert "downloading" not in [e for _, e, _ in seen] and seen[-1][1] == "end", seen
     assert cdn_gets(hub) - before == 1
 
 

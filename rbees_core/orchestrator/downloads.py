@@ -164,10 +164,11 @@ class Downloads:
             if client is None:
                 raise RbeesError(f"pool {d.pool_id} has no URL to download {d.model} to")
             done = await client.models_download(d.model, progress=lambda p: self._progress(d, p))
-        except RbeesError as exc:
-            message = f"downloading {d.model} to pool {d.pool_id} failed: {exc.message}"
+        except Exception as exc:  # the pool's refusal, a cut link, anything: it failed
+            reason = exc.message if isinstance(exc, RbeesError) else repr(exc)
+            message = f"downloading {d.model} to pool {d.pool_id} failed: {reason}"
             self.log.error("model_download_failed", pool_id=d.pool_id, model=d.model,
-                           error=exc.message)
+                           error=reason)
             self.failed[d.model] = (time.monotonic(), message)
             self.active.pop(d.model, None)
             await self._fail_waiting(d.model, message)
