@@ -26,6 +26,12 @@ Feature: M2, jobs through rbees-orcd on blep
     And stdout contains "8"
     And stdout does not contain "9"
 
+  Scenario: A model no pool holds is downloaded on first use, once for two jobs
+    Given the hub serves the SmolLM2 file as "rbees-bdd/SmolLM2-GGUF" file "smol.Q4_1.gguf"
+    When 2 tasks for "hf:rbees-bdd/SmolLM2-GGUF/smol.Q4_1.gguf" are submitted at once
+    Then each job streams "downloading" events, then tokens, and ends with "end"
+    And the hub sent the file once
+
   Scenario: A job placed on the pool it asks for
     When I submit a task to the orchestrator with:
       """

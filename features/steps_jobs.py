@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -321,3 +322,53 @@ def loose_token_file(world: World, ctx: dict[str, Any]) -> None:
     path.write_text(world.token)
     path.chmod(0o644)
     ctx["token_file"] = str(path)
+
+
+# -- pull on first use -------------------------------------------------------------------------
+
+@given(parsers.parse('the hub serves the SmolLM2 file as "{repo}" file "{filename}"'))
+def hub_serves_smollm2(world: World, ctx: dict[str, Any], repo: str, filename: str) -> None:
+    from rbees_core import plugins
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+
+    hub = world.ensure_hub()
+    if filename not in hub.repos.get(repo, {}):
+        pm = plugins.make_manager(plugins.builtin_plugins())
+        hub.add(repo, filename, Path(resolve_model(pm, DEFAULT_MODEL_REF)).read_bytes())
+    ctx["hub_file"] = hub.repos[repo][filename]
+    ctx["hub_gets"] = _file_gets(world, ctx)
+
+
+def _file_gets(world: World, ctx: dict[str, Any]) -> int:
+    """The hub's GETs of the file's bytes so far."""
+    assert world.hub is not None
+    sha = ctx["hub_file"].sha256
+    return sum(1 for r in world.hub.requests
+               if r.server == "cdn" and r.method == "GET" and sha in r.path)
+
+
+@when(parsers.parse('{count:d} tasks for "{model}" are submitted at once'))
+def submit_many_at_once(world: World, ctx: dict[str, Any], count: int, model: str) -> None:
+    ids = []
+    for _ in range(count):
+        got = submit(world, {"model": model, "prompt": "Bees are", "max_tokens": 4,
+                             "temperature": 0, "seed": 1})
+        assert got.status_code == 202, got.text
+        ids.append(got.json()["job_id"])
+    ctx["job_ids"] = ids
+
+
+@then('each job streams "downloading" events, then tokens, and ends with "end"')
+def each_job_downloads_then_streams(world: World, ctx: dict[str, Any]) -> None:
+    for job_id in ctx["job_ids"]:
+        frames = events(world, job_id)
+        names = [e for _, e, _ in frames]
+        assert "downloading" in names and names[-1] == "end", names
+        assert names.index("downloading") < names.index("token"), names
+        last = [d for _, e, d in frames if e == "downloading"][-1]
+        assert last["bytes"] == last["total"] == len(ctx["hub_file"].content), last
+
+
+@then("the hub sent the file once")
+def hub_sent_once(world: World, ctx: dict[str, Any]) -> None:
+    assert _file_gets(world, ctx) - ctx["hub_gets"] == 1
