@@ -165,6 +165,51 @@ class PlacementConfig:
 
 
 @attrs.frozen
+class OrchestratorConfig:
+    """``[orchestrator]``: rbees-orcd's queue, heartbeats, idle workers and streams.
+
+    Read by ``rbees-orcd`` (:mod:`rbees_core.programs.orcd`), whose flags beat these; each
+    key has its ``RBEES_ORCHESTRATOR_<KEY>`` variable.
+    """
+
+    queue_capacity: int = field(
+        default=1024, minimum=1, maximum=10_000_000,
+        doc="queued jobs at most (--queue-capacity)")
+    queue_policy: str = field(
+        default="reject", pattern=r"^(reject|drop-oldest-batch)$",
+        doc="a full queue: reject the new job (429) or drop the oldest batch job "
+            "(--queue-policy)")
+    promote_after_s: float = field(
+        default=300.0, minimum=0, maximum=86_400,
+        doc="a batch job waiting longer moves to the interactive lane")
+    heartbeat_interval_s: float = field(
+        default=5.0, minimum=0.1, maximum=3600,
+        doc="the pools' heartbeat interval (--heartbeat-interval)")
+    heartbeat_grace: int = field(
+        default=3, minimum=1, maximum=100,
+        doc="missed heartbeats after which a pool is unavailable")
+    offline_after_s: float = field(
+        default=60.0, minimum=1, maximum=86_400,
+        doc="seconds of silence after which a pool is offline (nothing is placed there)")
+    idle_timeout_s: float = field(
+        default=300.0, minimum=1, maximum=604_800,
+        doc="an idle worker rbees-orcd started is stopped after this long (--idle-timeout)")
+    keep_alive: str | None = field(
+        default=None, max_length=32,
+        doc='how long an idle worker stays loaded when its latest job gave no keep_alive, '
+            'in Ollama\'s forms ("5m", "30s", "0", "-1" = forever); default: '
+            'idle_timeout_s (--keep-alive, RBEES_KEEP_ALIVE)')
+    max_queue_wait_s: float = field(
+        default=600.0, minimum=0.1, maximum=86_400,
+        doc="an OpenAI request not started after this long in the queue gets 503 with "
+            "Retry-After (--max-queue-wait)")
+    sse_ping_interval_s: float = field(
+        default=15.0, minimum=0, maximum=3600,
+        doc="seconds of silence after which a stream gets an SSE ': ping'; 0: never "
+            "(--sse-ping-interval, RBEES_SSE_PING_INTERVAL)")
+
+
+@attrs.frozen
 class FileSourceConfig:
     """``[sources.file]``: the directories that ``file:`` references (and plain paths)
     given to a pool may name (:mod:`rbees_core.pool.file_roots`)."""
@@ -191,6 +236,7 @@ class Config:
     scheduler: SchedulerConfig = field(factory=SchedulerConfig)
     placement: PlacementConfig = field(factory=PlacementConfig)
     sources: SourcesConfig = field(factory=SourcesConfig)
+    orchestrator: OrchestratorConfig = field(factory=OrchestratorConfig)
 
 
 def _paths(value: str) -> list[str]:
@@ -215,6 +261,12 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_PLACEMENT_CTX": ("placement", "ctx", int),
     "RBEES_PLACEMENT_CPU_THREADS": ("placement", "cpu_threads", int),
     "RBEES_SOURCES_FILE_ROOTS": ("sources.file", "roots", _paths),
+    **{f"RBEES_ORCHESTRATOR_{key.upper()}": ("orchestrator", key, kind) for key, kind in (
+        ("queue_capacity", int), ("queue_policy", str), ("promote_after_s", float),
+        ("heartbeat_interval_s", float), ("heartbeat_grace", int),
+        ("offline_after_s", float), ("idle_timeout_s", float), ("keep_alive", str),
+        ("max_queue_wait_s", float),
+        ("sse_ping_interval_s", float))},
 }
 
 

@@ -1,9 +1,10 @@
 """The pool registry of rbees-orcd, fed by heartbeats.
 
 A pool is ``ready`` while heartbeats arrive, ``unavailable`` after 3 missed intervals and
-``offline`` after 60 s of silence. Slots are counted here too: the orchestrator knows which
-jobs it sent to which worker, so a worker's free slots are its total minus those in flight,
-not the (up to one interval old) number of the last heartbeat.
+``offline`` after 60 s of silence (``[orchestrator] heartbeat_grace``, ``offline_after_s``).
+Slots are counted here too: the orchestrator knows which jobs it sent to which worker, so a
+worker's free slots are its total minus those in flight, not the (up to one interval old)
+number of the last heartbeat.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class PoolEntry:
 
 class PoolRegistry:
     def __init__(self, *, heartbeat_interval_s: float = 5.0,
+                 unavailable_after_missed: int = UNAVAILABLE_AFTER_MISSED,
+                 offline_after_s: float = OFFLINE_AFTER_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = heartbeat_interval_s
+        self.missed = unavailable_after_missed
+        self.offline_after_s = offline_after_s
         self.clock = clock
         self.pools: dict[str, PoolEntry] = {}
         #: (pool_id, worker_id) -> jobs in flight there
@@ -54,9 +59,9 @@ class PoolRegistry:
 
     def status(self, entry: PoolEntry) -> str:
         silent = self.clock() - entry.last_seen
-        if silent > OFFLINE_AFTER_S:
+        if silent > self.offline_after_s:
             return "offline"
-        if silent > UNAVAILABLE_AFTER_MISSED * self.interval:
+        if silent > self.missed * self.interval:
             return "unavailable"
         return "ready"
 

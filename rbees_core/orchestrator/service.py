@@ -38,7 +38,7 @@ from rbees_core.orchestrator.downloads import Downloads
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue
-from rbees_core.orchestrator.registry import UNAVAILABLE_AFTER_MISSED, PoolRegistry
+from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.runner import Runner
 from rbees_core.orchestrator.store import Store
 from rbees_core.orchestrator.upstream import Upstream
@@ -53,10 +53,15 @@ class OrcdSettings:
     policy: str = "reject"
     promote_after_s: float = 300.0
     heartbeat_interval_s: float = 5.0
+    #: missed heartbeats after which a pool is unavailable; silence after which offline
+    heartbeat_grace: int = 3
+    offline_after_s: float = 60.0
     idle_timeout_s: float = 300.0
     #: seconds an idle worker stays loaded when its latest job gave no keep_alive
     #: (math.inf: forever); None: ``idle_timeout_s``
     keep_alive_s: float | None = None
+    #: an OpenAI request's job not started after this long ends DEADLINE_UNMET (503)
+    max_queue_wait_s: float = 600.0
     scheduler: str = "least-loaded"
     scheduler_script: str | None = None
     token: str | None = None
@@ -89,7 +94,9 @@ class OrchestratorService:
         self.store = Store(settings.db_path)
         self.queue = JobQueue(capacity=settings.capacity, policy=settings.policy,  # type: ignore[arg-type]
                               promote_after_s=settings.promote_after_s)
-        self.registry = PoolRegistry(heartbeat_interval_s=settings.heartbeat_interval_s)
+        self.registry = PoolRegistry(heartbeat_interval_s=settings.heartbeat_interval_s,
+                                     unavailable_after_missed=settings.heartbeat_grace,
+                                     offline_after_s=settings.offline_after_s)
         self.book = Book()
         self.metrics = OrchestratorMetrics(self.queue, self.registry, self.book.runs)
         self.scheduler = scheduler.from_config(SchedulerConfig(
@@ -119,7 +126,7 @@ class OrchestratorService:
         self.dispatcher = Dispatcher(
             self.book, self.store, self.queue, self.registry, self.scheduler, self.pools,
             self.runner, self.metrics, log, provides=provides,
-            grace_s=UNAVAILABLE_AFTER_MISSED * settings.heartbeat_interval_s,
+            grace_s=settings.heartbeat_grace * settings.heartbeat_interval_s,
             downloads=self.downloads)
         self.admission = Admission(self.book, self.store, self.queue, self.registry,
                                    catalog, self.dispatcher, self.runner, self.metrics, log)

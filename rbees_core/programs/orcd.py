@@ -88,12 +88,17 @@ def serve_orcd(
              "(Ollama's forms: 5m, 30s, 0, -1 = forever); default: [orchestrator] "
              "keep_alive, else --idle-timeout")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
-    sse_ping_interval: Annotated[float, typer.Option(
+    sse_ping_interval: Annotated[float | None, typer.Option(
         "--sse-ping-interval", min=0, envvar="RBEES_SSE_PING_INTERVAL",
         help="Seconds of silence after which a stream gets an SSE ': ping' comment "
-             "(a job waiting in the queue); 0: never")] = 15.0,
+             "(a job waiting in the queue); 0: never [default: 15]")] = None,
+    max_queue_wait: Annotated[float | None, typer.Option(
+        "--max-queue-wait", min=0.1,
+        help="Seconds an OpenAI request may wait in the queue before a 503 with "
+             "Retry-After [default: 600]")] = None,
 ) -> None:
-    """Start the orchestrator."""
+    """Start the orchestrator. Flags beat the RBEES_ORCHESTRATOR_* variables, which beat
+    the config file's [orchestrator] section."""
     from rbees_core import plugins
     from rbees_core.config import load_config, load_token
     from rbees_core.durations import parse_keep_alive
@@ -104,31 +109,31 @@ def serve_orcd(
         host, port = parse_bind(bind)
         token = load_token(api_token_file)
         check_bind_policy(host, token)
-        orch = getattr(cfg, "orchestrator", None)
-        sched = getattr(cfg, "scheduler", None)
+        orch = cfg.orchestrator  # the file's section, RBEES_ORCHESTRATOR_* applied
+        sched = cfg.scheduler
 
-        def pick(flag: Any, section: Any, key: str, default: Any) -> Any:
-            if flag is not None:
-                return flag
-            return getattr(section, key, default) if section is not None else default
+        def pick(flag: Any, key: str) -> Any:
+            return flag if flag is not None else getattr(orch, key)
 
-        policy_value = pick(policy, orch, "queue_policy", "reject")
+        policy_value = pick(policy, "queue_policy")
         if policy_value not in ("reject", "drop-oldest-batch"):
             raise InvalidParamsError("--queue-policy", "must be reject or drop-oldest-batch")
-        keep_value = pick(keep_alive, orch, "keep_alive", None)
+        keep_value = pick(keep_alive, "keep_alive")
         keep_alive_s = None if keep_value is None else parse_keep_alive(
             keep_value, field="--keep-alive")
         db_path = db or str(rbees_home() / "orcd.sqlite3")
         private_dir(Path(db_path).parent)
         settings = OrcdSettings(
-            db_path=db_path, capacity=pick(capacity, orch, "queue_capacity", 1024),
-            policy=policy_value,
-            heartbeat_interval_s=pick(heartbeat_interval, orch, "heartbeat_interval_s", 5.0),
-            idle_timeout_s=pick(idle_timeout, orch, "idle_timeout_s", 300.0),
-            keep_alive_s=keep_alive_s,
-            scheduler=pick(scheduler, sched, "policy", "least-loaded"),
-            scheduler_script=getattr(sched, "script", None), token=token,
-            placement=cfg.placement, sse_ping_interval_s=sse_ping_interval)
+            db_path=db_path, capacity=pick(capacity, "queue_capacity"), policy=policy_value,
+            promote_after_s=orch.promote_after_s,
+            heartbeat_interval_s=pick(heartbeat_interval, "heartbeat_interval_s"),
+            heartbeat_grace=orch.heartbeat_grace, offline_after_s=orch.offline_after_s,
+            idle_timeout_s=pick(idle_timeout, "idle_timeout_s"), keep_alive_s=keep_alive_s,
+            max_queue_wait_s=pick(max_queue_wait, "max_queue_wait_s"),
+            scheduler=scheduler if scheduler is not None else sched.policy,
+            scheduler_script=sched.script, token=token,
+            placement=cfg.placement,
+            sse_ping_interval_s=pick(sse_ping_interval, "sse_ping_interval_s"))
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(PROGRAM, exc)

@@ -241,6 +241,18 @@ class _Jobs:
                 await self.svc.cancel(job_id)
 
 
+async def _cancel_on_disconnect(request: Request, jobs: _Jobs, n: int) -> None:
+    """A non-streamed request whose client goes away cancels its jobs, queued or running
+    (the streamed ones watch for it in :class:`_OpenAIStream`); the handler waiting for
+    them is then let go."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    await jobs.cancel()
+    for index in range(n):
+        jobs.queue.put_nowait((index, "error", {"code": "CANCELLED",
+                                                "message": "the client went away"}))
+
+
 async def chat_completions(request: Request) -> Response:
     return await _complete(request, chat=True)
 
@@ -253,6 +265,8 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     try:
         body = await _body(request)
         task, n = _task(body, chat=chat)
+        # not started after [orchestrator] max_queue_wait_s: DEADLINE_UNMET, a 503
+        task["deadline_ms"] = round(service(request).settings.max_queue_wait_s * 1000)
         job_ids = await _submit_all(request, task, n)
     except OpenAIError as exc:
         return exc.response()
@@ -277,6 +291,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     done = 0
     error: dict[str, Any] | None = None
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs, n))
     while done < n:
         index, event, data = await jobs.queue.get()
         if event == "token":
@@ -295,6 +310,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         elif event == "error":
             error = error or data
             done += 1
+    watcher.cancel()
     if error is not None:
         return job_error(error).response()
     choices = []
