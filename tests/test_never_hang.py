@@ -173,7 +173,7 @@ async def test_a_catalog_model_no_pool_has_waits_and_why_says_for_what(
     await asyncio.sleep(0.3)
     assert accepted.job_id in svc.queue
     why = await svc.dispatcher.why(accepted.job_id)
-    assert "nothing starts that download yet" in why["explanation"]
+    assert "no download of it is under way" in why["explanation"], why["explanation"]
     assert await svc.cancel(accepted.job_id)
 
 

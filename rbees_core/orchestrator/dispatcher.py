@@ -445,7 +445,7 @@ class Dispatcher:
 
     def _awaits_download(self, model: str) -> bool:
         """Whether ``model`` is one a source can download that no pool that is not offline
-        holds or serves (pull on first use is not built: such a job waits for someone)."""
+        holds or serves, and no download of it is under way."""
         if self.provides is None or not self.provides(model):
             return False
         found = never_placeable({"model": model}, self.registry.snapshot_pools(),
@@ -483,10 +483,10 @@ class Dispatcher:
             if going not in text:
                 text = f"{text} {_first_upper(going)}."
         elif current is not None and self._awaits_download(record.model):
-            text = (f"{text} No pool has {record.model} on disk and a source can download "
-                    "it, but nothing starts that download yet: download it to a pool "
-                    f"(`rbees pool models download {record.model} --host HOST`) and the "
-                    "job starts.")
+            text = (f"{text} No pool has {record.model} on disk yet and no download of it "
+                    "is under way: a source can download it, and the job waits until a pool "
+                    f"can take the download (or `rbees pool models download {record.model} "
+                    "--host HOST`).")
         return {"job_id": job_id, "decisions": decisions, "explanation": text,
                 "failed_models": [{"pool_id": pool_id, **mark} for pool_id, mark in marks]}
 
