@@ -185,3 +185,75 @@ def test_the_default_keep_alive_unloads_a_worker_started_before_a_restart(
             restarted.wait(30)
     finally:
         c.rbees("down")
+
+
+# -- eviction in rbees-orcd (fake pools: heartbeats only) ----------------------------------
+
+GIB = 1024 ** 3
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": None, "ref": f"file:/m/{name}.gguf", "size_bytes": 3 * GIB // 2}
+
+
+def _crowded_beat(seq: int = 1) -> Any:
+    """A pool whose 3 GiB of RAM hold two idle 1 GiB workers (models a and b): 1 GiB is
+    left, and model c needs 1.5 GiB."""
+    from rbees_core.api.pool import CpuEntry, PoolHeartbeat, WorkerEntry
+
+    workers = [WorkerEntry(worker_id=f"w{m}", model_ref=f"file:/m/{m}.gguf", backend="llamacpp",
+                           device="cpu", uri=f"http://127.0.0.1:1/{m}", pid=1, state="ready",
+                           slots_total=1, slots_free=1, memory_bytes=GIB,
+                           started_at=time.time()) for m in "ab"]
+    return PoolHeartbeat(pool_id="p1", host="p1", gpus=[], workers=workers,
+                         models=[_model(m) for m in "abc"],
+                         cpu=CpuEntry(cores=8, ram_total_bytes=3 * GIB, ram_free_bytes=3 * GIB,
+                                      ram_reserved_bytes=2 * GIB),
+                         url="http://127.0.0.1:1", seq=seq, sent_at=time.time())
+
+
+@pytest.mark.parametrize("busy", [None, "wb"])
+async def test_rbees_orcd_evicts_the_lru_idle_worker_and_why_shows_it(
+        tmp_path: Path, busy: str | None) -> None:
+    import asyncio
+
+    from rbees_core.api.orchestrator import TaskRequest
+
+    from .test_orcd_service import new_service
+
+    svc = new_service(tmp_path, heartbeat_interval_s=0.1)
+    await svc.start()
+    try:
+        svc.heartbeat(_crowded_beat())
+        for worker_id in ("wb", "wa"):  # wb used first: the least recently used
+            svc.pools.busy("p1", worker_id)
+            svc.pools.idle("p1", worker_id)
+            await asyncio.sleep(0.05)
+        if busy is not None:  # a job runs on wb: never stopped, wa goes instead
+            svc.registry.take("p1", busy)
+        accepted = await svc.submit(TaskRequest(model="file:/m/c.gguf", prompt="x"))
+        evicted = "wa" if busy == "wb" else "wb"
+        kept = "wb" if evicted == "wa" else "wa"
+        for _ in range(100):
+            if svc.registry.pools["p1"].workers[evicted]["state"] == "stopping":
+                break
+            await asyncio.sleep(0.02)
+        workers = svc.registry.pools["p1"].workers
+        assert workers[evicted]["state"] == "stopping"
+        assert workers[kept]["state"] == "ready"
+        why = await svc.dispatcher.why(accepted.job_id)
+        recorded = [d for entry in why["decisions"] for d in entry["decisions"]
+                    if d["action"] == "stop_worker"]
+        assert recorded and recorded[0]["worker_id"] == evicted, why
+        assert "evicted (least recently used) to fit file:/m/c.gguf" in \
+            recorded[0]["reason"], recorded
+        snap = svc.dispatcher.snapshot(accepted.job_id).data
+        shown = {w["worker_id"]: w for w in snap["pools"][0]["workers"]}
+        assert shown[kept]["memory_bytes"] == GIB
+        if busy is None:
+            assert "idle_since" in shown[kept]
+        else:
+            assert "idle_since" not in shown[busy]
+        await svc.cancel(accepted.job_id)
+    finally:
+        await svc.close()

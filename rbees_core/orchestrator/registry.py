@@ -159,6 +159,8 @@ class PoolRegistry:
                 return inflight.get((pool_id, worker_id), 0)
 
             def idle_since(worker_id: str, pool_id: str = pool_id) -> float | None:
+                if inflight.get((pool_id, worker_id)):
+                    return None  # in use
                 return self.idle_since(pool_id, worker_id)
 
             out.append(snapshot_pool(
