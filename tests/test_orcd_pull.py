@@ -39,6 +39,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
     data = Path(resolve_model(pm, DEFAULT_MODEL_REF)).read_bytes()
     server = FakeHub(throttle_bps=RATE_BPS).start()
     server.add(REPO, FILE, data)
+    server.add(REPO, "copy-" + FILE, data)  # another model, for the CLI's download
     try:
         yield server
     finally:
@@ -140,3 +141,13 @@ def test_a_failed_download_ends_the_waiting_job_retriable(cluster: Cluster,
     ended = cluster.events(again["job_id"])
     assert ended[-1][2]["code"] == "MODEL_DOWNLOAD_FAILED", ended
     assert len(hub.requests) == asked
+
+
+def test_the_cli_tells_how_far_the_download_is(cluster: Cluster) -> None:
+    done = cluster.rbees("jobs", "submit", "--model", f"hf:{REPO}/copy-{FILE}", "--prompt",
+                         "Bees are", "--max-tokens", "4", "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    told = [line for line in done.stderr.splitlines() if line.startswith("downloading ")]
+    assert told and f"copy-{FILE} to pool" in told[-1], done.stderr
+    assert len(told) <= 11  # at each tenth, not at every event
+    assert done.stdout.strip()

@@ -188,6 +188,7 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
     first: float | None = None
     last_id = 0
     entries: list[dict[str, Any]] = []  # logprobs, when the job asked for them
+    shown = -1  # the tenth of its model's download last told (pull on first use)
     for _attempt in range(5):  # resume with Last-Event-ID if the stream breaks
         try:
             with client.stream("GET", url, headers={"Last-Event-ID": str(last_id)}) as answer:
@@ -216,6 +217,8 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
                         return dict(data)
                     elif event == "error":
                         raise RbeesError(f"{data.get('code')}: {data.get('message')}")
+                    elif event == "downloading" and fmt is OutputFormat.text:
+                        shown = _show_download(data, shown)
         except Exception as exc:
             import httpx
 
@@ -223,6 +226,17 @@ def _follow(client: Any, url: str, fmt: OutputFormat, started: float) -> dict[st
                 raise
             time.sleep(0.5)
     raise RbeesError("lost the job's event stream")
+
+
+def _show_download(data: dict[str, Any], shown: int) -> int:
+    """Tell on stderr how far the job's model's download is, at each tenth; the tenth told."""
+    done, total = int(data.get("bytes") or 0), data.get("total")
+    tenth = min(10, done * 10 // int(total)) if total else 0
+    if tenth > shown:
+        of = f" of {total}" if total else ""
+        print(f"downloading {data.get('model')} to pool {data.get('pool_id')}: {done}{of} "
+              "bytes", file=sys.stderr)
+    return max(tenth, shown)
 
 
 def _print_logprobs(entries: list[dict[str, Any]]) -> None:
