@@ -38,6 +38,7 @@ def job(world: World, job_id: str) -> dict[str, Any]:
 
 @when("I submit a task to the orchestrator with:")
 def submit_task(world: World, ctx: dict[str, Any], docstring: str) -> None:
+    ctx["submitted_at"] = time.monotonic()
     got = submit(world, json.loads(docstring))
     assert got.status_code == 202, got.text
     ctx["job_id"] = got.json()["job_id"]
@@ -372,3 +373,33 @@ def each_job_downloads_then_streams(world: World, ctx: dict[str, Any]) -> None:
 @then("the hub sent the file once")
 def hub_sent_once(world: World, ctx: dict[str, Any]) -> None:
     assert _file_gets(world, ctx) - ctx["hub_gets"] == 1
+
+
+# -- never hang ----------------------------------------------------------------------------------
+
+
+@when(parsers.parse("a job with deadline_ms {deadline:d} is submitted to it"))
+def submit_with_deadline(world: World, ctx: dict[str, Any], deadline: int) -> None:
+    ctx["submitted_at"] = time.monotonic()
+    got = submit(world, {"model": "smollm2", "prompt": "Hi", "max_tokens": 4,
+                         "deadline_ms": deadline}, ctx["second"])
+    assert got.status_code == 202, got.text
+    ctx["job_id"], ctx["url"] = got.json()["job_id"], ctx["second"]
+
+
+@then(parsers.parse('the job ends with "{terminal}" code "{code}" within {seconds:d} '
+                    "{unit} of its submission"))
+def ends_within(world: World, ctx: dict[str, Any], terminal: str, code: str, seconds: int,
+                unit: str) -> None:
+    t0 = ctx.get("submitted_at") or time.monotonic()
+    frames = events(world, ctx["job_id"], url=ctx.get("url"), timeout=30)
+    took = time.monotonic() - t0
+    assert frames[-1][1] == terminal and frames[-1][2]["code"] == code, frames[-3:]
+    assert frames[-1][2]["retriable"] is False, frames[-1]
+    assert took < seconds, f"{code} after {took:.2f} s"
+    ctx["error"] = frames[-1][2]
+
+
+@then(parsers.parse('its error says "{text}"'))
+def error_says(ctx: dict[str, Any], text: str) -> None:
+    assert text in ctx["error"]["message"], ctx["error"]

