@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from steps_common import *  # noqa: F403
 from steps_jobs import *  # noqa: F403
+from steps_lifecycle import *  # noqa: F403
 from steps_pool import *  # noqa: F403
 from world import World
 

@@ -193,7 +193,8 @@ class OrchestratorConfig:
         doc="seconds of silence after which a pool is offline (nothing is placed there)")
     idle_timeout_s: float = field(
         default=300.0, minimum=1, maximum=604_800,
-        doc="an idle worker rbees-orcd started is stopped after this long (--idle-timeout)")
+        doc="an idle worker (any pool's) is stopped after this long when keep_alive "
+            "is unset and its latest job gave none (--idle-timeout)")
     keep_alive: str | None = field(
         default=None, max_length=32,
         doc='how long an idle worker stays loaded when its latest job gave no keep_alive, '
