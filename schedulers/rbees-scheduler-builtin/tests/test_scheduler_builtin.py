@@ -406,3 +406,14 @@ def test_eviction_stops_as_few_as_fit_and_waits_for_workers_being_stopped() -> N
                                                  models=models),
                                             job=job("big", memory_gib=5), now=now))
     assert targets(verdict)[0] == ("stop_worker", "p", "other"), verdict
+
+
+def test_freeing_cores_stops_the_least_recently_used_of_equal_idle_workers() -> None:
+    cpu = device("cpu", cores=2, cores_free=0)
+    for older, newer in (("wx", "wy"), ("wy", "wx")):
+        since = {older: 100.0, newer: 900.0}
+        workers = [{**worker(w, model=f"m-{w}", cpus=[i]), "idle_since": since[w]}
+                   for i, w in enumerate(("wx", "wy"))]
+        verdict = LeastLoaded().decide(snapshot(pool("p", devices=[cpu], workers=workers,
+                                                     models=["smollm2", "m-wx", "m-wy"])))
+        assert targets(verdict) == [("stop_worker", "p", older), ("wait", None, None)]

@@ -328,8 +328,9 @@ class Analysis:
         else, once the job has waited :data:`EVICT_BUSY_AFTER_S`, a busy one (stopped
         gracefully: its running jobs finish, no new ones come), so that a model in steady
         use does not starve another of cores. Idle before busy, then the most cores, the
-        fewest busy slots, pool and worker id; None when there is none. The built-in
-        policies stop it and start the job's worker once the pool reports the cores free."""
+        fewest busy slots, the least recently used (``idle_since``), pool and worker id;
+        None when there is none. The built-in policies stop it and start the job's worker
+        once the pool reports the cores free."""
         patient = float(self.job.get("waited_s") or 0.0) >= EVICT_BUSY_AFTER_S
         best: tuple[tuple[Any, ...], DeviceView, dict[str, Any]] | None = None
         for d in self.devices():
@@ -344,8 +345,10 @@ class Analysis:
                         bool(w.get("embedding")) is self.embedding:
                     continue  # its own model's worker: stopping it only starts it again
                     # (one of the other kind, embedding or not, cannot take the job)
-                key = (busy > 0, d.pool.pref, -len(w["cpus"]), busy, d.pool.pool_id,
-                       str(w.get("worker_id")))
+                since = w.get("idle_since")  # the least recently used among equals
+                key = (busy > 0, d.pool.pref, -len(w["cpus"]), busy,
+                       float(since) if isinstance(since, int | float) else 0.0,
+                       d.pool.pool_id, str(w.get("worker_id")))
                 if best is None or key < best[0]:
                     best = (key, d, w)
         return None if best is None else (best[1], best[2])
