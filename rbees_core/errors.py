@@ -15,6 +15,7 @@ turn it into the envelope of CONTRACT section 1::
     |       +-- ModelNotOnHostError MODEL_NOT_FOUND       409 (pool preflight)
     +-- MethodNotAllowedError       METHOD_NOT_ALLOWED    405
     +-- ConflictError               CONFLICT              409
+    |   +-- NoCapacityError         NO_CAPACITY           409 (the job can never be placed)
     +-- BackendUnavailableError     BACKEND_UNAVAILABLE   409
     +-- UnavailableError            UNAVAILABLE           503 (retriable)
     |   +-- AllSlotsBusyError       ALL_SLOTS_BUSY        503 (retriable)
@@ -113,6 +114,14 @@ class MethodNotAllowedError(RbeesError):
 class ConflictError(RbeesError):
     code = "CONFLICT"
     status = 409
+
+
+class NoCapacityError(ConflictError):
+    """The job can never be placed: no pool holds its model and no source can download it,
+    or it fits no device (:mod:`rbees_core.feasibility`). Raised by ``rbees jobs submit``
+    without a daemon; rbees-orcd ends such a job with this code instead."""
+
+    code = "NO_CAPACITY"
 
 
 class BackendUnavailableError(RbeesError):

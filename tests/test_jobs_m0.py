@@ -190,3 +190,15 @@ def test_once_stops_the_worker_it_started(m0: Setup) -> None:
     assert record["worker_started"] is True
     states = {w["worker_id"]: w["state"] for w in m0.pool("worker", "list")}
     assert states.get(record["worker_id"], "gone") not in ("ready", "busy", "loading")
+
+
+def test_a_model_no_host_holds_nor_any_source_gets_fails_at_once(m0: Setup) -> None:
+    """NO_CAPACITY (issue 22): no waiting WAIT_FOR_WORKER_S for a worker that cannot come."""
+    t0 = time.monotonic()
+    done = subprocess.run([RBEES, "jobs", "submit", "--model", "pkg:llm_no_such_model",
+                           "--prompt", "x"], capture_output=True, text=True, env=m0.env,
+                          timeout=120)
+    took = time.monotonic() - t0
+    assert done.returncode == 1 and "NO_CAPACITY" in done.stderr, done.stderr
+    assert "no pool holds pkg:llm_no_such_model" in done.stderr
+    assert took < 30, f"{took:.1f} s"  # a program start and one round of SSH, not 60 s

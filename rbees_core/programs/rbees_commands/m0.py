@@ -38,7 +38,7 @@ import pluggy
 
 from rbees_core.api.pool import WorkerStartRequest
 from rbees_core.config import auth_headers, load_config
-from rbees_core.errors import RbeesError
+from rbees_core.errors import NoCapacityError, RbeesError
 from rbees_core.placement import worker_defaults
 from rbees_core.pool_client import to_json
 from rbees_core.programs.rbees_commands.m0_hosts import (
@@ -135,11 +135,13 @@ class M0Job:
                 save_cache(list(self.hosts.values()))
                 self._mark("gathered_ms")
                 self._report_hosts()
-                verdict: Verdict = scheduler.decide(snapshot(self.job, list(self.hosts.values()),
-                                                             self.defaults))
+                snap = snapshot(self.job, list(self.hosts.values()), self.defaults)
+                verdict: Verdict = scheduler.decide(snap)
                 self._mark("decided_ms")
                 if self.verbose:
                     _say(f"scheduler: {explain(verdict)}")
+                if all(d.action == "wait" for d in verdict.decisions):
+                    self._never(snap)
                 placement = await self._act(verdict)
                 if placement is not None:
                     return placement
@@ -151,6 +153,20 @@ class M0Job:
             closer = getattr(scheduler, "close", None)
             if closer is not None:
                 closer()
+
+    def _never(self, snap: Snapshot) -> None:
+        """Raise :class:`NoCapacityError` when the job can never be placed on the hosts as
+        gathered (:func:`rbees_core.feasibility.never_placeable`) rather than wait for it."""
+        from rbees_core import plugins
+        from rbees_core.catalog import configured_catalog
+        from rbees_core.feasibility import never_placeable, source_can_provide
+
+        model = str(self.job["model"])
+        found = never_placeable(self.job, snap.data["pools"], provided=source_can_provide(
+            model, configured_catalog(self.pm), plugins.model_sources(self.pm)))
+        if found is not None:
+            raise NoCapacityError(f"the job can never run (NO_CAPACITY): {found[1]}",
+                                  details={"reason": found[0]})
 
     async def _quick(self, scheduler: Any) -> Placement | None:
         """The quick path: each host's last answer (:func:`load_cache`) with its workers'
