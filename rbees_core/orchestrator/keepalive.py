@@ -35,13 +35,14 @@ class KeepAlive:
     jobs (:meth:`ended`); :meth:`loop` (a task of the book) stops the expired ones.
 
     ``workers`` lists, each time it is called, every worker known now as (pool_id, worker
-    dict, jobs in flight there); ``waiting`` says whether a queued job wants a model;
+    dict, jobs in flight there); ``waiting(pool_id, model_ref)`` says whether a queued job
+    wants the model of a worker of that pool;
     ``stop`` stops one worker.
     """
 
     def __init__(self, default_s: float, *,
                  workers: Callable[[], Iterable[tuple[str, dict[str, Any], int]]],
-                 waiting: Callable[[str], bool],
+                 waiting: Callable[[str, str], bool],
                  stop: Callable[[str, str], Awaitable[None]],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.default_s = default_s
@@ -89,7 +90,7 @@ class KeepAlive:
             keep = self.keep.get(key)
             if keep is None:
                 keep = self.default_s
-            if now - since >= keep and not self.waiting(str(worker.get("model_ref"))):
+            if now - since >= keep and not self.waiting(pool_id, str(worker.get("model_ref"))):
                 out.append(key)
         for gone in [k for k in self.idle_since if k not in seen]:
             self.idle_since.pop(gone, None)

@@ -30,6 +30,7 @@ from rbees_core.orchestrator.keepalive import KeepAlive
 from rbees_core.orchestrator.registry import PoolEntry, PoolRegistry
 from rbees_core.placement import worker_defaults
 from rbees_core.pool_client.http import HttpPoolClient
+from rbees_core.scheduling import model_aliases, same_model
 
 #: a pool's statuses are aged at most this often
 AGE_EVERY_S = 0.5
@@ -70,7 +71,7 @@ class PoolControl:
                  *, token: str | None, idle_timeout_s: float,
                  worker_defaults: dict[str, Any] | None = None,
                  keep_alive_s: float | None = None,
-                 waiting: Callable[[str], bool] | None = None) -> None:
+                 queued_models: Callable[[], set[str]] | None = None) -> None:
         self.book = book
         #: ``[placement]`` as a snapshot's ``worker_defaults``: what a start decision that
         #: names no slots, context or threads gets (a script policy's)
@@ -83,12 +84,12 @@ class PoolControl:
         #: (pool_id, model, embedding) -> the task starting a worker for it there
         self.starting: dict[tuple[str, str, bool], asyncio.Task[None]] = {}
         #: every idle worker is stopped when its keep-alive ends (the latest job's, else
-        #: ``keep_alive_s``, else ``idle_timeout_s``); ``waiting(model)``: a queued job
-        #: wants the model (its idle workers are kept)
+        #: ``keep_alive_s``, else ``idle_timeout_s``); ``queued_models()``: the models of
+        #: the queued jobs (the idle workers of those are kept)
+        self.queued_models = queued_models or set
         self.keepalive = KeepAlive(
             idle_timeout_s if keep_alive_s is None else keep_alive_s,
-            workers=self._known_workers, waiting=waiting or (lambda model: False),
-            stop=self._stop_idle)
+            workers=self._known_workers, waiting=self._waited_for, stop=self._stop_idle)
         registry.idle_since = lambda pool_id, worker_id: self.keepalive.last_used(
             (pool_id, worker_id))
         #: workers this process started (shown in logs; keep-alive covers every worker)
@@ -163,6 +164,16 @@ class PoolControl:
     def idle(self, pool_id: str, worker_id: str) -> None:
         """The worker's last job ended: its idle time starts now."""
         self.keepalive.ended((pool_id, worker_id))
+
+    def _waited_for(self, pool_id: str, model_ref: str) -> bool:
+        """Whether a queued job wants ``model_ref`` (by reference, or by the catalog id the
+        pool ties it to)."""
+        wanted = self.queued_models()
+        if not wanted or model_ref in wanted:
+            return bool(wanted)
+        entry = self.registry.pools.get(pool_id)
+        aliases = model_aliases({"models": entry.state.models}) if entry is not None else {}
+        return any(same_model(model_ref, model, aliases) for model in wanted)
 
     def _known_workers(self) -> Iterator[tuple[str, dict[str, Any], int]]:
         """Every worker of a ready pool, with the jobs in flight there (for keep-alive)."""

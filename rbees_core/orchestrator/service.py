@@ -107,8 +107,7 @@ class OrchestratorService:
                                  token=settings.token, idle_timeout_s=settings.idle_timeout_s,
                                  worker_defaults=settings.placement.defaults(),
                                  keep_alive_s=settings.keep_alive_s,
-                                 waiting=lambda model: any(q.model == model
-                                                           for q in self.queue))
+                                 queued_models=lambda: {q.model for q in self.queue})
         self.runner = Runner(self.book, self.store, self.queue, self.registry, self.pools,
                              self.metrics, log, self._upstream, self._client,
                              token=settings.token)
