@@ -150,6 +150,13 @@ def test_keep_alive_0_unloads_the_worker_right_after_its_job(tmp_path: Path) -> 
         bad = httpx.post(f"{c.url}/v1/completions", json={
             "model": "smollm2", "prompt": "Bees", "keep_alive": "later"}, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"
+        # the latest job's keep_alive is the worker's: rbees jobs submit --keep-alive 0 on
+        # the worker kept by -1 unloads it
+        done = c.rbees("jobs", "submit", "--model", "smollm2", "--prompt", "Hi",
+                       "--max-tokens", "2", "--keep-alive", "0")
+        assert done.returncode == 0, done.stderr
+        took = wait_unloaded(c, timeout=10)
+        assert took < 2.0, took
     finally:
         c.rbees("down")
 

@@ -89,6 +89,10 @@ def submit(
              "one; the default when no rbees-orcd answers and hosts are configured")] = None,
     once: Annotated[bool, typer.Option("--once", help="Without rbees-orcd: stop the worker "
                                                      "this job started when it ends")] = False,
+    keep_alive: Annotated[str | None, typer.Option(
+        "--keep-alive", metavar="DURATION",
+        help="With rbees-orcd: how long the worker stays loaded after this job (Ollama's "
+             "keep_alive: 5m, 30s, 0 = unload right after, -1 = keep)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Say how the job was placed")] = False,
     json_schema: Annotated[str | None, typer.Option(
@@ -124,6 +128,8 @@ def submit(
             task[key] = value
     if logprobs is not None:
         task.update(logprobs=True, top_logprobs=logprobs)
+    if keep_alive is not None:
+        task["keep_alive"] = keep_alive  # checked by rbees-orcd (400 naming it)
     if stop:
         task["stop"] = stop
     task.update(_structured(json_schema, tools_file, tool_choice))
