@@ -78,6 +78,10 @@ def job_error(data: dict[str, Any]) -> OpenAIError:
             return OpenAIError(404, message, param="model", code="model_not_found",
                                kind="invalid_request_error")
         return OpenAIError(400, message, param="model", code="no_capacity")
+    if code == "DEADLINE_UNMET" and isinstance(data.get("waited_ms"), int):
+        # a /v1 job's deadline is rbees-orcd's maximum queue wait
+        message = (f"the request waited {data['waited_ms'] / 1000:.1f} s in the queue without "
+                   "starting (the orchestrator's max_queue_wait_s); retry later")
     if code in _UNAVAILABLE or data.get("retriable") is True:
         wait = data.get("retry_after_ms")
         retry_after_s = max(1, -(-int(wait) // 1000)) if isinstance(wait, int) else 1
