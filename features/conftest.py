@@ -17,6 +17,7 @@ from steps_common import *  # noqa: F403
 from steps_jobs import *  # noqa: F403
 from steps_lifecycle import *  # noqa: F403
 from steps_pool import *  # noqa: F403
+from steps_recovery import *  # noqa: F403
 from world import World
 
 from rbees_core.testing.hosts import LAB_DESCRIPTION, Lab
@@ -30,6 +31,7 @@ TAGS = {
     "auth": "the API token",
     "no_repl": "the CLIs are never a REPL",
     "leftovers": "rbees down leaves no process, a dead pool's workers included",
+    "recovery": "crashed workers restarted with backoff, a lost pool's jobs ended",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pytest_bdd import given, parsers, then, when
 from steps_common import run
 from world import World, git, wait_until
@@ -143,8 +145,16 @@ def link_cut(world: World, ctx: dict[str, Any], name: str) -> None:
     server = world.sshd.get(name)
     if world.lab.mode == "loopback" and server is not None and server.process is not None:
         pids.append(server.process.pid)
+    if world.lab.mode == "loopback" and pids:  # the host's workers are cut off too
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+            answer = world.http("GET", f"{world.host(name).pool_url}/v2/workers",
+                                timeout=5).json()
+            listed = answer["workers"] if isinstance(answer, dict) else answer
+            pids += [int(w["pid"]) for w in listed
+                     if w.get("pid") and w.get("state") not in ("stopped", "failed")]
     world.lab.link(name, False, pids)
     ctx.setdefault("cut", []).append(name)
+    ctx["cut_at"] = time.monotonic()
 
 
 @when(parsers.parse('the link of "{name}" is restored'))

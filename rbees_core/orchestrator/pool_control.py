@@ -17,7 +17,7 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import httpx
@@ -31,6 +31,9 @@ from rbees_core.orchestrator.registry import PoolEntry, PoolRegistry
 from rbees_core.placement import worker_defaults
 from rbees_core.pool_client.http import HttpPoolClient
 from rbees_core.scheduling import model_aliases, same_model
+
+if TYPE_CHECKING:
+    from rbees_core.orchestrator.recovery import Recovery
 
 #: a pool's statuses are aged at most this often
 AGE_EVERY_S = 0.5
@@ -97,6 +100,8 @@ class PoolControl:
         #: the pools' statuses as last counted (by a heartbeat or by :meth:`age`)
         self.statuses: dict[str, str] = {}
         self.aged_at = 0.0
+        #: counts crashes and backs restarts off (set by the service)
+        self.recovery: Recovery | None = None
 
     # -- what pools say --------------------------------------------------------------------
 
@@ -104,7 +109,10 @@ class PoolControl:
         """Record a pool's heartbeat (the first registers it)."""
         entry = self.registry.pools.get(beat.pool_id)
         before = None if entry is None else (self.registry.status(entry), _shape(entry))
+        workers_before = {} if entry is None else entry.workers
         entry, new = self.registry.heartbeat(beat)
+        if self.recovery is not None and entry.workers is not workers_before:
+            self.recovery.observe(beat.pool_id, workers_before, entry.workers)
         if new:
             self.log.info("pool_registered", pool_id=beat.pool_id, url=beat.url)
         status = self.registry.status(entry)
@@ -250,6 +258,8 @@ class PoolControl:
                     self.registry.set_worker(pool_id, attrs.asdict(worker))
                     break
                 if worker.state in ("failed", "stopped"):
+                    if worker.state == "failed" and self.recovery is not None:
+                        self.recovery.crashed(pool_id, attrs.asdict(worker))
                     raise RbeesError(f"worker {worker_id} on {pool_id} {worker.state}: "
                                      f"{worker.error}")
                 await asyncio.sleep(0.05)

@@ -4,7 +4,8 @@ A runner streams the worker's SSE, announcing each token at once and writing tok
 batches (the first one before it is announced, so a restart knows the job produced output),
 then writes ``end``/``error`` with the final transition and announces it. A failure before
 the first token puts the job back in the queue (at most :data:`MAX_RETRIES` times, backoff
-0.5/1/2 s); after it, the job fails with ``WORKER_FAILED``.
+0.5/1/2 s when the worker refused it, none when it could not be reached: it is suspect, and
+the job waits for another); after it, the job fails with ``WORKER_FAILED``.
 
 This is the path every token takes: one ``publish`` to the channel, no await, no copy.
 """
@@ -90,8 +91,9 @@ class Runner:
         except (UpstreamError, ValueError) as exc:
             if run.final or not await run.is_written():
                 pass  # already ended, or never admitted: nothing to record
-            elif run.tokens == 0:
-                await self._retry(run, f"{type(exc).__name__}: {exc}")
+            elif run.tokens == 0:  # the worker is gone (or mute): it is suspect, no wait
+                await self._retry(run, f"{type(exc).__name__}: {exc}",
+                                  at_once=isinstance(exc, UpstreamError))
             else:
                 run.final = True
                 self.log.warning("worker_failed_mid_stream", job_id=run.job_id,
@@ -224,7 +226,11 @@ class Runner:
         self.metrics.finished.labels(outcome=status).inc()
         self.book.retire(run.job_id)
 
-    async def _retry(self, run: Run, why: str) -> None:
+    async def _retry(self, run: Run, why: str, *, at_once: bool = False) -> None:
+        """Put a job that failed before its first token back in the queue, after the
+        backoff of its retry (RETRY_BACKOFF_S; none ``at_once``: its worker is gone or
+        could not be reached, marked suspect, and the job waits for another one); past
+        MAX_RETRIES it fails with ``WORKER_FAILED``."""
         if run.final:
             return
         record = await asyncio.to_thread(self.store.get, run.job_id)
@@ -240,12 +246,40 @@ class Runner:
         await self.store.transition_async(run.job_id, "queued")
         self.book.runs.pop(run.job_id, None)
         run.final = True
-        await asyncio.sleep(RETRY_BACKOFF_S[min(record.retry_count, len(RETRY_BACKOFF_S) - 1)])
+        if not at_once:
+            await asyncio.sleep(RETRY_BACKOFF_S[min(record.retry_count,
+                                                    len(RETRY_BACKOFF_S) - 1)])
         spec = await asyncio.to_thread(self.store.spec, run.job_id)
         self.queue.push(run.job_id, spec.priority, model=spec.model, seq=run.queue_seq,
                         placement=spec.placement, since=run.created_at, force=True,
                         embedding=spec.embedding)
         self.book.changed()
+
+    async def abandon(self, run: Run, why: str) -> None:
+        """End a running job whose worker can no longer be reached (its pool turned
+        unavailable; called by :class:`~rbees_core.orchestrator.recovery.Recovery`): its
+        stream is dropped; one that produced no token goes back to the queue (a retry, as
+        any failure before the first token), one that did fails with ``WORKER_FAILED``
+        (``retriable: true``)."""
+        if run.final:
+            return
+        if run.tokens == 0:
+            task = run.task
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if not run.final and await run.is_written():
+                await self._retry(run, why, at_once=True)
+            return
+        run.final = True
+        self.log.warning("worker_failed_mid_stream", job_id=run.job_id, pool_id=run.pool_id,
+                         worker_id=run.worker_id, error=why)
+        await self.finish(run, "failed", "WORKER_FAILED", {
+            "job_id": run.job_id, "code": "WORKER_FAILED", "retriable": True,
+            "message": f"worker {run.worker_id} on {run.pool_id} was lost mid-stream: {why}"})
+        if run.task is not None:
+            run.task.cancel()
 
     async def cancel(self, run: Run) -> None:
         """End a running job as cancelled and tell its worker (no token after this)."""

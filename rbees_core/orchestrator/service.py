@@ -38,6 +38,7 @@ from rbees_core.orchestrator.downloads import Downloads
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue
+from rbees_core.orchestrator.recovery import BackedOffScheduler, Recovery
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.runner import Runner
 from rbees_core.orchestrator.store import Store
@@ -122,8 +123,12 @@ class OrchestratorService:
 
         self.downloads = Downloads(self.book, self.queue, self.pools, log, provides=provides,
                                    size_of=size_of)
+        self.recovery = Recovery(self.book, self.registry, log, metrics=self.metrics.registry)
+        self.recovery.runner = self.runner
+        self.pools.recovery = self.recovery
         self.dispatcher = Dispatcher(
-            self.book, self.store, self.queue, self.registry, self.scheduler, self.pools,
+            self.book, self.store, self.queue, self.registry,
+            BackedOffScheduler(self.scheduler, self.recovery), self.pools,
             self.runner, self.metrics, log, provides=provides,
             grace_s=settings.heartbeat_grace * settings.heartbeat_interval_s,
             downloads=self.downloads)
@@ -160,6 +165,7 @@ class OrchestratorService:
         book.spawn(self.dispatcher.loop())
         book.spawn(self.runner.flush_loop())
         book.spawn(self.pools.idle_loop())
+        book.spawn(self.recovery.loop())
 
     async def close(self) -> None:
         """Stop every task and runner, write what is pending, close the connections and

@@ -286,6 +286,7 @@ class PoolService:
         w.error = f"{code}: {message}"
         self.log.error("worker_failed", worker_id=w.record.worker_id, code=code,
                        exit_code=w.exit_code, message=message)
+        self.beat_now.set()  # the orchestrator learns of it now: it may restart it at once
         if loading:  # it never got ready: its model failed to load (its own words if any)
             reason = load_reason(workers.tail(w.record.worker_id, 50)) or w.error
             self.load_failed(w.record.model_ref, reason)

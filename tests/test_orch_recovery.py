@@ -1,0 +1,127 @@
+"""rbees-orcd's crash counting and restart backoff (:mod:`rbees_core.orchestrator.recovery`),
+over a fake clock: the first restart after a crash is at once, each further crash before the
+worker was healthy doubles the wait (1, 2, 4 s... up to 5 min), a healthy period starts a new
+series, and a start held back is a ``wait`` whose reason and the metrics say so. The real
+cluster's side (a SIGKILLed worker back within 2 s, a lost pool's jobs) is in
+features/recovery.feature."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from rbees_core.interfaces import Scheduler
+from rbees_core.log import Logger
+from rbees_core.orchestrator.book import Book
+from rbees_core.orchestrator.recovery import BACKOFF_MAX_S, BackedOffScheduler, Recovery
+from rbees_core.orchestrator.registry import PoolRegistry
+from rbees_core.scheduling import Decision, Snapshot, Verdict
+
+MODEL = "smollm2"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StartPolicy(Scheduler):
+    """Always asks for a worker on p1's CPU."""
+
+    name = "start"
+
+    def decide(self, snapshot: Snapshot) -> Verdict:
+        return Verdict(policy="start", decisions=[
+            Decision("start_worker", pool_id="p1", device="cpu", model=MODEL)],
+            summary="no worker holds smollm2")
+
+
+def worker(worker_id: str, state: str, **more: Any) -> dict[str, Any]:
+    return {"worker_id": worker_id, "model_ref": MODEL, "state": state, **more}
+
+
+def recovery(clock: Clock, metrics: CollectorRegistry | None = None) -> Recovery:
+    book = Book()
+    book.spawn = lambda coro: coro.close()  # type: ignore[assignment,method-assign,return-value]
+    return Recovery(book, PoolRegistry(), Logger("rbees-orcd"), metrics=metrics, clock=clock)
+
+
+def crash(rec: Recovery, clock: Clock, worker_id: str, *, lived: float = 0.5) -> None:
+    """A worker seen ready, then reported failed ``lived`` seconds later."""
+    rec.observe("p1", {}, {worker_id: worker(worker_id, "ready")})
+    clock.now += lived
+    rec.observe("p1", {worker_id: worker(worker_id, "ready")},
+                {worker_id: worker(worker_id, "failed", exit_code=-9)})
+
+
+def test_a_crashing_model_backs_off_1_2_4_seconds_up_to_5_minutes() -> None:
+    clock = Clock()
+    rec = recovery(clock)
+    crash(rec, clock, "w1")
+    assert rec.held("p1", MODEL, False) is None  # the first restart is at once
+    waits = []
+    for n in range(2, 14):
+        crash(rec, clock, f"w{n}")
+        held = rec.held("p1", MODEL, False)
+        assert held is not None
+        waits.append(held[0])
+        clock.now += held[0]
+        assert rec.held("p1", MODEL, False) is None
+    assert waits[:4] == [1.0, 2.0, 4.0, 8.0]
+    assert max(waits) == BACKOFF_MAX_S
+
+
+def test_a_healthy_worker_that_crashes_restarts_at_once_again() -> None:
+    clock = Clock()
+    rec = recovery(clock)
+    for n in range(3):
+        crash(rec, clock, f"w{n}")
+    assert rec.held("p1", MODEL, False) is not None
+    clock.now += 10
+    crash(rec, clock, "healthy", lived=120.0)
+    assert rec.held("p1", MODEL, False) is None
+
+
+def test_a_crash_is_counted_once_and_only_for_a_worker_that_was_alive() -> None:
+    clock = Clock()
+    rec = recovery(clock)
+    # an orchestrator restarted meets an old failed worker: not a crash of its time
+    rec.observe("p1", {}, {"old": worker("old", "failed", exit_code=1)})
+    # a worker it asked to stop, then reported failed: not a crash either
+    rec.observe("p1", {"s": worker("s", "stopping")}, {"s": worker("s", "failed")})
+    assert rec.crashes == {}
+    crash(rec, clock, "w1")
+    failed = {"w1": worker("w1", "failed", exit_code=-9)}
+    rec.observe("p1", failed, failed)
+    rec.crashed("p1", failed["w1"])  # the start's own poll saw it too
+    assert rec.crashes[("p1", MODEL)].total == 1
+
+
+def test_a_backed_off_start_is_a_wait_that_says_why_and_the_metrics_show_it() -> None:
+    clock = Clock()
+    metrics = CollectorRegistry()
+    rec = recovery(clock, metrics)
+    policy = BackedOffScheduler(StartPolicy(), rec)
+    snapshot = Snapshot({"job": {"job_id": "j", "model": MODEL}, "pools": []})
+    crash(rec, clock, "w1")
+    assert policy.decide(snapshot).decisions[0].action == "start_worker"
+    crash(rec, clock, "w2")
+    verdict = policy.decide(snapshot)
+    assert [d.action for d in verdict.decisions] == ["wait"]
+    reason = verdict.decisions[0].reason or ""
+    assert "crashed 2 time(s)" in reason and "exited with -9" in reason, reason
+    assert "backed off, 1.0 s left" in reason and "backed off" in verdict.summary
+    text = generate_latest(metrics).decode()
+    assert 'rbees_worker_crashes_total{model="smollm2",pool_id="p1"} 2.0' in text
+    assert 'rbees_worker_restart_backoff_seconds{model="smollm2",pool_id="p1"} 1.0' in text
+    clock.now += 1.01
+    assert policy.decide(snapshot).decisions[0].action == "start_worker"
+    # an embedding worker of the model is another series
+    embed = Snapshot({"job": {"job_id": "e", "model": MODEL, "embedding": True}, "pools": []})
+    crash(rec, clock, "w3")
+    assert policy.decide(snapshot).decisions[0].action == "wait"
+    assert policy.decide(embed).decisions[0].action == "start_worker"
