@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter
@@ -34,9 +34,8 @@ from rbees_core.log import Logger
 from rbees_core.scheduling import Decision, Snapshot, Verdict
 
 if TYPE_CHECKING:
-    from rbees_core.orchestrator.book import Book
+    from rbees_core.orchestrator.book import Book, Run
     from rbees_core.orchestrator.registry import PoolRegistry
-    from rbees_core.orchestrator.runner import Runner
 
 #: the wait before the second restart of a model's worker that keeps crashing
 BACKOFF_FIRST_S = 1.0
@@ -55,6 +54,13 @@ _READY = frozenset({"ready", "busy"})
 def model_key(model: str, embedding: bool) -> str:
     """What crashes are counted by on a pool: the model, an embedding worker's apart."""
     return f"{model} (embedding)" if embedding else model
+
+
+class Abandons(Protocol):
+    """What ends a lost pool's runs: :meth:`.runner.Runner.abandon` (not imported: the runner
+    imports pool control, which calls this module)."""
+
+    async def abandon(self, run: Run, why: str) -> None: ...
 
 
 @attrs.define
@@ -84,7 +90,7 @@ class Recovery:
         self.registry = registry
         self.log = log
         self.clock = clock
-        self.runner: Runner | None = None
+        self.runner: Abandons | None = None
         #: (pool_id, model key) -> its crashes
         self.crashes: dict[tuple[str, str], Crashes] = {}
         #: (pool_id, worker_id) of the crashes counted (a pool reports a failed worker

@@ -4,8 +4,9 @@ A runner streams the worker's SSE, announcing each token at once and writing tok
 batches (the first one before it is announced, so a restart knows the job produced output),
 then writes ``end``/``error`` with the final transition and announces it. A failure before
 the first token puts the job back in the queue (at most :data:`MAX_RETRIES` times, backoff
-0.5/1/2 s when the worker refused it, none when it could not be reached: it is suspect, and
-the job waits for another); after it, the job fails with ``WORKER_FAILED``.
+0.5/1/2 s when the worker refused it, 0.3 s when it could not be reached: its pool has
+reported it gone by then, and the job waits for another); after it, the job fails with
+``WORKER_FAILED``.
 
 This is the path every token takes: one ``publish`` to the channel, no await, no copy.
 """
@@ -31,6 +32,10 @@ from rbees_core.orchestrator.store import Store
 from rbees_core.orchestrator.upstream import Exchange, Upstream, UpstreamError
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
+#: the wait before a job whose worker could not be reached goes back to the queue: a pool sees
+#: a worker's exit within 0.25 s and reports it at once, so the job is not sent to it again
+#: (a heartbeat sent just before would show it ready) and waits for its restart
+UNREACHABLE_RETRY_S = 0.3
 MAX_RETRIES = 3
 #: tokens after the first are written in batches this often. What they buy is the replay of a
 #: job that failed at a restart; a commit costs about a millisecond of the loop, and at 0.1 s
@@ -228,8 +233,8 @@ class Runner:
 
     async def _retry(self, run: Run, why: str, *, at_once: bool = False) -> None:
         """Put a job that failed before its first token back in the queue, after the
-        backoff of its retry (RETRY_BACKOFF_S; none ``at_once``: its worker is gone or
-        could not be reached, marked suspect, and the job waits for another one); past
+        backoff of its retry (RETRY_BACKOFF_S; UNREACHABLE_RETRY_S ``at_once``: its worker is
+        gone or could not be reached, and the job waits for another one); past
         MAX_RETRIES it fails with ``WORKER_FAILED``."""
         if run.final:
             return
@@ -246,9 +251,8 @@ class Runner:
         await self.store.transition_async(run.job_id, "queued")
         self.book.runs.pop(run.job_id, None)
         run.final = True
-        if not at_once:
-            await asyncio.sleep(RETRY_BACKOFF_S[min(record.retry_count,
-                                                    len(RETRY_BACKOFF_S) - 1)])
+        await asyncio.sleep(UNREACHABLE_RETRY_S if at_once else RETRY_BACKOFF_S[
+            min(record.retry_count, len(RETRY_BACKOFF_S) - 1)])
         spec = await asyncio.to_thread(self.store.spec, run.job_id)
         self.queue.push(run.job_id, spec.priority, model=spec.model, seq=run.queue_seq,
                         placement=spec.placement, since=run.created_at, force=True,
