@@ -141,6 +141,13 @@ def test_a_failed_download_ends_the_waiting_job_retriable(cluster: Cluster,
     ended = cluster.events(again["job_id"])
     assert ended[-1][2]["code"] == "MODEL_DOWNLOAD_FAILED", ended
     assert len(hub.requests) == asked
+    # an OpenAI client gets a 503 it may retry after the hold
+    answer = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=60, json={
+        "model": f"hf:{REPO}/also-missing.gguf", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "model_download_failed"
+    assert int(answer.headers["retry-after"]) >= 1
 
 
 def test_the_cli_tells_how_far_the_download_is(cluster: Cluster) -> None:

@@ -215,6 +215,7 @@ class Downloads:
                 continue
             try:
                 await self.end_queued(queued.job_id, "failed", MODEL_DOWNLOAD_FAILED, message,
-                                      extra={"retriable": True})
+                                      extra={"retriable": True,
+                                             "retry_after_ms": int(FAILED_HOLD_S * 1000)})
             except RbeesError:  # ended meanwhile (cancelled)
                 continue
