@@ -125,3 +125,43 @@ def test_a_backed_off_start_is_a_wait_that_says_why_and_the_metrics_show_it() ->
     crash(rec, clock, "w3")
     assert policy.decide(snapshot).decisions[0].action == "wait"
     assert policy.decide(embed).decisions[0].action == "start_worker"
+
+
+class Abandoned:
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str]] = []
+
+    async def abandon(self, run: Any, why: str) -> None:
+        run.final = True
+        self.runs.append((run.job_id, why))
+
+
+async def test_the_runs_of_a_pool_that_turned_unavailable_are_abandoned() -> None:
+    from rbees_core.api.pool import CpuEntry, PoolHeartbeat
+    from rbees_core.orchestrator.book import Run
+
+    clock = Clock()
+    registry = PoolRegistry(heartbeat_interval_s=0.5, clock=clock)
+    for pool_id in ("lost", "alive"):
+        registry.heartbeat(PoolHeartbeat(pool_id=pool_id, host=pool_id, gpus=[], models=[],
+                                         workers=[], cpu=CpuEntry(cores=2, ram_total_bytes=2**34,
+                                                                 ram_free_bytes=2**33),
+                                         seq=1, sent_at=0))
+    rec = Recovery(Book(), registry, Logger("rbees-orcd"), clock=clock)
+    runner = Abandoned()
+    rec.runner = runner
+    for job_id, pool_id in (("j1", "lost"), ("j2", "alive"), ("j3", "lost")):
+        rec.book.runs[job_id] = Run(job_id=job_id, pool_id=pool_id, worker_id="w", uri="")
+    await rec.sweep()
+    assert runner.runs == []  # every pool is ready
+    clock.now += 1.4  # within 3 heartbeats of 0.5 s: still ready
+    registry.pools["alive"].last_seen = clock.now
+    await rec.sweep()
+    assert runner.runs == []
+    clock.now += 0.2
+    registry.pools["alive"].last_seen = clock.now
+    await rec.sweep()
+    assert sorted(job_id for job_id, _ in runner.runs) == ["j1", "j3"]
+    assert "pool lost is unavailable" in runner.runs[0][1]
+    await rec.sweep()  # ended once
+    assert len(runner.runs) == 2
