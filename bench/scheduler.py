@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from rbees_core import plugins
-from rbees_core.scheduling import Snapshot, Verdict, apply_verdict, normalise_job
+from rbees_core.replay import apply_verdict, normalise_job
+from rbees_core.scheduling import Snapshot, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -95,7 +96,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(decide: Callable[[Snapshot], Verdict], snap: dict[str, Any],
         queue: list[dict[str, Any]]) -> tuple[list[float], dict[str, int], int]:
-    """Decide every job in turn (as :func:`rbees_core.scheduling.replay` does, without
+    """Decide every job in turn (as :func:`rbees_core.replay.replay` does, without
     keeping the verdicts); the times of ``decide`` alone, actions taken, fallbacks."""
     data = copy.deepcopy(snap)
     pending = [normalise_job(job, i) for i, job in enumerate(queue)]

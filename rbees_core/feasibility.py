@@ -27,6 +27,7 @@ from typing import Any
 from rbees_core.refs import split_scheme
 from rbees_core.scheduling import (
     GONE_STATES,
+    failed_mark,
     gib,
     memory_needed,
     model_aliases,
@@ -106,3 +107,33 @@ def never_placeable(job: dict[str, Any], pools: list[dict[str, Any]], *,
 
 __all__ = ["NO_CAPACITY", "TOO_LARGE", "UNKNOWN_MODEL", "never_placeable",
            "source_can_provide"]
+
+
+# -- models that never load (pool load marks) ---------------------------------------------
+
+def failed_loads(pools: list[dict[str, Any]], model: str, *, pin_pool: str | None = None
+                 ) -> list[tuple[str, dict[str, Any]]]:
+    """``(pool_id, mark)`` of every pool where ``model`` is marked failed, when no pool
+    that is not offline could still serve it (has it on disk or a worker holding it), else
+    ``[]``: the job waits. Only ``pin_pool`` counts when the job is pinned. Called by
+    rbees-orcd's dispatcher before it asks the policy."""
+    marks: list[tuple[str, dict[str, Any]]] = []
+    for pool in pools:
+        pool_id = str(pool.get("pool_id"))
+        if pin_pool is not None and pool_id != pin_pool:
+            continue
+        mark = failed_mark(pool, model)
+        if mark is not None:
+            marks.append((pool_id, mark))
+        elif pool.get("status") != "offline" and (model_entry(pool, model) is not None or any(
+                same_model(w.get("model_ref"), model, model_aliases(pool))
+                for w in pool.get("workers") or ())):
+            return []
+    return marks
+
+
+def describe_failed_loads(model: str, marks: list[tuple[str, dict[str, Any]]]) -> str:
+    """``smollm2 failed to load on pool p1 (3 attempts): REASON`` for every mark."""
+    return f"{model} failed to load " + "; and ".join(
+        f"on pool {pool_id} ({mark.get('attempts')} attempts): {mark.get('reason')}"
+        for pool_id, mark in marks)

@@ -1,7 +1,7 @@
 """Slots and cores of new workers, as a scheduling snapshot tells them (pure functions).
 
 Part of the scheduling contract (:mod:`rbees_core.scheduling`): the
-built-in policies, :func:`rbees_core.scheduling.apply_verdict` and script policies' helpers
+built-in policies, :func:`rbees_core.replay.apply_verdict` and script policies' helpers
 read a snapshot's ``worker_defaults`` and a CPU device's ``cores_total``/``cores_free``
 through these, so that every policy accounts cores alike.
 """

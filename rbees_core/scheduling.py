@@ -34,7 +34,8 @@ bare references, which tie a reference on disk to its catalog id: a worker whose
 ``failed_models`` (``[{"model_ref", "id"?, "attempts", "reason"}]``) are the models marked
 failed there because they never loaded (:mod:`rbees_core.pool.load_marks`): they are left out
 of its ``models``, so no policy starts them there, and a job whose model is marked on every
-pool that has it ends with ``MODEL_LOAD_FAILED`` (:func:`failed_loads`). A device has
+pool that has it ends with ``MODEL_LOAD_FAILED``
+(:func:`rbees_core.feasibility.failed_loads`). A device has
 ``memory_free_bytes - memory_reserved_bytes`` available for a new worker. Worker states a
 job can be dispatched to are ``ready`` and ``busy`` (with a free slot); ``starting`` and
 ``loading`` workers are on their way, and their ``slots_free`` counts the slots not yet
@@ -93,7 +94,7 @@ can download it, or it fits no device of the pools that hold it).
 A :class:`Verdict` is the decisions plus the reasoning: every candidate considered, its
 score, and why each one lost, in words a person understands. :func:`explain` turns it into a
 few sentences (``rbees jobs why``, ``GET /v2/tasks/{id}/decision``); :func:`apply_verdict`
-and :func:`replay` play decisions forward on a snapshot without a cluster
+and :func:`rbees_core.replay.replay` play decisions forward on a snapshot without a cluster
 (``rbees scheduler simulate``, the scheduler benchmark).
 """
 
@@ -103,8 +104,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import attrs
-
-from rbees_core.placement import cores_to_start, cpu_device
 
 Action = Literal["dispatch", "start_worker", "stop_worker", "wait", "fail", "download"]
 
@@ -306,34 +305,6 @@ def failed_mark(pool: dict[str, Any], model: str) -> dict[str, Any] | None:
                  if model in (f.get("model_ref"), f.get("id"))), None)
 
 
-def failed_loads(pools: list[dict[str, Any]], model: str, *, pin_pool: str | None = None
-                 ) -> list[tuple[str, dict[str, Any]]]:
-    """``(pool_id, mark)`` of every pool where ``model`` is marked failed, when no pool
-    that is not offline could still serve it (has it on disk or a worker holding it), else
-    ``[]``: the job waits. Only ``pin_pool`` counts when the job is pinned. Called by
-    rbees-orcd's dispatcher before it asks the policy."""
-    marks: list[tuple[str, dict[str, Any]]] = []
-    for pool in pools:
-        pool_id = str(pool.get("pool_id"))
-        if pin_pool is not None and pool_id != pin_pool:
-            continue
-        mark = failed_mark(pool, model)
-        if mark is not None:
-            marks.append((pool_id, mark))
-        elif pool.get("status") != "offline" and (model_entry(pool, model) is not None or any(
-                same_model(w.get("model_ref"), model, model_aliases(pool))
-                for w in pool.get("workers") or ())):
-            return []
-    return marks
-
-
-def describe_failed_loads(model: str, marks: list[tuple[str, dict[str, Any]]]) -> str:
-    """``smollm2 failed to load on pool p1 (3 attempts): REASON`` for every mark."""
-    return f"{model} failed to load " + "; and ".join(
-        f"on pool {pool_id} ({mark.get('attempts')} attempts): {mark.get('reason')}"
-        for pool_id, mark in marks)
-
-
 # -- reading snapshots: model identity and memory ------------------------------------------
 
 def model_aliases(pool: dict[str, Any]) -> dict[str, str]:
@@ -518,129 +489,3 @@ def explain(verdict: Verdict, *, limit: int = 5) -> str:
         else:
             sentences.append(_sentence(f"it considered {many}"))
     return " ".join(s for s in sentences if s)
-
-
-# -- replaying decisions without a cluster ---------------------------------------------------
-
-def normalise_job(job: Any, index: int) -> dict[str, Any]:
-    """A job of a jobs file in the snapshot's ``job`` shape (defaults filled in).
-
-    Raises :class:`rbees_core.errors.InvalidParamsError` naming the bad entry.
-    """
-    from rbees_core.errors import InvalidParamsError
-
-    where = f"jobs[{index}]"
-    if not isinstance(job, dict):
-        raise InvalidParamsError(where, "must be an object")
-    if not isinstance(job.get("model"), str) or not job["model"]:
-        raise InvalidParamsError(f"{where}.model", "must be a non-empty string")
-    placement = job.get("placement")
-    if placement is not None and not isinstance(placement, dict):
-        raise InvalidParamsError(f"{where}.placement", "must be an object")
-    out = {
-        "job_id": str(job.get("job_id") or f"job-{index + 1}"), "model": job["model"],
-        "priority": job.get("priority", "interactive"), "waited_s": job.get("waited_s", 0.0),
-        "retry_count": job.get("retry_count", 0), "placement": placement,
-    }
-    for key in ("memory_bytes", "now", "downloadable", "download_bytes"):
-        if key in job:
-            out[key] = job[key]
-    match = job.get("prefix_match")
-    if match is not None:
-        if not isinstance(match, dict) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in match.values()):
-            raise InvalidParamsError(f"{where}.prefix_match",
-                                     'must map "<pool_id>/<worker_id>" to characters')
-        out["prefix_match"] = match
-    return out
-
-
-def _find(pools: list[dict[str, Any]], pool_id: str | None) -> dict[str, Any] | None:
-    return next((p for p in pools if p.get("pool_id") == pool_id), None)
-
-
-def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *,
-                  worker_slots: int = 1) -> None:
-    """Play ``verdict`` forward on snapshot ``data`` (mutated in place).
-
-    A dispatch takes a slot of its worker; ``start_worker`` adds a ``starting`` worker with
-    the decision's slots (else ``worker_slots``), one of them promised to this job, and
-    reserves the memory it needs on its device and the cores it takes
-    (:func:`cores_to_start`); a ``wait`` for a starting worker takes one of its slots;
-    ``stop_worker`` removes the worker.
-    """
-    pools = data.setdefault("pools", [])
-    for d in verdict.decisions:
-        pool = _find(pools, d.pool_id)
-        if pool is None:
-            continue
-        workers = pool.setdefault("workers", [])
-        worker = next((w for w in workers if w.get("worker_id") == d.worker_id), None)
-        if d.action in ("dispatch", "wait") and worker is not None:
-            worker["slots_free"] = max(0, int(worker.get("slots_free", 0)) - 1)
-        elif d.action == "stop_worker" and worker is not None:
-            workers.remove(worker)
-        elif d.action == "download":
-            pool.setdefault("downloading", []).append(
-                {"model": d.model or job["model"], "bytes": 0,
-                 "total": job.get("download_bytes")})
-        elif d.action == "start_worker":
-            taken = {w.get("worker_id") for w in workers}
-            n = len(workers) + 1
-            while f"sim-{n}" in taken:
-                n += 1
-            slots = d.slots or worker_slots
-            workers.append({
-                "worker_id": f"sim-{n}", "model_ref": d.model or job["model"],
-                "device": d.device, "state": "starting", "slots_total": slots,
-                "slots_free": max(0, slots - 1), "uri": None,
-            })
-            if d.embedding:
-                workers[-1]["embedding"] = True
-            cores = cores_to_start(pool, str(d.device), d.threads)
-            cpu = cpu_device(pool)
-            if cores and cpu is not None:
-                free = int(cpu.get("cores_free") or 0)
-                first = int(cpu.get("cores_total") or 0) - free  # the lowest free, as pools do
-                workers[-1].update(threads=cores, cpus=list(range(first, first + cores)))
-                cpu["cores_free"] = max(0, free - cores)
-            for device in pool.get("devices") or ():
-                if device.get("device") == d.device:
-                    device["memory_reserved_bytes"] = (
-                        int(device.get("memory_reserved_bytes") or 0)
-                        + memory_needed({**job, "model": d.model or job["model"]}, pool))
-
-
-def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,
-           worker_slots: int = 1) -> list[tuple[dict[str, Any], Verdict]]:
-    """Decide ``jobs`` one after another on a copy of ``snapshot``, applying each verdict.
-
-    ``decide`` is a :class:`rbees_core.interfaces.Scheduler`'s ``decide``. Each job sees the
-    jobs after it as the queue; a job's ``now`` (seconds since the epoch) and
-    ``prefix_match`` (what its prompt shares with each worker's slots, as rbees-orcd
-    records it) override the snapshot's for its decision. Deterministic for a
-    deterministic policy.
-    """
-    import copy
-
-    data = copy.deepcopy(snapshot)
-    data.setdefault("pools", [])
-    pending = [normalise_job(job, i) for i, job in enumerate(jobs)]
-    out = []
-    for i, job in enumerate(pending):
-        head = {k: v for k, v in job.items() if k not in ("now", "prefix_match")}
-        snap = {
-            "now": float(job.get("now", data.get("now", 0.0))), "job": head,
-            "queue": [{k: q[k] for k in ("job_id", "model", "priority", "waited_s")}
-                      for q in pending[i:]],
-            "pools": data["pools"], "throughput": data.get("throughput", {}),
-        }
-        if "worker_defaults" in data:
-            snap["worker_defaults"] = data["worker_defaults"]
-        match = job.get("prefix_match", data.get("prefix_match"))
-        if match:
-            snap["prefix_match"] = match
-        verdict = decide(Snapshot(snap))
-        apply_verdict(data, head, verdict, worker_slots=worker_slots)
-        out.append((head, verdict))
-    return out

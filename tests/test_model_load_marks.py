@@ -18,9 +18,10 @@ import pluggy
 import pytest
 
 from rbees_core.api.pool import CpuEntry, FailedModel, PoolState
+from rbees_core.feasibility import failed_loads
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.pool.load_marks import LoadMarks, ModelMarkedFailedError, load_reason
-from rbees_core.scheduling import failed_loads, snapshot_pool
+from rbees_core.scheduling import snapshot_pool
 from tests.test_orcd import BIN, Cluster, up
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from rbees_scheduler_builtin.policies import POLICIES, LeastLoaded
 
 from rbees_core.placement import cores_to_start
-from rbees_core.scheduling import apply_verdict, replay
+from rbees_core.replay import apply_verdict, replay
 from rbees_core.testing.scheduler import device, job, pool, snapshot, targets, worker
 
 DEFAULTS = {"cpu": {"slots": 4, "ctx": 2048, "threads": None},

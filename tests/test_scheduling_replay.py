@@ -9,16 +9,15 @@ import pytest
 from rbees_core.config import SchedulerConfig, load_config
 from rbees_core.errors import ConfigError, InvalidParamsError
 from rbees_core.interfaces import Scheduler
+from rbees_core.replay import apply_verdict, replay
 from rbees_core.scheduling import (
     Candidate,
     Decision,
     Snapshot,
     Verdict,
-    apply_verdict,
     explain,
     memory_needed,
     model_entry,
-    replay,
     same_model,
 )
 from rbees_core.testing.scheduler import GIB, device, job, pool, worker

@@ -26,7 +26,13 @@ from typing import Any
 import attrs
 
 from rbees_core.errors import ConflictError, ModelLoadError, RbeesError
-from rbees_core.feasibility import NO_CAPACITY, UNKNOWN_MODEL, never_placeable
+from rbees_core.feasibility import (
+    NO_CAPACITY,
+    UNKNOWN_MODEL,
+    describe_failed_loads,
+    failed_loads,
+    never_placeable,
+)
 from rbees_core.interfaces import Scheduler
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, Run
@@ -45,9 +51,7 @@ from rbees_core.scheduling import (
     Decision,
     Snapshot,
     Verdict,
-    describe_failed_loads,
     explain,
-    failed_loads,
 )
 
 #: a dispatch round considers this many jobs from the head of the queue
@@ -83,7 +87,7 @@ class _Pools:
         return self.taken
 
     def failed_loads(self, queued: QueuedJob) -> list[tuple[str, dict[str, Any]]]:
-        """The marks that end the job (:func:`~rbees_core.scheduling.failed_loads`), once
+        """The marks that end the job (:func:`~rbees_core.feasibility.failed_loads`), once
         per model and pin in a round; no snapshot is taken while no pool marks anything."""
         if self.marked is None:
             self.marked = any(e.state.failed_models for e in self.registry)

@@ -68,7 +68,7 @@ def pool(pool_id: str, *, status: str = "ready", devices: Iterable[dict[str, Any
     """A pool entry; without ``devices`` it has one ``cpu`` device with 8 GiB free.
     ``disk_free_gib`` becomes ``disk_free_bytes``; ``downloading`` its downloads in progress
     (``{"model", "bytes", "total"}``)."""
-    out = {"pool_id": pool_id, "status": status,
+    out: dict[str, Any] = {"pool_id": pool_id, "status": status,
            "devices": list(devices) if devices is not None else [device("cpu")],
            "workers": list(workers), "models": list(models)}
     if disk_free_gib is not None:

@@ -166,7 +166,7 @@ def _commands(pm: pluggy.PluginManager) -> typer.Typer:
     ) -> None:
         """Check a policy script: syntax, loading, and a dry run of a few sample jobs."""
         from rbees_core.errors import ConfigError
-        from rbees_core.scheduling import replay
+        from rbees_core.replay import replay
 
         policy = _policy(pm, script, None)
         try:
@@ -208,7 +208,7 @@ def _commands(pm: pluggy.PluginManager) -> typer.Typer:
     ) -> None:
         """Replay jobs through a policy on a snapshot, applying each decision."""
         from rbees_core.errors import InvalidParamsError
-        from rbees_core.scheduling import replay
+        from rbees_core.replay import replay
 
         data = _snapshot(snapshot)
         job_list = _read_json(jobs, "--jobs")

@@ -294,7 +294,7 @@ def test_a_model_no_pool_holds_is_downloaded_where_it_fits(policy: type[LeastLoa
     assert "download tinyllama to pool big" in why
     reasons = {c.pool_id: c.rejected for c in verdict.candidates}
     assert "has 1.0 GiB of disk free, needs 2.0 GiB" in str(reasons["full-disk"])
-    assert "no device of pool small has 2.0 GiB free" == reasons["small"]
+    assert reasons["small"] == "no device of pool small has 2.0 GiB free"
     assert reasons["gone"] == "pool gone is offline"
 
 
