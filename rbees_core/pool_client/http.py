@@ -197,6 +197,8 @@ class HttpPoolClient(PoolClient):
         from rbees_core.schema import to_dict
 
         body = {k: v for k, v in to_dict(request).items() if v is not None}
+        if not body.get("embedding"):  # the default: a body any pool of before it takes
+            body.pop("embedding", None)
         return parse(self.name, WorkerStarted,  # type: ignore[no-any-return]
                      await self.call("POST", "/v2/workers/start", body))
 

@@ -200,6 +200,9 @@ def _workers(pm: pluggy.PluginManager, app: typer.Typer) -> None:
         ] = None,
         backend: Annotated[str, typer.Option("--backend", help="llamacpp or torch")
                            ] = "llamacpp",
+        embedding: Annotated[bool, typer.Option(
+            "--embedding", help="An embedding worker: serves embeddings, not generation")
+        ] = False,
         timeout: Annotated[float, typer.Option("--timeout", min=1, help="Ready wait, s")
                            ] = 60.0,
         fmt: FormatOption = OutputFormat.text, *, host: HostOption,
@@ -212,7 +215,7 @@ def _workers(pm: pluggy.PluginManager, app: typer.Typer) -> None:
         if kind not in ("cpu", "cuda", "metal", "mps"):
             raise InvalidParamsError("kind", "must be cpu, cuda, metal or mps")
         request = WorkerStartRequest(model_ref=model, backend=backend, slots=slots, ctx=ctx,
-                                     threads=threads,
+                                     threads=threads, embedding=embedding,
                                      device=kind if device is None else f"{kind}:{device}")
 
         async def call(c: PoolClient) -> Any:
