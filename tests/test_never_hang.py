@@ -8,6 +8,7 @@ service in this process with fake pools (heartbeats only: no worker, nothing to 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -151,6 +152,33 @@ async def test_a_job_that_can_never_be_placed_ends_at_once(lonely: OrchestratorS
     assert error["code"] == "NO_CAPACITY" and error["reason"] == UNKNOWN_MODEL
     assert "pool p9" in error["message"]
     assert not svc.queue
+
+
+async def test_a_job_submitted_during_the_grace_is_judged_when_it_ends(tmp_path: Path
+                                                                      ) -> None:
+    """A job told to wait while the pools still had their grace to report in is judged as
+    soon as the grace is over, not when something else next changes (the BDD scenario on a
+    fresh cluster waited 30 s for NO_CAPACITY)."""
+    svc = new_service(tmp_path, heartbeat_interval_s=0.1)  # grace 0.3 s
+    await svc.start()
+
+    async def beating() -> None:  # a live pool whose state does not change
+        for seq in itertools.count(1):
+            svc.heartbeat(fake_beat("p1", [SMALL, HUGE], seq=seq))
+            await asyncio.sleep(0.05)
+
+    beats = asyncio.create_task(beating())
+    try:
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        pinned = await svc.submit(TaskRequest(model="file:/m/small.gguf", prompt="x",
+                                              placement=Placement(pool="p9")))
+        error = await ended(svc, pinned.job_id, 2.0)
+        assert error["code"] == "NO_CAPACITY" and error["reason"] == UNKNOWN_MODEL
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        beats.cancel()
+        await svc.close()
 
 
 async def test_a_job_whose_pool_goes_away_ends(lonely: OrchestratorService) -> None:

@@ -234,6 +234,11 @@ class Dispatcher:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout=self._sleep_s())
             wakeup.clear()
+            if self._judge_after and time.monotonic() >= self._judge_after:
+                # the pools had their grace to report in: jobs told to wait meanwhile are
+                # judged now, not when something else next changes
+                self._judge_after = 0.0
+                self.book.changed()
             self.pools.age()
             self._prune()
             try:
