@@ -19,7 +19,7 @@ import pytest
 
 from rbees_core.durations import parse_keep_alive
 from rbees_core.errors import InvalidParamsError
-from rbees_core.orchestrator.keepalive import KeepAlive
+from rbees_core.orchestrator.keepalive import REPORT_LAG_S, KeepAlive
 from rbees_core.testing import wait_http
 
 from .test_orcd import BIN, Cluster, up
@@ -105,6 +105,31 @@ def test_a_worker_with_jobs_or_not_ready_or_wanted_is_never_stopped() -> None:
     # the pool's report lags: "busy" with no job of this process counts as idle
     workers.append(("p1", w("lagging", "busy"), 0))
     assert k.expired() == [("p1", "lagging")]
+
+
+def test_a_worker_others_use_is_not_idle_but_a_late_report_of_our_job_is() -> None:
+    """M0 jobs (``rbees jobs submit`` without a daemon) bypass rbees-orcd: a worker whose
+    pool reports slots in use that no job of this process explains is not idle (the
+    netns BDD run had an M0 stream cut when rbees-orcd stopped the worker it thought idle).
+    Within REPORT_LAG_S of our own job's end the report may be that job's, seen late."""
+    busy = {**w("m0", "busy"), "slots_total": 4, "slots_free": 3}
+    workers = [("p1", busy, 0)]
+    k, clock = keeper(workers, default_s=60)
+    assert k.expired() == []
+    clock.now += 3600
+    assert k.expired() == []  # in use all along, by someone else
+    busy["slots_free"] = 4
+    assert k.expired() == []  # idle from now
+    clock.now += 61
+    assert k.expired() == [("p1", "m0")]
+    # our job with keep_alive 0 ended; the pool still reports it running: stop at once
+    lagging = {**w("ours", "busy"), "slots_total": 4, "slots_free": 3}
+    k2, clock2 = keeper([("p1", lagging, 0)], default_s=60)
+    k2.dispatched(("p1", "ours"), 0.0)
+    k2.ended(("p1", "ours"))
+    assert k2.expired() == [("p1", "ours")]
+    clock2.now += REPORT_LAG_S + 1  # long after: a report of slots in use is someone else's
+    assert k2.expired() == []
 
 
 def test_workers_gone_are_forgotten() -> None:

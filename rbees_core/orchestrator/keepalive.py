@@ -11,9 +11,10 @@ Every worker that a pool's heartbeat shows is covered, whoever started it. What 
 in memory, derived again after a restart of rbees-orcd: a worker first seen idle by this
 process counts as idle since then, with the default keep-alive (the keep-alive of jobs run
 before the restart is not kept). A worker is never stopped while a job runs on it or is
-dispatched to it (counted by this process), while it is not ``ready``/``busy`` (starting,
-loading, stopping, ...), or while a queued job waits for its model (it is about to be used
-again).
+dispatched to it (counted by this process) or its pool reports slots in use that no job of
+this process explains (M0 jobs, another orchestrator), while it is not ``ready``/``busy``
+(starting, loading, stopping, ...), or while a queued job waits for its model (it is about
+to be used again).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from typing import Any
 
 #: how often idle workers are checked: ``keep_alive: 0`` stops one within about this
 CHECK_EVERY_S = 0.2
+#: how long after a job of this process ended a pool's report of the worker in use may be
+#: that job's, seen late (heartbeats and the pool's health polls lag)
+REPORT_LAG_S = 10.0
 
 Key = tuple[str, str]
 
@@ -54,6 +58,8 @@ class KeepAlive:
         self.idle_since: dict[Key, float] = {}
         #: (pool_id, worker_id) -> the keep-alive its latest job set (None: the default)
         self.keep: dict[Key, float | None] = {}
+        #: (pool_id, worker_id) -> when (clock) the last job this process sent there ended
+        self.ended_at: dict[Key, float] = {}
 
     def dispatched(self, key: Key, keep_s: float | None) -> None:
         """A job was placed on the worker: not idle; its keep-alive is the worker's now."""
@@ -62,7 +68,7 @@ class KeepAlive:
 
     def ended(self, key: Key) -> None:
         """The worker's last job ended: its idle time starts now."""
-        self.idle_since[key] = self.clock()
+        self.idle_since[key] = self.ended_at[key] = self.clock()
 
     def last_used(self, key: Key) -> float | None:
         """When (wall clock) the worker was last used or first seen idle; None when in
@@ -83,7 +89,7 @@ class KeepAlive:
             seen.add(key)
             # "busy" too: a pool's report lags the end of the jobs this process counts
             if in_flight or worker.get("state") not in ("ready", "busy") \
-                    or worker.get("expected"):
+                    or worker.get("expected") or self._used_by_others(key, worker, now):
                 self.idle_since.pop(key, None)
                 continue
             since = self.idle_since.setdefault(key, now)
@@ -96,7 +102,20 @@ class KeepAlive:
             self.idle_since.pop(gone, None)
         for gone in [k for k in self.keep if k not in seen]:
             self.keep.pop(gone, None)
+        for gone in [k for k in self.ended_at if k not in seen]:
+            self.ended_at.pop(gone, None)
         return out
+
+    def _used_by_others(self, key: Key, worker: dict[str, Any], now: float) -> bool:
+        """Whether the pool reports slots of the worker in use that no job of this process
+        explains: jobs of ``rbees jobs submit`` without a daemon (M0), another orchestrator,
+        a client of the worker itself. Such a worker is not idle (stopping it cut an M0
+        stream). A report within :data:`REPORT_LAG_S` of this process's last job there
+        ending may be that job's, seen late: ``keep_alive: 0`` still stops at once."""
+        total, free = worker.get("slots_total"), worker.get("slots_free")
+        if not isinstance(total, int) or not isinstance(free, int) or free >= total:
+            return False
+        return now - self.ended_at.get(key, -REPORT_LAG_S) >= REPORT_LAG_S
 
     async def loop(self) -> None:
         """Stop each expired worker, checking every :data:`CHECK_EVERY_S`."""
