@@ -83,6 +83,18 @@ class Placement:
     worker_id: str
     port: int
     started: bool  # this job started the worker
+    #: the address the worker listens on, on its host (a worker its pool-managerd started
+    #: listens on the pool's address, one started over ssh on 127.0.0.1)
+    address: str = "127.0.0.1"
+
+
+def _worker_address(worker: dict[str, Any]) -> str:
+    """The host part of the worker's ``uri`` (127.0.0.1 when it has none or listens on
+    every address)."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(str(worker.get("uri") or "")).hostname
+    return "127.0.0.1" if not host or host in ("0.0.0.0", "::") else host
 
 
 def _worker_port(worker: dict[str, Any]) -> int:
@@ -207,7 +219,8 @@ class M0Job:
             if worker.get("state") not in LIVE | COMING:
                 continue
             where = Placement(host=host, worker_id=worker["worker_id"],
-                              port=_worker_port(worker), started=False)
+                              port=_worker_port(worker),
+                              address=_worker_address(worker), started=False)
             async with self._base_url(where) as base, httpx.AsyncClient(
                     base_url=base, timeout=2.0, headers=auth_headers()) as client:
                 try:
@@ -252,6 +265,7 @@ class M0Job:
         if self.verbose:
             _say(f"reusing worker {worker['worker_id']} on {host.name}")
         return Placement(host=host, worker_id=worker["worker_id"], port=_worker_port(worker),
+                         address=_worker_address(worker),
                          started=False)
 
     async def _start(self, decision: Decision) -> Placement:
@@ -277,6 +291,7 @@ class M0Job:
             _say(f"worker {record['worker_id']} ready on {host.name} after "
                  f"{self.timings['worker_ready_ms'] - self.timings['decided_ms']:.0f} ms")
         return Placement(host=host, worker_id=record["worker_id"], port=_worker_port(record),
+                         address=_worker_address(record),
                          started=True)
 
     # -- streaming ----------------------------------------------------------------------
@@ -286,9 +301,10 @@ class M0Job:
         transport = where.host.transport
         forward = getattr(transport, "forward_port", None)
         if where.host.config.transport == "local" or forward is None:
-            yield f"http://127.0.0.1:{where.port}"
+            address = f"[{where.address}]" if ":" in where.address else where.address
+            yield f"http://{address}:{where.port}"
             return
-        listener = await forward(where.port)
+        listener = await forward(where.port, where.address)
         try:
             yield f"http://127.0.0.1:{listener.get_port()}"
         finally:

@@ -253,9 +253,11 @@ class SshTransport(Transport):
                 f"--remote-pool PATH (after rbees hosts remove {self.host.name})")
         return TransportResult(exit_code=code, stdout=out, stderr=err)
 
-    async def forward_port(self, remote_port: int) -> Any:
+    async def forward_port(self, remote_port: int, remote_host: str = "127.0.0.1") -> Any:
         """Listen on a free port of 127.0.0.1 here and carry each connection to
-        ``127.0.0.1:remote_port`` on the host, through this transport's SSH connection
+        ``remote_host:remote_port`` as the host sees it (127.0.0.1: the host itself; a
+        worker its pool-managerd started listens on the pool's address), through this
+        transport's SSH connection
         (``rbees jobs submit`` with no daemon reaches a worker this way, so no pool port is
         opened to the network). Returns asyncssh's listener: ``get_port()`` is the local
         port, ``close()`` stops it. Raises what :meth:`run` raises."""
@@ -263,7 +265,7 @@ class SshTransport(Transport):
 
         conn = await self._connection()
         try:
-            return await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", remote_port)
+            return await conn.forward_local_port("127.0.0.1", 0, remote_host, remote_port)
         except (asyncssh.Error, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             raise TransportError(f"{self.host.name}: cannot forward a port over ssh: "
