@@ -51,6 +51,8 @@ class World:
     daemons: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
     hub: FakeHub | None = None
     ssh_hosts_added: bool = False
+    #: when (monotonic) this world last started rbees-orcd
+    orcd_started_at: float = 0.0
 
     def host(self, name: str) -> SimHost:
         return self.lab.hosts[name]
@@ -142,6 +144,7 @@ class World:
         self._spawn("orcd", blep, "rbees-orcd", "--bind", f"{blep.address}:{blep.orcd_port}",
                     "--heartbeat-interval", str(HEARTBEAT_S), "--idle-timeout", "120")
         self.wait_health(blep.orcd_url, "orcd")
+        self.orcd_started_at = time.monotonic()
 
     def wait_health(self, url: str, key: str, timeout: float = 30) -> None:
         def up() -> bool:
@@ -179,6 +182,10 @@ class World:
                 self.start_pool(name)
         wait_until(lambda: all(self.pools().get(n) == "ready" for n in POOLS), 30,
                    "both pools ready in the orchestrator")
+        # settled: past rbees-orcd's start-up grace (3 heartbeat intervals), in which it
+        # lets its pools report in and judges no job unplaceable (NO_CAPACITY)
+        settled = self.orcd_started_at + 3 * HEARTBEAT_S + 0.1
+        time.sleep(max(0.0, settled - time.monotonic()))
 
     def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
         proc = self.daemons.get(key)
