@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from rbees_core.errors import RbeesError
-from rbees_core.http import openai_error_body
+from rbees_core.http import openai_error_body, parse_json, read_body
 
 
 class OpenAIError(Exception):
@@ -52,6 +53,19 @@ def from_rbees(exc: RbeesError) -> OpenAIError:
 #: Job error codes (a job's terminal ``error`` event) that mean "try again later": 503.
 _UNAVAILABLE = frozenset({"MODEL_LOAD_FAILED", "WORKER_FAILED", "ORCHESTRATOR_RESTARTED",
                           "ALL_SLOTS_BUSY", "DRAINING", "NOT_READY", "DEADLINE_UNMET"})
+
+
+async def read_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object body, for the ``/v1`` handlers: what the shared parser
+    refuses (no JSON, too deep, a lone surrogate, NaN) and a body that is no object are
+    :class:`OpenAIError` 400s."""
+    try:
+        data = parse_json(await read_body(request))
+    except RbeesError as exc:
+        raise from_rbees(exc) from exc
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "the body must be a JSON object")
+    return data
 
 
 def job_error(data: dict[str, Any]) -> OpenAIError:

@@ -28,21 +28,10 @@ from rbees_core.api.common import MAX_EMBED_INPUTS
 from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.embedder import unpack
 from rbees_core.errors import InvalidParamsError, RbeesError
-from rbees_core.http import parse_json, read_body
 from rbees_core.orchestrator.channel import TERMINAL
-from rbees_core.programs.openai_errors import OpenAIError, from_rbees, job_error
+from rbees_core.programs.openai_errors import OpenAIError, from_rbees, job_error, read_object
 from rbees_core.programs.orcd_common import service
 from rbees_core.schema import from_mapping
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        data = parse_json(await read_body(request))
-    except RbeesError as exc:
-        raise from_rbees(exc) from exc
-    if not isinstance(data, dict):
-        raise OpenAIError(400, "the body must be a JSON object")
-    return data
 
 
 def _inputs(body: dict[str, Any]) -> list[str]:
@@ -105,7 +94,7 @@ async def _wait(request: Request, job_id: str) -> tuple[str, dict[str, Any]]:
 async def embeddings(request: Request) -> Response:
     """``POST /v1/embeddings``."""
     try:
-        body = await _body(request)
+        body = await read_object(request)
         model, texts, fmt = _request(body)
         fields: dict[str, Any] = {"model": model, "input": texts, "priority": "interactive",
                                   "cancel_on_disconnect": True}

@@ -23,10 +23,9 @@ from rbees_core import sse
 from rbees_core.api import openapi
 from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.errors import InvalidParamsError, RbeesError
-from rbees_core.http import parse_json, read_body
 from rbees_core.logprobs import CompletionLogprobs, LogprobsForm, chat_logprobs
 from rbees_core.orchestrator.channel import TERMINAL
-from rbees_core.programs.openai_errors import OpenAIError, from_rbees, job_error
+from rbees_core.programs.openai_errors import OpenAIError, from_rbees, job_error, read_object
 from rbees_core.programs.orcd_common import service
 from rbees_core.schema import from_mapping
 from rbees_core.structured import response_format_schema
@@ -38,16 +37,6 @@ PINGED = ""
 #: Most alternatives per token of the legacy completions' ``logprobs`` (OpenAI's limit).
 MAX_LEGACY_LOGPROBS = 5
 FINISH = {"stop": "stop", "eos": "stop", "max_tokens": "length"}
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        data = parse_json(await read_body(request))
-    except RbeesError as exc:
-        raise from_rbees(exc) from exc
-    if not isinstance(data, dict):
-        raise OpenAIError(400, "the body must be a JSON object")
-    return data
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -263,7 +252,7 @@ async def completions(request: Request) -> Response:
 
 async def _complete(request: Request, *, chat: bool) -> Response:
     try:
-        body = await _body(request)
+        body = await read_object(request)
         task, n = _task(body, chat=chat)
         # not started after [orchestrator] max_queue_wait_s: DEADLINE_UNMET, a 503
         task["deadline_ms"] = round(service(request).settings.max_queue_wait_s * 1000)
