@@ -83,7 +83,6 @@ class PoolControl:
         self.log = log
         self.client = client
         self.token = token
-        self.idle_timeout_s = idle_timeout_s
         #: (pool_id, model, embedding) -> the task starting a worker for it there
         self.starting: dict[tuple[str, str, bool], asyncio.Task[None]] = {}
         #: every idle worker is stopped when its keep-alive ends (the latest job's, else
