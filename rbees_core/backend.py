@@ -33,16 +33,83 @@ class MemoryEstimate:
     """What a model will hold on its device once loaded, predicted before loading it.
 
     Made by :meth:`Backend.estimate_memory`; the pool's preflight compares :attr:`total_bytes`
-    with the device's free memory and reserves it for the worker while it loads.
+    with the memory the pool offers on the device (:mod:`rbees_core.pool.memory`) and
+    reserves it for the worker while it loads; the pool reports the same figure for each
+    model it holds (``models[].memory``), which the scheduler sizes new workers by.
+
+    The parts a placement planner needs to offload part of a model (llama.cpp's
+    ``n_gpu_layers``): :attr:`layers` repeating layers of :attr:`layer_weights_bytes` weights
+    and :attr:`layer_kv_bytes` of KV cache each (:attr:`layer_bytes`), and the rest,
+    :attr:`non_layer_bytes` (token embeddings, output layer, norms, compute buffers). A
+    backend that cannot tell leaves :attr:`layers` 0. :attr:`kv_token_bytes` (the KV cache
+    of one token of one slot, all layers) rescales the estimate to other slots and contexts
+    (:meth:`scaled`) with the backend's own formula.
     """
 
     weights_bytes: int
     kv_cache_bytes: int = 0
     overhead_bytes: int = OVERHEAD_BYTES
+    #: repeating layers (transformer blocks); 0: unknown
+    layers: int = 0
+    #: weights of one repeating layer (their mean, when they differ)
+    layer_weights_bytes: int = 0
+    #: KV cache of one layer, for every slot of the estimate
+    layer_kv_bytes: int = 0
+    #: KV cache of one token of one slot, every layer together; 0: unknown (not rescalable)
+    kv_token_bytes: int = 0
+    #: the slots and context per slot the estimate is for (0: unknown)
+    slots: int = 0
+    ctx: int = 0
+    #: the figure a worker of this model really held, reported once it was ready, rather
+    #: than a prediction (:class:`rbees_core.pool.memory.Measured`)
+    measured: bool = False
 
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+    @property
+    def layer_bytes(self) -> int:
+        """Weights and KV cache of one repeating layer."""
+        return self.layer_weights_bytes + self.layer_kv_bytes
+
+    @property
+    def non_layer_bytes(self) -> int:
+        """Everything but the repeating layers: embeddings, output, compute buffers."""
+        return max(0, self.total_bytes - self.layers * self.layer_bytes)
+
+    def scaled(self, *, slots: int, ctx: int | None) -> MemoryEstimate:
+        """The estimate for ``slots`` slots of ``ctx`` tokens (None: the estimate's own
+        context): the KV cache rescaled by :attr:`kv_token_bytes`, the rest unchanged.
+        Itself when it cannot be rescaled (unknown :attr:`kv_token_bytes` or :attr:`ctx`)
+        or nothing changes. Used by the scheduler's sizing of a worker
+        (:func:`rbees_core.scheduling.memory_needed`)."""
+        ctx = ctx or self.ctx
+        if not self.kv_token_bytes or not self.ctx or (slots, ctx) == (self.slots, self.ctx):
+            return self
+        kv = self.kv_token_bytes * ctx * slots
+        extra = self.kv_cache_bytes - self.kv_token_bytes * self.ctx * max(self.slots, 1)
+        kv += max(0, extra)  # what does not grow with tokens (an embedding's logits)
+        per_layer = kv // self.layers if self.layers else 0
+        return attrs.evolve(self, kv_cache_bytes=kv, layer_kv_bytes=per_layer, slots=slots,
+                            ctx=ctx, measured=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The estimate on the wire (a pool's ``models[].memory``, docs/contract.md), with
+        ``total_bytes``."""
+        return {**attrs.asdict(self), "total_bytes": self.total_bytes}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemoryEstimate | None:
+        """:meth:`to_dict`'s dict back (unknown keys ignored); None for anything that is not
+        one (no ``weights_bytes``, a negative or non-integer part)."""
+        names = {f.name for f in attrs.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        ints = [v for k, v in values.items() if k != "measured"]
+        if "weights_bytes" not in values or any(
+                type(v) is not int or v < 0 for v in ints):
+            return None
+        return cls(**values)
 
     @classmethod
     def on_disk(cls, path: str | Path) -> MemoryEstimate:

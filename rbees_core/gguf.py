@@ -38,6 +38,29 @@ class GgufHeader:
     tensor_count: int
     #: elements of all tensors together; None unless asked for
     elements: int | None = None
+    #: bytes of each tensor's data by name (from the offsets of the tensor records and the
+    #: file's size, so any quantization type counts); None unless asked for
+    tensor_bytes: dict[str, int] | None = None
+
+    def layer_split(self) -> tuple[int, int, int]:
+        """``(layers, bytes of one repeating layer, bytes of everything else)`` of the
+        tensor data: the repeating layers are the ``blk.N.`` tensors (their mean, when they
+        differ), everything else (token embeddings, output, norms) is the rest. ``(0, 0,
+        all)`` for a file without ``blk.`` tensors; needs :attr:`tensor_bytes`."""
+        sizes = self.tensor_bytes or {}
+        blocks: dict[int, int] = {}
+        rest = 0
+        for name, size in sizes.items():
+            head, _, tail = name.partition(".")
+            index, _, _ = tail.partition(".")
+            if head == "blk" and index.isdigit():
+                blocks[int(index)] = blocks.get(int(index), 0) + size
+            else:
+                rest += size
+        if not blocks:
+            return 0, 0, rest
+        layer = sum(blocks.values()) // len(blocks)
+        return len(blocks), layer, rest + sum(blocks.values()) - layer * len(blocks)
 
     def arch_int(self, key: str) -> int | None:
         """``<general.architecture>.<key>`` as an int (None when absent or not a number)."""
@@ -92,9 +115,27 @@ class _Reader:
         raise ValueError(f"unknown GGUF value type {kind}")
 
 
-def read_header(path: str | Path, *, elements: bool = False) -> GgufHeader:
+def _sizes(offsets: list[tuple[int, str]], end_of_records: int, file_size: int,
+           meta: dict[str, Any]) -> dict[str, int]:
+    """Each tensor's bytes: from its offset to the next one (the last one: to the end of
+    the file), the data starting at the next multiple of ``general.alignment``."""
+    align = int(meta.get("general.alignment") or 32) or 32
+    start = -(-end_of_records // align) * align
+    ordered = sorted(offsets)
+    out: dict[str, int] = {}
+    for i, (offset, name) in enumerate(ordered):
+        end = ordered[i + 1][0] if i + 1 < len(ordered) else file_size - start
+        if end < offset:
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        out[name] = end - offset
+    return out
+
+
+def read_header(path: str | Path, *, elements: bool = False, tensors: bool = False
+                ) -> GgufHeader:
     """The header of the GGUF file at ``path``; with ``elements`` the tensor records are
-    read too, for :attr:`GgufHeader.elements`. Raises :class:`ModelLoadError` for a file
+    read too, for :attr:`GgufHeader.elements`, with ``tensors`` for
+    :attr:`GgufHeader.tensor_bytes`. Raises :class:`ModelLoadError` for a file
     that is not GGUF, is too old (version 1), or is damaged or cut short."""
     details = {"path": str(path)}
     try:
@@ -106,7 +147,7 @@ def read_header(path: str | Path, *, elements: bool = False) -> GgufHeader:
             if version < 2:
                 raise ModelLoadError(f"{path}: GGUF version {version} is too old",
                                      details=details)
-            tensors, kv_count = r.scalar("<Q"), r.scalar("<Q")
+            count, kv_count = r.scalar("<Q"), r.scalar("<Q")
             meta: dict[str, Any] = {}
             for _ in range(kv_count):
                 key = r.string()
@@ -114,14 +155,19 @@ def read_header(path: str | Path, *, elements: bool = False) -> GgufHeader:
                 if value is not None:
                     meta[str(key)] = value
             total = None
-            if elements:
+            sizes = None
+            if elements or tensors:
                 total = 0
-                for _ in range(tensors):
-                    r.string(keep=False)  # name
+                offsets: list[tuple[int, str]] = []
+                for _ in range(count):
+                    name = str(r.string(keep=tensors))  # name
                     dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]
-                    f.seek(4 + 8, 1)  # type, offset
+                    r.scalar("<I")  # type
+                    offsets.append((r.scalar("<Q"), name))
                     total += math.prod(dims)
-            return GgufHeader(version=version, metadata=meta, tensor_count=tensors,
-                              elements=total)
+                if tensors:
+                    sizes = _sizes(offsets, f.tell(), r.size, meta)
+            return GgufHeader(version=version, metadata=meta, tensor_count=count,
+                              elements=total if elements else None, tensor_bytes=sizes)
     except (EOFError, ValueError, struct.error, OverflowError) as exc:
         raise ModelLoadError(f"{path}: damaged GGUF header ({exc})", details=details) from exc

@@ -52,3 +52,30 @@ def test_a_damaged_header_is_a_model_load_error(tmp_path: Path, data: bytes, say
     with pytest.raises(ModelLoadError, match=says) as info:
         read_header(path, elements=True)
     assert info.value.details == {"path": str(path)}
+
+
+def test_tensor_bytes_split_the_smollm2_file_into_its_layers(smollm2_path: str) -> None:
+    """Every tensor's data, from the record offsets: together the file less its header; 30
+    ``blk.N.`` layers of the same size, and the rest (embeddings, norms) apart."""
+    import os
+
+    header = read_header(smollm2_path, tensors=True)
+    assert header.tensor_bytes is not None and len(header.tensor_bytes) == 272
+    data = sum(header.tensor_bytes.values())
+    assert 0.95 * os.path.getsize(smollm2_path) < data < os.path.getsize(smollm2_path)
+    layers, layer, rest = header.layer_split()
+    assert layers == 30
+    assert layers * layer + rest == data
+    assert 2_000_000 < layer < 2_500_000
+    assert header.elements is None  # not asked for
+
+
+def test_layer_split_of_a_file_without_blocks() -> None:
+    from rbees_core.gguf import GgufHeader
+
+    plain = GgufHeader(version=3, metadata={}, tensor_count=2,
+                       tensor_bytes={"token_embd.weight": 10, "output.weight": 5})
+    assert plain.layer_split() == (0, 0, 15)
+    uneven = GgufHeader(version=3, metadata={}, tensor_count=3, tensor_bytes={
+        "blk.0.a": 10, "blk.1.a": 11, "output_norm.weight": 1})
+    assert uneven.layer_split() == (2, 10, 2)  # the mean layer; the remainder is the rest

@@ -276,3 +276,25 @@ def test_chat_logprobs_match_llama_cpp_python(model: LoadedModel, reference: obj
         their_top = {t["token"]: t["logprob"] for t in their["top_logprobs"]}
         assert set(mine_top) <= set(their_top)
         assert all(abs(mine_top[k] - their_top[k]) < 1e-3 for k in mine_top)
+
+
+def test_memory_estimate_parts_for_a_partial_offload() -> None:
+    """What a placement planner reads: 30 repeating layers, each its weights (the ``blk.N.``
+    tensors) and its share of the KV cache; the rest (embeddings, norms, overhead) apart;
+    and the KV cache of one token, which rescales the estimate as the backend would."""
+    from rbees_core.backend import MemoryEstimate
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+
+    path = resolve_model(plugins.make_manager(), DEFAULT_MODEL_REF)
+    est = LlamaCppBackend().estimate_memory(path, device="cpu", slots=2, ctx=1024)
+    assert est is not None
+    assert (est.layers, est.slots, est.ctx) == (30, 2, 1024)
+    assert est.kv_token_bytes == 2 * 30 * (576 * 3 // 9) * 2
+    assert est.layer_kv_bytes * 30 == est.kv_cache_bytes
+    assert 2_000_000 < est.layer_weights_bytes < 2_500_000
+    assert est.non_layer_bytes + 30 * est.layer_bytes == est.total_bytes
+    assert est.scaled(slots=4, ctx=None) == LlamaCppBackend().estimate_memory(
+        path, device="cpu", slots=4, ctx=1024)
+    assert MemoryEstimate.from_dict(est.to_dict()) == est
+    assert MemoryEstimate.from_dict({"weights_bytes": -1}) is None
+    assert MemoryEstimate.from_dict({"kv_cache_bytes": 1}) is None

@@ -82,27 +82,37 @@ class LlamaCppBackend(Backend):
                         embedding: bool = False) -> MemoryEstimate | None:
         """The GGUF file's size, an f16 K and V cache of ``ctx`` (default: the trained
         context capped at :data:`DEFAULT_CTX_CAP`, as :meth:`load` chooses) for each slot,
-        and :data:`rbees_core.backend.OVERHEAD_BYTES`; read from the metadata alone. None
-        for a path that is not a ``.gguf`` file. With ``embedding``: one cache of the
-        embedding batch for all slots, and every token's logits twice (the output buffer
-        and the graph that fills it, :mod:`rbees_backend_llamacpp.embedding`)."""
+        and :data:`rbees_core.backend.OVERHEAD_BYTES`; read from the metadata and tensor
+        records alone, with the repeating layers' share (``blk.N.`` tensors) for a partial
+        offload. None for a path that is not a ``.gguf`` file. With ``embedding``: one cache
+        of the embedding batch for all slots, and every token's logits twice (the output
+        buffer and the graph that fills it, :mod:`rbees_backend_llamacpp.embedding`)."""
         if not path.endswith(".gguf"):
             return None
-        value = read_header(path).arch_int
+        header = read_header(path, tensors=True)
+        value = header.arch_int
         layers = value("block_count") or 0
         embd = value("embedding_length") or 0
         heads = value("attention.head_count") or 1
         kv_heads = value("attention.head_count_kv") or heads
         trained = value("context_length") or DEFAULT_CTX_CAP
         per_slot = ctx or min(trained, DEFAULT_CTX_CAP)
-        kv = 2 * layers * per_slot * slots * (embd * kv_heads // heads) * 2  # f16 K and V
+        kv_token = 2 * layers * (embd * kv_heads // heads) * 2  # f16 K and V
+        kv = kv_token * per_slot * slots
         if embedding:
             from rbees_backend_llamacpp.embedding import DEFAULT_EMBED_CTX
 
-            n = ctx or min(trained, DEFAULT_EMBED_CTX)
-            kv = 2 * layers * n * (embd * kv_heads // heads) * 2 \
-                + 2 * 4 * (value("vocab_size") or 65_536) * n
-        return MemoryEstimate(weights_bytes=Path(path).stat().st_size, kv_cache_bytes=kv)
+            per_slot = ctx or min(trained, DEFAULT_EMBED_CTX)
+            kv = kv_token * per_slot + 2 * 4 * (value("vocab_size") or 65_536) * per_slot
+            kv_token = 0  # one cache whatever the slots: not rescaled by them
+        blocks, layer_weights, _ = header.layer_split()
+        if blocks != layers:  # metadata and tensors disagree: no layer figures
+            layers = layer_weights = 0
+        return MemoryEstimate(
+            weights_bytes=Path(path).stat().st_size, kv_cache_bytes=kv, layers=layers,
+            layer_weights_bytes=layer_weights,
+            layer_kv_bytes=(kv_token * per_slot * slots) // layers if layers else 0,
+            kv_token_bytes=kv_token, slots=slots, ctx=per_slot)
 
     def load(
         self,

@@ -59,8 +59,9 @@ def folder_estimate(folder: Path, *, kind: str, slots: int, ctx: int | None
     n_ctx = min(int(text.get("max_position_embeddings") or DEFAULT_CTX_CAP),
                 ctx or DEFAULT_CTX_CAP)
     weights = sum(safetensors_parameters(f) for f in files) * element
-    kv = 2 * layers * kv_heads * head_dim * element * n_ctx * slots
-    return MemoryEstimate(weights_bytes=weights, kv_cache_bytes=kv)
+    kv_token = 2 * layers * kv_heads * head_dim * element
+    return MemoryEstimate(weights_bytes=weights, kv_cache_bytes=kv_token * n_ctx * slots,
+                          kv_token_bytes=kv_token, slots=slots, ctx=n_ctx)
 
 
 def gguf_estimate(path: Path, *, kind: str, slots: int, ctx: int | None) -> MemoryEstimate:
@@ -79,5 +80,7 @@ def gguf_estimate(path: Path, *, kind: str, slots: int, ctx: int | None) -> Memo
     kv_heads = value("attention.head_count_kv", heads)
     head_dim = value("attention.key_length", value("embedding_length", 0) // heads)
     n_ctx = min(value("context_length", DEFAULT_CTX_CAP), ctx or DEFAULT_CTX_CAP)
-    kv = 2 * value("block_count", 0) * kv_heads * head_dim * element * n_ctx * slots
-    return MemoryEstimate(weights_bytes=elements * element, kv_cache_bytes=kv)
+    kv_token = 2 * value("block_count", 0) * kv_heads * head_dim * element
+    return MemoryEstimate(weights_bytes=elements * element,
+                          kv_cache_bytes=kv_token * n_ctx * slots, kv_token_bytes=kv_token,
+                          slots=slots, ctx=n_ctx)
