@@ -95,3 +95,38 @@ def test_a_number_that_is_not_finite_is_refused_where_it_is(raw: bytes, field: s
         parse_json(raw)
     assert caught.value.field == field and "finite" in caught.value.message
     assert parse_json(b'{"a": 1e300, "b": -0.0, "c": 10}') == {"a": 1e300, "b": -0.0, "c": 10}
+
+
+async def test_a_registered_prefix_answers_every_error_in_its_shape() -> None:
+    """A protocol plugin's room (Ollama's /api/) answers its routes' errors, the token
+    check's 401, the router's 404/405 and a crash's 500 in its own shape; /v1 and /v2 keep
+    theirs."""
+    from rbees_core.http import app as http_app
+    from rbees_core.http import register_error_shape
+
+    def plain(status: int, message: str, code: str, field: str | None) -> dict[str, Any]:
+        return {"error": message}
+
+    with pytest.raises(ValueError):
+        register_error_shape("api", plain)
+    register_error_shape("/x-test/", plain)
+    try:
+        routes = [Route("/x-test/ok", ok, methods=["POST"]),
+                  Route("/x-test/missing", missing, methods=["POST"]),
+                  Route("/x-test/crash", crash, methods=["POST"]),
+                  Route("/v1/ok", ok, methods=["POST"])]
+        app = build_app(routes, token=TOKEN)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://rbees.test") as c:
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            answers = [await c.post("/x-test/ok"),  # no token
+                       await c.post("/x-test/missing", headers=auth),
+                       await c.get("/x-test/ok", headers=auth),
+                       await c.post("/x-test/nowhere", headers=auth),
+                       await c.post("/x-test/crash", headers=auth)]
+            assert [a.status_code for a in answers] == [401, 404, 405, 404, 500]
+            for a in answers:
+                assert set(a.json()) == {"error"} and isinstance(a.json()["error"], str), a.text
+            openai_shape(await c.post("/v1/ok"))
+    finally:
+        http_app._ERROR_SHAPES.pop("/x-test/", None)

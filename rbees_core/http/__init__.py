@@ -19,17 +19,20 @@ from rbees_core.http.app import (
     OPENAI_PREFIX,
     BearerAuthMiddleware,
     CorrelationMiddleware,
+    ErrorShape,
     EventStreamResponse,
     build_app,
     daemon_lifespan,
     daemon_routes,
     error_response,
+    error_shape,
     health_endpoint,
     json_response,
     openai_error_body,
     parse_json,
     read_body,
     read_json,
+    register_error_shape,
 )
 from rbees_core.http.daemon import Daemon, fail, launch
 from rbees_core.http.server import (
@@ -44,10 +47,10 @@ from rbees_core.http.server import (
 
 __all__ = [
     "OPENAI_PREFIX", "OPEN_PATHS", "OPEN_PREFIX", "BearerAuthMiddleware",
-    "CorrelationMiddleware", "Daemon",
+    "CorrelationMiddleware", "Daemon", "ErrorShape",
     "EventStreamResponse", "FullCollections", "build_app", "check_bind_policy",
-    "daemon_lifespan", "daemon_routes", "error_response", "fail", "health_endpoint",
+    "daemon_lifespan", "daemon_routes", "error_response", "error_shape", "fail", "health_endpoint",
     "is_loopback", "json_response", "launch", "listen", "openai_error_body", "parse_bind",
     "parse_json",
-    "read_body", "read_json", "run_daemon", "serve",
+    "read_body", "read_json", "register_error_shape", "run_daemon", "serve",
 ]

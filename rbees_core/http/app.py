@@ -69,18 +69,57 @@ def openai_error_body(status: int, message: str, *, code: str | None = None,
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+#: A client protocol's error body: ``(status, message, rbees code, request field or None)``
+#: -> the JSON object it answers (OpenAI's ``{"error": {...}}``, Ollama's ``{"error": "..."}``).
+ErrorShape = Callable[[int, str, str, str | None], dict[str, Any]]
+
+
+def _openai_shape(status: int, message: str, code: str, field: str | None) -> dict[str, Any]:
+    return openai_error_body(status, message, code=code.lower(), param=field)
+
+
+#: Path prefix -> the error shape of the protocol served under it; the longest match wins.
+_ERROR_SHAPES: dict[str, ErrorShape] = {OPENAI_PREFIX: _openai_shape}
+
+
+def register_error_shape(prefix: str, shape: ErrorShape) -> None:
+    """Answer every error on a path under ``prefix`` in ``shape``: those its routes raise
+    (:class:`RbeesError`) and those no route makes (the token check's 401, the router's
+    404 and 405, a crash's 500), so that a client of that protocol can read them all.
+
+    Called by client-protocol plugins (``/api/`` for Ollama's API) from their
+    ``rbees_register_routes`` hook, before the app serves; registering a prefix again
+    replaces its shape. ``prefix`` must start and end with ``/``; raises ValueError
+    otherwise."""
+    if not (prefix.startswith("/") and prefix.endswith("/")) or prefix == "/":
+        raise ValueError(f"an error-shape prefix is a path room such as /api/ (got {prefix!r})")
+    _ERROR_SHAPES[prefix] = shape
+
+
+def error_shape(path: str) -> ErrorShape | None:
+    """The error shape of the protocol that serves ``path`` (the longest registered prefix
+    that holds it; OpenAI's for ``/v1`` itself), or None for rbees' own envelope."""
+    if is_openai_path(path) and not path.startswith(OPENAI_PREFIX):
+        return _openai_shape
+    best = ""
+    for prefix in _ERROR_SHAPES:
+        if path.startswith(prefix) and len(prefix) > len(best):
+            best = prefix
+    return _ERROR_SHAPES.get(best) if best else None
+
+
 def error_response(exc: RbeesError, path: str = "") -> JSONResponse:
-    """The answer for ``exc``: rbees' envelope, or OpenAI's when ``path`` (the request's)
-    is under :data:`OPENAI_PREFIX`; with ``Retry-After`` on 429/503 and
-    ``WWW-Authenticate`` on 401."""
+    """The answer for ``exc``: rbees' envelope, or the shape of the protocol that serves
+    ``path`` (the request's; :func:`error_shape`: OpenAI's under :data:`OPENAI_PREFIX`);
+    with ``Retry-After`` on 429/503 and ``WWW-Authenticate`` on 401."""
     headers = {"X-Correlation-Id": correlation_id.get()}
     if isinstance(exc, UnavailableError):
         headers["Retry-After"] = str(exc.retry_after_s)
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if is_openai_path(path):
-        body = openai_error_body(exc.status, exc.message, code=exc.code.lower(),
-                                 param=exc.details.get("field"))
+    shape = error_shape(path)
+    if shape is not None:
+        body = shape(exc.status, exc.message, exc.code, exc.details.get("field"))
     else:
         body = exc.envelope(correlation_id.get())
     return JSONResponse(body, status_code=exc.status, headers=headers)
@@ -152,8 +191,9 @@ async def _rbees_error(request: Request, exc: Exception) -> Response:
 def _plain_error(request: Request, status: int, code: str, message: str) -> Response:
     """An error no RbeesError carries (the router's 404/405, a crash's 500) in the envelope
     of the request's path."""
-    if is_openai_path(request.url.path):
-        body = openai_error_body(status, message, code=code.lower())
+    shape = error_shape(request.url.path)
+    if shape is not None:
+        body = shape(status, message, code, None)
     else:
         body = envelope(code, message, correlation_id=correlation_id.get())
     return JSONResponse(body, status_code=status,
