@@ -1,9 +1,22 @@
-"""The model catalog: short ids (``tinyllama``, ``smollm2``) for known model files.
+"""The model catalog: short ids (``qwen2.5-7b``, ``smollm2``) for known model files.
 
 The catalog ships inside this package as ``catalog.toml`` (so an installed rbees finds it);
 ``[pool] catalog_file`` names an extra TOML file in the same format whose entries are added,
 replacing builtin entries of the same id. Entries are validated strictly with
 :func:`rbees_core.schema.from_mapping`: a bad entry fails with the TOML path of its key.
+
+**Ids.** An id is ``FAMILY-SIZE[-VARIANT]``, lower case: the Ollama ``name:tag`` of the same
+model with the ``:`` turned into ``-`` (``qwen2.5:7b`` is ``qwen2.5-7b``,
+``llama3.2:1b`` is ``llama3.2-1b``, ``nomic-embed-text:v1.5`` is
+``nomic-embed-text-v1.5``); a second quantization of a model appends it
+(``llama3.1-8b-q8``). An id has no ``:``, because ``NAME:REST`` is a model reference
+(``hf:...``, ``pkg:...``; :mod:`rbees_core.refs`) and ``gemma3:4b`` would read as scheme
+``gemma3``. Each entry's ``aliases`` list the other names it answers to: its Ollama names
+(``qwen2.5:7b``; a bare family name and ``NAME:latest`` where Ollama's default tag is this
+model) and the ids of earlier catalogs (``qwen``, ``llama32``). :meth:`Catalog.get`
+resolves an alias to its entry; everything that stores or compares models uses the entry's
+:attr:`CatalogEntry.id` (rbees-orcd renames a job's alias to the id on admission).
+An alias may contain ``:`` but must not start with an installed source's scheme.
 
 The catalog knows only the fields every entry has (:class:`CatalogEntry`). Each entry lists
 model references in ``sources``; the model source plugin of each reference's scheme checks
@@ -13,6 +26,11 @@ declares in :meth:`~rbees_core.interfaces.ModelSource.catalog_fields` (``hf``: `
 A reference whose scheme no installed source handles is kept unchecked, with the keys no
 installed source claims, so that one catalog file serves hosts with different plugins; on an
 entry whose schemes are all installed, an unclaimed key is an unknown field.
+
+``size_bytes`` and ``sha256`` are optional: a download takes the file's size and LFS sha256
+from the hub's metadata and verifies the file against them (``rbees-source-hf``).
+:meth:`Catalog.search` finds entries by id, alias, name, family, tags, kind and size class
+(``rbees-pool models search``).
 
 Used by :func:`rbees_core.models.resolve_model` (a catalog id is resolved through its
 ``sources`` in order), ``rbees-pool models ...``, pool-managerd and rbees-orcd.
@@ -24,14 +42,14 @@ import functools
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
 from rbees_core import plugins
 from rbees_core.errors import ConfigError, InvalidParamsError, ModelNotFoundError
 from rbees_core.refs import split_scheme, validate_ref
-from rbees_core.schema import field, from_mapping, limits
+from rbees_core.schema import check_string, field, from_mapping, limits
 
 if TYPE_CHECKING:
     import pluggy
@@ -44,7 +62,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ID_PATTERN = r"[A-Za-z0-9_.-]{1,128}"
+#: Aliases may carry an Ollama tag (``qwen2.5:7b``).
+ALIAS_PATTERN = r"[A-Za-z0-9_.][A-Za-z0-9_.:-]{0,127}"
 SHA256_PATTERN = r"[0-9a-f]{64}"
+#: Size classes by parameter count (billions): below each bound, that class.
+SIZE_CLASSES: tuple[tuple[float, str], ...] = (
+    (4.0, "small"), (14.0, "medium"), (40.0, "large"), (float("inf"), "xlarge"))
 #: Model sources by scheme, as :func:`rbees_core.plugins.model_sources` gives them.
 Sources = Mapping[str, "type[ModelSource]"]
 
@@ -53,19 +76,29 @@ Sources = Mapping[str, "type[ModelSource]"]
 class CatalogEntry:
     """One known model file and where to find or fetch it.
 
-    ``source_fields`` holds, by scheme, what each installed source made of its own keys (an
-    instance of its ``catalog_fields`` class); ``unchecked`` holds the keys that belong to
-    sources not installed here, as they were written.
+    ``kind`` says what a worker of it serves: ``chat`` (generation) or ``embedding`` (an
+    embedding worker, ``rbees-workerd --embedding``). ``checked`` says where the entry's
+    repository and file name were checked (a model card URL). ``source_fields`` holds, by
+    scheme, what each installed source made of its own keys (an instance of its
+    ``catalog_fields`` class); ``unchecked`` holds the keys that belong to sources not
+    installed here, as they were written.
     """
 
     id: str = attrs.field(metadata=limits(pattern=ID_PATTERN, doc="short id"))
     name: str = attrs.field(metadata=limits(min_length=1, max_length=200))
-    size_bytes: int = attrs.field(metadata=limits(minimum=1))
     context_length: int = attrs.field(metadata=limits(minimum=1, maximum=10_000_000))
     license: str = attrs.field(metadata=limits(min_length=1, max_length=64))
     sources: list[str] = attrs.field(metadata=limits(max_items=16))
+    size_bytes: int | None = field(default=None, minimum=1)
     sha256: str | None = field(default=None, pattern=SHA256_PATTERN)
     quantization: str | None = field(default=None, max_length=32)
+    kind: Literal["chat", "embedding"] = "chat"
+    family: str | None = field(default=None, pattern=r"[a-z0-9][a-z0-9_.-]{0,63}")
+    parameters_b: float | None = field(default=None, minimum=0.001, maximum=100_000)
+    tags: list[str] = field(factory=list, max_items=16, item_max_length=32,
+                            forbid=r"[^a-z0-9_.-]")
+    aliases: list[str] = field(factory=list, max_items=16, item_max_length=128)
+    checked: str | None = field(default=None, max_length=300, forbid=r"\s")
     source_fields: Mapping[str, Any] = attrs.field(factory=dict)
     unchecked: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -75,21 +108,51 @@ class CatalogEntry:
         return tuple(f.name for f in attrs.fields(cls)
                      if f.name not in ("source_fields", "unchecked"))
 
+    @property
+    def size_class(self) -> str | None:
+        """``small`` (< 4B parameters), ``medium`` (< 14B), ``large`` (< 40B) or ``xlarge``;
+        None when the parameter count is not recorded."""
+        if self.parameters_b is None:
+            return None
+        return next(name for bound, name in SIZE_CLASSES if self.parameters_b < bound)
+
+    def names(self) -> tuple[str, ...]:
+        """The id, then the aliases."""
+        return (self.id, *self.aliases)
+
     def to_dict(self) -> dict[str, Any]:
-        """The entry as one flat mapping, as it is written in the TOML file (plus defaults)."""
+        """The entry as one flat mapping, as it is written in the TOML file (plus defaults
+        and the derived ``size_class``)."""
         out = {key: getattr(self, key) for key in self.core_keys()}
-        out["sources"] = list(self.sources)
+        for key in ("sources", "tags", "aliases"):
+            out[key] = list(out[key])
+        out["size_class"] = self.size_class
         for fields in self.source_fields.values():
             out.update(attrs.asdict(fields))
         out.update(self.unchecked)
         return out
 
+    def haystack(self) -> str:
+        """What :meth:`Catalog.search` looks in, lower case."""
+        words = [*self.names(), self.name, self.family or "", *self.tags, self.kind,
+                 self.size_class or "", self.quantization or ""]
+        return " ".join(words).lower()
+
 
 @attrs.frozen
 class Catalog:
-    """The entries in file order, looked up by id or by source reference."""
+    """The entries in file order, looked up by id, alias or source reference."""
 
     entries: tuple[CatalogEntry, ...]
+    _by_name: dict[str, CatalogEntry] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        by_name: dict[str, CatalogEntry] = {}
+        for entry in reversed(self.entries):  # the first entry that names it wins
+            for alias in entry.aliases:
+                by_name[alias] = entry
+        by_name.update((e.id, e) for e in self.entries)  # an id beats any alias
+        object.__setattr__(self, "_by_name", by_name)
 
     def __iter__(self) -> Iterator[CatalogEntry]:
         return iter(self.entries)
@@ -98,7 +161,8 @@ class Catalog:
         return len(self.entries)
 
     def get(self, model_id: str) -> CatalogEntry | None:
-        return next((e for e in self.entries if e.id == model_id), None)
+        """The entry whose id or alias is ``model_id``; None when none is."""
+        return self._by_name.get(model_id)
 
     def require(self, model_id: str) -> CatalogEntry:
         """The entry of ``model_id``; :class:`ModelNotFoundError` listing the ids otherwise."""
@@ -109,9 +173,31 @@ class Catalog:
                 f"{', '.join(e.id for e in self.entries)})", details={"model": model_id})
         return entry
 
+    def canonical(self, model: str) -> str:
+        """The id of the entry ``model`` names (an id or alias); ``model`` itself otherwise."""
+        entry = self.get(model)
+        return entry.id if entry is not None else model
+
     def by_source(self, ref: str) -> CatalogEntry | None:
         """The entry that lists ``ref`` among its sources, if any."""
         return next((e for e in self.entries if ref in e.sources), None)
+
+    def search(self, text: str) -> list[CatalogEntry]:
+        """The entries matching every word of ``text`` (case-insensitive substrings of the
+        id, aliases, name, family, tags, kind, size class and quantization): an exact id or
+        alias first, then ids that start with the text, then the rest in catalog order. An
+        empty ``text`` matches every entry. Called by ``rbees-pool models search``."""
+        words = text.lower().split()
+        query = " ".join(words)
+        found = [e for e in self.entries if all(w in e.haystack() for w in words)]
+
+        def rank(entry: CatalogEntry) -> int:
+            names = [n.lower() for n in entry.names()]
+            if query in names:
+                return 0
+            return 1 if any(n.startswith(query) for n in names) else 2
+
+        return sorted(found, key=rank)  # stable: catalog order within a rank
 
 
 def parse_entry(raw: Any, path: str, sources: Sources) -> CatalogEntry:
@@ -139,6 +225,13 @@ def parse_entry(raw: Any, path: str, sources: Sources) -> CatalogEntry:
                          path=path)
     if not entry.sources:
         raise InvalidParamsError(f"{path}.sources", "must list at least one source")
+    for i, alias in enumerate(entry.aliases):
+        where = f"{path}.aliases[{i}]"
+        check_string(alias, where, {"pattern": ALIAS_PATTERN})
+        parts = split_scheme(alias)
+        if alias == entry.id or (parts is not None and parts[0] in sources):
+            raise InvalidParamsError(where, f"{alias!r} is the entry's id or a model "
+                                            "reference, not an alias")
     refs: list[tuple[str, str, str]] = []  # (field, scheme, rest)
     for i, ref in enumerate(entry.sources):
         where = f"{path}.sources[{i}]"
@@ -176,15 +269,21 @@ def parse_catalog(text: str, origin: str, sources: Sources) -> Catalog:
     if not isinstance(models, list):
         raise ConfigError(f"{origin}: models: must be an array of tables")
     entries: list[CatalogEntry] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # id or alias -> the id of the entry that has it
     for i, raw in enumerate(models):
         try:
             entry = parse_entry(raw, f"models[{i}]", sources)
         except InvalidParamsError as exc:
             raise ConfigError(f"{origin}: {exc.message}", details={"key": exc.field}) from exc
         if entry.id in seen:
-            raise ConfigError(f"{origin}: models[{i}].id: duplicate id {entry.id!r}")
-        seen.add(entry.id)
+            raise ConfigError(f"{origin}: models[{i}].id: duplicate id {entry.id!r}"
+                              + ("" if seen[entry.id] == entry.id
+                                 else f" (an alias of {seen[entry.id]!r})"))
+        for j, alias in enumerate(entry.aliases):
+            if alias in seen:
+                raise ConfigError(f"{origin}: models[{i}].aliases[{j}]: {alias!r} already "
+                                  f"names {seen[alias]!r}")
+        seen.update((name, entry.id) for name in entry.names())
         entries.append(entry)
     return Catalog(tuple(entries))
 

@@ -33,6 +33,12 @@ def resolve_model(pm: pluggy.PluginManager, ref: str) -> str:
         try:
             source = plugins.lookup(pm, plugins.MODEL_SOURCES, scheme)
         except UnknownPluginError as exc:  # the contract's code for it
+            # ``NAME:TAG`` of no installed source may be a catalog alias (``gemma3:4b``)
+            from rbees_core.catalog import configured_catalog
+
+            entry = configured_catalog(pm).get(ref)
+            if entry is not None:
+                return _resolve_catalog_entry(pm, entry.id, entry.sources)
             raise ModelNotFoundError(exc.message, details={"model": ref}) from exc
         path: str | None = source().resolve(rest)
         if path is None:
@@ -44,7 +50,7 @@ def resolve_model(pm: pluggy.PluginManager, ref: str) -> str:
 
         entry = configured_catalog(pm).get(ref)
         if entry is not None:
-            return _resolve_catalog_entry(pm, ref, entry.sources)
+            return _resolve_catalog_entry(pm, entry.id, entry.sources)
     if os.path.exists(ref):
         return os.path.abspath(ref)
     raise ModelNotFoundError(f"model file {ref!r} does not exist", details={"model": ref})

@@ -24,10 +24,16 @@ from rbees_core.schema import field
 
 Register = Callable[..., object]
 
-REQUIRED = ("id", "name", "hf_repo", "hf_file", "size_bytes", "context_length", "license",
-            "sources")
-EXPECTED_IDS = {"tinyllama", "qwen", "qwen-fp16", "phi3", "llama3", "llama32", "llama2",
-                "mistral", "gpt2", "granite", "smollm2"}
+REQUIRED = ("id", "name", "hf_repo", "hf_file", "context_length", "license", "sources",
+            "family", "parameters_b", "checked", "quantization")
+#: What the catalog must cover: small to 70B class, a coder, a reasoning model, embeddings.
+EXPECTED_IDS = {"smollm2", "tinyllama", "qwen2.5-0.5b", "llama3.2-1b", "gemma3-1b",
+                "gemma3-4b", "llama3.1-8b", "qwen3-8b", "mistral-7b", "qwen2.5-coder-7b",
+                "deepseek-r1-7b", "gemma3-27b", "qwq-32b", "llama3.3-70b",
+                "nomic-embed-text-v1.5", "mxbai-embed-large-335m"}
+#: Ids of earlier catalogs that tests, docs and users' configurations name: still answered.
+OLD_IDS = {"tinyllama": "tinyllama", "smollm2": "smollm2", "qwen": "qwen2.5-0.5b",
+           "llama32": "llama3.2-1b", "mistral": "mistral-7b"}
 ENTRY = """
 [[models]]
 id = "x"
@@ -60,10 +66,22 @@ def test_the_shipped_catalog_is_complete_and_valid(rbees_pm: pluggy.PluginManage
     assert len(ids) == len(set(ids))
     assert set(ids) >= EXPECTED_IDS
     installed = plugins.model_sources(rbees_pm)
+    classes = {e.size_class for e in catalog}
+    assert classes == {"small", "medium", "large", "xlarge"}
+    assert {e.kind for e in catalog} == {"chat", "embedding"}
+    assert {"coder", "reasoning"} <= {t for e in catalog for t in e.tags}
     for entry in catalog:
         data = entry.to_dict()
         assert all(data[key] not in (None, "", []) for key in REQUIRED), entry.id
-        assert entry.size_bytes > 1_000_000 and entry.context_length >= 1024
+        assert entry.size_bytes is None or entry.size_bytes > 1_000_000, entry.id
+        assert entry.context_length >= 512, entry.id
+        # the id scheme: an Ollama name:tag with ":" as "-", lower case, no scheme syntax
+        assert entry.id == entry.id.lower() and split_scheme(entry.id) is None, entry.id
+        assert entry.checked is not None and (entry.checked.startswith("https://")
+                                              or entry.id == "smollm2"), entry.id
+        assert catalog.get(entry.id) is entry
+        for alias in entry.aliases:
+            assert catalog.get(alias) is entry, alias
         assert entry.source_fields["hf"].ref in entry.sources
         assert not entry.unchecked, entry.id
         for ref in entry.sources:
@@ -132,8 +150,8 @@ def test_an_extra_catalog_adds_and_replaces(tmp_path: Path, monkeypatch: pytest.
     extra = tmp_path / "mine.toml"
     extra.write_text(ENTRY + textwrap.dedent("""
         [[models]]
-        id = "gpt2"
-        name = "my gpt2"
+        id = "tinyllama"
+        name = "my tinyllama"
         hf_repo = "me/gpt2"
         revision = "v2"
         hf_file = "g.gguf"
@@ -144,9 +162,9 @@ def test_an_extra_catalog_adds_and_replaces(tmp_path: Path, monkeypatch: pytest.
     """))
     catalog = load_catalog(rbees_pm, extra)
     assert catalog.require("x").to_dict()["hf_repo"] == "o/r"
-    assert catalog.require("gpt2").name == "my gpt2"
+    assert catalog.require("tinyllama").name == "my tinyllama"
     assert len(catalog) == len(builtin_catalog(rbees_pm)) + 1
-    assert catalog.by_source("hf:me/gpt2@v2/g.gguf") == catalog.require("gpt2")
+    assert catalog.by_source("hf:me/gpt2@v2/g.gguf") == catalog.require("tinyllama")
     with pytest.raises(ConfigError, match="cannot read the catalog file"):
         load_catalog(rbees_pm, tmp_path / "absent.toml")
     # through the configuration, as rbees-pool sees it
@@ -252,3 +270,75 @@ def test_a_source_not_installed_here_keeps_its_entries_unchecked(sources: Source
         parse_catalog(S3_ENTRY.replace("s3:models/m.gguf", "hf:o/r/x.gguf").replace(
             'license = "mit"', 'license = "mit"\nhf_repo = "o/r"\nhf_file = "x.gguf"'),
             "mine.toml", sources)
+
+
+def test_old_ids_and_ollama_names_find_their_entries(rbees_pm: pluggy.PluginManager) -> None:
+    catalog = builtin_catalog(rbees_pm)
+    for old, new in OLD_IDS.items():
+        assert catalog.require(old).id == new
+        assert catalog.canonical(old) == new
+    for name, ident in [("qwen2.5:0.5b", "qwen2.5-0.5b"), ("gemma3:4b", "gemma3-4b"),
+                        ("gemma3", "gemma3-4b"), ("llama3.3:70b", "llama3.3-70b"),
+                        ("nomic-embed-text", "nomic-embed-text-v1.5"),
+                        ("deepseek-r1:7b", "deepseek-r1-7b")]:
+        assert catalog.require(name).id == ident
+    assert catalog.canonical("hf:o/r/x.gguf") == "hf:o/r/x.gguf"
+    # an Ollama name reads like SCHEME:REST; with no source of that scheme it is the alias
+    with pytest.raises(ModelNotFoundError, match="rbees-pool models download gemma3-4b"):
+        resolve_model(rbees_pm, "gemma3:4b")
+    with pytest.raises(ModelNotFoundError, match=r"rbees-pool models download qwen2\.5-0\.5b"):
+        resolve_model(rbees_pm, "qwen")
+
+
+def test_search_matches_every_word_best_first(rbees_pm: pluggy.PluginManager) -> None:
+    catalog = builtin_catalog(rbees_pm)
+
+    def ids(text: str) -> list[str]:
+        return [e.id for e in catalog.search(text)]
+
+    assert ids("qwen")[0] == "qwen2.5-0.5b"  # the old id is an alias: first
+    assert {"qwen2.5-coder-7b", "qwen3-8b", "qwq-32b"} <= set(ids("qwen"))
+    assert ids("gemma3:27b") == ["gemma3-27b"]
+    assert ids("LLAMA 70b") == ["llama3.3-70b"]
+    assert set(ids("embedding")) == {e.id for e in catalog if e.kind == "embedding"}
+    assert ids("coder") == ["qwen2.5-coder-7b"]
+    assert "deepseek-r1-7b" in ids("reasoning") and "qwq-32b" in ids("reasoning large")
+    assert set(ids("xlarge")) == {"llama3.3-70b"}
+    assert ids("gemma3 q8_0") == ["gemma3-4b-q8"]
+    assert ids("") == [e.id for e in catalog] and ids("no such thing") == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (('id = "x"', 'id = "x"\naliases = ["x"]'), r"models\[0\]\.aliases\[0\]: 'x' is the"),
+    (('id = "x"', 'id = "x"\naliases = ["pkg:llm_x"]'),
+     r"models\[0\]\.aliases\[0\]: 'pkg:llm_x'"),
+    (('id = "x"', 'id = "x"\naliases = ["a b"]'), r"models\[0\]\.aliases\[0\]: must match"),
+    (('id = "x"', 'id = "x:1"'), r"models\[0\]\.id: must match"),
+    (('id = "x"', 'id = "x"\nkind = "vision"'), r"models\[0\]\.kind: must be one of"),
+    (('id = "x"', 'id = "x"\ntags = ["Has Space"]'), r"models\[0\]\.tags\[0\]: contains"),
+    (('id = "x"', 'id = "x"\nparameters_b = 0'), r"models\[0\]\.parameters_b: must be >="),
+])
+def test_bad_aliases_and_fields_fail_with_their_toml_path(change: tuple[str, str],
+                                                          message: str,
+                                                          sources: Sources) -> None:
+    with pytest.raises(ConfigError, match=rf"^extra\.toml: {message}"):
+        parse_catalog(ENTRY.replace(*change), "extra.toml", sources)
+
+
+def test_an_alias_names_one_entry(sources: Sources) -> None:
+    second = ENTRY.replace('id = "x"', 'id = "y"\naliases = ["x:1", "z"]')
+    catalog = parse_catalog(ENTRY + second, "c.toml", sources)
+    assert catalog.require("x:1").id == "y" and catalog.get("x").id == "x"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"models\[1\]\.aliases\[0\]: 'x' already names 'x'"):
+        parse_catalog(ENTRY + second.replace('"x:1"', '"x"'), "c.toml", sources)
+    with pytest.raises(ConfigError, match=r"models\[2\]\.id: duplicate id 'z' \(an alias of"):
+        parse_catalog(ENTRY + second + ENTRY.replace('id = "x"', 'id = "z"'), "c.toml",
+                      sources)
+
+
+def test_size_and_sha256_are_optional(sources: Sources) -> None:
+    entry = parse_catalog(ENTRY.replace("size_bytes = 10\n", ""), "c.toml",
+                          sources).require("x")
+    assert (entry.size_bytes, entry.sha256, entry.kind, entry.size_class) == (
+        None, None, "chat", None)
+    assert entry.to_dict()["size_class"] is None

@@ -76,7 +76,28 @@ def test_catalog_marks_what_is_here(env: dict[str, str],
     assert rows["smollm2"]["present"] is True and rows["tinyllama"]["present"] is False
     assert rows["tinyllama"]["hf_repo"] == "TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF"
     text = pool(env, "models", "catalog").stdout.splitlines()
-    assert text[0].split() == ["ID", "NAME", "SIZE", "CONTEXT", "LICENSE", "PRESENT"]
+    assert text[0].split() == ["ID", "NAME", "KIND", "CLASS", "SIZE", "CONTEXT", "LICENSE",
+                               "PRESENT"]
+
+
+def test_search_finds_entries_by_id_alias_tag_and_size_class(env: dict[str, str]) -> None:
+    ids = [r["id"] for r in pool_json(env, "models", "search", "gemma3")]
+    assert ids[0] == "gemma3-4b" and {"gemma3-1b", "gemma3-27b"} <= set(ids)  # alias first
+    (coder,) = pool_json(env, "models", "search", "coder")
+    assert coder["id"] == "qwen2.5-coder-7b" and coder["present"] is False
+    assert "qwen2.5-coder:7b" in coder["aliases"] and coder["size_class"] == "medium"
+    embedders = pool_json(env, "models", "search", "embedding")
+    assert embedders and all(r["kind"] == "embedding" for r in embedders)
+    (huge,) = pool_json(env, "models", "search", "xlarge", "llama")  # words: all must match
+    assert huge["id"] == "llama3.3-70b"
+    (smol,) = pool_json(env, "models", "search", "smollm2:135m")
+    assert smol["present"] is True
+    text = pool(env, "models", "search", "reasoning").stdout.splitlines()
+    assert text[0].split()[:4] == ["ID", "NAME", "KIND", "CLASS"]
+    assert any(line.startswith("qwq-32b ") for line in text[1:])
+    one_error_line(pool(env, "models", "search", "no-such-model"), "no catalog model matches")
+    info = pool(env, "models", "info", "gemma3:27b").stdout
+    assert "gemma3-27b" in info and "https://huggingface.co/ggml-org/gemma-3-27b-it-GGUF" in info
 
 
 def test_list_shows_the_packaged_model_on_an_empty_host(

@@ -13,9 +13,16 @@ import asyncio
 import contextlib
 from typing import Any
 
+import attrs
+
 from rbees_core.api.orchestrator import TaskAccepted, TaskRequest
 from rbees_core.durations import parse_keep_alive
-from rbees_core.errors import ConflictError, ModelNotFoundError, RbeesError
+from rbees_core.errors import (
+    ConflictError,
+    InvalidParamsError,
+    ModelNotFoundError,
+    RbeesError,
+)
 from rbees_core.log import Logger, correlation_id
 from rbees_core.orchestrator.book import Admitted, Book, Run, retrieved
 from rbees_core.orchestrator.channel import Channel
@@ -65,10 +72,24 @@ class Admission:
                     return True
         return False
 
+    def canonical(self, request: TaskRequest) -> TaskRequest:
+        """``request`` with a catalog alias (``qwen2.5:7b``, an earlier id) replaced by its
+        entry's id, which pools and workers know the model by. Raises
+        :class:`InvalidParamsError` for a generation job on an embedding model (catalog
+        ``kind = "embedding"``)."""
+        entry = self.catalog.get(request.model)
+        if entry is None:
+            return request
+        if getattr(entry, "kind", "chat") == "embedding" and not request.embedding:
+            raise InvalidParamsError("model", f"{entry.id} is an embedding model: it "
+                                     "serves embeddings (POST /v1/embeddings), not generation")
+        return request if entry.id == request.model else attrs.evolve(request, model=entry.id)
+
     async def submit(self, request: TaskRequest) -> TaskAccepted:
         """Admit a job; durable when it returns. Raises :class:`ModelNotFoundError`,
         :class:`~rbees_core.orchestrator.errors.QueueFullError` and what the store raises
         (the job is then withdrawn: nothing of it remains)."""
+        request = self.canonical(request)
         if not self.known_model(request.model):
             raise ModelNotFoundError(f"model {request.model!r} is not in the catalog and no "
                                      "pool has it", details={"model": request.model})

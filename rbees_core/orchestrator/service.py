@@ -323,7 +323,8 @@ class OrchestratorService:
         states = self.model_states()
         if ref in states:
             return states[ref]
-        entry = configured_catalog(self.pm).by_source(ref)
+        catalog = configured_catalog(self.pm)
+        entry = catalog.get(ref) or catalog.by_source(ref)  # an alias, or a source
         return states.get(entry.id) if entry is not None else None
 
     def scrape(self) -> bytes:

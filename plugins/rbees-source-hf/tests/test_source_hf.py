@@ -343,3 +343,45 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(home: Path, fake_hub: FakeHub
     done = run_pool("models", "download", REF, env=env)
     assert done.returncode == 0, done.stderr
     assert fake_hub.ranges() == [f"bytes={kept}-"]
+
+
+def test_a_catalog_entry_without_size_or_sha256_is_checked_against_the_hub(
+        home: Path, tmp_path: Path, fake_hub: FakeHub, payload: bytes) -> None:
+    """The shipped catalog records no sha256 for hub files: the download takes the file's
+    size and LFS sha256 from the hub's metadata (``HEAD /resolve``: ``X-Linked-Size``,
+    ``X-Linked-Etag``) and checks the bytes against them, through the real CLI and an
+    Ollama-style alias. A file whose bytes differ from what the hub says is refused."""
+    bad = os.urandom(MiB)
+    fake_hub.add(REPO, "bad.gguf", bad[:-1] + b"\1",
+                 advertised_sha256=hashlib.sha256(bad).hexdigest())
+    catalog = tmp_path / "extra.toml"
+    entry = """
+[[models]]
+id = "{id}"
+aliases = ["{alias}"]
+name = "Tiny"
+hf_repo = "{repo}"
+hf_file = "{file}"
+context_length = 128
+license = "mit"
+sources = ["hf:{repo}/{file}"]
+"""
+    catalog.write_text(entry.format(id="tiny-1b", alias="tiny:1b", repo=REPO, file=FILE)
+                       + entry.format(id="bad-1b", alias="bad:1b", repo=REPO, file="bad.gguf"))
+    env = {"RBEES_HOME": str(home), "HF_ENDPOINT": fake_hub.endpoint,
+           "RBEES_POOL_CATALOG_FILE": str(catalog)}
+    done = run_pool("models", "download", "tiny:1b", "--format", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    end = json.loads(done.stdout.splitlines()[-1])
+    assert (end["event"], end["id"], end["size_bytes"], end["sha256"]) == (
+        "end", "tiny-1b", len(payload), hashlib.sha256(payload).hexdigest())
+    info = run_pool("models", "info", "tiny:1b", "--format", "json", env=env)
+    (local,) = json.loads(info.stdout)["local"]
+    assert local["details"]["verified_against"] == "lfs-sha256"
+    assert local["details"]["etag"] == hashlib.sha256(payload).hexdigest()
+
+    refused = run_pool("models", "download", "bad:1b", env=env)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "downloaded file does not match its checksum" in refused.stderr
+    assert f"expected {hashlib.sha256(bad).hexdigest()}" in refused.stderr
+    assert not (home / "models" / "hf" / REPO / "bad.gguf").exists()

@@ -1,4 +1,5 @@
-"""``rbees-pool models catalog|list|download|info|verify|rm``: models on this host."""
+"""``rbees-pool models catalog|search|list|download|info|verify|rm``: the model catalog and
+the models on this host."""
 
 from __future__ import annotations
 
@@ -37,10 +38,24 @@ def _json_line(data: dict[str, Any]) -> None:
 
 
 def print_catalog(rows: list[dict[str, Any]]) -> None:
-    """``models catalog``'s JSON as text."""
-    print_table([{**r, "size": human_bytes(r["size_bytes"]), "context": r["context_length"],
+    """``models catalog``'s and ``models search``'s JSON as text."""
+    print_table([{**r, "size": human_bytes(r.get("size_bytes")),
+                  "class": r.get("size_class") or "-", "kind": r.get("kind", "chat"),
+                  "context": r["context_length"],
                   "present": "yes" if r["present"] else "no"} for r in rows],
-                ("id", "name", "size", "context", "license", "present"))
+                ("id", "name", "kind", "class", "size", "context", "license", "present"))
+
+
+def catalog_rows(pm: pluggy.PluginManager, text: str | None = None) -> list[dict[str, Any]]:
+    """The catalog's entries (those matching ``text``, best first, when given) as JSON rows,
+    each with ``present``: whether it is on this host."""
+    from rbees_core.catalog import configured_catalog
+    from rbees_core.pool import models
+
+    catalog = configured_catalog(pm)
+    entries = list(catalog) if text is None else catalog.search(text)
+    here = {m.id for m in models.list_models(pm, catalog=catalog) if m.id}
+    return [{**e.to_dict(), "present": e.id in here} for e in entries]
 
 
 def print_list(rows: list[dict[str, Any]]) -> None:
@@ -65,11 +80,16 @@ def print_info(data: dict[str, Any]) -> None:
     if entry:
         from rbees_core.catalog import CatalogEntry
 
-        own = [k for k in entry if k not in CatalogEntry.core_keys()]  # the sources' keys
-        for key in ("id", "name", "quantization", *own, "license", "context_length",
-                    "sha256"):
+        own = [k for k in entry if k not in (*CatalogEntry.core_keys(), "size_class")]
+        for key in ("id", "name", "kind", "family", "size_class", "quantization", *own,
+                    "license", "context_length", "sha256", "checked"):
             print(f"{key + ':':16}{entry.get(key) if entry.get(key) is not None else '-'}")
-        print(f"{'size:':16}{human_bytes(entry['size_bytes'])}")
+        if entry.get("aliases"):
+            print(f"{'aliases:':16}{', '.join(entry['aliases'])}")
+        if entry.get("tags"):
+            print(f"{'tags:':16}{', '.join(entry['tags'])}")
+        print(f"{'size:':16}{human_bytes(entry.get('size_bytes'))}"
+              + ("" if entry.get("sha256") else " (sha256 and exact size from the hub)"))
         print(f"{'sources:':16}{', '.join(entry['sources'])}")
     else:
         print(f"{'catalog:':16}- (not in the catalog)")
@@ -99,12 +119,32 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
     @group.command("catalog")
     def catalog_command(fmt: FormatOption = OutputFormat.text) -> None:
         """List the models rbees knows by id, and whether each is on this host."""
-        from rbees_core.catalog import configured_catalog
-        from rbees_core.pool import models
+        rows = catalog_rows(pm)
+        print_json(rows) if fmt is OutputFormat.json else print_catalog(rows)
 
-        catalog = configured_catalog(pm)
-        here = {m.id for m in models.list_models(pm, catalog=catalog) if m.id}
-        rows = [{**e.to_dict(), "present": e.id in here} for e in catalog]
+    @group.command("search")
+    def search_command(
+        text: Annotated[list[str], typer.Argument(
+            metavar="TEXT...", help="Words to find: in ids, aliases (qwen2.5:7b), names, "
+            "families, tags (coder, reasoning, embedding), kind and size class (small, "
+            "medium, large, xlarge).")],
+        fmt: FormatOption = OutputFormat.text,
+    ) -> None:
+        """Find catalog models: entries matching every word, an exact id or alias first.
+
+        Exit 1 when nothing matches.
+        """
+        from rbees_core.errors import ModelNotFoundError
+        from rbees_core.programs.cli_common import fail
+
+        query = " ".join(text)
+        rows = catalog_rows(pm, query)
+        if not rows:
+            if fmt is OutputFormat.json:
+                print_json([])
+            fail(PROGRAM, ModelNotFoundError(
+                f"no catalog model matches {query!r} (rbees-pool models catalog lists them "
+                "all)", details={"model": query}))
         print_json(rows) if fmt is OutputFormat.json else print_catalog(rows)
 
     @group.command("list")
@@ -211,6 +251,7 @@ def register(app: typer.Typer, pm: pluggy.PluginManager) -> None:
 #: How each command's JSON reads as text (``rbees pool ... --host`` renders remote JSON).
 TEXT_RENDERERS = {
     ("models", "catalog"): print_catalog,
+    ("models", "search"): print_catalog,
     ("models", "list"): print_list,
     ("models", "download"): print_downloaded,
     ("models", "info"): print_info,
