@@ -10,8 +10,10 @@ the question a wait cannot: "ever?". A job can never be placed when
     can run them. A model a source can download but no pool holds yet waits for the
     download (pull on first use), it is not refused here;
 (b) every pool that holds it sizes it (:func:`~rbees_core.scheduling.memory_needed`) above
-    the total memory of each of its devices: no eviction of idle workers could make room.
-    A pool with a worker for the model already, or that cannot size it, can run it.
+    the total memory of each of its devices, and it cannot be split across the pool's GPUs
+    nor partly offloaded to one of them either (:func:`rbees_core.planning.could_ever_fit`):
+    no eviction of idle workers could make room. A pool with a worker for the model
+    already, or that cannot size it, can run it.
 
 Called by rbees-orcd's dispatcher for a job its policy told to wait (once per model and
 pin and pool change), and by ``rbees jobs submit`` without a daemon before it waits for a
@@ -24,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from rbees_core.planning import could_ever_fit, host_of, need_of
 from rbees_core.refs import split_scheme
 from rbees_core.scheduling import (
     GONE_STATES,
@@ -95,14 +98,15 @@ def never_placeable(job: dict[str, Any], pools: list[dict[str, Any]], *,
             return None
         need = memory_needed(job, pool)
         totals = [int(d.get("memory_total_bytes") or 0) for d in pool.get("devices") or ()]
-        if need <= 0 or any(t >= need for t in totals):
+        if need <= 0 or could_ever_fit(need_of(job, model_entry(pool, model), need),
+                                       host_of(pool)):
             return None
         largest = max([largest, *totals])
     need = max(memory_needed(job, p) for p in holders)
     names = ", ".join(str(p.get("pool_id")) for p in holders)
     return TOO_LARGE, (f"{model} needs {gib(need)}, more than any device of the pools that "
                        f"hold it ({names}) has in all (the largest: {gib(largest)}), even "
-                       "with every other worker stopped")
+                       "with every other worker stopped, split across GPUs or offloaded in part")
 
 
 __all__ = ["NO_CAPACITY", "TOO_LARGE", "UNKNOWN_MODEL", "never_placeable",

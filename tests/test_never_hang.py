@@ -80,6 +80,28 @@ def test_a_model_larger_than_every_device_is_never_placeable() -> None:
                            provided=False) is None
 
 
+def test_a_model_larger_than_each_device_that_can_be_split_or_offloaded_is_placeable() -> None:
+    """Issue 22, item 5: 64 GiB of 80 layers on a host of two 40 GB GPUs (a split), or of
+    one 24 GB GPU and 48 GiB of RAM (a partial offload), is not NO_CAPACITY."""
+    def gpu(index: int, gib: int) -> dict[str, Any]:
+        return {"device": f"cuda:{index}", "kind": "cuda", "memory_total_bytes": gib * GIB,
+                "memory_free_bytes": gib * GIB, "memory_reserved_bytes": 0}
+
+    layered = {**HUGE, "layers": 80, "layer_bytes": int(0.78 * GIB)}
+    job = {"model": "file:/m/huge.gguf"}
+    two = pool("p1", [layered])
+    two["devices"] += [gpu(0, 40), gpu(1, 40)]
+    assert never_placeable(job, [two], provided=False) is None
+    offload = pool("p1", [layered], ram=48 * GIB)
+    offload["devices"].append(gpu(0, 24))
+    assert never_placeable(job, [offload], provided=False) is None
+    # the same hosts for a model of unknown shape (sized by its file): whole, or never
+    two["models"] = offload["models"] = [HUGE]
+    found = never_placeable(job, [two, offload], provided=False)
+    assert found is not None and found[0] == TOO_LARGE
+    assert "split across GPUs or offloaded in part" in found[1]
+
+
 def test_no_capacity_maps_to_openai_statuses() -> None:
     unknown = job_error({"code": "NO_CAPACITY", "message": "m", "reason": UNKNOWN_MODEL})
     assert (unknown.status, unknown.code, unknown.param) == (404, "model_not_found", "model")

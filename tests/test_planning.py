@@ -21,13 +21,14 @@ from rbees_core.planning import (
     NoFit,
     Plan,
     could_ever_fit,
+    describe_offload,
     evict_for,
     host_of,
     host_plans,
     need_of,
     plan,
 )
-from rbees_core.scheduling import snapshot_pool
+from rbees_core.scheduling import memory_needed, model_entry, snapshot_pool
 
 GIB = 1024 ** 3
 NOW = 1_772_625_600.0
@@ -264,9 +265,22 @@ def test_memory_promised_to_a_loading_worker_is_not_available() -> None:
     ({"memory_bytes": 9 * GIB, "memory_layers": 32, "memory_layer_bytes": GIB // 4}, {},
      SMALL),
     ({}, {"memory_bytes": 9 * GIB, "layers": 32, "layer_bytes": GIB // 4}, SMALL),
+    ({}, {"memory_bytes": 9 * GIB, "memory": {"layers": 32, "layer_weights_bytes": GIB // 8,
+                                              "layer_kv_bytes": GIB // 8}}, SMALL),
     ({"memory_bytes": 9 * GIB}, {"layers": 32, "layer_bytes": GIB}, ModelNeed(9 * GIB)),
 ])
 def test_the_need_comes_from_the_job_or_the_pools_model_entry(
         job: dict[str, Any], entry: dict[str, Any], expected: ModelNeed) -> None:
     pool = {"pool_id": "p", "models": [{"id": "m", "ref": "m", **entry}]}
-    assert need_of({"model": "m", **job}, pool) == expected
+    full = {"model": "m", **job}
+    assert need_of(full, model_entry(pool, "m"), memory_needed(full, pool)) == expected
+
+
+def test_a_start_decision_says_how_the_model_is_offloaded() -> None:
+    assert describe_offload("cuda:0", 12, None) == "12 layers on cuda:0, rest on CPU"
+    assert describe_offload("cuda:0", None, (0.67, 0.33)) == "split cuda:0 0.67, cuda:1 0.33"
+    assert describe_offload("cuda:1", None, (0.0, 0.5, 0.5)) == "split cuda:1 0.50, cuda:2 0.50"
+    assert describe_offload("cpu", 0, None) == describe_offload("cuda:0", None, None) == ""
+    three = Plan("split", "p", "cuda:2", tensor_split=(0.6, 0.4),
+                 split_devices=("cuda:2", "cuda:1"))
+    assert three.split_by_index() == (0.0, 0.4, 0.6)

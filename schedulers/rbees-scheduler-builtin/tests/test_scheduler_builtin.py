@@ -417,3 +417,75 @@ def test_freeing_cores_stops_the_least_recently_used_of_equal_idle_workers() -> 
         verdict = LeastLoaded().decide(snapshot(pool("p", devices=[cpu], workers=workers,
                                                      models=["smollm2", "m-wx", "m-wy"])))
         assert targets(verdict) == [("stop_worker", "p", older), ("wait", None, None)]
+
+
+# -- models larger than one GPU (issue 22, item 5) -------------------------------------------
+
+def _large_entry(gib: float, layers: int, layer_gib: float) -> dict[str, object]:
+    """A model on disk whose estimate says its repeating layers (as pools report it)."""
+    return {"id": "big", "ref": "big", "memory_bytes": int(gib * GIB), "layers": layers,
+            "layer_bytes": int(layer_gib * GIB)}
+
+
+def _duo(*models: object) -> dict[str, object]:
+    """A 24 GB + 12 GB host with 64 GiB of RAM."""
+    return pool("duo", devices=[device("cpu", free_gib=64), device("cuda:0", free_gib=24),
+                                device("cuda:1", free_gib=12)], models=list(models))
+
+
+def test_a_model_larger_than_each_gpu_is_split_across_the_hosts_gpus() -> None:
+    snap = snapshot(_duo(_large_entry(33.5, 80, 0.4)), job=job("big"))
+    verdict = LeastLoaded().decide(snap)
+    start = verdict.decisions[0]
+    assert (start.action, start.device, start.tensor_split, start.n_gpu_layers) == \
+        ("start_worker", "cuda:0", (0.667, 0.333), None)
+    assert start.to_dict()["tensor_split"] == [0.667, 0.333]
+    text = explain(verdict)
+    assert "start a worker for big on cuda:0 of pool duo (split cuda:0 0.67, cuda:1 0.33)" \
+        in text, text
+    assert "does not have whole: split cuda:0 0.67, cuda:1 0.33" in verdict.summary
+    lost = {(c.pool_id, c.target): c.rejected for c in verdict.candidates}
+    assert lost[("duo", "cuda:1")] == (
+        "device cuda:1 on pool duo could take it 29 of 80 layers on cuda:1, rest on CPU; "
+        "least-loaded prefers split cuda:0 0.67, cuda:1 0.33 on device cuda:0 on pool duo")
+    assert lost[("duo", "cpu")] == ("device cpu on pool duo could take it whole; least-loaded "
+                                    "prefers split cuda:0 0.67, cuda:1 0.33 on device cuda:0 "
+                                    "on pool duo")
+
+
+def test_binpack_prefers_part_of_the_layers_on_one_gpu_to_a_split() -> None:
+    verdict = Binpack().decide(snapshot(_duo(_large_entry(33.5, 80, 0.4)), job=job("big")))
+    start = verdict.decisions[0]
+    # the tightest fit, as binpack starts every worker: the 12 GB GPU, the 24 GB one free
+    assert (start.device, start.n_gpu_layers, start.tensor_split) == ("cuda:1", 29, None)
+    assert "29 of 80 layers on cuda:1, rest on CPU" in verdict.summary
+    assert "(29 layers on cuda:1, rest on CPU)" in explain(verdict)
+
+
+def test_an_8_gb_gpu_takes_the_layers_that_fit_rather_than_leave_it_to_the_cpu() -> None:
+    small = pool("small", devices=[device("cpu", free_gib=32), device("cuda:0", free_gib=7.5)],
+                 models=[_large_entry(9, 32, 0.25)])
+    verdict = LeastLoaded().decide(snapshot(small, job=job("big")))
+    start = verdict.decisions[0]
+    assert (start.device, start.n_gpu_layers) == ("cuda:0", 29)
+    lost = {(c.pool_id, c.target): c.rejected for c in verdict.candidates}
+    assert lost[("small", "cpu")] == ("device cpu on pool small could take it whole; "
+                                      "least-loaded prefers 29 of 32 layers on cuda:0, rest "
+                                      "on CPU on device cuda:0 on pool small")
+    # a GPU that holds the model whole, on another pool, comes first
+    whole = pool("whole", devices=[device("cuda:0", free_gib=16)],
+                 models=[_large_entry(9, 32, 0.25)])
+    verdict = LeastLoaded().decide(snapshot(small, whole, job=job("big")))
+    start = verdict.decisions[0]
+    assert (start.pool_id, start.device, start.n_gpu_layers) == ("whole", "cuda:0", None)
+    lost = {(c.pool_id, c.target): c.rejected for c in verdict.candidates}
+    assert lost[("small", "cuda:0")].startswith(
+        "device cuda:0 on pool small could take it 29 of 32 layers on cuda:0, rest on CPU; "
+        "least-loaded prefers whole on device cuda:0 on pool whole"), lost
+
+
+def test_a_model_of_unknown_shape_is_never_split_or_offloaded() -> None:
+    snap = snapshot(_duo({"id": "big", "ref": "big", "memory_bytes": int(33.5 * GIB)}),
+                    job=job("big"))
+    start = LeastLoaded().decide(snap).decisions[0]
+    assert (start.device, start.n_gpu_layers, start.tensor_split) == ("cpu", None, None)

@@ -9,9 +9,13 @@
   (``job.embedding``) only an embedding worker, any other job only a worker that is not;
 - a device can start a worker when its pool has the model on disk and it has the memory,
   and a CPU a free core (:func:`rbees_core.placement.cores_to_start`: workers never share
-  cores); a CPU with no free core may free one by stopping an idle worker of another model
-  (:meth:`Analysis.evictable`), and a device without the memory may free it by stopping
-  idle workers of other models, least recently used first (:meth:`Analysis.evictable_memory`);
+  cores); a GPU without the memory for the whole model may still start it split across its
+  host's GPUs or with part of its layers in RAM (:attr:`DeviceView.plan`, from
+  :func:`rbees_core.planning.host_plans` in the policy's order); a CPU with no free core may
+  free one by stopping an idle worker of another model (:meth:`Analysis.evictable`), and a
+  device without the memory may free it by stopping idle workers of other models, least
+  recently used first (:meth:`Analysis.evictable_memory`, :func:`rbees_core.planning.
+  evict_for`);
 - ``avoid_pools`` only marks candidates (:attr:`PoolView.avoided`): the policy uses them when
   nothing else can take the job; ``prefer_pools`` gives each pool a rank (:attr:`PoolView.pref`).
 
@@ -24,6 +28,18 @@ from __future__ import annotations
 from typing import Any
 
 from rbees_core.placement import cores_to_start, worker_defaults
+from rbees_core.planning import (
+    DEFAULT_PREFER,
+    Host,
+    Kind,
+    ModelNeed,
+    Plan,
+    evict_for,
+    host_of,
+    host_plans,
+    need_of,
+    rank,
+)
 from rbees_core.scheduling import (
     Candidate,
     failed_mark,
@@ -41,8 +57,6 @@ STARTING_STATES = frozenset({"starting", "loading"})
 #: A job that waited this long for the cores of a CPU has a busy worker of another model
 #: there stopped (gracefully), not only an idle one (:meth:`Analysis.evictable`).
 EVICT_BUSY_AFTER_S = 10.0
-#: Worker states whose memory is being given back (a stop was asked for).
-FREEING_STATES = frozenset({"stopping", "draining"})
 _DEVICE_FAMILIES = {"mps": "metal"}
 
 
@@ -158,8 +172,8 @@ class WorkerView:
 class DeviceView:
     """A device on which a worker for the job's model could be started."""
 
-    __slots__ = ("available", "cores", "data", "device", "gpu", "index", "kind", "need", "pool",
-                 "reason")
+    __slots__ = ("available", "cores", "data", "device", "gpu", "index", "kind", "need", "plan",
+                 "pool", "reason")
 
     def __init__(self, pool: PoolView, index: int, data: dict[str, Any], need: int,
                  threads: int | None = None) -> None:
@@ -174,10 +188,25 @@ class DeviceView:
         #: cores a worker started here gets (None: its pool does not count cores)
         self.cores = cores_to_start(pool.data, "gpu" if self.gpu else "cpu", threads)
         self.reason: str | None = None
+        #: how the model goes here when it does not fit whole: a split (this GPU the main
+        #: one) or a partial offload (:mod:`rbees_core.planning`); None: whole
+        self.plan: Plan | None = None
 
     @property
     def label(self) -> str:
         return f"device {self.device} on pool {self.pool.pool_id}"
+
+    def rank(self, prefer: tuple[Kind, ...]) -> int:
+        """Its place in the policy's order of ways to hold the model: a whole GPU first,
+        then ``prefer``'s (a whole CPU is ``cpu``; :func:`rbees_core.planning.rank`)."""
+        if self.plan is not None:
+            return rank(self.plan, prefer)
+        return rank(Plan("gpu" if self.gpu else "cpu", self.pool.pool_id, self.device), prefer)
+
+    def how(self) -> str:
+        """``split cuda:0 0.67, cuda:1 0.33``, ``12 of 32 layers on cuda:0, rest on CPU``,
+        else ``whole``."""
+        return self.plan.describe() if self.plan is not None else "whole"
 
 
 class Analysis:
@@ -189,8 +218,11 @@ class Analysis:
     :class:`Candidate` with the reason.
     """
 
-    def __init__(self, snapshot: dict[str, Any]) -> None:
+    def __init__(self, snapshot: dict[str, Any],
+                 spill: tuple[Kind, ...] = DEFAULT_PREFER) -> None:
         self.snapshot = snapshot
+        #: where a model no GPU holds whole goes, in the policy's order (planning's kinds)
+        self.spill = spill
         job = snapshot.get("job") or {}
         self.job: dict[str, Any] = job
         self.model: str = str(job.get("model") or "")
@@ -298,8 +330,15 @@ class Analysis:
             threads = worker_defaults(self.snapshot, "cpu").get("threads")
             for view in self.pools:
                 need = memory_needed(job, view.data) if view.reason is None else 0
+                plans: dict[str, Plan] | None = None
                 for di, device in enumerate(view.data.get("devices") or ()):
                     d = DeviceView(view, di, device, need, threads)
+                    if d.gpu and d.available < need and view.reason is None:
+                        if plans is None:  # only for a model some GPU cannot hold whole
+                            plans = host_plans(
+                                need_of(job, model_entry(view.data, self.model), need),
+                                host_of(view.data), self.spill)
+                        d.plan = plans.get(d.device)
                     d.reason = self._device_reason(d)
                     out.append(d)
             self._devices = out
@@ -316,7 +355,7 @@ class Analysis:
             return f"pool {d.pool.pool_id} does not have {self.model} on disk"
         if not device_matches(d.device, self.pin_device):
             return f"the job is pinned to device {self.pin_device}"
-        if d.available < d.need:
+        if d.available < d.need and d.plan is None:
             return f"{d.label} has {gib(d.available)} free, needs {gib(d.need)}"
         if d.cores == 0:
             return f"{d.label} has no free core: {held_by(d.pool.data)}"
@@ -360,49 +399,33 @@ class Analysis:
         ``idle_since``; a worker without it counts as the least recent). The list is empty
         when workers being stopped there (``stopping``) free enough already: the job waits
         for them, nothing more is stopped. A worker's memory is its ``memory_bytes``, else
-        what its model needs on the pool. Among devices: the job's preferred pools, GPUs,
-        the fewest stops, then pool and device; None when no device can be freed so."""
+        what its model needs on the pool; each worker counts once
+        (:func:`rbees_core.planning.evict_for` decides). Among devices: the job's preferred
+        pools, GPUs, the fewest stops, then pool and device; None when no device can be
+        freed so."""
         best: tuple[tuple[Any, ...], DeviceView, list[dict[str, Any]]] | None = None
         for d in self.devices():
             if d.reason is None or d.cores == 0 or d.pool.reason or not d.pool.has_model \
                     or not device_matches(d.device, self.pin_device) or d.available >= d.need:
                 continue
-            total = int(d.data.get("memory_total_bytes") or 0)
-            if total and d.need > total:
-                continue  # no stop makes it fit
-            pool = d.pool.data
-            freeing = 0
-            idle: list[tuple[float, str, int, dict[str, Any]]] = []
-            for w in pool.get("workers") or ():
-                if (w.get("device") or "cpu") != d.device:
-                    continue
-                state = w.get("state")
-                size = self._worker_memory(w, pool)
-                if state in FREEING_STATES:
-                    freeing += size
-                    continue
-                if state not in USABLE_STATES or w.get("expected") or \
-                        (w.get("slots_free") or 0) < (w.get("slots_total") or 0):
-                    continue  # starting, or a job runs there
-                if same_model(w.get("model_ref"), self.model, d.pool.aliases) and \
-                        bool(w.get("embedding")) is self.embedding:
-                    continue  # its own model's worker: stopping it only starts it again
-                since = w.get("idle_since")
-                idle.append((float(since) if isinstance(since, int | float) else 0.0,
-                             str(w.get("worker_id")), size, w))
-            have = d.available + freeing
-            chosen: list[dict[str, Any]] = []
-            for _, _, size, w in sorted(idle, key=lambda t: (t[0], t[1])):
-                if have >= d.need:
-                    break
-                chosen.append(w)
-                have += size
-            if have < d.need:
+            freed = evict_for(ModelNeed(d.need), self._host(d.pool), d.device)
+            if freed is None:
                 continue
+            by_id = {str(w.get("worker_id")): w for w in d.pool.data.get("workers") or ()}
+            chosen = [by_id[wid] for wid in freed.evict]
             key = (d.pool.pref, not d.gpu, len(chosen), d.pool.pool_id, d.device)
             if best is None or key < best[0]:
                 best = (key, d, chosen)
         return None if best is None else (best[1], best[2])
+
+    def _host(self, view: PoolView) -> Host:
+        """The pool for :mod:`rbees_core.planning`: a worker of the job's own model (of its
+        kind, embedding or not) is kept, since stopping it only starts it again; a worker
+        that reports no memory holds what its model needs."""
+        pool, aliases = view.data, view.aliases
+        return host_of(pool, keep=lambda w: same_model(w.get("model_ref"), self.model, aliases)
+                       and bool(w.get("embedding")) is self.embedding,
+                       sizes=lambda w: self._worker_memory(w, pool))
 
     def _worker_memory(self, w: dict[str, Any], pool: dict[str, Any]) -> int:
         """Bytes a worker holds: its ``memory_bytes``, else what its model needs."""

@@ -10,8 +10,11 @@ it ranks workers and devices:
 2. else, when a worker for the model is already starting with a free slot, the job waits
    for it rather than starting another one;
 3. else a worker is started on a device of a pool that has the model on disk, the memory
-   and (a CPU) a free core, GPUs before the CPU, then a device without a copy of the model
-   before one with a copy; the policy ranks those devices. The worker gets the snapshot's
+   and (a CPU) a free core: a GPU that holds the model whole first, then, in the policy's
+   :attr:`~BuiltinPolicy.spill` order, a split across the GPUs of one host, part of its
+   layers on one GPU and the rest in RAM, the CPU (:mod:`rbees_core.planning`; the split
+   or offload is in the decision and its reason); then a device without a copy of the
+   model before one with a copy; the policy ranks those devices. The worker gets the snapshot's
    ``worker_defaults`` for the device's kind (slots, context) and the cores it can have
    (:func:`rbees_core.placement.cores_to_start`);
 4. else, when a CPU lacks only a free core, an idle worker of another model there is
@@ -42,6 +45,7 @@ import attrs
 
 from rbees_core.interfaces import Scheduler
 from rbees_core.placement import worker_defaults
+from rbees_core.planning import DEFAULT_PREFER, Kind
 from rbees_core.scheduling import (
     Candidate,
     Decision,
@@ -79,6 +83,9 @@ class BuiltinPolicy(Scheduler):
     name: ClassVar[str]
     #: One line for ``rbees scheduler`` listings.
     description: ClassVar[str] = ""
+    #: Where a model that no GPU holds whole goes, best first (:mod:`rbees_core.planning`):
+    #: split across one host's GPUs, part of its layers on one GPU, the CPU.
+    spill: ClassVar[tuple[Kind, ...]] = DEFAULT_PREFER
 
     # -- ranking (smaller keys win; ties fall to pool id, then worker id or device) --------
 
@@ -117,7 +124,7 @@ class BuiltinPolicy(Scheduler):
 
     def decide(self, snapshot: Snapshot) -> Verdict:
         started = time.perf_counter()
-        verdict = self.verdict(Analysis(snapshot.data))
+        verdict = self.verdict(Analysis(snapshot.data, self.spill))
         return attrs.evolve(verdict, elapsed_ms=(time.perf_counter() - started) * 1000)
 
     def verdict(self, a: Analysis) -> Verdict:
@@ -243,10 +250,12 @@ class BuiltinPolicy(Scheduler):
                               for w in pool.data.get("workers") or ()
                               if w.get("worker_id") == e.target and same_model(
                                   w.get("model_ref"), a.model, pool.aliases))
-        ranked = sorted(devices, key=lambda d: (d.pool.pref, not d.gpu,
+        prefer = a.spill
+        ranked = sorted(devices, key=lambda d: (d.pool.pref, d.rank(prefer),
                                                 (d.pool.pool_id, d.device) in copies,
                                                 *self.device_key(d), d.pool.pool_id, d.device))
         winner = ranked[0]
+        first = winner.rank(prefer)
         lost = {}
         for d in ranked[1:]:
             lost[id(d)] = (self._pref_reason(d.pool.pref, winner.pool.pref, winner.pool.pool_id)
@@ -254,10 +263,15 @@ class BuiltinPolicy(Scheduler):
                                (d.pool.pool_id, d.device) in copies and
                                (winner.pool.pool_id, winner.device) not in copies else None)
                            or (f"{d.label} is a CPU; a GPU comes first" if winner.gpu
-                               and not d.gpu else None)
+                               and not d.gpu and winner.plan is None else None)
+                           or (f"{d.label} could take it {d.how()}; {self.name} prefers "
+                               f"{winner.how()} on {winner.label}" if d.rank(prefer) != first
+                               else None)
                            or f"{d.label} ({self.describe_device(d)}) ranked below "
                               f"{winner.label} ({self.describe_device(winner)})")
         need = f"; it needs {gib(winner.need)}" if winner.need else ""
+        if winner.plan is not None and winner.plan.describe():
+            need += f", which it does not have whole: {winner.plan.describe()}"
         summary = (f"no {'embedding ' if a.embedding else ''}worker with {a.model} can take the "
                    f"job now; {self.name} starts one on "
                    f"{winner.label}, which {self.why_device(winner)}{need}")
@@ -267,10 +281,13 @@ class BuiltinPolicy(Scheduler):
         threads = winner.cores if winner.cores is not None else defaults.get("threads")
         if threads:
             summary += f", with {_cores(threads)}"
+        plan = winner.plan
         decision = Decision("start_worker", pool_id=winner.pool.pool_id, device=winner.device,
                             model=a.model, slots=defaults.get("slots"),
                             ctx=defaults.get("ctx"), threads=threads or None,
-                            embedding=a.embedding or None)
+                            embedding=a.embedding or None,
+                            n_gpu_layers=plan.n_gpu_layers if plan is not None else None,
+                            tensor_split=plan.split_by_index() if plan is not None else None)
         candidates = self._worker_candidates(a, None, tier)
         candidates += self._device_candidates(a, winner, tier, lost)
         return Verdict(self.name, [decision], candidates, summary)
@@ -411,6 +428,8 @@ class Binpack(BuiltinPolicy):
 
     name: ClassVar[str] = "binpack"
     description: ClassVar[str] = "fill the busiest worker with a free slot first"
+    #: a model too large for one GPU takes one GPU and RAM, leaving the others free
+    spill: ClassVar[tuple[Kind, ...]] = ("partial", "split", "cpu")
 
     def worker_key(self, w: WorkerView) -> tuple[Any, ...]:
         return (w.slots_free, -(w.slots_total - w.slots_free))

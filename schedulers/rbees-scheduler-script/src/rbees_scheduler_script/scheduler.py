@@ -304,13 +304,16 @@ class ScriptScheduler(Scheduler):
                 raise ScriptError("invalid", pool.reason
                                   or f"pool {pool.pool_id} does not have {model} on disk")
             defaults = worker_defaults(a.snapshot, device.device)  # the built-ins' sizes
+            # a model the device holds only split or in part: as the built-ins start it
+            plan = device.plan if same_model(model, a.model, pool.aliases) else None
             return Decision("start_worker", pool_id=pool.pool_id, device=device.device,
                             model=model, reason=item.get("reason"), slots=defaults.get("slots"),
                             ctx=defaults.get("ctx"),
                             threads=device.cores or defaults.get("threads"),
                             # the job's kind: a worker for an embedding job embeds
                             embedding=(a.embedding and same_model(model, a.model, pool.aliases))
-                            or None)
+                            or None, n_gpu_layers=plan.n_gpu_layers if plan else None,
+                            tensor_split=plan.split_by_index() if plan else None)
         elif action == "stop_worker":
             need("pool_id", "worker_id")
             find_worker()
