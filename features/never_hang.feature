@@ -17,3 +17,27 @@ Feature: A job never waits for what cannot come
     When a job with deadline_ms 500 is submitted to it
     Then the job ends with "error" code "DEADLINE_UNMET" within 2 seconds of its submission
     And its error says "it waited"
+
+  Scenario: A job for a model no source knows ends at once with NO_CAPACITY, and why says so
+    Given the cluster is up: rbees-orcd on blep, pool-managerd on mac and workstation
+    When I submit a task to the orchestrator with:
+      """
+      {"model": "no-such-model", "prompt": "Hi", "max_tokens": 4}
+      """
+    Then the job ends with "error" code "NO_CAPACITY" within 1 second of its submission
+    And its error says "no source can download no-such-model"
+    When blep runs "rbees jobs why {job_id}"
+    Then the command succeeds
+    And stdout contains "NO_CAPACITY"
+
+  Scenario Outline: A client that goes away while its request is queued leaves no queued job
+    Given a second orchestrator on blep with queue capacity 4 and policy "reject"
+    When a <request> for "smollm2" to it is dropped by its client while the job is queued
+    Then it holds no queued job within 1 second of the drop
+    And the dropped job is "cancelled"
+
+    Examples:
+      | request                                  |
+      | streamed OpenAI chat request             |
+      | plain OpenAI chat request                |
+      | /v2 task with cancel_on_disconnect       |

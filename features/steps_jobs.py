@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def submit_task(world: World, ctx: dict[str, Any], docstring: str) -> None:
 @then(parsers.parse('the job ends with "{terminal}"'))
 def job_ends(world: World, ctx: dict[str, Any], terminal: str) -> None:
     frames = events(world, ctx["job_id"])
+    ctx["ended_at"] = time.monotonic()  # the stream is read to its terminal event
     assert frames[-1][1] == terminal, frames[-3:]
     ctx["frames"] = frames
 
@@ -396,6 +398,7 @@ def ends_within(world: World, ctx: dict[str, Any], terminal: str, code: str, sec
     took = time.monotonic() - t0
     assert frames[-1][1] == terminal and frames[-1][2]["code"] == code, frames[-3:]
     assert frames[-1][2]["retriable"] is False, frames[-1]
+    print(f"MEASURED: {code} {took:.3f} s after the submission")
     assert took < seconds, f"{code} after {took:.2f} s"
     ctx["error"] = frames[-1][2]
 
@@ -403,3 +406,80 @@ def ends_within(world: World, ctx: dict[str, Any], terminal: str, code: str, sec
 @then(parsers.parse('its error says "{text}"'))
 def error_says(ctx: dict[str, Any], text: str) -> None:
     assert text in ctx["error"]["message"], ctx["error"]
+
+
+def queued_jobs(world: World, url: str) -> list[str]:
+    """Ids of the jobs queued on the orchestrator at ``url``."""
+    got = world.http("GET", f"{url}/v2/tasks", params={"status": "queued", "limit": 100},
+                     timeout=10)
+    return [j["job_id"] for j in got.json()["jobs"]]
+
+
+@when(parsers.parse('a {request} for "{model}" to it is dropped by its client while the job '
+                    "is queued"))
+def dropped_while_queued(world: World, ctx: dict[str, Any], request: str, model: str) -> None:
+    """The client sends the request, sees its job queued on the second orchestrator (no
+    pool: it waits), then closes its connection."""
+    url = ctx["second"]
+    before = set(queued_jobs(world, url))
+
+    def new_job() -> str | None:
+        return next(iter(set(queued_jobs(world, url)) - before), None)
+
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    headers = world.auth()
+    if request == "plain OpenAI chat request":
+        # not streamed: the client's read times out while the job waits; it hangs up
+        outcome: list[BaseException | None] = []
+
+        def post() -> None:
+            with httpx.Client(timeout=httpx.Timeout(10.0, read=2.0), headers=headers) as c:
+                try:
+                    c.post(f"{url}/v1/chat/completions", json=chat)
+                    outcome.append(None)
+                except httpx.ReadTimeout as exc:
+                    outcome.append(exc)
+
+        poster = threading.Thread(target=post, daemon=True)
+        poster.start()
+        ctx["job_id"] = wait_until(new_job, 2, "the request's job queued", interval=0.05)
+        poster.join(30)
+        assert outcome and outcome[0] is not None, "answered while it should wait"
+    elif request == "streamed OpenAI chat request":
+        with httpx.Client(timeout=10.0, headers=headers) as client, client.stream(
+                "POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}) as answer:
+            assert answer.status_code == 200, answer.read()
+            for _ in answer.iter_raw():  # the role chunk, pings: the job is queued
+                job_id = new_job()
+                if job_id is not None:
+                    ctx["job_id"] = job_id
+                    break
+    elif request == "/v2 task with cancel_on_disconnect":
+        got = submit(world, {"model": model, "prompt": "Hi", "max_tokens": 4,
+                             "cancel_on_disconnect": True}, url)
+        assert got.status_code == 202, got.text
+        ctx["job_id"] = got.json()["job_id"]
+        with httpx.Client(timeout=10.0, headers=headers) as client, client.stream(
+                "GET", f"{url}/v2/tasks/{ctx['job_id']}/events") as answer:
+            for line in answer.iter_lines():  # its `queued` event, then it hangs up
+                if line.startswith("event: queued"):
+                    break
+    else:
+        raise AssertionError(f"no such request: {request}")
+    assert "job_id" in ctx, "the request's job was never seen queued"
+    ctx["dropped_at"] = time.monotonic()
+    ctx["url"] = url
+
+
+@then(parsers.parse("it holds no queued job within {seconds:d} second of the drop"))
+def none_queued_after_drop(world: World, ctx: dict[str, Any], seconds: int) -> None:
+    wait_until(lambda: not queued_jobs(world, ctx["url"]), seconds + 5, "no queued job")
+    took = time.monotonic() - ctx["dropped_at"]
+    print(f"MEASURED: no queued job {took:.2f} s after the client went away")
+    assert took < seconds, f"{took:.2f} s"
+
+
+@then(parsers.parse('the dropped job is "{status}"'))
+def dropped_job_status(world: World, ctx: dict[str, Any], status: str) -> None:
+    got = world.http("GET", f"{ctx['url']}/v2/tasks/{ctx['job_id']}", timeout=10).json()
+    assert got["status"] == status, got

@@ -33,14 +33,6 @@ Feature: Bad input gets a clear error in the contract's envelope and loses nothi
     Then the answer status is 404
     And the error code is "JOB_NOT_FOUND"
 
-  Scenario: An unknown model is 404 MODEL_NOT_FOUND
-    When I POST to the orchestrator "/v2/tasks" with:
-      """
-      {"model": "no-such-model", "prompt": "hi"}
-      """
-    Then the answer status is 404
-    And the error code is "MODEL_NOT_FOUND"
-
   Scenario: A refused task loses nothing already queued
     Given the orchestrator's job count is noted
     When I POST to the orchestrator "/v2/tasks" with:

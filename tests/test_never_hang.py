@@ -18,6 +18,7 @@ import pytest
 
 from rbees_core.api.orchestrator import Placement, TaskRequest
 from rbees_core.api.pool import CpuEntry, PoolHeartbeat
+from rbees_core.errors import ModelNotFoundError
 from rbees_core.feasibility import TOO_LARGE, UNKNOWN_MODEL, never_placeable
 from rbees_core.orchestrator.service import OrchestratorService
 from rbees_core.programs.openai_errors import job_error
@@ -173,6 +174,30 @@ async def test_a_job_that_can_never_be_placed_ends_at_once(lonely: OrchestratorS
     error = await ended(svc, pinned.job_id, 1.0)
     assert error["code"] == "NO_CAPACITY" and error["reason"] == UNKNOWN_MODEL
     assert "pool p9" in error["message"]
+    assert not svc.queue
+
+
+async def test_a_model_no_source_knows_ends_at_once_with_no_capacity(
+        lonely: OrchestratorService) -> None:
+    """``POST /v2/tasks`` admits it and it ends in the next dispatch round with
+    ``NO_CAPACITY`` (reason ``unknown_model``), its decision saying why; the ``/v1`` routes
+    refuse it at admission (404 ``model_not_found`` in OpenAI's shape), leaving no job."""
+    svc = lonely
+    t0 = time.monotonic()
+    unknown = await svc.submit(TaskRequest(model="no-such-model", prompt="x"))
+    error = await ended(svc, unknown.job_id, 1.0)
+    took = time.monotonic() - t0
+    assert error["code"] == "NO_CAPACITY" and error["reason"] == UNKNOWN_MODEL, error
+    assert error["retriable"] is False
+    assert "no pool holds no-such-model" in error["message"]
+    assert "no source can download no-such-model" in error["message"]
+    assert took < 1.0, f"NO_CAPACITY after {took:.3f} s"
+    why = await svc.dispatcher.why(unknown.job_id)
+    assert "The job ended (NO_CAPACITY)" in why["explanation"]
+    before = await asyncio.to_thread(svc.store.count_by_status)
+    with pytest.raises(ModelNotFoundError):
+        await svc.submit(TaskRequest(model="no-such-model", prompt="x"), refuse_unknown=True)
+    assert await asyncio.to_thread(svc.store.count_by_status) == before
     assert not svc.queue
 
 

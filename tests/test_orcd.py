@@ -134,10 +134,23 @@ def test_cancel_mid_stream_sends_no_token_after_it(cluster: Cluster) -> None:
 
 
 def test_errors_are_enveloped(cluster: Cluster) -> None:
+    # a model no source knows: admitted, then ended at once with NO_CAPACITY (issue 22);
+    # past rbees-orcd's start-up grace (3 heartbeats of 0.5 s), when nothing is judged
+    started = (cluster.home / "run" / "rbees-orcd.pid").stat().st_mtime
+    time.sleep(max(0.0, started + 1.6 - time.time()))
+    t0 = time.monotonic()
     unknown = httpx.post(f"{cluster.url}/v2/tasks", json={"model": "no-such-model",
                                                            "prompt": "x"})
-    assert unknown.status_code == 404
-    assert unknown.json()["error"]["code"] == "MODEL_NOT_FOUND"
+    assert unknown.status_code == 202, unknown.text
+    ended = cluster.events(unknown.json()["job_id"])
+    took = time.monotonic() - t0
+    assert ended[-1][1] == "error", ended
+    assert ended[-1][2]["code"] == "NO_CAPACITY", ended[-1]
+    assert ended[-1][2]["reason"] == "unknown_model" and "no-such-model" in \
+        ended[-1][2]["message"]
+    print(f"MEASURED: a model no source knows ended NO_CAPACITY {took:.3f} s after its POST")
+    assert took < 1.0, took
+    assert cluster.job(unknown.json()["job_id"])["status"] == "failed"
     bad = httpx.post(f"{cluster.url}/v2/tasks", json={"model": "smollm2", "prompt": "x",
                                                        "temperature": 9})
     assert bad.status_code == 400 and bad.json()["error"]["details"]["field"] == "temperature"

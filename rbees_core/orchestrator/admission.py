@@ -85,12 +85,21 @@ class Admission:
                                      "serves embeddings (POST /v1/embeddings), not generation")
         return request if entry.id == request.model else attrs.evolve(request, model=entry.id)
 
-    async def submit(self, request: TaskRequest) -> TaskAccepted:
-        """Admit a job; durable when it returns. Raises :class:`ModelNotFoundError`,
-        :class:`~rbees_core.orchestrator.errors.QueueFullError` and what the store raises
-        (the job is then withdrawn: nothing of it remains)."""
+    async def submit(self, request: TaskRequest, *, refuse_unknown: bool = False
+                     ) -> TaskAccepted:
+        """Admit a job; durable when it returns. Raises
+        :class:`~rbees_core.orchestrator.errors.QueueFullError`, :class:`InvalidParamsError`
+        (:meth:`canonical`) and what the store raises (the job is then withdrawn: nothing
+        of it remains).
+
+        A job for a model that no source knows and no pool holds is admitted like any
+        other: the dispatcher ends it at once with ``NO_CAPACITY`` (reason
+        ``unknown_model``), recorded and explained by its decision (``POST /v2/tasks``).
+        With ``refuse_unknown`` (the ``/v1`` routes, whose clients expect OpenAI's answer
+        at once and no job left behind) such a model is refused here instead with
+        :class:`ModelNotFoundError` (404 ``model_not_found``)."""
         request = self.canonical(request)
-        if not self.known_model(request.model):
+        if refuse_unknown and not self.known_model(request.model):
             raise ModelNotFoundError(f"model {request.model!r} is not in the catalog and no "
                                      "pool has it", details={"model": request.model})
         book = self.book

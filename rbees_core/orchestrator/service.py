@@ -180,9 +180,11 @@ class OrchestratorService:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    async def submit(self, request: TaskRequest) -> TaskAccepted:
-        """Admit a job (``POST /v2/tasks``); see :meth:`Admission.submit`."""
-        return await self.admission.submit(request)
+    async def submit(self, request: TaskRequest, *, refuse_unknown: bool = False
+                     ) -> TaskAccepted:
+        """Admit a job (``POST /v2/tasks``; the ``/v1`` routes with ``refuse_unknown``);
+        see :meth:`Admission.submit`."""
+        return await self.admission.submit(request, refuse_unknown=refuse_unknown)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job; False when it was already final. Raises

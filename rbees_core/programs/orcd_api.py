@@ -186,7 +186,7 @@ OPERATIONS = [
     openapi.Operation("GET", "/openapi.json", "this document"),
     openapi.Operation("POST", "/v2/tasks", "admit a job", request=TaskRequest,
                       response=TaskAccepted, status=202,
-                      errors={"404": "MODEL_NOT_FOUND", "429": "QUEUE_FULL"}),
+                      errors={"429": "QUEUE_FULL"}),
     openapi.Operation("GET", "/v2/tasks", "jobs, newest first, paged", response=JobList,
                       errors={"400": "bad status, limit or cursor"}),
     openapi.Operation("GET", "/v2/tasks/{job_id}", "one job (no prompt text)",

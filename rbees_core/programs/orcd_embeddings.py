@@ -101,7 +101,7 @@ async def embeddings(request: Request) -> Response:
         if body.get("keep_alive") is not None:  # Ollama's, as on chat and completions
             fields["keep_alive"] = body["keep_alive"]
         task = from_mapping(TaskRequest, fields)
-        job_id = (await service(request).submit(task)).job_id
+        job_id = (await service(request).submit(task, refuse_unknown=True)).job_id
     except OpenAIError as exc:
         return exc.response()
     except InvalidParamsError as exc:  # input[3] is OpenAI's input

@@ -187,7 +187,7 @@ async def _submit_all(request: Request, task: dict[str, Any], n: int) -> list[st
             if n > 1 and type(seed) is int and 0 <= seed < 2**63:
                 body["seed"] = (seed + i) % 2**63
             req = from_mapping(TaskRequest, body)
-            job_ids.append((await svc.submit(req)).job_id)
+            job_ids.append((await svc.submit(req, refuse_unknown=True)).job_id)
     except InvalidParamsError as exc:
         raise OpenAIError(400, exc.message, param=exc.field) from exc
     except RbeesError as exc:
