@@ -8,6 +8,7 @@ every feature file sees every step.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,16 @@ def world(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
 @pytest.fixture
 def ctx(world: World) -> Iterator[dict[str, Any]]:
     """What one scenario's steps hand each other (the last command, answer, job ids). A link
-    a failed scenario left cut is restored after it."""
+    a scenario left cut is restored after it, a rbees-orcd it restarted with other options
+    is stopped (the next scenario starts the lab's own), a hub it slowed down is sped up."""
     shared: dict[str, Any] = {}
     yield shared
     for name in shared.get("cut", []):
         world.lab.link(name, True)
+    if shared.get("orcd_changed"):  # restarted with other options: the next scenario's
+        world.kill("orcd", signal.SIGTERM)  # "the cluster is up" starts the lab's own
+    if shared.get("throttled") and world.hub is not None:
+        world.hub.throttle_bps = None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

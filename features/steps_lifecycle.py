@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
-from pytest_bdd import parsers, then
+from pytest_bdd import parsers, then, when
 from world import World
 
 #: states of a worker that still holds its model
@@ -23,15 +24,46 @@ def _state(world: World, pool: str, worker_id: str) -> str:
                  if w["worker_id"] == worker_id), "gone")
 
 
-@then(parsers.parse("the worker that ran it is stopped within {seconds:d} seconds of the "
-                    "job's end"))
-def worker_unloaded(world: World, ctx: dict[str, Any], seconds: int) -> None:
-    # "the job ends" read the stream to its end event: the clock starts about there
+@then(parsers.re(r"the worker that ran it is stopped within (?P<seconds>\d+) seconds? of the "
+                 r"job's end"))
+def worker_unloaded(world: World, ctx: dict[str, Any], seconds: str) -> None:
+    # "the job ends" read the stream to its end event: the clock starts there
     pool, worker_id = _ran_on(world, ctx)
-    start = time.monotonic()
+    start = ctx.get("ended_at") or time.monotonic()
+    stopping = None  # when rbees-orcd had asked its pool to stop it
+    while (state := _state(world, pool, worker_id)) in (*LOADED, "stopping"):
+        if state == "stopping" and stopping is None:
+            stopping = time.monotonic() - start
+        assert time.monotonic() - start < int(seconds), f"{worker_id} on {pool} is still {state}"
+        time.sleep(0.02)
+    print(f"MEASURED: keep_alive 0: {worker_id} stopping at {stopping} s, {state} "
+          f"{time.monotonic() - start:.2f} s after the job's end")
+
+
+@when(parsers.parse("rbees-orcd on blep is restarted with a default keep-alive of {seconds:d} "
+                    "seconds"))
+def restart_with_keep_alive(world: World, ctx: dict[str, Any], seconds: int) -> None:
+    """SIGTERM, then rbees-orcd again with ``--keep-alive``; once the scenario is over, the
+    lab's own rbees-orcd comes back (``ctx`` in conftest.py)."""
+    ctx["orcd_changed"] = True
+    world.kill("orcd", signal.SIGTERM)
+    world.start_orcd("--keep-alive", f"{seconds}s")
+    ctx["restarted_at"] = time.monotonic()
+
+
+@then(parsers.parse("the worker that ran it is stopped no sooner than {low:d} and within "
+                    "{high:d} seconds of the restart"))
+def worker_unloaded_after_restart(world: World, ctx: dict[str, Any], low: int,
+                                  high: int) -> None:
+    pool, worker_id = _ran_on(world, ctx)
+    start = ctx["restarted_at"]
     while (state := _state(world, pool, worker_id)) in LOADED:
-        assert time.monotonic() - start < seconds, f"{worker_id} on {pool} is still {state}"
+        assert time.monotonic() - start < high, f"{worker_id} on {pool} is still {state}"
         time.sleep(0.05)
+    took = time.monotonic() - start
+    print(f"MEASURED: default keep-alive after a restart: {worker_id} {state} {took:.2f} s "
+          "after rbees-orcd answered again")
+    assert took >= low, f"stopped after {took:.2f} s"
 
 
 @then(parsers.parse("the worker that ran it is still ready after {seconds:d} seconds"))

@@ -139,10 +139,11 @@ class World:
         proc = self.daemons.get(key)
         return proc is not None and proc.poll() is None
 
-    def start_orcd(self) -> None:
+    def start_orcd(self, *extra: str) -> None:
+        """rbees-orcd on blep (``extra``: more options, e.g. ``--keep-alive 3s``)."""
         blep = self.blep
         self._spawn("orcd", blep, "rbees-orcd", "--bind", f"{blep.address}:{blep.orcd_port}",
-                    "--heartbeat-interval", str(HEARTBEAT_S), "--idle-timeout", "120")
+                    "--heartbeat-interval", str(HEARTBEAT_S), "--idle-timeout", "120", *extra)
         self.wait_health(blep.orcd_url, "orcd")
         self.orcd_started_at = time.monotonic()
 
