@@ -36,7 +36,7 @@ def worker_unloaded(world: World, ctx: dict[str, Any], seconds: str) -> None:
             stopping = time.monotonic() - start
         assert time.monotonic() - start < int(seconds), f"{worker_id} on {pool} is still {state}"
         time.sleep(0.02)
-    print(f"MEASURED: keep_alive 0: {worker_id} stopping at {stopping} s, {state} "
+    print(f"MEASURED: keep_alive 0: {worker_id} stopping at {stopping or 0:.2f} s, {state} "
           f"{time.monotonic() - start:.2f} s after the job's end")
 
 
