@@ -271,8 +271,9 @@ class OrchestratorService:
     # -- models and metrics ----------------------------------------------------------------
 
     def models(self) -> list[dict[str, Any]]:
-        """``GET /v2/models``: the catalog's models, each with the pools that have it on
-        disk (``downloaded``) and those with a live worker for it (``loaded``)."""
+        """``GET /v2/models``: the catalog's models (id, name, ``kind``: ``chat`` or
+        ``embedding``), each with the pools that have it on disk (``downloaded``) and those
+        with a live worker for it (``loaded``)."""
         from rbees_core.catalog import configured_catalog
 
         out = []
@@ -284,7 +285,7 @@ class OrchestratorService:
                 if any(w.get("model_ref") in (entry.id, *entry.sources)
                        for w in pool.workers.values() if w.get("state") in ("ready", "busy")):
                     where["loaded"].append(pool.pool_id)
-            out.append({"id": entry.id, "name": entry.name, **where})
+            out.append({"id": entry.id, "name": entry.name, "kind": entry.kind, **where})
         return out
 
     def model_states(self) -> dict[str, str]:

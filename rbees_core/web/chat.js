@@ -279,6 +279,8 @@ export async function loadModels() {
     ids = (await getJSON("/v1/models")).data.map((m) => m.id);
     const catalog = await getJSON("/v2/models");
     where = Object.fromEntries(catalog.models.map((m) => [m.id, m]));
+    // embedding models do not chat
+    ids = ids.filter((id) => !(where[id] && where[id].kind === "embedding"));
   } catch (err) {
     if (!ids.length) return;
   }

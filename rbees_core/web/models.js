@@ -46,6 +46,9 @@ async function startWorker(event) {
   const poolId = $("#start-pool").value;
   const body = { model_ref: $("#start-model").value, device: $("#start-device").value,
     slots: Number($("#start-slots").value) || 1 };
+  // an embedding model (the catalog's kind) runs on an embedding worker
+  const chosen = models.find((m) => m.id === body.model_ref);
+  if (chosen && chosen.kind === "embedding") body.embedding = true;
   const button = $("#start-worker");
   button.disabled = true;
   note(`Starting ${body.model_ref} on ${poolId} (${body.device})…`);
