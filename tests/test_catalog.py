@@ -29,7 +29,8 @@ REQUIRED = ("id", "name", "hf_repo", "hf_file", "context_length", "license", "so
 #: What the catalog must cover: small to 70B class, a coder, a reasoning model, embeddings.
 EXPECTED_IDS = {"smollm2", "tinyllama", "qwen2.5-0.5b", "llama3.2-1b", "gemma3-1b",
                 "gemma3-4b", "llama3.1-8b", "qwen3-8b", "mistral-7b", "qwen2.5-coder-7b",
-                "deepseek-r1-7b", "gemma3-27b", "qwq-32b", "llama3.3-70b",
+                "deepseek-r1-7b", "gemma3-27b", "qwq-32b", "llama3.3-70b", "qwen2.5-7b",
+                "llama3.2-3b", "smollm2-1.7b", "mistral-small-24b",
                 "nomic-embed-text-v1.5", "mxbai-embed-large-335m"}
 #: Ids of earlier catalogs that tests, docs and users' configurations name: still answered.
 OLD_IDS = {"tinyllama": "tinyllama", "smollm2": "smollm2", "qwen": "qwen2.5-0.5b",
