@@ -16,6 +16,7 @@ and the normal path starts a worker. A failed download ends the jobs waiting for
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -52,6 +53,8 @@ class Download:
     total: int | None = None
     started: float = attrs.field(factory=time.monotonic)
     published: float = 0.0
+    #: the pool's stage: ``download`` while bytes arrive, ``verify`` while it hashes them
+    stage: str = "download"
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "pool_id": self.pool_id, "bytes": self.bytes,
@@ -83,6 +86,8 @@ class Downloads:
         self._provided: dict[str, bool] = {}
         #: downloads asked of pools since start (tests and metrics read it)
         self.count = 0
+        #: model -> the queues of those who follow its download (:meth:`watch`)
+        self.watchers: dict[str, list[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
 
     # -- what the dispatcher reads ---------------------------------------------------------
 
@@ -143,6 +148,31 @@ class Downloads:
         of = f" of {d.total}" if d.total else ""
         return f"downloading {model} to pool {d.pool_id} ({d.bytes}{of} bytes)"
 
+    # -- following it ---------------------------------------------------------------------
+
+    def watch(self, model: str) -> asyncio.Queue[tuple[str, dict[str, Any]]]:
+        """A queue that gets the model's download as it goes: ``("progress", {model,
+        pool_id, bytes, total, stage})`` (as often as the jobs' ``downloading`` events;
+        ``stage``: ``download``, then ``verify`` while the pool hashes the file), then
+        ``("done", {model, pool_id, bytes, total, id, ref})`` or ``("failed", {message})``.
+        Called by the service's :meth:`pull` before it starts or joins the download; give
+        the queue back with :meth:`unwatch`."""
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.watchers.setdefault(model, []).append(queue)
+        return queue
+
+    def unwatch(self, model: str, queue: asyncio.Queue[tuple[str, dict[str, Any]]]) -> None:
+        """Stop following (see :meth:`watch`)."""
+        queues = self.watchers.get(model, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self.watchers.pop(model, None)
+
+    def _tell(self, model: str, kind: str, data: dict[str, Any]) -> None:
+        for queue in self.watchers.get(model, ()):
+            queue.put_nowait((kind, dict(data)))
+
     # -- doing it --------------------------------------------------------------------------
 
     def start(self, pool_id: str, model: str) -> None:
@@ -171,11 +201,14 @@ class Downloads:
                            error=reason)
             self.failed[d.model] = (time.monotonic(), message)
             self.active.pop(d.model, None)
+            self._tell(d.model, "failed", {"message": message})
             await self._fail_waiting(d.model, message)
             self.book.changed()
             return
         except BaseException:
             self.active.pop(d.model, None)
+            self._tell(d.model, "failed", {"message": f"downloading {d.model} was cut short: "
+                                                      "rbees-orcd is stopping"})
             raise
         self.active.pop(d.model, None)
         entry = {"id": done.id, "ref": done.ref, "size_bytes": done.size_bytes}
@@ -186,13 +219,16 @@ class Downloads:
                       size_bytes=done.size_bytes, fetched=done.fetched,
                       seconds=round(time.monotonic() - d.started, 3))
         self._publish(d, force=True)
+        self._tell(d.model, "done", {**d.to_dict(), "id": done.id, "ref": done.ref})
         self.book.changed()
 
     def _progress(self, d: Download, p: DownloadProgress) -> None:
         d.bytes = int(p.bytes_done)
         if p.bytes_total:
             d.total = int(p.bytes_total)
-        self._publish(d)
+        force = p.stage != d.stage  # the first of a stage is never throttled away
+        d.stage = p.stage
+        self._publish(d, force=force)
 
     def _publish(self, d: Download, *, force: bool = False) -> None:
         """A ``downloading`` event to every queued job for the model (throttled)."""
@@ -201,6 +237,7 @@ class Downloads:
             return
         d.published = now
         data = d.to_dict()
+        self._tell(d.model, "progress", {**data, "stage": d.stage})
         for queued in list(self.queue):
             if queued.model == d.model:
                 self.book.channel(queued.job_id).publish("downloading", dict(data),

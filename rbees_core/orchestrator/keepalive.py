@@ -78,6 +78,18 @@ class KeepAlive:
             return None
         return time.time() - (self.clock() - since)
 
+    def expires_at(self, key: Key) -> float:
+        """When (wall clock) the worker's keep-alive ends if no job comes: its idle time
+        plus the keep-alive its latest job set (or the default); for a worker in use now,
+        as if its jobs ended now; ``math.inf`` for one kept until something else stops it.
+        Read by Ollama's ``/api/ps`` (the service's :meth:`worker_expiry`)."""
+        now = self.clock()
+        keep = self.keep.get(key)
+        if keep is None:
+            keep = self.default_s
+        since = self.idle_since.get(key, now)
+        return time.time() + (since + keep - now)
+
     def expired(self) -> list[Key]:
         """The workers to stop now; starts the idle time of workers seen for the first
         time idle, and forgets the workers gone."""

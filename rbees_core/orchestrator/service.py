@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -27,7 +28,14 @@ from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRe
 from rbees_core.api.pool import PoolHeartbeat
 from rbees_core.config import PlacementConfig
 from rbees_core.durations import parse_keep_alive
-from rbees_core.errors import ConflictError, InvalidParamsError
+from rbees_core.errors import (
+    ConflictError,
+    InvalidParamsError,
+    ModelNotFoundError,
+    RbeesError,
+    TransportError,
+    UnavailableError,
+)
 from rbees_core.feasibility import source_can_provide
 from rbees_core.log import Logger
 from rbees_core.orchestrator.admission import Admission
@@ -263,6 +271,90 @@ class OrchestratorService:
         """``POST /v2/models/retry``: clear a model's failed marks on the pools; see
         :meth:`PoolControl.retry_model`."""
         return await self.pools.retry_model(model, pool_id)
+
+    async def pull(self, model: str) -> AsyncIterator[dict[str, Any]]:
+        """Download ``model`` (a catalog id or a reference) to a pool, as an operator asks
+        (Ollama's ``/api/pull``): its progress as ``{model, pool_id, bytes, total, stage}``
+        (``download``, then ``verify`` while the pool hashes the file), the last one with
+        ``done: True``. A model some pool holds is done at once; a download
+        of it under way (pull on first use) is joined, never doubled; otherwise the pool
+        pull on first use would pick (:func:`rbees_core.scheduling.download_choice`) gets
+        it, through the same :class:`Downloads`, so queued jobs for the model see its
+        ``downloading`` events too. Raises, before the first item,
+        :class:`ModelNotFoundError` (no source can download it) and
+        :class:`UnavailableError` (no ready pool can take it, or its download failed
+        within the last 30 s); later, :class:`RbeesError` with the pool's reason when the
+        download fails."""
+        from rbees_core.scheduling import download_choice
+
+        downloads = self.downloads
+        if model in downloads.done or self.model_state(model) in ("downloaded", "loaded"):
+            size = downloads.size_of(model) if downloads.size_of is not None else None
+            yield {"model": model, "pool_id": None, "bytes": size, "total": size,
+                   "done": True}
+            return
+        queue = downloads.watch(model)
+        try:
+            if model not in downloads.active:
+                failed = downloads.failure(model)
+                if failed is not None:
+                    raise UnavailableError(failed)
+                fields = downloads.job_fields(model)
+                if not fields.get("downloadable"):
+                    raise ModelNotFoundError(
+                        f"model {model!r} is not in the catalog and no installed source can "
+                        "download it", details={"model": model})
+                pools = downloads.decorate(self.registry.snapshot_pools())
+                pool_id, lost = download_choice({"model": model, **fields}, pools)
+                if pool_id is None:
+                    why = "; ".join(lost.values()) or "no pool is registered"
+                    raise UnavailableError(f"no pool can download {model} now: {why}")
+                downloads.start(pool_id, model)
+            while True:
+                kind, data = await queue.get()
+                if kind == "failed":
+                    raise RbeesError(str(data["message"]), details={"model": model})
+                yield {**data, "done": kind == "done"}
+                if kind == "done":
+                    return
+        finally:
+            downloads.unwatch(model, queue)
+
+    async def remove_model(self, model: str) -> list[str]:
+        """Delete the downloaded copies of ``model`` (a catalog id or a reference) from
+        every pool whose heartbeat shows it (Ollama's ``/api/delete``); the ids of those
+        pools. Raises :class:`ModelNotFoundError` when no pool holds it, and
+        :class:`ConflictError` with the pool's reason when a pool refuses (a worker has it
+        loaded; a copy a package provides, which pip removes); a pool that cannot be
+        reached raises its :class:`TransportError`."""
+        from rbees_core.catalog import configured_catalog
+
+        entry = configured_catalog(self.pm).get(model)
+        names = {model} | ({entry.id, *entry.sources} if entry is not None else set())
+        holders = [pool.pool_id for pool in self.registry
+                   if any(m.get("id") in names or m.get("ref") in names
+                          for m in pool.state.models)]
+        if not holders:
+            raise ModelNotFoundError(f"no pool holds model {model!r}",
+                                     details={"model": model})
+        for pool_id in holders:
+            client = self.pools.client_of(pool_id)
+            if client is None:
+                raise ConflictError(f"pool {pool_id} registered no URL to delete {model} on")
+            try:
+                await client.models_remove(model)
+            except (TransportError, ModelNotFoundError):
+                raise
+            except RbeesError as exc:  # the pool answered: it will not delete it
+                raise ConflictError(f"pool {pool_id} did not delete {model}: {exc.message}",
+                                    details={"model": model, "pool_id": pool_id}) from exc
+        self.downloads.done.pop(model, None)
+        return holders
+
+    def worker_expiry(self, pool_id: str, worker_id: str) -> float:
+        """When (wall clock, ``math.inf``: never) an idle worker stops if no job comes;
+        see :meth:`KeepAlive.expires_at`. For Ollama's ``/api/ps``."""
+        return self.pools.keepalive.expires_at((pool_id, worker_id))
 
     def worker_stopping(self, pool_id: str, worker_id: str) -> None:
         """A pool accepted to stop one of its workers: place nothing more on it."""

@@ -253,6 +253,17 @@ class HttpPoolClient(PoolClient):
                                     f"{self.name}: {data.get('message', 'download failed')}")
         raise TransportError(f"{self.name}: the download's stream ended before the download")
 
+    async def models_remove(self, model: str, *, force: bool = False) -> list[PoolModel]:
+        """``DELETE /v2/models/{model}`` (204, no body): the copies the pool listed before
+        and lists no more. Raises the pool's refusal (``MODEL_NOT_FOUND``, ``CONFLICT`` for
+        a model a worker has loaded unless ``force``) as an RbeesError."""
+        check_ref(model, "model")
+        before = await self.models_list()
+        query = "?force=true" if force else ""
+        await self.call("DELETE", f"/v2/models/{quote(model, safe=':')}{query}")
+        after = {(m.ref, m.path) for m in await self.models_list()}
+        return [m for m in before if (m.ref, m.path) not in after]
+
     async def worker_start(self, request: WorkerStartRequest, *, port: int | None = None,
                            timeout_s: float = DEFAULT_START_TIMEOUT_S) -> PoolWorker:
         import asyncio

@@ -196,7 +196,8 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         Route("/v2/models", list_models, methods=["GET"]),
         Route("/v2/models/download", download_model, methods=["POST"]),
         Route("/v2/models/retry", retry_model, methods=["POST"]),
-        Route("/v2/models/{model_id}", delete_model, methods=["DELETE"]),
+        # references hold "/" (hf:OWNER/REPO/FILE)
+        Route("/v2/models/{model_id:path}", delete_model, methods=["DELETE"]),
     ])
 
 
