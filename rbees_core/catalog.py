@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -132,12 +132,6 @@ class CatalogEntry:
         out.update(self.unchecked)
         return out
 
-    def haystack(self) -> str:
-        """What :meth:`Catalog.search` looks in, lower case."""
-        words = [*self.names(), self.name, self.family or "", *self.tags, self.kind,
-                 self.size_class or "", self.quantization or ""]
-        return " ".join(words).lower()
-
 
 @attrs.frozen
 class Catalog:
@@ -183,21 +177,47 @@ class Catalog:
         return next((e for e in self.entries if ref in e.sources), None)
 
     def search(self, text: str) -> list[CatalogEntry]:
-        """The entries matching every word of ``text`` (case-insensitive substrings of the
-        id, aliases, name, family, tags, kind, size class and quantization): an exact id or
-        alias first, then ids that start with the text, then the rest in catalog order. An
-        empty ``text`` matches every entry. Called by ``rbees-pool models search``."""
-        words = text.lower().split()
-        query = " ".join(words)
-        found = [e for e in self.entries if all(w in e.haystack() for w in words)]
+        """The entries matching ``text``, best first (:func:`search_rows`). Called by
+        ``rbees-pool models search``."""
+        by_id = {e.id: e for e in self.entries}
+        return [by_id[row["id"]] for row in search_rows([e.to_dict() for e in self.entries],
+                                                          text)]
 
-        def rank(entry: CatalogEntry) -> int:
-            names = [n.lower() for n in entry.names()]
-            if query in names:
-                return 0
-            return 1 if any(n.startswith(query) for n in names) else 2
 
-        return sorted(found, key=rank)  # stable: catalog order within a rank
+#: The keys of a catalog row that a search looks in.
+SEARCHED_KEYS = ("id", "aliases", "name", "family", "tags", "kind", "size_class",
+                 "quantization")
+
+
+def search_rows(rows: Sequence[Mapping[str, Any]], text: str) -> list[Mapping[str, Any]]:
+    """The catalog rows (:meth:`CatalogEntry.to_dict`, as ``rbees-pool models catalog
+    --format json`` prints them) matching every word of ``text``: each a case-insensitive
+    substring of the row's id, aliases, name, family, tags, kind, size class or
+    quantization. An exact id or alias comes first, then ids and aliases that start with
+    the text, then the rest in catalog order; an empty ``text`` matches every row.
+
+    Called by :meth:`Catalog.search` and by ``rbees pool models search --host``, which
+    searches the catalog rows a host sent (keys a host does not send match nothing)."""
+    words = text.lower().split()
+    query = " ".join(words)
+
+    def values(row: Mapping[str, Any], key: str) -> list[str]:
+        value = row.get(key)
+        items = value if isinstance(value, list) else [value]
+        return [str(v).lower() for v in items if v not in (None, "")]
+
+    def rank(row: Mapping[str, Any]) -> int:
+        names = values(row, "id") + values(row, "aliases")
+        if query in names:
+            return 0
+        return 1 if any(n.startswith(query) for n in names) else 2
+
+    found = []
+    for row in rows:
+        haystack = " ".join(v for key in SEARCHED_KEYS for v in values(row, key))
+        if all(w in haystack for w in words):
+            found.append(row)
+    return sorted(found, key=rank)  # stable: catalog order within a rank
 
 
 def parse_entry(raw: Any, path: str, sources: Sources) -> CatalogEntry:
@@ -326,4 +346,4 @@ def configured_catalog(pm: pluggy.PluginManager) -> Catalog:
 
 
 __all__ = ["Catalog", "CatalogEntry", "builtin_catalog", "configured_catalog",
-           "load_catalog", "parse_catalog", "parse_entry"]
+           "load_catalog", "parse_catalog", "parse_entry", "search_rows"]

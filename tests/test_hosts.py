@@ -255,11 +255,14 @@ def test_hosts_add_list_check_remove(env: dict[str, str], tmp_path: Path) -> Non
 
 def test_rbees_pool_renders_as_rbees_pool_does(env: dict[str, str]) -> None:
     assert run(env, "rbees", "hosts", "add", "here", "--transport", "local").returncode == 0
-    for args in (["models", "list"], ["worker", "list"], ["models", "catalog"]):
+    for args in (["models", "list"], ["worker", "list"], ["models", "catalog"],
+                 ["models", "search", "gemma3", "q8"]):
         here = run(env, "rbees-pool", *args)
         there = run(env, "rbees", "pool", *args, "--host", "here")
         assert there.returncode == 0, there.stderr
         assert there.stdout == here.stdout, args
+    nothing = run(env, "rbees", "pool", "models", "search", "no-such-model", "--host", "here")
+    assert nothing.returncode == 1 and "no catalog model matches" in nothing.stderr
     state = json.loads(run(env, "rbees", "pool", "status", "--host", "here", "--format",
                            "json").stdout)
     assert set(state) == {"pool_id", "host", "gpus", "cpu", "workers", "models",

@@ -118,6 +118,32 @@ def _models(pm: pluggy.PluginManager, app: typer.Typer) -> None:
 
         _run(pm, Operation(call, models_cli.print_catalog), host, fmt, host_timeout)
 
+    @group.command("search")
+    def search_command(
+        text: Annotated[list[str], typer.Argument(
+            metavar="TEXT...", help="Words to find: in ids, aliases (qwen2.5:7b), names, "
+            "families, tags (coder, reasoning, embedding), kind and size class.")],
+        fmt: FormatOption = OutputFormat.text, *, host: HostOption,
+        host_timeout: HostTimeoutOption = None,
+    ) -> None:
+        """Find catalog models on the host's catalog: entries matching every word, an exact
+        id or alias first (exit 1 when nothing matches)."""
+        from rbees_core.catalog import search_rows
+
+        query = " ".join(text)
+
+        async def call(c: PoolClient) -> Any:
+            return [dict(r) for r in search_rows(await c.models_catalog(), query)]
+
+        def none_match(rows: list[dict[str, Any]]) -> RbeesError | None:
+            from rbees_core.errors import ModelNotFoundError
+
+            return None if rows else ModelNotFoundError(
+                f"no catalog model matches {query!r}", details={"model": query})
+
+        _run(pm, Operation(call, models_cli.print_catalog, check=none_match), host, fmt,
+             host_timeout)
+
     @group.command("list")
     def list_command(fmt: FormatOption = OutputFormat.text, *, host: HostOption,
                      host_timeout: HostTimeoutOption = None) -> None:
