@@ -346,6 +346,9 @@ class Backend(ABC):
     #: Whether :meth:`load` takes ``embedding=True`` (a model for
     #: :meth:`LoadedModel.embed`); backends without it are never passed the argument.
     embeds: ClassVar[bool] = False
+    #: Whether :meth:`load` takes ``n_gpu_layers`` and ``tensor_split`` (a model larger than
+    #: one GPU: :func:`offload_args`); backends without them are never passed them.
+    offloads: ClassVar[bool] = False
 
     @classmethod
     def available_devices(cls) -> list[str]:
@@ -388,5 +391,34 @@ class Backend(ABC):
         called with ``(stage, fraction)`` as loading advances. Runs in a worker thread.
         Backends with :attr:`embeds` also take ``embedding: bool`` (keyword, default False):
         True loads the model for :meth:`LoadedModel.embed` (rbees-workerd ``--embedding``),
-        and then it need not generate.
+        and then it need not generate. Backends with :attr:`offloads` also take
+        ``n_gpu_layers`` (the repeating layers on the GPU, the rest in RAM; None: all) and
+        ``tensor_split`` (each GPU's share of the model, by index; None: one GPU).
         """
+
+
+def offload_args(backend: Backend, device: str, n_gpu_layers: int | None,
+                 tensor_split: Sequence[float] | None) -> dict[str, Any]:
+    """The keywords of :meth:`Backend.load` for a model larger than one GPU (rbees-workerd
+    ``--n-gpu-layers``/``--tensor-split``, :mod:`rbees_core.planning`): none when neither
+    is set, or on the CPU (where no layer is on a GPU: ``--n-gpu-layers 0`` is accepted).
+    Raises :class:`rbees_core.errors.BackendUnavailableError` when the backend cannot
+    offload (no :attr:`Backend.offloads`). Called by rbees-workerd before it loads."""
+    if n_gpu_layers is None and not tensor_split:
+        return {}
+    if device.split(":", 1)[0] == "cpu":
+        if tensor_split or n_gpu_layers:
+            from rbees_core.errors import InvalidParamsError
+
+            raise InvalidParamsError("--n-gpu-layers" if n_gpu_layers else "--tensor-split",
+                                     "a worker on the CPU holds no layer on a GPU")
+        return {}
+    if not type(backend).offloads:
+        from rbees_core.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"backend {backend.name!r} cannot split a model across GPUs or offload part of it "
+            "(--n-gpu-layers, --tensor-split); llamacpp can",
+            details={"backend": backend.name, "device": device})
+    return {"n_gpu_layers": n_gpu_layers,
+            "tensor_split": tuple(tensor_split) if tensor_split else None}

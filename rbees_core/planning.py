@@ -381,6 +381,22 @@ def as_shares(value: Any) -> tuple[float, ...] | None:
     return None if value is None else tuple(float(v) for v in value)
 
 
+def parse_shares(text: str, name: str = "--tensor-split") -> tuple[float, ...]:
+    """``0.667,0.333`` -> ``(0.667, 0.333)``: rbees-workerd's ``--tensor-split``. Raises
+    :class:`rbees_core.errors.InvalidParamsError` naming ``name`` for anything but comma
+    separated non-negative numbers with a positive sum, at most 16."""
+    from rbees_core.errors import InvalidParamsError
+
+    try:
+        shares = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        shares = ()
+    if not shares or len(shares) > 16 or any(not s >= 0 for s in shares) or sum(shares) <= 0:
+        raise InvalidParamsError(name, "must be comma separated shares of each GPU, by index "
+                                       "(0.67,0.33)")
+    return shares
+
+
 def describe_offload(device: str, n_gpu_layers: int | None,
                      tensor_split: Sequence[float] | None) -> str:
     """A start decision's offload in words: ``12 layers on cuda:0, rest on CPU``, ``split

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -91,3 +92,18 @@ async def test_a_refused_token_and_a_refused_stop_are_quiet(
     assert not pools.started_by_us
     await control(real_pool, client).stop_worker("p1", "no-such-worker")  # 404, quiet
     await pools.stop_worker("unknown-pool", "w1")  # nothing to ask
+
+
+async def test_a_start_with_n_gpu_layers_reaches_a_real_worker(
+        real_pool: Pool, client: httpx.AsyncClient) -> None:
+    """Issue 22, item 5: the start request's ``n_gpu_layers`` becomes the worker's
+    ``--n-gpu-layers``; on the CPU 0 (no layer on a GPU) loads cleanly."""
+    pools = control(real_pool, client)
+    pools.start_worker("p1", "cpu", MODEL, n_gpu_layers=0)
+    await settled(pools)
+    (worker,) = [w for w in real_pool.get("/v2/workers")["workers"]
+                 if w["state"] in ("ready", "busy")]
+    argv = Path(f"/proc/{worker['pid']}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("--n-gpu-layers") + 1] == "0"
+    await pools.stop_worker("p1", worker["worker_id"])
+    await asyncio.to_thread(real_pool.wait_worker, worker["worker_id"], "stopped", 35)

@@ -31,6 +31,14 @@ class WorkerStartRequest:
             "worker holds, on a GPU one")
     embedding: bool = field(default=False, doc="an embedding worker (rbees-workerd "
                             "--embedding): it serves embedding jobs and no other")
+    n_gpu_layers: int | None = field(
+        default=None, minimum=0, maximum=100_000,
+        doc="repeating layers on the GPU, the rest in RAM (rbees-workerd --n-gpu-layers); "
+            "default: all of them on a GPU")
+    tensor_split: list[float] | None = field(
+        default=None, max_items=16,
+        doc="each GPU's share of the model, by index (rbees-workerd --tensor-split): a model "
+            "split across the host's GPUs; default: all on the device's GPU")
 
 
 @attrs.frozen

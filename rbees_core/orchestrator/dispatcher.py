@@ -46,13 +46,7 @@ from rbees_core.orchestrator.queue import JobQueue, QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.runner import Runner
 from rbees_core.orchestrator.store import Store
-from rbees_core.scheduling import (
-    Candidate,
-    Decision,
-    Snapshot,
-    Verdict,
-    explain,
-)
+from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, explain
 
 #: a dispatch round considers this many jobs from the head of the queue
 DISPATCH_WINDOW = 64
@@ -320,7 +314,9 @@ class Dispatcher:
                 self.pools.start_worker(decision.pool_id, decision.device,
                                         decision.model or queued.model, slots=decision.slots,
                                         ctx=decision.ctx, threads=decision.threads,
-                                        embedding=bool(decision.embedding) or queued.embedding)
+                                        embedding=bool(decision.embedding) or queued.embedding,
+                                        n_gpu_layers=decision.n_gpu_layers,
+                                        tensor_split=decision.tensor_split)
                 pools.taken = None  # the next job of this round sees the start
             elif decision.action == "stop_worker" and decision.pool_id and decision.worker_id:
                 # stopping from now: the next decision counts its memory as being freed

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -211,11 +211,14 @@ class PoolControl:
 
     def start_worker(self, pool_id: str, device: str, model: str, *, slots: int | None = None,
                      ctx: int | None = None, threads: int | None = None,
-                     embedding: bool = False) -> None:
+                     embedding: bool = False, n_gpu_layers: int | None = None,
+                     tensor_split: Sequence[float] | None = None) -> None:
         """Start a worker for ``model`` on a pool's ``device`` with ``slots`` slots of
         ``ctx`` tokens and ``threads`` cores (None: :attr:`worker_defaults` for the device's
-        kind, then the pool's own), an embedding worker with ``embedding``, unless one is
-        starting there already; a task of the book waits for it to be ready."""
+        kind, then the pool's own), an embedding worker with ``embedding``, with
+        ``n_gpu_layers`` on the GPU or split by ``tensor_split`` over the pool's GPUs (a
+        model larger than one GPU: :mod:`rbees_core.planning`), unless one is starting
+        there already; a task of the book waits for it to be ready."""
         key = (pool_id, model, embedding)
         if key in self.starting:
             return
@@ -223,7 +226,8 @@ class PoolControl:
         request = WorkerStartRequest(
             model_ref=model, device=device, slots=slots or defaults.get("slots") or 1,
             ctx=ctx or defaults.get("ctx"), threads=threads or defaults.get("threads"),
-            embedding=embedding)
+            embedding=embedding, n_gpu_layers=n_gpu_layers,
+            tensor_split=list(tensor_split) if tensor_split else None)
         expected: dict[str, Any] = {
             "worker_id": "starting-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model)[:100]
             + ("-embedding" if embedding else ""),

@@ -83,6 +83,8 @@ class SpawnRequest:
     #: workers there, so an orchestrator on another host reaches them
     host: str = "127.0.0.1"
     embedding: bool = False  # rbees-workerd --embedding
+    n_gpu_layers: int | None = None  # --n-gpu-layers: a model larger than one GPU (planning)
+    tensor_split: tuple[float, ...] | None = None  # --tensor-split: each GPU's share
 
 
 @attrs.frozen
@@ -367,6 +369,8 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
     if req.callback_url:
         argv += ["--callback-url", req.callback_url]
     argv += ["--embedding"] if req.embedding else []
+    argv += ["--n-gpu-layers", str(req.n_gpu_layers)] if req.n_gpu_layers is not None else []
+    argv += ["--tensor-split", ",".join(map(str, req.tensor_split))] if req.tensor_split else []
     if token_file:
         argv += ["--api-token-file", token_file]
     with open_private(log_path(worker_id), "ab") as log:

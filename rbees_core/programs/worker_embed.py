@@ -25,16 +25,18 @@ from rbees_core.http import EventStreamResponse, read_json
 
 
 def load(backend: Backend, path: str, *, device: str, slots: int, ctx: int | None,
-         threads: int | None, progress: Callable[[str, float], None]) -> LoadedModel:
+         threads: int | None, progress: Callable[[str, float], None],
+         **offload: Any) -> LoadedModel:
     """The model loaded for embeddings: with ``embedding=True`` by a backend that
     :attr:`~rbees_core.backend.Backend.embeds`, else as for generation (its
     :meth:`~rbees_core.backend.LoadedModel.embed` then refuses each job with a 400 naming
-    the backend that can). Runs in a thread."""
+    the backend that can). ``offload``: :func:`rbees_core.backend.offload_args`. Runs in a
+    thread."""
     if type(backend).embeds:
         return backend.load(path, device=device, slots=slots, ctx=ctx,  # type: ignore[call-arg]
-                            threads=threads, progress=progress, embedding=True)
+                            threads=threads, progress=progress, embedding=True, **offload)
     return backend.load(path, device=device, slots=slots, ctx=ctx, threads=threads,
-                        progress=progress)
+                        progress=progress, **offload)
 
 
 def refuse_generation(st: Any) -> None:

@@ -36,7 +36,7 @@ from rbees_core.api.worker import (
     ReadyState,
     WorkerStateName,
 )
-from rbees_core.backend import Backend
+from rbees_core.backend import Backend, offload_args
 from rbees_core.config import Config, rbees_home
 from rbees_core.embedder import Embedder
 from rbees_core.engine import Engine
@@ -60,6 +60,7 @@ from rbees_core.http import (
 )
 from rbees_core.log import Logger
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+from rbees_core.planning import parse_shares
 from rbees_core.pool.cores import pin
 from rbees_core.programs import worker_embed, worker_prompt
 from rbees_core.programs.worker_metrics import WorkerMetrics
@@ -86,6 +87,9 @@ class WorkerSettings:
     embedding: bool = False  # --embedding: serves POST /v2/embed (worker_embed)
     #: the text of --chat-template-file: replaces the model's own template
     chat_template: str | None = None
+    #: --n-gpu-layers / --tensor-split: a model larger than one GPU (rbees_core.planning)
+    n_gpu_layers: int | None = None
+    tensor_split: tuple[float, ...] | None = None
 
 
 @attrs.define(eq=False)
@@ -300,9 +304,11 @@ async def load_model(st: WorkerState) -> None:
     try:
         backend = await asyncio.to_thread(pick_backend, st.pm, s.backend, s.device)
         path = resolve_model(st.pm, s.model_ref)
-        load = functools.partial(worker_embed.load, backend) if s.embedding else backend.load
-        model = await asyncio.to_thread(load, path, device=s.device, slots=s.slots,
-                                        ctx=s.ctx, threads=s.threads, progress=progress)
+        load: Callable[..., Any] = \
+            functools.partial(worker_embed.load, backend) if s.embedding else backend.load
+        offload = offload_args(backend, s.device, s.n_gpu_layers, s.tensor_split)
+        model = await asyncio.to_thread(load, path, device=s.device, slots=s.slots, ctx=s.ctx,
+                                        threads=s.threads, progress=progress, **offload)
     except RbeesError as exc:
         st.error = exc
         st.set_state("failed")
@@ -404,7 +410,8 @@ async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:
 
 def settings_from(config: Config, *, worker_id: str, model: str, backend: str, device: str,
                   bind: str, port: int | None, callback_url: str | None, token: str | None,
-                  embedding: bool = False) -> WorkerSettings:
+                  embedding: bool = False, n_gpu_layers: int | None = None,
+                  tensor_split: tuple[float, ...] | None = None) -> WorkerSettings:
     """The worker's settings from its config and flags. Raises
     :class:`InvalidParamsError` for a bind the policy refuses and a chat template file
     that cannot be read."""
@@ -419,7 +426,7 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
         ctx=config.worker.ctx, threads=config.worker.threads, callback_url=callback_url,
         token=token, drain_timeout_s=config.worker.drain_timeout_s,
         callback_timeout_s=config.worker.ready_callback_timeout_s, embedding=embedding,
-        chat_template=template,
+        chat_template=template, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
     )
 
 
@@ -454,6 +461,10 @@ def serve_worker(
     chat_template_file: Annotated[str | None, typer.Option(
         "--chat-template-file",
         help="Jinja chat template used instead of the model's own")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option(
+        "--n-gpu-layers", min=0, help="Layers on the GPU, the rest in RAM")] = None,
+    tensor_split: Annotated[str | None, typer.Option(
+        "--tensor-split", help="Each GPU's share of the model, by index: 0.67,0.33")] = None,
 ) -> None:
     """Start the worker (it listens at once, then loads the model)."""
     from rbees_core.config import load_config, load_token
@@ -469,7 +480,8 @@ def serve_worker(
         settings = settings_from(
             cfg, worker_id=worker_id, model=model, backend=backend, device=device, bind=bind,
             port=port, callback_url=callback_url, token=load_token(api_token_file),
-            embedding=embedding)
+            embedding=embedding, n_gpu_layers=n_gpu_layers,
+            tensor_split=parse_shares(tensor_split) if tensor_split else None)
         if cpus is not None:
             pin(cpus)
         pm = plugins.make_manager(plugins.builtin_plugins())

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rbees_backend_llamacpp.offload import set_devices
 from rbees_core.backend import (
     Backend,
     Embeddings,
@@ -69,6 +70,7 @@ class LlamaCppBackend(Backend):
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "metal")
     batched: ClassVar[bool] = True
     embeds: ClassVar[bool] = True
+    offloads: ClassVar[bool] = True
 
     @classmethod
     def available_devices(cls) -> list[str]:
@@ -124,10 +126,14 @@ class LlamaCppBackend(Backend):
         threads: int | None,
         progress: Callable[[str, float], None],
         embedding: bool = False,
+        n_gpu_layers: int | None = None,
+        tensor_split: Sequence[float] | None = None,
     ) -> LoadedModel:
         """The model on ``device``; with ``embedding``, a context for
         :meth:`LlamaCppModel.embed` instead of generation
-        (:mod:`rbees_backend_llamacpp.embedding`)."""
+        (:mod:`rbees_backend_llamacpp.embedding`); ``n_gpu_layers`` of it on the GPU (the
+        rest in RAM) or split over the GPUs by ``tensor_split``
+        (:mod:`rbees_backend_llamacpp.offload`)."""
         kind, index = split_device(device, self.name)
         if kind not in self.available_devices():
             raise BackendUnavailableError(
@@ -137,22 +143,20 @@ class LlamaCppBackend(Backend):
             )
         return LlamaCppModel(path, kind=kind, index=index, slots=slots, ctx=ctx,
                              threads=threads or _usable_cores(), progress=progress,
-                             embedding=embedding)
+                             embedding=embedding, n_gpu_layers=n_gpu_layers,
+                             tensor_split=tensor_split)
 
 
 class LlamaCppModel(LoadedModel):
     def __init__(self, path: str, *, kind: str, index: int, slots: int, ctx: int | None,
                  threads: int, progress: Callable[[str, float], None], n_batch: int = 256,
-                 embedding: bool = False) -> None:
+                 embedding: bool = False, n_gpu_layers: int | None = None,
+                 tensor_split: Sequence[float] | None = None) -> None:
         lib = self._lib = _lib()
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
-        if kind == "cpu":
-            mparams.n_gpu_layers = 0
-        else:
-            mparams.n_gpu_layers = 999
-            mparams.main_gpu = index
-            mparams.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on one device
+        self._split = set_devices(lib, mparams, kind=kind, index=index,
+                                  n_gpu_layers=n_gpu_layers, tensor_split=tensor_split)
 
         def on_progress(fraction: float, _user: Any) -> bool:
             progress("load", float(fraction))
