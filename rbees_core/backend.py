@@ -239,6 +239,18 @@ class LoadedModel(ABC):
 
         raise InvalidParamsError("logprobs", "this backend cannot report logprobs")
 
+    #: Whether :meth:`set_threads` works: its pool can then move cores between workers.
+    supports_threads: bool = False
+
+    def set_threads(self, threads: int) -> None:
+        """Decode with ``threads`` threads from the next :meth:`decode` on (the worker's
+        pool halved its CPU set for another worker, or gave cores back). Called only by the
+        engine's decode thread, between steps. By default refused (a 400): a backend
+        without it keeps the threads it was loaded with."""
+        from rbees_core.errors import InvalidParamsError
+
+        raise InvalidParamsError("threads", "this backend cannot change its thread count")
+
     #: Whether :meth:`embed` works: the model was loaded with ``embedding=True`` by a backend
     #: that can embed (:attr:`Backend.embeds`).
     supports_embedding: bool = False

@@ -118,6 +118,8 @@ class Engine:
         self._admissions = 0
         self._draining = False
         self._stopping = False
+        #: a thread count to apply before the next step (:meth:`set_threads`)
+        self._threads: int | None = None
         self._thread = threading.Thread(target=self._run, name="rbees-decode", daemon=True)
 
     # -- control (any thread) -------------------------------------------------------------
@@ -182,6 +184,16 @@ class Engine:
             self._cond.notify()
             return True
 
+    def set_threads(self, threads: int) -> None:
+        """Decode with ``threads`` threads from the next step on (the decode thread applies
+        it between steps: :meth:`LoadedModel.set_threads`). Raises
+        :class:`InvalidParamsError` when the model cannot (:attr:`supports_threads`)."""
+        if not self.model.supports_threads:
+            raise InvalidParamsError("threads", "this backend cannot change its thread count")
+        with self._cond:
+            self._threads = threads
+            self._cond.notify()
+
     def drain(self) -> None:
         with self._cond:
             self._draining = True
@@ -201,8 +213,9 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping:
+                while not self._jobs and not self._stopping and self._threads is None:
                     self._cond.wait()
+                threads, self._threads = self._threads, None
                 if self._stopping and not self._jobs:
                     return
                 admitted = []
@@ -211,6 +224,8 @@ class Engine:
                     job.slot = self._pick_slot(job.tokens)
                     self._active[job.slot] = job
                     admitted.append(job)
+            if threads is not None:
+                self.model.set_threads(threads)
             for job in admitted:
                 self._admit(job)
             for job in list(self._active.values()):

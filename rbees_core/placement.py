@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rbees_core.scheduling import model_aliases, same_model
+
 
 def cpu_device(pool: dict[str, Any]) -> dict[str, Any] | None:
     """The pool's CPU device entry, or None."""
@@ -23,17 +25,52 @@ def worker_defaults(snapshot: dict[str, Any], device: str) -> dict[str, Any]:
     return dict((snapshot.get("worker_defaults") or {}).get(kind) or {})
 
 
-def cores_to_start(pool: dict[str, Any], device: str, wanted: int | None) -> int | None:
+def core_donor(pool: dict[str, Any], model: str | None = None) -> dict[str, Any] | None:
+    """The worker whose cores a new worker on ``pool`` shares when none is free: the CPU
+    worker holding the most cores of its own (at least two; the first listed of equals),
+    which its pool halves, giving the upper half of its CPU set to the new worker
+    (``ready``/``busy``, not an embedding worker: only a decoding engine can change its
+    thread count at run time). None when no worker can give cores, while a CPU start
+    rbees-orcd asked for is under way there (``expected``: it may be taking them), or when
+    a worker of ``model`` already runs there (a second copy of a model on half of the
+    cores its first one had gains nothing: the job waits for a slot of it). Pure;
+    the pool's own rule is :func:`rbees_core.pool.cores.donor`, the same one."""
+    best: dict[str, Any] | None = None
+    if any(w.get("expected") and str(w.get("device") or "").startswith("cpu")
+           for w in pool.get("workers") or ()):
+        return None  # a start is under way: it may be taking those cores now
+    aliases = model_aliases(pool)
+    if model is not None and any(same_model(w.get("model_ref"), model, aliases)
+                                 for w in pool.get("workers") or ()):
+        return None
+    for w in pool.get("workers") or ():
+        cpus = w.get("cpus") or ()
+        if (len(cpus) >= 2 and not w.get("cpu_shared") and not w.get("embedding")
+                and w.get("state") in ("ready", "busy")
+                and str(w.get("device") or "").split(":", 1)[0] == "cpu"
+                and (best is None or len(cpus) > len(best["cpus"]))):
+            best = w
+    return best
+
+
+def cores_to_start(pool: dict[str, Any], device: str, wanted: int | None,
+                   model: str | None = None) -> int | None:
     """Cores a new worker on ``pool``'s ``device`` gets: on the CPU ``wanted`` (None: all)
-    of the cores no worker holds, at most those, 0 when none is free (it must not start
-    there); on a GPU 1 (its host thread; one is spared when none is free: a GPU worker is
-    never refused for cores). None when the pool does not count its cores (every worker
-    gets what its pool gives). The core accounting of the built-in policies and of
-    :func:`apply_verdict`; pure."""
+    of the cores no worker holds, at most those; when none is free, the half the
+    :func:`core_donor` gives up for a worker of ``model`` (its pool halves it: two busy
+    models on one host each run on cores of their own rather than one waiting for the
+    other or both spinning on the same cores), else 0 (it must not start there). On a GPU
+    1 (its host thread; one is spared when none is free: a GPU worker is never refused for
+    cores). None when the pool
+    does not count its cores (every worker gets what its pool gives). The core accounting
+    of the built-in policies and of :func:`apply_verdict`; pure."""
     cpu = cpu_device(pool)
     if cpu is None or cpu.get("cores_total") is None:
         return None
     free = max(0, int(cpu.get("cores_free") or 0))
     if device.split(":", 1)[0] != "cpu":
         return 1
+    if free == 0:
+        donor = core_donor(pool, model)
+        free = len(donor["cpus"]) // 2 if donor is not None else 0
     return free if wanted is None else min(int(wanted), free)

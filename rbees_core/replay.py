@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rbees_core.placement import cores_to_start, cpu_device
+from rbees_core.placement import core_donor, cores_to_start, cpu_device
 from rbees_core.scheduling import Snapshot, Verdict, memory_needed
 
 
@@ -81,16 +81,23 @@ def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *
             while f"sim-{n}" in taken:
                 n += 1
             slots = d.slots or worker_slots
+            model = d.model or job["model"]
+            cpu = cpu_device(pool)
+            donor = core_donor(pool, model) if cpu is not None and not cpu.get("cores_free") \
+                else None
+            cores = cores_to_start(pool, str(d.device), d.threads, model)
             workers.append({
-                "worker_id": f"sim-{n}", "model_ref": d.model or job["model"],
+                "worker_id": f"sim-{n}", "model_ref": model,
                 "device": d.device, "state": "starting", "slots_total": slots,
                 "slots_free": max(0, slots - 1), "uri": None,
             })
             if d.embedding:
                 workers[-1]["embedding"] = True
-            cores = cores_to_start(pool, str(d.device), d.threads)
-            cpu = cpu_device(pool)
-            if cores and cpu is not None:
+            if cores and donor is not None and str(d.device).startswith("cpu"):
+                keep = len(donor["cpus"]) - cores  # its pool halves it for this one
+                workers[-1].update(threads=cores, cpus=list(donor["cpus"][keep:]))
+                donor.update(threads=keep, cpus=list(donor["cpus"][:keep]))
+            elif cores and cpu is not None:
                 free = int(cpu.get("cores_free") or 0)
                 first = int(cpu.get("cores_total") or 0) - free  # the lowest free, as pools do
                 workers[-1].update(threads=cores, cpus=list(range(first, first + cores)))

@@ -48,7 +48,10 @@ slots, context per slot and threads a worker it starts gets (``threads`` None on
 every free core). The CPU device of a pool that counts its cores has ``cores_total`` and
 ``cores_free`` (not held by a worker: a CPU worker holds the cores of its CPU set, a GPU
 worker one for its host thread); a policy starts no CPU worker where no core is free
-(:func:`rbees_core.placement.cores_to_start`), so workers never share cores.
+(:func:`rbees_core.placement.cores_to_start`), unless one worker holds two cores or more:
+its pool then halves it for the new one (:func:`rbees_core.placement.core_donor`), so
+workers never share cores. A worker started on cores no one could give (``rbees-pool worker
+spawn`` by hand) has ``"cpu_shared": true`` and holds none.
 ``threads``/``cpus`` of a worker are the thread count and CPU set its pool gave it. A
 ``starting`` worker with ``"expected": true`` (and ``uri`` None) is one rbees-orcd asked a
 pool for that no heartbeat shows yet; its cores are already out of ``cores_free``.
@@ -273,9 +276,13 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
             entry["cpus"] = list(_get(w, "cpus"))
             if not _get(w, "cpu_shared"):
                 pinned.update(int(c) for c in _get(w, "cpus"))
+            else:
+                entry["cpu_shared"] = True
         elif _get(w, "expected") and str(_get(w, "device") or "").startswith("cpu"):
             threads = _get(w, "threads")  # None: it gets every free core
             coming += int(threads) if threads else 1 << 20
+        if _get(w, "expected"):
+            entry["expected"] = True
         if _get(w, "embedding"):
             entry["embedding"] = True
         if _get(w, "memory_bytes"):

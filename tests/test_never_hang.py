@@ -325,7 +325,14 @@ def test_a_full_worker_is_not_stopped_to_start_its_own_model_again() -> None:
     waited = job(waited_s=60.0)
     same = policy.decide(snapshot(snap_pool("p1", devices=[cpu], workers=[full]), job=waited))
     assert [t[0] for t in targets(same)] == ["wait"], same.decisions
-    other_model = policy.decide(snapshot(snap_pool("p1", devices=[cpu], workers=[other],
-                                                   models=["smollm2", "tinyllama"]),
+    halved = policy.decide(snapshot(snap_pool("p1", devices=[cpu], workers=[other],
+                                              models=["smollm2", "tinyllama"]), job=waited))
+    assert targets(halved) == [("start_worker", "p1", "cpu")]  # w2 gives it one core
+    assert halved.decisions[0].threads == 1
+    one_each = [worker("w2", model="tinyllama", free=0, cpus=[0]),
+                worker("w3", model="qwen", free=0, cpus=[1])]
+    other_model = policy.decide(snapshot(snap_pool("p1", devices=[cpu], workers=one_each,
+                                                   models=["smollm2", "tinyllama", "qwen"]),
                                          job=waited))
-    assert ("stop_worker", "p1", "w2") in targets(other_model)
+    assert {("stop_worker", "p1", "w2"), ("stop_worker", "p1", "w3")} & set(
+        targets(other_model))

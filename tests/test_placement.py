@@ -63,19 +63,56 @@ def test_a_full_worker_gets_a_copy_on_another_device_first() -> None:
     assert verdict.decisions[0].slots == 8 and verdict.decisions[0].threads == 1
 
 
+def test_a_worker_of_another_model_holding_every_core_gives_half() -> None:
+    """No core free, one worker of another model holds both: it is halved for the new
+    model (its pool moves it to one core; idle or busy, it is neither stopped nor shared),
+    and the replayed snapshot shows each on a core of its own."""
+    for state, free in (("ready", 4), ("busy", 3)):
+        other = worker("w-llama", model="llama", state=state, slots=4, free=free, cpus=[0, 1])
+        for cls in POLICIES:
+            snap = snapshot(two_core_pool(other, free=0), job=job(memory_gib=1))
+            verdict = cls().decide(snap)
+            assert targets(verdict) == [("start_worker", "p", "cpu")], (cls, state)
+            assert verdict.decisions[0].threads == 1
+            assert "with 1 core" in verdict.summary
+        data = snapshot(two_core_pool(other, free=0)).data
+        apply_verdict(data, job(memory_gib=1), verdict)
+        cpus = {w["worker_id"]: w["cpus"] for w in data["pools"][0]["workers"]}
+        assert cpus == {"w-llama": [0], "sim-2": [1]}
+
+
+def test_no_core_is_given_to_a_second_copy_of_a_model() -> None:
+    """Its own model's worker holds both cores: the job waits for one of its slots."""
+    mine = worker("w1", slots=4, free=0, state="busy", cpus=[0, 1])
+    verdict = LeastLoaded().decide(snapshot(two_core_pool(mine, free=0), job=job(memory_gib=1)))
+    assert [d.action for d in verdict.decisions] == ["wait"]
+    assert cores_to_start(two_core_pool(mine, free=0), "cpu", None, "smollm2") == 0
+    assert cores_to_start(two_core_pool(mine, free=0), "cpu", None, "llama") == 1
+
+
+def one_core_each(state: str) -> list[dict]:
+    free = 4 if state == "ready" else 3
+    return [worker("w-llama", model="llama", state=state, slots=4, free=free, cpus=[0]),
+            worker("w-qwen", model="qwen", state=state, slots=4, free=free, cpus=[1])]
+
+
 def test_an_idle_worker_of_another_model_is_stopped_for_its_cores() -> None:
-    idle = worker("w-llama", model="llama", slots=4, free=4, cpus=[0, 1])
+    """No core free and none to give (one each): an idle worker of another model goes."""
     for cls in POLICIES:
-        verdict = cls().decide(snapshot(two_core_pool(idle, free=0), job=job(memory_gib=1)))
-        assert targets(verdict) == [("stop_worker", "p", "w-llama"), ("wait", None, None)]
+        verdict = cls().decide(snapshot(two_core_pool(*one_core_each("ready"), free=0,
+                                                      models=("smollm2", "llama", "qwen")),
+                                        job=job(memory_gib=1)))
+        assert targets(verdict)[-1] == ("wait", None, None)
+        assert targets(verdict)[0][0] == "stop_worker"
         assert "idle" in (verdict.decisions[1].reason or "")
 
 
 def test_a_busy_worker_of_another_model_keeps_its_cores() -> None:
-    busy = worker("w-llama", model="llama", state="busy", slots=4, free=3, cpus=[0, 1])
-    verdict = LeastLoaded().decide(snapshot(two_core_pool(busy, free=0), job=job(memory_gib=1)))
+    verdict = LeastLoaded().decide(snapshot(two_core_pool(*one_core_each("busy"), free=0,
+                                                          models=("smollm2", "llama", "qwen")),
+                                            job=job(memory_gib=1)))
     assert [d.action for d in verdict.decisions] == ["wait"]
-    assert "its 2 cores are held by w-llama (2)" in (verdict.decisions[0].reason or "")
+    assert "held by" in (verdict.decisions[0].reason or "")
 
 
 def test_two_models_split_the_cores_when_each_asks_for_one() -> None:
@@ -94,9 +131,10 @@ def test_two_models_split_the_cores_when_each_asks_for_one() -> None:
 
 def test_a_busy_worker_of_another_model_is_stopped_once_the_job_waited() -> None:
     """A model in steady use does not starve another of the cores: after 10 s of waiting,
-    the busy worker is stopped (gracefully: its running jobs finish)."""
-    busy = worker("w-llama", model="llama", state="busy", slots=4, free=3, cpus=[0, 1])
-    verdict = LeastLoaded().decide(snapshot(two_core_pool(busy, free=0),
+    a busy worker is stopped (gracefully: its running jobs finish)."""
+    verdict = LeastLoaded().decide(snapshot(two_core_pool(*one_core_each("busy"), free=0,
+                                                          models=("smollm2", "llama", "qwen")),
                                             job=job(memory_gib=1, waited_s=12.0)))
-    assert targets(verdict) == [("stop_worker", "p", "w-llama"), ("wait", None, None)]
-    assert "waited 12 s" in (verdict.decisions[1].reason or "")
+    assert targets(verdict)[0][0] == "stop_worker"
+    assert targets(verdict)[-1] == ("wait", None, None)
+    assert "waited 12 s" in (verdict.decisions[-1].reason or "")

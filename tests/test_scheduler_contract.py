@@ -206,19 +206,39 @@ def test_decisions_follow_the_snapshot(policy: Scheduler) -> None:
 
 
 def test_no_cpu_worker_starts_where_no_core_is_free(policy: Scheduler) -> None:
-    """Cores are accounted like memory: a CPU whose cores are all held by a busy worker of
-    another model is no place to start one (it would oversubscribe them); the GPU is."""
-    busy = worker("other", model="llama", state="busy", slots=4, free=0, cpus=[0, 1])
+    """Cores are accounted like memory: a CPU whose cores are all held by busy workers of
+    other models, one core each, is no place to start one (it would oversubscribe them);
+    the GPU is."""
+    busy = [worker("other", model="llama", state="busy", slots=4, free=0, cpus=[0]),
+            worker("third", model="qwen", state="busy", slots=4, free=0, cpus=[1])]
     full = pool("a", devices=[device("cpu", free_gib=8, cores=2, cores_free=0)],
-                workers=[busy], models=["smollm2", "llama"])
+                workers=busy, models=["smollm2", "llama", "qwen"])
     verdict = decide(policy, snapshot(full, job=job(memory_gib=1)))
     assert [d.action for d in verdict.decisions] == ["wait"]
     assert "no free core" in (verdict.decisions[0].reason or "")
     gpu = pool("b", devices=[device("cpu", free_gib=8, cores=2, cores_free=0),
-                             device("cuda:0", free_gib=8)], workers=[busy],
-               models=["smollm2", "llama"])
+                             device("cuda:0", free_gib=8)], workers=busy,
+               models=["smollm2", "llama", "qwen"])
     assert targets(decide(policy, snapshot(gpu, job=job(memory_gib=1)))) == [
         ("start_worker", "b", "cuda:0")]
+
+
+def test_a_worker_holding_every_core_gives_half_to_a_new_model(policy: Scheduler) -> None:
+    """Two busy models on one host each decode on cores of their own: a worker holding
+    both cores is halved for the new one (its pool moves it), never shared, never evicted
+    while busy; while that start is under way, no second start counts on the same cores."""
+    busy = worker("other", model="llama", state="busy", slots=4, free=0, cpus=[0, 1])
+    full = pool("a", devices=[device("cpu", free_gib=8, cores=2, cores_free=0)],
+                workers=[busy], models=["smollm2", "llama"])
+    verdict = decide(policy, snapshot(full, job=job(memory_gib=1)))
+    assert targets(verdict) == [("start_worker", "a", "cpu")]
+    assert verdict.decisions[0].threads == 1
+    coming = {"worker_id": "w-new", "model_ref": "qwen", "device": "cpu", "state": "starting",
+              "slots_total": 4, "slots_free": 0, "uri": None, "expected": True, "threads": 1}
+    starting = pool("a", devices=[device("cpu", free_gib=8, cores=2, cores_free=0)],
+                    workers=[busy, coming], models=["smollm2", "llama", "qwen"])
+    assert [d.action for d in decide(policy, snapshot(starting, job=job(memory_gib=1))
+                                     ).decisions] == ["wait"]
 
 
 def test_a_started_worker_takes_at_most_the_free_cores(policy: Scheduler) -> None:

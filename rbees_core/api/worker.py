@@ -179,6 +179,23 @@ class CancelRequest:
 
 
 @attrs.frozen
+class CoresRequest:
+    """Body of POST /v2/cores: decode with ``threads`` threads on the CPUs ``cpus`` from the
+    next step on (the worker's pool moves cores between its workers)."""
+
+    threads: int = attrs.field(metadata=limits(minimum=1, maximum=1024))
+    cpus: list[int] = attrs.field(metadata=limits(max_items=1024))
+
+
+@attrs.frozen
+class CoresState:
+    """POST /v2/cores: the threads and CPU set the worker now runs on."""
+
+    threads: int
+    cpus: list[int]
+
+
+@attrs.frozen
 class Accepted:
     """A 202 answer."""
 

@@ -10,13 +10,19 @@ started when no core was free shares every core and waits passively
 for the owners: measured here, an idle 2-thread worker with it spins 0.7-1.0 core forever
 with no job, and on this shared host it decoded no faster than the default.
 
-rbees-orcd's policies start no CPU worker where no core is free
-(:func:`rbees_core.placement.cores_to_start`); sharing only happens to workers started by
-hand (``rbees-pool worker spawn``). Used by :func:`rbees_core.pool.workers.spawn`.
+When no core is free, pool-managerd halves the CPU worker holding the most cores (at least
+two) before it starts the new one (:func:`donor`; the worker changes its threads and CPU set
+at run time, ``POST /v2/cores``), and gives the cores back when the new one stops
+(:func:`regrow`): two busy models on one host each decode on cores of their own. rbees-orcd's
+policies account the same rule (:func:`rbees_core.placement.core_donor`) and start no CPU
+worker where no core is free or can be given; sharing only happens to workers started by
+hand (``rbees-pool worker spawn``). Used by :func:`rbees_core.pool.workers.spawn` and
+:mod:`rbees_core.pool.daemon`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 
@@ -78,6 +84,55 @@ def grant(device: str, threads: int | None, taken: set[int],
         return CoreGrant(threads=1, cpus=tuple(every), shared=True)
     n = len(every) if want is None else max(1, min(want, len(every)))
     return CoreGrant(threads=n, cpus=tuple(every), shared=True)
+
+
+@attrs.frozen
+class Halving:
+    """A worker that gives cores to a new one: it keeps ``keep``, the new one gets ``give``."""
+
+    worker_id: str
+    keep: tuple[int, ...]
+    give: tuple[int, ...]
+
+
+def donor(holders: Iterable[tuple[str, Iterable[int]]], wanted: int | None = None
+          ) -> Halving | None:
+    """Of ``holders`` (``(worker_id, cpus)`` of the live CPU workers that can change their
+    threads: not shared, not embedding, ready), the one holding the most cores, at least
+    two (the first of equals), halved: the new worker gets the upper half (at most
+    ``wanted`` cores). None when none holds two. Pure; :func:`rbees_core.placement.core_donor`
+    is the scheduler's reading of the same rule."""
+    best: tuple[str, list[int]] | None = None
+    for worker_id, cpus in holders:
+        held = sorted(cpus)
+        if len(held) >= 2 and (best is None or len(held) > len(best[1])):
+            best = (worker_id, held)
+    if best is None:
+        return None
+    give = len(best[1]) // 2 if wanted is None else max(1, min(wanted, len(best[1]) // 2))
+    keep = len(best[1]) - give
+    return Halving(worker_id=best[0], keep=tuple(best[1][:keep]), give=tuple(best[1][keep:]))
+
+
+def regrow(cpus: Iterable[int], full: int, free: Iterable[int]) -> tuple[int, ...] | None:
+    """The CPU set of a worker halved earlier (``cpus``, started with ``full`` threads),
+    grown back with the ``free`` cores it lacks; None when it is whole or nothing is free."""
+    have = sorted(cpus)
+    more = [c for c in sorted(free) if c not in have][:max(0, full - len(have))]
+    return tuple(sorted([*have, *more])) if more else None
+
+
+def pin_all(cpus: Iterable[int]) -> None:
+    """Move every thread of this process onto ``cpus`` (a worker's new CPU set at run time;
+    :func:`pin` only covers the calling thread and those it starts later). Raises OSError
+    for CPUs this process may not use."""
+    chosen = set(cpus)
+    if not hasattr(os, "sched_setaffinity"):  # pragma: no cover - not Linux
+        return
+    os.sched_setaffinity(0, chosen)
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), chosen)
 
 
 def parse_cpus(text: str) -> list[int]:

@@ -77,6 +77,8 @@ class ManagedWorker:
     exit_code: int | None = None
     error: str | None = None
     memory_kind: str = "ram"
+    #: the threads it started with, once its pool halved it for another worker
+    full_threads: int | None = None
 
     def entry(self) -> WorkerEntry:
         r = self.record
@@ -232,6 +234,7 @@ class PoolService:
             taken = {w.record.port for w in self.workers.values() if w.state in LIVE}
             port = await asyncio.to_thread(workers.pick_port, taken, spawn.host)
             spawn = attrs.evolve(spawn, port=port, worker_id=self._new_id(req.device))
+            await self._make_room(spawn.threads if spawn.device == "cpu" else 1)
             record, proc = await asyncio.to_thread(
                 workers.spawn_process, self.pm, spawn, checked=checked,
                 token_file=self.settings.token_file, taken=self.cores_held())
@@ -242,6 +245,48 @@ class PoolService:
                       threads=record.threads, cpus=record.cpus, cpu_shared=record.cpu_shared)
         self._tasks.append(asyncio.create_task(self._ready_deadline(managed)))
         return managed
+
+    async def _make_room(self, wanted: int | None) -> None:
+        """No core free for a new worker: halve the worker holding the most
+        (:func:`cores.donor`); it keeps decoding on the lower half. Under ``_lock``."""
+        held = self.cores_held()
+        if any(c not in held for c in cores.host_cpus()):
+            return
+        halving = cores.donor(((w.record.worker_id, w.record.cpus or ())
+                               for w in self.workers.values()
+                               if w.state in ("ready", "busy") and not w.record.cpu_shared
+                               and not w.record.embedding and w.record.device == "cpu"), wanted)
+        if halving is not None:
+            w = self.workers[halving.worker_id]
+            if await self._set_cores(w, halving.keep) and w.full_threads is None:
+                w.full_threads = len(halving.keep) + len(halving.give)
+
+    async def _set_cores(self, w: ManagedWorker, cpus: tuple[int, ...]) -> bool:
+        """Move ``w`` onto ``cpus`` (its ``POST /v2/cores``); False when it refused."""
+        try:
+            answer = await self._client.post(
+                f"{w.record.uri}/v2/cores", json={"threads": len(cpus), "cpus": list(cpus)},
+                headers=self._auth(), timeout=5.0)
+            ok = answer.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        self.log.info("worker_cores", worker_id=w.record.worker_id, cpus=list(cpus), ok=ok)
+        if ok:
+            w.record.threads, w.record.cpus = len(cpus), list(cpus)
+            workers.save(w.record)
+        return ok
+
+    async def _regrow(self) -> None:
+        """Give cores that turned free back to the workers halved for others."""
+        async with self._lock:
+            for w in self.workers.values():
+                if w.full_threads is None or w.state not in ("ready", "busy"):
+                    continue
+                free = set(cores.host_cpus()) - self.cores_held()
+                grown = cores.regrow(w.record.cpus or (), w.full_threads, free)
+                if grown is not None and await self._set_cores(w, grown) \
+                        and len(grown) >= w.full_threads:
+                    w.full_threads = None
 
     def _new_id(self, device: str) -> str:
         kind = device.partition(":")[0]
@@ -341,6 +386,7 @@ class PoolService:
             w.state = "stopped"
             (workers.worker_dir(w.record.worker_id) / "state.json").unlink(missing_ok=True)
             self.log.info("worker_stopped", worker_id=w.record.worker_id, exit_code=w.exit_code)
+        await self._regrow()
 
     async def _supervise(self) -> None:
         """Exit codes within ~0.25 s; health polls every ``health_interval_s``."""
@@ -351,6 +397,7 @@ class PoolService:
                 if w.state in ("starting", "ready", "busy") and w.proc.poll() is not None:
                     w.exit_code = w.proc.returncode
                     self._fail(w, "WORKER_EXITED", f"process exited with {w.exit_code}")
+                    await self._regrow()
             if time.monotonic() - last_poll >= self.settings.health_interval_s:
                 last_poll = time.monotonic()
                 await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())

@@ -62,7 +62,7 @@ from rbees_core.log import Logger
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.planning import parse_shares
 from rbees_core.pool.cores import pin
-from rbees_core.programs import worker_embed, worker_prompt
+from rbees_core.programs import worker_cores, worker_embed, worker_prompt
 from rbees_core.programs.worker_metrics import WorkerMetrics
 from rbees_core.sampling import logprobs_top, sampling_params
 
@@ -250,6 +250,7 @@ OPERATIONS = [
                       errors={"409": "job_id already running here",
                               "503": "ALL_SLOTS_BUSY, DRAINING or NOT_READY"}),
     worker_embed.OPERATION,
+    worker_cores.OPERATION,
     openapi.Operation("POST", "/v2/cancel", "stop decoding a job", request=CancelRequest,
                       response=Accepted, status=202),
     openapi.Operation("POST", "/v2/shutdown", "drain and exit", response=Accepted, status=202),
@@ -263,6 +264,7 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         Route("/v2/loading/progress", loading_progress, methods=["GET"]),
         Route("/v2/execute", execute, methods=["POST"]),
         Route("/v2/embed", worker_embed.embed, methods=["POST"]),
+        Route("/v2/cores", worker_cores.set_cores, methods=["POST"]),
         Route("/v2/cancel", cancel, methods=["POST"]),
         Route("/v2/shutdown", shutdown, methods=["POST"]),
     ])

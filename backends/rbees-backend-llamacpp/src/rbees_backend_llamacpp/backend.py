@@ -148,6 +148,8 @@ class LlamaCppBackend(Backend):
 
 
 class LlamaCppModel(LoadedModel):
+    supports_threads = True
+
     def __init__(self, path: str, *, kind: str, index: int, slots: int, ctx: int | None,
                  threads: int, progress: Callable[[str, float], None], n_batch: int = 256,
                  embedding: bool = False, n_gpu_layers: int | None = None,
@@ -221,6 +223,9 @@ class LlamaCppModel(LoadedModel):
         self.chat_template = self._chat_template()
         self.supports_embedding = embedding
         progress("context", 1.0)
+
+    def set_threads(self, threads: int) -> None:
+        self._lib.llama_set_n_threads(self._ctx, threads, threads)
 
     def _chat_template(self) -> ChatTemplate | None:
         """The GGUF's ``tokenizer.chat_template`` (and ``.tool_use``) with the BOS and EOS

@@ -176,7 +176,7 @@ class DeviceView:
                  "pool", "reason")
 
     def __init__(self, pool: PoolView, index: int, data: dict[str, Any], need: int,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, model: str | None = None) -> None:
         self.pool = pool
         self.index = index
         self.data = data
@@ -186,7 +186,7 @@ class DeviceView:
         self.available = pool.free.get(self.device, 0)
         self.need = need
         #: cores a worker started here gets (None: its pool does not count cores)
-        self.cores = cores_to_start(pool.data, "gpu" if self.gpu else "cpu", threads)
+        self.cores = cores_to_start(pool.data, "gpu" if self.gpu else "cpu", threads, model)
         self.reason: str | None = None
         #: how the model goes here when it does not fit whole: a split (this GPU the main
         #: one) or a partial offload (:mod:`rbees_core.planning`); None: whole
@@ -332,7 +332,7 @@ class Analysis:
                 need = memory_needed(job, view.data) if view.reason is None else 0
                 plans: dict[str, Plan] | None = None
                 for di, device in enumerate(view.data.get("devices") or ()):
-                    d = DeviceView(view, di, device, need, threads)
+                    d = DeviceView(view, di, device, need, threads, self.model)
                     if d.gpu and d.available < need and view.reason is None:
                         if plans is None:  # only for a model some GPU cannot hold whole
                             plans = host_plans(
