@@ -84,6 +84,16 @@ async def test_a_missing_token_on_v1_is_a_401_in_openai_shape() -> None:
         assert (await c.post("/v1/ok")).json() == {"ok": True}
 
 
+async def test_the_token_may_come_as_x_api_key_as_anthropics_clients_send_it() -> None:
+    async with client() as c:
+        assert (await c.post("/v2/ok", headers={"Authorization": "", "x-api-key": TOKEN})
+                ).json() == {"ok": True}
+        wrong = await c.post("/v2/ok", headers={"Authorization": "", "x-api-key": "wrong"})
+        assert wrong.status_code == 401
+        empty = await c.post("/v2/ok", headers={"Authorization": "", "x-api-key": ""})
+        assert empty.status_code == 401
+
+
 @pytest.mark.parametrize(("raw", "field"), [
     (b'{"a": NaN}', "a"), (b'{"a": {"b": Infinity}}', "b"), (b'{"a": [-Infinity]}', "body"),
     (b'{"size_bytes": 1e400}', "size_bytes"), (b"1e400", "body"), (b"[NaN]", "body"),

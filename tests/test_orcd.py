@@ -7,62 +7,18 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import pytest
 
 from rbees_core.testing import find_free_port, follow_events, parse_sse, wait_http
+from rbees_core.testing.cluster import BIN, Cluster, up
 
-BIN = Path(sys.executable).parent
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
-
-
-@attrs.define
-class Cluster:
-    home: Path
-    url: str
-    pool_url: str
-    env: dict[str, str]
-
-    def rbees(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "rbees"), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def submit(self, **task: Any) -> dict[str, Any]:
-        body = {"model": "smollm2", "prompt": "Bees are", "max_tokens": 8, "temperature": 0,
-                "seed": 1, **task}
-        answer = httpx.post(f"{self.url}/v2/tasks", json=body, timeout=30)
-        assert answer.status_code == 202, answer.text
-        return dict(answer.json())
-
-    def events(self, job_id: str, after: int = 0) -> list[tuple[int | None, str, Any]]:
-        answer = httpx.get(f"{self.url}/v2/tasks/{job_id}/events", timeout=120,
-                           headers={"Last-Event-ID": str(after)})
-        assert answer.status_code == 200, answer.text
-        return parse_sse(answer.text)
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.url}/v2/tasks/{job_id}", timeout=10).json())
-
-
-def up(home: Path, *extra: str, environ: dict[str, str] | None = None) -> Cluster:
-    """``rbees up`` in ``home``, with ``extra`` flags and ``environ`` added to the
-    environment (``RBEES_PLACEMENT_CTX``...)."""
-    env = {**os.environ, **(environ or {}), "RBEES_HOME": str(home)}
-    env.pop("RBEES_ORCHESTRATOR_URL", None)
-    orcd, pool = f"127.0.0.1:{find_free_port()}", f"127.0.0.1:{find_free_port()}"
-    done = subprocess.run([str(BIN / "rbees"), "up", "--bind", orcd, "--pool-bind", pool,
-                           "--heartbeat-interval", "0.5", "--format", "json", *extra],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    info = json.loads(done.stdout)
-    return Cluster(home=home, url=info["orchestrator"], pool_url=info["pool"], env=env)
 
 
 @pytest.fixture(scope="module")

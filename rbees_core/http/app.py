@@ -98,12 +98,13 @@ def register_error_shape(prefix: str, shape: ErrorShape) -> None:
 
 def error_shape(path: str) -> ErrorShape | None:
     """The error shape of the protocol that serves ``path`` (the longest registered prefix
-    that holds it; OpenAI's for ``/v1`` itself), or None for rbees' own envelope."""
+    that holds it, or is it without its final ``/``; OpenAI's for ``/v1`` itself), or None
+    for rbees' own envelope."""
     if is_openai_path(path) and not path.startswith(OPENAI_PREFIX):
         return _openai_shape
     best = ""
-    for prefix in _ERROR_SHAPES:
-        if path.startswith(prefix) and len(prefix) > len(best):
+    for prefix in _ERROR_SHAPES:  # /v1/messages/ serves /v1/messages too
+        if (path.startswith(prefix) or path == prefix[:-1]) and len(prefix) > len(best):
             best = prefix
     return _ERROR_SHAPES.get(best) if best else None
 
@@ -157,23 +158,29 @@ class CorrelationMiddleware:
 
 
 class BearerAuthMiddleware:
-    """401 ``UNAUTHENTICATED`` unless the request carries the token; /health, /metrics and
-    the web UI's static files are open (:data:`OPEN_PATHS`)."""
+    """401 ``UNAUTHENTICATED`` unless the request carries the token: ``Authorization:
+    Bearer TOKEN`` (rbees' own clients, OpenAI's, Ollama's) or ``x-api-key: TOKEN``
+    (Anthropic's clients); /health, /metrics and the web UI's static files are open
+    (:data:`OPEN_PATHS`)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
+        self.key = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
-        given = b""
+        given = key = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 given = value
-        if not hmac.compare_digest(given, self.expected):
+            elif name == b"x-api-key":
+                key = value
+        if not (hmac.compare_digest(given, self.expected)
+                or (key and hmac.compare_digest(key, self.key))):
             from rbees_core.errors import UnauthenticatedError
 
             response = error_response(UnauthenticatedError("missing or wrong bearer token"),

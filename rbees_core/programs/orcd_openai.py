@@ -7,36 +7,26 @@ cannot honour are refused in OpenAI's error shape.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
-from rbees_core import sse
+from rbees_core import protocols, sse
 from rbees_core.api import openapi
-from rbees_core.api.orchestrator import TaskRequest
-from rbees_core.errors import InvalidParamsError, RbeesError
+from rbees_core.errors import InvalidParamsError
 from rbees_core.logprobs import CompletionLogprobs, LogprobsForm, chat_logprobs
-from rbees_core.orchestrator.channel import TERMINAL
-from rbees_core.programs.openai_errors import OpenAIError, from_rbees, job_error, read_object
-from rbees_core.programs.orcd_common import service
-from rbees_core.schema import from_mapping
+from rbees_core.programs.openai_errors import OpenAIError, job_error, read_object
+from rbees_core.protocols import ChatRequest, Delta, Jobs, JobStream, RequestError, Turn
 from rbees_core.structured import response_format_schema
-from rbees_core.tools import LiveText, check_tool_calls
+from rbees_core.tools import check_tool_calls
 
 MAX_N = 8
-#: The event name of a ping on a stream's queue (no job event has it).
-PINGED = ""
 #: Most alternatives per token of the legacy completions' ``logprobs`` (OpenAI's limit).
 MAX_LEGACY_LOGPROBS = 5
-FINISH = {"stop": "stop", "eos": "stop", "max_tokens": "length"}
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -65,53 +55,46 @@ def _task(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
     _refuse_unsupported(body)
     if not isinstance(body.get("model"), str):
         raise OpenAIError(400, "model is required", param="model")
-    task: dict[str, Any] = {"model": body["model"], "priority": "interactive",
-                            "cancel_on_disconnect": True}
+    req = ChatRequest(model=body["model"])
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise OpenAIError(400, "messages must be a non-empty array", param="messages")
-        task["messages"] = [_message(m, i) for i, m in enumerate(messages)]
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        req.messages = [_message(m, i) for i, m in enumerate(messages)]
+        req.max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise OpenAIError(400, "prompt must be a string", param="prompt")
-        task["prompt"] = prompt
-        max_tokens = body.get("max_tokens", 16)
-    if max_tokens is not None:
-        task["max_tokens"] = max_tokens
-    for key in ("temperature", "top_p", "seed", "keep_alive"):  # keep_alive: Ollama's
-        if body.get(key) is not None:
-            task[key] = body[key]
-    if body.get("top_k") is not None:
-        task["top_k"] = body["top_k"]
-    task.update(_sampling(body, chat=chat))
+        req.prompt = prompt
+        req.max_tokens = body.get("max_tokens", 16)
+    req.temperature, req.top_p = body.get("temperature"), body.get("top_p")
+    req.top_k, req.seed = body.get("top_k"), body.get("seed")
+    if body.get("keep_alive") is not None:  # Ollama's
+        req.extra["keep_alive"] = body["keep_alive"]
+    req.extra.update(_sampling(body, chat=chat))
     stop = body.get("stop")
     if stop is not None:
-        task["stop"] = [stop] if isinstance(stop, str) else stop
+        req.stop = [stop] if isinstance(stop, str) else stop
     try:
-        schema = response_format_schema(body.get("response_format"))
+        req.json_schema = response_format_schema(body.get("response_format"))
     except InvalidParamsError as exc:
         raise OpenAIError(400, exc.message, param=exc.field) from exc
-    if schema is not None:
-        task["json_schema"] = schema
     if body.get("grammar") is not None:  # GBNF, as llama.cpp's server takes it
-        task["grammar"] = body["grammar"]
+        req.extra["grammar"] = body["grammar"]
     if chat and body.get("tools") is not None:
-        task["tools"] = body["tools"]
-        for key in ("tool_choice", "parallel_tool_calls"):
-            if body.get(key) is not None:
-                task[key] = body[key]
+        req.tools = body["tools"]
+        req.tool_choice = body.get("tool_choice")
+        req.parallel_tool_calls = body.get("parallel_tool_calls")
     elif chat and body.get("tool_choice") not in (None, "none", "auto"):
         raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
     if chat:  # template variables, as llama.cpp's server takes them (rbees_core.reasoning)
         for key in ("chat_template_kwargs", "reasoning_effort"):
             if body.get(key) is not None:
-                task[key] = body[key]
-    return task, int(body.get("n", 1))
+                req.extra[key] = body[key]
+    return req.task(), int(body.get("n", 1))
 
 
 def _sampling(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
@@ -175,73 +158,6 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     return out
 
 
-async def _submit_all(request: Request, task: dict[str, Any], n: int) -> list[str]:
-    svc = service(request)
-    job_ids = []
-    try:
-        for i in range(n):
-            body = dict(task)
-            seed = body.get("seed")
-            # one seed per choice; a seed that is no integer in range is left for
-            # from_mapping to refuse with a 400 naming it (int("") was a 500)
-            if n > 1 and type(seed) is int and 0 <= seed < 2**63:
-                body["seed"] = (seed + i) % 2**63
-            req = from_mapping(TaskRequest, body)
-            job_ids.append((await svc.submit(req, refuse_unknown=True)).job_id)
-    except InvalidParamsError as exc:
-        raise OpenAIError(400, exc.message, param=exc.field) from exc
-    except RbeesError as exc:
-        for job_id in job_ids:
-            await svc.cancel(job_id)
-        raise from_rbees(exc) from exc
-    return job_ids
-
-
-class _Jobs:
-    """Follows n jobs' channels and yields (choice index, event, data) in arrival order."""
-
-    def __init__(self, request: Request, job_ids: list[str]) -> None:
-        self.svc = service(request)
-        self.job_ids = job_ids
-        self.queue: asyncio.Queue[tuple[int, str, dict[str, Any]]] = asyncio.Queue()
-        self.tasks = [asyncio.create_task(self._follow(i, j)) for i, j in enumerate(job_ids)]
-
-    async def _follow(self, index: int, job_id: str) -> None:
-        following = await self.svc.follow(job_id, 0)
-        queue = following.live
-        try:
-            for _, event, data in following.backlog:
-                self.queue.put_nowait((index, event, data))
-                if event in TERMINAL:
-                    return
-            while queue is not None:
-                _, event, data = await queue.get()
-                self.queue.put_nowait((index, event, data))
-                if event in TERMINAL:
-                    return
-        finally:
-            following.close()
-
-    async def cancel(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for job_id in self.job_ids:
-            with contextlib.suppress(RbeesError):
-                await self.svc.cancel(job_id)
-
-
-async def _cancel_on_disconnect(request: Request, jobs: _Jobs, n: int) -> None:
-    """A non-streamed request whose client goes away cancels its jobs, queued or running
-    (the streamed ones watch for it in :class:`_OpenAIStream`); the handler waiting for
-    them is then let go."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    await jobs.cancel()
-    for index in range(n):
-        jobs.queue.put_nowait((index, "error", {"code": "CANCELLED",
-                                                "message": "the client went away"}))
-
-
 async def chat_completions(request: Request) -> Response:
     return await _complete(request, chat=True)
 
@@ -251,15 +167,16 @@ async def completions(request: Request) -> Response:
 
 
 async def _complete(request: Request, *, chat: bool) -> Response:
+    orc = protocols.orchestrator(request)
     try:
         body = await read_object(request)
         task, n = _task(body, chat=chat)
         # not started after [orchestrator] max_queue_wait_s: DEADLINE_UNMET, a 503
-        task["deadline_ms"] = round(service(request).settings.max_queue_wait_s * 1000)
-        job_ids = await _submit_all(request, task, n)
-    except OpenAIError as exc:
-        return exc.response()
-    jobs = _Jobs(request, job_ids)
+        task = protocols.job_task(orc, task)
+        job_ids = await protocols.submit(orc, task, n)
+    except RequestError as exc:
+        return OpenAIError.of(exc).response()
+    jobs = Jobs(orc, job_ids)
     created = int(time.time())
     ident = ("chatcmpl-" if chat else "cmpl-") + job_ids[0].removeprefix("job-")
     model = task["model"]
@@ -269,53 +186,29 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         opts = body.get("stream_options") or {}
         return _OpenAIStream(jobs, n, chat=chat, ident=ident, model=model, created=created,
                              usage=bool(opts.get("include_usage")), tools=tooled,
-                             ping_s=service(request).settings.sse_ping_interval_s,
+                             ping_s=orc.settings.sse_ping_interval_s,
                              logprobs=_logprobs_form(task, n)
                              )  # type: ignore[return-value]
-    texts: list[str | None] = [""] * n
-    entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-    thoughts = [""] * n  # reasoning_content (rbees_core.reasoning)
-    calls: list[list[dict[str, Any]] | None] = [None] * n
-    finish: list[str | None] = [None] * n
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    done = 0
-    error: dict[str, Any] | None = None
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs, n))
-    while done < n:
-        index, event, data = await jobs.queue.get()
-        if event == "token":
-            texts[index] += data["t"]
-            thoughts[index] += data.get("reasoning", "")
-            if data["t"] or not data.get("reasoning"):  # as streamed: the content's pieces
-                entries[index].extend(data.get("logprobs") or ())
-        elif event == "end":
-            finish[index] = FINISH.get(str(data.get("stop_reason")), "stop")
-            if tooled:
-                texts[index], calls[index] = data.get("content"), data.get("tool_calls")
-                finish[index] = "tool_calls" if calls[index] else finish[index]
-            usage["prompt_tokens"] += int(data.get("tokens_in") or 0)
-            usage["completion_tokens"] += int(data.get("tokens_out") or 0)
-            done += 1
-        elif event == "error":
-            error = error or data
-            done += 1
-    watcher.cancel()
+    turns = [Turn(tools=tooled) for _ in range(n)]
+    error = await protocols.collect(request, jobs, lambda i, e, d: turns[i].feed(e, d))
     if error is not None:
         return job_error(error).response()
     choices = []
     forms = _logprobs_form(task, n)
-    for i in range(n):
-        logprobs = None if forms is None else forms[i](entries[i])
+    usage = {"prompt_tokens": sum(t.usage.tokens_in for t in turns),
+             "completion_tokens": sum(t.usage.tokens_out for t in turns)}
+    for i, turn in enumerate(turns):
+        logprobs = None if forms is None else forms[i](turn.entries)
         if chat:
-            message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
-            if calls[i]:
-                message["tool_calls"] = calls[i]
-            if thoughts[i]:
-                message["reasoning_content"] = thoughts[i]
-            choices.append({"index": i, "message": message, "finish_reason": finish[i],
+            message: dict[str, Any] = {"role": "assistant", "content": turn.content}
+            if turn.calls:
+                message["tool_calls"] = turn.calls
+            if turn.reasoning:
+                message["reasoning_content"] = turn.reasoning
+            choices.append({"index": i, "message": message, "finish_reason": turn.finish,
                             "logprobs": logprobs})
         else:
-            choices.append({"index": i, "text": texts[i], "finish_reason": finish[i],
+            choices.append({"index": i, "text": turn.content, "finish_reason": turn.finish,
                             "logprobs": logprobs})
     return JSONResponse({
         "id": ident, "object": "chat.completion" if chat else "text_completion",
@@ -334,15 +227,18 @@ def _logprobs_form(task: dict[str, Any], n: int) -> list[LogprobsForm] | None:
     return [CompletionLogprobs(len(task["prompt"])).add for _ in range(n)]
 
 
-class _OpenAIStream:
-    def __init__(self, jobs: _Jobs, n: int, *, chat: bool, ident: str, model: str,
+class _OpenAIStream(JobStream):
+    """OpenAI's chunks of ``n`` jobs: a role chunk per choice, then content, reasoning and
+    tool call deltas as they come, a finish chunk per choice, the usage when asked, [DONE]."""
+
+    def __init__(self, jobs: Jobs, n: int, *, chat: bool, ident: str, model: str,
                  created: int, usage: bool, tools: bool = False, ping_s: float = 15.0,
                  logprobs: list[LogprobsForm] | None = None) -> None:
-        self.jobs, self.n, self.chat, self.ident = jobs, n, chat, ident
-        self.ping_s = ping_s
+        super().__init__(jobs, ping_s=ping_s)
+        self.n, self.chat, self.ident = n, chat, ident
         self.model, self.created, self.usage, self.tools = model, created, usage, tools
         self.logprobs = logprobs
-        self.live = [LiveText() for _ in range(n)]  # with tools: what may stream as content
+        self.turns = [Turn(tools=tools) for _ in range(n)]
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat
@@ -361,95 +257,55 @@ class _OpenAIStream:
             return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
         return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
 
-    def _tool_chunks(self, index: int, end: dict[str, Any], finish: str) -> tuple[bytes, str]:
-        """The deltas of a job with tools, sent when it ends (its ``end`` event carries the
-        content and calls the worker parsed): the content not streamed yet (see
-        :class:`~rbees_core.tools.LiveText`), then each call as OpenAI streams them, its id,
-        type and name first, its arguments next."""
+    def head(self) -> bytes:
+        if not self.chat:
+            return b""
+        return b"".join(self._chunk([self._choice(i, "", None, role=True)])
+                        for i in range(self.n))
+
+    def event(self, index: int, event: str, data: dict[str, Any]) -> bytes:
+        chunk = b""
+        calls = 0
+        for delta in self.turns[index].feed(event, data):
+            chunk += self._delta(index, delta, calls)
+            calls += delta.kind == "tool_call"
+        return chunk
+
+    def _delta(self, index: int, delta: Delta, calls: int) -> bytes:
+        if delta.kind == "reasoning":  # rbees_core.reasoning
+            return self._chunk([{"index": index, "delta": {"reasoning_content": delta.text},
+                                 "finish_reason": None, "logprobs": None}])
+        if delta.kind == "text":
+            choice = self._choice(index, delta.text, None)
+            if self.logprobs is not None and not self.tools:
+                choice["logprobs"] = self.logprobs[index](delta.logprobs or ())
+            return self._chunk([choice])
+        if delta.kind == "tool_call":  # as OpenAI streams them: id, type, name, then arguments
+            call = delta.call or {}
+            head = {"index": calls, "id": call["id"], "type": "function",
+                    "function": {"name": call["name"], "arguments": ""}}
+            tail = {"index": calls, "function": {"arguments": call["arguments"]}}
+            return b"".join(self._chunk([{"index": index, "delta": {"tool_calls": [part]},
+                                          "finish_reason": None, "logprobs": None}])
+                            for part in (head, tail))
+        if delta.kind == "end":
+            return self._chunk([self._choice(index, None, delta.finish)])
+        if delta.kind == "error":
+            return sse.frame(json.dumps(job_error(delta.error or {}).body())).encode()
+        if delta.kind == "downloading":  # pull on first use: a comment, as pings are
+            info = delta.info or {}
+            return sse.comment(f"downloading {info.get('model')} to pool {info.get('pool_id')} "
+                               f"({info.get('bytes')} of {info.get('total')} bytes)")
+        return b""
+
+    def tail(self) -> bytes:
         out = b""
-        calls = end.get("tool_calls") or []
-        content = self.live[index].rest(end.get("content"), bool(calls))
-        if content:
-            out += self._chunk([self._choice(index, content, None)])
-        for i, call in enumerate(calls):
-            head = {"index": i, "id": call["id"], "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""}}
-            tail = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
-            for part in (head, tail):
-                out += self._chunk([{"index": index, "delta": {"tool_calls": [part]},
-                                     "finish_reason": None, "logprobs": None}])
-        return out, "tool_calls" if calls else finish
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
-        gone = asyncio.Event()
-        cancel: Callable[[], Any] = self.jobs.cancel
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-            await cancel()
-
-        watcher = asyncio.create_task(watch())
-        pinger = sse.Pinger(self.jobs.queue, (-1, PINGED, {}), self.ping_s)
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        try:
-            if self.chat:
-                await send({"type": "http.response.body", "more_body": True, "body": b"".join(
-                    self._chunk([self._choice(i, "", None, role=True)]) for i in range(self.n))})
-            done = 0
-            while done < self.n and not gone.is_set():
-                index, event, data = await self.jobs.queue.get()
-                chunk = b""
-                if event == "token" and data.get("reasoning"):  # rbees_core.reasoning
-                    chunk = self._chunk([{"index": index, "delta": {
-                        "reasoning_content": data["reasoning"]}, "finish_reason": None,
-                        "logprobs": None}])
-                if event == "token" and not self.tools and (
-                        data["t"] or not data.get("reasoning")):
-                    choice = self._choice(index, data["t"], None)
-                    if self.logprobs is not None:
-                        choice["logprobs"] = self.logprobs[index](data.get("logprobs") or ())
-                    chunk += self._chunk([choice])
-                elif event == "token" and self.tools:
-                    now = self.live[index].feed(data["t"])
-                    chunk += self._chunk([self._choice(index, now, None)]) if now else b""
-                elif event == "end":
-                    done += 1
-                    usage["prompt_tokens"] += int(data.get("tokens_in") or 0)
-                    usage["completion_tokens"] += int(data.get("tokens_out") or 0)
-                    finish = FINISH.get(str(data.get("stop_reason")), "stop")
-                    if self.tools:
-                        chunk, finish = self._tool_chunks(index, data, finish)
-                    chunk += self._chunk([self._choice(index, None, finish)])
-                elif event == "error":
-                    done += 1
-                    chunk = sse.frame(json.dumps(job_error(data).body())).encode()
-                elif event == PINGED:
-                    chunk = sse.PING
-                elif event == "downloading":  # pull on first use: a comment, as pings are
-                    chunk = sse.comment(
-                        f"downloading {data.get('model')} to pool {data.get('pool_id')} "
-                        f"({data.get('bytes')} of {data.get('total')} bytes)")
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    pinger.touch()
-            if not gone.is_set():
-                tail = b""
-                if self.usage:
-                    tail += self._chunk([], usage={
-                        **usage, "total_tokens": usage["prompt_tokens"]
-                        + usage["completion_tokens"]})
-                tail += sse.frame("[DONE]").encode()
-                await send({"type": "http.response.body", "body": tail, "more_body": False})
-        except OSError:
-            await cancel()
-        finally:
-            pinger.close()
-            watcher.cancel()
+        if self.usage:
+            usage = {"prompt_tokens": sum(t.usage.tokens_in for t in self.turns),
+                     "completion_tokens": sum(t.usage.tokens_out for t in self.turns)}
+            out += self._chunk([], usage={**usage, "total_tokens": usage["prompt_tokens"]
+                                          + usage["completion_tokens"]})
+        return out + sse.frame("[DONE]").encode()
 
 
 OPERATIONS = [

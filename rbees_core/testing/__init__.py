@@ -16,6 +16,9 @@ Fixtures:
 - ``smollm2_path``: the path of the embedded SmolLM2 GGUF file.
 - ``fake_hub``: a running :class:`rbees_core.testing.hub.FakeHub` (loopback Hugging Face
   Hub file protocol) with ``HF_ENDPOINT`` pointing at it for the test.
+- ``rbees_cluster``: a real cluster (``rbees up`` on loopback with the embedded SmolLM2),
+  one per test module (:class:`rbees_core.testing.cluster.Cluster`; ``up`` there starts
+  one with other flags or environment).
 - ``rbees_sshd``: a real OpenSSH server on loopback for the test session
   (:class:`rbees_core.testing.ssh.SshServer`); fails, never skips, when sshd is missing.
 
@@ -201,6 +204,15 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         hub.stop()
 
 
+@pytest.fixture(scope="module")
+def rbees_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from rbees_core.testing.cluster import up
+
+    cluster = up(tmp_path_factory.mktemp("cluster") / "home")
+    yield cluster
+    cluster.rbees("down")
+
+
 @pytest.fixture(scope="session")
 def rbees_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from rbees_core.testing.ssh import MISSING_SSHD, SSHD, SshServer
@@ -253,7 +265,8 @@ def rbees_worker(rbees_process: Callable[..., ManagedProcess], tmp_path: Path
 
 __all__ = [
     "LiveEvents", "ManagedProcess", "WorkerHandle", "asgi_client", "fake_hub", "find_free_port",
-    "follow_events", "free_port", "lifespan", "parse_sse", "rbees_pm", "rbees_process",
+    "follow_events", "free_port", "lifespan", "parse_sse", "rbees_cluster", "rbees_pm",
+    "rbees_process",
     "rbees_register", "rbees_sshd", "rbees_worker", "smollm2_path", "wait_http",
     "workerd_argv",
 ]
