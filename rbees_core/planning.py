@@ -211,21 +211,41 @@ def _split(need: ModelNeed, host: Host) -> Plan | None:
             continue
         main = max(gpus, key=lambda g: (g.available, -gpus.index(g)))
         total = sum(g.available for g in gpus)
-        shares = [g.available / total for g in gpus]
-        body = need.layers * need.layer_bytes
-        uses = []
-        for g, share in zip(gpus, shares, strict=True):
-            n = int(share * body) + (need.rest_bytes if g is main else GPU_OVERHEAD_BYTES)
-            if n > g.available:
-                break
-            uses.append((g.device, n))
-        else:
-            plan = Plan("split", host.pool_id, main.device, layers=need.layers,
-                        tensor_split=tuple(round(s, 3) for s in shares),
-                        split_devices=tuple(g.device for g in gpus), uses=tuple(uses))
-            if best is None or len(gpus) < len(best.split_devices):
-                best = plan
+        shares = tuple(round(g.available / total, 3) for g in gpus)
+        split = Plan("split", host.pool_id, main.device, layers=need.layers,
+                     tensor_split=shares, split_devices=tuple(g.device for g in gpus))
+        # the bytes of each as the worker's flags give them (the shares as rounded)
+        uses = device_bytes(need, main.device, None, split.split_by_index())
+        if any(uses.get(g.device, 0) > g.available for g in gpus):
+            continue
+        split = attrs.evolve(split, uses=tuple((g.device, uses.get(g.device, 0)) for g in gpus))
+        if best is None or len(gpus) < len(best.split_devices):
+            best = split
     return best
+
+
+def device_bytes(need: ModelNeed, device: str, n_gpu_layers: int | None = None,
+                 tensor_split: Sequence[float] | None = None) -> dict[str, int]:
+    """The bytes a worker started on ``device`` with ``n_gpu_layers``/``tensor_split`` (a
+    start decision's, rbees-workerd's flags) takes on each device: the whole model on
+    ``device``; or k layers and the compute buffers on it and the rest on ``cpu``; or each
+    GPU of the split its share of the layers, the main one (``device``) the rest too. A
+    model of unknown shape counts whole on ``device``. The figures :class:`Plan.uses`
+    holds, for whoever only has the flags (a pool's preflight, a replayed decision)."""
+    kind = device.split(":", 1)[0]
+    if kind == "cpu" or not need.layered or (n_gpu_layers is None and not tensor_split):
+        return {device: need.total_bytes}
+    body = need.layers * need.layer_bytes
+    if tensor_split:
+        total = sum(tensor_split) or 1.0
+        out = {f"{kind}:{i}": int(share / total * body) + GPU_OVERHEAD_BYTES
+               for i, share in enumerate(tensor_split) if share > 0}
+        out[device] = out.get(device, GPU_OVERHEAD_BYTES) - GPU_OVERHEAD_BYTES \
+            + need.rest_bytes
+        return out
+    k = max(0, min(int(n_gpu_layers or 0), need.layers))
+    return {device: k * need.layer_bytes + GPU_OVERHEAD_BYTES,
+            "cpu": need.total_bytes - k * need.layer_bytes}
 
 
 def rank(plan: Plan | None, prefer: Sequence[Kind] = DEFAULT_PREFER) -> int:
@@ -440,5 +460,5 @@ def host_of(pool: dict[str, Any], *, keep: Any = None,
 
 
 __all__ = ["DEFAULT_PREFER", "DeviceMemory", "Host", "ModelNeed", "NoFit", "Plan", "Resident",
-           "as_shares", "could_ever_fit", "describe_offload", "evict_for", "host_of",
-           "host_plans", "need_of", "plan", "rank"]
+           "as_shares", "could_ever_fit", "describe_offload", "device_bytes", "evict_for",
+           "host_of", "host_plans", "need_of", "plan", "rank"]

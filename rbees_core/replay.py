@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from rbees_core.placement import core_donor, cores_to_start, cpu_device
-from rbees_core.scheduling import Snapshot, Verdict, memory_needed
+from rbees_core.planning import device_bytes, need_of
+from rbees_core.scheduling import Snapshot, Verdict, memory_needed, model_entry
 
 
 def normalise_job(job: Any, index: int) -> dict[str, Any]:
@@ -33,7 +34,8 @@ def normalise_job(job: Any, index: int) -> dict[str, Any]:
         "priority": job.get("priority", "interactive"), "waited_s": job.get("waited_s", 0.0),
         "retry_count": job.get("retry_count", 0), "placement": placement,
     }
-    for key in ("memory_bytes", "now", "downloadable", "download_bytes"):
+    for key in ("memory_bytes", "memory_layers", "memory_layer_bytes", "now", "downloadable",
+                "download_bytes"):
         if key in job:
             out[key] = job[key]
     match = job.get("prefix_match")
@@ -56,7 +58,8 @@ def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *
 
     A dispatch takes a slot of its worker; ``start_worker`` adds a ``starting`` worker with
     the decision's slots (else ``worker_slots``), one of them promised to this job, and
-    reserves the memory it needs on its device and the cores it takes
+    reserves the memory it needs on its device (on each device of a split or partial
+    offload: :func:`rbees_core.planning.device_bytes`) and the cores it takes
     (:func:`cores_to_start`); a ``wait`` for a starting worker takes one of its slots;
     ``stop_worker`` removes the worker.
     """
@@ -102,11 +105,15 @@ def apply_verdict(data: dict[str, Any], job: dict[str, Any], verdict: Verdict, *
                 first = int(cpu.get("cores_total") or 0) - free  # the lowest free, as pools do
                 workers[-1].update(threads=cores, cpus=list(range(first, first + cores)))
                 cpu["cores_free"] = max(0, free - cores)
+            model = d.model or job["model"]
+            total = memory_needed({**job, "model": model}, pool)
+            uses = device_bytes(need_of(job, model_entry(pool, model), total), str(d.device),
+                                d.n_gpu_layers, d.tensor_split)  # a split: on each GPU
             for device in pool.get("devices") or ():
-                if device.get("device") == d.device:
+                if device.get("device") in uses:
                     device["memory_reserved_bytes"] = (
                         int(device.get("memory_reserved_bytes") or 0)
-                        + memory_needed({**job, "model": d.model or job["model"]}, pool))
+                        + uses[device.get("device")])
 
 
 def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,

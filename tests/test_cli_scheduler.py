@@ -118,3 +118,28 @@ def test_simulate_reports_bad_inputs(tmp_path: Path) -> None:
     result = rbees("simulate", "no-such-policy", "--snapshot", snap, "--jobs", jobs)
     assert result.returncode == 1
     assert "no-such-policy: no such policy or script" in result.stderr
+
+
+def test_simulate_splits_a_model_larger_than_one_gpu(tmp_path: Path) -> None:
+    """Issue 22, item 5: 80 layers, 33.5 GiB, on a host of 24 and 12 GB GPUs; the job's
+    ``memory_layers``/``memory_layer_bytes`` give the model's shape."""
+    gib = 1024 ** 3
+    snap = {"now": 1_772_625_600.0, "pools": [
+        pool("duo", devices=[device("cpu", free_gib=64), device("cuda:0", free_gib=24),
+                             device("cuda:1", free_gib=12)], models=["big"])]}
+    job = {"model": "big", "memory_bytes": int(33.5 * gib), "memory_layers": 80,
+           "memory_layer_bytes": int(0.4 * gib)}
+    (tmp_path / "snap.json").write_text(json.dumps(snap))
+    (tmp_path / "jobs.json").write_text(json.dumps([job]))
+    args = ("--snapshot", str(tmp_path / "snap.json"), "--jobs", str(tmp_path / "jobs.json"),
+            "--format", "json")
+    result = rbees("simulate", "least-loaded", *args)
+    assert result.returncode == 0, result.stderr
+    (record,) = json.loads(result.stdout)
+    (start,) = record["verdict"]["decisions"]
+    assert (start["device"], start["tensor_split"]) == ("cuda:0", [0.667, 0.333])
+    assert "(split cuda:0 0.67, cuda:1 0.33)" in record["explanation"]
+    result = rbees("simulate", "binpack", *args)
+    (record,) = json.loads(result.stdout)
+    assert record["verdict"]["decisions"][0]["n_gpu_layers"] == 29
+    assert "29 of 80 layers on cuda:1, rest on CPU" in record["explanation"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,3 +125,32 @@ def test_tensor_split_flag() -> None:
     for bad in ("", "a,b", "-1,2", "0,0", ",".join(["1"] * 17), "nan,1"):
         with pytest.raises(InvalidParamsError, match="--tensor-split"):
             parse_shares(bad)
+
+
+async def test_a_pool_reached_by_command_gets_them_as_rbees_pool_flags() -> None:
+    """``rbees jobs submit`` without a daemon starts workers with ``rbees-pool worker
+    spawn`` on the host (over ssh): the same two fields, as its flags."""
+    from types import SimpleNamespace
+
+    from rbees_core.pool_client.command import CommandPoolClient
+
+    seen: list[list[str]] = []
+
+    async def run(argv: list[str], **_: Any) -> Any:
+        seen.append(list(argv))
+        return SimpleNamespace(exit_code=1, stdout="", stderr="rbees-pool: error: no\n")
+
+    client = CommandPoolClient(run, name="h1")
+    request = WorkerStartRequest(model_ref="big", device="cuda:0", n_gpu_layers=12,
+                                 tensor_split=[0.667, 0.333])
+    with pytest.raises(Exception, match="no"):
+        await client.worker_start(request)
+    (argv,) = seen
+    assert argv[argv.index("--n-gpu-layers") + 1] == "12"
+    assert argv[argv.index("--tensor-split") + 1] == "0.667,0.333"
+    assert argv[-2:] == ["--", "cuda"] and argv[argv.index("--device") + 1] == "0"
+    # and rbees-pool worker spawn takes them
+    done = subprocess.run([str(Path(sys.executable).with_name("rbees-pool")),
+                           "worker", "spawn", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert "--n-gpu-layers" in done.stdout and "--tensor-split" in done.stdout

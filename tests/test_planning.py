@@ -22,6 +22,7 @@ from rbees_core.planning import (
     Plan,
     could_ever_fit,
     describe_offload,
+    device_bytes,
     evict_for,
     host_of,
     host_plans,
@@ -284,3 +285,36 @@ def test_a_start_decision_says_how_the_model_is_offloaded() -> None:
     three = Plan("split", "p", "cuda:2", tensor_split=(0.6, 0.4),
                  split_devices=("cuda:2", "cuda:1"))
     assert three.split_by_index() == (0.0, 0.4, 0.6)
+
+
+def test_the_flags_alone_give_the_bytes_the_plan_takes_on_each_device() -> None:
+    """What a pool's preflight or a replayed decision knows: the start's flags."""
+    split = plan(LARGE, [host(duo())])
+    partial = plan(LARGE, [host(duo())], prefer=("partial",))
+    assert isinstance(split, Plan) and isinstance(partial, Plan)
+    assert device_bytes(LARGE, split.device, None, split.split_by_index()) == dict(split.uses)
+    assert device_bytes(LARGE, partial.device, partial.n_gpu_layers, None) == dict(partial.uses)
+    assert device_bytes(LARGE, "cuda:0") == {"cuda:0": LARGE.total_bytes}
+    assert device_bytes(ModelNeed(GIB), "cuda:0", 12, None) == {"cuda:0": GIB}  # no shape
+
+
+def test_a_replayed_split_reserves_its_share_on_each_gpu() -> None:
+    from rbees_scheduler_builtin import LeastLoaded
+
+    from rbees_core.replay import replay
+
+    pool = snap_pool(duo())
+    pool["models"] = [{"id": "big", "ref": "big", "memory_bytes": LARGE.total_bytes,
+                       "layers": LARGE.layers, "layer_bytes": LARGE.layer_bytes}]
+    snap = {"now": NOW, "pools": [pool], "throughput": {}}
+    (_, verdict), = replay(LeastLoaded().decide, snap, [{"model": "big"}])
+    start = verdict.decisions[0]
+    assert start.tensor_split == (0.667, 0.333)
+    # replay works on a copy: play it on this one to see the reservations
+    from rbees_core.replay import apply_verdict
+
+    apply_verdict(snap, {"model": "big"}, verdict)
+    reserved = {d["device"]: d["memory_reserved_bytes"] for d in pool["devices"]}
+    assert reserved["cpu"] == 0
+    assert reserved["cuda:0"] > reserved["cuda:1"] > 10 * GIB
+    assert reserved["cuda:0"] + reserved["cuda:1"] >= LARGE.total_bytes

@@ -215,6 +215,10 @@ class CommandPoolClient(PoolClient):
             argv += ["--threads", str(request.threads)]
         if request.embedding:
             argv += ["--embedding"]
+        if request.n_gpu_layers is not None:
+            argv += ["--n-gpu-layers", str(request.n_gpu_layers)]
+        if request.tensor_split:
+            argv += ["--tensor-split", ",".join(map(str, request.tensor_split))]
         if port is not None:
             argv += ["--port", str(port)]
         return parse(self.name, PoolWorker,  # type: ignore[no-any-return]

@@ -60,6 +60,10 @@ def spawn(
     embedding: Annotated[bool, typer.Option(
         "--embedding", help="An embedding worker: serves embeddings, not generation")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=1, help="Ready wait, s")] = 60.0,
+    n_gpu_layers: Annotated[int | None, typer.Option(
+        "--n-gpu-layers", min=0, help="Layers on the GPU, the rest in RAM")] = None,
+    tensor_split: Annotated[str | None, typer.Option(
+        "--tensor-split", help="Each GPU's share of the model, by index: 0.67,0.33")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Preflight, start a worker in the background and wait until it is ready."""
@@ -71,6 +75,9 @@ def spawn(
     if kind not in ("cpu", "cuda", "metal", "mps"):
         raise InvalidParamsError("kind", "must be cpu, cuda, metal or mps")
     validate_ref(model, "--model")
+    from rbees_core.planning import parse_shares
+
+    split = parse_shares(tensor_split) if tensor_split else None
     dev = kind if device is None else f"{kind}:{device}"
     from rbees_core.pool import via_daemon
 
@@ -83,12 +90,17 @@ def spawn(
             body["threads"] = threads
         if embedding:
             body["embedding"] = True
+        if n_gpu_layers is not None:
+            body["n_gpu_layers"] = n_gpu_layers
+        if split:
+            body["tensor_split"] = list(split)
         row = via_daemon.spawn(url, body, port=port, timeout=timeout)
         print_json(row) if fmt is OutputFormat.json else print_spawned(row)
         return
     pm = make_manager(builtin_plugins())
     req = workers.SpawnRequest(model_ref=model, backend=backend, device=dev, slots=slots,
-                               ctx=ctx, threads=threads, port=port, embedding=embedding)
+                               ctx=ctx, threads=threads, port=port, embedding=embedding,
+                               n_gpu_layers=n_gpu_layers, tensor_split=split)
     record = workers.spawn(pm, req)
     if fmt is OutputFormat.text:
         print(f"starting {record.worker_id} (pid {record.pid}) on {record.uri}", file=sys.stderr)

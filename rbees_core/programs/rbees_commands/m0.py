@@ -277,7 +277,9 @@ class M0Job:
             model_ref=decision.model or self.task["model"], device=device,
             slots=decision.slots or defaults.get("slots") or 1,
             ctx=decision.ctx or defaults.get("ctx"),
-            threads=decision.threads or defaults.get("threads"))
+            threads=decision.threads or defaults.get("threads"),
+            n_gpu_layers=decision.n_gpu_layers,
+            tensor_split=list(decision.tensor_split) if decision.tensor_split else None)
         _say(f"starting a {kind} worker for {self.task['model']} on {host.name}")
         record = to_json(await asyncio.wait_for(
             host.client.worker_start(request, timeout_s=SPAWN_TIMEOUT_S),
