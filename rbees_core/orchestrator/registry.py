@@ -20,6 +20,19 @@ from rbees_core.scheduling import snapshot_pool
 
 UNAVAILABLE_AFTER_MISSED = 3
 OFFLINE_AFTER_S = 60.0
+#: How long a pool's refusal of a worker for want of memory sizes its model there.
+REFUSAL_S = 30.0
+
+
+@attrs.frozen
+class Refusal:
+    """A pool's refusal of a worker for want of memory (:meth:`PoolRegistry.refused`)."""
+
+    needed_bytes: int
+    device: str | None
+    free_bytes: int | None
+    seq: int  # the pool's heartbeat when it refused
+    until: float  # monotonic
 
 
 @attrs.define(eq=False)
@@ -52,6 +65,45 @@ class PoolRegistry:
         #: (pool_id, worker_id) -> since when (epoch seconds) the worker has had no job,
         #: None when in use or unknown: the snapshot's ``idle_since`` (set by pool control)
         self.idle_since: Callable[[str, str], float | None] = lambda pool_id, worker_id: None
+        #: ``[placement] ctx``: the context per slot models are sized for in snapshots
+        self.worker_ctx: int | None = None
+        #: (pool_id, model) -> the pool's last refusal of a worker of it for want of memory
+        self.refusals: dict[tuple[str, str], Refusal] = {}
+
+    def refused(self, pool_id: str, model: str, needed_bytes: int, *,
+                device: str | None = None, free_bytes: int | None = None) -> None:
+        """The pool refused a worker of ``model`` for want of memory (``INSUFFICIENT_RAM``
+        / ``_VRAM``), saying it needs ``needed_bytes`` and ``device`` has ``free_bytes``:
+        snapshots size the model there at least so for :data:`REFUSAL_S`, and show the
+        device with no more than that available until the pool's next heartbeat, so that
+        the next decision evicts, places it elsewhere or says why it waits, instead of
+        asking for the same start again."""
+        entry = self.pools.get(pool_id)
+        self.refusals[(pool_id, model)] = Refusal(
+            needed_bytes=int(needed_bytes), device=device, free_bytes=free_bytes,
+            seq=entry.state.seq if entry is not None else 0, until=self.clock() + REFUSAL_S)
+
+    def _sized(self, entry: PoolEntry, pool: dict[str, Any]) -> dict[str, Any]:
+        """``pool`` (a snapshot's) with its refusals applied (:meth:`refused`)."""
+        now = self.clock()
+        for (where, model), refusal in list(self.refusals.items()):
+            if refusal.until < now:
+                self.refusals.pop((where, model), None)
+                continue
+            if where != entry.pool_id:
+                continue
+            for m in pool.get("models") or ():
+                if isinstance(m, dict) and model in (m.get("id"), m.get("ref")) \
+                        and refusal.needed_bytes > int(m.get("memory_bytes") or 0):
+                    m["memory_bytes"] = refusal.needed_bytes
+            if refusal.free_bytes is None or entry.state.seq != refusal.seq:
+                continue  # a newer heartbeat tells the device's memory
+            for d in pool.get("devices") or ():
+                if d.get("device") == refusal.device:
+                    reserved = int(d.get("memory_reserved_bytes") or 0)
+                    d["memory_free_bytes"] = min(int(d.get("memory_free_bytes") or 0),
+                                                 refusal.free_bytes + reserved)
+        return pool
 
     def statuses(self) -> dict[str, str]:
         """Every pool's status now."""
@@ -149,7 +201,8 @@ class PoolRegistry:
         """Pools in the shape of :mod:`rbees_core.scheduling`'s snapshot: each built by
         :func:`~rbees_core.scheduling.snapshot_pool` from its last heartbeat, with the
         workers as this orchestrator knows them and their free slots net of the jobs it
-        sent there. A draining pool is ``unavailable``."""
+        sent there, models sized for ``[placement] ctx`` (:attr:`worker_ctx`) or as a pool's
+        refusal said (:meth:`refused`). A draining pool is ``unavailable``."""
         inflight = self.inflight
         out = []
         for entry in self:
@@ -163,8 +216,9 @@ class PoolRegistry:
                     return None  # in use
                 return self.idle_since(pool_id, worker_id)
 
-            out.append(snapshot_pool(
+            pool = snapshot_pool(
                 entry.state, pool_id=pool_id, workers=self._workers(entry),
                 status="unavailable" if entry.draining else self.status(entry),
-                in_flight=in_flight, idle_since=idle_since))
+                in_flight=in_flight, idle_since=idle_since, ctx=self.worker_ctx)
+            out.append(self._sized(entry, pool) if self.refusals else pool)
         return out

@@ -106,6 +106,7 @@ class OrchestratorService:
         self.registry = PoolRegistry(heartbeat_interval_s=settings.heartbeat_interval_s,
                                      unavailable_after_missed=settings.heartbeat_grace,
                                      offline_after_s=settings.offline_after_s)
+        self.registry.worker_ctx = settings.placement.ctx
         self.book = Book()
         self.metrics = OrchestratorMetrics(self.queue, self.registry, self.book.runs)
         self.scheduler = scheduler.from_config(SchedulerConfig(

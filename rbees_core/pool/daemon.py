@@ -32,7 +32,7 @@ from rbees_core.api.pool import (
 from rbees_core.api.worker import ReadyCallback
 from rbees_core.errors import ConflictError, ModelLoadError, NotFoundError, RbeesError
 from rbees_core.log import Logger
-from rbees_core.pool import cores, workers
+from rbees_core.pool import cores, memory, workers
 from rbees_core.pool.load_marks import (
     LoadMarks,
     ModelMarkedFailedError,
@@ -109,7 +109,10 @@ class PoolService:
         from rbees_core.config import load_config
 
         #: models that failed to load too often here (the one owner of these marks)
-        self.marks = LoadMarks(load_config().pool.max_load_failures, canon=catalog_canon(pm))
+        config = load_config().pool
+        self.marks = LoadMarks(config.max_load_failures, canon=catalog_canon(pm))
+        #: memory figures of the preflight and the listing; ``[pool] memory_limit``
+        self.estimates = memory.Estimates(pm, limit=config.memory_limit_bytes())
         #: set to send the next heartbeat now (a mark was set or cleared)
         self.beat_now = asyncio.Event()
 
@@ -171,9 +174,10 @@ class PoolService:
 
     # -- state ---------------------------------------------------------------------------
 
-    def reserved_bytes(self, device: str) -> int:
-        return sum(w.record.memory_bytes for w in self.workers.values()
-                   if w.state in LIVE and w.record.device == device)
+    def held(self, device: str) -> memory.Held:
+        """What the live workers on ``device`` hold (:func:`memory.offer`)."""
+        return memory.held_on(device, ((w.record.device, w.state, w.record.memory_bytes)
+                                       for w in self.workers.values() if w.state in LIVE))
 
     def cores_held(self) -> set[int]:
         """Cores held by this pool's live workers (their own CPU sets)."""
@@ -185,15 +189,15 @@ class PoolService:
         from rbees_core.pool import models as local_models
 
         inv = inventory.collect(self.pm)
-        gpus = [attrs.evolve(gpu, memory_reserved_bytes=self.reserved_bytes(gpu.device))
-                for gpu in inv.gpus]
+        gpus = [self.estimates.offered(gpu, self.held(gpu.device)) for gpu in inv.gpus]
         cpu = None
         if inv.cpu is not None:
-            cpu = attrs.evolve(inv.cpu, cores=inv.cpu.cores or os.cpu_count() or 1,
-                               ram_reserved_bytes=self.reserved_bytes("cpu"),
+            cpu = attrs.evolve(self.estimates.offered(inv.cpu, self.held("cpu")),
+                               cores=inv.cpu.cores or os.cpu_count() or 1,
                                cores_reserved=len(self.cores_held()))
         try:
-            models = [m.to_dict() for m in local_models.list_models(self.pm)]
+            models = [self.estimates.sized(m.to_dict())
+                      for m in local_models.list_models(self.pm)]
         except RbeesError as exc:
             self.log.warning("models_list_failed", error=exc.message)
             models = []
@@ -225,8 +229,9 @@ class PoolService:
         self.marks.check(req.model_ref)  # marked failed here: refused, nothing spawned
         async with self._lock:  # preflight and reservation (memory, cores) in one step
             try:  # the slots asked for, fewer when their KV caches do not fit
-                spawn, checked = await asyncio.to_thread(workers.fit_slots, self.pm, spawn,
-                                                         self.reserved_bytes(req.device))
+                spawn, checked = await asyncio.to_thread(
+                    workers.fit_slots, self.pm, spawn, self.held(req.device),
+                    estimates=self.estimates, limit=self.estimates.limit)
             except ModelLoadError as exc:  # the file cannot be read as a model: a failed load
                 if not isinstance(exc, ModelMarkedFailedError):
                     self.load_failed(req.model_ref, f"{exc.code}: {exc.message}")
@@ -315,6 +320,7 @@ class PoolService:
             raise ConflictError("the callback's pid is not the worker's",
                                 details={"worker_id": body.worker_id})
         w.record.memory_bytes = body.memory_bytes
+        self.estimates.ready(w.record)  # calibrates later estimates of its model
         w.record.slots_free = body.slots_total
         w.record.last_health_at = time.time()
         w.memory_kind = body.memory_kind

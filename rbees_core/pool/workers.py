@@ -24,7 +24,6 @@ import attrs
 import pluggy
 
 from rbees_core import plugins
-from rbees_core.api.pool import GpuEntry
 from rbees_core.backend import MemoryEstimate
 from rbees_core.config import auth_headers, rbees_home
 from rbees_core.errors import (
@@ -39,13 +38,11 @@ from rbees_core.errors import (
 )
 from rbees_core.files import open_private, write_private
 from rbees_core.models import resolve_model
-from rbees_core.pool import cores
+from rbees_core.pool import cores, memory
 from rbees_core.pool.file_roots import confine
 from rbees_core.processes import Expected, find, pid_alive, terminate
 
 PORT_RANGE = range(8001, 9000)
-#: Share of the free memory a new worker may plan to use.
-FIT_SHARE = 0.9
 
 
 class InsufficientMemoryError(RbeesError):
@@ -120,6 +117,7 @@ class WorkerRecord:
     cpus: list[int] | None = None
     cpu_shared: bool = False
     embedding: bool = False  # serves embedding jobs only (--embedding)
+    ctx: int | None = None  # context per slot asked for (None: the backend's default)
 
     @property
     def uri(self) -> str:
@@ -154,54 +152,39 @@ def log_path(worker_id: str) -> Path:
 # -- preflight -----------------------------------------------------------------------------
 
 
-def estimate_memory(pm: pluggy.PluginManager, req: SpawnRequest, path: str) -> int:
-    """Bytes the worker of ``req`` will hold once loaded, as its backend predicts
-    (:meth:`rbees_core.backend.Backend.estimate_memory`), or the model's size on disk plus
-    overhead when the backend cannot tell. Raises what the backend raises; anything else
-    that reading the file raised (a corrupt header's counts can ask for any memory) is the
+def estimate_memory(pm: pluggy.PluginManager, req: SpawnRequest, path: str,
+                    estimates: memory.Estimates | None = None) -> MemoryEstimate:
+    """What the worker of ``req`` will hold once loaded: its backend's estimate
+    (:meth:`rbees_core.backend.Backend.estimate_memory`, the size on disk plus overhead when
+    the backend cannot tell), calibrated by what earlier workers of the file measured
+    (:class:`rbees_core.pool.memory.Estimates`; a fresh one, knowing none, when not given).
+    Raises what the backend raises; anything else that reading the file raised is the
     file's failure to load: :class:`ModelLoadError`."""
-    backend = plugins.backends(pm)[req.backend]()
-    mode = {"embedding": True} if req.embedding and type(backend).embeds else {}
+    estimates = estimates or memory.Estimates(pm)
     try:
-        estimate = backend.estimate_memory(path, device=req.device, slots=req.slots,
-                                           ctx=req.ctx, **mode)
-    except RbeesError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"{path} cannot be read as a model: {type(exc).__name__}: {exc}",
-                             details={"model": req.model_ref}) from exc
-    return (estimate or MemoryEstimate.on_disk(path)).total_bytes
+        return estimates.estimate(path, backend=req.backend, device=req.device,
+                                  slots=req.slots, ctx=req.ctx, embedding=req.embedding)
+    except ModelLoadError as exc:
+        raise ModelLoadError(exc.message, details={**exc.details, "model": req.model_ref}
+                             ) from exc
 
 
-def ram_free_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def held_by_records(device: str) -> memory.Held:
+    """What the running workers of this home's records hold on ``device`` (the preflight
+    of ``rbees-pool worker spawn``, with no daemon to ask)."""
+    return memory.held_on(device, ((r.device, r.state, r.memory_bytes) for r in records()
+                                   if running(r)))
 
 
-def device_free_bytes(pm: pluggy.PluginManager, device: str) -> tuple[int | None, str]:
-    """Free memory of ``device`` and its kind (ram, vram, unified)."""
-    kind, _, index = device.partition(":")
-    if kind == "cpu":
-        return ram_free_bytes(), "ram"
-    for cls in plugins.gpu_inventories(pm).values():
-        for gpu in cls().collect():
-            if isinstance(gpu, GpuEntry) and gpu.index == int(index or 0) and \
-                    gpu.backend in (kind, "cuda" if kind == "cuda" else "metal"):
-                memory_kind = "unified" if kind in ("metal", "mps") else "vram"
-                return gpu.memory_free_bytes, memory_kind
-    return None, "unified" if kind in ("metal", "mps") else "vram"
-
-
-def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
-              reserved_bytes: int = 0) -> Preflight:
+def preflight(pm: pluggy.PluginManager, req: SpawnRequest, held: memory.Held | None = None,
+              *, estimates: memory.Estimates | None = None,
+              limit: int | None = None) -> Preflight:
     """Everything that can be checked before a process starts; raises the contract's 409s.
 
-    ``reserved_bytes`` is memory already promised to workers still loading on the device.
+    ``held`` is what the pool's live workers on the device hold (default: this home's
+    running workers, :func:`held_by_records`), ``limit`` ``[pool] memory_limit`` (default:
+    the configuration's): the worker's estimate must fit what the pool offers
+    (:func:`rbees_core.pool.memory.offer`), the rule its state reports to the scheduler.
     A ``file:`` reference or path outside the pool's roots is refused first (400,
     :class:`rbees_core.pool.file_roots.OutsideRootsError`).
     """
@@ -226,15 +209,23 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest,
         raise BackendUnavailableError(
             f"backend {req.backend!r} cannot use {kind!r} here (available: "
             f"{', '.join(available)})", details={"backend": req.backend, "device": req.device})
-    need = estimate_memory(pm, req, path)
-    free, memory_kind = device_free_bytes(pm, req.device)
-    if free is not None and need > (free - reserved_bytes) * FIT_SHARE:
-        error = InsufficientMemoryError if memory_kind == "ram" else InsufficientVramError
-        raise error(
-            f"{req.model_ref} needs about {need / 2**20:.0f} MiB on {req.device}; "
-            f"{max(free - reserved_bytes, 0) / 2**20:.0f} MiB is free",
-            details={"needed_bytes": need, "free_bytes": free - reserved_bytes,
-                     "device": req.device})
+    need = estimate_memory(pm, req, path, estimates).total_bytes
+    free, total, memory_kind = memory.device_memory(pm, req.device)
+    if limit is None:
+        from rbees_core.config import load_config
+
+        limit = load_config().pool.memory_limit_bytes()
+    if free is not None:
+        offered = memory.offer(free, total or 0, held or held_by_records(req.device), limit)
+        if need > offered.available_bytes:
+            error = InsufficientMemoryError if memory_kind == "ram" else InsufficientVramError
+            capped = f" (of a {offered.total_bytes / 2**20:.0f} MiB limit)" \
+                if limit is not None and offered.total_bytes == limit else ""
+            raise error(
+                f"{req.model_ref} needs about {need / 2**20:.0f} MiB on {req.device}; "
+                f"{offered.available_bytes / 2**20:.0f} MiB is free{capped}",
+                details={"needed_bytes": need, "free_bytes": offered.available_bytes,
+                         "device": req.device})
     return Preflight(path=path, memory_bytes=need, memory_kind=memory_kind, free_bytes=free)
 
 
@@ -321,7 +312,8 @@ def spawn(pm: pluggy.PluginManager, req: SpawnRequest, *, checked: Preflight | N
     return record
 
 
-def fit_slots(pm: pluggy.PluginManager, req: SpawnRequest, reserved_bytes: int = 0
+def fit_slots(pm: pluggy.PluginManager, req: SpawnRequest, held: memory.Held | None = None,
+              *, estimates: memory.Estimates | None = None, limit: int | None = None
               ) -> tuple[SpawnRequest, Preflight]:
     """:func:`preflight` of ``req``, with its slots halved until the model and the KV cache
     of every slot fit the device (never below one: a model that does not fit alone is
@@ -329,7 +321,7 @@ def fit_slots(pm: pluggy.PluginManager, req: SpawnRequest, reserved_bytes: int =
     scheduler asks for its configured slots, memory bounds them."""
     while True:
         try:
-            return req, preflight(pm, req, reserved_bytes)
+            return req, preflight(pm, req, held, estimates=estimates, limit=limit)
         except InsufficientMemoryError:
             if req.slots <= 1:
                 raise
@@ -382,7 +374,7 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         backend=req.backend, device=req.device, port=port, pid=proc.pid,
         slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time(),
         host=req.host, threads=given.threads, cpus=list(given.cpus),
-        cpu_shared=given.shared, embedding=req.embedding)
+        cpu_shared=given.shared, embedding=req.embedding, ctx=req.ctx)
     save(record)
     return record, proc
 

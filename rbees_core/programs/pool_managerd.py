@@ -257,6 +257,9 @@ def serve_pool(
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
     heartbeat_interval: Annotated[float, typer.Option("--heartbeat-interval", min=0.1)] = 5.0,
     health_interval: Annotated[float, typer.Option("--health-interval", min=0.1)] = 2.0,
+    memory_limit: Annotated[str | None, typer.Option(
+        "--memory-limit", help="Most memory offered to workers on each device (12GiB, "
+        "512MiB; [pool] memory_limit, RBEES_POOL_MEMORY_LIMIT)")] = None,
 ) -> None:
     """Start the pool daemon."""
     from rbees_core import plugins
@@ -264,6 +267,9 @@ def serve_pool(
     from rbees_core.http import check_bind_policy, fail, launch, parse_bind
 
     try:
+        if memory_limit is not None:  # read with the rest of [pool] (PoolService)
+            load_config(config, flags={"pool": {"memory_limit": memory_limit}})
+            os.environ["RBEES_POOL_MEMORY_LIMIT"] = memory_limit
         load_config(config)
         if config:  # what this process reads later (models_dir, [sources.file] roots), and
             os.environ["RBEES_CONFIG"] = config  # its workers, comes from this file too

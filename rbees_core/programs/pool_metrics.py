@@ -22,7 +22,8 @@ class PoolMetrics:
         reserved = Gauge("rbees_pool_memory_reserved_bytes", "Memory held by live workers",
                          ["device"], registry=r)
         for device in sorted({w.record.device for w in svc.workers.values()} | {"cpu"}):
-            reserved.labels(device=device).set(svc.reserved_bytes(device))
+            held = svc.held(device)
+            reserved.labels(device=device).set(held.loaded_bytes + held.starting_bytes)
         Gauge("rbees_pool_downloads_active", "Model downloads in flight",
               registry=r).set(len(svc.downloads))
         Gauge("rbees_pool_heartbeat_seq", "Last heartbeat sequence number",

@@ -17,6 +17,7 @@ from rbees_core.backend import (
     Feed,
     LoadedModel,
     MemoryEstimate,
+    OVERHEAD_BYTES,
     MemoryKind,
     SamplingParams,
     split_device,
@@ -206,7 +207,9 @@ class LlamaCppModel(LoadedModel):
         kv_bytes = kv_per_token * self.n_ctx_slot * (1 if embedding else slots)
         if embedding:  # every token is an output: its logits, and the graph that makes them
             kv_bytes += 2 * 4 * int(lib.llama_vocab_n_tokens(self._vocab)) * self.n_batch
-        self.memory_bytes = int(lib.llama_model_size(model)) + kv_bytes
+        # weights, cache and the compute buffers the estimate counts (OVERHEAD_BYTES), so
+        # that the pool can calibrate its estimates by this figure (rbees_core.pool.memory)
+        self.memory_bytes = int(lib.llama_model_size(model)) + kv_bytes + OVERHEAD_BYTES
         self.memory_kind = _MEMORY_KIND[kind]
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
         self._pos = [0] * slots
