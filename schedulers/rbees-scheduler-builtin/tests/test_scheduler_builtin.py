@@ -374,6 +374,27 @@ def test_a_busy_worker_is_never_evicted_for_memory() -> None:
     assert [d.action for d in verdict.decisions] == ["wait"], verdict
 
 
+def test_a_cpu_short_of_memory_and_cores_evicts_a_worker_that_frees_both() -> None:
+    """A 2-core host whose two idle workers hold a core each and all but 0.1 GiB of the
+    memory the pool offers: the least recently used one is stopped for a third model (its
+    stop frees memory and a core), never the one with a job."""
+    now = 1_772_625_600.0
+    cpu = device("cpu", free_gib=0.1, total_gib=1, cores=2, cores_free=0)
+
+    def crowded(b_free: int) -> dict[str, object]:
+        return pool("p", devices=[cpu], models=["a", "b", "c"], workers=[
+            _held(worker("wa", model="a", slots=1, cpus=[0]), 0.4, now - 600),
+            _held(worker("wb", model="b", slots=1, free=b_free, cpus=[1]), 0.4,
+                  now - 900 if b_free else None)])
+
+    verdict = LeastLoaded().decide(snapshot(crowded(1), job=job("c", memory_gib=0.3),
+                                            now=now))
+    assert targets(verdict) == [("stop_worker", "p", "wb"), ("wait", None, None)], verdict
+    verdict = LeastLoaded().decide(snapshot(crowded(0), job=job("c", memory_gib=0.3),
+                                            now=now))
+    assert targets(verdict) == [("stop_worker", "p", "wa"), ("wait", None, None)], verdict
+
+
 def test_eviction_stops_as_few_as_fit_and_waits_for_workers_being_stopped() -> None:
     now = 1_772_625_600.0
     gpu = device("cuda:0", free_gib=1, total_gib=16)

@@ -400,12 +400,13 @@ class Analysis:
         when workers being stopped there (``stopping``) free enough already: the job waits
         for them, nothing more is stopped. A worker's memory is its ``memory_bytes``, else
         what its model needs on the pool; each worker counts once
-        (:func:`rbees_core.planning.evict_for` decides). Among devices: the job's preferred
+        (:func:`rbees_core.planning.evict_for` decides). A CPU with no free core qualifies
+        when a worker stopped there gives its cores back too. Among devices: the job's preferred
         pools, GPUs, the fewest stops, then pool and device; None when no device can be
         freed so."""
         best: tuple[tuple[Any, ...], DeviceView, list[dict[str, Any]]] | None = None
         for d in self.devices():
-            if d.reason is None or d.cores == 0 or d.pool.reason or not d.pool.has_model \
+            if d.reason is None or d.pool.reason or not d.pool.has_model \
                     or not device_matches(d.device, self.pin_device) or d.available >= d.need:
                 continue
             freed = evict_for(ModelNeed(d.need), self._host(d.pool), d.device)
@@ -413,6 +414,9 @@ class Analysis:
                 continue
             by_id = {str(w.get("worker_id")): w for w in d.pool.data.get("workers") or ()}
             chosen = [by_id[wid] for wid in freed.evict]
+            if d.cores == 0 and not any(w.get("cpus") and not w.get("cpu_shared")
+                                        for w in chosen):
+                continue  # no core either, and these stops free none
             key = (d.pool.pref, not d.gpu, len(chosen), d.pool.pool_id, d.device)
             if best is None or key < best[0]:
                 best = (key, d, chosen)
