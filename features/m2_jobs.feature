@@ -28,8 +28,20 @@ Feature: M2, jobs through rbees-orcd on blep
 
   Scenario: A model no pool holds is downloaded on first use, once for two jobs
     Given the hub serves the SmolLM2 file as "rbees-bdd/SmolLM2-GGUF" file "smol.Q4_1.gguf"
+    And the hub sends files slowly
     When 2 tasks for "hf:rbees-bdd/SmolLM2-GGUF/smol.Q4_1.gguf" are submitted at once
-    Then each job streams "downloading" events, then tokens, and ends with "end"
+    Then while it downloads, "rbees jobs why" of the first job says "downloading hf:rbees-bdd/SmolLM2-GGUF/smol.Q4_1.gguf to pool" and how far
+    And each job streams "downloading" events, then tokens, and ends with "end"
+    And the hub sent the file once
+    When another task for "hf:rbees-bdd/SmolLM2-GGUF/smol.Q4_1.gguf" is submitted
+    Then it streams tokens and ends with "end", without a "downloading" event
+    And the hub sent the file once
+
+  Scenario: An OpenAI stream for a model no pool holds tells the download's progress, then streams
+    Given the hub serves the SmolLM2 file as "rbees-bdd/SmolLM2-GGUF" file "smol-openai.Q4_1.gguf"
+    And the hub sends files slowly
+    When an OpenAI chat stream for "hf:rbees-bdd/SmolLM2-GGUF/smol-openai.Q4_1.gguf" is read to its end
+    Then it carries ": downloading hf:rbees-bdd/SmolLM2-GGUF/smol-openai.Q4_1.gguf to pool" comments, then text, then "data: [DONE]"
     And the hub sent the file once
 
   Scenario: A job placed on the pool it asks for

@@ -342,6 +342,18 @@ def hub_serves_smollm2(world: World, ctx: dict[str, Any], repo: str, filename: s
     ctx["hub_gets"] = _file_gets(world, ctx)
 
 
+#: how fast the hub sends files when asked to be slow: SmolLM2's 98 MB in about 4 s, long
+#: enough to watch a download's progress
+SLOW_BPS = 25 * 1024 * 1024
+
+
+@given("the hub sends files slowly")
+def hub_slow(world: World, ctx: dict[str, Any]) -> None:
+    """Until the scenario ends (``ctx`` in conftest.py sets the hub's speed back)."""
+    world.ensure_hub().throttle_bps = SLOW_BPS
+    ctx["throttled"] = True
+
+
 def _file_gets(world: World, ctx: dict[str, Any]) -> int:
     """The hub's GETs of the file's bytes so far."""
     assert world.hub is not None
@@ -370,6 +382,66 @@ def each_job_downloads_then_streams(world: World, ctx: dict[str, Any]) -> None:
         assert names.index("downloading") < names.index("token"), names
         last = [d for _, e, d in frames if e == "downloading"][-1]
         assert last["bytes"] == last["total"] == len(ctx["hub_file"].content), last
+
+
+@then(parsers.parse('while it downloads, "rbees jobs why" of the first job says "{text}" '
+                    "and how far"))
+def why_while_downloading(world: World, ctx: dict[str, Any], text: str) -> None:
+    """``rbees jobs why`` on blep, again and again until the job's first token: some
+    answer says ``downloading MODEL to pool P (n of m bytes)``."""
+    import re
+
+    job_id = ctx["job_ids"][0]
+    said: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = world.run_on("blep", "rbees", "jobs", "why", job_id, timeout=30)
+        assert done.returncode == 0, done.stderr
+        said.append(done.stdout)
+        if text in done.stdout or job(world, job_id)["status"] != "queued":
+            break
+    found = re.search(r"downloading (\S+) to pool (\S+) \((\d+) of (\d+) bytes\)", said[-1])
+    assert text in said[-1] and found, said[-3:]
+    size = len(ctx["hub_file"].content)
+    assert found.group(2) in ("mac", "workstation") and int(found.group(4)) == size, found
+    assert int(found.group(3)) <= size
+    print(f"MEASURED: rbees jobs why said: {found.group(0)}")
+
+
+@when(parsers.parse('another task for "{model}" is submitted'))
+def submit_another(world: World, ctx: dict[str, Any], model: str) -> None:
+    got = submit(world, {"model": model, "prompt": "Bees are", "max_tokens": 4,
+                         "temperature": 0, "seed": 1})
+    assert got.status_code == 202, got.text
+    ctx["job_id"] = got.json()["job_id"]
+
+
+@then('it streams tokens and ends with "end", without a "downloading" event')
+def streams_without_download(world: World, ctx: dict[str, Any]) -> None:
+    names = [e for _, e, _ in events(world, ctx["job_id"])]
+    assert "downloading" not in names and "token" in names and names[-1] == "end", names
+
+
+@when(parsers.parse('an OpenAI chat stream for "{model}" is read to its end'))
+def openai_raw_stream(world: World, ctx: dict[str, Any], model: str) -> None:
+    """Raw, with httpx: the OpenAI client libraries drop SSE comments."""
+    with httpx.stream("POST", f"{world.blep.orcd_url}/v1/chat/completions", timeout=120,
+                      headers=world.auth(), json={
+                          "model": model, "stream": True, "max_tokens": 8, "temperature": 0,
+                          "messages": [{"role": "user", "content": "Say hi"}]}) as answer:
+        assert answer.status_code == 200, answer.read()
+        ctx["frames"] = answer.read().decode().split("\n\n")
+
+
+@then(parsers.parse('it carries "{comment}" comments, then text, then "data: [DONE]"'))
+def comments_then_text(ctx: dict[str, Any], comment: str) -> None:
+    frames = ctx["frames"]
+    comments = [i for i, f in enumerate(frames) if f.startswith(comment)]
+    texts = [i for i, f in enumerate(frames) if f.startswith("data: {")
+             and (json.loads(f[6:]).get("choices") or [{}])[0].get("delta", {}).get("content")]
+    assert comments and texts and comments[0] < texts[0], frames[:12]
+    assert frames[-2] == "data: [DONE]", frames[-3:]
+    print(f"MEASURED: {len(comments)} progress comments, e.g. {frames[comments[-1]]!r}")
 
 
 @then("the hub sent the file once")
