@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any
 
 import httpx
@@ -30,11 +31,13 @@ from rbees_core.orchestrator.queue import JobQueue
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.store import Store
 from rbees_core.orchestrator.upstream import Exchange, Upstream, UpstreamError
+from rbees_core.scheduling import GONE_STATES
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0)
-#: the wait before a job whose worker could not be reached goes back to the queue: a pool sees
-#: a worker's exit within 0.25 s and reports it at once, so the job is not sent to it again
-#: (a heartbeat sent just before would show it ready) and waits for its restart
+#: the longest wait before a job whose worker could not be reached goes back to the queue: a
+#: pool sees a worker's exit within 0.1 s and reports it at once, so the job is not sent to
+#: it again (a heartbeat sent just before would show it ready) and waits for its restart; it
+#: goes back as soon as that report is in
 UNREACHABLE_RETRY_S = 0.3
 MAX_RETRIES = 3
 #: tokens after the first are written in batches this often. What they buy is the replay of a
@@ -251,13 +254,31 @@ class Runner:
         await self.store.transition_async(run.job_id, "queued")
         self.book.runs.pop(run.job_id, None)
         run.final = True
-        await asyncio.sleep(UNREACHABLE_RETRY_S if at_once else RETRY_BACKOFF_S[
-            min(record.retry_count, len(RETRY_BACKOFF_S) - 1)])
+        if at_once:
+            await self._until_reported_gone(run.pool_id, run.worker_id, UNREACHABLE_RETRY_S)
+        else:
+            await asyncio.sleep(RETRY_BACKOFF_S[min(record.retry_count,
+                                                    len(RETRY_BACKOFF_S) - 1)])
         spec = await asyncio.to_thread(self.store.spec, run.job_id)
         self.queue.push(run.job_id, spec.priority, model=spec.model, seq=run.queue_seq,
                         placement=spec.placement, since=run.created_at, force=True,
                         embedding=spec.embedding)
         self.book.changed()
+
+    async def _until_reported_gone(self, pool_id: str, worker_id: str, at_most: float) -> None:
+        """Wait until the pool reports the worker gone (or no longer lists it), ``at_most``
+        seconds: a job sent back to the queue before that report could meet the worker
+        still "ready" in a heartbeat sent before the pool saw it die. A killed worker's pool
+        reports it within about 0.1 s; waiting the whole 0.3 s each time held the restart
+        of a crashed worker with queued demand back by that much (issue 22: back within 2
+        s)."""
+        deadline = time.monotonic() + at_most
+        while time.monotonic() < deadline:
+            entry = self.registry.pools.get(pool_id)
+            worker = None if entry is None else entry.workers.get(worker_id)
+            if worker is None or worker.get("state") in GONE_STATES:
+                return
+            await asyncio.sleep(0.02)
 
     async def abandon(self, run: Run, why: str) -> None:
         """End a running job whose worker can no longer be reached (its pool turned
