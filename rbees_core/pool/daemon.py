@@ -395,10 +395,12 @@ class PoolService:
         await self._regrow()
 
     async def _supervise(self) -> None:
-        """Exit codes within ~0.25 s; health polls every ``health_interval_s``."""
+        """Exit codes within ~0.1 s (a crashed worker with jobs waiting for its model is
+        started again once rbees-orcd hears of it: every tenth of a second counts towards
+        its "back within 2 s"); health polls every ``health_interval_s``."""
         last_poll = 0.0
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.1)
             for w in list(self.workers.values()):
                 if w.state in ("starting", "ready", "busy") and w.proc.poll() is not None:
                     w.exit_code = w.proc.returncode
@@ -493,7 +495,12 @@ class PoolService:
             except httpx.HTTPError as exc:
                 ok = False
                 self.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
-            delay = base if ok else min(delay * 2, 60.0)
+            # a failed one is tried again after 2 intervals (+-20%), never longer: a
+            # restarted rbees-orcd judges no job unplaceable during its first 3 intervals
+            # while its pools report in, and a pool that had backed off to up to a minute
+            # missed that window (its models looked held by no pool: NO_CAPACITY), its
+            # workers' keep-alive waiting as long
+            delay = base if ok else min(delay * 2, 2 * base)
             with contextlib.suppress(asyncio.TimeoutError):  # or at once, when told
                 await asyncio.wait_for(self.beat_now.wait(), timeout=delay * random.uniform(
                     0.8, 1.2) if not ok else base)
