@@ -20,11 +20,12 @@ to be used again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-#: how often idle workers are checked: ``keep_alive: 0`` stops one within about this
+#: how often idle workers are checked (``keep_alive: 0`` is acted on at once)
 CHECK_EVERY_S = 0.2
 #: how long after a job of this process ended a pool's report of the worker in use may be
 #: that job's, seen late (heartbeats and the pool's health polls lag)
@@ -60,6 +61,8 @@ class KeepAlive:
         self.keep: dict[Key, float | None] = {}
         #: (pool_id, worker_id) -> when (clock) the last job this process sent there ended
         self.ended_at: dict[Key, float] = {}
+        #: set when a worker with ``keep_alive: 0`` ran out of jobs: :meth:`loop` looks now
+        self._due = asyncio.Event()
 
     def dispatched(self, key: Key, keep_s: float | None) -> None:
         """A job was placed on the worker: not idle; its keep-alive is the worker's now."""
@@ -67,8 +70,11 @@ class KeepAlive:
         self.keep[key] = keep_s
 
     def ended(self, key: Key) -> None:
-        """The worker's last job ended: its idle time starts now."""
+        """The worker's last job ended: its idle time starts now (with ``keep_alive: 0``,
+        :meth:`loop` stops it without waiting for its next check)."""
         self.idle_since[key] = self.ended_at[key] = self.clock()
+        if self.keep.get(key) == 0:
+            self._due.set()
 
     def last_used(self, key: Key) -> float | None:
         """When (wall clock) the worker was last used or first seen idle; None when in
@@ -130,9 +136,12 @@ class KeepAlive:
         return now - self.ended_at.get(key, -REPORT_LAG_S) >= REPORT_LAG_S
 
     async def loop(self) -> None:
-        """Stop each expired worker, checking every :data:`CHECK_EVERY_S`."""
+        """Stop each expired worker, checking every :data:`CHECK_EVERY_S`, and at once when
+        a worker with ``keep_alive: 0`` ran out of jobs (:meth:`ended`)."""
         while True:
-            await asyncio.sleep(CHECK_EVERY_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._due.wait(), CHECK_EVERY_S)
+            self._due.clear()
             for key in self.expired():
                 self.idle_since.pop(key, None)
                 self.keep.pop(key, None)
