@@ -62,6 +62,16 @@ class ModelNeed:
     layers: int = 0
     layer_bytes: int = 0
 
+    @classmethod
+    def of(cls, estimate: Any) -> ModelNeed:
+        """A :class:`rbees_core.backend.MemoryEstimate` as a need: its total, its
+        ``layers`` of ``layer_bytes`` (weights and KV cache) each. For a pool's preflight of
+        a start with ``n_gpu_layers``/``tensor_split``: :func:`device_bytes` of it."""
+        layers = int(getattr(estimate, "layers", 0) or 0)
+        layer = int(getattr(estimate, "layer_bytes", 0) or 0)
+        total = int(estimate.total_bytes)
+        return cls(total, layers, layer) if 0 < layers * layer <= total else cls(total)
+
     @property
     def rest_bytes(self) -> int:
         return max(0, self.total_bytes - self.layers * self.layer_bytes)

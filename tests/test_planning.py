@@ -318,3 +318,17 @@ def test_a_replayed_split_reserves_its_share_on_each_gpu() -> None:
     assert reserved["cpu"] == 0
     assert reserved["cuda:0"] > reserved["cuda:1"] > 10 * GIB
     assert reserved["cuda:0"] + reserved["cuda:1"] >= LARGE.total_bytes
+
+
+def test_a_backends_estimate_is_a_need() -> None:
+    from rbees_core.backend import MemoryEstimate
+
+    estimate = MemoryEstimate(weights_bytes=8 * GIB, kv_cache_bytes=GIB, layers=32,
+                              layer_weights_bytes=GIB // 4 - GIB // 32,
+                              layer_kv_bytes=GIB // 32, overhead_bytes=0)
+    assert ModelNeed.of(estimate) == SMALL
+    assert ModelNeed.of(MemoryEstimate(weights_bytes=GIB)).layers == 0  # no shape: whole
+    # what a pool's preflight of "--n-gpu-layers 12" on cuda:0 checks there, and in RAM
+    assert device_bytes(ModelNeed.of(estimate), "cuda:0", 12) == {
+        "cuda:0": 12 * SMALL.layer_bytes + GPU_OVERHEAD_BYTES,
+        "cpu": SMALL.total_bytes - 12 * SMALL.layer_bytes}
