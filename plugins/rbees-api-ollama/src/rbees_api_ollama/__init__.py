@@ -27,9 +27,11 @@ def routes() -> list[BaseRoute]:
     """Ollama's endpoints, as rbees-orcd serves them."""
     from starlette.routing import Route
 
-    from rbees_api_ollama import embed, models
+    from rbees_api_ollama import chat, embed, models
 
     return [
+        Route("/api/chat", chat.chat, methods=["POST"]),
+        Route("/api/generate", chat.generate, methods=["POST"]),
         Route("/api/version", models.version, methods=["GET"]),
         Route("/api/tags", models.tags, methods=["GET"]),
         Route("/api/show", models.show, methods=["POST"]),
