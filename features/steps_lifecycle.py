@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from typing import Any
 
-from pytest_bdd import parsers, then, when
+from pytest_bdd import given, parsers, then, when
 from world import World
 
 #: states of a worker that still holds its model
@@ -71,3 +72,33 @@ def worker_kept(world: World, ctx: dict[str, Any], seconds: int) -> None:
     pool, worker_id = _ran_on(world, ctx)
     time.sleep(seconds)
     assert _state(world, pool, worker_id) in ("ready", "busy")
+
+
+# -- placement of models larger than one GPU (issue 22, item 5) ------------------------------
+
+#: hosts as their pools report them: (device, free GiB) each, the CPU's RAM first
+INVENTORIES = {"a 24 GB and a 12 GB GPU": [("cpu", 64), ("cuda:0", 24), ("cuda:1", 12)],
+               "an 8 GB GPU": [("cpu", 32), ("cuda:0", 7.5)],
+               "no GPU": [("cpu", 16)]}
+
+
+@given(parsers.parse("a scheduling snapshot on blep of a host with {inventory} and a "
+                     "{size:g} GiB model of {layers:d} layers"))
+def placement_snapshot(world: World, ctx: dict[str, Any], inventory: str, size: float,
+                       layers: int) -> None:
+    """The inputs of ``rbees scheduler simulate``: the host as a snapshot pool (in
+    ``{snapshot}``) and one job for the model, with its shape (in ``{jobs}``)."""
+    from rbees_core.testing.scheduler import GIB, device, pool
+
+    folder = world.blep.home / "placement"
+    folder.mkdir(parents=True, exist_ok=True)
+    devices = [device(name, free_gib=free, total_gib=free)
+               for name, free in INVENTORIES[inventory]]
+    rest = 1.0  # GiB of the model outside its repeating layers
+    snap = {"now": time.time(), "pools": [pool("host", devices=devices, models=["big"])]}
+    job = {"model": "big", "memory_bytes": int(size * GIB), "memory_layers": layers,
+           "memory_layer_bytes": int((size - rest) * GIB / layers)}
+    (folder / "snapshot.json").write_text(json.dumps(snap))
+    (folder / "jobs.json").write_text(json.dumps([job]))
+    ctx["snapshot"] = str(folder / "snapshot.json")
+    ctx["jobs"] = str(folder / "jobs.json")
