@@ -41,6 +41,9 @@ Kind = Literal["gpu", "split", "partial", "cpu"]
 DEFAULT_PREFER: tuple[Kind, ...] = ("split", "partial", "cpu")
 #: Compute buffers a GPU holds besides its layers when it holds only part of a model.
 GPU_OVERHEAD_BYTES = 128 * 1024 ** 2
+#: GPUs whose memory is the host's RAM (Apple silicon): nothing is gained by putting part
+#: of a model in RAM or on another such GPU, so they hold a model whole or not at all.
+UNIFIED_KINDS = frozenset({"metal", "mps"})
 #: Worker states whose memory is on its way back (a stop was asked for).
 FREEING_STATES = frozenset({"stopping", "draining"})
 #: Worker states that can be stopped for memory when every slot is free.
@@ -98,6 +101,11 @@ class DeviceMemory:
     @property
     def available(self) -> int:
         return max(0, self.free_bytes - self.pending_bytes)
+
+    @property
+    def offloads(self) -> bool:
+        """Whether part of a model can go here (a GPU with memory of its own)."""
+        return self.gpu and self.device.split(":", 1)[0] not in UNIFIED_KINDS
 
 
 @attrs.frozen
@@ -190,7 +198,7 @@ def _ram(host: Host) -> DeviceMemory | None:
 def _partial(need: ModelNeed, host: Host, d: DeviceMemory) -> Plan | None:
     """The most layers that fit on GPU ``d``, the rest in the host's RAM (when it reports
     it, it must fit there)."""
-    if not need.layered or not d.gpu:
+    if not need.layered or not d.offloads:
         return None
     k = min(need.layers, (d.available - GPU_OVERHEAD_BYTES) // need.layer_bytes)
     if k < 1:
@@ -213,7 +221,7 @@ def _split(need: ModelNeed, host: Host) -> Plan | None:
         return None
     kinds: dict[str, list[DeviceMemory]] = {}
     for d in host.devices:
-        if d.gpu and d.available > GPU_OVERHEAD_BYTES:
+        if d.offloads and d.available > GPU_OVERHEAD_BYTES:
             kinds.setdefault(d.device.split(":", 1)[0], []).append(d)
     best: Plan | None = None
     for gpus in kinds.values():

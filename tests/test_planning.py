@@ -17,6 +17,8 @@ import pytest
 from rbees_core.api.pool import CpuEntry, GpuEntry, PoolState, WorkerEntry
 from rbees_core.planning import (
     GPU_OVERHEAD_BYTES,
+    DeviceMemory,
+    Host,
     ModelNeed,
     NoFit,
     Plan,
@@ -332,3 +334,25 @@ def test_a_backends_estimate_is_a_need() -> None:
     assert device_bytes(ModelNeed.of(estimate), "cuda:0", 12) == {
         "cuda:0": 12 * SMALL.layer_bytes + GPU_OVERHEAD_BYTES,
         "cpu": SMALL.total_bytes - 12 * SMALL.layer_bytes}
+
+
+def test_unified_memory_gpus_hold_a_model_whole_or_not_at_all() -> None:
+    """A Mac's GPU shares the host's RAM: offloading part of a model to RAM gains nothing."""
+    mac = Host("mac", (DeviceMemory("cpu", 32 * GIB, 6 * GIB),
+                       DeviceMemory("metal:0", 32 * GIB, 7 * GIB)))
+    assert set(host_plans(SMALL, mac)) == set()
+    assert could_ever_fit(SMALL, mac)  # whole, once memory is free
+
+
+def test_a_start_decision_round_trips_through_its_record() -> None:
+    """rbees-orcd records decisions as JSON and ``rbees jobs why`` reads them back."""
+    import json
+
+    from rbees_core.scheduling import Decision, describe_decision
+
+    start = Decision("start_worker", pool_id="duo", device="cuda:0", model="big",
+                     tensor_split=[0.667, 0.333])
+    again = Decision(**json.loads(json.dumps(start.to_dict())))
+    assert again == start and again.tensor_split == (0.667, 0.333)
+    assert describe_decision(again) == ("start a worker for big on cuda:0 of pool duo "
+                                        "(split cuda:0 0.67, cuda:1 0.33)")
