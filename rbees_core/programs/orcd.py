@@ -32,6 +32,7 @@ from rbees_core.programs import (
     orcd_pools,
     orcd_web,
 )
+from rbees_core.protocols import Orchestrator
 
 PROGRAM = "rbees-orcd"
 DEFAULT_BIND = "127.0.0.1:8080"
@@ -48,6 +49,8 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
 
 
 def create_app(svc: OrchestratorService, started: float | None = None) -> Any:
+    facade: Orchestrator = svc  # what protocol plugins see: mypy checks the service offers it
+    del facade
     lifespan = daemon_lifespan(PROGRAM, svc, attr="orcd", start=svc.start, stop=svc.close)
     return build_app(routes(svc.pm, started or time.monotonic()), token=svc.settings.token,
                      lifespan=lifespan)

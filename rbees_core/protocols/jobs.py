@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
@@ -21,6 +21,9 @@ from rbees_core.api.orchestrator import TaskAccepted, TaskRequest
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.protocols.errors import from_invalid, from_rbees
 from rbees_core.schema import from_mapping
+
+if TYPE_CHECKING:
+    import pluggy
 
 #: A job's last event is one of these.
 TERMINAL = frozenset({"end", "error"})
@@ -73,6 +76,30 @@ class Orchestrator(Protocol):
 
     def model_states(self) -> dict[str, str]:
         """Each model's state (``loaded``, ``on_disk``, ...) by id and reference."""
+
+    @property
+    def pm(self) -> pluggy.PluginManager:
+        """rbees-orcd's plugin manager (its catalog: :func:`rbees_core.catalog.
+        configured_catalog`; its model sources)."""
+
+    def pool_records(self) -> list[dict[str, Any]]:
+        """Every registered pool as ``GET /v2/pools`` shows it: its ``models`` (``id``,
+        ``ref``, ``size_bytes``, ``sha256`` ...), its ``workers`` (``worker_id``,
+        ``model_ref``, ``state``, ``device``, ``memory_bytes`` ...), ``registered_at``."""
+
+    def pull(self, model: str) -> AsyncIterator[dict[str, Any]]:
+        """Download a model to a pool (joining a download under way): its progress
+        ``{model, pool_id, bytes, total, stage}``, the last with ``done: True``. Raises
+        ``ModelNotFoundError``, ``UnavailableError`` before the first item, and
+        ``RbeesError`` when the download fails."""
+
+    async def remove_model(self, model: str) -> list[str]:
+        """Delete a model's downloaded copies from every pool that holds it; their ids.
+        Raises ``ModelNotFoundError`` (no pool holds it), ``ConflictError`` (a pool
+        refused)."""
+
+    def worker_expiry(self, pool_id: str, worker_id: str) -> float:
+        """When (wall clock; ``math.inf``: never) an idle worker stops if no job comes."""
 
 
 def orchestrator(request: Request) -> Orchestrator:
