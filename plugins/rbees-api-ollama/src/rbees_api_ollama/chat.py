@@ -347,6 +347,8 @@ async def _answer(request: Request, *, chat: bool) -> Response:
     except OllamaError as exc:
         return exc.response()
     except p.RequestError as exc:
+        if exc.code == "MODEL_NOT_FOUND":  # as Ollama words it, naming the name sent
+            return OllamaError(404, f"model '{name}' not found").response()
         return exc.response(error_body)
     jobs = p.Jobs(orc, job_ids)
     logprobs = bool(body.get("logprobs"))

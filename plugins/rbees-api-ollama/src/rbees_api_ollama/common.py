@@ -23,6 +23,7 @@ from rbees_core import plugins
 from rbees_core.catalog import configured_catalog
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.http import parse_json, read_body
+from rbees_core.protocols import Orchestrator, orchestrator
 
 NDJSON = "application/x-ndjson"
 
@@ -79,9 +80,10 @@ def model_name(body: dict[str, Any]) -> str:
     return name.strip()
 
 
-def facade(request: Request) -> Any:
-    """rbees-orcd's service, the facade its routes talk to (``app.state.orcd``)."""
-    return request.app.state.orcd
+def facade(request: Request) -> Orchestrator:
+    """rbees-orcd's service, the facade its routes talk to (``app.state.orcd``), typed as
+    the protocols' :class:`~rbees_core.protocols.Orchestrator`."""
+    return orchestrator(request)
 
 
 _NAMES: weakref.WeakKeyDictionary[Any, Names] = weakref.WeakKeyDictionary()

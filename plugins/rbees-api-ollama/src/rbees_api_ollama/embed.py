@@ -10,8 +10,6 @@ and normalizes them again (as Ollama does for models trained for it); ``truncate
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import time
 from typing import Any
@@ -22,19 +20,14 @@ from starlette.responses import JSONResponse, Response
 from rbees_api_ollama.common import (
     OllamaError,
     facade,
-    from_rbees,
     invalid,
     model_name,
     rbees_model,
     read_request,
 )
+from rbees_core import protocols as p
 from rbees_core.api.common import MAX_EMBED_INPUTS
-from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.embedder import unpack
-from rbees_core.errors import InvalidParamsError, RbeesError
-from rbees_core.schema import from_mapping
-
-TERMINAL = ("end", "error")
 
 
 def _texts(raw: Any, field: str) -> list[str]:
@@ -60,54 +53,38 @@ def shorten(vector: list[float], dimensions: int | None) -> list[float]:
 
 async def _vectors(request: Request, name: str, texts: list[str],
                    keep_alive: Any) -> tuple[list[list[float]], dict[str, Any]]:
-    """The vectors of ``texts`` and the job's ``end`` data; :class:`OllamaError` when the
-    job is refused or fails."""
-    svc = facade(request)
-    fields: dict[str, Any] = {"model": rbees_model(request, name), "input": texts,
-                              "priority": "interactive", "cancel_on_disconnect": True}
+    """The vectors of ``texts`` and the job's ``end`` data, through the protocols' layer
+    (the job is cancelled when the client goes); :class:`OllamaError` when the job is
+    refused or fails."""
+    orc = facade(request)
+    fields: dict[str, Any] = {"model": rbees_model(request, name), "input": texts}
     if keep_alive is not None:
         fields["keep_alive"] = keep_alive
     try:
-        job_id = (await svc.submit(from_mapping(TaskRequest, fields),
-                                   refuse_unknown=True)).job_id
-    except InvalidParamsError as exc:
-        field = "input" if str(exc.field).startswith("input") else exc.field
-        raise invalid(f"{field}: {exc.message}") from exc
-    except RbeesError as exc:
-        if exc.code == "MODEL_NOT_FOUND":
-            raise OllamaError(404, f"model '{name}' not found") from exc
-        raise from_rbees(exc) from exc
-    try:
-        event, data = await _wait(svc, job_id)
-    except asyncio.CancelledError:  # the client went away: so does its job
-        with contextlib.suppress(RbeesError):
-            await svc.cancel(job_id)
-        raise
-    if event == "error":
-        code = str(data.get("code") or "")
-        unknown = code == "MODEL_NOT_FOUND" or data.get("reason") == "unknown_model"
-        status = 404 if unknown else 400 if code in ("INVALID_PARAMS", "NO_CAPACITY") \
-            else 503 if data.get("retriable") else 502
-        raise OllamaError(status, f"model '{name}' not found" if unknown
-                          else str(data.get("message") or code))
-    if not isinstance(data.get("embeddings"), list):
+        job_ids = await p.submit(orc, p.job_task(orc, fields))
+    except p.RequestError as exc:
+        raise _refused(exc, name) from exc
+    ended: dict[str, Any] = {}
+
+    def feed(index: int, event: str, data: dict[str, Any]) -> None:
+        if event == "end":
+            ended.update(data)
+
+    error = await p.collect(request, p.Jobs(orc, job_ids), feed)
+    if error is not None:
+        raise _refused(p.job_error(error), name)
+    if not isinstance(ended.get("embeddings"), list):
         raise OllamaError(502, "the job ended without its vectors")
-    return [unpack(v) for v in data["embeddings"]], data
+    return [unpack(v) for v in ended["embeddings"]], ended
 
 
-async def _wait(svc: Any, job_id: str) -> tuple[str, dict[str, Any]]:
-    following = await svc.follow(job_id, 0)
-    try:
-        for _, event, data in following.backlog:
-            if event in TERMINAL:
-                return event, data
-        while following.live is not None:
-            _, event, data = await following.live.get()
-            if event in TERMINAL:
-                return event, data
-    finally:
-        following.close()
-    return "error", {"code": "NOT_FOUND", "message": "the job's events are gone"}
+def _refused(exc: p.RequestError, name: str) -> OllamaError:
+    if exc.status == 404 and exc.field == "model":
+        return OllamaError(404, f"model '{name}' not found")
+    field = "input" if str(exc.field or "").startswith("input") else exc.field
+    if exc.status == 400 and field and field not in exc.message:
+        return OllamaError(400, f"{field}: {exc.message}")
+    return OllamaError(exc.status, exc.message)
 
 
 async def embed(request: Request) -> Response:
