@@ -111,7 +111,7 @@ from typing import Any, Literal
 import attrs
 
 from rbees_core.backend import MemoryEstimate
-from rbees_core.planning import as_shares, describe_offload
+from rbees_core.planning import as_shares, describe_offload, host_of, host_plans, need_of
 
 Action = Literal["dispatch", "start_worker", "stop_worker", "wait", "fail", "download"]
 
@@ -401,8 +401,8 @@ def download_choice(job: dict[str, Any], pools: list[dict[str, Any]]
     """Where a model no pool holds should be downloaded (pull on first use): the pool id,
     or None, and why each other pool was passed over. A ``ready`` pool the job may run on
     (its pin; ``avoid_pools`` only when nothing else can), with ``disk_free_bytes`` for the
-    file when it reports it and a device whose available memory fits the model
-    (``job.memory_bytes``, else ``job.download_bytes``: sized by its file); then
+    file when it reports it and a device whose available memory fits the model, whole or
+    split or in part (``job.memory_bytes``, else ``job.download_bytes``; planning); then
     ``prefer_pools``, a GPU that fits before a CPU, the most available memory, the pool id.
     Called by the built-in policies when ``job.downloadable`` is set."""
     placement = job.get("placement") or {}
@@ -425,7 +425,8 @@ def download_choice(job: dict[str, Any], pools: list[dict[str, Any]]
         if isinstance(disk, int) and isinstance(size, int) and disk < size:
             lost[pool_id] = f"pool {pool_id} has {gib(disk)} of disk free, needs {gib(size)}"
             continue
-        fits = [d for d in pool.get("devices") or () if device_available(d) >= int(need)]
+        plans = host_plans(need_of(job, None, int(need)), host_of(pool))  # whole, split, part
+        fits = [d for d in pool.get("devices") or () if d.get("device") in plans]
         if not fits:
             lost[pool_id] = f"no device of pool {pool_id} has {gib(int(need))} free"
             continue

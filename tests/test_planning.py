@@ -356,3 +356,18 @@ def test_a_start_decision_round_trips_through_its_record() -> None:
     assert again == start and again.tensor_split == (0.667, 0.333)
     assert describe_decision(again) == ("start a worker for big on cuda:0 of pool duo "
                                         "(split cuda:0 0.67, cuda:1 0.33)")
+
+
+def test_a_model_larger_than_one_gpu_is_downloaded_where_it_can_be_split() -> None:
+    """Pull on first use: the pool whose GPUs can hold it split (or in part) is chosen."""
+    from rbees_core.scheduling import download_choice
+
+    duo_pool, small_pool = snap_pool(duo()), snap_pool(small())
+    job = {"model": "big", "memory_bytes": LARGE.total_bytes, "memory_layers": LARGE.layers,
+           "memory_layer_bytes": LARGE.layer_bytes}
+    assert download_choice(job, [small_pool, duo_pool]) == ("duo", {
+        "small": "pool duo was chosen to download it"})
+    # of unknown shape, it fits only the RAM of the duo host, whole
+    whole = {"model": "big", "memory_bytes": LARGE.total_bytes}
+    assert download_choice(whole, [small_pool, duo_pool])[0] == "duo"
+    assert download_choice(whole, [small_pool])[0] is None
