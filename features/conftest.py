@@ -33,6 +33,7 @@ TAGS = {
     "no_repl": "the CLIs are never a REPL",
     "leftovers": "rbees down leaves no process, a dead pool's workers included",
     "recovery": "crashed workers restarted with backoff, a lost pool's jobs ended",
+    "evict": "one memory figure: a pool's memory limit, evict to fit",
 }
 
 
@@ -65,6 +66,10 @@ def ctx(world: World) -> Iterator[dict[str, Any]]:
         world.lab.link(name, True)
     if shared.get("orcd_changed"):  # restarted with other options: the next scenario's
         world.kill("orcd", signal.SIGTERM)  # "the cluster is up" starts the lab's own
+    if shared.get("pool_changed"):  # restarted with other settings: the next scenario's
+        world.kill(f"pool:{shared['pool_changed']}", signal.SIGTERM)  # starts the lab's own
+        for link in shared.get("linked", []):
+            link.unlink(missing_ok=True)
     if shared.get("throttled") and world.hub is not None:
         world.hub.throttle_bps = None
 

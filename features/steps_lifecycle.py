@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from typing import Any
@@ -102,3 +103,115 @@ def placement_snapshot(world: World, ctx: dict[str, Any], inventory: str, size: 
     (folder / "jobs.json").write_text(json.dumps([job]))
     ctx["snapshot"] = str(folder / "snapshot.json")
     ctx["jobs"] = str(folder / "jobs.json")
+
+# -- evict to fit (one memory figure) --------------------------------------------------------
+
+
+def _workers_by_model(world: World, pool: str) -> dict[str, dict[str, Any]]:
+    return {str(w["model_ref"]): w for w in world.pool_workers(pool) if w["state"] in LOADED}
+
+
+@given(parsers.parse("{pool}'s pool offers memory for two SmolLM2 workers and holds models "
+                     "{a}, {b} and {c}"))
+def pool_with_room_for_two(world: World, ctx: dict[str, Any], pool: str, a: str, b: str,
+                           c: str) -> None:
+    """The pool restarted with ``RBEES_POOL_MEMORY_LIMIT`` at 2.5 workers of the embedded
+    SmolLM2 (4 slots, rbees-orcd's default), and that one file linked under three names in
+    its models directory; the lab's own pool comes back after the scenario (conftest.py)."""
+    from rbees_core import plugins
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+    from rbees_core.pool.memory import Estimates
+
+    pm = plugins.make_manager(plugins.builtin_plugins())
+    path = resolve_model(pm, DEFAULT_MODEL_REF)
+    one = Estimates(pm).estimate(path, backend="llamacpp", device="cpu", slots=4,
+                                 ctx=None).total_bytes
+    models = world.host(pool).home / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    ctx["models"] = {}
+    for name in (a, b, c):
+        link = models / f"{name}.gguf"
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        ctx["models"][name] = f"file:{link}"
+    ctx["linked"] = [models / f"{name}.gguf" for name in (a, b, c)]
+    ctx["pool_changed"] = pool
+    world.kill(f"pool:{pool}", signal.SIGTERM)
+    world.start_pool(pool, RBEES_POOL_MEMORY_LIMIT=str(int(2.5 * one)))
+    ctx["pool"] = pool
+    deadline = time.monotonic() + 30
+    while not all(ref in {m.get("ref") for m in world.http(
+            "GET", f"{world.blep.orcd_url}/v2/pools/{pool}", timeout=10).json()["models"]}
+                  for ref in ctx["models"].values()):
+        assert time.monotonic() < deadline, "the pool's models never reached rbees-orcd"
+        time.sleep(0.1)
+
+
+def _run_job(world: World, ctx: dict[str, Any], model: str, **extra: Any) -> str:
+    body = {"model": ctx["models"][model], "prompt": "Bees are", "max_tokens": 4,
+            "temperature": 0, **extra}
+    answer = world.http("POST", f"{world.blep.orcd_url}/v2/tasks", json=body, timeout=30)
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["job_id"])
+
+
+def _ends(world: World, job_id: str) -> str:
+    from rbees_core.testing import parse_sse
+
+    got = world.http("GET", f"{world.blep.orcd_url}/v2/tasks/{job_id}/events", timeout=180)
+    return parse_sse(got.text)[-1][1]
+
+
+@when(parsers.parse("a job for model {model} runs to its end"))
+def job_for_model(world: World, ctx: dict[str, Any], model: str) -> None:
+    ctx["stopped_worker_of"] = _worker_ids(world, ctx)  # before: whom a stop would name
+    started = time.monotonic()
+    ctx["job_id"] = _run_job(world, ctx, model)
+    assert _ends(world, ctx["job_id"]) == "end"
+    print(f"MEASURED: a job for {model}: {time.monotonic() - started:.2f} s")
+
+
+def _worker_ids(world: World, ctx: dict[str, Any]) -> dict[str, str]:
+    """Model name -> the id of its live worker on the scenario's pool."""
+    live = _workers_by_model(world, ctx["pool"])
+    return {name: str(live[ref]["worker_id"]) for name, ref in ctx["models"].items()
+            if ref in live}
+
+
+@then(parsers.parse("its decision stopped the worker of {model} as the least recently used"))
+def decision_stopped(world: World, ctx: dict[str, Any], model: str) -> None:
+    why = world.http("GET", f"{world.blep.orcd_url}/v2/tasks/{ctx['job_id']}/decision",
+                     timeout=10).json()
+    stops = [d for entry in why["decisions"] for d in entry["decisions"]
+             if d["action"] == "stop_worker"]
+    assert len(stops) == 1, why
+    assert stops[0]["worker_id"] == ctx["stopped_worker_of"][model], (stops, ctx)
+    assert "evicted (least recently used)" in stops[0]["reason"], stops
+
+
+@then(parsers.parse("{pool} has workers for {a} and {b} only"))
+def workers_for(world: World, ctx: dict[str, Any], pool: str, a: str, b: str) -> None:
+    assert set(_workers_by_model(world, pool)) == {ctx["models"][a], ctx["models"][b]}
+
+
+@when(parsers.parse("a long job for model {model} is running"))
+def long_job(world: World, ctx: dict[str, Any], model: str) -> None:
+    worker = _workers_by_model(world, ctx["pool"])[ctx["models"][model]]
+    ctx["long_worker"] = worker["worker_id"]
+    ctx["long_job"] = _run_job(world, ctx, model, max_tokens=400, prompt="Count: 1, 2, 3,")
+    deadline = time.monotonic() + 60
+    while world.http("GET", f"{world.blep.orcd_url}/v2/tasks/{ctx['long_job']}",
+                     timeout=10).json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@then(parsers.parse('the long job ends with "{terminal}" on the worker of {model} it started '
+                    "on"))
+def long_job_ends(world: World, ctx: dict[str, Any], terminal: str, model: str) -> None:
+    record = world.http("GET", f"{world.blep.orcd_url}/v2/tasks/{ctx['long_job']}",
+                        timeout=10).json()
+    assert record["status"] == "running", record  # still running when the other job ended
+    assert _ends(world, ctx["long_job"]) == terminal
+    assert _workers_by_model(world, ctx["pool"])[ctx["models"][model]]["worker_id"] == \
+        ctx["long_worker"]

@@ -162,13 +162,15 @@ class World:
         path = self.root / f"{key.replace(':', '-')}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start_pool(self, name: str) -> None:
+    def start_pool(self, name: str, **environ: str) -> None:
+        """pool-managerd on ``name`` (``environ``: more variables, ``RBEES_POOL_...``)."""
         host = self.host(name)
         self.ensure_hub()
         self._spawn(f"pool:{name}", host, "pool-managerd", "--bind",
                     f"{host.address}:{host.pool_port}", "--pool-id", name,
                     "--orchestrator", self.blep.orcd_url,
-                    "--heartbeat-interval", str(HEARTBEAT_S), "--health-interval", "0.5")
+                    "--heartbeat-interval", str(HEARTBEAT_S), "--health-interval", "0.5",
+                    env=host.env(HF_ENDPOINT=self.ensure_hub().endpoint, **environ))
         self.wait_health(host.pool_url, f"pool:{name}")
 
     def pools(self) -> dict[str, str]:
