@@ -104,6 +104,7 @@ def placement_snapshot(world: World, ctx: dict[str, Any], inventory: str, size: 
     ctx["snapshot"] = str(folder / "snapshot.json")
     ctx["jobs"] = str(folder / "jobs.json")
 
+
 # -- evict to fit (one memory figure) --------------------------------------------------------
 
 
