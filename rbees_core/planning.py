@@ -397,18 +397,24 @@ def need_of(job: dict[str, Any], entry: Any, total: int) -> ModelNeed:
     :func:`rbees_core.scheduling.memory_needed`), with its shape from the snapshot's
     ``job.memory_layers``/``job.memory_layer_bytes``, else from the pool's model ``entry``
     (:func:`rbees_core.scheduling.model_entry`): its ``layers``/``layer_bytes``, or its
-    ``memory`` estimate (:class:`rbees_core.backend.MemoryEstimate` as a dict: ``layers``,
-    ``layer_weights_bytes`` plus ``layer_kv_bytes``). A shape larger than ``total`` is
-    dropped (the model is sized whole)."""
+    ``memory`` estimate (:class:`rbees_core.backend.MemoryEstimate` as a dict: ``layers``
+    of ``layer_weights_bytes`` each, and the KV cache in ``total`` beyond the estimate's
+    weights and overhead, shared by the layers). A shape larger than ``total`` is dropped
+    (the model is sized whole)."""
     layers, layer_bytes = _positive(job.get("memory_layers")), \
         _positive(job.get("memory_layer_bytes"))
     if not (layers and layer_bytes) and isinstance(entry, dict):
         layers, layer_bytes = _positive(entry.get("layers")), _positive(entry.get("layer_bytes"))
         memory = entry.get("memory")
         if not (layers and layer_bytes) and isinstance(memory, dict):
+            # the estimate is for its own slots and context; ``total`` for the worker's
+            # (rescaled): what ``total`` holds beyond weights and overhead is KV cache,
+            # one share of it per layer
             layers = _positive(memory.get("layers"))
+            kv = max(0, total - _positive(memory.get("weights_bytes"))
+                     - _positive(memory.get("overhead_bytes")))
             layer_bytes = _positive(memory.get("layer_weights_bytes")) \
-                + _positive(memory.get("layer_kv_bytes"))
+                + (kv // layers if layers else 0)
     if not (layers and layer_bytes) or layers * layer_bytes > total:
         layers = layer_bytes = 0
     return ModelNeed(int(total), layers, layer_bytes)

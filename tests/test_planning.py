@@ -268,8 +268,13 @@ def test_memory_promised_to_a_loading_worker_is_not_available() -> None:
     ({"memory_bytes": 9 * GIB, "memory_layers": 32, "memory_layer_bytes": GIB // 4}, {},
      SMALL),
     ({}, {"memory_bytes": 9 * GIB, "layers": 32, "layer_bytes": GIB // 4}, SMALL),
-    ({}, {"memory_bytes": 9 * GIB, "memory": {"layers": 32, "layer_weights_bytes": GIB // 8,
-                                              "layer_kv_bytes": GIB // 8}}, SMALL),
+    # the pool's estimate, for 4 slots (4 GiB of KV cache), rescaled to 1 slot in
+    # memory_bytes: 7 GiB of weights in 32 layers and 1 GiB of KV cache (0.25 GiB a layer),
+    # 0.5 GiB of other weights and 0.5 GiB of compute buffers
+    ({}, {"memory_bytes": 9 * GIB, "memory": {
+        "weights_bytes": 15 * GIB // 2, "kv_cache_bytes": 4 * GIB, "overhead_bytes": GIB // 2,
+        "layers": 32, "layer_weights_bytes": 7 * GIB // 32, "layer_kv_bytes": GIB // 8}},
+     SMALL),
     ({"memory_bytes": 9 * GIB}, {"layers": 32, "layer_bytes": GIB}, ModelNeed(9 * GIB)),
 ])
 def test_the_need_comes_from_the_job_or_the_pools_model_entry(
@@ -371,3 +376,33 @@ def test_a_model_larger_than_one_gpu_is_downloaded_where_it_can_be_split() -> No
     whole = {"model": "big", "memory_bytes": LARGE.total_bytes}
     assert download_choice(whole, [small_pool, duo_pool])[0] == "duo"
     assert download_choice(whole, [small_pool])[0] is None
+
+
+def test_a_pools_own_estimate_places_a_70b_class_model_split() -> None:
+    """End to end over the real shapes: a pool reports its model with the backend's
+    estimate (``models[].memory``, for 4 slots of 4096 tokens), rbees-orcd's snapshot sizes
+    a worker of one slot by it, and the default policy splits the model over 24 + 12 GB."""
+    from rbees_scheduler_builtin import LeastLoaded
+
+    from rbees_core.backend import MemoryEstimate
+    from rbees_core.scheduling import Snapshot
+
+    kv_token = 80 * 2 * 1024 * 2  # f16 K and V of one token, 80 layers of 1024 KV columns
+    estimate = MemoryEstimate(
+        weights_bytes=int(31.5 * GIB), kv_cache_bytes=kv_token * 4096 * 4,
+        layers=80, layer_weights_bytes=int(0.38 * GIB), layer_kv_bytes=kv_token * 4096 * 4 // 80,
+        kv_token_bytes=kv_token, slots=4, ctx=4096)
+    st = duo()
+    st = PoolState(pool_id=st.pool_id, host=st.host, gpus=st.gpus, cpu=st.cpu, workers=[],
+                   models=[{"id": "big", "ref": "hf:big/big-Q3_K_M.gguf",
+                            "memory": estimate.to_dict()}])
+    pool = snapshot_pool(st, ctx=4096)
+    entry = model_entry(pool, "big")
+    assert isinstance(entry, dict) and entry["memory_bytes"] < estimate.total_bytes  # 1 slot
+    need = need_of({"model": "big"}, entry, memory_needed({"model": "big"}, pool))
+    assert need.layers == 80 and need.total_bytes == entry["memory_bytes"]
+    verdict = LeastLoaded().decide(Snapshot({"now": NOW, "job": {"job_id": "j", "model": "big"},
+                                             "queue": [], "pools": [pool], "throughput": {}}))
+    start = verdict.decisions[0]
+    assert (start.action, start.device, start.tensor_split) == \
+        ("start_worker", "cuda:0", (0.667, 0.333)), verdict
