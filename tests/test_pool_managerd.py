@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -246,11 +247,17 @@ def test_a_dead_orchestrator_never_blocks_the_pool(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{find_free_port()}"
     p = start_pool(tmp_path / "home", "--orchestrator", dead, "--heartbeat-interval", "0.2")
     try:
-        time.sleep(1.0)
+        time.sleep(3.0)
         started = time.monotonic()
         assert p.get("/v2/state")["pool_id"] == "testpool"
         assert time.monotonic() - started < 1.0
         assert "heartbeat_failed" in p.log.read_text()
+        # tried again every 2 intervals (+-20%), never backed off further: a restarted
+        # orchestrator hears from the pool within its 3-interval grace
+        failed = [json.loads(line)["ts"] for line in p.log.read_text().splitlines()
+                  if '"heartbeat_failed"' in line]
+        gaps = [b - a for a, b in itertools.pairwise(failed)]
+        assert len(failed) >= 5 and max(gaps) < 2 * 0.2 * 1.2 + 0.2, gaps
     finally:
         assert stop_pool(p) == 0
 
