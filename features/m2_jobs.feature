@@ -44,6 +44,15 @@ Feature: M2, jobs through rbees-orcd on blep
     Then it carries ": downloading hf:rbees-bdd/SmolLM2-GGUF/smol-openai.Q4_1.gguf to pool" comments, then text, then "data: [DONE]"
     And the hub sent the file once
 
+  Scenario: A model whose download fails ends the jobs waiting for it, retriable
+    Given the hub serves the SmolLM2 file as "rbees-bdd/SmolLM2-GGUF" file "smol.Q4_1.gguf"
+    When I submit a task to the orchestrator with:
+      """
+      {"model": "hf:rbees-bdd/SmolLM2-GGUF/missing.Q4_1.gguf", "prompt": "Hi", "max_tokens": 4}
+      """
+    Then the job ends with a retriable "error" code "MODEL_DOWNLOAD_FAILED"
+    And its error says "missing.Q4_1.gguf"
+
   Scenario: A job placed on the pool it asks for
     When I submit a task to the orchestrator with:
       """

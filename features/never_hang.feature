@@ -41,3 +41,9 @@ Feature: A job never waits for what cannot come
       | streamed OpenAI chat request             |
       | plain OpenAI chat request                |
       | /v2 task with cancel_on_disconnect       |
+
+  Scenario: An OpenAI request that waits past the maximum queue wait is a 503 with Retry-After
+    Given a second orchestrator on blep with a maximum queue wait of 1 second
+    When an OpenAI chat request for "smollm2" is sent to it
+    Then it is answered 503 "deadline_unmet" with a Retry-After, after 1 to 3 seconds
+    And it holds no queued job

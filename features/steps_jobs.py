@@ -256,23 +256,34 @@ def openai_error(ctx: dict[str, Any], status: int) -> None:
 # -- the queue's capacity ------------------------------------------------------------------------
 
 
-@given(parsers.parse('a second orchestrator on blep with queue capacity {capacity:d} and policy '
-                     '"{policy}"'))
-def second_orcd(world: World, ctx: dict[str, Any], capacity: int, policy: str) -> None:
+def start_second_orcd(world: World, ctx: dict[str, Any], name: str, *options: str) -> None:
+    """A second rbees-orcd on blep with no pool, its own home ``second-NAME``."""
     blep = world.blep
     port = find_free_port() if world.lab.mode == "loopback" else 8090
     key = "orcd-second"
     world.kill(key)
-    home = world.root / blep.name / f"second-{policy}"  # its own pid file and database
+    home = world.root / blep.name / f"second-{name}"  # its own pid file and database
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    world._spawn(key, blep, "rbees-orcd", "--bind", f"{blep.address}:{port}",
-                 "--queue-capacity", str(capacity), "--queue-policy", policy,
+    world._spawn(key, blep, "rbees-orcd", "--bind", f"{blep.address}:{port}", *options,
                  env=world.blep_env(RBEES_HOME=str(home)))
     url = f"http://{blep.address}:{port}"
     world.wait_health(url, key)
     ctx["second"] = url
+
+
+@given(parsers.parse('a second orchestrator on blep with queue capacity {capacity:d} and policy '
+                     '"{policy}"'))
+def second_orcd(world: World, ctx: dict[str, Any], capacity: int, policy: str) -> None:
+    start_second_orcd(world, ctx, policy, "--queue-capacity", str(capacity),
+                      "--queue-policy", policy)
+
+
+@given(parsers.parse("a second orchestrator on blep with a maximum queue wait of {seconds:d} "
+                     "second"))
+def second_orcd_max_wait(world: World, ctx: dict[str, Any], seconds: int) -> None:
+    start_second_orcd(world, ctx, "max-wait", "--max-queue-wait", str(seconds))
 
 
 @when(parsers.parse("{count:d} batch jobs are submitted to it"))
@@ -555,3 +566,38 @@ def none_queued_after_drop(world: World, ctx: dict[str, Any], seconds: int) -> N
 def dropped_job_status(world: World, ctx: dict[str, Any], status: str) -> None:
     got = world.http("GET", f"{ctx['url']}/v2/tasks/{ctx['job_id']}", timeout=10).json()
     assert got["status"] == status, got
+
+
+@when(parsers.parse('an OpenAI chat request for "{model}" is sent to it'))
+def openai_chat_to_second(world: World, ctx: dict[str, Any], model: str) -> None:
+    t0 = time.monotonic()
+    ctx["answer"] = world.http("POST", f"{ctx['second']}/v1/chat/completions", timeout=60,
+                               json={"model": model, "max_tokens": 4,
+                                     "messages": [{"role": "user", "content": "Hi"}]})
+    ctx["took"] = time.monotonic() - t0
+    ctx["url"] = ctx["second"]
+
+
+@then(parsers.parse('it is answered {status:d} "{code}" with a Retry-After, after {low:g} to '
+                    "{high:g} seconds"))
+def answered_late(ctx: dict[str, Any], status: int, code: str, low: float, high: float) -> None:
+    answer = ctx["answer"]
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["code"] == code, answer.text
+    assert int(answer.headers["Retry-After"]) >= 1, answer.headers
+    print(f"MEASURED: {status} {code} after {ctx['took']:.2f} s, Retry-After "
+          f"{answer.headers['Retry-After']} s")
+    assert low <= ctx["took"] <= high, f"after {ctx['took']:.2f} s"
+
+
+@then("it holds no queued job")
+def holds_none(world: World, ctx: dict[str, Any]) -> None:
+    assert not queued_jobs(world, ctx["url"])
+
+
+@then(parsers.parse('the job ends with a retriable "{terminal}" code "{code}"'))
+def ends_retriable(world: World, ctx: dict[str, Any], terminal: str, code: str) -> None:
+    frames = events(world, ctx["job_id"], timeout=60)
+    assert frames[-1][1] == terminal and frames[-1][2]["code"] == code, frames[-3:]
+    assert frames[-1][2]["retriable"] is True, frames[-1]
+    ctx["error"] = frames[-1][2]
