@@ -71,6 +71,7 @@ from rbees_core.protocols.errors import (
     from_rbees,
     invalid,
     job_error,
+    openai_body,
     read_object,
 )
 from rbees_core.protocols.jobs import (
@@ -92,6 +93,6 @@ __all__ = [
     "FINISH", "PINGED", "TERMINAL", "ChatRequest", "Delta", "ErrorBody", "Finish",
     "Following", "JobStream", "Jobs", "Orchestrator", "RequestError", "Settings", "Turn",
     "Usage", "call_id", "cancel_on_disconnect", "check_calls", "collect", "from_invalid",
-    "from_rbees", "invalid", "job_error", "job_task", "message", "named_choice",
+    "from_rbees", "invalid", "job_error", "job_task", "message", "named_choice", "openai_body",
     "orchestrator", "read_object", "require", "submit", "tool", "tool_call", "tool_result",
 ]

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from rbees_core.errors import InvalidParamsError, RbeesError
-from rbees_core.http import parse_json, read_body
+from rbees_core.http import openai_error_body, parse_json, read_body
 
 #: Job error codes (a job's terminal ``error`` event) that mean "try again later": 503.
 UNAVAILABLE = frozenset({"MODEL_LOAD_FAILED", "WORKER_FAILED", "ORCHESTRATOR_RESTARTED",
@@ -46,6 +46,20 @@ class RequestError(Exception):
         headers = {"Retry-After": str(self.retry_after_s)} if self.status in (429, 503) \
             else None
         return JSONResponse(body(self), status_code=self.status, headers=headers)
+
+
+def openai_body(error: RequestError) -> dict[str, Any]:
+    """``error`` in OpenAI's shape ``{"error": {message, type, param, code}}``, for the
+    protocols that answer as OpenAI does (chat completions, Responses): codes in lower case,
+    a missing model an ``invalid_request_error``, a cancelled job and a worker's failure
+    ``server_error`` s, otherwise the type of the status."""
+    code = error.code.lower() if error.code else None
+    body = openai_error_body(error.status, error.message, code=code, param=error.field)
+    if code == "model_not_found":
+        body["error"]["type"] = "invalid_request_error"
+    elif error.status == 499:
+        body["error"]["type"] = "server_error"
+    return body
 
 
 def invalid(field: str, message: str) -> RequestError:
@@ -115,4 +129,4 @@ async def read_object(request: Request) -> dict[str, Any]:
 
 
 __all__ = ["UNAVAILABLE", "ErrorBody", "RequestError", "from_invalid", "from_rbees",
-           "invalid", "job_error", "read_object"]
+           "invalid", "job_error", "openai_body", "read_object"]

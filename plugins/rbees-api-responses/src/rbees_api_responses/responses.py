@@ -1,0 +1,53 @@
+"""The route of OpenAI's Responses API: ``POST /v1/responses``, stateless, over the shared
+layer (:mod:`rbees_core.protocols`)."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from rbees_api_responses.request import chat_request, envelope, finish, output, render
+from rbees_api_responses.stream import ResponseStream
+from rbees_core import protocols as p
+from rbees_core.protocols import RequestError
+
+PATH = "/v1/responses"
+
+
+def response_id(job_id: str) -> str:
+    """The response's id, made of its job's."""
+    return "resp_" + job_id.removeprefix("job-").replace("-", "")
+
+
+async def create_response(request: Request) -> Response:
+    """``POST /v1/responses``: one job; the response object, or its event stream."""
+    try:
+        body = await p.read_object(request)
+        chat = chat_request(body)
+        orc = p.orchestrator(request)
+        job_ids = await p.submit(orc, p.job_task(orc, chat.task()))
+    except RequestError as exc:
+        return exc.response(render)
+    jobs = p.Jobs(orc, job_ids)
+    ident, created = response_id(job_ids[0]), int(time.time())
+    if body.get("stream"):
+        return ResponseStream(jobs, chat, body, ident=ident,  # type: ignore[return-value]
+                              created=created, ping_s=orc.settings.sse_ping_interval_s)
+    turn = p.Turn(tools=chat.tooled)
+    error = await p.collect(request, jobs, lambda i, e, d: turn.feed(e, d))
+    if error is not None:
+        return p.job_error(error).response(render)
+    answer = envelope(ident, chat, body, created, "completed")
+    answer["output"] = output(ident, turn)
+    return JSONResponse(finish(answer, turn))
+
+
+def routes() -> list[BaseRoute]:
+    """The routes this plugin adds to rbees-orcd."""
+    return [Route(PATH, create_response, methods=["POST"])]
+
+
+__all__ = ["PATH", "create_response", "response_id", "routes"]
