@@ -84,7 +84,7 @@ def ends_after_cut(ctx: dict[str, Any], terminal: str, code: str) -> None:
     took = at - ctx["cut_at"]
     print(f"MEASURED: the running job failed {took:.2f} s after the cut "
           f"(heartbeat {HEARTBEAT_S} s)")
-    assert took < 3 * HEARTBEAT_S + 1.0, f"{took:.2f} s"
+    assert took < 3 * HEARTBEAT_S + 0.3, f"{took:.2f} s"  # the margin: the stream's relay
     ctx["error"] = data
 
 

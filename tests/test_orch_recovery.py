@@ -165,3 +165,27 @@ async def test_the_runs_of_a_pool_that_turned_unavailable_are_abandoned() -> Non
     assert "pool lost is unavailable" in runner.runs[0][1]
     await rec.sweep()  # ended once
     assert len(runner.runs) == 2
+
+
+def test_the_next_sweep_comes_just_after_a_pool_with_runs_would_turn_unavailable() -> None:
+    from rbees_core.api.pool import CpuEntry, PoolHeartbeat
+    from rbees_core.orchestrator.book import Run
+    from rbees_core.orchestrator.recovery import WATCH_EVERY_S
+
+    clock = Clock()
+    registry = PoolRegistry(heartbeat_interval_s=0.5, clock=clock)
+    for pool_id in ("busy", "idle"):
+        registry.heartbeat(PoolHeartbeat(pool_id=pool_id, host=pool_id, gpus=[], models=[],
+                                         workers=[], cpu=CpuEntry(cores=2, ram_total_bytes=2**34,
+                                                                 ram_free_bytes=2**33),
+                                         seq=1, sent_at=0))
+    rec = Recovery(Book(), registry, Logger("rbees-orcd"), clock=clock)
+    assert rec.next_sweep_in() == WATCH_EVERY_S  # no run: the usual pace
+    rec.book.runs["j1"] = Run(job_id="j1", pool_id="busy", worker_id="w", uri="")
+    registry.pools["idle"].last_seen = clock.now - 1.45  # no run there: not watched
+    assert rec.next_sweep_in() == WATCH_EVERY_S
+    clock.now += 1.4  # 3 heartbeats of 0.5 s are due 0.1 s from now
+    assert abs(rec.next_sweep_in() - 0.105) < 1e-9
+    clock.now += rec.next_sweep_in()
+    assert registry.status(registry.pools["busy"]) == "unavailable"
+    assert rec.next_sweep_in() == WATCH_EVERY_S  # swept now; not again before the usual
