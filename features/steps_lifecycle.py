@@ -78,9 +78,10 @@ def worker_kept(world: World, ctx: dict[str, Any], seconds: int) -> None:
 # -- placement of models larger than one GPU (issue 22, item 5) ------------------------------
 
 #: hosts as their pools report them: (device, free GiB) each, the CPU's RAM first
-INVENTORIES = {"a 24 GB and a 12 GB GPU": [("cpu", 64), ("cuda:0", 24), ("cuda:1", 12)],
-               "an 8 GB GPU": [("cpu", 32), ("cuda:0", 7.5)],
-               "no GPU": [("cpu", 16)]}
+INVENTORIES: dict[str, list[tuple[str, float]]] = {
+    "a 24 GB and a 12 GB GPU": [("cpu", 64), ("cuda:0", 24), ("cuda:1", 12)],
+    "an 8 GB GPU": [("cpu", 32), ("cuda:0", 7.5)],
+    "no GPU": [("cpu", 16)]}
 
 
 @given(parsers.parse("a scheduling snapshot on blep of a host with {inventory} and a "
@@ -196,7 +197,7 @@ def workers_for(world: World, ctx: dict[str, Any], pool: str, a: str, b: str) ->
 
 
 @when(parsers.parse("a long job for model {model} is running"))
-def long_job(world: World, ctx: dict[str, Any], model: str) -> None:
+def long_job_of_model(world: World, ctx: dict[str, Any], model: str) -> None:
     worker = _workers_by_model(world, ctx["pool"])[ctx["models"][model]]
     ctx["long_worker"] = worker["worker_id"]
     ctx["long_job"] = _run_job(world, ctx, model, max_tokens=400, prompt="Count: 1, 2, 3,")
