@@ -35,14 +35,25 @@ def pool_state(pm: pluggy.PluginManager) -> tuple[dict[str, Any], list[str]]:
 
     import attrs
 
-    from rbees_core.pool import inventory, models
+    from rbees_core.config import load_config
+    from rbees_core.pool import inventory, memory, models
     from rbees_core.pool.load_marks import read_marks
+    from rbees_core.pool.workers import held_by_records
 
     host = socket.gethostname()
     devices = inventory.collect(pm)
-    state = {"pool_id": host, "host": host, **devices.to_dict(),
-             "workers": _workers(), "models": [m.to_dict() for m in models.list_models(pm)],
+    # the figures pool-managerd reports, by the rule of the preflight (rbees_core.pool.memory)
+    estimates = memory.Estimates(pm, limit=load_config().pool.memory_limit_bytes())
+    offered = inventory.Inventory(
+        gpus=[estimates.offered(g, held_by_records(g.device)) for g in devices.gpus],
+        cpu=None if devices.cpu is None else estimates.offered(devices.cpu,
+                                                               held_by_records("cpu")),
+        problems=devices.problems)
+    state = {"pool_id": host, "host": host, **offered.to_dict(), "workers": _workers(),
+             "models": [estimates.sized(m.to_dict()) for m in models.list_models(pm)],
              "failed_models": [attrs.asdict(m) for m in read_marks()]}
+    if devices.cpu is not None:
+        state["cpu"]["ram_reserved_bytes"] = offered.cpu.ram_reserved_bytes  # type: ignore[union-attr]
     return state, devices.problems
 
 
