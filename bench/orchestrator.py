@@ -14,6 +14,8 @@
       the job admitted first after them, before the schedule, is decided over all of them
       and its latency printed under the table)
 
+  (p) client protocols (issue 24, bench/protocols.py): on one warm worker, each protocol's
+      streamed chat against OpenAI's: the added time to first token (target <= 1 ms)
   (s) side by side (issue 21, bench/cluster_speed.py): after a plain ``rbees up``, one stream
       and four concurrent streams through rbees-orcd's OpenAI chat endpoint against the
       worker direct and llama.cpp's llama-server -np 4 (bench/.llama-server, built by
@@ -21,12 +23,13 @@
       once, a 1,000-token prompt, and a chat's second turn with two replicas running.
 
 Targets: added TTFT <= 5 ms, tokens/s ratio >= 0.97, >= 1,000 admissions/s with p99 < 10 ms,
-and (s)'s, each printed PASS or FAIL.
+a protocol adapter's added TTFT <= 1 ms, and (s)'s, each printed PASS or FAIL.
 Each judged (b, c) row runs --repeat times on a fresh rbees-orcd and shows the median run by
 p99 (this VM stalls now and then for tens of ms; one stall moves one run's p99). Section (s)
 runs --repeat times in a row; every run is reported, with "holds in k of n".
 Usage: python bench/orchestrator.py [--runs 25] [--tokens 64] [--seconds 5] [--repeat 3]
                                     [--skip-overhead] [--skip-admission] [--skip-speed]
+                                    [--skip-protocols] [--protocol-runs 30]
                                     [--speed-tokens 128] [--speed-runs 3]
                                     [--llama-server PATH] [--quick]
 """
@@ -52,6 +55,7 @@ import attrs
 import cluster_speed  # bench/cluster_speed.py, beside this file
 import httpx
 from openloop import closed_loop, open_loop, request_bytes  # bench/openloop.py, beside this file
+from protocols import bench_protocols  # bench/protocols.py, beside this file
 from sidebyside import BUSY_REFUSALS, find_llama_server, header, load_note, report
 
 from rbees_core.testing import find_free_port, wait_http
@@ -109,6 +113,18 @@ def stream_orcd(url: str, tokens: int, client: httpx.Client) -> Stream:
     accepted = client.post(f"{url}/v2/tasks", json=body).json()
     with client.stream("GET", f"{url}{accepted['events_url']}") as answer:
         return timed_tokens(answer, t0)
+
+
+def bench_protocol_overhead(runs: int, tokens: int) -> list[str]:
+    """Section (p) on its own ``rbees up`` (bench/protocols.py)."""
+    home = tempfile.mkdtemp(prefix="rbees-bench-protocols-")
+    orcd, pool = f"127.0.0.1:{find_free_port()}", f"127.0.0.1:{find_free_port()}"
+    info = json.loads(rbees(home, "up", "--bind", orcd, "--pool-bind", pool,
+                            "--heartbeat-interval", "1", "--format", "json").stdout)
+    try:
+        return bench_protocols(info["orchestrator"], runs, tokens)
+    finally:
+        rbees(home, "down")
 
 
 def bench_overhead(runs: int, tokens: int) -> list[str]:
@@ -384,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-overhead", action="store_true", help="no (a)")
     parser.add_argument("--skip-admission", action="store_true", help="no (b) and (c)")
     parser.add_argument("--skip-speed", action="store_true", help="no (s)")
+    parser.add_argument("--skip-protocols", action="store_true", help="no (p)")
+    parser.add_argument("--protocol-runs", type=int, default=30, help="rounds of (p)")
     parser.add_argument("--speed-tokens", type=int, default=128, help="tokens per answer in (s)")
     parser.add_argument("--speed-runs", type=int, default=3, help="samples per case in (s)")
     parser.add_argument("--threads", type=int, default=2,
@@ -394,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only (s), once, 8 tokens, 1 sample: that the bench runs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.skip_overhead = args.skip_admission = True
+        args.skip_overhead = args.skip_admission = args.skip_protocols = True
         args.repeat, args.speed_tokens, args.speed_runs, args.long_words = 1, 8, 1, 64
     if not args.skip_overhead:
         print("## (a) overhead on a warm worker\n")
@@ -406,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n(c) the first job after the pools registered, admitted before the "
                   "schedule (the dispatcher decides it over all of them): "
                   + ", ".join(f"{x:.1f}" for x in FIRST_DECISION_MS) + " ms, one per run.")
+    if not args.skip_protocols:
+        print("\n## (p) client protocols against the OpenAI path, one warm worker\n")
+        print("\n".join(bench_protocol_overhead(args.protocol_runs, args.tokens)))
     if not args.skip_speed:
         print()
         bench_speed(args)
