@@ -17,6 +17,7 @@ from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.registry import PoolRegistry
+from rbees_core.scheduling import memory_needed
 from tests.test_pool_managerd import Pool, start_pool, stop_pool
 
 TOKEN = "pool-token-0123456789abcdef"
@@ -107,3 +108,26 @@ async def test_a_start_with_n_gpu_layers_reaches_a_real_worker(
     assert argv[argv.index("--n-gpu-layers") + 1] == "0"
     await pools.stop_worker("p1", worker["worker_id"])
     await asyncio.to_thread(real_pool.wait_worker, worker["worker_id"], "stopped", 35)
+
+
+async def test_a_refusal_for_memory_sizes_the_model_and_the_device_there(
+        tmp_path: Path, client: httpx.AsyncClient) -> None:
+    """Issue 22, item 4: a pool that offers 100 MiB refuses SmolLM2 (409 INSUFFICIENT_RAM,
+    saying what it needs); rbees-orcd no longer asks again and again: its next snapshot sizes
+    the model there as the pool said and shows the device with what the pool said is free."""
+    pool = start_pool(tmp_path / "home", "--memory-limit", "100MiB")
+    try:
+        pools = control(pool, client, token="")
+        pools.start_worker("p1", "cpu", MODEL)
+        await settled(pools)
+        refusal = pools.registry.refusals[("p1", MODEL)]
+        assert refusal.needed_bytes == 326_952_000 and refusal.free_bytes is not None
+        assert refusal.free_bytes <= 100 * 2**20
+        pools.registry.pools["p1"].state.models.append({"id": "smollm2", "ref": MODEL})
+        (snap,) = pools.registry.snapshot_pools()
+        assert memory_needed({"model": "smollm2"}, snap) == 326_952_000
+        cpu = snap["devices"][0]
+        assert cpu["memory_free_bytes"] - cpu["memory_reserved_bytes"] == refusal.free_bytes
+        assert not pool.get("/v2/workers")["workers"]
+    finally:
+        stop_pool(pool)

@@ -270,7 +270,8 @@ class PoolControl:
             self.log.error("worker_start_failed", pool_id=pool_id, model=model, error=str(exc))
             details = exc.details or {}
             need, free = details.get("needed_bytes"), details.get("free_bytes")
-            if exc.code in ("INSUFFICIENT_RAM", "INSUFFICIENT_VRAM") and isinstance(need, int):
+            code = details.get("code", exc.code)  # a pool-core code comes in details
+            if code in ("INSUFFICIENT_RAM", "INSUFFICIENT_VRAM") and isinstance(need, int):
                 # its figures size the model and the device there from now: the next
                 # decision evicts, places it elsewhere or says why it waits
                 self.registry.refused(pool_id, model, need, device=device,
