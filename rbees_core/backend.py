@@ -112,6 +112,20 @@ class MemoryEstimate:
         return cls(**values)
 
     @classmethod
+    def snapshot_fields(cls, model: Mapping[str, Any], ctx: int | None) -> dict[str, Any]:
+        """``memory`` and ``memory_bytes`` of a scheduling snapshot's model entry, from a
+        pool's listing entry ``model`` (:func:`rbees_core.scheduling.snapshot_pool`): its
+        estimate, and what a worker of one slot of ``ctx`` tokens needs (the least a pool
+        starts: it lowers the slots until they fit), or the entry's own ``memory_bytes``."""
+        memory = model.get("memory")
+        estimate = cls.from_dict(memory) if isinstance(memory, Mapping) else None
+        if estimate is not None:
+            return {"memory": memory,
+                    "memory_bytes": estimate.scaled(slots=1, ctx=ctx).total_bytes}
+        held = model.get("memory_bytes")
+        return {"memory_bytes": held} if type(held) is int else {}
+
+    @classmethod
     def on_disk(cls, path: str | Path) -> MemoryEstimate:
         """The model's size on disk (a file, or every file of a folder) plus
         :data:`OVERHEAD_BYTES`: the estimate when the backend has none."""

@@ -300,8 +300,9 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
         total = int(cpu_entry["cores_total"])
         taken = total - int(cpu_entry["cores_free"])
         cpu_entry["cores_free"] = max(0, total - max(taken, len(pinned) + coming))
-    models = [_model(m, ctx) for m in _get(state, "models") or ()
-              if m.get("ref") or m.get("id")]
+    models = [{"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes"),
+               **MemoryEstimate.snapshot_fields(m, ctx)}
+              for m in _get(state, "models") or () if m.get("ref") or m.get("id")]
     failed = []
     for mark in _get(state, "failed_models") or ():  # FailedModel, or its dict
         ref = _get(mark, "model_ref")
@@ -314,18 +315,6 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
     if failed:
         out["failed_models"] = failed
     return out
-
-
-def _model(m: dict[str, Any], ctx: int | None) -> dict[str, Any]:
-    """A snapshot's model entry; ``memory_bytes``: a worker of 1 slot (the least one)."""
-    entry = {"id": m.get("id"), "ref": m.get("ref"), "size_bytes": m.get("size_bytes")}
-    estimate = MemoryEstimate.from_dict(m["memory"]) if type(m.get("memory")) is dict else None
-    if estimate is not None:
-        entry.update(memory=m["memory"], memory_bytes=estimate.scaled(slots=1, ctx=ctx)
-                     .total_bytes)
-    elif isinstance(m.get("memory_bytes"), int):
-        entry["memory_bytes"] = m["memory_bytes"]
-    return entry
 
 
 def failed_mark(pool: dict[str, Any], model: str) -> dict[str, Any] | None:
