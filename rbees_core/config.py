@@ -1,9 +1,10 @@
 """Configuration: TOML file, environment, flags.
 
 Precedence is flag > environment (``RBEES_*``) > file > default. The file is
-``$RBEES_CONFIG`` or ``~/.config/rbees/config.toml``; a missing default file is fine, a
-missing named file is an error. Sections are attrs classes validated with
-:func:`rbees_core.schema.from_mapping`, so a bad value fails fast with its TOML path.
+``$RBEES_CONFIG`` or ``$XDG_CONFIG_HOME/rbees/config.toml`` (``~/.config/rbees/config.toml``);
+a missing default file is fine, a missing named file is an error. Sections are attrs classes
+validated with :func:`rbees_core.schema.from_mapping`, so a bad value fails fast with its TOML
+path.
 """
 
 from __future__ import annotations
@@ -26,10 +27,41 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def _xdg(variable: str, default: str) -> Path:
+    """``$<variable>`` when it is an absolute path (the XDG base-directory rule: a relative
+    one is ignored), else ``~/<default>``."""
+    value = os.environ.get(variable, "")
+    return Path(value) if value and os.path.isabs(value) else Path.home() / default
+
+
 def rbees_home() -> Path:
-    """Runtime state directory: ``$RBEES_HOME`` or ``~/.local/share/rbees``."""
+    """The data directory (models, workers' records, the database, logs): ``$RBEES_HOME``,
+    else ``$XDG_DATA_HOME/rbees``, else ``~/.local/share/rbees``."""
     home = os.environ.get("RBEES_HOME")
-    return Path(home) if home else Path.home() / ".local" / "share" / "rbees"
+    return Path(home) if home else _xdg("XDG_DATA_HOME", ".local/share") / "rbees"
+
+
+def config_dir() -> Path:
+    """Where the config file lives by default: ``$XDG_CONFIG_HOME/rbees``, else
+    ``~/.config/rbees``."""
+    return _xdg("XDG_CONFIG_HOME", ".config") / "rbees"
+
+
+def runtime_dir() -> Path:
+    """Where the daemons' pid and url files (and ``rbees up``'s cluster.json) live.
+
+    ``$RBEES_HOME/run`` when ``RBEES_HOME`` is set (each home keeps its daemons beside its
+    data, so several homes run side by side), else ``$XDG_RUNTIME_DIR/rbees`` (a tmpfs the
+    login session owns: its files go at logout and at reboot, so no pid file outlives its
+    process's boot), else ``<data directory>/run``. A pid file that does outlive its process
+    is harmless anyway: nothing signals its pid before :func:`rbees_core.processes.find`
+    checks the process's start time."""
+    if os.environ.get("RBEES_HOME"):
+        return rbees_home() / "run"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isabs(runtime):
+        return Path(runtime) / "rbees"
+    return rbees_home() / "run"
 
 
 def read_token_file(path: str) -> str | None:
@@ -67,7 +99,7 @@ def config_path(explicit: str | None = None) -> tuple[Path, bool]:
     env = os.environ.get("RBEES_CONFIG")
     if env:
         return Path(env), True
-    return Path.home() / ".config" / "rbees" / "config.toml", False
+    return config_dir() / "config.toml", False
 
 
 @attrs.frozen

@@ -69,10 +69,12 @@ _DESTINATION = re.compile(
 
 
 def hosts_dir() -> Path:
-    """``$RBEES_HOME`` when set, else ``~/.config/rbees``: where hosts.toml and rbees' own
-    known_hosts live."""
+    """``$RBEES_HOME`` when set, else the config directory (``$XDG_CONFIG_HOME/rbees``,
+    ``~/.config/rbees``): where hosts.toml and rbees' own known_hosts live."""
+    from rbees_core.config import config_dir
+
     home = os.environ.get("RBEES_HOME")
-    return Path(home) if home else Path.home() / ".config" / "rbees"
+    return Path(home) if home else config_dir()
 
 
 def hosts_file() -> Path:

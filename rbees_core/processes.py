@@ -125,6 +125,29 @@ def pid_file_process(path: Path, program: str, module: str | None = None
                                          started_by=file_time(path)))
 
 
+def pid_file_holder(path: Path) -> int | None:
+    """The pid ``path`` names if that process still runs and started no later than the file
+    was written (any program: a daemon's own pid file, read before it claims it); None for
+    a missing file, a dead pid, or a pid another process got after the file was written
+    (a stale file, a reboot). A process whose start time cannot be read counts as the
+    holder: refusing a start is safer than sharing a home. Raises nothing."""
+    import psutil
+
+    pid = read_pid(path)
+    if pid is None or pid <= 0 or not pid_alive(pid):
+        return None
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except (psutil.Error, OSError):
+        return pid
+    started_by = file_time(path)
+    if started_by is not None and created > started_by + START_SLACK_S:
+        return None
+    return pid
+
+
 def terminate(proc: psutil.Process, *, grace: float,
               ask: Callable[[], bool] | None = None, poll: float = 0.05) -> str:
     """Stop ``proc`` (from :func:`find`): ``ask()`` first when given (a polite request,

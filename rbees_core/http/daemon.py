@@ -26,7 +26,7 @@ from rbees_core.errors import ConflictError, RbeesError
 from rbees_core.files import private_dir, write_private
 from rbees_core.http.server import run_daemon, serve
 from rbees_core.log import Logger
-from rbees_core.processes import pid_alive, read_pid
+from rbees_core.processes import pid_file_holder, read_pid
 
 
 class Daemon:
@@ -51,13 +51,16 @@ class Daemon:
         """Write this process's pid to the pid file. Call it before building anything the
         process must not share (rbees-orcd's database); :meth:`serve` calls it otherwise.
         Raises :class:`~rbees_core.errors.ConflictError` when ``exclusive`` and another
-        live process holds the file."""
+        live process holds the file (:func:`~rbees_core.processes.pid_file_holder`: one that
+        started after the file was written does not)."""
         if self._claimed:
             return
         private_dir(self.pid_file.parent)
         if self.exclusive:
-            other = read_pid(self.pid_file)
-            if other is not None and other != os.getpid() and pid_alive(other):
+            # a live pid that started after the file was written is not the holder: the
+            # holder died (a SIGKILL, a reboot) and the kernel gave its pid to another process
+            other = pid_file_holder(self.pid_file)
+            if other is not None and other != os.getpid():
                 self.log.error("already_running", pid=other)
                 raise ConflictError(f"already running for this RBEES_HOME (pid {other})")
         write_private(self.pid_file, f"{os.getpid()}\n")

@@ -88,23 +88,18 @@ def held_on(device: str, workers: Iterable[tuple[str, str, int]]) -> Held:
 
 
 def ram_total_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """This host's RAM (psutil: the same figure on Linux, macOS and Windows)."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
 
 
 def ram_free_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """RAM a new process can have without swapping (psutil's ``available``: MemAvailable
+    on Linux, free + inactive on macOS)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def device_memory(pm: pluggy.PluginManager, device: str

@@ -21,7 +21,8 @@ from rbees_core.pool.workers import WorkerRecord, WorkerStartTimeoutError
 
 @attrs.frozen
 class DaemonFiles:
-    """Where this ``$RBEES_HOME``'s pool-managerd (one per home) leaves its traces.
+    """Where this ``$RBEES_HOME``'s pool-managerd (one per home) leaves its traces: pid and
+    url in the runtime directory (:func:`rbees_core.config.runtime_dir`), log in the data one.
 
     ``pid`` is written by pool-managerd itself; ``url`` and ``log`` by ``rbees-pool daemon
     start``, which removes ``url`` again at ``stop``.
@@ -34,12 +35,11 @@ class DaemonFiles:
 
 def daemon_files() -> DaemonFiles:
     """The files of this ``$RBEES_HOME``'s pool-managerd (they may not exist)."""
-    from rbees_core.config import rbees_home
+    from rbees_core.config import rbees_home, runtime_dir
 
-    home = rbees_home()
-    return DaemonFiles(pid=home / "run" / "pool-managerd.pid",
-                       url=home / "run" / "pool-managerd.url",
-                       log=home / "logs" / "pool-managerd.log")
+    run = runtime_dir()
+    return DaemonFiles(pid=run / "pool-managerd.pid", url=run / "pool-managerd.url",
+                       log=rbees_home() / "logs" / "pool-managerd.log")
 
 
 def running_pid() -> int | None:

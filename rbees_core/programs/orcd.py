@@ -18,7 +18,7 @@ import pluggy
 import typer
 from starlette.routing import BaseRoute
 
-from rbees_core.config import rbees_home
+from rbees_core.config import rbees_home, runtime_dir
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.files import private_dir
 from rbees_core.http import Daemon, build_app, daemon_lifespan, daemon_routes
@@ -57,7 +57,7 @@ def create_app(svc: OrchestratorService, started: float | None = None) -> Any:
 
 
 def pid_file() -> Path:
-    return rbees_home() / "run" / "rbees-orcd.pid"
+    return runtime_dir() / "rbees-orcd.pid"
 
 
 async def run(settings: OrcdSettings, host: str, port: int, pm: pluggy.PluginManager) -> int:

@@ -37,7 +37,7 @@ from rbees_core.api.worker import (
     WorkerStateName,
 )
 from rbees_core.backend import Backend, offload_args
-from rbees_core.config import Config, rbees_home
+from rbees_core.config import Config, runtime_dir
 from rbees_core.embedder import Embedder
 from rbees_core.engine import Engine
 from rbees_core.errors import (
@@ -388,7 +388,7 @@ def begin_drain(st: WorkerState) -> None:
 
 
 def pid_file(worker_id: str) -> Path:
-    return rbees_home() / "run" / f"rbees-workerd-{worker_id}.pid"
+    return runtime_dir() / f"rbees-workerd-{worker_id}.pid"
 
 
 async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:

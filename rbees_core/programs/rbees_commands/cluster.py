@@ -41,13 +41,19 @@ def _home() -> Path:
     return rbees_home()
 
 
+def _run() -> Path:
+    from rbees_core.config import runtime_dir
+
+    return runtime_dir()
+
+
 def orchestrator_url() -> str:
     """Where ``rbees`` finds rbees-orcd: RBEES_ORCHESTRATOR_URL, else what ``rbees up`` or
     ``rbees orchestrator start`` recorded, else http://127.0.0.1:8080."""
     env = os.environ.get("RBEES_ORCHESTRATOR_URL")
     if env:
         return env.rstrip("/")
-    recorded = _home() / "run" / "rbees-orcd.url"
+    recorded = _run() / "rbees-orcd.url"
     if recorded.exists():
         return recorded.read_text().strip()
     return f"http://{DEFAULT_ORCD}"
@@ -63,7 +69,7 @@ def _process(name: str) -> Any:
     live ``name`` started before the file was written: a reused pid is never signalled."""
     from rbees_core.processes import pid_file_process
 
-    return pid_file_process(_home() / "run" / f"{name}.pid", name, DAEMONS[name])
+    return pid_file_process(_run() / f"{name}.pid", name, DAEMONS[name])
 
 
 def _pid(name: str) -> int | None:
@@ -101,7 +107,7 @@ def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
 
     _check_free(name, argv[argv.index("--bind") + 1])
     log_path = _home() / "logs" / f"{name}.log"
-    private_dir(_home() / "run")
+    private_dir(_run())
     with open_private(log_path, "ab") as log:
         proc = subprocess.Popen([_exe(name), *argv], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -112,7 +118,7 @@ def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
             raise RbeesError(f"{name} exited at start: " + " | ".join(tail))
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                write_private(_home() / "run" / f"{name}.url", url)
+                write_private(_run() / f"{name}.url", url)
                 return proc.pid
         except httpx.HTTPError:
             pass
@@ -135,7 +141,7 @@ def _stop(name: str, timeout: float) -> int | None:
         time.sleep(0.05)
     if pid_alive(pid):
         raise RbeesError(f"{name} (pid {pid}) still running after {timeout:.0f} s")
-    (_home() / "run" / f"{name}.url").unlink(missing_ok=True)
+    (_run() / f"{name}.url").unlink(missing_ok=True)
     return pid
 
 
@@ -198,7 +204,7 @@ def up(
         raise
     info = {"orchestrator": orcd_url, "pool": pool_url, "pool_id": pools[0]["pool_id"],
             "orchestrator_pid": orcd_pid, "pool_pid": pool_pid, "home": str(_home())}
-    write_private(_home() / "run" / "cluster.json", json.dumps(info))
+    write_private(_run() / "cluster.json", json.dumps(info))
     if fmt is OutputFormat.json:
         print_json(info)
     else:
@@ -223,7 +229,7 @@ def down(pm: pluggy.PluginManager, timeout: float, grace: float, local: bool,
         orcd = _stop("rbees-orcd", timeout)
     except RbeesError as exc:
         orcd, failed = None, [exc.message]
-    (_home() / "run" / "cluster.json").unlink(missing_ok=True)
+    (_run() / "cluster.json").unlink(missing_ok=True)
     failed += [f"{h['host']}: {h['error']}" for h in hosts if h["state"] == "failed"]
     if fmt is OutputFormat.json:
         print_json({"here": here, "hosts": hosts, "rbees_orcd": orcd})
