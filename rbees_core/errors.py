@@ -90,6 +90,27 @@ class UnauthenticatedError(RbeesError):
     status = 401
 
 
+class ForbiddenError(RbeesError):
+    """The credential is valid but its scopes (or model allow-list) do not cover the route."""
+
+    code = "FORBIDDEN"
+    status = 403
+
+
+class RateLimitedError(RbeesError):
+    """An API key's rate limit is spent; answers carry ``Retry-After`` (whole seconds)."""
+
+    code = "RATE_LIMITED"
+    status = 429
+    retriable = True
+
+    def __init__(self, message: str, *, retry_after_s: int,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details={"retry_after_ms": retry_after_s * 1000,
+                                           **(details or {})})
+        self.retry_after = retry_after_s
+
+
 class NotFoundError(RbeesError):
     code = "NOT_FOUND"
     status = 404

@@ -12,6 +12,9 @@ from typing import Any, TextIO
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id",
                                                                        default="-")
+#: The name of the credential of the request being served (an API key's name, ``operator``,
+#: ``pool:<id>``), set by the auth middleware; never the secret itself.
+key_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("key_name", default=None)
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
@@ -30,6 +33,9 @@ class Logger:
             "ts": round(time.time(), 6), "level": level, "component": self.component,
             "event": event, "correlation_id": correlation_id.get(), **fields,
         }
+        key = key_name.get()
+        if key is not None:
+            record.setdefault("key", key)
         self.stream.write(json.dumps(record, default=str) + "\n")
         self.stream.flush()
 

@@ -15,7 +15,7 @@ from rbees_core.schema import json_schema
 
 _ERROR_STATUSES = {
     "400": "invalid request (INVALID_PARAMS)",
-    "401": "missing or wrong bearer token",
+    "401": "missing, wrong, expired or revoked credential",
     "413": "body over 1 MiB",
 }
 
@@ -31,6 +31,9 @@ class Operation:
     sse: bool = False
     errors: dict[str, str] = attrs.field(factory=dict)
     open: bool = False
+    #: what the caller's credential must grant (:data:`rbees_core.auth.ROUTE_SCOPES`);
+    #: admin unless said otherwise, so a new route is closed until someone opens it
+    scope: str = "admin"
 
 
 def document(title: str, version: str, operations: list[Operation]) -> dict[str, Any]:
@@ -56,6 +59,8 @@ def document(title: str, version: str, operations: list[Operation]) -> dict[str,
             statuses.pop("401", None)
         elif "401" not in statuses:
             statuses["401"] = _ERROR_STATUSES["401"]
+        if not op.open:
+            statuses.setdefault("403", f"the credential lacks the {op.scope} scope")
         statuses.update(op.errors)
         for status, text in statuses.items():
             responses[status] = {
@@ -74,6 +79,7 @@ def document(title: str, version: str, operations: list[Operation]) -> dict[str,
             }
         if not op.open:
             entry["security"] = [{"bearer": []}]
+            entry["x-rbees-scope"] = op.scope
         paths.setdefault(op.path, {})[op.method.lower()] = entry
     json_schema(Health, refs)
     return {

@@ -299,6 +299,8 @@ class JobRecord:
     ttft_ms: float | None = None
     stop_reason: StopReason | None = None
     error: JobError | None = None
+    owner: str | None = field(default=None, doc="the name of the API key (or `operator`) "
+                              "that submitted it; null on a daemon without credentials")
 
 
 @attrs.frozen

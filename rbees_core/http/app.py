@@ -32,6 +32,7 @@ from rbees_core.api.common import CORRELATION_ID_PATTERN, MAX_BODY_BYTES
 from rbees_core.errors import (
     InvalidParamsError,
     PayloadTooLargeError,
+    RateLimitedError,
     RbeesError,
     UnavailableError,
     envelope,
@@ -116,6 +117,8 @@ def error_response(exc: RbeesError, path: str = "") -> JSONResponse:
     headers = {"X-Correlation-Id": correlation_id.get()}
     if isinstance(exc, UnavailableError):
         headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, RateLimitedError):
+        headers["Retry-After"] = str(exc.retry_after)
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     shape = error_shape(path)
@@ -161,7 +164,8 @@ class BearerAuthMiddleware:
     """401 ``UNAUTHENTICATED`` unless the request carries the token: ``Authorization:
     Bearer TOKEN`` (rbees' own clients, OpenAI's, Ollama's) or ``x-api-key: TOKEN``
     (Anthropic's clients); /health, /metrics and the web UI's static files are open
-    (:data:`OPEN_PATHS`)."""
+    (:data:`OPEN_PATHS`). Kept for embedders; the
+    daemons use :class:`rbees_core.http.auth.AuthMiddleware` (scopes, keys) instead."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
@@ -222,8 +226,15 @@ def build_app(
     *,
     token: str | None,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    operations: Sequence[Any] | None = None,
+    resolver: Callable[[str], Any] | None = None,
 ) -> ASGIApp:
-    """A starlette app with the envelope handlers, wrapped in auth and correlation ids."""
+    """A starlette app with the envelope handlers, wrapped in auth and correlation ids.
+
+    With a ``token`` (or a ``resolver``: credential -> :class:`~rbees_core.auth.Principal`,
+    rbees-orcd's, which also knows API keys and join tokens), every route but the open
+    ones needs a credential granting the scope its Operation in ``operations`` declares
+    (:mod:`rbees_core.http.auth`); without either, the daemon is open (loopback only)."""
     app = Starlette(
         routes=list(routes),
         lifespan=lifespan,
@@ -234,8 +245,17 @@ def build_app(
         },
     )
     asgi: ASGIApp = app
-    if token:
-        asgi = BearerAuthMiddleware(asgi, token)
+    if resolver is None and token:
+        from rbees_core.http.auth import token_resolver
+
+        resolver = token_resolver(token)
+    if resolver is not None:
+        from rbees_core.auth import RoutePolicy
+        from rbees_core.http.auth import AuthMiddleware
+
+        policy = RoutePolicy(operations or (), routes, open_paths=OPEN_PATHS,
+                             open_prefixes=(OPEN_PREFIX,))
+        asgi = AuthMiddleware(asgi, resolver, policy, error_response)
     return CorrelationMiddleware(asgi)
 
 

@@ -16,9 +16,11 @@ from typing import Any
 import attrs
 
 from rbees_core.api.orchestrator import TaskAccepted, TaskRequest
+from rbees_core.auth import current_principal
 from rbees_core.durations import parse_keep_alive
 from rbees_core.errors import (
     ConflictError,
+    ForbiddenError,
     InvalidParamsError,
     ModelNotFoundError,
     RbeesError,
@@ -98,12 +100,19 @@ class Admission:
         With ``refuse_unknown`` (the ``/v1`` routes, whose clients expect OpenAI's answer
         at once and no job left behind) such a model is refused here instead with
         :class:`ModelNotFoundError` (404 ``model_not_found``)."""
+        asked = request.model
         request = self.canonical(request)
+        principal = current_principal.get()
+        if principal is not None and not (principal.may_use_model(request.model)
+                                          or principal.may_use_model(asked)):
+            raise ForbiddenError(f"the key {principal.name!r} may not use model {asked!r}",
+                                 details={"model": asked, "key": principal.name})
         if refuse_unknown and not self.known_model(request.model):
             raise ModelNotFoundError(f"model {request.model!r} is not in the catalog and no "
                                      "pool has it", details={"model": request.model})
         book = self.book
-        job = new_job(request, correlation_id=correlation_id.get())
+        job = new_job(request, correlation_id=correlation_id.get(),
+                      owner=None if principal is None else principal.name)
         book.admitted[job.job_id] = Admitted(execute_body(job), request.cancel_on_disconnect)
         if request.keep_alive is not None:
             book.keep_alive[job.job_id] = parse_keep_alive(request.keep_alive)

@@ -86,6 +86,7 @@ class NewJob:
     messages: list[dict[str, Any]] | None = None
     correlation_id: str | None = None
     created_at: float | None = None
+    owner: str | None = None  # the submitting key's name (rbees_core.auth)
 
     @property
     def prompt_sha256(self) -> str:
@@ -99,7 +100,8 @@ class NewJob:
 
 
 def new_job(request: TaskRequest, *, job_id: str | None = None,
-            correlation_id: str | None = None, created_at: float | None = None) -> NewJob:
+            correlation_id: str | None = None, created_at: float | None = None,
+            owner: str | None = None) -> NewJob:
     """A :class:`NewJob` for a validated request; chooses the id and, if missing, the seed."""
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     params = {k: getattr(request, k) for k in PARAM_FIELDS}
@@ -112,7 +114,7 @@ def new_job(request: TaskRequest, *, job_id: str | None = None,
     return NewJob(
         job_id=job_id or new_job_id(), model=request.model, priority=request.priority,
         seed=seed, params=params, prompt=request.prompt,
-        messages=messages, correlation_id=correlation_id,
+        messages=messages, correlation_id=correlation_id, owner=owner,
         created_at=time.time() if created_at is None else created_at,
     )
 

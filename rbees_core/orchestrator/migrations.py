@@ -62,8 +62,50 @@ CREATE TABLE decisions (
 ) WITHOUT ROWID;
 """
 
+#: Credentials (rbees_core.auth): a job's owner (the name of the key that submitted it),
+#: API keys (only HMAC-SHA256(salt, secret): the key itself is never stored), and usage per
+#: owner, model and UTC day, kept by a trigger when a job reaches a final status (so no code
+#: path that ends a job can forget it).
+_V3 = """
+ALTER TABLE jobs ADD COLUMN owner TEXT;
+CREATE TABLE api_keys (
+    name        TEXT    PRIMARY KEY,
+    key_id      TEXT    NOT NULL UNIQUE,
+    salt        BLOB    NOT NULL,
+    digest      BLOB    NOT NULL,
+    scopes      TEXT    NOT NULL,
+    models      TEXT,
+    expires_at  REAL,
+    rpm         INTEGER,
+    created_at  REAL    NOT NULL,
+    revoked_at  REAL
+);
+CREATE TABLE usage (
+    owner             TEXT    NOT NULL,
+    model             TEXT    NOT NULL,
+    day               TEXT    NOT NULL,
+    requests          INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, model, day)
+) WITHOUT ROWID;
+CREATE TRIGGER jobs_usage AFTER UPDATE OF status ON jobs
+WHEN NEW.status IN ('completed', 'failed', 'cancelled')
+     AND OLD.status NOT IN ('completed', 'failed', 'cancelled')
+BEGIN
+    INSERT INTO usage (owner, model, day, requests, prompt_tokens, completion_tokens)
+    VALUES (coalesce(NEW.owner, '-'), NEW.model,
+            date(coalesce(NEW.finished_at, NEW.created_at), 'unixepoch'), 1,
+            coalesce(NEW.tokens_in, 0), NEW.tokens_out)
+    ON CONFLICT (owner, model, day) DO UPDATE SET
+        requests = requests + 1,
+        prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = completion_tokens + excluded.completion_tokens;
+END;
+"""
+
 #: The schema's history; version ``len(MIGRATIONS)`` is what this code reads and writes.
-MIGRATIONS: list[str] = [_V1, _V2]
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -26,6 +26,7 @@ import pluggy
 from rbees_core import plugins
 from rbees_core.api.orchestrator import JobList, JobRecord, TaskAccepted, TaskRequest
 from rbees_core.api.pool import PoolHeartbeat
+from rbees_core.auth import current_principal, visible_to
 from rbees_core.config import PlacementConfig
 from rbees_core.durations import parse_keep_alive
 from rbees_core.errors import (
@@ -43,6 +44,8 @@ from rbees_core.orchestrator.book import Book, Following, retrieved
 from rbees_core.orchestrator.channel import Channel
 from rbees_core.orchestrator.dispatcher import Dispatcher
 from rbees_core.orchestrator.downloads import Downloads
+from rbees_core.orchestrator.errors import JobNotFoundError
+from rbees_core.orchestrator.keys import KeyRing
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue
@@ -101,6 +104,7 @@ class OrchestratorService:
         from rbees_core.config import SchedulerConfig
 
         self.store = Store(settings.db_path)
+        self.keys = KeyRing(self.store, settings.token)  # credentials: rbees_core.auth
         self.queue = JobQueue(capacity=settings.capacity, policy=settings.policy,  # type: ignore[arg-type]
                               promote_after_s=settings.promote_after_s)
         self.registry = PoolRegistry(heartbeat_interval_s=settings.heartbeat_interval_s,
@@ -198,13 +202,27 @@ class OrchestratorService:
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job; False when it was already final. Raises
         :class:`~rbees_core.orchestrator.errors.JobNotFoundError`."""
+        await self._visible(job_id)
         return await self.admission.cancel(job_id)
+
+    async def _visible(self, job_id: str) -> JobRecord | None:
+        """Raise ``JobNotFoundError`` when the request's principal may not see the job (an
+        ``inference``-only key and another key's job: it looks absent, as nothing of it may
+        leak); the record when it was read for that."""
+        principal = current_principal.get()
+        if principal is None or principal.sees_all_jobs:
+            return None
+        record = await asyncio.to_thread(self.store.get, job_id)
+        if not visible_to(principal, record.owner):
+            raise JobNotFoundError(f"no job {job_id}", details={"job_id": job_id})
+        return record
 
     async def follow(self, job_id: str, after: int) -> Following:
         """The job's events after event ``after``, then (while it runs here) its live ones:
         what ``GET /v2/tasks/{id}/events`` and the OpenAI endpoints relay. Call
         :meth:`Following.close` when done. Raises
         :class:`~rbees_core.orchestrator.errors.JobNotFoundError` for an unknown job."""
+        await self._visible(job_id)
         following = self.book.follow(job_id, after)
         if following is not None:
             return following
@@ -215,6 +233,7 @@ class OrchestratorService:
     async def cancels_on_disconnect(self, job_id: str) -> bool:
         """Whether the job asked to be cancelled when its events' client goes. Raises
         :class:`~rbees_core.orchestrator.errors.JobNotFoundError` for an unknown job."""
+        await self._visible(job_id)
         admitted = self.book.admitted.get(job_id)
         if admitted is not None and job_id not in self.book.admitting:  # admitted here
             return admitted.cancel_on_disconnect  # no read on the way to the first token
@@ -222,17 +241,25 @@ class OrchestratorService:
         return bool(spec.params.get("cancel_on_disconnect"))
 
     async def job(self, job_id: str) -> JobRecord:
-        """One job's record (no prompt). Raises ``JobNotFoundError``."""
-        return await asyncio.to_thread(self.store.get, job_id)
+        """One job's record (no prompt). Raises ``JobNotFoundError`` (also for another
+        key's job when the request's key has only ``inference``)."""
+        record = await self._visible(job_id)
+        return record if record is not None else await asyncio.to_thread(self.store.get,
+                                                                          job_id)
 
     async def jobs(self, status: str | None, *, limit: int, cursor: str | None) -> JobList:
-        """A page of jobs, newest first; see :meth:`Store.list_jobs` (and what it raises)."""
+        """A page of jobs, newest first; see :meth:`Store.list_jobs` (and what it raises).
+        An ``inference``-only key's page holds its own jobs only."""
+        principal = current_principal.get()
+        owner = None if principal is None or principal.sees_all_jobs else principal.name
         return await asyncio.to_thread(self.store.list_jobs, status, limit=limit,
-                                       cursor=cursor)
+                                       cursor=cursor, owner=owner)
 
     async def decision(self, job_id: str) -> dict[str, Any]:
-        """The scheduler's reasoning for a job; see :meth:`Dispatcher.why`."""
-        return await self.dispatcher.why(job_id)
+        """The scheduler's reasoning for a job (see :meth:`Dispatcher.why`) and ``owner``,
+        the name of the key that submitted it."""
+        record = await self.job(job_id)
+        return {**await self.dispatcher.why(job_id), "owner": record.owner}
 
     # -- pools -----------------------------------------------------------------------------
 

@@ -249,11 +249,12 @@ class Store:
                        correlation_id=cid)
 
     def list_jobs(self, status: str | None = None, *, limit: int = DEFAULT_PAGE,
-                  cursor: str | None = None) -> JobList:
+                  cursor: str | None = None, owner: str | None = None) -> JobList:
         """One page of jobs, newest first (``GET /v2/tasks``).
 
         ``status`` is one status or several separated by commas; ``limit`` is 1..1000;
-        ``cursor`` is a previous page's ``next_cursor``. Raises :class:`InvalidParamsError`
+        ``cursor`` is a previous page's ``next_cursor``; ``owner`` keeps one key's jobs
+        (an ``inference``-only key's view). Raises :class:`InvalidParamsError`
         naming ``status``, ``limit`` or ``cursor``.
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
@@ -267,6 +268,9 @@ class Store:
                 raise InvalidParamsError("status", f"unknown status {bad[0]!r}")
             where.append(f"status IN ({', '.join('?' * len(wanted))})")
             args.extend(wanted)
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
         if cursor is not None:
             # ASCII digits that SQLite's 64-bit INTEGER holds ("²".isdigit() too)
             if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19 \
@@ -317,6 +321,15 @@ class Store:
         for status, n in self._read("SELECT status, count(*) FROM jobs GROUP BY status", ()):
             counts[status] = n
         return counts
+
+    def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``op`` on the write connection (in the writer's transaction) and return its
+        result; for the small tables beside the jobs (API keys: :mod:`.keys`)."""
+        return self._call(op)
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query on this thread's reader connection."""
+        return self._read(sql, args).fetchall()
 
     # -- the writer thread -----------------------------------------------------------------
 

@@ -42,14 +42,14 @@ JOB_COLUMNS = (
     "job_id", "status", "priority", "model", "prompt_sha256", "seed", "created_at",
     "queued_at", "dispatched_at", "started_at", "finished_at", "pool_id", "worker_id",
     "retry_count", "tokens_in", "tokens_out", "ttft_ms", "stop_reason", "error_code",
-    "error_message",
+    "error_message", "owner",
 )
 SELECT_JOB = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"
 SELECT_PAGE = f"SELECT seq, {', '.join(JOB_COLUMNS)} FROM jobs"
 INSERT_JOB = (
     "INSERT INTO jobs (job_id, model, prompt, messages, prompt_sha256, params, priority, "
-    "status, seed, created_at, queued_at, correlation_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)"
+    "status, seed, created_at, queued_at, correlation_id, owner) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"
 )
 INSERT_EVENT = "INSERT INTO events (job_id, event_id, event, data) VALUES (?, ?, ?, ?)"
 _ID = re.compile(ID_PATTERN)
@@ -84,10 +84,10 @@ class Ops:
         digest = job.prompt_sha256
         row = (job.job_id, job.model, job.prompt,
                None if job.messages is None else dumps(job.messages), digest, dumps(job.params),
-               job.priority, job.seed, created, created, job.correlation_id)
+               job.priority, job.seed, created, created, job.correlation_id, job.owner)
         record = JobRecord(job_id=job.job_id, status="queued", priority=job.priority,
                            model=job.model, prompt_sha256=digest, seed=job.seed,
-                           created_at=created, queued_at=created)
+                           created_at=created, queued_at=created, owner=job.owner)
         statements: list[tuple[str, tuple[Any, ...]]] = [(INSERT_JOB, row)]
         for event_id, (name, data) in enumerate(event_pairs(events), start=1):
             statements.append((INSERT_EVENT, (job.job_id, event_id, name, dumps(dict(data)))))

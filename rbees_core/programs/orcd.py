@@ -27,6 +27,7 @@ from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
 from rbees_core.programs import (
     orcd_api,
     orcd_embeddings,
+    orcd_keys,
     orcd_openai,
     orcd_openai_models,
     orcd_pools,
@@ -41,19 +42,28 @@ DEFAULT_BIND = "127.0.0.1:8080"
 def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
     """Every route of rbees-orcd: the daemon's own (health, openapi), its API, the OpenAI
     endpoints, the pool forwarding and the web UI; each route module documents its own."""
-    modules = (orcd_api, orcd_openai, orcd_openai_models, orcd_embeddings, orcd_pools,
-               orcd_web)
-    operations = [op for module in modules for op in module.OPERATIONS]
-    return daemon_routes(PROGRAM, pm, started=started, operations=operations,
-                         routes=[route for module in modules for route in module.routes()])
+    return daemon_routes(PROGRAM, pm, started=started, operations=operations(),
+                         routes=[route for module in MODULES for route in module.routes()])
+
+
+MODULES = (orcd_api, orcd_openai, orcd_openai_models, orcd_embeddings, orcd_pools, orcd_keys,
+           orcd_web)
+
+
+def operations() -> list[Any]:
+    """Every Operation of rbees-orcd's own routes: its OpenAPI document and the scope each
+    route needs (rbees_core.auth; plugin routes take theirs from its prefix table)."""
+    return [op for module in MODULES for op in module.OPERATIONS]
 
 
 def create_app(svc: OrchestratorService, started: float | None = None) -> Any:
     facade: Orchestrator = svc  # what protocol plugins see: mypy checks the service offers it
     del facade
     lifespan = daemon_lifespan(PROGRAM, svc, attr="orcd", start=svc.start, stop=svc.close)
-    return build_app(routes(svc.pm, started or time.monotonic()), token=svc.settings.token,
-                     lifespan=lifespan)
+    token = svc.settings.token
+    return build_app(routes(svc.pm, started or time.monotonic()), token=token,
+                     lifespan=lifespan, operations=operations(),
+                     resolver=svc.keys.resolve if token else None)
 
 
 def pid_file() -> Path:

@@ -139,6 +139,7 @@ async def embeddings(request: Request) -> Response:
 OPERATIONS = [
     openapi.Operation("POST", "/v1/embeddings", "OpenAI embeddings (run on an embedding "
                       "worker, every input in one forward pass when they fit)",
+                      scope="inference",
                       errors={"400": "invalid request (OpenAI error shape)",
                               "404": "unknown model (OpenAI error shape)"}),
 ]

@@ -309,11 +309,11 @@ class _OpenAIStream(JobStream):
 
 
 OPERATIONS = [
-    openapi.Operation("POST", "/v1/chat/completions", "OpenAI chat completions",
+    openapi.Operation("POST", "/v1/chat/completions", "OpenAI chat completions", scope="inference",
                       errors={"400": "invalid request (OpenAI error shape)",
                               "404": "model_not_found", "429": "queue_full",
                               "503": "the model cannot run now"}),
-    openapi.Operation("POST", "/v1/completions", "OpenAI completions",
+    openapi.Operation("POST", "/v1/completions", "OpenAI completions", scope="inference",
                       errors={"400": "invalid request (OpenAI error shape)",
                               "404": "model_not_found", "429": "queue_full",
                               "503": "the model cannot run now"}),

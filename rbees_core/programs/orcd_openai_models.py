@@ -42,8 +42,9 @@ async def model(request: Request) -> Response:
 
 
 OPERATIONS = [
-    openapi.Operation("GET", "/v1/models", "models, OpenAI style, with status"),
-    openapi.Operation("GET", "/v1/models/{model_id}", "one model, OpenAI style",
+    openapi.Operation("GET", "/v1/models", "models, OpenAI style, with status",
+                      scope="jobs"),
+    openapi.Operation("GET", "/v1/models/{model_id}", "one model, OpenAI style", scope="jobs",
                       errors={"404": "model_not_found (OpenAI error shape)"}),
 ]
 

@@ -138,7 +138,7 @@ async def delete_model(request: Request) -> Response:
     return Response(status_code=204)
 
 
-OPERATIONS = [
+_OPERATIONS = [
     openapi.Operation("GET", "/health", "liveness", response=Health, open=True),
     openapi.Operation("GET", "/metrics", "Prometheus metrics", open=True),
     openapi.Operation("GET", "/openapi.json", "this document"),
@@ -161,7 +161,7 @@ OPERATIONS = [
                       response=Accepted, status=202,
                       errors={"404": "no such worker", "400": "bad worker id"}),
     openapi.Operation("POST", "/v2/internal/workers/ready", "a worker's ready callback",
-                      request=ReadyCallback, response=WorkerEntry,
+                      request=ReadyCallback, response=WorkerEntry, scope="worker",
                       errors={"409": "unknown worker or not starting"}),
     openapi.Operation("GET", "/v2/models", "models on this host", response=ModelList),
     openapi.Operation("POST", "/v2/models/download", "download a model (SSE progress)",
@@ -173,6 +173,10 @@ OPERATIONS = [
                       errors={"404": "MODEL_NOT_FOUND", "409": "in use by a worker",
                               "400": "bad model id"}),
 ]
+#: Every route but the open ones and the ready callback is for rbees-orcd and the operator
+#: (the operator token); no client key reaches a pool (rbees_core.auth).
+OPERATIONS = [op if op.open or op.scope == "worker" else attrs.evolve(op, scope="operator")
+              for op in _OPERATIONS]
 
 
 def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
@@ -207,7 +211,7 @@ def create_app(svc: PoolService, started: float | None = None) -> Any:
 
     lifespan = daemon_lifespan(PROGRAM, svc, attr="pool", start=start)
     return build_app(routes(svc.pm, started or time.monotonic()),
-                     token=svc.settings.token, lifespan=lifespan)
+                     token=svc.settings.token, lifespan=lifespan, operations=OPERATIONS)
 
 
 def pid_file() -> Path:

@@ -25,6 +25,7 @@ BUILTINS = (
     ("rbees-pool", "rbees_core.programs.rbees_commands.pool"),
     ("rbees-hosts", "rbees_core.programs.rbees_commands.hosts"),
     ("rbees-scheduler", "rbees_core.programs.rbees_commands.scheduler"),
+    ("rbees-keys", "rbees_core.programs.rbees_commands.keys"),
 )
 
 

@@ -237,7 +237,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-OPERATIONS = [
+_OPERATIONS = [
     openapi.Operation("GET", "/health", "liveness", response=Health, open=True),
     openapi.Operation("GET", "/metrics", "Prometheus metrics", open=True),
     openapi.Operation("GET", "/openapi.json", "this document"),
@@ -255,6 +255,8 @@ OPERATIONS = [
                       response=Accepted, status=202),
     openapi.Operation("POST", "/v2/shutdown", "drain and exit", response=Accepted, status=202),
 ]
+#: A worker serves rbees-orcd and its pool only (the operator token; rbees_core.auth).
+OPERATIONS = [op if op.open else attrs.evolve(op, scope="operator") for op in _OPERATIONS]
 
 
 def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
@@ -275,7 +277,8 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
 
 def create_app(st: WorkerState) -> Any:
     lifespan = daemon_lifespan(PROGRAM, st, attr="worker")
-    return build_app(routes(st.pm, st.started), token=st.settings.token, lifespan=lifespan)
+    return build_app(routes(st.pm, st.started), token=st.settings.token, lifespan=lifespan,
+                     operations=OPERATIONS)
 
 
 def pick_backend(pm: pluggy.PluginManager, name: str, device: str) -> Backend:
