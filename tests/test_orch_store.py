@@ -671,8 +671,9 @@ def test_a_version_1_database_is_migrated(db: Path, clock: Clock) -> None:
         store.record_decision("old", {"chosen": "w1"})  # a version 2 table
         store.admit(new_job(request(), job_id="new", correlation_id="c-1"))
         assert store.spec("new").correlation_id == "c-1"
+        assert store.get("old").owner is None  # version 3: jobs.owner (credentials)
     conn = sqlite3.connect(db)
-    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 2
+    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 3
     conn.close()
 
 
