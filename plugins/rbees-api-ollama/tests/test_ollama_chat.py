@@ -145,6 +145,7 @@ def test_think_keep_alive_and_logprobs_are_taken(client: ollama.Client) -> None:
 @pytest.mark.parametrize(("body", "status"), [
     ({"messages": HI}, 400),
     ({"model": "no-such-model:7b", "messages": HI}, 404),
+    ({"model": "hf:..//x", "messages": HI}, 400),
     ({"model": "smollm2", "messages": "hi"}, 400),
     ({"model": "smollm2", "messages": [{"role": "robot", "content": "x"}]}, 400),
     ({"model": "smollm2", "messages": [{"role": "user", "content": 3}]}, 400),

@@ -132,6 +132,9 @@ def test_pull_streams_progress_then_lists_then_deletes(client: ollama.Client,
     ("POST", "/api/embed", {"model": "smollm2", "input": "a", "dimensions": 0}, 400),
     ("POST", "/api/embeddings", {"model": "smollm2", "prompt": 3}, 400),
     ("POST", "/api/pull", {"model": "no-such-model"}, 404),
+    ("POST", "/api/pull", {"model": "hf:..//x"}, 400),  # no reference: before any download
+    ("POST", "/api/show", {"model": "hf:only-a-repo"}, 400),
+    ("POST", "/api/embed", {"model": "smollm2; rm -rf /", "input": "x"}, 400),
     ("POST", "/api/pull", {"model": "smollm2", "stream": "yes"}, 400),
     ("DELETE", "/api/delete", {"model": "no-such-model"}, 404),
     ("DELETE", "/api/delete", {"model": "smollm2"}, 409),  # a package provides it

@@ -24,6 +24,7 @@ from rbees_core.catalog import configured_catalog
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.http import parse_json, read_body
 from rbees_core.protocols import Orchestrator, orchestrator
+from rbees_core.refs import split_scheme, validate_ref
 
 NDJSON = "application/x-ndjson"
 
@@ -113,11 +114,21 @@ def held_models(request: Request) -> set[str]:
 
 
 def rbees_model(request: Request, name: str) -> str:
-    """The catalog id or reference an Ollama name means (:meth:`Names.to_rbees`)."""
+    """The catalog id or reference an Ollama name means (:meth:`Names.to_rbees`), checked
+    as a reference (its length, no ``..`` or shell syntax, and by its source when it has a
+    scheme): :class:`OllamaError` 400 otherwise, before any job or download."""
     mapping = names(request)
     model = mapping.to_rbees(name)
     if model == name and not mapping.is_ref(name):  # not in the catalog: the pools?
         model = mapping.to_rbees(name, held_models(request))
+    try:
+        validate_ref(model)
+        parts = split_scheme(model)
+        sources = plugins.model_sources(facade(request).pm)
+        if parts is not None and parts[0] in sources:
+            sources[parts[0]].validate_ref(parts[1], "model")
+    except InvalidParamsError as exc:
+        raise invalid(f"model: {exc.message}") from exc
     return model
 
 
