@@ -176,3 +176,16 @@ def test_chat_refusals_are_4xx_in_ollamas_shape(cluster: Cluster, body: dict[str
 def test_generate_refusals_are_400s(cluster: Cluster, body: dict[str, Any]) -> None:
     answer = httpx.post(f"{cluster.url}/api/generate", json=body, timeout=60)
     assert answer.status_code == 400 and set(answer.json()) == {"error"}, answer.text
+
+
+def test_a_prompt_too_long_for_the_context_is_a_400_or_an_error_line(client: ollama.Client
+                                                                      ) -> None:
+    """The worker refuses it once the job runs: before the answer began, a 400; in a stream,
+    the last line is Ollama's ``{"error": ...}``, which the package raises."""
+    long = [{"role": "user", "content": "bees " * 19000}]
+    with pytest.raises(ollama.ResponseError) as plain:
+        client.chat(model="smollm2", messages=long, stream=False)
+    assert plain.value.status_code == 400, plain.value
+    with pytest.raises(ollama.ResponseError) as streamed:
+        list(client.chat(model="smollm2", messages=long, stream=True))
+    assert streamed.value.error
