@@ -159,3 +159,26 @@ def test_the_preflight_honours_the_limit(rbees_pm: pluggy.PluginManager,
     with pytest.raises(InsufficientMemoryError):
         preflight(rbees_pm, req, Held())
     assert memory.DEFAULT_BACKEND == "llamacpp"
+
+
+def test_measurements_survive_a_restart_and_not_a_new_file(
+        rbees_pm: pluggy.PluginManager, smollm2_path: str, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    path = str(tmp_path / "m.gguf")
+    shutil.copy(smollm2_path, path)
+    store = tmp_path / "memory.json"
+    first = Estimates(rbees_pm, store=store)
+    predicted = first.predict(path, backend="llamacpp", device="cpu", slots=1, ctx=None)
+    first.measured(path, backend="llamacpp", device="cpu", slots=1, ctx=None,
+                   memory_bytes=predicted.total_bytes + MIB)
+    again = Estimates(rbees_pm, store=store)  # a restarted pool
+    known = again.estimate(path, backend="llamacpp", device="cpu", slots=1, ctx=None)
+    assert known.measured and known.total_bytes == predicted.total_bytes + MIB
+    os.utime(path, ns=(1, 1))  # another file now (a new download)
+    assert not again.estimate(path, backend="llamacpp", device="cpu", slots=1,
+                              ctx=None).measured
+    store.write_text("not json")
+    assert Estimates(rbees_pm, store=store).estimate(
+        smollm2_path, backend="llamacpp", device="cpu", slots=1, ctx=None).measured is False

@@ -109,10 +109,8 @@ class PoolService:
         from rbees_core.config import load_config
 
         #: models that failed to load too often here (the one owner of these marks)
-        config = load_config().pool
-        self.marks = LoadMarks(config.max_load_failures, canon=catalog_canon(pm))
-        #: memory figures of the preflight and the listing; ``[pool] memory_limit``
-        self.estimates = memory.Estimates(pm, limit=config.memory_limit_bytes())
+        self.marks = LoadMarks(load_config().pool.max_load_failures, canon=catalog_canon(pm))
+        self.estimates = memory.Estimates.for_pool(pm)  # the preflight and listing figures
         #: set to send the next heartbeat now (a mark was set or cleared)
         self.beat_now = asyncio.Event()
 

@@ -22,6 +22,8 @@ estimates for its model file on that device kind (:meth:`Estimates.measured`).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 from collections.abc import Iterable
@@ -35,6 +37,7 @@ from rbees_core import plugins
 from rbees_core.api.pool import CpuEntry, GpuEntry
 from rbees_core.backend import MemoryEstimate
 from rbees_core.errors import ModelLoadError, RbeesError
+from rbees_core.files import write_private
 
 Device = TypeVar("Device", GpuEntry, CpuEntry)
 #: the backend a scheduler's start decision gets (it names none): models are reported
@@ -118,6 +121,13 @@ def device_memory(pm: pluggy.PluginManager, device: str
     return None, None, "unified" if kind in ("metal", "mps") else "vram"
 
 
+def store_path() -> Path:
+    """Where a pool keeps its measurements: ``$RBEES_HOME/memory.json``."""
+    from rbees_core.config import rbees_home
+
+    return rbees_home() / "memory.json"
+
+
 def _key_kind(device: str) -> str:
     return device.partition(":")[0]
 
@@ -130,6 +140,9 @@ class Measured:
     memory_bytes: int
     slots: int
     ctx: int | None
+    #: the file's size and mtime then: a measurement of another file is not used
+    size: int = 0
+    mtime_ns: int = 0
 
 
 class Estimates:
@@ -137,16 +150,45 @@ class Estimates:
 
     Thread-safe (the preflight runs in a worker thread). A prediction is cached by (file,
     its size and mtime, backend, device kind, slots, context, embedding); a measurement by
-    (file, backend, device kind, embedding).
+    (file, backend, device kind, embedding), kept in ``store`` (JSON, when given:
+    ``$RBEES_HOME/memory.json`` for pool-managerd and ``rbees-pool status``) so that a
+    restarted pool still knows it.
     """
 
-    def __init__(self, pm: pluggy.PluginManager, *, limit: int | None = None) -> None:
+    def __init__(self, pm: pluggy.PluginManager, *, limit: int | None = None,
+                 store: Path | None = None) -> None:
         self.pm = pm
         #: ``[pool] memory_limit`` in bytes (None: none)
         self.limit = limit
+        self.store = store
         self._lock = threading.Lock()
         self._predicted: dict[tuple[Any, ...], MemoryEstimate] = {}
-        self._measured: dict[tuple[str, str, str, bool], Measured] = {}
+        self._measured: dict[tuple[str, str, str, bool], Measured] = self._load()
+
+    @classmethod
+    def for_pool(cls, pm: pluggy.PluginManager) -> Estimates:
+        """The estimates of this home's pool: ``[pool] memory_limit``, measurements kept in
+        :func:`store_path` (pool-managerd, ``rbees-pool status``)."""
+        from rbees_core.config import load_config
+
+        return cls(pm, limit=load_config().pool.memory_limit_bytes(), store=store_path())
+
+    def _load(self) -> dict[tuple[str, str, str, bool], Measured]:
+        """The measurements in :attr:`store` (none when it is missing or unreadable)."""
+        try:
+            rows = json.loads(self.store.read_text(encoding="utf-8")) if self.store else []
+            return {(str(r["path"]), str(r["backend"]), str(r["kind"]), bool(r["embedding"])):
+                    Measured(**r["measured"]) for r in rows}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        rows = [{"path": k[0], "backend": k[1], "kind": k[2], "embedding": k[3],
+                 "measured": attrs.asdict(m)} for k, m in self._measured.items()]
+        with contextlib.suppress(OSError):
+            write_private(self.store, json.dumps(rows, indent=1) + "\n")
 
     def predict(self, path: str, *, backend: str, device: str, slots: int, ctx: int | None,
                 embedding: bool = False) -> MemoryEstimate:
@@ -189,7 +231,8 @@ class Estimates:
                                  embedding=embedding)
         with self._lock:
             seen = self._measured.get((path, backend, _key_kind(device), embedding))
-        if seen is None:
+        stat = os.stat(path)
+        if seen is None or (seen.size, seen.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
             return predicted
         base = self.predict(path, backend=backend, device=device, slots=seen.slots,
                             ctx=seen.ctx, embedding=embedding)
@@ -199,11 +242,17 @@ class Estimates:
     def measured(self, path: str, *, backend: str, device: str, slots: int, ctx: int | None,
                  memory_bytes: int, embedding: bool = False) -> None:
         """Record what a ready worker reports holding (pool-managerd's ready callback)."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return
         if memory_bytes <= 0:
             return
         with self._lock:
             self._measured[(path, backend, _key_kind(device), embedding)] = Measured(
-                memory_bytes=memory_bytes, slots=slots, ctx=ctx)
+                memory_bytes=memory_bytes, slots=slots, ctx=ctx, size=stat.st_size,
+                mtime_ns=stat.st_mtime_ns)
+            self._save()
 
     def offered(self, entry: Device, held: Held) -> Device:
         """A GPU or the CPU entry of the inventory as its pool reports it: its memory

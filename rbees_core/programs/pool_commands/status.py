@@ -35,7 +35,6 @@ def pool_state(pm: pluggy.PluginManager) -> tuple[dict[str, Any], list[str]]:
 
     import attrs
 
-    from rbees_core.config import load_config
     from rbees_core.pool import inventory, memory, models
     from rbees_core.pool.load_marks import read_marks
     from rbees_core.pool.workers import held_by_records
@@ -43,7 +42,7 @@ def pool_state(pm: pluggy.PluginManager) -> tuple[dict[str, Any], list[str]]:
     host = socket.gethostname()
     devices = inventory.collect(pm)
     # the figures pool-managerd reports, by the rule of the preflight (rbees_core.pool.memory)
-    estimates = memory.Estimates(pm, limit=load_config().pool.memory_limit_bytes())
+    estimates = memory.Estimates.for_pool(pm)
     offered = inventory.Inventory(
         gpus=[estimates.offered(g, held_by_records(g.device)) for g in devices.gpus],
         cpu=None if devices.cpu is None else estimates.offered(devices.cpu,
