@@ -5,6 +5,7 @@ from the loopback hub (the real SmolLM2 file), delete, and refusals in Ollama's 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 from rbees_core.testing.hub import FakeHub
 from tests.test_orcd import Cluster, up
-from tests.test_orcd_pull import FILE, REF, REPO, hub  # noqa: F401 (a fixture)
+from tests.test_orcd_pull import FILE, REF, REPO, cdn_gets, hub  # noqa: F401 (a fixture)
 
 #: a catalog id of the test catalog whose source is the hub's file
 PULLED = "smol-hub"
@@ -119,6 +120,35 @@ def test_pull_streams_progress_then_lists_then_deletes(client: ollama.Client,
     with pytest.raises(ollama.ResponseError) as missing:
         client.delete(PULLED)
     assert missing.value.status_code == 404
+
+
+def test_a_pull_joins_the_download_a_first_chat_started(cluster: Cluster, client: ollama.Client,
+                                                       hub: FakeHub) -> None:  # noqa: F811
+    """Pull on first use and an explicit pull share rbees-orcd's downloads: one download."""
+    ref = f"hf:{REPO}/copy-{FILE}"  # a reference no pool holds
+    before = cdn_gets(hub)
+    answers: list[int] = []
+
+    def first_chat() -> None:
+        answers.append(httpx.post(f"{cluster.url}/api/chat", timeout=300, json={
+            "model": ref, "stream": False, "messages": [{"role": "user", "content": "Hi"}],
+            "options": {"num_predict": 2}, "keep_alive": 0}).status_code)
+
+    chat = threading.Thread(target=first_chat, daemon=True)
+    chat.start()
+    time.sleep(0.3)
+    statuses = [p.status for p in client.pull(ref, stream=True)]
+    chat.join(300)
+    assert statuses[-1] == "success" and answers == [200], (statuses, answers)
+    assert cdn_gets(hub) - before == 1
+    deadline = time.monotonic() + 30
+    while True:  # a loaded model is a 409; keep_alive 0 unloads it right after the chat
+        try:
+            client.delete(ref)
+            break
+        except ollama.ResponseError as exc:
+            assert exc.status_code == 409 and time.monotonic() < deadline, exc
+            time.sleep(0.5)
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), [
