@@ -14,8 +14,13 @@
       the job admitted first after them, before the schedule, is decided over all of them
       and its latency printed under the table)
 
-  (p) client protocols (issue 24, bench/protocols.py): on one warm worker, each protocol's
-      streamed chat against OpenAI's: the added time to first token (target <= 1 ms)
+  (p) protocol adapters (issue 24, bench/protocols.py), each where its plugin is installed
+      (Anthropic's Messages, OpenAI's Responses, Ollama's /api/chat) against OpenAI's chat
+      completions: (p1, judged) each adapter's own cost, rbees-orcd's app in process over a
+      stub orchestrator whose job answers at once; (p2) the same streamed chat on one warm
+      SmolLM2 worker of a real cluster, rounds in rotating order, time to the first answer
+      text (median of the rounds' differences; tens of ms of noise on a busy machine)
+
   (s) side by side (issue 21, bench/cluster_speed.py): after a plain ``rbees up``, one stream
       and four concurrent streams through rbees-orcd's OpenAI chat endpoint against the
       worker direct and llama.cpp's llama-server -np 4 (bench/.llama-server, built by
@@ -29,7 +34,8 @@ p99 (this VM stalls now and then for tens of ms; one stall moves one run's p99).
 runs --repeat times in a row; every run is reported, with "holds in k of n".
 Usage: python bench/orchestrator.py [--runs 25] [--tokens 64] [--seconds 5] [--repeat 3]
                                     [--skip-overhead] [--skip-admission] [--skip-speed]
-                                    [--skip-protocols] [--protocol-runs 30]
+                                    [--skip-protocols] [--protocol-runs 25]
+                                    [--protocol-tokens 16]
                                     [--speed-tokens 128] [--speed-runs 3]
                                     [--llama-server PATH] [--quick]
 """
@@ -55,7 +61,7 @@ import attrs
 import cluster_speed  # bench/cluster_speed.py, beside this file
 import httpx
 from openloop import closed_loop, open_loop, request_bytes  # bench/openloop.py, beside this file
-from protocols import bench_protocols  # bench/protocols.py, beside this file
+from protocols import bench_adapter_costs, bench_protocols  # bench/protocols.py, beside this file
 from sidebyside import BUSY_REFUSALS, find_llama_server, header, load_note, report
 
 from rbees_core.testing import find_free_port, wait_http
@@ -401,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-admission", action="store_true", help="no (b) and (c)")
     parser.add_argument("--skip-speed", action="store_true", help="no (s)")
     parser.add_argument("--skip-protocols", action="store_true", help="no (p)")
-    parser.add_argument("--protocol-runs", type=int, default=30, help="rounds of (p)")
+    parser.add_argument("--protocol-runs", type=int, default=25, help="rounds of (p)")
+    parser.add_argument("--protocol-tokens", type=int, default=16,
+                        help="tokens per chat in (p)")
     parser.add_argument("--speed-tokens", type=int, default=128, help="tokens per answer in (s)")
     parser.add_argument("--speed-runs", type=int, default=3, help="samples per case in (s)")
     parser.add_argument("--threads", type=int, default=2,
@@ -425,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
                   "schedule (the dispatcher decides it over all of them): "
                   + ", ".join(f"{x:.1f}" for x in FIRST_DECISION_MS) + " ms, one per run.")
     if not args.skip_protocols:
-        print("\n## (p) client protocols against the OpenAI path, one warm worker\n")
-        print("\n".join(bench_protocol_overhead(args.protocol_runs, args.tokens)))
+        print("\n## (p) protocol adapters on a warm worker (issue 24)\n")
+        print("\n".join(bench_adapter_costs(args.protocol_runs)) + "\n")
+        print("\n".join(bench_protocol_overhead(args.protocol_runs, args.protocol_tokens)))
     if not args.skip_speed:
         print()
         bench_speed(args)

@@ -72,3 +72,14 @@ def test_worker_bench_runs_quickly_against_a_real_worker() -> None:
     assert "| Wg | rbees-workerd" in out.stdout  # issue 23's grammar row
     assert "failed" not in out.stderr, out.stderr
     assert "## Acceptance, every run (issue 21)" in out.stdout
+
+
+def test_protocol_adapter_bench_runs_every_installed_protocol() -> None:
+    """Section (p1) of bench/orchestrator.py in one round: every protocol answers through
+    rbees-orcd's real app over the stub orchestrator, and each row is judged."""
+    from protocols import REFERENCE, bench_adapter_costs
+
+    lines = bench_adapter_costs(1)
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert rows[0].startswith(f"| {REFERENCE} |")
+    assert all(row.endswith(("| yes |", "| NO |")) for row in rows[1:]), rows
