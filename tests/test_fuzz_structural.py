@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 import httpx
 import pytest
+from starlette.routing import Route
 
 from rbees_core import plugins
 from rbees_core.programs import orcd, pool_managerd, workerd
@@ -96,6 +97,41 @@ def _fire(program: str, url: str, targets: list[Target],
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
+def _protocol_examples() -> dict[tuple[str, str], list[Any]]:
+    """Valid bodies of the protocol plugins' routes (those installed), for an unknown model:
+    Anthropic's Messages, OpenAI's Responses."""
+    tools = [{"name": "add", "description": "a + b", "input_schema": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}]
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "add",
+                                               "input": {"a": 1}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1",
+                                          "content": "2"}]}]
+    items = [{"role": "developer", "content": "Be brief."},
+             {"type": "function_call", "call_id": "c1", "name": "add", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "2"}]
+    examples: dict[tuple[str, str], list[Any]] = {
+        ("POST", "/v1/messages"): [
+            {"model": MISSING_MODEL, "max_tokens": 2, "system": "Be brief.", "messages": chat,
+             "tools": tools, "tool_choice": {"type": "auto"}, "stop_sequences": ["."]},
+            {"model": MISSING_MODEL, "max_tokens": 2, "stream": True, "temperature": 0,
+             "messages": [{"role": "user", "content": "Hi"}],
+             "thinking": {"type": "enabled", "budget_tokens": 16}}],
+        ("POST", "/v1/messages/count_tokens"): [
+            {"model": MISSING_MODEL, "messages": [{"role": "user", "content": "Hi"}]}],
+        ("POST", "/v1/responses"): [
+            {"model": MISSING_MODEL, "input": "Hi", "instructions": "Be brief.",
+             "max_output_tokens": 2, "temperature": 0},
+            {"model": MISSING_MODEL, "input": items, "stream": True, "tool_choice": "auto",
+             "tools": [{"type": "function", "name": "add", "parameters": {"type": "object"}}],
+             "text": {"format": {"type": "json_object"}}}],
+    }
+    served = {(m, r.path) for r in orcd.routes(plugins.make_manager(plugins.builtin_plugins()),
+                                                time.monotonic())
+              if isinstance(r, Route) for m in (r.methods or ())}
+    return {key: bodies for key, bodies in examples.items() if key in served}
+
+
 def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url: str) -> None:
     deadline = time.monotonic() + 30
     while httpx.get(f"{orcd_url}/v2/pools/{POOL}", headers=AUTH).status_code != 200:
@@ -115,6 +151,7 @@ def test_orcd_survives_structural_attacks_on_every_route(orcd_url: str, pool_url
              "stream_options": {"include_usage": True}, "n": 2, "stop": ".", "seed": 3}],
         ("POST", "/v1/completions"): [{"model": MISSING_MODEL, "prompt": "Hi",
                                        "max_tokens": 2, "temperature": 0}],
+        **_protocol_examples(),
         ("POST", "/v2/pools/{pool_id}/heartbeat"): [beat],
         ("POST", "/v2/pools/{pool_id}/workers"): [{"model_ref": MISSING_MODEL, "slots": 1,
                                                    "device": "cpu", "ctx": 512}],

@@ -74,3 +74,22 @@ def test_a_registered_error_shape_answers_for_its_room_and_the_room_itself() -> 
     assert openai is not None and openai(401, "no", "UNAUTHENTICATED", None)["error"][
         "type"] == "authentication_error"
     assert error_shape("/v2/tasks") is None
+
+
+def test_the_fuzz_checks_each_protocols_own_error_shape() -> None:
+    import httpx
+    import pytest
+
+    from rbees_core.testing.fuzz.runner import check_answer
+
+    register_error_shape("/v1/test-fuzz/", lambda status, message, code, field: {
+        "type": "error", "error": {"type": "invalid_request_error", "message": message}})
+    mine = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}
+    check_answer(httpx.Response(400, json=mine), "/v1/test-fuzz")
+    openai = {"error": {"message": "bad", "type": "invalid_request_error", "param": None,
+                        "code": None}}
+    check_answer(httpx.Response(400, json=openai), "/v1/chat/completions")
+    with pytest.raises(AssertionError):
+        check_answer(httpx.Response(400, json=openai), "/v1/test-fuzz/x")
+    with pytest.raises(AssertionError):
+        check_answer(httpx.Response(400, json=mine), "/v1/chat/completions")

@@ -11,6 +11,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 
 from rbees_core import sse
+from rbees_core.http import error_shape
 from rbees_core.testing.fuzz.attacks import BODY_METHODS, Attack, Target, attacks, sweep
 
 #: How many times the attacks of a route without a body a route with one gets.
@@ -36,23 +37,31 @@ def _check_stream(text: str, path: str) -> None:
 
 def check_answer(response: httpx.Response, path: str) -> None:
     """Assert the contract for one answer: below 500, and every error in its envelope --
-    OpenAI's ``{"error": {message, type, param, code}}`` under ``/v1/``, rbees' ``{"error":
-    {code, message, retriable, correlation_id}}`` (the id echoed in ``X-Correlation-Id``)
-    elsewhere; a 200 event stream ends with no error but :data:`STREAM_ERRORS_OK` (what a
-    daemon accepts it must serve). Raises AssertionError."""
+    under a client protocol's prefix its shape's (:func:`rbees_core.http.error_shape`:
+    OpenAI's ``{"error": {message, type, param, code}}`` under ``/v1/``, the shapes plugins
+    register for theirs), rbees' ``{"error": {code, message, retriable, correlation_id}}``
+    (the id echoed in ``X-Correlation-Id``) elsewhere; a 200 event stream ends with no error
+    but :data:`STREAM_ERRORS_OK` (what a daemon accepts it must serve). Raises
+    AssertionError."""
     assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
     if response.status_code < 400:
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             _check_stream(response.text, path)
         return
     try:
-        error = response.json()["error"]
+        body = response.json()
+        error = body["error"]
     except (ValueError, KeyError, TypeError) as exc:
         raise AssertionError(f"{response.status_code} without an envelope: "
                              f"{response.text[:300]!r}") from exc
-    if path.startswith("/v1/"):
-        assert set(error) == {"message", "type", "param", "code"}, error
-        assert isinstance(error["message"], str) and error["message"], error
+    shape = error_shape(path.split("?", 1)[0])
+    if shape is not None:  # a client protocol's: the keys its shape has, a message
+        expected = shape(response.status_code, "m", "INVALID_PARAMS", None)
+        assert set(body) == set(expected), body
+        if isinstance(expected["error"], dict):
+            assert set(error) == set(expected["error"]), error
+            error = error["message"]
+        assert isinstance(error, str) and error, body
         return
     assert isinstance(error["code"], str) and error["code"].isupper(), error
     assert isinstance(error["message"], str) and error["message"], error
