@@ -11,12 +11,14 @@ resolves, 403 when the principal's scopes do not cover the route, 429 when its r
 Credentials:
 
 - the **operator token** (today's token file, ``--api-token-file`` / ``RBEES_API_TOKEN_FILE``,
-  made 0600 by ``rbees up``): every scope, on every daemon; the first admin credential and
-  the one rbees-orcd uses towards pools and workers;
+  made 0600 by ``rbees up``): every scope, on every daemon; the first admin credential;
 - an **API key** ``rbk_<id>_<secret>`` (``rbees keys create``): scopes among
   :data:`KEY_SCOPES`, never ``pool``; only rbees-orcd knows keys;
 - a **pool join token** ``rbj_<pool_id>_<mac>`` (``rbees pools join-token``): scope ``pool``
-  for that one pool id: its heartbeats and its deregistration, nothing else.
+  for that one pool id: its heartbeats and its deregistration, nothing else;
+- a pool's **control token** ``rbc_<mac>`` (:func:`control_token`): what rbees-orcd sends
+  that pool and its workers; derived from the join token, so a pool that holds only its join
+  token can check it; unknown to rbees-orcd's own routes and to clients.
 
 Hashing: a key is 256 random bits, so a slow password KDF (scrypt, argon2) buys nothing
 against guessing, while it would cost milliseconds on every request. The store keeps
@@ -145,6 +147,23 @@ def join_token(operator_token: str, pool_id: str) -> str:
     """The join token of ``pool_id`` (``rbees pools join-token``)."""
     mac = hmac.new(operator_token.encode(), f"join:{pool_id}".encode(), hashlib.sha256)
     return f"{JOIN_PREFIX}{pool_id}_{mac.hexdigest()}"
+
+
+CONTROL_PREFIX = "rbc_"
+
+
+def control_token(join: str) -> str:
+    """The credential rbees-orcd sends to the pool that holds join token ``join`` and to its
+    workers: ``rbc_`` + ``HMAC-SHA256(join, "control")``. The pool computes it from its join
+    token (or from the operator token and its id: :func:`pool_control_token`); no client
+    holds it, and it opens nothing on rbees-orcd."""
+    mac = hmac.new(join.encode(), b"control", hashlib.sha256)
+    return f"{CONTROL_PREFIX}{mac.hexdigest()}"
+
+
+def pool_control_token(operator_token: str, pool_id: str) -> str:
+    """:func:`control_token` of ``pool_id``'s join token: what rbees-orcd sends that pool."""
+    return control_token(join_token(operator_token, pool_id))
 
 
 def check_join_token(operator_token: str, credential: str) -> Principal | None:

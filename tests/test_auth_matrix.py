@@ -23,8 +23,9 @@ import httpx
 import pytest
 
 from rbees_core import plugins
-from rbees_core.auth import join_token
+from rbees_core.auth import join_token, pool_control_token
 from rbees_core.http import build_app
+from rbees_core.http.auth import token_resolver
 from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
 from rbees_core.programs import orcd, pool_managerd, workerd
@@ -33,12 +34,12 @@ from rbees_core.testing import lifespan
 TOKEN = "operator-token-0123456789abcdef"
 OK = "ok"
 CREDENTIALS = ("none", "wrong", "expired", "inference", "read", "admin", "operator",
-               "join", "join_other", "worker")
+               "join", "join_other", "control", "worker")
 
 #: class -> credential -> answer. ``join`` is pool p1's join token (the paths use p1),
-#: ``join_other`` pool p2's; ``worker`` is a credential a pool would hand its workers (no
-#: client-facing daemon accepts one: there is no worker token on rbees-orcd).
-_NONE = {"none": 401, "wrong": 401, "expired": 401, "worker": 401}
+#: ``join_other`` pool p2's; ``control`` the control token rbees-orcd sends pool p1 and its
+#: workers (it opens nothing on rbees-orcd); ``worker`` a made-up worker token.
+_NONE = {"none": 401, "wrong": 401, "expired": 401, "worker": 401, "control": 401}
 ANSWERS: dict[str, dict[str, Any]] = {
     "open": dict.fromkeys(CREDENTIALS, OK),
     "inference": {**_NONE, "inference": OK, "read": 403, "admin": OK, "operator": OK,
@@ -53,9 +54,9 @@ ANSWERS: dict[str, dict[str, Any]] = {
              "join": OK, "join_other": 403},
     "pool_admin": {**_NONE, "inference": 403, "read": 403, "admin": OK, "operator": OK,
                    "join": OK, "join_other": 403},
-    # pool-managerd and workers know the operator token only: keys and join tokens are
-    # unknown there (401), whatever their scope
-    "operator_only": {**dict.fromkeys(CREDENTIALS, 401), "operator": OK},
+    # pool-managerd and workers know the operator token and their pool's control token
+    # only: keys and join tokens are unknown there (401), whatever their scope
+    "operator_only": {**dict.fromkeys(CREDENTIALS, 401), "operator": OK, "control": OK},
 }
 
 #: Every route of rbees-orcd (its own and its plugins') -> its class.
@@ -174,6 +175,7 @@ async def make_keys(svc: OrchestratorService) -> dict[str, str]:
     keys = svc.keys
     creds = {"wrong": "rbk_000000000000_not-a-key", "operator": TOKEN,
              "join": join_token(TOKEN, "p1"), "join_other": join_token(TOKEN, "p2"),
+             "control": pool_control_token(TOKEN, "p1"),
              "worker": "rbw_w-none_made-up-worker-token"}
     for scope in ("inference", "read", "admin"):
         creds[scope] = (await asyncio.to_thread(keys.create, scope, [scope]))[1]
@@ -210,20 +212,23 @@ async def test_anthropic_clients_send_the_key_as_x_api_key(
 
 
 @pytest.mark.parametrize("daemon", ["pool-managerd", "rbees-workerd"])
-async def test_every_route_of_pools_and_workers_takes_the_operator_token_only(
+async def test_every_route_of_pools_and_workers_takes_the_operator_or_control_token(
         daemon: str) -> None:
-    """Pool and worker routes with the operator token only: no client key, join token or
-    made-up worker token opens any of them. The apps run without their service (an ``OK``
-    cell is the handler's 500 here: auth let it through)."""
+    """Pool and worker routes with the operator token and the pool's control token only
+    (as their app factories set them up): no client key, join token or made-up worker
+    token opens any of them. The apps run without their service (an ``OK`` cell is the
+    handler's 500 here: auth let it through)."""
     pm = plugins.make_manager(plugins.builtin_plugins())
     module: Any = pool_managerd if daemon == "pool-managerd" else workerd
     classes = POOL_ROUTES if daemon == "pool-managerd" else WORKER_ROUTES
     route_list = module.routes(pm, 0.0)
-    app = build_app(route_list, token=TOKEN, operations=module.OPERATIONS)
+    control = pool_control_token(TOKEN, "p1")
+    app = build_app(route_list, token=TOKEN, operations=module.OPERATIONS,
+                    resolver=token_resolver(TOKEN, control))
     creds = {"wrong": "not-the-token", "operator": TOKEN, "inference": "rbk_a_b",
              "read": "rbk_c_d", "admin": "rbk_e_f", "expired": "rbk_g_h",
              "join": join_token(TOKEN, "p1"), "join_other": join_token(TOKEN, "p2"),
-             "worker": "rbw_w-none_made-up-worker-token"}
+             "control": control, "worker": "rbw_w-none_made-up-worker-token"}
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://d.test") as client:
         wrong = await walk(client, table(route_list), classes, creds)

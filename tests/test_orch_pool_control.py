@@ -30,7 +30,10 @@ def real_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     token_file = tmp / "token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
-    pool = start_pool(tmp / "home", "--api-token-file", str(token_file), token=TOKEN)
+    # registered below as p1: rbees-orcd reaches a pool with that pool id's control token
+    # (rbees_core.auth), so the pool must be p1 too
+    pool = start_pool(tmp / "home", "--pool-id", "p1", "--api-token-file", str(token_file),
+                      token=TOKEN)
     yield pool
     stop_pool(pool)
 

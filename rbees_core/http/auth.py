@@ -35,10 +35,14 @@ from rbees_core.log import key_name
 Resolver = Callable[[str], Principal | None]
 
 
-def token_resolver(token: str) -> Resolver:
-    """The resolver of a daemon that knows one secret, the operator token."""
+def token_resolver(*tokens: str | None) -> Resolver:
+    """The resolver of a pool or a worker: each of ``tokens`` (the operator token, the
+    pool's control token: :func:`rbees_core.auth.control_token`) opens every route."""
+    known = [t for t in tokens if t]
+
     def resolve(credential: str) -> Principal | None:
-        return OPERATOR_PRINCIPAL if same_secret(credential, token) else None
+        hits = [same_secret(credential, t) for t in known]  # all compared: constant time
+        return OPERATOR_PRINCIPAL if any(hits) else None
     return resolve
 
 

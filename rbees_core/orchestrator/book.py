@@ -31,6 +31,14 @@ def retrieved(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+def credential_for(token: str | None, pool_id: str) -> str | None:
+    """The credential rbees-orcd sends to pool ``pool_id`` and its workers: the pool's
+    control token, derived from the operator ``token`` (None without one)."""
+    from rbees_core.auth import pool_control_token
+
+    return None if token is None else pool_control_token(token, pool_id)
+
+
 def request_headers(token: str | None) -> dict[str, str]:
     """Headers of a request to a pool or a worker: the token, and the correlation id of
     the request being served (when there is one)."""

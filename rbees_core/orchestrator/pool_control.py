@@ -25,7 +25,7 @@ import httpx
 from rbees_core.api.pool import PoolHeartbeat, WorkerStartRequest
 from rbees_core.errors import ConflictError, HostUnreachableError, NotFoundError, RbeesError
 from rbees_core.log import Logger
-from rbees_core.orchestrator.book import Book, request_headers
+from rbees_core.orchestrator.book import Book, credential_for, request_headers
 from rbees_core.orchestrator.keepalive import KeepAlive
 from rbees_core.orchestrator.registry import PoolEntry, PoolRegistry
 from rbees_core.placement import worker_defaults
@@ -301,7 +301,7 @@ class PoolControl:
         if entry is None or not entry.state.url:
             return None
         return HttpPoolClient(entry.state.url, name=pool_id, client=self.client,
-                              headers=self.headers)
+                              headers=lambda: self.headers(pool_id))
 
     async def idle_loop(self) -> None:
         """Stop every worker whose keep-alive has ended (see :mod:`.keepalive`)."""
@@ -338,14 +338,17 @@ class PoolControl:
         url = self.url(pool_id)
         timeout = httpx.Timeout(POOL_TIMEOUT_S, read=None) if stream else POOL_TIMEOUT_S
         request = self.client.build_request(method, f"{url}{path}", json=body,
-                                            headers=self.headers(), timeout=timeout)
+                                            headers=self.headers(pool_id), timeout=timeout)
         try:
             return await self.client.send(request, stream=stream)
         except httpx.HTTPError as exc:
             raise unreachable(pool_id, url, exc) from exc
 
-    def headers(self) -> dict[str, str]:
-        return request_headers(self.token)
+    def headers(self, pool_id: str) -> dict[str, str]:
+        """What a request to pool ``pool_id`` (or one of its workers) carries: that pool's
+        control token (rbees_core.auth; never the operator token, which stays here) and
+        the correlation id."""
+        return request_headers(credential_for(self.token, pool_id))
 
     async def retry_model(self, model: str, pool_id: str | None = None
                           ) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import httpx
 
 from rbees_core.errors import RbeesError
 from rbees_core.log import Logger
-from rbees_core.orchestrator.book import Book, Run, request_headers
+from rbees_core.orchestrator.book import Book, Run, credential_for, request_headers
 from rbees_core.orchestrator.channel import Channel
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
@@ -81,7 +81,8 @@ class Runner:
         """The job's request to its worker (not sent yet): ``/v2/embed`` for an embedding
         job, else ``/v2/execute``; both answer with the job's events."""
         path = "/v2/embed" if "input" in body else "/v2/execute"
-        return self.upstream.post(f"{run.uri}{path}", body, request_headers(self.token))
+        return self.upstream.post(f"{run.uri}{path}", body,
+                                  request_headers(credential_for(self.token, run.pool_id)))
 
     async def _run(self, run: Run) -> None:
         admitted = self.book.admitted.get(run.job_id)
@@ -320,7 +321,8 @@ class Runner:
     async def _tell_worker_cancel(self, run: Run) -> None:
         with contextlib.suppress(httpx.HTTPError):
             await self.client.post(f"{run.uri}/v2/cancel", json={"job_id": run.job_id},
-                                   headers=request_headers(self.token), timeout=5)
+                                   headers=request_headers(
+                                       credential_for(self.token, run.pool_id)), timeout=5)
 
     # -- writing tokens in batches ---------------------------------------------------------
 

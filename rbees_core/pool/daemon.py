@@ -32,7 +32,7 @@ from rbees_core.api.pool import (
 from rbees_core.api.worker import ReadyCallback
 from rbees_core.errors import ConflictError, ModelLoadError, NotFoundError, RbeesError
 from rbees_core.log import Logger
-from rbees_core.pool import cores, memory, workers
+from rbees_core.pool import cores, credentials, memory, workers
 from rbees_core.pool.load_marks import (
     LoadMarks,
     ModelMarkedFailedError,
@@ -51,6 +51,9 @@ class PoolSettings:
     orchestrator: str | None = None
     token: str | None = None
     token_file: str | None = None
+    #: this pool's join token (``rbees pools join-token``): its heartbeats carry it instead
+    #: of the operator token, and the pool may run without the operator token at all
+    join_token: str | None = None
     health_interval_s: float = 2.0
     heartbeat_interval_s: float = 5.0
     ready_timeout_s: float = 60.0
@@ -161,14 +164,18 @@ class PoolService:
             try:
                 await self._client.delete(
                     f"{self.settings.orchestrator}/v2/pools/{self.settings.pool_id}",
-                    headers=self._auth())
+                    headers=credentials.orcd_headers(self.settings))
             except httpx.HTTPError as exc:
                 self.log.warning("deregister_failed", error=str(exc))
         await self._client.aclose()
 
-    def _auth(self) -> dict[str, str]:
-        token = self.settings.token
-        return {"Authorization": f"Bearer {token}"} if token else {}
+    def _auth(self) -> dict[str, str]:  # towards its workers (:mod:`.credentials`)
+        return credentials.bearer(self.control_token)
+
+    @property
+    def control_token(self) -> str | None:
+        """What rbees-orcd sends this pool and its workers (:mod:`.credentials`)."""
+        return credentials.control_token(self.settings)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -240,7 +247,9 @@ class PoolService:
             await self._make_room(spawn.threads if spawn.device == "cpu" else 1)
             record, proc = await asyncio.to_thread(
                 workers.spawn_process, self.pm, spawn, checked=checked,
-                token_file=self.settings.token_file, taken=self.cores_held())
+                token_file=self.settings.token_file, taken=self.cores_held(),
+                control_token_file=await asyncio.to_thread(credentials.control_token_file,
+                                                           self.settings))
             managed = ManagedWorker(record=record, proc=proc, memory_kind=checked.memory_kind)
             self.workers[record.worker_id] = managed
         self.log.info("worker_starting", worker_id=record.worker_id, model=req.model_ref,
@@ -485,8 +494,9 @@ class PoolService:
             self.seq += 1
             body = {**attrs.asdict(self.state()), "seq": self.seq, "sent_at": time.time()}
             try:
-                answer = await self._client.post(url, json=body, headers=self._auth(),
-                                                 timeout=max(1.0, base))
+                answer = await self._client.post(
+                    url, json=body, headers=credentials.orcd_headers(self.settings),
+                    timeout=max(1.0, base))
                 ok = answer.status_code < 300
                 if not ok:
                     self.log.warning("heartbeat_refused", status=answer.status_code)

@@ -210,8 +210,13 @@ def create_app(svc: PoolService, started: float | None = None) -> Any:
         svc.start()
 
     lifespan = daemon_lifespan(PROGRAM, svc, attr="pool", start=start)
+    from rbees_core.http.auth import token_resolver
+
+    control = svc.control_token  # what rbees-orcd sends (rbees_core.auth.control_token)
     return build_app(routes(svc.pm, started or time.monotonic()),
-                     token=svc.settings.token, lifespan=lifespan, operations=OPERATIONS)
+                     token=svc.settings.token, lifespan=lifespan, operations=OPERATIONS,
+                     resolver=token_resolver(svc.settings.token, control)
+                     if svc.settings.token or control else None)
 
 
 def pid_file() -> Path:
@@ -258,6 +263,10 @@ def serve_pool(
     orchestrator: Annotated[str | None, typer.Option("--orchestrator",
                                                      help="Heartbeat target URL")] = None,
     api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
+    join_token_file: Annotated[str | None, typer.Option(
+        "--join-token-file", envvar="RBEES_JOIN_TOKEN_FILE",
+        help="This pool's join token (rbees pools join-token POOL_ID, 0600): heartbeats "
+             "carry it; the pool then needs no operator token")] = None,
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
     heartbeat_interval: Annotated[float, typer.Option("--heartbeat-interval", min=0.1)] = 5.0,
     health_interval: Annotated[float, typer.Option("--health-interval", min=0.1)] = 2.0,
@@ -267,7 +276,8 @@ def serve_pool(
 ) -> None:
     """Start the pool daemon."""
     from rbees_core import plugins
-    from rbees_core.config import load_config, load_token
+    from rbees_core.auth import JOIN_PREFIX
+    from rbees_core.config import load_config, load_token, read_token_file
     from rbees_core.http import check_bind_policy, fail, launch, parse_bind
 
     try:
@@ -279,14 +289,22 @@ def serve_pool(
             os.environ["RBEES_CONFIG"] = config  # its workers, comes from this file too
         host, port = parse_bind(bind)
         token = load_token(api_token_file)
-        check_bind_policy(host, token)
+        join = read_token_file(join_token_file) if join_token_file else None
+        check_bind_policy(host, token or join)
         pid = pool_id or socket.gethostname().split(".")[0]
+        if join is not None:  # the token names its pool: --pool-id may be left out
+            if not join.startswith(JOIN_PREFIX):
+                raise InvalidParamsError("--join-token-file", "holds no join token (rbees "
+                                         "pools join-token POOL_ID makes one)")
+            pid = pool_id or join[len(JOIN_PREFIX):].rpartition("_")[0]
+            if not join.startswith(f"{JOIN_PREFIX}{pid}_"):
+                raise InvalidParamsError("--join-token-file", f"is not pool {pid}'s token")
         check_string(pid, "--pool-id", {"pattern": ID_PATTERN})
         if orchestrator and not orchestrator.startswith(("http://", "https://")):
             raise InvalidParamsError("--orchestrator", "must be an http(s) URL")
         settings = PoolSettings(
             pool_id=pid, host=host, port=port, orchestrator=(orchestrator or "").rstrip("/")
-            or None, token=token,
+            or None, token=token, join_token=join,
             token_file=api_token_file or os.environ.get("RBEES_API_TOKEN_FILE"),
             heartbeat_interval_s=heartbeat_interval, health_interval_s=health_interval)
         pm = plugins.make_manager(plugins.builtin_plugins())

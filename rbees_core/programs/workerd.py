@@ -85,6 +85,9 @@ class WorkerSettings:
     drain_timeout_s: float = 30.0
     callback_timeout_s: float = 10.0
     embedding: bool = False  # --embedding: serves POST /v2/embed (worker_embed)
+    #: --control-token-file: its pool's control token (rbees_core.auth.control_token), what
+    #: rbees-orcd and the pool send it; accepted beside ``token``
+    control_token: str | None = None
     #: the text of --chat-template-file: replaces the model's own template
     chat_template: str | None = None
     #: --n-gpu-layers / --tensor-split: a model larger than one GPU (rbees_core.planning)
@@ -277,8 +280,13 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
 
 def create_app(st: WorkerState) -> Any:
     lifespan = daemon_lifespan(PROGRAM, st, attr="worker")
-    return build_app(routes(st.pm, st.started), token=st.settings.token, lifespan=lifespan,
-                     operations=OPERATIONS)
+    from rbees_core.http.auth import token_resolver
+
+    s = st.settings
+    return build_app(routes(st.pm, st.started), token=s.token, lifespan=lifespan,
+                     operations=OPERATIONS,
+                     resolver=token_resolver(s.token, s.control_token)
+                     if s.token or s.control_token else None)
 
 
 def pick_backend(pm: pluggy.PluginManager, name: str, device: str) -> Backend:
@@ -348,7 +356,8 @@ async def call_back(st: WorkerState, memory_kind: str) -> None:
                          memory_bytes=st.engine.model.memory_bytes,
                          memory_kind=memory_kind, pid=os.getpid(),  # type: ignore[arg-type]
                          embedding=s.embedding)
-    headers = {"Authorization": f"Bearer {s.token}"} if s.token else {}
+    credential = s.token or s.control_token
+    headers = {"Authorization": f"Bearer {credential}"} if credential else {}
     try:
         async with httpx.AsyncClient(timeout=s.callback_timeout_s) as client:
             answer = await client.post(s.callback_url or "", json=attrs.asdict(body),
@@ -416,14 +425,15 @@ async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:
 def settings_from(config: Config, *, worker_id: str, model: str, backend: str, device: str,
                   bind: str, port: int | None, callback_url: str | None, token: str | None,
                   embedding: bool = False, n_gpu_layers: int | None = None,
-                  tensor_split: tuple[float, ...] | None = None) -> WorkerSettings:
+                  tensor_split: tuple[float, ...] | None = None,
+                  control_token: str | None = None) -> WorkerSettings:
     """The worker's settings from its config and flags. Raises
     :class:`InvalidParamsError` for a bind the policy refuses and a chat template file
     that cannot be read."""
     from rbees_core.http import check_bind_policy, parse_bind
 
     host, bind_port = parse_bind(bind)
-    check_bind_policy(host, token)
+    check_bind_policy(host, token or control_token)
     template = worker_prompt.read_template(config.worker.chat_template_file)
     return WorkerSettings(
         worker_id=worker_id, model_ref=model, backend=backend, device=device, host=host,
@@ -432,6 +442,7 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
         token=token, drain_timeout_s=config.worker.drain_timeout_s,
         callback_timeout_s=config.worker.ready_callback_timeout_s, embedding=embedding,
         chat_template=template, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
+        control_token=control_token,
     )
 
 
@@ -460,6 +471,9 @@ def serve_worker(
         "--cpus", help="CPU set to run on, as 0-1,3 (its pool's grant)")] = None,
     callback_url: Annotated[str | None, typer.Option("--callback-url")] = None,
     api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
+    control_token_file: Annotated[str | None, typer.Option(
+        "--control-token-file", help="Its pool's control token, accepted beside the API "
+        "token (the pool passes it)")] = None,
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
     embedding: Annotated[bool, typer.Option(
         "--embedding", help="Serve embeddings (POST /v2/embed) instead of generation")] = False,
@@ -472,7 +486,7 @@ def serve_worker(
         "--tensor-split", help="Each GPU's share of the model, by index: 0.67,0.33")] = None,
 ) -> None:
     """Start the worker (it listens at once, then loads the model)."""
-    from rbees_core.config import load_config, load_token
+    from rbees_core.config import load_config, load_token, read_token_file
     from rbees_core.refs import validate_ref
     from rbees_core.schema import check_string
 
@@ -486,7 +500,8 @@ def serve_worker(
             cfg, worker_id=worker_id, model=model, backend=backend, device=device, bind=bind,
             port=port, callback_url=callback_url, token=load_token(api_token_file),
             embedding=embedding, n_gpu_layers=n_gpu_layers,
-            tensor_split=parse_shares(tensor_split) if tensor_split else None)
+            tensor_split=parse_shares(tensor_split) if tensor_split else None,
+            control_token=read_token_file(control_token_file) if control_token_file else None)
         if cpus is not None:
             pin(cpus)
         pm = plugins.make_manager(plugins.builtin_plugins())

@@ -1,0 +1,82 @@
+"""Pool credentials (issue 25, item 3) with real daemons: a pool that holds only its join
+token registers with rbees-orcd, which then reaches it with the pool's control token; the
+operator token, a client key or the join token open nothing on the pool, and the join
+token opens nothing on rbees-orcd but that pool's heartbeat."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rbees_core.auth import control_token, join_token
+from rbees_core.testing import find_free_port, wait_http
+
+BIN = Path(sys.executable).parent
+TOKEN = "operator-token-for-pools-0123456789"
+
+
+def secret_file(path: Path, text: str) -> str:
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_a_pool_with_only_its_join_token_joins_and_is_reached_with_its_control_token(
+        tmp_path: Path, rbees_process: Callable[..., Any]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RBEES_API_TOKEN")}
+    orcd_port, pool_port = find_free_port(), find_free_port()
+    orcd_url, pool_url = f"http://127.0.0.1:{orcd_port}", f"http://127.0.0.1:{pool_port}"
+    operator = {"Authorization": f"Bearer {TOKEN}"}
+    orcd = rbees_process([str(BIN / "rbees-orcd"), "--bind", f"127.0.0.1:{orcd_port}",
+                          "--api-token-file", secret_file(tmp_path / "token", TOKEN),
+                          "--heartbeat-interval", "0.5"],
+                         env={**env, "RBEES_HOME": str(tmp_path / "orcd")}, name="orcd")
+    wait_http(f"{orcd_url}/health", timeout=60, proc=orcd.proc)
+    # the join token comes from rbees-orcd (admin) and is the one auth.join_token makes
+    made = httpx.post(f"{orcd_url}/v2/pools/p1/join-token", headers=operator, timeout=10)
+    assert made.status_code == 200, made.text
+    join = made.json()["join_token"]
+    assert join == join_token(TOKEN, "p1")
+    pool = rbees_process([str(BIN / "pool-managerd"), "--bind", f"127.0.0.1:{pool_port}",
+                          "--join-token-file", secret_file(tmp_path / "join", join),
+                          "--orchestrator", orcd_url, "--heartbeat-interval", "0.5"],
+                         env={**env, "RBEES_HOME": str(tmp_path / "pool")}, name="pool")
+    wait_http(f"{pool_url}/health", timeout=60, proc=pool.proc)
+    for _ in range(200):  # its heartbeat, with the join token, registered it as p1
+        pools = httpx.get(f"{orcd_url}/v2/pools", headers=operator, timeout=10).json()
+        if any(p["pool_id"] == "p1" for p in pools["pools"]):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"p1 never registered\n{pool.log_path.read_text()}")
+    # rbees-orcd reaches the pool (its control token): the pool answers the retry
+    retried = httpx.post(f"{orcd_url}/v2/models/retry", headers=operator,
+                         json={"model": "smollm2", "pool": "p1"}, timeout=30)
+    assert retried.status_code == 200, retried.text
+    assert all("error" not in p for p in retried.json()["pools"]), retried.json()
+    # on the pool: only the control token opens it
+    control = control_token(join)
+    for credential, status in ((None, 401), (TOKEN, 401), (join, 401), ("rbk_a_b", 401),
+                               (control, 200)):
+        headers = {"Authorization": f"Bearer {credential}"} if credential else {}
+        answer = httpx.get(f"{pool_url}/v2/workers", headers=headers, timeout=10)
+        assert answer.status_code == status, (credential, answer.text)
+    # on rbees-orcd: the join token is p1's heartbeat and deregistration, nothing else
+    as_pool = {"Authorization": f"Bearer {join}"}
+    assert httpx.get(f"{orcd_url}/v2/pools", headers=as_pool).status_code == 403
+    assert httpx.post(f"{orcd_url}/v2/pools/p2/heartbeat", headers=as_pool,
+                      json={}).status_code == 403
+    assert httpx.post(f"{orcd_url}/v1/chat/completions", headers=as_pool,
+                      json={}).status_code == 403
+    assert httpx.get(f"{orcd_url}/v2/tasks", headers={
+        "Authorization": f"Bearer {control}"}).status_code == 401
+    # no log line holds a secret
+    logs = orcd.log_path.read_text() + pool.log_path.read_text()
+    for secret in (TOKEN, join, control):
+        assert secret not in logs
