@@ -86,6 +86,29 @@ def test_a_healthy_worker_that_crashes_restarts_at_once_again() -> None:
     assert rec.held("p1", MODEL, False) is None
 
 
+def test_a_restarted_pools_new_worker_under_an_old_id_is_a_new_worker() -> None:
+    """A pool restarted numbers its workers from 0 again: the new w1 and w2 crash right
+    after they got ready, the second is backed off; the old w1 and w2, ready minutes
+    before and stopped since, do not make them look healthy."""
+    clock = Clock()
+    rec = recovery(clock)
+    old = {w: worker(w, "ready", pid=n, started_at=1.0) for n, w in enumerate(("w1", "w2"))}
+    rec.observe("p1", {}, old)
+    clock.now += 300
+    stopped = {w: {**d, "state": "stopped"} for w, d in old.items()}
+    rec.observe("p1", old, stopped)
+    before = stopped
+    for n, w in enumerate(("w1", "w2")):  # the restarted pool's: same ids, new processes
+        new = {**before, w: worker(w, "ready", pid=100 + n, started_at=400.0)}
+        rec.observe("p1", before, new)
+        clock.now += 0.5
+        failed = {**new, w: {**new[w], "state": "failed", "exit_code": -9}}
+        rec.observe("p1", new, failed)
+        before = failed
+    held = rec.held("p1", MODEL, False)
+    assert held is not None and held[0] == 1.0, held
+
+
 def test_a_crash_is_counted_once_and_only_for_a_worker_that_was_alive() -> None:
     clock = Clock()
     rec = recovery(clock)

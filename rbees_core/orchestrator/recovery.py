@@ -98,6 +98,10 @@ class Recovery:
         self.counted: set[tuple[str, str]] = set()
         #: (pool_id, worker_id) -> when it was first seen ready (monotonic)
         self.ready_at: dict[tuple[str, str], float] = {}
+        #: (pool_id, worker_id) -> the process behind the id (pid, started_at): a pool
+        #: restarted numbers its workers from 0 again, and a new worker-cpu-0 is not the
+        #: old one (its crash is no crash of a worker ready for minutes)
+        self.processes: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.counter: Counter | None = None
         if metrics is not None:
             self.counter = Counter("rbees_worker_crashes", "Worker crashes, by pool and model",
@@ -112,9 +116,18 @@ class Recovery:
         the workers it reports ``failed`` that were alive before."""
         now = self.clock()
         for worker_id, worker in after.items():
+            key = (pool_id, worker_id)
             state = worker.get("state")
+            process = (worker.get("pid"), worker.get("started_at"))
+            if state in _LIVE and self.processes.get(key) != process:
+                # a new process under an id seen before (its pool was restarted): what
+                # was known of the old one is not its (a stale ready_at made each crash
+                # of a crash loop look like that of a healthy worker: no backoff)
+                self.processes[key] = process
+                self.ready_at.pop(key, None)
+                self.counted.discard(key)
             if state in _READY:
-                self.ready_at.setdefault((pool_id, worker_id), now)
+                self.ready_at.setdefault(key, now)
             elif state == "failed":
                 was = before.get(worker_id)
                 if was is not None and was.get("state") in _LIVE:
@@ -122,6 +135,7 @@ class Recovery:
         for worker_id in before.keys() - after.keys():  # forgotten by the pool
             self.ready_at.pop((pool_id, worker_id), None)
             self.counted.discard((pool_id, worker_id))
+            self.processes.pop((pool_id, worker_id), None)
 
     def crashed(self, pool_id: str, worker: dict[str, Any]) -> None:
         """Count the crash of ``worker`` (a worker dict of a heartbeat: ``worker_id``,
