@@ -7,12 +7,14 @@ every feature file sees every step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from steps_common import *  # noqa: F403
 from steps_jobs import *  # noqa: F403
@@ -59,7 +61,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
 def ctx(world: World) -> Iterator[dict[str, Any]]:
     """What one scenario's steps hand each other (the last command, answer, job ids). A link
     a scenario left cut is restored after it, a rbees-orcd it restarted with other options
-    is stopped (the next scenario starts the lab's own), a hub it slowed down is sped up."""
+    is stopped (the next scenario starts the lab's own), a hub it slowed down is sped up,
+    and its jobs still queued or running are cancelled."""
     shared: dict[str, Any] = {}
     yield shared
     for name in shared.get("cut", []):
@@ -72,6 +75,20 @@ def ctx(world: World) -> Iterator[dict[str, Any]]:
             link.unlink(missing_ok=True)
     if shared.get("throttled") and world.hub is not None:
         world.hub.throttle_bps = None
+    cancel_leftovers(world, shared)
+
+
+def cancel_leftovers(world: World, shared: dict[str, Any]) -> None:
+    """Cancel the jobs of the lab's rbees-orcd a scenario left queued or running (it failed
+    half-way): 16 long jobs a failed recovery scenario left queued held every later
+    scenario's jobs for that pool behind them for many minutes. Cancelling a finished job
+    changes nothing."""
+    if "second" in shared or world.daemons.get("orcd") is None:
+        return
+    ids = {*shared.get("job_ids", []), shared.get("job_id")} - {None}
+    for job_id in ids:
+        with contextlib.suppress(httpx.HTTPError):
+            world.http("POST", f"{world.blep.orcd_url}/v2/tasks/{job_id}/cancel", timeout=5)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
