@@ -272,6 +272,11 @@ async def test_an_inference_key_sees_and_cancels_only_its_own_jobs(
         await asyncio.sleep(0.05)
     assert [(u["key"], u["model"], u["requests"]) for u in usage] == \
         [("alice", mine.json()["model"], 1)]
+    # the same as Prometheus counters, labelled with the key's name
+    metrics = (await client.get("/metrics")).text
+    model = mine.json()["model"]
+    assert f'rbees_key_requests_total{{key="alice",model="{model}"}} 1.0' in metrics
+    assert alice not in metrics
 
 
 async def test_a_key_limited_to_60_requests_a_minute_gets_429_on_the_61st(

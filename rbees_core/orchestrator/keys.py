@@ -195,6 +195,12 @@ class KeyRing:
         self._by_id[key_id] = entry
         return entry, full
 
+    def totals(self) -> list[tuple[str, str, int, int, int]]:
+        """``(key, model, requests, prompt_tokens, completion_tokens)`` over all days."""
+        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in
+                self.store.query("SELECT owner, model, sum(requests), sum(prompt_tokens), "
+                                 "sum(completion_tokens) FROM usage GROUP BY owner, model")]
+
     def usage(self, since: str | None = None) -> list[dict[str, Any]]:
         """Requests and tokens per key (``owner``), model and UTC day (``YYYY-MM-DD``), from
         ``since`` (a day) on; jobs count once they are final."""
@@ -209,3 +215,27 @@ class KeyRing:
         sql += " ORDER BY day, owner, model"
         names = ("key", "model", "day", "requests", "prompt_tokens", "completion_tokens")
         return [dict(zip(names, row, strict=True)) for row in self.store.query(sql, args)]
+
+
+class UsageCollector:
+    """Prometheus counters of usage per key and model, read from the store at scrape time:
+    ``rbees_key_requests_total`` and ``rbees_key_tokens_total{kind="prompt"|"completion"}``,
+    labelled with the key's name (never the key). Registered by the service on its
+    registry."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self.keys = keys
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        requests = CounterMetricFamily("rbees_key_requests", "Final jobs per API key and "
+                                       "model", labels=["key", "model"])
+        tokens = CounterMetricFamily("rbees_key_tokens", "Tokens per API key, model and kind",
+                                     labels=["key", "model", "kind"])
+        for key, model, count, prompt, completion in self.keys.totals():
+            requests.add_metric([key, model], count)
+            tokens.add_metric([key, model, "prompt"], prompt)
+            tokens.add_metric([key, model, "completion"], completion)
+        yield requests
+        yield tokens

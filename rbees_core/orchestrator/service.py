@@ -45,7 +45,7 @@ from rbees_core.orchestrator.channel import Channel
 from rbees_core.orchestrator.dispatcher import Dispatcher
 from rbees_core.orchestrator.downloads import Downloads
 from rbees_core.orchestrator.errors import JobNotFoundError
-from rbees_core.orchestrator.keys import KeyRing
+from rbees_core.orchestrator.keys import KeyRing, UsageCollector
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue
@@ -113,6 +113,7 @@ class OrchestratorService:
         self.registry.worker_ctx = settings.placement.ctx
         self.book = Book()
         self.metrics = OrchestratorMetrics(self.queue, self.registry, self.book.runs)
+        self.metrics.registry.register(UsageCollector(self.keys))  # type: ignore[arg-type]
         self.scheduler = scheduler.from_config(SchedulerConfig(
             policy=settings.scheduler, script=settings.scheduler_script))
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
