@@ -362,7 +362,9 @@ def test_with_a_token_the_page_loads_asks_for_it_and_sends_it(
         page.wait_for_selector("#pools .empty:has-text('No pool has registered')")
         assert page.get_attribute("#conn", "data-state") == "ok"
         assert f"Bearer {token}" in sent
-        assert page.evaluate("() => localStorage.getItem('rbees.token')") == token
+        # kept for this tab only (issue 25): sessionStorage, never localStorage
+        assert page.evaluate("() => sessionStorage.getItem('rbees.token')") == token
+        assert page.evaluate("() => localStorage.getItem('rbees.token')") is None
         # a GPU pool (this machine has none: the heartbeat is in pool-managerd's shape)
         beat = {"pool_id": "gpu-box", "host": "gpu-box.lan", "seq": 1, "sent_at": time.time(),
                 "cpu": {"cores": 16, "ram_total_bytes": 2**36, "ram_free_bytes": 2**35},

@@ -19,9 +19,18 @@ export class ApiError extends Error {
   }
 }
 
+// The key or token is kept in sessionStorage (this tab, until it closes), never in
+// localStorage, where it would outlive the session on a shared machine (issue 25); one an
+// older version left in localStorage is removed.
+try {
+  localStorage.removeItem(TOKEN_KEY);
+} catch {
+  // storage disabled
+}
+
 export function token() {
   try {
-    return localStorage.getItem(TOKEN_KEY) || "";
+    return sessionStorage.getItem(TOKEN_KEY) || "";
   } catch {
     return "";
   }
@@ -29,8 +38,8 @@ export function token() {
 
 export function setToken(value) {
   try {
-    if (value) localStorage.setItem(TOKEN_KEY, value);
-    else localStorage.removeItem(TOKEN_KEY);
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
   } catch {
     // storage disabled: the token lives for this page only
   }
@@ -57,7 +66,9 @@ export function askToken(why, { optional = false } = {}) {
   const dialog = $("#token-dialog");
   const form = $("#token-form");
   const input = $("#token-input");
-  $("#token-why").textContent = why || "rbees-orcd asks for a token. It is kept in this browser only.";
+  $("#token-why").textContent = why ||
+    "rbees-orcd asks for an API key (rbees keys create) or its token. " +
+    "It is kept in this tab until it closes.";
   input.value = "";
   asking = new Promise((resolve) => {
     const done = (value) => {
