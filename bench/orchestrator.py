@@ -21,6 +21,10 @@
       SmolLM2 worker of a real cluster, rounds in rotating order, time to the first answer
       text (median of the rounds' differences; tens of ms of noise on a busy machine)
 
+  (k) key checking (issue 25, bench/keys.py): POST /v2/tasks through rbees-orcd's auth
+      middleware in process (its real policy, a KeyRing of 100 keys), operator token and an
+      API key with an rpm limit, against the bare app: what checking a key adds
+
   (s) side by side (issue 21, bench/cluster_speed.py): after a plain ``rbees up``, one stream
       and four concurrent streams through rbees-orcd's OpenAI chat endpoint against the
       worker direct and llama.cpp's llama-server -np 4 (bench/.llama-server, built by
@@ -28,13 +32,14 @@
       once, a 1,000-token prompt, and a chat's second turn with two replicas running.
 
 Targets: added TTFT <= 5 ms, tokens/s ratio >= 0.97, >= 1,000 admissions/s with p99 < 10 ms,
-a protocol adapter's added TTFT <= 1 ms, and (s)'s, each printed PASS or FAIL.
+a protocol adapter's added TTFT <= 1 ms, key checking < 0.2 ms per admission, and (s)'s,
+each printed PASS or FAIL.
 Each judged (b, c) row runs --repeat times on a fresh rbees-orcd and shows the median run by
 p99 (this VM stalls now and then for tens of ms; one stall moves one run's p99). Section (s)
 runs --repeat times in a row; every run is reported, with "holds in k of n".
 Usage: python bench/orchestrator.py [--runs 25] [--tokens 64] [--seconds 5] [--repeat 3]
                                     [--skip-overhead] [--skip-admission] [--skip-speed]
-                                    [--skip-protocols] [--protocol-runs 25]
+                                    [--skip-protocols] [--skip-keys] [--protocol-runs 25]
                                     [--protocol-tokens 16]
                                     [--speed-tokens 128] [--speed-runs 3]
                                     [--llama-server PATH] [--quick]
@@ -60,6 +65,7 @@ from pathlib import Path
 import attrs
 import cluster_speed  # bench/cluster_speed.py, beside this file
 import httpx
+from keys import bench_key_check  # bench/keys.py, beside this file
 from openloop import closed_loop, open_loop, request_bytes  # bench/openloop.py, beside this file
 from protocols import bench_adapter_costs, bench_protocols  # bench/protocols.py, beside this file
 from sidebyside import BUSY_REFUSALS, find_llama_server, header, load_note, report
@@ -407,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-admission", action="store_true", help="no (b) and (c)")
     parser.add_argument("--skip-speed", action="store_true", help="no (s)")
     parser.add_argument("--skip-protocols", action="store_true", help="no (p)")
+    parser.add_argument("--skip-keys", action="store_true", help="no (k)")
     parser.add_argument("--protocol-runs", type=int, default=25, help="rounds of (p)")
     parser.add_argument("--protocol-tokens", type=int, default=16,
                         help="tokens per chat in (p)")
@@ -420,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only (s), once, 8 tokens, 1 sample: that the bench runs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.skip_overhead = args.skip_admission = args.skip_protocols = True
+        args.skip_overhead = args.skip_admission = args.skip_protocols = args.skip_keys = True
         args.repeat, args.speed_tokens, args.speed_runs, args.long_words = 1, 8, 1, 64
     if not args.skip_overhead:
         print("## (a) overhead on a warm worker\n")
@@ -436,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## (p) protocol adapters on a warm worker (issue 24)\n")
         print("\n".join(bench_adapter_costs(args.protocol_runs)) + "\n")
         print("\n".join(bench_protocol_overhead(args.protocol_runs, args.protocol_tokens)))
+    if not args.skip_keys:
+        print("\n## (k) key checking per admission (issue 25)\n")
+        print("\n".join(bench_key_check()))
     if not args.skip_speed:
         print()
         bench_speed(args)
