@@ -119,6 +119,8 @@ def _protocol_examples() -> dict[tuple[str, str], list[Any]]:
              "thinking": {"type": "enabled", "budget_tokens": 16}}],
         ("POST", "/v1/messages/count_tokens"): [
             {"model": MISSING_MODEL, "messages": [{"role": "user", "content": "Hi"}]}],
+        ("POST", "/v1/responses/input_tokens"): [
+            {"model": MISSING_MODEL, "input": "Hi", "instructions": "Be brief."}],
         ("POST", "/v1/responses"): [
             {"model": MISSING_MODEL, "input": "Hi", "instructions": "Be brief.",
              "max_output_tokens": 2, "temperature": 0},

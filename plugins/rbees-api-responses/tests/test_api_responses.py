@@ -75,6 +75,15 @@ def test_a_response_streamed_and_not(client: openai.OpenAI) -> None:
             assert s.get_final_response().output_text == text
 
 
+def test_input_tokens_counts_the_prompt_a_response_uses(client: openai.OpenAI) -> None:
+    counted = client.responses.input_tokens.count(model="smollm2", input="Hello bees.",
+                                                  instructions="Be brief.")
+    answer = client.responses.create(model="smollm2", input="Hello bees.",
+                                     instructions="Be brief.", max_output_tokens=1)
+    assert counted.object == "response.input_tokens"
+    assert answer.usage is not None and counted.input_tokens == answer.usage.input_tokens > 5
+
+
 def test_max_output_tokens_makes_an_incomplete_response(client: openai.OpenAI) -> None:
     answer = client.responses.create(model="smollm2", input="Write a long story about a bee.",
                                      max_output_tokens=3, temperature=0)
