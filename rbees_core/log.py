@@ -1,10 +1,19 @@
-"""JSON-lines logging with the request's correlation id on every line (CONTRACT section 1)."""
+"""JSON-lines logging with the request's correlation id on every line (CONTRACT section 1).
+
+rbees' own lines come from :class:`Logger`. Everything else a daemon's process logs through
+the standard library (uvicorn, httpx, the script scheduler's fallback warning, NVML,
+``warnings.warn``) is routed into the same lines by :func:`route_stdlib`, which
+:func:`rbees_core.http.daemon.launch` installs: ``level``, ``component`` and
+``correlation_id`` as rbees' lines, ``event`` ``"log"``, the record's ``logger`` and
+``message``. The threshold of both is ``RBEES_LOG_LEVEL`` (the daemons' ``--log-level``).
+"""
 
 from __future__ import annotations
 
 import contextvars
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -16,6 +25,23 @@ correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlatio
 #: ``pool:<id>``), set by the auth middleware; never the secret itself.
 key_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("key_name", default=None)
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+#: The values ``--log-level`` and ``RBEES_LOG_LEVEL`` take.
+LEVELS = tuple(_LEVELS)
+
+
+def threshold() -> int:
+    """The level below which nothing is logged: ``RBEES_LOG_LEVEL`` (default info)."""
+    return _LEVELS.get(os.environ.get("RBEES_LOG_LEVEL", "info").lower(), 20)
+
+
+def level_name(levelno: int) -> str:
+    """rbees' name of a stdlib level: ``debug``, ``info``, ``warning`` or ``error``
+    (CRITICAL is ``error``)."""
+    if levelno >= logging.ERROR:
+        return "error"
+    if levelno >= logging.WARNING:
+        return "warning"
+    return "info" if levelno >= logging.INFO else "debug"
 
 
 class Logger:
@@ -24,7 +50,7 @@ class Logger:
     def __init__(self, component: str, stream: TextIO | None = None) -> None:
         self.component = component
         self.stream = stream or sys.stderr
-        self.threshold = _LEVELS.get(os.environ.get("RBEES_LOG_LEVEL", "info").lower(), 20)
+        self.threshold = threshold()
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         if _LEVELS[level] < self.threshold:
@@ -38,6 +64,9 @@ class Logger:
             record.setdefault("key", key)
         self.stream.write(json.dumps(record, default=str) + "\n")
         self.stream.flush()
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self.log("debug", event, **fields)
 
     def info(self, event: str, **fields: Any) -> None:
         self.log("info", event, **fields)
@@ -57,3 +86,49 @@ def content_logging() -> bool:
 def token_fingerprint(token: str) -> str:
     """How a token may appear in logs: the first 6 hex characters of its SHA-256."""
     return hashlib.sha256(token.encode()).hexdigest()[:6]
+
+
+class JsonLinesHandler(logging.Handler):
+    """A stdlib handler that writes each record as one of rbees' JSON lines.
+
+    ``component`` names the process (``rbees-orcd``); ``stream`` defaults to the
+    ``sys.stderr`` of the moment (a test's capture, a service's journal). A record logged
+    with ``extra={"event": ..., "fields": {...}}`` keeps that event name and adds the fields
+    (how :mod:`rbees_core.http.app` logs requests); an exception's traceback goes in
+    ``exception``."""
+
+    def __init__(self, component: str, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self.component = component
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line: dict[str, Any] = {
+                "ts": round(record.created, 6), "level": level_name(record.levelno),
+                "component": self.component, "event": getattr(record, "event", "log"),
+                "correlation_id": correlation_id.get(), "logger": record.name,
+                "message": record.getMessage()}
+            line.update(getattr(record, "fields", None) or {})
+            if record.exc_info:
+                line["exception"] = logging.Formatter().formatException(record.exc_info)
+            stream = self.stream or sys.stderr
+            stream.write(json.dumps(line, default=str) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def route_stdlib(component: str) -> JsonLinesHandler:
+    """Send every stdlib ``logging`` record (and ``warnings.warn``) of this process into
+    JSON lines on stderr at :func:`threshold`; the handler it installed on the root logger
+    (replacing any other handler there). Called by the daemons' :func:`launch` before they
+    serve; a CLI leaves stdlib logging alone."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler = JsonLinesHandler(component)
+    root.addHandler(handler)
+    root.setLevel(threshold())
+    logging.captureWarnings(True)
+    return handler

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import re
 import time
@@ -46,6 +47,8 @@ T = TypeVar("T")
 OPEN_PATHS = frozenset({"/health", "/metrics", "/"})
 OPEN_PREFIX = "/ui/"
 _CID = re.compile(CORRELATION_ID_PATTERN)
+#: One ``request`` line per answered request, at debug level (``--log-level debug``).
+_REQUESTS = logging.getLogger("rbees.request")
 
 
 #: Path prefix of the OpenAI-compatible routes: their errors take OpenAI's shape, those the
@@ -130,7 +133,9 @@ def error_response(exc: RbeesError, path: str = "") -> JSONResponse:
 
 
 class CorrelationMiddleware:
-    """Accepts a well-formed ``X-Correlation-Id`` or makes one; echoes it on every answer."""
+    """Accepts a well-formed ``X-Correlation-Id`` or makes one; echoes it on every answer.
+    At debug level it logs one ``request`` line per request (method, path, status,
+    duration_ms) with that correlation id."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -147,16 +152,24 @@ class CorrelationMiddleware:
             cid = str(uuid.uuid4())
         token = correlation_id.set(cid)
         raw = cid.encode()
+        status = [0]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [h for h in message.get("headers", []) if h[0] != b"x-correlation-id"]
                 message["headers"] = [*headers, (b"x-correlation-id", raw)]
+                status[0] = message["status"]
             await send(message)
 
+        started = time.monotonic()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if _REQUESTS.isEnabledFor(logging.DEBUG):
+                _REQUESTS.debug("%s %s %s", scope["method"], scope["path"], status[0], extra={
+                    "event": "request", "fields": {
+                        "method": scope["method"], "path": scope["path"], "status": status[0],
+                        "duration_ms": round((time.monotonic() - started) * 1000, 3)}})
             correlation_id.reset(token)
 
 

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 from rbees_core.errors import ConflictError, RbeesError
 from rbees_core.files import private_dir, write_private
 from rbees_core.http.server import run_daemon, serve
-from rbees_core.log import Logger
+from rbees_core.log import LEVELS, Logger, route_stdlib
 from rbees_core.processes import pid_file_holder, read_pid
 
 
@@ -128,10 +128,13 @@ class Daemon:
 def launch(program: str, main: Coroutine[Any, Any, int]) -> int:
     """Run a daemon's ``main`` on the event loop (:func:`run_daemon`); its exit code.
 
-    An :class:`RbeesError` (a refused start, a failed lifespan start-up) or an ``OSError``
-    (the port is taken) becomes one line ``<program>: error: <message>`` on stderr and
-    exit code 1; ``RBEES_DEBUG=1`` lets the traceback through instead.
+    Every stdlib ``logging`` record of the process goes into the JSON lines from here on
+    (:func:`rbees_core.log.route_stdlib`). An :class:`RbeesError` (a refused start, a
+    failed lifespan start-up) or an ``OSError`` (the port is taken) becomes one line
+    ``<program>: error: <message>`` on stderr and exit code 1; ``RBEES_DEBUG=1`` lets the
+    traceback through instead.
     """
+    route_stdlib(program)
     try:
         code = run_daemon(main)
     except (RbeesError, OSError) as exc:
@@ -154,3 +157,25 @@ def fail(program: str, exc: RbeesError | OSError) -> NoReturn:
     message = exc.message if isinstance(exc, RbeesError) else str(exc)
     print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+
+def _set_level(value: str | None) -> str | None:
+    if value is not None:  # the environment carries it to every Logger and to workers
+        if value.lower() not in LEVELS:
+            import typer
+
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(LEVELS)}")
+        os.environ["RBEES_LOG_LEVEL"] = value.lower()
+    return value
+
+
+def log_level_option() -> Any:
+    """The daemons' ``--log-level debug|info|warning|error`` (a typer option): it sets
+    ``RBEES_LOG_LEVEL`` as the command line is read, before the command runs, so the
+    daemon's lines, its stdlib records and the workers it starts all use it."""
+    import typer
+
+    return typer.Option("--log-level", callback=_set_level, metavar="LEVEL",
+                        help="Lowest level logged: debug, info, warning, error "
+                             "(default: RBEES_LOG_LEVEL, else info)")

@@ -21,7 +21,13 @@ from starlette.routing import BaseRoute
 from rbees_core.config import rbees_home, runtime_dir
 from rbees_core.errors import InvalidParamsError, RbeesError
 from rbees_core.files import private_dir
-from rbees_core.http import Daemon, build_app, daemon_lifespan, daemon_routes
+from rbees_core.http import (
+    Daemon,
+    build_app,
+    daemon_lifespan,
+    daemon_routes,
+    log_level_option,
+)
 from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
 from rbees_core.programs import (
@@ -109,6 +115,7 @@ def serve_orcd(
         "--max-queue-wait", min=0.1,
         help="Seconds an OpenAI request may wait in the queue before a 503 with "
              "Retry-After [default: 600]")] = None,
+    log_level: Annotated[str | None, log_level_option()] = None,
 ) -> None:
     """Start the orchestrator. Flags beat the RBEES_ORCHESTRATOR_* variables, which beat
     the config file's [orchestrator] section."""

@@ -56,6 +56,7 @@ from rbees_core.http import (
     fail,
     json_response,
     launch,
+    log_level_option,
     read_json,
 )
 from rbees_core.log import Logger
@@ -484,6 +485,7 @@ def serve_worker(
         "--n-gpu-layers", min=0, help="Layers on the GPU, the rest in RAM")] = None,
     tensor_split: Annotated[str | None, typer.Option(
         "--tensor-split", help="Each GPU's share of the model, by index: 0.67,0.33")] = None,
+    log_level: Annotated[str | None, log_level_option()] = None,
 ) -> None:
     """Start the worker (it listens at once, then loads the model)."""
     from rbees_core.config import load_config, load_token, read_token_file

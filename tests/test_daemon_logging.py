@@ -1,0 +1,123 @@
+"""Issue 26 item 4: a daemon's stderr is JSON lines only, stdlib ``logging`` records and
+``warnings.warn`` included (with their level and logger name), ``--log-level`` sets the
+threshold, and request lines carry the request's correlation id. Real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rbees_core.log import JsonLinesHandler, correlation_id
+from rbees_core.testing import find_free_port
+
+from .test_pool_managerd import start_pool, stop_pool
+
+DAEMON = textwrap.dedent("""
+    import asyncio, logging, sys, warnings
+    from starlette.applications import Starlette
+    from rbees_core.http import Daemon, launch
+    from rbees_core.log import Logger
+
+    async def main() -> int:
+        daemon = Daemon("test-daemon", pid_file=__import__("pathlib").Path(sys.argv[1]),
+                        log=Logger("test-daemon"))
+
+        async def beside() -> None:
+            logging.getLogger("rbees.scheduler.script").warning("fell back to %s", "fifo")
+            logging.getLogger("some.library").info("an info record")
+            logging.getLogger("some.library").debug("a debug record")
+            warnings.warn("a deprecation", DeprecationWarning, stacklevel=1)
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                logging.getLogger("some.library").exception("it failed")
+            daemon.shutdown.set()
+
+        return await daemon.serve(Starlette(), "127.0.0.1", int(sys.argv[2]), beside=beside)
+
+    raise SystemExit(launch("test-daemon", main()))
+""")
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    lines = text.strip().splitlines()
+    assert lines
+    return [json.loads(line) for line in lines]  # any bare text line fails here
+
+
+def run_daemon(tmp_path: Path, level: str | None) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONWARNINGS": "always"}
+    env.pop("RBEES_LOG_LEVEL", None)
+    if level:
+        env["RBEES_LOG_LEVEL"] = level
+    done = subprocess.run([sys.executable, "-c", DAEMON, str(tmp_path / "d.pid"),
+                           str(find_free_port())], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    return json_lines(done.stderr)
+
+
+def test_stdlib_records_and_warnings_become_json_lines(tmp_path: Path) -> None:
+    lines = run_daemon(tmp_path, None)
+    by_message = {line.get("message"): line for line in lines if line["event"] == "log"}
+    fallback = by_message["fell back to fifo"]
+    assert fallback["level"] == "warning" and fallback["logger"] == "rbees.scheduler.script"
+    assert fallback["component"] == "test-daemon" and fallback["correlation_id"] == "-"
+    assert by_message["an info record"]["level"] == "info"  # INFO is no longer lost
+    assert "a debug record" not in by_message
+    warned = [line for line in lines if line.get("logger") == "py.warnings"]
+    assert warned and "a deprecation" in warned[0]["message"]
+    failed = by_message["it failed"]
+    assert failed["level"] == "error" and "ZeroDivisionError" in failed["exception"]
+    events = [line["event"] for line in lines]
+    assert "listening" in events and events[-1] == "exit"
+
+    quiet = run_daemon(tmp_path, "warning")
+    assert not any(line.get("message") == "an info record" for line in quiet)
+    assert not any(line["event"] == "listening" for line in quiet)
+
+
+def test_pool_managerd_log_level_debug_logs_requests_with_their_correlation_id(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    pool = start_pool(home, "--log-level", "debug",
+                      env={"RBEES_LOG_LEVEL": "info"})  # the flag beats the variable
+    try:
+        answer = httpx.get(f"{pool.url}/v2/workers", headers={"X-Correlation-Id": "cid-26-4"})
+        assert answer.status_code == 200
+    finally:
+        assert stop_pool(pool) == 0
+    lines = json_lines(pool.log.read_text())
+    requests = [line for line in lines if line["event"] == "request"]
+    mine = [line for line in requests if line["correlation_id"] == "cid-26-4"]
+    assert len(mine) == 1, requests
+    assert mine[0]["method"] == "GET" and mine[0]["path"] == "/v2/workers"
+    assert mine[0]["status"] == 200 and mine[0]["level"] == "debug"
+    assert mine[0]["component"] == "pool-managerd" and mine[0]["duration_ms"] >= 0
+
+
+def test_the_handler_writes_the_correlation_id_of_the_context() -> None:
+    out = io.StringIO()
+    logger = logging.getLogger("rbees.test.handler")
+    logger.propagate = False
+    handler = JsonLinesHandler("unit", out)
+    logger.addHandler(handler)
+    try:
+        token = correlation_id.set("abc")
+        logger.warning("hello %s", "there", extra={"event": "greeting", "fields": {"n": 1}})
+        correlation_id.reset(token)
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(out.getvalue())
+    assert line["event"] == "greeting" and line["message"] == "hello there"
+    assert line["correlation_id"] == "abc" and line["n"] == 1 and line["level"] == "warning"
