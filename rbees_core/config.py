@@ -264,10 +264,26 @@ class FileSourceConfig:
 
 
 @attrs.frozen
+class HfSourceConfig:
+    """``[sources.hf]``: the Hugging Face source (plugins/rbees-source-hf) and the user's
+    Hugging Face cache (``HF_HUB_CACHE``, ``HF_HOME/hub``, ``~/.cache/huggingface/hub``)."""
+
+    use_hf_cache: bool = field(
+        default=True,
+        doc="take an hf: file from the user's Hugging Face cache when it is there, instead "
+            "of downloading it again (RBEES_SOURCES_HF_USE_HF_CACHE)")
+    download_to_hf_cache: bool = field(
+        default=False,
+        doc="download hf: files into that cache (shared with transformers and other tools) "
+            "instead of the models directory (RBEES_SOURCES_HF_DOWNLOAD_TO_HF_CACHE)")
+
+
+@attrs.frozen
 class SourcesConfig:
     """``[sources.*]``: settings of the model sources."""
 
     file: FileSourceConfig = field(factory=FileSourceConfig)
+    hf: HfSourceConfig = field(factory=HfSourceConfig)
 
 
 @attrs.frozen
@@ -303,6 +319,16 @@ def _paths(value: str) -> list[str]:
     return [p for p in value.split(os.pathsep) if p]
 
 
+def _bool(value: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (any case); a ConfigError otherwise."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{value!r} is not a boolean (say true or false)")
+
+
 #: variable -> (section, dotted for a nested one; key; how its text becomes the value)
 _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_WORKER_SLOTS": ("worker", "slots", int),
@@ -321,6 +347,8 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_PLACEMENT_CTX": ("placement", "ctx", int),
     "RBEES_PLACEMENT_CPU_THREADS": ("placement", "cpu_threads", int),
     "RBEES_SOURCES_FILE_ROOTS": ("sources.file", "roots", _paths),
+    "RBEES_SOURCES_HF_USE_HF_CACHE": ("sources.hf", "use_hf_cache", _bool),
+    "RBEES_SOURCES_HF_DOWNLOAD_TO_HF_CACHE": ("sources.hf", "download_to_hf_cache", _bool),
     **{f"RBEES_ORCHESTRATOR_{key.upper()}": ("orchestrator", key, kind) for key, kind in (
         ("queue_capacity", int), ("queue_policy", str), ("promote_after_s", float),
         ("heartbeat_interval_s", float), ("heartbeat_grace", int),

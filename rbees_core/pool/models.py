@@ -220,7 +220,9 @@ def remove(pm: pluggy.PluginManager, model: str, *, force: bool = False) -> list
     found = find(pm, model)
     if not found:
         raise ModelNotFoundError(f"{model!r} is not on this host", details={"model": model})
-    local = [m for m in found if root in Path(m.path).resolve().parents]
+    # the file itself is not resolved: a link the hf source made to the user's Hugging Face
+    # cache lies in the models directory (and removing it leaves the user's file)
+    local = [m for m in found if root in Path(m.path).parent.resolve().joinpath("x").parents]
     if not local:
         raise RbeesError(
             f"{found[0].ref} is not a downloaded model ({found[0].path} is outside "

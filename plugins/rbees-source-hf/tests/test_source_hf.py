@@ -385,3 +385,59 @@ sources = ["hf:{repo}/{file}"]
     assert "downloaded file does not match its checksum" in refused.stderr
     assert f"expected {hashlib.sha256(bad).hexdigest()}" in refused.stderr
     assert not (home / "models" / "hf" / REPO / "bad.gguf").exists()
+
+
+def test_the_users_hugging_face_cache_is_used_before_downloading(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        rbees_pm: pluggy.PluginManager, fake_hub: FakeHub, payload: bytes) -> None:
+    """Issue 26 item 6: a file in HF_HOME's cache is not downloaded again; with
+    ``download_to_hf_cache`` a download goes into that cache, where other tools find it."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("RBEES_SOURCES_HF_DOWNLOAD_TO_HF_CACHE", "true")
+    local = download(rbees_pm, REF)
+    snapshot = tmp_path / "hf" / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots"
+    cached = snapshot / fake_hub.commit / FILE
+    assert cached.read_bytes() == payload
+    # the models directory links to the cache's file: recorded and listed like a download
+    assert local.path == str(home / "models" / "hf" / REPO / FILE)
+    assert Path(local.path).is_symlink() and Path(local.path).resolve() == cached.resolve()
+    assert local.sha256 == hashlib.sha256(payload).hexdigest()
+    assert local.details["hf_cache_file"] == str(cached)
+    assert local.details["commit"] == fake_hub.commit
+    assert [m.ref for m in models.list_models(rbees_pm) if m.source == "hf"] == [REF]
+    assert not list(snapshot.rglob("*.json"))  # nothing of rbees' in the user's cache
+
+    monkeypatch.delenv("RBEES_SOURCES_HF_DOWNLOAD_TO_HF_CACHE")
+    asked = len(fake_hub.requests)
+    assert resolve_model(rbees_pm, REF) == local.path
+    again, fetched = asyncio.run(models.download(rbees_pm, REF))
+    assert (again.path, fetched) == (local.path, False)
+    assert len(fake_hub.requests) == asked  # the hub was not asked again
+
+    # a file already in the cache (another tool put it there) is found before any download
+    Path(local.path).unlink()
+    Path(f"{local.path}.rbees.json").unlink()
+    assert resolve_model(rbees_pm, REF) == str(cached)
+    again, fetched = asyncio.run(models.download(rbees_pm, REF))
+    assert fetched and again.path == local.path and Path(again.path).is_symlink()
+    assert len(fake_hub.requests) == asked
+    assert cached.read_bytes() == payload  # `models rm` removes the link, not the user's file
+    models.remove(rbees_pm, REF)
+    assert not Path(local.path).exists() and cached.read_bytes() == payload
+
+    monkeypatch.setenv("RBEES_SOURCES_HF_USE_HF_CACHE", "false")
+    with pytest.raises(ModelNotFoundError):
+        resolve_model(rbees_pm, REF)
+    source = HfSource(home / "models", use_hf_cache=True, download_to_hf_cache=False)
+    assert source.resolve(REF[3:]) == str(cached)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))  # read at each call
+    assert source.resolve(REF[3:]) is None
+
+
+def test_a_download_without_the_cache_setting_stays_in_the_models_directory(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        rbees_pm: pluggy.PluginManager, fake_hub: FakeHub, payload: bytes) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    local = download(rbees_pm, REF)
+    assert local.path == str(home / "models" / "hf" / REPO / FILE)
+    assert not (tmp_path / "hf").exists()

@@ -62,7 +62,8 @@ class DownloadCancelledError(RbeesError):
 
 
 class HfSource(ModelSource):
-    """Files of Hugging Face Hub repositories, cached under the pool's models directory."""
+    """Files of Hugging Face Hub repositories, cached under the pool's models directory, or
+    taken from (and, when configured, downloaded into) the user's Hugging Face cache."""
 
     name: ClassVar[str] = "hf"
     scheme: ClassVar[str] = "hf"
@@ -85,8 +86,26 @@ class HfSource(ModelSource):
             raise InvalidParamsError(
                 field, f"must be {fields.ref!r} (from hf_repo, revision, hf_file)")
 
-    def __init__(self, models_dir: str | Path | None = None) -> None:
+    def __init__(self, models_dir: str | Path | None = None, *,
+                 use_hf_cache: bool | None = None,
+                 download_to_hf_cache: bool | None = None) -> None:
+        """``models_dir``: where downloads go (default: the pool's models directory).
+        ``use_hf_cache`` / ``download_to_hf_cache``: see ``[sources.hf]``
+        (:class:`rbees_core.config.HfSourceConfig`; read from the config when None)."""
         self._models_dir = Path(models_dir) if models_dir is not None else None
+        self._use_hf_cache = use_hf_cache
+        self._download_to_hf_cache = download_to_hf_cache
+
+    def _settings(self) -> tuple[bool, bool]:
+        if self._use_hf_cache is None or self._download_to_hf_cache is None:
+            from rbees_core.config import load_config
+
+            hf = load_config().sources.hf
+            if self._use_hf_cache is None:
+                self._use_hf_cache = hf.use_hf_cache
+            if self._download_to_hf_cache is None:
+                self._download_to_hf_cache = hf.download_to_hf_cache
+        return self._use_hf_cache, self._download_to_hf_cache
 
     @property
     def models_dir(self) -> Path:
@@ -101,7 +120,13 @@ class HfSource(ModelSource):
         if parsed is None:
             return None
         path = self.models_dir / parsed.relative_path()
-        return str(path) if path.is_file() else None
+        if path.is_file():
+            return str(path)
+        if self._settings()[0]:  # the user's Hugging Face cache, before any download
+            from rbees_source_hf._cache import cached
+
+            return cached(parsed)
+        return None
 
     async def download(self, ref: str, *, sha256: str | None = None,
                        progress: ProgressCallback | None = None) -> DownloadResult:
@@ -121,7 +146,20 @@ class HfSource(ModelSource):
             if progress is not None:
                 progress(update)
 
+        use_cache, into_cache = self._settings()
         try:
+            if use_cache or into_cache:
+                from rbees_source_hf import _cache
+
+                found = _cache.cached(parsed)
+                if found is not None:
+                    return await asyncio.to_thread(_cache.from_cache, parsed, found,
+                                                   self.models_dir, sha256=sha256,
+                                                   progress=report)
+                if into_cache:
+                    return await asyncio.to_thread(_cache.fetch_into_cache, parsed,
+                                                   self.models_dir, sha256=sha256,
+                                                   progress=report)
             return await asyncio.to_thread(fetch, parsed, self.models_dir, sha256=sha256,
                                            progress=report)
         except asyncio.CancelledError:
