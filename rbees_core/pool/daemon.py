@@ -102,6 +102,7 @@ class PoolService:
         self.pm = pm
         self.log = log
         self.workers: dict[str, ManagedWorker] = {}
+        self.worker_tokens: dict[str, str] = {}  # worker id -> SHA-256 of its own token
         self.downloads: dict[str, asyncio.Task[Any]] = {}
         self.download_listeners: dict[str, list[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
         self.seq = 0
@@ -171,6 +172,10 @@ class PoolService:
 
     def _auth(self) -> dict[str, str]:  # towards its workers (:mod:`.credentials`)
         return credentials.bearer(self.control_token)
+
+    def _worker_token(self, worker_id: str) -> str:
+        token, self.worker_tokens[worker_id] = credentials.new_worker_token(worker_id)
+        return credentials.worker_token_file(worker_id, token)
 
     @property
     def control_token(self) -> str | None:
@@ -243,13 +248,15 @@ class PoolService:
                 raise
             taken = {w.record.port for w in self.workers.values() if w.state in LIVE}
             port = await asyncio.to_thread(workers.pick_port, taken, spawn.host)
-            spawn = attrs.evolve(spawn, port=port, worker_id=self._new_id(req.device))
+            wid = self._new_id(req.device)
+            spawn = attrs.evolve(spawn, port=port, worker_id=wid)
             await self._make_room(spawn.threads if spawn.device == "cpu" else 1)
             record, proc = await asyncio.to_thread(
                 workers.spawn_process, self.pm, spawn, checked=checked,
                 token_file=self.settings.token_file, taken=self.cores_held(),
                 control_token_file=await asyncio.to_thread(credentials.control_token_file,
-                                                           self.settings))
+                                                           self.settings),
+                callback_token_file=await asyncio.to_thread(self._worker_token, wid))
             managed = ManagedWorker(record=record, proc=proc, memory_kind=checked.memory_kind)
             self.workers[record.worker_id] = managed
         self.log.info("worker_starting", worker_id=record.worker_id, model=req.model_ref,

@@ -336,6 +336,7 @@ def cores_held() -> set[int]:
 def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
                   checked: Preflight | None = None, token_file: str | None = None,
                   taken: set[int] | None = None, control_token_file: str | None = None,
+                  callback_token_file: str | None = None,
                   ) -> tuple[WorkerRecord, subprocess.Popen[bytes]]:
     """:func:`spawn`, also returning the process handle (a supervisor keeps it to read the
     exit code; the worker runs in its own session, so it outlives its parent). The worker
@@ -367,6 +368,8 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         argv += ["--api-token-file", token_file]
     if control_token_file:  # what rbees-orcd sends it (rbees_core.auth.control_token)
         argv += ["--control-token-file", control_token_file]
+    if callback_token_file:  # its own token, for its ready callback only
+        argv += ["--callback-token-file", callback_token_file]
     with open_private(log_path(worker_id), "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,

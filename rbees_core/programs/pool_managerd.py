@@ -35,7 +35,7 @@ from rbees_core.api.pool import (
     WorkerStartRequest,
 )
 from rbees_core.api.worker import Accepted, ReadyCallback
-from rbees_core.errors import InvalidParamsError, RbeesError
+from rbees_core.errors import ForbiddenError, InvalidParamsError, RbeesError
 from rbees_core.http import (
     Daemon,
     EventStreamResponse,
@@ -98,6 +98,10 @@ async def stop_worker(request: Request) -> Response:
 
 async def worker_ready(request: Request) -> Response:
     body = await read_json(request, ReadyCallback)
+    principal = getattr(request.state, "principal", None)
+    if principal is not None and principal.kind == "worker" \
+            and principal.name != f"worker:{body.worker_id}":  # a worker speaks for itself
+        raise ForbiddenError(f"{principal.name} cannot report {body.worker_id} ready")
     w = _svc(request).ready_callback(body)
     return json_response(w.entry())
 
@@ -212,12 +216,18 @@ def create_app(svc: PoolService, started: float | None = None) -> Any:
 
     lifespan = daemon_lifespan(PROGRAM, svc, attr="pool", start=start)
     from rbees_core.http.auth import token_resolver
+    from rbees_core.pool import credentials
 
     control = svc.control_token  # what rbees-orcd sends (rbees_core.auth.control_token)
+    known = token_resolver(svc.settings.token, control)
+
+    def resolve(credential: str) -> Any:  # ... and each worker's own token (ready callback)
+        return known(credential) or credentials.worker_principal(credential,
+                                                                 svc.worker_tokens)
+
     return build_app(routes(svc.pm, started or time.monotonic()),
                      token=svc.settings.token, lifespan=lifespan, operations=OPERATIONS,
-                     resolver=token_resolver(svc.settings.token, control)
-                     if svc.settings.token or control else None)
+                     resolver=resolve if svc.settings.token or control else None)
 
 
 def pid_file() -> Path:

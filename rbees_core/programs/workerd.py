@@ -89,6 +89,8 @@ class WorkerSettings:
     #: --control-token-file: its pool's control token (rbees_core.auth.control_token), what
     #: rbees-orcd and the pool send it; accepted beside ``token``
     control_token: str | None = None
+    #: --callback-token-file: its own token from its pool, sent with its ready callback
+    callback_token: str | None = None
     #: the text of --chat-template-file: replaces the model's own template
     chat_template: str | None = None
     #: --n-gpu-layers / --tensor-split: a model larger than one GPU (rbees_core.planning)
@@ -357,7 +359,7 @@ async def call_back(st: WorkerState, memory_kind: str) -> None:
                          memory_bytes=st.engine.model.memory_bytes,
                          memory_kind=memory_kind, pid=os.getpid(),  # type: ignore[arg-type]
                          embedding=s.embedding)
-    credential = s.token or s.control_token
+    credential = s.callback_token or s.token or s.control_token
     headers = {"Authorization": f"Bearer {credential}"} if credential else {}
     try:
         async with httpx.AsyncClient(timeout=s.callback_timeout_s) as client:
@@ -427,7 +429,8 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
                   bind: str, port: int | None, callback_url: str | None, token: str | None,
                   embedding: bool = False, n_gpu_layers: int | None = None,
                   tensor_split: tuple[float, ...] | None = None,
-                  control_token: str | None = None) -> WorkerSettings:
+                  control_token: str | None = None,
+                  callback_token: str | None = None) -> WorkerSettings:
     """The worker's settings from its config and flags. Raises
     :class:`InvalidParamsError` for a bind the policy refuses and a chat template file
     that cannot be read."""
@@ -443,7 +446,7 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
         token=token, drain_timeout_s=config.worker.drain_timeout_s,
         callback_timeout_s=config.worker.ready_callback_timeout_s, embedding=embedding,
         chat_template=template, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
-        control_token=control_token,
+        control_token=control_token, callback_token=callback_token,
     )
 
 
@@ -475,6 +478,9 @@ def serve_worker(
     control_token_file: Annotated[str | None, typer.Option(
         "--control-token-file", help="Its pool's control token, accepted beside the API "
         "token (the pool passes it)")] = None,
+    callback_token_file: Annotated[str | None, typer.Option(
+        "--callback-token-file", help="Its own token for the ready callback (the pool "
+        "passes it)")] = None,
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
     embedding: Annotated[bool, typer.Option(
         "--embedding", help="Serve embeddings (POST /v2/embed) instead of generation")] = False,
@@ -503,7 +509,9 @@ def serve_worker(
             port=port, callback_url=callback_url, token=load_token(api_token_file),
             embedding=embedding, n_gpu_layers=n_gpu_layers,
             tensor_split=parse_shares(tensor_split) if tensor_split else None,
-            control_token=read_token_file(control_token_file) if control_token_file else None)
+            control_token=read_token_file(control_token_file) if control_token_file else None,
+            callback_token=read_token_file(callback_token_file) if callback_token_file
+            else None)
         if cpus is not None:
             pin(cpus)
         pm = plugins.make_manager(plugins.builtin_plugins())
