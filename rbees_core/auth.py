@@ -76,6 +76,7 @@ class Principal:
     models: tuple[str, ...] | None = None
     pool_id: str | None = None
     rpm: int | None = None
+    max_jobs: int | None = None  # jobs queued or running at once (admission checks it)
 
     def allows(self, required: str, params: dict[str, str] | None = None) -> bool:
         """Whether this principal may call a route that requires ``required``."""

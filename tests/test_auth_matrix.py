@@ -333,3 +333,28 @@ async def test_revoked_and_rotated_keys_stop_working_at_once(
     assert (await client.post("/v2/keys/ci/revoke", headers=admin)).status_code == 200
     assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {rotated}"})
             ).status_code == 401
+
+
+async def test_a_key_with_max_jobs_1_gets_429_while_its_job_is_queued(
+        orcd_client: tuple[httpx.AsyncClient, OrchestratorService]) -> None:
+    client, svc = orcd_client
+    key = (await asyncio.to_thread(svc.keys.create, "one", ["inference"], max_jobs=1))[1]
+    headers = {"Authorization": f"Bearer {key}"}
+    task = {"model": "smollm2", "prompt": "Bees", "max_tokens": 2}
+    first = await client.post("/v2/tasks", headers=headers, json=task)
+    assert first.status_code == 202, first.text
+    job_id = first.json()["job_id"]
+    record = (await client.get(f"/v2/tasks/{job_id}", headers=headers)).json()
+    assert record["status"] == "queued"  # no pool: it waits
+    second = await client.post("/v2/tasks", headers=headers, json=task)
+    assert second.status_code == 429 and second.headers["Retry-After"] == "1"
+    assert second.json()["error"]["code"] == "RATE_LIMITED"
+    on_v1 = await client.post("/v1/completions", headers=headers, json=task)
+    assert on_v1.status_code == 429 and on_v1.json()["error"]["type"] == "rate_limit_error"
+    await client.post(f"/v2/tasks/{job_id}/cancel", headers=headers)
+    for _ in range(100):
+        if (await client.get(f"/v2/tasks/{job_id}", headers=headers)).json()["status"] \
+                == "cancelled":
+            break
+        await asyncio.sleep(0.02)
+    assert (await client.post("/v2/tasks", headers=headers, json=task)).status_code == 202

@@ -23,6 +23,7 @@ from rbees_core.errors import (
     ForbiddenError,
     InvalidParamsError,
     ModelNotFoundError,
+    RateLimitedError,
     RbeesError,
 )
 from rbees_core.log import Logger, correlation_id
@@ -107,6 +108,10 @@ class Admission:
                                           or principal.may_use_model(asked)):
             raise ForbiddenError(f"the key {principal.name!r} may not use model {asked!r}",
                                  details={"model": asked, "key": principal.name})
+        if principal is not None and principal.max_jobs is not None \
+                and self.store.active_jobs(principal.name) >= principal.max_jobs:
+            raise RateLimitedError(f"key {principal.name!r} has {principal.max_jobs} jobs "
+                                   "queued or running, its limit", retry_after_s=1)
         if refuse_unknown and not self.known_model(request.model):
             raise ModelNotFoundError(f"model {request.model!r} is not in the catalog and no "
                                      "pool has it", details={"model": request.model})

@@ -104,8 +104,14 @@ BEGIN
 END;
 """
 
+#: A key's limit of concurrent jobs (queued or running); the index finds them fast.
+_V4 = """
+ALTER TABLE api_keys ADD COLUMN max_jobs INTEGER;
+CREATE INDEX jobs_owner_status ON jobs (owner, status) WHERE owner IS NOT NULL;
+"""
+
 #: The schema's history; version ``len(MIGRATIONS)`` is what this code reads and writes.
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -315,6 +315,13 @@ class Store:
             raise JobNotFoundError(f"no job {job_id}", details={"job_id": job_id})
         return [{"decided_at": at, **json.loads(text)} for at, text in rows]
 
+    def active_jobs(self, owner: str) -> int:
+        """How many of ``owner``'s jobs are queued, dispatched or running (a key's
+        ``max_jobs``)."""
+        row = self._read("SELECT count(*) FROM jobs WHERE owner = ? AND status IN "
+                         "('queued', 'dispatched', 'running')", (owner,)).fetchone()
+        return int(row[0])
+
     def count_by_status(self) -> dict[str, int]:
         """Number of jobs in each status (every status present, zeros included)."""
         counts = dict.fromkeys(JOB_STATUSES, 0)

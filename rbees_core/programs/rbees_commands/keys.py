@@ -47,6 +47,8 @@ def create(
         "--expires", help="Lifetime: 30d, 12h, 90m, 3600s; default: never")] = None,
     rpm: Annotated[int | None, typer.Option("--rpm", min=1,
                                             help="Requests per minute at most")] = None,
+    max_jobs: Annotated[int | None, typer.Option(
+        "--max-jobs", min=1, help="Jobs queued or running at once, at most")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Make an API key and print it once (stdout); its settings go to stderr."""
@@ -59,6 +61,8 @@ def create(
         body["expires_in"] = expires
     if rpm is not None:
         body["rpm"] = rpm
+    if max_jobs is not None:
+        body["max_jobs"] = max_jobs
     _, answer = _request("POST", "/v2/keys", json=body)
     if fmt is OutputFormat.json:
         print_json(answer)
