@@ -77,6 +77,7 @@ class Principal:
     pool_id: str | None = None
     rpm: int | None = None
     max_jobs: int | None = None  # jobs queued or running at once (admission checks it)
+    tpm: int | None = None  # tokens of its jobs that ended in the last minute (admission)
 
     def allows(self, required: str, params: dict[str, str] | None = None) -> bool:
         """Whether this principal may call a route that requires ``required``."""

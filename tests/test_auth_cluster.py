@@ -61,6 +61,19 @@ def test_a_key_runs_a_job_its_usage_counts_its_tokens_and_no_log_holds_a_secret(
         assert httpx.request("DELETE", f"{cluster.url}/api/delete", headers=auth,
                              json={"model": "smollm2"}).status_code == 403
         assert httpx.get(f"{cluster.pool_url}/v2/workers", headers=auth).status_code == 401
+        # --tpm: once a minute's jobs used the key's tokens, the next request waits
+        bob = cluster.rbees("keys", "create", "bob", "--scope", "inference", "--tpm", "5")
+        assert bob.returncode == 0, bob.stderr
+        as_bob = {"Authorization": f"Bearer {bob.stdout.strip()}"}
+        chat = {"model": "smollm2", "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "Hi"}]}
+        assert httpx.post(f"{cluster.url}/v1/chat/completions", headers=as_bob, json=chat,
+                          timeout=300).status_code == 200  # nothing used yet
+        limited = httpx.post(f"{cluster.url}/v1/chat/completions", headers=as_bob, json=chat,
+                             timeout=300)
+        assert limited.status_code == 429, limited.text
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        assert limited.json()["error"]["type"] == "rate_limit_error"
     finally:
         cluster.rbees("down")
     # no file the cluster wrote (logs, state, run files) holds the key or the token

@@ -673,7 +673,7 @@ def test_a_version_1_database_is_migrated(db: Path, clock: Clock) -> None:
         assert store.spec("new").correlation_id == "c-1"
         assert store.get("old").owner is None  # version 3: jobs.owner (credentials)
     conn = sqlite3.connect(db)
-    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 4
+    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 5
     conn.close()
 
 

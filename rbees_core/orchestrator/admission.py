@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from typing import Any
 
 import attrs
@@ -112,6 +114,14 @@ class Admission:
                 and self.store.active_jobs(principal.name) >= principal.max_jobs:
             raise RateLimitedError(f"key {principal.name!r} has {principal.max_jobs} jobs "
                                    "queued or running, its limit", retry_after_s=1)
+        if principal is not None and principal.tpm is not None:
+            now = time.time()
+            used, first = self.store.tokens_since(principal.name, now - 60)
+            if used >= principal.tpm:
+                wait = max(1, math.ceil((first or now) + 60 - now))
+                raise RateLimitedError(f"key {principal.name!r} used {used} tokens in the last "
+                                       f"minute; its limit is {principal.tpm}",
+                                       retry_after_s=wait)
         if refuse_unknown and not self.known_model(request.model):
             raise ModelNotFoundError(f"model {request.model!r} is not in the catalog and no "
                                      "pool has it", details={"model": request.model})

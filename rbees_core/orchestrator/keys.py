@@ -36,7 +36,7 @@ from rbees_core.orchestrator.store import Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 _COLUMNS = ("name, key_id, salt, digest, scopes, models, expires_at, rpm, created_at, "
-            "revoked_at, max_jobs")
+            "revoked_at, max_jobs, tpm")
 
 
 @attrs.frozen
@@ -54,6 +54,7 @@ class KeyEntry:
     created_at: float
     revoked_at: float | None
     max_jobs: int | None = None
+    tpm: int | None = None
 
     def public(self) -> dict[str, Any]:
         """What ``GET /v2/keys`` shows of it."""
@@ -61,24 +62,26 @@ class KeyEntry:
                 "models": None if self.models is None else list(self.models),
                 "expires_at": self.expires_at, "rpm": self.rpm,
                 "created_at": self.created_at, "revoked_at": self.revoked_at,
-                "max_jobs": self.max_jobs}
+                "max_jobs": self.max_jobs, "tpm": self.tpm}
 
     def principal(self) -> Principal:
         return Principal(name=self.name, scopes=frozenset(self.scopes), models=self.models,
-                         rpm=self.rpm, max_jobs=self.max_jobs)
+                         rpm=self.rpm, max_jobs=self.max_jobs, tpm=self.tpm)
 
 
 def _entry(row: tuple[Any, ...]) -> KeyEntry:
-    name, key_id, salt, digest, scopes, models, expires_at, rpm, created, revoked, jobs = row
+    name, key_id, salt, digest, scopes, models, expires_at, rpm, created, revoked, jobs, tpm \
+        = row
     return KeyEntry(name=name, key_id=key_id, salt=bytes(salt), digest=bytes(digest),
                     scopes=tuple(json.loads(scopes)),
                     models=None if models is None else tuple(json.loads(models)),
                     expires_at=expires_at, rpm=rpm, created_at=created, revoked_at=revoked,
-                    max_jobs=jobs)
+                    max_jobs=jobs, tpm=tpm)
 
 
 def check_new_key(name: str, scopes: list[str], models: list[str] | None,
-                  rpm: int | None, max_jobs: int | None = None) -> None:
+                  rpm: int | None, max_jobs: int | None = None,
+                  tpm: int | None = None) -> None:
     """Validate a new key's settings; raises :class:`InvalidParamsError` naming the field."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name == OPERATOR \
             or name.startswith("pool:"):
@@ -89,7 +92,7 @@ def check_new_key(name: str, scopes: list[str], models: list[str] | None,
     if models is not None and (not isinstance(models, list) or not models
                                or not all(isinstance(m, str) and m for m in models)):
         raise InvalidParamsError("models", "a non-empty list of model ids, or null (any)")
-    for field, value in (("rpm", rpm), ("max_jobs", max_jobs)):
+    for field, value in (("rpm", rpm), ("max_jobs", max_jobs), ("tpm", tpm)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
             raise InvalidParamsError(field, "a positive integer, or null (no limit)")
@@ -134,17 +137,18 @@ class KeyRing:
 
     def create(self, name: str, scopes: list[str], *, models: list[str] | None = None,
                expires_at: float | None = None, rpm: int | None = None,
-               max_jobs: int | None = None) -> tuple[KeyEntry, str]:
+               max_jobs: int | None = None, tpm: int | None = None
+               ) -> tuple[KeyEntry, str]:
         """Make a key; returns it and the secret form, shown once. Raises
         :class:`InvalidParamsError`, :class:`ConflictError` (the name is taken)."""
-        check_new_key(name, scopes, models, rpm, max_jobs)
+        check_new_key(name, scopes, models, rpm, max_jobs, tpm)
         key_id, secret, full = new_key()
         salt = secrets.token_bytes(16)
         entry = KeyEntry(name=name, key_id=key_id, salt=salt, digest=key_digest(salt, secret),
                          scopes=tuple(dict.fromkeys(scopes)),
                          models=None if models is None else tuple(models),
                          expires_at=expires_at, rpm=rpm, created_at=self._clock(),
-                         revoked_at=None, max_jobs=max_jobs)
+                         revoked_at=None, max_jobs=max_jobs, tpm=tpm)
 
         def op(conn: sqlite3.Connection) -> None:
             # a revoked key's name may be reused: its row goes
@@ -152,7 +156,7 @@ class KeyRing:
                          (name,))
             try:
                 conn.execute(f"INSERT INTO api_keys ({_COLUMNS}) VALUES "
-                             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._row(entry))
+                             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._row(entry))
             except sqlite3.IntegrityError as exc:
                 raise ConflictError(f"a key named {name!r} exists",
                                     details={"name": name}) from exc
@@ -165,7 +169,7 @@ class KeyRing:
     def _row(e: KeyEntry) -> tuple[Any, ...]:
         return (e.name, e.key_id, e.salt, e.digest, json.dumps(list(e.scopes)),
                 None if e.models is None else json.dumps(list(e.models)), e.expires_at,
-                e.rpm, e.created_at, e.revoked_at, e.max_jobs)
+                e.rpm, e.created_at, e.revoked_at, e.max_jobs, e.tpm)
 
     def entries(self) -> list[KeyEntry]:
         """Every key, revoked ones included, oldest first."""

@@ -110,8 +110,14 @@ ALTER TABLE api_keys ADD COLUMN max_jobs INTEGER;
 CREATE INDEX jobs_owner_status ON jobs (owner, status) WHERE owner IS NOT NULL;
 """
 
+#: A key's limit of tokens (prompt and completion of its jobs that ended) per minute.
+_V5 = """
+ALTER TABLE api_keys ADD COLUMN tpm INTEGER;
+CREATE INDEX jobs_owner_finished ON jobs (owner, finished_at) WHERE owner IS NOT NULL;
+"""
+
 #: The schema's history; version ``len(MIGRATIONS)`` is what this code reads and writes.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

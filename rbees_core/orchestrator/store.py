@@ -322,6 +322,14 @@ class Store:
                          "('queued', 'dispatched', 'running')", (owner,)).fetchone()
         return int(row[0])
 
+    def tokens_since(self, owner: str, since: float) -> tuple[int, float | None]:
+        """Prompt and completion tokens of ``owner``'s jobs that ended after ``since`` (Unix
+        s), and when the first of them ended (a key's ``tpm``)."""
+        row = self._read("SELECT coalesce(sum(coalesce(tokens_in, 0) + tokens_out), 0), "
+                         "min(finished_at) FROM jobs WHERE owner = ? AND finished_at > ?",
+                         (owner, since)).fetchone()
+        return int(row[0]), row[1]
+
     def count_by_status(self) -> dict[str, int]:
         """Number of jobs in each status (every status present, zeros included)."""
         counts = dict.fromkeys(JOB_STATUSES, 0)

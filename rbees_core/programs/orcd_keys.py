@@ -49,7 +49,8 @@ async def _body(request: Request) -> dict[str, Any]:
 
 async def create_key(request: Request) -> Response:
     body = await _body(request)
-    unknown = set(body) - {"name", "scopes", "models", "expires_in", "rpm", "max_jobs"}
+    unknown = set(body) - {"name", "scopes", "models", "expires_in", "rpm", "max_jobs",
+                           "tpm"}
     if unknown:
         raise InvalidParamsError(sorted(unknown)[0], "unknown field")
     ttl = parse_expiry(body.get("expires_in"))
@@ -57,6 +58,7 @@ async def create_key(request: Request) -> Response:
     entry, key = await asyncio.to_thread(
         keys.create, body.get("name", ""), body.get("scopes") or [],
         models=body.get("models"), rpm=body.get("rpm"), max_jobs=body.get("max_jobs"),
+        tpm=body.get("tpm"),
         expires_at=None if ttl is None else time.time() + ttl)
     service(request).log.info("key_created", name=entry.name, scopes=list(entry.scopes))
     return json_response({**entry.public(), "key": key}, 201)
@@ -98,7 +100,8 @@ async def make_join_token(request: Request) -> Response:
 
 OPERATIONS = [
     openapi.Operation("POST", "/v2/keys", "make an API key {name, scopes, models?, "
-                      "expires_in?, rpm?, max_jobs?}; the answer holds the key, shown only here",
+                      "expires_in?, rpm?, max_jobs?, tpm?}; the answer holds the key, "
+                      "shown only here",
                       status=201, errors={"400": "bad field", "409": "the name is taken"}),
     openapi.Operation("GET", "/v2/keys", "API keys (never the keys themselves)"),
     openapi.Operation("POST", "/v2/keys/{name}/revoke", "revoke a key at once",

@@ -49,6 +49,8 @@ def create(
                                             help="Requests per minute at most")] = None,
     max_jobs: Annotated[int | None, typer.Option(
         "--max-jobs", min=1, help="Jobs queued or running at once, at most")] = None,
+    tpm: Annotated[int | None, typer.Option(
+        "--tpm", min=1, help="Tokens (prompt and completion) per minute, at most")] = None,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Make an API key and print it once (stdout); its settings go to stderr."""
@@ -63,6 +65,8 @@ def create(
         body["rpm"] = rpm
     if max_jobs is not None:
         body["max_jobs"] = max_jobs
+    if tpm is not None:
+        body["tpm"] = tpm
     _, answer = _request("POST", "/v2/keys", json=body)
     if fmt is OutputFormat.json:
         print_json(answer)
