@@ -1,7 +1,9 @@
 """What the ``rbees`` and ``rbees-pool`` command lines share (CONTRACT section 6).
 
 - :func:`new_app` builds a root typer app the same way for both: help on no arguments, no
-  shell-completion commands, no REPL, ``--version``.
+  REPL, ``--version``, and ``completion bash|zsh|fish`` (the script to source; typer's
+  ``--install-completion`` options stay off, and typer's completion machinery is loaded only
+  while a shell asks for completions: :func:`completing`).
 - :data:`FormatOption` is the ``--format text|json`` option of every command that prints
   data; :func:`emit` prints rows as a text table or as JSON on stdout. Diagnostics go to
   stderr.
@@ -37,6 +39,47 @@ AppFactory = Callable[[pluggy.PluginManager], typer.Typer]
 class OutputFormat(str, enum.Enum):
     text = "text"
     json = "json"
+
+
+class Shell(str, enum.Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+def complete_var(program: str) -> str:
+    """The variable a shell's completion function sets when it runs ``program`` for
+    completions (click's rule: ``rbees-pool`` -> ``_RBEES_POOL_COMPLETE``)."""
+    return f"_{program.replace('-', '_').replace('.', '_').upper()}_COMPLETE"
+
+
+def completing(program: str) -> bool:
+    """Whether a shell runs ``program`` for completions now; then typer's completion
+    classes are registered (typer registers them only with its completion options, which
+    rbees leaves off). Every other start
+    pays one environment lookup, nothing more."""
+    if not os.environ.get(complete_var(program)):
+        return False
+    from typer.completion import completion_init
+
+    completion_init()  # registers bash, zsh, fish (and powershell)
+    return True
+
+
+def add_completion_command(app: typer.Typer, program: str) -> None:
+    """``<program> completion bash|zsh|fish``: print the script that makes the shell
+    complete ``program``'s commands and options (by running it with
+    :func:`complete_var` set)."""
+
+    @app.command("completion")
+    def completion(shell: Annotated[Shell, typer.Argument(case_sensitive=False)]) -> None:
+        """Print the shell completion script: eval "$(PROGRAM completion bash)" in
+        ~/.bashrc, or write it to a file your shell reads (zsh: a file in $fpath named
+        _PROGRAM; fish: ~/.config/fish/completions/PROGRAM.fish)."""
+        from typer.completion import get_completion_script
+
+        print(get_completion_script(prog_name=program, complete_var=complete_var(program),
+                                    shell=shell.value))
 
 
 FormatOption = Annotated[
@@ -99,6 +142,7 @@ def new_app(program: str, help: str) -> typer.Typer:
     ) -> None:
         pass
 
+    add_completion_command(app, program)
     return app
 
 
@@ -153,6 +197,7 @@ def run(program: str, factory: AppFactory, argv: Sequence[str] | None = None, *,
     """Build the plugin manager (with ``program``'s ``builtins``, ``(name, plugin)`` pairs
     that can be blocked by name like any plugin) and the app, then run it; never returns."""
     with errors_to_exit(program):
+        completing(program)
         app = factory(make_plugin_manager(builtins))
         app(args=list(argv) if argv is not None else None, prog_name=program)
 
