@@ -60,7 +60,8 @@ def completing(program: str) -> bool:
     pays one environment lookup, nothing more."""
     if not os.environ.get(complete_var(program)):
         return False
-    from typer.completion import completion_init
+    # typer.completion has no __all__; these two are what its own options use
+    from typer.completion import completion_init  # type: ignore[attr-defined]
 
     completion_init()  # registers bash, zsh, fish (and powershell)
     return True
@@ -76,7 +77,7 @@ def add_completion_command(app: typer.Typer, program: str) -> None:
         """Print the shell completion script: eval "$(PROGRAM completion bash)" in
         ~/.bashrc, or write it to a file your shell reads (zsh: a file in $fpath named
         _PROGRAM; fish: ~/.config/fish/completions/PROGRAM.fish)."""
-        from typer.completion import get_completion_script
+        from typer.completion import get_completion_script  # type: ignore[attr-defined]
 
         print(get_completion_script(prog_name=program, complete_var=complete_var(program),
                                     shell=shell.value))
