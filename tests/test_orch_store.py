@@ -673,8 +673,40 @@ def test_a_version_1_database_is_migrated(db: Path, clock: Clock) -> None:
         assert store.spec("new").correlation_id == "c-1"
         assert store.get("old").owner is None  # version 3: jobs.owner (credentials)
     conn = sqlite3.connect(db)
-    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 5
+    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 6
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"files", "batches", "batch_lines"} <= tables  # version 6: OpenAI batches
     conn.close()
+
+
+async def test_a_batch_line_is_answered_once_and_its_files_made_at_the_end(
+        db: Path, clock: Clock) -> None:
+    from rbees_core.orchestrator.batches import BatchStore
+
+    with Store(db, clock=clock) as store:
+        batches = BatchStore(store, clock)
+        source = await batches.add_file("batch", "in.jsonl", b"{}\n")
+        row = await batches.add_batch(endpoint="/v1/completions", input_file_id=source.file_id,
+                                      completion_window="24h", window_s=60, metadata=None,
+                                      lines=[("a", {}), ("b", {}), ("c", {})])
+        batch_id = row["batch_id"]
+        assert row["status"] == "validating" and batches.unfinished() == [batch_id]
+        assert await batches.answer(batch_id, 1, True, {"custom_id": "b"})
+        assert not await batches.answer(batch_id, 1, False, {"custom_id": "b", "again": 1})
+        assert await batches.answer(batch_id, 0, False, {"custom_id": "a"})
+        assert [line.custom_id for line in batches.open_lines(batch_id)] == ["c"]
+        assert await batches.finish(batch_id, "cancelled",
+                                    lambda line: {"custom_id": line.custom_id, "rest": 1})
+        assert not await batches.finish(batch_id, "completed", lambda line: {})
+        done = batches.batch(batch_id)
+        assert done is not None and done["status"] == "cancelled" and done["cancelled_at"]
+        out = batches.content(done["output_file_id"])
+        errors = batches.content(done["error_file_id"])
+        assert out == b'{"custom_id": "b"}\n'
+        assert errors == b'{"custom_id": "a"}\n{"custom_id": "c", "rest": 1}\n'
+        counts = batches.counts(batch_id)
+        assert (counts.total, counts.completed, counts.failed) == (3, 1, 2)
+        assert batches.unfinished() == []
 
 
 def test_a_failed_migration_leaves_the_previous_version(db: Path) -> None:

@@ -116,8 +116,55 @@ ALTER TABLE api_keys ADD COLUMN tpm INTEGER;
 CREATE INDEX jobs_owner_finished ON jobs (owner, finished_at) WHERE owner IS NOT NULL;
 """
 
+#: OpenAI batches (rbees_core.orchestrator.batches): uploaded files, batches, their lines
+#: and each line's answer; the index finds a line's jobs by correlation id after a crash.
+_V6 = """
+CREATE INDEX jobs_correlation ON jobs (correlation_id);
+CREATE TABLE files (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    file_id    TEXT    NOT NULL UNIQUE,
+    purpose    TEXT    NOT NULL,
+    filename   TEXT    NOT NULL,
+    created_at REAL    NOT NULL,
+    content    BLOB    NOT NULL
+);
+CREATE TABLE batches (
+    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id          TEXT    NOT NULL UNIQUE,
+    status            TEXT    NOT NULL CHECK (status IN ('validating', 'failed', 'in_progress',
+                        'finalizing', 'completed', 'expired', 'cancelling', 'cancelled')),
+    endpoint          TEXT    NOT NULL,
+    input_file_id     TEXT    NOT NULL,
+    completion_window TEXT    NOT NULL,
+    metadata          TEXT,
+    errors            TEXT,
+    created_at        REAL    NOT NULL,
+    expires_at        REAL    NOT NULL,
+    in_progress_at    REAL,
+    finalizing_at     REAL,
+    completed_at      REAL,
+    failed_at         REAL,
+    expired_at        REAL,
+    cancelling_at     REAL,
+    cancelled_at      REAL,
+    output_file_id    TEXT,
+    error_file_id     TEXT
+);
+CREATE TABLE batch_lines (
+    batch_id  TEXT    NOT NULL,
+    line      INTEGER NOT NULL,
+    custom_id TEXT    NOT NULL,
+    request   TEXT    NOT NULL,
+    job_ids   TEXT,
+    ok        INTEGER,
+    result    TEXT,
+    PRIMARY KEY (batch_id, line),
+    UNIQUE (batch_id, custom_id)
+) WITHOUT ROWID;
+"""
+
 #: The schema's history; version ``len(MIGRATIONS)`` is what this code reads and writes.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

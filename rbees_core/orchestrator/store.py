@@ -225,6 +225,12 @@ class Store:
         """
         return self._call(self._ops.recover_op)
 
+    async def write_async(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``op`` on the write connection in its own savepoint, committed with the
+        writes beside it (for the tables other modules own: the batches of
+        :mod:`rbees_core.orchestrator.batches`); returns its result once committed."""
+        return await self._writer.submit_async(op)
+
     # -- reads -----------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord:

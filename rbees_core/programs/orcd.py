@@ -9,13 +9,16 @@ the service's facade, never one another.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import attrs
 import pluggy
 import typer
+from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from rbees_core.config import rbees_home, runtime_dir
@@ -32,6 +35,7 @@ from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
 from rbees_core.programs import (
     orcd_api,
+    orcd_batches,
     orcd_embeddings,
     orcd_keys,
     orcd_openai,
@@ -39,6 +43,7 @@ from rbees_core.programs import (
     orcd_pools,
     orcd_web,
 )
+from rbees_core.programs.orcd_batch_runner import BatchRunner
 from rbees_core.protocols import Orchestrator
 
 PROGRAM = "rbees-orcd"
@@ -52,8 +57,8 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
                          routes=[route for module in MODULES for route in module.routes()])
 
 
-MODULES = (orcd_api, orcd_openai, orcd_openai_models, orcd_embeddings, orcd_pools, orcd_keys,
-           orcd_web)
+MODULES = (orcd_api, orcd_openai, orcd_openai_models, orcd_embeddings, orcd_batches,
+           orcd_pools, orcd_keys, orcd_web)
 
 
 def operations() -> list[Any]:
@@ -65,7 +70,20 @@ def operations() -> list[Any]:
 def create_app(svc: OrchestratorService, started: float | None = None) -> Any:
     facade: Orchestrator = svc  # what protocol plugins see: mypy checks the service offers it
     del facade
-    lifespan = daemon_lifespan(PROGRAM, svc, attr="orcd", start=svc.start, stop=svc.close)
+    batches = BatchRunner(svc)
+
+    async def start() -> None:
+        await svc.start()  # recovery first: the runner follows the recovered jobs
+        await batches.start()
+
+    inner = daemon_lifespan(PROGRAM, svc, attr="orcd", start=start, stop=svc.close)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.batches = batches  # the /v1/files and /v1/batches routes' (orcd_batches)
+        async with inner(app):
+            yield
+
     token = svc.settings.token
     return build_app(routes(svc.pm, started or time.monotonic()), token=token,
                      lifespan=lifespan, operations=operations(),

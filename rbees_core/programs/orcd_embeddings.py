@@ -122,18 +122,30 @@ async def embeddings(request: Request) -> Response:
     if not isinstance(data.get("embeddings"), list):
         return OpenAIError(502, "the job ended without its vectors", code="worker_error",
                            kind="server_error").response()
+    return JSONResponse(embedding_body(model, fmt, data), headers={
+        "X-Rbees-Job-Id": job_id,
+        "X-Rbees-Forward-Passes": str(data.get("forward_passes", ""))})
+
+
+def request_of(body: dict[str, Any]) -> tuple[str, list[str], str]:
+    """``(model, texts, encoding_format)`` of an embeddings request body; raises
+    :class:`OpenAIError` (400). Also used by the batch runner (:mod:`.orcd_batch_runner`)."""
+    return _request(body)
+
+
+def embedding_body(model: str, fmt: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The answer (an embeddings ``list``) of a job whose ``end`` event is ``data``."""
     vectors: list[Any] = data["embeddings"]
     if fmt == "float":
         vectors = [unpack(v) for v in vectors]
     tokens = int(data.get("tokens_in") or 0)
-    return JSONResponse({
+    return {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": v}
                  for i, v in enumerate(vectors)],
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }, headers={"X-Rbees-Job-Id": job_id,
-                "X-Rbees-Forward-Passes": str(data.get("forward_passes", ""))})
+    }
 
 
 OPERATIONS = [

@@ -193,8 +193,22 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     error = await protocols.collect(request, jobs, lambda i, e, d: turns[i].feed(e, d))
     if error is not None:
         return job_error(error).response()
+    return JSONResponse(answer_body(task, turns, chat=chat, ident=ident, created=created))
+
+
+def task_of(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], int]:
+    """The ``POST /v2/tasks`` body and ``n`` of a chat (``chat``) or completions request
+    body; raises :class:`OpenAIError` (400) for what it refuses. Also used by the batch
+    runner (:mod:`.orcd_batch_runner`)."""
+    return _task(body, chat=chat)
+
+
+def answer_body(task: dict[str, Any], turns: list[Turn], *, chat: bool, ident: str,
+                created: int) -> dict[str, Any]:
+    """The non-streamed answer (``chat.completion`` or ``text_completion``) of ``task``'s
+    jobs, one :class:`Turn` per choice, each fed to its terminal event."""
     choices = []
-    forms = _logprobs_form(task, n)
+    forms = _logprobs_form(task, len(turns))
     usage = {"prompt_tokens": sum(t.usage.tokens_in for t in turns),
              "completion_tokens": sum(t.usage.tokens_out for t in turns)}
     for i, turn in enumerate(turns):
@@ -210,11 +224,11 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         else:
             choices.append({"index": i, "text": turn.content, "finish_reason": turn.finish,
                             "logprobs": logprobs})
-    return JSONResponse({
+    return {
         "id": ident, "object": "chat.completion" if chat else "text_completion",
-        "created": created, "model": model, "choices": choices,
+        "created": created, "model": task["model"], "choices": choices,
         "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
-    })
+    }
 
 
 def _logprobs_form(task: dict[str, Any], n: int) -> list[LogprobsForm] | None:

@@ -21,6 +21,7 @@ HELP = ("Control the rbees orchestrator, pools and jobs. "
 BUILTINS = (
     ("rbees-cluster", "rbees_core.programs.rbees_commands.cluster"),
     ("rbees-jobs", "rbees_core.programs.rbees_commands.jobs"),
+    ("rbees-batches", "rbees_core.programs.rbees_commands.batches"),
     ("rbees-models", "rbees_core.programs.rbees_commands.models"),
     ("rbees-pool", "rbees_core.programs.rbees_commands.pool"),
     ("rbees-hosts", "rbees_core.programs.rbees_commands.hosts"),
