@@ -161,6 +161,7 @@ def test_cancel_and_list(rbees_cluster: Cluster) -> None:
 def test_a_sigkill_of_rbees_orcd_halfway_loses_no_line_and_answers_none_twice(
         tmp_path: Path) -> None:
     cluster = up(tmp_path)
+    restarted: subprocess.Popen[bytes] | None = None
     try:
         client = _client(cluster)
         # 200 lines (the acceptance); RBEES_BATCH_LINES=40 for a quicker look
@@ -194,6 +195,9 @@ def test_a_sigkill_of_rbees_orcd_halfway_loses_no_line_and_answers_none_twice(
         assert answered == (n, n)
         print(f"{n}-line batch with a SIGKILL of rbees-orcd halfway: {took:.1f} s")
     finally:
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(30)
         cluster.rbees("down")
 
 
