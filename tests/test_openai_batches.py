@@ -143,7 +143,7 @@ def test_cancel_and_list(rbees_cluster: Cluster) -> None:
     assert batch.status in ("validating", "in_progress") and batch.metadata == {
         "note": "cancel me"}
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
-    done = _wait(client, batch.id, 60)
+    done = _wait(client, batch.id, 300)
     assert done.status == "cancelled" and done.cancelled_at
     answered = _results(client, done.output_file_id) + _results(client, done.error_file_id)
     assert sorted(r["custom_id"] for r in answered) == sorted(f"req-{i}" for i in range(40))

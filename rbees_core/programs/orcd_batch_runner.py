@@ -158,10 +158,12 @@ class BatchRunner:
             if key[0] == batch_id:
                 task.cancel()
                 self._lines.pop(key, None)
-        for line in self.store.open_lines(batch_id):
-            for job_id in line.job_ids or []:
-                with contextlib.suppress(RbeesError):
-                    await self.svc.cancel(job_id)
+        async def cancel(job_id: str) -> None:
+            with contextlib.suppress(RbeesError):
+                await self.svc.cancel(job_id)
+
+        await asyncio.gather(*(cancel(job_id) for line in self.store.open_lines(batch_id)
+                               for job_id in line.job_ids or []))
 
         def rest(line: Line) -> dict[str, Any]:
             return {"id": new_id("batch_req"), "custom_id": line.custom_id, "response": None,
