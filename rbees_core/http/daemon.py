@@ -24,7 +24,7 @@ from starlette.types import ASGIApp
 
 from rbees_core.errors import ConflictError, RbeesError
 from rbees_core.files import private_dir, write_private
-from rbees_core.http.server import run_daemon, serve
+from rbees_core.http.server import notify_ready, run_daemon, serve
 from rbees_core.log import LEVELS, Logger, route_stdlib
 from rbees_core.processes import pid_file_holder, read_pid
 
@@ -92,11 +92,13 @@ class Daemon:
         """Serve ``app`` on ``host:port`` until :attr:`shutdown` is set; the exit code.
 
         SIGTERM and SIGINT call ``on_signal`` (default: set :attr:`shutdown` at once).
-        ``listening`` goes into the ``listening`` log line. ``beside`` starts once the server
-        task does and is cancelled when serving ends; ``after`` runs then (stop an engine,
-        close a model), before the pid file goes and the ``exit`` line is logged with
-        ``exit_code()`` (default 0). Raises what :func:`~rbees_core.http.server.serve` raises
-        (OSError when the port cannot be bound) and ConflictError from :meth:`claim`.
+        ``listening`` goes into the ``listening`` log line. An exclusive daemon tells
+        systemd it is ready once its app has started (:func:`notify_ready`). ``beside``
+        starts once the server task does and is cancelled when serving ends; ``after`` runs
+        then (stop an engine, close a model), before the pid file goes and the ``exit`` line
+        is logged with ``exit_code()`` (default 0). Raises what
+        :func:`~rbees_core.http.server.serve` raises (OSError when the port cannot be
+        bound) and ConflictError from :meth:`claim`.
         """
         self.claim()
         loop = asyncio.get_running_loop()
@@ -105,7 +107,11 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
         self.log.info("listening", **listening)
         try:
-            server = asyncio.create_task(serve(app, host, port, self.shutdown))
+            # the one process of its home (rbees-orcd, pool-managerd) is what a service
+            # manager waits for; a worker is its pool's, never a service of its own
+            server = asyncio.create_task(serve(
+                app, host, port, self.shutdown,
+                on_ready=notify_ready if self.exclusive else None))
             side = asyncio.create_task(beside()) if beside is not None else None
             try:
                 await server

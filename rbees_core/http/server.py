@@ -10,7 +10,7 @@ import asyncio
 import gc
 import ipaddress
 import socket
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -73,14 +73,38 @@ def run_daemon(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> None:
+def notify_ready() -> bool:
+    """Tell systemd the daemon serves (``sd_notify(READY=1)``) when it runs as a
+    ``Type=notify`` service: one datagram to ``$NOTIFY_SOCKET`` (a path, or ``@name`` for
+    an abstract socket), which is then removed from the environment so that the processes
+    this one starts (a pool's workers) do not speak for it. Whether a message went; an
+    unreachable socket is not an error (systemd then times the start out). Called by
+    :class:`rbees_core.http.Daemon` once the app's start-up is complete."""
+    import os
+
+    address = os.environ.pop("NOTIFY_SOCKET", "")
+    if not address or address[0] not in "/@":
+        return False
+    target = "\0" + address[1:] if address[0] == "@" else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(target)
+            sock.sendall(f"READY=1\nSTATUS=serving\nMAINPID={os.getpid()}\n".encode())
+    except OSError:
+        return False
+    return True
+
+
+async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event, *,
+                on_ready: Callable[[], object] | None = None) -> None:
     """Serve ``app`` until ``shutdown`` is set, then finish the requests in flight (5 s at
     most). Raises OSError when ``host:port`` cannot be bound and re-raises what made the
     app's lifespan startup fail.
 
     uvicorn with httptools' HTTP/1.1 parser: an admission through it costs about half what
     it costs through a pure-Python parser (docs/benchmarks.md, rbees-orcd). The daemon owns
-    its signals, so the server installs no handler of its own.
+    its signals, so the server installs no handler of its own. ``on_ready`` is called once
+    the app's start-up is complete (the socket listens already).
     """
     import uvicorn
 
@@ -94,6 +118,8 @@ async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event) -> 
         async def started(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 collector.start()
+                if on_ready is not None:
+                    on_ready()
             await send(message)
 
         try:

@@ -27,6 +27,7 @@ BUILTINS = (
     ("rbees-hosts", "rbees_core.programs.rbees_commands.hosts"),
     ("rbees-scheduler", "rbees_core.programs.rbees_commands.scheduler"),
     ("rbees-keys", "rbees_core.programs.rbees_commands.keys"),
+    ("rbees-service", "rbees_core.programs.rbees_commands.service"),
 )
 
 
