@@ -12,12 +12,12 @@ from typing import Any, ClassVar
 
 from rbees_backend_llamacpp.offload import set_devices
 from rbees_core.backend import (
+    OVERHEAD_BYTES,
     Backend,
     Embeddings,
     Feed,
     LoadedModel,
     MemoryEstimate,
-    OVERHEAD_BYTES,
     MemoryKind,
     SamplingParams,
     split_device,
