@@ -220,3 +220,26 @@ def test_the_rbees_batches_commands(rbees_cluster: Cluster, tmp_path: Path) -> N
     assert refused.returncode != 0 and "batch_not_cancellable" in refused.stderr
     unknown = rbees_cluster.rbees("batches", "status", "batch_nope")
     assert unknown.returncode != 0 and "not_found" in unknown.stderr
+
+
+def test_a_keys_batch_runs_as_that_key_within_its_models(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("batch-operator-token-0123456789\n")
+    token_file.chmod(0o600)
+    cluster = up(tmp_path / "home", environ={"RBEES_API_TOKEN_FILE": str(token_file)})
+    try:
+        made = cluster.rbees("keys", "create", "carol", "--scope", "inference",
+                             "--models", "smollm2")
+        assert made.returncode == 0, made.stderr
+        client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key=made.stdout.strip(),
+                               max_retries=0)
+        batch = _run(client, [_line(0), _line(1, model="qwen2.5-0.5b")])
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+        (ok,) = _results(client, batch.output_file_id)
+        job = httpx.get(f"{cluster.url}/v2/tasks/{ok['response']['request_id']}",
+                        headers={"Authorization": f"Bearer {made.stdout.strip()}"}).json()
+        assert job["owner"] == "carol"
+        (refused,) = _results(client, batch.error_file_id)
+        assert refused["custom_id"] == "req-1" and refused["response"]["status_code"] == 403
+    finally:
+        cluster.rbees("down")

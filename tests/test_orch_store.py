@@ -673,7 +673,7 @@ def test_a_version_1_database_is_migrated(db: Path, clock: Clock) -> None:
         assert store.spec("new").correlation_id == "c-1"
         assert store.get("old").owner is None  # version 3: jobs.owner (credentials)
     conn = sqlite3.connect(db)
-    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 6
+    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 7
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"files", "batches", "batch_lines"} <= tables  # version 6: OpenAI batches
     conn.close()
@@ -688,8 +688,10 @@ async def test_a_batch_line_is_answered_once_and_its_files_made_at_the_end(
         source = await batches.add_file("batch", "in.jsonl", b"{}\n")
         row = await batches.add_batch(endpoint="/v1/completions", input_file_id=source.file_id,
                                       completion_window="24h", window_s=60, metadata=None,
-                                      lines=[("a", {}), ("b", {}), ("c", {})])
+                                      lines=[("a", {}), ("b", {}), ("c", {})], owner="k1",
+                                      owner_models=["smollm2"])
         batch_id = row["batch_id"]
+        assert (row["owner"], row["owner_models"]) == ("k1", '["smollm2"]')  # version 7
         assert row["status"] == "validating" and batches.unfinished() == [batch_id]
         assert await batches.answer(batch_id, 1, True, {"custom_id": "b"})
         assert not await batches.answer(batch_id, 1, False, {"custom_id": "b", "again": 1})

@@ -41,7 +41,7 @@ BATCH_COLUMNS = (
     "batch_id", "status", "endpoint", "input_file_id", "completion_window", "metadata",
     "errors", "created_at", "expires_at", "in_progress_at", "finalizing_at", "completed_at",
     "failed_at", "expired_at", "cancelling_at", "cancelled_at", "output_file_id",
-    "error_file_id",
+    "error_file_id", "owner", "owner_models",
 )
 
 
@@ -125,18 +125,21 @@ class BatchStore:
 
     async def add_batch(self, *, endpoint: str, input_file_id: str, completion_window: str,
                         window_s: float, metadata: dict[str, str] | None,
-                        lines: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+                        lines: list[tuple[str, dict[str, Any]]], owner: str | None = None,
+                        owner_models: list[str] | None = None) -> dict[str, Any]:
         """A new batch (``validating``) with its ``lines`` (``(custom_id, request)``, in
-        file order; custom ids distinct), in one transaction; its row."""
+        file order; custom ids distinct), in one transaction; its row. ``owner`` and
+        ``owner_models``: the key that made it and the models it may use (None: any)."""
         batch_id, now = new_id("batch"), self._clock()
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO batches (batch_id, status, endpoint, input_file_id, "
-                "completion_window, metadata, created_at, expires_at) "
-                "VALUES (?, 'validating', ?, ?, ?, ?, ?, ?)",
+                "completion_window, metadata, created_at, expires_at, owner, owner_models) "
+                "VALUES (?, 'validating', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (batch_id, endpoint, input_file_id, completion_window,
-                 None if metadata is None else json.dumps(metadata), now, now + window_s))
+                 None if metadata is None else json.dumps(metadata), now, now + window_s,
+                 owner, None if owner_models is None else json.dumps(owner_models)))
             conn.executemany(
                 "INSERT INTO batch_lines (batch_id, line, custom_id, request) "
                 "VALUES (?, ?, ?, ?)",

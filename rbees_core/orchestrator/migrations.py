@@ -163,8 +163,15 @@ CREATE TABLE batch_lines (
 ) WITHOUT ROWID;
 """
 
+#: A batch's owner (the name of the key that made it) and the models that key may use: its
+#: lines' jobs are admitted as that key's (rbees_core.auth).
+_V7 = """
+ALTER TABLE batches ADD COLUMN owner TEXT;
+ALTER TABLE batches ADD COLUMN owner_models TEXT;
+"""
+
 #: The schema's history; version ``len(MIGRATIONS)`` is what this code reads and writes.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -26,11 +26,13 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import json
 import re
 import time
 from typing import Any
 
 from rbees_core import protocols
+from rbees_core.auth import Principal, current_principal
 from rbees_core.errors import RbeesError
 from rbees_core.log import correlation_id
 from rbees_core.orchestrator.batches import BatchStore, Line, line_correlation, new_id
@@ -142,8 +144,7 @@ class BatchRunner:
                     return
                 key = (batch_id, line.line)
                 if key not in self._lines:
-                    task = self.svc.book.spawn(self._run_line(batch_id, row["endpoint"],
-                                                              metadata, line))
+                    task = self.svc.book.spawn(self._run_line(row, metadata, line))
                     self._lines[key] = task
                     task.add_done_callback(functools.partial(self._done, key))
 
@@ -173,9 +174,15 @@ class BatchRunner:
 
     # -- one line ----------------------------------------------------------------------------
 
-    async def _run_line(self, batch_id: str, endpoint: str, metadata: dict[str, str],
+    async def _run_line(self, row: dict[str, Any], metadata: dict[str, str],
                         line: Line) -> None:
+        batch_id, endpoint = str(row["batch_id"]), str(row["endpoint"])
         correlation_id.set(line_correlation(batch_id, line.line))
+        if row.get("owner"):  # admitted as the key that made the batch: its models, usage
+            models = json.loads(row["owner_models"]) if row.get("owner_models") else None
+            current_principal.set(Principal(name=str(row["owner"]),
+                                            scopes=frozenset({"inference"}),
+                                            models=None if models is None else tuple(models)))
         try:
             kind, task, n, fmt = self._translate(endpoint, line.request, metadata)
         except RequestError as exc:
@@ -312,8 +319,6 @@ async def _wait(jobs: Jobs, turns: list[Turn], ends: list[dict[str, Any]]
 
 
 def _metadata(row: dict[str, Any]) -> dict[str, str]:
-    import json
-
     raw = row.get("metadata")
     return dict(json.loads(raw)) if raw else {}
 

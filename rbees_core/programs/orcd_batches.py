@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from rbees_core.api import openapi
+from rbees_core.auth import current_principal
 from rbees_core.errors import PayloadTooLargeError
 from rbees_core.orchestrator.batches import FINAL_BATCH, BatchStore, StoredFile
 from rbees_core.programs.openai_errors import OpenAIError, read_object
@@ -229,9 +230,13 @@ async def create_batch(request: Request) -> Response:
             lines.append((custom_id, {k: req.get(k) for k in ("method", "url", "body")}))
     except OpenAIError as exc:
         return exc.response()
+    principal = current_principal.get()  # its lines' jobs are this key's (models, usage)
     row = await store.add_batch(endpoint=str(endpoint), input_file_id=stored.file_id,
                                 completion_window=str(window), window_s=WINDOWS[str(window)],
-                                metadata=metadata, lines=lines)
+                                metadata=metadata, lines=lines,
+                                owner=None if principal is None else principal.name,
+                                owner_models=None if principal is None or principal.models is None
+                                else list(principal.models))
     runner(request).wake()
     return JSONResponse(batch_object(store, row))
 
