@@ -117,7 +117,8 @@ def test_rbees_pool_command_groups_are_builtin_plugins() -> None:
     result = run("rbees-pool", "--help")
     commands = [line.split()[0] for line in
                 result.stdout.split("Commands:")[1].strip().splitlines()]
-    assert commands == ["plugins", "status", "down", "models", "worker", "git", "daemon"]
+    assert commands == ["plugins", "status", "down", "completion", "models", "worker", "git",
+                        "daemon"]
     blocked = run("rbees-pool", "git", "status", env={"RBEES_DISABLED_PLUGINS": "pool-git"})
     assert blocked.returncode == 2 and "No such command 'git'" in blocked.stderr
     assert "git" not in run("rbees", "--help").stdout.split("Commands:")[1]

@@ -143,7 +143,6 @@ def new_app(program: str, help: str) -> typer.Typer:
     ) -> None:
         pass
 
-    add_completion_command(app, program)
     return app
 
 
@@ -297,6 +296,7 @@ def app_factory(program: str, help: str) -> AppFactory:
         app = new_app(program, help)
         add_plugins_command(app, pm)
         pm.hook.rbees_register_cli(app=app, program=program, pm=pm)
+        add_completion_command(app, program)  # last in --help
         return app
 
     return create_app
