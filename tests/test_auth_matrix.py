@@ -100,6 +100,12 @@ ORCD_ROUTES = {
     ("POST", "/v1/messages"): "inference", ("POST", "/v1/messages/count_tokens"): "inference",
     ("POST", "/v1/responses"): "inference", ("POST", "/v1/responses/input_tokens"): "inference",
     ("GET", "/v1/responses/{response_id}"): "inference",
+    # OpenAI's Batch API (a key's batches run as that key)
+    ("POST", "/v1/files"): "inference", ("GET", "/v1/files/{file_id}"): "inference",
+    ("GET", "/v1/files/{file_id}/content"): "inference",
+    ("POST", "/v1/batches"): "inference", ("GET", "/v1/batches"): "inference",
+    ("GET", "/v1/batches/{batch_id}"): "inference",
+    ("POST", "/v1/batches/{batch_id}/cancel"): "inference",
     ("DELETE", "/v1/responses/{response_id}"): "inference",
     ("POST", "/v1/responses/{response_id}/cancel"): "inference",
     ("GET", "/v1/responses/{response_id}/input_items"): "inference",
@@ -124,7 +130,8 @@ WORKER_ROUTES = {
 }
 #: values for the path parameters: ids nothing has (the handlers answer 404 or 400)
 PARAMS = {"job_id": "job-none", "pool_id": "p1", "worker_id": "w-none", "name": "nobody",
-          "model_id": "no/such-model", "response_id": "resp-none"}
+          "model_id": "no/such-model", "response_id": "resp-none", "file_id": "file-none",
+          "batch_id": "batch-none"}
 CORE_ORCD = {k for k in ORCD_ROUTES if not k[1].startswith("/api/")
              and not k[1].startswith(("/v1/messages", "/v1/responses"))}
 
