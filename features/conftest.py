@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from steps_batches import *  # noqa: F403
 from steps_common import *  # noqa: F403
 from steps_jobs import *  # noqa: F403
 from steps_lifecycle import *  # noqa: F403

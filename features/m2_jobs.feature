@@ -116,6 +116,12 @@ Feature: M2, jobs through rbees-orcd on blep
     # one per slot that was generating at the kill: the worker batches [placement] cpu_slots = 4
     And at most 4 jobs failed with "ORCHESTRATOR_RESTARTED"
 
+  Scenario: An OpenAI batch survives a SIGKILL of rbees-orcd halfway, each line answered once
+    When the openai client submits a batch of 40 chat lines
+    And half of its lines are answered
+    And rbees-orcd on blep is killed with SIGKILL and started again
+    Then the batch completes with every custom_id answered once, in order
+
   Scenario: Prometheus metrics of the orchestrator
     When I GET "/metrics" from the orchestrator without a token
     Then the answer status is 200

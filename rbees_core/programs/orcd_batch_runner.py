@@ -47,7 +47,11 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 DEFAULT_WINDOW = 16
 #: Submissions of one line (in this process) before it is answered with its last error.
 MAX_ATTEMPTS = 5
-RETRIABLE = frozenset({"ORCHESTRATOR_RESTARTED", "QUEUE_FULL_DROPPED", "WORKER_FAILED"})
+#: A line whose job ended with one of these is submitted again (a new job). CONFLICT: after a
+#: restart of rbees-orcd a recovered job sent again to the worker still running it before
+#: the kill is refused as "already running here".
+RETRIABLE = frozenset({"ORCHESTRATOR_RESTARTED", "QUEUE_FULL_DROPPED", "WORKER_FAILED",
+                       "CONFLICT"})
 _WINDOW = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
 
 
