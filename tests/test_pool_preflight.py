@@ -11,7 +11,8 @@ import pytest
 
 from rbees_core.backend import OVERHEAD_BYTES, Backend, LoadedModel, MemoryEstimate
 from rbees_core.hookspecs import hookimpl
-from rbees_core.pool.workers import InsufficientMemoryError, SpawnRequest, preflight
+from rbees_core.pool.memory import InsufficientMemoryError
+from rbees_core.pool.workers import SpawnRequest, preflight
 
 Register = Callable[..., object]
 

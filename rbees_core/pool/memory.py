@@ -26,7 +26,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,6 +88,42 @@ def held_on(device: str, workers: Iterable[tuple[str, str, int]]) -> Held:
         else:
             loaded += memory
     return Held(loaded_bytes=loaded, starting_bytes=starting)
+
+
+class InsufficientMemoryError(RbeesError):
+    code = "INSUFFICIENT_RAM"
+    status = 409
+
+
+class InsufficientVramError(InsufficientMemoryError):
+    code = "INSUFFICIENT_VRAM"
+
+
+def check_fits(pm: pluggy.PluginManager, model_ref: str, parts: dict[str, int], main: str,
+               limit: int | None, held: Callable[[str], Held]) -> tuple[int | None, str]:
+    """Refuse a start whose part on any device (``parts``: bytes per device, the whole
+    model on ``main``, or a split's or partial offload's shares) exceeds what the pool
+    offers there (:func:`offer` of ``held(device)`` under ``limit``): 409
+    ``INSUFFICIENT_RAM``/``_VRAM`` naming the device. Returns ``main``'s live free memory
+    and memory kind. The pool's worker preflight."""
+    free, memory_kind = None, "ram"
+    for device, need in sorted(parts.items(), key=lambda kv: kv[0] != main):
+        free_here, total, kind_here = device_memory(pm, device)
+        if device == main:
+            free, memory_kind = free_here, kind_here
+        if free_here is None:
+            continue
+        offered = offer(free_here, total or 0, held(device), limit)
+        if need > offered.available_bytes:
+            error = InsufficientMemoryError if kind_here == "ram" else InsufficientVramError
+            capped = f" (of a {offered.total_bytes / 2**20:.0f} MiB limit)" \
+                if limit is not None and offered.total_bytes == limit else ""
+            raise error(
+                f"{model_ref} needs about {need / 2**20:.0f} MiB on {device}; "
+                f"{offered.available_bytes / 2**20:.0f} MiB is free{capped}",
+                details={"needed_bytes": need, "free_bytes": offered.available_bytes,
+                         "device": device})
+    return free, memory_kind
 
 
 def ram_total_bytes() -> int:

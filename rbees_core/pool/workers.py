@@ -38,20 +38,13 @@ from rbees_core.errors import (
 )
 from rbees_core.files import open_private, write_private
 from rbees_core.models import resolve_model
+from rbees_core.planning import ModelNeed, device_bytes
 from rbees_core.pool import cores, memory
 from rbees_core.pool.file_roots import confine
+from rbees_core.pool.memory import InsufficientMemoryError
 from rbees_core.processes import Expected, find, pid_alive, terminate
 
 PORT_RANGE = range(8001, 9000)
-
-
-class InsufficientMemoryError(RbeesError):
-    code = "INSUFFICIENT_RAM"
-    status = 409
-
-
-class InsufficientVramError(InsufficientMemoryError):
-    code = "INSUFFICIENT_VRAM"
 
 
 class WorkerStartTimeoutError(RbeesError):
@@ -209,23 +202,19 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest, held: memory.Held | N
         raise BackendUnavailableError(
             f"backend {req.backend!r} cannot use {kind!r} here (available: "
             f"{', '.join(available)})", details={"backend": req.backend, "device": req.device})
-    need = estimate_memory(pm, req, path, estimates).total_bytes
-    free, total, memory_kind = memory.device_memory(pm, req.device)
+    estimate = estimate_memory(pm, req, path, estimates)
     if limit is None:
         from rbees_core.config import load_config
 
         limit = load_config().pool.memory_limit_bytes()
-    if free is not None:
-        offered = memory.offer(free, total or 0, held or held_by_records(req.device), limit)
-        if need > offered.available_bytes:
-            error = InsufficientMemoryError if memory_kind == "ram" else InsufficientVramError
-            capped = f" (of a {offered.total_bytes / 2**20:.0f} MiB limit)" \
-                if limit is not None and offered.total_bytes == limit else ""
-            raise error(
-                f"{req.model_ref} needs about {need / 2**20:.0f} MiB on {req.device}; "
-                f"{offered.available_bytes / 2**20:.0f} MiB is free{capped}",
-                details={"needed_bytes": need, "free_bytes": offered.available_bytes,
-                         "device": req.device})
+    # a split or a partial offload: each device its part (the planner's own figures)
+    parts = device_bytes(ModelNeed.of(estimate), req.device, req.n_gpu_layers,
+                         req.tensor_split)
+    free, memory_kind = memory.check_fits(
+        pm, req.model_ref, parts, req.device, limit,
+        lambda device: held if held is not None and device == req.device
+        else held_by_records(device))
+    need = estimate.total_bytes
     return Preflight(path=path, memory_bytes=need, memory_kind=memory_kind, free_bytes=free)
 
 
