@@ -172,7 +172,7 @@ def test_lookup_finds_a_class_or_says_what_is_installed(
 def test_the_unknown_plugin_errors_keep_their_contract_codes(
         rbees_pm: pluggy.PluginManager) -> None:
     from rbees_core.errors import BackendUnavailableError
-    from rbees_core.programs.workerd import pick_backend
+    from rbees_core.programs.worker_lifecycle import pick_backend
 
     with pytest.raises(BackendUnavailableError, match="no backend named 'nope' is installed "
                        r"\(installed: .*llamacpp") as caught:

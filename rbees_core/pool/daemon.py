@@ -33,6 +33,7 @@ from rbees_core.api.worker import ReadyCallback
 from rbees_core.errors import ConflictError, ModelLoadError, NotFoundError, RbeesError
 from rbees_core.log import Logger
 from rbees_core.pool import cores, credentials, memory, workers
+from rbees_core.pool.downloads import Downloads
 from rbees_core.pool.load_marks import (
     LoadMarks,
     ModelMarkedFailedError,
@@ -103,8 +104,7 @@ class PoolService:
         self.log = log
         self.workers: dict[str, ManagedWorker] = {}
         self.worker_tokens: dict[str, str] = {}  # worker id -> SHA-256 of its own token
-        self.downloads: dict[str, asyncio.Task[Any]] = {}
-        self.download_listeners: dict[str, list[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
+        self.downloads = Downloads(pm, on_fetched=self.retry)
         self.seq = 0
         self.draining = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -450,46 +450,7 @@ class PoolService:
                  on_event: Callable[[str, dict[str, Any]], Awaitable[None] | None]
                  ) -> asyncio.Queue[tuple[str, dict[str, Any]]]:
         """Start (or join) the download of ``model``; events arrive on the returned queue."""
-        from rbees_core.pool import models as local_models
-
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-        self.download_listeners.setdefault(model, []).append(queue)
-        if model in self.downloads:
-            return queue
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-
-        def publish(event: str, data: dict[str, Any]) -> None:
-            for q in self.download_listeners.get(model, []):
-                q.put_nowait((event, data))
-
-        def progress(p: Any) -> None:
-            elapsed = max(time.monotonic() - started, 1e-6)
-            data = {"stage": p.stage, "bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
-                    "rate_bps": round(p.bytes_done / elapsed)}
-            loop.call_soon_threadsafe(publish, "progress", data)
-
-        async def run() -> None:
-            try:
-                local, fetched = await local_models.download(self.pm, model, force=force,
-                                                             progress=progress)
-                if fetched:  # a new copy: it may load where the last one did not
-                    self.retry([model, local.ref, local.path, f"file:{local.path}",
-                                *([local.id] if local.id else [])])
-                # what `rbees-pool models download --format json` ends with, too
-                publish("end", {**local.to_dict(), "fetched": fetched})
-            except RbeesError as exc:
-                publish("error", {"code": exc.code, "message": exc.message,
-                                  "retriable": exc.retriable})
-            except Exception as exc:
-                publish("error", {"code": "DOWNLOAD_FAILED", "message": str(exc),
-                                  "retriable": True})
-            finally:
-                self.downloads.pop(model, None)
-                self.download_listeners.pop(model, None)
-
-        self.downloads[model] = asyncio.create_task(run())
-        return queue
+        return self.downloads.start(model, force)
 
     # -- heartbeat -----------------------------------------------------------------------
 

@@ -8,17 +8,13 @@ no new jobs, running ones finish (bounded by ``worker.drain_timeout_s``), exit 0
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
 import random
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import attrs
-import httpx
 import pluggy
 import typer
 from starlette.requests import Request
@@ -32,20 +28,14 @@ from rbees_core.api.worker import (
     Accepted,
     CancelRequest,
     ExecuteRequest,
-    ReadyCallback,
     ReadyState,
-    WorkerStateName,
 )
-from rbees_core.backend import Backend, offload_args
 from rbees_core.config import Config, runtime_dir
-from rbees_core.embedder import Embedder
 from rbees_core.engine import Engine
 from rbees_core.errors import (
-    BackendUnavailableError,
     DrainingError,
     NotReadyError,
     RbeesError,
-    UnknownPluginError,
 )
 from rbees_core.http import (
     Daemon,
@@ -60,88 +50,16 @@ from rbees_core.http import (
     read_json,
 )
 from rbees_core.log import Logger
-from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
+from rbees_core.models import DEFAULT_MODEL_REF
 from rbees_core.planning import parse_shares
 from rbees_core.pool.cores import pin
 from rbees_core.programs import worker_cores, worker_embed, worker_prompt
+from rbees_core.programs.worker_lifecycle import begin_drain, load_model
 from rbees_core.programs.worker_metrics import WorkerMetrics
+from rbees_core.programs.worker_state import WorkerSettings, WorkerState
 from rbees_core.sampling import logprobs_top, sampling_params
 
 PROGRAM = "rbees-workerd"
-
-
-@attrs.define
-class WorkerSettings:
-    worker_id: str
-    model_ref: str
-    backend: str
-    device: str
-    host: str
-    port: int
-    slots: int
-    ctx: int | None
-    threads: int | None
-    callback_url: str | None
-    token: str | None
-    drain_timeout_s: float = 30.0
-    callback_timeout_s: float = 10.0
-    embedding: bool = False  # --embedding: serves POST /v2/embed (worker_embed)
-    #: --control-token-file: its pool's control token (rbees_core.auth.control_token), what
-    #: rbees-orcd and the pool send it; accepted beside ``token``
-    control_token: str | None = None
-    #: --callback-token-file: its own token from its pool, sent with its ready callback
-    callback_token: str | None = None
-    #: the text of --chat-template-file: replaces the model's own template
-    chat_template: str | None = None
-    #: --n-gpu-layers / --tensor-split: a model larger than one GPU (rbees_core.planning)
-    n_gpu_layers: int | None = None
-    tensor_split: tuple[float, ...] | None = None
-
-
-@attrs.define(eq=False)
-class WorkerState:
-    """Everything the worker's routes share. Mutated only on the event loop thread."""
-
-    settings: WorkerSettings
-    pm: pluggy.PluginManager
-    log: Logger
-    metrics: WorkerMetrics
-    state: WorkerStateName = "loading"
-    stage: str = "start"
-    fraction: float = 0.0
-    error: RbeesError | None = None
-    engine: Engine | Embedder | None = None  # an Embedder in embedding mode
-    started: float = attrs.field(factory=time.monotonic)
-    shutdown: asyncio.Event = attrs.field(factory=asyncio.Event)
-    exit_code: int = 0
-    #: execute streams not yet over: a drain waits for their last frames, not only for
-    #: the engine's slots (a slot is free before its job's end event is written)
-    streams: int = 0
-
-    @property
-    def uri(self) -> str:
-        host = self.settings.host
-        return f"http://{'[' + host + ']' if ':' in host else host}:{self.settings.port}"
-
-    def set_state(self, state: WorkerStateName) -> None:
-        self.state = state
-        self.metrics.set_state(state)
-
-    def ready_state(self) -> ReadyState:
-        s = self.settings
-        if self.engine is None:
-            return ReadyState(ready=False, state=self.state, model=s.model_ref, backend=s.backend,
-                              device=s.device, progress=round(self.fraction, 4),
-                              embedding=s.embedding)
-        free = self.engine.slots_free
-        state = self.state
-        if state in ("ready", "busy"):
-            state = "ready" if free else "busy"
-        return ReadyState(
-            ready=state in ("ready", "busy"), state=state, model=s.model_ref,
-            backend=s.backend, device=s.device, slots_total=self.engine.slots, slots_free=free,
-            memory_bytes=self.engine.model.memory_bytes, embedding=s.embedding,
-        )
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -290,116 +208,6 @@ def create_app(st: WorkerState) -> Any:
                      operations=OPERATIONS,
                      resolver=token_resolver(s.token, s.control_token)
                      if s.token or s.control_token else None)
-
-
-def pick_backend(pm: pluggy.PluginManager, name: str, device: str) -> Backend:
-    try:
-        cls = plugins.lookup(pm, plugins.BACKENDS, name)
-    except UnknownPluginError as exc:  # the contract's code for it
-        raise BackendUnavailableError(exc.message, details={"backend": name}) from exc
-    kind = device.partition(":")[0]
-    if kind not in cls.available_devices():
-        raise BackendUnavailableError(
-            f"backend {name!r} cannot use device {kind!r} here "
-            f"(available: {', '.join(cls.available_devices())})",
-            details={"backend": name, "device": device})
-    backend: Backend = cls()
-    return backend
-
-
-async def load_model(st: WorkerState) -> None:
-    s = st.settings
-    loop = asyncio.get_running_loop()
-
-    def progress(stage: str, fraction: float) -> None:
-        def apply() -> None:
-            st.stage, st.fraction = stage, fraction
-        loop.call_soon_threadsafe(apply)
-
-    t0 = time.perf_counter()
-    try:
-        backend = await asyncio.to_thread(pick_backend, st.pm, s.backend, s.device)
-        path = resolve_model(st.pm, s.model_ref)
-        load: Callable[..., Any] = \
-            functools.partial(worker_embed.load, backend) if s.embedding else backend.load
-        offload = offload_args(backend, s.device, s.n_gpu_layers, s.tensor_split)
-        model = await asyncio.to_thread(load, path, device=s.device, slots=s.slots, ctx=s.ctx,
-                                        threads=s.threads, progress=progress, **offload)
-    except RbeesError as exc:
-        st.error = exc
-        st.set_state("failed")
-        st.log.error("load_failed", code=exc.code, message=exc.message)
-        st.exit_code = 1
-        await asyncio.sleep(0.3)  # let progress listeners read the error
-        st.shutdown.set()
-        return
-    if s.chat_template is not None and not s.embedding:
-        worker_prompt.override_template(model, s.chat_template, s.model_ref)
-    engine: Engine | Embedder = Embedder(model, slots=s.slots, observer=st.metrics) \
-        if s.embedding else Engine(model, slots=s.slots, model_name=s.model_ref,
-                                   worker_id=s.worker_id, observer=st.metrics)
-    engine.start()
-    st.metrics.loaded(slots=s.slots, memory_bytes=model.memory_bytes,
-                      seconds=time.perf_counter() - t0)
-    st.engine = engine
-    st.stage, st.fraction = "ready", 1.0
-    st.set_state("ready")
-    st.log.info("ready", model=s.model_ref, backend=s.backend, device=s.device,
-                slots=s.slots, embedding=s.embedding, memory_bytes=model.memory_bytes,
-                load_s=round(time.perf_counter() - t0, 3))
-    if s.callback_url:
-        await call_back(st, model.memory_kind)
-
-
-async def call_back(st: WorkerState, memory_kind: str) -> None:
-    s = st.settings
-    assert st.engine is not None
-    body = ReadyCallback(worker_id=s.worker_id, model_ref=s.model_ref, backend=s.backend,
-                         device=s.device, uri=st.uri, slots_total=s.slots,
-                         memory_bytes=st.engine.model.memory_bytes,
-                         memory_kind=memory_kind, pid=os.getpid(),  # type: ignore[arg-type]
-                         embedding=s.embedding)
-    credential = s.callback_token or s.token or s.control_token
-    headers = {"Authorization": f"Bearer {credential}"} if credential else {}
-    try:
-        async with httpx.AsyncClient(timeout=s.callback_timeout_s) as client:
-            answer = await client.post(s.callback_url or "", json=attrs.asdict(body),
-                                       headers=headers)
-        if answer.status_code >= 300:
-            raise RbeesError(f"ready callback refused with {answer.status_code}: "
-                             f"{answer.text[:200]}")
-    except (httpx.HTTPError, RbeesError) as exc:
-        st.log.error("ready_callback_failed", url=s.callback_url, error=str(exc))
-        st.exit_code = 3
-        begin_drain(st)
-        return
-    st.log.info("ready_callback_sent", url=s.callback_url)
-
-
-def begin_drain(st: WorkerState) -> None:
-    """Refuse new work, let running jobs finish, then stop serving (idempotent)."""
-    if st.state in ("draining", "stopped"):
-        return
-    st.set_state("draining")
-    st.log.info("draining")
-    if st.engine is not None:
-        st.engine.drain()
-
-    async def wait_idle() -> None:
-        deadline = time.monotonic() + st.settings.drain_timeout_s
-        while st.engine is not None and (not st.engine.idle or st.streams) \
-                and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if st.engine is not None:
-            await asyncio.to_thread(st.engine.stop)
-        last = time.monotonic() + 2.0  # the stopped jobs' error frames, or a client gone
-        while st.streams and time.monotonic() < last:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.05)  # let the last bytes leave
-        st.set_state("stopped")
-        st.shutdown.set()
-
-    asyncio.get_running_loop().create_task(wait_idle())
 
 
 def pid_file(worker_id: str) -> Path:
