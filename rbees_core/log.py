@@ -88,6 +88,10 @@ def token_fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:6]
 
 
+#: libraries that log every request at info: kept at warning unless the level is higher
+CHATTY_LOGGERS = ("httpx", "httpcore")
+
+
 class JsonLinesHandler(logging.Handler):
     """A stdlib handler that writes each record as one of rbees' JSON lines.
 
@@ -130,5 +134,10 @@ def route_stdlib(component: str) -> JsonLinesHandler:
     handler = JsonLinesHandler(component)
     root.addHandler(handler)
     root.setLevel(threshold())
+    # a line per HTTP request the daemons make (heartbeats, polls of a starting worker
+    # every 0.1 s) drowns the rest at info; their warnings and errors still come through
+    for chatty in CHATTY_LOGGERS:
+        logging.getLogger(chatty).setLevel(
+            threshold() if threshold() <= logging.DEBUG else max(logging.WARNING, threshold()))
     logging.captureWarnings(True)
     return handler

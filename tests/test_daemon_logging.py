@@ -35,6 +35,8 @@ DAEMON = textwrap.dedent("""
             logging.getLogger("rbees.scheduler.script").warning("fell back to %s", "fifo")
             logging.getLogger("some.library").info("an info record")
             logging.getLogger("some.library").debug("a debug record")
+            logging.getLogger("httpx").info("HTTP Request: GET http://x/v2/ready")
+            logging.getLogger("httpx").warning("an httpx warning")
             warnings.warn("a deprecation", DeprecationWarning, stacklevel=1)
             try:
                 1 / 0
@@ -75,6 +77,9 @@ def test_stdlib_records_and_warnings_become_json_lines(tmp_path: Path) -> None:
     assert fallback["component"] == "test-daemon" and fallback["correlation_id"] == "-"
     assert by_message["an info record"]["level"] == "info"  # INFO is no longer lost
     assert "a debug record" not in by_message
+    # a line per request the daemon makes would drown the rest; its warnings stay
+    assert "HTTP Request: GET http://x/v2/ready" not in by_message
+    assert by_message["an httpx warning"]["logger"] == "httpx"
     warned = [line for line in lines if line.get("logger") == "py.warnings"]
     assert warned and "a deprecation" in warned[0]["message"]
     failed = by_message["it failed"]
