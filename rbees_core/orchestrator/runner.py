@@ -139,6 +139,11 @@ class Runner:
                     refusal, code = None, f"HTTP_{answer.status}"
                 if code in RETRIABLE_WORKER_CODES or answer.status >= 500:
                     raise WorkerFailedBeforeTokenError(f"worker answered {code}")
+                if code == "CONFLICT":  # its run from before a restart of rbees-orcd still
+                    # holds a slot there (the worker ends it at its next step): end it, again
+                    await self._tell_worker_cancel(run)
+                    raise WorkerFailedBeforeTokenError("worker answered CONFLICT: an earlier "
+                                                       "run of this job was still there")
                 run.final = True
                 data: dict[str, Any] = {"job_id": run.job_id, "code": code, "retriable": False}
                 if isinstance(refusal, dict) and isinstance(refusal.get("message"), str):
