@@ -13,9 +13,12 @@ imported when rbees-orcd asks for them.
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+from typing import TYPE_CHECKING
 
 from rbees_core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
 
 
 @hookimpl
