@@ -51,13 +51,7 @@ import pytest
 from rbees_core import plugins, sse
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.testing.processes import ManagedProcess, find_free_port, wait_http
-
-
-def parse_sse(text: str) -> list[tuple[int | None, str, dict[str, Any]]]:
-    """``(id, event, data)`` of every frame in an SSE body (``event`` is ``message`` when
-    the frame names none, ``data`` decoded JSON)."""
-    return [(int(f.id) if f.id else None, f.event or "message", f.json())
-            for f in sse.parse(text)]
+from rbees_core.testing.streams import parse_sse
 
 
 @attrs.define

@@ -19,13 +19,12 @@ import attrs
 import httpx
 
 from rbees_core.testing.processes import find_free_port
+from rbees_core.testing.streams import parse_sse
 
 BIN = Path(sys.executable).parent
 
 
 def parse_events(text: str) -> list[tuple[int | None, str, Any]]:
-    from rbees_core.testing import parse_sse
-
     return parse_sse(text)
 
 
