@@ -85,7 +85,7 @@ def test_pool_managerd_tells_notify_socket_it_is_ready_once_it_serves(tmp_path: 
     with listener(path) as sock:
         env = {**os.environ, "RBEES_HOME": str(tmp_path / "home"), "NOTIFY_SOCKET": str(path)}
         proc = subprocess.Popen([str(BIN / "pool-managerd"), "--bind", f"127.0.0.1:{port}"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             message = sock.recv(4096).decode()
             assert "READY=1" in message and f"MAINPID={proc.pid}" in message

@@ -231,18 +231,26 @@ def _workers(pm: pluggy.PluginManager, app: typer.Typer) -> None:
         ] = False,
         timeout: Annotated[float, typer.Option("--timeout", min=1, help="Ready wait, s")
                            ] = 60.0,
+        n_gpu_layers: Annotated[int | None, typer.Option(
+            "--n-gpu-layers", min=0, help="Layers on the GPU, the rest in RAM")] = None,
+        tensor_split: Annotated[str | None, typer.Option(
+            "--tensor-split", help="Each GPU's share of the model, by index: 0.67,0.33")
+        ] = None,
         fmt: FormatOption = OutputFormat.text, *, host: HostOption,
         host_timeout: HostTimeoutOption = None,
     ) -> None:
         """Preflight, start a worker in the background and wait until it is ready."""
         from rbees_core.api.pool import WorkerStartRequest
         from rbees_core.errors import InvalidParamsError
+        from rbees_core.planning import parse_shares
 
         if kind not in ("cpu", "cuda", "metal", "mps"):
             raise InvalidParamsError("kind", "must be cpu, cuda, metal or mps")
-        request = WorkerStartRequest(model_ref=model, backend=backend, slots=slots, ctx=ctx,
-                                     threads=threads, embedding=embedding,
-                                     device=kind if device is None else f"{kind}:{device}")
+        request = WorkerStartRequest(
+            model_ref=model, backend=backend, slots=slots, ctx=ctx, threads=threads,
+            embedding=embedding, device=kind if device is None else f"{kind}:{device}",
+            n_gpu_layers=n_gpu_layers,
+            tensor_split=list(parse_shares(tensor_split)) if tensor_split else None)
 
         async def call(c: PoolClient) -> Any:
             return await c.worker_start(request, port=port, timeout_s=timeout)
