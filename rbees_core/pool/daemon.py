@@ -214,7 +214,8 @@ class PoolService:
         return PoolState(pool_id=self.settings.pool_id, host=socket.gethostname(), gpus=gpus,
                          cpu=cpu, workers=[w.entry() for w in self.workers.values()],
                          models=models, version=__version__, url=self.settings.url,
-                         failed_models=self.marks.listed())
+                         failed_models=self.marks.listed(),
+                         disk_free_bytes=local_models.disk_free_bytes())
 
     def get(self, worker_id: str) -> ManagedWorker:
         try:

@@ -41,6 +41,20 @@ def models_dir() -> Path:
     return load_config().pool.models_path()
 
 
+def disk_free_bytes() -> int | None:
+    """Free space on the filesystem that holds :func:`models_dir` (its nearest existing
+    parent), or None when it cannot be read. Reported in the pool's state."""
+    import shutil
+
+    path = models_dir()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 @attrs.frozen
 class LocalModel:
     """A model file present on this host (CONTRACT section 4, ``GET /v2/models``).
