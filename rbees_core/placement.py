@@ -34,7 +34,7 @@ def core_donor(pool: dict[str, Any], model: str | None = None) -> dict[str, Any]
     rbees-orcd asked for is under way there (``expected``: it may be taking them), or when
     a worker of ``model`` already runs there (a second copy of a model on half of the
     cores its first one had gains nothing: the job waits for a slot of it). Pure;
-    the pool's own rule is :func:`rbees_core.pool.cores.donor`, the same one."""
+    pool-managerd picks the worker it halves with it too (``model`` None there)."""
     best: dict[str, Any] | None = None
     if any(w.get("expected") and str(w.get("device") or "").startswith("cpu")
            for w in pool.get("workers") or ()):

@@ -11,10 +11,11 @@ for the owners: measured here, an idle 2-thread worker with it spins 0.7-1.0 cor
 with no job, and on this shared host it decoded no faster than the default.
 
 When no core is free, pool-managerd halves the CPU worker holding the most cores (at least
-two) before it starts the new one (:func:`donor`; the worker changes its threads and CPU set
-at run time, ``POST /v2/cores``), and gives the cores back when the new one stops
+two) before it starts the new one (:func:`rbees_core.placement.core_donor` picks it,
+:func:`halve` splits its CPU set; the worker changes its threads and CPU set at run time,
+``POST /v2/cores``), and gives the cores back when the new one stops
 (:func:`regrow`): two busy models on one host each decode on cores of their own. rbees-orcd's
-policies account the same rule (:func:`rbees_core.placement.core_donor`) and start no CPU
+policies account the same rule and start no CPU
 worker where no core is free or can be given; sharing only happens to workers started by
 hand (``rbees-pool worker spawn``). Used by :func:`rbees_core.pool.workers.spawn` and
 :mod:`rbees_core.pool.daemon`.
@@ -95,23 +96,14 @@ class Halving:
     give: tuple[int, ...]
 
 
-def donor(holders: Iterable[tuple[str, Iterable[int]]], wanted: int | None = None
-          ) -> Halving | None:
-    """Of ``holders`` (``(worker_id, cpus)`` of the live CPU workers that can change their
-    threads: not shared, not embedding, ready), the one holding the most cores, at least
-    two (the first of equals), halved: the new worker gets the upper half (at most
-    ``wanted`` cores). None when none holds two. Pure; :func:`rbees_core.placement.core_donor`
-    is the scheduler's reading of the same rule."""
-    best: tuple[str, list[int]] | None = None
-    for worker_id, cpus in holders:
-        held = sorted(cpus)
-        if len(held) >= 2 and (best is None or len(held) > len(best[1])):
-            best = (worker_id, held)
-    if best is None:
-        return None
-    give = len(best[1]) // 2 if wanted is None else max(1, min(wanted, len(best[1]) // 2))
-    keep = len(best[1]) - give
-    return Halving(worker_id=best[0], keep=tuple(best[1][:keep]), give=tuple(best[1][keep:]))
+def halve(worker_id: str, cpus: Iterable[int], wanted: int | None = None) -> Halving:
+    """The worker ``worker_id`` on ``cpus`` halved for a new one: the new worker gets the
+    upper half (at most ``wanted`` cores), it keeps the rest. Which worker gives is
+    :func:`rbees_core.placement.core_donor`'s choice, the scheduler's rule. Pure."""
+    held = sorted(cpus)
+    give = len(held) // 2 if wanted is None else max(1, min(wanted, len(held) // 2))
+    keep = len(held) - give
+    return Halving(worker_id=worker_id, keep=tuple(held[:keep]), give=tuple(held[keep:]))
 
 
 def regrow(cpus: Iterable[int], full: int, free: Iterable[int]) -> tuple[int, ...] | None:

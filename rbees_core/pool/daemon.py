@@ -32,6 +32,7 @@ from rbees_core.api.pool import (
 from rbees_core.api.worker import ReadyCallback
 from rbees_core.errors import ConflictError, ModelLoadError, NotFoundError, RbeesError
 from rbees_core.log import Logger
+from rbees_core.placement import core_donor
 from rbees_core.pool import cores, credentials, memory, workers
 from rbees_core.pool.downloads import Downloads
 from rbees_core.pool.load_marks import (
@@ -268,14 +269,18 @@ class PoolService:
 
     async def _make_room(self, wanted: int | None) -> None:
         """No core free for a new worker: halve the worker holding the most
-        (:func:`cores.donor`); it keeps decoding on the lower half. Under ``_lock``."""
+        (the scheduler's :func:`core_donor`, :func:`cores.halve`); it keeps decoding on the lower
+        half. Under ``_lock``."""
         held = self.cores_held()
         if any(c not in held for c in cores.host_cpus()):
             return
-        halving = cores.donor(((w.record.worker_id, w.record.cpus or ())
-                               for w in self.workers.values()
-                               if w.state in ("ready", "busy") and not w.record.cpu_shared
-                               and not w.record.embedding and w.record.device == "cpu"), wanted)
+        entries = [{"worker_id": w.record.worker_id, "cpus": w.record.cpus or [],
+                    "state": w.state, "device": w.record.device,
+                    "cpu_shared": w.record.cpu_shared, "embedding": w.record.embedding}
+                   for w in self.workers.values()]
+        chosen = core_donor({"workers": entries})
+        halving = None if chosen is None else cores.halve(chosen["worker_id"], chosen["cpus"],
+                                                          wanted)
         if halving is not None:
             w = self.workers[halving.worker_id]
             if await self._set_cores(w, halving.keep) and w.full_threads is None:
