@@ -409,9 +409,12 @@ def why_while_downloading(world: World, ctx: dict[str, Any], text: str) -> None:
         done = world.run_on("blep", "rbees", "jobs", "why", job_id, timeout=30)
         assert done.returncode == 0, done.stderr
         said.append(done.stdout)
-        if text in done.stdout or job(world, job_id)["status"] != "queued":
+        # Before the pool's first progress report the size is not known yet and the
+        # answer reads "(0 bytes)"; ask again until it says how far of how much.
+        found = re.search(r"downloading (\S+) to pool (\S+) \((\d+) of (\d+) bytes\)", said[-1])
+        if found or job(world, job_id)["status"] != "queued":
             break
-    found = re.search(r"downloading (\S+) to pool (\S+) \((\d+) of (\d+) bytes\)", said[-1])
+        time.sleep(0.05)
     assert text in said[-1] and found, said[-3:]
     size = len(ctx["hub_file"].content)
     assert found.group(2) in ("mac", "workstation") and int(found.group(4)) == size, found

@@ -29,6 +29,7 @@ from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue
+from rbees_core.scheduling import describe_download
 
 #: the error code of jobs whose model's download failed
 MODEL_DOWNLOAD_FAILED = "MODEL_DOWNLOAD_FAILED"
@@ -145,8 +146,7 @@ class Downloads:
         d = self.active.get(model)
         if d is None:
             return None
-        of = f" of {d.total}" if d.total else ""
-        return f"downloading {model} to pool {d.pool_id} ({d.bytes}{of} bytes)"
+        return describe_download(model, d.pool_id, d.to_dict())
 
     # -- following it ---------------------------------------------------------------------
 
