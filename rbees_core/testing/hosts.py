@@ -33,8 +33,12 @@ import pytest
 
 from rbees_core.testing.processes import find_free_port
 
-SUBNET = "10.213.0"
-BRIDGE = "rbees-lab0"
+#: ``RBEES_BDD_LAB=N`` (0-9) gives a lab its own subnet, bridge and namespace names, so
+#: two runs on one machine (two worktrees) do not tear down each other's hosts; 0 is the
+#: default and keeps the plain names (``mac``, ``10.213.0.11``).
+LAB_INDEX = int(os.environ.get("RBEES_BDD_LAB", "0") or 0) % 10
+SUBNET = f"10.213.{LAB_INDEX}"
+BRIDGE = f"rbees-lab{LAB_INDEX}"
 GATEWAY = f"{SUBNET}.1"
 #: host name -> last octet of its address in netns mode
 HOSTS = {"blep": 10, "mac": 11, "workstation": 12}
@@ -50,13 +54,21 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
                           check=check)
 
 
+def _namespace(name: str) -> str:
+    return name if LAB_INDEX == 0 else f"lab{LAB_INDEX}-{name}"
+
+
+def _veth(name: str) -> str:
+    return (f"rb-{name}" if LAB_INDEX == 0 else f"rb{LAB_INDEX}-{name}")[:15]
+
+
 def netns_possible() -> str | None:
     """None when namespaces can be made here, else why not."""
     if os.geteuid() != 0:
         return "not root"
     if shutil.which("ip") is None:
         return "no `ip` program (iproute2)"
-    probe = "rbees-probe"
+    probe = f"rbees-probe{LAB_INDEX}"
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:
         return f"ip netns add failed: {made.stderr.strip()}"
@@ -81,7 +93,7 @@ class SimHost:
 
     @property
     def veth(self) -> str:
-        return f"rb-{self.name}"[:15]
+        return _veth(self.name)
 
     @property
     def orcd_url(self) -> str:
@@ -147,7 +159,7 @@ class Lab:
             (user_home / ".ssh").mkdir(parents=True, exist_ok=True)
             hosts[name] = SimHost(
                 name=name, address=f"{SUBNET}.{octet}" if netns else "127.0.0.1",
-                namespace=name if netns else None, home=home, user_home=user_home,
+                namespace=_namespace(name) if netns else None, home=home, user_home=user_home,
                 orcd_port=8080 if netns else find_free_port(),
                 pool_port=9200 if netns else find_free_port(),
                 ssh_port=22 if netns else find_free_port(), token=token)
@@ -180,8 +192,8 @@ class Lab:
     def destroy_network(self) -> None:
         """Remove the namespaces and the bridge (left over from a killed run, too)."""
         for name in HOSTS:
-            _ip("netns", "del", name, check=False)
-            _ip("link", "del", f"rb-{name}"[:15], check=False)
+            _ip("netns", "del", _namespace(name), check=False)
+            _ip("link", "del", _veth(name), check=False)
         _ip("link", "del", BRIDGE, check=False)
 
     def link(self, name: str, up: bool, pids: Sequence[int] = ()) -> None:
