@@ -199,6 +199,11 @@ class PlacementConfig:
         default=None, minimum=1, maximum=1024,
         doc="cores (and threads) of a worker started on a CPU (default: every core of its "
             "pool that no other worker holds)")
+    interactive_slots: int = field(
+        default=1, minimum=0, maximum=64,
+        doc="slots of every worker (of more slots than this) that batch-priority jobs "
+            "leave free, so an interactive request starts at once while a batch runs; 0: "
+            "batch jobs may fill every slot")
 
     def defaults(self) -> dict[str, Any]:
         """The ``worker_defaults`` of a scheduling snapshot (:mod:`rbees_core.scheduling`)."""
@@ -346,6 +351,7 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_PLACEMENT_GPU_SLOTS": ("placement", "gpu_slots", int),
     "RBEES_PLACEMENT_CTX": ("placement", "ctx", int),
     "RBEES_PLACEMENT_CPU_THREADS": ("placement", "cpu_threads", int),
+    "RBEES_PLACEMENT_INTERACTIVE_SLOTS": ("placement", "interactive_slots", int),
     "RBEES_SOURCES_FILE_ROOTS": ("sources.file", "roots", _paths),
     "RBEES_SOURCES_HF_USE_HF_CACHE": ("sources.hf", "use_hf_cache", _bool),
     "RBEES_SOURCES_HF_DOWNLOAD_TO_HF_CACHE": ("sources.hf", "download_to_hf_cache", _bool),

@@ -66,6 +66,8 @@ class Job:
     sink: Sink
     #: alternatives per token to report with each token's logprob; None: no logprobs
     logprobs: int | None = None
+    #: a batch-priority job: paused while an interactive job's prompt is read
+    batch: bool = False
     received_at: float = attrs.field(factory=time.perf_counter)
     cancelled: bool = False
     slot: int = -1
@@ -138,11 +140,13 @@ class Engine:
             return not self._jobs
 
     def prepare(self, job_id: str, text: str, *, max_tokens: int, params: SamplingParams,
-                stop: Sequence[str], sink: Sink, logprobs: int | None = None) -> Job:
+                stop: Sequence[str], sink: Sink, logprobs: int | None = None,
+                batch: bool = False) -> Job:
         """Tokenize ``text`` and fit ``max_tokens`` to the slot's context (a job asking for
         more than the slot holds ends with ``max_tokens`` when the context is full).
         ``logprobs`` (alternatives per token, 0 for none; None: no logprobs) makes every
-        token event carry the entries of its tokens (:mod:`rbees_core.logprobs`).
+        token event carry the entries of its tokens (:mod:`rbees_core.logprobs`). A
+        ``batch`` job waits while an interactive one reads its prompt (:meth:`_build_batch`).
 
         Raises :class:`InvalidParamsError` (field ``prompt``) for a prompt of no tokens (a
         model without BOS has nothing to continue from: llama.cpp fails the empty batch) or
@@ -157,7 +161,7 @@ class Engine:
                 f"is {len(tokens)} tokens; this worker holds {self.model.n_ctx_slot} per job",
             )
         return Job(job_id=job_id, tokens=tokens, max_tokens=min(max_tokens, room),
-                   params=params, stop=stop, sink=sink, logprobs=logprobs)
+                   params=params, stop=stop, sink=sink, logprobs=logprobs, batch=batch)
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` for the next iteration; it holds a slot from now on."""
@@ -291,10 +295,17 @@ class Engine:
                              "queue_wait_ms": round(wait * 1000, 3)})
 
     def _build_batch(self) -> list[Feed]:
+        """The next forward pass: every decoding job's next token, then prompt chunks, up
+        to ``n_batch`` tokens. While an interactive job reads its prompt, batch jobs sit
+        this pass out: its first token then comes as soon as on an idle worker (one pass of
+        the prompt alone), not after passes that also decode every batch job's token."""
         feeds = []
         budget = self.n_batch
         prefilling = []
+        urgent = any(job.feed and not job.batch for job in self._active.values())
         for job in self._active.values():
+            if urgent and job.batch:
+                continue
             if job.feed:
                 prefilling.append(job)
             else:

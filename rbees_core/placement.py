@@ -74,3 +74,29 @@ def cores_to_start(pool: dict[str, Any], device: str, wanted: int | None,
         donor = core_donor(pool, model)
         free = len(donor["cpus"]) // 2 if donor is not None else 0
     return free if wanted is None else min(int(wanted), free)
+
+
+def held_back(slots_total: int, interactive_slots: int) -> int:
+    """Slots of a worker of ``slots_total`` that batch-priority jobs leave free for
+    interactive ones: ``interactive_slots``, on a worker with more slots than that (a
+    one-slot worker still runs batch jobs)."""
+    return interactive_slots if slots_total > interactive_slots else 0
+
+
+def hold_back(pools: list[dict[str, Any]], interactive_slots: int) -> list[dict[str, Any]]:
+    """The snapshot's pools as a batch-priority job sees them: each worker's
+    ``slots_free`` less the slots it keeps for interactive jobs (:func:`held_back`). The
+    pools given are not changed (a copy, where anything differs). Pure."""
+    if interactive_slots <= 0:
+        return pools
+    out = []
+    for pool in pools:
+        workers = pool.get("workers") or ()
+        if not any(held_back(int(w.get("slots_total") or 0), interactive_slots)
+                   for w in workers):
+            out.append(pool)
+            continue
+        out.append({**pool, "workers": [
+            {**w, "slots_free": max(0, int(w.get("slots_free") or 0) - held_back(
+                int(w.get("slots_total") or 0), interactive_slots))} for w in workers]})
+    return out

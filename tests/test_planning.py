@@ -365,7 +365,7 @@ def test_a_start_decision_round_trips_through_its_record() -> None:
 
 def test_a_model_larger_than_one_gpu_is_downloaded_where_it_can_be_split() -> None:
     """Pull on first use: the pool whose GPUs can hold it split (or in part) is chosen."""
-    from rbees_core.scheduling import download_choice
+    from rbees_core.pulls import download_choice
 
     duo_pool, small_pool = snap_pool(duo()), snap_pool(small())
     job = {"model": "big", "memory_bytes": LARGE.total_bytes, "memory_layers": LARGE.layers,

@@ -133,7 +133,7 @@ def test_a_start_no_heartbeat_showed_yet_holds_its_cores(threads: int | None, le
 
 
 def test_the_pools_free_disk_reaches_the_snapshot() -> None:
-    """Pull on first use picks a pool with room for the file (scheduling.download_choice
+    """Pull on first use picks a pool with room for the file (pulls.download_choice
     reads ``disk_free_bytes``): the heartbeat's figure is in the snapshot pool."""
     assert snapshot_pool(_state())["disk_free_bytes"] == 40 * GIB
     assert _registry_snapshot(_state())["disk_free_bytes"] == 40 * GIB

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
 from rbees_core.schema import field, limits
 
 ID_PATTERN = r"[A-Za-z0-9_.-]{1,128}"
+#: A job's lane: interactive jobs go first, in rbees-orcd's queue and on a worker.
+Priority = Literal["interactive", "batch"]
 #: A device: a kind with an optional index ("cpu", "cuda:0", "metal").
 DEVICE_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"
 CORRELATION_ID_PATTERN = r"[A-Za-z0-9-]{1,64}"

@@ -25,6 +25,7 @@ from rbees_core.api.common import (
     MAX_TOKENS,
     MAX_TOP_LOGPROBS,
     SHELL_META,
+    Priority,
 )
 from rbees_core.api.pool import GpuEntry
 from rbees_core.api.rules import (
@@ -39,7 +40,6 @@ from rbees_core.schema import field, limits
 from rbees_core.structured import check_schema
 from rbees_core.tools import MAX_TOOLS
 
-Priority = Literal["interactive", "batch"]
 JobStatus = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled"]
 PoolStatus = Literal["ready", "unavailable", "offline"]
 Role = Literal["system", "user", "assistant", "tool"]

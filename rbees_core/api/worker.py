@@ -16,6 +16,7 @@ from rbees_core.api.common import (
     MAX_TOP_LOGPROBS,
     SHELL_META,
     WORKER_MAX_PROMPT_CHARS,
+    Priority,
 )
 from rbees_core.api.rules import (
     check_output_rules,
@@ -122,6 +123,10 @@ class ExecuteRequest:
     reasoning_effort: Effort | None = field(
         default=None, doc="OpenAI's reasoning effort, given to the chat template as the "
         'variable reasoning_effort; "none" also sets enable_thinking false')
+    priority: Priority = field(
+        default="interactive", doc="the job's lane: while an interactive job's prompt is "
+        "read, the worker's batch jobs pause (the interactive one's first token comes as "
+        "on an idle worker)")
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):

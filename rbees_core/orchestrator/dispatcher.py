@@ -44,8 +44,10 @@ from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.prefixes import PrefixBook, prefix_keys
 from rbees_core.orchestrator.queue import JobQueue, QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
+from rbees_core.orchestrator.rounds import Ending, RoundPools
 from rbees_core.orchestrator.runner import Runner
 from rbees_core.orchestrator.store import Store
+from rbees_core.placement import hold_back
 from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, explain
 
 #: a dispatch round considers this many jobs from the head of the queue
@@ -59,49 +61,6 @@ _ENDED_BY_PLACEMENT = frozenset({ModelLoadError.code, NO_CAPACITY, DEADLINE_UNME
                                  MODEL_DOWNLOAD_FAILED})
 #: worker states whose slots hold nothing any more
 _GONE = frozenset({"stopped", "failed", "dead", "killed", "stopping"})
-
-
-class _Pools:
-    """The pools' snapshot for a policy, taken on first use: with 1,000 pools it costs
-    1-2 ms, and most jobs are answered by the verdict of one alike (:meth:`_decide`)."""
-
-    def __init__(self, registry: PoolRegistry, downloads: Downloads | None = None) -> None:
-        self.registry = registry
-        self.downloads = downloads
-        self.taken: list[dict[str, Any]] | None = None
-        self.marked: bool | None = None  # whether any pool has marked a model failed
-        self.failed: dict[tuple[str, str | None], list[tuple[str, dict[str, Any]]]] = {}
-        self.never: dict[tuple[str, str], Ending | None] = {}
-
-    def get(self) -> list[dict[str, Any]]:
-        if self.taken is None:
-            self.taken = self.registry.snapshot_pools()
-            if self.downloads is not None:
-                self.taken = self.downloads.decorate(self.taken)
-        return self.taken
-
-    def failed_loads(self, queued: QueuedJob) -> list[tuple[str, dict[str, Any]]]:
-        """The marks that end the job (:func:`~rbees_core.feasibility.failed_loads`), once
-        per model and pin in a round; no snapshot is taken while no pool marks anything."""
-        if self.marked is None:
-            self.marked = any(e.state.failed_models for e in self.registry)
-        if not self.marked:
-            return []
-        pin = queued.placement.pool if queued.placement is not None else None
-        key = (queued.model, pin)
-        if key not in self.failed:
-            self.failed[key] = failed_loads(self.get(), queued.model, pin_pool=pin)
-        return self.failed[key]
-
-
-@attrs.frozen
-class Ending:
-    """A queued job that can never run: the error it ends with (``kind``: the error event's
-    ``reason``, :data:`rbees_core.feasibility.UNKNOWN_MODEL` or ``TOO_LARGE``)."""
-
-    code: str
-    message: str
-    kind: str | None = None
 
 
 class Dispatcher:
@@ -165,6 +124,8 @@ class Dispatcher:
             pools = self.registry.snapshot_pools()
             if self.downloads is not None:
                 pools = self.downloads.decorate(pools)
+            if queued.priority == "batch":
+                pools = hold_back(pools, self.registry.interactive_slots)
         data = {"now": now, "job": job, "queue": head, "pools": pools,
                 "throughput": {}, "worker_defaults": self.pools.worker_defaults}
         if len(self.prefixes):
@@ -248,7 +209,7 @@ class Dispatcher:
 
     async def _round(self) -> None:
         book = self.book
-        pools = _Pools(self.registry, self.downloads)
+        pools = RoundPools(self.registry, self.downloads)
         for queued in self.queue.head(DISPATCH_WINDOW):
             if queued.job_id not in self.queue or queued.job_id in book.admitting:
                 continue
@@ -265,7 +226,7 @@ class Dispatcher:
                 run = self._claim(queued.job_id, *decision)
                 if run is not None:
                     await self._dispatch(run)
-                    pools = _Pools(self.registry, self.downloads)  # a slot was taken
+                    pools = RoundPools(self.registry, self.downloads)  # a slot was taken
 
     def place_now(self, job_id: str) -> Run | None:
         """Decide a job just admitted at the head of the queue; claim the slot the policy
@@ -273,13 +234,13 @@ class Dispatcher:
         queued = self.queue.get(job_id)
         if queued is None:
             return None
-        pools = _Pools(self.registry, self.downloads)
+        pools = RoundPools(self.registry, self.downloads)
         if pools.failed_loads(queued):  # the dispatcher ends it once it is durable
             return None
         decision = self._decide(queued, pools)  # an Ending: the round ends it once durable
         return None if not isinstance(decision, tuple) else self._claim(job_id, *decision)
 
-    def _decide(self, queued: QueuedJob, pools: _Pools) -> tuple[str, str] | Ending | None:
+    def _decide(self, queued: QueuedJob, pools: RoundPools) -> tuple[str, str] | Ending | None:
         """The policy's verdict for a queued job: ``(pool_id, worker_id)`` to dispatch it
         to, an :class:`Ending` when it can never run, else None (it waits; workers the
         verdict asks for are started or stopped)."""
@@ -294,7 +255,8 @@ class Dispatcher:
             return Ending(MODEL_DOWNLOAD_FAILED, failed)
         if verdict is None:  # jobs that wait like an earlier one: its record explains them
             t0 = time.perf_counter()
-            verdict = self.scheduler.decide(self.snapshot(queued.job_id, pools.get()))
+            verdict = self.scheduler.decide(self.snapshot(
+                queued.job_id, pools.get(batch=queued.priority == "batch")))
             self.metrics.scheduling.observe(time.perf_counter() - t0)
             book.spawn(self._record(queued.job_id, verdict))
         fail = next((d for d in verdict.decisions if d.action == "fail"), None)
@@ -330,7 +292,7 @@ class Dispatcher:
                 pools.taken = None  # the next job of this round sees the download
         return None
 
-    def _never(self, queued: QueuedJob, pools: _Pools, verdict: Verdict) -> Ending | None:
+    def _never(self, queued: QueuedJob, pools: RoundPools, verdict: Verdict) -> Ending | None:
         """The :class:`Ending` of a job told to wait that can never be placed, recorded as
         a ``fail`` decision after the policy's; None while it may (once per model and pin
         in a round)."""
@@ -356,9 +318,10 @@ class Dispatcher:
         admission), then announced (:meth:`announce`)."""
         entry = self.registry.pools.get(pool_id)
         worker = entry.workers.get(worker_id) if entry else None
-        if worker is None or self.registry.free_slots(pool_id, worker) <= 0:
-            return None
         waiting = self.queue.get(job_id)
+        batch = waiting is not None and waiting.priority == "batch"
+        if worker is None or self.registry.free_slots(pool_id, worker, batch=batch) <= 0:
+            return None  # (a batch job leaves the slots kept for interactive ones)
         if waiting is not None and bool(worker.get("embedding")) is not waiting.embedding:
             # a policy's slip (a script's): embedding jobs and the rest never share workers
             self.log.error("dispatch_refused", job_id=job_id, pool_id=pool_id,

@@ -29,7 +29,7 @@ from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book
 from rbees_core.orchestrator.pool_control import PoolControl
 from rbees_core.orchestrator.queue import JobQueue
-from rbees_core.scheduling import describe_download
+from rbees_core.pulls import describe_download
 
 #: the error code of jobs whose model's download failed
 MODEL_DOWNLOAD_FAILED = "MODEL_DOWNLOAD_FAILED"

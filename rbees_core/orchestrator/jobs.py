@@ -168,6 +168,8 @@ def execute_body(job: NewJob | JobSpec) -> dict[str, Any]:
     if job.params.get("tools"):
         body["parallel_tool_calls"] = job.params.get("parallel_tool_calls", True)
     body["seed"] = job.seed
+    if job.priority == "batch":  # the worker lets interactive prompts go first
+        body["priority"] = "batch"
     return body
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from rbees_core.api.pool import PoolHeartbeat
+from rbees_core.placement import held_back
 from rbees_core.scheduling import snapshot_pool
 
 UNAVAILABLE_AFTER_MISSED = 3
@@ -67,6 +68,8 @@ class PoolRegistry:
         self.idle_since: Callable[[str, str], float | None] = lambda pool_id, worker_id: None
         #: ``[placement] ctx``: the context per slot models are sized for in snapshots
         self.worker_ctx: int | None = None
+        #: ``[placement] interactive_slots``: slots of each worker batch jobs leave free
+        self.interactive_slots = 0
         #: (pool_id, model) -> the pool's last refusal of a worker of it for want of memory
         self.refusals: dict[tuple[str, str], Refusal] = {}
 
@@ -171,9 +174,14 @@ class PoolRegistry:
     def __iter__(self) -> Iterator[PoolEntry]:
         return iter(list(self.pools.values()))
 
-    def free_slots(self, pool_id: str, worker: dict[str, Any]) -> int:
+    def free_slots(self, pool_id: str, worker: dict[str, Any], *, batch: bool = False) -> int:
+        """The worker's slots no job of this orchestrator holds; for a ``batch`` job less
+        those kept for interactive ones (:func:`rbees_core.placement.held_back`)."""
         total = int(worker.get("slots_total") or 0)
-        return max(0, total - self.inflight.get((pool_id, str(worker["worker_id"])), 0))
+        free = total - self.inflight.get((pool_id, str(worker["worker_id"])), 0)
+        if batch:
+            free -= held_back(total, self.interactive_slots)
+        return max(0, free)
 
     def take(self, pool_id: str, worker_id: str) -> None:
         key = (pool_id, worker_id)

@@ -111,6 +111,7 @@ class OrchestratorService:
                                      unavailable_after_missed=settings.heartbeat_grace,
                                      offline_after_s=settings.offline_after_s)
         self.registry.worker_ctx = settings.placement.ctx
+        self.registry.interactive_slots = settings.placement.interactive_slots
         self.book = Book()
         self.metrics = OrchestratorMetrics(self.queue, self.registry, self.book.runs)
         self.metrics.registry.register(UsageCollector(self.keys))  # type: ignore[arg-type]
@@ -307,14 +308,14 @@ class OrchestratorService:
         (``download``, then ``verify`` while the pool hashes the file), the last one with
         ``done: True``. A model some pool holds is done at once; a download
         of it under way (pull on first use) is joined, never doubled; otherwise the pool
-        pull on first use would pick (:func:`rbees_core.scheduling.download_choice`) gets
+        pull on first use would pick (:func:`rbees_core.pulls.download_choice`) gets
         it, through the same :class:`Downloads`, so queued jobs for the model see its
         ``downloading`` events too. Raises, before the first item,
         :class:`ModelNotFoundError` (no source can download it) and
         :class:`UnavailableError` (no ready pool can take it, or its download failed
         within the last 30 s); later, :class:`RbeesError` with the pool's reason when the
         download fails."""
-        from rbees_core.scheduling import download_choice
+        from rbees_core.pulls import download_choice
 
         downloads = self.downloads
         if model in downloads.done or self.model_state(model) in ("downloaded", "loaded"):

@@ -127,7 +127,8 @@ async def execute(request: Request) -> Response:
     params = sampling_params(engine.model, req, seed=seed, grammar=grammar)
     job = engine.prepare(req.job_id, text, max_tokens=req.max_tokens, params=params,
                          stop=req.stop, sink=sink,
-                         logprobs=logprobs_top(engine.model, req, st.settings.backend))
+                         logprobs=logprobs_top(engine.model, req, st.settings.backend),
+                         batch=req.priority == "batch")
     engine.submit(job)
     st.log.info("job_accepted", job_id=req.job_id, tokens_in=len(job.tokens))
     st.streams += 1

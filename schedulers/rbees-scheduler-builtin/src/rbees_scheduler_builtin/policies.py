@@ -46,14 +46,12 @@ import attrs
 from rbees_core.interfaces import Scheduler
 from rbees_core.placement import worker_defaults
 from rbees_core.planning import DEFAULT_PREFER, Kind
+from rbees_core.pulls import describe_download, download_choice, downloading
 from rbees_core.scheduling import (
     Candidate,
     Decision,
     Snapshot,
     Verdict,
-    describe_download,
-    download_choice,
-    downloading,
     gib,
     same_model,
 )

@@ -1,0 +1,189 @@
+"""Interactive requests go first while a batch runs (issue 28: their time to first token
+stays near an idle cluster's).
+
+Two rules make it so. rbees-orcd keeps ``[placement] interactive_slots`` of every worker
+(of more slots than that) free of batch-priority jobs, so an interactive job never waits
+for a batch line to end; and a worker pauses its batch jobs while an interactive job reads
+its prompt, so that pass runs the prompt alone, as on an idle worker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from rbees_core.backend import Feed, LoadedModel, SamplingParams
+from rbees_core.engine import Engine
+from rbees_core.placement import held_back, hold_back
+
+
+class Recording(LoadedModel):
+    """Bytes as tokens, never ends a job by itself; records which slots each pass fed and
+    whether each feed was a prompt chunk (more than one token) or a decode step."""
+
+    n_ctx_slot = 4096
+    n_batch = 16
+    memory_bytes = 0
+    memory_kind = "ram"
+    prefix_cache = False
+
+    def __init__(self) -> None:
+        self.passes: list[list[tuple[int, int]]] = []  # per pass: (slot, tokens fed)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return "".join(m["content"] for m in messages)
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token])
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        pass
+
+    def decode(self, feeds: Sequence[Feed]) -> None:
+        self.passes.append([(f.slot, len(f.tokens)) for f in feeds])
+        time.sleep(0.002)
+
+    def sample(self, slot: int) -> int:
+        return ord("x")
+
+    def end(self, slot: int) -> None:
+        pass
+
+
+def _job(engine: Engine, job_id: str, text: str, tokens: int, *, batch: bool,
+         ends: dict[str, threading.Event]) -> Any:
+    ends[job_id] = threading.Event()
+
+    def sink(event: str, data: dict[str, Any]) -> None:
+        if event in ("end", "error"):
+            ends[job_id].set()
+
+    job = engine.prepare(job_id, text, max_tokens=tokens, stop=[], sink=sink, batch=batch,
+                         params=SamplingParams(temperature=0))
+    engine.submit(job)
+    return job
+
+
+def test_batch_jobs_sit_out_the_passes_that_read_an_interactive_prompt() -> None:
+    """Three batch jobs decode; an interactive one arrives with a prompt of three passes'
+    worth (n_batch 16, 40 tokens): no batch slot is fed in those passes, the interactive
+    job's first token comes right after them, and then all four decode together (the
+    batch is paused, not starved)."""
+    model = Recording()
+    engine = Engine(model, slots=4, model_name="m", worker_id="w")
+    engine.start()
+    ends: dict[str, threading.Event] = {}
+    try:
+        batch = [_job(engine, f"b{i}", f"batch line {i}", 400, batch=True, ends=ends)
+                 for i in range(3)]
+        deadline = time.monotonic() + 10
+        while not all(j.tokens_out >= 5 for j in batch) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert all(j.tokens_out >= 5 for j in batch)
+        start = len(model.passes)
+        urgent = _job(engine, "i", "y" * 40, 3, batch=False, ends=ends)
+        assert ends["i"].wait(10)
+        batch_slots = {j.slot for j in batch}
+        passes = model.passes[start:]
+        reading = [p for p in passes if any(s == urgent.slot and n > 1 for s, n in p)]
+        assert sum(n for p in reading for s, n in p if s == urgent.slot) == 40
+        assert len(reading) == 3, reading
+        for p in reading:
+            assert not batch_slots & {s for s, _ in p}, p
+        after = passes[passes.index(reading[-1]) + 1:]
+        assert any(batch_slots <= {s for s, _ in p} and urgent.slot in {s for s, _ in p}
+                   for p in after), after[:5]
+        for job in batch:  # the batch goes on once the prompt is read
+            before = job.tokens_out
+            deadline = time.monotonic() + 5
+            while job.tokens_out == before and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert job.tokens_out > before
+    finally:
+        engine.stop()
+
+
+def test_batch_prompts_are_read_beside_each_other_as_before() -> None:
+    """Without an interactive prompt to read nothing pauses: batch jobs share passes."""
+    model = Recording()
+    engine = Engine(model, slots=2, model_name="m", worker_id="w")
+    engine.start()
+    ends: dict[str, threading.Event] = {}
+    try:
+        _job(engine, "a", "first", 20, batch=True, ends=ends)
+        _job(engine, "b", "second", 20, batch=True, ends=ends)
+        assert ends["a"].wait(10) and ends["b"].wait(10)
+        assert any(len(p) == 2 for p in model.passes)
+    finally:
+        engine.stop()
+
+
+def test_a_batch_job_sees_the_slots_kept_for_interactive_ones_as_taken() -> None:
+    """hold_back: each worker of more slots than ``interactive_slots`` shows that many
+    fewer free slots to a batch job; one-slot workers still take batch jobs; 0 keeps
+    nothing; the pools given are not changed."""
+    pools = [{"pool_id": "p", "workers": [
+        {"worker_id": "four", "slots_total": 4, "slots_free": 4},
+        {"worker_id": "busy", "slots_total": 4, "slots_free": 1},
+        {"worker_id": "one", "slots_total": 1, "slots_free": 1}]}]
+    seen = hold_back(pools, 1)
+    assert [w["slots_free"] for w in seen[0]["workers"]] == [3, 0, 1]
+    assert [w["slots_free"] for w in pools[0]["workers"]] == [4, 1, 1]
+    assert hold_back(pools, 0) is pools
+    assert [held_back(total, 2) for total in (1, 2, 3, 8)] == [0, 0, 2, 2]
+
+
+def test_batch_jobs_leave_a_slot_free_and_an_interactive_job_takes_it_at_once(
+        rbees_cluster: Any) -> None:
+    """On a real cluster (SmolLM2, a worker of 4 slots): of 8 long batch jobs no more than
+    3 run at once, and an interactive job sent while they run starts at once, beside
+    them, instead of waiting for one of them to end."""
+    cluster = rbees_cluster
+    warm = cluster.submit(max_tokens=2)  # the worker is up before the batch comes
+    cluster.events(warm["job_id"])
+    batch = [cluster.submit(prompt=f"List every bee species you know, number {i}:",
+                            max_tokens=400, priority="batch")["job_id"] for i in range(8)]
+    try:
+        deadline = time.monotonic() + 120
+        running: list[str] = []
+        most = 0
+        while time.monotonic() < deadline:
+            states = [cluster.job(j)["status"] for j in batch]
+            running = [j for j, s in zip(batch, states, strict=True)
+                       if s in ("dispatched", "running")]
+            most = max(most, len(running))
+            if len(running) >= 3:
+                break
+            time.sleep(0.05)
+        assert len(running) == 3, running
+        for _ in range(10):  # and stays at 3 while they run
+            states = [cluster.job(j)["status"] for j in batch]
+            most = max(most, sum(s in ("dispatched", "running") for s in states))
+            time.sleep(0.05)
+        assert most == 3
+        t0 = time.monotonic()
+        urgent = cluster.submit(max_tokens=4)
+        events = cluster.events(urgent["job_id"])
+        took = time.monotonic() - t0
+        names = [name for _, name, _ in events]
+        assert names[-1] == "end", events[-3:]
+        still = [cluster.job(j)["status"] for j in running]
+        assert "running" in still, still  # it ran beside them, not after them
+        assert took < 10, took
+        end = events[-1][2]
+        print(f"MEASURED: an interactive job of 4 tokens beside 3 batch jobs: {took:.2f} s, "
+              f"{[(n, d) for _, n, d in events if n in ('dispatched', 'started')]}, "
+              f"ttft_ms {end.get('ttft_ms')}")
+    finally:
+        for job_id in batch:
+            httpx.post(f"{cluster.url}/v2/tasks/{job_id}/cancel", timeout=10)
