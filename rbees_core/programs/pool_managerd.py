@@ -190,7 +190,10 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
     from rbees_core.programs.pool_metrics import PoolMetrics
 
     async def metrics(request: Request) -> Response:
-        registry = PoolMetrics(_svc(request)).registry
+        from rbees_core.pool import inventory
+
+        svc = _svc(request)
+        registry = PoolMetrics(svc, inventory.collect(svc.pm)).registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return daemon_routes(PROGRAM, pm, started=started, operations=OPERATIONS, routes=[

@@ -166,3 +166,41 @@ def test_the_module_does_not_import_pynvml() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+async def test_pool_managerd_exports_each_gpu_as_gauges(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, rbees_pm: pluggy.PluginManager,
+        recorded: list[dict[str, Any]], asgi_client: Any) -> None:
+    """Issue 26 item 5: pool-managerd's ``/metrics`` reads the GPUs through the inventory
+    probes at each scrape, labelled with the pool and the device; a board that reports no
+    temperature or power has no sample of it rather than a made-up 0."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rbees_core.log import Logger
+    from rbees_core.pool.daemon import PoolService, PoolSettings
+    from rbees_core.programs.pool_managerd import create_app
+
+    monkeypatch.setenv("RBEES_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(recorded))
+    svc = PoolService(PoolSettings(pool_id="p1", host="127.0.0.1", port=9),
+                      rbees_pm, Logger("pool-managerd"))
+    async with asgi_client(create_app(svc)) as client:
+        answer = await client.get("/metrics")
+    assert answer.status_code == 200
+    samples = {(s.name, s.labels.get("device")): (s.value, s.labels)
+               for family in text_string_to_metric_families(answer.text)
+               for s in family.samples}
+    h100 = {"pool": "p1", "device": "cuda:0", "name": "NVIDIA H100 80GB HBM3"}
+    assert samples["rbees_gpu_utilization_ratio", "cuda:0"] == (0.37, h100)
+    assert samples["rbees_gpu_memory_total_bytes", "cuda:0"][0] == 85520809984
+    assert samples["rbees_gpu_memory_used_bytes", "cuda:0"][0] == 85520809984 - 84986691584
+    assert samples["rbees_gpu_temperature_celsius", "cuda:0"][0] == 41
+    assert samples["rbees_gpu_power_watts", "cuda:0"][0] == 118.7
+    assert samples["rbees_gpu_utilization_ratio", "cuda:1"][0] == 0.0
+    assert samples["rbees_gpu_memory_total_bytes", "cuda:1"][0] == 25769803776
+    assert ("rbees_gpu_temperature_celsius", "cuda:1") not in samples  # NotSupported
+    assert ("rbees_gpu_power_watts", "cuda:1") not in samples
+    # the host's CPU and RAM from the cpu probe, and the process collectors
+    assert samples["rbees_host_memory_total_bytes", None][0] > 0
+    assert samples["rbees_host_cores", None][0] >= 1
+    assert samples["process_resident_memory_bytes", None][0] > 0
