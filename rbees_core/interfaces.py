@@ -192,3 +192,10 @@ class Scheduler(ABC):
         """Release what the policy holds (processes, files); the owner calls it once when
         it stops deciding. The default holds nothing."""
         return None
+
+    def metrics(self) -> Any | None:
+        """The policy's own Prometheus series: a ``prometheus_client`` collector (a
+        ``CollectorRegistry`` will do) that rbees-orcd registers on its registry once,
+        after :meth:`from_config`, so ``GET /metrics`` shows them (the script scheduler's
+        ``rbees_scheduler_script_failures_total``). None (the default): none."""
+        return None

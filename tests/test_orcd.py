@@ -202,13 +202,13 @@ def test_a_model_that_fits_no_device_fails_at_once_on_every_api(cluster: Cluster
 
 
 def test_metrics_and_pools(cluster: Cluster) -> None:
-    tpot = "rbees_time_per_token_seconds_count"
+    tpot = 'rbees_time_per_token_seconds_count{model="smollm2"}'
     before = _sample(httpx.get(f"{cluster.url}/metrics").text, tpot)
     events = cluster.events(cluster.submit(max_tokens=6)["job_id"])
     tokens = sum(1 for _, event, _ in events if event == "token")
     text = httpx.get(f"{cluster.url}/metrics").text
     for name in ("rbees_queue_depth", 'rbees_jobs_total{outcome="completed"}',
-                 "rbees_ttft_seconds_bucket", "rbees_time_per_token_seconds_count",
+                 'rbees_ttft_seconds_bucket{le="0.01",model="smollm2"}', tpot,
                  "rbees_scheduling_seconds_count", 'rbees_pools{status="ready"}',
                  "rbees_workers{"):
         assert name in text
@@ -220,8 +220,9 @@ def test_metrics_and_pools(cluster: Cluster) -> None:
 
 
 def _sample(text: str, name: str) -> float:
-    return next(float(line.split()[1]) for line in text.splitlines()
-                if line.startswith(f"{name} "))
+    """The value of the series ``name`` (labels included); 0 before its first sample."""
+    return next((float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith(f"{name} ")), 0.0)
 
 
 def _orcd(home: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from rbees_core.models import DEFAULT_MODEL_REF
 from rbees_core.testing import WorkerHandle, find_free_port, parse_sse, workerd_argv
 
 from .conftest import start_worker
@@ -162,8 +163,10 @@ def test_ready_and_metrics_after_a_job(worker: WorkerHandle) -> None:
     for name in ("rbees_worker_ttft_seconds_bucket", "rbees_worker_time_per_token_seconds_count",
                  'rbees_worker_jobs_total{outcome="completed"}',
                  "rbees_worker_tokens_generated_total", "rbees_worker_slots 1.0",
-                 'rbees_worker_state{state="ready"} 1.0'):
+                 'rbees_worker_state{state="ready"} 1.0', "process_resident_memory_bytes"):
         assert name in text
+    # the worker's model labels its histograms and token counter (issue 26 item 5)
+    assert f'rbees_worker_ttft_seconds_count{{model="{DEFAULT_MODEL_REF}"}} ' in text
     assert "metered" not in text  # no job ids in labels
 
 

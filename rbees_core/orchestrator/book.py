@@ -68,6 +68,8 @@ class Run:
     pool_id: str
     worker_id: str
     uri: str
+    #: the job's model (the ``model`` label of its TTFT and time-per-token observations)
+    model: str = ""
     task: asyncio.Task[None] | None = None
     final: bool = False
     tokens: int = 0

@@ -334,7 +334,7 @@ class Dispatcher:
         self.pools.busy(pool_id, worker_id, self.book.keep_alive.pop(job_id, None))
         self.prefixes.dispatched(pool_id, worker_id, job_id, self._keys(job_id))
         run = Run(job_id=job_id, pool_id=pool_id, worker_id=worker_id, uri=str(worker["uri"]),
-                  created_at=queued.since, queue_seq=queued.seq)
+                  model=queued.model, created_at=queued.since, queue_seq=queued.seq)
         self.book.runs[job_id] = run
         return run
 

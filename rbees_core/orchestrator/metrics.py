@@ -7,7 +7,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -61,24 +67,26 @@ class OrchestratorMetrics:
         self.admitted = Counter("rbees_jobs_admitted", "Jobs admitted", registry=r)
         self.finished = Counter("rbees_jobs", "Jobs finished, by outcome", ["outcome"],
                                 registry=r)
-        self.ttft = Histogram("rbees_ttft_seconds", "Admission to first token", buckets=_TTFT,
-                              registry=r)
+        self.ttft = Histogram("rbees_ttft_seconds", "Admission to first token", ["model"],
+                              buckets=_TTFT, registry=r)
         self.tpot = Histogram("rbees_time_per_token_seconds", "Gap between tokens of a job",
-                              buckets=_TPOT, registry=r)
+                              ["model"], buckets=_TPOT, registry=r)
         self.scheduling = Histogram("rbees_scheduling_seconds", "Time of one policy decision",
                                     buckets=_SCHED, registry=r)
         r.register(_StateCollector(queue, registry, runs))
-        self._gaps: list[float] = []
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self._gaps: list[tuple[str, float]] = []
 
     def first_token(self, run: Run) -> None:
         now = time.time()
-        self.ttft.observe(max(0.0, now - run.created_at))
+        self.ttft.labels(run.model).observe(max(0.0, now - run.created_at))
         run.last_token_at = now
 
     def token(self, run: Run) -> None:
         """Record the gap since the job's last token; observed by :meth:`settle`."""
         now = time.time()
-        self._gaps.append(now - run.last_token_at)
+        self._gaps.append((run.model, now - run.last_token_at))
         run.last_token_at = now
 
     def settle(self) -> None:
@@ -86,6 +94,9 @@ class OrchestratorMetrics:
         scrape: a run of observations costs less than one per token on a loop woken for
         each token, with caches the worker's decode threads keep cold (docs/benchmarks.md)."""
         gaps, self._gaps = self._gaps, []
-        observe = self.tpot.observe
-        for gap in gaps:
+        observers: dict[str, Any] = {}
+        for model, gap in gaps:
+            observe = observers.get(model)
+            if observe is None:
+                observe = observers[model] = self.tpot.labels(model).observe
             observe(max(0.0, gap))

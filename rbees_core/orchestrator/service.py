@@ -117,6 +117,9 @@ class OrchestratorService:
         self.metrics.registry.register(UsageCollector(self.keys))  # type: ignore[arg-type]
         self.scheduler = scheduler.from_config(SchedulerConfig(
             policy=settings.scheduler, script=settings.scheduler_script))
+        own = self.scheduler.metrics()  # the policy's series (a script's failures)
+        if own is not None:
+            self.metrics.registry.register(own)
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
         self._upstream = Upstream(connect_timeout=10.0, read_timeout=WORKER_READ_TIMEOUT_S)
         self.pools = PoolControl(self.book, self.registry, log, self._client,

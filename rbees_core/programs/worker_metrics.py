@@ -1,4 +1,9 @@
-"""Prometheus metrics of one worker. Updated from the decode thread (thread-safe)."""
+"""Prometheus metrics of one worker. Updated from the decode thread (thread-safe).
+
+The histograms and the token counter carry a ``model`` label (the worker's ``--model``, the
+name rbees-orcd's own histograms use), so series of workers of different models can be told
+apart once scraped together; the process collectors add ``process_*`` and ``python_info``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -17,19 +24,26 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class WorkerMetrics:
-    def __init__(self) -> None:
+    """The registry of one worker serving ``model`` (made by rbees-workerd at start)."""
+
+    def __init__(self, model: str = "") -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.jobs = Counter("rbees_worker_jobs", "Jobs finished, by outcome", ["outcome"],
                             registry=r)
-        self.tokens = Counter("rbees_worker_tokens_generated", "Tokens sampled", registry=r)
-        self.ttft = Histogram("rbees_worker_ttft_seconds", "Request to first token",
-                              buckets=_TTFT_BUCKETS, registry=r)
+        # the children of the worker's one model, bound once: the decode thread observes
+        # a token at a time
+        self.tokens = Counter("rbees_worker_tokens_generated", "Tokens sampled", ["model"],
+                              registry=r).labels(model)
+        self.ttft = Histogram("rbees_worker_ttft_seconds", "Request to first token", ["model"],
+                              buckets=_TTFT_BUCKETS, registry=r).labels(model)
         self.tpot = Histogram("rbees_worker_time_per_token_seconds",
-                              "Gap between consecutive tokens of a job",
-                              buckets=_TOKEN_BUCKETS, registry=r)
+                              "Gap between consecutive tokens of a job", ["model"],
+                              buckets=_TOKEN_BUCKETS, registry=r).labels(model)
         self.queue_wait = Histogram("rbees_worker_queue_wait_seconds",
-                                    "Request to slot admission", buckets=_TTFT_BUCKETS,
-                                    registry=r)
+                                    "Request to slot admission", ["model"],
+                                    buckets=_TTFT_BUCKETS, registry=r).labels(model)
         self.slots_total = Gauge("rbees_worker_slots", "Slots of this worker", registry=r)
         self.slots_busy = Gauge("rbees_worker_slots_busy", "Slots holding a job", registry=r)
         self.memory = Gauge("rbees_worker_model_memory_bytes", "Model and cache memory",

@@ -217,7 +217,7 @@ def pid_file(worker_id: str) -> Path:
 
 async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:
     log = Logger(PROGRAM)
-    st = WorkerState(settings=settings, pm=pm, log=log, metrics=WorkerMetrics())
+    st = WorkerState(settings=settings, pm=pm, log=log, metrics=WorkerMetrics(settings.model_ref))
     st.set_state("loading")
     daemon = Daemon(PROGRAM, pid_file=pid_file(settings.worker_id), log=log, exclusive=False,
                     shutdown=st.shutdown)

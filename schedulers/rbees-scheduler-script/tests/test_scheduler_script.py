@@ -290,3 +290,24 @@ def test_embedding_jobs_bind_scripts_too() -> None:
     assert targets(mixed) == [("start_worker", "a", "cpu")] and mixed.decisions[0].embedding
     assert started.fallback is None and started.decisions[0].embedding is True
     assert fine.fallback is None and targets(fine) == [("dispatch", "a", "chat")]
+
+
+async def test_rbees_orcd_shows_the_failure_counter_on_its_metrics(tmp_path: Path) -> None:
+    """Issue 26 item 5: the counter lived on the scheduler's private registry, which
+    ``GET /metrics`` never showed; rbees-orcd now registers the policy's own series."""
+    from rbees_core.log import Logger
+    from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
+
+    path = tmp_path / "p.star"
+    path.write_text('def schedule(ctx):\n    return ctx.wait("configured")\n')
+    svc = OrchestratorService(
+        OrcdSettings(db_path=str(tmp_path / "orcd.sqlite3"), scheduler="script",
+                     scheduler_script=str(path)),
+        plugins.make_manager(plugins.builtin_plugins()), Logger("rbees-orcd"))
+    try:
+        svc.scheduler.failures.labels(reason="timeout").inc()  # type: ignore[attr-defined]
+        text = svc.scrape().decode()
+    finally:
+        await svc.close()
+    assert 'rbees_scheduler_script_failures_total{reason="timeout"} 1.0' in text
+    assert 'rbees_scheduler_script_failures_total{reason="crash"} 0.0' in text

@@ -154,6 +154,10 @@ class ScriptScheduler(Scheduler):
     def close(self) -> None:
         self._sandbox.close()
 
+    def metrics(self) -> CollectorRegistry:
+        """The registry of the failure counter, shown on rbees-orcd's ``/metrics``."""
+        return self.registry
+
     def __enter__(self) -> ScriptScheduler:
         return self
 
