@@ -6,6 +6,12 @@ the standard library (uvicorn, httpx, the script scheduler's fallback warning, N
 :func:`rbees_core.http.daemon.launch` installs: ``level``, ``component`` and
 ``correlation_id`` as rbees' lines, ``event`` ``"log"``, the record's ``logger`` and
 ``message``. The threshold of both is ``RBEES_LOG_LEVEL`` (the daemons' ``--log-level``).
+
+Where the lines go (:func:`log_stream`): ``RBEES_LOG_TO`` (the daemons' ``--log-to``)
+``stdout`` or ``stderr``; unset, stdout when it is systemd's journal (a service:
+``JOURNAL_STREAM`` names the stream stdout is), else stderr. A line written to the journal
+starts with its syslog priority (``<4>`` for a warning), which journald strips and keeps
+as the entry's priority, so ``journalctl -p warning`` finds rbees' warnings.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ key_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("key_name"
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 #: The values ``--log-level`` and ``RBEES_LOG_LEVEL`` take.
 LEVELS = tuple(_LEVELS)
+#: The values ``--log-to`` and ``RBEES_LOG_TO`` take.
+DESTINATIONS = ("stdout", "stderr")
+#: syslog priorities of the levels: journald reads a ``<N>`` prefix as the entry's priority
+_PRIORITY = {"debug": "<7>", "info": "<6>", "warning": "<4>", "error": "<3>"}
 
 
 def threshold() -> int:
@@ -44,13 +54,42 @@ def level_name(levelno: int) -> str:
     return "info" if levelno >= logging.INFO else "debug"
 
 
+def is_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal stream systemd names in ``JOURNAL_STREAM``
+    (``DEVICE:INODE`` of the socket it gave a service as stdout/stderr). Compared rather
+    than trusted: the variable is inherited by whatever the service starts (a shell of a
+    terminal that runs as a user service has it), whose streams are elsewhere."""
+    named = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = named.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or no file behind it (a test's)
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+def log_stream() -> TextIO:
+    """Where a daemon's JSON lines go: ``RBEES_LOG_TO`` (``--log-to``) ``stdout`` or
+    ``stderr``; unset (or another value), stdout when it is the journal, else stderr."""
+    to = os.environ.get("RBEES_LOG_TO", "").lower()
+    if to == "stdout":
+        return sys.stdout
+    if to == "stderr" or not is_journal(sys.stdout):
+        return sys.stderr
+    return sys.stdout
+
+
 class Logger:
-    """Writes one JSON object per line: ``ts, level, component, event, correlation_id, ...``."""
+    """Writes one JSON object per line: ``ts, level, component, event, correlation_id, ...``,
+    to ``stream`` (default: :func:`log_stream` when the logger is made)."""
 
     def __init__(self, component: str, stream: TextIO | None = None) -> None:
         self.component = component
-        self.stream = stream or sys.stderr
+        self.stream = stream or log_stream()
         self.threshold = threshold()
+        self._journal = is_journal(self.stream)
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         if _LEVELS[level] < self.threshold:
@@ -62,7 +101,8 @@ class Logger:
         key = key_name.get()
         if key is not None:
             record.setdefault("key", key)
-        self.stream.write(json.dumps(record, default=str) + "\n")
+        line = json.dumps(record, default=str) + "\n"
+        self.stream.write(_PRIORITY[level] + line if self._journal else line)
         self.stream.flush()
 
     def debug(self, event: str, **fields: Any) -> None:
@@ -96,7 +136,7 @@ class JsonLinesHandler(logging.Handler):
     """A stdlib handler that writes each record as one of rbees' JSON lines.
 
     ``component`` names the process (``rbees-orcd``); ``stream`` defaults to the
-    ``sys.stderr`` of the moment (a test's capture, a service's journal). A record logged
+    :func:`log_stream` of the moment (a test's capture, a service's journal). A record logged
     with ``extra={"event": ..., "fields": {...}}`` keeps that event name and adds the fields
     (how :mod:`rbees_core.http.app` logs requests); an exception's traceback goes in
     ``exception``."""
@@ -105,6 +145,7 @@ class JsonLinesHandler(logging.Handler):
         super().__init__()
         self.component = component
         self.stream = stream
+        self._last: tuple[TextIO, bool] | None = None  # a stream and whether it is the journal
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -116,8 +157,11 @@ class JsonLinesHandler(logging.Handler):
             line.update(getattr(record, "fields", None) or {})
             if record.exc_info:
                 line["exception"] = logging.Formatter().formatException(record.exc_info)
-            stream = self.stream or sys.stderr
-            stream.write(json.dumps(line, default=str) + "\n")
+            stream = self.stream or log_stream()
+            if self._last is None or self._last[0] is not stream:
+                self._last = (stream, is_journal(stream))
+            text = json.dumps(line, default=str) + "\n"
+            stream.write(_PRIORITY[line["level"]] + text if self._last[1] else text)
             stream.flush()
         except Exception:
             self.handleError(record)
@@ -125,9 +169,9 @@ class JsonLinesHandler(logging.Handler):
 
 def route_stdlib(component: str) -> JsonLinesHandler:
     """Send every stdlib ``logging`` record (and ``warnings.warn``) of this process into
-    JSON lines on stderr at :func:`threshold`; the handler it installed on the root logger
-    (replacing any other handler there). Called by the daemons' :func:`launch` before they
-    serve; a CLI leaves stdlib logging alone."""
+    JSON lines on :func:`log_stream` at :func:`threshold`; the handler it installed on the
+    root logger (replacing any other handler there). Called by the daemons' :func:`launch`
+    before they serve; a CLI leaves stdlib logging alone."""
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -1,6 +1,7 @@
 """Issue 26 item 4: a daemon's stderr is JSON lines only, stdlib ``logging`` records and
 ``warnings.warn`` included (with their level and logger name), ``--log-level`` sets the
-threshold, and request lines carry the request's correlation id. Real processes."""
+threshold, and request lines carry the request's correlation id. Item 2: as a systemd
+service (or with ``--log-to stdout``) the lines go to stdout. Real processes."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from rbees_core.log import JsonLinesHandler, correlation_id
-from rbees_core.testing import find_free_port
+from rbees_core.testing import find_free_port, wait_http
 
-from .test_pool_managerd import start_pool, stop_pool
+from .test_pool_managerd import EXE, start_pool, stop_pool
 
 DAEMON = textwrap.dedent("""
     import asyncio, logging, sys, warnings
@@ -126,3 +129,74 @@ def test_the_handler_writes_the_correlation_id_of_the_context() -> None:
     line = json.loads(out.getvalue())
     assert line["event"] == "greeting" and line["message"] == "hello there"
     assert line["correlation_id"] == "abc" and line["n"] == 1 and line["level"] == "warning"
+
+
+def run_pool_managerd(tmp_path: Path, *args: str, journal: str | None = None
+                      ) -> tuple[str, str]:
+    """Run pool-managerd at debug with its stdout on one end of a Unix stream socket, as
+    systemd gives a service the journal (``journal``: "match" sets ``JOURNAL_STREAM`` to
+    that socket, "elsewhere" to another one, as a process started by a service inherits
+    it); answer one request with a correlation id, stop it; its stdout and stderr."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    other, other_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = {**os.environ, "RBEES_HOME": str(tmp_path / "home"), "RBEES_LOG_LEVEL": "debug"}
+    env.pop("RBEES_LOG_TO", None)
+    env.pop("JOURNAL_STREAM", None)
+    if journal is not None:
+        st = os.fstat((theirs if journal == "match" else other).fileno())
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    port = find_free_port()
+    err = tmp_path / "stderr"
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen([str(EXE), "--bind", f"127.0.0.1:{port}", *args], env=env,
+                                stdout=theirs.fileno(), stderr=stderr)
+    theirs.close()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: ours.recv(65536), b"")))
+    reader.start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=proc)
+        answer = httpx.get(f"http://127.0.0.1:{port}/v2/workers",
+                           headers={"X-Correlation-Id": "cid-journal"}, timeout=10)
+        assert answer.status_code == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
+        reader.join(10)
+        for sock in (ours, other, other_end):
+            sock.close()
+    return b"".join(chunks).decode(), err.read_text()
+
+
+def test_under_systemd_the_json_lines_go_to_the_journal_with_their_priority(
+        tmp_path: Path) -> None:
+    """Issue 26 item 2: run as a service (stdout is the journal ``JOURNAL_STREAM`` names),
+    a daemon logs to stdout, each JSON line behind the syslog priority journald strips and
+    keeps (``journalctl -p warning``); request lines carry their correlation id."""
+    out, err = run_pool_managerd(tmp_path, journal="match")
+    assert err == ""
+    priorities = {"debug": "<7>", "info": "<6>", "warning": "<4>", "error": "<3>"}
+    lines = []
+    for raw in out.strip().splitlines():
+        assert raw[:3] in priorities.values(), raw
+        line = json.loads(raw[3:])
+        assert raw[:3] == priorities[line["level"]], raw
+        lines.append(line)
+    events = [line["event"] for line in lines]
+    assert "listening" in events and events[-1] == "exit"
+    mine = [line for line in lines if line["correlation_id"] == "cid-journal"]
+    assert [line["event"] for line in mine] == ["request"]
+    assert mine[0]["path"] == "/v2/workers" and mine[0]["component"] == "pool-managerd"
+
+
+def test_log_to_stdout_writes_plain_json_lines_and_an_inherited_journal_is_ignored(
+        tmp_path: Path) -> None:
+    out, err = run_pool_managerd(tmp_path, "--log-to", "stdout")
+    assert err == ""
+    lines = json_lines(out)  # no priority prefix: stdout is not the journal
+    assert any(line["correlation_id"] == "cid-journal" for line in lines)
+    # JOURNAL_STREAM inherited from a service (a terminal's shell) names another stream:
+    # the lines stay on stderr
+    out, err = run_pool_managerd(tmp_path, journal="elsewhere")
+    assert out == ""
+    assert any(line["correlation_id"] == "cid-journal" for line in json_lines(err))

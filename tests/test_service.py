@@ -38,9 +38,9 @@ def test_systemd_units_are_written_verified_listed_and_removed(tmp_path: Path) -
     orcd = (units / "rbees-orcd.service").read_text()
     pool = (units / "rbees-pool.service").read_text()
     assert "Type=notify" in orcd and "NotifyAccess=main" in orcd
-    assert f"ExecStart={BIN / 'rbees-orcd'} --bind 127.0.0.1:8181" in orcd
+    assert f"ExecStart={BIN / 'rbees-orcd'} --bind 127.0.0.1:8181 --log-to stdout\n" in orcd
     assert (f"ExecStart={BIN / 'pool-managerd'} --bind 127.0.0.1:9292 "
-            "--orchestrator http://127.0.0.1:8181") in pool
+            "--orchestrator http://127.0.0.1:8181 --log-to stdout\n") in pool
     assert "After=rbees-orcd.service" in pool and "KillMode=mixed" in pool
     assert f"Environment=RBEES_HOME={tmp_path / 'home'}" in orcd
     assert "WantedBy=default.target" in orcd

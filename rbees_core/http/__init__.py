@@ -34,7 +34,7 @@ from rbees_core.http.app import (
     read_json,
     register_error_shape,
 )
-from rbees_core.http.daemon import Daemon, fail, launch, log_level_option
+from rbees_core.http.daemon import Daemon, fail, launch, log_level_option, log_to_option
 from rbees_core.http.server import (
     FullCollections,
     check_bind_policy,
@@ -50,7 +50,8 @@ __all__ = [
     "CorrelationMiddleware", "Daemon", "ErrorShape",
     "EventStreamResponse", "FullCollections", "build_app", "check_bind_policy",
     "daemon_lifespan", "daemon_routes", "error_response", "error_shape", "fail", "health_endpoint",
-    "is_loopback", "json_response", "launch", "listen", "log_level_option", "openai_error_body",
+    "is_loopback", "json_response", "launch", "listen", "log_level_option", "log_to_option",
+    "openai_error_body",
     "parse_bind", "parse_json",
     "read_body", "read_json", "register_error_shape", "run_daemon", "serve",
 ]

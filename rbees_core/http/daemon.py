@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 from rbees_core.errors import ConflictError, RbeesError
 from rbees_core.files import private_dir, write_private
 from rbees_core.http.server import notify_ready, run_daemon, serve
-from rbees_core.log import LEVELS, Logger, route_stdlib
+from rbees_core.log import DESTINATIONS, LEVELS, Logger, route_stdlib
 from rbees_core.processes import pid_file_holder, read_pid
 
 
@@ -185,3 +185,25 @@ def log_level_option() -> Any:
     return typer.Option("--log-level", callback=_set_level, metavar="LEVEL",
                         help="Lowest level logged: debug, info, warning, error "
                              "(default: RBEES_LOG_LEVEL, else info)")
+
+
+def _set_destination(value: str | None) -> str | None:
+    if value is not None:  # the environment carries it to every Logger of the process
+        if value.lower() not in DESTINATIONS:
+            import typer
+
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(DESTINATIONS)}")
+        os.environ["RBEES_LOG_TO"] = value.lower()
+    return value
+
+
+def log_to_option() -> Any:
+    """The daemons' ``--log-to stdout|stderr`` (a typer option): it sets ``RBEES_LOG_TO`` as
+    the command line is read. The service units pass ``stdout`` (the journal); without it a
+    daemon writes to stdout when that is the journal (``JOURNAL_STREAM``), else stderr
+    (:func:`rbees_core.log.log_stream`)."""
+    import typer
+
+    return typer.Option("--log-to", callback=_set_destination, metavar="STREAM",
+                        help="Where the JSON log lines go: stdout or stderr (default: "
+                             "RBEES_LOG_TO, else stdout under systemd, else stderr)")

@@ -30,6 +30,7 @@ from rbees_core.http import (
     daemon_lifespan,
     daemon_routes,
     log_level_option,
+    log_to_option,
 )
 from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
@@ -134,6 +135,7 @@ def serve_orcd(
         help="Seconds an OpenAI request may wait in the queue before a 503 with "
              "Retry-After [default: 600]")] = None,
     log_level: Annotated[str | None, log_level_option()] = None,
+    log_to: Annotated[str | None, log_to_option()] = None,
 ) -> None:
     """Start the orchestrator. Flags beat the RBEES_ORCHESTRATOR_* variables, which beat
     the config file's [orchestrator] section."""

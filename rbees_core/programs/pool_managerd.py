@@ -44,6 +44,7 @@ from rbees_core.http import (
     daemon_routes,
     json_response,
     log_level_option,
+    log_to_option,
     read_json,
 )
 from rbees_core.log import Logger
@@ -288,6 +289,7 @@ def serve_pool(
         "--memory-limit", help="Most memory offered to workers on each device (12GiB, "
         "512MiB; [pool] memory_limit, RBEES_POOL_MEMORY_LIMIT)")] = None,
     log_level: Annotated[str | None, log_level_option()] = None,
+    log_to: Annotated[str | None, log_to_option()] = None,
 ) -> None:
     """Start the pool daemon."""
     from rbees_core import plugins

@@ -47,6 +47,7 @@ from rbees_core.http import (
     json_response,
     launch,
     log_level_option,
+    log_to_option,
     read_json,
 )
 from rbees_core.log import Logger
@@ -301,6 +302,7 @@ def serve_worker(
     tensor_split: Annotated[str | None, typer.Option(
         "--tensor-split", help="Each GPU's share of the model, by index: 0.67,0.33")] = None,
     log_level: Annotated[str | None, log_level_option()] = None,
+    log_to: Annotated[str | None, log_to_option()] = None,
 ) -> None:
     """Start the worker (it listens at once, then loads the model)."""
     from rbees_core.config import load_config, load_token, read_token_file

@@ -3,7 +3,8 @@ that come back after a reboot (issue 26 item 2).
 
 Linux: systemd user units in ``$XDG_CONFIG_HOME/systemd/user`` (``Type=notify``: the daemons
 send ``READY=1`` once they serve, :func:`rbees_core.http.server.notify_ready`; their JSON
-lines go to the journal: ``journalctl --user -u rbees-orcd``). macOS: launchd agents in
+lines go to stdout, the journal, with their priority: ``journalctl --user -u rbees-orcd
+-p warning``). macOS: launchd agents in
 ``~/Library/LaunchAgents`` (logs under ``$RBEES_HOME/logs``). The units run this
 environment's console scripts with its ``RBEES_HOME`` and config, so a virtualenv install
 works as it is.
@@ -147,7 +148,8 @@ def install(
             path.write_bytes(render_launchd(name, argv, env, logs))
         else:
             after = "rbees-orcd" if name == "rbees-pool" and "rbees-orcd" in names else None
-            path.write_text(render_systemd(name, argv, env, after))
+            # the JSON lines on stdout, the journal, each with its priority (rbees_core.log)
+            path.write_text(render_systemd(name, [*argv, "--log-to", "stdout"], env, after))
         rows.append({"service": name, "file": str(path), "started": False})
     if start:
         for row in rows:
