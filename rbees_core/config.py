@@ -255,6 +255,11 @@ class OrchestratorConfig:
         default=15.0, minimum=0, maximum=3600,
         doc="seconds of silence after which a stream gets an SSE ': ping'; 0: never "
             "(--sse-ping-interval, RBEES_SSE_PING_INTERVAL)")
+    decision_retention: str = field(
+        default="7d", pattern=r"^(forever|(\d+(\.\d*)?[smhdw])+|\d+(\.\d*)?)$",
+        doc='how long each scheduling decision keeps the snapshot it was made from, for '
+            '`rbees scheduler replay` ("7d", "24h", "2w", seconds, "forever"); the '
+            'decision itself stays for `rbees jobs why`')
 
 
 @attrs.frozen
@@ -360,7 +365,7 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
         ("heartbeat_interval_s", float), ("heartbeat_grace", int),
         ("offline_after_s", float), ("idle_timeout_s", float), ("keep_alive", str),
         ("max_queue_wait_s", float),
-        ("sse_ping_interval_s", float))},
+        ("sse_ping_interval_s", float), ("decision_retention", str))},
 }
 
 

@@ -1,12 +1,15 @@
-"""Playing scheduling decisions forward without a cluster.
+"""Playing scheduling decisions forward without a cluster, and re-deciding recorded ones.
 
 ``rbees scheduler simulate`` and ``bench/scheduler.py`` decide a list of jobs one after
 another on a snapshot (:mod:`rbees_core.scheduling`), each verdict applied to the snapshot
-the next job sees. Pure but for the policy it is given.
+the next job sees (:func:`replay`). ``rbees scheduler replay`` re-decides what rbees-orcd
+recorded, each decision on the snapshot it was made from, and says what another policy
+would have changed (:func:`rerun`). Pure but for the policy it is given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from rbees_core.placement import core_donor, cores_to_start, cpu_device
@@ -149,3 +152,114 @@ def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,
         apply_verdict(data, head, verdict, worker_slots=worker_slots)
         out.append((head, verdict))
     return out
+
+
+# -- re-deciding recorded decisions (``rbees scheduler replay``) ----------------------------
+
+#: what a replayed decision changed, in the order a row names the first that applies
+CHANGES = ("placement", "wait_avoided", "wait_added", "eviction", "other")
+
+
+def target_of(decisions: list[dict[str, Any]]) -> str | None:
+    """Where a verdict's decisions (their dicts) place or act: ``pool/worker`` of a dispatch,
+    stop or awaited worker, ``pool/device`` of a start, ``pool`` of a download."""
+    for d in decisions:
+        if d.get("action") in ("dispatch", "stop_worker"):
+            return f"{d.get('pool_id')}/{d.get('worker_id')}"
+        if d.get("action") == "start_worker":
+            return f"{d.get('pool_id')}/{d.get('device')}"
+        if d.get("action") == "download":
+            return str(d.get("pool_id"))
+        if d.get("action") == "wait" and d.get("worker_id"):
+            return f"{d.get('pool_id')}/{d.get('worker_id')}"
+    return None
+
+
+def _placed(decisions: list[dict[str, Any]]) -> bool:
+    return any(d.get("action") in ("dispatch", "start_worker") for d in decisions)
+
+
+def _shape(decisions: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """The decisions without their words (a reason names its policy)."""
+    return [(d.get("action"), d.get("pool_id"), d.get("worker_id"), d.get("device"),
+             d.get("model"), d.get("n_gpu_layers"), d.get("tensor_split"), d.get("code"))
+            for d in decisions]
+
+
+def _stops(decisions: list[dict[str, Any]]) -> set[tuple[Any, Any]]:
+    return {(d.get("pool_id"), d.get("worker_id")) for d in decisions
+            if d.get("action") == "stop_worker"}
+
+
+def _comparable(verdict: dict[str, Any]) -> dict[str, Any]:
+    return {k: verdict.get(k) for k in ("policy", "decisions", "candidates", "summary",
+                                        "fallback")}
+
+
+def change_of(recorded: list[dict[str, Any]], replayed: list[dict[str, Any]]) -> str | None:
+    """What the replayed decisions change against the recorded ones (:data:`CHANGES`), None
+    when they act alike: ``placement`` (both place, elsewhere), ``wait_avoided`` (recorded
+    wait, replay places), ``wait_added`` (the other way), ``eviction`` (other workers
+    stopped), ``other`` (a fail, a download...)."""
+    if _shape(recorded) == _shape(replayed):
+        return None
+    placed, replaces = _placed(recorded), _placed(replayed)
+    if placed and replaces and target_of(recorded) != target_of(replayed):
+        return "placement"
+    if not placed and replaces:
+        return "wait_avoided"
+    if placed and not replaces:
+        return "wait_added"
+    if _stops(recorded) != _stops(replayed):
+        return "eviction"
+    return "other"
+
+
+def _side(verdict: dict[str, Any]) -> dict[str, Any]:
+    decisions = list(verdict.get("decisions") or [])
+    return {"policy": verdict.get("policy"),
+            "action": "+".join(str(d.get("action")) for d in decisions),
+            "target": target_of(decisions), "decisions": decisions,
+            "summary": verdict.get("summary") or "", "fallback": verdict.get("fallback")}
+
+
+def rerun(decide: Any, records: Iterable[dict[str, Any]], *,
+          policy_for: Any = None) -> dict[str, Any]:
+    """Re-decide recorded decisions, each on the snapshot it was made from (no play
+    forward: a pure re-run, so the policy that made them reproduces each one exactly).
+
+    ``records`` are ``GET /v2/decisions``' entries (``job_id``, ``decision_id``,
+    ``decided_at``, ``decision``, ``snapshot``); ``decide`` a
+    :class:`rbees_core.interfaces.Scheduler`'s, or None with ``policy_for(name)`` giving
+    the ``decide`` of the policy a decision was made by (the check that it reproduces its
+    decisions). Returns ``{"rows": [...], "summary":
+    {...}}``: per decision the recorded and replayed ``action``/``target``/``summary``,
+    ``exact`` (the same verdict word for word, timings aside) and ``change``
+    (:func:`change_of`); the summary counts them. Called by ``rbees scheduler replay`` and
+    rbees-orcd's ``GET /v2/tasks/{id}/replay``."""
+    import copy
+
+    rows = []
+    counts = {"decisions": 0, "exact": 0, "same": 0, **dict.fromkeys(CHANGES, 0)}
+    policy = None
+    for record in records:
+        snapshot = record["snapshot"]
+        before = record["decision"]
+        chosen = decide if decide is not None else policy_for(str(before.get("policy")))
+        verdict = chosen(Snapshot(copy.deepcopy(snapshot))).to_dict()
+        policy = verdict.get("policy") if decide is not None else "each its own"
+        change = change_of(list(before.get("decisions") or []),
+                           list(verdict.get("decisions") or []))
+        exact = _comparable(before) == _comparable(verdict)
+        job = snapshot.get("job") or {}
+        rows.append({"job_id": record["job_id"], "decision_id": record.get("decision_id"),
+                     "decided_at": record.get("decided_at"), "model": job.get("model"),
+                     "priority": job.get("priority"), "recorded": _side(before),
+                     "replayed": _side(verdict), "exact": exact, "change": change})
+        counts["decisions"] += 1
+        counts["exact"] += exact
+        counts[change or "same"] += 1
+    jobs = {r["job_id"] for r in rows}
+    changed = {r["job_id"] for r in rows if r["change"]}
+    return {"rows": rows, "summary": {"policy": policy, "jobs": len(jobs),
+                                      "jobs_changed": len(changed), **counts}}

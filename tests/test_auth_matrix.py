@@ -74,6 +74,7 @@ ORCD_ROUTES = {
     ("GET", "/v2/tasks/{job_id}"): "jobs", ("GET", "/v2/tasks/{job_id}/events"): "jobs",
     ("POST", "/v2/tasks/{job_id}/cancel"): "jobs",
     ("GET", "/v2/tasks/{job_id}/decision"): "jobs",
+    ("GET", "/v2/tasks/{job_id}/replay"): "jobs", ("GET", "/v2/decisions"): "read",
     ("GET", "/v2/pools"): "read", ("GET", "/v2/pools/{pool_id}"): "read",
     ("DELETE", "/v2/pools/{pool_id}"): "pool_admin",
     ("POST", "/v2/pools/{pool_id}/heartbeat"): "pool",

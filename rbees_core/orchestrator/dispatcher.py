@@ -255,10 +255,11 @@ class Dispatcher:
             return Ending(MODEL_DOWNLOAD_FAILED, failed)
         if verdict is None:  # jobs that wait like an earlier one: its record explains them
             t0 = time.perf_counter()
-            verdict = self.scheduler.decide(self.snapshot(
-                queued.job_id, pools.get(batch=queued.priority == "batch")))
+            snapshot = self.snapshot(queued.job_id,
+                                     pools.get(batch=queued.priority == "batch"))
+            verdict = self.scheduler.decide(snapshot)
             self.metrics.scheduling.observe(time.perf_counter() - t0)
-            book.spawn(self._record(queued.job_id, verdict))
+            book.spawn(self._record(queued.job_id, verdict, snapshot.data))
         fail = next((d for d in verdict.decisions if d.action == "fail"), None)
         if fail is not None:
             return Ending(NO_CAPACITY, fail.reason or f"policy {verdict.policy} refused it")
@@ -393,8 +394,10 @@ class Dispatcher:
         self.book.waited_at.pop(run.job_id, None)
         self.book.version += 1
 
-    async def _record(self, job_id: str, verdict: Verdict) -> None:
-        """Keep the decision, unless it repeats the job's previous one word for word."""
+    async def _record(self, job_id: str, verdict: Verdict,
+                      snapshot: dict[str, Any] | None = None) -> None:
+        """Keep the decision and the snapshot the policy read (None: rbees-orcd's own,
+        no policy's), unless it repeats the job's previous one word for word."""
         key = json.dumps([[d.to_dict() for d in verdict.decisions], verdict.summary],
                          sort_keys=True)
         last = self.book.last_decision
@@ -402,7 +405,7 @@ class Dispatcher:
             return
         last[job_id] = key
         with contextlib.suppress(RbeesError):
-            await self.store.record_decision_async(job_id, verdict.to_dict())
+            await self.store.record_decision_async(job_id, verdict.to_dict(), snapshot)
 
     def current_verdict(self, job_id: str) -> Verdict | None:
         """What the policy would decide for a queued job now, else None."""

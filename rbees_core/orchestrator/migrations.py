@@ -170,8 +170,17 @@ ALTER TABLE batches ADD COLUMN owner TEXT;
 ALTER TABLE batches ADD COLUMN owner_models TEXT;
 """
 
+#: Decision replay (rbees_core.orchestrator.decisions): the snapshot each decision was made
+#: from (zlib of its JSON; NULL past the retention, or for a decision of no policy), found
+#: by time; a file's owner (the key that uploaded it: an ``inference`` key sees its own).
+_V8 = """
+ALTER TABLE decisions ADD COLUMN snapshot BLOB;
+CREATE INDEX decisions_snapshot_at ON decisions (decided_at) WHERE snapshot IS NOT NULL;
+ALTER TABLE files ADD COLUMN owner TEXT;
+"""
+
 #: The schema's history; version ``len(MIGRATIONS)`` is what this code reads and writes.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -42,6 +42,7 @@ from rbees_core.log import Logger
 from rbees_core.orchestrator.admission import Admission
 from rbees_core.orchestrator.book import Book, Following, retrieved
 from rbees_core.orchestrator.channel import Channel
+from rbees_core.orchestrator.decisions import Retention, recorded
 from rbees_core.orchestrator.dispatcher import Dispatcher
 from rbees_core.orchestrator.downloads import Downloads
 from rbees_core.orchestrator.errors import JobNotFoundError
@@ -83,6 +84,8 @@ class OrcdSettings:
     sse_ping_interval_s: float = 15.0
     #: ``[placement]``: slots, context and cores of the workers this process starts
     placement: PlacementConfig = attrs.field(factory=PlacementConfig)
+    #: how long a decision's snapshot is kept (replay); None: forever
+    decision_retention_s: float | None = 7 * 86400.0
 
 
 class OrchestratorService:
@@ -184,6 +187,8 @@ class OrchestratorService:
         book.spawn(self.runner.flush_loop())
         book.spawn(self.pools.idle_loop())
         book.spawn(self.recovery.loop())
+        book.spawn(Retention(self.store.write_async, self.settings.decision_retention_s,
+                             self.log).loop())
 
     async def close(self) -> None:
         """Stop every task and runner, write what is pending, close the connections and
@@ -265,6 +270,37 @@ class OrchestratorService:
         the name of the key that submitted it."""
         record = await self.job(job_id)
         return {**await self.dispatcher.why(job_id), "owner": record.owner}
+
+    async def recorded_decisions(self, *, since: float, until: float | None, limit: int,
+                                 cursor: str | None) -> dict[str, Any]:
+        """``GET /v2/decisions``: a page of decisions with their snapshots; see
+        :func:`~rbees_core.orchestrator.decisions.recorded` (and what it raises)."""
+        return await asyncio.to_thread(recorded, self.store.query, since=since, until=until,
+                                       limit=limit, cursor=cursor)
+
+    async def replay_job(self, job_id: str, policy: str) -> dict[str, Any]:
+        """``GET /v2/tasks/{id}/replay``: the job's recorded decisions re-decided by the
+        registered policy ``policy`` (:func:`rbees_core.replay.rerun`). Raises
+        ``JobNotFoundError`` (as :meth:`job`) and :class:`InvalidParamsError` naming
+        ``policy`` when no such policy is installed (or it is ``script``)."""
+        from rbees_core.config import SchedulerConfig
+        from rbees_core.replay import rerun
+
+        await self.job(job_id)
+        if policy == "script":  # its script is a file on the operator's machine
+            raise InvalidParamsError("policy", "a script is replayed by `rbees scheduler "
+                                               "replay --script FILE`, not here")
+        page = await asyncio.to_thread(recorded, self.store.query, since=0.0, limit=1000,
+                                       cursor=None, job_id=job_id)
+        installed = plugins.schedulers(self.pm)
+        if policy not in installed:
+            raise InvalidParamsError("policy", f"no policy {policy!r} (installed: "
+                                               f"{', '.join(sorted(installed))})")
+        chosen = installed[policy].from_config(SchedulerConfig(policy=policy))
+        try:
+            return {"job_id": job_id, **rerun(chosen.decide, page["decisions"])}
+        finally:
+            chosen.close()
 
     # -- pools -----------------------------------------------------------------------------
 

@@ -204,16 +204,21 @@ class Store:
         """:meth:`append_events` for an asyncio loop."""
         return await self._writer.submit_async(self._ops.append_op(job_id, event_pairs(events)))
 
-    def record_decision(self, job_id: str, decision: Mapping[str, Any]) -> int:
-        """Keep one scheduler decision (candidates, scores, rejections); return its number.
+    def record_decision(self, job_id: str, decision: Mapping[str, Any],
+                        snapshot: Mapping[str, Any] | None = None) -> int:
+        """Keep one scheduler decision (candidates, scores, rejections) and the snapshot it
+        was made from (:mod:`rbees_core.orchestrator.decisions`: what replay re-decides;
+        None for a decision no policy made); return its number.
 
         Raises :class:`JobNotFoundError`.
         """
-        return self._call(self._ops.decision_op(job_id, decision))
+        return self._call(self._ops.decision_op(job_id, decision, snapshot))
 
-    async def record_decision_async(self, job_id: str, decision: Mapping[str, Any]) -> int:
+    async def record_decision_async(self, job_id: str, decision: Mapping[str, Any],
+                                    snapshot: Mapping[str, Any] | None = None) -> int:
         """:meth:`record_decision` for an asyncio loop."""
-        return await self._writer.submit_async(self._ops.decision_op(job_id, decision))
+        return await self._writer.submit_async(
+            self._ops.decision_op(job_id, decision, snapshot))
 
     def recover(self) -> Recovery:
         """Apply CONTRACT section 5's restart rule; call once at start, before dispatching.

@@ -19,6 +19,7 @@ from rbees_core.api.common import ID_PATTERN
 from rbees_core.api.orchestrator import FINAL_STATUSES, JobError, JobRecord, Placement
 from rbees_core.errors import InvalidParamsError
 from rbees_core.orchestrator._writer import Insert
+from rbees_core.orchestrator.decisions import encode_snapshot
 from rbees_core.orchestrator.errors import (
     ORCHESTRATOR_RESTARTED,
     InvalidTransitionError,
@@ -139,18 +140,23 @@ class Ops:
 
         return op
 
-    def decision_op(self, job_id: str, decision: Mapping[str, Any]
+    def decision_op(self, job_id: str, decision: Mapping[str, Any],
+                    snapshot: Mapping[str, Any] | None = None
                     ) -> Callable[[sqlite3.Connection], int]:
         payload = dumps(dict(decision))
 
         def op(conn: sqlite3.Connection) -> int:
             self._status(conn, job_id)
+            # encoded here, on the writer's thread: the snapshot is not changed after the
+            # decision (each round takes a new one), and the event loop is spared the zlib
+            blob = None if snapshot is None else encode_snapshot(snapshot)
             row = conn.execute(
                 "SELECT coalesce(max(decision_id), 0) FROM decisions WHERE job_id = ?", (job_id,)
             ).fetchone()
             decision_id = int(row[0]) + 1
-            conn.execute("INSERT INTO decisions VALUES (?, ?, ?, ?)",
-                         (job_id, decision_id, self._clock(), payload))
+            conn.execute("INSERT INTO decisions (job_id, decision_id, decided_at, decision, "
+                         "snapshot) VALUES (?, ?, ?, ?, ?)",
+                         (job_id, decision_id, self._clock(), payload, blob))
             return decision_id
 
         return op

@@ -42,6 +42,7 @@ from rbees_core.programs import (
     orcd_openai,
     orcd_openai_models,
     orcd_pools,
+    orcd_replay,
     orcd_web,
 )
 from rbees_core.programs.orcd_batch_runner import BatchRunner
@@ -59,7 +60,7 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
 
 
 MODULES = (orcd_api, orcd_openai, orcd_openai_models, orcd_embeddings, orcd_batches,
-           orcd_pools, orcd_keys, orcd_web)
+           orcd_pools, orcd_keys, orcd_replay, orcd_web)
 
 
 def operations() -> list[Any]:
@@ -143,6 +144,7 @@ def serve_orcd(
     from rbees_core.config import load_config, load_token
     from rbees_core.durations import parse_keep_alive
     from rbees_core.http import check_bind_policy, fail, launch, parse_bind
+    from rbees_core.orchestrator.decisions import parse_span
 
     try:
         cfg = load_config(config)
@@ -173,7 +175,9 @@ def serve_orcd(
             scheduler=scheduler if scheduler is not None else sched.policy,
             scheduler_script=sched.script, token=token,
             placement=cfg.placement,
-            sse_ping_interval_s=pick(sse_ping_interval, "sse_ping_interval_s"))
+            sse_ping_interval_s=pick(sse_ping_interval, "sse_ping_interval_s"),
+            decision_retention_s=None if orch.decision_retention == "forever" else parse_span(
+                orch.decision_retention, field="[orchestrator] decision_retention"))
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(PROGRAM, exc)

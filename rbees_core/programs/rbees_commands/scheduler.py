@@ -1,4 +1,4 @@
-"""``rbees scheduler list|check|simulate``: placement policies without a cluster.
+"""``rbees scheduler list|check|simulate|replay``: placement policies without a cluster.
 
 - ``list``: the registered policies.
 - ``check SCRIPT``: the script's syntax, then a dry run of a few sample jobs, each on its own
@@ -9,11 +9,18 @@
   (a dispatch takes a slot, a started worker appears as ``starting``), and prints per job the
   decision and why. ``POLICY`` is a script path or the name of a registered policy. The
   replay is deterministic: the same files give the same output.
+- ``replay [--since 24h] [--policy NAME | --script FILE.star] [--db PATH]``: re-decides the
+  decisions rbees-orcd recorded (``GET /v2/decisions``, or a copy of its state database), each
+  on the snapshot it was made from, with another policy, here; prints the decisions that
+  would change (placements, waits avoided or added, evictions) and a summary; without
+  ``--policy``/``--script`` each by the policy that made it (which must reproduce it).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +28,13 @@ import pluggy
 import typer
 
 from rbees_core.hookspecs import hookimpl
-from rbees_core.programs.cli_common import FormatOption, OutputFormat, emit, print_json
+from rbees_core.programs.cli_common import (
+    FormatOption,
+    OutputFormat,
+    emit,
+    print_json,
+    print_table,
+)
 
 GIB = 1024 ** 3
 SIM_COLUMNS = ("job_id", "model", "action", "target", "policy", "why")
@@ -224,7 +237,112 @@ def _commands(pm: pluggy.PluginManager) -> typer.Typer:
         else:
             emit(_rows(results), fmt, SIM_COLUMNS)
 
+    @group.command("replay")
+    def replay_(
+        since: Annotated[str, typer.Option(
+            "--since", help="How far back: 24h, 7d, 90m, or seconds")] = "24h",
+        policy_name: Annotated[str | None, typer.Option(
+            "--policy", help="A registered policy (default: the one each decision was "
+                             "made by, which must reproduce it)")] = None,
+        script: Annotated[str | None, typer.Option(
+            "--script", help="A Starlark policy script to replay with")] = None,
+        db: Annotated[str | None, typer.Option(
+            "--db", help="Read this state database (a copy of rbees-orcd's) instead of "
+                         "asking rbees-orcd")] = None,
+        all_rows: Annotated[bool, typer.Option(
+            "--all", help="List every decision, not only those that would change")] = False,
+        fmt: FormatOption = OutputFormat.text,
+    ) -> None:
+        """Re-decide recorded decisions with another policy; print what would change."""
+        from rbees_core.errors import InvalidParamsError
+        from rbees_core.orchestrator.decisions import parse_span
+        from rbees_core.replay import rerun
+
+        if policy_name is not None and script is not None:
+            raise InvalidParamsError("--script", "give --policy or --script, not both")
+        start = time.time() - parse_span(since, field="--since")
+        records = _recorded_from_db(db, start) if db is not None else _recorded(start)
+        policies: dict[str, Any] = {}
+
+        def policy_for(name: str) -> Any:
+            if name not in policies:
+                policies[name] = _policy(pm, name, None)
+            return policies[name].decide
+
+        try:
+            chosen = script or policy_name
+            result = rerun(None if chosen is None else policy_for(chosen), records,
+                           policy_for=policy_for)
+        finally:
+            for policy in policies.values():
+                policy.close()
+        if fmt is OutputFormat.json:
+            print_json(result)
+            return
+        rows = [_replay_row(r) for r in result["rows"] if all_rows or r["change"]]
+        if rows:
+            print_table(rows, REPLAY_COLUMNS)
+        summary = result["summary"]
+        print(f"{summary['decisions']} decisions of {summary['jobs']} jobs replayed with "
+              f"{summary['policy'] or 'no policy'}: {summary['exact']} exactly as recorded, "
+              f"{summary['same']} alike; would change {summary['jobs_changed']} jobs: "
+              f"{summary['placement']} placements, {summary['wait_avoided']} waits avoided, "
+              f"{summary['wait_added']} waits added, {summary['eviction']} evictions, "
+              f"{summary['other']} other")
+
     return group
+
+
+REPLAY_COLUMNS = ("decided_at", "job_id", "model", "recorded", "replayed", "change")
+
+
+def _replay_row(row: dict[str, Any]) -> dict[str, Any]:
+    def side(s: dict[str, Any]) -> str:
+        return f"{s['action']} {s['target']}" if s["target"] else s["action"]
+
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["decided_at"] or 0))
+    return {"decided_at": at, "job_id": row["job_id"], "model": row["model"],
+            "recorded": side(row["recorded"]), "replayed": side(row["replayed"]),
+            "change": row["change"] or ("" if row["exact"] else "words")}
+
+
+def _recorded(since: float) -> Iterator[dict[str, Any]]:
+    """The decisions rbees-orcd kept from ``since``, every page of ``GET /v2/decisions``."""
+    from rbees_core.programs.rbees_commands.jobs import _request
+
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"since": since, "limit": 1000}
+        if cursor is not None:
+            params["cursor"] = cursor
+        _, page = _request("GET", "/v2/decisions", params=params)
+        yield from page["decisions"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return
+
+
+def _recorded_from_db(path: str, since: float) -> Iterator[dict[str, Any]]:
+    """The same, read from a state database (read-only)."""
+    import sqlite3
+
+    from rbees_core.errors import InvalidParamsError
+    from rbees_core.orchestrator.decisions import recorded
+
+    if not Path(path).is_file():
+        raise InvalidParamsError("--db", f"no such file {path}")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        cursor = None
+        while True:
+            page = recorded(lambda sql, args: conn.execute(sql, args).fetchall(),
+                            since=since, limit=1000, cursor=cursor)
+            yield from page["decisions"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+    finally:
+        conn.close()
 
 
 @hookimpl
