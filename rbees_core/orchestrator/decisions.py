@@ -24,6 +24,8 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import pluggy
+
 from rbees_core.errors import InvalidParamsError
 from rbees_core.log import Logger
 
@@ -158,6 +160,31 @@ def recorded(query: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]], *,
     last = rows[limit - 1] if len(rows) > limit else None
     return {"decisions": out,
             "next_cursor": None if last is None else f"{last[2]!r}:{last[0]}:{last[1]}"}
+
+
+def replay_job(query: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]],
+               pm: pluggy.PluginManager, job_id: str, policy: str) -> dict[str, Any]:
+    """One job's recorded decisions re-decided by the registered policy ``policy``
+    (:func:`rbees_core.replay.rerun`): ``{"job_id", "rows", "summary"}``. Raises
+    :class:`InvalidParamsError` naming ``policy`` when no such policy is installed, or for
+    ``script`` (its script is a file on the operator's machine: the CLI replays it)."""
+    from rbees_core import plugins
+    from rbees_core.config import SchedulerConfig
+    from rbees_core.replay import rerun
+
+    if policy == "script":
+        raise InvalidParamsError("policy", "a script is replayed by `rbees scheduler "
+                                           "replay --script FILE`, not here")
+    installed = plugins.schedulers(pm)
+    if policy not in installed:
+        raise InvalidParamsError("policy", f"no policy {policy!r} (installed: "
+                                           f"{', '.join(sorted(installed))})")
+    page = recorded(query, since=0.0, limit=MAX_PAGE, job_id=job_id)
+    chosen = installed[policy].from_config(SchedulerConfig(policy=policy))
+    try:
+        return {"job_id": job_id, **rerun(chosen.decide, page["decisions"])}
+    finally:
+        chosen.close()
 
 
 class Retention:

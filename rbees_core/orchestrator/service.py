@@ -42,7 +42,7 @@ from rbees_core.log import Logger
 from rbees_core.orchestrator.admission import Admission
 from rbees_core.orchestrator.book import Book, Following, retrieved
 from rbees_core.orchestrator.channel import Channel
-from rbees_core.orchestrator.decisions import Retention, recorded
+from rbees_core.orchestrator.decisions import Retention, recorded, replay_job
 from rbees_core.orchestrator.dispatcher import Dispatcher
 from rbees_core.orchestrator.downloads import Downloads
 from rbees_core.orchestrator.errors import JobNotFoundError
@@ -280,27 +280,10 @@ class OrchestratorService:
 
     async def replay_job(self, job_id: str, policy: str) -> dict[str, Any]:
         """``GET /v2/tasks/{id}/replay``: the job's recorded decisions re-decided by the
-        registered policy ``policy`` (:func:`rbees_core.replay.rerun`). Raises
-        ``JobNotFoundError`` (as :meth:`job`) and :class:`InvalidParamsError` naming
-        ``policy`` when no such policy is installed (or it is ``script``)."""
-        from rbees_core.config import SchedulerConfig
-        from rbees_core.replay import rerun
-
+        registered policy ``policy`` (:func:`~rbees_core.orchestrator.decisions.replay_job`,
+        and what it raises); ``JobNotFoundError`` as :meth:`job`."""
         await self.job(job_id)
-        if policy == "script":  # its script is a file on the operator's machine
-            raise InvalidParamsError("policy", "a script is replayed by `rbees scheduler "
-                                               "replay --script FILE`, not here")
-        page = await asyncio.to_thread(recorded, self.store.query, since=0.0, limit=1000,
-                                       cursor=None, job_id=job_id)
-        installed = plugins.schedulers(self.pm)
-        if policy not in installed:
-            raise InvalidParamsError("policy", f"no policy {policy!r} (installed: "
-                                               f"{', '.join(sorted(installed))})")
-        chosen = installed[policy].from_config(SchedulerConfig(policy=policy))
-        try:
-            return {"job_id": job_id, **rerun(chosen.decide, page["decisions"])}
-        finally:
-            chosen.close()
+        return await asyncio.to_thread(replay_job, self.store.query, self.pm, job_id, policy)
 
     # -- pools -----------------------------------------------------------------------------
 
