@@ -16,7 +16,9 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "rbees.json"
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy" / "grafana" / "rbees.json"
+METRICS_DOC = ROOT / "docs" / "metrics.md"
 
 _STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
@@ -95,10 +97,16 @@ def test_every_panel_names_a_metric_the_daemons_export(rbees_cluster: Any) -> No
     uris = [w["uri"] for w in workers if w["state"] in ("ready", "busy")]
     assert uris, workers
     exported: set[str] = set()
+    documented = METRICS_DOC.read_text()
     for url in (rbees_cluster.url, rbees_cluster.pool_url, *uris):
         answer = httpx.get(f"{url}/metrics", timeout=10)
         assert answer.status_code == 200
         exported |= exported_names(answer.text)
+        # and docs/metrics.md lists every rbees family a daemon exports
+        for family in text_string_to_metric_families(answer.text):
+            name = family.name + ("_total" if family.type == "counter" else "")
+            if name.startswith("rbees_") and not name.endswith("_created"):
+                assert f"`{name}`" in documented, (url, name)
     names = dashboard_names(dashboard)
     # what the issue asks the dashboard to show is there: the extraction is not vacuous
     assert {"rbees_worker_tokens_generated_total", "rbees_ttft_seconds_bucket",
