@@ -200,3 +200,22 @@ def test_log_to_stdout_writes_plain_json_lines_and_an_inherited_journal_is_ignor
     out, err = run_pool_managerd(tmp_path, journal="elsewhere")
     assert out == ""
     assert any(line["correlation_id"] == "cid-journal" for line in json_lines(err))
+
+
+def test_a_job_dispatched_later_carries_its_correlation_id_to_the_worker(
+        rbees_cluster: Any) -> None:
+    """Issue 26 item 4: the first job of a model waits in the queue while its worker
+    starts and the dispatch loop places it later, outside the request that submitted it;
+    the worker's lines about it still carry the submitter's correlation id."""
+    answer = httpx.post(f"{rbees_cluster.url}/v2/tasks", timeout=30,
+                        headers={"X-Correlation-Id": "cid-late-dispatch"},
+                        json={"model": "smollm2", "prompt": "Bees are", "max_tokens": 2})
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["job_id"]
+    assert rbees_cluster.events(job_id)[-1][1] == "end"
+    lines = [line for log in rbees_cluster.home.rglob("worker.log")
+             for line in json_lines(log.read_text())]
+    accepted = [line for line in lines
+                if line["event"] == "job_accepted" and line.get("job_id") == job_id]
+    assert len(accepted) == 1, lines
+    assert accepted[0]["correlation_id"] == "cid-late-dispatch"

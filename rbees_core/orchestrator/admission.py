@@ -128,7 +128,8 @@ class Admission:
         book = self.book
         job = new_job(request, correlation_id=correlation_id.get(),
                       owner=None if principal is None else principal.name)
-        book.admitted[job.job_id] = Admitted(execute_body(job), request.cancel_on_disconnect)
+        book.admitted[job.job_id] = Admitted(execute_body(job), request.cancel_on_disconnect,
+                                             job.correlation_id)
         if request.keep_alive is not None:
             book.keep_alive[job.job_id] = parse_keep_alive(request.keep_alive)
         pushed = self.queue.push(job.job_id, job.priority, model=job.model,

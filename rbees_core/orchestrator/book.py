@@ -58,6 +58,9 @@ class Admitted:
     #: whether the job is cancelled when its events' client goes (the rest of the spec is
     #: in the store; this spares an events request a read)
     cancel_on_disconnect: bool
+    #: the correlation id of the request that submitted it: the runner's lines and its
+    #: request to the worker carry it, however late the job is dispatched
+    correlation_id: str | None = None
 
 
 @attrs.define(eq=False)

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from rbees_core.errors import RbeesError
-from rbees_core.log import Logger
+from rbees_core.log import Logger, correlation_id
 from rbees_core.orchestrator.book import Book, Run, credential_for, request_headers
 from rbees_core.orchestrator.channel import Channel
 from rbees_core.orchestrator.metrics import OrchestratorMetrics
@@ -87,9 +87,12 @@ class Runner:
     async def _run(self, run: Run) -> None:
         admitted = self.book.admitted.get(run.job_id)
         if admitted is not None:
-            body = admitted.body
+            body, cid = admitted.body, admitted.correlation_id
         else:  # admitted before a restart
-            body = (await asyncio.to_thread(self.store.spec, run.job_id)).execute_body()
+            spec = await asyncio.to_thread(self.store.spec, run.job_id)
+            body, cid = spec.execute_body(), spec.correlation_id
+        if cid:  # this task's own context: a job the dispatch loop placed has the loop's "-"
+            correlation_id.set(cid)
         try:
             await self._stream(run, body)
         except WorkerFailedBeforeTokenError as exc:
