@@ -194,7 +194,9 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         from rbees_core.pool import inventory
 
         svc = _svc(request)
-        registry = PoolMetrics(svc, inventory.collect(svc.pm)).registry
+        # off the event loop: NVML's init alone can take tens of milliseconds
+        devices = await asyncio.to_thread(inventory.collect, svc.pm)
+        registry = PoolMetrics(svc, devices).registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return daemon_routes(PROGRAM, pm, started=started, operations=OPERATIONS, routes=[
