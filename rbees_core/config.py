@@ -297,6 +297,22 @@ class SourcesConfig:
 
 
 @attrs.frozen
+class TlsConfig:
+    """``[tls]``: the daemons' certificate and the CA their clients trust (rbees_core.tls)."""
+
+    cert: str | None = field(
+        default=None, max_length=4096,
+        doc="PEM certificate chain a daemon serves HTTPS with (--tls-cert, RBEES_TLS_CERT)")
+    key: str | None = field(
+        default=None, max_length=4096,
+        doc="its PEM private key, not readable by others (--tls-key, RBEES_TLS_KEY)")
+    ca_file: str | None = field(
+        default=None, max_length=4096,
+        doc="PEM CA certificates that clients verify daemons with, instead of the system "
+            "store (--ca-file, RBEES_CA_FILE)")
+
+
+@attrs.frozen
 class Config:
     """The whole config file. Unknown sections are errors, like unknown keys."""
 
@@ -306,6 +322,7 @@ class Config:
     placement: PlacementConfig = field(factory=PlacementConfig)
     sources: SourcesConfig = field(factory=SourcesConfig)
     orchestrator: OrchestratorConfig = field(factory=OrchestratorConfig)
+    tls: TlsConfig = field(factory=TlsConfig)
 
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4,
@@ -350,6 +367,9 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_POOL_CATALOG_FILE": ("pool", "catalog_file", str),
     "RBEES_POOL_MAX_LOAD_FAILURES": ("pool", "max_load_failures", int),
     "RBEES_POOL_MEMORY_LIMIT": ("pool", "memory_limit", str),
+    "RBEES_TLS_CERT": ("tls", "cert", str),
+    "RBEES_TLS_KEY": ("tls", "key", str),
+    "RBEES_CA_FILE": ("tls", "ca_file", str),
     "RBEES_SCHEDULER_POLICY": ("scheduler", "policy", str),
     "RBEES_SCHEDULER_SCRIPT": ("scheduler", "script", str),
     "RBEES_PLACEMENT_CPU_SLOTS": ("placement", "cpu_slots", int),

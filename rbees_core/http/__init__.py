@@ -34,7 +34,16 @@ from rbees_core.http.app import (
     read_json,
     register_error_shape,
 )
-from rbees_core.http.daemon import Daemon, fail, launch, log_level_option, log_to_option
+from rbees_core.http.daemon import (
+    Daemon,
+    ca_file_option,
+    fail,
+    launch,
+    log_level_option,
+    log_to_option,
+    tls_cert_option,
+    tls_key_option,
+)
 from rbees_core.http.server import (
     FullCollections,
     check_bind_policy,
@@ -48,10 +57,11 @@ from rbees_core.http.server import (
 __all__ = [
     "OPENAI_PREFIX", "OPEN_PATHS", "OPEN_PREFIX", "BearerAuthMiddleware",
     "CorrelationMiddleware", "Daemon", "ErrorShape",
-    "EventStreamResponse", "FullCollections", "build_app", "check_bind_policy",
+    "EventStreamResponse", "FullCollections", "build_app", "ca_file_option", "check_bind_policy",
     "daemon_lifespan", "daemon_routes", "error_response", "error_shape", "fail", "health_endpoint",
     "is_loopback", "json_response", "launch", "listen", "log_level_option", "log_to_option",
     "openai_error_body",
     "parse_bind", "parse_json",
-    "read_body", "read_json", "register_error_shape", "run_daemon", "serve",
+    "read_body", "read_json", "register_error_shape", "run_daemon", "serve", "tls_cert_option",
+    "tls_key_option",
 ]

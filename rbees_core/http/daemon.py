@@ -24,9 +24,10 @@ from starlette.types import ASGIApp
 
 from rbees_core.errors import ConflictError, RbeesError
 from rbees_core.files import private_dir, write_private
-from rbees_core.http.server import notify_ready, run_daemon, serve
+from rbees_core.http.server import is_loopback, notify_ready, run_daemon, serve
 from rbees_core.log import DESTINATIONS, LEVELS, Logger, route_stdlib
 from rbees_core.processes import pid_file_holder, read_pid
+from rbees_core.tls import ServerTLS
 
 
 class Daemon:
@@ -88,6 +89,7 @@ class Daemon:
                     beside: Callable[[], Coroutine[Any, Any, None]] | None = None,
                     after: Callable[[], Awaitable[None] | None] | None = None,
                     exit_code: Callable[[], int] | None = None,
+                    tls: ServerTLS | None = None,
                     **listening: Any) -> int:
         """Serve ``app`` on ``host:port`` until :attr:`shutdown` is set; the exit code.
 
@@ -98,20 +100,26 @@ class Daemon:
         then (stop an engine, close a model), before the pid file goes and the ``exit`` line
         is logged with ``exit_code()`` (default 0). Raises what
         :func:`~rbees_core.http.server.serve` raises (OSError when the port cannot be
-        bound) and ConflictError from :meth:`claim`.
+        bound) and ConflictError from :meth:`claim`. ``tls``: serve HTTPS; a host address
+        (not loopback) served without it is one ``plaintext_bind`` warning line.
         """
         self.claim()
         loop = asyncio.get_running_loop()
         handler = on_signal if on_signal is not None else self.shutdown.set
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, handler)
-        self.log.info("listening", **listening)
+        self.log.info("listening", tls=tls is not None, **listening)
+        if tls is None and not is_loopback(host):
+            self.log.warning("plaintext_bind", host=host,
+                             hint="credentials cross the network in clear text; serve "
+                                  "HTTPS with --tls-cert and --tls-key (rbees up --tls "
+                                  "makes them)")
         try:
             # the one process of its home (rbees-orcd, pool-managerd) is what a service
             # manager waits for; a worker is its pool's, never a service of its own
             server = asyncio.create_task(serve(
                 app, host, port, self.shutdown,
-                on_ready=notify_ready if self.exclusive else None))
+                on_ready=notify_ready if self.exclusive else None, tls=tls))
             side = asyncio.create_task(beside()) if beside is not None else None
             try:
                 await server
@@ -174,6 +182,34 @@ def _set_level(value: str | None) -> str | None:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(LEVELS)}")
         os.environ["RBEES_LOG_LEVEL"] = value.lower()
     return value
+
+
+def tls_cert_option() -> Any:
+    """``--tls-cert PEM`` of the three daemons (with :func:`tls_key_option`; checked by
+    :func:`rbees_core.tls.server_tls`)."""
+    import typer
+
+    return typer.Option("--tls-cert", metavar="PEM",
+                        help="Serve HTTPS with this certificate chain (with --tls-key; "
+                             "[tls] cert, RBEES_TLS_CERT)")
+
+
+def tls_key_option() -> Any:
+    import typer
+
+    return typer.Option("--tls-key", metavar="PEM",
+                        help="The certificate's private key, not readable by others "
+                             "([tls] key, RBEES_TLS_KEY)")
+
+
+def ca_file_option() -> Any:
+    """``--ca-file PEM``: the CA certificates that this program's clients verify the
+    daemons they call with (:func:`rbees_core.tls.use_ca_file`)."""
+    import typer
+
+    return typer.Option("--ca-file", metavar="PEM",
+                        help="Verify the daemons this one calls with these CA certificates "
+                             "instead of the system store ([tls] ca_file, RBEES_CA_FILE)")
 
 
 def log_level_option() -> Any:

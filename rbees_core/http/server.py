@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rbees_core.errors import ConfigError
+from rbees_core.tls import ServerTLS
 
 T = TypeVar("T")
 
@@ -96,7 +97,8 @@ def notify_ready() -> bool:
 
 
 async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event, *,
-                on_ready: Callable[[], object] | None = None) -> None:
+                on_ready: Callable[[], object] | None = None,
+                tls: ServerTLS | None = None) -> None:
     """Serve ``app`` until ``shutdown`` is set, then finish the requests in flight (5 s at
     most). Raises OSError when ``host:port`` cannot be bound and re-raises what made the
     app's lifespan startup fail.
@@ -104,7 +106,8 @@ async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event, *,
     uvicorn with httptools' HTTP/1.1 parser: an admission through it costs about half what
     it costs through a pure-Python parser (docs/benchmarks.md, rbees-orcd). The daemon owns
     its signals, so the server installs no handler of its own. ``on_ready`` is called once
-    the app's start-up is complete (the socket listens already).
+    the app's start-up is complete (the socket listens already). ``tls``: serve HTTPS with
+    that certificate (:func:`rbees_core.tls.server_tls` checked it).
     """
     import uvicorn
 
@@ -136,6 +139,8 @@ async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event, *,
         # the daemons' clients (rbees-orcd's pool and worker clients, SDKs) keep their
         # connections for a long time
         timeout_keep_alive=75, timeout_graceful_shutdown=5,
+        ssl_certfile=tls.cert if tls is not None else None,
+        ssl_keyfile=tls.key if tls is not None else None,
     )
     server = _server_class()(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))

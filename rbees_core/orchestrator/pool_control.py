@@ -53,7 +53,10 @@ def _expected_key(model: str, embedding: bool) -> str:
 
 def unreachable(pool_id: str, url: str, exc: httpx.HTTPError) -> HostUnreachableError:
     """The error of a pool that did not answer ``exc``."""
-    return HostUnreachableError(f"pool {pool_id} at {url} did not answer: {type(exc).__name__}",
+    from rbees_core.tls import tls_failure
+
+    why = tls_failure(exc) or type(exc).__name__
+    return HostUnreachableError(f"pool {pool_id} at {url} did not answer: {why}",
                                 details={"pool_id": pool_id})
 
 

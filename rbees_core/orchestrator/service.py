@@ -55,6 +55,7 @@ from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.runner import Runner
 from rbees_core.orchestrator.store import Store
 from rbees_core.orchestrator.upstream import Upstream
+from rbees_core.tls import client_context
 
 WORKER_READ_TIMEOUT_S = 120.0
 
@@ -123,7 +124,8 @@ class OrchestratorService:
         own = self.scheduler.metrics()  # the policy's series (a script's failures)
         if own is not None:
             self.metrics.registry.register(own)
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=WORKER_READ_TIMEOUT_S),
+                                         verify=client_context())
         self._upstream = Upstream(connect_timeout=10.0, read_timeout=WORKER_READ_TIMEOUT_S)
         self.pools = PoolControl(self.book, self.registry, log, self._client,
                                  token=settings.token, idle_timeout_s=settings.idle_timeout_s,

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from rbees_core import sse
+from rbees_core.tls import client_context
 
 #: an idle kept-alive connection is dropped after this long: under the 5 s after which a
 #: server with uvicorn's defaults closes it (rbees' daemons keep theirs 75 s)
@@ -225,7 +226,7 @@ class Upstream:
         scheme, host, port = key
         context: ssl.SSLContext | None = None
         if scheme == "https":
-            context = self._ssl = self._ssl or ssl.create_default_context()
+            context = self._ssl = self._ssl or client_context()  # rbees_core.tls
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(lambda: _Connection(key), host, port,

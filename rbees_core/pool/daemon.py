@@ -41,6 +41,7 @@ from rbees_core.pool.load_marks import (
     catalog_canon,
     load_reason,
 )
+from rbees_core.tls import ServerTLS, client_context, scheme, tls_failure
 
 LIVE = LIVE_WORKER_STATES
 
@@ -60,6 +61,8 @@ class PoolSettings:
     heartbeat_interval_s: float = 5.0
     ready_timeout_s: float = 60.0
     stop_grace_s: float = 30.0
+    #: serve HTTPS (--tls-cert, --tls-key); its workers then serve HTTPS with the same
+    tls: ServerTLS | None = None
 
     @property
     def worker_host(self) -> str:
@@ -70,7 +73,7 @@ class PoolSettings:
 
     @property
     def url(self) -> str:
-        return f"http://{workers.host_port(self.worker_host, self.port)}"
+        return f"{scheme(self.tls)}://{workers.host_port(self.worker_host, self.port)}"
 
 
 @attrs.define(eq=False)
@@ -109,7 +112,7 @@ class PoolService:
         self.seq = 0
         self.draining = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._client = httpx.AsyncClient(timeout=2.0)
+        self._client = httpx.AsyncClient(timeout=2.0, verify=client_context())
         self._lock = asyncio.Lock()
         from rbees_core.config import load_config
 
@@ -237,7 +240,7 @@ class PoolService:
             ctx=req.ctx, threads=req.threads, embedding=req.embedding,
             n_gpu_layers=req.n_gpu_layers, tensor_split=tuple(req.tensor_split or ()) or None,
             callback_url=f"{self.settings.url}/v2/internal/workers/ready",
-            host=self.settings.worker_host)
+            host=self.settings.worker_host, tls=self.settings.tls)
         self.marks.check(req.model_ref)  # marked failed here: refused, nothing spawned
         async with self._lock:  # preflight and reservation (memory, cores) in one step
             try:  # the slots asked for, fewer when their KV caches do not fit
@@ -476,7 +479,8 @@ class PoolService:
                     self.log.warning("heartbeat_refused", status=answer.status_code)
             except httpx.HTTPError as exc:
                 ok = False
-                self.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
+                self.log.warning("heartbeat_failed", url=url,
+                                 error=tls_failure(exc) or str(exc) or type(exc).__name__)
             # a failed one is tried again after 2 intervals (+-20%), never longer: a
             # restarted rbees-orcd judges no job unplaceable during its first 3 intervals
             # while its pools report in, and a pool that had backed off to up to a minute

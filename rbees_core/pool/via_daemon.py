@@ -63,8 +63,10 @@ def daemon_url() -> str | None:
 
 def _client(url: str) -> httpx.Client:
     from rbees_core.config import auth_headers
+    from rbees_core.tls import client_context
 
-    return httpx.Client(base_url=url, headers=auth_headers(), timeout=30)
+    return httpx.Client(base_url=url, headers=auth_headers(), timeout=30,
+                        verify=client_context())
 
 
 def _check(answer: httpx.Response) -> Any:
@@ -86,6 +88,7 @@ def as_record(entry: dict[str, Any]) -> dict[str, Any]:
     out = {key: entry.get(key) for key in WorkerRecord.json_keys()}
     where = urlsplit(str(entry.get("uri")))
     out["port"], out["host"] = where.port, where.hostname
+    out["tls"] = where.scheme == "https"
     out["model_path"] = None  # the daemon's API does not carry it
     return out
 

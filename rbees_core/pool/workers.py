@@ -43,6 +43,7 @@ from rbees_core.pool import cores, memory
 from rbees_core.pool.file_roots import confine
 from rbees_core.pool.memory import InsufficientMemoryError
 from rbees_core.processes import Expected, find, pid_alive, terminate
+from rbees_core.tls import ServerTLS, client_context, scheme
 
 PORT_RANGE = range(8001, 9000)
 
@@ -75,6 +76,9 @@ class SpawnRequest:
     embedding: bool = False  # rbees-workerd --embedding
     n_gpu_layers: int | None = None  # --n-gpu-layers: a model larger than one GPU (planning)
     tensor_split: tuple[float, ...] | None = None  # --tensor-split: each GPU's share
+    #: serve HTTPS with its pool's certificate (a pool with TLS: the worker listens on the
+    #: pool's address, which that certificate names)
+    tls: ServerTLS | None = None
 
 
 @attrs.frozen
@@ -111,10 +115,11 @@ class WorkerRecord:
     cpu_shared: bool = False
     embedding: bool = False  # serves embedding jobs only (--embedding)
     ctx: int | None = None  # context per slot asked for (None: the backend's default)
+    tls: bool = False  # serves HTTPS (its pool's certificate)
 
     @property
     def uri(self) -> str:
-        return f"http://{host_port(self.host, self.port)}"
+        return f"{scheme(self.tls)}://{host_port(self.host, self.port)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**attrs.asdict(self), "uri": self.uri}
@@ -359,6 +364,7 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         argv += ["--control-token-file", control_token_file]
     if callback_token_file:  # its own token, for its ready callback only
         argv += ["--callback-token-file", callback_token_file]
+    argv += req.tls.argv() if req.tls is not None else []
     with open_private(log_path(worker_id), "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
@@ -368,7 +374,7 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
         backend=req.backend, device=req.device, port=port, pid=proc.pid,
         slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time(),
         host=req.host, threads=given.threads, cpus=list(given.cpus),
-        cpu_shared=given.shared, embedding=req.embedding, ctx=req.ctx)
+        cpu_shared=given.shared, embedding=req.embedding, ctx=req.ctx, tls=req.tls is not None)
     save(record)
     return record, proc
 
@@ -381,7 +387,8 @@ def probe(record: WorkerRecord, timeout: float = 1.0) -> WorkerRecord:
         record.state = "dead"
         return record
     try:
-        answer = httpx.get(f"{record.uri}/v2/ready", timeout=timeout, headers=auth_headers())
+        answer = httpx.get(f"{record.uri}/v2/ready", timeout=timeout, headers=auth_headers(),
+                           verify=client_context())
         body = answer.json()
     except (httpx.HTTPError, ValueError):
         record.state = "unreachable"
@@ -400,7 +407,7 @@ def wait_ready(record: WorkerRecord, *, timeout: float = 60.0,
     import httpx
 
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2.0, headers=auth_headers()) as client:
+    with httpx.Client(timeout=2.0, headers=auth_headers(), verify=client_context()) as client:
         while time.monotonic() < deadline:
             if not pid_alive(record.pid):
                 raise WorkerFailedError(
@@ -451,7 +458,8 @@ def stop(worker_id: str, *, grace: float = 30.0) -> WorkerRecord:
 
     def shutdown() -> bool:
         try:
-            httpx.post(f"{record.uri}/v2/shutdown", timeout=2.0, headers=auth_headers())
+            httpx.post(f"{record.uri}/v2/shutdown", timeout=2.0, headers=auth_headers(),
+                       verify=client_context())
         except httpx.HTTPError:
             return False
         return True

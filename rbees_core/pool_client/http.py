@@ -121,8 +121,10 @@ class HttpPoolClient(PoolClient):
         import httpx
 
         if self._client is None:
+            from rbees_core.tls import client_context
+
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(
-                READ_TIMEOUT_S, connect=self._connect_timeout_s))
+                READ_TIMEOUT_S, connect=self._connect_timeout_s), verify=client_context())
             self._owned = True
         return self._client
 
@@ -150,6 +152,9 @@ class HttpPoolClient(PoolClient):
 
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            from rbees_core.tls import tls_failure
+
+            reason = tls_failure(exc) or reason
             return HostUnreachableError(f"{self.name}: cannot reach {self.url}: {reason}")
         return TransportError(f"{self.name}: {self.url}: {reason}")
 

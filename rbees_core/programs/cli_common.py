@@ -113,6 +113,15 @@ def errors_to_exit(program: str) -> Iterator[None]:
         fail(program, exc)
 
 
+def _use_ca_file(value: str | None) -> str | None:
+    if value:  # every client of this run verifies with it (rbees_core.tls.client_context)
+        from rbees_core.tls import use_ca_file
+
+        with errors_to_exit("rbees"):
+            use_ca_file(value)
+    return value
+
+
 def _show_version(program: str) -> Callable[[bool], None]:
     def callback(value: bool) -> None:
         if value:
@@ -140,6 +149,10 @@ def new_app(program: str, help: str) -> typer.Typer:
         version: bool = typer.Option(  # a default, not Annotated: it closes over program
             False, "--version", is_eager=True, callback=_show_version(program),
             help="Print the version and exit."),
+        ca_file: str | None = typer.Option(
+            None, "--ca-file", metavar="PEM", callback=_use_ca_file,
+            help="Verify the daemons' TLS certificates with these CA certificates instead "
+                 "of the system store (RBEES_CA_FILE)"),
     ) -> None:
         pass
 
@@ -196,10 +209,29 @@ def run(program: str, factory: AppFactory, argv: Sequence[str] | None = None, *,
         builtins: Iterable[tuple[str, object]] = ()) -> None:
     """Build the plugin manager (with ``program``'s ``builtins``, ``(name, plugin)`` pairs
     that can be blocked by name like any plugin) and the app, then run it; never returns."""
-    with errors_to_exit(program):
+    with errors_to_exit(program), tls_errors_to_exit(program):
         completing(program)
         app = factory(make_plugin_manager(builtins))
         app(args=list(argv) if argv is not None else None, prog_name=program)
+
+
+@contextmanager
+def tls_errors_to_exit(program: str) -> Iterator[None]:
+    """A TLS failure that escaped a command (a daemon's certificate this client does not
+    trust) becomes one line and exit 1, never a traceback: whatever command met it."""
+    try:
+        yield
+    except Exception as exc:
+        if debug_enabled() or not type(exc).__module__.startswith(("httpx", "httpcore",
+                                                                    "ssl")):
+            raise
+        from rbees_core.tls import tls_failure
+
+        why = tls_failure(exc)
+        if why is None:
+            raise
+        print(f"{program}: error: {why}", file=sys.stderr)
+        sys.exit(1)
 
 
 def human_bytes(n: float | None) -> str:

@@ -27,10 +27,13 @@ from rbees_core.files import private_dir
 from rbees_core.http import (
     Daemon,
     build_app,
+    ca_file_option,
     daemon_lifespan,
     daemon_routes,
     log_level_option,
     log_to_option,
+    tls_cert_option,
+    tls_key_option,
 )
 from rbees_core.log import Logger
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
@@ -47,6 +50,7 @@ from rbees_core.programs import (
 )
 from rbees_core.programs.orcd_batch_runner import BatchRunner
 from rbees_core.protocols import Orchestrator
+from rbees_core.tls import ServerTLS, scheme
 
 PROGRAM = "rbees-orcd"
 DEFAULT_BIND = "127.0.0.1:8080"
@@ -96,13 +100,14 @@ def pid_file() -> Path:
     return runtime_dir() / "rbees-orcd.pid"
 
 
-async def run(settings: OrcdSettings, host: str, port: int, pm: pluggy.PluginManager) -> int:
+async def run(settings: OrcdSettings, host: str, port: int, pm: pluggy.PluginManager,
+              tls: ServerTLS | None = None) -> int:
     log = Logger(PROGRAM)
     daemon = Daemon(PROGRAM, pid_file=pid_file(), log=log)
     with daemon.claimed():  # before the service opens the database
         app = create_app(OrchestratorService(settings, pm, log))
-    return await daemon.serve(app, host, port, url=f"http://{host}:{port}",
-                              db=settings.db_path)
+    return await daemon.serve(app, host, port, url=f"{scheme(tls)}://{host}:{port}",
+                              db=settings.db_path, tls=tls)
 
 
 app = typer.Typer(add_completion=False, help="Orchestrator daemon: queue, scheduling, dispatch.",
@@ -135,6 +140,9 @@ def serve_orcd(
         "--max-queue-wait", min=0.1,
         help="Seconds an OpenAI request may wait in the queue before a 503 with "
              "Retry-After [default: 600]")] = None,
+    tls_cert: Annotated[str | None, tls_cert_option()] = None,
+    tls_key: Annotated[str | None, tls_key_option()] = None,
+    ca_file: Annotated[str | None, ca_file_option()] = None,
     log_level: Annotated[str | None, log_level_option()] = None,
     log_to: Annotated[str | None, log_to_option()] = None,
 ) -> None:
@@ -145,12 +153,15 @@ def serve_orcd(
     from rbees_core.durations import parse_keep_alive
     from rbees_core.http import check_bind_policy, fail, launch, parse_bind
     from rbees_core.orchestrator.decisions import parse_span
+    from rbees_core.tls import server_tls, use_ca_file
 
     try:
         cfg = load_config(config)
         host, port = parse_bind(bind)
         token = load_token(api_token_file)
         check_bind_policy(host, token)
+        tls = server_tls(tls_cert, tls_key, config=cfg)
+        use_ca_file(ca_file or cfg.tls.ca_file)  # its calls to pools and workers
         orch = cfg.orchestrator  # the file's section, RBEES_ORCHESTRATOR_* applied
         sched = cfg.scheduler
 
@@ -181,7 +192,7 @@ def serve_orcd(
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(PROGRAM, exc)
-    raise typer.Exit(launch(PROGRAM, run(settings, host, port, pm)))
+    raise typer.Exit(launch(PROGRAM, run(settings, host, port, pm, tls)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,12 +40,15 @@ from rbees_core.http import (
     Daemon,
     EventStreamResponse,
     build_app,
+    ca_file_option,
     daemon_lifespan,
     daemon_routes,
     json_response,
     log_level_option,
     log_to_option,
     read_json,
+    tls_cert_option,
+    tls_key_option,
 )
 from rbees_core.log import Logger
 from rbees_core.pool.daemon import PoolService, PoolSettings
@@ -265,7 +268,7 @@ async def run(settings: PoolSettings, pm: pluggy.PluginManager) -> int:
             task.add_done_callback(pending.discard)
 
     return await daemon.serve(create_app(svc), settings.host, settings.port,
-                              on_signal=on_signal, url=settings.url,
+                              on_signal=on_signal, url=settings.url, tls=settings.tls,
                               pool_id=settings.pool_id, orchestrator=settings.orchestrator)
 
 
@@ -290,20 +293,27 @@ def serve_pool(
     memory_limit: Annotated[str | None, typer.Option(
         "--memory-limit", help="Most memory offered to workers on each device (12GiB, "
         "512MiB; [pool] memory_limit, RBEES_POOL_MEMORY_LIMIT)")] = None,
+    tls_cert: Annotated[str | None, tls_cert_option()] = None,
+    tls_key: Annotated[str | None, tls_key_option()] = None,
+    ca_file: Annotated[str | None, ca_file_option()] = None,
     log_level: Annotated[str | None, log_level_option()] = None,
     log_to: Annotated[str | None, log_to_option()] = None,
 ) -> None:
-    """Start the pool daemon."""
+    """Start the pool daemon. With --tls-cert and --tls-key it serves HTTPS, and so do the
+    workers it starts (same certificate, same address)."""
     from rbees_core import plugins
     from rbees_core.auth import JOIN_PREFIX
     from rbees_core.config import load_config, load_token, read_token_file
     from rbees_core.http import check_bind_policy, fail, launch, parse_bind
+    from rbees_core.tls import server_tls, use_ca_file
 
     try:
         if memory_limit is not None:  # read with the rest of [pool] (PoolService)
             load_config(config, flags={"pool": {"memory_limit": memory_limit}})
             os.environ["RBEES_POOL_MEMORY_LIMIT"] = memory_limit
-        load_config(config)
+        cfg = load_config(config)
+        tls = server_tls(tls_cert, tls_key, config=cfg)
+        use_ca_file(ca_file or cfg.tls.ca_file)  # its heartbeats; its workers inherit it
         if config:  # what this process reads later (models_dir, [sources.file] roots), and
             os.environ["RBEES_CONFIG"] = config  # its workers, comes from this file too
         host, port = parse_bind(bind)
@@ -325,7 +335,8 @@ def serve_pool(
             pool_id=pid, host=host, port=port, orchestrator=(orchestrator or "").rstrip("/")
             or None, token=token, join_token=join,
             token_file=api_token_file or os.environ.get("RBEES_API_TOKEN_FILE"),
-            heartbeat_interval_s=heartbeat_interval, health_interval_s=health_interval)
+            heartbeat_interval_s=heartbeat_interval, health_interval_s=health_interval,
+            tls=tls)
         pm = plugins.make_manager(plugins.builtin_plugins())
     except RbeesError as exc:
         fail(PROGRAM, exc)

@@ -26,6 +26,7 @@ from rbees_core.errors import BackendUnavailableError, RbeesError, UnknownPlugin
 from rbees_core.models import resolve_model
 from rbees_core.programs import worker_embed, worker_prompt
 from rbees_core.programs.worker_state import WorkerState
+from rbees_core.tls import client_context
 
 
 def pick_backend(pm: pluggy.PluginManager, name: str, device: str) -> Backend:
@@ -98,7 +99,8 @@ async def call_back(st: WorkerState, memory_kind: str) -> None:
     credential = s.callback_token or s.token or s.control_token
     headers = {"Authorization": f"Bearer {credential}"} if credential else {}
     try:
-        async with httpx.AsyncClient(timeout=s.callback_timeout_s) as client:
+        async with httpx.AsyncClient(timeout=s.callback_timeout_s,
+                                     verify=client_context()) as client:
             answer = await client.post(s.callback_url or "", json=attrs.asdict(body),
                                        headers=headers)
         if answer.status_code >= 300:

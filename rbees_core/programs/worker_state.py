@@ -15,6 +15,7 @@ from rbees_core.engine import Engine
 from rbees_core.errors import RbeesError
 from rbees_core.log import Logger
 from rbees_core.programs.worker_metrics import WorkerMetrics
+from rbees_core.tls import ServerTLS, scheme
 
 
 @attrs.define
@@ -43,6 +44,8 @@ class WorkerSettings:
     #: --n-gpu-layers / --tensor-split: a model larger than one GPU (rbees_core.planning)
     n_gpu_layers: int | None = None
     tensor_split: tuple[float, ...] | None = None
+    #: --tls-cert / --tls-key: serve HTTPS (its pool's certificate)
+    tls: ServerTLS | None = None
 
 
 @attrs.define(eq=False)
@@ -68,7 +71,8 @@ class WorkerState:
     @property
     def uri(self) -> str:
         host = self.settings.host
-        return f"http://{'[' + host + ']' if ':' in host else host}:{self.settings.port}"
+        where = f"{'[' + host + ']' if ':' in host else host}:{self.settings.port}"
+        return f"{scheme(self.settings.tls)}://{where}"
 
     def set_state(self, state: WorkerStateName) -> None:
         self.state = state

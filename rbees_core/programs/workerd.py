@@ -41,6 +41,7 @@ from rbees_core.http import (
     Daemon,
     EventStreamResponse,
     build_app,
+    ca_file_option,
     daemon_lifespan,
     daemon_routes,
     fail,
@@ -49,6 +50,8 @@ from rbees_core.http import (
     log_level_option,
     log_to_option,
     read_json,
+    tls_cert_option,
+    tls_key_option,
 )
 from rbees_core.log import Logger
 from rbees_core.models import DEFAULT_MODEL_REF
@@ -59,6 +62,7 @@ from rbees_core.programs.worker_lifecycle import begin_drain, load_model
 from rbees_core.programs.worker_metrics import WorkerMetrics
 from rbees_core.programs.worker_state import WorkerSettings, WorkerState
 from rbees_core.sampling import logprobs_top, sampling_params
+from rbees_core.tls import ServerTLS
 
 PROGRAM = "rbees-workerd"
 
@@ -231,7 +235,7 @@ async def run(settings: WorkerSettings, pm: pluggy.PluginManager) -> int:
     return await daemon.serve(create_app(st), settings.host, settings.port,
                               on_signal=lambda: begin_drain(st),
                               beside=lambda: load_model(st), after=after,
-                              exit_code=lambda: st.exit_code,
+                              exit_code=lambda: st.exit_code, tls=settings.tls,
                               uri=st.uri, worker_id=settings.worker_id)
 
 
@@ -240,7 +244,8 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
                   embedding: bool = False, n_gpu_layers: int | None = None,
                   tensor_split: tuple[float, ...] | None = None,
                   control_token: str | None = None,
-                  callback_token: str | None = None) -> WorkerSettings:
+                  callback_token: str | None = None,
+                  tls: ServerTLS | None = None) -> WorkerSettings:
     """The worker's settings from its config and flags. Raises
     :class:`InvalidParamsError` for a bind the policy refuses and a chat template file
     that cannot be read."""
@@ -256,7 +261,7 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
         token=token, drain_timeout_s=config.worker.drain_timeout_s,
         callback_timeout_s=config.worker.ready_callback_timeout_s, embedding=embedding,
         chat_template=template, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
-        control_token=control_token, callback_token=callback_token,
+        control_token=control_token, callback_token=callback_token, tls=tls,
     )
 
 
@@ -301,13 +306,18 @@ def serve_worker(
         "--n-gpu-layers", min=0, help="Layers on the GPU, the rest in RAM")] = None,
     tensor_split: Annotated[str | None, typer.Option(
         "--tensor-split", help="Each GPU's share of the model, by index: 0.67,0.33")] = None,
+    tls_cert: Annotated[str | None, tls_cert_option()] = None,
+    tls_key: Annotated[str | None, tls_key_option()] = None,
+    ca_file: Annotated[str | None, ca_file_option()] = None,
     log_level: Annotated[str | None, log_level_option()] = None,
     log_to: Annotated[str | None, log_to_option()] = None,
 ) -> None:
-    """Start the worker (it listens at once, then loads the model)."""
+    """Start the worker (it listens at once, then loads the model). Its pool passes
+    --tls-cert and --tls-key when the pool serves HTTPS."""
     from rbees_core.config import load_config, load_token, read_token_file
     from rbees_core.refs import validate_ref
     from rbees_core.schema import check_string
+    from rbees_core.tls import server_tls, use_ca_file
 
     try:
         check_string(worker_id, "--worker-id", {"pattern": ID_PATTERN})
@@ -322,7 +332,8 @@ def serve_worker(
             tensor_split=parse_shares(tensor_split) if tensor_split else None,
             control_token=read_token_file(control_token_file) if control_token_file else None,
             callback_token=read_token_file(callback_token_file) if callback_token_file
-            else None)
+            else None, tls=server_tls(tls_cert, tls_key, config=cfg))
+        use_ca_file(ca_file or cfg.tls.ca_file)  # its ready callback
         if cpus is not None:
             pin(cpus)
         pm = plugins.make_manager(plugins.builtin_plugins())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -25,15 +26,17 @@ def find_free_port() -> int:
 
 def wait_http(url: str, *, timeout: float = 60.0, ok: Callable[[httpx.Response], bool]
               = lambda r: r.status_code == 200, proc: subprocess.Popen[bytes] | None = None,
-              headers: dict[str, str] | None = None) -> httpx.Response:
-    """Poll ``url`` until ``ok(response)``; fail early if ``proc`` exits."""
+              headers: dict[str, str] | None = None,
+              verify: ssl.SSLContext | bool = True) -> httpx.Response:
+    """Poll ``url`` until ``ok(response)``; fail early if ``proc`` exits. ``verify``: an
+    HTTPS URL's CA (``ssl.create_default_context(cafile=...)``)."""
     deadline = time.monotonic() + timeout
     last: Exception | httpx.Response | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
         try:
-            response = httpx.get(url, timeout=2.0, headers=headers)
+            response = httpx.get(url, timeout=2.0, headers=headers, verify=verify)
             if ok(response):
                 return response
             last = response

@@ -20,6 +20,7 @@ from rbees_core.programs.cli_common import (
     print_json,
     print_log,
 )
+from rbees_core.tls import client_context
 
 
 def start(
@@ -57,7 +58,8 @@ def start(
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
             raise RbeesError("pool-managerd exited at start: " + " | ".join(tail))
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1,
+                         verify=client_context()).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
@@ -130,7 +132,7 @@ def status(fmt: FormatOption = OutputFormat.text) -> None:
         row["url"] = daemon_files().url.read_text().strip()
         try:
             state = httpx.get(f"{row['url']}/v2/workers", timeout=2,
-                              headers=auth_headers()).json()
+                              headers=auth_headers(), verify=client_context()).json()
             row["workers"] = len(state.get("workers", []))
         except (httpx.HTTPError, ValueError):
             row["workers"] = None

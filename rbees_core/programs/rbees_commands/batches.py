@@ -31,14 +31,16 @@ def _request(method: str, path: str, **kwargs: Any) -> Any:
     from rbees_core.config import auth_headers
     from rbees_core.errors import RbeesError
     from rbees_core.programs.rbees_commands.cluster import orchestrator_url
+    from rbees_core.tls import client_context
 
     try:
         with httpx.Client(base_url=orchestrator_url(), headers=auth_headers(),
-                          timeout=httpx.Timeout(60.0)) as client:
+                          timeout=httpx.Timeout(60.0), verify=client_context()) as client:
             answer = client.request(method, path, **kwargs)
     except httpx.TransportError as exc:
-        raise RbeesError(f"cannot reach rbees-orcd at {orchestrator_url()} "
-                         f"({type(exc).__name__}); start it with `rbees up`") from exc
+        from rbees_core.programs.rbees_commands.jobs import _unreachable
+
+        raise _unreachable(exc) from exc
     if answer.status_code >= 400:
         try:
             error = answer.json()["error"]

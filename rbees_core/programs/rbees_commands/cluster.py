@@ -104,6 +104,7 @@ def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
     import httpx
 
     from rbees_core.errors import RbeesError
+    from rbees_core.tls import client_context
 
     _check_free(name, argv[argv.index("--bind") + 1])
     log_path = _home() / "logs" / f"{name}.log"
@@ -117,7 +118,8 @@ def _start(name: str, argv: list[str], url: str, timeout: float) -> int:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
             raise RbeesError(f"{name} exited at start: " + " | ".join(tail))
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1,
+                         verify=client_context()).status_code == 200:
                 write_private(_run() / f"{name}.url", url)
                 return proc.pid
         except httpx.HTTPError:
@@ -145,20 +147,36 @@ def _stop(name: str, timeout: float) -> int | None:
     return pid
 
 
-def _url(bind: str) -> str:
+def _url(bind: str, tls: bool = False) -> str:
     from rbees_core.http import parse_bind
 
     host, port = parse_bind(bind)
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-def start_orchestrator(bind: str, extra: list[str], timeout: float) -> tuple[int, str]:
+def start_orchestrator(bind: str, extra: list[str], timeout: float,
+                       tls: bool = False) -> tuple[int, str]:
     from rbees_core.errors import ConflictError
 
     if (pid := _pid("rbees-orcd")) is not None:
         raise ConflictError(f"rbees-orcd is already running (pid {pid})")
-    url = _url(bind)
+    url = _url(bind, tls)
     return _start("rbees-orcd", ["--bind", bind, *extra], url, timeout), url
+
+
+def lab_tls() -> tuple[list[str], Any]:
+    """``rbees up --tls``: this host's certificate from the home-lab CA of the data
+    directory (both made when missing, :mod:`rbees_core.tls_ca`), as the daemons' flags,
+    and what was issued. The CA is what this process's own calls verify with."""
+    from rbees_core.tls import CA_ENV, TLS_DIR
+    from rbees_core.tls_ca import issue, this_host
+
+    names, addresses = this_host()
+    issued = issue(_home() / TLS_DIR, "server", names, addresses)
+    os.environ[CA_ENV] = str(issued.ca)
+    return ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key),
+            "--ca-file", str(issued.ca)], issued
 
 
 def up(
@@ -170,6 +188,9 @@ def up(
     heartbeat_interval: Annotated[float, typer.Option("--heartbeat-interval", min=0.1)
                                   ] = 5.0,
     timeout: Annotated[float, typer.Option("--timeout", min=1)] = 60.0,
+    tls: Annotated[bool, typer.Option(
+        "--tls", help="Serve HTTPS: a home-lab CA and this host's certificate are made under "
+        "the data directory (kept for the next time); prints how to trust the CA")] = False,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Start a local cluster: rbees-orcd plus a pool-managerd on this host."""
@@ -177,11 +198,16 @@ def up(
 
     from rbees_core.config import auth_headers
     from rbees_core.errors import RbeesError
+    from rbees_core.tls import client_context
 
     hb = ["--heartbeat-interval", str(heartbeat_interval)]
-    orcd_pid, orcd_url = start_orchestrator(bind, hb, timeout)
+    issued = None
+    if tls:
+        tls_flags, issued = lab_tls()
+        hb += tls_flags
+    orcd_pid, orcd_url = start_orchestrator(bind, hb, timeout, tls)
     try:
-        pool_url = _url(pool_bind)
+        pool_url = _url(pool_bind, tls)
         if _pid("pool-managerd") is not None:
             raise RbeesError("pool-managerd is already running here; `rbees down` first")
         argv = ["--bind", pool_bind, "--orchestrator", orcd_url, *hb]
@@ -191,8 +217,8 @@ def up(
         deadline = time.monotonic() + timeout
         pools: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
-            pools = httpx.get(f"{orcd_url}/v2/pools", headers=auth_headers(),
-                              timeout=2).json().get("pools", [])
+            pools = httpx.get(f"{orcd_url}/v2/pools", headers=auth_headers(), timeout=2,
+                              verify=client_context()).json().get("pools", [])
             if any(p.get("status") == "ready" for p in pools):
                 break
             time.sleep(0.05)
@@ -203,8 +229,13 @@ def up(
         _stop("rbees-orcd", 30)
         raise
     info = {"orchestrator": orcd_url, "pool": pool_url, "pool_id": pools[0]["pool_id"],
-            "orchestrator_pid": orcd_pid, "pool_pid": pool_pid, "home": str(_home())}
+            "orchestrator_pid": orcd_pid, "pool_pid": pool_pid, "home": str(_home()),
+            "ca_file": None if issued is None else str(issued.ca)}
     write_private(_run() / "cluster.json", json.dumps(info))
+    if issued is not None:
+        from rbees_core.tls_ca import trust_hint
+
+        print(trust_hint(issued.ca), file=sys.stderr)
     if fmt is OutputFormat.json:
         print_json(info)
     else:
@@ -308,14 +339,16 @@ def orch_status(fmt: FormatOption = OutputFormat.text) -> None:
     import httpx
 
     from rbees_core.config import auth_headers
+    from rbees_core.tls import client_context
 
     url = orchestrator_url()
     row: dict[str, Any] = {"url": url, "running": False, "pid": _pid("rbees-orcd"),
                            "version": None, "pools": None}
     try:
-        health = httpx.get(f"{url}/health", timeout=2).json()
+        health = httpx.get(f"{url}/health", timeout=2, verify=client_context()).json()
         row.update(running=True, version=health.get("version"))
-        pools = httpx.get(f"{url}/v2/pools", headers=auth_headers(), timeout=2).json()
+        pools = httpx.get(f"{url}/v2/pools", headers=auth_headers(), timeout=2,
+                          verify=client_context()).json()
         row["pools"] = len(pools.get("pools", []))
     except (httpx.HTTPError, ValueError):
         pass

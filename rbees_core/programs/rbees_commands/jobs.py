@@ -26,9 +26,10 @@ def _client() -> Any:
 
     from rbees_core.config import auth_headers
     from rbees_core.programs.rbees_commands.cluster import orchestrator_url
+    from rbees_core.tls import client_context
 
     return httpx.Client(base_url=orchestrator_url(), headers=auth_headers(),
-                        timeout=httpx.Timeout(30.0, read=None))
+                        timeout=httpx.Timeout(30.0, read=None), verify=client_context())
 
 
 def _request(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
@@ -47,9 +48,10 @@ def _request(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
 def _unreachable(exc: Exception) -> Exception:
     from rbees_core.errors import RbeesError
     from rbees_core.programs.rbees_commands.cluster import orchestrator_url
+    from rbees_core.tls import describe_unreachable, tls_failure
 
-    return RbeesError(f"cannot reach rbees-orcd at {orchestrator_url()} ({type(exc).__name__});"
-                      " start it with `rbees up`")
+    line = describe_unreachable("rbees-orcd", orchestrator_url(), exc)
+    return RbeesError(line if tls_failure(exc) else f"{line}; start it with `rbees up`")
 
 
 def submit(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -134,6 +135,35 @@ def join_token(pool_id: Annotated[str, typer.Argument(help="The pool id it is fo
     print(answer["join_token"])
 
 
+def tls_issue(
+    name: Annotated[str, typer.Argument(help="The host: files NAME.pem and NAME.key")],
+    dns: Annotated[list[str] | None, typer.Option(
+        "--dns", help="A name clients use for the host (repeat); default: NAME")] = None,
+    ip: Annotated[list[str] | None, typer.Option(
+        "--ip", help="An address clients use for the host (repeat)")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", help="Directory for the files (with a copy of ca.pem); default: the "
+                      "data directory's tls/")] = None,
+) -> None:
+    """Issue a certificate for another host of the lab from this data directory's CA (made
+    when missing, as `rbees up --tls` does). Copy NAME.pem, NAME.key and ca.pem to that
+    host and start its pool-managerd with --tls-cert NAME.pem --tls-key NAME.key
+    --ca-file ca.pem."""
+    from rbees_core.config import rbees_home
+    from rbees_core.errors import InvalidParamsError
+    from rbees_core.tls import TLS_DIR
+    from rbees_core.tls_ca import issue, trust_hint
+
+    try:
+        issued = issue(rbees_home() / TLS_DIR, name, dns or [name], ip or [],
+                       out=Path(out) if out else None)
+    except ValueError as exc:
+        raise InvalidParamsError("--ip", str(exc)) from None
+    print(f"{issued.cert}\n{issued.key}")
+    print(f"names: {', '.join(issued.names + issued.addresses)}", file=sys.stderr)
+    print(trust_hint(issued.ca), file=sys.stderr)
+
+
 @hookimpl
 def rbees_register_cli(app: typer.Typer, program: str) -> None:
     if program != "rbees":
@@ -149,3 +179,7 @@ def rbees_register_cli(app: typer.Typer, program: str) -> None:
     pools = typer.Typer(name="pools", help="Pools' credentials.", no_args_is_help=True)
     pools.command("join-token")(join_token)
     app.add_typer(pools)
+    tls = typer.Typer(name="tls", help="The home lab's CA and certificates.",
+                      no_args_is_help=True)
+    tls.command("issue")(tls_issue)
+    app.add_typer(tls)

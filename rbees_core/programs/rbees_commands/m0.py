@@ -55,6 +55,7 @@ from rbees_core.programs.rbees_commands.m0_hosts import (
     use_m0,
 )
 from rbees_core.scheduling import Decision, Snapshot, Verdict, explain, snapshot_pool
+from rbees_core.tls import client_context
 
 __all__ = ["Host", "M0Job", "pool_entry", "submit", "use_m0"]
 
@@ -222,7 +223,8 @@ class M0Job:
                               port=_worker_port(worker),
                               address=_worker_address(worker), started=False)
             async with self._base_url(where) as base, httpx.AsyncClient(
-                    base_url=base, timeout=2.0, headers=auth_headers()) as client:
+                    base_url=base, timeout=2.0, headers=auth_headers(),
+                    verify=client_context()) as client:
                 try:
                     body = (await client.get("/v2/ready")).json()
                 except (httpx.HTTPError, ValueError):
@@ -362,7 +364,7 @@ class M0Job:
         try:
             async with self._base_url(where) as base, httpx.AsyncClient(
                     base_url=base, timeout=httpx.Timeout(30.0, read=None),
-                    headers=auth_headers()) as client:
+                    headers=auth_headers(), verify=client_context()) as client:
                 task = asyncio.ensure_future(self._stream(client, where))
 
                 def interrupt() -> None:

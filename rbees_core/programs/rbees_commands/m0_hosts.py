@@ -53,7 +53,10 @@ def use_m0(host: str | None) -> bool:
     from rbees_core.programs.rbees_commands.cluster import orchestrator_url
 
     try:
-        httpx.get(f"{orchestrator_url()}/health", timeout=HEALTH_TIMEOUT_S)
+        from rbees_core.tls import client_context
+
+        httpx.get(f"{orchestrator_url()}/health", timeout=HEALTH_TIMEOUT_S,
+                  verify=client_context())
     except httpx.HTTPError:
         return True
     return False
