@@ -26,6 +26,8 @@ Contract suites a plugin's tests subclass, one per plugin kind: transports
 (:mod:`rbees_core.testing.transport`), schedulers (:mod:`rbees_core.testing.scheduler`).
 Structural fuzzing of any daemon's routes, from its route table: :mod:`rbees_core.testing.fuzz`
 (needs hypothesis).
+Every run ends with a scan of the logs it wrote for keys and tokens
+(:mod:`rbees_core.testing.leaks`); a leak fails the run.
 Helpers for simulated hosts, the fake hub and the SSH server live beside them
 (:mod:`~rbees_core.testing.hosts`, :mod:`~rbees_core.testing.hub`,
 :mod:`~rbees_core.testing.ssh`); processes and ports in :mod:`rbees_core.testing.processes`.
@@ -255,6 +257,34 @@ def rbees_worker(rbees_process: Callable[..., ManagedProcess], tmp_path: Path
         return WorkerHandle(process=proc, port=port, worker_id=worker_id)
 
     return start
+
+
+@pytest.hookimpl
+def pytest_configure(config: pytest.Config) -> None:
+    from rbees_core.testing import leaks
+
+    leaks.configure(config)
+
+
+@pytest.hookimpl
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from rbees_core.testing import leaks
+
+    leaks.unconfigure()
+
+
+@pytest.hookimpl
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    from rbees_core.testing import leaks
+
+    leaks.note_report(report)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from rbees_core.testing import leaks
+
+    leaks.finish(session)
 
 
 __all__ = [
