@@ -227,6 +227,9 @@ def test_a_live_decision_replays_to_itself(rbees_cluster: Cluster) -> None:
     body = other.json()
     assert body["job_id"] == job["job_id"] and body["summary"]["policy"] == "spread"
     assert body["rows"][0]["recorded"]["policy"] == "least-loaded"
+    default = httpx.get(f"{rbees_cluster.url}/v2/tasks/{job['job_id']}/replay", timeout=30)
+    assert default.status_code == 200, default.text  # the first other policy, by name
+    assert default.json()["policy"] == "binpack" and "spread" in default.json()["policies"]
     unknown = httpx.get(f"{rbees_cluster.url}/v2/tasks/{job['job_id']}/replay",
                         params={"policy": "no-such-policy"}, timeout=30)
     assert unknown.status_code == 400 and "binpack" in unknown.text, unknown.text

@@ -272,6 +272,14 @@ def test_dashboard_shows_pool_cpu_worker_jobs_why_and_charts(
     page.click(f"button[data-why='{job_id}']")
     why = page.wait_for_selector(f"pre[data-why-for='{job_id}']:has-text('Policy')")
     assert worker["worker_id"] in why.text_content()
+    # what another policy would have done, re-decided on the decision's recorded snapshot
+    other = page.wait_for_selector(f"div[data-replay-for='{job_id}'] li")
+    assert "(least-loaded) →" in other.text_content(), other.text_content()
+    page.select_option(f"div[data-replay-for='{job_id}'] select", "spread")
+    page.wait_for_selector(f"div[data-replay-for='{job_id}'] option[value='spread'][selected]",
+                           state="attached")
+    assert "(least-loaded) →" in page.wait_for_selector(
+        f"div[data-replay-for='{job_id}'] li").text_content()
     for stat in ("queue-interactive", "queue-batch", "running", "tps"):
         assert page.query_selector(f"[data-stat='{stat}']") is not None
     page.wait_for_function("() => document.querySelectorAll('svg.linechart path.line').length"

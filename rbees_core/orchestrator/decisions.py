@@ -163,9 +163,11 @@ def recorded(query: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]], *,
 
 
 def replay_job(query: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]],
-               pm: pluggy.PluginManager, job_id: str, policy: str) -> dict[str, Any]:
+               pm: pluggy.PluginManager, job_id: str, policy: str | None) -> dict[str, Any]:
     """One job's recorded decisions re-decided by the registered policy ``policy``
-    (:func:`rbees_core.replay.rerun`): ``{"job_id", "rows", "summary"}``. Raises
+    (:func:`rbees_core.replay.rerun`): ``{"job_id", "policy", "policies", "rows",
+    "summary"}``; ``policies`` are those it could be asked for. Without ``policy``: the first
+    installed (by name) that did not make the job's last decision. Raises
     :class:`InvalidParamsError` naming ``policy`` when no such policy is installed, or for
     ``script`` (its script is a file on the operator's machine: the CLI replays it)."""
     from rbees_core import plugins
@@ -175,14 +177,19 @@ def replay_job(query: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]],
     if policy == "script":
         raise InvalidParamsError("policy", "a script is replayed by `rbees scheduler "
                                            "replay --script FILE`, not here")
-    installed = plugins.schedulers(pm)
+    installed = {k: v for k, v in plugins.schedulers(pm).items() if k != "script"}
+    page = recorded(query, since=0.0, limit=MAX_PAGE, job_id=job_id)
+    if policy is None:
+        made_by = page["decisions"][-1]["decision"].get("policy") if page["decisions"] \
+            else None
+        policy = next((k for k in sorted(installed) if k != made_by), None) or made_by
     if policy not in installed:
         raise InvalidParamsError("policy", f"no policy {policy!r} (installed: "
                                            f"{', '.join(sorted(installed))})")
-    page = recorded(query, since=0.0, limit=MAX_PAGE, job_id=job_id)
     chosen = installed[policy].from_config(SchedulerConfig(policy=policy))
     try:
-        return {"job_id": job_id, **rerun(chosen.decide, page["decisions"])}
+        return {"job_id": job_id, "policy": policy, "policies": sorted(installed),
+                **rerun(chosen.decide, page["decisions"])}
     finally:
         chosen.close()
 

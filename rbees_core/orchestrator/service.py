@@ -280,7 +280,7 @@ class OrchestratorService:
         return await asyncio.to_thread(recorded, self.store.query, since=since, until=until,
                                        limit=limit, cursor=cursor)
 
-    async def replay_job(self, job_id: str, policy: str) -> dict[str, Any]:
+    async def replay_job(self, job_id: str, policy: str | None) -> dict[str, Any]:
         """``GET /v2/tasks/{id}/replay``: the job's recorded decisions re-decided by the
         registered policy ``policy`` (:func:`~rbees_core.orchestrator.decisions.replay_job`,
         and what it raises); ``JobNotFoundError`` as :meth:`job`."""

@@ -47,9 +47,7 @@ async def list_decisions(request: Request) -> Response:
 
 async def replay_task(request: Request) -> Response:
     job_id = path_id(request, "job_id")
-    policy = request.query_params.get("policy")
-    if not policy:
-        raise InvalidParamsError("policy", "name a registered policy (rbees scheduler list)")
+    policy = request.query_params.get("policy") or None
     return json_response(await service(request).replay_job(job_id, policy))
 
 
@@ -58,7 +56,8 @@ OPERATIONS = [
                       "oldest first (since, until, limit, cursor)", scope="read",
                       errors={"400": "bad since, until, limit or cursor"}),
     openapi.Operation("GET", "/v2/tasks/{job_id}/replay", "the job's recorded decisions "
-                      "re-decided by another policy (policy=NAME)", scope="jobs",
+                      "re-decided by another policy (policy=NAME; default: the first "
+                      "installed that did not make its last decision)", scope="jobs",
                       errors={"404": "no such job or policy", "400": "bad id or policy"}),
 ]
 

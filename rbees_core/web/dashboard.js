@@ -8,7 +8,9 @@ import { $, ago, badge, bytes, h, meter, num } from "./util.js";
 const WINDOW_MS = 5 * 60 * 1000;
 const series = { tps: [], queue: [] };
 let lastTokens = null; // [t_ms, tokens counted so far]
-const openWhy = new Map(); // job_id -> explanation text (or null while loading)
+// job_id -> {text: explanation (null while loading), replay: what another policy would have
+// done (GET /v2/tasks/{id}/replay: null while loading, a string on error), policy}
+const openWhy = new Map();
 export const latest = { pools: [], metrics: {} };
 
 function metricValue(samples, name, labels = {}) {
@@ -146,8 +148,10 @@ function jobsTable(jobs) {
       h("td", { class: "num" }, num(jobRate(j))),
       h("td", {}, ago(j.created_at)), h("td", {}, btn)));
     if (openWhy.has(j.job_id)) {
+      const open = openWhy.get(j.job_id);
       rows.push(h("tr", { class: "why-row" }, h("td", { colspan: 11 },
-        h("pre", { class: "why", dataset: { whyFor: j.job_id } }, openWhy.get(j.job_id) ?? "…"))));
+        h("pre", { class: "why", dataset: { whyFor: j.job_id } }, open.text ?? "…"),
+        replayView(j.job_id, open))));
     }
   }
   return h("table", { class: "jobs" },
@@ -156,21 +160,61 @@ function jobsTable(jobs) {
     h("tbody", {}, rows));
 }
 
+function side(s) {
+  return s.target ? `${s.action} ${s.target}` : s.action;
+}
+
+// "What the other policy would have done": each recorded decision of the job, re-decided by
+// the chosen policy on the snapshot it was made from.
+function replayView(jobId, open) {
+  const box = h("div", { class: "replay", dataset: { replayFor: jobId } });
+  const r = open.replay;
+  if (r === null || r === undefined) return h("div", { class: "replay muted" }, "…");
+  if (typeof r === "string") return h("div", { class: "replay muted" }, r);
+  const select = h("select", { "aria-label": "policy", onchange: (e) => loadReplay(jobId, e.target.value) },
+    r.policies.map((p) => h("option", { value: p, selected: p === r.policy }, p)));
+  box.append(h("div", {}, "What ", select, " would have done:"));
+  if (!r.rows.length) {
+    box.append(h("p", { class: "muted" }, "No decision of this job kept its snapshot (past the retention, or made before it was recorded)."));
+    return box;
+  }
+  box.append(h("ul", {}, r.rows.map((row) => h("li", { dataset: { change: row.change || "same" } },
+    `${side(row.recorded)} (${row.recorded.policy}) → ${side(row.replayed)}`,
+    row.change ? ` — ${row.change.replace("_", " ")}` : " — the same",
+    row.replayed.summary ? h("div", { class: "muted" }, row.replayed.summary) : ""))));
+  return box;
+}
+
+async function loadReplay(jobId, policy) {
+  const open = openWhy.get(jobId);
+  if (!open) return;
+  open.replay = null;
+  await refreshDashboard();
+  const query = policy ? `?policy=${encodeURIComponent(policy)}` : "";
+  try {
+    open.replay = await getJSON(`/v2/tasks/${encodeURIComponent(jobId)}/replay${query}`);
+  } catch (err) {
+    open.replay = `${err.code}: ${err.message}`;
+  }
+  await refreshDashboard();
+}
+
 async function toggleWhy(jobId) {
   if (openWhy.has(jobId)) {
     openWhy.delete(jobId);
     await refreshDashboard();
     return;
   }
-  openWhy.set(jobId, null);
+  const open = { text: null, replay: null };
+  openWhy.set(jobId, open);
   await refreshDashboard();
   try {
     const d = await getJSON(`/v2/tasks/${encodeURIComponent(jobId)}/decision`);
-    openWhy.set(jobId, d.explanation);
+    open.text = d.explanation;
   } catch (err) {
-    openWhy.set(jobId, `${err.code}: ${err.message}`);
+    open.text = `${err.code}: ${err.message}`;
   }
-  await refreshDashboard();
+  await loadReplay(jobId, null);
 }
 
 export async function refreshDashboard() {
