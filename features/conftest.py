@@ -22,6 +22,7 @@ from steps_jobs import *  # noqa: F403
 from steps_lifecycle import *  # noqa: F403
 from steps_pool import *  # noqa: F403
 from steps_recovery import *  # noqa: F403
+from steps_tls import *  # noqa: F403
 from world import World
 
 from rbees_core.testing.hosts import LAB_DESCRIPTION, Lab
@@ -37,6 +38,7 @@ TAGS = {
     "leftovers": "rbees down leaves no process, a dead pool's workers included",
     "recovery": "crashed workers restarted with backoff, a lost pool's jobs ended",
     "evict": "one memory figure: a pool's memory limit, evict to fit",
+    "tls": "HTTPS on every hop, the lab's CA, a client with the wrong CA",
 }
 
 
@@ -68,6 +70,8 @@ def ctx(world: World) -> Iterator[dict[str, Any]]:
     yield shared
     for name in shared.get("cut", []):
         world.lab.link(name, True)
+    if shared.get("tls"):  # the next scenario finds the lab's plain daemons (or none)
+        world.use_tls(False)
     if shared.get("orcd_changed"):  # restarted with other options: the next scenario's
         world.kill("orcd", signal.SIGTERM)  # "the cluster is up" starts the lab's own
     if shared.get("pool_changed"):  # restarted with other settings: the next scenario's

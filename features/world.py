@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -53,6 +54,10 @@ class World:
     ssh_hosts_added: bool = False
     #: when (monotonic) this world last started rbees-orcd
     orcd_started_at: float = 0.0
+    #: the daemons serve HTTPS (:meth:`use_tls`); each host's certificate and key, the CA
+    tls: bool = False
+    certs: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+    ca_file: str | None = None
 
     def host(self, name: str) -> SimHost:
         return self.lab.hosts[name]
@@ -78,6 +83,39 @@ class World:
             env.pop("RBEES_API_TOKEN", None)
         return host.run(program, *args, env=env, timeout=timeout)
 
+    def verify(self) -> ssl.SSLContext | bool:
+        """What this process's own calls to the daemons verify with: the lab CA over TLS."""
+        if self.tls and self.ca_file:
+            return ssl.create_default_context(cafile=self.ca_file)
+        return True
+
+    def use_tls(self, on: bool) -> None:
+        """Serve every daemon over HTTPS (``on``) or plain HTTP from now on: the running
+        daemons are stopped when that changes (the next :meth:`ensure_cluster` starts
+        them). The certificates come from the CA on blep (``rbees tls issue``, once)."""
+        if on == self.tls:
+            return
+        for key in [k for k in self.daemons if k == "orcd" or k.startswith("pool:")]:
+            self.kill(key, signal.SIGTERM)
+        if on and not self.certs:
+            for name, host in self.lab.hosts.items():
+                out = self.root / f"tls-{name}"
+                done = self.run_on(ORCHESTRATOR, "rbees", "tls", "issue", name, "--dns", name,
+                                   "--ip", host.address, "--out", str(out))
+                assert done.returncode == 0, done.stderr
+                self.certs[name] = (str(out / f"{name}.pem"), str(out / f"{name}.key"))
+                self.ca_file = str(out / "ca.pem")
+        self.tls = on
+        for host in self.lab.hosts.values():
+            host.tls = on
+
+    def tls_flags(self, name: str) -> list[str]:
+        if not self.tls:
+            return []
+        cert, key = self.certs[name]
+        assert self.ca_file is not None
+        return ["--tls-cert", cert, "--tls-key", key, "--ca-file", self.ca_file]
+
     def http(self, method: str, url: str, *, token: str | None = "right",
              **kwargs: Any) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}))
@@ -86,7 +124,7 @@ class World:
         elif token == "wrong":
             headers["Authorization"] = "Bearer " + "0" * 32
         return httpx.request(method, url, headers=headers, timeout=kwargs.pop("timeout", 60),
-                             **kwargs)
+                             verify=self.verify(), **kwargs)
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -143,7 +181,8 @@ class World:
         """rbees-orcd on blep (``extra``: more options, e.g. ``--keep-alive 3s``)."""
         blep = self.blep
         self._spawn("orcd", blep, "rbees-orcd", "--bind", f"{blep.address}:{blep.orcd_port}",
-                    "--heartbeat-interval", str(HEARTBEAT_S), "--idle-timeout", "120", *extra)
+                    "--heartbeat-interval", str(HEARTBEAT_S), "--idle-timeout", "120",
+                    *self.tls_flags(ORCHESTRATOR), *extra)
         self.wait_health(blep.orcd_url, "orcd")
         self.orcd_started_at = time.monotonic()
 
@@ -152,7 +191,8 @@ class World:
             if not self._alive(key):
                 raise AssertionError(f"{key} exited: {self.log(key)[-2000:]}")
             try:
-                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+                return httpx.get(f"{url}/health", timeout=1,
+                                 verify=self.verify()).status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -170,6 +210,7 @@ class World:
                     f"{host.address}:{host.pool_port}", "--pool-id", name,
                     "--orchestrator", self.blep.orcd_url,
                     "--heartbeat-interval", str(HEARTBEAT_S), "--health-interval", "0.5",
+                    *self.tls_flags(name),
                     env=host.env(HF_ENDPOINT=self.ensure_hub().endpoint, **environ))
         self.wait_health(host.pool_url, f"pool:{name}")
 
@@ -177,7 +218,8 @@ class World:
         answer = self.http("GET", f"{self.blep.orcd_url}/v2/pools", timeout=5)
         return {p["pool_id"]: p["status"] for p in answer.json()["pools"]}
 
-    def ensure_cluster(self) -> None:
+    def ensure_cluster(self, tls: bool = False) -> None:
+        self.use_tls(tls)
         if not self._alive("orcd"):
             self.start_orcd()
         for name in POOLS:

@@ -90,18 +90,24 @@ class SimHost:
     ssh_port: int
     token: str
     frozen: list[int] = attrs.field(factory=list)
+    #: its daemons serve HTTPS (a certificate for its address from the lab's CA on blep)
+    tls: bool = False
 
     @property
     def veth(self) -> str:
         return _veth(self.name)
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def orcd_url(self) -> str:
-        return f"http://{self.address}:{self.orcd_port}"
+        return f"{self.scheme}://{self.address}:{self.orcd_port}"
 
     @property
     def pool_url(self) -> str:
-        return f"http://{self.address}:{self.pool_port}"
+        return f"{self.scheme}://{self.address}:{self.pool_port}"
 
     def prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.namespace] if self.namespace else []
