@@ -103,6 +103,7 @@ ORCD_ROUTES = {
     ("GET", "/v1/responses/{response_id}"): "inference",
     # OpenAI's Batch API (a key's batches run as that key)
     ("POST", "/v1/files"): "inference", ("GET", "/v1/files/{file_id}"): "inference",
+    ("GET", "/v1/files"): "inference", ("DELETE", "/v1/files/{file_id}"): "inference",
     ("GET", "/v1/files/{file_id}/content"): "inference",
     ("POST", "/v1/batches"): "inference", ("GET", "/v1/batches"): "inference",
     ("GET", "/v1/batches/{batch_id}"): "inference",

@@ -44,6 +44,9 @@ BATCH_COLUMNS = (
     "error_file_id", "owner", "owner_models",
 )
 
+#: the columns of a :class:`StoredFile`, in its order
+_FILE = "file_id, purpose, filename, length(content), created_at, owner"
+
 
 def new_id(prefix: str) -> str:
     """A fresh object id such as ``batch_3f2a...`` (OpenAI's prefixes, rbees' id rule)."""
@@ -65,6 +68,9 @@ class StoredFile:
     filename: str
     bytes: int
     created_at: float
+    #: the name of the key that uploaded it (a batch's output: the batch's), None without
+    #: credentials: an ``inference``-only key sees its own files only
+    owner: str | None = None
 
 
 @attrs.frozen
@@ -99,22 +105,56 @@ class BatchStore:
 
     # -- files -----------------------------------------------------------------------------
 
-    async def add_file(self, purpose: str, filename: str, content: bytes) -> StoredFile:
-        """Keep an uploaded (or produced) file; durable when it returns."""
+    async def add_file(self, purpose: str, filename: str, content: bytes,
+                       owner: str | None = None) -> StoredFile:
+        """Keep an uploaded (or produced) file of ``owner``; durable when it returns."""
         file_id, now = new_id("file"), self._clock()
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO files (file_id, purpose, filename, created_at, content) "
-                         "VALUES (?, ?, ?, ?, ?)", (file_id, purpose, filename, now, content))
+            conn.execute("INSERT INTO files (file_id, purpose, filename, created_at, content, "
+                         "owner) VALUES (?, ?, ?, ?, ?, ?)",
+                         (file_id, purpose, filename, now, content, owner))
 
         await self.store.write_async(op)
-        return StoredFile(file_id, purpose, filename, len(content), now)
+        return StoredFile(file_id, purpose, filename, len(content), now, owner)
 
     def file(self, file_id: str) -> StoredFile | None:
         """A file's object, None when there is none."""
-        rows = self.store.query("SELECT file_id, purpose, filename, length(content), "
-                                "created_at FROM files WHERE file_id = ?", (file_id,))
+        rows = self.store.query(f"SELECT {_FILE} FROM files WHERE file_id = ?", (file_id,))
         return StoredFile(*rows[0]) if rows else None
+
+    def files(self, *, after: str | None, limit: int, newest_first: bool = True,
+              purpose: str | None = None, owner: str | None = None
+              ) -> tuple[list[StoredFile], bool]:
+        """A page of files (``GET /v1/files``) after the file ``after`` in that order, of
+        ``purpose`` and ``owner`` when given; and whether more follow."""
+        where: list[str] = []
+        args: list[Any] = []
+        if after is not None:
+            where.append(f"seq {'<' if newest_first else '>'} coalesce((SELECT seq FROM "
+                         f"files WHERE file_id = ?), {0 if newest_first else 2 ** 62})")
+            args.append(after)
+        for column, value in (("purpose", purpose), ("owner", owner)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT {_FILE} FROM files"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?"
+        rows = self.store.query(sql, (*args, limit + 1))
+        return [StoredFile(*r) for r in rows[:limit]], len(rows) > limit
+
+    async def delete_file(self, file_id: str) -> bool:
+        """Delete a file (``DELETE /v1/files/{id}``); False when there was none. A batch
+        made of it runs on (its lines are its own); one whose output it was keeps the id."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
+            return cur.rowcount > 0
+
+        deleted: bool = await self.store.write_async(op)
+        return deleted
 
     def content(self, file_id: str) -> bytes | None:
         """A file's bytes, None when there is none."""
@@ -156,15 +196,20 @@ class BatchStore:
                                 "WHERE batch_id = ?", (batch_id,))
         return dict(zip(BATCH_COLUMNS, rows[0], strict=True)) if rows else None
 
-    def batches(self, *, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        """A page of batches, newest first, after the batch ``after``; and whether more
-        follow."""
+    def batches(self, *, after: str | None, limit: int, owner: str | None = None
+                ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of batches, newest first, after the batch ``after`` (of ``owner`` when
+        given); and whether more follow."""
         args: list[Any] = []
-        where = ""
+        where: list[str] = []
         if after is not None:
-            where = " WHERE seq < coalesce((SELECT seq FROM batches WHERE batch_id = ?), 0)"
+            where.append("seq < coalesce((SELECT seq FROM batches WHERE batch_id = ?), 0)")
             args.append(after)
-        rows = self.store.query(f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches{where} "
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self.store.query(f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches{clause} "
                                 "ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
         page = [dict(zip(BATCH_COLUMNS, r, strict=True)) for r in rows[:limit]]
         return page, len(rows) > limit
@@ -255,7 +300,7 @@ class BatchStore:
         out_id, err_id = new_id("file"), new_id("file")
 
         def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT status FROM batches WHERE batch_id = ?",
+            row = conn.execute("SELECT status, owner FROM batches WHERE batch_id = ?",
                                (batch_id,)).fetchone()
             if row is None or row[0] in FINAL_BATCH:
                 return False
@@ -277,9 +322,9 @@ class BatchStore:
                     content = ("\n".join(results) + "\n").encode()
                     purpose = "batch_output"
                     conn.execute("INSERT INTO files (file_id, purpose, filename, created_at, "
-                                 "content) VALUES (?, ?, ?, ?, ?)",
+                                 "content, owner) VALUES (?, ?, ?, ?, ?, ?)",
                                  (file_id, purpose, f"{batch_id}_{column[:-8]}.jsonl", now,
-                                  content))
+                                  content, row[1]))
                     files[column] = file_id
             conn.execute(f"UPDATE batches SET status = ?, {STAMP[status]} = ?, "
                          "output_file_id = ?, error_file_id = ? WHERE batch_id = ?",

@@ -13,6 +13,11 @@ content is not JSONL of objects; a batch with another ``completion_window`` than
 an unknown ``endpoint``, a line without a string ``custom_id`` or with one used before.
 What a line gets in the error file: a ``method`` other than POST, a ``url`` other than the
 batch's endpoint, a body its route would refuse, a job that failed.
+
+Files and batches belong to the key that uploaded or made them (a batch's output and error
+files to the batch's): a key with ``inference`` alone lists, reads, cancels and deletes its
+own only (another's answer 404, as an unknown one), as with jobs; ``admin`` and the
+operator see all.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from rbees_core.api import openapi
-from rbees_core.auth import current_principal
+from rbees_core.auth import current_principal, visible_to
 from rbees_core.errors import PayloadTooLargeError
 from rbees_core.orchestrator.batches import FINAL_BATCH, BatchStore, StoredFile
 from rbees_core.programs.openai_errors import OpenAIError, read_object
@@ -51,6 +56,26 @@ def runner(request: Request) -> BatchRunner:
 
 def _store(request: Request) -> BatchStore:
     return runner(request).store
+
+
+def _owner() -> str | None:
+    """The name of the request's key (what it uploads and makes is its own), None without
+    credentials."""
+    principal = current_principal.get()
+    return None if principal is None else principal.name
+
+
+def _only_own() -> str | None:
+    """The owner a listing keeps to: the key's name for an ``inference``-only key, None
+    (everything) for ``read``, ``admin``, the operator and no credentials."""
+    principal = current_principal.get()
+    return None if principal is None or principal.sees_all_jobs else principal.name
+
+
+def _sees(owner: str | None) -> bool:
+    """Whether the request may see a file or batch of ``owner`` (another key's looks absent
+    to an ``inference``-only key, as its jobs do)."""
+    return visible_to(current_principal.get(), owner)
 
 
 def _file_object(f: StoredFile) -> dict[str, Any]:
@@ -153,7 +178,8 @@ async def create_file(request: Request) -> Response:
         return OpenAIError(413, exc.message, param="file").response()
     except OpenAIError as exc:
         return exc.response()
-    stored = await _store(request).add_file(purpose, filename or "upload.jsonl", content)
+    stored = await _store(request).add_file(purpose, filename or "upload.jsonl", content,
+                                            owner=_owner())
     return JSONResponse(_file_object(stored))
 
 
@@ -161,19 +187,52 @@ def _missing(kind: str, ident: str) -> Response:
     return OpenAIError(404, f"no {kind} {ident}", code="not_found").response()
 
 
+def _visible_file(request: Request) -> StoredFile | None:
+    stored = _store(request).file(request.path_params["file_id"])
+    return stored if stored is not None and _sees(stored.owner) else None
+
+
 async def get_file(request: Request) -> Response:
     """``GET /v1/files/{file_id}``."""
-    file_id = request.path_params["file_id"]
-    stored = _store(request).file(file_id)
-    return _missing("file", file_id) if stored is None else JSONResponse(_file_object(stored))
+    stored = _visible_file(request)
+    if stored is None:
+        return _missing("file", request.path_params["file_id"])
+    return JSONResponse(_file_object(stored))
+
+
+async def list_files(request: Request) -> Response:
+    """``GET /v1/files?purpose=&limit=&order=&after=``: OpenAI's cursor page (newest first
+    unless ``order=asc``); an ``inference``-only key's own files only."""
+    raw = request.query_params.get("limit", "10000")
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        return OpenAIError(400, "limit must be an integer from 1 to 10000",
+                           param="limit").response()
+    order = request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        return OpenAIError(400, "order must be asc or desc", param="order").response()
+    page, more = _store(request).files(
+        after=request.query_params.get("after"), limit=int(raw), newest_first=order == "desc",
+        purpose=request.query_params.get("purpose") or None, owner=_only_own())
+    data = [_file_object(f) for f in page]
+    return JSONResponse({"object": "list", "data": data,
+                         "first_id": data[0]["id"] if data else None,
+                         "last_id": data[-1]["id"] if data else None, "has_more": more})
+
+
+async def delete_file(request: Request) -> Response:
+    """``DELETE /v1/files/{file_id}``: OpenAI's ``{id, object: "file", deleted: true}``."""
+    stored = _visible_file(request)
+    if stored is None or not await _store(request).delete_file(stored.file_id):
+        return _missing("file", request.path_params["file_id"])
+    return JSONResponse({"id": stored.file_id, "object": "file", "deleted": True})
 
 
 async def file_content(request: Request) -> Response:
     """``GET /v1/files/{file_id}/content``: the file's bytes."""
-    file_id = request.path_params["file_id"]
-    content = _store(request).content(file_id)
+    stored = _visible_file(request)
+    content = None if stored is None else _store(request).content(stored.file_id)
     if content is None:
-        return _missing("file", file_id)
+        return _missing("file", request.path_params["file_id"])
     return Response(content, media_type="application/octet-stream")
 
 
@@ -210,7 +269,7 @@ async def create_batch(request: Request) -> Response:
         metadata = _metadata(body)
         file_id = body.get("input_file_id")
         stored = store.file(file_id) if isinstance(file_id, str) else None
-        if stored is None:
+        if stored is None or not _sees(stored.owner):
             raise OpenAIError(400, f"no file {file_id}", param="input_file_id")
         if stored.purpose != "batch":
             raise OpenAIError(400, f"file {file_id} has purpose {stored.purpose}, not batch",
@@ -245,7 +304,9 @@ async def get_batch(request: Request) -> Response:
     """``GET /v1/batches/{batch_id}``."""
     store, batch_id = _store(request), request.path_params["batch_id"]
     row = store.batch(batch_id)
-    return _missing("batch", batch_id) if row is None else JSONResponse(batch_object(store, row))
+    if row is None or not _sees(row["owner"]):
+        return _missing("batch", batch_id)
+    return JSONResponse(batch_object(store, row))
 
 
 async def list_batches(request: Request) -> Response:
@@ -255,7 +316,8 @@ async def list_batches(request: Request) -> Response:
     if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 100:
         return OpenAIError(400, "limit must be an integer from 1 to 100",
                            param="limit").response()
-    page, more = store.batches(after=request.query_params.get("after"), limit=int(raw))
+    page, more = store.batches(after=request.query_params.get("after"), limit=int(raw),
+                               owner=_only_own())
     data = [batch_object(store, row) for row in page]
     return JSONResponse({"object": "list", "data": data,
                          "first_id": data[0]["id"] if data else None,
@@ -267,7 +329,7 @@ async def cancel_batch(request: Request) -> Response:
     runner stopped its lines (those answered stay in the output file)."""
     store, batch_id = _store(request), request.path_params["batch_id"]
     row = store.batch(batch_id)
-    if row is None:
+    if row is None or not _sees(row["owner"]):
         return _missing("batch", batch_id)
     if row["status"] in FINAL_BATCH and row["status"] != "cancelled":
         return OpenAIError(409, f"batch {batch_id} is {row['status']}: it cannot be "
@@ -285,7 +347,10 @@ OPERATIONS = [openapi.Operation(method, path, summary, errors=errors, scope="inf
               for method, path, summary, errors in (
     ("POST", "/v1/files", "OpenAI file upload (multipart: file, purpose batch; JSONL of batch "
      "requests)", {**_ERRORS, "413": "too big"}),
+    ("GET", "/v1/files", "OpenAI files, newest first (purpose, limit, order, after); an "
+     "inference-only key's own", _ERRORS),
     ("GET", "/v1/files/{file_id}", "OpenAI file object", _ERRORS),
+    ("DELETE", "/v1/files/{file_id}", "delete a file", _ERRORS),
     ("GET", "/v1/files/{file_id}/content", "a file's bytes (a batch's input, output or error "
      "JSONL)", _ERRORS),
     ("POST", "/v1/batches", "OpenAI batch: each line a batch-lane job", _ERRORS),
@@ -299,7 +364,9 @@ OPERATIONS = [openapi.Operation(method, path, summary, errors=errors, scope="inf
 def routes() -> list[BaseRoute]:
     return [
         Route("/v1/files", create_file, methods=["POST"]),
+        Route("/v1/files", list_files, methods=["GET"]),
         Route("/v1/files/{file_id}", get_file, methods=["GET"]),
+        Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
         Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
         Route("/v1/batches", create_batch, methods=["POST"]),
         Route("/v1/batches", list_batches, methods=["GET"]),
