@@ -2,7 +2,8 @@
 ``GET /v1/files/{id}``, ``DELETE /v1/files/{id}`` in OpenAI's shapes, driven by the official
 ``openai`` client; files and batches belong to the key that made them: a key with
 ``inference`` alone lists, reads, cancels and deletes its own only (another's is 404, as
-an unknown one), ``admin`` and the operator see all (the routes need ``inference``, which ``read`` lacks). rbees-orcd runs in-process, no pool."""
+an unknown one), ``admin`` and the operator see all (the routes need ``inference``, which
+``read`` lacks). rbees-orcd runs in-process, no pool."""
 
 from __future__ import annotations
 
