@@ -287,6 +287,48 @@ def test_dashboard_shows_pool_cpu_worker_jobs_why_and_charts(
     shot(page, "dashboard")
 
 
+def test_batches_page_shows_progress_counts_and_status_and_cancels(
+        cluster: Cluster, page: Any) -> None:
+    import json
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "smollm2", "max_tokens": 4, "temperature": 0, "seed": i,
+                       "messages": [{"role": "user", "content": f"Count from {i}:"}]}}
+             for i in range(3)]
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    done = client.batches.create(
+        input_file_id=client.files.create(file=("b.jsonl", data), purpose="batch").id,
+        endpoint="/v1/chat/completions", completion_window="24h")
+    hour = time.localtime().tm_hour  # a window that is closed now: its lines wait
+    closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"
+    waiting = client.batches.create(
+        input_file_id=client.files.create(file=("w.jsonl", data), purpose="batch").id,
+        endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={"rbees_window": closed})
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(done.id).status != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    open_page(page, f"{cluster.url}/#/batches")
+    row = page.wait_for_selector(f"tr[data-batch='{done.id}'][data-status='completed']")
+    assert "3 / 3 answered" in row.text_content() and "3 ok · 0 failed" in row.text_content()
+    with page.expect_download() as download:
+        page.click(f"tr[data-batch='{done.id}'] button:has-text('output')")
+    saved = Path(download.value.path()).read_text().splitlines()
+    assert sorted(json.loads(x)["custom_id"] for x in saved) == ["r0", "r1", "r2"]
+    other = page.wait_for_selector(f"tr[data-batch='{waiting.id}']")
+    assert f"window {closed}" in other.text_content() and "0 / 3 answered" in \
+        other.text_content()
+    shot(page, "batches")
+    page.click(f"button[data-cancel='{waiting.id}']")
+    page.wait_for_selector(f"tr[data-batch='{waiting.id}'][data-status='cancelled']",
+                           timeout=60_000)
+    assert client.batches.retrieve(waiting.id).status == "cancelled"
+
+
 def test_models_page_starts_a_worker_that_appears_and_stops_it(
         cluster: Cluster, page: Any) -> None:
     open_page(page, f"{cluster.url}/#/models")

@@ -1,12 +1,13 @@
-// rbees web UI: pages by URL hash (#/chat, #/dashboard, #/models) and the poll loop.
+// rbees web UI: pages by URL hash (#/chat, #/dashboard, #/models, #/batches) and the poll loop.
 
 import { askToken, onConnection, token } from "./api.js";
+import { refreshBatches } from "./batches.js";
 import { initChat, loadModels } from "./chat.js";
 import { refreshDashboard, sampleMetrics } from "./dashboard.js";
 import { initModels, refreshModels } from "./models.js";
 import { $ } from "./util.js";
 
-const PAGES = ["chat", "dashboard", "models"];
+const PAGES = ["chat", "dashboard", "models", "batches"];
 const POLL_MS = 1500;
 let page = "chat";
 let polling = false;
@@ -32,6 +33,7 @@ async function tick() {
     await sampleMetrics();
     if (page === "dashboard") await refreshDashboard();
     else if (page === "models") await refreshModels();
+    else if (page === "batches") await refreshBatches();
   } catch (err) {
     // shown by the connection badge; the next tick tries again
   } finally {
