@@ -26,7 +26,10 @@ against guessing, while it would cost milliseconds on every request. The store k
 two keys) and compares digests with :func:`hmac.compare_digest` (constant time). The key's
 ``id`` part is public and only finds the row. A join token is
 ``HMAC-SHA256(operator token, "join:" + pool_id)``: nothing to store, and rotating the
-operator token revokes every join token.
+operator token revokes every join token. Revoking one pool's join token
+(``rbees pools join-token POOL --revoke``) bumps that pool's generation in rbees-orcd's
+store; generation ``g > 0`` signs ``"join:" + pool_id + ":" + g`` instead, so the old token
+(and the control token derived from it) stops working and a new one can be issued.
 """
 
 from __future__ import annotations
@@ -145,9 +148,11 @@ def split_key(credential: str) -> tuple[str, str] | None:
     return (key_id, secret) if sep and key_id and secret else None
 
 
-def join_token(operator_token: str, pool_id: str) -> str:
-    """The join token of ``pool_id`` (``rbees pools join-token``)."""
-    mac = hmac.new(operator_token.encode(), f"join:{pool_id}".encode(), hashlib.sha256)
+def join_token(operator_token: str, pool_id: str, generation: int = 0) -> str:
+    """The join token of ``pool_id`` (``rbees pools join-token``); ``generation``: how
+    often it was revoked (rbees-orcd's store keeps it)."""
+    message = f"join:{pool_id}" if not generation else f"join:{pool_id}:{generation}"
+    mac = hmac.new(operator_token.encode(), message.encode(), hashlib.sha256)
     return f"{JOIN_PREFIX}{pool_id}_{mac.hexdigest()}"
 
 
@@ -163,20 +168,24 @@ def control_token(join: str) -> str:
     return f"{CONTROL_PREFIX}{mac.hexdigest()}"
 
 
-def pool_control_token(operator_token: str, pool_id: str) -> str:
+def pool_control_token(operator_token: str, pool_id: str, generation: int = 0) -> str:
     """:func:`control_token` of ``pool_id``'s join token: what rbees-orcd sends that pool."""
-    return control_token(join_token(operator_token, pool_id))
+    return control_token(join_token(operator_token, pool_id, generation))
 
 
-def check_join_token(operator_token: str, credential: str) -> Principal | None:
-    """The pool principal of a valid join token, else None."""
+def check_join_token(operator_token: str, credential: str,
+                     generation_of: Callable[[str], int | None] | None = None
+                     ) -> Principal | None:
+    """The pool principal of a valid join token of the pool's current generation
+    (``generation_of(pool_id)``, None or absent: 0), else None."""
     if not credential.startswith(JOIN_PREFIX):
         return None
     pool_id, _, _ = credential[len(JOIN_PREFIX):].rpartition("_")
     if not pool_id:
         return None
-    if not hmac.compare_digest(credential.encode(), join_token(operator_token,
-                                                               pool_id).encode()):
+    generation = (generation_of(pool_id) if generation_of is not None else None) or 0
+    if not hmac.compare_digest(credential.encode(), join_token(operator_token, pool_id,
+                                                               generation).encode()):
         return None
     return Principal(name=f"pool:{pool_id}", scopes=frozenset({"pool"}), kind="pool",
                      pool_id=pool_id)

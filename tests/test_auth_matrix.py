@@ -90,6 +90,7 @@ ORCD_ROUTES = {
     ("POST", "/v2/keys"): "admin", ("GET", "/v2/keys"): "admin",
     ("POST", "/v2/keys/{name}/revoke"): "admin", ("POST", "/v2/keys/{name}/rotate"): "admin",
     ("GET", "/v2/usage"): "admin", ("POST", "/v2/pools/{pool_id}/join-token"): "admin",
+    ("POST", "/v2/pools/{pool_id}/join-token/revoke"): "admin",
     # client-protocol plugins (present when installed)
     ("GET", "/api/version"): "inference", ("GET", "/api/tags"): "inference",
     ("POST", "/api/show"): "inference", ("GET", "/api/ps"): "inference",
@@ -146,6 +147,8 @@ def table(routes: list[Any]) -> list[tuple[str, str]]:
 
 def concrete(template: str) -> str:
     path = template
+    if template.endswith("/join-token/revoke"):  # a revocation that works: not p1's, whose
+        path = path.replace("{pool_id}", "p9")  # join token the walk goes on using
     for name, value in PARAMS.items():
         path = path.replace(f"{{{name}:path}}", value).replace(f"{{{name}}}", value)
     return "/ui/app.js" if path == "/ui/nobody" else path

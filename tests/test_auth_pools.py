@@ -108,3 +108,77 @@ def test_a_pool_with_only_its_join_token_joins_and_is_reached_with_its_control_t
     logs = orcd.log_path.read_text() + pool.log_path.read_text()
     for secret in (TOKEN, join, control):
         assert secret not in logs
+
+
+def test_revoking_one_join_token_locks_out_that_pool_alone_until_it_has_the_new_one(
+        tmp_path: Path, rbees_process: Callable[..., Any]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RBEES_API_TOKEN")}
+    orcd_port = find_free_port()
+    orcd_url = f"http://127.0.0.1:{orcd_port}"
+    operator = {"Authorization": f"Bearer {TOKEN}"}
+    orcd_argv = [str(BIN / "rbees-orcd"), "--bind", f"127.0.0.1:{orcd_port}",
+                 "--api-token-file", secret_file(tmp_path / "token", TOKEN),
+                 "--heartbeat-interval", "0.3"]
+    orcd = rbees_process(orcd_argv, env={**env, "RBEES_HOME": str(tmp_path / "orcd")},
+                         name="orcd")
+    wait_http(f"{orcd_url}/health", timeout=60, proc=orcd.proc)
+
+    def start_pool(pool_id: str, join: str, name: str) -> Any:
+        port = find_free_port()
+        proc = rbees_process(
+            [str(BIN / "pool-managerd"), "--bind", f"127.0.0.1:{port}",
+             "--join-token-file", secret_file(tmp_path / f"{name}.join", join),
+             "--orchestrator", orcd_url, "--heartbeat-interval", "0.3"],
+            env={**env, "RBEES_HOME": str(tmp_path / name)}, name=name)
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=proc.proc)
+        return proc
+
+    def status() -> dict[str, str]:
+        pools = httpx.get(f"{orcd_url}/v2/pools", headers=operator, timeout=10).json()
+        return {p["pool_id"]: p["status"] for p in pools["pools"]}
+
+    def until(check: Callable[[], bool], what: str) -> None:
+        for _ in range(300):
+            if check():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: {status()}")
+
+    tokens = {p: httpx.post(f"{orcd_url}/v2/pools/{p}/join-token", headers=operator,
+                            timeout=10).json()["join_token"] for p in ("p1", "p2")}
+    p1 = start_pool("p1", tokens["p1"], "p1")
+    start_pool("p2", tokens["p2"], "p2")
+    until(lambda: status() == {"p1": "ready", "p2": "ready"}, "both pools ready")
+    # an inference key cannot revoke; an operator (admin) can
+    key = httpx.post(f"{orcd_url}/v2/keys", headers=operator, timeout=10,
+                     json={"name": "client", "scopes": ["inference"]}).json()["key"]
+    assert httpx.post(f"{orcd_url}/v2/pools/p1/join-token/revoke", timeout=10, headers={
+        "Authorization": f"Bearer {key}"}).status_code == 403
+    revoked = httpx.post(f"{orcd_url}/v2/pools/p1/join-token/revoke", headers=operator,
+                         timeout=10)
+    assert revoked.status_code == 200, revoked.text
+    new = revoked.json()["join_token"]
+    assert new != tokens["p1"] and new == join_token(TOKEN, "p1", 1)
+    # the old token's heartbeats are refused: p1 goes unavailable, p2 stays ready
+    until(lambda: status().get("p1") != "ready", "p1 no longer ready")
+    assert status()["p2"] == "ready"
+    assert "heartbeat_refused" in p1.log_path.read_text()
+    assert httpx.post(f"{orcd_url}/v2/pools/p1/heartbeat", json={}, headers={
+        "Authorization": f"Bearer {tokens['p1']}"}).status_code == 401
+    # the revocation is in the store: a restarted rbees-orcd still refuses the old token
+    orcd.stop()
+    orcd = rbees_process(orcd_argv, env={**env, "RBEES_HOME": str(tmp_path / "orcd")},
+                         name="orcd2")
+    wait_http(f"{orcd_url}/health", timeout=60, proc=orcd.proc)
+    assert httpx.post(f"{orcd_url}/v2/pools/p1/heartbeat", json={}, headers={
+        "Authorization": f"Bearer {tokens['p1']}"}).status_code == 401
+    assert httpx.post(f"{orcd_url}/v2/pools/p1/join-token", headers=operator,
+                      timeout=10).json()["join_token"] == new
+    # p1 with its new token joins again, and rbees-orcd reaches it (the new control token)
+    p1.stop()
+    start_pool("p1", new, "p1-new")
+    until(lambda: status().get("p1") == "ready", "p1 ready with its new token")
+    retried = httpx.post(f"{orcd_url}/v2/models/retry", headers=operator,
+                         json={"model": "smollm2", "pool": "p1"}, timeout=30)
+    assert retried.status_code == 200 and all(
+        "error" not in p for p in retried.json()["pools"]), retried.text

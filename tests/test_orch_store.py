@@ -673,9 +673,10 @@ def test_a_version_1_database_is_migrated(db: Path, clock: Clock) -> None:
         assert store.spec("new").correlation_id == "c-1"
         assert store.get("old").owner is None  # version 3: jobs.owner (credentials)
     conn = sqlite3.connect(db)
-    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 8
+    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS) == 9
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"files", "batches", "batch_lines"} <= tables  # version 6: OpenAI batches
+    assert "join_generations" in tables  # version 9: revoked join tokens
     # version 8: a decision's snapshot (decision replay), NULL for the old ones
     assert conn.execute("SELECT snapshot FROM decisions WHERE job_id = 'old'").fetchall() \
         == [(None,)]

@@ -31,12 +31,13 @@ def retrieved(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-def credential_for(token: str | None, pool_id: str) -> str | None:
+def credential_for(token: str | None, pool_id: str, generation: int = 0) -> str | None:
     """The credential rbees-orcd sends to pool ``pool_id`` and its workers: the pool's
-    control token, derived from the operator ``token`` (None without one)."""
+    control token, derived from the operator ``token`` and the pool's join-token
+    ``generation`` (:class:`~rbees_core.orchestrator.keys.KeyRing`; None without a token)."""
     from rbees_core.auth import pool_control_token
 
-    return None if token is None else pool_control_token(token, pool_id)
+    return None if token is None else pool_control_token(token, pool_id, generation)
 
 
 def request_headers(token: str | None) -> dict[str, str]:

@@ -26,6 +26,7 @@ from rbees_core.auth import (
     OPERATOR_PRINCIPAL,
     Principal,
     check_join_token,
+    join_token,
     key_digest,
     new_key,
     same_secret,
@@ -107,11 +108,18 @@ class KeyRing:
                  clock: Callable[[], float] = time.time) -> None:
         self.store, self.token, self._clock = store, token, clock
         self._by_id: dict[str, KeyEntry] = {}
+        #: each pool's join-token generation (absent: 0), shared with the pool control and
+        #: the runner, which derive the control token they send from it
+        self.join_generations: dict[str, int] = {}
         self.reload()
 
     def reload(self) -> None:
         rows = self.store.query(f"SELECT {_COLUMNS} FROM api_keys WHERE revoked_at IS NULL")
         self._by_id = {e.key_id: e for e in map(_entry, rows)}
+        self.join_generations.clear()
+        self.join_generations.update(
+            (str(r[0]), int(r[1]))
+            for r in self.store.query("SELECT pool_id, generation FROM join_generations"))
 
     # -- resolving ---------------------------------------------------------------------------
 
@@ -131,7 +139,25 @@ class KeyRing:
             if entry.expires_at is not None and entry.expires_at <= self._clock():
                 raise UnauthenticatedError(f"the key {entry.name!r} has expired")
             return entry.principal()
-        return check_join_token(self.token, credential)
+        return check_join_token(self.token, credential, self.join_generations.get)
+
+    def join_token(self, pool_id: str) -> str:
+        """Pool ``pool_id``'s current join token (the operator token must be set)."""
+        assert self.token is not None
+        return join_token(self.token, pool_id, self.join_generations.get(pool_id, 0))
+
+    def revoke_join_token(self, pool_id: str) -> str:
+        """Revoke ``pool_id``'s join token at once (its next heartbeat gets 401, and the
+        pool no longer accepts what rbees-orcd sends it until it runs with the new one);
+        the new join token. Blocks on the store."""
+        generation = self.join_generations.get(pool_id, 0) + 1
+        now = self._clock()
+        self.store.write(lambda conn: conn.execute(
+            "INSERT INTO join_generations (pool_id, generation, revoked_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (pool_id) DO UPDATE SET generation = excluded.generation, "
+            "revoked_at = excluded.revoked_at", (pool_id, generation, now)))
+        self.join_generations[pool_id] = generation
+        return self.join_token(pool_id)
 
     # -- managing ----------------------------------------------------------------------------
 

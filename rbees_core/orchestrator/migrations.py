@@ -179,8 +179,18 @@ CREATE INDEX decisions_snapshot_at ON decisions (decided_at) WHERE snapshot IS N
 ALTER TABLE files ADD COLUMN owner TEXT;
 """
 
+#: Revoked join tokens (rbees_core.auth.join_token): a pool's generation, bumped by each
+#: revocation; a pool absent here is at generation 0.
+_V9 = """
+CREATE TABLE join_generations (
+    pool_id    TEXT    PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    revoked_at REAL    NOT NULL
+) WITHOUT ROWID;
+"""
+
 #: The schema's history; version ``len(MIGRATIONS)`` is what this code reads and writes.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

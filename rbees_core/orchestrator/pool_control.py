@@ -75,6 +75,7 @@ class PoolControl:
 
     def __init__(self, book: Book, registry: PoolRegistry, log: Logger, client: httpx.AsyncClient,
                  *, token: str | None, idle_timeout_s: float,
+                 generations: dict[str, int] | None = None,
                  worker_defaults: dict[str, Any] | None = None,
                  keep_alive_s: float | None = None,
                  queued_models: Callable[[], set[str]] | None = None) -> None:
@@ -86,6 +87,8 @@ class PoolControl:
         self.log = log
         self.client = client
         self.token = token
+        #: each pool's join-token generation (KeyRing.join_generations, shared)
+        self.generations = generations if generations is not None else {}
         #: (pool_id, model, embedding) -> the task starting a worker for it there
         self.starting: dict[tuple[str, str, bool], asyncio.Task[None]] = {}
         #: every idle worker is stopped when its keep-alive ends (the latest job's, else
@@ -351,7 +354,8 @@ class PoolControl:
         """What a request to pool ``pool_id`` (or one of its workers) carries: that pool's
         control token (rbees_core.auth; never the operator token, which stays here) and
         the correlation id."""
-        return request_headers(credential_for(self.token, pool_id))
+        return request_headers(credential_for(self.token, pool_id,
+                                              self.generations.get(pool_id, 0)))
 
     async def retry_model(self, model: str, pool_id: str | None = None
                           ) -> list[dict[str, Any]]:

@@ -60,7 +60,8 @@ class Runner:
 
     def __init__(self, book: Book, store: Store, queue: JobQueue, registry: PoolRegistry,
                  pools: PoolControl, metrics: OrchestratorMetrics, log: Logger,
-                 upstream: Upstream, client: httpx.AsyncClient, *, token: str | None) -> None:
+                 upstream: Upstream, client: httpx.AsyncClient, *, token: str | None,
+                 generations: dict[str, int] | None = None) -> None:
         self.book = book
         self.store = store
         self.queue = queue
@@ -71,6 +72,7 @@ class Runner:
         self.upstream = upstream
         self.client = client
         self.token = token
+        self.generations = generations if generations is not None else {}  # join tokens'
 
     def start(self, run: Run) -> None:
         """Stream a claimed job whose dispatch is written (or being written with its
@@ -82,7 +84,9 @@ class Runner:
         job, else ``/v2/execute``; both answer with the job's events."""
         path = "/v2/embed" if "input" in body else "/v2/execute"
         return self.upstream.post(f"{run.uri}{path}", body,
-                                  request_headers(credential_for(self.token, run.pool_id)))
+                                  request_headers(credential_for(
+                                      self.token, run.pool_id,
+                                      self.generations.get(run.pool_id, 0))))
 
     async def _run(self, run: Run) -> None:
         admitted = self.book.admitted.get(run.job_id)
@@ -329,8 +333,9 @@ class Runner:
     async def _tell_worker_cancel(self, run: Run) -> None:
         with contextlib.suppress(httpx.HTTPError):
             await self.client.post(f"{run.uri}/v2/cancel", json={"job_id": run.job_id},
-                                   headers=request_headers(
-                                       credential_for(self.token, run.pool_id)), timeout=5)
+                                   headers=request_headers(credential_for(
+                                       self.token, run.pool_id,
+                                       self.generations.get(run.pool_id, 0))), timeout=5)
 
     # -- writing tokens in batches ---------------------------------------------------------
 

@@ -129,12 +129,13 @@ class OrchestratorService:
         self._upstream = Upstream(connect_timeout=10.0, read_timeout=WORKER_READ_TIMEOUT_S)
         self.pools = PoolControl(self.book, self.registry, log, self._client,
                                  token=settings.token, idle_timeout_s=settings.idle_timeout_s,
+                                 generations=self.keys.join_generations,
                                  worker_defaults=settings.placement.defaults(),
                                  keep_alive_s=settings.keep_alive_s,
                                  queued_models=lambda: {q.model for q in self.queue})
         self.runner = Runner(self.book, self.store, self.queue, self.registry, self.pools,
                              self.metrics, log, self._upstream, self._client,
-                             token=settings.token)
+                             token=settings.token, generations=self.keys.join_generations)
         catalog = configured_catalog(pm)  # read once: admission stays cheap
         sources = plugins.model_sources(pm)
         def provides(model: str) -> bool:

@@ -18,7 +18,6 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from rbees_core.api import openapi
-from rbees_core.auth import join_token
 from rbees_core.errors import ConflictError, InvalidParamsError
 from rbees_core.http import json_response, parse_json, read_body
 from rbees_core.programs.orcd_common import path_id, service
@@ -95,7 +94,17 @@ async def make_join_token(request: Request) -> Response:
     if token is None:
         raise ConflictError("rbees-orcd runs without credentials (no --api-token-file): a "
                             "pool needs no join token")
-    return json_response({"pool_id": pool_id, "join_token": join_token(token, pool_id)})
+    return json_response({"pool_id": pool_id,
+                          "join_token": service(request).keys.join_token(pool_id)})
+
+
+async def revoke_join_token(request: Request) -> Response:
+    pool_id = path_id(request, "pool_id")
+    if service(request).settings.token is None:
+        raise ConflictError("rbees-orcd runs without credentials (no --api-token-file): a "
+                            "pool has no join token")
+    new = await asyncio.to_thread(service(request).keys.revoke_join_token, pool_id)
+    return json_response({"pool_id": pool_id, "join_token": new, "revoked": True})
 
 
 OPERATIONS = [
@@ -114,6 +123,10 @@ OPERATIONS = [
     openapi.Operation("POST", "/v2/pools/{pool_id}/join-token",
                       "the join token of a pool: heartbeats for that pool id only",
                       errors={"409": "the daemon runs without credentials"}),
+    openapi.Operation("POST", "/v2/pools/{pool_id}/join-token/revoke",
+                      "revoke the pool's join token at once; the answer holds its new one "
+                      "(the old one, and the control token derived from it, stop working)",
+                      errors={"409": "the daemon runs without credentials"}),
 ]
 
 
@@ -125,4 +138,5 @@ def routes() -> list[BaseRoute]:
         Route("/v2/keys/{name}/rotate", rotate_key, methods=["POST"]),
         Route("/v2/usage", usage, methods=["GET"]),
         Route("/v2/pools/{pool_id}/join-token", make_join_token, methods=["POST"]),
+        Route("/v2/pools/{pool_id}/join-token/revoke", revoke_join_token, methods=["POST"]),
     ]

@@ -126,13 +126,21 @@ def usage(since: Annotated[str | None, typer.Option(
                                         "completion_tokens"))
 
 
-def join_token(pool_id: Annotated[str, typer.Argument(help="The pool id it is for")]) -> None:
+def join_token(pool_id: Annotated[str, typer.Argument(help="The pool id it is for")],
+               revoke: Annotated[bool, typer.Option(
+                   "--revoke", help="Revoke the pool's current join token at once and "
+                                    "print its new one")] = False) -> None:
     """Print the join token of POOL_ID: pool-managerd --join-token-file takes it; it allows
-    that pool's heartbeats and nothing else."""
+    that pool's heartbeats and nothing else. With --revoke the old one stops working at
+    once (its heartbeats get 401; the pool must be restarted with the new one)."""
     from rbees_core.programs.rbees_commands.jobs import _request
 
-    _, answer = _request("POST", f"/v2/pools/{pool_id}/join-token")
+    path = f"/v2/pools/{pool_id}/join-token" + ("/revoke" if revoke else "")
+    _, answer = _request("POST", path)
     print(answer["join_token"])
+    if revoke:
+        print(f"revoked the old join token of {pool_id}; restart its pool-managerd with the "
+              "new one (printed on stdout)", file=sys.stderr)
 
 
 def tls_issue(
