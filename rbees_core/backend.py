@@ -375,6 +375,9 @@ class Backend(ABC):
     #: Whether :meth:`load` takes ``n_gpu_layers`` and ``tensor_split`` (a model larger than
     #: one GPU: :func:`offload_args`); backends without them are never passed them.
     offloads: ClassVar[bool] = False
+    #: Whether :meth:`load` takes ``rpc``: ``HOST:PORT`` endpoints of llama.cpp RPC servers
+    #: whose devices hold part of the model (a sharded worker, rbees-workerd ``--rpc``)
+    shards: ClassVar[bool] = False
 
     @classmethod
     def available_devices(cls) -> list[str]:
@@ -424,12 +427,25 @@ class Backend(ABC):
 
 
 def offload_args(backend: Backend, device: str, n_gpu_layers: int | None,
-                 tensor_split: Sequence[float] | None) -> dict[str, Any]:
+                 tensor_split: Sequence[float] | None,
+                 rpc: Sequence[str] = ()) -> dict[str, Any]:
     """The keywords of :meth:`Backend.load` for a model larger than one GPU (rbees-workerd
     ``--n-gpu-layers``/``--tensor-split``, :mod:`rbees_core.planning`): none when neither
     is set, or on the CPU (where no layer is on a GPU: ``--n-gpu-layers 0`` is accepted).
-    Raises :class:`rbees_core.errors.BackendUnavailableError` when the backend cannot
-    offload (no :attr:`Backend.offloads`). Called by rbees-workerd before it loads."""
+    With ``rpc`` (``--rpc``: RPC servers of other devices, a sharded worker) ``rpc`` and
+    ``tensor_split`` (this device's share first, then each server's; None: by their free
+    memory), on any device. Raises :class:`rbees_core.errors.BackendUnavailableError` when
+    the backend cannot offload (no :attr:`Backend.offloads`) or shard (no
+    :attr:`Backend.shards`). Called by rbees-workerd before it loads."""
+    if rpc:
+        if not type(backend).shards:
+            from rbees_core.errors import BackendUnavailableError
+
+            raise BackendUnavailableError(
+                f"backend {backend.name!r} cannot shard a model over RPC servers (--rpc); "
+                "llamacpp can", details={"backend": backend.name, "device": device})
+        return {"rpc": tuple(rpc), "tensor_split": tuple(tensor_split) if tensor_split
+                else None}
     if n_gpu_layers is None and not tensor_split:
         return {}
     if device.split(":", 1)[0] == "cpu":

@@ -139,6 +139,11 @@ class PoolConfig:
         doc="most memory this pool offers its workers on each device (RAM or GPU), as "
             "bytes or with a unit (`12GiB`, `512MiB`, `8GB`); the rest of the machine is "
             "left alone. Default: all of it (--memory-limit, RBEES_POOL_MEMORY_LIMIT)")
+    rpc: bool = field(
+        default=False,
+        doc="serve this pool's devices to sharded workers of other pools over llama.cpp's "
+            "RPC backend (POST /v2/rpc/start); the servers bind loopback only and are "
+            "reached through an authenticated tunnel (README, \"Sharding\"; RBEES_POOL_RPC)")
 
     def memory_limit_bytes(self) -> int | None:
         """``memory_limit`` in bytes (``12GiB`` -> 12 * 2**30; ``8GB`` -> 8 * 10**9), or
@@ -370,6 +375,7 @@ _ENV: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "RBEES_TLS_CERT": ("tls", "cert", str),
     "RBEES_TLS_KEY": ("tls", "key", str),
     "RBEES_CA_FILE": ("tls", "ca_file", str),
+    "RBEES_POOL_RPC": ("pool", "rpc", _bool),
     "RBEES_SCHEDULER_POLICY": ("scheduler", "policy", str),
     "RBEES_SCHEDULER_SCRIPT": ("scheduler", "script", str),
     "RBEES_PLACEMENT_CPU_SLOTS": ("placement", "cpu_slots", int),

@@ -120,7 +120,7 @@ POOL_ROUTES = {
         ("GET", "/openapi.json"), ("GET", "/v2/state"), ("GET", "/v2/workers"),
         ("GET", "/v2/workers/{worker_id}"), ("POST", "/v2/workers/start"),
         ("POST", "/v2/workers/{worker_id}/drain"), ("POST", "/v2/workers/{worker_id}/stop"),
-        ("GET", "/v2/models"),
+        ("GET", "/v2/models"), ("POST", "/v2/rpc/start"), ("POST", "/v2/rpc/{server_id}/stop"),
         ("POST", "/v2/models/download"), ("POST", "/v2/models/retry"),
         ("DELETE", "/v2/models/{model_id:path}")]},
 }
@@ -134,7 +134,7 @@ WORKER_ROUTES = {
 #: values for the path parameters: ids nothing has (the handlers answer 404 or 400)
 PARAMS = {"job_id": "job-none", "pool_id": "p1", "worker_id": "w-none", "name": "nobody",
           "model_id": "no/such-model", "response_id": "resp-none", "file_id": "file-none",
-          "batch_id": "batch-none"}
+          "batch_id": "batch-none", "server_id": "rpc-none"}
 CORE_ORCD = {k for k in ORCD_ROUTES if not k[1].startswith("/api/")
              and not k[1].startswith(("/v1/messages", "/v1/responses"))}
 

@@ -130,6 +130,38 @@ class FailedModel:
 
 
 @attrs.frozen
+class RpcStartRequest:
+    """Body of POST /v2/rpc/start: a llama.cpp RPC server for one device of this pool, that
+    a sharded worker elsewhere loads part of a model onto (``[pool] rpc = true``)."""
+
+    memory_bytes: int = attrs.field(metadata=limits(
+        minimum=1, maximum=2**50,
+        doc="what the shard will hold on the device: reserved in the pool's accounting while "
+            "the server runs (refused with INSUFFICIENT_RAM/_VRAM when it does not fit)"))
+    device: str = field(default="cpu", pattern=r"(cpu|cuda|metal)(:[0-9]{1,3})?")
+    threads: int | None = field(default=None, minimum=1, maximum=1024,
+                                doc="CPU threads of a cpu server (default: 1)")
+
+
+@attrs.frozen
+class RpcServerEntry:
+    """One RPC server of a pool (``/v2/state``'s and heartbeats' ``rpc_servers``).
+
+    ``endpoint`` is a loopback ``HOST:PORT``: the server never listens on another address
+    (llama.cpp's RPC protocol has no authentication); a worker of another host reaches it
+    through a tunnel (README, "Sharding")."""
+
+    server_id: str
+    device: str
+    endpoint: str
+    state: Literal["starting", "ready", "stopping", "stopped", "failed"]
+    memory_bytes: int
+    pid: int
+    started_at: float
+    error: str | None = None
+
+
+@attrs.frozen
 class PoolState:
     """GET /v2/state: facts of this host, sent as the heartbeat body too."""
 
@@ -148,6 +180,11 @@ class PoolState:
         default=None, minimum=0,
         doc="free space where this pool keeps downloaded models: pull on first use picks a "
         "pool with room for the file")
+    rpc: bool = field(default=False, doc="whether this pool serves its devices over llama.cpp "
+                      "RPC to sharded workers ([pool] rpc = true)")
+    rpc_servers: list[RpcServerEntry] = field(
+        factory=list, max_items=64,
+        doc="its RPC servers; their memory is counted in gpus[]/cpu reserved bytes")
 
 
 @attrs.frozen

@@ -33,7 +33,7 @@ from rbees_core.api.worker import ReadyCallback
 from rbees_core.errors import ConflictError, ModelLoadError, NotFoundError, RbeesError
 from rbees_core.log import Logger
 from rbees_core.placement import core_donor
-from rbees_core.pool import cores, credentials, memory, workers
+from rbees_core.pool import cores, credentials, memory, rpc, workers
 from rbees_core.pool.downloads import Downloads
 from rbees_core.pool.load_marks import (
     LoadMarks,
@@ -117,10 +117,12 @@ class PoolService:
         from rbees_core.config import load_config
 
         #: models that failed to load too often here (the one owner of these marks)
-        self.marks = LoadMarks(load_config().pool.max_load_failures, canon=catalog_canon(pm))
+        pool_config = load_config().pool
+        self.marks = LoadMarks(pool_config.max_load_failures, canon=catalog_canon(pm))
         self.estimates = memory.Estimates.for_pool(pm)  # the preflight and listing figures
         #: set to send the next heartbeat now (a mark was set or cleared)
         self.beat_now = asyncio.Event()
+        self.rpc = rpc.RpcServers(self, enabled=pool_config.rpc, changed=self.beat_now.set)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -162,7 +164,7 @@ class PoolService:
         self.draining = True
         await asyncio.gather(*(self.stop_worker(w, grace=self.settings.stop_grace_s, wait=True)
                                for w in list(self.workers) if self.workers[w].state in LIVE),
-                             return_exceptions=True)
+                             self.rpc.stop_all(), return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         if self.settings.orchestrator:
@@ -189,9 +191,10 @@ class PoolService:
     # -- state ---------------------------------------------------------------------------
 
     def held(self, device: str) -> memory.Held:
-        """What the live workers on ``device`` hold (:func:`memory.offer`)."""
-        return memory.held_on(device, ((w.record.device, w.state, w.record.memory_bytes)
-                                       for w in self.workers.values() if w.state in LIVE))
+        """What the live workers and RPC servers on ``device`` hold (:func:`memory.offer`)."""
+        return rpc.held_with(device, ((w.record.device, w.state, w.record.memory_bytes)
+                                      for w in self.workers.values() if w.state in LIVE),
+                             self.rpc)
 
     def cores_held(self) -> set[int]:
         """Cores held by this pool's live workers (their own CPU sets)."""
@@ -219,7 +222,8 @@ class PoolService:
                          cpu=cpu, workers=[w.entry() for w in self.workers.values()],
                          models=models, version=__version__, url=self.settings.url,
                          failed_models=self.marks.listed(),
-                         disk_free_bytes=local_models.disk_free_bytes())
+                         disk_free_bytes=local_models.disk_free_bytes(),
+                         rpc=self.rpc.enabled, rpc_servers=self.rpc.entries())
 
     def get(self, worker_id: str) -> ManagedWorker:
         try:
@@ -429,6 +433,7 @@ class PoolService:
                     w.exit_code = w.proc.returncode
                     self._fail(w, "WORKER_EXITED", f"process exited with {w.exit_code}")
                     await self._regrow()
+            await self.rpc.supervise()
             if time.monotonic() - last_poll >= self.settings.health_interval_s:
                 last_poll = time.monotonic()
                 await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())

@@ -29,6 +29,8 @@ from rbees_core.api.pool import (
     PoolState,
     RetryAnswer,
     RetryRequest,
+    RpcServerEntry,
+    RpcStartRequest,
     WorkerEntry,
     WorkerList,
     WorkerStarted,
@@ -147,6 +149,19 @@ async def delete_model(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def start_rpc(request: Request) -> Response:
+    req = await read_json(request, RpcStartRequest)
+    server = await _svc(request).rpc.start(req)
+    return json_response(server.entry(), 202)
+
+
+async def stop_rpc(request: Request) -> Response:
+    server_id = str(request.path_params["server_id"])
+    check_string(server_id, "server_id", {"pattern": ID_PATTERN})
+    server = await _svc(request).rpc.stop(server_id)
+    return json_response(server.entry(), 202)
+
+
 _OPERATIONS = [
     openapi.Operation("GET", "/health", "liveness", response=Health, open=True),
     openapi.Operation("GET", "/metrics", "Prometheus metrics", open=True),
@@ -172,6 +187,13 @@ _OPERATIONS = [
     openapi.Operation("POST", "/v2/internal/workers/ready", "a worker's ready callback",
                       request=ReadyCallback, response=WorkerEntry, scope="worker",
                       errors={"409": "unknown worker or not starting"}),
+    openapi.Operation("POST", "/v2/rpc/start", "a llama.cpp RPC server for one device "
+                      "(loopback only; [pool] rpc = true)", request=RpcStartRequest,
+                      response=RpcServerEntry, status=202,
+                      errors={"409": "RPC_DISABLED, INSUFFICIENT_RAM or INSUFFICIENT_VRAM"}),
+    openapi.Operation("POST", "/v2/rpc/{server_id}/stop", "stop an RPC server, release its "
+                      "memory", response=RpcServerEntry, status=202,
+                      errors={"404": "no such server"}),
     openapi.Operation("GET", "/v2/models", "models on this host", response=ModelList),
     openapi.Operation("POST", "/v2/models/download", "download a model (SSE progress)",
                       request=DownloadRequest, sse=True, errors={"404": "MODEL_NOT_FOUND"}),
@@ -211,6 +233,8 @@ def routes(pm: pluggy.PluginManager, started: float) -> list[BaseRoute]:
         Route("/v2/workers/{worker_id}/drain", drain_worker, methods=["POST"]),
         Route("/v2/workers/{worker_id}/stop", stop_worker, methods=["POST"]),
         Route("/v2/internal/workers/ready", worker_ready, methods=["POST"]),
+        Route("/v2/rpc/start", start_rpc, methods=["POST"]),
+        Route("/v2/rpc/{server_id}/stop", stop_rpc, methods=["POST"]),
         Route("/v2/models", list_models, methods=["GET"]),
         Route("/v2/models/download", download_model, methods=["POST"]),
         Route("/v2/models/retry", retry_model, methods=["POST"]),

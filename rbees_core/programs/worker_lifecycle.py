@@ -59,7 +59,7 @@ async def load_model(st: WorkerState) -> None:
         path = resolve_model(st.pm, s.model_ref)
         load: Callable[..., Any] = \
             functools.partial(worker_embed.load, backend) if s.embedding else backend.load
-        offload = offload_args(backend, s.device, s.n_gpu_layers, s.tensor_split)
+        offload = offload_args(backend, s.device, s.n_gpu_layers, s.tensor_split, s.rpc)
         model = await asyncio.to_thread(load, path, device=s.device, slots=s.slots, ctx=s.ctx,
                                         threads=s.threads, progress=progress, **offload)
     except RbeesError as exc:

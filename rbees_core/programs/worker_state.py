@@ -46,6 +46,9 @@ class WorkerSettings:
     tensor_split: tuple[float, ...] | None = None
     #: --tls-cert / --tls-key: serve HTTPS (its pool's certificate)
     tls: ServerTLS | None = None
+    #: --rpc: llama.cpp RPC servers (HOST:PORT, loopback or a tunnel's local end) whose
+    #: devices hold part of the model, after this host's (a sharded worker)
+    rpc: tuple[str, ...] = ()
 
 
 @attrs.define(eq=False)

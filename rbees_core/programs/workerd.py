@@ -245,7 +245,8 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
                   tensor_split: tuple[float, ...] | None = None,
                   control_token: str | None = None,
                   callback_token: str | None = None,
-                  tls: ServerTLS | None = None) -> WorkerSettings:
+                  tls: ServerTLS | None = None,
+                  rpc: tuple[str, ...] = ()) -> WorkerSettings:
     """The worker's settings from its config and flags. Raises
     :class:`InvalidParamsError` for a bind the policy refuses and a chat template file
     that cannot be read."""
@@ -261,7 +262,7 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
         token=token, drain_timeout_s=config.worker.drain_timeout_s,
         callback_timeout_s=config.worker.ready_callback_timeout_s, embedding=embedding,
         chat_template=template, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
-        control_token=control_token, callback_token=callback_token, tls=tls,
+        control_token=control_token, callback_token=callback_token, tls=tls, rpc=rpc,
     )
 
 
@@ -309,6 +310,9 @@ def serve_worker(
     tls_cert: Annotated[str | None, tls_cert_option()] = None,
     tls_key: Annotated[str | None, tls_key_option()] = None,
     ca_file: Annotated[str | None, ca_file_option()] = None,
+    rpc: Annotated[str | None, typer.Option(
+        "--rpc", help="llama.cpp RPC servers holding part of the model, HOST:PORT,... "
+        "(--tensor-split then gives this device's share first)")] = None,
     log_level: Annotated[str | None, log_level_option()] = None,
     log_to: Annotated[str | None, log_to_option()] = None,
 ) -> None:
@@ -332,7 +336,8 @@ def serve_worker(
             tensor_split=parse_shares(tensor_split) if tensor_split else None,
             control_token=read_token_file(control_token_file) if control_token_file else None,
             callback_token=read_token_file(callback_token_file) if callback_token_file
-            else None, tls=server_tls(tls_cert, tls_key, config=cfg))
+            else None, tls=server_tls(tls_cert, tls_key, config=cfg),
+            rpc=tuple(e.strip() for e in rpc.split(",") if e.strip()) if rpc else ())
         use_ca_file(ca_file or cfg.tls.ca_file)  # its ready callback
         if cpus is not None:
             pin(cpus)

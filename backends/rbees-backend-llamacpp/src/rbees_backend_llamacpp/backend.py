@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rbees_backend_llamacpp.offload import set_devices
+from rbees_backend_llamacpp.offload import set_devices, set_remote_devices
 from rbees_core.backend import (
     OVERHEAD_BYTES,
     Backend,
@@ -72,6 +72,7 @@ class LlamaCppBackend(Backend):
     batched: ClassVar[bool] = True
     embeds: ClassVar[bool] = True
     offloads: ClassVar[bool] = True
+    shards: ClassVar[bool] = True
 
     @classmethod
     def available_devices(cls) -> list[str]:
@@ -129,12 +130,15 @@ class LlamaCppBackend(Backend):
         embedding: bool = False,
         n_gpu_layers: int | None = None,
         tensor_split: Sequence[float] | None = None,
+        rpc: Sequence[str] | None = None,
     ) -> LoadedModel:
         """The model on ``device``; with ``embedding``, a context for
         :meth:`LlamaCppModel.embed` instead of generation
         (:mod:`rbees_backend_llamacpp.embedding`); ``n_gpu_layers`` of it on the GPU (the
         rest in RAM) or split over the GPUs by ``tensor_split``
-        (:mod:`rbees_backend_llamacpp.offload`)."""
+        (:mod:`rbees_backend_llamacpp.offload`); with ``rpc`` (``HOST:PORT`` of llama.cpp
+        RPC servers) sharded by layer over ``device`` and their devices, ``tensor_split``
+        then giving ``device``'s share first (:func:`offload.set_remote_devices`)."""
         kind, index = split_device(device, self.name)
         if kind not in self.available_devices():
             raise BackendUnavailableError(
@@ -145,7 +149,7 @@ class LlamaCppBackend(Backend):
         return LlamaCppModel(path, kind=kind, index=index, slots=slots, ctx=ctx,
                              threads=threads or _usable_cores(), progress=progress,
                              embedding=embedding, n_gpu_layers=n_gpu_layers,
-                             tensor_split=tensor_split)
+                             tensor_split=tensor_split, rpc=tuple(rpc or ()))
 
 
 class LlamaCppModel(LoadedModel):
@@ -154,12 +158,22 @@ class LlamaCppModel(LoadedModel):
     def __init__(self, path: str, *, kind: str, index: int, slots: int, ctx: int | None,
                  threads: int, progress: Callable[[str, float], None], n_batch: int = 256,
                  embedding: bool = False, n_gpu_layers: int | None = None,
-                 tensor_split: Sequence[float] | None = None) -> None:
+                 tensor_split: Sequence[float] | None = None,
+                 rpc: Sequence[str] = ()) -> None:
         lib = self._lib = _lib()
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
-        self._split = set_devices(lib, mparams, kind=kind, index=index,
-                                  n_gpu_layers=n_gpu_layers, tensor_split=tensor_split)
+        #: each device's share of a sharded model (this host's first), else None
+        self.shard: tuple[float, ...] | None = None
+        if rpc:
+            n_layer = read_header(path).arch_int("block_count") or 0
+            self._split = set_remote_devices(lib, mparams, kind=kind, index=index,
+                                             n_layer=n_layer, endpoints=rpc,
+                                             tensor_split=tensor_split)
+            self.shard = self._split[-1]
+        else:
+            self._split = set_devices(lib, mparams, kind=kind, index=index,
+                                      n_gpu_layers=n_gpu_layers, tensor_split=tensor_split)
 
         def on_progress(fraction: float, _user: Any) -> bool:
             progress("load", float(fraction))
@@ -210,6 +224,9 @@ class LlamaCppModel(LoadedModel):
         # weights, cache and the compute buffers the estimate counts (OVERHEAD_BYTES), so
         # that the pool can calibrate its estimates by this figure (rbees_core.pool.memory)
         self.memory_bytes = int(lib.llama_model_size(model)) + kv_bytes + OVERHEAD_BYTES
+        if self.shard is not None:  # this host holds its share; the servers hold the rest
+            weights = int(lib.llama_model_size(model)) + kv_bytes
+            self.memory_bytes = int(weights * self.shard[0] / sum(self.shard)) + OVERHEAD_BYTES
         self.memory_kind = _MEMORY_KIND[kind]
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
         self._pos = [0] * slots
