@@ -263,8 +263,8 @@ class OrchestratorConfig:
     decision_retention: str = field(
         default="7d", pattern=r"^(forever|(\d+(\.\d*)?[smhdw])+|\d+(\.\d*)?)$",
         doc='how long each scheduling decision keeps the snapshot it was made from, for '
-            '`rbees scheduler replay` ("7d", "24h", "2w", seconds, "forever"); the '
-            'decision itself stays for `rbees jobs why`')
+            '`rbees scheduler replay` ("7d", "24h", "2w", seconds, "forever"; "0": none '
+            'kept); the decision itself stays for `rbees jobs why`')
 
 
 @attrs.frozen

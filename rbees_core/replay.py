@@ -158,6 +158,9 @@ def replay(decide: Any, snapshot: dict[str, Any], jobs: list[Any], *,
 
 #: what a replayed decision changed, in the order a row names the first that applies
 CHANGES = ("placement", "wait_avoided", "wait_added", "eviction", "other")
+#: the words of a wait rbees-orcd put in place of a policy's start while a crashing model's
+#: restart was backed off (rbees_core.orchestrator.recovery): no policy's decision
+HELD = "restart backed off"
 
 
 def target_of(decisions: list[dict[str, Any]]) -> str | None:
@@ -234,13 +237,15 @@ def rerun(decide: Any, records: Iterable[dict[str, Any]], *,
     the ``decide`` of the policy a decision was made by (the check that it reproduces its
     decisions). Returns ``{"rows": [...], "summary":
     {...}}``: per decision the recorded and replayed ``action``/``target``/``summary``,
-    ``exact`` (the same verdict word for word, timings aside) and ``change``
-    (:func:`change_of`); the summary counts them. Called by ``rbees scheduler replay`` and
-    rbees-orcd's ``GET /v2/tasks/{id}/replay``."""
+    ``exact`` (the same verdict word for word, timings aside), ``change``
+    (:func:`change_of`) and ``held`` (rbees-orcd held the policy's start back while the
+    model's restart was backed off: even the same policy does not reproduce it, as the
+    backoff is not in the snapshot); the summary counts them. Called by ``rbees scheduler
+    replay`` and rbees-orcd's ``GET /v2/tasks/{id}/replay``."""
     import copy
 
     rows = []
-    counts = {"decisions": 0, "exact": 0, "same": 0, **dict.fromkeys(CHANGES, 0)}
+    counts = {"decisions": 0, "exact": 0, "same": 0, **dict.fromkeys(CHANGES, 0), "held": 0}
     policy = None
     for record in records:
         snapshot = record["snapshot"]
@@ -251,12 +256,15 @@ def rerun(decide: Any, records: Iterable[dict[str, Any]], *,
         change = change_of(list(before.get("decisions") or []),
                            list(verdict.get("decisions") or []))
         exact = _comparable(before) == _comparable(verdict)
+        held = any(HELD in str(d.get("reason") or "") for d in before.get("decisions") or ())
         job = snapshot.get("job") or {}
         rows.append({"job_id": record["job_id"], "decision_id": record.get("decision_id"),
                      "decided_at": record.get("decided_at"), "model": job.get("model"),
                      "priority": job.get("priority"), "recorded": _side(before),
-                     "replayed": _side(verdict), "exact": exact, "change": change})
+                     "replayed": _side(verdict), "exact": exact, "change": change,
+                     "held": held})
         counts["decisions"] += 1
+        counts["held"] += held
         counts["exact"] += exact
         counts[change or "same"] += 1
     jobs = {r["job_id"] for r in rows}

@@ -36,7 +36,7 @@ from rbees_core.orchestrator.decisions import (
 from rbees_core.orchestrator.store import Store
 from rbees_core.replay import change_of, rerun
 from rbees_core.testing.cluster import Cluster
-from rbees_core.testing.decisions import MIDNIGHT, record_day
+from rbees_core.testing.decisions import MIDNIGHT, record_day, three_pools
 
 BIN = Path(sys.executable).parent
 EXAMPLES = Path(__file__).resolve().parents[1] / "schedulers" / "examples"
@@ -147,6 +147,21 @@ def test_change_of_names_what_changed() -> None:
     assert change_of(dispatch, wait) == "wait_added"
     stop = [{"action": "stop_worker", "pool_id": "p", "worker_id": "w9"}, *wait]
     assert change_of(wait, stop) == "eviction"
+    # a wait rbees-orcd put in place of the policy's start (a crashing model backed off)
+    start = {"action": "start_worker", "pool_id": "gpu-box", "device": "cuda:0",
+             "model": "smollm2"}
+    snap = {"now": 1.0, "job": {"job_id": "j", "model": "smollm2"}, "queue": [], "pools": []}
+    held = {"policy": "p", "decisions": [{"action": "wait", "reason": "the worker for "
+            "smollm2 on gpu-box crashed 3 time(s) in a row (exit 1): restart backed off, "
+            "4.0 s left"}]}
+
+    def decide(_: Any) -> Any:
+        from rbees_core.scheduling import Decision, Verdict
+
+        return Verdict("p", [Decision(**start)])
+
+    result = rerun(decide, [{"job_id": "j", "decision": held, "snapshot": snap}])
+    assert result["rows"][0]["held"] and result["summary"]["held"] == 1
 
 
 def test_the_cli_replays_a_state_database(day: tuple[Path, list[dict[str, Any]]],
@@ -192,11 +207,21 @@ async def test_retention_drops_old_snapshots_and_keeps_the_decisions(tmp_path: P
         assert store.decisions(first["job_id"])[0]["policy"] == "least-loaded"  # why: kept
         forever = Retention(store.write_async, keep_s=None, log=Logger("test"))
         assert await forever.prune(now=time.time() + 1e9) == 0
+        store.keep_snapshots = False  # decision_retention = "0": none is even encoded
+        await store.record_decision_async(first["job_id"], first["decision"],
+                                          first["snapshot"])
+        assert store.query("SELECT snapshot FROM decisions WHERE job_id = ? ORDER BY "
+                           "decision_id DESC LIMIT 1", (first["job_id"],)) == [(None,)]
 
 
 def test_encoding_and_spans() -> None:
     snap = {"now": 1.5, "pools": [{"pool_id": "p", "workers": []}], "queue": []}
     assert decode_snapshot(encode_snapshot(snap)) == snap
+    for data in ({"now": 1}, {"pools": []}, {"pools": [{"pool_id": "p", "workers": [1]}]}):
+        assert decode_snapshot(encode_snapshot(data)) == data
+    many = {"now": 2.0, "pools": [{**pool, "pool_id": f"{pool['pool_id']}-{n}"}
+                                  for n in range(400) for pool in three_pools()]}
+    assert decode_snapshot(encode_snapshot(many)) == many  # compressed faster: 1,200 pools
     with pytest.raises(ValueError, match="upgrade rbees"):
         decode_snapshot(b"\x09abc")
     assert parse_span("7d", field="x") == 7 * 86400

@@ -108,6 +108,7 @@ class OrchestratorService:
         from rbees_core.config import SchedulerConfig
 
         self.store = Store(settings.db_path)
+        self.store.keep_snapshots = settings.decision_retention_s != 0
         self.keys = KeyRing(self.store, settings.token)  # credentials: rbees_core.auth
         self.queue = JobQueue(capacity=settings.capacity, policy=settings.policy,  # type: ignore[arg-type]
                               promote_after_s=settings.promote_after_s)

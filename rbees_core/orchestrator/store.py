@@ -74,6 +74,9 @@ class Store:
         self.path = Path(path)
         self._clock = clock
         self._ops = Ops(clock)
+        #: whether decisions keep their snapshot (``decision_retention = "0"``: not even
+        #: encoded, for a cluster of hundreds of pools whose snapshots cost milliseconds)
+        self.keep_snapshots = True
         self._lock = threading.Lock()
         self._closed = False
         self._local = threading.local()
@@ -212,13 +215,14 @@ class Store:
 
         Raises :class:`JobNotFoundError`.
         """
-        return self._call(self._ops.decision_op(job_id, decision, snapshot))
+        return self._call(self._ops.decision_op(
+            job_id, decision, snapshot if self.keep_snapshots else None))
 
     async def record_decision_async(self, job_id: str, decision: Mapping[str, Any],
                                     snapshot: Mapping[str, Any] | None = None) -> int:
         """:meth:`record_decision` for an asyncio loop."""
-        return await self._writer.submit_async(
-            self._ops.decision_op(job_id, decision, snapshot))
+        return await self._writer.submit_async(self._ops.decision_op(
+            job_id, decision, snapshot if self.keep_snapshots else None))
 
     def recover(self) -> Recovery:
         """Apply CONTRACT section 5's restart rule; call once at start, before dispatching.

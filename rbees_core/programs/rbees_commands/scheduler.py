@@ -288,7 +288,9 @@ def _commands(pm: pluggy.PluginManager) -> typer.Typer:
               f"{summary['same']} alike; would change {summary['jobs_changed']} jobs: "
               f"{summary['placement']} placements, {summary['wait_avoided']} waits avoided, "
               f"{summary['wait_added']} waits added, {summary['eviction']} evictions, "
-              f"{summary['other']} other")
+              f"{summary['other']} other" + (f" ({summary['held']} decisions were rbees-orcd's "
+                                                "backoff of a crashing model, not the policy's)"
+                                                if summary["held"] else ""))
 
     return group
 
