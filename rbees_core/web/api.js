@@ -137,6 +137,7 @@ export async function request(path, options = {}) {
       await askToken(tok ? "That token was refused. Enter the right one." : undefined);
       continue;
     }
+    if (res.status === 403) connection("ok"); // a known credential without the scope
     if (!res.ok) throw await errorOf(res);
     connection("ok");
     return res;

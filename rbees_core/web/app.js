@@ -1,19 +1,22 @@
-// rbees web UI: pages by URL hash (#/chat, #/dashboard, #/models, #/batches) and the poll loop.
+// rbees web UI: pages by URL hash (#/chat, #/dashboard, #/models, #/batches, #/keys) and the
+// poll loop.
 
 import { askToken, onConnection, token } from "./api.js";
 import { refreshBatches } from "./batches.js";
 import { initChat, loadModels } from "./chat.js";
 import { refreshDashboard, sampleMetrics } from "./dashboard.js";
+import { initKeys, leaveKeys, refreshKeys } from "./keys.js";
 import { initModels, refreshModels } from "./models.js";
 import { $ } from "./util.js";
 
-const PAGES = ["chat", "dashboard", "models", "batches"];
+const PAGES = ["chat", "dashboard", "models", "batches", "keys"];
 const POLL_MS = 1500;
 let page = "chat";
 let polling = false;
 
 function route() {
   const want = (location.hash.match(/^#\/(\w+)/) || [])[1];
+  if (page === "keys" && want !== "keys") leaveKeys(); // a key shown once goes with the page
   page = PAGES.includes(want) ? want : "chat";
   for (const name of PAGES) $(`#page-${name}`).hidden = name !== page;
   for (const a of document.querySelectorAll("nav a")) {
@@ -34,6 +37,7 @@ async function tick() {
     if (page === "dashboard") await refreshDashboard();
     else if (page === "models") await refreshModels();
     else if (page === "batches") await refreshBatches();
+    else if (page === "keys") await refreshKeys();
   } catch (err) {
     // shown by the connection badge; the next tick tries again
   } finally {
@@ -56,6 +60,7 @@ function start() {
   });
   initChat();
   initModels();
+  initKeys();
   window.addEventListener("hashchange", route);
   route();
   setInterval(tick, POLL_MS);
