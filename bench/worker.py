@@ -20,6 +20,9 @@ Extra baselines (``--skip a,a4,c,e`` leaves them out):
   g    rbees-workerd, one stream asking for JSON, sampled freely (Wj) and under the grammar
        of a JSON schema (Wg), alternated: the grammar sampler's cost (issue 23: Wg >= 0.85 x
        Wj tokens/s)
+  s    rbees-workerd sharded over two llama.cpp RPC servers on loopback (S2, S2k) against
+       the same worker unsharded (Wu), alternated, and the network round trips a generated
+       token costs (S2rt): bench/shard.py (issue 27)
 
 Judged (issue 21): W1 >= 1.05 x L1 tokens/s; TTFT(W1) <= TTFT(L1) + 2 ms; W4 >= 1.05 x L4;
 TTFT(W1k) <= 1.1 x TTFT(L1k). Every baseline runs with its own defaults (no OpenMP setting
@@ -46,6 +49,7 @@ from typing import Any
 
 import attrs
 import httpx
+from shard import bench_shard  # bench/shard.py, beside this file
 from sidebyside import (  # bench/sidebyside.py, beside this file
     BUSY_REFUSALS,
     CTX,
@@ -106,12 +110,12 @@ class Worker:
     """A running rbees-workerd, with the environment of this process (its own defaults)."""
 
     def __init__(self, threads: int, slots: int = 1, backend: str = "llamacpp",
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", extra: tuple[str, ...] = ()) -> None:
         self.port = find_free_port()
         self.home = tempfile.mkdtemp(prefix="rbees-bench-")
         argv = workerd_argv(f"bench-{backend}-{slots}", self.port, backend=backend,
                             device=device, slots=slots,
-                            extra=("--threads", str(threads), "--ctx", str(CTX)))
+                            extra=("--threads", str(threads), "--ctx", str(CTX), *extra))
         self.proc = subprocess.Popen(argv, env={**os.environ, "RBEES_HOME": self.home},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -393,6 +397,7 @@ def run_once(args: argparse.Namespace, path: str, exe: Path | None) -> list[Resu
         ("c", lambda: bench_llama_cpp_server(path, t, n, r)),
         ("e", lambda: bench_torch(t, n, r)),
         ("g", lambda: bench_grammar(t, n, r, dev)),
+        ("s", lambda: bench_shard(t, n, r, lw)),
     ]
     results: list[Result] = []
     for name, step in steps:
@@ -418,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="samples per case in a run")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of the whole set, one after the other; all are reported")
-    parser.add_argument("--skip", default="", help="comma-separated cases to skip (a,a4,c,e)")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated cases to skip (a,a4,c,e,g,s)")
     parser.add_argument("--llama-server", default=None, help="the llama-server binary")
     parser.add_argument("--long-words", type=int, default=LONG_WORDS, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true",
