@@ -175,3 +175,39 @@ def test_tls_failures_are_named(cluster: Cluster) -> None:
         httpx.get(f"{cluster.url}/health", timeout=5)  # certifi: the lab CA is not in it
     assert "not trusted" in (tls_failure(untrusted.value) or "")
     assert tls_failure(ValueError("x")) is None
+
+
+def test_service_units_with_tls_serve_https_with_the_lab_certificate(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path / "user"), "RBEES_HOME": str(tmp_path / "home"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    done = subprocess.run([str(BIN / "rbees"), "service", "install", "--kind", "systemd",
+                           "--no-start", "--tls", "--bind", "127.0.0.1:8181"], env=env,
+                          text=True, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    units = tmp_path / "config" / "systemd" / "user"
+    tls = tmp_path / "home" / "tls"
+    flags = (f"--tls-cert {tls / 'server.pem'} --tls-key {tls / 'server.key'} "
+             f"--ca-file {tls / 'ca.pem'}")
+    assert flags in (units / "rbees-orcd.service").read_text()
+    pool = (units / "rbees-pool.service").read_text()
+    assert "--orchestrator https://127.0.0.1:8181" in pool and flags in pool
+
+
+def test_rbees_pool_daemon_start_serves_https_and_its_status_verifies(tmp_path: Path) -> None:
+    issued = issue(tmp_path / "ca", "local", ["localhost"], ["127.0.0.1"])
+    env = {**os.environ, "RBEES_HOME": str(tmp_path / "home"), "RBEES_CA_FILE": str(issued.ca)}
+    port = find_free_port()
+
+    def pool(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "rbees-pool"), *args], env=env, text=True,
+                              capture_output=True, timeout=60)
+
+    started = pool("daemon", "start", "--bind", f"127.0.0.1:{port}", "--tls-cert",
+                   str(issued.cert), "--tls-key", str(issued.key), "--format", "json")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["url"] == f"https://127.0.0.1:{port}"
+        status = pool("daemon", "status", "--format", "json")
+        assert json.loads(status.stdout)[0]["workers"] == 0, status.stdout  # it verified
+    finally:
+        pool("daemon", "stop")

@@ -113,11 +113,11 @@ def errors_to_exit(program: str) -> Iterator[None]:
         fail(program, exc)
 
 
-def _use_ca_file(value: str | None) -> str | None:
+def _use_ca_file(ctx: typer.Context, value: str | None) -> str | None:
     if value:  # every client of this run verifies with it (rbees_core.tls.client_context)
         from rbees_core.tls import use_ca_file
 
-        with errors_to_exit("rbees"):
+        with errors_to_exit(ctx.find_root().info_name or "rbees"):
             use_ca_file(value)
     return value
 

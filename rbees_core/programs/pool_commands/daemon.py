@@ -29,10 +29,15 @@ def start(
     orchestrator: Annotated[str | None, typer.Option("--orchestrator")] = None,
     config: Annotated[str | None, typer.Option("--config")] = None,
     api_token_file: Annotated[str | None, typer.Option("--api-token-file")] = None,
+    tls_cert: Annotated[str | None, typer.Option(
+        "--tls-cert", metavar="PEM", help="Serve HTTPS with this certificate (with "
+        "--tls-key; [tls] cert); its workers too")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", metavar="PEM")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=1)] = 30.0,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
-    """Start pool-managerd in the background and wait until it answers."""
+    """Start pool-managerd in the background and wait until it answers. Its heartbeats
+    verify the orchestrator with this command's CA (rbees-pool --ca-file, RBEES_CA_FILE)."""
     import httpx
 
     from rbees_core.errors import ConflictError, RbeesError
@@ -45,13 +50,18 @@ def start(
     log_path = daemon_files().log
     argv = [str(Path(sys.executable).with_name("pool-managerd")), "--bind", bind]
     for flag, value in (("--pool-id", pool_id), ("--orchestrator", orchestrator),
-                        ("--config", config), ("--api-token-file", api_token_file)):
+                        ("--config", config), ("--api-token-file", api_token_file),
+                        ("--tls-cert", tls_cert), ("--tls-key", tls_key)):
         if value:
             argv += [flag, value]
     with open_private(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    from rbees_core.config import load_config
+
+    tls = bool(tls_cert or load_config(config).tls.cert)
+    where = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"{'https' if tls else 'http'}://{where}:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -319,8 +319,11 @@ def orch_start(
     timeout: Annotated[float, typer.Option("--timeout", min=1)] = 30.0,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
-    """Start rbees-orcd in the background."""
-    pid, url = start_orchestrator(bind, ["--config", config] if config else [], timeout)
+    """Start rbees-orcd in the background (HTTPS when the config file's [tls] says so)."""
+    from rbees_core.config import load_config
+
+    tls = bool(load_config(config).tls.cert)
+    pid, url = start_orchestrator(bind, ["--config", config] if config else [], timeout, tls)
     if fmt is OutputFormat.json:
         print_json({"pid": pid, "url": url})
     else:

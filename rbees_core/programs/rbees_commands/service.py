@@ -122,6 +122,9 @@ def install(
         "--kind", help="systemd or launchd (default: this system's)")] = None,
     start: Annotated[bool, typer.Option("--start/--no-start",
                                         help="enable and start them now")] = True,
+    tls: Annotated[bool, typer.Option(
+        "--tls", help="Serve HTTPS with this host's certificate from the home-lab CA of "
+                      "the data directory (made when missing, as by rbees up --tls)")] = False,
     fmt: FormatOption = OutputFormat.text,
 ) -> None:
     """Install rbees-orcd and/or pool-managerd as user services started at login/boot."""
@@ -134,12 +137,19 @@ def install(
         raise InvalidParamsError("--kind", "must be systemd or launchd")
     names = _chosen(orchestrator, pool)
     env = _environment()
-    url = orchestrator_url or f"http://{bind.replace('0.0.0.0', '127.0.0.1')}"
+    scheme = "https" if tls else "http"
+    url = orchestrator_url or f"{scheme}://{bind.replace('0.0.0.0', '127.0.0.1')}"
+    tls_flags: list[str] = []
+    if tls:
+        from rbees_core.programs.rbees_commands.cluster import lab_tls
+
+        tls_flags = lab_tls()[0]
     rows: list[dict[str, Any]] = []
     for name in names:
         program = str(Path(sys.executable).with_name(SERVICES[name][0]))
         argv = [program, "--bind", bind] if name == "rbees-orcd" else [
             program, "--bind", pool_bind, "--orchestrator", url]
+        argv += tls_flags
         path = unit_path(name, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "launchd":
