@@ -13,7 +13,7 @@ Snapshot (``Snapshot.to_dict()``)::
              "placement": {"pool", "device", "prefer_pools": [], "avoid_pools": []} | None,
              "embedding"?: true},                                # an embedding job
      "queue": [{"job_id", "model", "priority", "waited_s"}, ...],      # in dispatch order
-     "pools": [{"pool_id", "status": "ready"|"unavailable"|"offline",
+     "pools": [{"pool_id", "status": "ready"|"unavailable"|"offline", "reason"?,
                 "devices": [{"device": "cpu"|"cuda:0"|"metal:0", "kind", "name",
                              "memory_total_bytes", "memory_free_bytes",
                              "memory_reserved_bytes", "utilization"?, "power_w"?,
@@ -26,9 +26,10 @@ Snapshot (``Snapshot.to_dict()``)::
      "prefix_match"?: {"<pool_id>/<worker_id>": chars},  # of the job's prompt its slots hold
      "worker_defaults"?: {"cpu": {"slots", "ctx", "threads"}, "gpu": {...}}}
 
-Optional parts a policy must accept: ``job.memory_bytes`` (what a new worker for the job's
-model needs on a device, the orchestrator's estimate; its shape: ``planning.need_of``), and a
-pool's
+Optional parts a policy must accept: a pool's ``reason`` (why it is not ``ready``, when
+rbees-orcd knows more than its heartbeats: it refused rbees-orcd's credential),
+``job.memory_bytes`` (what a new worker for the job's model needs on a device, the
+orchestrator's estimate; its shape: ``planning.need_of``), and a pool's
 ``models`` entries as objects ``{"id", "ref", "memory_bytes"?, "size_bytes"?, "memory"?}``
 (``memory``: the pool's estimate, ``memory_bytes``: one worker of one slot, as the pool's
 preflight sizes it) tying a reference on disk to its catalog id: a worker whose ``model_ref``

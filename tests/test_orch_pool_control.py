@@ -94,6 +94,19 @@ async def test_a_refused_token_and_a_refused_stop_are_quiet(
     pools.start_worker("p1", "cpu", MODEL)  # 401: nothing started
     await settled(pools)
     assert not pools.started_by_us
+    # and nothing is placed there for a while, saying why (not a start a second)
+    (pool,) = pools.registry.snapshot_pools()
+    assert pool["status"] == "unavailable", pool
+    assert "refuses rbees-orcd's credential (HOST_AUTH_FAILED)" in pool["reason"]
+    assert "for 15 s" in pool["reason"]
+    assert pools.registry.record(pools.registry.pools["p1"])["control_refused"] == \
+        pool["reason"]
+    pools.start_worker("p1", "cpu", MODEL)  # refused again: held twice as long
+    await settled(pools)
+    assert "for 30 s" in pools.registry.snapshot_pools()[0]["reason"]
+    pools.registry.locked_out["p1"] = (time.monotonic(), "held until now")
+    assert pools.registry.snapshot_pools()[0]["status"] == "ready"  # the hold ended
+    assert "control_refused" not in pools.registry.record(pools.registry.pools["p1"])
     await control(real_pool, client).stop_worker("p1", "no-such-worker")  # 404, quiet
     await pools.stop_worker("unknown-pool", "w1")  # nothing to ask
 

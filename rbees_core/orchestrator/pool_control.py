@@ -23,7 +23,14 @@ import attrs
 import httpx
 
 from rbees_core.api.pool import PoolHeartbeat, WorkerStartRequest
-from rbees_core.errors import ConflictError, HostUnreachableError, NotFoundError, RbeesError
+from rbees_core.errors import (
+    ConflictError,
+    ForbiddenError,
+    HostAuthError,
+    HostUnreachableError,
+    NotFoundError,
+    RbeesError,
+)
 from rbees_core.log import Logger
 from rbees_core.orchestrator.book import Book, credential_for, request_headers
 from rbees_core.orchestrator.keepalive import KeepAlive
@@ -43,6 +50,10 @@ POLICY_CLOCK_S = 30.0
 WORKER_START_TIMEOUT_S = 90.0
 #: an operator's call to a pool (see :meth:`PoolControl.call_pool`)
 POOL_TIMEOUT_S = 30.0
+#: a pool that refused rbees-orcd's credential gets nothing placed for this long, doubled
+#: after each further refusal in a row, at most LOCKOUT_MAX_S
+LOCKOUT_FIRST_S = 15.0
+LOCKOUT_MAX_S = 300.0
 
 
 def _expected_key(model: str, embedding: bool) -> str:
@@ -105,6 +116,8 @@ class PoolControl:
         #: the pools' statuses as last counted (by a heartbeat or by :meth:`age`)
         self.statuses: dict[str, str] = {}
         self.aged_at = 0.0
+        #: pool_id -> credential refusals in a row (:meth:`_locked_out`)
+        self.lockouts: dict[str, int] = {}
         #: counts crashes and backs restarts off (set by the service)
         self.recovery: Recovery | None = None
 
@@ -257,6 +270,7 @@ class PoolControl:
             if expected is not None:  # known by its id now: a heartbeat showing it wins
                 expected.update(worker_id=worker_id, uri=started.uri)
             self.started_by_us.add((pool_id, worker_id))
+            self.lockouts.pop(pool_id, None)
             self.log.info("worker_start_requested", pool_id=pool_id, worker_id=worker_id,
                           model=model, device=device, slots=request.slots,
                           threads=request.threads)
@@ -282,11 +296,27 @@ class PoolControl:
                 # decision evicts, places it elsewhere or says why it waits
                 self.registry.refused(pool_id, model, need, device=device,
                                       free_bytes=free if isinstance(free, int) else None)
+            if isinstance(exc, HostAuthError | ForbiddenError):
+                self._locked_out(pool_id, exc)
             await asyncio.sleep(1.0)  # do not hammer a pool that refuses
         finally:
             self.registry.forget_expected(pool_id, _expected_key(model, request.embedding))
             self.starting.pop((pool_id, model, request.embedding), None)
             self.book.changed()
+
+    def _locked_out(self, pool_id: str, exc: RbeesError) -> None:
+        """The pool refused this orchestrator's credential: nothing is placed there for
+        LOCKOUT_FIRST_S, twice as long after each further refusal (at most LOCKOUT_MAX_S),
+        so a wrong control token or join mix-up costs one request a while, not one a
+        second, and ``why`` of the jobs that wait says so."""
+        n = self.lockouts.get(pool_id, 0)
+        self.lockouts[pool_id] = n + 1
+        hold = min(LOCKOUT_MAX_S, LOCKOUT_FIRST_S * 2 ** n)
+        why = (f"pool {pool_id} refuses rbees-orcd's credential ({exc.code}); nothing is "
+               f"placed there for {hold:.0f} s (check the pool's control token)")
+        self.registry.lock_out(pool_id, why, hold)
+        self.log.error("pool_refuses_credential", pool_id=pool_id, code=exc.code,
+                       hold_s=hold, error=exc.message)
 
     async def stop_worker(self, pool_id: str, worker_id: str) -> None:
         """Ask a pool to stop one of its workers (no error when it cannot be reached or

@@ -68,6 +68,9 @@ class PoolRegistry:
         self.idle_since: Callable[[str, str], float | None] = lambda pool_id, worker_id: None
         #: ``[placement] ctx``: the context per slot models are sized for in snapshots
         self.worker_ctx: int | None = None
+        #: pool_id -> (until, on the clock; why): the pool refused this orchestrator's
+        #: credential, so nothing is placed there until then (:meth:`lock_out`)
+        self.locked_out: dict[str, tuple[float, str]] = {}
         #: ``[placement] interactive_slots``: slots of each worker batch jobs leave free
         self.interactive_slots = 0
         #: (pool_id, model) -> the pool's last refusal of a worker of it for want of memory
@@ -174,6 +177,22 @@ class PoolRegistry:
     def __iter__(self) -> Iterator[PoolEntry]:
         return iter(list(self.pools.values()))
 
+    def lock_out(self, pool_id: str, why: str, hold_s: float) -> None:
+        """The pool refused this orchestrator's credential (401/403 on a control call):
+        snapshots show it ``unavailable``, with ``why`` as its ``reason``, for ``hold_s``
+        seconds; its records (``GET /v2/pools``) say ``control_refused``."""
+        self.locked_out[pool_id] = (self.clock() + hold_s, why)
+
+    def refusing(self, pool_id: str) -> str | None:
+        """Why nothing is placed on the pool now (:meth:`lock_out`), else None."""
+        held = self.locked_out.get(pool_id)
+        if held is None:
+            return None
+        if self.clock() >= held[0]:
+            del self.locked_out[pool_id]
+            return None
+        return held[1]
+
     def free_slots(self, pool_id: str, worker: dict[str, Any], *, batch: bool = False) -> int:
         """The worker's slots no job of this orchestrator holds; for a ``batch`` job less
         those kept for interactive ones (:func:`rbees_core.placement.held_back`)."""
@@ -201,16 +220,21 @@ class PoolRegistry:
         state.pop("seq", None)
         state.pop("sent_at", None)
         state["workers"] = list(entry.workers.values())
-        return {**state, "status": self.status(entry), "draining": entry.draining,
-                "last_heartbeat_at": entry.last_heartbeat_at, "last_seq": entry.state.seq,
-                "registered_at": entry.registered_at}
+        record = {**state, "status": self.status(entry), "draining": entry.draining,
+                  "last_heartbeat_at": entry.last_heartbeat_at, "last_seq": entry.state.seq,
+                  "registered_at": entry.registered_at}
+        refused = self.refusing(entry.pool_id) if self.locked_out else None
+        if refused is not None:
+            record["control_refused"] = refused
+        return record
 
     def snapshot_pools(self) -> list[dict[str, Any]]:
         """Pools in the shape of :mod:`rbees_core.scheduling`'s snapshot: each built by
         :func:`~rbees_core.scheduling.snapshot_pool` from its last heartbeat, with the
         workers as this orchestrator knows them and their free slots net of the jobs it
         sent there, models sized for ``[placement] ctx`` (:attr:`worker_ctx`) or as a pool's
-        refusal said (:meth:`refused`). A draining pool is ``unavailable``."""
+        refusal said (:meth:`refused`). A draining pool is ``unavailable``, and so is one
+        that refused this orchestrator's credential lately (:meth:`lock_out`)."""
         inflight = self.inflight
         out = []
         for entry in self:
@@ -224,9 +248,12 @@ class PoolRegistry:
                     return None  # in use
                 return self.idle_since(pool_id, worker_id)
 
+            refused = self.refusing(pool_id) if self.locked_out else None
             pool = snapshot_pool(
                 entry.state, pool_id=pool_id, workers=self._workers(entry),
-                status="unavailable" if entry.draining else self.status(entry),
+                status="unavailable" if entry.draining or refused else self.status(entry),
                 in_flight=in_flight, idle_since=idle_since, ctx=self.worker_ctx)
+            if refused is not None:
+                pool["reason"] = refused
             out.append(self._sized(entry, pool) if self.refusals else pool)
         return out

@@ -255,7 +255,7 @@ class Analysis:
             pool_id = str(pool.get("pool_id", f"#{pi}"))
             reason = None
             if status != "ready":
-                reason = f"pool {pool_id} is {status}"
+                reason = str(pool.get("reason") or f"pool {pool_id} is {status}")
             elif pin_pool is not None and pool_id != pin_pool:
                 reason = f"the job is pinned to pool {pin_pool}"
             aliases = model_aliases(pool)
