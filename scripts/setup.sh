@@ -57,6 +57,7 @@ PY
 then
     pip uninstall --quiet --yes rbees
 fi
+rm -rf rbees.egg-info   # the old kernel's metadata: a python started here would still see it
 pip install --quiet -e ".[dev]"
 # every distribution of the repository, editable: plugins, backends, schedulers, then rbees
 # (the kernel with the default plugins) and rbees-testing (the pytest plugin, bdd-runner)
