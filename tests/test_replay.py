@@ -109,6 +109,20 @@ def test_the_store_gives_back_every_snapshot_as_recorded(
                for a, b in zip(stored, records, strict=True))
 
 
+def test_pages_of_large_snapshots_are_shorter(day: tuple[Path, list[dict[str, Any]]],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from rbees_core.orchestrator import decisions
+
+    db, records = day
+    monkeypatch.setattr(decisions, "MAX_PAGE_BYTES", 40_000)  # some 30 decisions a page
+    conn = sqlite3.connect(db)
+    page = recorded(lambda sql, args: conn.execute(sql, args).fetchall(), since=0.0,
+                    limit=1000)
+    conn.close()
+    assert 10 < len(page["decisions"]) < 100 and page["next_cursor"]
+    assert len(_stored(db)) == len(records)  # every page, cursor after cursor
+
+
 def test_the_same_policy_reproduces_every_decision(day: tuple[Path, list[dict[str, Any]]]
                                                    ) -> None:
     db, _ = day

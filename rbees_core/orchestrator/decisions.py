@@ -55,8 +55,10 @@ _ZDICT_1 = (
     b'"slots_total":,"state":"ready","uri":"http://","worker_id":"w-"}]}],'
     b'"queue":[{"job_id":"job_","model":"","priority":"interactive","waited_s":'
 )
-#: a page of ``GET /v2/decisions`` holds this many decisions at most
+#: a page of ``GET /v2/decisions`` holds this many decisions at most, and stops before
+#: this many bytes of stored snapshots (some 30 MB of JSON; at least one decision)
 MAX_PAGE = 1000
+MAX_PAGE_BYTES = 4 * 1024 * 1024
 #: how often :class:`Retention` drops the snapshots past the retention
 PRUNE_EVERY_S = 3600.0
 
@@ -158,14 +160,19 @@ def recorded(query: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]], *,
                  f"WHERE {' AND '.join(where)} ORDER BY decided_at, job_id, decision_id "
                  "LIMIT ?", (*args, limit + 1))
     out = []
-    for jid, number, at, decision, blob in rows[:limit]:
+    last = rows[limit - 1] if len(rows) > limit else None
+    size = 0
+    for i, (jid, number, at, decision, blob) in enumerate(rows[:limit]):
+        if i and size + len(blob) > MAX_PAGE_BYTES:  # large snapshots: a shorter page
+            last = rows[i - 1]
+            break
+        size += len(blob)
         try:
             snapshot = decode_snapshot(bytes(blob))
         except (ValueError, zlib.error):
             continue  # a newer format: an older rbees skips it
         out.append({"job_id": jid, "decision_id": number, "decided_at": at,
                     "decision": json.loads(decision), "snapshot": snapshot})
-    last = rows[limit - 1] if len(rows) > limit else None
     return {"decisions": out,
             "next_cursor": None if last is None else f"{last[2]!r}:{last[0]}:{last[1]}"}
 
