@@ -1,4 +1,5 @@
-"""pytest plugin for rbees plugin authors (loaded automatically through ``pytest11``).
+"""pytest plugin for rbees plugin authors (loaded automatically through ``pytest11`` once
+the rbees-testing distribution is installed; a runtime install of rbees does not register it).
 
 Fixtures:
 
