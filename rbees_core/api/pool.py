@@ -159,6 +159,9 @@ class RpcServerEntry:
     pid: int
     started_at: float
     error: str | None = None
+    #: where a worker of another host reaches it: rbees-rpc[s]://HOST:PORT/SERVER_ID, the
+    #: pool's authenticated gateway (rbees_core.rpc_tunnel; None: no gateway, no token)
+    tunnel: str | None = None
 
 
 @attrs.frozen

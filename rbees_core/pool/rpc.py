@@ -95,9 +95,14 @@ class RpcServers:
         self.changed = changed
         self.ready_timeout_s = ready_timeout_s
         self.servers: dict[str, RpcServer] = {}
+        #: the authenticated tunnel's pool end (rbees_core.rpc_tunnel), started with the
+        #: first supervision pass; its URL is rbees-rpc[s]://HOST:PORT
+        self.gateway: asyncio.Server | None = None
+        self.gateway_url: str | None = None
 
     def entries(self) -> list[RpcServerEntry]:
-        return [s.entry() for s in self.servers.values()]
+        return [attrs.evolve(s.entry(), tunnel=f"{self.gateway_url}/{s.server_id}"
+                             if self.gateway_url else None) for s in self.servers.values()]
 
     def held(self) -> Iterable[tuple[str, str, int]]:
         """``(device, state, memory_bytes)`` of the live servers for
@@ -155,10 +160,42 @@ class RpcServers:
             n += 1
         return f"rpc-{kind}-{n}"
 
+    async def open_gateway(self) -> None:
+        """Start the gateway (:func:`rbees_core.rpc_tunnel.serve_gateway`) on the pool's
+        address, with its certificate when it serves HTTPS, letting in who proves the pool's
+        control token. Without a token (a pool with no credential at all) there is no
+        gateway: its servers are reachable from this host alone."""
+        from rbees_core.pool import credentials
+        from rbees_core.rpc_tunnel import serve_gateway
+
+        settings = self.pool.settings
+        token = credentials.control_token(settings)
+        if not self.enabled or self.gateway is not None or not token:
+            return
+        context = None
+        if settings.tls is not None:
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(settings.tls.cert, settings.tls.key)
+
+        def target(server_id: str) -> int | None:
+            s = self.servers.get(server_id)
+            return s.port if s is not None and s.state == "ready" else None
+
+        host = settings.worker_host
+        self.gateway = await serve_gateway(host, 0, token=token, target=target,
+                                           ssl_context=context)
+        port = self.gateway.sockets[0].getsockname()[1]
+        self.gateway_url = f"rbees-rpc{'s' if context else ''}://{workers.host_port(host, port)}"
+        self.log.info("rpc_gateway", url=self.gateway_url)
+
     async def supervise(self) -> None:
         """One pass of the pool's supervision loop: a starting server that listens is
         ready (one that does not within ``ready_timeout_s`` is killed and failed), a server
         whose process exited is failed (its memory released in the same step)."""
+        if self.enabled and self.gateway is None:
+            await self.open_gateway()
         for s in list(self.servers.values()):
             if s.state not in LIVE:
                 continue
@@ -203,6 +240,8 @@ class RpcServers:
         return s
 
     async def stop_all(self) -> None:
+        if self.gateway is not None:
+            self.gateway.close()
         await asyncio.gather(*(self.stop(sid) for sid, s in list(self.servers.items())
                                if s.state in LIVE), return_exceptions=True)
 

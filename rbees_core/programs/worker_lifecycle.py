@@ -59,7 +59,8 @@ async def load_model(st: WorkerState) -> None:
         path = resolve_model(st.pm, s.model_ref)
         load: Callable[..., Any] = \
             functools.partial(worker_embed.load, backend) if s.embedding else backend.load
-        offload = offload_args(backend, s.device, s.n_gpu_layers, s.tensor_split, s.rpc)
+        offload = offload_args(backend, s.device, s.n_gpu_layers, s.tensor_split,
+                               await open_rpc(st))
         model = await asyncio.to_thread(load, path, device=s.device, slots=s.slots, ctx=s.ctx,
                                         threads=s.threads, progress=progress, **offload)
     except RbeesError as exc:
@@ -86,6 +87,27 @@ async def load_model(st: WorkerState) -> None:
                 load_s=round(time.perf_counter() - t0, 3))
     if s.callback_url:
         await call_back(st, model.memory_kind)
+
+
+async def open_rpc(st: WorkerState) -> tuple[str, ...]:
+    """``--rpc`` with each tunnel URL replaced by its local end (:mod:`rbees_core.rpc_tunnel`);
+    a tunnel whose link dies ends the process (ggml would abort at its next use of the
+    shard anyway), so that its pool reports it failed at once. Raises
+    :class:`rbees_core.errors.ModelLoadError` for a gateway that refuses or is not there."""
+    from rbees_core.rpc_tunnel import open_tunnels
+
+    if not any("://" in e for e in st.settings.rpc):
+        return st.settings.rpc
+    from rbees_core.tls import client_context
+
+    def dead(why: str) -> None:
+        if st.state not in ("draining", "stopped"):
+            st.log.error("rpc_link_lost", message=why)
+            os._exit(70)
+
+    endpoints, st.tunnels = await open_tunnels(st.settings.rpc, st.settings.rpc_token,
+                                               client_context(), on_dead=dead)
+    return endpoints
 
 
 async def call_back(st: WorkerState, memory_kind: str) -> None:

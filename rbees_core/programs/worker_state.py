@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import attrs
 import pluggy
@@ -49,6 +50,9 @@ class WorkerSettings:
     #: --rpc: llama.cpp RPC servers (HOST:PORT, loopback or a tunnel's local end) whose
     #: devices hold part of the model, after this host's (a sharded worker)
     rpc: tuple[str, ...] = ()
+    #: --rpc-token-file: the lending pool's control token, for --rpc tunnel URLs
+    #: (rbees-rpc[s]://HOST:PORT/SERVER_ID, rbees_core.rpc_tunnel)
+    rpc_token: str | None = None
 
 
 @attrs.define(eq=False)
@@ -70,6 +74,8 @@ class WorkerState:
     #: execute streams not yet over: a drain waits for their last frames, not only for
     #: the engine's slots (a slot is free before its job's end event is written)
     streams: int = 0
+    #: the local ends of its --rpc tunnels (rbees_core.rpc_tunnel.LocalEnd), kept open
+    tunnels: list[Any] = attrs.field(factory=list)
 
     @property
     def uri(self) -> str:

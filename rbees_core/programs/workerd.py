@@ -246,7 +246,7 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
                   control_token: str | None = None,
                   callback_token: str | None = None,
                   tls: ServerTLS | None = None,
-                  rpc: tuple[str, ...] = ()) -> WorkerSettings:
+                  rpc: tuple[str, ...] = (), rpc_token: str | None = None) -> WorkerSettings:
     """The worker's settings from its config and flags. Raises
     :class:`InvalidParamsError` for a bind the policy refuses and a chat template file
     that cannot be read."""
@@ -263,6 +263,7 @@ def settings_from(config: Config, *, worker_id: str, model: str, backend: str, d
         callback_timeout_s=config.worker.ready_callback_timeout_s, embedding=embedding,
         chat_template=template, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
         control_token=control_token, callback_token=callback_token, tls=tls, rpc=rpc,
+        rpc_token=rpc_token,
     )
 
 
@@ -311,8 +312,12 @@ def serve_worker(
     tls_key: Annotated[str | None, tls_key_option()] = None,
     ca_file: Annotated[str | None, ca_file_option()] = None,
     rpc: Annotated[str | None, typer.Option(
-        "--rpc", help="llama.cpp RPC servers holding part of the model, HOST:PORT,... "
+        "--rpc", help="llama.cpp RPC servers holding part of the model: loopback HOST:PORT "
+        "or a pool's tunnel rbees-rpc[s]://HOST:PORT/SERVER_ID, comma-separated "
         "(--tensor-split then gives this device's share first)")] = None,
+    rpc_token_file: Annotated[str | None, typer.Option(
+        "--rpc-token-file", help="The lending pool's control token, for --rpc tunnels")
+    ] = None,
     log_level: Annotated[str | None, log_level_option()] = None,
     log_to: Annotated[str | None, log_to_option()] = None,
 ) -> None:
@@ -337,7 +342,8 @@ def serve_worker(
             control_token=read_token_file(control_token_file) if control_token_file else None,
             callback_token=read_token_file(callback_token_file) if callback_token_file
             else None, tls=server_tls(tls_cert, tls_key, config=cfg),
-            rpc=tuple(e.strip() for e in rpc.split(",") if e.strip()) if rpc else ())
+            rpc=tuple(e.strip() for e in rpc.split(",") if e.strip()) if rpc else (),
+            rpc_token=read_token_file(rpc_token_file) if rpc_token_file else None)
         use_ca_file(ca_file or cfg.tls.ca_file)  # its ready callback
         if cpus is not None:
             pin(cpus)
