@@ -83,8 +83,12 @@ def test_chat_template_is_the_models_own(model: LoadedModel) -> None:
 
 def test_unavailable_device_and_bad_file(tmp_path: object) -> None:
     import llama_cpp
+    from rbees_backend_llamacpp.rpc import ggml
 
-    if not llama_cpp.llama_supports_gpu_offload():
+    if not ggml().local_gpus():  # this host: a CPU build with RPC, no GPU
+        # llama.cpp's own check says yes (RPC devices can take layers); ours must not
+        assert llama_cpp.llama_supports_gpu_offload()
+        assert LlamaCppBackend.available_devices() == ["cpu"]
         with pytest.raises(BackendUnavailableError):
             LlamaCppBackend().load("x.gguf", device="cuda:0", slots=1, ctx=None, threads=1,
                                    progress=lambda s, f: None)

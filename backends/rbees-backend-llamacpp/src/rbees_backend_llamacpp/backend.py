@@ -64,6 +64,18 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1  # pragma: no cover - not Linux
 
 
+def _has_local_gpu() -> bool:
+    """Whether ggml sees a GPU of this host. ``llama_supports_gpu_offload`` alone says yes
+    for a CPU-only build with the RPC backend (remote devices can take layers), so the
+    devices are counted where the build lets us (with RPC: :meth:`rpc.Ggml.local_gpus`)."""
+    from rbees_backend_llamacpp.rpc import ggml
+
+    try:
+        return bool(ggml().local_gpus())
+    except BackendUnavailableError:  # built without RPC: offload support means a GPU
+        return True
+
+
 class LlamaCppBackend(Backend):
     """llama.cpp: cpu always; cuda or metal when llama-cpp-python was built for them."""
 
@@ -78,7 +90,7 @@ class LlamaCppBackend(Backend):
     def available_devices(cls) -> list[str]:
         lib = _lib()
         found = ["cpu"]
-        if lib.llama_supports_gpu_offload():
+        if lib.llama_supports_gpu_offload() and _has_local_gpu():
             found.append("metal" if sys.platform == "darwin" else "cuda")
         return found
 

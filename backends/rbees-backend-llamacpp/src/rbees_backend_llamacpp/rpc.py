@@ -108,6 +108,13 @@ class Ggml:
         self.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         return int(free.value), int(total.value)
 
+    def local_gpus(self) -> list[int]:
+        """The ``ggml_backend_dev_t`` of this host's GPUs (cuda, metal), in ggml's order;
+        remote (RPC) devices, which ggml also types as GPUs, are not among them."""
+        devices = (self.ggml_backend_dev_get(i) for i in range(self.ggml_backend_dev_count()))
+        return [int(d) for d in devices if self.ggml_backend_dev_type(d) in (DEV_GPU, DEV_IGPU)
+                and not (self.ggml_backend_dev_name(d) or b"").upper().startswith(b"RPC")]
+
     def local_device(self, kind: str, index: int) -> int:
         """The ``ggml_backend_dev_t`` of ``cpu`` or the ``index``-th GPU (cuda, metal)."""
         if kind == "cpu":
@@ -115,11 +122,9 @@ class Ggml:
             if dev:
                 return int(dev)
         else:
-            gpus = [d for d in (self.ggml_backend_dev_get(i)
-                                for i in range(self.ggml_backend_dev_count()))
-                    if self.ggml_backend_dev_type(d) in (DEV_GPU, DEV_IGPU)]
+            gpus = self.local_gpus()
             if index < len(gpus):
-                return int(gpus[index])
+                return gpus[index]
         raise BackendUnavailableError(f"no ggml device {kind}:{index} here",
                                       details={"device": f"{kind}:{index}"})
 
