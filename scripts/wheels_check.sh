@@ -3,9 +3,9 @@
 # rbees[llamacpp] and the embedded model installed from those wheels into a fresh venv (no
 # editable install, nothing of this checkout on its path), `rbees up`, one job, `rbees down`,
 # and no process of that venv left running. Run by `nox -s wheels` (so by CI); needs
-# ./scripts/setup.sh first (its venv has `build`; .wheels/ its llama-cpp-python wheel).
+# ./scripts/setup.sh first (its venv has `build`; .wheels/rpc its llama-cpp-python wheel).
 #
-# llama-cpp-python is not compiled again: setup.sh compiled it once into .wheels/ (about ten
+# llama-cpp-python is not compiled again: setup.sh compiled it once into .wheels/rpc (about ten
 # minutes on two cores), and pip takes that wheel from there (--find-links). When a checkout
 # lacks it (llama-cpp-python installed before setup.sh kept wheels), it is built here once.
 #
@@ -14,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
-LLAMA_WHEELS=$(realpath -m "${LLAMA_WHEELS:-.wheels}")   # setup.sh's llama-cpp-python wheel
+# setup.sh's llama-cpp-python wheel (built with the RPC backend: .wheels/rpc)
+LLAMA_WHEELS=$(realpath -m "${LLAMA_WHEELS:-.wheels/rpc}")
 unset PYTHONPATH   # the fresh venv must import rbees from its wheels, not from this checkout
 LLAMA_CPP_VERSION=$(sed -n 's/^LLAMA_CPP_VERSION=//p' scripts/setup.sh)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rbees-wheels.XXXXXX")
