@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -105,9 +107,12 @@ def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path, argv: list[str]) ->
                               env={**os.environ, "RBEES_HOME": str(tmp_path)},
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
-    errors = [line for line in done.stderr.splitlines() if not line.startswith("{")]
-    assert len(errors) == 1 and errors[0].startswith(f"{argv[0]}: error: "), done.stderr
-    assert "in use" in errors[0]
+    # stderr is no terminal here but a log (a pool's worker.log): JSON lines only, the
+    # failure one of them, as the person at a terminal gets it in one plain line
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    errors = [line for line in lines if line["event"] == "start_failed"]
+    assert len(errors) == 1 and errors[0]["level"] == "error", done.stderr
+    assert "in use" in errors[0]["error"]
     assert not list((tmp_path / "run").glob("*.pid"))
 
 
@@ -117,9 +122,33 @@ def test_an_unknown_scheduler_is_one_line_and_leaves_no_pid_file(tmp_path: Path)
                           env={**os.environ, "RBEES_HOME": str(tmp_path)},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
-    errors = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    errors = [line["error"] for line in lines if line["event"] == "start_failed"]
     assert len(errors) == 1, done.stderr
-    assert errors[0].startswith("rbees-orcd: error: no scheduler named 'nope' is installed "
-                                "(installed: "), errors
+    assert errors[0].startswith("no scheduler named 'nope' is installed (installed: "), errors
     assert "least-loaded" in errors[0]
     assert not list(tmp_path.glob("run/*.pid"))
+
+
+def test_a_taken_port_is_said_plainly_at_a_terminal(tmp_path: Path) -> None:
+    """At a terminal the JSON line is followed by the plain one a person reads."""
+    import pty
+
+    main, sub = pty.openpty()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "rbees-orcd"), "--bind", f"127.0.0.1:{port}"],
+            env={**os.environ, "RBEES_HOME": str(tmp_path)}, stdout=subprocess.DEVNULL,
+            stderr=sub, timeout=60)
+    os.close(sub)
+    said = b""
+    with contextlib.suppress(OSError):  # EIO once everything written was read
+        while chunk := os.read(main, 4096):
+            said += chunk
+    os.close(main)
+    text = said.decode().replace("\r\n", "\n")
+    assert done.returncode == 1
+    assert '"event": "start_failed"' in text and "\nrbees-orcd: error: " in text, text

@@ -144,14 +144,20 @@ def launch(program: str, main: Coroutine[Any, Any, int]) -> int:
 
     Every stdlib ``logging`` record of the process goes into the JSON lines from here on
     (:func:`rbees_core.log.route_stdlib`). An :class:`RbeesError` (a refused start, a
-    failed lifespan start-up) or an ``OSError`` (the port is taken) becomes one line
-    ``<program>: error: <message>`` on stderr and exit code 1; ``RBEES_DEBUG=1`` lets the
-    traceback through instead.
+    failed lifespan start-up) or an ``OSError`` (the port is taken) becomes one JSON line
+    (``start_failed``, like every other line of a running daemon: its pool's log of it
+    stays JSON) and exit code 1, with ``<program>: error: <message>`` after it for a
+    person at a terminal; ``RBEES_DEBUG=1`` lets the traceback through instead.
     """
     route_stdlib(program)
     try:
         code = run_daemon(main)
     except (RbeesError, OSError) as exc:
+        if os.environ.get("RBEES_DEBUG") != "1":
+            message = exc.message if isinstance(exc, RbeesError) else str(exc)
+            Logger(program).error("start_failed", error=message)
+            if not sys.stderr.isatty():
+                sys.exit(1)
         fail(program, exc)
     # The process exits next. Its heap is frozen out of the collection the interpreter
     # runs as it shuts down: a worker's heap (its model's vocabulary, built after the
