@@ -26,7 +26,7 @@ own device first. Nothing fits even with every worker stopped: :class:`NoFit` wi
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -106,6 +106,17 @@ class ShardPlan:
         return {"kind": self.kind, "reason": self.reason, "rtt_ms": self.rtt_ms,
                 "tensor_split": list(self.tensor_split),
                 "parts": [attrs.asdict(p) for p in self.parts]}
+
+
+def local_bytes(need: ModelNeed, tensor_split: Sequence[float] | None) -> int:
+    """What a sharded worker (rbees-workerd ``--rpc``) holds on its own device: the layers
+    of its share (``tensor_split[0]``) and the rest of the model; the whole model when no
+    split is given (its shares then follow the devices' free memory, unknown before it
+    loads) or the model's shape is unknown. Its pool's preflight of the start."""
+    if not tensor_split or not need.layered or sum(tensor_split) <= 0:
+        return need.total_bytes
+    share = tensor_split[0] / sum(tensor_split)
+    return need.rest_bytes + int(need.layers * share) * need.layer_bytes
 
 
 def _gib(n: float) -> str:
@@ -216,4 +227,5 @@ def _no_fit(need: ModelNeed, hosts: list[Host], single: NoFit,
                  never=True)
 
 
-__all__ = ["MAX_PARTS", "ShardPart", "ShardPlan", "plan_shard", "shard_over", "split_layers"]
+__all__ = ["MAX_PARTS", "ShardPart", "ShardPlan", "local_bytes", "plan_shard", "shard_over",
+           "split_layers"]

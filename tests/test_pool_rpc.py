@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.test_pool_managerd import Pool, start_pool, stop_pool
 
 MIB = 2**20
@@ -97,5 +99,40 @@ def test_a_server_is_reserved_supervised_and_loopback_only(tmp_path: Path) -> No
         entry = wait_server(pool, sid, "failed", timeout=10)
         assert "exited" in entry["error"]
         assert pool.get("/v2/state")["cpu"]["ram_free_bytes"] == before
+    finally:
+        assert stop_pool(pool) == 0
+
+
+def test_a_pool_starts_a_sharded_worker_through_a_gateway(tmp_path: Path) -> None:
+    """POST /v2/workers/start with rpc (a lender's tunnel URL) and rpc_token: the worker
+    holds its share (its preflight counts that, not the whole model) and serves jobs."""
+    from rbees_core.auth import pool_control_token
+
+    token = "pool-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    pool = start_pool(tmp_path / "home", "--api-token-file", str(token_file), token=token,
+                      env={"RBEES_POOL_RPC": "true"})
+    try:
+        sid = pool.post("/v2/rpc/start", {"device": "cpu", "memory_bytes": 200 * MIB}
+                        ).json()["server_id"]
+        tunnel = wait_server(pool, sid, "ready")["tunnel"]
+        answer = pool.post("/v2/workers/start", {
+            "model_ref": "smollm2", "device": "cpu", "threads": 1, "tensor_split": [1, 3],
+            "rpc": [tunnel], "rpc_token": pool_control_token(token, "testpool")})
+        assert answer.status_code == 202, answer.text
+        wid = answer.json()["worker_id"]
+        entry = pool.wait_worker(wid, "ready", timeout=120)
+        state = pool.get("/v2/state")
+        model = next(m for m in state["models"] if "smollm2" in m["ref"].lower())
+        assert entry["memory_bytes"] < model["memory_bytes"]  # a quarter of its layers
+        token_path = pool.home / "workers" / wid / "rpc"
+        assert oct(token_path.stat().st_mode & 0o777) == "0o600"
+        reply = httpx.post(f"{entry['uri']}/v2/execute", json={
+            "job_id": "j1", "prompt": "Bees are", "max_tokens": 8, "temperature": 0},
+            headers={"Authorization": f"Bearer {pool_control_token(token, 'testpool')}"},
+            timeout=60)
+        assert reply.status_code == 200 and "event: end" in reply.text, reply.text
     finally:
         assert stop_pool(pool) == 0

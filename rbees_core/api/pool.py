@@ -39,6 +39,14 @@ class WorkerStartRequest:
         default=None, max_items=16,
         doc="each GPU's share of the model, by index (rbees-workerd --tensor-split): a model "
             "split across the host's GPUs; default: all on the device's GPU")
+    rpc: list[str] | None = field(
+        default=None, max_items=16, item_max_length=512,
+        doc="a sharded worker (rbees-workerd --rpc): llama.cpp RPC servers holding part of "
+            "the model, loopback HOST:PORT or rbees-rpc[s]://HOST:PORT/SERVER_ID; "
+            "tensor_split then gives this device's share first")
+    rpc_token: str | None = field(
+        default=None, max_length=512,
+        doc="the lending pool's control token, for rpc tunnel URLs (kept in a 0600 file)")
 
 
 @attrs.frozen

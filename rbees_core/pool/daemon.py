@@ -243,6 +243,7 @@ class PoolService:
             model_ref=req.model_ref, backend=req.backend, device=req.device, slots=req.slots,
             ctx=req.ctx, threads=req.threads, embedding=req.embedding,
             n_gpu_layers=req.n_gpu_layers, tensor_split=tuple(req.tensor_split or ()) or None,
+            rpc=tuple(req.rpc or ()), rpc_token=req.rpc_token,
             callback_url=f"{self.settings.url}/v2/internal/workers/ready",
             host=self.settings.worker_host, tls=self.settings.tls)
         self.marks.check(req.model_ref)  # marked failed here: refused, nothing spawned

@@ -304,7 +304,10 @@ class Estimates:
 
     def ready(self, record: Any) -> None:
         """Record what a worker that just got ready reports holding (its
-        :class:`rbees_core.pool.workers.WorkerRecord`: pool-managerd's ready callback)."""
+        :class:`rbees_core.pool.workers.WorkerRecord`: pool-managerd's ready callback). A
+        sharded worker's figure is its share of the model: it calibrates nothing."""
+        if getattr(record, "sharded", False):
+            return
         self.measured(record.model_path, backend=record.backend, device=record.device,
                       slots=record.slots_total, ctx=record.ctx,
                       memory_bytes=record.memory_bytes, embedding=record.embedding)

@@ -16,8 +16,6 @@ Everything here runs on pool-managerd's loop, as :mod:`rbees_core.pool.daemon`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -73,13 +71,19 @@ def server_argv(device: str, port: int, threads: int | None) -> list[str]:
             "--device", device, "--threads", str(threads or 1)]
 
 
-def listening(port: int, timeout: float = 0.5) -> bool:
-    """Whether something accepts connections on ``LOOPBACK:port``: a server that listens
-    accepts this connection, reads no request and goes back to accepting."""
-    with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port),
-                                                                timeout=timeout):
-        return True
-    return False
+def listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` listens on ``LOOPBACK:port`` (its own socket: another
+    program on that port does not count, and no connection is made to find out)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        conns = proc.net_connections("tcp") if hasattr(proc, "net_connections") \
+            else proc.connections("tcp")
+    except (psutil.Error, OSError):
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+               for c in conns)
 
 
 class RpcServers:
@@ -208,7 +212,7 @@ class RpcServers:
                     self._fail(s, f"RPC server exited with {code}")
                 self.changed()
             elif s.state == "starting":
-                if await asyncio.to_thread(listening, s.port):
+                if await asyncio.to_thread(listening, s.proc.pid, s.port):
                     s.state = "ready"
                     self.log.info("rpc_server_ready", server_id=s.server_id,
                                   endpoint=s.endpoint)

@@ -43,6 +43,7 @@ from rbees_core.pool import cores, memory
 from rbees_core.pool.file_roots import confine
 from rbees_core.pool.memory import InsufficientMemoryError
 from rbees_core.processes import Expected, find, pid_alive, terminate
+from rbees_core.sharding import local_bytes
 from rbees_core.tls import ServerTLS, client_context, scheme
 
 PORT_RANGE = range(8001, 9000)
@@ -76,6 +77,8 @@ class SpawnRequest:
     embedding: bool = False  # rbees-workerd --embedding
     n_gpu_layers: int | None = None  # --n-gpu-layers: a model larger than one GPU (planning)
     tensor_split: tuple[float, ...] | None = None  # --tensor-split: each GPU's share
+    rpc: tuple[str, ...] = ()  # --rpc: a sharded worker, with its lender's token
+    rpc_token: str | None = attrs.field(default=None, repr=False)
     #: serve HTTPS with its pool's certificate (a pool with TLS: the worker listens on the
     #: pool's address, which that certificate names)
     tls: ServerTLS | None = None
@@ -116,6 +119,7 @@ class WorkerRecord:
     embedding: bool = False  # serves embedding jobs only (--embedding)
     ctx: int | None = None  # context per slot asked for (None: the backend's default)
     tls: bool = False  # serves HTTPS (its pool's certificate)
+    sharded: bool = False  # --rpc: holds its share only (calibrates no estimate)
 
     @property
     def uri(self) -> str:
@@ -175,8 +179,8 @@ def held_by_records(device: str) -> memory.Held:
 
 
 def preflight(pm: pluggy.PluginManager, req: SpawnRequest, held: memory.Held | None = None,
-              *, estimates: memory.Estimates | None = None,
-              limit: int | None = None) -> Preflight:
+              *, estimates: memory.Estimates | None = None, limit: int | None = None
+              ) -> Preflight:
     """Everything that can be checked before a process starts; raises the contract's 409s.
 
     ``held`` is what the pool's live workers on the device hold (default: this home's
@@ -184,8 +188,7 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest, held: memory.Held | N
     the configuration's): the worker's estimate must fit what the pool offers
     (:func:`rbees_core.pool.memory.offer`), the rule its state reports to the scheduler.
     A ``file:`` reference or path outside the pool's roots is refused first (400,
-    :class:`rbees_core.pool.file_roots.OutsideRootsError`).
-    """
+    :class:`rbees_core.pool.file_roots.OutsideRootsError`)."""
     confine(pm, req.model_ref, "model_ref")
     try:
         path = resolve_model(pm, req.model_ref)
@@ -212,14 +215,14 @@ def preflight(pm: pluggy.PluginManager, req: SpawnRequest, held: memory.Held | N
         from rbees_core.config import load_config
 
         limit = load_config().pool.memory_limit_bytes()
-    # a split or a partial offload: each device its part (the planner's own figures)
-    parts = device_bytes(ModelNeed.of(estimate), req.device, req.n_gpu_layers,
-                         req.tensor_split)
+    # a split, a partial offload or a shard: each device its part (the planner's figures)
+    parts = {req.device: local_bytes(ModelNeed.of(estimate), req.tensor_split)} if req.rpc \
+        else device_bytes(ModelNeed.of(estimate), req.device, req.n_gpu_layers, req.tensor_split)
     free, memory_kind = memory.check_fits(
         pm, req.model_ref, parts, req.device, limit,
         lambda device: held if held is not None and device == req.device
         else held_by_records(device))
-    need = estimate.total_bytes
+    need = parts[req.device] if req.rpc else estimate.total_bytes
     return Preflight(path=path, memory_bytes=need, memory_kind=memory_kind, free_bytes=free)
 
 
@@ -365,16 +368,19 @@ def spawn_process(pm: pluggy.PluginManager, req: SpawnRequest, *,
     if callback_token_file:  # its own token, for its ready callback only
         argv += ["--callback-token-file", callback_token_file]
     argv += req.tls.argv() if req.tls is not None else []
+    if req.rpc:  # a shard; its lender's token in a file of its own
+        argv += ["--rpc", ",".join(req.rpc)] + (["--rpc-token-file", str(write_private(
+            log_path(worker_id).with_name("rpc"), req.rpc_token))] if req.rpc_token else [])
     with open_private(log_path(worker_id), "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 env=given.environment(dict(os.environ)))
     record = WorkerRecord(
         worker_id=worker_id, model_ref=req.model_ref, model_path=checked.path,
-        backend=req.backend, device=req.device, port=port, pid=proc.pid,
-        slots_total=req.slots, memory_bytes=checked.memory_bytes, started_at=time.time(),
-        host=req.host, threads=given.threads, cpus=list(given.cpus),
-        cpu_shared=given.shared, embedding=req.embedding, ctx=req.ctx, tls=req.tls is not None)
+        backend=req.backend, device=req.device, port=port, pid=proc.pid, slots_total=req.slots,
+        memory_bytes=checked.memory_bytes, started_at=time.time(), host=req.host,
+        threads=given.threads, cpus=list(given.cpus), cpu_shared=given.shared,
+        embedding=req.embedding, ctx=req.ctx, tls=req.tls is not None, sharded=bool(req.rpc))
     save(record)
     return record, proc
 
