@@ -147,7 +147,7 @@ def test_revoking_one_join_token_locks_out_that_pool_alone_until_it_has_the_new_
     tokens = {p: httpx.post(f"{orcd_url}/v2/pools/{p}/join-token", headers=operator,
                             timeout=10).json()["join_token"] for p in ("p1", "p2")}
     p1 = start_pool("p1", tokens["p1"], "p1")
-    start_pool("p2", tokens["p2"], "p2")
+    p2 = start_pool("p2", tokens["p2"], "p2")
     until(lambda: status() == {"p1": "ready", "p2": "ready"}, "both pools ready")
     # an inference key cannot revoke; an operator (admin) can
     key = httpx.post(f"{orcd_url}/v2/keys", headers=operator, timeout=10,
@@ -161,7 +161,11 @@ def test_revoking_one_join_token_locks_out_that_pool_alone_until_it_has_the_new_
     assert new != tokens["p1"] and new == join_token(TOKEN, "p1", 1)
     # the old token's heartbeats are refused: p1 goes unavailable, p2 stays ready
     until(lambda: status().get("p1") != "ready", "p1 no longer ready")
-    assert status()["p2"] == "ready"
+    # p2's token still works: none of its heartbeats is refused, and it is ready (asked
+    # until it is: on a loaded machine one late heartbeat, 0.9 s of silence, makes any
+    # pool unavailable for a moment, whatever its token)
+    until(lambda: status().get("p2") == "ready", "p2 still ready")
+    assert "heartbeat_refused" not in p2.log_path.read_text()
     assert "heartbeat_refused" in p1.log_path.read_text()
     assert httpx.post(f"{orcd_url}/v2/pools/p1/heartbeat", json={}, headers={
         "Authorization": f"Bearer {tokens['p1']}"}).status_code == 401
