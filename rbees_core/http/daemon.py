@@ -179,15 +179,21 @@ def fail(program: str, exc: RbeesError | OSError) -> NoReturn:
     sys.exit(1)
 
 
+def _sets_env(variable: str, choices: tuple[str, ...]) -> Callable[[str | None], str | None]:
+    """A typer callback that checks a flag's value against ``choices`` and puts it in
+    ``variable``: the environment carries it to every Logger of the process and to the
+    workers it starts (``--log-level``, ``--log-to``)."""
 
-def _set_level(value: str | None) -> str | None:
-    if value is not None:  # the environment carries it to every Logger and to workers
-        if value.lower() not in LEVELS:
-            import typer
+    def callback(value: str | None) -> str | None:
+        if value is not None:
+            if value.lower() not in choices:
+                import typer
 
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(LEVELS)}")
-        os.environ["RBEES_LOG_LEVEL"] = value.lower()
-    return value
+                raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+            os.environ[variable] = value.lower()
+        return value
+
+    return callback
 
 
 def tls_cert_option() -> Any:
@@ -201,6 +207,8 @@ def tls_cert_option() -> Any:
 
 
 def tls_key_option() -> Any:
+    """``--tls-key PEM`` of the three daemons: the key of :func:`tls_cert_option`'s
+    certificate (checked by :func:`rbees_core.tls.server_tls`: not readable by others)."""
     import typer
 
     return typer.Option("--tls-key", metavar="PEM",
@@ -224,19 +232,10 @@ def log_level_option() -> Any:
     daemon's lines, its stdlib records and the workers it starts all use it."""
     import typer
 
-    return typer.Option("--log-level", callback=_set_level, metavar="LEVEL",
+    return typer.Option("--log-level", callback=_sets_env("RBEES_LOG_LEVEL", LEVELS),
+                        metavar="LEVEL",
                         help="Lowest level logged: debug, info, warning, error "
                              "(default: RBEES_LOG_LEVEL, else info)")
-
-
-def _set_destination(value: str | None) -> str | None:
-    if value is not None:  # the environment carries it to every Logger of the process
-        if value.lower() not in DESTINATIONS:
-            import typer
-
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(DESTINATIONS)}")
-        os.environ["RBEES_LOG_TO"] = value.lower()
-    return value
 
 
 def log_to_option() -> Any:
@@ -246,6 +245,7 @@ def log_to_option() -> Any:
     (:func:`rbees_core.log.log_stream`)."""
     import typer
 
-    return typer.Option("--log-to", callback=_set_destination, metavar="STREAM",
+    return typer.Option("--log-to", callback=_sets_env("RBEES_LOG_TO", DESTINATIONS),
+                        metavar="STREAM",
                         help="Where the JSON log lines go: stdout or stderr (default: "
                              "RBEES_LOG_TO, else stdout under systemd, else stderr)")
