@@ -5,50 +5,32 @@ thread, and every later job on that worker waited forever while /health said ok)
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from rbees_core.backend import Feed, LoadedModel, SamplingParams
+from rbees_core.backend import SamplingParams
 from rbees_core.engine import Engine
+from rbees_core.testing.backend import ByteModel
 
 
-class Flaky(LoadedModel):
+class Flaky(ByteModel):
     """Bytes as tokens; ``begin`` or ``sample`` raise for a job whose top_k is 13 or 14."""
 
-    n_ctx_slot = 512
-    n_batch = 64
-    memory_bytes = 0
-    memory_kind = "ram"
+    answer = ord("a")
 
     def __init__(self) -> None:
         self.top_k: dict[int, int] = {}
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return "".join(m["content"] for m in messages)
-
-    def token_bytes(self, token: int) -> bytes:
-        return bytes([token])
-
-    def is_eog(self, token: int) -> bool:
-        return False
 
     def begin(self, slot: int, params: SamplingParams) -> None:
         if params.top_k == 13:
             raise TypeError("this function takes at least 5 arguments (4 given)")
         self.top_k[slot] = params.top_k
 
-    def decode(self, feeds: Sequence[Feed]) -> None:
-        pass
-
     def sample(self, slot: int) -> int:
         if self.top_k[slot] == 14:
             raise ValueError("bad logits")
-        return ord("a")
+        return self.answer
 
     def end(self, slot: int) -> None:
         self.top_k.pop(slot, None)

@@ -5,49 +5,24 @@ slot, so that it does not overwrite the cache of a chat whose next turn is comin
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any
 
-from rbees_core.backend import Feed, LoadedModel, SamplingParams
+from rbees_core.backend import SamplingParams
 from rbees_core.engine import Engine
+from rbees_core.testing.backend import ByteModel
 
 
-class Cached(LoadedModel):
+class Cached(ByteModel):
     """Bytes as tokens, answers ``x``; remembers each job's slot and what it kept."""
 
-    n_ctx_slot = 512
-    n_batch = 64
-    memory_bytes = 0
-    memory_kind = "ram"
     prefix_cache = True
 
     def __init__(self) -> None:
         self.begun: list[tuple[int, int]] = []  # (slot, tokens kept)
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return "".join(m["content"] for m in messages)
-
-    def token_bytes(self, token: int) -> bytes:
-        return bytes([token])
-
-    def is_eog(self, token: int) -> bool:
-        return False
-
     def begin(self, slot: int, params: SamplingParams, keep: int = 0) -> int:  # type: ignore[override]
         self.begun.append((slot, keep))
         return keep
-
-    def decode(self, feeds: Sequence[Feed]) -> None:
-        pass
-
-    def sample(self, slot: int) -> int:
-        return ord("x")
-
-    def end(self, slot: int) -> None:
-        pass
 
 
 def run(engine: Engine, text: str) -> None:

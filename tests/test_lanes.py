@@ -16,48 +16,25 @@ from typing import Any
 
 import httpx
 
-from rbees_core.backend import Feed, LoadedModel, SamplingParams
+from rbees_core.backend import Feed, SamplingParams
 from rbees_core.engine import Engine
 from rbees_core.placement import held_back, hold_back
+from rbees_core.testing.backend import ByteModel
 
 
-class Recording(LoadedModel):
+class Recording(ByteModel):
     """Bytes as tokens, never ends a job by itself; records which slots each pass fed and
     whether each feed was a prompt chunk (more than one token) or a decode step."""
 
     n_ctx_slot = 4096
     n_batch = 16
-    memory_bytes = 0
-    memory_kind = "ram"
-    prefix_cache = False
 
     def __init__(self) -> None:
         self.passes: list[list[tuple[int, int]]] = []  # per pass: (slot, tokens fed)
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return "".join(m["content"] for m in messages)
-
-    def token_bytes(self, token: int) -> bytes:
-        return bytes([token])
-
-    def is_eog(self, token: int) -> bool:
-        return False
-
-    def begin(self, slot: int, params: SamplingParams) -> None:
-        pass
-
     def decode(self, feeds: Sequence[Feed]) -> None:
         self.passes.append([(f.slot, len(f.tokens)) for f in feeds])
         time.sleep(0.002)
-
-    def sample(self, slot: int) -> int:
-        return ord("x")
-
-    def end(self, slot: int) -> None:
-        pass
 
 
 def _job(engine: Engine, job_id: str, text: str, tokens: int, *, batch: bool,

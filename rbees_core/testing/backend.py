@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -28,7 +28,7 @@ import pytest
 
 from rbees_core import plugins
 from rbees_core.api.worker import ExecuteRequest
-from rbees_core.backend import Backend, LoadedModel, SamplingParams
+from rbees_core.backend import Backend, Feed, LoadedModel, SamplingParams
 from rbees_core.engine import Engine
 from rbees_core.errors import InvalidParamsError
 from rbees_core.models import resolve_model
@@ -57,6 +57,44 @@ class Run:
     def last(self) -> tuple[str, dict[str, Any]]:
         _, event, data = self.events[-1]
         return event, data
+
+
+class ByteModel(LoadedModel):
+    """A loaded model for tests of the decode loop (:class:`rbees_core.engine.Engine`)
+    without a backend: bytes as tokens, a chat is its contents joined, no token ends
+    generation by itself, every step samples :attr:`answer`; ``begin``, ``decode`` and
+    ``end`` do nothing. A test subclasses it and overrides what it watches or breaks."""
+
+    n_ctx_slot = 512
+    n_batch = 64
+    memory_bytes = 0
+    memory_kind = "ram"
+    #: the byte every :meth:`sample` returns
+    answer = ord("x")
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
+        return "".join(str(m["content"]) for m in messages)
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token])
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        return None
+
+    def decode(self, feeds: Sequence[Feed]) -> None:
+        return None
+
+    def sample(self, slot: int) -> int:
+        return self.answer
+
+    def end(self, slot: int) -> None:
+        return None
 
 
 class BackendContract:
