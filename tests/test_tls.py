@@ -211,3 +211,20 @@ def test_rbees_pool_daemon_start_serves_https_and_its_status_verifies(tmp_path: 
         assert json.loads(status.stdout)[0]["workers"] == 0, status.stdout  # it verified
     finally:
         pool("daemon", "stop")
+
+
+def test_rbees_tls_issue_names_the_bad_flag_in_one_line(tmp_path: Path) -> None:
+    """A name that is no file name, an address that is none, a DNS name x509 refuses and a
+    folder that cannot be written are each one line naming what is wrong, exit 1."""
+    env = {**os.environ, "RBEES_HOME": str(tmp_path / "home")}
+    for args, said in ((["../gpu1"], "NAME: must match"),
+                       (["gpu1", "--ip", "300.1.1.1"], "--ip: "),
+                       (["gpu1", "--dns", ""], "--dns: "),
+                       (["gpu1", "--out", str(tmp_path / "file" / "sub")], "cannot write")):
+        (tmp_path / "file").write_text("")  # a file where --out wants a folder
+        done = subprocess.run([str(BIN / "rbees"), "tls", "issue", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and said in lines[0], (args, done.stderr)
+    assert not (tmp_path / "home" / "gpu1.pem").exists()  # "../gpu1" wrote beside tls/

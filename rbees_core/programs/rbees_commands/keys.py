@@ -157,16 +157,29 @@ def tls_issue(
     when missing, as `rbees up --tls` does). Copy NAME.pem, NAME.key and ca.pem to that
     host and start its pool-managerd with --tls-cert NAME.pem --tls-key NAME.key
     --ca-file ca.pem."""
+    import ipaddress
+
+    from rbees_core.api.common import ID_PATTERN
     from rbees_core.config import rbees_home
-    from rbees_core.errors import InvalidParamsError
+    from rbees_core.errors import InvalidParamsError, RbeesError
+    from rbees_core.schema import check_string
     from rbees_core.tls import TLS_DIR
     from rbees_core.tls_ca import issue, trust_hint
 
+    check_string(name, "NAME", {"pattern": ID_PATTERN})  # a file name: no "/" nor ".."
+    for address in ip or []:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError as exc:
+            raise InvalidParamsError("--ip", str(exc)) from None
     try:
         issued = issue(rbees_home() / TLS_DIR, name, dns or [name], ip or [],
                        out=Path(out) if out else None)
-    except ValueError as exc:
-        raise InvalidParamsError("--ip", str(exc)) from None
+    except ValueError as exc:  # the addresses are fine: a name x509 refuses
+        raise InvalidParamsError("--dns", str(exc)) from None
+    except OSError as exc:
+        raise RbeesError(f"cannot write the certificate: {exc.strerror or exc}: "
+                         f"{exc.filename or out or rbees_home() / TLS_DIR}") from None
     print(f"{issued.cert}\n{issued.key}")
     print(f"names: {', '.join(issued.names + issued.addresses)}", file=sys.stderr)
     print(trust_hint(issued.ca), file=sys.stderr)
