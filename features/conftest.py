@@ -22,6 +22,7 @@ from steps_jobs import *  # noqa: F403
 from steps_lifecycle import *  # noqa: F403
 from steps_pool import *  # noqa: F403
 from steps_recovery import *  # noqa: F403
+from steps_sharding import *  # noqa: F403
 from steps_tls import *  # noqa: F403
 from world import World
 
@@ -37,6 +38,7 @@ TAGS = {
     "no_repl": "the CLIs are never a REPL",
     "leftovers": "rbees down leaves no process, a dead pool's workers included",
     "recovery": "crashed workers restarted with backoff, a lost pool's jobs ended",
+    "sharding": "one model across two hosts over llama.cpp's RPC backend",
     "evict": "one memory figure: a pool's memory limit, evict to fit",
     "tls": "HTTPS on every hop, the lab's CA, a client with the wrong CA",
 }

@@ -38,7 +38,18 @@ from rbees_core.errors import ModelLoadError
 
 GREETING = b"RBEES-RPC/1 "
 #: seconds of silence on a tunnel's link after which it counts as dead
-DEAD_LINK_S = 5
+#: (``RBEES_RPC_DEAD_LINK_S``: a lab whose heartbeats come every half second wants 0.5)
+DEAD_LINK_S = 5.0
+
+
+def dead_link_s() -> float:
+    """:data:`DEAD_LINK_S`, or ``RBEES_RPC_DEAD_LINK_S`` (seconds, at least 0.2)."""
+    import os
+
+    try:
+        return max(0.2, float(os.environ.get("RBEES_RPC_DEAD_LINK_S") or DEAD_LINK_S))
+    except ValueError:
+        return DEAD_LINK_S
 #: the most a handshake may take
 HANDSHAKE_S = 10.0
 
@@ -53,13 +64,14 @@ def watch_link(sock: socket.socket | None) -> None:
     :data:`DEAD_LINK_S` seconds, busy or idle."""
     if sock is None:
         return
+    dead = dead_link_s()
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, DEAD_LINK_S - 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_LINK_S * 1000)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, int(dead) - 1))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead * 1000))
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
