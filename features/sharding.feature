@@ -5,8 +5,9 @@ Feature: One model across mac and workstation over llama.cpp's RPC backend
   memory limits under which SmolLM2 fits on neither pool alone, a worker on workstation
   holds half of its layers and mac's RPC server the other half; its greedy output is the
   unsharded one. A cut link fails the running job within 3 heartbeats with a retriable
-  error. (The scheduler does not plan shards by itself yet: the steps start the RPC server
-  and the sharded worker through the pools' APIs, as rbees-orcd would.)
+  error, and the next job is sharded again. rbees-orcd plans a shard itself when a job's
+  model fits no pool alone; two scenarios start the RPC server and the sharded worker
+  through the pools' APIs instead, as it does.
 
   Background:
     Given the cluster is up with pools that lend over RPC and hold SmolLM2 on neither alone
@@ -25,13 +26,17 @@ Feature: One model across mac and workstation over llama.cpp's RPC backend
 
   Scenario: Cutting mac's link fails the sharded job within 3 heartbeats; back, it shards again
     Given the lab's links are real (network namespaces)
-    And mac lends its CPU over RPC
-    And workstation starts a worker of SmolLM2 sharded onto mac
-    And a long job is streaming on pool "workstation"
+    And a long job is streaming
+    And the job's why names the shard over mac and workstation
     When the link of "mac" is cut
     Then the stream ends with "error" code "WORKER_FAILED" within 3 heartbeats of the cut and a margin
     And the error is retriable
     When the link of "mac" is restored
-    And workstation starts a worker of SmolLM2 sharded onto mac
-    And a greedy job for SmolLM2 runs on pool "workstation"
+    And a greedy job for SmolLM2 runs on no pool in particular
     Then its text is the unsharded text of the same prompt
+    And the job's why names the shard over mac and workstation
+
+  Scenario: rbees-orcd shards a model that fits no pool alone, and says so in why
+    When a greedy job for SmolLM2 runs on no pool in particular
+    Then its text is the unsharded text of the same prompt
+    And the job's why names the shard over mac and workstation

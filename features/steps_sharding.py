@@ -162,11 +162,14 @@ def start_sharded(world: World, ctx: dict[str, Any]) -> None:
 
 
 @when(parsers.parse('a greedy job for SmolLM2 runs on pool "{pool}"'))
-def greedy_job(world: World, ctx: dict[str, Any], pool: str) -> None:
+@when("a greedy job for SmolLM2 runs on no pool in particular")
+def greedy_job(world: World, ctx: dict[str, Any], pool: str | None = None) -> None:
+    placement = {"placement": {"pool": pool}} if pool else {}
     got = submit(world, {"model": "smollm2", "prompt": PROMPT, "max_tokens": 16,
-                         "temperature": 0, "seed": 1, "placement": {"pool": pool}})
+                         "temperature": 0, "seed": 1, **placement})
     assert got.status_code == 202, got.text
-    frames = events(world, got.json()["job_id"])
+    ctx["job_id"] = got.json()["job_id"]
+    frames = events(world, ctx["job_id"])
     assert frames[-1][1] == "end", frames[-3:]
     ctx["text"] = "".join(d["t"] for _, e, d in frames if e == "token")
 
@@ -205,3 +208,14 @@ def same_text(ctx: dict[str, Any]) -> None:
     expected = unsharded_text()
     print(f"MEASURED: sharded {ctx['text']!r} / unsharded {expected!r}")
     assert ctx["text"] == expected and expected
+
+
+@given("the job's why names the shard over mac and workstation")
+@then("the job's why names the shard over mac and workstation")
+def why_shard(world: World, ctx: dict[str, Any]) -> None:
+    answer = world.http("GET", f"{world.blep.orcd_url}/v2/tasks/{ctx['job_id']}/decision",
+                        timeout=10).json()
+    reasons = [d.get("reason") or "" for r in answer["decisions"] for d in r["decisions"]]
+    shard = next((r for r in reasons if r.startswith("shard over")), None)
+    print(f"MEASURED: why: {shard}")
+    assert shard is not None and "mac/cpu" in shard and "workstation/cpu" in shard, answer

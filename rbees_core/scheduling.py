@@ -324,6 +324,8 @@ def snapshot_pool(state: Any, *, pool_id: str | None = None, status: str = "read
         out["disk_free_bytes"] = _get(state, "disk_free_bytes")
     if failed:
         out["failed_models"] = failed
+    if _get(state, "rpc"):  # it lends its devices over RPC (rbees_core.sharding)
+        out["rpc"] = True
     return out
 
 

@@ -16,8 +16,9 @@ the others:
 
 A pool lends its devices only when it says so (``[pool] rpc = true``, its ``rpc`` in the
 snapshot: the ``lenders`` here); the worker's own pool needs no such setting. Layers are
-given in proportion to each device's available memory, after the first part's rest and every
-part's compute buffers (:data:`rbees_core.planning.GPU_OVERHEAD_BYTES`); the plan's
+given in proportion to each device's available memory, after the first part's rest (the
+compute buffers of the model's estimate included) and each other part's compute buffers
+(:data:`rbees_core.planning.GPU_OVERHEAD_BYTES`); the plan's
 ``tensor_split`` is what rbees-workerd ``--tensor-split`` takes with ``--rpc``: the worker's
 own device first. Nothing fits even with every worker stopped: :class:`NoFit` with
 ``never`` (``NO_CAPACITY``), its reason in words, as the placement planner's.
@@ -147,14 +148,16 @@ def shard_over(need: ModelNeed, parts: list[tuple[str, DeviceMemory]], reason: s
                links: Mapping[frozenset[str], float]) -> ShardPlan | None:
     """The model over ``parts`` (``(pool_id, device)``; the first runs the worker and
     holds the rest of the model), or None when it does not fit them."""
-    room = [d.available - GPU_OVERHEAD_BYTES - (need.rest_bytes if i == 0 else 0)
+    # the worker's part: the rest of the model (its estimate's compute buffers included);
+    # each RPC server's: its layers and compute buffers of its own
+    room = [d.available - (need.rest_bytes if i == 0 else GPU_OVERHEAD_BYTES)
             for i, (_, d) in enumerate(parts)]
     layers = split_layers(need, room)
     if layers is None:
         return None
     out = []
     for i, ((pool, d), k) in enumerate(zip(parts, layers, strict=True)):
-        used = k * need.layer_bytes + GPU_OVERHEAD_BYTES + (need.rest_bytes if i == 0 else 0)
+        used = k * need.layer_bytes + (need.rest_bytes if i == 0 else GPU_OVERHEAD_BYTES)
         out.append(ShardPart(pool, d.device, k, used, round(k / need.layers, 4)))
     main = parts[0][0]
     others = {p for p, _ in parts if p != main}
@@ -217,8 +220,7 @@ def _no_fit(need: ModelNeed, hosts: list[Host], single: NoFit,
         lent = sorted((t for j, (p, t) in enumerate(empty) if j != i
                        and (lenders is None or p == main or p in lenders)),
                       reverse=True)[:MAX_PARTS - 1]
-        room = [total - GPU_OVERHEAD_BYTES - need.rest_bytes,
-                *(t - GPU_OVERHEAD_BYTES for t in lent)]
+        room = [total - need.rest_bytes, *(t - GPU_OVERHEAD_BYTES for t in lent)]
         if lent and sum(max(0, r) // need.layer_bytes for r in room) >= need.layers:
             return NoFit(f"it needs {_gib(need.total_bytes)}; devices of several pools hold "
                          "it together only once workers on them stop: it waits for memory")

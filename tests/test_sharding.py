@@ -37,7 +37,8 @@ def test_only_two_hosts_together_shard_over_rpc() -> None:
     assert sum(p.layers for p in got.parts) == 30
     # the worker's part holds the rest of the model too; nothing is over what a device has
     main = got.parts[0]
-    assert main.bytes == main.layers * NEED.layer_bytes + NEED.rest_bytes + 128 * 2**20
+    assert main.bytes == main.layers * NEED.layer_bytes + NEED.rest_bytes
+    assert all(p.bytes == p.layers * NEED.layer_bytes + 128 * 2**20 for p in got.remote)
     assert all(p.bytes <= (2.5 if p.pool_id == "workstation" else 2) * GIB for p in got.parts)
     assert abs(sum(got.tensor_split) - 1) < 0.01
     assert got.remote and got.remote[0].pool_id != got.pool_id

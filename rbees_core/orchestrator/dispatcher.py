@@ -46,6 +46,7 @@ from rbees_core.orchestrator.queue import JobQueue, QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.rounds import Ending, RoundPools
 from rbees_core.orchestrator.runner import Runner
+from rbees_core.orchestrator.shards import SHARDED, Shards, shard_for
 from rbees_core.orchestrator.store import Store
 from rbees_core.placement import hold_back
 from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, explain
@@ -82,6 +83,7 @@ class Dispatcher:
         self.registry = registry
         self.scheduler = scheduler
         self.pools = pools
+        self.shards = Shards(pools)  # sharded workers it is starting (issue 27)
         self.runner = runner
         self.metrics = metrics
         self.log = log
@@ -260,13 +262,17 @@ class Dispatcher:
             verdict = self.scheduler.decide(snapshot)
             self.metrics.scheduling.observe(time.perf_counter() - t0)
             book.spawn(self._record(queued.job_id, verdict, snapshot.data))
+        if verdict.summary == SHARDED:  # alike to one waiting for its sharded worker
+            return None
         fail = next((d for d in verdict.decisions if d.action == "fail"), None)
-        if fail is not None:
-            return Ending(NO_CAPACITY, fail.reason or f"policy {verdict.policy} refused it")
-        if all(d.action == "wait" for d in verdict.decisions):
-            ending = self._never(queued, pools, verdict)
+        if fail is not None or all(d.action == "wait" for d in verdict.decisions):
+            ending = self._never(queued, pools, verdict) if fail is None else Ending(
+                NO_CAPACITY, fail.reason or f"policy {verdict.policy} refused it")
             if ending is not None:
-                return ending
+                sharded = self._shard(queued, pools, verdict)
+                if sharded is None:
+                    return ending
+                verdict = sharded  # it waits for its sharded worker (orchestrator.shards)
             book.waited_at[queued.job_id] = book.version
             waiting[alike] = verdict
             return None
@@ -312,6 +318,27 @@ class Dispatcher:
                                                            reason=ending.message)],
                 candidates=verdict.candidates, summary=ending.message)))
         return ending
+
+    def _shard(self, queued: QueuedJob, pools: RoundPools, verdict: Verdict) -> Verdict | None:
+        """A job no pool can hold alone: when lending pools hold it together, start a
+        sharded worker for it (:mod:`rbees_core.orchestrator.shards`) and record why; the
+        verdict it waits with. None: no shard either (``NO_CAPACITY`` stands)."""
+        placement = None if queued.placement is None else attrs.asdict(queued.placement)
+        if placement and placement.get("pool"):
+            return None  # pinned to one pool: a shard is not that pool
+        if self.shards.reap():  # a sharded worker is gone: its servers' memory comes back
+            return Verdict(policy=verdict.policy, decisions=[Decision("wait", reason=SHARDED)],
+                           candidates=verdict.candidates, summary=SHARDED)
+        plan = shard_for({"model": queued.model}, pools.get())
+        if plan is None:
+            return None
+        self.shards.start(queued.model, plan)
+        shard = Verdict(policy=verdict.policy, decisions=[Decision(
+            "start_worker", pool_id=plan.pool_id, device=plan.device, model=queued.model,
+            tensor_split=plan.tensor_split, reason=plan.describe())],
+            candidates=verdict.candidates, summary=SHARDED)
+        self.book.spawn(self._record(queued.job_id, shard))
+        return shard
 
     def _claim(self, job_id: str, pool_id: str, worker_id: str) -> Run | None:
         """Take the job off the queue and a slot on the worker, in memory; None when the
