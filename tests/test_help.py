@@ -28,8 +28,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())[
-    "project"]["scripts"]
+#: The console scripts of rbees-core (the root) and of the distributions beside it
+#: (rbees-testing's bdd-runner).
+SCRIPTS: dict[str, str] = {
+    name: target
+    for pyproject in (ROOT / "pyproject.toml", *sorted(ROOT.glob("distributions/*/pyproject.toml")))
+    for name, target in tomllib.loads(pyproject.read_text())["project"].get("scripts", {}).items()
+}
 
 
 def rbees_app() -> typer.Typer:
