@@ -211,6 +211,12 @@ class Feed:
     logits: bool
 
 
+class DecodeInterrupted(Exception):
+    """:meth:`LoadedModel.decode` (called with ``interruptible=True``) stopped part-way
+    because :meth:`LoadedModel.interrupt` was called: nothing of the pass's feeds is in
+    any slot's cache, and the engine feeds them again."""
+
+
 class LoadedModel(ABC):
     """One model in memory serving ``slots`` sequences at once.
 
@@ -264,6 +270,15 @@ class LoadedModel(ABC):
         from rbees_core.errors import InvalidParamsError
 
         raise InvalidParamsError("threads", "this backend cannot change its thread count")
+
+    #: Whether :meth:`decode` takes ``interruptible=True``: :meth:`interrupt` (from another
+    #: thread) then stops that pass part-way and it raises :class:`DecodeInterrupted`.
+    supports_interrupt: bool = False
+
+    def interrupt(self) -> None:  # noqa: B027 - optional
+        """From any thread: stop the interruptible :meth:`decode` in flight, if one is.
+        The engine calls it when an interactive job arrives during a pass of batch jobs'
+        tokens only. Nothing by default."""
 
     #: Whether :meth:`embed` works: the model was loaded with ``embedding=True`` by a backend
     #: that can embed (:attr:`Backend.embeds`).
@@ -342,7 +357,9 @@ class LoadedModel(ABC):
 
     @abstractmethod
     def decode(self, feeds: Sequence[Feed]) -> None:
-        """Evaluate all ``feeds`` together (one batched forward pass where possible)."""
+        """Evaluate all ``feeds`` together (one batched forward pass where possible). A
+        model with :attr:`supports_interrupt` is also called as ``decode(feeds,
+        interruptible=True)``."""
 
     @abstractmethod
     def sample(self, slot: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from rbees_core.backend import Feed, LoadedModel, SamplingParams
+from rbees_core.backend import DecodeInterrupted, Feed, LoadedModel, SamplingParams
 from rbees_core.errors import (
     AllSlotsBusyError,
     ConflictError,
@@ -120,6 +120,12 @@ class Engine:
         self._admissions = 0
         self._draining = False
         self._stopping = False
+        #: whether the pass in flight may be interrupted (batch jobs' tokens only)
+        self._interruptible = False
+        #: slots whose feed in the pass being built is a prompt chunk
+        self._chunks: set[int] = set()
+        #: passes interrupted for an interactive job (:meth:`_decode`)
+        self.interrupted = 0
         #: a thread count to apply before the next step (:meth:`set_threads`)
         self._threads: int | None = None
         self._thread = threading.Thread(target=self._run, name="rbees-decode", daemon=True)
@@ -176,6 +182,8 @@ class Engine:
                                         details={"slots_total": self.slots})
             self._jobs[job.job_id] = job
             self._pending.append(job)
+            if self._interruptible and not job.batch:
+                self.model.interrupt()  # the pass in flight holds batch jobs only
             self._cond.notify()
 
     def cancel(self, job_id: str) -> bool:
@@ -240,7 +248,10 @@ class Engine:
             if not feeds:
                 continue
             try:
-                self.model.decode(feeds)
+                self._decode(feeds)
+            except DecodeInterrupted:  # an interactive job came: its prompt goes first
+                self._refeed(feeds)
+                continue
             except Exception as exc:  # the batch is lost; its jobs end, the worker lives on
                 for feed in feeds:
                     self._cached[feed.slot] = []
@@ -254,6 +265,35 @@ class Engine:
                     except Exception as exc:  # sampling failed: this job ends, not the loop
                         if self._active.get(feed.slot) is job:
                             self._fail(job, "DECODE_FAILED", f"{type(exc).__name__}: {exc}")
+
+    def _decode(self, feeds: list[Feed]) -> None:
+        """One pass. A pass of batch jobs' tokens alone is interruptible (when the model
+        supports it): :meth:`submit` of an interactive job stops it, so that the new
+        prompt is read at once, not after the pass (:meth:`_refeed` puts it back)."""
+        if not (self.model.supports_interrupt
+                and all(self._active[f.slot].batch for f in feeds)):
+            self.model.decode(feeds)
+            return
+        with self._cond:
+            if any(not job.batch for job in self._pending):  # one came as it was built
+                raise DecodeInterrupted
+            self._interruptible = True
+        try:
+            self.model.decode(feeds, interruptible=True)  # type: ignore[call-arg]
+        finally:
+            with self._cond:
+                self._interruptible = False
+
+    def _refeed(self, feeds: list[Feed]) -> None:
+        """An interrupted pass: none of its tokens are in the model's cache now, so they
+        leave the slots' records, and prompt chunks go back to the front of their jobs'
+        feeds (a decoding job's next token stays its ``next_token``)."""
+        self.interrupted += 1
+        for feed in feeds:
+            job = self._active[feed.slot]
+            del self._cached[feed.slot][-len(feed.tokens):]
+            if feed.slot in self._chunks:
+                job.feed = list(feed.tokens) + job.feed
 
     def _pick_slot(self, tokens: list[int]) -> int:
         """The free slot whose cache shares the longest prefix with ``tokens``, else the
@@ -302,6 +342,7 @@ class Engine:
         feeds = []
         budget = self.n_batch
         prefilling = []
+        self._chunks.clear()
         urgent = any(job.feed and not job.batch for job in self._active.values())
         for job in self._active.values():
             if urgent and job.batch:
@@ -316,6 +357,7 @@ class Engine:
             if budget <= 0:
                 break
             chunk, job.feed = job.feed[:budget], job.feed[budget:]
+            self._chunks.add(job.slot)
             feeds.append(Feed(job.slot, chunk, not job.feed))
             self._cached[job.slot].extend(chunk)
             budget -= len(chunk)

@@ -1,10 +1,12 @@
 """Interactive requests go first while a batch runs (issue 28: their time to first token
 stays near an idle cluster's).
 
-Two rules make it so. rbees-orcd keeps ``[placement] interactive_slots`` of every worker
+Three rules make it so. rbees-orcd keeps ``[placement] interactive_slots`` of every worker
 (of more slots than that) free of batch-priority jobs, so an interactive job never waits
-for a batch line to end; and a worker pauses its batch jobs while an interactive job reads
-its prompt, so that pass runs the prompt alone, as on an idle worker.
+for a batch line to end; a worker stops a pass that holds only batch jobs' tokens when an
+interactive job arrives (llama.cpp's abort callback: rbees_backend_llamacpp.interrupt), so
+it never waits for that pass either; and it pauses its batch jobs while the interactive
+job reads its prompt, so that pass runs the prompt alone, as on an idle worker.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from rbees_core.backend import Feed, SamplingParams
+from rbees_core.backend import DecodeInterrupted, Feed, SamplingParams
 from rbees_core.engine import Engine
 from rbees_core.placement import held_back, hold_back
 from rbees_core.testing.backend import ByteModel
@@ -163,3 +165,78 @@ def test_batch_jobs_leave_a_slot_free_and_an_interactive_job_takes_it_at_once(
     finally:
         for job_id in batch:
             httpx.post(f"{cluster.url}/v2/tasks/{job_id}/cancel", timeout=10)
+
+
+class Interruptible(ByteModel):
+    """A model whose passes take ``pass_s`` and that :meth:`interrupt` stops part-way, as
+    llama.cpp's abort callback does; ``held`` is what each slot's cache really holds, to
+    check the engine's own record against."""
+
+    n_ctx_slot = 4096
+    n_batch = 64
+    supports_interrupt = True
+    pass_s = 0.2
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.held: dict[int, list[int]] = {}
+        self.stopped = 0
+
+    def begin(self, slot: int, params: SamplingParams) -> None:
+        self.held[slot] = []
+
+    def interrupt(self) -> None:
+        self.stop.set()
+
+    def decode(self, feeds: Sequence[Feed], interruptible: bool = False) -> None:
+        if interruptible:
+            if self.stop.wait(self.pass_s):
+                self.stop.clear()
+                self.stopped += 1
+                raise DecodeInterrupted
+        else:
+            self.stop.clear()
+            time.sleep(0.001)
+        for feed in feeds:
+            self.held[feed.slot].extend(feed.tokens)
+
+
+def test_an_interactive_job_stops_a_pass_of_batch_jobs_and_they_lose_nothing() -> None:
+    """Passes of batch jobs alone take 200 ms here; an interactive job arriving during one
+    stops it (its first token comes in well under one pass), the batch jobs' tokens of the
+    stopped pass are fed again (every slot's record is what the model holds), and every
+    batch job still ends with all its tokens."""
+    model = Interruptible()
+    engine = Engine(model, slots=4, model_name="m", worker_id="w")
+    engine.start()
+    ends: dict[str, threading.Event] = {}
+    try:
+        batch = [_job(engine, f"b{i}", f"line {i}", 6, batch=True, ends=ends)
+                 for i in range(3)]
+        time.sleep(0.3)  # a pass of theirs is in flight
+        firsts: list[float] = []
+        urgent: list[Any] = []
+        for k in range(3):
+            t0 = time.perf_counter()
+            ends[f"i{k}"] = threading.Event()
+
+            def sink(event: str, data: dict[str, Any], k: int = k, t0: float = t0) -> None:
+                if event == "token" and len(firsts) == k:
+                    firsts.append(time.perf_counter() - t0)
+                if event in ("end", "error"):
+                    ends[f"i{k}"].set()
+
+            job = engine.prepare(f"i{k}", "ask", max_tokens=2, stop=[], sink=sink,
+                                 params=SamplingParams(temperature=0))
+            engine.submit(job)
+            urgent.append(job)
+            assert ends[f"i{k}"].wait(10)
+            time.sleep(0.05)  # into the next pass of the batch jobs
+        assert all(ends[f"b{i}"].wait(30) for i in range(3))
+        assert model.stopped >= 3 and engine.interrupted >= 3
+        assert max(firsts) < 0.1, firsts  # not after a 200 ms pass
+        for job in batch:
+            assert job.tokens_out == 6
+            assert engine._cached[job.slot] == model.held[job.slot], job.job_id
+    finally:
+        engine.stop()

@@ -10,10 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rbees_backend_llamacpp import logs
+from rbees_backend_llamacpp.interrupt import Interrupter
 from rbees_backend_llamacpp.offload import set_devices, set_remote_devices
 from rbees_core.backend import (
     OVERHEAD_BYTES,
     Backend,
+    DecodeInterrupted,
     Embeddings,
     Feed,
     LoadedModel,
@@ -54,6 +57,7 @@ def _lib() -> Any:
     except ImportError as exc:  # pragma: no cover - the dependency is declared
         raise BackendUnavailableError(f"llama-cpp-python is not importable: {exc}") from exc
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    logs.route(llama_cpp)
     return llama_cpp
 
 
@@ -241,6 +245,7 @@ class LlamaCppModel(LoadedModel):
             self.memory_bytes = int(weights * self.shard[0] / sum(self.shard)) + OVERHEAD_BYTES
         self.memory_kind = _MEMORY_KIND[kind]
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self._interrupter = Interrupter(lib, self._ctx)
         self._pos = [0] * slots
         self._logit_at = [-1] * slots
         self._samplers: list[Any] = [None] * slots
@@ -415,7 +420,15 @@ class LlamaCppModel(LoadedModel):
             return init(self.n_vocab, last_n, repeat, freq, present)
         return init(last_n, repeat, freq, present)
 
-    def decode(self, feeds: Sequence[Feed]) -> None:
+    supports_interrupt = True
+
+    def interrupt(self) -> None:
+        self._interrupter.fire()
+
+    def decode(self, feeds: Sequence[Feed], interruptible: bool = False) -> None:
+        """One ``llama_decode`` of every feed; with ``interruptible`` one that
+        :meth:`interrupt` may stop (:mod:`rbees_backend_llamacpp.interrupt`), undone then
+        (the slots' positions as before) and :class:`DecodeInterrupted` raised."""
         lib, batch = self._lib, self._batch
         token, pos, n_seq_id, seq_id, logits = (
             batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
@@ -436,7 +449,13 @@ class LlamaCppModel(LoadedModel):
         if n > self.n_batch:
             raise RbeesError(f"batch of {n} tokens exceeds n_batch {self.n_batch}")
         batch.n_tokens = n
+        armed = self._interrupter.arm(n, interruptible)
         rc = lib.llama_decode(self._ctx, batch)
+        self._interrupter.disarm()
+        if self._interrupter.stopped(rc, armed):  # llama.cpp dropped the pass's positions
+            for feed in feeds:
+                self._pos[feed.slot] -= len(feed.tokens)
+            raise DecodeInterrupted
         if rc != 0:
             raise RbeesError(f"llama_decode failed with code {rc}")
 

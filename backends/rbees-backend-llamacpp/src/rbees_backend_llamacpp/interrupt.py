@@ -1,0 +1,68 @@
+"""Stopping a ``llama_decode`` part-way, from another thread, without the GIL.
+
+The engine interrupts a forward pass that holds only batch-priority jobs' tokens when an
+interactive job arrives (:mod:`rbees_core.engine`): the interactive prompt is then read
+at once instead of after the pass (on two cores a pass of three batch sequences took
+15-25 ms, which alone tripled an interactive job's time to first token).
+
+llama.cpp's public ``llama_set_abort_callback`` asks a ``bool (*)(void *)`` between the
+nodes of the graph (CPU backends; GPU backends never ask, and their passes just finish).
+A Python callback there would take the GIL hundreds of times per pass, from ggml's
+threads, against the worker's event loop; so the callback is libc's ``strlen`` over a
+two-byte buffer: ``"\\0\\0"`` reads 0 (go on) and ``"\\1\\0"`` reads 1 (stop), and the
+engine's thread flips the first byte. (``bool`` is returned in the low byte of the same
+register as ``size_t`` on the x86-64 and AArch64 C ABIs.)
+
+An aborted ``llama_decode`` returns 2 after removing the positions of the ubatch it was in
+from every sequence's cache (``llama_context::decode`` of the vendored llama.cpp). A pass
+of more than ``n_ubatch`` tokens is split into ubatches, the earlier of which would stay in
+the cache, so only passes of at most ``n_ubatch`` tokens are armed: a decode step of the
+batch jobs always is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+#: llama_decode's answer for an aborted pass
+ABORTED = 2
+
+
+class Interrupter:
+    """The abort callback of one llama.cpp context, and its flag."""
+
+    def __init__(self, binding: Any, ctx: Any) -> None:
+        self._flag = ctypes.create_string_buffer(2)
+        libc = ctypes.CDLL(None)
+        self._callback = ctypes.cast(libc.strlen, binding.ggml_abort_callback)
+        binding.llama_set_abort_callback(ctx, self._callback,
+                                         ctypes.cast(self._flag, ctypes.c_void_p))
+        self.n_ubatch = int(binding.llama_n_ubatch(ctx))
+        self.armed = False
+        #: passes stopped so far (the engine's tests and metrics read it)
+        self.count = 0
+
+    def arm(self, n_tokens: int, interruptible: bool) -> bool:
+        """Before every pass: clear the flag (a pass no one may stop must never see it
+        set); armed (True) when the pass is ``interruptible`` and one ubatch."""
+        self._flag[0] = b"\x00"
+        self.armed = interruptible and n_tokens <= self.n_ubatch
+        return self.armed
+
+    def disarm(self) -> None:
+        """After the pass: a later :meth:`fire` changes nothing."""
+        self.armed = False
+        self._flag[0] = b"\x00"
+
+    def fire(self) -> None:
+        """From any thread: stop the armed pass in flight at its next node."""
+        if self.armed:
+            self._flag[0] = b"\x01"
+
+    def stopped(self, rc: int, armed: bool) -> bool:
+        """Whether ``llama_decode``'s answer ``rc`` was this interrupt."""
+        if armed and rc == ABORTED:
+            self.count += 1
+            return True
+        return False
