@@ -117,7 +117,7 @@ Feature: M2, jobs through rbees-orcd on blep
     And at most 4 jobs failed with "ORCHESTRATOR_RESTARTED"
 
   Scenario: An OpenAI batch survives a SIGKILL of rbees-orcd halfway, each line answered once
-    When the openai client submits a batch of 40 chat lines
+    When the openai client submits a batch of 200 chat lines
     And half of its lines are answered
     And rbees-orcd on blep is killed with SIGKILL and started again
     Then the batch completes with every custom_id answered once, in order
