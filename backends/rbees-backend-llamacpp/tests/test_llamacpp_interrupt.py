@@ -86,3 +86,38 @@ def test_a_pass_not_interruptible_is_never_stopped(model: LoadedModel) -> None:
     model.decode([Feed(0, model.tokenize("Bees"), True)])
     model.sample(0)
     model.end(0)
+
+
+def test_a_pass_of_several_ubatches_is_never_stopped(model: LoadedModel) -> None:
+    """A prompt chunk beside another sequence's token is split by llama.cpp into several
+    ubatches (one cache per sequence: an equal split), and stopping it would leave the
+    first ubatch's positions in the cache: such a pass is not armed, however often a stop
+    is asked for, and the next steps go on at the right positions."""
+    import threading
+
+    model.begin(0, SamplingParams(temperature=0, seed=1))
+    model.decode([Feed(0, model.tokenize("Bees"), True)])
+    token = model.sample(0)
+    model.begin(1, SamplingParams(temperature=0, seed=1))
+    done = threading.Event()
+
+    def keep_stopping() -> None:
+        while not done.is_set():
+            model.interrupt()
+
+    stopper = threading.Thread(target=keep_stopping)
+    stopper.start()
+    try:
+        for _ in range(5):  # raises DecodeInterrupted if it was armed and stopped
+            model.decode([Feed(0, (token,), True),  # type: ignore[call-arg]
+                          Feed(1, model.tokenize(" honey and wax"), True)],
+                         interruptible=True)
+            token = model.sample(0)
+            model.sample(1)
+            model.end(1)
+            model.begin(1, SamplingParams(temperature=0, seed=1))
+    finally:
+        done.set()
+        stopper.join()
+    for slot in (0, 1):
+        model.end(slot)

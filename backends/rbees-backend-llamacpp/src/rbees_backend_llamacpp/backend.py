@@ -449,7 +449,7 @@ class LlamaCppModel(LoadedModel):
         if n > self.n_batch:
             raise RbeesError(f"batch of {n} tokens exceeds n_batch {self.n_batch}")
         batch.n_tokens = n
-        armed = self._interrupter.arm(n, interruptible)
+        armed = self._interrupter.arm([len(f.tokens) for f in feeds], interruptible)
         rc = lib.llama_decode(self._ctx, batch)
         self._interrupter.disarm()
         if self._interrupter.stopped(rc, armed):  # llama.cpp dropped the pass's positions

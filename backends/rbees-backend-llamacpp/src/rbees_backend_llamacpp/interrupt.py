@@ -15,14 +15,20 @@ register as ``size_t`` on the x86-64 and AArch64 C ABIs.)
 
 An aborted ``llama_decode`` returns 2 after removing the positions of the ubatch it was in
 from every sequence's cache (``llama_context::decode`` of the vendored llama.cpp). A pass
-of more than ``n_ubatch`` tokens is split into ubatches, the earlier of which would stay in
-the cache, so only passes of at most ``n_ubatch`` tokens are armed: a decode step of the
-batch jobs always is.
+split into several ubatches would keep the earlier ones in the cache, and llama.cpp splits
+not only passes of more than ``n_ubatch`` tokens: with a cache per sequence it splits
+"equally" (as many tokens of each sequence per ubatch), so a prompt chunk beside other
+sequences' single tokens is several ubatches. Only passes that are one ubatch are armed:
+at most ``n_ubatch`` tokens, and one sequence or one token of each (a decode step of the
+batch jobs, the pass that matters). Arming, disarming and firing share a lock, so a stop
+asked for as one pass ends never reaches the next.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 #: llama_decode's answer for an aborted pass
@@ -40,25 +46,32 @@ class Interrupter:
                                          ctypes.cast(self._flag, ctypes.c_void_p))
         self.n_ubatch = int(binding.llama_n_ubatch(ctx))
         self.armed = False
+        self._lock = threading.Lock()
         #: passes stopped so far (the engine's tests and metrics read it)
         self.count = 0
 
-    def arm(self, n_tokens: int, interruptible: bool) -> bool:
-        """Before every pass: clear the flag (a pass no one may stop must never see it
-        set); armed (True) when the pass is ``interruptible`` and one ubatch."""
-        self._flag[0] = b"\x00"
-        self.armed = interruptible and n_tokens <= self.n_ubatch
-        return self.armed
+    def arm(self, lengths: Sequence[int], interruptible: bool) -> bool:
+        """Before every pass (``lengths``: tokens per sequence): clear the flag (a pass no
+        one may stop must never see it set); armed (True) when the pass is
+        ``interruptible`` and one ubatch (the module's docstring)."""
+        one_ubatch = sum(lengths) <= self.n_ubatch and (
+            len(lengths) == 1 or all(n == 1 for n in lengths))
+        with self._lock:
+            self._flag[0] = b"\x00"
+            self.armed = interruptible and one_ubatch
+            return self.armed
 
     def disarm(self) -> None:
         """After the pass: a later :meth:`fire` changes nothing."""
-        self.armed = False
-        self._flag[0] = b"\x00"
+        with self._lock:
+            self.armed = False
+            self._flag[0] = b"\x00"
 
     def fire(self) -> None:
         """From any thread: stop the armed pass in flight at its next node."""
-        if self.armed:
-            self._flag[0] = b"\x01"
+        with self._lock:
+            if self.armed:
+                self._flag[0] = b"\x01"
 
     def stopped(self, rc: int, armed: bool) -> bool:
         """Whether ``llama_decode``'s answer ``rc`` was this interrupt."""
