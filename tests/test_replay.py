@@ -204,6 +204,13 @@ def test_the_cli_replays_a_state_database(day: tuple[Path, list[dict[str, Any]]]
     assert json.loads(script.stdout)["summary"]["decisions"] == len(records)
     both = replay("--policy", "spread", "--script", "x.star")
     assert both.returncode != 0 and "not both" in both.stderr
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_text("not a database")
+    refused = subprocess.run([str(BIN / "rbees"), "scheduler", "replay", "--db", str(junk)],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("rbees: error: --db: ") and "not a database" in \
+        refused.stderr
 
 
 async def test_retention_drops_old_snapshots_and_keeps_the_decisions(tmp_path: Path) -> None:

@@ -76,7 +76,9 @@ def encode_snapshot(data: Mapping[str, Any]) -> bytes:
     compressed against :data:`_ZDICT_1`. Called on the store's writer thread: about 0.1 ms
     for 3 pools, 20-50 ms for 1,000 (1.7 MB of JSON; ``decision_retention = "0"`` spares
     it)."""
-    raw = json.dumps(data, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    # NaN and inf pass as JSON's common extension (Python reads them back): a snapshot
+    # with one must not cost the decision its record
+    raw = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
     level = 9 if len(raw) <= _FAST_ABOVE else 6
     packer = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, _ZDICT_1)
     return bytes([FORMAT_1]) + packer.compress(raw) + packer.flush()

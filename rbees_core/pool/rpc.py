@@ -20,12 +20,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import attrs
 
 from rbees_core.api.pool import LIVE_WORKER_STATES, RpcServerEntry, RpcStartRequest
 from rbees_core.errors import ConflictError, NotFoundError
+from rbees_core.files import open_private
 from rbees_core.log import Logger
 from rbees_core.pool import memory, workers
 
@@ -39,6 +41,18 @@ LIVE = frozenset({"starting", "ready", "stopping"})
 
 class RpcDisabledError(ConflictError):
     code = "RPC_DISABLED"
+
+
+#: stopped or failed servers a pool keeps listing
+ENDED_KEPT = 8
+
+
+def _spawn(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    """Start a server process, its output into its own log (0600, as workers' logs)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open_private(log_file, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 @attrs.define(eq=False)
@@ -138,18 +152,18 @@ class RpcServers:
 
     async def _start(self, req: RpcStartRequest) -> RpcServer:
         pool, need = self.pool, req.memory_bytes
-        memory.check_fits(pool.pm, f"an RPC server of {need / 2**20:.0f} MiB",
-                          {req.device: need}, req.device, pool.estimates.limit, pool.held)
+        # the fit check probes the devices (NVML on a GPU host) and the spawn forks: both
+        # off the event loop, as a worker's start does them (heartbeats go on meanwhile)
+        await asyncio.to_thread(
+            memory.check_fits, pool.pm, f"an RPC server of {need / 2**20:.0f} MiB",
+            {req.device: need}, req.device, pool.estimates.limit, pool.held)
         used = {s.port for s in self.servers.values() if s.state in LIVE} | {
             w.record.port for w in pool.workers.values() if w.state in LIVE_WORKER_STATES}
         port = await asyncio.to_thread(workers.pick_port, used, LOOPBACK)
         sid = self._new_id(req.device)
         log_file = workers.workers_dir() / f"{sid}.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "ab") as out:
-            proc = subprocess.Popen(server_argv(req.device, port, req.threads),
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = await asyncio.to_thread(_spawn, server_argv(req.device, port, req.threads),
+                                       log_file)
         server = RpcServer(server_id=sid, device=req.device, port=port,
                            memory_bytes=req.memory_bytes, proc=proc)
         self.servers[sid] = server
@@ -200,6 +214,7 @@ class RpcServers:
         whose process exited is failed (its memory released in the same step)."""
         if self.enabled and self.gateway is None:
             await self.open_gateway()
+        self._forget_ended()
         for s in list(self.servers.values()):
             if s.state not in LIVE:
                 continue
@@ -221,6 +236,13 @@ class RpcServers:
                     s.proc.kill()
                     self._fail(s, f"not listening after {self.ready_timeout_s:.0f} s; killed")
                     self.changed()
+
+    def _forget_ended(self) -> None:
+        """Keep the :data:`ENDED_KEPT` latest stopped or failed servers (for ``/v2/state``
+        to show why), not every one since the pool started."""
+        ended = [sid for sid, s in self.servers.items() if s.state not in LIVE]
+        for sid in ended[:-ENDED_KEPT]:
+            del self.servers[sid]
 
     def _fail(self, s: RpcServer, message: str) -> None:
         s.state, s.error = "failed", message

@@ -340,8 +340,13 @@ def _recorded_from_db(path: str, since: float) -> Iterator[dict[str, Any]]:
     try:
         cursor = None
         while True:
-            page = recorded(lambda sql, args: conn.execute(sql, args).fetchall(),
-                            since=since, limit=1000, cursor=cursor)
+            try:
+                page = recorded(lambda sql, args: conn.execute(sql, args).fetchall(),
+                                since=since, limit=1000, cursor=cursor)
+            except sqlite3.DatabaseError as exc:  # not SQLite, or no decisions kept there
+                raise InvalidParamsError(
+                    "--db", f"{path} is not a database of an rbees-orcd that keeps decision "
+                    f"snapshots (schema 8 or later): {exc}") from None
             yield from page["decisions"]
             cursor = page["next_cursor"]
             if not cursor:
