@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -88,36 +89,63 @@ def test_a_pass_not_interruptible_is_never_stopped(model: LoadedModel) -> None:
     model.end(0)
 
 
-def test_a_pass_of_several_ubatches_is_never_stopped(model: LoadedModel) -> None:
-    """A prompt chunk beside another sequence's token is split by llama.cpp into several
-    ubatches (one cache per sequence: an equal split), and stopping it would leave the
-    first ubatch's positions in the cache: such a pass is not armed, however often a stop
-    is asked for, and the next steps go on at the right positions."""
-    import threading
+@pytest.fixture(scope="module")
+def four() -> Iterator[LoadedModel]:
+    from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 
-    model.begin(0, SamplingParams(temperature=0, seed=1))
-    model.decode([Feed(0, model.tokenize("Bees"), True)])
-    token = model.sample(0)
-    model.begin(1, SamplingParams(temperature=0, seed=1))
-    done = threading.Event()
+    loaded = LlamaCppBackend().load(resolve_model(plugins.make_manager(), DEFAULT_MODEL_REF),
+                                    device="cpu", slots=4, ctx=1024, threads=2,
+                                    progress=lambda s, f: None)
+    yield loaded
+    loaded.close()
 
-    def keep_stopping() -> None:
-        while not done.is_set():
-            model.interrupt()
 
-    stopper = threading.Thread(target=keep_stopping)
-    stopper.start()
-    try:
-        for _ in range(5):  # raises DecodeInterrupted if it was armed and stopped
-            model.decode([Feed(0, (token,), True),  # type: ignore[call-arg]
-                          Feed(1, model.tokenize(" honey and wax"), True)],
-                         interruptible=True)
-            token = model.sample(0)
-            model.sample(1)
-            model.end(1)
-            model.begin(1, SamplingParams(temperature=0, seed=1))
-    finally:
-        done.set()
-        stopper.join()
-    for slot in (0, 1):
+def spread(model: LoadedModel, *, stop: bool) -> tuple[list[list[int]], int]:
+    """Slots 0, 2 and 3 (a worker's batch jobs beside a free slot) take a prompt each,
+    then twelve decode steps together; with ``stop`` each step is first tried while
+    another thread keeps asking to stop it (from 0 to 3.5 ms into the pass), and fed
+    again when it was. The tokens, and the stops."""
+    slots = (0, 2, 3)
+    out: dict[int, list[int]] = {}
+    for slot in slots:
+        model.begin(slot, SamplingParams(temperature=0, seed=1))
+        model.decode([Feed(slot, model.tokenize(f"Bees of hive {slot}"), True)])
+        out[slot] = [model.sample(slot)]
+    stops = 0
+    for step in range(12):
+        feeds = [Feed(slot, (out[slot][-1],), True) for slot in slots]
+        done = threading.Event()
+
+        def keep_stopping(done: threading.Event = done, late: float = step % 6 * 0.0007
+                          ) -> None:
+            time.sleep(late)  # stops land anywhere in the pass, in any of its ubatches
+            while stop and not done.is_set():
+                model.interrupt()
+
+        stopper = threading.Thread(target=keep_stopping)
+        stopper.start()
+        try:
+            model.decode(feeds, interruptible=stop)  # type: ignore[call-arg]
+        except DecodeInterrupted:
+            stops += 1
+            model.decode(feeds)
+        finally:
+            done.set()
+            stopper.join()
+        for slot in slots:
+            out[slot].append(model.sample(slot))
+    for slot in slots:
         model.end(slot)
+    return [out[slot] for slot in slots], stops
+
+
+def test_stopped_steps_of_slots_apart_fed_again_give_the_unstopped_tokens(
+        four: LoadedModel) -> None:
+    """Every sequence of a stopped pass is cut back to where the pass found it, so the
+    pass fed again gives the tokens of a run never stopped. (That llama.cpp may keep some
+    of a stopped pass's positions showed on a real cluster, tests/test_lanes.py: before
+    the cut its worker failed 2 of 3 runs with 'inconsistent sequence positions'.)"""
+    plain, _ = spread(four, stop=False)
+    stopped, stops = spread(four, stop=True)
+    assert stops >= 4, stops
+    assert stopped == plain

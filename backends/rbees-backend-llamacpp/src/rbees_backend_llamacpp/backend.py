@@ -245,7 +245,9 @@ class LlamaCppModel(LoadedModel):
             self.memory_bytes = int(weights * self.shard[0] / sum(self.shard)) + OVERHEAD_BYTES
         self.memory_kind = _MEMORY_KIND[kind]
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
-        self._interrupter = Interrupter(lib, self._ctx)
+        # a recurrent model's state cannot be cut back to a position: never interrupted
+        self._interrupter = Interrupter(lib, self._ctx,
+                                        enabled=not lib.llama_model_is_recurrent(model))
         self._pos = [0] * slots
         self._logit_at = [-1] * slots
         self._samplers: list[Any] = [None] * slots
@@ -449,12 +451,17 @@ class LlamaCppModel(LoadedModel):
         if n > self.n_batch:
             raise RbeesError(f"batch of {n} tokens exceeds n_batch {self.n_batch}")
         batch.n_tokens = n
-        armed = self._interrupter.arm([len(f.tokens) for f in feeds], interruptible)
+        armed = self._interrupter.arm(interruptible)
         rc = lib.llama_decode(self._ctx, batch)
         self._interrupter.disarm()
-        if self._interrupter.stopped(rc, armed):  # llama.cpp dropped the pass's positions
+        if self._interrupter.stopped(rc, armed):
+            # llama.cpp dropped the positions of the ubatch it stopped in, not those of
+            # ubatches before it: every sequence of the pass goes back to where it was
             for feed in feeds:
-                self._pos[feed.slot] -= len(feed.tokens)
+                start = self._pos[feed.slot] - len(feed.tokens)
+                if not lib.llama_memory_seq_rm(self._mem, feed.slot, start, -1):
+                    raise RbeesError(f"llama.cpp could not undo slot {feed.slot}'s stopped pass")
+                self._pos[feed.slot] = start
             raise DecodeInterrupted
         if rc != 0:
             raise RbeesError(f"llama_decode failed with code {rc}")

@@ -14,21 +14,20 @@ engine's thread flips the first byte. (``bool`` is returned in the low byte of t
 register as ``size_t`` on the x86-64 and AArch64 C ABIs.)
 
 An aborted ``llama_decode`` returns 2 after removing the positions of the ubatch it was in
-from every sequence's cache (``llama_context::decode`` of the vendored llama.cpp). A pass
-split into several ubatches would keep the earlier ones in the cache, and llama.cpp splits
-not only passes of more than ``n_ubatch`` tokens: with a cache per sequence it splits
-"equally" (as many tokens of each sequence per ubatch), so a prompt chunk beside other
-sequences' single tokens is several ubatches. Only passes that are one ubatch are armed:
-at most ``n_ubatch`` tokens, and one sequence or one token of each (a decode step of the
-batch jobs, the pass that matters). Arming, disarming and firing share a lock, so a stop
-asked for as one pass ends never reaches the next.
+from every sequence's cache (``llama_context::decode`` of the vendored llama.cpp), but not
+those of ubatches before it (llama.cpp splits a pass by size and, with a cache per
+sequence, by sequence). On a real cluster positions of stopped passes did stay behind (its
+worker then failed with "inconsistent sequence positions", tests/test_lanes.py), so the
+backend cuts every sequence of a stopped pass back to where the pass found it
+(``llama_memory_seq_rm``), and the engine feeds the whole pass again. Recurrent models,
+whose state cannot be cut back, are never armed. Arming, disarming and firing share a lock, so a stop asked for as one pass ends
+never reaches the next.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 #: llama_decode's answer for an aborted pass
@@ -38,27 +37,24 @@ ABORTED = 2
 class Interrupter:
     """The abort callback of one llama.cpp context, and its flag."""
 
-    def __init__(self, binding: Any, ctx: Any) -> None:
+    def __init__(self, binding: Any, ctx: Any, *, enabled: bool = True) -> None:
         self._flag = ctypes.create_string_buffer(2)
         libc = ctypes.CDLL(None)
         self._callback = ctypes.cast(libc.strlen, binding.ggml_abort_callback)
         binding.llama_set_abort_callback(ctx, self._callback,
                                          ctypes.cast(self._flag, ctypes.c_void_p))
-        self.n_ubatch = int(binding.llama_n_ubatch(ctx))
+        self.enabled = enabled
         self.armed = False
         self._lock = threading.Lock()
         #: passes stopped so far (the engine's tests and metrics read it)
         self.count = 0
 
-    def arm(self, lengths: Sequence[int], interruptible: bool) -> bool:
-        """Before every pass (``lengths``: tokens per sequence): clear the flag (a pass no
-        one may stop must never see it set); armed (True) when the pass is
-        ``interruptible`` and one ubatch (the module's docstring)."""
-        one_ubatch = sum(lengths) <= self.n_ubatch and (
-            len(lengths) == 1 or all(n == 1 for n in lengths))
+    def arm(self, interruptible: bool) -> bool:
+        """Before every pass: clear the flag (a pass no one may stop must never see it
+        set); armed (True) when the pass is ``interruptible`` and the model may be."""
         with self._lock:
             self._flag[0] = b"\x00"
-            self.armed = interruptible and one_ubatch
+            self.armed = interruptible and self.enabled
             return self.armed
 
     def disarm(self) -> None:
