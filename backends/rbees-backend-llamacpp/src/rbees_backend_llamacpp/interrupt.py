@@ -20,8 +20,8 @@ sequence, by sequence). On a real cluster positions of stopped passes did stay b
 worker then failed with "inconsistent sequence positions", tests/test_lanes.py), so the
 backend cuts every sequence of a stopped pass back to where the pass found it
 (``llama_memory_seq_rm``), and the engine feeds the whole pass again. Recurrent models,
-whose state cannot be cut back, are never armed. Arming, disarming and firing share a lock, so a stop asked for as one pass ends
-never reaches the next.
+whose state cannot be cut back, are never armed. Arming, disarming and firing share a
+lock, so a stop asked for as one pass ends never reaches the next.
 """
 
 from __future__ import annotations
