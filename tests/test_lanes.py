@@ -111,7 +111,7 @@ def test_a_batch_job_sees_the_slots_kept_for_interactive_ones_as_taken() -> None
     """hold_back: each worker of more slots than ``interactive_slots`` shows that many
     fewer free slots to a batch job; one-slot workers still take batch jobs; 0 keeps
     nothing; the pools given are not changed."""
-    pools = [{"pool_id": "p", "workers": [
+    pools: list[dict[str, Any]] = [{"pool_id": "p", "workers": [
         {"worker_id": "four", "slots_total": 4, "slots_free": 4},
         {"worker_id": "busy", "slots_total": 4, "slots_free": 1},
         {"worker_id": "one", "slots_total": 1, "slots_free": 1}]}]
@@ -142,7 +142,7 @@ def test_batch_jobs_leave_a_slot_free_and_an_interactive_job_takes_it_at_once(
                               if line.startswith("rbees_worker_slots_busy "))))
 
     try:
-        seen = []
+        seen: list[int] = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and (len(seen) < 40 or max(seen) < 3):
             seen.append(busy())
@@ -215,22 +215,10 @@ def test_an_interactive_job_stops_a_pass_of_batch_jobs_and_they_lose_nothing() -
                  for i in range(3)]
         time.sleep(0.3)  # a pass of theirs is in flight
         firsts: list[float] = []
-        urgent: list[Any] = []
         for k in range(3):
-            t0 = time.perf_counter()
-            ends[f"i{k}"] = threading.Event()
-
-            def sink(event: str, data: dict[str, Any], k: int = k, t0: float = t0) -> None:
-                if event == "token" and len(firsts) == k:
-                    firsts.append(time.perf_counter() - t0)
-                if event in ("end", "error"):
-                    ends[f"i{k}"].set()
-
-            job = engine.prepare(f"i{k}", "ask", max_tokens=2, stop=[], sink=sink,
-                                 params=SamplingParams(temperature=0))
-            engine.submit(job)
-            urgent.append(job)
+            urgent = _job(engine, f"i{k}", "ask", 2, batch=False, ends=ends)
             assert ends[f"i{k}"].wait(10)
+            firsts.append(urgent.first_token_at - urgent.received_at)
             time.sleep(0.05)  # into the next pass of the batch jobs
         assert all(ends[f"b{i}"].wait(30) for i in range(3))
         assert model.stopped >= 3 and engine.interrupted >= 3
