@@ -122,8 +122,6 @@ class Engine:
         self._stopping = False
         #: whether the pass in flight may be interrupted (batch jobs' tokens only)
         self._interruptible = False
-        #: slots whose feed in the pass being built is a prompt chunk
-        self._chunks: set[int] = set()
         #: passes interrupted for an interactive job (:meth:`_decode`)
         self.interrupted = 0
         #: a thread count to apply before the next step (:meth:`set_threads`)
@@ -292,7 +290,7 @@ class Engine:
         for feed in feeds:
             job = self._active[feed.slot]
             del self._cached[feed.slot][-len(feed.tokens):]
-            if feed.slot in self._chunks:
+            if job.first_token_at is None:  # no token sampled yet: a prompt chunk
                 job.feed = list(feed.tokens) + job.feed
 
     def _pick_slot(self, tokens: list[int]) -> int:
@@ -342,7 +340,6 @@ class Engine:
         feeds = []
         budget = self.n_batch
         prefilling = []
-        self._chunks.clear()
         urgent = any(job.feed and not job.batch for job in self._active.values())
         for job in self._active.values():
             if urgent and job.batch:
@@ -357,7 +354,6 @@ class Engine:
             if budget <= 0:
                 break
             chunk, job.feed = job.feed[:budget], job.feed[budget:]
-            self._chunks.add(job.slot)
             feeds.append(Feed(job.slot, chunk, not job.feed))
             self._cached[job.slot].extend(chunk)
             budget -= len(chunk)
