@@ -48,7 +48,6 @@ from rbees_core.orchestrator.rounds import Ending, RoundPools
 from rbees_core.orchestrator.runner import Runner
 from rbees_core.orchestrator.shards import SHARDED, Shards, shard_for, shard_verdict
 from rbees_core.orchestrator.store import Store
-from rbees_core.placement import hold_back
 from rbees_core.scheduling import Candidate, Decision, Snapshot, Verdict, explain
 
 #: a dispatch round considers this many jobs from the head of the queue
@@ -123,11 +122,8 @@ class Dispatcher:
         head = [{"job_id": q.job_id, "model": q.model, "priority": q.priority,
                  "waited_s": max(0.0, now - q.since)} for q in self.queue.head(32)]
         if pools is None:
-            pools = self.registry.snapshot_pools()
-            if self.downloads is not None:
-                pools = self.downloads.decorate(pools)
-            if queued.priority == "batch":
-                pools = hold_back(pools, self.registry.interactive_slots)
+            pools = RoundPools(self.registry, self.downloads).get(
+                batch=queued.priority == "batch")
         data = {"now": now, "job": job, "queue": head, "pools": pools,
                 "throughput": {}, "worker_defaults": self.pools.worker_defaults}
         if len(self.prefixes):
