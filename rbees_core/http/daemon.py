@@ -154,8 +154,7 @@ def launch(program: str, main: Coroutine[Any, Any, int]) -> int:
         code = run_daemon(main)
     except (RbeesError, OSError) as exc:
         if os.environ.get("RBEES_DEBUG") != "1":
-            message = exc.message if isinstance(exc, RbeesError) else str(exc)
-            Logger(program).error("start_failed", error=message)
+            Logger(program).error("start_failed", error=_message(exc))
             if not sys.stderr.isatty():
                 sys.exit(1)
         fail(program, exc)
@@ -174,9 +173,12 @@ def fail(program: str, exc: RbeesError | OSError) -> NoReturn:
     the daemons' commands for errors in their flags and settings, before serving."""
     if os.environ.get("RBEES_DEBUG") == "1":
         raise exc
-    message = exc.message if isinstance(exc, RbeesError) else str(exc)
-    print(f"{program}: error: {message}", file=sys.stderr)
+    print(f"{program}: error: {_message(exc)}", file=sys.stderr)
     sys.exit(1)
+
+
+def _message(exc: RbeesError | OSError) -> str:
+    return exc.message if isinstance(exc, RbeesError) else str(exc)
 
 
 def _sets_env(variable: str, choices: tuple[str, ...]) -> Callable[[str | None], str | None]:
