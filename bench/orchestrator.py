@@ -64,6 +64,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import cluster_speed  # bench/cluster_speed.py, beside this file
@@ -131,55 +132,50 @@ def stream_orcd(url: str, tokens: int, client: httpx.Client) -> Stream:
         return timed_tokens(answer, t0)
 
 
-def bench_batch_lane(runs: int, tokens: int) -> list[str]:
-    """Section (q) on its own ``rbees up`` (bench/batches.py)."""
-    home = tempfile.mkdtemp(prefix="rbees-bench-batches-")
+@contextlib.contextmanager
+def _own_cluster(name: str) -> Iterator[dict[str, Any]]:
+    """A ``rbees up`` of a section's own, in a fresh home: what it printed (the
+    orchestrator's and the pool's URLs, their pids)."""
+    home = tempfile.mkdtemp(prefix=f"rbees-bench-{name}-")
     orcd, pool = f"127.0.0.1:{find_free_port()}", f"127.0.0.1:{find_free_port()}"
     info = json.loads(rbees(home, "up", "--bind", orcd, "--pool-bind", pool,
                             "--heartbeat-interval", "1", "--format", "json").stdout)
     try:
-        return bench_batches(info["orchestrator"], runs, tokens)
+        yield dict(info)
     finally:
         rbees(home, "down")
+
+
+def bench_batch_lane(runs: int, tokens: int) -> list[str]:
+    """Section (q) on its own ``rbees up`` (bench/batches.py)."""
+    with _own_cluster("batches") as info:
+        return bench_batches(info["orchestrator"], runs, tokens)
 
 
 def bench_protocol_overhead(runs: int, tokens: int) -> list[str]:
     """Section (p) on its own ``rbees up`` (bench/protocols.py)."""
-    home = tempfile.mkdtemp(prefix="rbees-bench-protocols-")
-    orcd, pool = f"127.0.0.1:{find_free_port()}", f"127.0.0.1:{find_free_port()}"
-    info = json.loads(rbees(home, "up", "--bind", orcd, "--pool-bind", pool,
-                            "--heartbeat-interval", "1", "--format", "json").stdout)
-    try:
+    with _own_cluster("protocols") as info:
         return bench_protocols(info["orchestrator"], runs, tokens)
-    finally:
-        rbees(home, "down")
 
 
 def bench_overhead(runs: int, tokens: int) -> list[str]:
-    home = tempfile.mkdtemp(prefix="rbees-bench-orcd-")
-    orcd, pool = f"127.0.0.1:{find_free_port()}", f"127.0.0.1:{find_free_port()}"
-    info = json.loads(rbees(home, "up", "--bind", orcd, "--pool-bind", pool,
-                            "--heartbeat-interval", "1", "--format", "json").stdout)
-    url, orcd_pid = info["orchestrator"], int(info["orchestrator_pid"])
     relay_cpu, relayed = 0.0, 0
-    try:
-        with httpx.Client(timeout=120) as client:
-            stream_orcd(url, 4, client)  # starts and warms the worker
-            workers = httpx.get(f"{info['pool']}/v2/workers").json()["workers"]
-            uri, device = workers[0]["uri"], workers[0].get("device", "?")
-            stream_direct(uri, 4, -1, client)
-            direct, through = [], []
-            for i in range(runs):  # pairs on the same machine, in alternating order
-                if i % 2 == 0:
-                    direct.append(stream_direct(uri, tokens, i, client))
-                cpu = cpu_seconds(orcd_pid)
-                through.append(stream_orcd(url, tokens, client))
-                relay_cpu += cpu_seconds(orcd_pid) - cpu
-                relayed += through[-1].tokens
-                if i % 2 == 1:
-                    direct.append(stream_direct(uri, tokens, i, client))
-    finally:
-        rbees(home, "down")
+    with _own_cluster("orcd") as info, httpx.Client(timeout=120) as client:
+        url, orcd_pid = info["orchestrator"], int(info["orchestrator_pid"])
+        stream_orcd(url, 4, client)  # starts and warms the worker
+        workers = httpx.get(f"{info['pool']}/v2/workers").json()["workers"]
+        uri, device = workers[0]["uri"], workers[0].get("device", "?")
+        stream_direct(uri, 4, -1, client)
+        direct, through = [], []
+        for i in range(runs):  # pairs on the same machine, in alternating order
+            if i % 2 == 0:
+                direct.append(stream_direct(uri, tokens, i, client))
+            cpu = cpu_seconds(orcd_pid)
+            through.append(stream_orcd(url, tokens, client))
+            relay_cpu += cpu_seconds(orcd_pid) - cpu
+            relayed += through[-1].tokens
+            if i % 2 == 1:
+                direct.append(stream_direct(uri, tokens, i, client))
     d_ttft = statistics.median(x.ttft_ms for x in direct)
     o_ttft = statistics.median(x.ttft_ms for x in through)
     d_tps = statistics.median(x.tokens_per_s for x in direct)
