@@ -99,3 +99,23 @@ async def test_files_list_retrieve_delete_and_each_key_sees_its_own(
     bad = await http.get("/v1/files", params={"order": "sideways"},
                          headers={"Authorization": f"Bearer {TOKEN}"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "order"
+
+
+async def test_an_upload_over_the_limit_is_413_in_openais_shape(
+        orcd_client: tuple[httpx.AsyncClient, OrchestratorService],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload whose Content-Length passes the limit: 413, OpenAI's error naming
+    ``file``, and nothing stored (the limit lowered to 256 bytes here)."""
+    from rbees_core.programs import orcd_batches
+
+    monkeypatch.setattr(orcd_batches, "MAX_FILE_BYTES", 256)
+    http, _ = orcd_client
+    operator = _client(http, TOKEN)
+    big = (json.dumps(LINE) + "\n").encode() * 4
+    with pytest.raises(openai.APIStatusError) as refused:
+        await operator.files.create(file=("big.jsonl", big), purpose="batch")
+    assert refused.value.status_code == 413
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "file", error
+    assert "the upload is" in error["message"] and "the limit is 256" in error["message"]
+    assert [f.id async for f in operator.files.list()] == []

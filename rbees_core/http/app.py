@@ -272,16 +272,18 @@ def build_app(
     return CorrelationMiddleware(asgi)
 
 
-async def read_body(request: Request) -> bytes:
-    """The request body, refusing more than 1 MiB with 413 before reading it all."""
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES, *,
+                    what: str = "body") -> bytes:
+    """The request body, refusing more than ``limit`` bytes (1 MiB) with 413 before reading
+    it all; ``what`` names it in the refusal (an ``upload``)."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise PayloadTooLargeError(f"body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(f"{what} is {length} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLargeError(f"body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise PayloadTooLargeError(f"{what} exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -34,6 +34,7 @@ from starlette.routing import BaseRoute, Route
 from rbees_core.api import openapi
 from rbees_core.auth import current_principal, visible_to
 from rbees_core.errors import PayloadTooLargeError
+from rbees_core.http.app import read_body
 from rbees_core.orchestrator.batches import FINAL_BATCH, BatchStore, StoredFile
 from rbees_core.programs.openai_errors import OpenAIError, read_object
 from rbees_core.programs.orcd_batch_runner import ENDPOINTS, BatchRunner, parse_window
@@ -103,20 +104,6 @@ def batch_object(store: BatchStore, row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _read_upload(request: Request) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_FILE_BYTES:
-        raise PayloadTooLargeError(f"the upload is {length} bytes; the limit is "
-                                   f"{MAX_FILE_BYTES}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_FILE_BYTES:
-            raise PayloadTooLargeError(f"the upload exceeds {MAX_FILE_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _form(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
     """A multipart/form-data body's parts: name -> (filename, bytes)."""
     if not content_type.lower().startswith("multipart/form-data"):
@@ -165,7 +152,8 @@ def _requests(content: bytes) -> list[dict[str, Any]]:
 async def create_file(request: Request) -> Response:
     """``POST /v1/files``."""
     try:
-        parts = _form(request.headers.get("content-type", ""), await _read_upload(request))
+        upload = await read_body(request, MAX_FILE_BYTES, what="the upload")
+        parts = _form(request.headers.get("content-type", ""), upload)
         purpose = parts.get("purpose", (None, b""))[1].decode("utf-8", "replace").strip()
         if purpose != "batch":
             raise OpenAIError(400, "purpose must be batch (the only purpose rbees keeps "
