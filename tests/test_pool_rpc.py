@@ -18,6 +18,20 @@ from tests.test_pool_managerd import Pool, start_pool, stop_pool
 MIB = 2**20
 
 
+#: the control token of the lending pools these tests start
+LENDER_TOKEN = "pool-token-0123456789abcdef"
+
+
+def start_lender(tmp_path: Path) -> Pool:
+    """A pool-managerd with ``[pool] rpc = true`` and :data:`LENDER_TOKEN` as its token
+    file (its gateway lets in who proves it)."""
+    token_file = tmp_path / "token"
+    token_file.write_text(LENDER_TOKEN)
+    token_file.chmod(0o600)
+    return start_pool(tmp_path / "home", "--api-token-file", str(token_file),
+                      token=LENDER_TOKEN, env={"RBEES_POOL_RPC": "true"})
+
+
 def wait_server(pool: Pool, server_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -108,12 +122,8 @@ def test_a_pool_starts_a_sharded_worker_through_a_gateway(tmp_path: Path) -> Non
     holds its share (its preflight counts that, not the whole model) and serves jobs."""
     from rbees_core.auth import pool_control_token
 
-    token = "pool-token-0123456789abcdef"
-    token_file = tmp_path / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    pool = start_pool(tmp_path / "home", "--api-token-file", str(token_file), token=token,
-                      env={"RBEES_POOL_RPC": "true"})
+    token = LENDER_TOKEN
+    pool = start_lender(tmp_path)
     try:
         sid = pool.post("/v2/rpc/start", {"device": "cpu", "memory_bytes": 200 * MIB}
                         ).json()["server_id"]

@@ -17,7 +17,8 @@ from rbees_core.auth import pool_control_token
 from rbees_core.errors import ModelLoadError
 from rbees_core.rpc_tunnel import LocalEnd, open_tunnels, parse_url, serve_gateway
 from rbees_core.testing import WorkerHandle
-from tests.test_pool_managerd import start_pool, stop_pool
+from tests.test_pool_managerd import stop_pool
+from tests.test_pool_rpc import LENDER_TOKEN, start_lender
 
 MIB = 2**20
 
@@ -112,12 +113,8 @@ def test_urls() -> None:
 
 def test_a_sharded_worker_through_a_pools_gateway(
         tmp_path: Path, rbees_worker: Callable[..., WorkerHandle]) -> None:
-    token = "pool-token-0123456789abcdef"
-    token_file = tmp_path / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    pool = start_pool(tmp_path / "home", "--api-token-file", str(token_file), token=token,
-                      env={"RBEES_POOL_RPC": "true"})
+    token = LENDER_TOKEN
+    pool = start_lender(tmp_path)
     try:
         answer = pool.post("/v2/rpc/start", {"device": "cpu", "memory_bytes": 200 * MIB})
         assert answer.status_code == 202, answer.text
