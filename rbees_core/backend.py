@@ -276,9 +276,10 @@ class LoadedModel(ABC):
     supports_interrupt: bool = False
 
     def interrupt(self) -> None:  # noqa: B027 - optional
-        """From any thread: stop the interruptible :meth:`decode` in flight, if one is.
-        The engine calls it when an interactive job arrives during a pass of batch jobs'
-        tokens only. Nothing by default."""
+        """From any thread: stop the interruptible :meth:`decode` in flight, or, when none
+        is, the next one as it starts (a plain :meth:`decode` forgets the stop). The engine
+        calls it when an interactive job arrives while it builds or runs a pass of batch
+        jobs' tokens only. Nothing by default."""
 
     #: Whether :meth:`embed` works: the model was loaded with ``embedding=True`` by a backend
     #: that can embed (:attr:`Backend.embeds`).

@@ -105,6 +105,26 @@ def test_a_pass_not_interruptible_is_never_stopped(model: LoadedModel) -> None:
     model.end(0)
 
 
+def test_a_stop_asked_for_before_an_interruptible_pass_stops_it(model: LoadedModel) -> None:
+    """The engine marks a pass interruptible before the backend arms it: an interactive
+    job arriving in between asks for a stop with no pass in flight. That stop is kept for
+    the pass (which then stops at once and is fed again, the tokens unchanged); before, it
+    was dropped and the whole pass ran while the interactive job waited."""
+    plain, _ = steps(model, (0,), 3, stop=False)
+    model.begin(0, SamplingParams(temperature=0, seed=1))
+    model.decode([Feed(0, model.tokenize("Bees of hive 0 make"), True)])
+    out = [model.sample(0)]
+    for _ in range(3):
+        feeds = [Feed(0, (out[-1],), True)]
+        model.interrupt()
+        with pytest.raises(DecodeInterrupted):
+            model.decode(feeds, interruptible=True)  # type: ignore[call-arg]
+        model.decode(feeds, interruptible=True)  # type: ignore[call-arg]  # no stop now
+        out.append(model.sample(0))
+    model.end(0)
+    assert [out] == plain
+
+
 def test_stopped_steps_of_slots_apart_fed_again_give_the_unstopped_tokens(
         four: LoadedModel) -> None:
     """Slots 0, 2 and 3 (a worker's batch jobs beside a free slot), stops from 0 to 3.5 ms
