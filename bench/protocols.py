@@ -144,14 +144,17 @@ class StubOrchestrator:
         return TaskAccepted(job_id=job_id, status="queued", queue_position=0,
                             predicted_start_ms=0, events_url=f"/v2/tasks/{job_id}/events")
 
-    async def follow(self, job_id: str, after: int) -> Any:
+    async def follow(self, job_id: str, after: int, *, deliver: Any = None) -> Any:
         events: list[tuple[int, str, dict[str, Any]]] = [
             (1, "queued", {}), (2, "dispatched", {"pool_id": "p", "worker_id": "w"}),
             (3, "started", {"worker_id": "w"})]
         events += [(4 + i, "token", {"t": " bee", "i": i}) for i in range(self.tokens)]
         events.append((4 + self.tokens, "end", {"tokens_in": 12, "tokens_out": self.tokens,
                                                 "stop_reason": "max_tokens", "seed": 1}))
-        return SimpleNamespace(backlog=events, live=None, close=lambda: None)
+        for item in events if deliver is not None else ():
+            deliver(item)
+        return SimpleNamespace(backlog=events if deliver is None else [], live=None,
+                               close=lambda: None)
 
     async def cancel(self, job_id: str) -> bool:
         return False

@@ -17,6 +17,7 @@ from rbees_core import plugins
 from rbees_core.api.orchestrator import TaskRequest
 from rbees_core.api.pool import CpuEntry, PoolHeartbeat, WorkerEntry
 from rbees_core.log import Logger
+from rbees_core.orchestrator.channel import Channel, Event
 from rbees_core.orchestrator.errors import JobNotFoundError, StoreError
 from rbees_core.orchestrator.service import OrcdSettings, OrchestratorService
 from rbees_core.testing import WorkerHandle
@@ -298,3 +299,40 @@ async def test_follow_replays_from_the_channel_then_from_the_store(
     assert [(i, e) for i, e, _ in stored.backlog] == [(i, e) for i, e, _ in history[1:]]
     with pytest.raises(JobNotFoundError):
         await svc.follow("job-nope", 0)
+    delivered: list[Event] = []  # with a deliver: the same events, handed to it
+    given = await svc.follow(accepted.job_id, 1, deliver=delivered.append)
+    assert (given.backlog, given.live, given.done) == ([], None, True)
+    assert [(i, e) for i, e, _ in delivered] == [(i, e) for i, e, _ in history[1:]]
+
+
+def test_a_deliver_gets_the_backlog_then_each_event_as_published_until_detached() -> None:
+    """What a stream's own queue receives from a channel (Jobs' sink): in order, at once,
+    and nothing after it is detached, even when it detaches itself mid-publish."""
+    channel = Channel("job-1")
+    channel.publish("queued", {}, persisted=True)
+    channel.publish("started", {}, persisted=True)
+    got: list[Event] = []
+    others: list[Event] = []
+
+    def leaving(item: Event) -> None:
+        others.append(item)
+        channel.detach(leaving)  # while publish iterates the subscribers
+
+    channel.attach(1, got.append)
+    channel.attach(2, leaving)
+    backlog, queue = channel.subscribe(0)
+    assert [e for _, e, _ in got] == ["started"] and not others
+    channel.publish("token", {"t": "a"}, persisted=False)
+    assert [e for _, e, _ in got] == ["started", "token"]
+    assert [e for _, e, _ in others] == ["token"] and leaving not in channel.subscribers
+    channel.detach(got.append)
+    channel.publish("end", {}, persisted=True)
+    assert len(got) == 2 and others == [(3, "token", {"t": "a"})]
+    assert [e for _, e, _ in backlog] == ["queued", "started"]
+    assert [queue.get_nowait()[1] for _ in range(2)] == ["token", "end"]
+    channel.unsubscribe(queue)
+    assert not channel.subscribers
+    done: list[Event] = []
+    channel.attach(0, done.append)  # an ended job: its backlog, and no subscription
+    assert [e for _, e, _ in done] == ["queued", "started", "token", "end"]
+    assert not channel.subscribers

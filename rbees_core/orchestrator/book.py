@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from rbees_core.log import correlation_id
-from rbees_core.orchestrator.channel import Channel, Event
+from rbees_core.orchestrator.channel import Channel, Deliver, Event
 from rbees_core.orchestrator.queue import QueuedJob
 from rbees_core.orchestrator.upstream import Exchange
 
@@ -103,18 +103,23 @@ class Run:
 class Following:
     """One reader's view of a job's events (:meth:`Book.follow`): those after the point
     it asked for, then the live ones from ``live`` until a terminal one. ``live`` is None
-    when the job had ended and been retired: ``backlog`` is then all there is."""
+    when the job had ended and been retired: ``backlog`` is then all there is. Followed
+    with a ``deliver``, both are empty: every event went, or goes, to ``deliver``."""
 
     backlog: list[Event]
     live: asyncio.Queue[Event] | None
     #: the last event of the backlog is terminal (or the job has ended): nothing follows
     done: bool
     channel: Channel | None = None
+    deliver: Deliver | None = None
 
     def close(self) -> None:
         """Stop receiving live events. Idempotent; call it when the reader goes."""
-        if self.channel is not None and self.live is not None:
-            self.channel.unsubscribe(self.live)
+        if self.channel is not None:
+            if self.live is not None:
+                self.channel.unsubscribe(self.live)
+            if self.deliver is not None:
+                self.channel.detach(self.deliver)
 
 
 class Book:
@@ -189,12 +194,17 @@ class Book:
             channel = self.channels[job_id] = Channel(job_id, dirty=self.dirty)
         return channel
 
-    def follow(self, job_id: str, after: int) -> Following | None:
-        """The job's events after event ``after``, then its live ones; None when this
-        process has no channel for the job (ended and retired, or never here)."""
+    def follow(self, job_id: str, after: int, deliver: Deliver | None = None
+               ) -> Following | None:
+        """The job's events after event ``after``, then its live ones (given to
+        ``deliver`` as they come, when there is one: :meth:`Channel.attach`); None when
+        this process has no channel for the job (ended and retired, or never here)."""
         channel = self.channels.get(job_id)
         if channel is None:
             return None
+        if deliver is not None:
+            channel.attach(after, deliver)
+            return Following([], None, channel.done, channel, deliver)
         backlog, live = channel.subscribe(after)
         return Following(backlog, live, channel.done, channel)
 

@@ -8,10 +8,13 @@ before it is published (transitions, which the caller writes first).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 TERMINAL = frozenset({"end", "error"})
 Event = tuple[int, str, dict[str, Any]]
+#: what a subscriber is given each event with, synchronously, as it is published
+Deliver = Callable[[Event], object]
 
 
 class Channel:
@@ -21,7 +24,11 @@ class Channel:
         #: where the channel registers itself when it holds unwritten events
         self.dirty = dirty
         self.history: list[Event] = list(history or [])
-        self.subscribers: set[asyncio.Queue[Event]] = set()
+        #: each subscriber's deliver (a queue's ``put_nowait``, or a stream's own sink)
+        self.subscribers: set[Deliver] = set()
+        #: ``subscribers`` as publish iterates it: a deliver may unsubscribe (itself or
+        #: another) without changing what is being iterated
+        self._delivers: tuple[Deliver, ...] = ()
         self.unpersisted: list[tuple[str, dict[str, Any]]] = []
 
     @property
@@ -42,8 +49,8 @@ class Channel:
             self.unpersisted.append((event, data))
             if self.dirty is not None:
                 self.dirty.add(self)
-        for queue in self.subscribers:
-            queue.put_nowait(item)
+        for deliver in self._delivers:
+            deliver(item)
         return event_id
 
     def take_unpersisted(self) -> list[tuple[str, dict[str, Any]]]:
@@ -52,8 +59,27 @@ class Channel:
 
     def subscribe(self, after: int) -> tuple[list[Event], asyncio.Queue[Event]]:
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.subscribers.add(queue)
+        self._add(queue.put_nowait)
         return [e for e in self.history if e[0] > after], queue
 
+    def attach(self, after: int, deliver: Deliver) -> None:
+        """Give ``deliver`` the events after event ``after`` now, then each one as it is
+        published (until :meth:`detach`): no queue and no task between the channel and
+        a stream that has its own queue (a task wake-up per relayed token less)."""
+        for item in self.history:
+            if item[0] > after:
+                deliver(item)
+        if not self.done:
+            self._add(deliver)
+
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self.subscribers.discard(queue)
+        self.detach(queue.put_nowait)
+
+    def detach(self, deliver: Deliver) -> None:
+        if deliver in self.subscribers:
+            self.subscribers.discard(deliver)
+            self._delivers = tuple(self.subscribers)
+
+    def _add(self, deliver: Deliver) -> None:
+        self.subscribers.add(deliver)
+        self._delivers = tuple(self.subscribers)

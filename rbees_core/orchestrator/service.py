@@ -41,7 +41,7 @@ from rbees_core.feasibility import source_can_provide
 from rbees_core.log import Logger
 from rbees_core.orchestrator.admission import Admission
 from rbees_core.orchestrator.book import Book, Following, retrieved
-from rbees_core.orchestrator.channel import Channel
+from rbees_core.orchestrator.channel import Channel, Deliver
 from rbees_core.orchestrator.decisions import Retention, recorded, replay_job
 from rbees_core.orchestrator.dispatcher import Dispatcher
 from rbees_core.orchestrator.downloads import Downloads
@@ -231,18 +231,25 @@ class OrchestratorService:
             raise JobNotFoundError(f"no job {job_id}", details={"job_id": job_id})
         return record
 
-    async def follow(self, job_id: str, after: int) -> Following:
+    async def follow(self, job_id: str, after: int, *, deliver: Deliver | None = None
+                     ) -> Following:
         """The job's events after event ``after``, then (while it runs here) its live ones:
-        what ``GET /v2/tasks/{id}/events`` and the OpenAI endpoints relay. Call
-        :meth:`Following.close` when done. Raises
+        what ``GET /v2/tasks/{id}/events`` and the OpenAI endpoints relay. With ``deliver``
+        every one of them is handed to it, in order, the live ones as they are published
+        (the ``Following`` is then empty). Call :meth:`Following.close` when done. Raises
         :class:`~rbees_core.orchestrator.errors.JobNotFoundError` for an unknown job."""
         await self._visible(job_id)
-        following = self.book.follow(job_id, after)
+        following = self.book.follow(job_id, after, deliver)
         if following is not None:
             return following
         # finished and retired: the store has everything
         events = await asyncio.to_thread(self.store.events_after, job_id, after)
-        return Following([(e.event_id, e.event, e.payload()) for e in events], None, True)
+        backlog = [(e.event_id, e.event, e.payload()) for e in events]
+        if deliver is not None:
+            for item in backlog:
+                deliver(item)
+            backlog = []
+        return Following(backlog, None, True)
 
     async def cancels_on_disconnect(self, job_id: str) -> bool:
         """Whether the job asked to be cancelled when its events' client goes. Raises

@@ -68,8 +68,11 @@ class Orchestrator(Protocol):
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job; False when it was already final."""
 
-    async def follow(self, job_id: str, after: int) -> Following:
-        """The job's events after event ``after``, then its live ones."""
+    async def follow(self, job_id: str, after: int, *,
+                     deliver: Callable[[Event], object] | None = None) -> Following:
+        """The job's events after event ``after``, then its live ones; with ``deliver``,
+        each is given to it instead (in order, the live ones as they are published) and
+        the ``Following`` is empty."""
 
     def models(self) -> list[dict[str, Any]]:
         """The models the cluster knows (the catalog's and the pools' on disk)."""
@@ -150,28 +153,43 @@ class Jobs:
         self.orc = orc
         self.job_ids = list(job_ids)
         self.queue: asyncio.Queue[tuple[int, str, dict[str, Any]]] = asyncio.Queue()
+        self.followings: list[Following | None] = [None] * len(self.job_ids)
+        self.ended = [False] * len(self.job_ids)
         self.tasks = [asyncio.create_task(self._follow(i, j)) for i, j in enumerate(job_ids)]
 
     async def _follow(self, index: int, job_id: str) -> None:
-        following = await self.orc.follow(job_id, 0)
-        queue = following.live
-        try:
-            for _, event, data in following.backlog:
-                self.queue.put_nowait((index, event, data))
-                if event in TERMINAL:
-                    return
-            while queue is not None:
-                _, event, data = await queue.get()
-                self.queue.put_nowait((index, event, data))
-                if event in TERMINAL:
-                    return
-        finally:
+        # the facade hands each event to the sink as it is published: no task between the
+        # channel and self.queue: a task wake-up per token less (rbees-orcd 537 -> 474 us of
+        # CPU per relayed token, cpu_per_token.py 512, mean of 4)
+        following = await self.orc.follow(job_id, 0, deliver=self._sink(index))
+        self.followings[index] = following
+        if self.ended[index]:
+            following.close()
+
+    def _sink(self, index: int) -> Callable[[Event], None]:
+        put = self.queue.put_nowait
+
+        def deliver(item: Event) -> None:
+            _, event, data = item
+            if self.ended[index]:
+                return
+            put((index, event, data))
+            if event in TERMINAL:
+                self._stop(index)
+        return deliver
+
+    def _stop(self, index: int) -> None:
+        self.ended[index] = True
+        following = self.followings[index]
+        if following is not None:
             following.close()
 
     async def cancel(self) -> None:
         """Stop following and cancel every job (those already final stay as they are)."""
         for task in self.tasks:
             task.cancel()
+        for index in range(len(self.job_ids)):
+            self._stop(index)
         for job_id in self.job_ids:
             with contextlib.suppress(RbeesError):
                 await self.orc.cancel(job_id)
