@@ -7,8 +7,10 @@ cannot honour are refused in OpenAI's error shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from json.encoder import encode_basestring
 from typing import Any
 
 from starlette.requests import Request
@@ -253,6 +255,23 @@ class _OpenAIStream(JobStream):
         self.model, self.created, self.usage, self.tools = model, created, usage, tools
         self.logprobs = logprobs
         self.turns = [Turn(tools=tools) for _ in range(n)]
+        #: per choice, the bytes of a text delta's chunk around its JSON-encoded text, when
+        #: that chunk is nothing else (no logprobs): no dict and json.dumps per token (this
+        #: stream's layer in process, bench/protocols.py's stub: 9.2 -> 4.6 us per token)
+        self.plain: list[tuple[bytes, bytes]] | None = None
+        # a model name that UTF-8 cannot carry fails the usual way, at its first chunk
+        with contextlib.suppress(UnicodeEncodeError):
+            if logprobs is None or tools:
+                self.plain = [self._around(i) for i in range(n)]
+
+    def _around(self, index: int) -> tuple[bytes, bytes]:
+        """What precedes and follows the text in choice ``index``'s text delta frame."""
+        frame = self._chunk([self._choice(index, "", None)])
+        field = b'"content": ""' if self.chat else b'"text": ""'
+        # the last: the id and the model (client text) come before it, and only constants
+        # after; a JSON string never holds the field with its quotes unescaped anyway
+        head, _, tail = frame.rpartition(field)
+        return head + field[:-2], tail
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat
@@ -290,6 +309,9 @@ class _OpenAIStream(JobStream):
             return self._chunk([{"index": index, "delta": {"reasoning_content": delta.text},
                                  "finish_reason": None, "logprobs": None}])
         if delta.kind == "text":
+            if self.plain is not None:
+                before, after = self.plain[index]
+                return b"".join((before, encode_basestring(delta.text).encode(), after))
             choice = self._choice(index, delta.text, None)
             if self.logprobs is not None and not self.tools:
                 choice["logprobs"] = self.logprobs[index](delta.logprobs or ())
