@@ -163,10 +163,16 @@ class Runner:
                     data["message"] = f"the worker refused the job: {raw[:300]!r}"
                 await self.finish(run, "failed", code, data)
                 return
+            publish, token = channel.publish, self.metrics.token
             async for event, data in answer.events():
                 if run.final:
                     return
-                await self._on_worker_event(run, channel, event, data)
+                if event == "token" and run.tokens:  # a token after the first, inline: no
+                    run.tokens += 1                  # coroutine per token
+                    publish("token", data, persisted=False)
+                    token(run)
+                else:
+                    await self._on_worker_event(run, channel, event, data)
             if not run.final:
                 raise UpstreamError("the worker's stream ended without end/error")
 
