@@ -57,3 +57,20 @@ def test_any_text_and_model(text: str, model: str, chat: bool) -> None:
                          usage=False, tools=True)
     assert chunk(fast, 1, text) == chunk(slow, 1, text)
     assert chunk(fast, 0, "\ud800") is UnicodeEncodeError
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_a_token_event_makes_the_same_bytes_and_answer_either_way(tools: bool) -> None:
+    fast, slow = streams(2, chat=True, ident="c", model="m", created=1, usage=True,
+                         tools=tools)
+    events = [("token", {"t": text, "i": i}) for i, text in enumerate(AWKWARD[:-1])]
+    events += [("token", {"t": "", "i": 20, "reasoning": "hm"}),
+               ("token", {"t": "x", "i": 21, "logprobs": [{"token": "x", "logprob": -1.0}]}),
+               ("end", {"stop_reason": "eos", "tokens_in": 3, "tokens_out": 12})]
+    for event, data in events:
+        for index in (0, 1):
+            assert fast.event(index, event, data) == slow.event(index, event, data)
+    for a, b in zip(fast.turns, slow.turns, strict=True):
+        assert (a.content, a.reasoning, a.entries, a.finish) == \
+            (b.content, b.reasoning, b.entries, b.finish)
+    assert fast.tail() == slow.tail()

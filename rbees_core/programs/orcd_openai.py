@@ -297,6 +297,11 @@ class _OpenAIStream(JobStream):
                         for i in range(self.n))
 
     def event(self, index: int, event: str, data: dict[str, Any]) -> bytes:
+        if event == "token" and self.plain is not None:
+            text = self.turns[index].text_only(data)
+            if text is not None:  # no Delta per token (what _delta makes of it)
+                before, after = self.plain[index]
+                return b"".join((before, encode_basestring(text).encode(), after))
         chunk = b""
         calls = 0
         for delta in self.turns[index].feed(event, data):

@@ -184,6 +184,17 @@ class Turn:
     def done(self) -> bool:
         return self.finish is not None or self.error is not None
 
+    def text_only(self, data: dict[str, Any]) -> str | None:
+        """A token event's text when all it adds is that text (no reasoning, no logprobs,
+        no tools): taken as :meth:`feed` takes it, without a :class:`Delta` (a stream's
+        fast path, per relayed token); None otherwise, and the event is left to feed."""
+        if self.tools or data.get("reasoning") or data.get("logprobs"):
+            return None
+        text: str = data["t"]
+        if self.content is not None:
+            self.content += text
+        return text
+
     def feed(self, event: str, data: dict[str, Any]) -> list[Delta]:
         """What ``event`` adds to the answer. A token's empty text with no reasoning is a
         ``text`` delta of ""; with tools, text that may be a call is held until the end."""
