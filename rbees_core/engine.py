@@ -117,6 +117,9 @@ class Engine:
         #: when each slot last took a job (an admission count): a job sharing no more of
         #: one slot's cache than another's goes where it loses the least recent cache
         self._used = [0] * slots
+        #: slots whose cache an interactive job filled last: a batch job takes one only when
+        #: no other slot is free (its prefix is the one a chat's next turn comes back to)
+        self._interactive = [False] * slots
         self._admissions = 0
         self._draining = False
         self._stopping = False
@@ -231,7 +234,7 @@ class Engine:
                 admitted = []
                 while self._pending:
                     job = self._pending.popleft()
-                    job.slot = self._pick_slot(job.tokens)
+                    job.slot = self._pick_slot(job.tokens, job.batch)
                     self._active[job.slot] = job
                     admitted.append(job)
             if threads is not None:
@@ -293,12 +296,18 @@ class Engine:
             if job.first_token_at is None:  # no token sampled yet: a prompt chunk
                 job.feed = list(feed.tokens) + job.feed
 
-    def _pick_slot(self, tokens: list[int]) -> int:
+    def _pick_slot(self, tokens: list[int], batch: bool = False) -> int:
         """The free slot whose cache shares the longest prefix with ``tokens``, else the
         one used least recently (an empty one first): a new prompt does not overwrite the
-        cache a chat's next turn would reuse while another slot is free (under lock)."""
-        cached, used = self._cached, self._used
-        best = max(self._free, key=lambda s: (_common(cached[s], tokens), -used[s], -s))
+        cache a chat's next turn would reuse while another slot is free (under lock). A
+        ``batch`` job leaves a slot an interactive job filled while another is free: batch
+        lines share a chat's default system prompt, and the first one took the idle chat's
+        slot, whose next turn then read its whole prompt again (130-140 ms instead of 15 on
+        two cores, docs/benchmarks.md (q))."""
+        cached, used, interactive = self._cached, self._used, self._interactive
+        best = max(self._free, key=lambda s: (not (batch and interactive[s]),
+                                              _common(cached[s], tokens), -used[s], -s))
+        interactive[best] = not batch
         self._free.remove(best)
         self._admissions += 1
         used[best] = self._admissions

@@ -25,7 +25,7 @@ class Cached(ByteModel):
         return keep
 
 
-def run(engine: Engine, text: str) -> None:
+def run(engine: Engine, text: str, *, batch: bool = False) -> None:
     done = threading.Event()
 
     def sink(event: str, data: dict[str, Any]) -> None:
@@ -33,7 +33,7 @@ def run(engine: Engine, text: str) -> None:
             done.set()
 
     engine.submit(engine.prepare(text, text, max_tokens=3, stop=[], sink=sink,
-                                 params=SamplingParams(temperature=0)))
+                                 params=SamplingParams(temperature=0), batch=batch))
     assert done.wait(10)
 
 
@@ -52,3 +52,26 @@ def test_a_chat_turn_returns_to_its_slot_past_other_jobs() -> None:
         engine.stop()
     assert [slot for slot, _ in model.begun] == [0, 1, 2, 0, 1]
     assert model.begun[3] == (0, len(turn1) + 2)  # prompt and answer kept, only the rest fed
+
+
+def test_a_batch_job_leaves_a_chat_its_slot_while_another_is_free() -> None:
+    """Batch lines share a chat's system prompt: the longest common prefix alone sent the
+    first one to the idle chat's slot, and the chat's next turn read its whole prompt
+    again. A batch job takes a slot an interactive job filled only when no other is free."""
+    model = Cached()
+    engine = Engine(model, slots=3, model_name="m", worker_id="w")
+    engine.start()
+    try:
+        chat = "system: keep bees. user: why hexagons?"
+        run(engine, chat)  # interactive: slot 0
+        run(engine, "system: keep bees. user: line 1", batch=True)  # not slot 0
+        run(engine, "system: keep bees. user: line 2", batch=True)  # its own prefix: slot 1
+        run(engine, chat + "xx user: and wax?")  # the chat's prefix is still there
+        run(engine, "system: keep bees. user: line 3", batch=True)
+        run(engine, "system: keep bees. user: line 4", batch=True)
+    finally:
+        engine.stop()
+    slots = [slot for slot, _ in model.begun]
+    assert slots[:4] == [0, 1, 1, 0], slots
+    assert model.begun[3] == (0, len(chat) + 2)
+    assert 0 not in slots[4:], slots  # slots 1 and 2 are free: never the chat's
