@@ -273,6 +273,12 @@ class _OpenAIStream(JobStream):
         head, _, tail = frame.rpartition(field)
         return head + field[:-2], tail
 
+    def _plain_chunk(self, index: int, text: str) -> bytes:
+        """Choice ``index``'s text delta chunk from :attr:`plain` (which must be set)."""
+        assert self.plain is not None
+        before, after = self.plain[index]
+        return b"".join((before, encode_basestring(text).encode(), after))
+
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": self.ident, "object": "chat.completion.chunk" if self.chat
                 else "text_completion", "created": self.created, "model": self.model,
@@ -300,8 +306,7 @@ class _OpenAIStream(JobStream):
         if event == "token" and self.plain is not None:
             text = self.turns[index].text_only(data)
             if text is not None:  # no Delta per token (what _delta makes of it)
-                before, after = self.plain[index]
-                return b"".join((before, encode_basestring(text).encode(), after))
+                return self._plain_chunk(index, text)
         chunk = b""
         calls = 0
         for delta in self.turns[index].feed(event, data):
@@ -315,8 +320,7 @@ class _OpenAIStream(JobStream):
                                  "finish_reason": None, "logprobs": None}])
         if delta.kind == "text":
             if self.plain is not None:
-                before, after = self.plain[index]
-                return b"".join((before, encode_basestring(delta.text).encode(), after))
+                return self._plain_chunk(index, delta.text)
             choice = self._choice(index, delta.text, None)
             if self.logprobs is not None and not self.tools:
                 choice["logprobs"] = self.logprobs[index](delta.logprobs or ())
