@@ -182,17 +182,14 @@ class Runner:
             # written with the first token (or the end): one durable write, not two, before
             # the first token can be announced
             run.started = data
-        elif event == "token":
+        elif event == "token":  # the first: _stream publishes the others itself
             run.tokens += 1
-            if run.tokens == 1:  # durable before announced: a restart must know we produced
-                await self._mark_running(run, channel, [("token", data)])
-                if run.final:
-                    return
-                channel.publish("token", data, persisted=True)
-                self.metrics.first_token(run)
-            else:
-                channel.publish("token", data, persisted=False)
-                self.metrics.token(run)
+            # durable before announced: a restart must know we produced
+            await self._mark_running(run, channel, [("token", data)])
+            if run.final:
+                return
+            channel.publish("token", data, persisted=True)
+            self.metrics.first_token(run)
         elif event == "metrics":
             channel.publish("metrics", data, persisted=False)
         elif event == "end":
