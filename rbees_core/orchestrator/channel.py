@@ -24,11 +24,10 @@ class Channel:
         #: where the channel registers itself when it holds unwritten events
         self.dirty = dirty
         self.history: list[Event] = list(history or [])
-        #: each subscriber's deliver (a queue's ``put_nowait``, or a stream's own sink)
-        self.subscribers: set[Deliver] = set()
-        #: ``subscribers`` as publish iterates it: a deliver may unsubscribe (itself or
-        #: another) without changing what is being iterated
-        self._delivers: tuple[Deliver, ...] = ()
+        #: each subscriber's deliver (a queue's ``put_nowait``, or a stream's own sink); a
+        #: tuple, replaced on change, so that a deliver may detach (itself or another)
+        #: while publish iterates it
+        self.subscribers: tuple[Deliver, ...] = ()
         self.unpersisted: list[tuple[str, dict[str, Any]]] = []
 
     @property
@@ -49,7 +48,7 @@ class Channel:
             self.unpersisted.append((event, data))
             if self.dirty is not None:
                 self.dirty.add(self)
-        for deliver in self._delivers:
+        for deliver in self.subscribers:
             deliver(item)
         return event_id
 
@@ -76,10 +75,8 @@ class Channel:
         self.detach(queue.put_nowait)
 
     def detach(self, deliver: Deliver) -> None:
-        if deliver in self.subscribers:
-            self.subscribers.discard(deliver)
-            self._delivers = tuple(self.subscribers)
+        self.subscribers = tuple(d for d in self.subscribers if d != deliver)
 
     def _add(self, deliver: Deliver) -> None:
-        self.subscribers.add(deliver)
-        self._delivers = tuple(self.subscribers)
+        if deliver not in self.subscribers:
+            self.subscribers += (deliver,)
