@@ -76,6 +76,21 @@ def test_two_slots_decoded_in_one_batch_match_separate_runs(model: LoadedModel) 
     assert outs[1].split()[:4] == alone_b.split()[:4]
 
 
+def test_plain_greedy_takes_the_top_logit_as_llamas_greedy_sampler_does(
+        model: LoadedModel) -> None:
+    # temperature 0 and nothing else: numpy's argmax; a logit bias of 0 (a no-op) keeps the
+    # same request on llama.cpp's sampler chain, whose greedy sampler must agree token for token
+    model.begin(0, SamplingParams(temperature=0))
+    assert model._argmax[0]  # type: ignore[attr-defined]
+    model.begin(0, SamplingParams(temperature=0, logit_bias=((5, 0.0),)))
+    assert not model._argmax[0]  # type: ignore[attr-defined]
+    model.end(0)
+    for prompt in ("Once upon a time", "def fib(n):"):
+        fast = generate(model, 0, prompt, 40, temperature=0)
+        chain = generate(model, 1, prompt, 40, temperature=0, logit_bias=((5, 0.0),))
+        assert fast == chain and len(fast) > 40
+
+
 def test_chat_template_is_the_models_own(model: LoadedModel) -> None:
     text = model.render_chat([{"role": "user", "content": "hi"}])
     assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")

@@ -253,6 +253,7 @@ class LlamaCppModel(LoadedModel):
         self._samplers: list[Any] = [None] * slots
         self._grammars: list[Any] = [None] * slots  # each slot's grammar sampler, if any
         self._stateless = [True] * slots  # no sampler of the slot's chain keeps state
+        self._argmax = [False] * slots  # greedy and nothing else: the top logit is the token
         self._candidates: Any = None  # numpy llama_token_data[n_vocab], for grammar steps
         self._id_range: Any = None
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -398,6 +399,8 @@ class LlamaCppModel(LoadedModel):
                 chain, lib.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
         self._samplers[slot] = chain
         self._stateless[slot] = not params.penalized
+        self._argmax[slot] = (params.temperature == 0 and not params.logit_bias
+                              and not params.penalized and params.grammar is None)
         return keep
 
     def _logit_bias(self, pairs: Sequence[tuple[int, float]]) -> Any:
@@ -487,6 +490,14 @@ class LlamaCppModel(LoadedModel):
         return float(logits[token] - norm), best
 
     def sample(self, slot: int) -> int:
+        if self._argmax[slot]:
+            # llama.cpp's greedy sampler copies all n_vocab logits into candidates first:
+            # 48 us a token for SmolLM2's 49k against 5-7 us for numpy's argmax, which
+            # breaks ties the same way (the first highest logit wins)
+            import numpy as np
+
+            return int(np.ctypeslib.as_array(self._lib.llama_get_logits_ith(
+                self._ctx, self._logit_at[slot]), shape=(self.n_vocab,)).argmax())
         if self._grammars[slot] is not None:
             return self._sample_constrained(slot)
         return int(self._lib.llama_sampler_sample(
