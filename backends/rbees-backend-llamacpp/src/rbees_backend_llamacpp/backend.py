@@ -476,9 +476,7 @@ class LlamaCppModel(LoadedModel):
         keeps them until the next :meth:`decode`."""
         import numpy as np
 
-        raw = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(
-            self._ctx, self._logit_at[slot]), shape=(self.n_vocab,))
-        logits = raw.astype(np.float64)
+        logits = self._logits(slot).astype(np.float64)
         peak = logits.max()
         norm = peak + np.log(np.exp(logits - peak).sum())
         best: list[tuple[int, float]] = []
@@ -489,15 +487,20 @@ class LlamaCppModel(LoadedModel):
             best = [(int(i), float(logits[i] - norm)) for i in ids]
         return float(logits[token] - norm), best
 
+    def _logits(self, slot: int) -> Any:
+        """The logits ``slot`` samples from, as a numpy view of llama.cpp's buffer (valid
+        until the next :meth:`decode`)."""
+        import numpy as np
+
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(
+            self._ctx, self._logit_at[slot]), shape=(self.n_vocab,))
+
     def sample(self, slot: int) -> int:
         if self._argmax[slot]:
             # llama.cpp's greedy sampler copies all n_vocab logits into candidates first:
             # 48 us a token for SmolLM2's 49k against 5-7 us for numpy's argmax, which
             # breaks ties the same way (the first highest logit wins)
-            import numpy as np
-
-            return int(np.ctypeslib.as_array(self._lib.llama_get_logits_ith(
-                self._ctx, self._logit_at[slot]), shape=(self.n_vocab,)).argmax())
+            return int(self._logits(slot).argmax())
         if self._grammars[slot] is not None:
             return self._sample_constrained(slot)
         return int(self._lib.llama_sampler_sample(
@@ -512,14 +515,13 @@ class LlamaCppModel(LoadedModel):
         lib, chain, grammar = self._lib, self._samplers[slot], self._grammars[slot]
         import numpy as np
 
-        n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        n_vocab = self.n_vocab
         if self._candidates is None or len(self._candidates) != n_vocab:
             self._candidates = np.zeros(n_vocab, dtype=np.dtype(
                 [("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True))
             self._candidates["id"] = np.arange(n_vocab, dtype=np.int32)
         cur = self._candidates
-        logits = np.ctypeslib.as_array(
-            lib.llama_get_logits_ith(self._ctx, self._logit_at[slot]), shape=(n_vocab,))
+        logits = self._logits(slot)
 
         def pick(masked: bool) -> int:
             cur["id"] = self._ids(n_vocab)
