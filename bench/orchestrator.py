@@ -26,7 +26,8 @@
       API key with an rpm limit, against the bare app: what checking a key adds
 
   (q) OpenAI batches (issue 28, bench/batches.py): streamed chats' time to first token on an
-      idle cluster and while a 200-line batch runs on the same worker (target <= 1.2x)
+      idle cluster and while a 200-line batch runs on the same worker, in alternating
+      rounds (target <= 1.2x)
   (s) side by side (issue 21, bench/cluster_speed.py): after a plain ``rbees up``, one stream
       and four concurrent streams through rbees-orcd's OpenAI chat endpoint against the
       worker direct and llama.cpp's llama-server -np 4 (bench/.llama-server, built by
@@ -44,6 +45,7 @@ Usage: python bench/orchestrator.py [--runs 25] [--tokens 64] [--seconds 5] [--r
                                     [--skip-overhead] [--skip-admission] [--skip-speed]
                                     [--skip-protocols] [--skip-keys] [--protocol-runs 25]
                                     [--protocol-tokens 16] [--skip-batches] [--batch-runs 10]
+                                    [--batch-rounds 3]
                                     [--speed-tokens 128] [--speed-runs 3]
                                     [--llama-server PATH] [--quick]
 """
@@ -146,10 +148,10 @@ def _own_cluster(name: str) -> Iterator[dict[str, Any]]:
         rbees(home, "down")
 
 
-def bench_batch_lane(runs: int, tokens: int) -> list[str]:
+def bench_batch_lane(runs: int, tokens: int, cycles: int) -> list[str]:
     """Section (q) on its own ``rbees up`` (bench/batches.py)."""
     with _own_cluster("batches") as info:
-        return bench_batches(info["orchestrator"], runs, tokens)
+        return bench_batches(info["orchestrator"], runs, tokens, cycles=cycles)
 
 
 def bench_protocol_overhead(runs: int, tokens: int) -> list[str]:
@@ -426,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-speed", action="store_true", help="no (s)")
     parser.add_argument("--skip-protocols", action="store_true", help="no (p)")
     parser.add_argument("--skip-batches", action="store_true", help="no (q)")
-    parser.add_argument("--batch-runs", type=int, default=10, help="chats each way in (q)")
+    parser.add_argument("--batch-runs", type=int, default=10,
+                        help="chats each way in each round of (q)")
+    parser.add_argument("--batch-rounds", type=int, default=3,
+                        help="rounds of idle then busy chats in (q)")
     parser.add_argument("--skip-keys", action="store_true", help="no (k)")
     parser.add_argument("--protocol-runs", type=int, default=25, help="rounds of (p)")
     parser.add_argument("--protocol-tokens", type=int, default=16,
@@ -463,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(bench_key_check()))
     if not args.skip_batches:
         print("\n## (q) interactive chats while an OpenAI batch runs, one worker\n")
-        print("\n".join(bench_batch_lane(args.batch_runs, args.tokens)))
+        print("\n".join(bench_batch_lane(args.batch_runs, args.tokens, args.batch_rounds)))
     if not args.skip_speed:
         print()
         bench_speed(args)
