@@ -336,3 +336,45 @@ def test_a_deliver_gets_the_backlog_then_each_event_as_published_until_detached(
     channel.attach(0, done.append)  # an ended job: its backlog, and no subscription
     assert [e for _, e, _ in done] == ["queued", "started", "token", "end"]
     assert not channel.subscribers
+
+
+async def test_the_batch_runner_of_an_idle_orchestrator_waits_to_be_woken(
+        tmp_path: Path) -> None:
+    """With no unfinished batch the runner asks SQLite once, then waits for a batch to be
+    created (no tick, no thread hop twice a second forever); with one it looks again every
+    tick (a batch waiting for its window, or its expiry, needs the clock)."""
+    import datetime
+
+    from rbees_core.programs.orcd_batch_runner import BatchRunner
+
+    svc = new_service(tmp_path)
+    await svc.start()
+    runner = BatchRunner(svc, tick_s=0.02)
+    looks = 0
+    unfinished = runner.store.unfinished
+
+    def counted() -> list[str]:
+        nonlocal looks
+        looks += 1
+        return unfinished()
+
+    runner.store.unfinished = counted  # type: ignore[method-assign]
+    loop = asyncio.create_task(runner.loop())
+    try:
+        await asyncio.sleep(0.4)
+        assert looks == 1  # twenty ticks passed
+        later = (datetime.datetime.now() + datetime.timedelta(hours=2)).strftime("%H:%M")
+        end = (datetime.datetime.now() + datetime.timedelta(hours=3)).strftime("%H:%M")
+        source = await runner.store.add_file("batch", "in.jsonl", b"{}\n")
+        await runner.store.add_batch(
+            endpoint="/v1/completions", input_file_id=source.file_id,
+            completion_window="24h", window_s=86400, metadata={"rbees_window": f"{later}-{end}"},
+            lines=[("a", {})], owner=None, owner_models=None)
+        runner.wake()
+        await asyncio.sleep(0.4)
+        assert looks >= 8  # outside its window: looked at every tick
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        await svc.close()

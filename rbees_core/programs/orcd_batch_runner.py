@@ -1,11 +1,13 @@
 """The batch runner of rbees-orcd: runs the lines of OpenAI batches as batch-lane jobs.
 
 One task (:meth:`BatchRunner.loop`) looks at the unfinished batches (:mod:`rbees_core.
-orchestrator.batches`) every half second, or sooner when woken: it moves a ``validating``
-batch to ``in_progress``, keeps up to ``window`` lines of all batches in the queue at once
-(each a job of ``priority: batch``, so every interactive request goes ahead of them: the
-queue's lanes), ends a ``cancelling`` batch ``cancelled`` and one past its
-``expires_at`` ``expired``, and finishes a batch whose lines are all answered.
+orchestrator.batches`) every half second while there are any, or sooner when woken (a
+batch created or cancelled, a line answered; with none it waits to be woken, and nothing
+else): it moves a ``validating`` batch to ``in_progress``, keeps up to ``window`` lines of
+all batches in the queue at once (each a job of ``priority: batch``, so every interactive
+request goes ahead of them: the queue's lanes), ends a ``cancelling`` batch ``cancelled``
+and one past its ``expires_at`` ``expired``, and finishes a batch whose lines are all
+answered.
 
 Each line runs as its own task: it turns the line's request into the task its ``/v1``
 route would make (:func:`.orcd_openai.task_of`, :func:`.orcd_embeddings.request_of`),
@@ -106,19 +108,25 @@ class BatchRunner:
 
     async def loop(self) -> None:
         while True:
+            busy = True
             try:
-                await self.round()
+                busy = await self.round()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bad round must not end the runner
                 self.svc.log.error("batch_round_failed", error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.tick_s)
+            if busy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), self.tick_s)
+            else:  # no batch to look at until one is created: no tick, no thread hop
+                await self.wakeup.wait()
             self.wakeup.clear()
 
-    async def round(self) -> None:
-        """One look at every unfinished batch."""
-        for batch_id in await asyncio.to_thread(self.store.unfinished):
+    async def round(self) -> bool:
+        """One look at every unfinished batch; whether there was one (an idle rbees-orcd
+        then waits for :meth:`wake` alone, instead of asking SQLite twice a second)."""
+        unfinished = await asyncio.to_thread(self.store.unfinished)
+        for batch_id in unfinished:
             row = self.store.batch(batch_id)
             if row is None:
                 continue
@@ -145,12 +153,13 @@ class BatchRunner:
                 continue
             for line in lines:
                 if len(self._lines) >= self.window:
-                    return
+                    return True
                 key = (batch_id, line.line)
                 if key not in self._lines:
                     task = self.svc.book.spawn(self._run_line(row, metadata, line))
                     self._lines[key] = task
                     task.add_done_callback(functools.partial(self._done, key))
+        return bool(unfinished)
 
     def _done(self, key: tuple[str, int], _task: asyncio.Task[None]) -> None:
         self._lines.pop(key, None)
