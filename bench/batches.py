@@ -9,7 +9,7 @@ the next round). The ratio of the medians over every round is judged.
 
 Why rounds: on this 2-core machine the idle median of ten chats moved from 11.8 to 24.4 ms
 between runs minutes apart, and idle ran before busy, so the old single pair of phases
-judged the machine's drift as much as the batch (it read 0.67x as often as 1.45x).
+judged the machine's drift as much as the batch (the same code read 0.67x to 1.45x).
 Alternating the phases puts both under the same drift, and more chats each way steady the
 medians. Used by bench/orchestrator.py (section q).
 """
