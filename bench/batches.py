@@ -4,8 +4,8 @@ within 1.2x of an idle cluster's).
 One ``rbees up`` with SmolLM2; the same streamed chat (OpenAI's /v1/chat/completions, greedy)
 is timed in ``cycles`` rounds of two phases: ``runs`` times on the idle, warm cluster, then
 ``runs`` times while a batch of ``lines`` chat lines (``batch_tokens`` tokens each) runs on
-the same worker (the batch is cancelled, and the worker left to finish its lines, before
-the next round). The ratio of the medians over every round is judged.
+the same worker (the batch is cancelled before the next round: its running lines' jobs
+are cancelled with it). The ratio of the medians over every round is judged.
 
 Why rounds: on this 2-core machine the idle median of ten chats moved from 11.8 to 24.4 ms
 between runs minutes apart, and idle ran before busy, so the old single pair of phases
