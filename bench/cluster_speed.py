@@ -74,6 +74,9 @@ class Settings:
     runs: int = 3  # samples per case (pairs: twice as many)
     long_words: int = 1000
     second_replica: bool = True
+    # cuda:N on a GPU host: llama-server gets every layer on that GPU, the standalone worker
+    # --device cuda:N; rbees-orcd's scheduler places its own workers (a GPU first)
+    device: str = "cpu"
 
 
 @attrs.define
@@ -145,7 +148,7 @@ def baselines(exe: Path | None, model_path: str, s: Settings, run: Run
     """Steps 1 and 2: llama-server -np 4 and a standalone rbees-workerd --slots 4."""
     got: dict[str, float | None] = {}
     if exe is not None:
-        with LlamaServer(exe, model_path, s.threads, 4) as server, \
+        with LlamaServer(exe, model_path, s.threads, 4, s.device) as server, \
                 httpx.Client(timeout=300) as client:
             many = median_many(s.runs, lambda: concurrent(4, lambda _: chat_stream(
                 client, server.url, MODEL, MESSAGES, s.tokens)))
@@ -159,7 +162,7 @@ def baselines(exe: Path | None, model_path: str, s: Settings, run: Run
                       f"{long.ttft_ms:.1f}")]
     port = find_free_port()
     home = tempfile.mkdtemp(prefix="rbees-bench-w4-")
-    argv = workerd_argv("bench-w4", port, slots=4,
+    argv = workerd_argv("bench-w4", port, slots=4, device=s.device,
                         extra=("--threads", str(s.threads), "--ctx", str(CTX)))
     proc = subprocess.Popen(argv, env={**os.environ, "RBEES_HOME": home},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -174,8 +177,9 @@ def baselines(exe: Path | None, model_path: str, s: Settings, run: Run
         proc.wait(60)
         shutil.rmtree(home, ignore_errors=True)
     got["W4"] = w4.total_per_s
-    run.rows.append((f"rbees-workerd `--slots 4 --threads {s.threads} --ctx {CTX}` (standalone),"
-                     " 4 concurrent, total tokens/s", f"{w4.total_per_s:.1f}"))
+    run.rows.append((f"rbees-workerd `--device {s.device} --slots 4 --threads {s.threads} "
+                     f"--ctx {CTX}` (standalone), 4 concurrent, total tokens/s",
+                     f"{w4.total_per_s:.1f}"))
     return got
 
 
@@ -205,6 +209,9 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
     worker = mine[0]
     ref, uri = worker["model_ref"], worker["uri"]
     run.notes.append(f"the worker rbees-orcd started: {describe(worker)}")
+    if worker.get("device") != s.device:  # its baselines ran elsewhere: said, not hidden
+        run.notes.append(f"the baselines ran on {s.device}, this worker on "
+                         f"{worker.get('device')}")
     worker_stream(client, uri, MESSAGES, 4, f"warm-{next(_ids)}")
 
     # one stream: pairs, alternating which goes first
@@ -278,7 +285,8 @@ def _measure(url: str, pool: str, other: str, client: httpx.Client, s: Settings,
         # the other model's): the 1,000-token prompt as a user meets it, as llama-server's
         regrown = time.monotonic() + 30
         while time.monotonic() < regrown and any(
-                w.get("threads") != s.threads for w in workers_of(pool, ref)):
+                w.get("device") == "cpu" and w.get("threads") != s.threads
+                for w in workers_of(pool, ref)):
             time.sleep(0.2)
         run.notes.append("worker for the 1,000-token prompt: " + "; ".join(
             describe(w) for w in workers_of(pool, ref)))

@@ -47,7 +47,7 @@ Usage: python bench/orchestrator.py [--runs 25] [--tokens 64] [--seconds 5] [--r
                                     [--protocol-tokens 16] [--skip-batches] [--batch-runs 10]
                                     [--batch-rounds 3]
                                     [--speed-tokens 128] [--speed-runs 3]
-                                    [--llama-server PATH] [--quick]
+                                    [--llama-server PATH] [--device cuda:0] [--quick]
 """
 
 from __future__ import annotations
@@ -395,7 +395,8 @@ def bench_speed(args: argparse.Namespace) -> None:
     exe = find_llama_server(args.llama_server)
     path = resolve_model(plugins.make_manager(plugins.builtin_plugins()), DEFAULT_MODEL_REF)
     settings = cluster_speed.Settings(tokens=args.speed_tokens, threads=args.threads,
-                                      runs=args.speed_runs, long_words=args.long_words)
+                                      runs=args.speed_runs, long_words=args.long_words,
+                                      device=args.device)
     print("## (s) side by side through rbees-orcd (issue 21)\n")
     print(header(args.threads, args.speed_tokens, args.speed_runs, exe) + "\n")
     runs = []
@@ -440,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-runs", type=int, default=3, help="samples per case in (s)")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads of (s)'s standalone worker and llama-server")
+    parser.add_argument("--device", default="cpu",
+                        help="cuda:N: (s)'s llama-server with every layer on that GPU (a CUDA "
+                             "build) and its standalone worker --device cuda:N")
     parser.add_argument("--long-words", type=int, default=1000, help=argparse.SUPPRESS)
     parser.add_argument("--llama-server", default=None, help="the llama-server binary")
     parser.add_argument("--quick", action="store_true",

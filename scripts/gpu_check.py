@@ -6,9 +6,16 @@
   3. torch's CUDA backend through rbees-backend-torch: SmolLM2 (GGUF, dequantized by
      transformers) on cuda:0
 
-Prints what it found and a table; exits 1 when a check fails. Runs from a checkout without
-installing it (the kernel and the three plugins are put on sys.path).
-Usage: python scripts/gpu_check.py MODEL.gguf [--tokens 64]
+  4. with --bench N: issue 21's rows on the GPU, N runs each: bench/worker.py --device cuda:0
+     (rbees-workerd against llama-server with every layer on the GPU) and section (s) of
+     bench/orchestrator.py (a plain ``rbees up``, whose scheduler puts the worker on the GPU,
+     against the same baselines on the GPU); needs rbees installed and a CUDA build of
+     llama-server (CMAKE_ARGS="-DGGML_CUDA=on" bash bench/setup.sh, or --llama-server)
+
+Prints what it found and a table; exits 1 when a check fails. The checks run from a checkout
+without installing it (the kernel and the three plugins are put on sys.path).
+Usage: python scripts/gpu_check.py MODEL.gguf [--tokens 64] [--skip-torch]
+                                   [--bench N] [--llama-server PATH]
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import subprocess
 import sys
 import time
 import traceback
@@ -77,6 +85,11 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--skip-torch", action="store_true",
+                        help="leave out rbees-backend-torch (half a minute of dequantizing)")
+    parser.add_argument("--bench", type=int, default=0, metavar="N",
+                        help="then issue 21's benches on cuda:0, N runs each")
+    parser.add_argument("--llama-server", default=None, help="a CUDA build of llama-server")
     args = parser.parse_args()
     rows: list[tuple[str, str, bool]] = []
 
@@ -123,7 +136,7 @@ def main() -> int:
         "rbees_backend_llamacpp.backend", "LlamaCppBackend", "cpu"))
     llama_gpu = check("llama.cpp on cuda:0 (CUDA build)", backend_run(
         "rbees_backend_llamacpp.backend", "LlamaCppBackend", "cuda:0"))
-    torch_gpu = check("torch on cuda:0", backend_run(
+    torch_gpu = None if args.skip_torch else check("torch on cuda:0", backend_run(
         "rbees_backend_torch.backend", "TorchBackend", "cuda:0"))
     # Greedy decoding follows the argmax, and different kernels round differently: on a
     # 135M model two close logits swap early. Reported, not judged.
@@ -136,8 +149,25 @@ def main() -> int:
                          else f"same up to token {first_diff}", True))
     print("\n| check | result | holds |\n|---|---|---|")
     for name, detail, ok in rows:
-        print(f"| {name} | {detail} | {'yes' if ok else 'NO'} |")
+        print(f"| {name} | {detail} | {'yes' if ok else 'NO'} |", flush=True)
+    if args.bench:
+        bench(args.bench, args.llama_server)
     return 0 if all(ok for _, _, ok in rows) else 1
+
+
+def bench(repeat: int, llama_server: str | None) -> None:
+    """Issue 21's rows with the worker on cuda:0, each bench in a process of its own, its
+    table printed as it comes (the benches judge; this script's exit status does not)."""
+    extra = ["--llama-server", llama_server] if llama_server else []
+    for argv in (
+        [str(ROOT / "bench/worker.py"), "--device", "cuda:0", "--repeat", str(repeat),
+         "--skip", "a,a4,c,e,g,s", *extra],
+        [str(ROOT / "bench/orchestrator.py"), "--device", "cuda:0", "--repeat", str(repeat),
+         "--skip-overhead", "--skip-admission", "--skip-protocols", "--skip-keys",
+         "--skip-batches", *extra],
+    ):
+        print(f"\n$ python {' '.join(argv)}", flush=True)
+        subprocess.run([sys.executable, *argv], check=False)
 
 
 if __name__ == "__main__":
