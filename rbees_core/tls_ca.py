@@ -78,6 +78,17 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
 
 
+#: x509's upper bound on a common name, in characters (RFC 5280's ub-common-name)
+CN_MAX = 64
+
+
+def _common_name(text: str) -> str:
+    """``text`` as a certificate's common name: cut to :data:`CN_MAX` characters. Clients
+    check a certificate's subject alternative names, which hold the names whole (a DNS name
+    may have 253 characters); the common name only labels it for people."""
+    return text[:CN_MAX]
+
+
 def ensure_ca(directory: Path, *, common_name: str | None = None) -> tuple[Path, bool]:
     """The CA of ``directory`` (``ca.pem``, ``ca.key`` 0600), made when missing; the
     certificate's path and whether it was made now."""
@@ -93,8 +104,8 @@ def ensure_ca(directory: Path, *, common_name: str | None = None) -> tuple[Path,
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rbees home lab"),
-        x509.NameAttribute(NameOID.COMMON_NAME,
-                           common_name or f"rbees lab CA ({socket.gethostname()})")])
+        x509.NameAttribute(NameOID.COMMON_NAME, _common_name(
+            common_name or f"rbees lab CA ({socket.gethostname()})"))])
     start = _now()
     public = key.public_key()
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
@@ -134,7 +145,8 @@ def issue(directory: Path, name: str, names: Iterable[str], addresses: Iterable[
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rbees home lab"),
-                x509.NameAttribute(NameOID.COMMON_NAME, (dns or [str(ips[0])])[0])]))
+                x509.NameAttribute(NameOID.COMMON_NAME,
+                                   _common_name((dns or [str(ips[0])])[0]))]))
             .issuer_name(ca_cert.subject).public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=CERT_DAYS))

@@ -3,6 +3,7 @@ the clients' verification and their one-line errors, the plaintext-bind warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -54,6 +55,35 @@ def test_the_lab_ca_issues_private_certificates_naming_the_host(tmp_path: Path) 
     assert again.ca == issued.ca and not again.fresh_ca and issued.fresh_ca  # one CA, kept
     assert server_tls(str(issued.cert), str(issued.key)) == ServerTLS(str(issued.cert),
                                                                         str(issued.key))
+
+
+def test_a_dns_name_longer_than_a_common_name_is_certified_whole(tmp_path: Path) -> None:
+    """x509 caps a common name at 64 characters, a DNS name may have 253: the name goes
+    whole into the subject alternative names, which clients check, and a TLS client
+    verifies it there; the common name is its first 64 characters."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    long = f"{'a' * 40}.{'b' * 40}.lan"  # 85 characters, each label under 64
+    issued = issue(tmp_path / "tls", "gpu1", [long], [])
+    cert = x509.load_pem_x509_certificates(issued.cert.read_bytes())[0]
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [long]
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == long[:64]
+    context = ssl.create_default_context(cafile=str(issued.ca))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(issued.cert), str(issued.key))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=long)
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):  # the handshake, in memory: the client checks the name
+        for side in (client, srv):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(outgoing.read())
+        incoming.write(s_out.read())
+    client.do_handshake()  # done: raises SSLCertVerificationError on a name mismatch
 
 
 def test_bad_tls_settings_are_one_clear_error(tmp_path: Path) -> None:
