@@ -58,7 +58,17 @@ def test_orchestrator_bench_parses_its_options() -> None:
     out = subprocess.run([sys.executable, str(BENCH / "orchestrator.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for option in ("--skip-speed", "--speed-tokens", "--llama-server", "--quick"):
+    for option in ("--skip-speed", "--speed-tokens", "--llama-server", "--device", "--quick"):
+        assert option in out.stdout
+
+
+def test_gpu_check_offers_issue_21s_benches() -> None:
+    """scripts/gpu_check.py runs on GPU hosts only; its options are checked here."""
+    script = BENCH.parent / "scripts" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for option in ("--bench", "--skip-torch", "--llama-server", "--tokens"):
         assert option in out.stdout
 
 
