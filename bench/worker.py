@@ -10,10 +10,12 @@ median shown); ``--repeat N`` runs the whole set N times in a row and reports ev
   W1k  the same worker, a 1,000-token prompt that no cache holds: TTFT
   L4   llama-server -np 4, four concurrent streams: total tokens/s
   W4   rbees-workerd --slots 4, four concurrent streams: total tokens/s
-Extra baselines (``--skip a,a4,c,e`` leaves them out):
+Extra baselines (``--skip a,a1,a4,c,e`` leaves them out):
   a    llama-cpp-python in-process, one stream (high-level Llama, create_chat_completion)
-  a4   a bare llama-cpp-python batched-decode loop, 4 sequences (the engine's ceiling; raw
-       prompt)
+  a1   a bare llama-cpp-python decode loop, 1 sequence: llama_decode and numpy's argmax, no
+       HTTP and no client (the engine's ceiling: no server of this engine can be faster;
+       raw prompt)
+  a4   the same loop, 4 sequences in one batch (the ceiling of four concurrent streams)
   c    llama_cpp.server, one stream through its OpenAI chat API (in .venv-bench, made by
        bench/setup.sh; left out where that is missing)
   e    rbees-workerd --backend torch, one stream (where rbees-backend-torch is installed)
@@ -25,12 +27,14 @@ Extra baselines (``--skip a,a4,c,e`` leaves them out):
        token costs (S2rt): bench/shard.py (issue 27)
 
 Judged (issue 21): W1 >= 1.05 x L1 tokens/s; TTFT(W1) <= TTFT(L1) + 2 ms; W4 >= 1.05 x L4;
-TTFT(W1k) <= 1.1 x TTFT(L1k). Every baseline runs with its own defaults (no OpenMP setting
-is forced on any case); llama-server is bench/.llama-server/bin/llama-server (bench/setup.sh
-builds it), ``--llama-server PATH`` or ``$RBEES_BENCH_LLAMA_SERVER``.
+TTFT(W1k) <= 1.1 x TTFT(L1k). Not judged, printed beside them: a1/L1 and a4/L4, how far the
+bare engine is ahead of llama-server, the most any server of it could be. Every baseline
+runs with its own defaults (no OpenMP setting is forced on any case); llama-server is
+bench/.llama-server/bin/llama-server (bench/setup.sh builds it), ``--llama-server PATH`` or
+``$RBEES_BENCH_LLAMA_SERVER``.
 
 Usage: python bench/worker.py [--tokens 128] [--threads 2] [--runs 3] [--repeat 1]
-                              [--skip a,a4,c,e] [--llama-server PATH] [--device cuda:0]
+                              [--skip a,a1,a4,c,e] [--llama-server PATH] [--device cuda:0]
                               [--quick]
 """
 
@@ -66,6 +70,7 @@ from sidebyside import (  # bench/sidebyside.py, beside this file
     header,
     load_note,
     long_messages,
+    measurements_table,
     median_many,
     median_of,
     ratio_check,
@@ -242,7 +247,11 @@ def bench_inprocess(path: str, tokens: int, threads: int, runs: int) -> list[Res
 
 def bench_batched_loop(path: str, tokens: int, threads: int, runs: int, n_seq: int = 4
                        ) -> list[Result]:
+    """``n_seq`` sequences decoded together by the least a program can do: fill the batch,
+    ``llama_decode``, numpy's argmax of each sequence's logits (as rbees-workerd samples
+    greedily). No HTTP, no client, no text: what the engine alone allows on this host."""
     import llama_cpp as lib
+    import numpy as np
 
     lib.llama_backend_init()
     mparams = lib.llama_model_default_params()
@@ -257,6 +266,7 @@ def bench_batched_loop(path: str, tokens: int, threads: int, runs: int, n_seq: i
     ctx = lib.llama_init_from_model(model, cparams)
     mem = lib.llama_get_memory(ctx)
     vocab = lib.llama_model_get_vocab(model)
+    n_vocab = lib.llama_vocab_n_tokens(vocab)
     data = PROMPT.encode()
     buf = (lib.llama_token * 256)()
     n_prompt = lib.llama_tokenize(vocab, data, len(data), buf, 256, True, True)
@@ -270,13 +280,13 @@ def bench_batched_loop(path: str, tokens: int, threads: int, runs: int, n_seq: i
             batch.seq_id[k][0], batch.logits[k] = seq, want
         batch.n_tokens = len(entries)
 
+    def argmax(i: int) -> int:
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+        return int(logits.argmax())
+
     def once() -> Stream:
-        samplers = []
         for s in range(n_seq):
             lib.llama_memory_seq_rm(mem, s, -1, -1)
-            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-            samplers.append(chain)
         entries = []
         for s in range(n_seq):
             entries += [(t, i, s, i == len(prompt) - 1) for i, t in enumerate(prompt)]
@@ -287,18 +297,14 @@ def bench_batched_loop(path: str, tokens: int, threads: int, runs: int, n_seq: i
         t_first = time.perf_counter()
         produced = 0
         for _ in range(tokens):
-            toks = []
-            for s in range(n_seq):
-                tok = lib.llama_sampler_sample(samplers[s], ctx, idx[s])
-                toks.append(eos + 1 if tok == eos else tok)
+            toks = [argmax(i) for i in idx]
+            toks = [eos + 1 if tok == eos else tok for tok in toks]  # the same length always
             produced += n_seq
             fill([(toks[s], pos, s, True) for s in range(n_seq)])
             idx = list(range(n_seq))
             lib.llama_decode(ctx, batch)
             pos += 1
         end = time.perf_counter()
-        for chain in samplers:
-            lib.llama_sampler_free(chain)
         return Stream(0.0, produced / (end - t_first), produced, end)
 
     try:
@@ -307,8 +313,9 @@ def bench_batched_loop(path: str, tokens: int, threads: int, runs: int, n_seq: i
         lib.llama_batch_free(batch)
         lib.llama_free(ctx)
         lib.llama_model_free(model)
-    return [Result("a4", f"bare llama-cpp-python batched loop, {n_seq} sequences (total, "
-                         "raw prompt)", s.tokens_per_s, None, s.tokens)]
+    what = "1 sequence" if n_seq == 1 else f"{n_seq} sequences (total)"
+    return [Result(f"a{n_seq}", f"bare llama-cpp-python decode loop, {what}, no HTTP (raw "
+                   "prompt)", s.tokens_per_s, None, s.tokens)]
 
 
 def bench_llama_cpp_server(path: str, tokens: int, threads: int, runs: int) -> list[Result]:
@@ -373,6 +380,25 @@ def checks(by: dict[str, Result]) -> list[Check]:
     ]
 
 
+#: the ceiling ratios printed beside the judged rows: (label, numerator, denominator)
+CEILINGS = (
+    ("bare loop / llama-server, 1 stream (a1/L1): the most W1/L1 could be", "a1", "L1"),
+    ("rbees-workerd / bare loop, 1 stream (W1/a1)", "W1", "a1"),
+    ("bare loop / llama-server, 4 concurrent (a4/L4): the most W4/L4 could be", "a4", "L4"),
+    ("rbees-workerd / bare loop, 4 concurrent (W4/a4)", "W4", "a4"),
+)
+
+
+def ceilings(by: dict[str, Result]) -> list[str]:
+    """Each of :data:`CEILINGS` in this run, formatted; "-" where a case was skipped."""
+    out = []
+    for _, a, b in CEILINGS:
+        num, den = by.get(a), by.get(b)
+        ok = num is not None and den is not None and num.tps and den.tps
+        out.append(f"{num.tps / den.tps:.3f}" if ok else "-")  # type: ignore[union-attr, operator]
+    return out
+
+
 def table(results: list[Result]) -> str:
     lines = ["| case | what | tokens/s | TTFT ms | tokens |", "|---|---|---:|---:|---:|"]
     for r in results:
@@ -393,6 +419,7 @@ def run_once(args: argparse.Namespace, path: str, exe: Path | None) -> list[Resu
     steps += [
         ("W4", lambda: bench_worker(4, t, n, r, lw, dev)),
         ("a", lambda: bench_inprocess(path, t, n, r)),
+        ("a1", lambda: bench_batched_loop(path, t, n, r, n_seq=1)),
         ("a4", lambda: bench_batched_loop(path, t, n, r)),
         ("c", lambda: bench_llama_cpp_server(path, t, n, r)),
         ("e", lambda: bench_torch(t, n, r)),
@@ -424,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of the whole set, one after the other; all are reported")
     parser.add_argument("--skip", default="",
-                        help="comma-separated cases to skip (a,a4,c,e,g,s)")
+                        help="comma-separated cases to skip (a,a1,a4,c,e,g,s)")
     parser.add_argument("--llama-server", default=None, help="the llama-server binary")
     parser.add_argument("--long-words", type=int, default=LONG_WORDS, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true",
@@ -433,20 +460,26 @@ def main(argv: list[str] | None = None) -> int:
     args.skip = set(args.skip.split(",")) - {""}
     if args.quick:
         args.tokens, args.runs, args.long_words = 8, 1, 64
-        args.skip |= {"a", "a4", "c", "e"}
+        args.skip |= {"a", "a1", "a4", "c", "e"}
     exe = find_llama_server(args.llama_server)
     path = resolve_model(plugins.make_manager(plugins.builtin_plugins()), DEFAULT_MODEL_REF)
     print(f"# rbees-workerd side by side (SmolLM2-135M-Instruct Q4_1), {args.repeat} run(s)\n")
     print(header(args.threads, args.tokens, args.runs, exe) + "\n")
     every: list[list[Check]] = []
+    limits: list[list[str]] = []
     for i in range(args.repeat):
         print(f"run {i + 1} of {args.repeat} ...", file=sys.stderr, flush=True)
         load = load_note()
         results = run_once(args, path, exe)
         every.append(checks({r.name: r for r in results}))
+        limits.append(ceilings({r.name: r for r in results}))
         print(f"## Run {i + 1} of {args.repeat}\n\n{load}\n")
         print(table(results) + "\n", flush=True)
     print(f"## Acceptance, every run (issue 21)\n\n{report(every)}")
+    if any(v != "-" for run in limits for v in run):
+        rows = [(label, [run[k] for run in limits]) for k, (label, _, _) in enumerate(CEILINGS)]
+        print("\n## The engine's ceiling, every run (not judged)\n\n" + measurements_table(
+            rows, args.repeat, "tokens/s ratios; the bare loop has no HTTP, no client, no text"))
     if BUSY_REFUSALS[0]:
         print(f"\nrbees-workerd refused {BUSY_REFUSALS[0]} request(s) sent just after the one "
               "before ended (503, its slot not yet free); each was sent again, timed afresh.")

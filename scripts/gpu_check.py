@@ -161,7 +161,7 @@ def bench(repeat: int, llama_server: str | None) -> None:
     extra = ["--llama-server", llama_server] if llama_server else []
     for argv in (
         [str(ROOT / "bench/worker.py"), "--device", "cuda:0", "--repeat", str(repeat),
-         "--skip", "a,a4,c,e,g,s", *extra],
+         "--skip", "a,a1,a4,c,e,g,s", *extra],
         [str(ROOT / "bench/orchestrator.py"), "--device", "cuda:0", "--repeat", str(repeat),
          "--skip-overhead", "--skip-admission", "--skip-protocols", "--skip-keys",
          "--skip-batches", *extra],

@@ -54,6 +54,18 @@ def test_worker_bench_judges_issue_21s_rows() -> None:
     assert {c.ok for c in worker.checks({"W1": r("W1", 77.0, 21.0)})} == {None}
 
 
+def test_worker_bench_prints_the_engines_ceiling_beside_the_judged_rows() -> None:
+    import worker
+
+    def r(name: str, tps: float) -> worker.Result:
+        return worker.Result(name, name, tps, None, 128)
+
+    by = {x.name: x for x in [r("L1", 100.0), r("W1", 98.0), r("a1", 104.0), r("L4", 150.0)]}
+    assert worker.ceilings(by) == ["1.040", "0.942", "-", "-"]
+    assert [label.split(" (")[1][:5] for label, _, _ in worker.CEILINGS] == [
+        "a1/L1", "W1/a1", "a4/L4", "W4/a4"]
+
+
 def test_orchestrator_bench_parses_its_options() -> None:
     out = subprocess.run([sys.executable, str(BENCH / "orchestrator.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
@@ -82,6 +94,20 @@ def test_worker_bench_runs_quickly_against_a_real_worker() -> None:
     assert "| Wg | rbees-workerd" in out.stdout  # issue 23's grammar row
     assert "failed" not in out.stderr, out.stderr
     assert "## Acceptance, every run (issue 21)" in out.stdout
+
+
+@pytest.mark.model
+def test_worker_bench_runs_the_bare_loops_on_the_real_model() -> None:
+    """Cases a1 and a4 (the engine's ceiling) decode the real model and count every token."""
+    out = subprocess.run([sys.executable, str(BENCH / "worker.py"), "--tokens", "8",
+                          "--runs", "1", "--skip", "L1,W1,L4,W4,a,c,e,g,s"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "failed" not in out.stderr, out.stderr
+    rows = {line.split(" | ")[0]: line for line in out.stdout.splitlines()
+            if line.startswith("| a")}
+    assert rows["| a1"].endswith("| - | 8 |"), rows
+    assert rows["| a4"].endswith("| - | 32 |"), rows
 
 
 def test_protocol_adapter_bench_runs_every_installed_protocol() -> None:
