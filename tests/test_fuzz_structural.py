@@ -34,7 +34,9 @@ import pytest
 from starlette.routing import Route
 
 from rbees_core import plugins
+from rbees_core.api.pool import PoolHeartbeat
 from rbees_core.programs import orcd, pool_managerd, workerd
+from rbees_core.schema import from_mapping
 from rbees_core.testing import WorkerHandle, find_free_port, wait_http
 from rbees_core.testing.fuzz import Target, fire, route_table
 
@@ -200,6 +202,24 @@ def test_orcd_refuses_a_heartbeat_it_could_not_list_again(orcd_url: str, pool_ur
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["details"]["field"] == "size_bytes"
     assert httpx.get(f"{orcd_url}/v2/pools", headers=AUTH).status_code == 200
+
+
+def test_orcd_refuses_a_heartbeat_whose_worker_error_fills_the_body(orcd_url: str,
+                                                                     pool_url: str) -> None:
+    """A pool's state is bounded field by field (rbees_core.api.pool): a worker error of
+    900,000 characters, under the 1 MiB body cap, was kept and served on every GET
+    /v2/pools. The real pool's own state meets every limit."""
+    state = httpx.get(f"{pool_url}/v2/state", headers=AUTH).json()
+    from_mapping(PoolHeartbeat, {**state, "seq": 1, "sent_at": time.time()})
+    worker = {"worker_id": "w1", "model_ref": MISSING_MODEL, "backend": "llamacpp",
+              "device": "cpu", "uri": "http://127.0.0.1:9", "pid": 1, "state": "failed",
+              "slots_total": 1, "slots_free": None, "memory_bytes": 0, "started_at": 1.0,
+              "error": "e" * 900_000}
+    answer = httpx.post(f"{orcd_url}/v2/pools/bloated/heartbeat", headers=AUTH, json={
+        **state, "pool_id": "bloated", "seq": 1, "sent_at": time.time(), "workers": [worker]})
+    assert answer.status_code == 400, answer.text[:500]
+    assert answer.json()["error"]["details"]["field"] == "workers[0].error"
+    assert httpx.get(f"{orcd_url}/v2/pools/bloated", headers=AUTH).status_code == 404
 
 
 def test_pool_managerd_survives_structural_attacks_on_every_route(pool_url: str) -> None:

@@ -13,15 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pluggy
 import pytest
 
+from rbees_core.api.common import MAX_ERROR_CHARS, clip
 from rbees_core.api.pool import CpuEntry, FailedModel, PoolState
 from rbees_core.feasibility import failed_loads
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
 from rbees_core.pool.load_marks import LoadMarks, ModelMarkedFailedError, load_reason
 from rbees_core.scheduling import snapshot_pool
+from rbees_core.schema import from_mapping
 from tests.test_orcd import BIN, Cluster, up
 
 
@@ -30,6 +33,18 @@ def truncated_gguf(path: Path, rbees_pm: pluggy.PluginManager) -> None:
     with open(resolve_model(rbees_pm, DEFAULT_MODEL_REF), "rb") as model:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(model.read(4 * 1024 * 1024))
+
+
+def test_a_reason_longer_than_the_contract_allows_is_cut_not_refused(tmp_path: Path) -> None:
+    """llama.cpp's reason can be long (a path, a dump of its own log): the mark keeps
+    MAX_ERROR_CHARS of it, so that rbees-orcd does not refuse every heartbeat of the pool
+    that carries it (its limit, rbees_core.api.pool.FailedModel)."""
+    marks = LoadMarks(1, path=tmp_path / "failed_models.json")
+    mark = marks.failed("smollm2", "MODEL_LOAD_FAILED: " + "x" * 10_000)
+    assert mark is not None and len(mark.reason) == MAX_ERROR_CHARS
+    assert mark.reason.startswith("MODEL_LOAD_FAILED: x") and mark.reason.endswith("\u2026")
+    from_mapping(FailedModel, attrs.asdict(mark))  # as rbees-orcd reads it: accepted
+    assert clip("short") == "short" and clip("x" * MAX_ERROR_CHARS) == "x" * MAX_ERROR_CHARS
 
 
 def test_three_failures_in_a_row_mark_a_model_and_the_mark_persists(tmp_path: Path) -> None:

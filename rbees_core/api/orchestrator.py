@@ -1,11 +1,12 @@
-"""Orchestrator daemon types (CONTRACT sections 4 and 5), as served by rbees-orcd.
+"""Orchestrator daemon types (CONTRACT section 5), as served by rbees-orcd.
 
-Requests (:class:`TaskRequest`, :class:`PoolHeartbeat`) are built with
-:func:`rbees_core.schema.from_mapping`, which enforces the section 1 limits carried by the
-fields and then the cross-field rules in ``check()``. Answers (:class:`TaskAccepted`,
-:class:`JobRecord`, :class:`JobList`, :class:`PoolRecord`) are built by the daemon from
-:mod:`rbees_core.orchestrator` and serialised with :func:`rbees_core.schema.to_dict`.
-Timestamps are Unix epoch seconds (float).
+Requests (:class:`TaskRequest`) are built with :func:`rbees_core.schema.from_mapping`, which
+enforces the section 1 limits carried by the fields and then the cross-field rules in
+``check()``. Answers (:class:`TaskAccepted`, :class:`JobRecord`, :class:`JobList`) are built
+by the daemon from :mod:`rbees_core.orchestrator` and serialised with
+:func:`rbees_core.schema.to_dict`. A pool's heartbeat is the pool's own state
+(:class:`rbees_core.api.pool.PoolHeartbeat`), read with the same limits. Timestamps are Unix
+epoch seconds (float).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rbees_core.api.common import (
     ID_PATTERN,
     MAX_EMBED_INPUTS,
     MAX_GRAMMAR_CHARS,
+    MAX_MODEL_REF,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_TOKENS,
@@ -27,7 +29,6 @@ from rbees_core.api.common import (
     SHELL_META,
     Priority,
 )
-from rbees_core.api.pool import GpuEntry
 from rbees_core.api.rules import (
     check_output_rules,
     check_sampling,
@@ -41,7 +42,6 @@ from rbees_core.structured import check_schema
 from rbees_core.tools import MAX_TOOLS
 
 JobStatus = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled"]
-PoolStatus = Literal["ready", "unavailable", "offline"]
 Role = Literal["system", "user", "assistant", "tool"]
 StopReason = Literal["max_tokens", "stop", "eos"]
 
@@ -51,7 +51,6 @@ FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 JOB_STATUSES: tuple[str, ...] = (
     "queued", "dispatched", "running", "completed", "failed", "cancelled",
 )
-MAX_MODEL_REF = 512
 #: A deadline longer than a day is a mistake, not a deadline.
 MAX_DEADLINE_MS = 86_400_000
 _NOT_ID_CHAR = r"[^A-Za-z0-9_.-]"
@@ -326,103 +325,19 @@ class DispatchedEvent:
     worker_id: str
 
 
-# Pool state and heartbeat (section 4); a GPU is the pool's own GpuEntry.
-@attrs.frozen
-class CpuInfo:
-    """The host's CPU and RAM."""
-
-    cores: int = attrs.field(metadata=limits(minimum=1))
-    ram_total_bytes: int = attrs.field(metadata=limits(minimum=0))
-    ram_free_bytes: int = attrs.field(metadata=limits(minimum=0))
-
-
-@attrs.frozen
-class WorkerEntry:
-    """One worker of a pool, as pool-managerd reports it."""
-
-    worker_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
-    model_ref: str = attrs.field(metadata=limits(max_length=MAX_MODEL_REF))
-    backend: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
-    device: str = attrs.field(metadata=limits(pattern=DEVICE_PATTERN))
-    uri: str = attrs.field(metadata=limits(max_length=512))
-    state: str = attrs.field(metadata=limits(pattern=ID_PATTERN, doc="starting, ready, busy, ..."))
-    slots_total: int = attrs.field(metadata=limits(minimum=0))
-    memory_bytes: int = attrs.field(metadata=limits(minimum=0))
-    started_at: float
-    pid: int | None = field(default=None, minimum=0)
-    slots_free: int | None = field(default=None, minimum=0)
-    last_health_at: float | None = None
-    exit_code: int | None = None
-
-
-@attrs.frozen
-class ModelEntry:
-    """One model file present on a pool."""
-
-    ref: str = attrs.field(metadata=limits(max_length=MAX_MODEL_REF))
-    path: str = attrs.field(metadata=limits(max_length=4096))
-    size_bytes: int = attrs.field(metadata=limits(minimum=0))
-    sha256: str | None = field(default=None, max_length=64)
-    source: str | None = field(default=None, max_length=128)
-
-
-@attrs.frozen(kw_only=True)
-class PoolState:
-    """GET /v2/state of pool-managerd."""
-
-    pool_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
-    host: str = attrs.field(metadata=limits(max_length=255))
-    gpus: list[GpuEntry] = field(factory=list, max_items=64)
-    cpu: CpuInfo
-    workers: list[WorkerEntry] = field(factory=list, max_items=1024)
-    models: list[ModelEntry] = field(factory=list, max_items=4096)
-
-
-@attrs.frozen(kw_only=True)
-class PoolHeartbeat(PoolState):
-    """Body of POST /v2/pools/{id}/heartbeat: the pool's state plus a sequence number."""
-
-    seq: int = attrs.field(metadata=limits(minimum=0, doc="increases with every heartbeat"))
-    sent_at: float = attrs.field(metadata=limits(doc="the pool's clock when it was sent"))
-
-
-@attrs.frozen(kw_only=True)
-class PoolRecord:
-    """GET /v2/pools/{id}: a registered pool and its last reported state."""
-
-    pool_id: str
-    status: PoolStatus
-    host: str
-    last_heartbeat_at: float = attrs.field(metadata=limits(doc="orchestrator clock"))
-    last_seq: int
-    registered_at: float
-    draining: bool = False
-    gpus: list[GpuEntry] = attrs.field(factory=list)
-    cpu: CpuInfo | None = None
-    workers: list[WorkerEntry] = attrs.field(factory=list)
-    models: list[ModelEntry] = attrs.field(factory=list)
-
-
 __all__ = [
     "DEVICE_PATTERN",
     "FINAL_STATUSES",
     "JOB_STATUSES",
-    "CpuInfo",
     "DispatchedEvent",
     "JobError",
     "JobList",
     "JobRecord",
     "JobStatus",
-    "ModelEntry",
     "Placement",
-    "PoolHeartbeat",
-    "PoolRecord",
-    "PoolState",
-    "PoolStatus",
     "Priority",
     "QueuedEvent",
     "TaskAccepted",
     "TaskMessage",
     "TaskRequest",
-    "WorkerEntry",
 ]

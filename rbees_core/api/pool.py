@@ -6,7 +6,13 @@ from typing import Any, Literal
 
 import attrs
 
-from rbees_core.api.common import ID_PATTERN, SHELL_META
+from rbees_core.api.common import (
+    DEVICE_PATTERN,
+    ID_PATTERN,
+    MAX_ERROR_CHARS,
+    MAX_MODEL_REF,
+    SHELL_META,
+)
 from rbees_core.schema import field, limits
 
 WorkerStateName = Literal["starting", "ready", "busy", "draining", "stopping", "stopped",
@@ -60,25 +66,26 @@ class WorkerStarted:
 
 @attrs.frozen
 class WorkerEntry:
-    """One worker as the pool knows it."""
+    """One worker as the pool knows it. Its limits hold for what rbees-orcd reads in a
+    heartbeat: a pool cuts an error longer than ``MAX_ERROR_CHARS`` (``clip``)."""
 
-    worker_id: str
-    model_ref: str
-    backend: str
-    device: str
-    uri: str
-    pid: int
+    worker_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    model_ref: str = attrs.field(metadata=limits(max_length=MAX_MODEL_REF))
+    backend: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    device: str = attrs.field(metadata=limits(pattern=DEVICE_PATTERN))
+    uri: str = attrs.field(metadata=limits(max_length=512))
+    pid: int = attrs.field(metadata=limits(minimum=0))
     state: WorkerStateName
-    slots_total: int
-    slots_free: int | None
-    memory_bytes: int
+    slots_total: int = attrs.field(metadata=limits(minimum=0))
+    slots_free: int | None = attrs.field(metadata=limits(minimum=0))
+    memory_bytes: int = attrs.field(metadata=limits(minimum=0))
     started_at: float
     last_health_at: float | None = None
     exit_code: int | None = None
-    error: str | None = None
+    error: str | None = field(default=None, max_length=MAX_ERROR_CHARS)
     #: the worker's thread count and CPU set (its affinity), as its pool gave them
-    threads: int | None = None
-    cpus: list[int] | None = None
+    threads: int | None = field(default=None, minimum=0)
+    cpus: list[int] | None = field(default=None, max_items=4096)
     #: whether it shares its cores (none was free when it started: it waits passively)
     cpu_shared: bool = False
     #: an embedding worker (--embedding): embedding jobs only
@@ -117,13 +124,13 @@ class CpuEntry:
     """The host's CPU and RAM: made by the ``cpu`` inventory probe, with
     ``ram_reserved_bytes`` filled in by pool-managerd (what its CPU workers hold)."""
 
-    cores: int
-    ram_total_bytes: int
-    ram_free_bytes: int
-    ram_reserved_bytes: int = 0
-    name: str | None = None
+    cores: int = attrs.field(metadata=limits(minimum=0))
+    ram_total_bytes: int = attrs.field(metadata=limits(minimum=0))
+    ram_free_bytes: int = attrs.field(metadata=limits(minimum=0))
+    ram_reserved_bytes: int = field(default=0, minimum=0)
+    name: str | None = field(default=None, max_length=256)
     #: cores held by workers (their own CPU sets; filled in by pool-managerd)
-    cores_reserved: int = 0
+    cores_reserved: int = field(default=0, minimum=0)
 
 
 @attrs.frozen
@@ -131,9 +138,9 @@ class FailedModel:
     """A model marked failed on a pool: it failed to load ``attempts`` times in a row
     (:mod:`rbees_core.pool.load_marks`); ``reason`` is the last load error."""
 
-    model_ref: str = attrs.field(metadata=limits(max_length=512))
+    model_ref: str = attrs.field(metadata=limits(max_length=MAX_MODEL_REF))
     attempts: int = attrs.field(metadata=limits(minimum=0))
-    reason: str = attrs.field(metadata=limits(max_length=4096))
+    reason: str = attrs.field(metadata=limits(max_length=MAX_ERROR_CHARS))
     marked_at: float = 0.0
 
 
@@ -159,30 +166,30 @@ class RpcServerEntry:
     (llama.cpp's RPC protocol has no authentication); a worker of another host reaches it
     through a tunnel (README, "Sharding")."""
 
-    server_id: str
-    device: str
-    endpoint: str
+    server_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    device: str = attrs.field(metadata=limits(pattern=DEVICE_PATTERN))
+    endpoint: str = attrs.field(metadata=limits(max_length=512))
     state: Literal["starting", "ready", "stopping", "stopped", "failed"]
-    memory_bytes: int
-    pid: int
+    memory_bytes: int = attrs.field(metadata=limits(minimum=0))
+    pid: int = attrs.field(metadata=limits(minimum=0))
     started_at: float
-    error: str | None = None
+    error: str | None = field(default=None, max_length=MAX_ERROR_CHARS)
     #: where a worker of another host reaches it: rbees-rpc[s]://HOST:PORT/SERVER_ID, the
     #: pool's authenticated gateway (rbees_core.rpc_tunnel; None: no gateway, no token)
-    tunnel: str | None = None
+    tunnel: str | None = field(default=None, max_length=512)
 
 
 @attrs.frozen
 class PoolState:
     """GET /v2/state: facts of this host, sent as the heartbeat body too."""
 
-    pool_id: str
-    host: str
-    gpus: list[GpuEntry]
+    pool_id: str = attrs.field(metadata=limits(pattern=ID_PATTERN))
+    host: str = attrs.field(metadata=limits(max_length=255))
+    gpus: list[GpuEntry] = attrs.field(metadata=limits(max_items=64))
     cpu: CpuEntry | None
-    workers: list[WorkerEntry]
-    models: list[dict[str, Any]]
-    version: str = ""
+    workers: list[WorkerEntry] = attrs.field(metadata=limits(max_items=1024))
+    models: list[dict[str, Any]] = attrs.field(metadata=limits(max_items=4096))
+    version: str = field(default="", max_length=64)
     url: str = field(default="", max_length=512, doc="where this pool's API answers")
     failed_models: list[FailedModel] = field(
         factory=list, max_items=4096,

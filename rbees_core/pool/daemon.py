@@ -23,6 +23,7 @@ import httpx
 import pluggy
 
 from rbees_core import __version__
+from rbees_core.api.common import clip
 from rbees_core.api.pool import (
     LIVE_WORKER_STATES,
     PoolState,
@@ -363,7 +364,7 @@ class PoolService:
             return
         loading = w.state == "starting"
         w.state = "failed"  # memory is released with this state change
-        w.error = f"{code}: {message}"
+        w.error = clip(f"{code}: {message}")
         self.log.error("worker_failed", worker_id=w.record.worker_id, code=code,
                        exit_code=w.exit_code, message=message)
         self.beat_now.set()  # the orchestrator learns of it now: it may restart it at once

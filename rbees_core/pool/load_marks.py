@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from rbees_core.api.common import clip
 from rbees_core.api.pool import FailedModel
 from rbees_core.config import rbees_home
 from rbees_core.errors import ModelLoadError
@@ -111,7 +112,7 @@ class LoadMarks:
         n = self.failures[key] = self.failures.get(key, 0) + 1
         if n < self.limit:
             return None
-        mark = FailedModel(model_ref=ref, attempts=n, reason=reason, marked_at=time.time())
+        mark = FailedModel(model_ref=ref, attempts=n, reason=clip(reason), marked_at=time.time())
         self.marks[ref] = mark
         self._write()
         return mark

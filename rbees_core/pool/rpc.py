@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from rbees_core.api.common import clip
 from rbees_core.api.pool import LIVE_WORKER_STATES, RpcServerEntry, RpcStartRequest
 from rbees_core.errors import ConflictError, NotFoundError
 from rbees_core.files import open_private
@@ -245,7 +246,7 @@ class RpcServers:
             del self.servers[sid]
 
     def _fail(self, s: RpcServer, message: str) -> None:
-        s.state, s.error = "failed", message
+        s.state, s.error = "failed", clip(message)
         self.log.error("rpc_server_failed", server_id=s.server_id, message=message)
 
     async def stop(self, server_id: str, grace: float = 5.0) -> RpcServer:
