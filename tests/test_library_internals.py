@@ -7,8 +7,9 @@ versions they were written against:
   (typer's imports pydantic: about 110 ms of the 250 ms that ``rbees-pool models list``
   takes), through ``typer._coercion``, ``typer._param_types`` and ``typer.core._TyperParameter``.
 - :func:`rbees_core.http.serve` subclasses ``uvicorn.Server``: ``capture_signals`` (the
-  daemon owns its signals) and ``startup`` (a failed lifespan start-up is raised by
-  ``serve``, not a ``SystemExit`` out of the event loop).
+  daemon owns its signals), ``startup`` (a failed lifespan start-up is raised by
+  ``serve``, not a ``SystemExit`` out of the event loop) and ``main_loop`` (one tick a
+  second through ``on_tick``, not ten).
 
 The hf source's resumable download (``rbees_source_hf._fetch.fetch``) calls
 ``huggingface_hub.file_download.http_get`` and ``huggingface_hub.utils.build_hf_headers``;
@@ -155,6 +156,13 @@ def test_uvicorn_internals_used_by_serve() -> None:
         f"{where} Server.serve installing its signal handlers through capture_signals()")
     assert parameters(server.capture_signals) == ["self"], f"{where} Server.capture_signals()"
     assert parameters(server.serve) == ["self", "sockets"], f"{where} Server.serve(sockets)"
+    assert "self.main_loop()" in inspect.getsource(server._serve), (
+        f"{where} Server._serve running main_loop() once started")
+    assert parameters(server.main_loop) == ["self"], f"{where} Server.main_loop()"
+    assert parameters(server.on_tick) == ["self", "counter"], f"{where} Server.on_tick(counter)"
+    tick = inspect.getsource(server.on_tick)
+    assert "counter % 10 == 0" in tick and "default_headers" in tick, (
+        f"{where} Server.on_tick refreshing the Date header when counter % 10 == 0")
     made = server(uvicorn.Config(app="rbees_core.http:build_app"))
     for name in ("should_exit", "started"):
         assert hasattr(made, name), f"{where} Server.{name}"
@@ -181,6 +189,57 @@ async def test_serve_leaves_the_daemons_signal_handlers_alone() -> None:
         assert {s: signal.getsignal(s) for s in before} == before
     shutdown.set()
     await asyncio.wait_for(serving, 10)
+
+
+async def test_an_idle_server_ticks_once_a_second_and_exits_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The override of ``main_loop``: uvicorn's own woke every idle daemon ten times a
+    second; this one ticks once a second, still sends the Date header, and ends as soon as
+    ``shutdown`` is set, not at its next tick."""
+    import asyncio
+    import time
+
+    import httpx
+    import uvicorn
+
+    from rbees_core.http import serve
+    from rbees_core.testing import find_free_port
+
+    ticks: list[int] = []
+    on_tick = uvicorn.Server.on_tick
+
+    async def counted(self: uvicorn.Server, counter: int) -> bool:
+        ticks.append(counter)
+        return await on_tick(self, counter)
+
+    monkeypatch.setattr(uvicorn.Server, "on_tick", counted)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = find_free_port()
+    shutdown = asyncio.Event()
+    serving = asyncio.create_task(serve(app, "127.0.0.1", port, shutdown))
+    async with httpx.AsyncClient() as client:
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if ticks:
+                break
+        await asyncio.sleep(2.5)
+        answer = await client.get(f"http://127.0.0.1:{port}/")
+    assert answer.status_code == 204 and answer.headers["date"].endswith(" GMT")
+    assert 2 <= len(ticks) <= 5, ticks  # 0, 10, 20 (and 30): uvicorn's loop made 26 here
+    assert all(t % 10 == 0 for t in ticks), ticks
+    started = time.monotonic()
+    shutdown.set()
+    await asyncio.wait_for(serving, 10)
+    assert time.monotonic() - started < 0.5
 
 
 HF_PYPROJECT = "plugins/rbees-source-hf/pyproject.toml"

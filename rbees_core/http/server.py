@@ -11,7 +11,7 @@ import gc
 import ipaddress
 import socket
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -148,6 +148,7 @@ async def serve(app: ASGIApp, host: str, port: int, shutdown: asyncio.Event, *,
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
+        server.exit_now.set()
         await serving
     finally:
         stopping.cancel()
@@ -194,17 +195,38 @@ class FullCollections:
             gc.unfreeze()
 
 
-def _server_class() -> Any:
-    """uvicorn's server without its signal handlers, its failed start-up not a SystemExit.
+#: How often an idle server wakes (uvicorn's own loop: every 0.1 s): to refresh the Date
+#: header, which changes once a second. :func:`serve` wakes it at once to exit.
+TICK_S = 1.0
 
-    Both overrides are of undocumented methods: pyproject.toml pins uvicorn exactly, and
+
+def _server_class() -> Any:
+    """uvicorn's server without its signal handlers, its failed start-up not a SystemExit,
+    its idle loop woken once a second rather than ten times.
+
+    The overrides are of undocumented methods: pyproject.toml pins uvicorn exactly, and
     tests/test_library_internals.py checks them against the installed version."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            #: set with ``should_exit`` by :func:`serve`: the main loop ends at once
+            self.exit_now = asyncio.Event()
+
         @contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield  # the daemon's own handlers set ``shutdown``
+
+        async def main_loop(self) -> None:
+            # uvicorn's loop sleeps 0.1 s between ticks, and does its work (the Date
+            # header, should_exit) on every tenth: ten wake-ups a second in every idle
+            # daemon and worker. A tick whose count is a multiple of ten does all of it.
+            counter = 0
+            while not await self.on_tick(counter):
+                counter = (counter + 10) % 864_000
+                with suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.exit_now.wait(), TICK_S)
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             try:
