@@ -123,6 +123,36 @@ def test_worker_ready_then_sigkill_is_failed_with_exit_code_and_memory_freed(
     assert pool.get(f"/v2/workers/{worker_id}")["state"] == "failed"
 
 
+def _times_run(pid: int) -> int:
+    """How many times the kernel has run the threads of ``pid`` (schedstat's third
+    field): each wake-up of an idle daemon is one or more."""
+    return sum(int((task / "schedstat").read_text().split()[2])
+               for task in Path(f"/proc/{pid}/task").iterdir())
+
+
+def test_an_idle_pool_wakes_about_once_a_second_and_sees_an_exit_at_once(pool: Pool) -> None:
+    """Idle, with no worker and then with a loaded one, pool-managerd's threads run about
+    twice a second (its server's tick, its supervision loop): they ran about twenty times
+    when both looked every tenth of a second. A worker's exit still reaches it at once,
+    through a pidfd, not at its next look."""
+    def runs_over(seconds: float) -> int:
+        before = _times_run(pool.proc.pid)
+        time.sleep(seconds)
+        return _times_run(pool.proc.pid) - before
+
+    time.sleep(1.0)
+    assert runs_over(3.0) <= 15
+    worker_id = start_smollm2(pool)
+    entry = pool.wait_worker(worker_id, "ready")
+    time.sleep(1.0)
+    assert runs_over(3.0) <= 20  # and a health poll every 2 s
+    os.kill(entry["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    failed = pool.wait_worker(worker_id, "failed", timeout=5)
+    assert time.monotonic() - killed < 0.5
+    assert failed["error"].startswith("WORKER_EXITED")
+
+
 def test_stop_frees_the_worker_and_its_memory(pool: Pool) -> None:
     worker_id = start_smollm2(pool)
     pool.wait_worker(worker_id, "ready")

@@ -45,6 +45,10 @@ from rbees_core.pool.load_marks import (
 from rbees_core.tls import ServerTLS, client_context, scheme, tls_failure
 
 LIVE = LIVE_WORKER_STATES
+#: How often the supervision loop looks while something can only be seen by looking
+POLL_S = 0.1
+#: The longest it waits for a reason to look (a pidfd, a new worker) while idle
+IDLE_LOOK_S = 1.0
 
 
 @attrs.define
@@ -88,6 +92,8 @@ class ManagedWorker:
     memory_kind: str = "ram"
     #: the threads it started with, once its pool halved it for another worker
     full_threads: int | None = None
+    #: its exit wakes the supervision loop (a pidfd); else the loop looks every POLL_S
+    watched: bool = False
 
     def entry(self) -> WorkerEntry:
         r = self.record
@@ -124,6 +130,8 @@ class PoolService:
         #: set to send the next heartbeat now (a mark was set or cleared)
         self.beat_now = asyncio.Event()
         self.rpc = rpc.RpcServers(self, enabled=pool_config.rpc, changed=self.beat_now.set)
+        #: set to make the supervision loop look now (a worker exited or started)
+        self.look_now = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -270,6 +278,8 @@ class PoolService:
                 callback_token_file=await asyncio.to_thread(self._worker_token, wid))
             managed = ManagedWorker(record=record, proc=proc, memory_kind=checked.memory_kind)
             self.workers[record.worker_id] = managed
+            managed.watched = self._watch_exit(proc.pid)
+            self.look_now.set()
         self.log.info("worker_starting", worker_id=record.worker_id, model=req.model_ref,
                       device=req.device, pid=record.pid, slots=record.slots_total,
                       threads=record.threads, cpus=record.cpus, cpu_shared=record.cpu_shared)
@@ -423,13 +433,46 @@ class PoolService:
             self.log.info("worker_stopped", worker_id=w.record.worker_id, exit_code=w.exit_code)
         await self._regrow()
 
+    def _watch_exit(self, pid: int) -> bool:
+        """Set :attr:`look_now` the moment process ``pid`` exits: a pidfd (Linux 5.3 and
+        later) in the event loop. False where there is none: the loop then looks every
+        :data:`POLL_S`."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux, an old kernel, or already gone
+            return False
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            self.look_now.set()
+
+        loop.add_reader(fd, exited)
+        return True
+
+    def _next_look(self, last_poll: float) -> float:
+        """How long the supervision loop may wait for :attr:`look_now`: :data:`POLL_S`
+        while something can only be seen by looking (an RPC server, a worker whose exit
+        has no pidfd), else until the next health poll, at most :data:`IDLE_LOOK_S`."""
+        live = [w for w in self.workers.values() if w.state in ("starting", "ready", "busy")]
+        if self.rpc.polled() or any(not w.watched for w in live):
+            return POLL_S
+        if any(w.state in ("ready", "busy") for w in live):
+            return max(0.0, min(IDLE_LOOK_S, last_poll + self.settings.health_interval_s
+                                - time.monotonic()))
+        return IDLE_LOOK_S
+
     async def _supervise(self) -> None:
-        """Exit codes within ~0.1 s (a crashed worker with jobs waiting for its model is
-        started again once rbees-orcd hears of it: every tenth of a second counts towards
-        its "back within 2 s"); health polls every ``health_interval_s``."""
+        """Exit codes at once (a pidfd; elsewhere within :data:`POLL_S`: a crashed worker
+        with jobs waiting for its model is started again once rbees-orcd hears of it, and
+        every tenth of a second counts towards its "back within 2 s"); health polls every
+        ``health_interval_s``. An idle pool wakes once a second, not ten times."""
         last_poll = 0.0
         while True:
-            await asyncio.sleep(0.1)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.look_now.wait(), self._next_look(last_poll))
+            self.look_now.clear()
             for w in list(self.workers.values()):
                 if w.state in ("starting", "ready", "busy") and w.proc.poll() is not None:
                     w.exit_code = w.proc.returncode

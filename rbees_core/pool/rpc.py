@@ -209,6 +209,12 @@ class RpcServers:
         self.gateway_url = f"rbees-rpc{'s' if context else ''}://{workers.host_port(host, port)}"
         self.log.info("rpc_gateway", url=self.gateway_url)
 
+    def polled(self) -> bool:
+        """Whether :meth:`supervise` has something to look at every pass: a gateway to open,
+        a server starting, running or stopping."""
+        return (self.enabled and self.gateway is None) or any(
+            s.state in LIVE for s in self.servers.values())
+
     async def supervise(self) -> None:
         """One pass of the pool's supervision loop: a starting server that listens is
         ready (one that does not within ``ready_timeout_s`` is killed and failed), a server
