@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rbees_core.testing import find_free_port, follow_events, parse_sse, wait_http
+from rbees_core.testing import find_free_port, follow_events, parse_sse, times_run, wait_http
 from rbees_core.testing.cluster import BIN, Cluster, up
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
@@ -364,3 +364,22 @@ def test_what_rbees_writes_under_its_home_is_the_owners_alone(cluster: Cluster) 
     assert not loose, loose
     names = {Path(path).name for path in found}
     assert {"rbees-orcd.log", "state.json", "worker.log"} <= names, sorted(names)
+
+
+def test_an_idle_orchestrator_wakes_a_few_times_a_second(tmp_path: Path) -> None:
+    """rbees-orcd with nothing to do: its threads ran about 22 times a second (its
+    server's tick, the keep-alive check, the lost-pool watch, each several times a second
+    whatever there was to watch); now the ones with nothing to watch wait for something."""
+    port = find_free_port()
+    proc = subprocess.Popen([str(BIN / "rbees-orcd"), "--bind", f"127.0.0.1:{port}"],
+                            env={**os.environ, "RBEES_HOME": str(tmp_path)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=30, proc=proc)
+        time.sleep(1.0)
+        before = times_run(proc.pid)
+        time.sleep(3.0)
+        assert times_run(proc.pid) - before <= 25
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -19,7 +19,7 @@ import attrs
 import httpx
 import pytest
 
-from rbees_core.testing import find_free_port, parse_sse, wait_http
+from rbees_core.testing import find_free_port, parse_sse, times_run, wait_http
 
 EXE = str(Path(sys.executable).with_name("pool-managerd"))
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
@@ -123,22 +123,15 @@ def test_worker_ready_then_sigkill_is_failed_with_exit_code_and_memory_freed(
     assert pool.get(f"/v2/workers/{worker_id}")["state"] == "failed"
 
 
-def _times_run(pid: int) -> int:
-    """How many times the kernel has run the threads of ``pid`` (schedstat's third
-    field): each wake-up of an idle daemon is one or more."""
-    return sum(int((task / "schedstat").read_text().split()[2])
-               for task in Path(f"/proc/{pid}/task").iterdir())
-
-
 def test_an_idle_pool_wakes_about_once_a_second_and_sees_an_exit_at_once(pool: Pool) -> None:
     """Idle, with no worker and then with a loaded one, pool-managerd's threads run about
     twice a second (its server's tick, its supervision loop): they ran about twenty times
     when both looked every tenth of a second. A worker's exit still reaches it at once,
     through a pidfd, not at its next look."""
     def runs_over(seconds: float) -> int:
-        before = _times_run(pool.proc.pid)
+        before = times_run(pool.proc.pid)
         time.sleep(seconds)
-        return _times_run(pool.proc.pid) - before
+        return times_run(pool.proc.pid) - before
 
     time.sleep(1.0)
     assert runs_over(3.0) <= 15

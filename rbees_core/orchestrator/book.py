@@ -159,6 +159,9 @@ class Book:
         #: moving estimate of a job's duration, for predicted_start_ms
         self.job_seconds = 2.0
         self.wakeup = asyncio.Event()
+        #: set when a run starts: the loops that watch runs (recovery) wait for it while
+        #: there is none, rather than waking to find none
+        self.run_started = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

@@ -357,6 +357,7 @@ class Dispatcher:
         run = Run(job_id=job_id, pool_id=pool_id, worker_id=worker_id, uri=str(worker["uri"]),
                   model=queued.model, created_at=queued.since, queue_seq=queued.seq)
         self.book.runs[job_id] = run
+        self.book.run_started.set()
         return run
 
     async def _dispatch(self, run: Run) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 
 #: how often idle workers are checked (``keep_alive: 0`` is acted on at once)
 CHECK_EVERY_S = 0.2
+#: how often while no worker is known at all (a dispatch wakes the check at once)
+IDLE_CHECK_S = 1.0
 #: how long after a job of this process ended a pool's report of the worker in use may be
 #: that job's, seen late (heartbeats and the pool's health polls lag)
 REPORT_LAG_S = 10.0
@@ -61,13 +63,18 @@ class KeepAlive:
         self.keep: dict[Key, float | None] = {}
         #: (pool_id, worker_id) -> when (clock) the last job this process sent there ended
         self.ended_at: dict[Key, float] = {}
-        #: set when a worker with ``keep_alive: 0`` ran out of jobs: :meth:`loop` looks now
+        #: set when a worker with ``keep_alive: 0`` ran out of jobs, or a job was placed:
+        #: :meth:`loop` looks now
         self._due = asyncio.Event()
+        #: whether the last check saw any worker (none: it checks every IDLE_CHECK_S)
+        self._seen_any = True
 
     def dispatched(self, key: Key, keep_s: float | None) -> None:
         """A job was placed on the worker: not idle; its keep-alive is the worker's now."""
         self.idle_since.pop(key, None)
         self.keep[key] = keep_s
+        if not self._seen_any:
+            self._due.set()
 
     def ended(self, key: Key) -> None:
         """The worker's last job ended: its idle time starts now (with ``keep_alive: 0``,
@@ -116,6 +123,7 @@ class KeepAlive:
                 keep = self.default_s
             if now - since >= keep and not self.waiting(pool_id, str(worker.get("model_ref"))):
                 out.append(key)
+        self._seen_any = bool(seen)
         for gone in [k for k in self.idle_since if k not in seen]:
             self.idle_since.pop(gone, None)
         for gone in [k for k in self.keep if k not in seen]:
@@ -136,11 +144,13 @@ class KeepAlive:
         return now - self.ended_at.get(key, -REPORT_LAG_S) >= REPORT_LAG_S
 
     async def loop(self) -> None:
-        """Stop each expired worker, checking every :data:`CHECK_EVERY_S`, and at once when
-        a worker with ``keep_alive: 0`` ran out of jobs (:meth:`ended`)."""
+        """Stop each expired worker, checking every :data:`CHECK_EVERY_S` (every
+        :data:`IDLE_CHECK_S` while no worker is known), and at once when a worker with
+        ``keep_alive: 0`` ran out of jobs (:meth:`ended`)."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._due.wait(), CHECK_EVERY_S)
+                await asyncio.wait_for(self._due.wait(),
+                                       CHECK_EVERY_S if self._seen_any else IDLE_CHECK_S)
             self._due.clear()
             for key in self.expired():
                 self.idle_since.pop(key, None)

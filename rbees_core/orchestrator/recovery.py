@@ -20,6 +20,7 @@ token back to the queue (a retry, as a failure before the first token), one that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -46,6 +47,8 @@ BACKOFF_MAX_S = 300.0
 HEALTHY_AFTER_S = 10.0
 #: lost pools are looked for this often
 WATCH_EVERY_S = 0.25
+#: The longest the lost-pool watch waits for a run to start while there is none
+IDLE_WATCH_S = 5.0
 #: worker states with a process that a pool's ``failed`` report ends (a crash)
 _LIVE = frozenset({"starting", "loading", "ready", "busy", "suspect", "draining"})
 _READY = frozenset({"ready", "busy"})
@@ -185,8 +188,15 @@ class Recovery:
 
     async def loop(self) -> None:
         """End the runs of the pools that turned unavailable: every WATCH_EVERY_S, and just
-        after a pool with runs turns unavailable (:meth:`next_sweep_in`)."""
+        after a pool with runs turns unavailable (:meth:`next_sweep_in`). With no run, it
+        waits for one to start (an idle rbees-orcd woke four times a second for nothing)."""
+        started = self.book.run_started
         while True:
+            if not self.book.runs:
+                started.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(started.wait(), IDLE_WATCH_S)
+                continue
             await asyncio.sleep(self.next_sweep_in())
             await self.sweep()
 

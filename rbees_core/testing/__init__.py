@@ -53,7 +53,7 @@ import pytest
 
 from rbees_core import plugins, sse
 from rbees_core.models import DEFAULT_MODEL_REF, resolve_model
-from rbees_core.testing.processes import ManagedProcess, find_free_port, wait_http
+from rbees_core.testing.processes import ManagedProcess, find_free_port, times_run, wait_http
 from rbees_core.testing.streams import parse_sse
 
 
@@ -292,6 +292,6 @@ __all__ = [
     "LiveEvents", "ManagedProcess", "WorkerHandle", "asgi_client", "fake_hub", "find_free_port",
     "follow_events", "free_port", "lifespan", "parse_sse", "rbees_cluster", "rbees_pm",
     "rbees_process",
-    "rbees_register", "rbees_sshd", "rbees_worker", "smollm2_path", "wait_http",
+    "rbees_register", "rbees_sshd", "rbees_worker", "smollm2_path", "times_run", "wait_http",
     "workerd_argv",
 ]

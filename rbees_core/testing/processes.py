@@ -24,6 +24,13 @@ def find_free_port() -> int:
         return port
 
 
+def times_run(pid: int) -> int:
+    """How many times the kernel has run the threads of ``pid`` (``schedstat``'s third
+    field, Linux): each wake-up of an idle daemon counts once or more."""
+    return sum(int((task / "schedstat").read_text().split()[2])
+               for task in Path(f"/proc/{pid}/task").iterdir())
+
+
 def wait_http(url: str, *, timeout: float = 60.0, ok: Callable[[httpx.Response], bool]
               = lambda r: r.status_code == 200, proc: subprocess.Popen[bytes] | None = None,
               headers: dict[str, str] | None = None,
