@@ -44,6 +44,10 @@ def test_a_reason_longer_than_the_contract_allows_is_cut_not_refused(tmp_path: P
     assert mark is not None and len(mark.reason) == MAX_ERROR_CHARS
     assert mark.reason.startswith("MODEL_LOAD_FAILED: x") and mark.reason.endswith("\u2026")
     from_mapping(FailedModel, attrs.asdict(mark))  # as rbees-orcd reads it: accepted
+    # a mark written before reasons were cut is cut as it is read back
+    marks.path.write_text(json.dumps([{**attrs.asdict(mark), "reason": "y" * 9_000}]))
+    (again,) = LoadMarks(1, path=marks.path).listed()
+    assert len(again.reason) == MAX_ERROR_CHARS and again.reason.startswith("yyy")
     assert clip("short") == "short" and clip("x" * MAX_ERROR_CHARS) == "x" * MAX_ERROR_CHARS
 
 

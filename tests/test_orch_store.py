@@ -875,7 +875,7 @@ def _rpc_server(**over: Any) -> dict[str, Any]:
     ("host", lambda b: b.update(host="h" * 256)),
     ("pool_id", lambda b: b.update(pool_id="gpu box")),
     ("version", lambda b: b.update(version="1" * 65)),
-    ("workers", lambda b: b.update(workers=b["workers"] * 1025)),
+    ("workers", lambda b: b.update(workers=b["workers"] * 2049)),
     ("workers[0].worker_id", lambda b: b["workers"][0].update(worker_id="w 1")),
     ("workers[0].model_ref", lambda b: b["workers"][0].update(model_ref="m" * 513)),
     ("workers[0].device", lambda b: b["workers"][0].update(device="cuda:0;rm")),

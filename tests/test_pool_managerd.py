@@ -365,3 +365,27 @@ def test_rbees_pool_goes_through_the_running_daemon_with_the_same_output(
         assert stopped["state"] == "stopped"
     finally:
         run("daemon", "stop")
+
+
+def test_a_pool_reports_its_live_workers_and_only_the_latest_ended_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool kept every worker it had started in its state: after 1,025 (keep-alive
+    unloads, ``keep_alive: 0``, a crash loop) rbees-orcd refused all its heartbeats. A new
+    worker now makes it forget the ended ones beyond the latest ENDED_WORKERS_KEPT."""
+    import io
+
+    from rbees_core import plugins
+    from rbees_core.log import Logger
+    from rbees_core.pool.daemon import ENDED_WORKERS_KEPT, ManagedWorker, PoolService, PoolSettings
+
+    monkeypatch.setenv("RBEES_HOME", str(tmp_path))
+    svc = PoolService(PoolSettings(pool_id="p", host="127.0.0.1", port=1),
+                      plugins.make_manager(autoload=False), Logger("test", io.StringIO()))
+    states = ["failed", "stopped", "ready"] * 30 + ["starting", "busy", "stopping"]
+    for i, state in enumerate(states):
+        svc.workers[f"w{i}"] = ManagedWorker(record=None, proc=None, state=state)  # type: ignore[arg-type]
+    svc._forget_ended()
+    ended = [f"w{i}" for i, s in enumerate(states) if s in ("failed", "stopped")]
+    live = [f"w{i}" for i, s in enumerate(states) if s not in ("failed", "stopped")]
+    assert len(ended) > ENDED_WORKERS_KEPT
+    assert sorted(svc.workers) == sorted(live + ended[-ENDED_WORKERS_KEPT:])

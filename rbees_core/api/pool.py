@@ -187,7 +187,9 @@ class PoolState:
     host: str = attrs.field(metadata=limits(max_length=255))
     gpus: list[GpuEntry] = attrs.field(metadata=limits(max_items=64))
     cpu: CpuEntry | None
-    workers: list[WorkerEntry] = attrs.field(metadata=limits(max_items=1024))
+    workers: list[WorkerEntry] = attrs.field(metadata=limits(
+        max_items=2048, doc="live workers (at most one per port, 8001-8999) and the "
+        "latest 32 that ended"))
     models: list[dict[str, Any]] = attrs.field(metadata=limits(max_items=4096))
     version: str = field(default="", max_length=64)
     url: str = field(default="", max_length=512, doc="where this pool's API answers")

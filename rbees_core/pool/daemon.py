@@ -49,6 +49,9 @@ LIVE = LIVE_WORKER_STATES
 POLL_S = 0.1
 #: The longest it waits for a reason to look (a pidfd, a new worker) while idle
 IDLE_LOOK_S = 1.0
+#: Stopped and failed workers kept in the pool's state (for /v2/workers and rbees-orcd to
+#: show how they ended); older ones are forgotten as new workers start
+ENDED_WORKERS_KEPT = 32
 
 
 @attrs.define
@@ -277,6 +280,7 @@ class PoolService:
                                                            self.settings),
                 callback_token_file=await asyncio.to_thread(self._worker_token, wid))
             managed = ManagedWorker(record=record, proc=proc, memory_kind=checked.memory_kind)
+            self._forget_ended()
             self.workers[record.worker_id] = managed
             managed.watched = self._watch_exit(proc.pid)
             self.look_now.set()
@@ -432,6 +436,15 @@ class PoolService:
             (workers.worker_dir(w.record.worker_id) / "state.json").unlink(missing_ok=True)
             self.log.info("worker_stopped", worker_id=w.record.worker_id, exit_code=w.exit_code)
         await self._regrow()
+
+    def _forget_ended(self) -> None:
+        """Keep the :data:`ENDED_WORKERS_KEPT` latest stopped or failed workers, not every
+        one since the pool started: a pool that had started 1,025 workers (keep-alive
+        unloads, ``keep_alive: 0``, a crash loop) reported them all in every heartbeat, and
+        rbees-orcd refuses a heartbeat of more than 2,048."""
+        ended = [wid for wid, w in self.workers.items() if w.state in ("stopped", "failed")]
+        for wid in ended[:-ENDED_WORKERS_KEPT]:
+            del self.workers[wid]
 
     def _watch_exit(self, pid: int) -> bool:
         """Set :attr:`look_now` the moment process ``pid`` exits: a pidfd (Linux 5.3 and

@@ -80,7 +80,9 @@ class LoadMarks:
     def _read(self) -> dict[str, FailedModel]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return {m["model_ref"]: FailedModel(**m) for m in data}
+            # a reason written before reasons were cut (it would get heartbeats refused)
+            return {m["model_ref"]: attrs.evolve(FailedModel(**m), reason=clip(m["reason"]))
+                    for m in data}
         except (OSError, ValueError, TypeError, KeyError):
             return {}
 

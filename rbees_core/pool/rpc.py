@@ -118,6 +118,9 @@ class RpcServers:
         #: first supervision pass; its URL is rbees-rpc[s]://HOST:PORT
         self.gateway: asyncio.Server | None = None
         self.gateway_url: str | None = None
+        #: False once a pass found no control token to open the gateway with (tried again
+        #: every pass, but no reason to pass every POLL_S for it: :meth:`polled`)
+        self._gateway_possible = True
 
     def entries(self) -> list[RpcServerEntry]:
         return [attrs.evolve(s.entry(), tunnel=f"{self.gateway_url}/{s.server_id}"
@@ -168,6 +171,7 @@ class RpcServers:
         server = RpcServer(server_id=sid, device=req.device, port=port,
                            memory_bytes=req.memory_bytes, proc=proc)
         self.servers[sid] = server
+        self.pool.look_now.set()  # the supervision loop watches it come up from now on
         self.log.info("rpc_server_starting", server_id=sid, device=req.device, port=port,
                       pid=proc.pid, memory_bytes=req.memory_bytes)
         return server
@@ -189,6 +193,7 @@ class RpcServers:
 
         settings = self.pool.settings
         token = credentials.control_token(settings)
+        self._gateway_possible = bool(token)
         if not self.enabled or self.gateway is not None or not token:
             return
         context = None
@@ -212,7 +217,7 @@ class RpcServers:
     def polled(self) -> bool:
         """Whether :meth:`supervise` has something to look at every pass: a gateway to open,
         a server starting, running or stopping."""
-        return (self.enabled and self.gateway is None) or any(
+        return (self.enabled and self.gateway is None and self._gateway_possible) or any(
             s.state in LIVE for s in self.servers.values())
 
     async def supervise(self) -> None:
