@@ -40,6 +40,10 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 #: Checkpoint the WAL into the database after this many commits, or this often.
 CHECKPOINT_EVERY = 200
+#: Commits (in CHECKPOINT_EVERY) after which, the checkpointer not having got through in
+#: that time (starved of the CPU or of the GIL by a burst of commits), the committing
+#: thread copies the WAL itself, so that the WAL stays bounded whatever the scheduling
+BEHIND_CHECKPOINTS = 3
 CHECKPOINT_INTERVAL_S = 1.0
 #: WAL size (pages) above which the checkpointer finishes a pass with commits held off, so
 #: that the WAL restarts.
@@ -121,6 +125,8 @@ class Writer:
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._commits = 0
+        #: ``_commits`` when the WAL was last copied into the database
+        self._checkpointed_at = 0
         self._checkpoint_due = threading.Event()
         #: cleared while the checkpointer waits for the connection or holds it: writers then
         #: stand back, or a steady stream of commits could keep it from the lock for good
@@ -272,6 +278,12 @@ class Writer:
         self._commits += 1
         if self._commits % CHECKPOINT_EVERY == 0:
             self._checkpoint_due.set()
+        if self._commits - self._checkpointed_at >= BEHIND_CHECKPOINTS * CHECKPOINT_EVERY:
+            # the caller holds the connection: no commit comes until the WAL is copied, and
+            # the next one starts it again from its beginning
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._checkpointed_at = self._commits
         for future, result, error_or_none in outcomes:
             if error_or_none is None:
                 future.set_result(result)
@@ -330,12 +342,17 @@ class Writer:
                 self._checkpoint_due.clear()
                 # PASSIVE never blocks the writer; what it cannot copy now it copies next time.
                 try:
-                    busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    commits = self._commits
+                    busy, frames, copied = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if not busy and 0 <= frames <= copied:  # all of it: nothing behind
+                        self._checkpointed_at = commits
                     if not busy and frames >= RESTART_FRAMES:
                         self._no_restart.clear()
                         try:
                             with self._conn_lock:  # no commit until the last frames are copied
                                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                                self._checkpointed_at = self._commits
                         finally:
                             self._no_restart.set()
                 except sqlite3.Error:
