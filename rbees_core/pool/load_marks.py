@@ -81,7 +81,7 @@ class LoadMarks:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             # a reason written before reasons were cut (it would get heartbeats refused)
-            return {m["model_ref"]: attrs.evolve(FailedModel(**m), reason=clip(m["reason"]))
+            return {m["model_ref"]: FailedModel(**{**m, "reason": clip(m["reason"])})
                     for m in data}
         except (OSError, ValueError, TypeError, KeyError):
             return {}
