@@ -281,10 +281,15 @@ class PoolControl:
                     self.registry.set_worker(pool_id, attrs.asdict(worker))
                     break
                 if worker.state in ("failed", "stopped"):
+                    # it ended before it was ready: not a refusal to wait out. A crash's
+                    # backoff (recovery) says when the next start may come; holding this
+                    # start a second longer delayed a restart due at once
                     if worker.state == "failed" and self.recovery is not None:
                         self.recovery.crashed(pool_id, attrs.asdict(worker))
-                    raise RbeesError(f"worker {worker_id} on {pool_id} {worker.state}: "
-                                     f"{worker.error}")
+                    self.log.error("worker_start_failed", pool_id=pool_id, model=model,
+                                   worker_id=worker_id,
+                                   error=f"worker {worker.state}: {worker.error}")
+                    break
                 await asyncio.sleep(0.05)
         except RbeesError as exc:  # the pool's refusal, or it could not be reached
             self.log.error("worker_start_failed", pool_id=pool_id, model=model, error=str(exc))
