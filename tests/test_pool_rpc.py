@@ -146,3 +146,25 @@ def test_a_pool_starts_a_sharded_worker_through_a_gateway(tmp_path: Path) -> Non
         assert reply.status_code == 200 and "event: end" in reply.text, reply.text
     finally:
         assert stop_pool(pool) == 0
+
+
+def test_a_pool_lists_its_live_rpc_servers_and_only_the_latest_ended_ones() -> None:
+    """Like its workers (tests/test_pool_managerd.py), a pool keeps the ENDED_KEPT latest
+    stopped or failed RPC servers, not every one it started: both go through
+    ``workers.forget_ended``."""
+    import io
+    from types import SimpleNamespace
+
+    from rbees_core.log import Logger
+    from rbees_core.pool.rpc import ENDED_KEPT, RpcServers
+
+    servers = RpcServers(SimpleNamespace(log=Logger("test", io.StringIO())), enabled=True,
+                         changed=lambda: None)
+    states = ["failed", "stopped", "ready"] * 10 + ["starting", "stopping"]
+    for i, state in enumerate(states):
+        servers.servers[f"r{i}"] = SimpleNamespace(state=state)  # type: ignore[assignment]
+    servers._forget_ended()
+    ended = [f"r{i}" for i, s in enumerate(states) if s in ("failed", "stopped")]
+    live = [f"r{i}" for i, s in enumerate(states) if s not in ("failed", "stopped")]
+    assert len(ended) > ENDED_KEPT
+    assert sorted(servers.servers) == sorted(live + ended[-ENDED_KEPT:])

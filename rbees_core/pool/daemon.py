@@ -442,9 +442,7 @@ class PoolService:
         one since the pool started: a pool that had started 1,025 workers (keep-alive
         unloads, ``keep_alive: 0``, a crash loop) reported them all in every heartbeat, and
         rbees-orcd refuses a heartbeat of more than 2,048."""
-        ended = [wid for wid, w in self.workers.items() if w.state not in LIVE]
-        for wid in ended[:-ENDED_WORKERS_KEPT]:
-            del self.workers[wid]
+        workers.forget_ended(self.workers, LIVE, ENDED_WORKERS_KEPT)
 
     def _watch_exit(self, pid: int) -> bool:
         """Set :attr:`look_now` the moment process ``pid`` exits: a pidfd (Linux 5.3 and

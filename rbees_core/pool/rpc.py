@@ -252,9 +252,7 @@ class RpcServers:
     def _forget_ended(self) -> None:
         """Keep the :data:`ENDED_KEPT` latest stopped or failed servers (for ``/v2/state``
         to show why), not every one since the pool started."""
-        ended = [sid for sid, s in self.servers.items() if s.state not in LIVE]
-        for sid in ended[:-ENDED_KEPT]:
-            del self.servers[sid]
+        workers.forget_ended(self.servers, LIVE, ENDED_KEPT)
 
     def _fail(self, s: RpcServer, message: str) -> None:
         s.state, s.error = "failed", clip(message)

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,15 @@ class WorkerRecord:
     def json_keys(cls) -> tuple[str, ...]:
         """The keys of :meth:`to_dict`: a worker in rbees-pool's JSON."""
         return (*(f.name for f in attrs.fields(cls)), "uri")
+
+
+def forget_ended(table: dict[str, Any], live: Collection[str], keep: int) -> None:
+    """Drop from ``table`` (id -> a worker or an RPC server, anything with a ``state``) the
+    entries whose state is not in ``live``, all but the ``keep`` latest (``keep`` > 0): a
+    pool lists how its recent ones ended, not every one since it started."""
+    ended = [key for key, item in table.items() if item.state not in live]
+    for key in ended[:-keep]:
+        del table[key]
 
 
 def host_port(host: str, port: int) -> str:
